@@ -1,0 +1,1 @@
+"""fiftyone-nola."""

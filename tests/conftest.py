@@ -1,0 +1,119 @@
+"""Test harness: isolated FiftyOne database and storage, tiny models, real images.
+
+Environment is set before FiftyOne is imported: every test session uses its own database
+name (all FiftyOne processes on a machine share one mongod) and a temporary NOLA_HOME, so
+tests never touch a user's datasets or artefacts.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+_SESSION = uuid.uuid4().hex[:8]
+os.environ.setdefault("FIFTYONE_DATABASE_NAME", f"fiftyone_nola_tests_{_SESSION}")
+os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
+os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+os.environ["NOLA_HOME"] = tempfile.mkdtemp(prefix="nola-home-")
+os.environ.pop("NOLA_RANDOM_INIT", None)
+os.environ.setdefault("OLLAMA_HOST", "http://127.0.0.1:9")  # never a real server by accident
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("NOLA_SHARED_DATA", REPO.parent / "shared" / "data"))
+CIFAR_DIR = SHARED_DATA / "cifar10_2k"
+COCO_DIR = SHARED_DATA / "coco256"
+
+
+def pretrained_available() -> bool:
+    return os.environ.get("NOLA_PRETRAINED", "") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if pretrained_available():
+        return
+    skip = pytest.mark.skip(
+        reason="needs pretrained CLIP/DINO weights: set NOLA_PRETRAINED=1 with weights in NOLA_MODELS_DIR"
+    )
+    for item in items:
+        if "pretrained" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # Drop this session's database so repeated runs leave nothing behind.
+    if "fiftyone" in __import__("sys").modules:
+        try:
+            import fiftyone.core.odm as foo
+
+            db = foo.get_db_conn()
+            db.client.drop_database(db.name)
+        except Exception:
+            pass
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    from fiftyone_nola.models import load_clip, tiny_clip_spec
+
+    return load_clip(tiny_clip_spec())
+
+
+@pytest.fixture(scope="session")
+def tiny_dino():
+    from fiftyone_nola.models import load_dino, tiny_dino_spec
+
+    return load_dino(tiny_dino_spec())
+
+
+def cifar_files(per_class: int = 4, classes=None) -> list[tuple[str, str]]:
+    """``(filepath, class)`` pairs: the first ``per_class`` images of each CIFAR-10 class."""
+    if not CIFAR_DIR.is_dir():
+        pytest.skip(f"real images not found at {CIFAR_DIR} (set NOLA_SHARED_DATA)")
+    out = []
+    for cls in sorted(classes or [p.name for p in CIFAR_DIR.iterdir() if p.is_dir()]):
+        for f in sorted((CIFAR_DIR / cls).glob("*.jpg"))[:per_class]:
+            out.append((str(f), cls))
+    return out
+
+
+@pytest.fixture
+def make_dataset():
+    """Factory for uniquely named temporary datasets, deleted after the test."""
+    import fiftyone as fo
+
+    created = []
+
+    def make(filepaths=(), labels=None, gt_field="ground_truth", name=None):
+        ds = fo.Dataset(name or f"nola-test-{uuid.uuid4().hex[:10]}")
+        created.append(ds)
+        samples = []
+        for i, fp in enumerate(filepaths):
+            s = fo.Sample(filepath=str(fp))
+            if labels is not None:
+                lab = labels[i]
+                if isinstance(lab, (list, tuple)):
+                    s[gt_field] = fo.Classifications(
+                        classifications=[fo.Classification(label=x) for x in lab]
+                    )
+                elif lab is not None:
+                    s[gt_field] = fo.Classification(label=lab)
+            samples.append(s)
+        if samples:
+            ds.add_samples(samples)
+        return ds
+
+    yield make
+    for ds in created:
+        if not ds.deleted:
+            ds.delete()
+
+
+@pytest.fixture
+def cifar_dataset(make_dataset):
+    """40 real CIFAR-10 images (4 per class) with ground truth in ``ground_truth``."""
+    pairs = cifar_files(per_class=4)
+    return make_dataset([p for p, _ in pairs], [c for _, c in pairs])
