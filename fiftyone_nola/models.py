@@ -232,7 +232,7 @@ def load_clip(spec: Optional[ClipSpec] = None, device: Optional[torch.device] = 
         "name": spec.arch,
         "weights": weights_id,
         "random_init": bool(spec.random_init or not spec.pretrained),
-        "key": _safe(f"clip-{spec.arch}-{weights_id}"),
+        "key": spec_key(spec),
     }
     return LoadedModel(
         family="clip", model=model, transform=preprocess, image_size=int(image_size),
@@ -320,12 +320,23 @@ def load_dino(spec: Optional[DinoSpec] = None, device: Optional[torch.device] = 
         "weights": weights_id,
         "feature": spec.feature,
         "random_init": weights is None,
-        "key": _safe(f"dino-{spec.name}-{spec.feature}-{weights_id}"),
+        "key": spec_key(spec),
     }
     return LoadedModel(
         family="dino", model=model, transform=transform, image_size=image_size,
         embed_dim=int(model.num_features), identity=identity, encode_image=encode, spec=spec,
     )
+
+
+def spec_key(spec) -> str:
+    """The key ``load_model(spec).key`` will have, computed without loading the model."""
+    if isinstance(spec, ClipSpec):
+        _, weights_id = _clip_weights(spec)
+        return _safe(f"clip-{spec.arch}-{weights_id}")
+    if isinstance(spec, DinoSpec):
+        weights, weights_id = _dino_weights(spec)
+        return _safe(f"dino-{spec.name}-{spec.feature}-{weights_id}")
+    raise TypeError(f"expected ClipSpec or DinoSpec, got {type(spec).__name__}")
 
 
 def load_model(spec, device: Optional[torch.device] = None) -> LoadedModel:
@@ -340,3 +351,60 @@ def load_model(spec, device: Optional[torch.device] = None) -> LoadedModel:
 def with_random_init(spec, random_init: bool = True):
     """A copy of ``spec`` with random initialisation switched on or off."""
     return replace(spec, random_init=random_init)
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether the model hub answers; offline machines fail this in milliseconds."""
+    import socket
+
+    if env_flag("HF_HUB_OFFLINE"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_cached(repo_id: Optional[str], filenames: tuple) -> bool:
+    if not repo_id:
+        return False
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    repo_id = repo_id.strip("/")
+    return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in filenames)
+
+
+def weights_available(spec) -> tuple[bool, str]:
+    """``(True, "")`` if ``spec``'s weights can be had without a failing download, else
+    ``(False, what to provide where)``. Raises for a named file that does not exist."""
+    if spec.random_init:
+        return True, ""
+    if isinstance(spec, ClipSpec):
+        pretrained, _ = _clip_weights(spec)
+        if pretrained is None or os.path.isfile(str(pretrained)):
+            return True, ""
+        import open_clip
+
+        cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained) or {}
+        if _hub_cached(cfg.get("hf_hub"), ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")):
+            return True, ""
+        return (True, "") if hub_reachable() else (False, _offline_hint_clip(spec))
+    weights, _ = _dino_weights(spec)
+    if weights != "hub":
+        return True, ""
+    try:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(spec.name)
+        repo = getattr(cfg, "hf_hub_id", None)
+    except Exception:
+        repo = None
+    if _hub_cached(repo, ("model.safetensors", "pytorch_model.bin")):
+        return True, ""
+    target = models_dir(spec.models_dir) / "dino" / f"{_safe(spec.name)}.safetensors"
+    return (True, "") if hub_reachable() else (
+        False, f"No weights for DINO {spec.name!r}: offline and nothing at {target}. Put the timm "
+               f"weights there, pass a checkpoint file, or use --random-init for a smoke run.")

@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` (main job) and `make test`. Each bootstraps
+# .venv, packages and FiftyOne's database on first use (idempotent, offline-safe).
+SHELL := /bin/bash
+PY := .venv/bin/python
+DEMO_IMAGES ?= ../shared/data/cifar10_2k
+DEMO_CLASSES ?= airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck
+DEMO_ARGS ?=
+
+.PHONY: setup demo demo-multilabel test lint bench clean-venv
+
+setup:
+	@bash scripts/bootstrap.sh
+
+demo: setup
+	$(PY) -m fiftyone_nola auto-label --images $(DEMO_IMAGES) --classes $(DEMO_CLASSES) \
+		--dataset nola-demo --gt-from-subfolders ground_truth $(DEMO_ARGS)
+
+demo-multilabel: setup
+	$(PY) -m fiftyone_nola auto-label-multilabel --images ../shared/data/coco256/images \
+		--classes-file ../shared/data/coco256/classes.txt --dataset nola-demo-coco $(DEMO_ARGS)
+
+test: setup
+	bash scripts/run_tests.sh
+
+lint: setup
+	.venv/bin/ruff check .
+
+clean-venv:
+	rm -rf .venv

@@ -1,0 +1,206 @@
+"""Shell commands: ``python -m fiftyone_nola auto-label --images DIR --classes a,b,c``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+from .errors import ModelNotFoundError, NolaError
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture (default ViT-B-32)")
+    g.add_argument("--clip-pretrained", default="openai",
+                   help="open_clip pretrained tag or a local checkpoint file (default openai)")
+    g.add_argument("--dino", default="vit_base_patch16_224.dino", help="timm DINO model name")
+    g.add_argument("--dino-checkpoint", default=None, help="local DINO weights file")
+    g.add_argument("--models-dir", default=None, help="directory of local weights (NOLA_MODELS_DIR)")
+    g.add_argument("--random-init", action="store_true", default=None,
+                   help="randomly initialised models (smoke runs: labels are meaningless)")
+    g.add_argument("--fallback-random-init", action="store_true",
+                   help="if no weights can be found, warn loudly and continue with random init")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--images", help="folder of images to import (recursively)")
+    g.add_argument("--dataset", help="FiftyOne dataset name (created from --images if needed)")
+    g.add_argument("--classes", help="comma-separated class names")
+    g.add_argument("--classes-file", help="text file with one class name per line")
+    g.add_argument("--gt-field", default=None, help="ground-truth field, for evaluation only")
+    g.add_argument("--gt-from-subfolders", metavar="FIELD", default=None,
+                   help="when importing, store each image's folder name in FIELD (evaluation only)")
+    g.add_argument("--max-samples", type=int, default=None, help="import at most this many images")
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--workers", type=int, default=None)
+    g.add_argument("--json", dest="json_out", default=None, help="write the summary as JSON here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m fiftyone_nola", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("auto-label", help="single-label: embeddings, zero-shot, DINO labeller, prompt tuning")
+    _data_args(p)
+    _model_args(p)
+    p.add_argument("--descriptions", default=None, help="LaFTer/NoLA description JSON {class: [texts]}")
+    p.add_argument("--use-llm", action="store_true", help="write descriptions with a local LLM (Ollama)")
+    p.add_argument("--llm-model", default="llama3.2")
+    p.add_argument("--ollama-host", default=None)
+    p.add_argument("--epochs", type=int, default=None, help="prompt-tuning epochs (default: fit hardware)")
+    p.add_argument("--tune-max-samples", type=int, default=-1,
+                   help="prompt-tune on at most N samples (default: fit hardware; 0 = all)")
+    p.add_argument("--no-tune", action="store_true", help="stop after the DINO labeller")
+    p.add_argument("--force", action="store_true", help="recompute stages even if up to date")
+
+    p = sub.add_parser("auto-label-multilabel", help="multi-label (CDUL): global + local CLIP scores, classifier")
+    _data_args(p)
+    _model_args(p)
+    p.add_argument("--descriptions", default=None)
+    p.add_argument("--grid", type=int, default=3)
+
+    p = sub.add_parser("embed", help="compute CLIP and/or DINO embeddings into FAISS indexes")
+    _data_args(p)
+    _model_args(p)
+    p.add_argument("--family", choices=["clip", "dino", "both"], default="both")
+    p.add_argument("--exact-decode", action="store_true", help="no JPEG draft decoding")
+    return ap
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _specs(args):
+    from .models import ClipSpec, DinoSpec, random_init_default
+
+    random_init = args.random_init if args.random_init is not None else random_init_default()
+    if args.models_dir:
+        os.environ["NOLA_MODELS_DIR"] = args.models_dir
+    clip = ClipSpec(arch=args.clip_arch, pretrained=args.clip_pretrained, random_init=random_init)
+    dino = DinoSpec(name=args.dino, checkpoint=args.dino_checkpoint, random_init=random_init)
+    return clip, dino
+
+
+def _check_weights(clip, dino, fallback: bool):
+    """Resolve weights before any long work; optionally fall back to random init, loudly."""
+    from dataclasses import replace
+
+    from .models import weights_available
+
+    missing = [(s, why) for s in (clip, dino) for ok, why in [weights_available(s)] if not ok]
+    if not missing:
+        return clip, dino
+    if not fallback:
+        raise ModelNotFoundError("\n".join(why for _, why in missing))
+    for _, why in missing:
+        _log(f"[models] {why}")
+    _log("[models] --fallback-random-init: continuing with RANDOMLY INITIALISED models")
+    return replace(clip, random_init=True), replace(dino, random_init=True)
+
+
+def _samples(args):
+    from . import fo_io
+
+    if args.images:
+        ds = fo_io.import_images(args.images, args.dataset, args.gt_from_subfolders,
+                                 max_samples=args.max_samples)
+        _log(f"[data] dataset '{ds.name}': {len(ds)} samples from {args.images}")
+        return ds
+    if args.dataset:
+        return fo_io.get_dataset(args.dataset)
+    raise NolaError("Give --images DIR (a folder of images) or --dataset NAME (an existing dataset)")
+
+
+def _classes(args):
+    return args.classes_file or args.classes
+
+
+def _write_json(path: Optional[str], obj) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+        _log(f"summary written to {path}")
+
+
+def cmd_auto_label(args) -> dict:
+    from .embed import EmbedConfig
+    from .pipeline import AutoLabelConfig, auto_label, summary_lines
+
+    clip, dino = _check_weights(*_specs(args), args.fallback_random_init)
+    ds = _samples(args)
+    gt = args.gt_field or args.gt_from_subfolders
+    cfg = AutoLabelConfig(
+        clip=clip, dino=dino,
+        embed=EmbedConfig(batch_size=args.batch_size, num_workers=args.workers),
+        descriptions_file=args.descriptions, use_llm=args.use_llm, llm_model=args.llm_model,
+        llm_host=args.ollama_host, tune=not args.no_tune, tune_epochs=args.epochs,
+        tune_max_samples=(None if args.tune_max_samples == 0 else args.tune_max_samples),
+        device=args.device, gt_field=gt, force=args.force,
+    )
+    summary = auto_label(ds, _classes(args), cfg, log=_log)
+    _log("\n== auto-label summary ==")
+    for line in summary_lines(summary):
+        _log(line)
+    _log(f"dataset '{ds.name}': fields {cfg.zeroshot_field}, {cfg.dino_field}"
+         + (f", {cfg.tuned_field}" if cfg.tune else "")
+         + f". Open it: python -c \"import fiftyone as fo; fo.launch_app(fo.load_dataset('{ds.name}')).wait()\"")
+    if summary.get("random_init"):
+        from .pipeline import RANDOM_INIT_BANNER
+
+        _log(RANDOM_INIT_BANNER)
+    _write_json(args.json_out, summary)
+    return summary
+
+
+def cmd_auto_label_multilabel(args) -> dict:
+    from .multilabel_pipeline import MultiLabelConfig, auto_label_multilabel
+
+    clip, _ = _check_weights(*_specs(args), args.fallback_random_init)
+    ds = _samples(args)
+    cfg = MultiLabelConfig(clip=clip, descriptions_file=args.descriptions, grid=args.grid,
+                           device=args.device, gt_field=args.gt_field)
+    summary = auto_label_multilabel(ds, _classes(args), cfg, log=_log)
+    _write_json(args.json_out, summary)
+    return summary
+
+
+def cmd_embed(args) -> dict:
+    from .embed import EmbedConfig
+    from .embeddings import compute_embeddings
+
+    clip, dino = _check_weights(*_specs(args), args.fallback_random_init)
+    ds = _samples(args)
+    cfg = EmbedConfig(batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+                      draft_decode=not args.exact_decode)
+    summary = compute_embeddings(ds, args.family, clip, dino, cfg, log=_log)
+    _write_json(args.json_out, summary)
+    return summary
+
+
+COMMANDS = {
+    "auto-label": cmd_auto_label,
+    "auto-label-multilabel": cmd_auto_label_multilabel,
+    "embed": cmd_embed,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        COMMANDS[args.command](args)
+    except NolaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _log(f"done in {time.perf_counter() - t0:.1f}s")
+    return 0

@@ -1,0 +1,92 @@
+"""Evaluation against a ground-truth field, when the user has one. Never used for training."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from . import fo_io, runs
+from .errors import InvalidInputError
+
+
+def evaluate_single_label(samples, pred_field: str, gt_field: str, eval_key: Optional[str] = None) -> dict:
+    """FiftyOne's ``evaluate_classifications`` (accuracy, per-class report, confusion matrix in the App)."""
+    import fiftyone as fo
+
+    fo_io.check_field(samples, pred_field, (fo.Classification,))
+    fo_io.check_field(samples, gt_field, (fo.Classification,))
+    view = samples.exists(pred_field).exists(gt_field)
+    if len(view) == 0:
+        raise InvalidInputError(f"No sample has both '{pred_field}' and '{gt_field}' to compare")
+    eval_key = eval_key or f"eval_{runs.run_key_for(pred_field)}"
+    res = view.evaluate_classifications(pred_field, gt_field=gt_field, eval_key=eval_key)
+    report = res.report()
+    return {
+        "pred_field": pred_field,
+        "gt_field": gt_field,
+        "eval_key": eval_key,
+        "samples": len(view),
+        "accuracy": float(res.metrics()["accuracy"]),
+        "macro_f1": float(report.get("macro avg", {}).get("f1-score", float("nan"))),
+        "per_class": {k: v for k, v in report.items() if isinstance(v, dict) and "avg" not in k},
+    }
+
+
+def evaluate_multilabel(samples, pred_field: str, gt_field: str, classes: list, scores: Optional[np.ndarray] = None,
+                        ids: Optional[list] = None) -> dict:
+    """mAP over classes (+ per-class AP) and precision/recall of the predicted label sets.
+
+    ``scores`` (N×C aligned to ``ids``) ranks samples for AP; without it the confidences in
+    ``pred_field`` are used (0 for classes not predicted).
+    """
+    from . import multilabel as ml
+
+    if ids is None:
+        ids, _ = fo_io.ids_and_paths(samples)
+    gt_sets = fo_io.read_label_sets(samples, gt_field, ids)
+    cidx = {c: i for i, c in enumerate(classes)}
+    outside = sorted({lab for s in gt_sets if s for lab in s if lab not in cidx})
+    has_gt = np.array([s is not None for s in gt_sets])
+    y_true = np.zeros((len(ids), len(classes)), dtype=bool)
+    for i, s in enumerate(gt_sets):
+        for lab in s or ():
+            if lab in cidx:
+                y_true[i, cidx[lab]] = True
+    pred_sets = fo_io.read_label_sets(samples, pred_field, ids)
+    y_pred = np.zeros_like(y_true)
+    for i, s in enumerate(pred_sets):
+        for lab in s or ():
+            if lab in cidx:
+                y_pred[i, cidx[lab]] = True
+    if scores is None:
+        scores = _confidences(samples, pred_field, ids, classes)
+    keep = has_gt & np.all(np.isfinite(scores), axis=1)
+    ap = ml.average_precision_per_class(y_true[keep], scores[keep])
+    pr = ml.precision_recall_at(y_true[keep], y_pred[keep])
+    return {
+        "pred_field": pred_field,
+        "gt_field": gt_field,
+        "samples": int(keep.sum()),
+        "mAP": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),
+        "classes_evaluated": int(np.isfinite(ap).sum()),
+        "per_class_ap": {c: (None if not np.isfinite(a) else float(a)) for c, a in zip(classes, ap)},
+        "labels_outside_class_list": outside,
+        **{k: v for k, v in pr.items()},
+    }
+
+
+def _confidences(samples, field: str, ids: list, classes: list) -> np.ndarray:
+    ds = fo_io.root_dataset(samples)
+    view = ds.select(ids)
+    sids, labels, confs = view.values(["id", f"{field}.classifications.label",
+                                       f"{field}.classifications.confidence"])
+    cidx = {c: i for i, c in enumerate(classes)}
+    by_id = {}
+    for sid, labs, cs in zip(sids, labels, confs):
+        row = np.zeros(len(classes), dtype=np.float32)
+        for lab, c in zip(labs or [], cs or []):
+            if lab in cidx:
+                row[cidx[lab]] = c if c is not None else 1.0
+        by_id[sid] = row
+    return np.stack([by_id.get(i, np.full(len(classes), np.nan, np.float32)) for i in ids])

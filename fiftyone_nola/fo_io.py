@@ -1,0 +1,260 @@
+"""FiftyOne I/O at the edges: datasets, views, bulk field writes, tags.
+
+Writes are always bulk (``set_values`` keyed by sample id): never one round-trip per sample.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from .errors import (
+    DatabaseUnavailableError,
+    DatasetNotFoundError,
+    EmptyViewError,
+    InvalidInputError,
+)
+
+UNREADABLE_TAG = "nola:unreadable"
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def _fo():
+    try:
+        import fiftyone as fo
+    except Exception as e:  # the import itself starts/contacts the database
+        raise DatabaseUnavailableError(_db_hint(e)) from e
+    return fo
+
+
+def _db_hint(e: Exception) -> str:
+    uri = os.environ.get("FIFTYONE_DATABASE_URI")
+    where = f"the MongoDB at FIFTYONE_DATABASE_URI={uri}" if uri else "FiftyOne's embedded database"
+    return (
+        f"Could not reach {where} ({type(e).__name__}: {e}). Run `make setup` (installs the "
+        f"embedded database), or start your MongoDB and set FIFTYONE_DATABASE_URI."
+    )
+
+
+def check_database() -> None:
+    """Raise DatabaseUnavailableError with a clear message if the database cannot be reached."""
+    fo = _fo()
+    try:
+        fo.list_datasets()
+    except Exception as e:
+        raise DatabaseUnavailableError(_db_hint(e)) from e
+
+
+def get_dataset(name: str):
+    """Load a dataset by name, or raise DatasetNotFoundError listing what exists."""
+    fo = _fo()
+    try:
+        names = fo.list_datasets()
+    except Exception as e:
+        raise DatabaseUnavailableError(_db_hint(e)) from e
+    if name not in names:
+        shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+        raise DatasetNotFoundError(
+            f"No dataset named {name!r}. Existing datasets: {shown or '(none)'}. "
+            f"Create one with --images DIR."
+        )
+    return fo.load_dataset(name)
+
+
+def root_dataset(samples):
+    """The dataset behind a dataset or view."""
+    return samples._root_dataset if hasattr(samples, "_root_dataset") else samples
+
+
+def dataset_id(samples) -> str:
+    return str(root_dataset(samples)._doc.id)
+
+
+def ids_and_paths(samples) -> tuple[list[str], list[str]]:
+    """Sample ids and filepaths of a non-empty collection, in one query."""
+    if len(samples) == 0:
+        raise EmptyViewError(
+            "The dataset or view has no samples. Add images, or clear the view's filters."
+        )
+    ids, paths = samples.values(["id", "filepath"])
+    return list(ids), list(paths)
+
+
+def check_field(samples, field: str, label_types: Optional[tuple] = None) -> None:
+    """Raise InvalidInputError if ``field`` is missing or holds the wrong label type."""
+    schema = samples.get_field_schema(flat=True)
+    if field not in schema:
+        fields = ", ".join(sorted(k for k in schema if "." not in k))
+        raise InvalidInputError(f"Field {field!r} does not exist. Fields: {fields}")
+    if label_types:
+        doc_type = getattr(schema[field], "document_type", None)
+        if doc_type is None or not issubclass(doc_type, label_types):
+            names = "/".join(t.__name__ for t in label_types)
+            got = getattr(doc_type, "__name__", type(schema[field]).__name__)
+            raise InvalidInputError(f"Field {field!r} holds {got}; expected {names}")
+
+
+def classification(label: str, confidence: float, logits=None):
+    fo = _fo()
+    c = fo.Classification(label=label, confidence=float(confidence))
+    if logits is not None:
+        c.logits = np.asarray(logits, dtype=np.float32)
+    return c
+
+
+def write_classifications(
+    samples,
+    ids: Sequence[str],
+    classes: Sequence[str],
+    probs: np.ndarray,
+    field: str,
+    store_logits: bool = False,
+) -> int:
+    """Write argmax labels with confidence for the rows of ``probs`` that are finite.
+
+    Rows with NaN (no embedding, unreadable image) are written as None. Returns rows written.
+    """
+    fo = _fo()
+    probs = np.asarray(probs, dtype=np.float32)
+    values = {}
+    written = 0
+    for sid, row in zip(ids, probs):
+        if not np.all(np.isfinite(row)):
+            values[sid] = None
+            continue
+        k = int(np.argmax(row))
+        c = fo.Classification(label=classes[k], confidence=float(row[k]))
+        if store_logits:
+            c.logits = np.log(np.clip(row, 1e-12, 1.0))
+        values[sid] = c
+        written += 1
+    root_dataset(samples).set_values(field, values, key_field="id")
+    return written
+
+
+def write_multilabel(
+    samples,
+    ids: Sequence[str],
+    classes: Sequence[str],
+    scores: np.ndarray,
+    positives: np.ndarray,
+    field: str,
+) -> int:
+    """Write ``fo.Classifications`` of the positive classes of each row, with their scores."""
+    fo = _fo()
+    values = {}
+    written = 0
+    for sid, row, pos in zip(ids, np.asarray(scores), np.asarray(positives, dtype=bool)):
+        if not np.all(np.isfinite(row)):
+            values[sid] = None
+            continue
+        order = np.argsort(-row)
+        cls = [fo.Classification(label=classes[j], confidence=float(row[j])) for j in order if pos[j]]
+        values[sid] = fo.Classifications(classifications=cls)
+        written += 1
+    root_dataset(samples).set_values(field, values, key_field="id")
+    return written
+
+
+def read_single_labels(samples, field: str, ids: Sequence[str]) -> list[Optional[str]]:
+    """Labels of a ``fo.Classification`` field, aligned to ``ids`` (None where missing)."""
+    fo = _fo()
+    check_field(samples, field, (fo.Classification,))
+    view = root_dataset(samples).select(list(ids))
+    got = dict(zip(*view.values(["id", f"{field}.label"])))
+    return [got.get(i) for i in ids]
+
+
+def read_label_sets(samples, field: str, ids: Sequence[str]) -> list[Optional[set]]:
+    """Label sets of a Classifications/Detections/Classification field, aligned to ``ids``."""
+    fo = _fo()
+    check_field(samples, field, (fo.Classifications, fo.Detections, fo.Classification))
+    schema = samples.get_field_schema(flat=True)
+    doc_type = schema[field].document_type
+    view = root_dataset(samples).select(list(ids))
+    if issubclass(doc_type, fo.Classifications):
+        path = f"{field}.classifications.label"
+    elif issubclass(doc_type, fo.Detections):
+        path = f"{field}.detections.label"
+    else:
+        path = f"{field}.label"
+    sids, labels = view.values(["id", path])
+    got = {}
+    for sid, lab in zip(sids, labels):
+        if lab is None:
+            got[sid] = None
+        elif isinstance(lab, str):
+            got[sid] = {lab}
+        else:
+            got[sid] = set(lab)
+    return [got.get(i) for i in ids]
+
+
+def tag_samples(samples, ids: Iterable[str], tag: str) -> None:
+    ids = list(ids)
+    if ids:
+        root_dataset(samples).select(ids).tag_samples(tag)
+
+
+def untag_all(samples, tag: str) -> None:
+    samples.untag_samples(tag)
+
+
+def list_images(directory: str, recursive: bool = True) -> list[str]:
+    """Image files under ``directory``, sorted, absolute."""
+    root = Path(directory).expanduser()
+    if not root.is_dir():
+        raise InvalidInputError(f"Image directory {root} does not exist or is not a directory")
+    pattern = "**/*" if recursive else "*"
+    files = sorted(
+        str(p.resolve()) for p in root.glob(pattern)
+        if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or p.is_symlink())
+    )
+    if not files:
+        raise EmptyViewError(f"No image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
+    return files
+
+
+def import_images(
+    directory: str,
+    dataset_name: Optional[str] = None,
+    gt_from_subfolders: Optional[str] = None,
+    overwrite: bool = False,
+    max_samples: Optional[int] = None,
+):
+    """Create (or reuse) a dataset of the images under ``directory``.
+
+    ``gt_from_subfolders``: a field name; when set, each image's parent folder name is stored
+    there as ``fo.Classification`` (for evaluation only: no stage trains on ground truth).
+    An existing dataset of that name gets only the files it lacks (re-runs are incremental).
+    """
+    fo = _fo()
+    files = list_images(directory)
+    if max_samples:
+        # Even spread over the sorted list, so class folders stay represented.
+        step = max(1, len(files) // max_samples)
+        files = files[::step][:max_samples]
+    name = dataset_name or Path(directory).expanduser().resolve().name
+    try:
+        exists = name in fo.list_datasets()
+    except Exception as e:
+        raise DatabaseUnavailableError(_db_hint(e)) from e
+    if exists and overwrite:
+        fo.delete_dataset(name)
+        exists = False
+    ds = fo.load_dataset(name) if exists else fo.Dataset(name, persistent=True)
+    have = set(ds.values("filepath")) if exists else set()
+    samples = []
+    for f in files:
+        if f in have:
+            continue
+        s = fo.Sample(filepath=f)
+        if gt_from_subfolders:
+            s[gt_from_subfolders] = fo.Classification(label=Path(f).parent.name)
+        samples.append(s)
+    if samples:
+        ds.add_samples(samples, progress=False)
+    return ds

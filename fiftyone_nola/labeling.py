@@ -1,0 +1,299 @@
+"""The single-label NoLA stages on FiftyOne collections (I/O at the edges, math elsewhere).
+
+zero-shot (CDE) -> DINO labeller -> prompt tuning -> predict. Every stage reads what the one
+before stored (embeddings, class weights, teacher labels) and records itself as a run.
+Ground truth is never read here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from . import fo_io, runs, storage
+from .classes import ClassesArg, labels_to_indices, resolve_classes
+from .device import resolve_device
+from .embeddings import check_coverage, load_embeddings
+from .errors import IndexMismatchError, InvalidInputError, NolaError
+from .models import ClipSpec, DinoSpec, load_clip, spec_key
+from .progress import ProgressFn, null_progress
+
+Log = Callable[[str], None]
+
+
+def stage_dir(samples, run_key: str) -> Path:
+    return storage.run_dir(fo_io.dataset_id(samples), run_key)
+
+
+def _save_array_bundle(d: Path, ids: Sequence[str], arrays: dict, meta: dict) -> None:
+    """Arrays keyed by sample id, written atomically (meta.json last)."""
+    d.mkdir(parents=True, exist_ok=True)
+    for name, arr in arrays.items():
+        with storage.atomic_path(d / f"{name}.npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(arr), allow_pickle=False)
+    storage.write_json_atomic(d / "ids.json", list(ids))
+    storage.write_json_atomic(d / "meta.json", meta)
+
+
+def _load_array(d: Path, name: str) -> np.ndarray:
+    return np.load(d / f"{name}.npy", allow_pickle=False)
+
+
+def _aligned(d: Path, name: str, ids: Sequence[str]) -> np.ndarray:
+    """Rows of a stored per-sample array for ``ids`` (NaN / -1 where the stage did not run)."""
+    stored_ids = json.loads((d / "ids.json").read_text())
+    arr = _load_array(d, name)
+    pos = {s: i for i, s in enumerate(stored_ids)}
+    fill = np.nan if np.issubdtype(arr.dtype, np.floating) else -1
+    out = np.full((len(ids),) + arr.shape[1:], fill, dtype=arr.dtype)
+    for j, s in enumerate(ids):
+        i = pos.get(s)
+        if i is not None:
+            out[j] = arr[i]
+    return out
+
+
+def _stage_meta(d: Path, what: str) -> dict:
+    if not (d / "meta.json").exists():
+        raise NolaError(f"The {what} stage has not been run on this dataset yet (no {d}). Run it first.")
+    return storage.read_json(d / "meta.json")
+
+
+# --------------------------------------------------------------------------- zero-shot (CDE)
+
+
+@dataclass
+class ZeroShotConfig:
+    """CDE zero-shot: class texts are descriptions (LLM, file or templates) plus templates."""
+
+    clip: ClipSpec = field(default_factory=ClipSpec)
+    descriptions_file: Optional[str] = None  # LaFTer/NoLA JSON; else LLM (if use_llm) else templates
+    use_llm: bool = False
+    llm_model: str = "llama3.2"
+    llm_host: Optional[str] = None
+    include_templates: bool = True
+    logit_scale: float = 100.0
+    store_logits: bool = False
+    device: Optional[str] = None
+
+
+def class_descriptions(classes: Sequence[str], config: ZeroShotConfig, log: Log = print):
+    """The DescriptionSet for ``classes`` per the config (file > LLM > templates)."""
+    from . import descriptions as dsc
+
+    if config.descriptions_file:
+        return dsc.load_descriptions(config.descriptions_file, classes)
+    if config.use_llm:
+        return dsc.generate_descriptions(
+            classes, dsc.DescribeConfig(model=config.llm_model, host=config.llm_host)
+        )
+    log("[zeroshot] no descriptions file and LLM off: using CLIP's template ensemble")
+    return dsc.template_descriptions(classes)
+
+
+def zero_shot(
+    samples,
+    classes: ClassesArg = None,
+    config: Optional[ZeroShotConfig] = None,
+    label_field: str = "nola_zeroshot",
+    descriptions=None,
+    progress: ProgressFn = null_progress,
+    log: Log = print,
+) -> dict:
+    """Label every sample with the CDE zero-shot classifier from its stored CLIP embedding."""
+    from . import zeroshot as zs
+
+    t0 = time.perf_counter()
+    config = config or ZeroShotConfig()
+    classes = resolve_classes(classes, samples)
+    ids, _ = fo_io.ids_and_paths(samples)
+    ids, emb = load_embeddings(samples, config.clip, ids)
+    ok = check_coverage(ids, emb, "clip", log)
+    desc = descriptions if descriptions is not None else class_descriptions(classes, config, log)
+    texts = {c: desc.texts_for(c, include_templates=config.include_templates) for c in classes}
+    clip = load_clip(config.clip, resolve_device(config.device))
+    W = zs.build_class_weights(clip, texts, classes)
+    probs = np.full((len(ids), len(classes)), np.nan, dtype=np.float32)
+    probs[ok] = zs.softmax(zs.zeroshot_logits(emb[ok], W, config.logit_scale)).astype(np.float32)
+    written = fo_io.write_classifications(samples, ids, classes, probs, label_field, config.store_logits)
+    d = stage_dir(samples, label_field)
+    meta = {"classes": list(classes), "clip": clip.identity, "field": label_field,
+            "descriptions_source": getattr(desc, "source", {}), "n_texts": {c: len(t) for c, t in texts.items()}}
+    _save_array_bundle(d, ids, {"probs": probs, "class_weights": W.astype(np.float32)}, meta)
+    summary = {"stage": "zeroshot", "field": label_field, "samples": len(ids), "labelled": written,
+               "skipped": len(ids) - written, "classes": len(classes),
+               "seconds": time.perf_counter() - t0, "random_init": clip.identity["random_init"],
+               "warnings": list(getattr(desc, "warnings", []))}
+    runs.record_run(samples, runs.run_key_for(label_field), "zeroshot", config, summary)
+    log(f"[zeroshot] {written} samples -> field '{label_field}' in {summary['seconds']:.2f}s")
+    return summary
+
+
+def load_class_weights(samples, zeroshot_field: str = "nola_zeroshot", classes=None) -> tuple[np.ndarray, list[str]]:
+    """The CDE weight matrix stored by the zero-shot stage, checked against ``classes``."""
+    d = stage_dir(samples, zeroshot_field)
+    meta = _stage_meta(d, "zero-shot")
+    if classes is not None and list(classes) != meta["classes"]:
+        raise IndexMismatchError(
+            f"The zero-shot stage in '{zeroshot_field}' was run with classes {meta['classes']}, not "
+            f"{list(classes)}. Re-run zero_shot with the new class list first."
+        )
+    return _load_array(d, "class_weights"), meta["classes"]
+
+
+# --------------------------------------------------------------------------- DINO labeller
+
+
+def dino_labels(
+    samples,
+    zeroshot_field: str = "nola_zeroshot",
+    dino: Optional[DinoSpec] = None,
+    config=None,
+    label_field: str = "nola_dino",
+    trusted_field: Optional[str] = None,
+    progress: ProgressFn = null_progress,
+    log: Log = print,
+) -> dict:
+    """Train the DINO labelling MLP on confident zero-shot picks; label every sample.
+
+    ``trusted_field``: a reviewer's corrected labels (``fo.Classification``), added as trusted
+    supervision. It must never be a ground-truth field used for evaluation.
+    """
+    from . import dino_labeler as dl
+
+    t0 = time.perf_counter()
+    dino = dino or DinoSpec()
+    config = config or dl.DinoLabelerConfig()
+    d_zs = stage_dir(samples, zeroshot_field)
+    classes = _stage_meta(d_zs, "zero-shot")["classes"]
+    ids, _ = fo_io.ids_and_paths(samples)
+    zs_probs = _aligned(d_zs, "probs", ids)
+    ids, feats = load_embeddings(samples, dino, ids)
+    ok = check_coverage(ids, feats, "dino", log) & np.all(np.isfinite(zs_probs), axis=1)
+    trusted = None
+    if trusted_field:
+        labs = fo_io.read_single_labels(samples, trusted_field, ids)
+        idx, unknown = labels_to_indices(labs, classes)
+        if unknown:
+            log(f"[dino] ignoring corrected labels outside the class list: {unknown}")
+        sub = np.flatnonzero(ok)
+        trusted = {int(np.searchsorted(sub, j)): c for j, c in enumerate(idx) if c >= 0 and ok[j]}
+    res = dl.dino_pseudo_labels(zs_probs[ok], feats[ok], config, trusted=trusted)
+    probs = np.full((len(ids), len(classes)), np.nan, dtype=np.float32)
+    probs[ok] = res.probs
+    written = fo_io.write_classifications(samples, ids, classes, probs, label_field)
+    d = stage_dir(samples, label_field)
+    dl.save_labeler(d / "labeler", res.model, classes, {"dino_key": spec_key(dino)})
+    teacher = np.full(len(ids), -1, dtype=np.int64)
+    teacher[ok] = np.argmax(res.probs, axis=1)
+    _save_array_bundle(d, ids, {"probs": probs, "teacher": teacher},
+                       {"classes": classes, "field": label_field, "k": int(res.k),
+                        "selected": int(len(res.selected_indices)), "zeroshot_field": zeroshot_field})
+    summary = {"stage": "dino", "field": label_field, "samples": len(ids), "labelled": written,
+               "k": int(res.k), "selected_for_training": int(len(res.selected_indices)),
+               "trusted": len(trusted or {}), "warnings": list(res.warnings),
+               "seconds": time.perf_counter() - t0}
+    runs.record_run(samples, runs.run_key_for(label_field), "dino_labeler",
+                    {"labeler": config, "dino": dino, "zeroshot_field": zeroshot_field,
+                     "trusted_field": trusted_field}, summary)
+    log(f"[dino] k={res.k}, trained on {len(res.selected_indices)} picks, labelled {written} -> "
+        f"'{label_field}' in {summary['seconds']:.2f}s")
+    return summary
+
+
+# --------------------------------------------------------------------------- prompt tuning
+
+
+def tune_prompts(
+    samples,
+    zeroshot_field: str = "nola_zeroshot",
+    teacher_field: str = "nola_dino",
+    clip: Optional[ClipSpec] = None,
+    config=None,
+    run_name: str = "nola",
+    progress: ProgressFn = null_progress,
+    log: Log = print,
+) -> dict:
+    """Prompt-tune CLIP's vision tower on the DINO labeller's (cached) teacher labels.
+
+    Resumable: epoch checkpoints live in the run directory; re-running continues from them.
+    Returns a summary including ``model_dir`` (what ``predict`` loads).
+    """
+    from . import prompt_tuning as pt
+
+    t0 = time.perf_counter()
+    clip_spec = clip or ClipSpec()
+    device = resolve_device(getattr(config, "device", None))
+    config = config or pt.TuneConfig.for_hardware(device)
+    W, classes = load_class_weights(samples, zeroshot_field)
+    d_t = stage_dir(samples, teacher_field)
+    _stage_meta(d_t, "DINO labeller")
+    ids, paths = fo_io.ids_and_paths(samples)
+    teacher = _aligned(d_t, "teacher", ids)
+    if (teacher >= 0).sum() == 0:
+        raise NolaError(f"No teacher labels in '{teacher_field}' for these samples: run dino_labels first.")
+    model_dir = stage_dir(samples, f"{run_name}_model")
+    clip_model = load_clip(clip_spec, device)
+    log(f"[tune] {int((teacher >= 0).sum())} teacher-labelled samples; epochs={config.epochs} "
+        f"batch={config.batch_size} max_samples={config.max_samples} device={device}")
+    result = pt.tune(clip_model, paths, teacher, W, config, checkpoint_dir=model_dir / "checkpoints",
+                     progress=progress, log=log)
+    pt.save_tuned(model_dir, result.model, classes, clip_model.identity, config,
+                  {"zeroshot_field": zeroshot_field, "teacher_field": teacher_field,
+                   "selected_epoch": result.selected_epoch})
+    summary = {"stage": "tune", "model_dir": str(model_dir), "epochs": config.epochs,
+               "selected_epoch": result.selected_epoch, "history": result.history,
+               "seconds": time.perf_counter() - t0}
+    runs.record_run(samples, runs.run_key_for(f"{run_name}_model"), "prompt_tuning",
+                    {"tune": config, "clip": clip_spec, "teacher_field": teacher_field}, summary)
+    log(f"[tune] saved tuned model to {model_dir} ({summary['seconds']:.1f}s)")
+    return summary
+
+
+def predict(
+    samples,
+    model_dir: str,
+    clip: Optional[ClipSpec] = None,
+    label_field: str = "nola",
+    batch_size: Optional[int] = None,
+    num_workers: Optional[int] = None,
+    device: Optional[str] = None,
+    precision: str = "auto",
+    progress: ProgressFn = null_progress,
+    log: Log = print,
+) -> dict:
+    """Apply a saved prompt-tuned model to any dataset or view -> ``label_field``."""
+    from . import prompt_tuning as pt
+    from .device import hardware_profile
+
+    t0 = time.perf_counter()
+    model_dir = Path(model_dir)
+    if not (model_dir / "meta.json").exists():
+        raise InvalidInputError(f"{model_dir} holds no tuned model (no meta.json). Run tune_prompts first.")
+    meta = storage.read_json(model_dir / "meta.json")
+    dev = resolve_device(device)
+    prof = hardware_profile(dev)
+    clip_model = load_clip(clip or ClipSpec(), dev)
+    model = pt.load_tuned(model_dir, clip_model)
+    classes = meta["classes"]
+    ids, paths = fo_io.ids_and_paths(samples)
+    probs, failed = pt.predict_tuned(model, paths, batch_size or prof.embed_batch_size,
+                                     prof.num_workers if num_workers is None else num_workers,
+                                     dev, precision, progress)
+    written = fo_io.write_classifications(samples, ids, classes, probs, label_field)
+    fo_io.tag_samples(samples, [ids[i] for i, _ in failed], fo_io.UNREADABLE_TAG)
+    d = stage_dir(samples, label_field)
+    _save_array_bundle(d, ids, {"probs": probs}, {"classes": classes, "field": label_field,
+                                                  "model_dir": str(model_dir)})
+    summary = {"stage": "predict", "field": label_field, "samples": len(ids), "labelled": written,
+               "failed": len(failed), "seconds": time.perf_counter() - t0}
+    runs.record_run(samples, runs.run_key_for(label_field), "predict",
+                    {"model_dir": str(model_dir), "precision": precision}, summary)
+    log(f"[predict] {written} samples -> '{label_field}' in {summary['seconds']:.1f}s")
+    return summary

@@ -1,0 +1,65 @@
+"""Each stage is recorded as a FiftyOne run (config + results under a key), brain-style.
+
+A reviewer can see how any field was made: ``dataset.get_run_info("nola_zeroshot")`` shows the
+stage, its config, model identities and timing; ``dataset.load_run_results(key)`` the summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Optional
+
+RUN_PREFIX = "nola"
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    return json.loads(json.dumps(obj, default=str))
+
+
+def run_key_for(field: str) -> str:
+    """Run keys must be identifiers; fields are too, but be safe."""
+    key = "".join(c if c.isalnum() or c == "_" else "_" for c in field)
+    return key if key[:1].isalpha() else f"{RUN_PREFIX}_{key}"
+
+
+def record_run(samples, key: str, method: str, config: Any, results: Optional[dict] = None) -> None:
+    """Register (or replace) the run ``key`` on the dataset behind ``samples``."""
+    from .fo_io import root_dataset
+
+    ds = root_dataset(samples)
+    cfg = ds.init_run(method=f"{RUN_PREFIX}.{method}", config=_jsonable(config))
+    if key in ds.list_runs():
+        ds.delete_run(key)
+    ds.register_run(key, cfg)
+    if results is not None:
+        res = ds.init_run_results(key, **_jsonable({**results, "recorded_at": time.time()}))
+        ds.save_run_results(key, res)
+
+
+def get_run(samples, key: str) -> Optional[dict]:
+    """The stored config and results of run ``key`` as plain dicts, or None if absent."""
+    from .fo_io import root_dataset
+
+    ds = root_dataset(samples)
+    if key not in ds.list_runs():
+        return None
+    info = ds.get_run_info(key)
+    out = {"key": key, "method": info.config.method, "timestamp": str(info.timestamp),
+           "config": getattr(info.config, "config", None)}
+    try:
+        res = ds.load_run_results(key, cache=False)
+        out["results"] = {k: v for k, v in res.__dict__.items() if not k.startswith("_")}
+    except Exception:
+        out["results"] = None
+    return out
+
+
+def list_nola_runs(samples) -> list[str]:
+    from .fo_io import root_dataset
+
+    ds = root_dataset(samples)
+    return [k for k in ds.list_runs() if str(ds.get_run_info(k).config.method).startswith(RUN_PREFIX)]

@@ -1,0 +1,129 @@
+"""Form pieces and parameter parsing shared by the operators (App, Python and delegated alike).
+
+Every operator reads its parameters through these helpers, so a parameter means the same thing
+whether it came from the App form, ``foo.execute_operator(..., params=...)`` or a delegated run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import fiftyone.operators.types as types
+
+from fiftyone_nola.models import ClipSpec, DinoSpec, random_init_default
+
+DEVICES = ["auto", "cpu", "cuda"]
+
+
+def target_samples(ctx):
+    """The samples to act on: dataset, current view or selected samples (App's target choice)."""
+    return ctx.target_view()
+
+
+def progress_fn(ctx, every_s: float = 1.0):
+    """A library progress callback that forwards to the App / the delegated-operation record."""
+    last = [0.0]
+
+    def fn(done: int, total: int, message: str = "") -> None:
+        now = time.monotonic()
+        if done < total and now - last[0] < every_s:
+            return
+        last[0] = now
+        ctx.set_progress(progress=(done / total) if total else 1.0, label=f"{message} {done}/{total}")
+
+    return fn
+
+
+def log_fn(lines: list):
+    def fn(msg: str) -> None:
+        lines.append(str(msg))
+
+    return fn
+
+
+def add_device_input(inputs) -> None:
+    inputs.enum("device", DEVICES, default="auto", label="Device",
+                description="auto picks CUDA when present, else CPU", view=types.DropdownView())
+
+
+def device_param(ctx):
+    d = ctx.params.get("device") or "auto"
+    return None if d == "auto" else d
+
+
+def add_clip_inputs(inputs) -> None:
+    inputs.str("clip_arch", default="ViT-B-32", label="CLIP architecture (open_clip)")
+    inputs.str("clip_pretrained", default="openai", label="CLIP weights",
+               description="open_clip pretrained tag, or a local checkpoint file")
+
+
+def add_dino_inputs(inputs) -> None:
+    inputs.str("dino_model", default="vit_base_patch16_224.dino", label="DINO model (timm)")
+    inputs.str("dino_checkpoint", required=False, label="DINO weights file (optional)")
+
+
+def add_random_init_input(inputs) -> None:
+    inputs.bool("random_init", default=random_init_default(), label="Random initialisation",
+                description="smoke runs only: labels from random weights are meaningless")
+
+
+def clip_spec(ctx) -> ClipSpec:
+    p = ctx.params
+    return ClipSpec(arch=p.get("clip_arch") or "ViT-B-32", pretrained=p.get("clip_pretrained") or "openai",
+                    random_init=bool(p.get("random_init", random_init_default())))
+
+
+def dino_spec(ctx) -> DinoSpec:
+    p = ctx.params
+    return DinoSpec(name=p.get("dino_model") or "vit_base_patch16_224.dino",
+                    checkpoint=p.get("dino_checkpoint") or None,
+                    random_init=bool(p.get("random_init", random_init_default())))
+
+
+def add_classes_input(ctx, inputs) -> None:
+    default = ", ".join(getattr(ctx.dataset, "default_classes", None) or [])
+    inputs.str("classes", default=default or None, required=not default, label="Class names",
+               description="comma-separated; defaults to the dataset's default_classes")
+
+
+def classes_param(ctx):
+    c = ctx.params.get("classes")
+    return c if c else None
+
+
+def label_fields(ctx, types_=("Classification",)) -> list:
+    """Names of the dataset's fields holding one of the given label types."""
+    import fiftyone as fo
+
+    wanted = tuple(getattr(fo, t) for t in types_)
+    schema = ctx.dataset.get_field_schema(embedded_doc_type=wanted) if ctx.dataset else {}
+    return sorted(schema)
+
+
+def add_field_choice(ctx, inputs, name, label, types_=("Classification",), default=None, required=True):
+    choices = label_fields(ctx, types_)
+    if not choices:
+        inputs.str(name, default=default, required=required, label=label)
+        return
+    inputs.enum(name, choices, default=default if default in choices else choices[0],
+                required=required, label=label, view=types.DropdownView())
+
+
+def jsonable(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    return json.loads(json.dumps(obj, default=str))
+
+
+def summary_output(ctx, title: str):
+    outputs = types.Object()
+    outputs.str("summary", label=title, view=types.MarkdownView())
+    return types.Property(outputs)
+
+
+def markdown_summary(title: str, summary: dict, lines: list | None = None) -> str:
+    body = "\n".join(f"- **{k}**: {v}" for k, v in summary.items() if not isinstance(v, (dict, list)))
+    tail = ("\n\n```\n" + "\n".join(lines[-30:]) + "\n```") if lines else ""
+    return f"### {title}\n{body}{tail}"

@@ -1,0 +1,54 @@
+"""Operator: compute CLIP / DINO embeddings into FAISS indexes."""
+
+from __future__ import annotations
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from fiftyone_nola.embed import EmbedConfig
+from fiftyone_nola.embeddings import compute_embeddings
+
+from . import _common as c
+
+
+class ComputeEmbeddings(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="compute_embeddings",
+            label="NoLA: compute embeddings",
+            description="CLIP and/or DINO image embeddings into on-disk FAISS indexes (incremental)",
+            dynamic=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+            default_choice_to_delegated=True,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        c.target_samples(ctx)
+        inputs.enum("family", ["both", "clip", "dino"], default="both", label="Models",
+                    view=types.RadioGroup())
+        c.add_clip_inputs(inputs)
+        c.add_dino_inputs(inputs)
+        c.add_random_init_input(inputs)
+        inputs.int("batch_size", required=False, label="Batch size (blank: fit hardware)")
+        inputs.int("num_workers", required=False, label="Decode workers (blank: fit hardware)")
+        inputs.bool("draft_decode", default=True, label="Fast JPEG draft decoding")
+        c.add_device_input(inputs)
+        return types.Property(inputs, view=types.View(label="Compute embeddings"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        lines: list = []
+        cfg = EmbedConfig(batch_size=p.get("batch_size") or None, num_workers=p.get("num_workers"),
+                          device=c.device_param(ctx), draft_decode=bool(p.get("draft_decode", True)))
+        summary = compute_embeddings(
+            c.target_samples(ctx), p.get("family", "both"), c.clip_spec(ctx), c.dino_spec(ctx), cfg,
+            progress=c.progress_fn(ctx), log=c.log_fn(lines),
+        )
+        return {"summary": "\n\n".join(c.markdown_summary(f"{k.upper()} embeddings", v) for k, v in summary.items()),
+                "result": c.jsonable(summary)}
+
+    def resolve_output(self, ctx):
+        return c.summary_output(ctx, "Embeddings")

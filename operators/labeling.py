@@ -1,0 +1,182 @@
+"""Operators of the single-label NoLA stages: zero-shot, DINO labeller, prompt tuning, apply, evaluate."""
+
+from __future__ import annotations
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from fiftyone_nola import labeling
+from fiftyone_nola.dino_labeler import DinoLabelerConfig
+from fiftyone_nola.evaluation import evaluate_single_label
+
+from . import _common as c
+
+
+def _cfg(name, label, description):
+    return foo.OperatorConfig(
+        name=name, label=label, description=description, dynamic=True,
+        allow_immediate_execution=True, allow_delegated_execution=True,
+    )
+
+
+class ZeroShot(foo.Operator):
+    @property
+    def config(self):
+        return _cfg("zero_shot", "NoLA: zero-shot labels (CDE)",
+                    "Label samples from stored CLIP embeddings with class-description embeddings")
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        c.target_samples(ctx)
+        c.add_classes_input(ctx, inputs)
+        inputs.str("descriptions_file", required=False, label="Descriptions JSON (optional)",
+                   description='LaFTer/NoLA format {"class": ["description", ...]}')
+        inputs.bool("use_llm", default=False, label="Write descriptions with a local LLM (Ollama)")
+        inputs.str("llm_model", default="llama3.2", label="Ollama model")
+        c.add_clip_inputs(inputs)
+        c.add_random_init_input(inputs)
+        inputs.str("label_field", default="nola_zeroshot", label="Output field")
+        c.add_device_input(inputs)
+        return types.Property(inputs, view=types.View(label="Zero-shot labels"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        lines: list = []
+        cfg = labeling.ZeroShotConfig(clip=c.clip_spec(ctx), descriptions_file=p.get("descriptions_file") or None,
+                                      use_llm=bool(p.get("use_llm")), llm_model=p.get("llm_model") or "llama3.2",
+                                      device=c.device_param(ctx))
+        s = labeling.zero_shot(c.target_samples(ctx), c.classes_param(ctx), cfg,
+                               p.get("label_field") or "nola_zeroshot", log=c.log_fn(lines))
+        return {"summary": c.markdown_summary("Zero-shot", s, lines), "result": c.jsonable(s)}
+
+    def resolve_output(self, ctx):
+        return c.summary_output(ctx, "Zero-shot")
+
+
+class DinoLabels(foo.Operator):
+    @property
+    def config(self):
+        return _cfg("dino_labels", "NoLA: DINO pseudo-labels",
+                    "Train the DINO labelling network on confident zero-shot picks and label every sample")
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        c.target_samples(ctx)
+        inputs.str("zeroshot_field", default="nola_zeroshot", label="Zero-shot field")
+        c.add_dino_inputs(inputs)
+        c.add_random_init_input(inputs)
+        inputs.int("epochs", default=50, label="MLP epochs")
+        inputs.str("trusted_field", required=False, label="Reviewed labels field (optional)",
+                   description="corrections added as trusted supervision")
+        inputs.str("label_field", default="nola_dino", label="Output field")
+        c.add_device_input(inputs)
+        return types.Property(inputs, view=types.View(label="DINO pseudo-labels"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        lines: list = []
+        cfg = DinoLabelerConfig(epochs=int(p.get("epochs") or 50), device=c.device_param(ctx))
+        s = labeling.dino_labels(c.target_samples(ctx), p.get("zeroshot_field") or "nola_zeroshot",
+                                 c.dino_spec(ctx), cfg, p.get("label_field") or "nola_dino",
+                                 trusted_field=p.get("trusted_field") or None, log=c.log_fn(lines))
+        return {"summary": c.markdown_summary("DINO pseudo-labels", s, lines), "result": c.jsonable(s)}
+
+    def resolve_output(self, ctx):
+        return c.summary_output(ctx, "DINO pseudo-labels")
+
+
+class TunePrompts(foo.Operator):
+    @property
+    def config(self):
+        return _cfg("tune_prompts", "NoLA: prompt tuning",
+                    "Tune CLIP's visual prompts on the DINO labeller's pseudo-labels, then predict")
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        c.target_samples(ctx)
+        inputs.str("zeroshot_field", default="nola_zeroshot", label="Zero-shot field")
+        inputs.str("teacher_field", default="nola_dino", label="Teacher (DINO labeller) field")
+        c.add_clip_inputs(inputs)
+        c.add_random_init_input(inputs)
+        inputs.int("epochs", required=False, label="Epochs (blank: fit hardware)")
+        inputs.int("batch_size", required=False, label="Batch size (blank: fit hardware)")
+        inputs.int("max_samples", required=False, label="Train on at most N samples (blank: fit hardware)")
+        inputs.str("label_field", default="nola", label="Output field")
+        c.add_device_input(inputs)
+        return types.Property(inputs, view=types.View(label="Prompt tuning"))
+
+    def execute(self, ctx):
+        import dataclasses
+
+        from fiftyone_nola.device import resolve_device
+        from fiftyone_nola.prompt_tuning import TuneConfig
+
+        p = ctx.params
+        lines: list = []
+        samples = c.target_samples(ctx)
+        cfg = TuneConfig.for_hardware(resolve_device(c.device_param(ctx)))
+        over = {k: p.get(k) for k in ("epochs", "batch_size", "max_samples") if p.get(k)}
+        cfg = dataclasses.replace(cfg, device=c.device_param(ctx), **over)
+        field = p.get("label_field") or "nola"
+        s = labeling.tune_prompts(samples, p.get("zeroshot_field") or "nola_zeroshot",
+                                  p.get("teacher_field") or "nola_dino", c.clip_spec(ctx), cfg,
+                                  run_name=field, progress=c.progress_fn(ctx), log=c.log_fn(lines))
+        s2 = labeling.predict(samples, s["model_dir"], c.clip_spec(ctx), field, device=c.device_param(ctx),
+                              progress=c.progress_fn(ctx), log=c.log_fn(lines))
+        s = {**s, "labelled": s2["labelled"], "field": field}
+        return {"summary": c.markdown_summary("Prompt tuning", s, lines), "result": c.jsonable(s)}
+
+    def resolve_output(self, ctx):
+        return c.summary_output(ctx, "Prompt tuning")
+
+
+class ApplyModel(foo.Operator):
+    @property
+    def config(self):
+        return _cfg("apply_tuned_model", "NoLA: apply a saved tuned model",
+                    "Predict with a saved prompt-tuned CLIP on the dataset, view or selection")
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        c.target_samples(ctx)
+        inputs.str("model_dir", required=True, label="Tuned model directory",
+                   description="the model_dir printed by prompt tuning")
+        c.add_clip_inputs(inputs)
+        c.add_random_init_input(inputs)
+        inputs.str("label_field", default="nola", label="Output field")
+        c.add_device_input(inputs)
+        return types.Property(inputs, view=types.View(label="Apply tuned model"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        lines: list = []
+        s = labeling.predict(c.target_samples(ctx), p["model_dir"], c.clip_spec(ctx),
+                             p.get("label_field") or "nola", device=c.device_param(ctx),
+                             progress=c.progress_fn(ctx), log=c.log_fn(lines))
+        return {"summary": c.markdown_summary("Predictions", s, lines), "result": c.jsonable(s)}
+
+    def resolve_output(self, ctx):
+        return c.summary_output(ctx, "Predictions")
+
+
+class Evaluate(foo.Operator):
+    @property
+    def config(self):
+        return _cfg("evaluate_labels", "NoLA: evaluate against ground truth",
+                    "Accuracy / per-class report / confusion matrix of a predicted field")
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        c.target_samples(ctx)
+        c.add_field_choice(ctx, inputs, "pred_field", "Predicted field", default="nola")
+        c.add_field_choice(ctx, inputs, "gt_field", "Ground-truth field", default="ground_truth")
+        return types.Property(inputs, view=types.View(label="Evaluate"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        s = evaluate_single_label(c.target_samples(ctx), p["pred_field"], p["gt_field"])
+        short = {k: v for k, v in s.items() if k != "per_class"}
+        return {"summary": c.markdown_summary("Evaluation", short), "result": c.jsonable(s)}
+
+    def resolve_output(self, ctx):
+        return c.summary_output(ctx, "Evaluation")

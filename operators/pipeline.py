@@ -1,0 +1,57 @@
+"""Operator: the whole single-label pipeline with defaults."""
+
+from __future__ import annotations
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from fiftyone_nola.pipeline import AutoLabelConfig, auto_label, summary_lines
+
+from . import _common as c
+
+
+class AutoLabel(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="auto_label",
+            label="NoLA: auto-label (whole pipeline)",
+            description="Embeddings, zero-shot, DINO pseudo-labels, prompt tuning, predictions",
+            dynamic=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+            default_choice_to_delegated=True,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        c.target_samples(ctx)
+        c.add_classes_input(ctx, inputs)
+        inputs.str("descriptions_file", required=False, label="Descriptions JSON (optional)")
+        inputs.bool("use_llm", default=False, label="Write descriptions with a local LLM (Ollama)")
+        c.add_clip_inputs(inputs)
+        c.add_dino_inputs(inputs)
+        c.add_random_init_input(inputs)
+        inputs.bool("tune", default=True, label="Prompt tuning")
+        inputs.int("epochs", required=False, label="Tuning epochs (blank: fit hardware)")
+        c.add_field_choice(ctx, inputs, "gt_field", "Ground truth for evaluation (optional)",
+                           default=None, required=False)
+        c.add_device_input(inputs)
+        return types.Property(inputs, view=types.View(label="Auto-label"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        lines: list = []
+        cfg = AutoLabelConfig(
+            clip=c.clip_spec(ctx), dino=c.dino_spec(ctx),
+            descriptions_file=p.get("descriptions_file") or None, use_llm=bool(p.get("use_llm")),
+            tune=bool(p.get("tune", True)), tune_epochs=p.get("epochs") or None,
+            device=c.device_param(ctx), gt_field=p.get("gt_field") or None,
+        )
+        s = auto_label(c.target_samples(ctx), c.classes_param(ctx), cfg,
+                       progress=c.progress_fn(ctx), log=c.log_fn(lines))
+        md = "### Auto-label\n```\n" + "\n".join(summary_lines(s)) + "\n```"
+        return {"summary": md, "result": c.jsonable({k: v for k, v in s.items() if k != "stages"})}
+
+    def resolve_output(self, ctx):
+        return c.summary_output(ctx, "Auto-label")

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command (`make test`): ruff, then the whole pytest suite with an isolated database.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+export FIFTYONE_DATABASE_VALIDATION=false FIFTYONE_DO_NOT_TRACK=true
+mkdir -p test-artifacts
+.venv/bin/ruff check .
+.venv/bin/python -m pytest -q --durations=15 --junitxml=test-artifacts/junit.xml "$@"
