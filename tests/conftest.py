@@ -23,6 +23,9 @@ os.environ.pop("NOLA_RANDOM_INIT", None)
 os.environ.setdefault("OLLAMA_HOST", "http://127.0.0.1:9")  # never a real server by accident
 
 REPO = Path(__file__).resolve().parents[1]
+# FiftyOne's plugin scan stops at the first fiftyone.yml, so the repo root is a plugin directory.
+os.environ["FIFTYONE_PLUGINS_DIR"] = str(REPO)
+
 SHARED_DATA = Path(os.environ.get("NOLA_SHARED_DATA", REPO.parent / "shared" / "data"))
 CIFAR_DIR = SHARED_DATA / "cifar10_2k"
 COCO_DIR = SHARED_DATA / "coco256"
