@@ -36,7 +36,8 @@ def record_run(samples, key: str, method: str, config: Any, results: Optional[di
         ds.delete_run(key)
     ds.register_run(key, cfg)
     if results is not None:
-        res = ds.init_run_results(key, **_jsonable({**results, "recorded_at": time.time()}))
+        # Stored under one attribute: result keys like "samples" would clash with RunResults'.
+        res = ds.init_run_results(key, summary=_jsonable({**results, "recorded_at": time.time()}))
         ds.save_run_results(key, res)
 
 
@@ -52,7 +53,7 @@ def get_run(samples, key: str) -> Optional[dict]:
            "config": getattr(info.config, "config", None)}
     try:
         res = ds.load_run_results(key, cache=False)
-        out["results"] = {k: v for k, v in res.__dict__.items() if not k.startswith("_")}
+        out["results"] = getattr(res, "summary", None)
     except Exception:
         out["results"] = None
     return out

@@ -106,7 +106,7 @@ def make_dataset():
                     s[gt_field] = fo.Classification(label=lab)
             samples.append(s)
         if samples:
-            ds.add_samples(samples)
+            ds.add_samples(samples, progress=False)
         return ds
 
     yield make
