@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 from .errors import InvalidInputError
 

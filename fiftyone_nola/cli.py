@@ -8,7 +8,8 @@ import logging
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from .errors import ModelNotFoundError, NolaError
 

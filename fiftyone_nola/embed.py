@@ -7,8 +7,9 @@ model, so on a CPU the decode of batch i+1 overlaps inference of batch i. JPEG d
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ class EmbedConfig:
     chunk_size: int = 512  # samples per index checkpoint: a killed job loses at most this many
     index_type: str = "flat"  # flat (exact) | ivf | hnsw
 
-    def resolved(self) -> "EmbedConfig":
+    def resolved(self) -> EmbedConfig:
         """A copy with every automatic setting filled in for this machine."""
         device = dev.resolve_device(self.device)
         prof = dev.hardware_profile(device)

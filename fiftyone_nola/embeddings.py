@@ -8,7 +8,8 @@ samples deleted from the dataset are dropped from the store.
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable, Optional
 
 import numpy as np
 

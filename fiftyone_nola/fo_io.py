@@ -6,8 +6,9 @@ Writes are always bulk (``set_values`` keyed by sample id): never one round-trip
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 

@@ -7,15 +7,16 @@ Ground truth is never read here.
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 
 from . import fo_io, runs, storage
+from .artifacts import aligned, load_array, save_array_bundle, stage_dir, stage_meta
 from .classes import ClassesArg, labels_to_indices, resolve_classes
 from .device import resolve_device
 from .embeddings import check_coverage, load_embeddings
@@ -24,45 +25,6 @@ from .models import ClipSpec, DinoSpec, load_clip, spec_key
 from .progress import ProgressFn, null_progress
 
 Log = Callable[[str], None]
-
-
-def stage_dir(samples, run_key: str) -> Path:
-    return storage.run_dir(fo_io.dataset_id(samples), run_key)
-
-
-def _save_array_bundle(d: Path, ids: Sequence[str], arrays: dict, meta: dict) -> None:
-    """Arrays keyed by sample id, written atomically (meta.json last)."""
-    d.mkdir(parents=True, exist_ok=True)
-    for name, arr in arrays.items():
-        with storage.atomic_path(d / f"{name}.npy") as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, np.asarray(arr), allow_pickle=False)
-    storage.write_json_atomic(d / "ids.json", list(ids))
-    storage.write_json_atomic(d / "meta.json", meta)
-
-
-def _load_array(d: Path, name: str) -> np.ndarray:
-    return np.load(d / f"{name}.npy", allow_pickle=False)
-
-
-def _aligned(d: Path, name: str, ids: Sequence[str]) -> np.ndarray:
-    """Rows of a stored per-sample array for ``ids`` (NaN / -1 where the stage did not run)."""
-    stored_ids = json.loads((d / "ids.json").read_text())
-    arr = _load_array(d, name)
-    pos = {s: i for i, s in enumerate(stored_ids)}
-    fill = np.nan if np.issubdtype(arr.dtype, np.floating) else -1
-    out = np.full((len(ids),) + arr.shape[1:], fill, dtype=arr.dtype)
-    for j, s in enumerate(ids):
-        i = pos.get(s)
-        if i is not None:
-            out[j] = arr[i]
-    return out
-
-
-def _stage_meta(d: Path, what: str) -> dict:
-    if not (d / "meta.json").exists():
-        raise NolaError(f"The {what} stage has not been run on this dataset yet (no {d}). Run it first.")
-    return storage.read_json(d / "meta.json")
 
 
 # --------------------------------------------------------------------------- zero-shot (CDE)
@@ -125,7 +87,7 @@ def zero_shot(
     d = stage_dir(samples, label_field)
     meta = {"classes": list(classes), "clip": clip.identity, "field": label_field,
             "descriptions_source": getattr(desc, "source", {}), "n_texts": {c: len(t) for c, t in texts.items()}}
-    _save_array_bundle(d, ids, {"probs": probs, "class_weights": W.astype(np.float32)}, meta)
+    save_array_bundle(d, ids, {"probs": probs, "class_weights": W.astype(np.float32)}, meta)
     summary = {"stage": "zeroshot", "field": label_field, "samples": len(ids), "labelled": written,
                "skipped": len(ids) - written, "classes": len(classes),
                "seconds": time.perf_counter() - t0, "random_init": clip.identity["random_init"],
@@ -138,13 +100,13 @@ def zero_shot(
 def load_class_weights(samples, zeroshot_field: str = "nola_zeroshot", classes=None) -> tuple[np.ndarray, list[str]]:
     """The CDE weight matrix stored by the zero-shot stage, checked against ``classes``."""
     d = stage_dir(samples, zeroshot_field)
-    meta = _stage_meta(d, "zero-shot")
+    meta = stage_meta(d, "zero-shot")
     if classes is not None and list(classes) != meta["classes"]:
         raise IndexMismatchError(
             f"The zero-shot stage in '{zeroshot_field}' was run with classes {meta['classes']}, not "
             f"{list(classes)}. Re-run zero_shot with the new class list first."
         )
-    return _load_array(d, "class_weights"), meta["classes"]
+    return load_array(d, "class_weights"), meta["classes"]
 
 
 # --------------------------------------------------------------------------- DINO labeller
@@ -171,9 +133,9 @@ def dino_labels(
     dino = dino or DinoSpec()
     config = config or dl.DinoLabelerConfig()
     d_zs = stage_dir(samples, zeroshot_field)
-    classes = _stage_meta(d_zs, "zero-shot")["classes"]
+    classes = stage_meta(d_zs, "zero-shot")["classes"]
     ids, _ = fo_io.ids_and_paths(samples)
-    zs_probs = _aligned(d_zs, "probs", ids)
+    zs_probs = aligned(d_zs, "probs", ids)
     ids, feats = load_embeddings(samples, dino, ids)
     ok = check_coverage(ids, feats, "dino", log) & np.all(np.isfinite(zs_probs), axis=1)
     trusted = None
@@ -192,7 +154,7 @@ def dino_labels(
     dl.save_labeler(d / "labeler", res.model, classes, {"dino_key": spec_key(dino)})
     teacher = np.full(len(ids), -1, dtype=np.int64)
     teacher[ok] = np.argmax(res.probs, axis=1)
-    _save_array_bundle(d, ids, {"probs": probs, "teacher": teacher},
+    save_array_bundle(d, ids, {"probs": probs, "teacher": teacher},
                        {"classes": classes, "field": label_field, "k": int(res.k),
                         "selected": int(len(res.selected_indices)), "zeroshot_field": zeroshot_field})
     summary = {"stage": "dino", "field": label_field, "samples": len(ids), "labelled": written,
@@ -233,9 +195,9 @@ def tune_prompts(
     config = config or pt.TuneConfig.for_hardware(device)
     W, classes = load_class_weights(samples, zeroshot_field)
     d_t = stage_dir(samples, teacher_field)
-    _stage_meta(d_t, "DINO labeller")
+    stage_meta(d_t, "DINO labeller")
     ids, paths = fo_io.ids_and_paths(samples)
-    teacher = _aligned(d_t, "teacher", ids)
+    teacher = aligned(d_t, "teacher", ids)
     if (teacher >= 0).sum() == 0:
         raise NolaError(f"No teacher labels in '{teacher_field}' for these samples: run dino_labels first.")
     model_dir = stage_dir(samples, f"{run_name}_model")
@@ -289,7 +251,7 @@ def predict(
     written = fo_io.write_classifications(samples, ids, classes, probs, label_field)
     fo_io.tag_samples(samples, [ids[i] for i, _ in failed], fo_io.UNREADABLE_TAG)
     d = stage_dir(samples, label_field)
-    _save_array_bundle(d, ids, {"probs": probs}, {"classes": classes, "field": label_field,
+    save_array_bundle(d, ids, {"probs": probs}, {"classes": classes, "field": label_field,
                                                   "model_dir": str(model_dir)})
     summary = {"stage": "predict", "field": label_field, "samples": len(ids), "labelled": written,
                "failed": len(failed), "seconds": time.perf_counter() - t0}

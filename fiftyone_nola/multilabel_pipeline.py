@@ -1,0 +1,215 @@
+"""The CDUL multi-label stages on FiftyOne collections, and ``auto_label_multilabel``.
+
+global CLIP scores (stored embeddings) + local crop scores -> aggregated soft pseudo-labels
+(field ``cdul_pseudo``) -> classifier on stored features with label refinement (field ``cdul``).
+Ground truth is read only by evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from . import fo_io, runs
+from .artifacts import aligned, save_array_bundle, stage_dir, stage_meta
+from .classes import ClassesArg, resolve_classes
+from .device import resolve_device
+from .embed import EmbedConfig
+from .embeddings import check_coverage, compute_embeddings, load_embeddings
+from .labeling import class_descriptions
+from .models import ClipSpec, DinoSpec, load_clip
+from .progress import ProgressFn, StageTimer, null_progress
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class MultiLabelConfig:
+    """Settings of the CDUL pipeline (pseudo-labels + classifier)."""
+
+    clip: ClipSpec = field(default_factory=ClipSpec)
+    dino: Optional[DinoSpec] = None  # also train on DINO features when set
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    descriptions_file: Optional[str] = None
+    use_llm: bool = False
+    single_template: bool = False  # CDUL's "a photo of a {c}." only, instead of CDE texts
+    grid: int = 3
+    threshold_t: float = 0.0  # reproduction: t = 0 (plain max over crops) was best
+    aggregation: str = "avg"  # avg | lambda | global (global-only scores, no crops)
+    lam: float = 0.25
+    rule: str = "relative"
+    ratio: float = 0.5
+    max_labels: Optional[int] = 10
+    crop_batch_size: int = 16
+    num_workers: Optional[int] = None
+    train_epochs: int = 30
+    device: Optional[str] = None
+    pseudo_field: str = "cdul_pseudo"
+    pred_field: str = "cdul"
+    gt_field: Optional[str] = None  # evaluation only
+
+
+def _class_weights(clip, classes, config: MultiLabelConfig, log: Log) -> np.ndarray:
+    from . import zeroshot as zs
+    from .descriptions import SIMPLE_TEMPLATE
+    from .labeling import ZeroShotConfig
+
+    if config.single_template:
+        texts = {c: [SIMPLE_TEMPLATE.format(c)] for c in classes}
+    else:
+        desc = class_descriptions(classes, ZeroShotConfig(descriptions_file=config.descriptions_file,
+                                                          use_llm=config.use_llm), log)
+        texts = {c: desc.texts_for(c) for c in classes}
+    return zs.build_class_weights(clip, texts, classes)
+
+
+def multilabel_pseudo_labels(
+    samples,
+    classes: ClassesArg = None,
+    config: Optional[MultiLabelConfig] = None,
+    progress: ProgressFn = null_progress,
+    log: Log = print,
+) -> dict:
+    """CDUL initial pseudo-labels: soft vectors stored per sample, label sets in ``pseudo_field``."""
+    from . import multilabel as ml
+    from .device import hardware_profile
+
+    t0 = time.perf_counter()
+    config = config or MultiLabelConfig()
+    classes = resolve_classes(classes, samples)
+    ids, paths = fo_io.ids_and_paths(samples)
+    ids, emb = load_embeddings(samples, config.clip, ids)
+    ok = check_coverage(ids, emb, "clip", log)
+    device = resolve_device(config.device)
+    clip = load_clip(config.clip, device)
+    W = _class_weights(clip, classes, config, log)
+    g = np.full((len(ids), len(classes)), np.nan, dtype=np.float32)
+    g[ok] = ml.global_scores(emb[ok], W)
+    t_global = time.perf_counter() - t0
+    local = None
+    failed: list = []
+    t_local = 0.0
+    if config.aggregation != "global":
+        t1 = time.perf_counter()
+        prof = hardware_profile(device)
+        crop_cfg = ml.CropConfig(grid=config.grid, batch_size=config.crop_batch_size,
+                                 num_workers=prof.num_workers if config.num_workers is None else config.num_workers,
+                                 device=str(device))
+        local, failed = ml.local_clip_scores(clip, paths, W, crop_cfg, progress)
+        t_local = time.perf_counter() - t1
+        y = ml.aggregate_scores(g, local, config.threshold_t,
+                                "lambda" if config.aggregation == "lambda" else "avg", config.lam)
+    else:
+        y = g
+    pos = ml.decide_labels(y, config.rule, ratio=config.ratio, max_labels=config.max_labels)
+    written = fo_io.write_multilabel(samples, ids, classes, y, pos, config.pseudo_field)
+    arrays = {"soft_labels": y, "global": g, "class_weights": W}
+    if local is not None:
+        arrays["local_max"] = ml.local_only(local, 0.0)
+    save_array_bundle(stage_dir(samples, config.pseudo_field), ids, arrays,
+                       {"classes": classes, "field": config.pseudo_field, "clip": clip.identity})
+    summary = {"stage": "cdul_pseudo", "field": config.pseudo_field, "samples": len(ids),
+               "labelled": written, "failed": len(failed),
+               "mean_labels_per_sample": float(pos[np.all(np.isfinite(y), axis=1)].sum(1).mean()) if written else 0.0,
+               "classes_never_positive": [c for c, p in zip(classes, pos.any(0)) if not p],
+               "seconds_global": t_global, "seconds_local": t_local,
+               "images_per_s_local": (len(ids) / t_local) if t_local else None,
+               "seconds": time.perf_counter() - t0}
+    runs.record_run(samples, runs.run_key_for(config.pseudo_field), "cdul_pseudo_labels",
+                    dataclasses.replace(config, embed=None), summary)
+    log(f"[cdul] pseudo-labels for {written} samples -> '{config.pseudo_field}' "
+        f"({summary['mean_labels_per_sample']:.2f} labels/sample) in {summary['seconds']:.1f}s")
+    return summary
+
+
+def train_multilabel(
+    samples,
+    config: Optional[MultiLabelConfig] = None,
+    progress: ProgressFn = null_progress,
+    log: Log = print,
+) -> dict:
+    """Train the multi-label head on stored features against the soft pseudo-labels; predict."""
+    from . import multilabel as ml
+
+    t0 = time.perf_counter()
+    config = config or MultiLabelConfig()
+    d = stage_dir(samples, config.pseudo_field)
+    classes = stage_meta(d, "multi-label pseudo-label")["classes"]
+    ids, _ = fo_io.ids_and_paths(samples)
+    y = aligned(d, "soft_labels", ids)
+    _, feats = load_embeddings(samples, config.clip, ids)
+    if config.dino is not None:
+        _, f2 = load_embeddings(samples, config.dino, ids)
+        feats = np.concatenate([feats, f2], axis=1)
+    tcfg = ml.TrainConfig(epochs=config.train_epochs, device=config.device)
+    model, refined, history = ml.train_multilabel_classifier(feats, y, tcfg, progress)
+    probs = ml.predict_multilabel(model, feats)
+    pos = ml.decide_labels(probs, config.rule, ratio=config.ratio, max_labels=config.max_labels)
+    written = fo_io.write_multilabel(samples, ids, classes, probs, pos, config.pred_field)
+    out_dir = stage_dir(samples, config.pred_field)
+    ml.save_classifier(out_dir / "classifier.pt", model, classes, {"features": "clip" + ("+dino" if config.dino else "")})
+    save_array_bundle(out_dir, ids, {"probs": probs, "refined_labels": refined},
+                       {"classes": classes, "field": config.pred_field})
+    summary = {"stage": "cdul_train", "field": config.pred_field, "samples": len(ids), "labelled": written,
+               "epochs": tcfg.epochs, "final_loss": (history.get("loss") or [None])[-1],
+               "train_seconds": time.perf_counter() - t0, "model_path": str(out_dir / "classifier.pt")}
+    runs.record_run(samples, runs.run_key_for(config.pred_field), "cdul_classifier",
+                    {"train": tcfg, "pseudo_field": config.pseudo_field}, summary)
+    log(f"[cdul] classifier trained ({tcfg.epochs} epochs) -> '{config.pred_field}' in "
+        f"{summary['train_seconds']:.1f}s")
+    return summary
+
+
+def evaluate_multilabel_stages(samples, config: MultiLabelConfig, log: Log = print) -> dict:
+    """mAP of global-only, local, initial and trained scores against ``config.gt_field``."""
+    from .evaluation import evaluate_multilabel
+
+    ids, _ = fo_io.ids_and_paths(samples)
+    d = stage_dir(samples, config.pseudo_field)
+    classes = stage_meta(d, "multi-label pseudo-label")["classes"]
+    out = {}
+    score_sets = {"global": aligned(d, "global", ids), "initial": aligned(d, "soft_labels", ids)}
+    if (d / "local_max.npy").exists():
+        score_sets["local"] = aligned(d, "local_max", ids)
+    for name, scores in score_sets.items():
+        out[name] = evaluate_multilabel(samples, config.pseudo_field, config.gt_field, classes, scores, ids)
+    p = stage_dir(samples, config.pred_field)
+    if (p / "probs.npy").exists():
+        out["trained"] = evaluate_multilabel(samples, config.pred_field, config.gt_field, classes,
+                                             aligned(p, "probs", ids), ids)
+    for name, ev in out.items():
+        log(f"[evaluate] {name:<8} mAP {ev['mAP']:.4f} over {ev['classes_evaluated']} classes")
+    return out
+
+
+def auto_label_multilabel(
+    samples,
+    classes: ClassesArg = None,
+    config: Optional[MultiLabelConfig] = None,
+    progress: ProgressFn = null_progress,
+    log: Log = print,
+) -> dict:
+    """Embeddings -> CDUL pseudo-labels -> classifier with label refinement (-> mAP if GT)."""
+    config = config or MultiLabelConfig()
+    classes = resolve_classes(classes, samples)
+    timer = StageTimer(echo=log)
+    out: dict = {"classes": classes, "stages": {}}
+    with timer.stage("embeddings"):
+        families = "both" if config.dino is not None else "clip"
+        out["stages"]["embeddings"] = compute_embeddings(
+            samples, families, config.clip, config.dino,
+            dataclasses.replace(config.embed, device=config.device), progress=progress, log=log)
+    with timer.stage("pseudo_labels"):
+        out["stages"]["pseudo_labels"] = multilabel_pseudo_labels(samples, classes, config, progress, log)
+    with timer.stage("classifier"):
+        out["stages"]["classifier"] = train_multilabel(samples, config, progress, log)
+    if config.gt_field:
+        with timer.stage("evaluate"):
+            out["evaluation"] = evaluate_multilabel_stages(samples, config, log)
+    out["seconds_per_stage"] = timer.seconds
+    out["random_init"] = bool(config.clip.random_init)
+    return out
