@@ -1,0 +1,685 @@
+"""CDUL multi-label auto-labelling: global + local CLIP pseudo-labels, a classifier trained
+with gradient-alignment label updates, decision rules and evaluation (no FiftyOne here).
+
+Pipeline (see ``methods.md``, section CDUL):
+
+1. ``global_scores``: softmax over classes of CLIP image-text cosines of the whole image.
+2. ``local_clip_scores``: the same per crop of a ``grid × grid`` tiling of each image.
+3. ``aggregate_scores``: per class, max (or min, below a threshold ``t``) over crops, averaged
+   with the global score; the initial soft labels.
+4. ``train_multilabel_classifier``: a head on cached features fitted to the soft labels, whose
+   labels are themselves refined every few epochs along the loss gradient.
+5. ``decide_labels``: turn scores into label sets; ``mean_average_precision`` et al. evaluate.
+
+Score arrays use NaN for "unknown" (unreadable image, missing crop); every function here
+ignores or propagates NaN rather than treating it as a score.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import device as dev
+from .data import DecodeOptions, collate_skip_bad, try_load_image
+from .errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
+from .models import LoadedModel
+from .progress import ProgressFn, null_progress
+
+CLIP_LOGIT_SCALE = 100.0  # CLIP's learnt temperature saturates at exp(4.6052) = 100
+LABEL_EPS = 1e-6  # soft labels live in [eps, 1 - eps] so logit(y) stays finite
+_LATENT_MAX = math.log((1.0 - LABEL_EPS) / LABEL_EPS)
+HEAD_FORMAT = "fiftyone_nola.multilabel_head/1"
+
+
+# --------------------------------------------------------------------------------------------
+# Small numeric helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - np.max(logits, axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _l2n(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation; zero rows stay zero, NaN rows stay NaN."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _check_weights(class_weights: np.ndarray, dim: Optional[int] = None) -> np.ndarray:
+    w = np.asarray(class_weights, dtype=np.float32)
+    if w.ndim != 2 or w.shape[0] < 1:
+        raise InvalidInputError(f"class_weights must be a C×D array, got shape {w.shape}")
+    if dim is not None and w.shape[1] != dim:
+        raise InvalidInputError(
+            f"class_weights have dimension {w.shape[1]} but the image embeddings have {dim}: "
+            f"build the class weights with the same CLIP model as the images"
+        )
+    if not np.all(np.isfinite(w)):
+        raise InvalidInputError("class_weights contain NaN or inf")
+    # Idempotent on normalised input; protects against raw text embeddings being passed.
+    return _l2n(w)
+
+
+# --------------------------------------------------------------------------------------------
+# Crops and CLIP scores
+# --------------------------------------------------------------------------------------------
+
+
+def grid_boxes(width: int, height: int, grid: int = 3) -> list[tuple[int, int, int, int]]:
+    """Non-overlapping ``(left, top, right, bottom)`` tiles of a ``grid × grid`` tiling, row-major.
+
+    Tiles are ``height // grid`` × ``width // grid`` pixels, as in CDUL; the remainder strip at
+    the right/bottom edge (< ``grid`` pixels) is not covered. An image narrower or shorter than
+    ``grid`` pixels gets ``min(grid, size)`` tiles along that axis (a 2×2 image gives four
+    1×1 tiles, a 1×1 image one), so every image yields at least one tile.
+    """
+    width, height, grid = int(width), int(height), int(grid)
+    if grid < 1:
+        raise InvalidInputError(f"grid must be >= 1, got {grid}")
+    if width < 1 or height < 1:
+        raise InvalidInputError(f"image size must be positive, got {width}×{height}")
+    cols, rows = min(grid, width), min(grid, height)
+    tw, th = width // cols, height // rows
+    return [
+        (c * tw, r * th, (c + 1) * tw, (r + 1) * th) for r in range(rows) for c in range(cols)
+    ]
+
+
+@dataclass
+class CropConfig:
+    """Settings of the local (crop) CLIP scoring stage."""
+
+    grid: int = 3
+    batch_size: int = 32  # images per forward pass (grid² crops each)
+    num_workers: int = 1
+    device: Optional[str] = None
+    precision: str = "auto"  # auto: fp16/bf16 autocast on CUDA, fp32 on CPU
+    logit_scale: float = CLIP_LOGIT_SCALE
+    draft_decode: bool = True  # JPEG DCT-scaled decode, never below grid × model input size
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Items are ``(index, (crops G×3×S×S, valid bool G), None)`` or ``(index, None, reason)``.
+
+    Each image is decoded once and cut into ``grid²`` tiles; images with fewer tiles (smaller
+    than the grid) are padded with zero tensors marked invalid so batches stack.
+    """
+
+    def __init__(self, filepaths: Sequence[str], transform, grid: int = 3,
+                 options: DecodeOptions = DecodeOptions()):
+        self.filepaths = list(filepaths)
+        self.transform = transform
+        self.grid = int(grid)
+        self.options = options
+
+    def __len__(self) -> int:
+        return len(self.filepaths)
+
+    def __getitem__(self, i: int):
+        img, err = try_load_image(self.filepaths[i], self.options)
+        if img is None:
+            return i, None, err
+        try:
+            crops = [self.transform(img.crop(box)) for box in grid_boxes(*img.size, self.grid)]
+        except Exception as e:  # a transform failure is a bad image, not a crashed job
+            return i, None, f"preprocessing failed: {type(e).__name__}: {e}"
+        slots = self.grid * self.grid
+        valid = torch.zeros(slots, dtype=torch.bool)
+        valid[: len(crops)] = True
+        crops += [torch.zeros_like(crops[0])] * (slots - len(crops))
+        return i, (torch.stack(crops), valid), None
+
+
+def local_clip_scores(
+    clip: LoadedModel,
+    filepaths: Sequence[str],
+    class_weights: np.ndarray,
+    config: CropConfig = CropConfig(),
+    progress: Optional[ProgressFn] = None,
+) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """CLIP class scores of every grid crop: ``(N×G×C float32, failed [(index, reason)])``.
+
+    ``G = grid²``; each crop's row is ``softmax(logit_scale · cos(crop, class))`` over classes.
+    Crops of many images share one forward pass. Rows of unreadable images, and the missing
+    slots of images smaller than the grid, are NaN.
+    """
+    progress = progress or null_progress
+    if config.batch_size < 1:
+        raise InvalidInputError(f"batch_size must be >= 1, got {config.batch_size}")
+    w_np = _check_weights(class_weights, clip.embed_dim)
+    device = dev.resolve_device(config.device)
+    amp = dev.amp_dtype(device, config.precision)
+    pin = dev.pin_memory(device)
+    clip.model.to(device)
+    weights = torch.from_numpy(w_np).to(device)
+    slots = config.grid * config.grid
+    draft = clip.image_size * config.grid if config.draft_decode else None
+    ds = CropDataset(filepaths, clip.transform, config.grid, DecodeOptions(draft_size=draft))
+    kwargs = {}
+    if config.num_workers > 0:
+        # Crop batches are grid² times larger than embedding batches: keep fewer in flight.
+        kwargs.update(prefetch_factor=2, persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers,
+        collate_fn=collate_skip_bad, pin_memory=pin, **kwargs,
+    )
+    out = np.full((len(ds), slots, w_np.shape[0]), np.nan, dtype=np.float32)
+    failed: list[tuple[int, str]] = []
+    total, done = len(ds), 0
+    msg = f"scoring {slots} crops per image"
+    progress(0, total, msg)
+    with torch.inference_mode():
+        for idx, batch, bad in loader:
+            failed.extend(bad)
+            if batch is not None:
+                crops, valid = batch
+                flat_valid = valid.reshape(-1)
+                flat = crops.reshape(-1, *crops.shape[2:])[flat_valid]
+                flat = flat.to(device, non_blocking=pin)
+                with dev.autocast(device, amp):
+                    feats = clip.encode_image(flat)
+                # Cosines and softmax in fp32: logit_scale 100 magnifies half-precision error.
+                feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+                probs = torch.softmax(config.logit_scale * feats @ weights.T, dim=-1)
+                block = np.full((len(idx) * slots, w_np.shape[0]), np.nan, dtype=np.float32)
+                block[flat_valid.numpy()] = probs.cpu().numpy()
+                out[idx.numpy()] = block.reshape(len(idx), slots, -1)
+            done += len(idx) + len(bad)
+            progress(done, total, msg)
+    failed.sort()
+    return out, failed
+
+
+def global_scores(
+    image_embeddings: np.ndarray, class_weights: np.ndarray, logit_scale: float = CLIP_LOGIT_SCALE
+) -> np.ndarray:
+    """``softmax(logit_scale · cos(image, class))`` over classes: N×C float32, NaN rows kept."""
+    emb = np.asarray(image_embeddings, dtype=np.float32)
+    if emb.ndim != 2:
+        raise InvalidInputError(f"image_embeddings must be N×D, got shape {emb.shape}")
+    w = _check_weights(class_weights, emb.shape[1])
+    out = np.full((emb.shape[0], w.shape[0]), np.nan, dtype=np.float32)
+    ok = np.all(np.isfinite(emb), axis=1)
+    out[ok] = _softmax(float(logit_scale) * (_l2n(emb[ok]) @ w.T)).astype(np.float32)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation of global and local scores
+# --------------------------------------------------------------------------------------------
+
+
+def local_only(local: np.ndarray, t: float = 0.0) -> np.ndarray:
+    """CDUL's local score per class: max over crops if it reaches ``t``, else min over crops.
+
+    ``local`` is N×G×C; NaN crops are ignored; an image with no valid crop gets a NaN row.
+    ``t = 0`` (the reproduction's best) is the plain max.
+    """
+    loc = np.asarray(local, dtype=np.float64)
+    if loc.ndim != 3:
+        raise InvalidInputError(f"local scores must be N×G×C, got shape {loc.shape}")
+    missing = np.all(np.isnan(loc), axis=1)  # N×C
+    alpha = np.max(np.where(np.isnan(loc), -np.inf, loc), axis=1)
+    beta = np.min(np.where(np.isnan(loc), np.inf, loc), axis=1)
+    s = np.where(alpha >= t, alpha, beta)
+    return np.where(missing, np.nan, s).astype(np.float32)
+
+
+def aggregate_scores(
+    global_: np.ndarray,
+    local: np.ndarray,
+    t: float = 0.0,
+    mode: str = "avg",
+    lam: float = 0.25,
+) -> np.ndarray:
+    """CDUL's initial soft labels from global (N×C) and local (N×G×C) scores: N×C in [0, 1].
+
+    ``avg``: ``y = (s_global + s_local) / 2``. ``lambda``: ``y + lam·|s_global − s_local|``,
+    clipped to [0, 1]; ``lam`` must lie in [0, 0.5] so ``y`` stays non-decreasing in both
+    scores (CDUL does not state its value; 0.5 makes ``y = max(s_global, s_local)``). Where one
+    side is missing (NaN) the other is used alone; where both are, the result is NaN.
+    """
+    if mode not in ("avg", "lambda"):
+        raise InvalidInputError(f"mode must be 'avg' or 'lambda', not {mode!r}")
+    if mode == "lambda" and not 0.0 <= lam <= 0.5:
+        raise InvalidInputError(f"lam must lie in [0, 0.5] (monotone aggregation), got {lam}")
+    g = np.asarray(global_, dtype=np.float64)
+    s_loc = local_only(local, t).astype(np.float64)
+    if g.shape != s_loc.shape:
+        raise InvalidInputError(
+            f"global scores {g.shape} and local scores {np.shape(local)} disagree on N or C"
+        )
+    g_f, l_f = np.where(np.isnan(g), s_loc, g), np.where(np.isnan(s_loc), g, s_loc)
+    y = (g_f + l_f) / 2.0
+    if mode == "lambda":
+        y = y + lam * np.abs(g_f - l_f)
+    return np.clip(y, 0.0, 1.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Decision rules
+# --------------------------------------------------------------------------------------------
+
+RULES = ("relative", "expected_count", "threshold", "topk")
+
+
+def decide_labels(
+    scores: np.ndarray,
+    rule: str = "relative",
+    *,
+    ratio: float = 0.5,
+    threshold: float = 0.5,
+    k: int = 1,
+    max_labels: Optional[int] = None,
+    min_labels: int = 1,
+) -> np.ndarray:
+    """Label sets from N×C scores: bool N×C.
+
+    Rules:
+
+    * ``relative`` (default): keep classes scoring at least ``ratio`` × the image's top score.
+    * ``expected_count``: keep the top ``round(Σ_c score)`` classes, i.e. the expected number
+      of present classes if each score were a presence probability.
+    * ``threshold``: keep classes scoring at least ``threshold``.
+    * ``topk``: keep the ``k`` best classes.
+
+    Why ``relative`` is the default: it needs no labelled data and, unlike the others, is
+    invariant to the scale of the scores. That scale differs between the stages this module
+    produces: softmax-derived pseudo-labels shrink as C grows (so a fixed ``threshold`` means
+    something different for 20 and 80 classes); their mass is (1 + Σ_c max-over-crops) / 2,
+    which grows only about half as fast as the number of objects (so ``expected_count``
+    undercounts busy images; it suits calibrated probabilities, e.g. a BCE-trained head); and
+    the KL loss fixes only the *ratios* of the classifier's outputs, not their level. A ratio to the top score behaves the same on all three, adapts the number of
+    labels per image (unlike ``topk``), and drops background classes that only one crop
+    supports weakly. Its failure mode is a flat score row (an uncertain image), which keeps
+    many classes: cap it with ``max_labels``.
+
+    Every rule keeps at least ``min_labels`` classes of an image (its best ones) unless the
+    image's scores are all zero or NaN; zero and NaN scores are never kept. ``max_labels``
+    caps every rule.
+    """
+    if rule not in RULES:
+        raise InvalidInputError(f"rule must be one of {', '.join(RULES)}, not {rule!r}")
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2:
+        raise InvalidInputError(f"scores must be N×C, got shape {s.shape}")
+    n, c = s.shape
+    s = np.where(np.isfinite(s), s, 0.0)
+    positive = s > 0
+    if c == 0 or n == 0:
+        return np.zeros((n, c), dtype=bool)
+    top = s.max(axis=1, keepdims=True)
+    # Rank of each class within its image, 0 = best; stable so ties keep class order.
+    order = np.argsort(-s, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    rank[np.arange(n)[:, None], order] = np.arange(c)[None, :]
+
+    if rule == "relative":
+        if not 0.0 <= ratio <= 1.0:
+            raise InvalidInputError(f"ratio must lie in [0, 1], got {ratio}")
+        keep = s >= ratio * top
+    elif rule == "threshold":
+        keep = s >= threshold
+    else:
+        if rule == "topk":
+            if k < 0:
+                raise InvalidInputError(f"k must be >= 0, got {k}")
+            count = np.full((n, 1), int(k))
+        else:  # expected_count
+            count = np.rint(s.sum(axis=1, keepdims=True)).astype(int)
+        keep = rank < count
+    keep |= rank < int(min_labels)
+    if max_labels is not None:
+        keep &= rank < int(max_labels)
+    return keep & positive
+
+
+# --------------------------------------------------------------------------------------------
+# Classifier with gradient-alignment label updates
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the multi-label head trained on cached features."""
+
+    hidden: int = 0  # 0: linear head; > 0: one hidden ReLU layer of this width
+    epochs: int = 30
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 1e-4
+    loss: str = "kl"  # "kl": KL(normalised label || normalised prediction), CDUL; "bce"
+    update_every: int = 5  # label update after every this many epochs; 0 disables updates
+    label_lr: float = 0.5  # step on logit(y) per update, before the psi(y) weight
+    seed: int = 0
+    device: Optional[str] = None
+
+
+class MultiLabelHead(nn.Module):
+    """Linear (``hidden=0``) or one-hidden-layer MLP mapping features to C logits."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 0):
+        super().__init__()
+        self.in_features, self.num_classes, self.hidden = int(in_features), int(num_classes), int(hidden)
+        if hidden > 0:
+            self.net = nn.Sequential(
+                nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+            )
+        else:
+            self.net = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def psi(y: np.ndarray) -> np.ndarray:
+    """CDUL's label-update weight: the N(0.5, 1) density at ``y``."""
+    y = np.asarray(y, dtype=np.float64)
+    return np.exp(-0.5 * (y - 0.5) ** 2) / math.sqrt(2.0 * math.pi)
+
+
+def label_update(y: np.ndarray, grad: np.ndarray, label_lr: float) -> np.ndarray:
+    """One gradient-alignment step on soft labels: ``sigmoid(logit(y) − lr·psi(y)·grad)``.
+
+    Working on the latent ``logit(y)`` keeps labels inside (0, 1) and moves uncertain labels
+    (near 0.5, where the sigmoid is steepest) most. Latents are clamped to
+    ``±logit(1 − 1e-6)`` so labels never reach exactly 0 or 1. Returns float32.
+    """
+    y = np.clip(np.asarray(y, dtype=np.float64), LABEL_EPS, 1.0 - LABEL_EPS)
+    g = np.nan_to_num(np.asarray(grad, dtype=np.float64), nan=0.0, posinf=1e12, neginf=-1e12)
+    latent = np.log(y) - np.log1p(-y)
+    latent = np.clip(latent - float(label_lr) * psi(y) * g, -_LATENT_MAX, _LATENT_MAX)
+    return (1.0 / (1.0 + np.exp(-latent))).astype(np.float32)
+
+
+def _per_sample_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """Loss of each sample, summed over classes (so its gradient w.r.t. y is per-sample)."""
+    if kind == "bce":
+        return nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").sum(1)
+    p = torch.sigmoid(logits)
+    p = p / p.sum(1, keepdim=True)
+    q = y / y.sum(1, keepdim=True)
+    return (torch.xlogy(q, q) - q * torch.log(p.clamp_min(1e-12))).sum(1)
+
+
+@contextlib.contextmanager
+def _threads_for_small_steps(device: torch.device, macs_per_step: int):
+    """One intra-op thread on CPU while each step is tiny, restoring the setting after.
+
+    A head's steps are microseconds of work; with several threads, OpenMP synchronisation
+    dominates and on shared cores it made a 30-epoch fit ~30× slower (7.6 s vs 0.25 s).
+    """
+    if device.type != "cpu" or macs_per_step > 8_000_000:
+        yield
+        return
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _fit(model, opt, x, y_np, gen, config: TrainConfig, history: dict, progress) -> np.ndarray:
+    """The epoch loop of ``train_multilabel_classifier``; returns the refined labels."""
+    n = x.shape[0]
+    y = torch.from_numpy(y_np).to(x.device)
+    progress(0, config.epochs, "training multi-label classifier")
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        total = 0.0
+        for b in torch.randperm(n, generator=gen).split(config.batch_size):
+            b = b.to(x.device)
+            loss = _per_sample_loss(model(x[b]), y[b], config.loss).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(b)
+        history["loss"].append(total / n)
+        if config.update_every and epoch % config.update_every == 0:
+            model.eval()
+            with torch.no_grad():
+                logits = model(x)
+            y_var = y.clone().requires_grad_(True)
+            # Summed, not averaged: each label's gradient is then independent of N.
+            (grad,) = torch.autograd.grad(_per_sample_loss(logits, y_var, config.loss).sum(), y_var)
+            new = label_update(y_np, grad.cpu().numpy(), config.label_lr)
+            history["update_epochs"].append(epoch)
+            history["label_change"].append(float(np.abs(new - y_np).mean()))
+            y_np = new
+            y = torch.from_numpy(y_np).to(x.device)
+        progress(epoch, config.epochs, "training multi-label classifier")
+    return y_np
+
+
+def train_multilabel_classifier(
+    features: np.ndarray,
+    soft_labels: np.ndarray,
+    config: TrainConfig = TrainConfig(),
+    progress: Optional[ProgressFn] = None,
+) -> tuple[MultiLabelHead, np.ndarray, dict]:
+    """Fit a head to soft labels, refining the labels every ``update_every`` epochs.
+
+    Returns ``(model, refined_labels N×C float32, history)``. Rows whose features or labels
+    are not finite (unreadable images) are left out of training and get NaN refined labels.
+    Labels are clamped to [1e-6, 1 − 1e-6] first. ``history``: ``loss`` (mean per epoch),
+    ``update_epochs``, ``label_change`` (mean |Δy| per update), ``n_train``, ``n_skipped``,
+    ``config``. Deterministic for a given ``seed`` on CPU.
+    """
+    progress = progress or null_progress
+    if config.loss not in ("kl", "bce"):
+        raise InvalidInputError(f"loss must be 'kl' or 'bce', not {config.loss!r}")
+    if config.epochs < 0 or config.batch_size < 1 or config.update_every < 0:
+        raise InvalidInputError("epochs and update_every must be >= 0 and batch_size >= 1")
+    x_all = np.asarray(features, dtype=np.float32)
+    y_all = np.asarray(soft_labels, dtype=np.float32)
+    if x_all.ndim != 2 or y_all.ndim != 2 or x_all.shape[0] != y_all.shape[0]:
+        raise InvalidInputError(
+            f"features must be N×F and soft_labels N×C with the same N, got {x_all.shape} "
+            f"and {y_all.shape}"
+        )
+    ok = np.all(np.isfinite(x_all), axis=1) & np.all(np.isfinite(y_all), axis=1)
+    if not ok.any():
+        raise InvalidInputError("no sample has finite features and labels to train on")
+    device = dev.resolve_device(config.device)
+    x = torch.from_numpy(x_all[ok]).to(device)
+    y_np = np.clip(y_all[ok], LABEL_EPS, 1.0 - LABEL_EPS).astype(np.float32)
+    n, c = y_np.shape
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = MultiLabelHead(x.shape[1], c, config.hidden).to(device)
+    gen = torch.Generator().manual_seed(config.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    history: dict = {"loss": [], "update_epochs": [], "label_change": [], "n_train": int(n),
+                     "n_skipped": int((~ok).sum()), "config": asdict(config)}
+    width = config.hidden or c
+    macs = config.batch_size * (x.shape[1] * width + (width * c if config.hidden else 0))
+    with _threads_for_small_steps(device, macs):
+        y_np = _fit(model, opt, x, y_np, gen, config, history, progress)
+    model.eval()
+    model.train_config = asdict(config)
+    refined = np.full(y_all.shape, np.nan, dtype=np.float32)
+    refined[ok] = y_np
+    return model, refined, history
+
+
+def predict_multilabel(model: nn.Module, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """Per-class probabilities ``sigmoid(logits)``: N×C float32; NaN feature rows give NaN."""
+    x_all = np.asarray(features, dtype=np.float32)
+    p = next(model.parameters())
+    num_classes = getattr(model, "num_classes", None)
+    ok = np.all(np.isfinite(x_all), axis=1)
+    model.eval()
+    chunks = []
+    with torch.inference_mode():
+        for chunk in torch.from_numpy(x_all[ok]).split(batch_size):
+            chunks.append(torch.sigmoid(model(chunk.to(p.device, p.dtype))).float().cpu().numpy())
+    if num_classes is None:
+        num_classes = chunks[0].shape[1] if chunks else 0
+    out = np.full((x_all.shape[0], num_classes), np.nan, dtype=np.float32)
+    if chunks:
+        out[ok] = np.concatenate(chunks)
+    return out
+
+
+def _meta_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def save_classifier(path, model: MultiLabelHead, classes: Sequence[str], meta: Optional[dict] = None) -> Path:
+    """Write the state dict to ``path`` and a JSON sidecar ``path.with_suffix('.json')``.
+
+    The sidecar holds the format tag, ``classes``, the head's dimensions, the training config
+    (when the model came from ``train_multilabel_classifier``) and ``meta`` (JSON-serialisable).
+    Returns the JSON path.
+    """
+    path = Path(path)
+    if path.suffix == ".json":
+        raise InvalidInputError(f"{path}: give the weights file (e.g. head.pt); the .json sidecar is derived")
+    classes = [str(x) for x in classes]
+    if len(classes) != model.num_classes:
+        raise InvalidInputError(f"{len(classes)} class names for a head with {model.num_classes} outputs")
+    info = {
+        "format": HEAD_FORMAT,
+        "classes": classes,
+        "in_features": model.in_features,
+        "hidden": model.hidden,
+        "num_classes": model.num_classes,
+        "config": getattr(model, "train_config", None),
+        "meta": meta or {},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write-then-rename so a crash never leaves a weights file without its matching sidecar.
+    tmp_w, tmp_j = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".json.tmp")
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp_w)
+    tmp_j.write_text(json.dumps(info, indent=2))
+    os.replace(tmp_w, path)
+    os.replace(tmp_j, _meta_path(path))
+    return _meta_path(path)
+
+
+def load_classifier(
+    path, classes: Optional[Sequence[str]] = None, device: Optional[str] = None
+) -> tuple[MultiLabelHead, dict]:
+    """Load a head saved by ``save_classifier``: ``(model in eval mode, sidecar dict)``.
+
+    ``classes``, when given, must equal the saved class list (same names, same order),
+    otherwise ``IndexMismatchError``: the head's outputs are positional.
+    """
+    path = Path(path)
+    if not path.is_file() or not _meta_path(path).is_file():
+        raise ModelNotFoundError(
+            f"No classifier at {path} (needs the weights file and {_meta_path(path).name}); "
+            f"train one first or check the path"
+        )
+    info = json.loads(_meta_path(path).read_text())
+    if info.get("format") != HEAD_FORMAT:
+        raise IndexMismatchError(f"{path} is not a multi-label head (format {info.get('format')!r})")
+    if classes is not None and [str(x) for x in classes] != info["classes"]:
+        saved, given = info["classes"], [str(x) for x in classes]
+        diff = sorted(set(saved) ^ set(given))
+        detail = f"differing names: {diff[:10]}" if diff else "same names in a different order"
+        raise IndexMismatchError(
+            f"The classifier at {path} was trained for {len(saved)} classes and {len(given)} "
+            f"were given ({detail}). Retrain for this class list or pass the saved one."
+        )
+    model = MultiLabelHead(info["in_features"], info["num_classes"], info["hidden"])
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise IndexMismatchError(f"{path}: weights do not match their sidecar: {e}") from e
+    model.train_config = info.get("config")
+    model.to(dev.resolve_device(device)).eval()
+    return model, info
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_eval(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
+    t = np.asarray(y_true).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    if t.ndim != 2 or t.shape != s.shape:
+        raise InvalidInputError(f"y_true {t.shape} and scores {s.shape} must both be N×C")
+    return t, s
+
+
+def average_precision_per_class(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """AP of each class (sklearn's step-wise definition): array C, NaN for no positives.
+
+    Samples whose score for the class is NaN are left out of that class's AP.
+    """
+    from sklearn.metrics import average_precision_score
+
+    t, s = _check_eval(y_true, scores)
+    out = np.full(t.shape[1], np.nan)
+    for c in range(t.shape[1]):
+        ok = np.isfinite(s[:, c])
+        if t[ok, c].any():
+            out[c] = average_precision_score(t[ok, c], s[ok, c])
+    return out
+
+
+def mean_average_precision(y_true: np.ndarray, scores: np.ndarray, return_count: bool = False):
+    """mAP over classes with at least one positive; NaN if none has.
+
+    With ``return_count=True`` returns ``(mAP, number of classes evaluated)``.
+    """
+    ap = average_precision_per_class(y_true, scores)
+    n = int(np.isfinite(ap).sum())
+    m = float(np.nanmean(ap)) if n else float("nan")
+    return (m, n) if return_count else m
+
+
+def precision_recall_at(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+    """Micro (overall) and macro (per-class) precision, recall and F1 of label sets.
+
+    Macro averages run over classes with at least one positive; a class never predicted has
+    precision 0. Macro F1 is the harmonic mean of macro P and R (the ML-GCN "CF1"
+    convention). Keys: ``micro_precision``, ``micro_recall``, ``micro_f1``,
+    ``macro_precision``, ``macro_recall``, ``macro_f1``, ``classes_evaluated``.
+    """
+    t, p = _check_eval(y_true, y_pred)
+    p = p.astype(bool)
+    tp = (t & p).sum(0).astype(np.float64)
+    fp = (~t & p).sum(0).astype(np.float64)
+    fn = (t & ~p).sum(0).astype(np.float64)
+
+    def f1(pr: float, rc: float) -> float:
+        return float(2 * pr * rc / (pr + rc)) if pr + rc > 0 else 0.0
+
+    mp = tp.sum() / (tp.sum() + fp.sum()) if tp.sum() + fp.sum() > 0 else 0.0
+    mr = tp.sum() / (tp.sum() + fn.sum()) if tp.sum() + fn.sum() > 0 else float("nan")
+    has_pos = (tp + fn) > 0
+    if has_pos.any():
+        cp = float(np.mean(np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)[has_pos]))
+        cr = float(np.mean((tp / np.maximum(tp + fn, 1))[has_pos]))
+    else:
+        cp = cr = float("nan")
+    return {
+        "micro_precision": float(mp),
+        "micro_recall": float(mr),
+        "micro_f1": f1(mp, mr) if np.isfinite(mr) else float("nan"),
+        "macro_precision": cp,
+        "macro_recall": cr,
+        "macro_f1": f1(cp, cr) if np.isfinite(cp) else float("nan"),
+        "classes_evaluated": int(has_pos.sum()),
+    }
