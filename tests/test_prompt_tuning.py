@@ -1,0 +1,367 @@
+"""Prompt tuning (NoLA stage 3) on the tiny random CLIP and real CIFAR-10 images."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import cifar_files
+from fiftyone_nola import prompt_tuning as pt
+from fiftyone_nola.errors import EmptyViewError, IndexMismatchError, InvalidInputError
+
+
+def _quiet(_msg):
+    return None
+
+
+def _cfg(**kw):
+    base = dict(epochs=2, batch_size=8, num_workers=0, device="cpu", seed=0)
+    base.update(kw)
+    return pt.TuneConfig(**base)
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The tiny model is ~10x faster on one thread when the 2 cores are shared: intra-op
+    # threads then spin against each other. Results are compared at equal thread counts.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cifar():
+    """40 real CIFAR images, their true classes (used only as a learnable teacher) and names."""
+    pairs = cifar_files(per_class=4)
+    names = sorted({c for _, c in pairs})
+    paths = [p for p, _ in pairs]
+    labels = np.array([names.index(c) for _, c in pairs], dtype=np.int64)
+    return paths, labels, names
+
+
+@pytest.fixture(scope="module")
+def W(tiny_clip):
+    rng = np.random.RandomState(0)
+    w = rng.randn(10, tiny_clip.embed_dim).astype(np.float32)
+    return w / np.linalg.norm(w, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_clip, cifar):
+    paths = cifar[0][:6]
+    return torch.stack([tiny_clip.transform(Image.open(p).convert("RGB")) for p in paths])
+
+
+@pytest.fixture(scope="module")
+def run2(tiny_clip, cifar, W):
+    """The reference uninterrupted 2-epoch run (teacher = true class, a learnable target)."""
+    paths, labels, names = cifar
+    logs = []
+    res = pt.tune(tiny_clip, paths, labels, W, _cfg(), log=logs.append, classes=names)
+    return res, logs
+
+
+def test_zero_prompts_reproduce_encode_image_exactly(tiny_clip, batch, W):
+    m = pt.PromptedClassifier.from_clip(tiny_clip, W, n_prompts=0).eval()
+    with torch.no_grad():
+        assert torch.equal(m.visual(batch), tiny_clip.model.encode_image(batch))
+
+
+def test_prompts_change_output_and_use_vpt_init(tiny_clip, batch, W):
+    m = pt.PromptedClassifier.from_clip(tiny_clip, W, n_prompts=16).eval()
+    width = tiny_clip.model.visual.class_embedding.shape[0]
+    bound = (6.0 / (3 * 16 * 16 + width)) ** 0.5  # NoLA code: 16x16 whatever the patch size
+    assert m.visual.prompts.shape == (1, 16, width)
+    assert m.visual.prompts.abs().max() <= bound and m.visual.prompts.abs().max() > bound / 2
+    with torch.no_grad():
+        out = m.visual(batch)
+        ref = tiny_clip.model.encode_image(batch)
+    assert out.shape == ref.shape
+    assert not torch.allclose(out, ref, atol=1e-4)
+    # Same seed, same prompts: the init is deterministic.
+    m2 = pt.PromptedClassifier.from_clip(tiny_clip, W, n_prompts=16)
+    assert torch.equal(m.visual.prompts, m2.visual.prompts)
+
+
+def test_trainable_parameters_are_prompts_layernorms_and_head(tiny_clip, W):
+    before = {n: p.requires_grad for n, p in tiny_clip.model.named_parameters()}
+    m = pt.PromptedClassifier.from_clip(tiny_clip, W, n_prompts=16)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    lns = {
+        f"visual.tower.{mn}.{pn}"
+        for mn in ("ln_pre", "ln_post", "transformer.resblocks.0.ln_1", "transformer.resblocks.0.ln_2",
+                   "transformer.resblocks.1.ln_1", "transformer.resblocks.1.ln_2")
+        for pn in ("weight", "bias")
+    }
+    assert trainable == {"visual.prompts", "head.weight"} | lns
+    assert set(m.trainable_state_dict()) == trainable
+    assert m.head.bias is None
+    # The caller's CLIP is untouched (the tower is copied).
+    assert {n: p.requires_grad for n, p in tiny_clip.model.named_parameters()} == before
+    assert m.visual.tower is not tiny_clip.model.visual
+
+
+def test_head_init_gives_zero_shot_logits(tiny_clip, batch, W):
+    m = pt.PromptedClassifier.from_clip(tiny_clip, W, n_prompts=0).eval()
+    with torch.no_grad():
+        logits = m(batch)
+        f = tiny_clip.model.encode_image(batch)
+        f = f / f.norm(dim=-1, keepdim=True)
+        zs = tiny_clip.model.logit_scale.exp() * f @ torch.from_numpy(W).T
+    assert torch.equal(logits.argmax(1), zs.argmax(1))
+    torch.testing.assert_close(logits, zs, rtol=1e-5, atol=1e-5)
+
+
+def test_transforms(tiny_clip, cifar):
+    img = Image.open(cifar[0][0]).convert("RGB")
+    mean, std = pt.clip_mean_std(tiny_clip.model)
+    weak = pt.weak_transform(tiny_clip.image_size, mean, std)
+    torch.testing.assert_close(weak(img), tiny_clip.transform(img))
+    strong = pt.strong_transform(tiny_clip.image_size, mean, std)
+    torch.manual_seed(0)
+    a, b = strong(img), strong(img)
+    assert a.shape == (3, 32, 32) and not torch.equal(a, b)
+    names = [type(t).__name__ for t in strong.transforms]
+    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "RandomApply", "RandomPerspective",
+                     "ColorJitter", "_RandomGaussianBlur", "ToTensor", "Normalize"]
+    assert strong.transforms[0].scale == (0.2, 1.0)
+
+
+def test_tune_lowers_loss_and_logs_epochs(run2, cifar):
+    res, logs = run2
+    loss = res.history["loss"]
+    assert len(loss) == 2 and all(np.isfinite(loss))
+    assert loss[1] < loss[0]
+    assert res.selected_epoch == 2 and res.start_epoch == 0
+    assert sum("epoch " in m and "loss" in m for m in logs) == 2
+    assert len(res.train_indices) == len(cifar[0]) and res.failed == []
+    assert res.seconds > 0
+
+
+def test_tune_is_reproducible(run2, tiny_clip, cifar, W):
+    paths, labels, names = cifar
+    again = pt.tune(tiny_clip, paths, labels, W, _cfg(), log=_quiet, classes=names)
+    assert _states_equal(again.model.trainable_state_dict(), run2[0].model.trainable_state_dict())
+    assert again.history["loss"] == run2[0].history["loss"]
+    # A different seed gives a different run.
+    other = pt.tune(tiny_clip, paths, labels, W, _cfg(epochs=1, seed=1), log=_quiet, classes=names)
+    assert other.history["loss"][0] != run2[0].history["loss"][0]
+
+
+def test_tune_is_reproducible_with_a_worker(tiny_clip, cifar, W):
+    paths, labels, names = cifar
+    runs = [pt.tune(tiny_clip, paths[:16], labels[:16], W, _cfg(epochs=1, num_workers=1),
+                    log=_quiet, classes=names) for _ in range(2)]
+    assert _states_equal(runs[0].model.trainable_state_dict(), runs[1].model.trainable_state_dict())
+
+
+def test_resume_equals_uninterrupted_run(run2, tiny_clip, cifar, W, tmp_path):
+    paths, labels, names = cifar
+    first = pt.tune(tiny_clip, paths, labels, W, _cfg(epochs=1), tmp_path, log=_quiet, classes=names)
+    assert first.history["loss"] == run2[0].history["loss"][:1]
+    logs = []
+    resumed = pt.tune(tiny_clip, paths, labels, W, _cfg(epochs=2), tmp_path, log=logs.append,
+                      classes=names)
+    assert resumed.start_epoch == 1 and any("resuming" in m for m in logs)
+    assert resumed.history["loss"] == run2[0].history["loss"]
+    assert _states_equal(resumed.model.trainable_state_dict(), run2[0].model.trainable_state_dict())
+    # Nothing left to do: the finished checkpoint is returned as is.
+    done = pt.tune(tiny_clip, paths, labels, W, _cfg(epochs=2), tmp_path, log=_quiet, classes=names)
+    assert done.start_epoch == 2 and done.selected_epoch == 2
+    assert _states_equal(done.model.trainable_state_dict(), run2[0].model.trainable_state_dict())
+
+
+def test_resume_keeps_the_teacher_agreement_choice(tiny_clip, cifar, W, tmp_path):
+    paths, labels, names = cifar
+    teacher = (labels >= 5).astype(np.int64)
+    cfg = dict(selection="teacher_agreement", holdout_fraction=0.25)
+    full = pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs=3, **cfg), log=_quiet, classes=names)
+    pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs=2, **cfg), tmp_path, log=_quiet, classes=names)
+    resumed = pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs=3, **cfg), tmp_path, log=_quiet,
+                      classes=names)
+    assert resumed.start_epoch == 2
+    assert resumed.history["agreement"] == full.history["agreement"]
+    assert resumed.selected_epoch == full.selected_epoch
+    assert _states_equal(resumed.model.trainable_state_dict(), full.model.trainable_state_dict())
+
+
+def test_tune_leaves_the_callers_rng_alone(tiny_clip, cifar, W):
+    paths, labels, names = cifar
+    torch.manual_seed(123)
+    np.random.seed(123)
+    expected = (torch.rand(3), np.random.rand(3))
+    torch.manual_seed(123)
+    np.random.seed(123)
+    pt.tune(tiny_clip, paths[:8], labels[:8], W, _cfg(epochs=1), log=_quiet, classes=names)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+
+
+def test_checkpoint_for_other_classes_or_model_is_refused(tiny_clip, cifar, W, tmp_path):
+    paths, labels, names = cifar
+    pt.tune(tiny_clip, paths[:8], labels[:8], W, _cfg(epochs=1), tmp_path, log=_quiet, classes=names)
+    other = names[::-1]
+    with pytest.raises(IndexMismatchError, match="classes"):
+        pt.tune(tiny_clip, paths[:8], labels[:8], W, _cfg(epochs=2), tmp_path, log=_quiet,
+                classes=other)
+    fake = dataclasses.replace(tiny_clip, identity={**tiny_clip.identity, "key": "clip-other"})
+    with pytest.raises(IndexMismatchError, match="CLIP"):
+        pt.tune(fake, paths[:8], labels[:8], W, _cfg(epochs=2), tmp_path, log=_quiet, classes=names)
+    with pytest.raises(IndexMismatchError, match="config"):
+        pt.tune(tiny_clip, paths[:8], labels[:8], W, _cfg(epochs=2, lr=1e-3), tmp_path,
+                log=_quiet, classes=names)
+
+
+def test_save_load_round_trip(run2, tiny_clip, cifar, tmp_path):
+    paths, _, names = cifar
+    model = run2[0].model
+    pt.save_tuned(tmp_path, model, names, tiny_clip.identity, _cfg(), {"note": "test"})
+    assert (tmp_path / "tuned.pt").is_file() and (tmp_path / "meta.json").is_file()
+    loaded = pt.load_tuned(tmp_path, tiny_clip, classes=names)
+    kw = dict(batch_size=16, num_workers=0, device="cpu")
+    p1, f1 = pt.predict_tuned(model, paths, **kw)
+    p2, f2 = pt.predict_tuned(loaded, paths, **kw)
+    assert p1.shape == (len(paths), 10) and p1.dtype == np.float32 and f1 == f2 == []
+    np.testing.assert_array_equal(p1, p2)
+    np.testing.assert_allclose(p1.sum(1), 1.0, rtol=1e-5)
+    with pytest.raises(IndexMismatchError):
+        pt.load_tuned(tmp_path, tiny_clip, classes=names[:-1] + ["zebra"])
+    fake = dataclasses.replace(tiny_clip, identity={**tiny_clip.identity, "key": "clip-other"})
+    with pytest.raises(IndexMismatchError):
+        pt.load_tuned(tmp_path, fake)
+
+
+def test_bf16_training_step_close_to_fp32(tiny_clip, batch, W, cifar):
+    m = pt.PromptedClassifier.from_clip(tiny_clip, W, n_prompts=16)
+    y = torch.arange(len(batch)) % 10
+    losses = {}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        m.zero_grad()
+        with pt.dev.autocast(torch.device("cpu"), dtype):
+            logits = m(batch)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y, label_smoothing=0.1)
+        loss.backward()
+        assert m.visual.prompts.grad is not None and torch.isfinite(m.visual.prompts.grad).all()
+        losses[name] = loss.item()
+    assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * losses["fp32"]
+    paths, labels, names = cifar
+    res = pt.tune(tiny_clip, paths[:16], labels[:16], W, _cfg(epochs=1, precision="bf16"),
+                  log=_quiet, classes=names)
+    ref = pt.tune(tiny_clip, paths[:16], labels[:16], W, _cfg(epochs=1), log=_quiet, classes=names)
+    assert np.isfinite(res.history["loss"][0])
+    assert abs(res.history["loss"][0] - ref.history["loss"][0]) < 0.1 * ref.history["loss"][0]
+
+
+def test_unlabelled_images_are_never_loaded(tiny_clip, cifar, W, tmp_path):
+    paths, labels, names = cifar
+    missing = [str(tmp_path / f"gone{i}.jpg") for i in range(3)]
+    all_paths = paths[:12] + missing
+    teacher = np.concatenate([labels[:12], [-1, -1, -1]])
+    teacher[0] = -1
+    res = pt.tune(tiny_clip, all_paths, teacher, W, _cfg(epochs=1), log=_quiet, classes=names)
+    assert res.failed == []  # the missing files carry -1, so they are skipped, not read
+    assert sorted(res.train_indices.tolist()) == list(range(1, 12))
+    with pytest.raises(EmptyViewError, match="all -1"):
+        pt.tune(tiny_clip, missing, [-1, -1, -1], W, _cfg(epochs=1), log=_quiet, classes=names)
+
+
+def test_corrupt_image_is_skipped(tiny_clip, cifar, W, tmp_path):
+    paths, labels, names = cifar
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    all_paths = paths[:8] + [str(bad)]
+    teacher = np.concatenate([labels[:8], [3]])
+    res = pt.tune(tiny_clip, all_paths, teacher, W, _cfg(epochs=1, batch_size=3), log=_quiet,
+                  classes=names)
+    assert [i for i, _ in res.failed] == [8]
+    assert np.isfinite(res.history["loss"][0])
+    probs, failed = pt.predict_tuned(res.model, all_paths, batch_size=4, num_workers=0, device="cpu")
+    assert [i for i, _ in failed] == [8]
+    assert np.isnan(probs[8]).all() and np.isfinite(probs[:8]).all()
+
+
+def test_teacher_agreement_selection_uses_no_ground_truth(tiny_clip, cifar, W):
+    paths, labels, names = cifar
+    assert not any(k in ("ground_truth", "gt", "labels") for k in inspect.signature(pt.tune).parameters)
+    # A learnable, non-uniform teacher unrelated to the true classes (which never enter).
+    teacher = (labels >= 7).astype(np.int64)
+    cfg = _cfg(epochs=3, selection="teacher_agreement", holdout_fraction=0.25)
+    res = pt.tune(tiny_clip, paths, teacher, W, cfg, log=_quiet, classes=names)
+    agree = res.history["agreement"]
+    hold = res.holdout_indices
+    assert len(hold) == 10 and not set(hold) & set(res.train_indices)
+    assert np.bincount(teacher[hold]).tolist() == [7, 3]  # stratified by teacher label
+    assert len(agree) == 3 and all(0.0 <= a <= 1.0 for a in agree)
+    best = max(agree)
+    assert res.selected_epoch == max(i + 1 for i, a in enumerate(agree) if a == best)
+    # The kept model's agreement with the *teacher* on the held-aside images is the recorded one.
+    probs, _ = pt.predict_tuned(res.model, [paths[i] for i in hold], num_workers=0, device="cpu")
+    assert (probs.argmax(1) == teacher[hold]).mean() == pytest.approx(agree[res.selected_epoch - 1])
+    # Ground truth is no input at all: a rerun with the same teacher labels, whatever the true
+    # classes are, selects the same epoch with the same agreement curve.
+    again = pt.tune(tiny_clip, paths, teacher, W, cfg, log=_quiet, classes=names)
+    assert again.selected_epoch == res.selected_epoch
+    assert again.history["agreement"] == agree and again.history["loss"] == res.history["loss"]
+
+
+def test_online_teacher_fn_sees_weak_view(tiny_clip, cifar, W):
+    paths, labels, names = cifar
+    seen = []
+
+    def teacher_fn(weak):
+        seen.append(tuple(weak.shape))
+        return torch.zeros(len(weak), dtype=torch.long)
+
+    res = pt.tune(tiny_clip, paths[:12], None, W, _cfg(epochs=1, batch_size=4), log=_quiet,
+                  classes=names, teacher_fn=teacher_fn)
+    assert seen == [(4, 3, 32, 32)] * 3
+    assert len(res.history["loss"]) == 1
+    with pytest.raises(InvalidInputError):
+        pt.tune(tiny_clip, paths[:4], None, W, _cfg(epochs=1), log=_quiet, classes=names)
+
+
+def test_stratified_subset_and_max_samples(tiny_clip, cifar, W):
+    labels = np.repeat(np.arange(4), [40, 30, 20, 10])
+    idx = np.arange(100)
+    a = pt.stratified_subset(idx, labels, 20, seed=0)
+    assert np.array_equal(a, pt.stratified_subset(idx, labels, 20, seed=0))
+    assert np.bincount(labels[a]).tolist() == [8, 6, 4, 2]
+    paths, teacher, names = cifar
+    res = pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs=1, max_samples=20), log=_quiet,
+                  classes=names)
+    assert len(res.train_indices) == 20
+    assert np.bincount(teacher[res.train_indices], minlength=10).tolist() == [2] * 10
+
+
+def test_config_for_hardware_and_validation():
+    msgs = []
+    cfg = pt.TuneConfig.for_hardware(torch.device("cpu"), log=msgs.append)
+    prof = pt.dev.hardware_profile(torch.device("cpu"))
+    assert (cfg.epochs, cfg.batch_size, cfg.max_samples, cfg.num_workers) == (
+        prof.tune_epochs, prof.tune_batch_size, prof.tune_max_samples, prof.num_workers)
+    assert msgs and "epochs" in msgs[0]
+    assert pt.TuneConfig.from_dict(cfg.to_dict()) == cfg
+    d = pt.TuneConfig()
+    assert (d.epochs, d.batch_size, d.lr, d.weight_decay, d.n_prompts, d.label_smoothing) == (
+        50, 512, 4e-3, 0.01, 16, 0.1)
+    with pytest.raises(InvalidInputError):
+        pt.TuneConfig(selection="best_on_test")
+
+
+def test_weight_decay_spares_biases(tiny_clip, W):
+    m = pt.PromptedClassifier.from_clip(tiny_clip, W)
+    groups = pt._param_groups(m, 0.01)
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert all(not names[id(p)].endswith("bias") for p in groups[0]["params"])
+    assert all(names[id(p)].endswith("bias") for p in groups[1]["params"])
+    assert groups[1]["weight_decay"] == 0.0 and groups[0]["weight_decay"] == 0.01
