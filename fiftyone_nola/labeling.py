@@ -205,7 +205,7 @@ def tune_prompts(
     log(f"[tune] {int((teacher >= 0).sum())} teacher-labelled samples; epochs={config.epochs} "
         f"batch={config.batch_size} max_samples={config.max_samples} device={device}")
     result = pt.tune(clip_model, paths, teacher, W, config, checkpoint_dir=model_dir / "checkpoints",
-                     progress=progress, log=log)
+                     progress=progress, log=log, classes=classes)
     pt.save_tuned(model_dir, result.model, classes, clip_model.identity, config,
                   {"zeroshot_field": zeroshot_field, "teacher_field": teacher_field,
                    "selected_epoch": result.selected_epoch})

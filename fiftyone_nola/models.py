@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .errors import ModelNotFoundError
+from .storage import nola_home
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +56,6 @@ def env_flag(name: str) -> bool:
 def random_init_default() -> bool:
     """``NOLA_RANDOM_INIT=1`` turns on random initialisation for every model spec built by default."""
     return env_flag("NOLA_RANDOM_INIT")
-
-
-def nola_home() -> Path:
-    """Root of everything this library stores (``NOLA_HOME``, default ``~/.fiftyone_nola``)."""
-    return Path(os.environ.get("NOLA_HOME", Path.home() / ".fiftyone_nola")).expanduser()
 
 
 def models_dir(path: Optional[str] = None) -> Path:

@@ -122,7 +122,7 @@ def auto_label(
             log("[dino] up to date: reused")
 
     if config.tune:
-        tune_cfg = pt.TuneConfig.for_hardware(device)
+        tune_cfg = pt.TuneConfig.for_hardware(device, log=log)
         overrides = {"epochs": config.tune_epochs, "batch_size": config.tune_batch_size}
         tune_cfg = dataclasses.replace(tune_cfg, **{k: v for k, v in overrides.items() if v})
         if config.tune_max_samples != -1:

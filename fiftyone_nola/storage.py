@@ -17,7 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
-from .models import nola_home
+
+def nola_home() -> Path:
+    """Root of everything this library stores (``NOLA_HOME``, default ``~/.fiftyone_nola``)."""
+    return Path(os.environ.get("NOLA_HOME", Path.home() / ".fiftyone_nola")).expanduser()
 
 
 def storage_root(root: Optional[str] = None) -> Path:

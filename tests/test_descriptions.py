@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from conftest import CIFAR_DIR  # noqa: E402
 from ollama_standin import OllamaStandin, answer_text, closed_port  # noqa: E402
 
+from conftest import CIFAR_DIR  # noqa: E402
 from fiftyone_nola import descriptions as dsc  # noqa: E402
 from fiftyone_nola.errors import InvalidInputError  # noqa: E402
 

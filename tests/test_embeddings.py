@@ -4,9 +4,9 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import cifar_files
 from PIL import Image
 
+from conftest import cifar_files
 from fiftyone_nola import embed as embed_mod
 from fiftyone_nola import fo_io
 from fiftyone_nola.embed import EmbedConfig, embed_filepaths

@@ -9,12 +9,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import COCO_DIR
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
+from conftest import COCO_DIR
 from fiftyone_nola import multilabel as ml
 from fiftyone_nola.errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import yaml
+
 from conftest import REPO
 
 MANIFEST = yaml.safe_load((REPO / "fiftyone.yml").read_text())

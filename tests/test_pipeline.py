@@ -1,0 +1,87 @@
+"""Integration: real CIFAR images through the whole single-label pipeline with tiny models."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import CIFAR_DIR
+from fiftyone_nola import runs
+from fiftyone_nola.embed import EmbedConfig
+from fiftyone_nola.labeling import dino_labels, zero_shot
+from fiftyone_nola.models import tiny_clip_spec, tiny_dino_spec
+from fiftyone_nola.pipeline import AutoLabelConfig, auto_label
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _config(**kw):
+    base = dict(clip=tiny_clip_spec(), dino=tiny_dino_spec(), embed=EmbedConfig(batch_size=16, num_workers=0),
+                descriptions_file=str(CIFAR_DIR / "descriptions.json"), tune_epochs=1, tune_batch_size=8,
+                tune_max_samples=24, device="cpu")
+    base.update(kw)
+    return AutoLabelConfig(**base)
+
+
+@pytest.mark.integration
+def test_auto_label_end_to_end_then_resume(cifar_dataset):
+    logs = []
+    s = auto_label(cifar_dataset, CLASSES, _config(gt_field="ground_truth"), log=logs.append)
+    n = len(cifar_dataset)
+    for f in ("nola_zeroshot", "nola_dino", "nola"):
+        assert cifar_dataset.count(f"{f}.label") == n, f
+        conf = np.array(cifar_dataset.values(f"{f}.confidence"))
+        assert np.all((conf > 0) & (conf <= 1)), f
+        assert set(cifar_dataset.distinct(f"{f}.label")) <= set(CLASSES)
+    assert set(s["seconds_per_stage"]) >= {"embeddings", "zeroshot", "dino_labeler", "prompt_tuning", "predict"}
+    assert 0.0 <= s["evaluation"]["nola"]["accuracy"] <= 1.0
+    for key in ("nola_zeroshot", "nola_dino", "nola_model", "nola"):
+        assert runs.get_run(cifar_dataset, key) is not None, key
+    json.dumps(s, default=str)  # the summary is serialisable (CLI --json, operators)
+
+    logs.clear()
+    auto_label(cifar_dataset, CLASSES, _config(tune=False), log=logs.append)
+    text = "\n".join(logs)
+    assert "[zeroshot] up to date: reused" in text and "[dino] up to date: reused" in text
+    assert "0 to embed" in text
+
+
+@pytest.mark.integration
+def test_ground_truth_never_reaches_training(make_dataset):
+    """Removing the GT field changes no prediction of any stage."""
+    from conftest import cifar_files
+
+    pairs = cifar_files(per_class=3)
+    paths, labels = [p for p, _ in pairs], [c for _, c in pairs]
+    with_gt = make_dataset(paths, labels)
+    without_gt = make_dataset(paths, None)
+    cfg = _config(tune_max_samples=None)
+    auto_label(with_gt, CLASSES, _config(gt_field="ground_truth", tune_max_samples=None), log=lambda m: None)
+    auto_label(without_gt, CLASSES, cfg, log=lambda m: None)
+    for f in ("nola_zeroshot", "nola_dino", "nola"):
+        a = with_gt.sort_by("filepath").values(f"{f}.label")
+        b = without_gt.sort_by("filepath").values(f"{f}.label")
+        ca = np.array(with_gt.sort_by("filepath").values(f"{f}.confidence"))
+        cb = np.array(without_gt.sort_by("filepath").values(f"{f}.confidence"))
+        assert a == b, f
+        assert np.allclose(ca, cb, atol=1e-6), f
+
+
+def test_zero_shot_relabel_reads_stored_embeddings(cifar_dataset, monkeypatch):
+    from fiftyone_nola.embeddings import compute_embeddings
+    from fiftyone_nola.labeling import ZeroShotConfig
+
+    compute_embeddings(cifar_dataset, "both", tiny_clip_spec(), tiny_dino_spec(),
+                       EmbedConfig(batch_size=16, num_workers=0), log=lambda m: None)
+    import fiftyone_nola.embed as embed_mod
+
+    def no_images(*a, **k):
+        raise AssertionError("zero-shot must not re-encode images")
+
+    monkeypatch.setattr(embed_mod, "iter_embeddings", no_images)
+    zs = ZeroShotConfig(clip=tiny_clip_spec())
+    s = zero_shot(cifar_dataset, ["cat", "dog", "ship"], zs, "zs3", log=lambda m: None)
+    assert s["labelled"] == len(cifar_dataset)
+    assert set(cifar_dataset.distinct("zs3.label")) <= {"cat", "dog", "ship"}
+    d = dino_labels(cifar_dataset, "zs3", tiny_dino_spec(), label_field="dino3", log=lambda m: None)
+    assert d["labelled"] == len(cifar_dataset)
