@@ -4,7 +4,9 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 DEMO_IMAGES ?= ../shared/data/cifar10_2k
 DEMO_CLASSES ?= airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck
-DEMO_ARGS ?=
+DEMO_DESCRIPTIONS ?= $(if $(wildcard $(DEMO_IMAGES)/descriptions.json),--descriptions $(DEMO_IMAGES)/descriptions.json,)
+# With no pretrained weights reachable the demo still runs, on random weights, and says so loudly.
+DEMO_ARGS ?= --fallback-random-init
 
 .PHONY: setup demo demo-multilabel test lint bench clean-venv
 
@@ -13,7 +15,7 @@ setup:
 
 demo: setup
 	$(PY) -m fiftyone_nola auto-label --images $(DEMO_IMAGES) --classes $(DEMO_CLASSES) \
-		--dataset nola-demo --gt-from-subfolders ground_truth $(DEMO_ARGS)
+		--dataset nola-demo --gt-from-subfolders ground_truth $(DEMO_DESCRIPTIONS) $(DEMO_ARGS)
 
 demo-multilabel: setup
 	$(PY) -m fiftyone_nola auto-label-multilabel --images ../shared/data/coco256/images \

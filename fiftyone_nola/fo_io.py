@@ -259,3 +259,10 @@ def import_images(
     if samples:
         ds.add_samples(samples, progress=False)
     return ds
+
+
+def write_text_atomic(path, obj) -> None:
+    """JSON-serialise ``obj`` to ``path`` atomically."""
+    from .storage import write_json_atomic
+
+    write_json_atomic(path, obj)

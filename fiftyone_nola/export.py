@@ -1,0 +1,140 @@
+"""Export what the reviewer accepted, through FiftyOne's exporters, with a report of what was left out.
+
+The exported label of a sample is the reviewer's correction when there is one, else the model's.
+Nothing is written outside ``export_dir``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Optional
+
+from . import fo_io
+from .errors import InvalidInputError
+from .review import ACCEPTED_TAG, CORRECTIONS_FIELD, REJECTED_TAG
+
+FORMATS = ("classification-tree", "fiftyone", "csv", "coco")
+EXPORT_FIELD = "nola_export_label"
+
+
+def _resolve_dir(export_dir: str, overwrite: bool) -> Path:
+    d = Path(export_dir).expanduser().resolve()
+    if d.exists() and any(d.iterdir()) and not overwrite:
+        raise InvalidInputError(f"{d} exists and is not empty: choose another directory or pass overwrite=True")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def export_accepted(
+    samples,
+    export_dir: str,
+    label_field: str = "nola",
+    format: str = "classification-tree",
+    min_confidence: Optional[float] = None,
+    corrections_field: str = CORRECTIONS_FIELD,
+    require_accepted: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """Export accepted (and/or above ``min_confidence``) samples; returns counts and reasons left out.
+
+    Formats: ``classification-tree`` (one folder per class), ``fiftyone`` (a FiftyOne dataset
+    directory), ``csv`` (filepath + labels; suits multi-label), ``coco`` (multi-label as COCO
+    image-level categories via a JSON file).
+    """
+    import fiftyone as fo
+
+    if format not in FORMATS:
+        raise InvalidInputError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
+    if not require_accepted and min_confidence is None:
+        raise InvalidInputError("Export needs accepted samples, a min_confidence, or both")
+    fo_io.check_field(samples, label_field, (fo.Classification, fo.Classifications))
+    multilabel = issubclass(samples.get_field(label_field).document_type, fo.Classifications)
+    if format == "classification-tree" and multilabel:
+        raise InvalidInputError("A classification tree needs single labels: use format 'csv' or 'coco'")
+    out_dir = _resolve_dir(export_dir, overwrite)
+
+    ds = fo_io.root_dataset(samples)
+    has_corr = ds.has_sample_field(corrections_field)
+    ids, tags, paths = samples.values(["id", "tags", "filepath"])
+    preds = samples.values(label_field)
+    corr = samples.values(corrections_field) if has_corr else [None] * len(ids)
+    keep, left_out = [], {"rejected": 0, "not accepted": 0, "below confidence": 0, "no label": 0,
+                          "unreadable": 0}
+    final = {}
+    for sid, tg, pred, cr in zip(ids, tags, preds, corr):
+        if REJECTED_TAG in tg:
+            left_out["rejected"] += 1
+            continue
+        if fo_io.UNREADABLE_TAG in tg:
+            left_out["unreadable"] += 1
+            continue
+        label = cr if cr is not None else pred
+        if label is None:
+            left_out["no label"] += 1
+            continue
+        accepted = ACCEPTED_TAG in tg
+        if require_accepted and not accepted and min_confidence is None:
+            left_out["not accepted"] += 1
+            continue
+        if not accepted and min_confidence is not None and cr is None:
+            conf = getattr(label, "confidence", None)
+            if multilabel:
+                conf = min((c.confidence or 0.0) for c in label.classifications) if label.classifications else 0.0
+            if conf is None or conf < min_confidence:
+                left_out["below confidence"] += 1
+                continue
+        keep.append(sid)
+        final[sid] = label
+    if not keep:
+        raise InvalidInputError(f"Nothing to export: {left_out}. Accept samples in review first.")
+    ds.set_values(EXPORT_FIELD, final, key_field="id")
+    view = ds.select(keep)
+    try:
+        if format == "classification-tree":
+            view.export(export_dir=str(out_dir), dataset_type=fo.types.ImageClassificationDirectoryTree,
+                        label_field=EXPORT_FIELD)
+        elif format == "fiftyone":
+            view.export(export_dir=str(out_dir), dataset_type=fo.types.FiftyOneDataset)
+        elif format == "csv":
+            _write_csv(view, out_dir / "labels.csv", multilabel)
+        else:
+            _write_coco(view, out_dir / "labels.json", multilabel)
+    finally:
+        ds.delete_sample_field(EXPORT_FIELD)
+    report = {"exported": len(keep), "left_out": left_out, "format": format, "export_dir": str(out_dir),
+              "label_field": label_field, "corrections_used": sum(c is not None for c in corr)}
+    fo_io.write_text_atomic(out_dir / "export_report.json", report)
+    return report
+
+
+def _labels_of(label, multilabel: bool) -> list:
+    if multilabel:
+        return [c.label for c in label.classifications]
+    return [label.label]
+
+
+def _write_csv(view, path: Path, multilabel: bool) -> None:
+    rows = zip(view.values("filepath"), view.values(EXPORT_FIELD))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "labels"])
+        for fp, lab in rows:
+            w.writerow([fp, ";".join(_labels_of(lab, multilabel))])
+
+
+def _write_coco(view, path: Path, multilabel: bool) -> None:
+    import json
+
+    labels = [(fp, _labels_of(lab, multilabel)) for fp, lab in zip(view.values("filepath"), view.values(EXPORT_FIELD))]
+    cats = sorted({x for _, ls in labels for x in ls})
+    cid = {c: i + 1 for i, c in enumerate(cats)}
+    coco = {
+        "categories": [{"id": cid[c], "name": c} for c in cats],
+        "images": [{"id": i + 1, "file_name": os.path.basename(fp), "path": fp} for i, (fp, _) in enumerate(labels)],
+        # image-level labels: one annotation per (image, class), no boxes
+        "annotations": [{"id": n + 1, "image_id": i + 1, "category_id": cid[c]}
+                        for n, (i, c) in enumerate((i, c) for i, (_, ls) in enumerate(labels) for c in ls)],
+    }
+    path.write_text(json.dumps(coco, indent=1))

@@ -1,0 +1,56 @@
+"""Operators: generate class descriptions with a local LLM, import/export the NoLA JSON format."""
+
+from __future__ import annotations
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from fiftyone_nola import descriptions as dsc
+from fiftyone_nola.classes import resolve_classes
+
+from . import _common as c
+
+
+class GenerateDescriptions(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="generate_descriptions", label="NoLA: class descriptions",
+            description="Write class descriptions with a local LLM (Ollama), or templates; save them as JSON",
+            dynamic=True, allow_immediate_execution=True, allow_delegated_execution=True,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        c.add_classes_input(ctx, inputs)
+        inputs.enum("source", ["llm", "templates", "file"], default="llm", label="Source",
+                    description="llm falls back to templates, with a warning, when no Ollama server answers",
+                    view=types.RadioGroup())
+        inputs.str("llm_model", default="llama3.2", label="Ollama model")
+        inputs.str("ollama_host", required=False, label="Ollama host (default: OLLAMA_HOST)")
+        inputs.int("answers_per_question", default=5, label="Answers per question")
+        inputs.str("import_file", required=False, label="Import from JSON file (source=file)")
+        inputs.str("output_file", required=True, label="Save descriptions to (JSON)")
+        return types.Property(inputs, view=types.View(label="Class descriptions"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        classes = resolve_classes(c.classes_param(ctx), ctx.dataset)
+        source = p.get("source", "llm")
+        if source == "file":
+            ds = dsc.load_descriptions(p["import_file"], classes)
+        elif source == "templates":
+            ds = dsc.template_descriptions(classes)
+        else:
+            cfg = dsc.DescribeConfig(model=p.get("llm_model") or "llama3.2", host=p.get("ollama_host") or None,
+                                     answers_per_question=int(p.get("answers_per_question") or 5))
+            ds = dsc.generate_descriptions(classes, cfg, progress=c.progress_fn(ctx))
+        path = dsc.save_descriptions(ds, p["output_file"])
+        summary = {"classes": len(classes), "descriptions": sum(len(v) for v in ds.descriptions.values()),
+                   "sources": sorted(set(ds.source.values())), "file": str(path),
+                   "warnings": len(ds.warnings)}
+        return {"summary": c.markdown_summary("Descriptions", summary, list(ds.warnings)),
+                "result": c.jsonable(summary)}
+
+    def resolve_output(self, ctx):
+        return c.summary_output(ctx, "Descriptions")

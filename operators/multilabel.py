@@ -1,0 +1,117 @@
+"""Operators of the CDUL multi-label path: pseudo-labels, classifier, evaluation."""
+
+from __future__ import annotations
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from fiftyone_nola.multilabel_pipeline import (
+    MultiLabelConfig,
+    evaluate_multilabel_stages,
+    multilabel_pseudo_labels,
+    train_multilabel,
+)
+
+from . import _common as c
+
+
+def _config(ctx) -> MultiLabelConfig:
+    p = ctx.params
+    return MultiLabelConfig(
+        clip=c.clip_spec(ctx), descriptions_file=p.get("descriptions_file") or None,
+        grid=int(p.get("grid") or 3), threshold_t=float(p.get("threshold_t") or 0.0),
+        aggregation=p.get("aggregation") or "avg", train_epochs=int(p.get("epochs") or 30),
+        device=c.device_param(ctx), pseudo_field=p.get("pseudo_field") or "cdul_pseudo",
+        pred_field=p.get("pred_field") or "cdul", gt_field=p.get("gt_field") or None,
+    )
+
+
+def _common_inputs(ctx, inputs):
+    c.target_samples(ctx)
+    c.add_clip_inputs(inputs)
+    c.add_random_init_input(inputs)
+    inputs.str("pseudo_field", default="cdul_pseudo", label="Pseudo-label field")
+    inputs.str("pred_field", default="cdul", label="Classifier output field")
+    c.add_device_input(inputs)
+
+
+class MultiLabelPseudoLabels(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="multilabel_pseudo_labels", label="CDUL: multi-label pseudo-labels",
+            description="Global + local (grid crop) CLIP scores aggregated into soft multi-label vectors",
+            dynamic=True, allow_immediate_execution=True, allow_delegated_execution=True,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        c.add_classes_input(ctx, inputs)
+        inputs.str("descriptions_file", required=False, label="Descriptions JSON (optional)")
+        inputs.int("grid", default=3, label="Crop grid (n x n)")
+        inputs.float("threshold_t", default=0.0, label="Aggregation threshold t")
+        inputs.enum("aggregation", ["avg", "lambda", "global"], default="avg", label="Aggregation")
+        _common_inputs(ctx, inputs)
+        return types.Property(inputs, view=types.View(label="Multi-label pseudo-labels"))
+
+    def execute(self, ctx):
+        lines: list = []
+        s = multilabel_pseudo_labels(c.target_samples(ctx), c.classes_param(ctx), _config(ctx),
+                                     progress=c.progress_fn(ctx), log=c.log_fn(lines))
+        return {"summary": c.markdown_summary("Multi-label pseudo-labels", s, lines), "result": c.jsonable(s)}
+
+    def resolve_output(self, ctx):
+        return c.summary_output(ctx, "Multi-label pseudo-labels")
+
+
+class TrainMultiLabel(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="train_multilabel", label="CDUL: train multi-label classifier",
+            description="Classifier on stored features with gradient-aligned pseudo-label updates",
+            dynamic=True, allow_immediate_execution=True, allow_delegated_execution=True,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        inputs.int("epochs", default=30, label="Epochs")
+        _common_inputs(ctx, inputs)
+        return types.Property(inputs, view=types.View(label="Train multi-label classifier"))
+
+    def execute(self, ctx):
+        lines: list = []
+        s = train_multilabel(c.target_samples(ctx), _config(ctx), progress=c.progress_fn(ctx), log=c.log_fn(lines))
+        return {"summary": c.markdown_summary("Multi-label classifier", s, lines), "result": c.jsonable(s)}
+
+    def resolve_output(self, ctx):
+        return c.summary_output(ctx, "Multi-label classifier")
+
+
+class EvaluateMultiLabel(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="evaluate_multilabel", label="CDUL: evaluate (mAP)",
+            description="mAP and per-class AP of each multi-label stage against a ground-truth field",
+            dynamic=True, allow_immediate_execution=True, allow_delegated_execution=False,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        c.add_field_choice(ctx, inputs, "gt_field", "Ground-truth field",
+                           types_=("Classifications", "Detections"), default="ground_truth")
+        _common_inputs(ctx, inputs)
+        return types.Property(inputs, view=types.View(label="Evaluate multi-label"))
+
+    def execute(self, ctx):
+        ev = evaluate_multilabel_stages(c.target_samples(ctx), _config(ctx), log=lambda m: None)
+        table = "\n".join(f"| {k} | {v['mAP']:.4f} | {v['classes_evaluated']} |" for k, v in ev.items())
+        md = "### mAP\n| stage | mAP | classes |\n|---|---|---|\n" + table
+        ctx.dataset.info["nola_multilabel_eval"] = c.jsonable({k: {kk: vv for kk, vv in v.items()}
+                                                              for k, v in ev.items()})
+        ctx.dataset.save()
+        return {"summary": md, "result": c.jsonable({k: v["mAP"] for k, v in ev.items()})}
+
+    def resolve_output(self, ctx):
+        return c.summary_output(ctx, "Multi-label evaluation")
