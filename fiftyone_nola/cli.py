@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from .errors import ModelNotFoundError, NolaError
+from .progress import print_progress
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -19,7 +20,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture (default ViT-B-32)")
     g.add_argument("--clip-pretrained", default="openai",
                    help="open_clip pretrained tag or a local checkpoint file (default openai)")
-    g.add_argument("--dino", default="vit_base_patch16_224.dino", help="timm DINO model name")
+    g.add_argument("--dino", default="auto",
+                   help="timm DINO model name (auto: vit_base_patch16_224.dino on a GPU as in the paper, "
+                        "vit_small_patch16_224.dino on a CPU)")
     g.add_argument("--dino-checkpoint", default=None, help="local DINO weights file")
     g.add_argument("--models-dir", default=None, help="directory of local weights (NOLA_MODELS_DIR)")
     g.add_argument("--random-init", action="store_true", default=None,
@@ -86,7 +89,13 @@ def _specs(args):
     if args.models_dir:
         os.environ["NOLA_MODELS_DIR"] = args.models_dir
     clip = ClipSpec(arch=args.clip_arch, pretrained=args.clip_pretrained, random_init=random_init)
-    dino = DinoSpec(name=args.dino, checkpoint=args.dino_checkpoint, random_init=random_init)
+    dino_name = args.dino
+    if dino_name == "auto":
+        from .device import hardware_profile, resolve_device
+
+        dino_name = hardware_profile(resolve_device(args.device)).dino_model
+        _log(f"[models] DINO for this machine: {dino_name} (override with --dino)")
+    dino = DinoSpec(name=dino_name, checkpoint=args.dino_checkpoint, random_init=random_init)
     return clip, dino
 
 
@@ -146,7 +155,7 @@ def cmd_auto_label(args) -> dict:
         tune_max_samples=(None if args.tune_max_samples == 0 else args.tune_max_samples),
         device=args.device, gt_field=gt, force=args.force,
     )
-    summary = auto_label(ds, _classes(args), cfg, log=_log)
+    summary = auto_label(ds, _classes(args), cfg, progress=print_progress(sys.stdout), log=_log)
     _log("\n== auto-label summary ==")
     for line in summary_lines(summary):
         _log(line)
@@ -168,7 +177,7 @@ def cmd_auto_label_multilabel(args) -> dict:
     ds = _samples(args)
     cfg = MultiLabelConfig(clip=clip, descriptions_file=args.descriptions, grid=args.grid,
                            device=args.device, gt_field=args.gt_field)
-    summary = auto_label_multilabel(ds, _classes(args), cfg, log=_log)
+    summary = auto_label_multilabel(ds, _classes(args), cfg, progress=print_progress(sys.stdout), log=_log)
     _write_json(args.json_out, summary)
     return summary
 
@@ -181,7 +190,7 @@ def cmd_embed(args) -> dict:
     ds = _samples(args)
     cfg = EmbedConfig(batch_size=args.batch_size, num_workers=args.workers, device=args.device,
                       draft_decode=not args.exact_decode)
-    summary = compute_embeddings(ds, args.family, clip, dino, cfg, log=_log)
+    summary = compute_embeddings(ds, args.family, clip, dino, cfg, progress=print_progress(sys.stdout), log=_log)
     _write_json(args.json_out, summary)
     return summary
 

@@ -18,16 +18,22 @@ def null_progress(done: int, total: int, message: str = "") -> None:
     return None
 
 
-def print_progress(stream=sys.stderr, every_s: float = 2.0) -> ProgressFn:
-    """A callback that prints at most every ``every_s`` seconds, and always at completion."""
-    last = [0.0]
+def print_progress(stream=sys.stderr, every_s: float = 10.0) -> ProgressFn:
+    """A callback printing done/total, rate and ETA at most every ``every_s`` seconds and at the end."""
+    state = {"last": 0.0, "msg": None, "t0": 0.0}
 
     def fn(done: int, total: int, message: str = "") -> None:
         now = time.monotonic()
-        if done >= total or now - last[0] >= every_s:
-            last[0] = now
+        if message != state["msg"]:
+            state.update(msg=message, t0=now, last=now)
+            return
+        if done >= total or now - state["last"] >= every_s:
+            state["last"] = now
+            rate = done / max(now - state["t0"], 1e-9)
+            eta = (total - done) / rate if rate > 0 else float("inf")
             pct = 100.0 * done / total if total else 100.0
-            print(f"  {message} {done}/{total} ({pct:.0f}%)", file=stream, flush=True)
+            print(f"  {message}: {done}/{total} ({pct:.0f}%, {rate:.1f}/s, ETA {eta:.0f}s)",
+                  file=stream, flush=True)
 
     return fn
 

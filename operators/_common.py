@@ -74,7 +74,10 @@ def add_clip_inputs(inputs) -> None:
 
 
 def add_dino_inputs(inputs) -> None:
-    inputs.str("dino_model", default="vit_base_patch16_224.dino", label="DINO model (timm)")
+    from fiftyone_nola.device import hardware_profile
+
+    inputs.str("dino_model", default=hardware_profile().dino_model, label="DINO model (timm)",
+               description="the paper's vit_base_patch16_224.dino on a GPU; ViT-S/16 on a CPU")
     inputs.str("dino_checkpoint", required=False, label="DINO weights file (optional)")
 
 
@@ -91,7 +94,9 @@ def clip_spec(ctx) -> ClipSpec:
 
 def dino_spec(ctx) -> DinoSpec:
     p = ctx.params
-    return DinoSpec(name=p.get("dino_model") or "vit_base_patch16_224.dino",
+    from fiftyone_nola.device import hardware_profile
+
+    return DinoSpec(name=p.get("dino_model") or hardware_profile().dino_model,
                     checkpoint=p.get("dino_checkpoint") or None,
                     random_init=bool(p.get("random_init", random_init_default())))
 
