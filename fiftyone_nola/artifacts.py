@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
+import fcntl
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -16,30 +18,84 @@ def stage_dir(samples, run_key: str) -> Path:
     return storage.run_dir(fo_io.dataset_id(samples), run_key)
 
 
-def save_array_bundle(d: Path, ids: Sequence[str], arrays: dict, meta: dict) -> None:
-    """Arrays keyed by sample id, written atomically (meta.json last)."""
+BUNDLE = "arrays.npz"
+
+
+@contextlib.contextmanager
+def _locked(d: Path):
+    """Serialise writers of one stage directory (two jobs labelling disjoint views at once)."""
     d.mkdir(parents=True, exist_ok=True)
-    for name, arr in arrays.items():
-        with storage.atomic_path(d / f"{name}.npy") as tmp:
+    with open(d / ".lock", "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _read_bundle(d: Path) -> Optional[dict]:
+    p = d / BUNDLE
+    if not p.exists():
+        return None
+    with np.load(p, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def save_array_bundle(d: Path, ids: Sequence[str], arrays: dict, meta: dict, shared: Optional[dict] = None) -> None:
+    """Store per-sample ``arrays`` (rows aligned to ``ids``) and ``shared`` arrays in one file.
+
+    One ``.npz`` renamed into place, so ids and rows can never disagree after a crash. Rows of
+    samples not in ``ids`` that an earlier run stored are kept when the class list is the same,
+    so stages run on different views (or by concurrent jobs on disjoint views) add up.
+    """
+    ids = [str(i) for i in ids]
+    with _locked(d):
+        old = _read_bundle(d)
+        old_meta = storage.read_json(d / "meta.json") if (d / "meta.json").exists() else None
+        out = {"ids": np.asarray(ids, dtype=str)}
+        keep = None
+        if old is not None and old_meta is not None and old_meta.get("classes") == meta.get("classes"):
+            new_set = set(ids)
+            keep = [i for i, s in enumerate(old["ids"].tolist()) if s not in new_set]
+            if not all(f"s_{k}" in old and old[f"s_{k}"].shape[1:] == np.shape(v)[1:] for k, v in arrays.items()):
+                keep = None
+        if keep:
+            out["ids"] = np.concatenate([old["ids"][keep], out["ids"]])
+        for k, v in arrays.items():
+            v = np.asarray(v)
+            out[f"s_{k}"] = np.concatenate([old[f"s_{k}"][keep], v]) if keep else v
+        for k, v in (shared or {}).items():
+            out[f"g_{k}"] = np.asarray(v)
+        with storage.atomic_path(d / BUNDLE) as tmp:
             with open(tmp, "wb") as f:
-                np.save(f, np.asarray(arr), allow_pickle=False)
-    storage.write_json_atomic(d / "ids.json", list(ids))
-    storage.write_json_atomic(d / "meta.json", meta)
+                np.savez(f, **out)
+        storage.write_json_atomic(d / "meta.json", meta)
 
 
 def load_array(d: Path, name: str) -> np.ndarray:
-    return np.load(d / f"{name}.npy", allow_pickle=False)
+    """A shared (not per-sample) array of a stage, e.g. its class weight matrix."""
+    b = _read_bundle(d)
+    if b is None or f"g_{name}" not in b:
+        raise NolaError(f"{d} holds no array {name!r}: re-run the stage that makes it")
+    return b[f"g_{name}"]
+
+
+def has_array(d: Path, name: str) -> bool:
+    b = _read_bundle(d)
+    return b is not None and (f"s_{name}" in b or f"g_{name}" in b)
 
 
 def aligned(d: Path, name: str, ids: Sequence[str]) -> np.ndarray:
     """Rows of a stored per-sample array for ``ids`` (NaN / -1 where the stage did not run)."""
-    stored_ids = json.loads((d / "ids.json").read_text())
-    arr = load_array(d, name)
-    pos = {s: i for i, s in enumerate(stored_ids)}
+    b = _read_bundle(d)
+    if b is None or f"s_{name}" not in b:
+        raise NolaError(f"{d} holds no per-sample array {name!r}: re-run the stage that makes it")
+    arr = b[f"s_{name}"]
+    pos = {s: i for i, s in enumerate(b["ids"].tolist())}
     fill = np.nan if np.issubdtype(arr.dtype, np.floating) else -1
     out = np.full((len(ids),) + arr.shape[1:], fill, dtype=arr.dtype)
     for j, s in enumerate(ids):
-        i = pos.get(s)
+        i = pos.get(str(s))
         if i is not None:
             out[j] = arr[i]
     return out

@@ -87,7 +87,7 @@ def zero_shot(
     d = stage_dir(samples, label_field)
     meta = {"classes": list(classes), "clip": clip.identity, "field": label_field,
             "descriptions_source": getattr(desc, "source", {}), "n_texts": {c: len(t) for c, t in texts.items()}}
-    save_array_bundle(d, ids, {"probs": probs, "class_weights": W.astype(np.float32)}, meta)
+    save_array_bundle(d, ids, {"probs": probs}, meta, shared={"class_weights": W.astype(np.float32)})
     summary = {"stage": "zeroshot", "field": label_field, "samples": len(ids), "labelled": written,
                "skipped": len(ids) - written, "classes": len(classes),
                "seconds": time.perf_counter() - t0, "random_init": clip.identity["random_init"],

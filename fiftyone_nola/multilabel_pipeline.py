@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import fo_io, runs
-from .artifacts import aligned, save_array_bundle, stage_dir, stage_meta
+from .artifacts import aligned, has_array, save_array_bundle, stage_dir, stage_meta
 from .classes import ClassesArg, resolve_classes
 from .device import resolve_device
 from .embed import EmbedConfig
@@ -107,7 +107,7 @@ def multilabel_pseudo_labels(
         y = g
     pos = ml.decide_labels(y, config.rule, ratio=config.ratio, max_labels=config.max_labels)
     written = fo_io.write_multilabel(samples, ids, classes, y, pos, config.pseudo_field)
-    arrays = {"soft_labels": y, "global": g, "class_weights": W}
+    arrays = {"soft_labels": y, "global": g}
     if local is not None:
         arrays["local_max"] = ml.local_only(local, 0.0)
     save_array_bundle(stage_dir(samples, config.pseudo_field), ids, arrays,
@@ -173,12 +173,12 @@ def evaluate_multilabel_stages(samples, config: MultiLabelConfig, log: Log = pri
     classes = stage_meta(d, "multi-label pseudo-label")["classes"]
     out = {}
     score_sets = {"global": aligned(d, "global", ids), "initial": aligned(d, "soft_labels", ids)}
-    if (d / "local_max.npy").exists():
+    if has_array(d, "local_max"):
         score_sets["local"] = aligned(d, "local_max", ids)
     for name, scores in score_sets.items():
         out[name] = evaluate_multilabel(samples, config.pseudo_field, config.gt_field, classes, scores, ids)
     p = stage_dir(samples, config.pred_field)
-    if (p / "probs.npy").exists():
+    if has_array(p, "probs"):
         out["trained"] = evaluate_multilabel(samples, config.pred_field, config.gt_field, classes,
                                              aligned(p, "probs", ids), ids)
     for name, ev in out.items():
