@@ -80,11 +80,16 @@ def _embed_one(samples, spec, cfg: EmbedConfig, overwrite: bool, progress, log) 
         "dataset_name": ds.name,
     }
     path = storage.index_dir(meta["dataset_id"], model.key)
-    index = EmbeddingIndex.open_or_create(
+    lock_holder = EmbeddingIndex.open_or_create(
         path, model.embed_dim, meta, expect_keys=("model_key", "dim", "preprocessing"),
         index_type=cfg.index_type, overwrite=overwrite,
     )
-    with index.lock():
+    with lock_holder.lock():
+        # Re-read under the lock: another job may have saved since the first open.
+        index = EmbeddingIndex.open_or_create(
+            path, model.embed_dim, meta, expect_keys=("model_key", "dim", "preprocessing"),
+            index_type=cfg.index_type,
+        )
         live = set(ds.values("id"))
         stale = [i for i in index.ids if i not in live]
         if stale:

@@ -101,3 +101,36 @@ def test_view_only_embeds_its_samples(make_dataset, image_dir):
     ds = make_dataset(files)
     out = compute_embeddings(ds.limit(3), "dino", dino=tiny_dino_spec(), config=CFG, log=lambda m: None)
     assert out["dino"]["embedded"] == 3 and out["dino"]["index_size"] == 3
+
+
+def _hold_lock(path, ready, release):
+    from fiftyone_nola.index import EmbeddingIndex
+
+    ix = EmbeddingIndex.open(path)
+    with ix.lock():
+        ready.set()
+        release.wait(60)
+
+
+def test_second_job_on_a_locked_index_is_refused_clearly(make_dataset, image_dir):
+    import multiprocessing as mp
+
+    from fiftyone_nola.embeddings import index_path
+    from fiftyone_nola.index import IndexLockedError
+
+    files, *_ = image_dir
+    ds = make_dataset(files)
+    compute_embeddings(ds.limit(2), "clip", tiny_clip_spec(), config=CFG, log=lambda m: None)
+    ctx = mp.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(index_path(ds, tiny_clip_spec()), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        with pytest.raises(IndexLockedError, match="locked by another process"):
+            compute_embeddings(ds, "clip", tiny_clip_spec(), config=CFG, log=lambda m: None)
+    finally:
+        release.set()
+        holder.join(60)
+    out = compute_embeddings(ds, "clip", tiny_clip_spec(), config=CFG, log=lambda m: None)["clip"]
+    assert out["index_size"] == len(files) and out["reused"] == 2  # nothing lost, nothing torn
