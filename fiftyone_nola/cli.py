@@ -89,13 +89,11 @@ def _specs(args):
     if args.models_dir:
         os.environ["NOLA_MODELS_DIR"] = args.models_dir
     clip = ClipSpec(arch=args.clip_arch, pretrained=args.clip_pretrained, random_init=random_init)
-    dino_name = args.dino
-    if dino_name == "auto":
-        from .device import hardware_profile, resolve_device
+    from .models import concrete_dino
 
-        dino_name = hardware_profile(resolve_device(args.device)).dino_model
-        _log(f"[models] DINO for this machine: {dino_name} (override with --dino)")
-    dino = DinoSpec(name=dino_name, checkpoint=args.dino_checkpoint, random_init=random_init)
+    dino = concrete_dino(DinoSpec(name=args.dino, checkpoint=args.dino_checkpoint, random_init=random_init))
+    if args.dino == "auto":
+        _log(f"[models] DINO for this machine: {dino.name} (override with --dino)")
     return clip, dino
 
 

@@ -84,7 +84,7 @@ class ClipSpec:
 class DinoSpec:
     """Which DINO to load: a timm name, optional checkpoint file, and which feature to embed."""
 
-    name: str = "vit_base_patch16_224.dino"
+    name: str = "auto"  # auto: the paper's vit_base_patch16_224.dino on a GPU, ViT-S/16 on a CPU
     checkpoint: Optional[str] = None
     feature: str = "cls"  # "cls": CLS token after the final norm; "pooled": the model's own pooling
     random_init: bool = field(default_factory=random_init_default)
@@ -93,6 +93,15 @@ class DinoSpec:
     @property
     def family(self) -> str:
         return "dino"
+
+
+def concrete_dino(spec: DinoSpec) -> DinoSpec:
+    """``spec`` with ``name="auto"`` replaced by the model that fits this machine."""
+    if spec.name != "auto":
+        return spec
+    from .device import hardware_profile
+
+    return replace(spec, name=hardware_profile().dino_model)
 
 
 def tiny_clip_spec() -> ClipSpec:
@@ -239,6 +248,7 @@ def load_clip(spec: Optional[ClipSpec] = None, device: Optional[torch.device] = 
 
 def _dino_weights(spec: DinoSpec) -> tuple[Optional[str], str]:
     """Return (local checkpoint file or "hub" or None, weights identity)."""
+    spec = concrete_dino(spec)
     if spec.random_init or spec.name in _TINY_TIMM:
         return None, f"random-init-seed{RANDOM_INIT_SEED}"
     if spec.checkpoint:
@@ -260,7 +270,7 @@ def load_dino(spec: Optional[DinoSpec] = None, device: Optional[torch.device] = 
     import timm
     from timm.data import create_transform, resolve_data_config
 
-    spec = spec or DinoSpec()
+    spec = concrete_dino(spec or DinoSpec())
     if spec.feature not in {"cls", "pooled"}:
         from .errors import InvalidInputError
 
@@ -330,6 +340,7 @@ def spec_key(spec) -> str:
         _, weights_id = _clip_weights(spec)
         return _safe(f"clip-{spec.arch}-{weights_id}")
     if isinstance(spec, DinoSpec):
+        spec = concrete_dino(spec)
         weights, weights_id = _dino_weights(spec)
         return _safe(f"dino-{spec.name}-{spec.feature}-{weights_id}")
     raise TypeError(f"expected ClipSpec or DinoSpec, got {type(spec).__name__}")
@@ -388,6 +399,7 @@ def weights_available(spec) -> tuple[bool, str]:
         if _hub_cached(cfg.get("hf_hub"), ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")):
             return True, ""
         return (True, "") if hub_reachable() else (False, _offline_hint_clip(spec))
+    spec = concrete_dino(spec)
     weights, _ = _dino_weights(spec)
     if weights != "hub":
         return True, ""

@@ -74,10 +74,8 @@ def add_clip_inputs(inputs) -> None:
 
 
 def add_dino_inputs(inputs) -> None:
-    from fiftyone_nola.device import hardware_profile
-
-    inputs.str("dino_model", default=hardware_profile().dino_model, label="DINO model (timm)",
-               description="the paper's vit_base_patch16_224.dino on a GPU; ViT-S/16 on a CPU")
+    inputs.str("dino_model", default="auto", label="DINO model (timm)",
+               description="auto: the paper's vit_base_patch16_224.dino on a GPU, vit_small_patch16_224.dino on a CPU")
     inputs.str("dino_checkpoint", required=False, label="DINO weights file (optional)")
 
 
@@ -94,9 +92,7 @@ def clip_spec(ctx) -> ClipSpec:
 
 def dino_spec(ctx) -> DinoSpec:
     p = ctx.params
-    from fiftyone_nola.device import hardware_profile
-
-    return DinoSpec(name=p.get("dino_model") or hardware_profile().dino_model,
+    return DinoSpec(name=p.get("dino_model") or "auto",
                     checkpoint=p.get("dino_checkpoint") or None,
                     random_init=bool(p.get("random_init", random_init_default())))
 

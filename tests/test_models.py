@@ -76,7 +76,7 @@ def test_offline_weights_report_where_to_put_them(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     ok, why = models.weights_available(models.ClipSpec(random_init=False))
     assert not ok and str(tmp_path / "clip" / "ViT-B-32" / "openai.pt") in why
-    ok, why = models.weights_available(models.DinoSpec(random_init=False))
+    ok, why = models.weights_available(models.DinoSpec(name="vit_base_patch16_224.dino", random_init=False))
     assert not ok and "vit_base_patch16_224.dino.safetensors" in why
     assert models.weights_available(models.ClipSpec(random_init=True)) == (True, "")
 
@@ -86,3 +86,13 @@ def test_env_random_init(monkeypatch):
     assert models.ClipSpec().random_init and models.DinoSpec().random_init
     monkeypatch.setenv("NOLA_RANDOM_INIT", "0")
     assert not models.ClipSpec().random_init
+
+
+def test_auto_dino_fits_the_hardware():
+    from fiftyone_nola.device import hardware_profile
+
+    auto = models.concrete_dino(models.DinoSpec(random_init=True))
+    assert auto.name == hardware_profile().dino_model
+    assert models.spec_key(models.DinoSpec(random_init=True)) == models.spec_key(auto)
+    explicit = models.DinoSpec(name="vit_base_patch16_224.dino", random_init=True)
+    assert models.concrete_dino(explicit) is explicit
