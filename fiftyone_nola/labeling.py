@@ -23,6 +23,7 @@ from .embeddings import check_coverage, load_embeddings
 from .errors import IndexMismatchError, InvalidInputError, NolaError
 from .models import ClipSpec, DinoSpec, load_clip, spec_key
 from .progress import ProgressFn, null_progress
+from .text_cache import encode_texts_cached
 
 Log = Callable[[str], None]
 
@@ -79,18 +80,25 @@ def zero_shot(
     ok = check_coverage(ids, emb, "clip", log)
     desc = descriptions if descriptions is not None else class_descriptions(classes, config, log)
     texts = {c: desc.texts_for(c, include_templates=config.include_templates) for c in classes}
-    clip = load_clip(config.clip, resolve_device(config.device))
-    W = zs.build_class_weights(clip, texts, classes)
+    unique = list(dict.fromkeys(t for c in classes for t in texts[c]))
+    if any(not texts[c] for c in classes):
+        raise InvalidInputError(f"Classes without any text: {[c for c in classes if not texts[c]]}")
+    text_emb, tinfo = encode_texts_cached(config.clip, unique, resolve_device(config.device))
+    pos = {t: i for i, t in enumerate(unique)}
+    W = zs.cde_weights([text_emb[[pos[t] for t in texts[c]]] for c in classes])
+    clip_identity = {"key": spec_key(config.clip), "random_init": bool(config.clip.random_init
+                                                                        or not config.clip.pretrained)}
     probs = np.full((len(ids), len(classes)), np.nan, dtype=np.float32)
     probs[ok] = zs.softmax(zs.zeroshot_logits(emb[ok], W, config.logit_scale)).astype(np.float32)
     written = fo_io.write_classifications(samples, ids, classes, probs, label_field, config.store_logits)
     d = stage_dir(samples, label_field)
-    meta = {"classes": list(classes), "clip": clip.identity, "field": label_field,
+    meta = {"classes": list(classes), "clip": clip_identity, "field": label_field,
             "descriptions_source": getattr(desc, "source", {}), "n_texts": {c: len(t) for c, t in texts.items()}}
     save_array_bundle(d, ids, {"probs": probs}, meta, shared={"class_weights": W.astype(np.float32)})
     summary = {"stage": "zeroshot", "field": label_field, "samples": len(ids), "labelled": written,
                "skipped": len(ids) - written, "classes": len(classes),
-               "seconds": time.perf_counter() - t0, "random_init": clip.identity["random_init"],
+               "seconds": time.perf_counter() - t0, "random_init": clip_identity["random_init"],
+               "texts_encoded": tinfo["encoded"], "texts_cached": tinfo["cached"],
                "warnings": list(getattr(desc, "warnings", []))}
     runs.record_run(samples, runs.run_key_for(label_field), "zeroshot", config, summary)
     log(f"[zeroshot] {written} samples -> field '{label_field}' in {summary['seconds']:.2f}s")

@@ -85,3 +85,20 @@ def test_zero_shot_relabel_reads_stored_embeddings(cifar_dataset, monkeypatch):
     assert set(cifar_dataset.distinct("zs3.label")) <= {"cat", "dog", "ship"}
     d = dino_labels(cifar_dataset, "zs3", tiny_dino_spec(), label_field="dino3", log=lambda m: None)
     assert d["labelled"] == len(cifar_dataset)
+
+
+def test_relabel_with_cached_texts_loads_no_model(cifar_dataset, monkeypatch):
+    import fiftyone_nola.text_cache as tc
+    from fiftyone_nola.embeddings import compute_embeddings
+    from fiftyone_nola.labeling import ZeroShotConfig
+
+    compute_embeddings(cifar_dataset, "clip", tiny_clip_spec(), config=EmbedConfig(num_workers=0), log=lambda m: None)
+    zs = ZeroShotConfig(clip=tiny_clip_spec())
+    first = zero_shot(cifar_dataset, ["okapi", "narwhal"], zs, "zs_a", log=lambda m: None)  # texts new to the cache
+    assert first["texts_encoded"] > 0
+    monkeypatch.setattr(tc, "load_clip", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    again = zero_shot(cifar_dataset, ["narwhal", "okapi"], zs, "zs_b", log=lambda m: None)
+    assert again["texts_encoded"] == 0 and again["texts_cached"] == first["texts_encoded"]
+    a = dict(zip(*cifar_dataset.values(["id", "zs_a.label"])))
+    b = dict(zip(*cifar_dataset.values(["id", "zs_b.label"])))
+    assert a == b  # class order does not change the labels
