@@ -9,7 +9,6 @@ Pure numpy / torch: no FiftyOne here.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -166,21 +165,6 @@ def _check_training_set(features, indices, labels, n_classes):
     return xs, lab
 
 
-@contextlib.contextmanager
-def _single_thread_on_cpu(device: torch.device):
-    """Batches of 32 are too small to gain from intra-op threads on a CPU, and on a shared
-    machine the threads' synchronisation makes training many times slower; restore after."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def train_labeler(
     features: np.ndarray,
     indices: Sequence[int],
@@ -201,7 +185,7 @@ def train_labeler(
     xs, lab = _check_training_set(features, indices, labels, n_classes)
     device = dev.resolve_device(cfg.device)
     # Callers may sit inside no_grad / inference_mode (e.g. a labelling pipeline): training needs grads.
-    with torch.random.fork_rng(devices=[]), _single_thread_on_cpu(device), \
+    with torch.random.fork_rng(devices=[]), dev.small_steps_on_cpu(device), \
             torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(cfg.seed)
         mlp = DinoLabeler(xs.shape[1], n_classes, cfg.hidden)

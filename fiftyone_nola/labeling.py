@@ -23,7 +23,7 @@ from .embeddings import check_coverage, load_embeddings
 from .errors import IndexMismatchError, InvalidInputError, NolaError
 from .models import ClipSpec, DinoSpec, load_clip, spec_key
 from .progress import ProgressFn, null_progress
-from .text_cache import encode_texts_cached
+from .text_cache import class_weights_from_texts
 
 Log = Callable[[str], None]
 
@@ -80,12 +80,7 @@ def zero_shot(
     ok = check_coverage(ids, emb, "clip", log)
     desc = descriptions if descriptions is not None else class_descriptions(classes, config, log)
     texts = {c: desc.texts_for(c, include_templates=config.include_templates) for c in classes}
-    unique = list(dict.fromkeys(t for c in classes for t in texts[c]))
-    if any(not texts[c] for c in classes):
-        raise InvalidInputError(f"Classes without any text: {[c for c in classes if not texts[c]]}")
-    text_emb, tinfo = encode_texts_cached(config.clip, unique, resolve_device(config.device))
-    pos = {t: i for i, t in enumerate(unique)}
-    W = zs.cde_weights([text_emb[[pos[t] for t in texts[c]]] for c in classes])
+    W, tinfo = class_weights_from_texts(config.clip, texts, classes, resolve_device(config.device))
     clip_identity = {"key": spec_key(config.clip), "random_init": bool(config.clip.random_init
                                                                         or not config.clip.pretrained)}
     probs = np.full((len(ids), len(classes)), np.nan, dtype=np.float32)

@@ -17,7 +17,6 @@ ignores or propagates NaN rather than treating it as a score.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -416,24 +415,6 @@ def _per_sample_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.
     return (torch.xlogy(q, q) - q * torch.log(p.clamp_min(1e-12))).sum(1)
 
 
-@contextlib.contextmanager
-def _threads_for_small_steps(device: torch.device, macs_per_step: int):
-    """One intra-op thread on CPU while each step is tiny, restoring the setting after.
-
-    A head's steps are microseconds of work; with several threads, OpenMP synchronisation
-    dominates and on shared cores it made a 30-epoch fit ~30× slower (7.6 s vs 0.25 s).
-    """
-    if device.type != "cpu" or macs_per_step > 8_000_000:
-        yield
-        return
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-
-
 def _fit(model, opt, x, y_np, gen, config: TrainConfig, history: dict, progress) -> np.ndarray:
     """The epoch loop of ``train_multilabel_classifier``; returns the refined labels."""
     n = x.shape[0]
@@ -509,7 +490,7 @@ def train_multilabel_classifier(
                      "n_skipped": int((~ok).sum()), "config": asdict(config)}
     width = config.hidden or c
     macs = config.batch_size * (x.shape[1] * width + (width * c if config.hidden else 0))
-    with _threads_for_small_steps(device, macs):
+    with dev.small_steps_on_cpu(device, macs):
         y_np = _fit(model, opt, x, y_np, gen, config, history, progress)
     model.eval()
     model.train_config = asdict(config)

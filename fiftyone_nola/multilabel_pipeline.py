@@ -21,7 +21,7 @@ from .device import resolve_device
 from .embed import EmbedConfig
 from .embeddings import check_coverage, compute_embeddings, load_embeddings
 from .labeling import class_descriptions
-from .models import ClipSpec, DinoSpec, load_clip
+from .models import ClipSpec, DinoSpec, load_clip, spec_key
 from .progress import ProgressFn, StageTimer, null_progress
 
 Log = Callable[[str], None]
@@ -53,10 +53,10 @@ class MultiLabelConfig:
     gt_field: Optional[str] = None  # evaluation only
 
 
-def _class_weights(clip, classes, config: MultiLabelConfig, log: Log) -> np.ndarray:
-    from . import zeroshot as zs
+def _class_weights(classes, config: MultiLabelConfig, device, log: Log) -> np.ndarray:
     from .descriptions import SIMPLE_TEMPLATE
     from .labeling import ZeroShotConfig
+    from .text_cache import class_weights_from_texts
 
     if config.single_template:
         texts = {c: [SIMPLE_TEMPLATE.format(c)] for c in classes}
@@ -64,7 +64,7 @@ def _class_weights(clip, classes, config: MultiLabelConfig, log: Log) -> np.ndar
         desc = class_descriptions(classes, ZeroShotConfig(descriptions_file=config.descriptions_file,
                                                           use_llm=config.use_llm), log)
         texts = {c: desc.texts_for(c) for c in classes}
-    return zs.build_class_weights(clip, texts, classes)
+    return class_weights_from_texts(config.clip, texts, classes, device)[0]
 
 
 def multilabel_pseudo_labels(
@@ -85,15 +85,16 @@ def multilabel_pseudo_labels(
     ids, emb = load_embeddings(samples, config.clip, ids)
     ok = check_coverage(ids, emb, "clip", log)
     device = resolve_device(config.device)
-    clip = load_clip(config.clip, device)
-    W = _class_weights(clip, classes, config, log)
+    W = _class_weights(classes, config, device, log)
     g = np.full((len(ids), len(classes)), np.nan, dtype=np.float32)
     g[ok] = ml.global_scores(emb[ok], W)
     t_global = time.perf_counter() - t0
     local = None
     failed: list = []
     t_local = 0.0
+    clip_identity = {"key": spec_key(config.clip), "random_init": bool(config.clip.random_init)}
     if config.aggregation != "global":
+        clip = load_clip(config.clip, device)
         t1 = time.perf_counter()
         prof = hardware_profile(device)
         crop_cfg = ml.CropConfig(grid=config.grid, batch_size=config.crop_batch_size,
@@ -111,7 +112,7 @@ def multilabel_pseudo_labels(
     if local is not None:
         arrays["local_max"] = ml.local_only(local, 0.0)
     save_array_bundle(stage_dir(samples, config.pseudo_field), ids, arrays,
-                       {"classes": classes, "field": config.pseudo_field, "clip": clip.identity})
+                       {"classes": classes, "field": config.pseudo_field, "clip": clip_identity})
     summary = {"stage": "cdul_pseudo", "field": config.pseudo_field, "samples": len(ids),
                "labelled": written, "failed": len(failed),
                "mean_labels_per_sample": float(pos[np.all(np.isfinite(y), axis=1)].sum(1).mean()) if written else 0.0,

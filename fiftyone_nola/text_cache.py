@@ -43,3 +43,17 @@ def encode_texts_cached(spec: ClipSpec, texts: Sequence[str], device=None, clip=
                 np.savez(f, keys=np.asarray(all_keys, dtype=str), vectors=np.stack([known[k] for k in all_keys]))
     out = np.stack([known[k] for k in keys]).astype(np.float32) if keys else np.zeros((0, 0), np.float32)
     return out, {"encoded": len(missing), "cached": len(set(keys)) - len(missing), "model": loaded}
+
+
+def class_weights_from_texts(spec: ClipSpec, texts: dict, classes: Sequence[str], device=None) -> tuple[np.ndarray, dict]:
+    """CDE weight matrix (C×D) from each class's texts, through the text cache."""
+    from . import zeroshot as zs
+    from .errors import InvalidInputError
+
+    empty = [c for c in classes if not texts.get(c)]
+    if empty:
+        raise InvalidInputError(f"Classes without any text: {empty[:10]}")
+    unique = list(dict.fromkeys(t for c in classes for t in texts[c]))
+    emb, info = encode_texts_cached(spec, unique, device)
+    pos = {t: i for i, t in enumerate(unique)}
+    return zs.cde_weights([emb[[pos[t] for t in texts[c]]] for c in classes]), info
