@@ -197,6 +197,21 @@ def _seeded():
     return ctx
 
 
+class _LazyTokenizer:
+    """open_clip's tokenizer, built on first use: image-only jobs never pay its ~0.7 s."""
+
+    def __init__(self, arch: str):
+        self.arch = arch
+        self._tok = None
+
+    def __call__(self, texts, *args, **kwargs):
+        if self._tok is None:
+            import open_clip
+
+            self._tok = open_clip.get_tokenizer(self.arch)
+        return self._tok(texts, *args, **kwargs)
+
+
 def load_clip(spec: Optional[ClipSpec] = None, device: Optional[torch.device] = None) -> LoadedModel:
     """Build an open_clip model from ``spec`` (see module docstring for lookup order)."""
     import open_clip
@@ -225,7 +240,7 @@ def load_clip(spec: Optional[ClipSpec] = None, device: Optional[torch.device] = 
                 raise
             raise ModelNotFoundError(_offline_hint_clip(spec) + f" ({type(e).__name__}: {e})") from e
     model.eval()
-    tokenizer = open_clip.get_tokenizer(spec.arch)
+    tokenizer = _LazyTokenizer(spec.arch)
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
     embed_dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None \
