@@ -1,0 +1,324 @@
+"""Helpers shared by the benchmark scripts: isolation, timing, peak memory, machine facts, output.
+
+Nothing here imports FiftyOne: :func:`isolate_environment` must run before the first
+``import fiftyone`` so that a benchmark never touches a user's datasets or artefacts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("NOLA_SHARED_DATA", REPO.parent / "shared" / "data"))
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+# --------------------------------------------------------------------------- isolation
+
+
+def isolate_environment(prefix: str = "nola-bench") -> dict:
+    """Use a private FiftyOne database name and a temporary ``NOLA_HOME``; call before importing
+    fiftyone. Returns what was set (the caller removes the temp dir / drops the database)."""
+    session = uuid.uuid4().hex[:8]
+    os.environ.setdefault("FIFTYONE_DATABASE_NAME", f"{prefix.replace('-', '_')}_{session}")
+    os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
+    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+    home = tempfile.mkdtemp(prefix=f"{prefix}-home-")
+    os.environ["NOLA_HOME"] = home
+    os.environ.pop("NOLA_RANDOM_INIT", None)  # specs below say explicitly what they load
+    return {"database_name": os.environ["FIFTYONE_DATABASE_NAME"], "nola_home": home}
+
+
+def drop_database() -> None:
+    """Drop this process's FiftyOne database (only if fiftyone was imported)."""
+    if "fiftyone" not in sys.modules:
+        return
+    with contextlib.suppress(Exception):
+        import fiftyone.core.odm as foo
+
+        db = foo.get_db_conn()
+        db.client.drop_database(db.name)
+
+
+def cleanup(env: dict) -> None:
+    drop_database()
+    shutil.rmtree(env.get("nola_home", ""), ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class Stopwatch:
+    """``with Stopwatch() as sw: ...`` then ``sw.seconds``."""
+
+    def __enter__(self) -> Stopwatch:
+        self.t0 = time.perf_counter()
+        self.seconds = float("nan")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.t0
+
+
+def repeat_timings(fn: Callable[[], Any], n: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of ``n`` calls of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def latency_stats(seconds: Sequence[float]) -> dict:
+    """Median / p90 / min / mean of a list of seconds, in milliseconds."""
+    s = sorted(seconds)
+    p90 = s[min(len(s) - 1, int(math.ceil(0.9 * len(s))) - 1)]
+    return {
+        "median_ms": 1000 * statistics.median(s),
+        "p90_ms": 1000 * p90,
+        "min_ms": 1000 * s[0],
+        "mean_ms": 1000 * statistics.fmean(s),
+        "n": len(s),
+    }
+
+
+class PartTimer:
+    """Wall time of each benchmark part, printed as it ends and collected for the JSON."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        print(f"\n=== {name} ===", flush=True)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self.parts[name] = dt
+            print(f"=== {name}: {dt:.1f} s wall ===", flush=True)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) on Linux; False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_rss_mb() -> float:
+    return _status_kb("VmRSS") / 1024
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS of this process (VmHWM; falls back to getrusage's ru_maxrss)."""
+    kb = _status_kb("VmHWM")
+    if kb <= 0:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024
+
+
+def _status_kb(key: str) -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return -1.0
+
+
+class TreeRssSampler:
+    """Samples the summed RSS of this process and all its descendants (DataLoader workers).
+
+    Shared pages are counted once per process, so the sum over-states real use a little; the
+    main process's own peak comes from :func:`peak_rss_mb`, which is exact.
+    """
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peak_mb = 0.0
+        self.peak_children_mb = 0.0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> TreeRssSampler:
+        import psutil
+
+        self._proc = psutil.Process()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            total = children = 0
+            try:
+                total = self._proc.memory_info().rss
+                for c in self._proc.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        r = c.memory_info().rss
+                        total += r
+                        children += r
+            except psutil.Error:
+                pass
+            self.peak_mb = max(self.peak_mb, total / 2**20)
+            self.peak_children_mb = max(self.peak_children_mb, children / 2**20)
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+# --------------------------------------------------------------------------- machine facts
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:
+        return None
+
+
+def machine_facts() -> dict:
+    """CPU, threads, load and library versions: enough to read a result file on its own."""
+    facts: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                facts["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError):
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                facts["mem_total_gb"] = round(float(line.split()[1]) / 2**20, 1)
+                break
+    try:
+        import torch
+
+        facts["torch_num_threads"] = torch.get_num_threads()
+        facts["torch_num_interop_threads"] = torch.get_num_interop_threads()
+        facts["cuda_available"] = torch.cuda.is_available()
+    except Exception:
+        pass
+    with contextlib.suppress(Exception):
+        import faiss
+
+        facts["faiss_omp_threads"] = faiss.omp_get_max_threads()
+    facts["versions"] = {
+        d: _version(d)
+        for d in (
+            "torch", "torchvision", "open_clip_torch", "fiftyone", "fiftyone-brain", "faiss-cpu",
+            "scikit-learn", "numpy", "pillow", "pillow-simd", "fiftyone-nola",
+        )
+    }
+    facts["env"] = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if os.environ.get(k)}
+    return facts
+
+
+def loadavg() -> Optional[float]:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _jsonable(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:
+        pass
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    return o
+
+
+def write_json(path: os.PathLike, data: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    print(f"\nwrote {path}", flush=True)
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "-"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        if abs(v) >= 100:
+            return f"{v:.1f}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], title: str = "") -> str:
+    """A plain-text table (right-aligned numbers) for terminals and .txt result files."""
+    cells = [[fmt(c) for c in r] for r in rows]
+    widths = [len(h) for h in headers]
+    for r in cells:
+        for i, c in enumerate(r):
+            widths[i] = max(widths[i], len(c))
+    line = "  ".join("-" * w for w in widths)
+    out = []
+    if title:
+        out.append(title)
+    out.append("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths))))
+    out.append(line)
+    for r in cells:
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(out)
