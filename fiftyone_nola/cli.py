@@ -161,9 +161,9 @@ def cmd_auto_label(args) -> dict:
          + (f", {cfg.tuned_field}" if cfg.tune else "")
          + f". Open it: python -c \"import fiftyone as fo; fo.launch_app(fo.load_dataset('{ds.name}')).wait()\"")
     if summary.get("random_init"):
-        from .pipeline import RANDOM_INIT_BANNER
+        from .pipeline import random_init_banner
 
-        _log(RANDOM_INIT_BANNER)
+        _log(random_init_banner(clip, dino))
     _write_json(args.json_out, summary)
     return summary
 

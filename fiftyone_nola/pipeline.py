@@ -23,14 +23,23 @@ from .progress import ProgressFn, StageTimer, null_progress
 
 Log = Callable[[str], None]
 
-RANDOM_INIT_BANNER = (
-    "\n" + "!" * 78 + "\n"
-    "!! RANDOMLY INITIALISED MODELS: the labels written by this run are MEANINGLESS.\n"
-    "!! It exercises the whole pipeline only. For real labels provide weights: put an open_clip\n"
-    "!! checkpoint at $NOLA_MODELS_DIR/clip/ViT-B-32/openai.pt and DINO weights at\n"
-    "!! $NOLA_MODELS_DIR/dino/vit_base_patch16_224.dino.safetensors (or run online once).\n"
-    + "!" * 78 + "\n"
-)
+def random_init_banner(clip: Optional[ClipSpec] = None, dino: Optional[DinoSpec] = None) -> str:
+    """The loud warning printed around runs on random weights, naming where real weights go."""
+    from .models import concrete_dino, models_dir
+
+    clip = clip or ClipSpec()
+    dino = concrete_dino(dino or DinoSpec())
+    root = models_dir()
+    bar = "!" * 78
+    return (
+        f"\n{bar}\n"
+        "!! RANDOMLY INITIALISED MODELS: the labels written by this run are MEANINGLESS.\n"
+        "!! It exercises the whole pipeline only. For real labels provide weights:\n"
+        f"!!   CLIP: {root}/clip/{clip.arch}/{clip.pretrained or 'openai'}.pt\n"
+        f"!!   DINO: {root}/dino/{dino.name}.safetensors\n"
+        "!! (or NOLA_MODELS_DIR=..., or run once with internet access).\n"
+        f"{bar}\n"
+    )
 
 
 @dataclass
@@ -87,7 +96,7 @@ def auto_label(
     prof = hardware_profile(device)
     log(f"[auto-label] {len(samples)} samples, {len(classes)} classes; {prof.describe()}")
     if config.clip.random_init or config.dino.random_init:
-        log(RANDOM_INIT_BANNER)
+        log(random_init_banner(config.clip, config.dino))
     timer = StageTimer(echo=log)
     out: dict = {"classes": classes, "stages": {}, "hardware": dataclasses.asdict(prof)}
 

@@ -104,3 +104,18 @@ def test_nan_and_zero_rows(caplog):
 def test_width_mismatch():
     with pytest.raises(InvalidInputError):
         zeroshot_logits(np.ones((2, 3)), np.ones((4, 5)))
+
+
+def test_trimmed_text_encoding_equals_full_77_token_encoding(tiny_clip):
+    """Stopping each batch at its last end-of-text token changes nothing CLIP pools (causal mask)."""
+    import torch
+
+    from fiftyone_nola import zeroshot as zsm
+
+    texts = ["a cat", "a photo of a very small dog sitting on a red sofa in the sun", "ship", "x " * 30]
+    ours = zsm.encode_texts(tiny_clip, texts, batch_size=3)
+    with torch.inference_mode():
+        full = tiny_clip.model.encode_text(tiny_clip.tokenizer(texts)).float()
+    full = torch.nn.functional.normalize(full, dim=-1).numpy()
+    assert zsm._can_trim(tiny_clip.model)
+    assert np.allclose(ours, full, atol=1e-5)
