@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Optional
 
 from .labeling import dino_labels, predict, tune_prompts
@@ -20,7 +19,7 @@ def retrain_with_corrections(
     clip: Optional[ClipSpec] = None,
     dino: Optional[DinoSpec] = None,
     tune: bool = True,
-    tune_config=None,
+    tune_overrides: Optional[dict] = None,
     device: Optional[str] = None,
     progress: ProgressFn = null_progress,
     log: Callable[[str], None] = print,
@@ -41,10 +40,8 @@ def retrain_with_corrections(
     dino_labels(samples, zeroshot_field, dino, dl.DinoLabelerConfig(device=device), dino_field,
                 trusted_field=corrections_field, progress=progress, log=log)
     if tune:
-        cfg = pt.TuneConfig.for_hardware(resolve_device(device), log=log)
-        if tune_config is not None:
-            cfg = dataclasses.replace(cfg, **{k: v for k, v in dataclasses.asdict(tune_config).items()
-                                             if v is not None})
+        # Machine-fitted settings, changed only where the caller says so.
+        cfg = pt.TuneConfig.for_hardware(resolve_device(device), log=log, **(tune_overrides or {}))
         t = tune_prompts(samples, zeroshot_field, dino_field, clip, cfg, run_name=f"{tuned_field}_corrected",
                          progress=progress, log=log)
         predict(samples, t["model_dir"], clip, tuned_field, device=device, progress=progress, log=log)

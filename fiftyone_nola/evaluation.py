@@ -69,10 +69,11 @@ def evaluate_multilabel(samples, pred_field: str, gt_field: str, classes: list, 
         "gt_field": gt_field,
         "samples": int(keep.sum()),
         "mAP": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),
-        "classes_evaluated": int(np.isfinite(ap).sum()),
+        **{k: v for k, v in pr.items() if k != "classes_evaluated"},
+        "classes_with_positives_in_labels": pr.get("classes_evaluated"),
+        "classes_evaluated": int(np.isfinite(ap).sum()),  # AP needs a positive: mAP's denominator
         "per_class_ap": {c: (None if not np.isfinite(a) else float(a)) for c, a in zip(classes, ap)},
         "labels_outside_class_list": outside,
-        **{k: v for k, v in pr.items()},
     }
 
 

@@ -21,10 +21,11 @@ EXPORT_FIELD = "nola_export_label"
 
 def _resolve_dir(export_dir: str, overwrite: bool) -> Path:
     d = Path(export_dir).expanduser().resolve()
+    if d.exists() and not d.is_dir():
+        raise InvalidInputError(f"{d} exists and is not a directory")
     if d.exists() and any(d.iterdir()) and not overwrite:
         raise InvalidInputError(f"{d} exists and is not empty: choose another directory or pass overwrite=True")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return d  # created by the exporter (creating it first makes FiftyOne warn about merging)
 
 
 def export_accepted(
@@ -94,12 +95,15 @@ def export_accepted(
     try:
         if format == "classification-tree":
             view.export(export_dir=str(out_dir), dataset_type=fo.types.ImageClassificationDirectoryTree,
-                        label_field=EXPORT_FIELD)
+                        label_field=EXPORT_FIELD, overwrite=overwrite, progress=False)
         elif format == "fiftyone":
-            view.export(export_dir=str(out_dir), dataset_type=fo.types.FiftyOneDataset)
+            view.export(export_dir=str(out_dir), dataset_type=fo.types.FiftyOneDataset, overwrite=overwrite,
+                        progress=False)
         elif format == "csv":
+            out_dir.mkdir(parents=True, exist_ok=True)
             _write_csv(view, out_dir / "labels.csv", multilabel)
         else:
+            out_dir.mkdir(parents=True, exist_ok=True)
             _write_coco(view, out_dir / "labels.json", multilabel)
     finally:
         ds.delete_sample_field(EXPORT_FIELD)

@@ -7,6 +7,7 @@ Ground truth is never read here.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -160,9 +161,13 @@ def dino_labels(
     save_array_bundle(d, ids, {"probs": probs, "teacher": teacher},
                        {"classes": classes, "field": label_field, "k": int(res.k),
                         "selected": int(len(res.selected_indices)), "zeroshot_field": zeroshot_field})
+    warnings = [re.sub(r"^class (\d+):", lambda m: f"class {classes[int(m.group(1))]!r}:", w)
+                for w in res.warnings]
+    for w in warnings:
+        log(f"[dino] {w}")
     summary = {"stage": "dino", "field": label_field, "samples": len(ids), "labelled": written,
                "k": int(res.k), "selected_for_training": int(len(res.selected_indices)),
-               "trusted": len(trusted or {}), "warnings": list(res.warnings),
+               "trusted": len(trusted or {}), "warnings": warnings,
                "seconds": time.perf_counter() - t0}
     runs.record_run(samples, runs.run_key_for(label_field), "dino_labeler",
                     {"labeler": config, "dino": dino, "zeroshot_field": zeroshot_field,
