@@ -8,6 +8,7 @@ Ground truth is never read here.
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -212,8 +213,17 @@ def tune_prompts(
     clip_model = load_clip(clip_spec, device)
     log(f"[tune] {int((teacher >= 0).sum())} teacher-labelled samples; epochs={config.epochs} "
         f"batch={config.batch_size} max_samples={config.max_samples} device={device}")
-    result = pt.tune(clip_model, paths, teacher, W, config, checkpoint_dir=model_dir / "checkpoints",
-                     progress=progress, log=log, classes=classes)
+    ckpt_dir = model_dir / "checkpoints"
+    try:
+        result = pt.tune(clip_model, paths, teacher, W, config, checkpoint_dir=ckpt_dir,
+                         progress=progress, log=log, classes=classes)
+    except IndexMismatchError as e:
+        # A checkpoint from other teacher labels, images or settings is stale, not resumable:
+        # a re-run after the labeller changed must train anew.
+        log(f"[tune] previous checkpoint does not match this run ({e}); starting over")
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        result = pt.tune(clip_model, paths, teacher, W, config, checkpoint_dir=ckpt_dir,
+                         progress=progress, log=log, classes=classes)
     pt.save_tuned(model_dir, result.model, classes, clip_model.identity, config,
                   {"zeroshot_field": zeroshot_field, "teacher_field": teacher_field,
                    "selected_epoch": result.selected_epoch})

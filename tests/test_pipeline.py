@@ -102,3 +102,17 @@ def test_relabel_with_cached_texts_loads_no_model(cifar_dataset, monkeypatch):
     a = dict(zip(*cifar_dataset.values(["id", "zs_a.label"])))
     b = dict(zip(*cifar_dataset.values(["id", "zs_b.label"])))
     assert a == b  # class order does not change the labels
+
+
+def test_retuning_after_the_teacher_changed_starts_over(cifar_dataset):
+    from fiftyone_nola.dino_labeler import DinoLabelerConfig
+    from fiftyone_nola.labeling import tune_prompts
+    from fiftyone_nola.prompt_tuning import TuneConfig
+
+    auto_label(cifar_dataset, CLASSES, _config(), log=lambda m: None)
+    dino_labels(cifar_dataset, dino=tiny_dino_spec(), config=DinoLabelerConfig(epochs=3, seed=7),
+                log=lambda m: None)  # new teacher labels: the old checkpoint is stale
+    logs = []
+    cfg = TuneConfig(epochs=1, batch_size=8, max_samples=24, num_workers=0, device="cpu")
+    s = tune_prompts(cifar_dataset, clip=tiny_clip_spec(), config=cfg, log=logs.append)
+    assert "starting over" in "\n".join(logs) and s["selected_epoch"] == 1
