@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     _model_args(p)
     p.add_argument("--descriptions", default=None, help="LaFTer/NoLA description JSON {class: [texts]}")
+    p.add_argument("--max-descriptions", type=int, default=None,
+                   help="use at most N descriptions per class (default: all)")
+    p.add_argument("--no-templates", action="store_true",
+                   help="class embeddings from descriptions only, without CLIP's 80 templates")
     p.add_argument("--use-llm", action="store_true", help="write descriptions with a local LLM (Ollama)")
     p.add_argument("--llm-model", default="llama3.2")
     p.add_argument("--ollama-host", default=None)
@@ -150,6 +154,7 @@ def cmd_auto_label(args) -> dict:
         embed=EmbedConfig(batch_size=args.batch_size, num_workers=args.workers),
         descriptions_file=args.descriptions, use_llm=args.use_llm, llm_model=args.llm_model,
         llm_host=args.ollama_host, tune=not args.no_tune, tune_epochs=args.epochs,
+        include_templates=not args.no_templates, max_descriptions_per_class=args.max_descriptions,
         tune_max_samples=(None if args.tune_max_samples == 0 else args.tune_max_samples),
         device=args.device, gt_field=gt, force=args.force,
     )

@@ -224,13 +224,15 @@ class DescriptionSet:
         class_name: str,
         templates: Sequence[str] = CLIP_TEMPLATES,
         include_templates: bool = True,
+        max_descriptions: Optional[int] = None,
     ) -> list[str]:
-        """Descriptions plus filled templates (each text once): what the CDE averages over.
+        """Descriptions (the first ``max_descriptions`` if set) plus filled templates, each text
+        once: what the CDE averages over.
 
         Templates are always added when a class has no descriptions, so no class is left empty.
         """
         key = self.key_for(class_name)
-        texts = list(self.descriptions[key])
+        texts = list(self.descriptions[key])[:max_descriptions]
         if include_templates or not texts:
             texts += fill_templates(key, templates)
         texts = list(dict.fromkeys(texts))

@@ -43,6 +43,7 @@ class ZeroShotConfig:
     llm_model: str = "llama3.2"
     llm_host: Optional[str] = None
     include_templates: bool = True
+    max_descriptions_per_class: Optional[int] = None  # None: all (NoLA used 25-50)
     logit_scale: float = 100.0
     store_logits: bool = False
     device: Optional[str] = None
@@ -81,7 +82,8 @@ def zero_shot(
     ids, emb = load_embeddings(samples, config.clip, ids)
     ok = check_coverage(ids, emb, "clip", log)
     desc = descriptions if descriptions is not None else class_descriptions(classes, config, log)
-    texts = {c: desc.texts_for(c, include_templates=config.include_templates) for c in classes}
+    texts = {c: desc.texts_for(c, include_templates=config.include_templates,
+                               max_descriptions=config.max_descriptions_per_class) for c in classes}
     W, tinfo = class_weights_from_texts(config.clip, texts, classes, resolve_device(config.device))
     clip_identity = {"key": spec_key(config.clip), "random_init": bool(config.clip.random_init
                                                                         or not config.clip.pretrained)}

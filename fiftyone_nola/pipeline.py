@@ -53,6 +53,8 @@ class AutoLabelConfig:
     use_llm: bool = False
     llm_model: str = "llama3.2"
     llm_host: Optional[str] = None
+    include_templates: bool = True  # CDE averages descriptions and CLIP's 80 templates (NoLA)
+    max_descriptions_per_class: Optional[int] = None
     tune: bool = True
     tune_epochs: Optional[int] = None  # None: fit the hardware (paper's 50 on GPU, few on CPU)
     tune_max_samples: Optional[int] = -1  # -1: fit the hardware; None: all samples
@@ -108,7 +110,9 @@ def auto_label(
 
     zs_cfg = ZeroShotConfig(clip=config.clip, descriptions_file=config.descriptions_file,
                             use_llm=config.use_llm, llm_model=config.llm_model,
-                            llm_host=config.llm_host, device=config.device)
+                            llm_host=config.llm_host, device=config.device,
+                            include_templates=config.include_templates,
+                            max_descriptions_per_class=config.max_descriptions_per_class)
     zs_key = runs.run_key_for(config.zeroshot_field)
     embedded_now = any(s["embedded"] for s in out["stages"]["embeddings"].values())
     fresh = config.force or embedded_now or not _up_to_date(samples, zs_key, zs_cfg) \

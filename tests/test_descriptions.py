@@ -504,3 +504,11 @@ def test_minilm_unavailable_skips_with_warning(monkeypatch, caplog):
     assert out == texts[:2]  # exact duplicates still go
     assert len(warnings) == 1 and "Near-duplicate filtering" in warnings[0]
     assert len(warning_records(caplog)) == 1  # logged once per process, not per call
+
+
+def test_texts_for_caps_descriptions_and_can_drop_templates():
+    from fiftyone_nola.descriptions import CLIP_TEMPLATES, DescriptionSet
+
+    ds = DescriptionSet(descriptions={"cat": ["a small pet", "whiskers", "purrs"]}, source={"cat": "x"}, warnings=[])
+    assert ds.texts_for("cat", include_templates=False, max_descriptions=2) == ["a small pet", "whiskers"]
+    assert len(ds.texts_for("cat", max_descriptions=1)) == 1 + len(CLIP_TEMPLATES)
