@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -212,11 +213,41 @@ class _LazyTokenizer:
         return self._tok(texts, *args, **kwargs)
 
 
-def load_clip(spec: Optional[ClipSpec] = None, device: Optional[torch.device] = None) -> LoadedModel:
-    """Build an open_clip model from ``spec`` (see module docstring for lookup order)."""
+_MODEL_CACHE: OrderedDict[tuple, LoadedModel] = OrderedDict()
+MODEL_CACHE_SIZE = 2  # a CLIP and a DINO: what one pipeline run alternates between
+
+
+def _cached(spec, device, build: Callable[[], LoadedModel]) -> LoadedModel:
+    """One load per (weights, device) per process: each pipeline stage used to reload CLIP (5-15 s)."""
+    key = (type(spec).__name__, spec_key(spec), str(device or "cpu"),
+           getattr(spec, "feature", None))
+    hit = _MODEL_CACHE.get(key)
+    if hit is not None:
+        _MODEL_CACHE.move_to_end(key)
+        hit.model.eval()
+        return hit
+    loaded = build()
+    _MODEL_CACHE[key] = loaded
+    while len(_MODEL_CACHE) > MODEL_CACHE_SIZE:
+        _MODEL_CACHE.popitem(last=False)
+    return loaded
+
+
+def clear_model_cache() -> None:
+    _MODEL_CACHE.clear()
+
+
+def load_clip(spec: Optional[ClipSpec] = None, device: Optional[torch.device] = None,
+              cache: bool = True) -> LoadedModel:
+    """Build (or reuse) an open_clip model from ``spec`` (see module docstring for lookup order).
+
+    Callers must not modify the returned model in place (stages that train copy what they change).
+    """
+    spec = spec or ClipSpec()
+    if cache:
+        return _cached(spec, device, lambda: load_clip(spec, device, cache=False))
     import open_clip
 
-    spec = spec or ClipSpec()
     _register_tiny_configs()
     device = device or torch.device("cpu")
     pretrained, weights_id = _clip_weights(spec)
@@ -280,12 +311,15 @@ def _dino_weights(spec: DinoSpec) -> tuple[Optional[str], str]:
     return "hub", "hub"
 
 
-def load_dino(spec: Optional[DinoSpec] = None, device: Optional[torch.device] = None) -> LoadedModel:
-    """Build a timm backbone (no classifier head) from ``spec``."""
+def load_dino(spec: Optional[DinoSpec] = None, device: Optional[torch.device] = None,
+              cache: bool = True) -> LoadedModel:
+    """Build (or reuse) a timm backbone (no classifier head) from ``spec``."""
+    spec = concrete_dino(spec or DinoSpec())
+    if cache:
+        return _cached(spec, device, lambda: load_dino(spec, device, cache=False))
     import timm
     from timm.data import create_transform, resolve_data_config
 
-    spec = concrete_dino(spec or DinoSpec())
     if spec.feature not in {"cls", "pooled"}:
         from .errors import InvalidInputError
 

@@ -14,8 +14,9 @@ def test_tiny_models_embed(tiny_clip, tiny_dino):
 
 
 def test_random_init_is_deterministic_across_loads():
-    a = models.load_clip(models.tiny_clip_spec())
-    b = models.load_clip(models.tiny_clip_spec())
+    a = models.load_clip(models.tiny_clip_spec(), cache=False)
+    b = models.load_clip(models.tiny_clip_spec(), cache=False)
+    assert a is not b
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(pa, pb)
     assert a.key == b.key == models.spec_key(models.tiny_clip_spec())
@@ -96,3 +97,13 @@ def test_auto_dino_fits_the_hardware():
     assert models.spec_key(models.DinoSpec(random_init=True)) == models.spec_key(auto)
     explicit = models.DinoSpec(name="vit_base_patch16_224.dino", random_init=True)
     assert models.concrete_dino(explicit) is explicit
+
+
+def test_models_are_loaded_once_per_process():
+    models.clear_model_cache()
+    a = models.load_clip(models.tiny_clip_spec())
+    assert models.load_clip(models.tiny_clip_spec()) is a
+    d = models.load_dino(models.tiny_dino_spec())
+    assert models.load_dino(models.tiny_dino_spec()) is d and models.load_clip(models.tiny_clip_spec()) is a
+    models.clear_model_cache()
+    assert models.load_clip(models.tiny_clip_spec()) is not a
