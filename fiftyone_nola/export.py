@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +18,12 @@ from .review import ACCEPTED_TAG, CORRECTIONS_FIELD, REJECTED_TAG
 
 FORMATS = ("classification-tree", "fiftyone", "csv", "coco")
 EXPORT_FIELD = "nola_export_label"
+
+
+def safe_folder_name(label: str) -> str:
+    """A label usable as one folder name inside the export directory."""
+    safe = re.sub(r"[/\\\x00]", "_", str(label)).strip()
+    return safe if safe not in ("", ".", "..") else f"_{safe}_"
 
 
 def _resolve_dir(export_dir: str, overwrite: bool) -> Path:
@@ -90,6 +97,15 @@ def export_accepted(
         final[sid] = label
     if not keep:
         raise InvalidInputError(f"Nothing to export: {left_out}. Accept samples in review first.")
+    renamed = {}
+    if format == "classification-tree":
+        # Labels become folder names: never let one ("../x", "a/b") point outside export_dir.
+        for sid, lab in list(final.items()):
+            safe = safe_folder_name(lab.label)
+            if safe != lab.label:
+                renamed[lab.label] = safe
+                final[sid] = lab.copy()
+                final[sid].label = safe
     ds.set_values(EXPORT_FIELD, final, key_field="id")
     view = ds.select(keep)
     try:
@@ -108,6 +124,7 @@ def export_accepted(
     finally:
         ds.delete_sample_field(EXPORT_FIELD)
     report = {"exported": len(keep), "left_out": left_out, "format": format, "export_dir": str(out_dir),
+              "renamed_labels": renamed,
               "label_field": label_field, "corrections_used": sum(c is not None for c in corr)}
     fo_io.write_text_atomic(out_dir / "export_report.json", report)
     return report

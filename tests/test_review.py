@@ -78,3 +78,15 @@ def test_export_refuses_nothing_and_bad_format(labelled, tmp_path):
         export_accepted(labelled, str(tmp_path / "a"), "nola")
     with pytest.raises(InvalidInputError, match="format"):
         export_accepted(labelled, str(tmp_path / "b"), "nola", format="xml")
+
+
+def test_export_never_writes_outside_the_directory(labelled, tmp_path):
+    from fiftyone_nola.export import safe_folder_name
+
+    assert safe_folder_name("../evil") == ".._evil" and safe_folder_name("..") == "_.._"
+    review.correct_label(labelled.limit(2), "../../escape")
+    out = tmp_path / "deep" / "out"
+    rep = export_accepted(labelled, str(out), "nola")
+    assert rep["exported"] == 2 and rep["renamed_labels"] == {"../../escape": ".._.._escape"}
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written and all(out in p.parents for p in written)
