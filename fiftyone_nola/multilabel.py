@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import device as dev
-from .data import DecodeOptions, collate_skip_bad, try_load_image
+from .data import DecodeOptions, ImageFileDataset, collate_skip_bad
 from .errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
 from .models import LoadedModel
 from .progress import ProgressFn, null_progress
@@ -111,36 +111,34 @@ class CropConfig:
     draft_decode: bool = True  # JPEG DCT-scaled decode, never below grid × model input size
 
 
-class CropDataset(torch.utils.data.Dataset):
-    """Items are ``(index, (crops G×3×S×S, valid bool G), None)`` or ``(index, None, reason)``.
+class GridCrops:
+    """Image -> ``(crops G×3×S×S, valid bool G)``: ``grid²`` tiles, each through ``transform``.
 
-    Each image is decoded once and cut into ``grid²`` tiles; images with fewer tiles (smaller
-    than the grid) are padded with zero tensors marked invalid so batches stack.
+    Images with fewer tiles (smaller than the grid) are padded with zero tensors marked invalid
+    so batches stack.
     """
 
-    def __init__(self, filepaths: Sequence[str], transform, grid: int = 3,
-                 options: DecodeOptions = DecodeOptions()):
-        self.filepaths = list(filepaths)
+    def __init__(self, transform, grid: int = 3):
         self.transform = transform
         self.grid = int(grid)
-        self.options = options
 
-    def __len__(self) -> int:
-        return len(self.filepaths)
-
-    def __getitem__(self, i: int):
-        img, err = try_load_image(self.filepaths[i], self.options)
-        if img is None:
-            return i, None, err
-        try:
-            crops = [self.transform(img.crop(box)) for box in grid_boxes(*img.size, self.grid)]
-        except Exception as e:  # a transform failure is a bad image, not a crashed job
-            return i, None, f"preprocessing failed: {type(e).__name__}: {e}"
+    def __call__(self, img):
+        crops = [self.transform(img.crop(box)) for box in grid_boxes(*img.size, self.grid)]
         slots = self.grid * self.grid
         valid = torch.zeros(slots, dtype=torch.bool)
         valid[: len(crops)] = True
         crops += [torch.zeros_like(crops[0])] * (slots - len(crops))
-        return i, (torch.stack(crops), valid), None
+        return torch.stack(crops), valid
+
+
+class CropDataset(ImageFileDataset):
+    """Items are ``(index, (crops, valid), None)`` or ``(index, None, reason)``; each image is
+    decoded once (bad files are reported by :class:`ImageFileDataset`)."""
+
+    def __init__(self, filepaths: Sequence[str], transform, grid: int = 3,
+                 options: DecodeOptions = DecodeOptions()):
+        super().__init__(filepaths, GridCrops(transform, grid), options)
+        self.grid = int(grid)
 
 
 def local_clip_scores(
