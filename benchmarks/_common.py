@@ -322,3 +322,50 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], title: str = ""
     for r in cells:
         out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
     return "\n".join(out)
+
+
+def run_benchmark(name: str, args, run: Callable, tmp_prefix: str) -> int:
+    """The shared frame of a benchmark: isolated NOLA_HOME/database, machine facts, peak RSS of
+    the whole process tree, whatever was measured kept if a part fails, table + JSON output."""
+    import shutil
+    import tempfile
+
+    env = isolate_environment(tmp_prefix)
+    results: dict = {"benchmark": name, "quick": getattr(args, "quick", False),
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args).copy()}
+    tables: list[str] = []
+    tmp = Path(tempfile.mkdtemp(prefix=f"{tmp_prefix}-"))
+    t_all = time.perf_counter()
+    sampler = TreeRssSampler()
+    try:
+        import fiftyone  # noqa: F401  (database start-up, outside every timing)
+
+        results["machine"] = machine_facts()
+        print("machine:", json.dumps({k: results["machine"].get(k) for k in
+                                      ("cpu_count", "cpu_affinity", "torch_num_threads", "loadavg_at_start")}))
+        with sampler:
+            try:
+                run(args, results, tables, tmp)
+            except Exception as e:  # keep what was measured; say what broke
+                import traceback
+
+                traceback.print_exc()
+                results["error"] = f"{type(e).__name__}: {e}"
+                tables.append(f"ERROR (run stopped): {results['error']}")
+        results["peak_rss_tree_mb"] = sampler.peak_mb
+    finally:
+        cleanup(env)
+        shutil.rmtree(tmp, ignore_errors=True)
+    results["total_wall_s"] = time.perf_counter() - t_all
+    results["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    report = "\n\n".join(tables) + (
+        f"\n\ntotal wall {results['total_wall_s']:.0f} s; load average at start "
+        f"{results['machine']['loadavg_at_start'][0]:.2f}, at end {os.getloadavg()[0]:.2f} "
+        f"(2 cores shared with other jobs: figures include that contention)\n")
+    print("\n" + report)
+    if args.txt:
+        Path(args.txt).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.txt).write_text(report)
+    if args.json:
+        write_json(args.json, results)
+    return 0

@@ -34,7 +34,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -119,48 +118,7 @@ def naive_local_scores(clip, filepaths, weights, grid: int, logit_scale: float =
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    env = C.isolate_environment("nola-bench-cdul")
-    results: dict = {"benchmark": "cdul_map", "quick": args.quick,
-                     "started": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args).copy()}
-    tables: list[str] = []
-    tmp = Path(tempfile.mkdtemp(prefix="nola-bench-cdul-"))
-    t_all = time.perf_counter()
-    sampler = C.TreeRssSampler()
-    try:
-        import fiftyone  # noqa: F401  (database start-up, outside every timing)
-
-        results["machine"] = C.machine_facts()
-        print("machine:", json.dumps({k: results["machine"].get(k) for k in
-                                      ("cpu_count", "cpu_affinity", "torch_num_threads", "loadavg_at_start")}))
-        with sampler:
-            try:
-                run(args, results, tables, tmp)
-            except Exception as e:  # keep what was measured; say what broke
-                import traceback
-
-                traceback.print_exc()
-                results["error"] = f"{type(e).__name__}: {e}"
-                tables.append(f"ERROR (run stopped): {results['error']}")
-        results["peak_rss_tree_mb"] = sampler.peak_mb
-    finally:
-        C.cleanup(env)
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    results["total_wall_s"] = time.perf_counter() - t_all
-    results["machine"]["loadavg_at_end"] = list(os.getloadavg())
-    report = "\n\n".join(tables) + (
-        f"\n\ntotal wall {results['total_wall_s']:.0f} s; load average at start "
-        f"{results['machine']['loadavg_at_start'][0]:.2f}, at end {os.getloadavg()[0]:.2f} "
-        f"(2 cores shared with other jobs: figures include that contention)\n")
-    print("\n" + report)
-    if args.txt:
-        Path(args.txt).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.txt).write_text(report)
-    if args.json:
-        C.write_json(args.json, results)
-    return 0
+    return C.run_benchmark("cdul_map", parse_args(argv), run, "nola-bench-cdul")
 
 
 def run(args, results: dict, tables: list, tmp: Path) -> None:
