@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from . import fo_io, runs
+from . import runs
 from .classes import ClassesArg, resolve_classes
 from .device import hardware_profile, resolve_device
 from .embed import EmbedConfig
@@ -172,7 +171,7 @@ def _dino_run_config(dl_cfg, config: AutoLabelConfig) -> dict:
 
 
 def _stored_classes(samples, zeroshot_field: str):
-    from .labeling import stage_dir
+    from .artifacts import stage_dir
     from .storage import read_json
 
     p = stage_dir(samples, zeroshot_field) / "meta.json"
@@ -190,8 +189,4 @@ def summary_lines(summary: dict) -> list[str]:
     return lines
 
 
-def elapsed(t0: float) -> float:
-    return time.perf_counter() - t0
-
-
-__all__ = ["AutoLabelConfig", "auto_label", "summary_lines", "fo_io"]
+__all__ = ["AutoLabelConfig", "auto_label", "random_init_banner", "summary_lines"]
