@@ -15,6 +15,7 @@ from .errors import NolaError
 
 
 def stage_dir(samples, run_key: str) -> Path:
+    """Directory of a stage's artefacts for the dataset behind ``samples``."""
     return storage.run_dir(fo_io.dataset_id(samples), run_key)
 
 
@@ -81,6 +82,7 @@ def load_array(d: Path, name: str) -> np.ndarray:
 
 
 def has_array(d: Path, name: str) -> bool:
+    """Whether the stage in ``d`` stored an array called ``name``."""
     b = _read_bundle(d)
     return b is not None and (f"s_{name}" in b or f"g_{name}" in b)
 
@@ -102,6 +104,7 @@ def aligned(d: Path, name: str, ids: Sequence[str]) -> np.ndarray:
 
 
 def stage_meta(d: Path, what: str) -> dict:
+    """The stage's meta.json, or a clear error if the stage never ran here."""
     if not (d / "meta.json").exists():
         raise NolaError(f"The {what} stage has not been run on this dataset yet (no {d}). Run it first.")
     return storage.read_json(d / "meta.json")

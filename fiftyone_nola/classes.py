@@ -61,6 +61,7 @@ def resolve_classes(classes: ClassesArg = None, samples=None) -> list[str]:
 
 
 def class_index(classes: Sequence[str]) -> dict[str, int]:
+    """Map each class name to its index."""
     return {c: i for i, c in enumerate(classes)}
 
 

@@ -48,6 +48,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m fiftyone_nola``."""
     ap = argparse.ArgumentParser(prog="python -m fiftyone_nola", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -143,6 +144,7 @@ def _write_json(path: Optional[str], obj) -> None:
 
 
 def cmd_auto_label(args) -> dict:
+    """``auto-label``: import (or load) a dataset, label it, print per-stage results."""
     from .embed import EmbedConfig
     from .pipeline import AutoLabelConfig, auto_label, summary_lines
 
@@ -174,6 +176,7 @@ def cmd_auto_label(args) -> dict:
 
 
 def cmd_auto_label_multilabel(args) -> dict:
+    """``auto-label-multilabel``: the CDUL pipeline from the shell."""
     from .multilabel_pipeline import MultiLabelConfig, auto_label_multilabel
 
     clip, _ = _check_weights(*_specs(args), args.fallback_random_init)
@@ -186,6 +189,7 @@ def cmd_auto_label_multilabel(args) -> dict:
 
 
 def cmd_embed(args) -> dict:
+    """``embed``: CLIP and/or DINO embeddings into FAISS stores."""
     from .embed import EmbedConfig
     from .embeddings import compute_embeddings
 
@@ -206,6 +210,7 @@ COMMANDS = {
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns the exit code (2 for a NolaError, printed without a traceback)."""
     os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)

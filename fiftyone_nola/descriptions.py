@@ -492,6 +492,7 @@ class _MalformedReply(ValueError):
 
 
 def resolve_host(config: DescribeConfig) -> str:
+    """The Ollama host: explicit, else ``OLLAMA_HOST``, else the client's default."""
     return config.host or os.environ.get("OLLAMA_HOST") or "http://127.0.0.1:11434"
 
 

@@ -26,10 +26,12 @@ FAMILIES = ("clip", "dino")
 
 
 def embeddings_run_key(family: str) -> str:
+    """Run key under which the embedding stage of ``family`` is recorded."""
     return f"nola_embeddings_{family}"
 
 
 def index_path(samples, spec) -> str:
+    """Where the FAISS store of ``spec`` for this dataset lives."""
     return str(storage.index_dir(fo_io.dataset_id(samples), spec_key(spec)))
 
 

@@ -71,6 +71,7 @@ def root_dataset(samples):
 
 
 def dataset_id(samples) -> str:
+    """Id of the dataset behind a dataset or view (names can change, ids do not)."""
     return str(root_dataset(samples)._doc.id)
 
 
@@ -99,6 +100,7 @@ def check_field(samples, field: str, label_types: Optional[tuple] = None) -> Non
 
 
 def classification(label: str, confidence: float, logits=None):
+    """A ``fo.Classification`` with confidence (and optional logits)."""
     fo = _fo()
     c = fo.Classification(label=label, confidence=float(confidence))
     if logits is not None:
@@ -195,12 +197,14 @@ def read_label_sets(samples, field: str, ids: Sequence[str]) -> list[Optional[se
 
 
 def tag_samples(samples, ids: Iterable[str], tag: str) -> None:
+    """Tag the samples with these ids (one bulk update)."""
     ids = list(ids)
     if ids:
         root_dataset(samples).select(ids).tag_samples(tag)
 
 
 def untag_all(samples, tag: str) -> None:
+    """Remove ``tag`` from every sample of ``samples``."""
     samples.untag_samples(tag)
 
 

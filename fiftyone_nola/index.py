@@ -85,6 +85,7 @@ def _nola_version() -> str:
 
 
 def library_versions() -> dict:
+    """Versions recorded in an index's metadata."""
     return {"faiss": faiss.__version__, "numpy": np.__version__, "fiftyone_nola": _nola_version()}
 
 

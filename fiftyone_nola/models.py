@@ -51,6 +51,7 @@ _TINY_TIMM = {
 
 
 def env_flag(name: str) -> bool:
+    """Whether environment variable ``name`` is set to a true value."""
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
@@ -106,10 +107,12 @@ def concrete_dino(spec: DinoSpec) -> DinoSpec:
 
 
 def tiny_clip_spec() -> ClipSpec:
+    """A tiny random-initialised CLIP (tests, smoke runs): same code paths, milliseconds."""
     return ClipSpec(arch=TINY_CLIP_ARCH, pretrained=None, random_init=True)
 
 
 def tiny_dino_spec() -> DinoSpec:
+    """A tiny random-initialised timm ViT standing in for DINO (tests, smoke runs)."""
     return DinoSpec(name=TINY_DINO_NAME, random_init=True)
 
 
@@ -234,6 +237,7 @@ def _cached(spec, device, build: Callable[[], LoadedModel]) -> LoadedModel:
 
 
 def clear_model_cache() -> None:
+    """Forget the models loaded in this process."""
     _MODEL_CACHE.clear()
 
 

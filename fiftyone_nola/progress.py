@@ -15,6 +15,7 @@ ProgressFn = Callable[[int, int, str], None]
 
 
 def null_progress(done: int, total: int, message: str = "") -> None:
+    """A progress callback that does nothing."""
     return None
 
 

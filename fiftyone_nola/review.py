@@ -106,6 +106,7 @@ def reliability_curve(confidence: np.ndarray, correct: np.ndarray, bins: int = 1
 
 
 def calibration(samples, field: str, gt_field: str, bins: int = 10) -> dict:
+    """Reliability curve of ``field`` against the ground truth in ``gt_field``."""
     ids, labels, conf = _conf_label(samples, field)
     gt = samples.values(f"{gt_field}.label")
     has = np.array([g is not None and lab is not None for g, lab in zip(gt, labels)])
@@ -140,6 +141,7 @@ def save_review_views(dataset, field: str = "nola", threshold: float = 0.5,
 
 
 def disagreement_count(samples, fields: Sequence[str]) -> int:
+    """How many samples get different labels from the given fields."""
     vals = [samples.values(f"{f}.label") for f in fields]
     return int(sum(len(set(v)) > 1 for v in zip(*vals)))
 

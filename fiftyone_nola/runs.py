@@ -60,6 +60,7 @@ def get_run(samples, key: str) -> Optional[dict]:
 
 
 def list_nola_runs(samples) -> list[str]:
+    """Keys of the runs this library recorded on the dataset."""
     from .fo_io import root_dataset
 
     ds = root_dataset(samples)

@@ -24,22 +24,27 @@ def nola_home() -> Path:
 
 
 def storage_root(root: Optional[str] = None) -> Path:
+    """Root directory of stored artefacts (argument, else ``NOLA_HOME``)."""
     return Path(root).expanduser() if root else nola_home()
 
 
 def dataset_dir(dataset_id: str, root: Optional[str] = None) -> Path:
+    """Artefacts of one dataset."""
     return storage_root(root) / "datasets" / str(dataset_id)
 
 
 def index_dir(dataset_id: str, model_key: str, root: Optional[str] = None) -> Path:
+    """The FAISS store of one model for one dataset."""
     return dataset_dir(dataset_id, root) / "indexes" / model_key
 
 
 def run_dir(dataset_id: str, run_key: str, root: Optional[str] = None) -> Path:
+    """Artefacts of one stage run (arrays, saved models) for one dataset."""
     return dataset_dir(dataset_id, root) / "models" / run_key
 
 
 def descriptions_cache_dir(root: Optional[str] = None) -> Path:
+    """Cache of LLM-written class descriptions."""
     return storage_root(root) / "descriptions"
 
 
@@ -79,9 +84,11 @@ def _fsync_dir(d: Path) -> None:
 
 
 def write_json_atomic(path: os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def read_json(path: os.PathLike) -> Any:
+    """Read a JSON file."""
     return json.loads(Path(path).read_text())

@@ -18,6 +18,7 @@ def _digest(text: str) -> str:
 
 
 def cache_path(spec: ClipSpec):
+    """The text-embedding cache file of one CLIP model."""
     return storage.storage_root() / "text_cache" / f"{spec_key(spec)}.npz"
 
 

@@ -49,3 +49,15 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     finally:
         for name in set(fo.list_datasets()) - made:
             fo.delete_dataset(name)
+
+
+def test_public_functions_and_classes_have_docstrings():
+    import ast
+
+    missing = []
+    for p in sorted((REPO / "fiftyone_nola").glob("*.py")):
+        for node in ast.parse(p.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                if not ast.get_docstring(node):
+                    missing.append(f"{p.name}:{node.name}")
+    assert not missing, missing
