@@ -369,3 +369,31 @@ def run_benchmark(name: str, args, run: Callable, tmp_prefix: str) -> int:
     if args.json:
         write_json(args.json, results)
     return 0
+
+
+def pretrained_mode() -> bool:
+    """Accuracy figures only with real weights (``NOLA_PRETRAINED=1``)."""
+    return os.environ.get("NOLA_PRETRAINED", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+class Parts:
+    """Wall seconds, images/s, peak RSS (VmHWM, reset per part) and load of each measured part."""
+
+    def __init__(self):
+        self.rows: dict[str, dict] = {}
+
+    @contextlib.contextmanager
+    def part(self, name: str, images: int):
+        print(f"\n=== {name} ({images} images) ===", flush=True)
+        reset_peak_rss()
+        load0 = loadavg()
+        t0 = time.perf_counter()
+        row = {"images": images, "loadavg_start": load0}
+        self.rows[name] = row
+        yield row
+        dt = time.perf_counter() - t0
+        row.update(seconds=dt, images_per_s=images / dt if dt > 0 and images else None,
+                   peak_rss_mb=peak_rss_mb(), loadavg_end=loadavg())
+        ips = f"{row['images_per_s']:.2f} img/s, " if row["images_per_s"] else ""
+        print(f"=== {name}: {dt:.2f} s, {ips}peak RSS {row['peak_rss_mb']:.0f} MB, "
+              f"load {load0:.2f} -> {row['loadavg_end']:.2f} ===", flush=True)

@@ -30,11 +30,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -68,33 +65,6 @@ def parse_args(argv=None):
     a.n = a.n or (16 if a.quick else 256)
     a.naive_n = min(a.n, a.naive_n or (4 if a.quick else 32))
     return a
-
-
-def pretrained_mode() -> bool:
-    return os.environ.get("NOLA_PRETRAINED", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-class Parts:
-    """Wall seconds, images/s, peak RSS (VmHWM, reset per part) and load of each part."""
-
-    def __init__(self):
-        self.rows: dict[str, dict] = {}
-
-    @contextlib.contextmanager
-    def part(self, name: str, images: int):
-        print(f"\n=== {name} ({images} images) ===", flush=True)
-        C.reset_peak_rss()
-        load0 = C.loadavg()
-        t0 = time.perf_counter()
-        row = {"images": images, "loadavg_start": load0}
-        self.rows[name] = row
-        yield row
-        dt = time.perf_counter() - t0
-        row.update(seconds=dt, images_per_s=images / dt if dt > 0 and images else None,
-                   peak_rss_mb=C.peak_rss_mb(), loadavg_end=C.loadavg())
-        ips = f"{row['images_per_s']:.2f} img/s, " if row["images_per_s"] else ""
-        print(f"=== {name}: {dt:.2f} s, {ips}peak RSS {row['peak_rss_mb']:.0f} MB, "
-              f"load {load0:.2f} -> {row['loadavg_end']:.2f} ===", flush=True)
 
 
 def naive_local_scores(clip, filepaths, weights, grid: int, logit_scale: float = 100.0):
@@ -134,7 +104,7 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
     from fiftyone_nola.embeddings import compute_embeddings, load_embeddings
     from fiftyone_nola.models import ClipSpec
 
-    pretrained = pretrained_mode()
+    pretrained = C.pretrained_mode()
     results["pretrained"] = pretrained
     log = lambda m: print("   ", m, flush=True)  # noqa: E731
     if pretrained:
@@ -174,7 +144,7 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
     n = len(paths)
     print(f"{n} COCO images, {len(classes)} classes, {y_true.sum(1).mean():.2f} labels/image")
 
-    P = Parts()
+    P = C.Parts()
     results["parts"] = P.rows  # filled as parts finish
     with P.part("embedding pass (CLIP)", n) as row:
         s = compute_embeddings(ds, "clip", clip=clip_spec, config=EmbedConfig(

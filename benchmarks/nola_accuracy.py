@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 import uuid
@@ -131,32 +130,6 @@ def relabel_row(total, load, text, n, texts, lav) -> dict:
             "seconds_per_1000": load + text + image_side * 1000 / n, "texts": texts, "loadavg": lav}
 
 
-def pretrained_mode() -> bool:
-    return os.environ.get("NOLA_PRETRAINED", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-class Stages:
-    """Wall seconds, images/s, peak RSS (VmHWM, reset per stage) and load of each stage."""
-
-    def __init__(self):
-        self.rows: dict[str, dict] = {}
-
-    @contextlib.contextmanager
-    def stage(self, name: str, images: int):
-        print(f"\n=== {name} ({images} images) ===", flush=True)
-        C.reset_peak_rss()
-        load0 = C.loadavg()
-        t0 = time.perf_counter()
-        row = {"images": images, "loadavg_start": load0}
-        self.rows[name] = row
-        yield row
-        dt = time.perf_counter() - t0
-        row.update(seconds=dt, images_per_s=images / dt if dt > 0 else None,
-                   peak_rss_mb=C.peak_rss_mb(), loadavg_end=C.loadavg())
-        print(f"=== {name}: {dt:.1f} s, {row['images_per_s']:.2f} img/s, peak RSS "
-              f"{row['peak_rss_mb']:.0f} MB, load {load0:.2f} -> {row['loadavg_end']:.2f} ===", flush=True)
-
-
 @contextlib.contextmanager
 def timed_calls(module, name: str, record: list):
     """Temporarily wrap ``module.name`` so each call's wall seconds are appended to ``record``."""
@@ -216,7 +189,7 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
     from fiftyone_nola.embeddings import compute_embeddings, load_embeddings
     from fiftyone_nola.models import ClipSpec, DinoSpec
 
-    pretrained = pretrained_mode()
+    pretrained = C.pretrained_mode()
     results["pretrained"] = pretrained
     bs, nw = args.batch_size, args.num_workers
     log = lambda m: print("   ", m, flush=True)  # noqa: E731
@@ -267,40 +240,40 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
         include_templates = False
     print(f"{n} images of {len(classes)} classes from {DATA}; descriptions {desc_file}")
 
-    st = Stages()
+    st = C.Parts()
     results["stages"] = st.rows  # filled as stages finish
     ecfg = EmbedConfig(batch_size=bs, num_workers=nw, device="cpu")
     res: dict = {}
-    with st.stage("embeddings_clip", n) as row:
+    with st.part("embeddings_clip", n) as row:
         s = compute_embeddings(ds, "clip", clip=clip_spec, config=ecfg, log=log)["clip"]
         row["model_load_seconds"] = s["model_load_seconds"]
         row["images_per_s_excl_model_load"] = s["images_per_s"]
-    with st.stage("embeddings_dino", n) as row:
+    with st.part("embeddings_dino", n) as row:
         s = compute_embeddings(ds, "dino", dino=dino_spec, config=ecfg, log=log)["dino"]
         row["model_load_seconds"] = s["model_load_seconds"]
         row["images_per_s_excl_model_load"] = s["images_per_s"]
     zcfg = labeling.ZeroShotConfig(clip=clip_spec, descriptions_file=desc_file,
                                    include_templates=include_templates, device="cpu")
-    with st.stage("zeroshot", n) as row:
+    with st.part("zeroshot", n) as row:
         rec_load, rec_text = [], []
         with text_side_timers(rec_load, rec_text):
             res["zeroshot"] = labeling.zero_shot(ds, classes, zcfg, "nola_zeroshot", log=log)
         row["model_load_seconds"], row["text_seconds"] = sum(rec_load), sum(rec_text)
         row["texts"] = n_texts(ds, "nola_zeroshot")
-    with st.stage("dino_labeler", n) as row:
+    with st.part("dino_labeler", n) as row:
         res["dino"] = labeling.dino_labels(ds, "nola_zeroshot", dino_spec,
                                            dl.DinoLabelerConfig(device="cpu"), "nola_dino", log=log)
         row["k"], row["trained_on"] = res["dino"]["k"], res["dino"]["selected_for_training"]
     tcfg = pt.TuneConfig(epochs=args.tune_epochs, batch_size=args.tune_batch_size,
                          max_samples=args.tune_samples, num_workers=nw, device="cpu")
     n_tune = min(args.tune_samples, n)
-    with st.stage("prompt_tuning", n_tune * args.tune_epochs) as row:
+    with st.part("prompt_tuning", n_tune * args.tune_epochs) as row:
         res["tune"] = labeling.tune_prompts(ds, "nola_zeroshot", "nola_dino", clip_spec, tcfg,
                                             run_name="nola", log=log)
         secs = res["tune"]["history"]["seconds"]
         row["epoch_seconds"] = secs
         row["train_images"] = n_tune
-    with st.stage("predict", n) as row:
+    with st.part("predict", n) as row:
         res["predict"] = labeling.predict(ds, res["tune"]["model_dir"], clip_spec, "nola", batch_size=bs,
                                           num_workers=nw, device="cpu", log=log)
 
