@@ -204,6 +204,18 @@ class NolaClipPromptModel(fom.Model, fom.PromptMixin):
         return normalize_rows(out)
 
 
+def _check_missing(sample_ids, found, allow_missing: bool, warn_missing: bool) -> None:
+    """Brain's contract for ids absent from the index: raise, warn, or ignore."""
+    n_missing = int((~found).sum())
+    if not n_missing:
+        return
+    if not allow_missing:
+        first = sample_ids[int(np.argmin(found))]
+        raise ValueError(f"Found {n_missing} sample IDs (eg '{first}') that are not present in the index")
+    if warn_missing:
+        logger.warning("Ignoring %d sample IDs that are not present in the index", n_missing)
+
+
 class FaissSimilarityIndex(SimilarityIndex, DuplicatesMixin):
     """A brain similarity index whose data lives in an :class:`EmbeddingIndex` directory.
 
@@ -367,15 +379,7 @@ class FaissSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             sample_ids = [sample_ids]
         sample_ids = [str(s) for s in sample_ids]
         found = self._index.has(sample_ids)
-        n_missing = int((~found).sum())
-        if n_missing:
-            if not allow_missing:
-                first = sample_ids[int(np.argmin(found))]
-                raise ValueError(
-                    f"Found {n_missing} IDs (eg {first}) that are not present in the index"
-                )
-            if warn_missing:
-                logger.warning("Ignoring %d IDs that are not present in the index", n_missing)
+        _check_missing(sample_ids, found, allow_missing, warn_missing)
         rm = [s for s, f in zip(sample_ids, found) if f]
         if not rm:
             return
@@ -403,15 +407,7 @@ class FaissSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             sample_ids = [sample_ids]
         sample_ids = [str(s) for s in sample_ids]
         vecs, found = ix.get(sample_ids)
-        n_missing = int((~found).sum())
-        if n_missing:
-            if not allow_missing:
-                first = sample_ids[int(np.argmin(found))]
-                raise ValueError(
-                    f"Found {n_missing} sample IDs (eg '{first}') that are not present in the index"
-                )
-            if warn_missing:
-                logger.warning("Ignoring %d sample IDs that are not present in the index", n_missing)
+        _check_missing(sample_ids, found, allow_missing, warn_missing)
         return vecs, np.array(sample_ids, dtype=str)[found], None
 
     def reload(self):
