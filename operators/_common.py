@@ -17,6 +17,18 @@ from fiftyone_nola.models import ClipSpec, DinoSpec, random_init_default
 DEVICES = ["auto", "cpu", "cuda"]
 
 
+def operator_config(name: str, label: str, description: str, delegated: bool = True,
+                    default_delegated: bool = False):
+    """The config every NoLA operator shares: dynamic form, immediate and (long work) delegated runs."""
+    import fiftyone.operators as foo
+
+    return foo.OperatorConfig(
+        name=name, label=label, description=description, dynamic=True,
+        allow_immediate_execution=True, allow_delegated_execution=delegated,
+        default_choice_to_delegated=default_delegated,
+    )
+
+
 def target_samples(ctx):
     """The samples to act on: dataset, current view or selected samples (App's target choice).
 

@@ -14,15 +14,9 @@ from . import _common as c
 class ComputeEmbeddings(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="compute_embeddings",
-            label="NoLA: compute embeddings",
-            description="CLIP and/or DINO image embeddings into on-disk FAISS indexes (incremental)",
-            dynamic=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-            default_choice_to_delegated=True,
-        )
+        return c.operator_config("compute_embeddings", "NoLA: compute embeddings",
+                                 "CLIP and/or DINO image embeddings into on-disk FAISS indexes (incremental)",
+                                 default_delegated=True)
 
     def resolve_input(self, ctx):
         inputs = types.Object()

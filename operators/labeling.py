@@ -12,18 +12,11 @@ from fiftyone_nola.evaluation import evaluate_single_label
 from . import _common as c
 
 
-def _cfg(name, label, description):
-    return foo.OperatorConfig(
-        name=name, label=label, description=description, dynamic=True,
-        allow_immediate_execution=True, allow_delegated_execution=True,
-    )
-
-
 class ZeroShot(foo.Operator):
     @property
     def config(self):
-        return _cfg("zero_shot", "NoLA: zero-shot labels (CDE)",
-                    "Label samples from stored CLIP embeddings with class-description embeddings")
+        return c.operator_config("zero_shot", "NoLA: zero-shot labels (CDE)",
+                                 "Label samples from stored CLIP embeddings with class-description embeddings")
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -56,8 +49,8 @@ class ZeroShot(foo.Operator):
 class DinoLabels(foo.Operator):
     @property
     def config(self):
-        return _cfg("dino_labels", "NoLA: DINO pseudo-labels",
-                    "Train the DINO labelling network on confident zero-shot picks and label every sample")
+        return c.operator_config("dino_labels", "NoLA: DINO pseudo-labels",
+                                 "Train the DINO labelling network on confident zero-shot picks and label every sample")
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -88,8 +81,8 @@ class DinoLabels(foo.Operator):
 class TunePrompts(foo.Operator):
     @property
     def config(self):
-        return _cfg("tune_prompts", "NoLA: prompt tuning",
-                    "Tune CLIP's visual prompts on the DINO labeller's pseudo-labels, then predict")
+        return c.operator_config("tune_prompts", "NoLA: prompt tuning",
+                                 "Tune CLIP's visual prompts on the DINO labeller's pseudo-labels, then predict")
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -133,8 +126,8 @@ class TunePrompts(foo.Operator):
 class ApplyModel(foo.Operator):
     @property
     def config(self):
-        return _cfg("apply_tuned_model", "NoLA: apply a saved tuned model",
-                    "Predict with a saved prompt-tuned CLIP on the dataset, view or selection")
+        return c.operator_config("apply_tuned_model", "NoLA: apply a saved tuned model",
+                                 "Predict with a saved prompt-tuned CLIP on the dataset, view or selection")
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -162,8 +155,8 @@ class ApplyModel(foo.Operator):
 class Evaluate(foo.Operator):
     @property
     def config(self):
-        return _cfg("evaluate_labels", "NoLA: evaluate against ground truth",
-                    "Accuracy / per-class report / confusion matrix of a predicted field")
+        return c.operator_config("evaluate_labels", "NoLA: evaluate against ground truth",
+                                 "Accuracy / per-class report / confusion matrix of a predicted field")
 
     def resolve_input(self, ctx):
         inputs = types.Object()

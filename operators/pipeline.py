@@ -13,15 +13,9 @@ from . import _common as c
 class AutoLabel(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="auto_label",
-            label="NoLA: auto-label (whole pipeline)",
-            description="Embeddings, zero-shot, DINO pseudo-labels, prompt tuning, predictions",
-            dynamic=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-            default_choice_to_delegated=True,
-        )
+        return c.operator_config("auto_label", "NoLA: auto-label (whole pipeline)",
+                                 "Embeddings, zero-shot, DINO pseudo-labels, prompt tuning, predictions",
+                                 default_delegated=True)
 
     def resolve_input(self, ctx):
         inputs = types.Object()
