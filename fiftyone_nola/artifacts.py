@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -22,16 +23,53 @@ def stage_dir(samples, run_key: str) -> Path:
 BUNDLE = "arrays.npz"
 
 
+# Locks held by this thread, by lock-file path: flock belongs to an open file, so a nested
+# acquire through a second open() would wait for ourselves. Per thread, because the App
+# server runs operators in threads of one process and those must still exclude each other.
+_held = threading.local()
+
+
 @contextlib.contextmanager
-def _locked(d: Path):
-    """Serialise writers of one stage directory (two jobs labelling disjoint views at once)."""
+def _locked(d: Path, log: Optional[Callable[[str], None]] = None, what: str = ""):
+    """Serialise writers of one stage directory, across processes and threads; re-entrant.
+
+    ``log`` is told when another job holds the lock, so a waiting job never looks hung.
+    """
     d.mkdir(parents=True, exist_ok=True)
-    with open(d / ".lock", "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    key = str((d / ".lock").resolve())
+    held = _held.__dict__.setdefault("paths", set())
+    if key in held:
+        yield
+        return
+    with open(key, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log is not None:
+                log(f"[{what or d.name}] another job is writing this stage; waiting for it to finish")
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        held.add(key)
         try:
             yield
         finally:
+            held.discard(key)
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def stage_writer(samples, field: str, log: Optional[Callable[[str], None]] = None):
+    """Publish a stage's outputs (field values, arrays, run record) as one serialised step.
+
+    Two jobs writing the same field take turns (never interleaved values), and the stage's run
+    record is dropped first: a job killed half-way through leaves the stage "not done", so the
+    next run recomputes it instead of trusting a half-written field.
+    """
+    from . import runs
+
+    d = stage_dir(samples, field)
+    with _locked(d, log, field):
+        runs.forget_run(samples, runs.run_key_for(field))
+        yield d
 
 
 def _read_bundle(d: Path) -> Optional[dict]:

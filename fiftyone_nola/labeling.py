@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import fo_io, runs, storage
-from .artifacts import aligned, load_array, save_array_bundle, stage_dir, stage_meta
+from .artifacts import aligned, load_array, save_array_bundle, stage_dir, stage_meta, stage_writer
 from .classes import ClassesArg, labels_to_indices, resolve_classes
 from .device import resolve_device
 from .embeddings import check_coverage, load_embeddings
@@ -89,17 +89,17 @@ def zero_shot(
                                                                         or not config.clip.pretrained)}
     probs = np.full((len(ids), len(classes)), np.nan, dtype=np.float32)
     probs[ok] = zs.softmax(zs.zeroshot_logits(emb[ok], W, config.logit_scale)).astype(np.float32)
-    written = fo_io.write_classifications(samples, ids, classes, probs, label_field, config.store_logits)
-    d = stage_dir(samples, label_field)
-    meta = {"classes": list(classes), "clip": clip_identity, "field": label_field,
-            "descriptions_source": getattr(desc, "source", {}), "n_texts": {c: len(t) for c, t in texts.items()}}
-    save_array_bundle(d, ids, {"probs": probs}, meta, shared={"class_weights": W.astype(np.float32)})
-    summary = {"stage": "zeroshot", "field": label_field, "samples": len(ids), "labelled": written,
-               "skipped": len(ids) - written, "classes": len(classes),
-               "seconds": time.perf_counter() - t0, "random_init": clip_identity["random_init"],
-               "texts_encoded": tinfo["encoded"], "texts_cached": tinfo["cached"],
-               "warnings": list(getattr(desc, "warnings", []))}
-    runs.record_run(samples, runs.run_key_for(label_field), "zeroshot", config, summary)
+    with stage_writer(samples, label_field, log) as d:
+        written = fo_io.write_classifications(samples, ids, classes, probs, label_field, config.store_logits)
+        meta = {"classes": list(classes), "clip": clip_identity, "field": label_field,
+                "descriptions_source": getattr(desc, "source", {}), "n_texts": {c: len(t) for c, t in texts.items()}}
+        save_array_bundle(d, ids, {"probs": probs}, meta, shared={"class_weights": W.astype(np.float32)})
+        summary = {"stage": "zeroshot", "field": label_field, "samples": len(ids), "labelled": written,
+                   "skipped": len(ids) - written, "classes": len(classes),
+                   "seconds": time.perf_counter() - t0, "random_init": clip_identity["random_init"],
+                   "texts_encoded": tinfo["encoded"], "texts_cached": tinfo["cached"],
+                   "warnings": list(getattr(desc, "warnings", []))}
+        runs.record_run(samples, runs.run_key_for(label_field), "zeroshot", config, summary)
     log(f"[zeroshot] {written} samples -> field '{label_field}' in {summary['seconds']:.2f}s")
     return summary
 
@@ -156,25 +156,25 @@ def dino_labels(
     res = dl.dino_pseudo_labels(zs_probs[ok], feats[ok], config, trusted=trusted)
     probs = np.full((len(ids), len(classes)), np.nan, dtype=np.float32)
     probs[ok] = res.probs
-    written = fo_io.write_classifications(samples, ids, classes, probs, label_field)
-    d = stage_dir(samples, label_field)
-    dl.save_labeler(d / "labeler", res.model, classes, {"dino_key": spec_key(dino)})
-    teacher = np.full(len(ids), -1, dtype=np.int64)
-    teacher[ok] = np.argmax(res.probs, axis=1)
-    save_array_bundle(d, ids, {"probs": probs, "teacher": teacher},
-                       {"classes": classes, "field": label_field, "k": int(res.k),
-                        "selected": int(len(res.selected_indices)), "zeroshot_field": zeroshot_field})
-    warnings = [re.sub(r"^class (\d+):", lambda m: f"class {classes[int(m.group(1))]!r}:", w)
-                for w in res.warnings]
-    for w in warnings:
-        log(f"[dino] {w}")
-    summary = {"stage": "dino", "field": label_field, "samples": len(ids), "labelled": written,
-               "k": int(res.k), "selected_for_training": int(len(res.selected_indices)),
-               "trusted": len(trusted or {}), "warnings": warnings,
-               "seconds": time.perf_counter() - t0}
-    runs.record_run(samples, runs.run_key_for(label_field), "dino_labeler",
-                    {"labeler": config, "dino": dino, "zeroshot_field": zeroshot_field,
-                     "trusted_field": trusted_field}, summary)
+    with stage_writer(samples, label_field, log) as d:
+        written = fo_io.write_classifications(samples, ids, classes, probs, label_field)
+        dl.save_labeler(d / "labeler", res.model, classes, {"dino_key": spec_key(dino)})
+        teacher = np.full(len(ids), -1, dtype=np.int64)
+        teacher[ok] = np.argmax(res.probs, axis=1)
+        save_array_bundle(d, ids, {"probs": probs, "teacher": teacher},
+                           {"classes": classes, "field": label_field, "k": int(res.k),
+                            "selected": int(len(res.selected_indices)), "zeroshot_field": zeroshot_field})
+        warnings = [re.sub(r"^class (\d+):", lambda m: f"class {classes[int(m.group(1))]!r}:", w)
+                    for w in res.warnings]
+        for w in warnings:
+            log(f"[dino] {w}")
+        summary = {"stage": "dino", "field": label_field, "samples": len(ids), "labelled": written,
+                   "k": int(res.k), "selected_for_training": int(len(res.selected_indices)),
+                   "trusted": len(trusted or {}), "warnings": warnings,
+                   "seconds": time.perf_counter() - t0}
+        runs.record_run(samples, runs.run_key_for(label_field), "dino_labeler",
+                        {"labeler": config, "dino": dino, "zeroshot_field": zeroshot_field,
+                         "trusted_field": trusted_field}, summary)
     log(f"[dino] k={res.k}, trained on {len(res.selected_indices)} picks, labelled {written} -> "
         f"'{label_field}' in {summary['seconds']:.2f}s")
     return summary
@@ -268,14 +268,14 @@ def predict(
     probs, failed = pt.predict_tuned(model, paths, batch_size or prof.embed_batch_size,
                                      prof.num_workers if num_workers is None else num_workers,
                                      dev, precision, progress)
-    written = fo_io.write_classifications(samples, ids, classes, probs, label_field)
-    fo_io.tag_samples(samples, [ids[i] for i, _ in failed], fo_io.UNREADABLE_TAG)
-    d = stage_dir(samples, label_field)
-    save_array_bundle(d, ids, {"probs": probs}, {"classes": classes, "field": label_field,
-                                                  "model_dir": str(model_dir)})
-    summary = {"stage": "predict", "field": label_field, "samples": len(ids), "labelled": written,
-               "failed": len(failed), "seconds": time.perf_counter() - t0}
-    runs.record_run(samples, runs.run_key_for(label_field), "predict",
-                    {"model_dir": str(model_dir), "precision": precision}, summary)
+    with stage_writer(samples, label_field, log) as d:
+        written = fo_io.write_classifications(samples, ids, classes, probs, label_field)
+        fo_io.tag_samples(samples, [ids[i] for i, _ in failed], fo_io.UNREADABLE_TAG)
+        save_array_bundle(d, ids, {"probs": probs}, {"classes": classes, "field": label_field,
+                                                      "model_dir": str(model_dir)})
+        summary = {"stage": "predict", "field": label_field, "samples": len(ids), "labelled": written,
+                   "failed": len(failed), "seconds": time.perf_counter() - t0}
+        runs.record_run(samples, runs.run_key_for(label_field), "predict",
+                        {"model_dir": str(model_dir), "precision": precision}, summary)
     log(f"[predict] {written} samples -> '{label_field}' in {summary['seconds']:.1f}s")
     return summary

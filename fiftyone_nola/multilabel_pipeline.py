@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import fo_io, runs
-from .artifacts import aligned, has_array, save_array_bundle, stage_dir, stage_meta
+from .artifacts import aligned, has_array, save_array_bundle, stage_dir, stage_meta, stage_writer
 from .classes import ClassesArg, resolve_classes
 from .device import resolve_device
 from .embed import EmbedConfig
@@ -107,21 +107,22 @@ def multilabel_pseudo_labels(
     else:
         y = g
     pos = ml.decide_labels(y, config.rule, ratio=config.ratio, max_labels=config.max_labels)
-    written = fo_io.write_multilabel(samples, ids, classes, y, pos, config.pseudo_field)
-    arrays = {"soft_labels": y, "global": g}
-    if local is not None:
-        arrays["local_max"] = ml.local_only(local, 0.0)
-    save_array_bundle(stage_dir(samples, config.pseudo_field), ids, arrays,
-                       {"classes": classes, "field": config.pseudo_field, "clip": clip_identity})
-    summary = {"stage": "cdul_pseudo", "field": config.pseudo_field, "samples": len(ids),
-               "labelled": written, "failed": len(failed),
-               "mean_labels_per_sample": float(pos[np.all(np.isfinite(y), axis=1)].sum(1).mean()) if written else 0.0,
-               "classes_never_positive": [c for c, p in zip(classes, pos.any(0)) if not p],
-               "seconds_global": t_global, "seconds_local": t_local,
-               "images_per_s_local": (len(ids) / t_local) if t_local else None,
-               "seconds": time.perf_counter() - t0}
-    runs.record_run(samples, runs.run_key_for(config.pseudo_field), "cdul_pseudo_labels",
-                    dataclasses.replace(config, embed=None), summary)
+    with stage_writer(samples, config.pseudo_field, log) as d:
+        written = fo_io.write_multilabel(samples, ids, classes, y, pos, config.pseudo_field)
+        arrays = {"soft_labels": y, "global": g}
+        if local is not None:
+            arrays["local_max"] = ml.local_only(local, 0.0)
+        save_array_bundle(d, ids, arrays,
+                           {"classes": classes, "field": config.pseudo_field, "clip": clip_identity})
+        summary = {"stage": "cdul_pseudo", "field": config.pseudo_field, "samples": len(ids),
+                   "labelled": written, "failed": len(failed),
+                   "mean_labels_per_sample": float(pos[np.all(np.isfinite(y), axis=1)].sum(1).mean()) if written else 0.0,
+                   "classes_never_positive": [c for c, p in zip(classes, pos.any(0)) if not p],
+                   "seconds_global": t_global, "seconds_local": t_local,
+                   "images_per_s_local": (len(ids) / t_local) if t_local else None,
+                   "seconds": time.perf_counter() - t0}
+        runs.record_run(samples, runs.run_key_for(config.pseudo_field), "cdul_pseudo_labels",
+                        dataclasses.replace(config, embed=None), summary)
     log(f"[cdul] pseudo-labels for {written} samples -> '{config.pseudo_field}' "
         f"({summary['mean_labels_per_sample']:.2f} labels/sample) in {summary['seconds']:.1f}s")
     return summary
@@ -150,16 +151,16 @@ def train_multilabel(
     model, refined, history = ml.train_multilabel_classifier(feats, y, tcfg, progress)
     probs = ml.predict_multilabel(model, feats)
     pos = ml.decide_labels(probs, config.rule, ratio=config.ratio, max_labels=config.max_labels)
-    written = fo_io.write_multilabel(samples, ids, classes, probs, pos, config.pred_field)
-    out_dir = stage_dir(samples, config.pred_field)
-    ml.save_classifier(out_dir / "classifier.pt", model, classes, {"features": "clip" + ("+dino" if config.dino else "")})
-    save_array_bundle(out_dir, ids, {"probs": probs, "refined_labels": refined},
-                       {"classes": classes, "field": config.pred_field})
-    summary = {"stage": "cdul_train", "field": config.pred_field, "samples": len(ids), "labelled": written,
-               "epochs": tcfg.epochs, "final_loss": (history.get("loss") or [None])[-1],
-               "train_seconds": time.perf_counter() - t0, "model_path": str(out_dir / "classifier.pt")}
-    runs.record_run(samples, runs.run_key_for(config.pred_field), "cdul_classifier",
-                    {"train": tcfg, "pseudo_field": config.pseudo_field}, summary)
+    with stage_writer(samples, config.pred_field, log) as out_dir:
+        written = fo_io.write_multilabel(samples, ids, classes, probs, pos, config.pred_field)
+        ml.save_classifier(out_dir / "classifier.pt", model, classes, {"features": "clip" + ("+dino" if config.dino else "")})
+        save_array_bundle(out_dir, ids, {"probs": probs, "refined_labels": refined},
+                           {"classes": classes, "field": config.pred_field})
+        summary = {"stage": "cdul_train", "field": config.pred_field, "samples": len(ids), "labelled": written,
+                   "epochs": tcfg.epochs, "final_loss": (history.get("loss") or [None])[-1],
+                   "train_seconds": time.perf_counter() - t0, "model_path": str(out_dir / "classifier.pt")}
+        runs.record_run(samples, runs.run_key_for(config.pred_field), "cdul_classifier",
+                        {"train": tcfg, "pseudo_field": config.pseudo_field}, summary)
     log(f"[cdul] classifier trained ({tcfg.epochs} epochs) -> '{config.pred_field}' in "
         f"{summary['train_seconds']:.1f}s")
     return summary

@@ -32,13 +32,23 @@ def record_run(samples, key: str, method: str, config: Any, results: Optional[di
 
     ds = root_dataset(samples)
     cfg = ds.init_run(method=f"{RUN_PREFIX}.{method}", config=_jsonable(config))
-    if key in ds.list_runs():
-        ds.delete_run(key)
+    forget_run(ds, key)
     ds.register_run(key, cfg)
     if results is not None:
         # Stored under one attribute: result keys like "samples" would clash with RunResults'.
         res = ds.init_run_results(key, summary=_jsonable({**results, "recorded_at": time.time()}))
         ds.save_run_results(key, res)
+
+
+def forget_run(samples, key: str) -> bool:
+    """Delete the record of run ``key`` if there is one (its stage is being redone)."""
+    from .fo_io import root_dataset
+
+    ds = root_dataset(samples)
+    if key not in ds.list_runs():
+        return False
+    ds.delete_run(key)
+    return True
 
 
 def get_run(samples, key: str) -> Optional[dict]:
