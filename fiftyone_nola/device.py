@@ -86,6 +86,38 @@ def small_steps_on_cpu(device: torch.device, macs_per_step: int = 0, limit: int 
         torch.set_num_threads(before)
 
 
+# torch.compile costs tens of seconds up front; below this many images it cannot pay back.
+COMPILE_MIN_ITEMS = 20_000
+COMPILE_SETTINGS = ("auto", "on", "off")
+
+
+def should_compile(device: torch.device, n_items: int, setting: str = "auto") -> bool:
+    """Whether to ``torch.compile`` a model that will see ``n_items`` inputs.
+
+    ``auto``: on CUDA only, for large jobs (on a CPU the compile costs more than it saves);
+    ``on``/``off`` force it.
+    """
+    if setting not in COMPILE_SETTINGS:
+        from .errors import InvalidInputError
+
+        raise InvalidInputError(f"compile must be one of {COMPILE_SETTINGS}, not {setting!r}")
+    if setting != "auto":
+        return setting == "on"
+    return device.type == "cuda" and n_items >= COMPILE_MIN_ITEMS and hasattr(torch, "compile")
+
+
+def maybe_compile(fn, device: torch.device, n_items: int, setting: str = "auto"):
+    """``fn`` compiled with ``torch.compile`` when :func:`should_compile` says so, else ``fn``.
+
+    The backend comes from ``NOLA_COMPILE_BACKEND`` (default inductor). Batches of one size
+    compile once; the ragged last batch triggers one dynamic-shape recompile, not one per size.
+    """
+    if not should_compile(device, n_items, setting):
+        return fn
+    backend = os.environ.get("NOLA_COMPILE_BACKEND", "inductor")
+    return torch.compile(fn, backend=backend, dynamic=None)
+
+
 def pin_memory(device: torch.device) -> bool:
     """Pinned host memory only helps host-to-GPU copies."""
     return device.type == "cuda"

@@ -31,6 +31,7 @@ class EmbedConfig:
     draft_decode: bool = True  # JPEG DCT-scaled decode; exact decode when False
     chunk_size: int = 512  # samples per index checkpoint: a killed job loses at most this many
     index_type: str = "flat"  # flat (exact) | ivf | hnsw
+    compile: str = "auto"  # torch.compile the encoder: auto = CUDA and >= 20k images; on | off
 
     def resolved(self) -> EmbedConfig:
         """A copy with every automatic setting filled in for this machine."""
@@ -44,6 +45,7 @@ class EmbedConfig:
             draft_decode=self.draft_decode,
             chunk_size=self.chunk_size,
             index_type=self.index_type,
+            compile=self.compile,
         )
 
     def preprocessing_tag(self, model: LoadedModel) -> str:
@@ -70,6 +72,7 @@ def iter_embeddings(
     options = DecodeOptions(draft_size=draft_size_for(model.image_size, cfg.draft_decode))
     ds = ImageFileDataset(filepaths, model.transform, options)
     loader = make_loader(ds, cfg.batch_size, cfg.num_workers, pin_memory=pin)
+    encode = dev.maybe_compile(model.encode_image, device, len(ds), cfg.compile)
     total, done = len(ds), 0
     progress(0, total, f"embedding ({model.family})")
     with torch.inference_mode():
@@ -78,7 +81,7 @@ def iter_embeddings(
             if batch is not None:
                 batch = batch.to(device, non_blocking=pin)
                 with dev.autocast(device, amp):
-                    out = model.encode_image(batch)
+                    out = encode(batch)
                 vecs = out.float().cpu().numpy()
             done += len(idx) + len(bad)
             progress(done, total, f"embedding ({model.family})")

@@ -41,3 +41,39 @@ def test_hardware_profile_cpu_vs_gpu():
     assert gpu.tune_epochs == 50 and gpu.tune_batch_size == 512 and gpu.tune_max_samples is None
     assert cpu.tune_epochs < gpu.tune_epochs and cpu.tune_max_samples is not None
     assert "tuning" in cpu.describe()
+
+
+def test_compile_policy():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not dev.should_compile(cpu, 10**6)  # compile costs more than it saves on a CPU
+    assert dev.should_compile(cuda, dev.COMPILE_MIN_ITEMS)
+    assert not dev.should_compile(cuda, dev.COMPILE_MIN_ITEMS - 1)  # cannot pay back
+    assert dev.should_compile(cpu, 1, "on") and not dev.should_compile(cuda, 10**6, "off")
+    with pytest.raises(InvalidInputError, match="compile must be one of"):
+        dev.should_compile(cpu, 1, "yes")
+
+
+def test_compiled_embedding_matches_eager(tiny_clip, tmp_path, monkeypatch):
+    """compile="on" really routes batches through torch.compile and changes no vector."""
+    import numpy as np
+
+    from conftest import cifar_files
+    from fiftyone_nola.embed import EmbedConfig, embed_filepaths
+
+    files = [p for p, _ in cifar_files(per_class=1)][:6]
+    calls = []
+    real = torch.compile
+
+    def spy(fn, **kw):
+        calls.append(kw)
+        return real(fn, **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    # The eager backend exercises the compile wrapper without a C++ toolchain build in tests.
+    monkeypatch.setenv("NOLA_COMPILE_BACKEND", "eager")
+    base = EmbedConfig(batch_size=4, num_workers=0, device="cpu")
+    plain, _ = embed_filepaths(tiny_clip, files, base)
+    assert calls == []
+    compiled, _ = embed_filepaths(tiny_clip, files, EmbedConfig(**{**base.__dict__, "compile": "on"}))
+    assert calls and calls[0]["backend"] == "eager"
+    np.testing.assert_allclose(compiled, plain, atol=1e-6)
