@@ -22,12 +22,12 @@ import os
 import re
 import threading
 import time
-import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from .classes import normalize_class_name, parse_classes
 from .errors import InvalidInputError
 from .storage import atomic_path, descriptions_cache_dir, write_json_atomic
 
@@ -247,57 +247,14 @@ class DescriptionSet:
 # --------------------------------------------------------------------------- class names
 
 
-def normalize_class_name(name: str) -> str:
-    """Matching key: case-, underscore- and whitespace-insensitive ("Sea_Lion" == "sea lion")."""
-    return re.sub(r"[\s_]+", " ", unicodedata.normalize("NFC", str(name))).strip().casefold()
-
-
 def display_name(name: str) -> str:
     """The class name as put into prompts and templates: underscores read as spaces."""
     return re.sub(r"\s+", " ", str(name).replace("_", " ")).strip()
 
 
 def parse_class_names(text_or_list: Union[str, Sequence[str]]) -> list[str]:
-    """Class names from ``"a, b, c"``, one-per-line text (``#`` lines are comments) or a list.
-
-    Multi-line text is one name per line, so names may contain commas there. Names are stripped
-    and otherwise kept verbatim (unicode, slashes, quotes). Empty or duplicate names (compared
-    case-, underscore- and space-insensitively) raise InvalidInputError.
-    """
-    if isinstance(text_or_list, str):
-        lines = [ln.strip() for ln in text_or_list.splitlines()]
-        lines = [ln for ln in lines if ln and not ln.startswith("#")]
-        names = lines[0].split(",") if len(lines) == 1 else lines
-        where = "the comma-separated list" if len(lines) == 1 else "the text"
-    elif isinstance(text_or_list, Sequence):
-        names = list(text_or_list)
-        bad = [n for n in names if not isinstance(n, str)]
-        if bad:
-            raise InvalidInputError(f"Class names must be strings, got {bad[:5]!r}")
-        where = "the list"
-    else:
-        raise InvalidInputError(
-            f"Class names must be a list of strings or text, not {type(text_or_list).__name__}"
-        )
-    names = [n.strip() for n in names]
-    if not names:
-        raise InvalidInputError("No class names given: pass e.g. 'cat, dog' or one name per line")
-    empty = [i + 1 for i, n in enumerate(names) if not n]
-    if empty:
-        raise InvalidInputError(
-            f"Empty class name at position(s) {empty} of {where} ({len(names)} entries): "
-            f"remove the extra commas or blank entries"
-        )
-    groups: dict[str, list[str]] = {}
-    for n in names:
-        groups.setdefault(normalize_class_name(n), []).append(n)
-    dups = [g for g in groups.values() if len(g) > 1]
-    if dups:
-        listed = "; ".join(" = ".join(repr(x) for x in g) for g in dups)
-        raise InvalidInputError(
-            f"Duplicate class names (case, spaces and underscores are ignored when comparing): {listed}"
-        )
-    return names
+    """Class names to describe: :func:`classes.parse_classes` accepting a single class."""
+    return parse_classes(text_or_list, min_classes=1)
 
 
 def load_class_names(path: Union[str, os.PathLike]) -> list[str]:

@@ -14,7 +14,8 @@ def test_parse_forms(tmp_path):
 
 
 @pytest.mark.parametrize("bad, msg", [
-    (["cat", "Cat"], "Duplicate"), (["cat", " "], "empty"), (["cat"], "at least 2"), ([], "at least 2"),
+    (["cat", "Cat"], "Duplicate"), (["cat", " "], "empty"), (["cat"], "at least 2"), ([], "No class names given"),
+    (["sea_lion", "Sea Lion"], "Duplicate"),
 ])
 def test_bad_class_lists(bad, msg):
     with pytest.raises(InvalidInputError, match=msg):
