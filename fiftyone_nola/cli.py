@@ -80,6 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--family", choices=["clip", "dino", "both"], default="both")
     p.add_argument("--exact-decode", action="store_true", help="no JPEG draft decoding")
+
+    p = sub.add_parser("tune", help="prompt tuning + predict on a dataset that has DINO labels; "
+                                    "multi-GPU: torchrun --nproc_per_node=N -m fiftyone_nola tune")
+    p.add_argument("--dataset", required=True,
+                   help="dataset already labelled by auto-label --no-tune")
+    p.add_argument("--epochs", type=int, default=None, help="default: fit hardware")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch, split over torchrun processes (default: fit hardware)")
+    p.add_argument("--tune-max-samples", type=int, default=-1,
+                   help="tune on at most N samples (default: fit hardware; 0 = all)")
+    p.add_argument("--workers", type=int, default=None, help="loader workers per process")
+    p.add_argument("--no-predict", action="store_true", help="only tune and save the model")
+    p.add_argument("--json", dest="json_out", default=None, help="write the summary as JSON here")
+    g = p.add_argument_group("models (as given to auto-label)")
+    g.add_argument("--clip-arch", default="ViT-B-32")
+    g.add_argument("--clip-pretrained", default="openai")
+    g.add_argument("--models-dir", default=None)
+    g.add_argument("--random-init", action="store_true", default=None)
+    g.add_argument("--device", default=None,
+                   help="cpu or cuda (each process takes cuda:LOCAL_RANK)")
     return ap
 
 
@@ -202,10 +222,44 @@ def cmd_embed(args) -> dict:
     return summary
 
 
+def cmd_tune(args) -> dict:
+    """``tune``: the prompt-tuning stage and predict; under torchrun, data-parallel.
+
+    Every torchrun process runs this; rank 0 alone reads and writes the dataset and prints.
+    """
+    from dataclasses import replace
+
+    from . import distributed_training as dt
+    from .models import ClipSpec, random_init_default
+    from .prompt_tuning import TuneConfig
+
+    ctx = dt.init_distributed(args.device)
+    log = _log if ctx.is_main else (lambda _msg: None)
+    if args.models_dir:
+        os.environ["NOLA_MODELS_DIR"] = args.models_dir
+    random_init = args.random_init if args.random_init is not None else random_init_default()
+    clip = ClipSpec(arch=args.clip_arch, pretrained=args.clip_pretrained, random_init=random_init)
+    config = TuneConfig.for_hardware(args.device, log=log)
+    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "num_workers": args.workers}
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    if args.tune_max_samples != -1:
+        config = replace(config, max_samples=args.tune_max_samples or None)
+    try:
+        summary = dt.tune_prompts_distributed(
+            args.dataset, clip, config, predict=not args.no_predict, log=log,
+            progress=print_progress(sys.stdout) if ctx.is_main else None)
+    finally:
+        dt.shutdown()
+    if ctx.is_main:
+        _write_json(args.json_out, summary)
+    return summary or {}
+
+
 COMMANDS = {
     "auto-label": cmd_auto_label,
     "auto-label-multilabel": cmd_auto_label_multilabel,
     "embed": cmd_embed,
+    "tune": cmd_tune,
 }
 
 

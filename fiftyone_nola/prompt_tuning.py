@@ -10,11 +10,19 @@ teacher labels are computed once beforehand (from stored DINO embeddings) and lo
 step; ``tune(teacher_fn=...)`` restores the online behaviour for benchmarks. No ground truth
 is used anywhere: the epoch to keep is the last one or the one agreeing most with the teacher
 on held-aside images.
+
+Randomness is a pure function of the seed: the epoch's shuffle of ``(seed, epoch)`` and each
+image's augmentation of ``(seed, epoch, index)``, whatever the number of loader workers or
+processes. That is what makes ``tune`` data-parallel under torchrun without changing its result:
+with a process group of N ranks (see ``distributed_training``) each rank trains on its slice of
+every global batch, and its teacher labels; gradients are summed over ranks and divided by the
+global batch's size, so each step is the single-process step (up to float rounding).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -32,7 +40,8 @@ from PIL import Image, ImageFilter
 from torch import nn
 
 from . import device as dev
-from .data import ImageFileDataset, make_loader
+from . import distributed_training as dt
+from .data import ImageFileDataset, collate_skip_bad, make_loader
 from .errors import EmptyViewError, IndexMismatchError, InvalidInputError
 from .models import LoadedModel
 from .progress import ProgressFn, null_progress
@@ -53,7 +62,8 @@ _RUNTIME_FIELDS = ("epochs", "num_workers", "device", "precision")
 class _RandomGaussianBlur:
     """PIL Gaussian blur with radius drawn uniformly from ``sigma`` (SimCLR/official NoLA).
 
-    Draws from torch's RNG (not ``random``) so DataLoader worker seeding covers it.
+    Draws from torch's RNG (not ``random``), like torchvision's transforms, so seeding that one
+    generator per sample (``_KeyedImageDataset``) fixes the whole augmentation.
     """
 
     def __init__(self, sigma=(0.1, 2.0)):
@@ -104,6 +114,26 @@ def strong_transform(image_size: int, mean: Sequence[float], std: Sequence[float
         T.ToTensor(),
         T.Normalize(mean, std),
     ])
+
+
+class _KeyedImageDataset(ImageFileDataset):
+    """Items keyed by ``(epoch, index)``; the augmentation is a function of (seed, epoch, index).
+
+    Seeding per sample instead of per worker process is what lets any number of workers or
+    DDP ranks see the same pixels for an image as a single process does.
+    """
+
+    def __init__(self, filepaths, transform, seed: int):
+        super().__init__(filepaths, transform)
+        self.seed = int(seed)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        with torch.random.fork_rng(devices=[]):
+            # The CPU generator only: torch.manual_seed would also reseed every CUDA device.
+            seed = dt.derive_seed(self.seed, epoch, i, dt.SAMPLE_STREAM)
+            torch.default_generator.manual_seed(seed)
+            return super().__getitem__(i)
 
 
 class _TwoViews:
@@ -375,6 +405,7 @@ class TuneResult:
     train_indices: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     holdout_indices: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     start_epoch: int = 0  # epochs already done when this call began (resumed checkpoint)
+    world_size: int = 1  # data-parallel processes that trained it (torchrun)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -420,7 +451,9 @@ def _rng_state(gen: torch.Generator, device: torch.device) -> dict:
         "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
     }
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This device's state only: querying all GPUs would open a context on each from every
+        # DDP rank.
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
     return state
 
 
@@ -432,7 +465,9 @@ def _set_rng_state(state: dict, gen: torch.Generator, device: torch.device) -> N
                          n["has_gauss"], n["cached"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-    if device.type == "cuda" and "cuda" in state:
+    if device.type == "cuda" and "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"], device)
+    elif device.type == "cuda" and "cuda" in state:  # checkpoints of earlier versions
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -520,10 +555,16 @@ def tune(
     labels, if also given, still decide which images are used and the subset strata).
     ``checkpoint_dir``: a checkpoint is written there after every epoch and a matching one is
     resumed. ``classes`` names the rows of ``class_weights`` and is checked on resume.
+
+    Under torchrun (a ``torch.distributed`` group of N > 1 processes) every rank calls this with
+    the same arguments: ``config.batch_size`` is the global batch, split over the ranks;
+    CUDA means ``cuda:LOCAL_RANK``; only rank 0 logs, reports progress and writes the
+    checkpoint; every rank returns the same model.
     """
     config = config or TuneConfig()
-    progress = progress or null_progress
-    log = log or (lambda _msg: None)
+    ctx = dt.context()
+    progress = progress if progress and ctx.is_main else null_progress
+    log = log if log and ctx.is_main else (lambda _msg: None)
     t_start = time.perf_counter()
     filepaths = [str(p) for p in filepaths]
     N = len(filepaths)
@@ -544,11 +585,12 @@ def tune(
     elif teacher_fn is None:
         raise InvalidInputError("tune needs teacher_labels (precomputed) or a teacher_fn")
 
-    device = dev.resolve_device(config.device)
+    device = ctx.device_for(dev.resolve_device(config.device))
+    if ctx.enabled and device.type == "cuda":
+        torch.cuda.set_device(device)  # object collectives use the current device with NCCL
     amp = dev.amp_dtype(device, config.precision)
     pin = dev.pin_memory(device)
-    workers = dev.hardware_profile(device).num_workers if config.num_workers is None \
-        else int(config.num_workers)
+    workers = _workers(config, device, ctx)
 
     # Which images: labelled ones, optionally a stratified subset, minus a held-aside part.
     pool = np.arange(N, dtype=np.int64) if labels is None else np.flatnonzero(labels >= 0)
@@ -575,10 +617,11 @@ def tune(
         "data": _fingerprint(train_paths, train_labels) + "-" +
                 _fingerprint([filepaths[i] for i in holdout], None if labels is None else labels[holdout]),
     }
+    _check_same_on_all_ranks(ctx, fingerprint, config)
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    ckpt = None
-    if ckpt_path is not None and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    # Rank 0 reads, every rank resumes from what it read (no shared filesystem needed).
+    ckpt = dt.run_on_main(ctx, lambda: _read_checkpoint(ckpt_path))
+    if ckpt is not None:
         where = f"checkpoint {ckpt_path}"
         _check_identity({"key": ckpt["fingerprint"]["model"]}, identity, where)
         _check_classes(ckpt["fingerprint"]["classes"], classes, where)
@@ -599,17 +642,48 @@ def tune(
             torch.manual_seed(config.seed)
             return _train(clip, W, classes, config, device, amp, pin, workers, train,
                           train_paths, train_labels, holdout, labels, filepaths, teacher_fn,
-                          ckpt, ckpt_path, fingerprint, identity, progress, log, t_start)
+                          ckpt, ckpt_path, fingerprint, identity, progress, log, t_start, ctx)
         finally:
             np.random.set_state(np_state)
             random.setstate(py_state)
 
 
+def _workers(config: TuneConfig, device: torch.device, ctx: dt.DistContext) -> int:
+    if config.num_workers is not None:
+        return int(config.num_workers)
+    prof = dev.hardware_profile(device)
+    if not ctx.enabled:
+        return prof.num_workers
+    # The ranks on one machine share its cores.
+    return max(1, min(prof.num_workers, prof.cpu_count // ctx.local_world_size))
+
+
+def _check_same_on_all_ranks(ctx: dt.DistContext, fingerprint: dict, config: TuneConfig) -> None:
+    """Every rank must train on the same images, labels and settings, or the steps diverge."""
+    mine = {"fingerprint": fingerprint, "epochs": config.epochs}
+    seen = dt.all_gather_objects(ctx, mine)
+    odd = [r for r, v in enumerate(seen) if v != seen[0]]
+    if odd:
+        raise InvalidInputError(
+            f"tune was called with other images, teacher labels, classes, model or config on "
+            f"rank(s) {odd} than on rank 0; every torchrun process must pass the same inputs"
+        )
+
+
+def _read_checkpoint(path: Optional[Path]) -> Optional[dict]:
+    if path is None or not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _train(clip, W, classes, config, device, amp, pin, workers, train, train_paths,
            train_labels, holdout, labels, filepaths, teacher_fn, ckpt, ckpt_path, fingerprint,
-           identity, progress, log, t_start) -> TuneResult:
+           identity, progress, log, t_start, ctx) -> TuneResult:
     model = PromptedClassifier.from_clip(clip, W, n_prompts=config.n_prompts, seed=config.seed)
     model.to(device)
+    # As DDP at construction: every rank starts from rank 0's weights, frozen ones included.
+    dt.broadcast_module(ctx, model)
+    params = [dict(model.named_parameters())[n] for n in model.trainable_names]
     opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
                             betas=config.betas)  # constant lr: the official scheduler never steps it
     scaler = dev.grad_scaler(device, amp)
@@ -617,11 +691,13 @@ def _train(clip, W, classes, config, device, amp, pin, workers, train, train_pat
 
     weak = weak_transform(model.image_size, model.mean, model.std)
     strong = strong_transform(model.image_size, model.mean, model.std)
-    ds = ImageFileDataset(train_paths, _TwoViews(weak, strong) if teacher_fn else strong)
+    ds = _KeyedImageDataset(train_paths, _TwoViews(weak, strong) if teacher_fn else strong,
+                            config.seed)
     # As dassl's loader in the official code: drop the ragged last batch when there is a full one.
-    loader = make_loader(ds, config.batch_size, workers, pin_memory=pin, shuffle=True,
-                         generator=gen, drop_last=len(ds) >= config.batch_size)
-    loader.worker_init_fn = _seed_worker
+    sampler = dt.EpochBatchSampler(len(ds), config.batch_size, config.seed,
+                                   drop_last=len(ds) >= config.batch_size,
+                                   rank=ctx.rank, world_size=ctx.world_size)
+    loader = _train_loader(ds, sampler, workers, pin, gen)
 
     history = {"loss": [], "agreement": [], "seconds": []}
     best_state, best_epoch, best_agree = None, 0, -1.0
@@ -644,75 +720,49 @@ def _train(clip, W, classes, config, device, amp, pin, workers, train, train_pat
     hold_paths = [filepaths[i] for i in holdout]
     steps_per_epoch = max(1, len(loader))
     total_steps = steps_per_epoch * config.epochs
+    batch_desc = f"batch {config.batch_size}"
+    if ctx.enabled:
+        per_rank = config.batch_size / ctx.world_size
+        batch_desc += f" over {ctx.world_size} processes ({per_rank:g} each)"
     log(f"prompt tuning: {len(train)} training images, {len(holdout)} held aside, "
-        f"{len(classes)} classes, {config.epochs} epochs, batch {config.batch_size}, "
+        f"{len(classes)} classes, {config.epochs} epochs, {batch_desc}, "
         f"device {device}, precision {amp or 'fp32'}, workers {workers}")
     progress(start * steps_per_epoch, total_steps, "prompt tuning")
 
     for epoch in range(start, config.epochs):
         t0 = time.perf_counter()
         model.train()
+        sampler.set_epoch(epoch)
         loss_sum, seen = 0.0, 0
         for step, (idx, batch, bad) in enumerate(loader):
             for i, reason in bad:
                 failed.setdefault(int(train[i]), reason)
-            if batch is not None:
-                if teacher_fn is not None:
-                    weak_x, x = (b.to(device, non_blocking=pin) for b in batch)
-                    with torch.no_grad(), dev.autocast(device, amp):
-                        y = torch.as_tensor(teacher_fn(weak_x)).to(device).long()
-                else:
-                    x = batch.to(device, non_blocking=pin)
-                    y = torch.from_numpy(train_labels[idx.numpy()]).to(device, non_blocking=pin)
-                keep = y >= 0
-                if not bool(keep.all()):
-                    x, y = x[keep], y[keep]
-                if len(y):
-                    with dev.autocast(device, amp):
-                        logits = model(x)
-                    # fp32 loss: label smoothing spreads mass over all classes, fine for bf16 too.
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-                    opt.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.step(opt)
-                        scaler.update()
-                    else:
-                        loss.backward()
-                        opt.step()
-                    loss_sum += float(loss.detach()) * len(y)
-                    seen += len(y)
+            x, y = _inputs_and_labels(batch, idx, train_labels, teacher_fn, device, pin, amp)
+            loss, n = _step(model, params, opt, scaler, x, y, config, device, amp, ctx)
+            loss_sum += loss
+            seen += n
             progress(epoch * steps_per_epoch + step + 1, total_steps, "prompt tuning")
+        loss_sum, seen = dt.sum_over_ranks(ctx, loss_sum, seen)
+        seen = int(seen)
         epoch_loss = loss_sum / seen if seen else float("nan")
 
         agreement = None
         if config.selection == "teacher_agreement":
-            agree, counted = 0, 0
-            for idx, logits, t, bad in _iter_logits(
-                model, hold_paths, weak, config.batch_size, workers, device, amp,
-                teacher_fn if hold_teacher is None else None,
-            ):
-                for i, reason in bad:
-                    failed.setdefault(int(holdout[i]), reason)
-                if logits is None:
-                    continue
-                ref = torch.from_numpy(hold_teacher[idx.numpy()]) if hold_teacher is not None else t
-                ok = ref >= 0
-                agree += int((logits.argmax(1)[ok] == ref[ok]).sum())
-                counted += int(ok.sum())
-            agreement = agree / counted if counted else float("nan")
+            agreement, counted = _agreement(model, hold_paths, hold_teacher, holdout, weak, config,
+                                            workers, device, amp, teacher_fn, failed, ctx)
             # Ties go to the later epoch: equally consistent with the teacher, more trained.
             if counted and agreement >= best_agree:
                 best_agree, best_epoch, best_state = agreement, epoch + 1, model.trainable_state_dict()
+        failed = _merge_failed(dt.all_gather_objects(ctx, failed))
 
-        dt = time.perf_counter() - t0
+        dt_epoch = time.perf_counter() - t0
         history["loss"].append(epoch_loss)
         history["agreement"].append(agreement)
-        history["seconds"].append(dt)
+        history["seconds"].append(dt_epoch)
         msg = f"epoch {epoch + 1}/{config.epochs}: loss {epoch_loss:.4f}"
         if agreement is not None:
             msg += f", teacher agreement {agreement:.3f}"
-        log(msg + f" ({dt:.1f}s, {seen} images)")
+        log(msg + f" ({dt_epoch:.1f}s, {seen} images)")
         if epoch == start and failed:
             log(f"{len(failed)} unreadable image(s) skipped")
 
@@ -733,8 +783,8 @@ def _train(clip, W, classes, config, device, amp, pin, workers, train, train_pat
                 "classes": list(classes),
                 "identity": identity,
             }
-            with atomic_path(ckpt_path) as tmp:
-                torch.save(state, tmp)
+            # Rank 0 writes; the others wait for it, so no rank runs ahead of a failed write.
+            dt.run_on_main(ctx, functools.partial(_write_checkpoint, ckpt_path, state))
 
     done = len(history["loss"])
     if config.selection == "teacher_agreement" and best_state is not None:
@@ -747,7 +797,116 @@ def _train(clip, W, classes, config, device, amp, pin, workers, train, train_pat
     log(f"prompt tuning done in {seconds:.1f}s; kept epoch {selected}")
     return TuneResult(model=model, history=history, selected_epoch=selected, seconds=seconds,
                       failed=sorted(failed.items()), train_indices=train,
-                      holdout_indices=holdout, start_epoch=start)
+                      holdout_indices=holdout, start_epoch=start, world_size=ctx.world_size)
+
+
+def _train_loader(ds, sampler, workers: int, pin: bool, gen: torch.Generator):
+    """make_loader's settings with a batch sampler (make_loader can only shuffle)."""
+    kw = {"persistent_workers": False, "prefetch_factor": 4} if workers > 0 else {}
+    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers,
+                                       collate_fn=collate_skip_bad, pin_memory=pin,
+                                       generator=gen, worker_init_fn=_seed_worker, **kw)
+
+
+def _inputs_and_labels(batch, idx, train_labels, teacher_fn, device, pin, amp):
+    """The strong view and its teacher labels, without -1s; empty when the batch is."""
+    if batch is None:
+        return None, torch.empty(0, dtype=torch.long, device=device)
+    if teacher_fn is not None:
+        weak_x, x = (b.to(device, non_blocking=pin) for b in batch)
+        with torch.no_grad(), dev.autocast(device, amp):
+            y = torch.as_tensor(teacher_fn(weak_x)).to(device).long()
+    else:
+        x = batch.to(device, non_blocking=pin)
+        y = torch.from_numpy(train_labels[idx.numpy()]).to(device, non_blocking=pin)
+    keep = y >= 0
+    if not bool(keep.all()):
+        x, y = x[keep], y[keep]
+    return x, y
+
+
+def _step(model, params, opt, scaler, x, y, config, device, amp, ctx) -> tuple[float, int]:
+    """One optimiser step on the global batch; returns this rank's (loss sum, images)."""
+    n = len(y)
+    if not ctx.enabled and n == 0:
+        return 0.0, 0
+    opt.zero_grad(set_to_none=True)
+    loss = None
+    if n:
+        with dev.autocast(device, amp):
+            logits = model(x)
+        # fp32 loss: label smoothing spreads mass over all classes, fine for bf16 too.
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+        # Under DDP each rank backpropagates its part of the global batch's loss *sum*;
+        # _sync_grads divides by the global count, giving the gradient of the global mean
+        # however the images are split.
+        objective = loss * n if ctx.enabled else loss
+        (scaler.scale(objective) if scaler is not None else objective).backward()
+    if ctx.enabled and _sync_grads(ctx, params, n) == 0:
+        return 0.0, 0
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    return float(loss.detach()) * n if n else 0.0, n
+
+
+def _sync_grads(ctx: dt.DistContext, params: list, n_local: int) -> int:
+    """Sum gradients and image counts over ranks in one all_reduce; grads become global means.
+
+    A manual all_reduce rather than a DistributedDataParallel wrapper: only the few prompt, LN
+    and head tensors need it (no bucketing worth overlapping), and a rank whose slice of a
+    ragged or all-unreadable batch is empty still takes part with zero gradients, where DDP
+    would need a forward pass on every rank (or find_unused_parameters) to avoid a hang.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    count = torch.tensor([float(n_local)], device=params[0].device)
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [count])
+    dt.all_reduce_sum(ctx, flat)
+    total = int(round(float(flat[-1])))
+    if total:
+        flat /= total
+        offset = 0
+        for p in params:
+            k = p.numel()
+            p.grad = flat[offset:offset + k].view_as(p).to(p.dtype)
+            offset += k
+    return total
+
+
+def _agreement(model, hold_paths, hold_teacher, holdout, weak, config, workers, device, amp,
+               teacher_fn, failed, ctx) -> tuple[float, int]:
+    """Share of held-aside images whose argmax is the teacher's label, each rank on its part."""
+    part = dt.shard_slice(len(hold_paths), ctx.rank, ctx.world_size)
+    agree, counted = 0, 0
+    for idx, logits, t, bad in _iter_logits(
+        model, hold_paths[part], weak, config.batch_size, workers, device, amp,
+        teacher_fn if hold_teacher is None else None,
+    ):
+        for i, reason in bad:
+            failed.setdefault(int(holdout[part.start + i]), reason)
+        if logits is None:
+            continue
+        ref = torch.from_numpy(hold_teacher[part][idx.numpy()]) if hold_teacher is not None else t
+        ok = ref >= 0
+        agree += int((logits.argmax(1)[ok] == ref[ok]).sum())
+        counted += int(ok.sum())
+    agree, counted = dt.sum_over_ranks(ctx, agree, counted)
+    return (agree / counted if counted else float("nan")), int(counted)
+
+
+def _merge_failed(per_rank: list[dict]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for failed in per_rank:
+        for i, reason in failed.items():
+            out.setdefault(int(i), reason)
+    return out
+
+
+def _write_checkpoint(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 # --------------------------------------------------------------------------- save / load / predict
