@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--family", choices=["clip", "dino", "both"], default="both")
     p.add_argument("--exact-decode", action="store_true", help="no JPEG draft decoding")
+    p.add_argument("--index-type", choices=["flat", "ivf", "ivfpq", "hnsw"], default="flat",
+                   help="search structure of the store (ivfpq: compressed, for millions of images)")
+    p.add_argument("--ray", metavar="ADDRESS", nargs="?", const="", default=None,
+                   help="embed on a Ray cluster (its address, e.g. HEAD:6379; none: RAY_ADDRESS or a "
+                        "local Ray); needs pip install 'fiftyone-nola[ray]'")
+    p.add_argument("--ray-actors", type=int, default=None, help="Ray actors (default: one per GPU/CPU)")
 
     p = sub.add_parser("tune", help="prompt tuning + predict on a dataset that has DINO labels; "
                                     "multi-GPU: torchrun --nproc_per_node=N -m fiftyone_nola tune")
@@ -216,8 +222,16 @@ def cmd_embed(args) -> dict:
     clip, dino = _check_weights(*_specs(args), args.fallback_random_init)
     ds = _samples(args)
     cfg = EmbedConfig(batch_size=args.batch_size, num_workers=args.workers, device=args.device,
-                      draft_decode=not args.exact_decode)
-    summary = compute_embeddings(ds, args.family, clip, dino, cfg, progress=print_progress(sys.stdout), log=_log)
+                      draft_decode=not args.exact_decode, index_type=args.index_type)
+    if args.ray is not None:
+        from .distributed_embeddings import RayEmbedConfig, compute_embeddings_ray
+
+        ray_cfg = RayEmbedConfig(address=args.ray or None, num_actors=args.ray_actors)
+        summary = compute_embeddings_ray(ds, args.family, clip, dino, cfg, ray_cfg,
+                                         progress=print_progress(sys.stdout), log=_log)
+    else:
+        summary = compute_embeddings(ds, args.family, clip, dino, cfg,
+                                     progress=print_progress(sys.stdout), log=_log)
     _write_json(args.json_out, summary)
     return summary
 

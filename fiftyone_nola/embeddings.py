@@ -7,8 +7,9 @@ samples deleted from the dataset are dropped from the store.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Callable, Optional
 
 import numpy as np
@@ -69,106 +70,155 @@ def compute_embeddings(
 
 
 def _embed_one(samples, spec, cfg: EmbedConfig, overwrite: bool, progress, log) -> dict:
-    t0 = time.perf_counter()
-    ds = fo_io.root_dataset(samples)
-    ids, paths = fo_io.ids_and_paths(samples)
-    model = load_model(spec, resolve_device(cfg.device))
-    t_load = time.perf_counter() - t0
-    meta = {
-        "model_key": model.key,
-        "model": model.identity,
-        "preprocessing": cfg.preprocessing_tag(model),
-        "dataset_id": fo_io.dataset_id(ds),
-        "dataset_name": ds.name,
-    }
-    path = storage.index_dir(meta["dataset_id"], model.key)
-    lock_holder = EmbeddingIndex.open_or_create(
-        path, model.embed_dim, meta, expect_keys=("model_key", "dim", "preprocessing"),
-        index_type=cfg.index_type, overwrite=overwrite,
+    job = EmbedJob(samples, spec, cfg, resolve_device(cfg.device))
+    how = (
+        f"batch {cfg.batch_size}, {cfg.num_workers} workers, device {cfg.device}, "
+        f"{'draft' if cfg.draft_decode else 'exact'} JPEG decode"
     )
-    with lock_holder.lock():
-        # Re-read under the lock: another job may have saved since the first open.
-        index = EmbeddingIndex.open_or_create(
-            path, model.embed_dim, meta, expect_keys=("model_key", "dim", "preprocessing"),
-            index_type=cfg.index_type,
+    with job.writing(overwrite, log, how):
+        todo_paths = [job.paths[j] for j in job.todo]
+        for idx, vecs, bad in iter_embeddings(job.model, todo_paths, cfg, progress):
+            job.add([job.todo[j] for j in idx], vecs)
+            job.fail((job.todo[j], reason) for j, reason in bad)
+    return job.finish(log)
+
+
+class EmbedJob:
+    """One family's embedding run on one collection, shared by the local and the Ray engines.
+
+    The engine embeds the samples at positions ``todo`` (of ``ids``/``paths``) inside
+    :meth:`writing`, handing results to :meth:`add` / :meth:`fail`; :meth:`finish` then tags,
+    records the run and returns the summary.
+    """
+
+    def __init__(self, samples, spec, cfg: EmbedConfig, device):
+        self.t0 = time.perf_counter()
+        self.ds = fo_io.root_dataset(samples)
+        self.spec, self.cfg = spec, cfg
+        self.ids, self.paths = fo_io.ids_and_paths(samples)
+        self.model = load_model(spec, device)
+        self.t_load = time.perf_counter() - self.t0
+        self.meta = {
+            "model_key": self.model.key,
+            "model": self.model.identity,
+            "preprocessing": cfg.preprocessing_tag(self.model),
+            "dataset_id": fo_io.dataset_id(self.ds),
+            "dataset_name": self.ds.name,
+        }
+        self.path = storage.index_dir(self.meta["dataset_id"], self.model.key)
+        self.index: Optional[EmbeddingIndex] = None
+        self.fingerprints: list[str] = []
+        self.todo: list[int] = []
+        self.failures: list[tuple[str, str]] = []
+        self.n_done = 0
+        self.t_embed = 0.0
+        self._t_plan = 0.0
+        self._saved = False
+        self._buf: list[tuple[list[int], np.ndarray]] = []
+
+    def _open(self, overwrite: bool = False) -> EmbeddingIndex:
+        return EmbeddingIndex.open_or_create(
+            self.path, self.model.embed_dim, self.meta,
+            expect_keys=("model_key", "dim", "preprocessing"),
+            index_type=self.cfg.index_type, overwrite=overwrite,
         )
-        live = set(ds.values("id"))
-        stale = [i for i in index.ids if i not in live]
-        if stale:
-            index.remove(stale)
-        fingerprints = [file_fingerprint(p) for p in paths]
-        known = index.fingerprints
-        todo = [j for j, (i, f) in enumerate(zip(ids, fingerprints)) if known.get(i) != f]
-        log(
-            f"[embed:{spec.family}] {model.key}: {len(ids)} samples, {len(ids) - len(todo)} up to "
-            f"date, {len(todo)} to embed (batch {cfg.batch_size}, {cfg.num_workers} workers, "
-            f"device {cfg.device}, {'draft' if cfg.draft_decode else 'exact'} JPEG decode)"
-        )
-        failures: list[tuple[str, str]] = []
-        buf_ids: list[str] = []
-        buf_vecs: list[np.ndarray] = []
-        buf_fps: list[str] = []
-        n_done = 0
-        t_embed = time.perf_counter()
-        todo_paths = [paths[j] for j in todo]
-        for idx, vecs, bad in iter_embeddings(model, todo_paths, cfg, progress):
-            for k, j in enumerate(idx):
-                sid = ids[todo[j]]
-                buf_ids.append(sid)
-                buf_vecs.append(vecs[k])
-                buf_fps.append(fingerprints[todo[j]])
-            failures.extend((ids[todo[j]], reason) for j, reason in bad)
-            if len(buf_ids) >= cfg.chunk_size:
-                n_done += _flush(index, buf_ids, buf_vecs, buf_fps)
-        n_done += _flush(index, buf_ids, buf_vecs, buf_fps)
+
+    @contextlib.contextmanager
+    def writing(self, overwrite: bool, log: Callable[[str], None], how: str) -> Iterator[EmbedJob]:
+        """Hold the store's lock: drop deleted samples, plan ``todo``, and :meth:`save` at the end.
+
+        An exception inside leaves the checkpointed chunks for the next run to resume from.
+        """
+        with self._open(overwrite).lock():
+            # Re-read under the lock: another job may have saved since the first open.
+            self.index = self._open()
+            live = set(self.ds.values("id"))
+            stale = [i for i in self.index.ids if i not in live]
+            if stale:
+                self.index.remove(stale)
+            self.fingerprints = [file_fingerprint(p) for p in self.paths]
+            known = self.index.fingerprints
+            self.todo = [
+                j for j, (i, f) in enumerate(zip(self.ids, self.fingerprints)) if known.get(i) != f
+            ]
+            log(
+                f"[embed:{self.spec.family}] {self.model.key}: {len(self.ids)} samples, "
+                f"{len(self.ids) - len(self.todo)} up to date, {len(self.todo)} to embed ({how})"
+            )
+            self._t_plan = time.perf_counter()
+            yield self
+            if not self._saved:
+                self.save()
+
+    def save(self) -> None:
+        """Write what is buffered, drop the failed samples and compact the store (locked)."""
+        self._flush()
+        self.index.remove([sid for sid, _ in self.failures])
+        self.index.save()
+        self.t_embed = time.perf_counter() - self._t_plan
+        self._saved = True
+
+    def add(self, rows: Sequence[int], vectors: np.ndarray) -> None:
+        """Store the vectors of the samples at positions ``rows``; checkpoints every chunk."""
+        if len(rows):
+            self._buf.append((list(rows), np.asarray(vectors, dtype=np.float32)))
+        if sum(len(r) for r, _ in self._buf) >= self.cfg.chunk_size:
+            self._flush()
+
+    def fail(self, failures: Iterable[tuple[int, str]]) -> None:
+        """Record ``(position, reason)`` of samples whose image could not be embedded."""
+        self.failures.extend((self.ids[j], reason) for j, reason in failures)
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        rows = [j for r, _ in self._buf for j in r]
+        vecs = np.concatenate([v for _, v in self._buf])
+        self.index.add([self.ids[j] for j in rows], vecs, [self.fingerprints[j] for j in rows])
+        self.index.checkpoint()
+        self.n_done += len(rows)
+        self._buf.clear()
+
+    def finish(self, log: Callable[[str], None], run_config: Optional[dict] = None,
+               extra: Optional[dict] = None) -> dict:
+        """Fix the unreadable tags, record the run under the family's key; return the summary."""
+        family, ids, failures = self.spec.family, self.ids, self.failures
         failed_ids = [sid for sid, _ in failures]
-        if failed_ids:
-            index.remove([i for i in failed_ids if i in set(index.ids)])
-        index.save()
-        t_embed = time.perf_counter() - t_embed
-    embedded_ids = set(ids[j] for j in todo) - set(failed_ids)
-    if embedded_ids:
-        tagged = set(ds.match_tags(fo_io.UNREADABLE_TAG).values("id"))
-        fixed = list(embedded_ids & tagged)
-        if fixed:
-            ds.select(fixed).untag_samples(fo_io.UNREADABLE_TAG)
-    fo_io.tag_samples(ds, failed_ids, fo_io.UNREADABLE_TAG)
-    for sid, reason in failures[:5]:
-        log(f"[embed:{spec.family}] skipped {sid}: {reason}")
-    summary = {
-        "family": spec.family,
-        "model_key": model.key,
-        "random_init": bool(model.identity.get("random_init")),
-        "samples": len(ids),
-        "embedded": n_done,
-        "reused": len(ids) - len(todo),
-        "failed": len(failures),
-        "failures": failures[:100],
-        "index_path": str(path),
-        "index_size": len(index),
-        "seconds": time.perf_counter() - t0,
-        "model_load_seconds": t_load,
-        "images_per_s": (n_done / t_embed) if t_embed > 0 and n_done else 0.0,
-    }
-    runs.record_run(ds, embeddings_run_key(spec.family), f"embeddings.{spec.family}",
-                    {"spec": spec, "embed": cfg, "model": model.identity}, summary)
-    log(
-        f"[embed:{spec.family}] embedded {n_done}, reused {summary['reused']}, failed "
-        f"{len(failures)} in {summary['seconds']:.1f}s ({summary['images_per_s']:.1f} img/s); "
-        f"index: {path}"
-    )
-    return summary
-
-
-def _flush(index: EmbeddingIndex, ids: list, vecs: list, fps: list) -> int:
-    n = len(ids)
-    if n:
-        index.add(list(ids), np.stack(vecs).astype(np.float32), list(fps))
-        index.checkpoint()
-        ids.clear()
-        vecs.clear()
-        fps.clear()
-    return n
+        embedded_ids = {ids[j] for j in self.todo} - set(failed_ids)
+        if embedded_ids:
+            tagged = set(self.ds.match_tags(fo_io.UNREADABLE_TAG).values("id"))
+            fixed = list(embedded_ids & tagged)
+            if fixed:
+                self.ds.select(fixed).untag_samples(fo_io.UNREADABLE_TAG)
+        fo_io.tag_samples(self.ds, failed_ids, fo_io.UNREADABLE_TAG)
+        for sid, reason in failures[:5]:
+            log(f"[embed:{family}] skipped {sid}: {reason}")
+        n_done, t_embed = self.n_done, self.t_embed
+        summary = {
+            "family": family,
+            "model_key": self.model.key,
+            "random_init": bool(self.model.identity.get("random_init")),
+            "samples": len(ids),
+            "embedded": n_done,
+            "reused": len(ids) - len(self.todo),
+            "failed": len(failures),
+            "failures": failures[:100],
+            "index_path": str(self.path),
+            "index_size": len(self.index),
+            "seconds": time.perf_counter() - self.t0,
+            "model_load_seconds": self.t_load,
+            "images_per_s": (n_done / t_embed) if t_embed > 0 and n_done else 0.0,
+            **(extra or {}),
+        }
+        config = {"spec": self.spec, "embed": self.cfg, "model": self.model.identity}
+        runs.record_run(self.ds, embeddings_run_key(family), f"embeddings.{family}",
+                        {**config, **(run_config or {})}, summary)
+        log(
+            f"[embed:{family}] embedded {n_done}, reused {summary['reused']}, failed "
+            f"{len(failures)} in {summary['seconds']:.1f}s ({summary['images_per_s']:.1f} img/s); "
+            f"index: {self.path}"
+        )
+        return summary
 
 
 def open_index(samples, spec) -> EmbeddingIndex:
