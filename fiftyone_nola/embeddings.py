@@ -132,7 +132,10 @@ class EmbedJob:
         with self._open(overwrite).lock():
             # Re-read under the lock: another job may have saved since the first open.
             self.index = self._open()
-            live = set(self.ds.values("id"))
+            # A whole dataset's ids are at hand; only a view needs the dataset's full id list.
+            live = set(self.ids)
+            if len(live) != len(self.ds):
+                live = set(self.ds.values("id"))
             stale = [i for i in self.index.ids if i not in live]
             if stale:
                 self.index.remove(stale)

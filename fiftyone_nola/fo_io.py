@@ -108,6 +108,25 @@ def classification(label: str, confidence: float, logits=None):
     return c
 
 
+# Labels per set_values call: FiftyOne turns every value into an update op before one bulk
+# write, so one call for the whole dataset costs ~3.4 KB per sample (170 MB at 50k); chunks
+# keep a write's memory flat in N (benchmarks/memory.py).
+WRITE_CHUNK = 2000
+
+
+def _write_in_chunks(samples, ids: Sequence[str], field: str, make_value) -> int:
+    """``set_values`` of ``make_value(j)`` (None: no label) for ``ids``, chunk by chunk."""
+    ds = root_dataset(samples)
+    written = 0
+    for start in range(0, len(ids), WRITE_CHUNK):
+        values = {}
+        for j in range(start, min(start + WRITE_CHUNK, len(ids))):
+            values[ids[j]] = v = make_value(j)
+            written += v is not None
+        ds.set_values(field, values, key_field="id")
+    return written
+
+
 def write_classifications(
     samples,
     ids: Sequence[str],
@@ -122,20 +141,18 @@ def write_classifications(
     """
     fo = _fo()
     probs = np.asarray(probs, dtype=np.float32)
-    values = {}
-    written = 0
-    for sid, row in zip(ids, probs):
+
+    def label(j):
+        row = probs[j]
         if not np.all(np.isfinite(row)):
-            values[sid] = None
-            continue
+            return None
         k = int(np.argmax(row))
         c = fo.Classification(label=classes[k], confidence=float(row[k]))
         if store_logits:
             c.logits = np.log(np.clip(row, 1e-12, 1.0))
-        values[sid] = c
-        written += 1
-    root_dataset(samples).set_values(field, values, key_field="id")
-    return written
+        return c
+
+    return _write_in_chunks(samples, ids, field, label)
 
 
 def write_multilabel(
@@ -148,18 +165,19 @@ def write_multilabel(
 ) -> int:
     """Write ``fo.Classifications`` of the positive classes of each row, with their scores."""
     fo = _fo()
-    values = {}
-    written = 0
-    for sid, row, pos in zip(ids, np.asarray(scores), np.asarray(positives, dtype=bool)):
+    scores = np.asarray(scores)
+    positives = np.asarray(positives, dtype=bool)
+
+    def labels(j):
+        row, pos = scores[j], positives[j]
         if not np.all(np.isfinite(row)):
-            values[sid] = None
-            continue
+            return None
         order = np.argsort(-row)
-        cls = [fo.Classification(label=classes[j], confidence=float(row[j])) for j in order if pos[j]]
-        values[sid] = fo.Classifications(classifications=cls)
-        written += 1
-    root_dataset(samples).set_values(field, values, key_field="id")
-    return written
+        return fo.Classifications(classifications=[
+            fo.Classification(label=classes[i], confidence=float(row[i])) for i in order if pos[i]
+        ])
+
+    return _write_in_chunks(samples, ids, field, labels)
 
 
 def read_single_labels(samples, field: str, ids: Sequence[str]) -> list[Optional[str]]:
