@@ -42,7 +42,7 @@ import numpy as np
 from fiftyone.brain.similarity import DuplicatesMixin, Similarity, SimilarityConfig, SimilarityIndex
 
 from .errors import IndexMismatchError, InvalidInputError
-from .index import META_FILE, EmbeddingIndex, destroy, normalize_rows
+from .index import INDEX_TYPES, META_FILE, EmbeddingIndex, destroy, normalize_rows
 from .storage import dataset_dir
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class FaissSimilarityConfig(SimilarityConfig):
     Args:
         index_path (None): directory of the :class:`EmbeddingIndex`; default
             ``<dataset dir>/brain/<brain key>`` (then owned, i.e. deleted with the run)
-        index_type (None): "flat", "ivf" or "hnsw"; None keeps an existing index's type,
+        index_type (None): "flat", "ivf", "hnsw" or "ivfpq"; None keeps an existing index's type,
             "flat" for a new one
         metric ("cosine"): the only supported metric (vectors are L2-normalised)
         nprobe (None), ef_search (None): ivf/hnsw search-time accuracy knobs
@@ -96,8 +96,8 @@ class FaissSimilarityConfig(SimilarityConfig):
             raise InvalidInputError(f"The faiss backend supports metric='cosine' only, got {metric!r}")
         if kwargs.get("patches_field") is not None:
             raise InvalidInputError("The faiss backend indexes whole samples; patches_field is not supported")
-        if index_type not in (None, "flat", "ivf", "hnsw"):
-            raise InvalidInputError(f"index_type must be flat, ivf or hnsw, got {index_type!r}")
+        if index_type is not None and index_type not in INDEX_TYPES:
+            raise InvalidInputError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
         if clip_spec is not None:
             kwargs["supports_prompts"] = True
         super().__init__(**kwargs)

@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--family", choices=["clip", "dino", "both"], default="both")
     p.add_argument("--exact-decode", action="store_true", help="no JPEG draft decoding")
-    p.add_argument("--index-type", choices=["flat", "ivf", "ivfpq", "hnsw"], default="flat",
-                   help="search structure of the store (ivfpq: compressed, for millions of images)")
+    p.add_argument("--index-type", default="flat",
+                   help="flat (exact), ivf, hnsw or ivfpq (compressed, for millions of images)")
     p.add_argument("--ray", metavar="ADDRESS", nargs="?", const="", default=None,
                    help="embed on a Ray cluster (its address, e.g. HEAD:6379; none: RAY_ADDRESS or a "
                         "local Ray); needs pip install 'fiftyone-nola[ray]'")

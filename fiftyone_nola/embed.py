@@ -30,7 +30,7 @@ class EmbedConfig:
     precision: str = "auto"  # auto: fp16/bf16 autocast on CUDA, fp32 on CPU
     draft_decode: bool = True  # JPEG DCT-scaled decode; exact decode when False
     chunk_size: int = 512  # samples per index checkpoint: a killed job loses at most this many
-    index_type: str = "flat"  # flat (exact) | ivf | hnsw
+    index_type: str = "flat"  # flat (exact) | ivf | hnsw | ivfpq (compressed, exact re-rank)
     compile: str = "auto"  # torch.compile the encoder: auto = CUDA and >= 20k images; on | off
 
     def resolved(self) -> EmbedConfig:

@@ -484,3 +484,180 @@ def test_faiss_file_is_derived_data(store):
     re.update_meta({"ef_search": 200, "note": "x"})
     re.save()
     assert EmbeddingIndex.open(store).meta["note"] == "x"
+
+
+# ---------------------------------------------------------------- ivfpq and memory-mapped vectors
+
+
+def tight(n, d, n_clusters=100, seed=0):
+    """Clusters as tight as the benchmark's (cosine to the centre ~0.9), unlike clustered()."""
+    return clustered(n, d, n_clusters, seed=seed, spread=0.5 / np.sqrt(d))
+
+
+def test_ivfpq_recall_exact_scores_and_persistence(store, monkeypatch):
+    import faiss
+
+    n, d = 20_000, 64
+    x, q = tight(n, d, seed=3), tight(300, d, seed=4)
+    ids = [str(i) for i in range(n)]
+    ix = EmbeddingIndex.create(store, d, {}, index_type="ivfpq")
+    ix.add(ids, x)
+    scores, got = ix.search(q, 10)
+    assert ix.meta["built_index_type"] == "ivfpq"
+    assert isinstance(ix._faiss_cpu, faiss.IndexIVFPQ) and ix._faiss_cpu.code_size == d // 8
+    _, truth = brute(x, ids, q, 10)
+    r = recall_at_k(truth, got)
+    assert r >= 0.95, f"ivfpq recall@10 = {r}"
+    # scores are exact cosines of the returned ids (re-ranked), not PQ estimates
+    pos = np.array([[int(i) for i in row] for row in got])
+    np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", x[pos], unit(q)), atol=1e-5)
+    assert recall_at_k(truth, ix.search(q, 10, refine_factor=1)[1]) < r  # codes alone rank worse
+    with pytest.raises(InvalidInputError):
+        ix.search(q, 10, refine_factor=0)
+    ix.save()
+    assert len(list(store.glob("faiss-*.index"))) == 1
+    re = EmbeddingIndex.open(store)
+
+    def no_build(self):
+        raise AssertionError("the saved faiss file should have been reused")
+
+    monkeypatch.setattr(EmbeddingIndex, "_build", no_build)
+    s2, got2 = re.search(q, 10)
+    assert got2 == got
+    np.testing.assert_allclose(s2, scores, atol=1e-6)
+
+
+def test_ivfpq_small_is_flat_and_restricted_search(store, monkeypatch):
+    import fiftyone_nola.index as fni
+
+    ids, v = data(500, 8)
+    ix = EmbeddingIndex.create(store, 8, {}, index_type="ivfpq")
+    ix.add(ids, v)
+    assert ix.search(v[:3], 4)[1] == brute(v, ids, v[:3], 4)[1]
+    assert ix.meta["built_index_type"] == "flat"
+    # above the PQ minimum, a large subset goes through faiss's IDSelector, then re-ranking
+    monkeypatch.setattr(fni, "EXACT_SUBSET_MAX", 10)
+    n, d = 12_000, 32
+    x, q = tight(n, d, seed=5), tight(50, d, seed=6)
+    big_ids = [str(i) for i in range(n)]
+    big = EmbeddingIndex.create(store.parent / "big", d, {}, index_type="ivfpq")
+    big.add(big_ids, x)
+    sub = big_ids[::2]
+    _, res = big.search(q, 10, restrict_to=sub)
+    assert big.meta["built_index_type"] == "ivfpq"
+    assert set().union(*res) <= set(sub)
+    assert recall_at_k(brute(x[::2], sub, q, 10)[1], res) >= 0.9
+
+
+def test_switch_existing_store_to_ivfpq_and_back(store):
+    n, d = 12_000, 32
+    x = tight(n, d, seed=7)
+    ids = [str(i) for i in range(n)]
+    ix = EmbeddingIndex.create(store, d, {"model_key": "m"})
+    ix.add(ids, x)
+    ix.save()
+    # a store written before ivfpq existed has neither key: defaults apply
+    meta = json.loads((store / "meta.json").read_text())
+    del meta["pq_m"], meta["refine_factor"]
+    (store / "meta.json").write_text(json.dumps(meta))
+    ix = EmbeddingIndex.open_or_create(store, d, {"model_key": "m"}, index_type="ivfpq")
+    _, got = ix.search(x[:20], 5)
+    assert ix.meta["built_index_type"] == "ivfpq" and ix._faiss_cpu.code_size == d // 8
+    assert recall_at_k(brute(x, ids, x[:20], 5)[1], got) >= 0.95
+    ix.save()
+    assert json.loads((store / "meta.json").read_text())["index_type"] == "ivfpq"
+    assert list(store.glob("faiss-*.index"))
+    ix = EmbeddingIndex.open_or_create(store, d, {"model_key": "m"}, index_type="flat")
+    assert ix.search(x[:3], 5)[1] == brute(x, ids, x[:3], 5)[1]
+    ix.save()
+    assert not list(store.glob("faiss-*.index"))
+
+
+def test_pq_m_is_validated_and_rebuilds(store):
+    with pytest.raises(InvalidInputError, match="pq_m"):
+        EmbeddingIndex.create(store, 16, {"pq_m": 5}, index_type="ivfpq")
+    x = tight(10_000, 16, seed=8)
+    ix = EmbeddingIndex.create(store, 16, {}, index_type="ivfpq")
+    assert ix.meta["pq_m"] == 2 and ix.meta["refine_factor"] >= 1
+    ix.add([str(i) for i in range(len(x))], x)
+    ix.search(x[:1], 1)
+    assert ix._faiss_cpu.code_size == 2
+    with pytest.raises(InvalidInputError, match="pq_m"):
+        ix.update_meta({"pq_m": 7})
+    ix.update_meta({"pq_m": 4})
+    ix.search(x[:1], 1)
+    assert ix._faiss_cpu.code_size == 4
+
+
+def test_stale_faiss_file_of_another_type_is_rebuilt(store):
+    x = tight(10_000, 16, seed=9)
+    ids = [str(i) for i in range(len(x))]
+    ix = EmbeddingIndex.create(store, 16, {}, index_type="ivf")
+    ix.add(ids, x)
+    ix.save()
+    meta = json.loads((store / "meta.json").read_text())
+    meta.update(index_type="ivfpq", built_index_type="ivfpq")  # file still holds an IVFFlat
+    (store / "meta.json").write_text(json.dumps(meta))
+    re = EmbeddingIndex.open(store)
+    assert re._faiss_cpu is None
+    re.search(x[:2], 3)
+    assert re.meta["built_index_type"] == "ivfpq"
+
+
+def test_rerank_exact_pads_missing_candidates():
+    from fiftyone_nola.index import rerank_exact
+
+    vecs = np.eye(4, dtype=np.float32)
+    q = np.array([[0.1, 0.9, 0.2, 0.0], [1.0, 0.0, 0.0, 0.0]], dtype=np.float32)
+    labels = np.array([[0, 1, 2], [3, -1, -1]])
+    scores, out = rerank_exact(q, labels, vecs, 2)
+    assert out.tolist() == [[1, 2], [3, -1]]
+    np.testing.assert_allclose(scores[0], [0.9, 0.2], atol=1e-6)
+    assert scores[1, 0] == 0 and scores[1, 1] == -np.inf
+
+
+def test_large_vector_files_are_memory_mapped_copy_on_write(store, monkeypatch):
+    import fiftyone_nola.index as fni
+
+    monkeypatch.setattr(fni, "MMAP_MIN_BYTES", 1)
+    monkeypatch.setattr(fni, "_BLOCK_ROWS", 7)  # the finite check reads the file in blocks
+    ids, v = data(100, 8)
+    ix = EmbeddingIndex.create(store, 8, {})
+    ix.add(ids, v)
+    ix.save()
+    re = EmbeddingIndex.open(store)
+    assert isinstance(re.vectors, np.memmap)
+    assert re.search(v[:3], 5)[1] == brute(v, ids, v[:3], 5)[1]
+    (vf,) = store.glob("vectors-*.npy")
+    on_disk = np.load(vf)
+    re.add(["id00001"], np.ones((1, 8)))  # in place: copy-on-write, the file is untouched
+    re.remove(["id00002"])
+    np.testing.assert_array_equal(np.load(vf), on_disk)
+    re.save()
+    (vf2,) = store.glob("vectors-*.npy")
+    assert vf2 != vf and isinstance(re.vectors, np.memmap)
+    assert Path(re.vectors.filename) == vf2.resolve()
+    again = EmbeddingIndex.open(store)
+    np.testing.assert_allclose(again.get(["id00001"])[0], unit(np.ones((1, 8))), atol=1e-6)
+    assert "id00002" not in again and len(again) == 99
+    again.add(["new"], np.ones((1, 8)))  # growing copies the map into RAM
+    assert not isinstance(again.vectors, np.memmap) and len(again) == 100
+
+
+def test_memory_mapped_corruption_is_detected(store, monkeypatch):
+    import fiftyone_nola.index as fni
+
+    monkeypatch.setattr(fni, "MMAP_MIN_BYTES", 1)
+    monkeypatch.setattr(fni, "_BLOCK_ROWS", 7)
+    _corrupt_store(store)
+    (vf,) = store.glob("vectors-*.npy")
+    arr = np.load(vf)
+    arr[29, 3] = np.nan  # in the last block
+    with open(vf, "wb") as f:
+        np.save(f, arr)
+    with pytest.raises(IndexMismatchError, match="NaN"):
+        EmbeddingIndex.open(store)
+    raw = vf.read_bytes()
+    vf.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(IndexMismatchError, match="rebuild"):
+        EmbeddingIndex.open(store)
