@@ -397,3 +397,30 @@ class Parts:
         ips = f"{row['images_per_s']:.2f} img/s, " if row["images_per_s"] else ""
         print(f"=== {name}: {dt:.2f} s, {ips}peak RSS {row['peak_rss_mb']:.0f} MB, "
               f"load {load0:.2f} -> {row['loadavg_end']:.2f} ===", flush=True)
+
+
+# --------------------------------------------------------------------------- exact search
+
+
+def exact_topk(blocks, q, k: int):
+    """Exact inner-product top-k positions over ``(start, rows)`` blocks, best first (numpy BLAS)."""
+    import numpy as np
+
+    nq = len(q)
+    best_s = np.full((nq, 0), -np.inf, dtype=np.float32)
+    best_i = np.empty((nq, 0), dtype=np.int64)
+    for s, x in blocks:
+        # Score blocks of <= 128 MB, whatever the block size handed in.
+        step = max(4096, (1 << 27) // (4 * max(1, nq)))
+        for o in range(0, len(x), step):
+            sc = q @ x[o : o + step].T
+            kk = min(k, sc.shape[1])
+            part = np.argpartition(-sc, kk - 1, axis=1)[:, :kk]
+            best_s = np.concatenate([best_s, np.take_along_axis(sc, part, axis=1)], axis=1)
+            best_i = np.concatenate([best_i, part + s + o], axis=1)
+            if best_s.shape[1] > k:
+                keep = np.argpartition(-best_s, k - 1, axis=1)[:, :k]
+                best_s = np.take_along_axis(best_s, keep, axis=1)
+                best_i = np.take_along_axis(best_i, keep, axis=1)
+    order = np.argsort(-best_s, axis=1, kind="stable")
+    return np.take_along_axis(best_i, order, axis=1)

@@ -442,28 +442,9 @@ def clustered_unit_vectors(n: int, d: int, n_clusters: int, seed: int, centers=N
     return x, centers
 
 
-def numpy_topk(x, q, k, max_block_bytes=1 << 27):
-    """Exact inner-product top-k of each row of ``q`` over ``x`` with numpy's BLAS, in blocks of
-    database rows so the score matrix stays small; returns positions (nq x k), best first."""
-    import numpy as np
-
-    nq, n = len(q), len(x)
-    block = max(4096, max_block_bytes // (4 * max(1, nq)))
-    best_s = np.full((nq, 0), -np.inf, dtype=np.float32)
-    best_i = np.empty((nq, 0), dtype=np.int64)
-    for s in range(0, n, block):
-        sc = q @ x[s : s + block].T
-        kk = min(k, sc.shape[1])
-        part = np.argpartition(-sc, kk - 1, axis=1)[:, :kk]
-        best_s = np.concatenate([best_s, np.take_along_axis(sc, part, axis=1)], axis=1)
-        best_i = np.concatenate([best_i, part + s], axis=1)
-        if best_s.shape[1] > k:
-            keep = np.argpartition(-best_s, k - 1, axis=1)[:, :k]
-            best_s = np.take_along_axis(best_s, keep, axis=1)
-            best_i = np.take_along_axis(best_i, keep, axis=1)
-    order = np.argsort(-best_s, axis=1, kind="stable")
-    return np.take_along_axis(best_i, order, axis=1)
-
+def numpy_topk(x, q, k):
+    """Exact inner-product top-k of each row of ``q`` over ``x``: positions (nq x k), best first."""
+    return C.exact_topk([(0, x)], q, k)
 
 def recall(truth: list[list[str]], got: list[list[str]], k: int) -> float:
     return float(sum(len(set(t[:k]) & set(g[:k])) for t, g in zip(truth, got)) / (k * len(truth)))

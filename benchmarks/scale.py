@@ -200,28 +200,6 @@ def throughput(search, q: np.ndarray, budget_s: float = 20.0):
     return out, res
 
 
-def exact_topk(blocks, q: np.ndarray, k: int) -> np.ndarray:
-    """Exact inner-product top-k positions over ``(start, rows)`` blocks, best first."""
-    nq = len(q)
-    best_s = np.full((nq, 0), -np.inf, dtype=np.float32)
-    best_i = np.empty((nq, 0), dtype=np.int64)
-    for s, x in blocks:
-        # Score blocks of <= 128 MB, whatever the block size handed in.
-        step = max(4096, (1 << 27) // (4 * max(1, nq)))
-        for o in range(0, len(x), step):
-            sc = q @ x[o : o + step].T
-            kk = min(k, sc.shape[1])
-            part = np.argpartition(-sc, kk - 1, axis=1)[:, :kk]
-            best_s = np.concatenate([best_s, np.take_along_axis(sc, part, axis=1)], axis=1)
-            best_i = np.concatenate([best_i, part + s + o], axis=1)
-            if best_s.shape[1] > k:
-                keep = np.argpartition(-best_s, k - 1, axis=1)[:, :k]
-                best_s = np.take_along_axis(best_s, keep, axis=1)
-                best_i = np.take_along_axis(best_i, keep, axis=1)
-    order = np.argsort(-best_s, axis=1, kind="stable")
-    return np.take_along_axis(best_i, order, axis=1)
-
-
 def ram_blocks(x: np.ndarray):
     yield 0, x
 
@@ -322,7 +300,7 @@ def run_library_size(args, n: int, synth: Synth, q: np.ndarray, work: Path) -> d
     qe = q[:nq_exact]
 
     # ------------------------------------------------ baseline: exact numpy over the same matrix
-    tp, pos = throughput(lambda qq: exact_topk(ram_blocks(x), qq, k), qe)
+    tp, pos = throughput(lambda qq: C.exact_topk(ram_blocks(x), qq, k), qe)
     truth = pos
     entry["rows"].append(row(BASELINE, n, 0.0, {"rss_delta_mb": x.nbytes / 2**20},
                              x.nbytes, tp, 1.0, note="the float32 matrix itself"))
@@ -499,7 +477,7 @@ def run_streamed_size(args, n: int, synth: Synth, q: np.ndarray, work: Path) -> 
 
     # ------------------------------------------------ baseline: exact brute force from the file
     qe = q[: args.exact_queries]
-    tp, truth = throughput(lambda qq: exact_topk(file_blocks(vec_path, n, d), qq, k), qe)
+    tp, truth = throughput(lambda qq: C.exact_topk(file_blocks(vec_path, n, d), qq, k), qe)
     entry["rows"].append(row(BASELINE, n, 0.0, {"rss_delta_mb": None}, need, tp, 1.0,
                              note="streamed from the float32 .npy on disk, read time included"))
 
