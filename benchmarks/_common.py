@@ -356,11 +356,17 @@ def run_benchmark(name: str, args, run: Callable, tmp_prefix: str) -> int:
     finally:
         cleanup(env)
         shutil.rmtree(tmp, ignore_errors=True)
+    return finish(results, tables, t_all, args)
+
+
+def finish(results: dict, tables: list[str], t_all: float, args) -> int:
+    """Total wall time and load into ``results``; print the tables; write ``--txt``/``--json``."""
     results["total_wall_s"] = time.perf_counter() - t_all
-    results["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    results.setdefault("machine", {})["loadavg_at_end"] = list(os.getloadavg())
+    start = results["machine"].get("loadavg_at_start") or [float("nan")]
     report = "\n\n".join(tables) + (
         f"\n\ntotal wall {results['total_wall_s']:.0f} s; load average at start "
-        f"{results['machine']['loadavg_at_start'][0]:.2f}, at end {os.getloadavg()[0]:.2f} "
+        f"{start[0]:.2f}, at end {os.getloadavg()[0]:.2f} "
         f"(2 cores shared with other jobs: figures include that contention)\n")
     print("\n" + report)
     if args.txt:
