@@ -7,6 +7,7 @@ import fiftyone.operators.types as types
 
 from fiftyone_nola.embed import EmbedConfig
 from fiftyone_nola.embeddings import compute_embeddings
+from fiftyone_nola.index import INDEX_TYPES
 
 from . import _common as c
 
@@ -29,6 +30,9 @@ class ComputeEmbeddings(foo.Operator):
         inputs.int("batch_size", required=False, label="Batch size (blank: fit hardware)")
         inputs.int("num_workers", required=False, label="Decode workers (blank: fit hardware)")
         inputs.bool("draft_decode", default=True, label="Fast JPEG draft decoding")
+        inputs.enum("index_type", list(INDEX_TYPES), default="flat", label="Search index",
+                    description="flat: exact; ivf / hnsw: fast approximate; ivfpq: compressed, "
+                                "for millions of images (exact re-ranking)")
         c.add_device_input(inputs)
         return types.Property(inputs, view=types.View(label="Compute embeddings"))
 
@@ -36,7 +40,8 @@ class ComputeEmbeddings(foo.Operator):
         p = ctx.params
         lines: list = []
         cfg = EmbedConfig(batch_size=p.get("batch_size") or None, num_workers=p.get("num_workers"),
-                          device=c.device_param(ctx), draft_decode=bool(p.get("draft_decode", True)))
+                          device=c.device_param(ctx), draft_decode=bool(p.get("draft_decode", True)),
+                          index_type=c.param(ctx, "index_type", "flat"))
         summary = compute_embeddings(
             c.target_samples(ctx), p.get("family", "both"), c.clip_spec(ctx), c.dino_spec(ctx), cfg,
             progress=c.progress_fn(ctx), log=c.log_fn(lines),

@@ -127,6 +127,7 @@ def test_form_defaults_behave_like_python_params(small):
     defaults = {name: prop.default for name, prop in form.type.properties.items()
                 if getattr(prop, "default", None) is not None}
     assert defaults["family"] == "both" and defaults["draft_decode"] is True
+    assert defaults["index_type"] == "flat"
     params = {**defaults, **TINY, "family": "clip", "num_workers": 0}
     r = run("compute_embeddings", small, **params)
     assert r.result["result"]["clip"]["embedded"] == len(small)
@@ -140,7 +141,11 @@ def test_delegated_execution(small):
     from fiftyone.factory.repo_factory import RepositoryFactory  # noqa: F401  (service needs its repo)
     from fiftyone.operators.delegated import DelegatedOperationService
 
-    run("compute_embeddings", small, delegate=True, family="clip", num_workers=0, **TINY)
+    from fiftyone_nola.embeddings import open_index
+    from fiftyone_nola.models import tiny_clip_spec
+
+    run("compute_embeddings", small, delegate=True, family="clip", num_workers=0,
+        index_type="ivfpq", **TINY)
     svc = DelegatedOperationService()
     queued = svc.list_operations(dataset_name=small.name)
     assert len(queued) >= 1 and queued[-1].operator.endswith("compute_embeddings")
@@ -148,3 +153,5 @@ def test_delegated_execution(small):
     done = svc.get(queued[-1].id)
     assert str(done.run_state).lower().endswith("completed"), done.result
     assert "nola_embeddings_clip" in small.list_runs()
+    # the delegated run received the same parameter the form or Python would have sent
+    assert open_index(small, tiny_clip_spec()).meta["index_type"] == "ivfpq"
