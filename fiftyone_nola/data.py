@@ -128,25 +128,33 @@ def collate_skip_bad(items):
 
 def make_loader(
     dataset: torch.utils.data.Dataset,
-    batch_size: int,
+    batch_size: Optional[int],
     num_workers: int,
     pin_memory: bool = False,
     shuffle: bool = False,
     generator: Optional[torch.Generator] = None,
     drop_last: bool = False,
+    batch_sampler: Optional[torch.utils.data.Sampler] = None,
+    worker_init_fn=None,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader whose workers decode in parallel with inference and skip bad images."""
+    """A DataLoader whose workers decode in parallel with inference and skip bad images.
+
+    With ``batch_sampler`` the batches are its own (``batch_size``, ``shuffle`` and
+    ``drop_last`` then belong to the sampler and must be left at their defaults).
+    """
     kwargs = {}
     if num_workers > 0:
         kwargs.update(persistent_workers=False, prefetch_factor=4)
+    if batch_sampler is not None:
+        kwargs.update(batch_sampler=batch_sampler)
+    else:
+        kwargs.update(batch_size=batch_size, shuffle=shuffle, drop_last=drop_last)
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
         num_workers=num_workers,
         collate_fn=collate_skip_bad,
         pin_memory=pin_memory,
         generator=generator,
-        drop_last=drop_last,
+        worker_init_fn=worker_init_fn,
         **kwargs,
     )

@@ -41,7 +41,7 @@ from torch import nn
 
 from . import device as dev
 from . import distributed_training as dt
-from .data import ImageFileDataset, collate_skip_bad, make_loader
+from .data import ImageFileDataset, make_loader
 from .errors import EmptyViewError, IndexMismatchError, InvalidInputError
 from .models import LoadedModel
 from .progress import ProgressFn, null_progress
@@ -697,7 +697,8 @@ def _train(clip, W, classes, config, device, amp, pin, workers, train, train_pat
     sampler = dt.EpochBatchSampler(len(ds), config.batch_size, config.seed,
                                    drop_last=len(ds) >= config.batch_size,
                                    rank=ctx.rank, world_size=ctx.world_size)
-    loader = _train_loader(ds, sampler, workers, pin, gen)
+    loader = make_loader(ds, None, workers, pin_memory=pin, generator=gen,
+                         batch_sampler=sampler, worker_init_fn=_seed_worker)
 
     history = {"loss": [], "agreement": [], "seconds": []}
     best_state, best_epoch, best_agree = None, 0, -1.0
@@ -798,14 +799,6 @@ def _train(clip, W, classes, config, device, amp, pin, workers, train, train_pat
     return TuneResult(model=model, history=history, selected_epoch=selected, seconds=seconds,
                       failed=sorted(failed.items()), train_indices=train,
                       holdout_indices=holdout, start_epoch=start, world_size=ctx.world_size)
-
-
-def _train_loader(ds, sampler, workers: int, pin: bool, gen: torch.Generator):
-    """make_loader's settings with a batch sampler (make_loader can only shuffle)."""
-    kw = {"persistent_workers": False, "prefetch_factor": 4} if workers > 0 else {}
-    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers,
-                                       collate_fn=collate_skip_bad, pin_memory=pin,
-                                       generator=gen, worker_init_fn=_seed_worker, **kw)
 
 
 def _inputs_and_labels(batch, idx, train_labels, teacher_fn, device, pin, amp):
