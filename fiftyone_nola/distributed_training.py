@@ -293,6 +293,7 @@ def tune_prompts_distributed(
     sharded) and return None without reading or writing the dataset. Rank 0 returns the
     ``{"tune": ..., "predict": ...}`` summaries. Prediction runs on rank 0 alone.
     """
+    from . import fo_io, labeling
     from . import prompt_tuning as pt
     from .models import ClipSpec
 
@@ -303,12 +304,11 @@ def tune_prompts_distributed(
     config = run_on_main(ctx, lambda: config or pt.TuneConfig.for_hardware(None, log=log))
     # The other ranks need exactly what tune_prompts will pass to tune (it re-reads the same
     # stored arrays; tune itself checks that all ranks agree).
-    inputs = run_on_main(ctx, lambda: _tune_inputs(dataset, zeroshot_field, teacher_field,
-                                                   run_name)) if ctx.enabled else None
+    inputs = run_on_main(ctx, lambda: labeling.tune_inputs(
+        fo_io.get_dataset(dataset), zeroshot_field, teacher_field, run_name)) if ctx.enabled else None
     if not ctx.is_main:
         _join_tune(ctx, clip, config, inputs)
         return None
-    from . import fo_io, labeling
     from .progress import null_progress
 
     progress = progress or null_progress
@@ -325,31 +325,10 @@ def _silent(_msg: str) -> None:
     return None
 
 
-def _tune_inputs(dataset: str, zeroshot_field: str, teacher_field: str, run_name: str) -> dict:
-    """What labeling.tune_prompts hands to tune, read the same way (on rank 0)."""
-    from . import fo_io, labeling
-    from .artifacts import aligned, stage_dir
-
-    samples = fo_io.get_dataset(dataset)
-    ids, paths = fo_io.ids_and_paths(samples)
-    W, classes = labeling.load_class_weights(samples, zeroshot_field)
-    teacher = aligned(stage_dir(samples, teacher_field), "teacher", ids)
-    ckpt = stage_dir(samples, f"{run_name}_model") / "checkpoints"
-    return {"paths": paths, "teacher": teacher, "W": W, "classes": classes,
-            "checkpoint_dir": str(ckpt)}
-
-
-def _join_tune(ctx: DistContext, clip, config, inputs: dict) -> None:
+def _join_tune(ctx: DistContext, clip, config, inputs) -> None:
     """A non-zero rank's part: load CLIP and join rank 0's tune call(s)."""
-    from . import prompt_tuning as pt
-    from .errors import IndexMismatchError
+    from .labeling import tune_on_inputs
     from .models import load_clip
 
     model = load_clip(clip, ctx.device_for(dev.resolve_device(config.device)))
-    args = (model, inputs["paths"], inputs["teacher"], inputs["W"], config,
-            inputs["checkpoint_dir"])
-    try:
-        pt.tune(*args, log=None, classes=inputs["classes"])
-    except IndexMismatchError:
-        # Rank 0's tune_prompts met the same stale checkpoint: it deletes it and starts over.
-        pt.tune(*args, log=None, classes=inputs["classes"])
+    tune_on_inputs(model, inputs, config, log=None)

@@ -183,6 +183,61 @@ def dino_labels(
 # --------------------------------------------------------------------------- prompt tuning
 
 
+@dataclass
+class TuneInputs:
+    """What the prompt-tuning stage trains on, read from the stages before it."""
+
+    paths: list
+    teacher: np.ndarray  # class index per sample, -1 where the labeller gave none
+    class_weights: np.ndarray
+    classes: list
+    model_dir: Path
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where the per-epoch checkpoints of this run live."""
+        return self.model_dir / "checkpoints"
+
+
+def tune_inputs(samples, zeroshot_field: str = "nola_zeroshot", teacher_field: str = "nola_dino",
+                run_name: str = "nola") -> TuneInputs:
+    """The images, cached teacher labels and CDE weights of the tuning stage, checked."""
+    W, classes = load_class_weights(samples, zeroshot_field)
+    d_t = stage_dir(samples, teacher_field)
+    stage_meta(d_t, "DINO labeller")
+    ids, paths = fo_io.ids_and_paths(samples)
+    teacher = aligned(d_t, "teacher", ids)
+    if (teacher >= 0).sum() == 0:
+        raise NolaError(f"No teacher labels in '{teacher_field}' for these samples: run dino_labels first.")
+    return TuneInputs(paths, teacher, W, classes, stage_dir(samples, f"{run_name}_model"))
+
+
+def tune_on_inputs(clip_model, inputs: TuneInputs, config, progress: ProgressFn = null_progress,
+                   log: Optional[Log] = print):
+    """``prompt_tuning.tune`` on ``inputs``, resuming their checkpoint or starting over if stale.
+
+    Under torchrun every rank calls this; only rank 0 deletes a stale checkpoint.
+    """
+    from . import distributed_training as dt
+    from . import prompt_tuning as pt
+
+    def run():
+        return pt.tune(clip_model, inputs.paths, inputs.teacher, inputs.class_weights, config,
+                       checkpoint_dir=inputs.checkpoint_dir, progress=progress, log=log,
+                       classes=inputs.classes)
+
+    try:
+        return run()
+    except IndexMismatchError as e:
+        # A checkpoint from other teacher labels, images or settings is stale, not resumable:
+        # a re-run after the labeller changed must train anew.
+        if log is not None:
+            log(f"[tune] previous checkpoint does not match this run ({e}); starting over")
+        if dt.context().is_main:
+            shutil.rmtree(inputs.checkpoint_dir, ignore_errors=True)
+        return run()
+
+
 def tune_prompts(
     samples,
     zeroshot_field: str = "nola_zeroshot",
@@ -204,28 +259,12 @@ def tune_prompts(
     clip_spec = clip or ClipSpec()
     device = resolve_device(getattr(config, "device", None))
     config = config or pt.TuneConfig.for_hardware(device)
-    W, classes = load_class_weights(samples, zeroshot_field)
-    d_t = stage_dir(samples, teacher_field)
-    stage_meta(d_t, "DINO labeller")
-    ids, paths = fo_io.ids_and_paths(samples)
-    teacher = aligned(d_t, "teacher", ids)
-    if (teacher >= 0).sum() == 0:
-        raise NolaError(f"No teacher labels in '{teacher_field}' for these samples: run dino_labels first.")
-    model_dir = stage_dir(samples, f"{run_name}_model")
+    inputs = tune_inputs(samples, zeroshot_field, teacher_field, run_name)
+    classes, model_dir = inputs.classes, inputs.model_dir
     clip_model = load_clip(clip_spec, device)
-    log(f"[tune] {int((teacher >= 0).sum())} teacher-labelled samples; epochs={config.epochs} "
+    log(f"[tune] {int((inputs.teacher >= 0).sum())} teacher-labelled samples; epochs={config.epochs} "
         f"batch={config.batch_size} max_samples={config.max_samples} device={device}")
-    ckpt_dir = model_dir / "checkpoints"
-    try:
-        result = pt.tune(clip_model, paths, teacher, W, config, checkpoint_dir=ckpt_dir,
-                         progress=progress, log=log, classes=classes)
-    except IndexMismatchError as e:
-        # A checkpoint from other teacher labels, images or settings is stale, not resumable:
-        # a re-run after the labeller changed must train anew.
-        log(f"[tune] previous checkpoint does not match this run ({e}); starting over")
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        result = pt.tune(clip_model, paths, teacher, W, config, checkpoint_dir=ckpt_dir,
-                         progress=progress, log=log, classes=classes)
+    result = tune_on_inputs(clip_model, inputs, config, progress, log)
     pt.save_tuned(model_dir, result.model, classes, clip_model.identity, config,
                   {"zeroshot_field": zeroshot_field, "teacher_field": teacher_field,
                    "selected_epoch": result.selected_epoch})
