@@ -215,9 +215,10 @@ def file_blocks(path: Path, n: int, d: int, rows: int = 65_536):
 
 
 def recall(truth: np.ndarray, got) -> float:
-    """recall@k of position lists (rows of ``got`` may be shorter: missing hits count as misses)."""
-    k = truth.shape[1]
-    return float(np.mean([len(set(t) & set(list(g)[:k])) / k for t, g in zip(truth, got)]))
+    """recall@k of position lists, by the library's definition (missing hits count as misses)."""
+    from fiftyone_nola.index import recall_at_k
+
+    return recall_at_k([list(t) for t in truth], [list(g) for g in got])
 
 
 def faiss_bytes(index, tmp: Path) -> int:
