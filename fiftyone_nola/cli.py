@@ -15,21 +15,27 @@ from .errors import ModelNotFoundError, NolaError
 from .progress import print_progress
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _clip_args(p: argparse.ArgumentParser, device_help: str = "cpu, cuda, cuda:1, ... (default: auto)"):
+    """CLIP, local weights, random init and device options; returns the group for more."""
     g = p.add_argument_group("models")
     g.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture (default ViT-B-32)")
     g.add_argument("--clip-pretrained", default="openai",
                    help="open_clip pretrained tag or a local checkpoint file (default openai)")
+    g.add_argument("--models-dir", default=None, help="directory of local weights (NOLA_MODELS_DIR)")
+    g.add_argument("--random-init", action="store_true", default=None,
+                   help="randomly initialised models (smoke runs: labels are meaningless)")
+    g.add_argument("--device", default=None, help=device_help)
+    return g
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = _clip_args(p)
     g.add_argument("--dino", default="auto",
                    help="timm DINO model name (auto: vit_base_patch16_224.dino on a GPU as in the paper, "
                         "vit_small_patch16_224.dino on a CPU)")
     g.add_argument("--dino-checkpoint", default=None, help="local DINO weights file")
-    g.add_argument("--models-dir", default=None, help="directory of local weights (NOLA_MODELS_DIR)")
-    g.add_argument("--random-init", action="store_true", default=None,
-                   help="randomly initialised models (smoke runs: labels are meaningless)")
     g.add_argument("--fallback-random-init", action="store_true",
                    help="if no weights can be found, warn loudly and continue with random init")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -99,13 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="loader workers per process")
     p.add_argument("--no-predict", action="store_true", help="only tune and save the model")
     p.add_argument("--json", dest="json_out", default=None, help="write the summary as JSON here")
-    g = p.add_argument_group("models (as given to auto-label)")
-    g.add_argument("--clip-arch", default="ViT-B-32")
-    g.add_argument("--clip-pretrained", default="openai")
-    g.add_argument("--models-dir", default=None)
-    g.add_argument("--random-init", action="store_true", default=None)
-    g.add_argument("--device", default=None,
-                   help="cpu or cuda (each process takes cuda:LOCAL_RANK)")
+    _clip_args(p, device_help="cpu or cuda (each torchrun process takes cuda:LOCAL_RANK)")
     return ap
 
 
@@ -113,16 +113,28 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _specs(args):
-    from .models import ClipSpec, DinoSpec, random_init_default
+def _clip_spec(args):
+    """The ClipSpec of the CLIP options (and NOLA_MODELS_DIR from --models-dir)."""
+    from .models import ClipSpec
 
-    random_init = args.random_init if args.random_init is not None else random_init_default()
     if args.models_dir:
         os.environ["NOLA_MODELS_DIR"] = args.models_dir
-    clip = ClipSpec(arch=args.clip_arch, pretrained=args.clip_pretrained, random_init=random_init)
-    from .models import concrete_dino
+    return ClipSpec(arch=args.clip_arch, pretrained=args.clip_pretrained,
+                    random_init=_random_init(args))
 
-    dino = concrete_dino(DinoSpec(name=args.dino, checkpoint=args.dino_checkpoint, random_init=random_init))
+
+def _random_init(args) -> bool:
+    from .models import random_init_default
+
+    return args.random_init if args.random_init is not None else random_init_default()
+
+
+def _specs(args):
+    from .models import DinoSpec, concrete_dino
+
+    clip = _clip_spec(args)
+    dino = concrete_dino(DinoSpec(name=args.dino, checkpoint=args.dino_checkpoint,
+                                  random_init=_random_init(args)))
     if args.dino == "auto":
         _log(f"[models] DINO for this machine: {dino.name} (override with --dino)")
     return clip, dino
@@ -244,15 +256,11 @@ def cmd_tune(args) -> dict:
     from dataclasses import replace
 
     from . import distributed_training as dt
-    from .models import ClipSpec, random_init_default
     from .prompt_tuning import TuneConfig
 
     ctx = dt.init_distributed(args.device)
     log = _log if ctx.is_main else (lambda _msg: None)
-    if args.models_dir:
-        os.environ["NOLA_MODELS_DIR"] = args.models_dir
-    random_init = args.random_init if args.random_init is not None else random_init_default()
-    clip = ClipSpec(arch=args.clip_arch, pretrained=args.clip_pretrained, random_init=random_init)
+    clip = _clip_spec(args)
     config = TuneConfig.for_hardware(args.device, log=log)
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "num_workers": args.workers}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
