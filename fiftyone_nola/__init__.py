@@ -22,6 +22,8 @@ _LAZY = {
     "ClipSpec": "models",
     "DinoSpec": "models",
     "EmbedConfig": "embed",
+    "validate": "validation",
+    "ValidationError": "errors",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -51,6 +51,9 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--workers", type=int, default=None)
     g.add_argument("--json", dest="json_out", default=None, help="write the summary as JSON here")
+    g.add_argument("--check", action="store_true",
+                   help="only check the inputs and print the plan (stages to run or reuse, time, disk); "
+                        "writes nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     _model_args(p)
     p.add_argument("--descriptions", default=None, help="LaFTer/NoLA description JSON {class: [texts]}")
+    p.add_argument("--allow-template-fallback", action="store_true",
+                   help="classes the descriptions file lacks get CLIP template descriptions (else an error)")
     p.add_argument("--max-descriptions", type=int, default=None,
                    help="use at most N descriptions per class (default: all)")
     p.add_argument("--no-templates", action="store_true",
@@ -79,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     _model_args(p)
     p.add_argument("--descriptions", default=None)
+    p.add_argument("--allow-template-fallback", action="store_true",
+                   help="classes the descriptions file lacks get CLIP template descriptions (else an error)")
     p.add_argument("--grid", type=int, default=3)
 
     p = sub.add_parser("embed", help="compute CLIP and/or DINO embeddings into FAISS indexes")
@@ -113,6 +120,55 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+# Inputs as the validation pass names them -> the flags a user typed.
+CLI_NAMES = {
+    "classes": "--classes", "descriptions_file": "--descriptions", "gt_field": "--gt-field",
+    "clip_arch": "--clip-arch", "clip_pretrained": "--clip-pretrained", "dino_model": "--dino",
+    "dino_checkpoint": "--dino-checkpoint", "device": "--device", "images": "--images", "dataset": "--dataset",
+    "samples": "--dataset", "json_out": "--json", "tune_epochs": "--epochs", "tune_batch_size": "--batch-size",
+    "tune_max_samples": "--tune-max-samples", "batch_size": "--batch-size", "num_workers": "--workers",
+    "max_descriptions_per_class": "--max-descriptions", "grid": "--grid", "storage": "NOLA_HOME",
+    "max_samples": "--max-samples", "index_type": "--index-type", "family": "--family", "use_llm": "--use-llm",
+    "zeroshot_field": "output field", "dino_field": "output field", "tuned_field": "output field",
+    "pseudo_field": "output field", "pred_field": "output field",
+}
+
+
+def _names(args) -> dict:
+    names = dict(CLI_NAMES)
+    if getattr(args, "classes_file", None):
+        names["classes"] = "--classes-file"
+    if getattr(args, "gt_from_subfolders", None) and not getattr(args, "gt_field", None):
+        names["gt_field"] = "--gt-from-subfolders"
+    return names
+
+
+def _target(args):
+    from .validation import Target
+
+    return Target(images_dir=args.images, dataset_name=args.dataset,
+                  gt_from_subfolders=args.gt_from_subfolders, max_samples=args.max_samples)
+
+
+def _checked(args, report) -> bool:
+    """Stop on problems (exit 2, nothing written); print warnings; with --check print the plan.
+
+    Returns True when the command should stop here (``--check``)."""
+    from .errors import ValidationError
+
+    names = _names(args)
+    if not report.ok:
+        raise ValidationError(report.problems, names)
+    if args.check:
+        _log("== check ==")
+        for line in report.lines(names):
+            _log(line)
+        return True
+    for w in report.warnings:
+        _log(f"[check] {w.render(names)}")
+    return False
+
+
 def _clip_spec(args):
     """The ClipSpec of the CLIP options (and NOLA_MODELS_DIR from --models-dir)."""
     from .models import ClipSpec
@@ -144,7 +200,7 @@ def _check_weights(clip, dino, fallback: bool):
     """Resolve weights before any long work; optionally fall back to random init, loudly."""
     from dataclasses import replace
 
-    from .models import weights_available
+    from .validation import _weights as weights_available
 
     missing = [(s, why) for s in (clip, dino) for ok, why in [weights_available(s)] if not ok]
     if not missing:
@@ -183,11 +239,13 @@ def _write_json(path: Optional[str], obj) -> None:
 
 def cmd_auto_label(args) -> dict:
     """``auto-label``: import (or load) a dataset, label it, print per-stage results."""
+    from dataclasses import replace
+
     from .embed import EmbedConfig
     from .pipeline import AutoLabelConfig, auto_label, summary_lines
+    from .validation import check_auto_label
 
-    clip, dino = _check_weights(*_specs(args), args.fallback_random_init)
-    ds = _samples(args)
+    clip, dino = _specs(args)
     gt = args.gt_field or args.gt_from_subfolders
     cfg = AutoLabelConfig(
         clip=clip, dino=dino,
@@ -197,7 +255,15 @@ def cmd_auto_label(args) -> dict:
         include_templates=not args.no_templates, max_descriptions_per_class=args.max_descriptions,
         tune_max_samples=(None if args.tune_max_samples == 0 else args.tune_max_samples),
         device=args.device, gt_field=gt, force=args.force,
+        allow_template_fallback=args.allow_template_fallback,
     )
+    report = check_auto_label(_target(args), _classes(args), cfg, args.fallback_random_init, args.json_out,
+                              plan=args.check)
+    if _checked(args, report):
+        return {"check": True, "plan": report.plan}
+    clip, dino = _check_weights(clip, dino, args.fallback_random_init)
+    cfg = replace(cfg, clip=clip, dino=dino)
+    ds = _samples(args)
     summary = auto_label(ds, _classes(args), cfg, progress=print_progress(sys.stdout), log=_log)
     _log("\n== auto-label summary ==")
     for line in summary_lines(summary):
@@ -215,12 +281,22 @@ def cmd_auto_label(args) -> dict:
 
 def cmd_auto_label_multilabel(args) -> dict:
     """``auto-label-multilabel``: the CDUL pipeline from the shell."""
-    from .multilabel_pipeline import MultiLabelConfig, auto_label_multilabel
+    from dataclasses import replace
 
-    clip, _ = _check_weights(*_specs(args), args.fallback_random_init)
-    ds = _samples(args)
+    from .multilabel_pipeline import MultiLabelConfig, auto_label_multilabel
+    from .validation import check_multilabel
+
+    clip, dino = _specs(args)
     cfg = MultiLabelConfig(clip=clip, descriptions_file=args.descriptions, grid=args.grid,
-                           device=args.device, gt_field=args.gt_field)
+                           device=args.device, gt_field=args.gt_field or args.gt_from_subfolders,
+                           allow_template_fallback=args.allow_template_fallback)
+    report = check_multilabel(_target(args), _classes(args), cfg, args.fallback_random_init, args.json_out,
+                              plan=args.check)
+    if _checked(args, report):
+        return {"check": True, "plan": report.plan}
+    clip, _ = _check_weights(clip, dino, args.fallback_random_init)
+    cfg = replace(cfg, clip=clip)
+    ds = _samples(args)
     summary = auto_label_multilabel(ds, _classes(args), cfg, progress=print_progress(sys.stdout), log=_log)
     _write_json(args.json_out, summary)
     return summary
@@ -230,11 +306,16 @@ def cmd_embed(args) -> dict:
     """``embed``: CLIP and/or DINO embeddings into FAISS stores."""
     from .embed import EmbedConfig
     from .embeddings import compute_embeddings
+    from .validation import check_embed
 
-    clip, dino = _check_weights(*_specs(args), args.fallback_random_init)
-    ds = _samples(args)
+    clip, dino = _specs(args)
     cfg = EmbedConfig(batch_size=args.batch_size, num_workers=args.workers, device=args.device,
                       draft_decode=not args.exact_decode, index_type=args.index_type)
+    report = check_embed(_target(args), args.family, clip, dino, cfg, args.fallback_random_init, args.json_out)
+    if _checked(args, report):
+        return {"check": True}
+    clip, dino = _check_weights(clip, dino, args.fallback_random_init)
+    ds = _samples(args)
     if args.ray is not None:
         from .distributed_embeddings import RayEmbedConfig, compute_embeddings_ray
 

@@ -21,6 +21,28 @@ class InvalidInputError(NolaError):
     """Bad user input: classes, fields, files, parameters."""
 
 
+class ValidationError(InvalidInputError):
+    """The inputs of a job are wrong: ``problems`` lists every error found (``validation.Problem``:
+    the input, what is wrong, what to do); ``format(names)`` renders them with CLI flag names."""
+
+    def __init__(self, problems, names=None):
+        self.problems = [p for p in problems if p.error]
+        self.warnings = [p for p in problems if not p.error]
+        self.names = dict(names or {})
+        super().__init__(self.format(self.names))
+
+    def format(self, names=None) -> str:
+        n = len(self.problems)
+        lines = [f"{n} problem{'s' if n != 1 else ''} with the inputs; nothing was run or written:"]
+        lines += [f"  - {p.render(names)}" for p in self.problems]
+        return "\n".join(lines)
+
+    @property
+    def inputs(self) -> list:
+        """The inputs that have at least one error."""
+        return list(dict.fromkeys(p.input for p in self.problems))
+
+
 class EmptyViewError(InvalidInputError):
     """The dataset or view holds no samples to work on."""
 

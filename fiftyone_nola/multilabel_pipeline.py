@@ -35,6 +35,7 @@ class MultiLabelConfig:
     dino: Optional[DinoSpec] = None  # also train on DINO features when set
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     descriptions_file: Optional[str] = None
+    allow_template_fallback: bool = False  # classes the descriptions file lacks get CLIP templates
     use_llm: bool = False
     single_template: bool = False  # CDUL's "a photo of a {c}." only, instead of CDE texts
     grid: int = 3
@@ -46,7 +47,11 @@ class MultiLabelConfig:
     max_labels: Optional[int] = 10
     crop_batch_size: int = 16
     num_workers: Optional[int] = None
-    train_epochs: int = 30
+    # Classifier schedule; None = fitted to the machine and printed: CDUL's 100 epochs with label
+    # updates every 10 after 10 warm-up epochs on a GPU, 30 / 3 / 3 on a CPU (multilabel.TrainConfig).
+    train_epochs: Optional[int] = None
+    label_update_every: Optional[int] = None
+    label_warmup: Optional[int] = None
     device: Optional[str] = None
     pseudo_field: str = "cdul_pseudo"
     pred_field: str = "cdul"
@@ -128,6 +133,14 @@ def multilabel_pseudo_labels(
     return summary
 
 
+def classifier_config(config: MultiLabelConfig, log: Optional[Log] = print):
+    """The head's ``TrainConfig``: the machine's schedule, with the config's explicit values."""
+    from . import multilabel as ml
+
+    return ml.TrainConfig.for_hardware(config.device, log=log, epochs=config.train_epochs,
+                                       update_every=config.label_update_every, warmup=config.label_warmup)
+
+
 def train_multilabel(
     samples,
     config: Optional[MultiLabelConfig] = None,
@@ -147,7 +160,7 @@ def train_multilabel(
     if config.dino is not None:
         _, f2 = load_embeddings(samples, config.dino, ids)
         feats = np.concatenate([feats, f2], axis=1)
-    tcfg = ml.TrainConfig(epochs=config.train_epochs, device=config.device)
+    tcfg = classifier_config(config, log)
     model, refined, history = ml.train_multilabel_classifier(feats, y, tcfg, progress)
     probs = ml.predict_multilabel(model, feats)
     pos = ml.decide_labels(probs, config.rule, ratio=config.ratio, max_labels=config.max_labels)
@@ -158,6 +171,7 @@ def train_multilabel(
                            {"classes": classes, "field": config.pred_field})
         summary = {"stage": "cdul_train", "field": config.pred_field, "samples": len(ids), "labelled": written,
                    "epochs": tcfg.epochs, "final_loss": (history.get("loss") or [None])[-1],
+                   "schedule": tcfg.describe_schedule(), "label_update_epochs": history["update_epochs"],
                    "train_seconds": time.perf_counter() - t0, "model_path": str(out_dir / "classifier.pt")}
         runs.record_run(samples, runs.run_key_for(config.pred_field), "cdul_classifier",
                         {"train": tcfg, "pseudo_field": config.pseudo_field}, summary)
@@ -196,7 +210,13 @@ def auto_label_multilabel(
     log: Log = print,
 ) -> dict:
     """Embeddings -> CDUL pseudo-labels -> classifier with label refinement (-> mAP if GT)."""
+    from .validation import Target, check_multilabel
+
     config = config or MultiLabelConfig()
+    report = check_multilabel(Target(samples=samples), classes, config)
+    for w in report.warnings:
+        log(f"[check] {w.render()}")
+    report.raise_for_errors()
     classes = resolve_classes(classes, samples)
     timer = StageTimer(echo=log)
     out: dict = {"classes": classes, "stages": {}}

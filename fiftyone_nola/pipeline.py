@@ -49,6 +49,7 @@ class AutoLabelConfig:
     dino: DinoSpec = field(default_factory=DinoSpec)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     descriptions_file: Optional[str] = None
+    allow_template_fallback: bool = False  # classes the descriptions file lacks get CLIP templates
     use_llm: bool = False
     llm_model: str = "llama3.2"
     llm_host: Optional[str] = None
@@ -92,6 +93,7 @@ def auto_label(
     from .evaluation import evaluate_single_label
 
     config = config or AutoLabelConfig()
+    check_inputs(samples, classes, config, log)
     classes = resolve_classes(classes, samples)
     device = resolve_device(config.device)
     prof = hardware_profile(device)
@@ -163,6 +165,16 @@ def auto_label(
     out["seconds_per_stage"] = timer.seconds
     out["random_init"] = bool(config.clip.random_init or config.dino.random_init)
     return out
+
+
+def check_inputs(samples, classes, config: AutoLabelConfig, log: Log = print) -> None:
+    """The validation pass of ``auto_label``: raise one ValidationError listing every problem."""
+    from .validation import Target, check_auto_label
+
+    report = check_auto_label(Target(samples=samples), classes, config)
+    for w in report.warnings:
+        log(f"[check] {w.render()}")
+    report.raise_for_errors()
 
 
 def _dino_run_config(dl_cfg, config: AutoLabelConfig) -> dict:
