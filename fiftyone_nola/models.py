@@ -11,6 +11,8 @@ Weights are looked up in this order: an explicit checkpoint path; the models dir
 
     <models_dir>/clip/<arch>/<tag>.{pt,bin,safetensors}     e.g. clip/ViT-B-32/openai.pt
     <models_dir>/dino/<timm name>.{safetensors,pth,bin}     e.g. dino/vit_base_patch16_224.dino.safetensors
+    <models_dir>/dino/<timm name>/{model.safetensors,pytorch_model.bin}   (timm's hub files)
+    <models_dir>/dino/<official release file>               e.g. dino/dino_vitbase16_pretrain.pth
 
 then the model's hub (only when nothing local exists). ``random_init=True`` (or
 ``NOLA_RANDOM_INIT=1``) skips weights entirely for smoke runs and tests: labels from such
@@ -19,10 +21,11 @@ models are meaningless.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
-import warnings
+import pickle
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,12 +33,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .checkpoints import ACCEPTED_FORMATS, WEIGHT_SUFFIXES, is_torchscript, read_state_dict
 from .errors import ModelNotFoundError
 from .storage import nola_home
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _CONFIG_DIR = Path(__file__).parent / "configs"
 RANDOM_INIT_SEED = 0
 
@@ -76,6 +79,9 @@ class ClipSpec:
     pretrained: Optional[str] = "openai"
     random_init: bool = field(default_factory=random_init_default)
     models_dir: Optional[str] = None
+    # None: the activation the weights were trained with (the tag's, or QuickGELU for OpenAI's
+    # TorchScript files); True/False force it, e.g. for a plain state dict of OpenAI weights.
+    quick_gelu: Optional[bool] = None
 
     @property
     def family(self) -> str:
@@ -84,13 +90,21 @@ class ClipSpec:
 
 @dataclass(frozen=True)
 class DinoSpec:
-    """Which DINO to load: a timm name, optional checkpoint file, and which feature to embed."""
+    """Which DINO to load: a timm name, optional checkpoint file, which feature to embed and how
+    images are preprocessed.
+
+    ``preprocess="nola"`` (default) is the official NoLA input of its DINO labeller (the
+    ``te_transform`` of fazliimam/NoLA: Resize bicubic, CenterCrop, CLIP's mean/std);
+    ``"timm"`` is timm's eval transform for the model (ImageNet mean/std, resize by crop_pct).
+    With ``name="auto"`` and a checkpoint, the architecture is read from the file.
+    """
 
     name: str = "auto"  # auto: the paper's vit_base_patch16_224.dino on a GPU, ViT-S/16 on a CPU
-    checkpoint: Optional[str] = None
+    checkpoint: Optional[str] = None  # a weights file (see DINO_WEIGHT_FORMATS) or a folder holding one
     feature: str = "cls"  # "cls": CLS token after the final norm; "pooled": the model's own pooling
     random_init: bool = field(default_factory=random_init_default)
     models_dir: Optional[str] = None
+    preprocess: str = "nola"  # "nola": NoLA's te_transform (official); "timm": timm's eval transform
 
     @property
     def family(self) -> str:
@@ -98,9 +112,14 @@ class DinoSpec:
 
 
 def concrete_dino(spec: DinoSpec) -> DinoSpec:
-    """``spec`` with ``name="auto"`` replaced by the model that fits this machine."""
+    """``spec`` with ``name="auto"`` replaced by the architecture of its checkpoint file, else
+    by the model that fits this machine."""
     if spec.name != "auto":
         return spec
+    if spec.checkpoint and not spec.random_init:
+        name = _dino_name_from_file(spec.checkpoint)
+        if name:
+            return replace(spec, name=name)
     from .device import hardware_profile
 
     return replace(spec, name=hardware_profile().dino_model)
@@ -167,22 +186,56 @@ def _register_tiny_configs() -> None:
         open_clip.add_model_config(_CONFIG_DIR)
 
 
-def _clip_weights(spec: ClipSpec) -> tuple[Optional[str], str]:
-    """Return (argument for open_clip's ``pretrained``, weights identity)."""
+@dataclass(frozen=True)
+class _ClipSource:
+    """Where a ClipSpec's weights come from and which network they belong to."""
+
+    tag: Optional[str]  # open_clip pretrained tag (downloaded or in the hub cache)
+    file: Optional[str]  # local weights file
+    weights_id: str
+    quick_gelu: Optional[bool]  # None: as the architecture's config says (hf-hub: names)
+
+
+def _quick_gelu(spec: ClipSpec, tag: Optional[str], file: Optional[str]) -> Optional[bool]:
+    """The activation the weights were trained with: OpenAI's CLIPs use QuickGELU, while
+    open_clip's plain ``ViT-B-32`` config is GELU; building one for the other silently changes
+    every feature (cosine ~0.9999 to the right network on random weights, more on real ones)."""
+    if spec.quick_gelu is not None:
+        return bool(spec.quick_gelu)
+    if spec.arch.startswith("hf-hub:"):
+        return None
+    import open_clip
+
+    _register_tiny_configs()
+    if (open_clip.get_model_config(spec.arch) or {}).get("quick_gelu"):
+        return True
+    if tag:
+        return bool((open_clip.get_pretrained_cfg(spec.arch, tag) or {}).get("quick_gelu", False))
+    return bool(file and is_torchscript(file))  # OpenAI's release format: always QuickGELU
+
+
+def _clip_source(spec: ClipSpec) -> _ClipSource:
+    """Resolve ``spec``'s weights: random, an explicit file, the models directory, or a tag."""
     if spec.random_init or not spec.pretrained:
-        return None, f"random-init-seed{RANDOM_INIT_SEED}"
-    p = Path(spec.pretrained).expanduser()
-    if p.suffix in WEIGHT_SUFFIXES or os.sep in spec.pretrained:
+        tag = spec.pretrained if spec.pretrained and not _looks_like_path(spec.pretrained) else None
+        return _ClipSource(None, None, f"random-init-seed{RANDOM_INIT_SEED}", _quick_gelu(spec, tag, None))
+    if _looks_like_path(spec.pretrained):
+        p = Path(spec.pretrained).expanduser()
         if not p.is_file():
             raise ModelNotFoundError(
-                f"CLIP checkpoint file {p} does not exist. Pass the path of an open_clip "
-                f"checkpoint for {spec.arch}, or an open_clip pretrained tag such as 'openai'."
+                f"CLIP checkpoint file {p} does not exist. Pass the path of a CLIP checkpoint for "
+                f"{spec.arch} ({ACCEPTED_FORMATS}), or an open_clip pretrained tag such as 'openai'."
             )
-        return str(p), f"file-{_file_identity(p)}"
+        return _ClipSource(None, str(p), f"file-{_file_identity(p)}", _quick_gelu(spec, None, str(p)))
+    qg = _quick_gelu(spec, spec.pretrained, None)
     local = _find_local(models_dir(spec.models_dir) / "clip" / _safe(spec.arch), _safe(spec.pretrained))
     if local is not None:
-        return str(local), f"{spec.pretrained}-file-{_file_identity(local)}"
-    return spec.pretrained, spec.pretrained
+        return _ClipSource(None, str(local), f"{spec.pretrained}-file-{_file_identity(local)}", qg)
+    return _ClipSource(spec.pretrained, None, spec.pretrained, qg)
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return Path(pretrained).suffix in WEIGHT_SUFFIXES or os.sep in pretrained
 
 
 def _offline_hint_clip(spec: ClipSpec) -> str:
@@ -254,7 +307,6 @@ def load_clip(spec: Optional[ClipSpec] = None, device: Optional[torch.device] = 
 
     _register_tiny_configs()
     device = device or torch.device("cpu")
-    pretrained, weights_id = _clip_weights(spec)
     if spec.arch.startswith("hf-hub:") and spec.random_init:
         raise ModelNotFoundError("random_init is not supported for hf-hub: CLIP names; name an architecture")
     if not spec.arch.startswith("hf-hub:") and spec.arch not in open_clip.list_models():
@@ -262,18 +314,22 @@ def load_clip(spec: Optional[ClipSpec] = None, device: Optional[torch.device] = 
             f"Unknown CLIP architecture {spec.arch!r}. Known ones include: "
             f"{', '.join(sorted(open_clip.list_models())[:12])}, ... (open_clip.list_models())."
         )
+    src = _clip_source(spec)
+    force_qg = {"force_quick_gelu": True} if src.quick_gelu else {}
     with _seeded():
         torch.manual_seed(RANDOM_INIT_SEED)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with _quiet_random_init_notice(src.file is not None):
                 model, _, preprocess = open_clip.create_model_and_transforms(
-                    spec.arch, pretrained=pretrained, device=device
+                    spec.arch, pretrained=src.tag, device=device, **force_qg
                 )
         except (RuntimeError, OSError, ValueError) as e:  # hub errors surface as these
-            if pretrained is None or os.path.isfile(str(pretrained)):
+            if src.tag is None:
                 raise
             raise ModelNotFoundError(_offline_hint_clip(spec) + f" ({type(e).__name__}: {e})") from e
+    if src.file is not None:
+        _load_clip_file(model, Path(src.file), spec.arch)
+        model.to(device)
     model.eval()
     tokenizer = _LazyTokenizer(spec.arch)
     image_size = model.visual.image_size
@@ -285,7 +341,8 @@ def load_clip(spec: Optional[ClipSpec] = None, device: Optional[torch.device] = 
     identity = {
         "family": "clip",
         "name": spec.arch,
-        "weights": weights_id,
+        "weights": src.weights_id,
+        "activation": "default" if src.quick_gelu is None else ("quick_gelu" if src.quick_gelu else "gelu"),
         "random_init": bool(spec.random_init or not spec.pretrained),
         "key": spec_key(spec),
     }
@@ -296,20 +353,252 @@ def load_clip(spec: Optional[ClipSpec] = None, device: Optional[torch.device] = 
     )
 
 
+@contextlib.contextmanager
+def _quiet_random_init_notice(weights_follow: bool):
+    """Drop open_clip's "initialized randomly" notice when we load the weights right after."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "Model initialized randomly" not in record.getMessage()
+
+    root = logging.getLogger()
+    if weights_follow:
+        root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def _load_clip_file(model: torch.nn.Module, path: Path, arch: str) -> None:
+    """Load a local CLIP checkpoint (formats: ``checkpoints``) into ``model``, strictly."""
+    from open_clip.factory import load_checkpoint, resize_pos_embed
+
+    try:
+        if is_torchscript(path):
+            sd = read_state_dict(path)
+            if "logit_scale" in sd:
+                sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
+            resize_pos_embed(sd, model)
+            model.load_state_dict(sd, strict=True)
+        else:
+            if path.suffix not in WEIGHT_SUFFIXES:
+                read_state_dict(path)  # raises the message naming the accepted formats
+            load_checkpoint(model, str(path), strict=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        if "state_dict" in str(e) or "size mismatch" in str(e):
+            raise ModelNotFoundError(
+                f"{path} does not hold {arch} CLIP weights ({str(e).splitlines()[0][:200]}). Name "
+                f"the architecture the file was trained as (e.g. --clip-arch ViT-B-16)."
+            ) from e
+        raise ModelNotFoundError(f"Cannot read {path}: {str(e)[:200]}. Accepted: {ACCEPTED_FORMATS}.") from e
+
+
+# Official facebookresearch/dino release files (plain state dicts) of the timm DINO models.
+DINO_RELEASE_FILES = {
+    "vit_small_patch16_224.dino": "dino_deitsmall16_pretrain.pth",
+    "vit_small_patch8_224.dino": "dino_deitsmall8_pretrain.pth",
+    "vit_base_patch16_224.dino": "dino_vitbase16_pretrain.pth",
+    "vit_base_patch8_224.dino": "dino_vitbase8_pretrain.pth",
+}
+# (embed dim, patch size) of a DINO ViT state dict -> its timm name.
+_DINO_ARCHS = {(384, 16): "vit_small_patch16_224.dino", (384, 8): "vit_small_patch8_224.dino",
+               (768, 16): "vit_base_patch16_224.dino", (768, 8): "vit_base_patch8_224.dino"}
+# timm's own files, as in the hub repo timm/<name> (and its huggingface_hub cache).
+TIMM_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+DINO_WEIGHT_FORMATS = (
+    "a plain PyTorch state dict (.pth/.pt/.bin): the official facebookresearch/dino release files "
+    "(dino_deitsmall16_pretrain.pth, dino_vitbase16_pretrain.pth, ...) or an official "
+    "*_full_checkpoint.pth (its teacher backbone is used); timm's files (model.safetensors or "
+    "pytorch_model.bin, as in the hub repo timm/<name>, or any .safetensors state dict); or a "
+    "folder holding model.safetensors / pytorch_model.bin"
+)
+DINO_PREPROCESS = ("nola", "timm")
+# NoLA's te_transform normalises with CLIP's statistics, for DINO too (utils/model_utils.py).
+NOLA_MEAN = (0.48145466, 0.4578275, 0.40821073)
+NOLA_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _convert_rgb(img):
+    """``image.convert("RGB")`` of NoLA's te_transform (a no-op on our already-RGB images)."""
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def nola_transform(size: int = 224):
+    """NoLA's ``te_transform``: Resize(size, bicubic) -> CenterCrop(size) -> RGB -> ToTensor ->
+    Normalize with CLIP's mean/std. The input of the official DINO labeller (and teacher)."""
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+
+    return transforms.Compose([
+        transforms.Resize(size, interpolation=InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size),
+        _convert_rgb,
+        transforms.ToTensor(),
+        transforms.Normalize(NOLA_MEAN, NOLA_STD),
+    ])
+
+
+def _check_dino_preprocess(spec: DinoSpec) -> None:
+    if spec.preprocess not in DINO_PREPROCESS:
+        from .errors import InvalidInputError
+
+        raise InvalidInputError(
+            f"DINO preprocess must be one of {DINO_PREPROCESS} ('nola': NoLA's te_transform, the "
+            f"official labeller input; 'timm': timm's eval transform), not {spec.preprocess!r}"
+        )
+
+
+def _dino_format_error(path, why: str) -> ModelNotFoundError:
+    return ModelNotFoundError(f"Cannot use {path} as DINO weights: {why}. Accepted: {DINO_WEIGHT_FORMATS}.")
+
+
+def _dino_file(path) -> Path:
+    """The weights file a DINO checkpoint argument names (a folder: its timm file)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for f in TIMM_WEIGHT_FILES:
+            if (p / f).is_file():
+                return p / f
+        raise _dino_format_error(p, "the folder holds neither " + " nor ".join(TIMM_WEIGHT_FILES))
+    if not p.is_file():
+        raise ModelNotFoundError(
+            f"DINO checkpoint file {p} does not exist. Pass the path of one of: {DINO_WEIGHT_FORMATS}."
+        )
+    if p.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise _dino_format_error(p, f"unknown file type {p.suffix or '(no suffix)'!r}")
+    return p
+
+
+def _find_local_dino(root: Path, name: str) -> Optional[Path]:
+    """A local file for timm model ``name`` under ``<models_dir>/dino`` (see module docstring)."""
+    hit = _find_local(root, _safe(name))
+    if hit is not None:
+        return hit
+    for f in TIMM_WEIGHT_FILES:
+        if (root / _safe(name) / f).is_file():
+            return root / _safe(name) / f
+    release = DINO_RELEASE_FILES.get(name)
+    if release and (root / release).is_file():
+        return root / release
+    return None
+
+
+def _unwrap_dino_state_dict(obj) -> dict:
+    """The backbone's tensors of a loaded checkpoint: official full checkpoints keep them under
+    ``teacher``/``student`` with ``module.``/``backbone.`` prefixes (and a ``head.`` DINOHead)."""
+    if isinstance(obj, dict):
+        for key in ("teacher", "student", "model", "state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        return {}
+    sd = {}
+    for k, v in obj.items():
+        for prefix in ("module.", "backbone."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        sd[k] = v
+    return sd
+
+
+def _read_dino_state_dict(path, mmap: bool = False) -> dict:
+    """The state dict in a DINO weights file, or one clear error naming the accepted formats."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device="cpu")
+        except Exception as e:
+            raise _dino_format_error(path, f"not a readable safetensors file ({type(e).__name__}: {e})") from e
+    else:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head.startswith(b"PK"):
+            import zipfile
+
+            try:
+                with zipfile.ZipFile(path) as z:
+                    scripted = any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
+            except zipfile.BadZipFile:
+                scripted = False
+            if scripted:
+                raise _dino_format_error(path, "it is a TorchScript archive (a whole scripted model, not "
+                                               "a state dict)")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and head.startswith(b"PK"))
+        except Exception as e:
+            raise _dino_format_error(
+                path, f"not a PyTorch state dict readable with weights_only=True ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    sd = _unwrap_dino_state_dict(obj)
+    if not sd:
+        raise _dino_format_error(path, "it holds no mapping of parameter names to tensors")
+    return sd
+
+
+_ARCH_CACHE: dict = {}
+
+
+def _dino_name_from_file(checkpoint) -> Optional[str]:
+    """The timm name of the DINO ViT whose weights ``checkpoint`` holds (None if unknown)."""
+    try:
+        path = _dino_file(checkpoint)
+        st = path.stat()
+    except (ModelNotFoundError, OSError):
+        return None  # _dino_weights reports it
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _ARCH_CACHE:
+        try:
+            sd = _read_dino_state_dict(path, mmap=True)
+            w = next((v for k, v in sd.items() if k.endswith("patch_embed.proj.weight")), None)
+            _ARCH_CACHE[key] = _DINO_ARCHS.get((int(w.shape[0]), int(w.shape[-1]))) if w is not None \
+                and w.ndim == 4 else None
+        except ModelNotFoundError:
+            _ARCH_CACHE[key] = None
+    return _ARCH_CACHE[key]
+
+
+def _load_dino_weights(model: torch.nn.Module, path, name: str) -> None:
+    """Load a DINO weights file into ``model`` strictly; mismatches name the file's architecture."""
+    sd = _read_dino_state_dict(path)
+    own = model.state_dict()
+    if not any(k.startswith("head.") for k in own):
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # classifier / DINOHead: unused
+    if set(sd) != set(own):
+        # Another layout of the same network (e.g. old timm checkpoints): timm's own converter.
+        import sys
+
+        filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            try:
+                sd = filter_fn(sd, model)
+            except Exception:
+                pass
+    w = sd.get("patch_embed.proj.weight")
+    found = _DINO_ARCHS.get((int(w.shape[0]), int(w.shape[-1]))) if w is not None and w.ndim == 4 else None
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+    if missing or unexpected or wrong:
+        detail = "; ".join(f"{what} {keys[:3]}{' ...' if len(keys) > 3 else ''}" for what, keys in (
+            ("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
+        hint = f" It holds {found}: pass name={found!r} or name='auto'." if found and found != name else ""
+        raise ModelNotFoundError(f"The DINO weights in {path} do not fit {name} ({detail}).{hint}")
+    model.load_state_dict(sd, strict=True)
+
+
 def _dino_weights(spec: DinoSpec) -> tuple[Optional[str], str]:
     """Return (local checkpoint file or "hub" or None, weights identity)."""
     spec = concrete_dino(spec)
     if spec.random_init or spec.name in _TINY_TIMM:
         return None, f"random-init-seed{RANDOM_INIT_SEED}"
     if spec.checkpoint:
-        p = Path(spec.checkpoint).expanduser()
-        if not p.is_file():
-            raise ModelNotFoundError(
-                f"DINO checkpoint file {p} does not exist. Pass the path of a timm-compatible "
-                f"state dict for {spec.name} (.safetensors, .pth or .bin)."
-            )
+        p = _dino_file(spec.checkpoint)
         return str(p), f"file-{_file_identity(p)}"
-    local = _find_local(models_dir(spec.models_dir) / "dino", _safe(spec.name))
+    local = _find_local_dino(models_dir(spec.models_dir) / "dino", spec.name)
     if local is not None:
         return str(local), f"file-{_file_identity(local)}"
     return "hub", "hub"
@@ -317,7 +606,11 @@ def _dino_weights(spec: DinoSpec) -> tuple[Optional[str], str]:
 
 def load_dino(spec: Optional[DinoSpec] = None, device: Optional[torch.device] = None,
               cache: bool = True) -> LoadedModel:
-    """Build (or reuse) a timm backbone (no classifier head) from ``spec``."""
+    """Build (or reuse) a timm backbone (no classifier head) from ``spec``.
+
+    Local weights (a checkpoint or the models dir) load in any of ``DINO_WEIGHT_FORMATS``;
+    otherwise timm fetches them from its hub (its cache is used offline, ``HF_HUB_OFFLINE=1``).
+    """
     spec = concrete_dino(spec or DinoSpec())
     if cache:
         return _cached(spec, device, lambda: load_dino(spec, device, cache=False))
@@ -328,6 +621,7 @@ def load_dino(spec: Optional[DinoSpec] = None, device: Optional[torch.device] = 
         from .errors import InvalidInputError
 
         raise InvalidInputError(f"DINO feature must be 'cls' or 'pooled', not {spec.feature!r}")
+    _check_dino_preprocess(spec)
     device = device or torch.device("cpu")
     name, kwargs = _TINY_TIMM.get(spec.name, (spec.name, {}))
     base = name.split(".")[0]
@@ -340,15 +634,12 @@ def load_dino(spec: Optional[DinoSpec] = None, device: Optional[torch.device] = 
     with _seeded():
         torch.manual_seed(RANDOM_INIT_SEED)
         try:
-            if weights is None:
-                model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-            elif weights == "hub":
+            if weights == "hub":
                 model = timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
             else:
-                model = timm.create_model(
-                    name, pretrained=True, num_classes=0,
-                    pretrained_cfg_overlay=dict(file=weights), **kwargs,
-                )
+                model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+                if weights is not None:
+                    _load_dino_weights(model, weights, spec.name)
         except (RuntimeError, OSError, ValueError) as e:
             if weights != "hub":
                 raise
@@ -362,8 +653,11 @@ def load_dino(spec: Optional[DinoSpec] = None, device: Optional[torch.device] = 
     model.eval().to(device)
     overrides = {"input_size": (3, kwargs["img_size"], kwargs["img_size"])} if "img_size" in kwargs else {}
     data_cfg = resolve_data_config(overrides, model=model)
-    transform = create_transform(**data_cfg, is_training=False)
     image_size = int(data_cfg["input_size"][-1])
+    if spec.preprocess == "nola":
+        transform = nola_transform(image_size)
+    else:
+        transform = create_transform(**data_cfg, is_training=False)
 
     if spec.feature == "cls":
         def encode(x: torch.Tensor) -> torch.Tensor:
@@ -378,6 +672,7 @@ def load_dino(spec: Optional[DinoSpec] = None, device: Optional[torch.device] = 
         "name": spec.name,
         "weights": weights_id,
         "feature": spec.feature,
+        "preprocess": spec.preprocess,
         "random_init": weights is None,
         "key": spec_key(spec),
     }
@@ -390,12 +685,17 @@ def load_dino(spec: Optional[DinoSpec] = None, device: Optional[torch.device] = 
 def spec_key(spec) -> str:
     """The key ``load_model(spec).key`` will have, computed without loading the model."""
     if isinstance(spec, ClipSpec):
-        _, weights_id = _clip_weights(spec)
-        return _safe(f"clip-{spec.arch}-{weights_id}")
+        src = _clip_source(spec)
+        # The activation is part of the network: features from GELU and QuickGELU builds differ.
+        act = "-quickgelu" if src.quick_gelu and "quickgelu" not in spec.arch.lower() else ""
+        return _safe(f"clip-{spec.arch}-{src.weights_id}{act}")
     if isinstance(spec, DinoSpec):
         spec = concrete_dino(spec)
+        _check_dino_preprocess(spec)
         weights, weights_id = _dino_weights(spec)
-        return _safe(f"dino-{spec.name}-{spec.feature}-{weights_id}")
+        # "timm" keeps the key stores had before the option existed (they were built that way).
+        pre = "" if spec.preprocess == "timm" else f"-{spec.preprocess}"
+        return _safe(f"dino-{spec.name}-{spec.feature}{pre}-{weights_id}")
     raise TypeError(f"expected ClipSpec or DinoSpec, got {type(spec).__name__}")
 
 
@@ -443,8 +743,8 @@ def weights_available(spec) -> tuple[bool, str]:
     if spec.random_init:
         return True, ""
     if isinstance(spec, ClipSpec):
-        pretrained, _ = _clip_weights(spec)
-        if pretrained is None or os.path.isfile(str(pretrained)):
+        src = _clip_source(spec)
+        if src.tag is None:
             return True, ""
         import open_clip
 
