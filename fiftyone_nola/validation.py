@@ -671,6 +671,74 @@ def check_embed(target: Target, family: str, clip, dino, embed_cfg, fallback_ran
     return r
 
 
+_UNSET = object()
+
+
+def check_params(samples, *, classes=_UNSET, min_classes: int = 2, descriptions_file: Optional[str] = None,
+                 allow_template_fallback: bool = True, clip=None, dino=None, fallback_random_init: bool = False,
+                 device: Optional[str] = None, gt_field: Optional[str] = None, gt_multilabel: bool = False,
+                 outputs: Optional[Mapping[str, str]] = None, output_type: str = "Classification",
+                 fields: Optional[Mapping[str, tuple]] = None, stages: Optional[Mapping[str, tuple]] = None,
+                 ranges: Optional[Mapping[str, tuple]] = None, writable: Optional[Mapping[str, tuple]] = None,
+                 files: Optional[Mapping[str, str]] = None, need_samples: bool = True) -> Report:
+    """The checks a single stage (an operator) needs, by input name; nothing is written.
+
+    ``fields``: input -> (field name, label type names) that must exist; ``stages``: input ->
+    (field, what) whose stage must have run; ``ranges``: input -> (value, lo, hi, integer);
+    ``writable``: input -> (path, what, is_file); ``files``: input -> a path that must exist.
+    """
+    from .storage import nola_home
+
+    t0 = time.perf_counter()
+    problems: list = []
+    if samples is not None and need_samples:
+        _, problems = resolve_target(Target(samples=samples))
+    names = None
+    if classes is not _UNSET:
+        names, p = check_classes(classes, samples, min_classes)
+        problems += p
+    problems += check_descriptions(descriptions_file, names, allow_template_fallback)
+    problems += check_clip(clip, fallback_random_init)
+    problems += check_dino(dino, fallback_random_init)
+    problems += check_device(device)
+    outputs = dict(outputs or {})
+    problems += check_output_fields(samples, outputs, output_type)
+    problems += check_gt_field(samples, gt_field, names, gt_multilabel, list(outputs.values()))
+    schema = samples.get_field_schema(flat=True) if samples is not None and fields else {}
+    for inp, (f, kinds) in (fields or {}).items():
+        if not f:
+            problems.append(_problem(inp, "a field name is required"))
+            continue
+        if f not in schema:
+            problems.append(_problem(inp, f"field {f!r} does not exist on this dataset",
+                                     "pick an existing field, or run the stage that writes it first"))
+            continue
+        doc = getattr(schema[f], "document_type", None)
+        if kinds and (doc is None or doc.__name__ not in kinds):
+            problems.append(_problem(inp, f"field {f!r} holds {getattr(doc, '__name__', 'no labels')}, not "
+                                          f"{'/'.join(kinds)}", "pick a field of that label type"))
+    if samples is not None:
+        from .artifacts import stage_dir
+
+        for inp, (f, what) in (stages or {}).items():
+            if f and not (stage_dir(samples, f) / "meta.json").exists():
+                problems.append(_problem(inp, f"the {what} stage has not been run into {f!r} on this dataset",
+                                         f"run the {what} stage first, or name the field it wrote"))
+    for inp, (v, lo, hi, integer) in (ranges or {}).items():
+        problems += check_range(inp, v, lo, hi, integer=integer)
+    for inp, (path, what, is_file) in (writable or {}).items():
+        problems += check_writable(path, inp, what, is_file)
+    for inp, path in (files or {}).items():
+        if not path:
+            problems.append(_problem(inp, "a path is required"))
+        elif not Path(path).expanduser().exists():
+            problems.append(_problem(inp, f"{path} does not exist", "give an existing path"))
+    problems += check_writable(nola_home(), "storage", "NOLA_HOME")
+    r = Report(problems)
+    r.seconds = time.perf_counter() - t0
+    return r
+
+
 def _index_types() -> tuple:
     from .index import INDEX_TYPES
 
@@ -861,4 +929,4 @@ def replace_random_init(spec):
 
 
 __all__ = ["Problem", "Report", "Target", "ValidationError", "check_auto_label", "check_embed",
-           "check_multilabel", "validate"]
+           "check_multilabel", "check_params", "validate"]

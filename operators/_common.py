@@ -144,6 +144,44 @@ def jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
+def check_form(ctx, inputs, check, names=None):
+    """Run the library's validation pass on the form's current params, before Execute.
+
+    Each problem is shown next to its input (``invalid`` + ``error_message``: the App highlights
+    it, and ``execute_operator`` / delegated runs refuse with a validation error); problems of the
+    job as a whole (empty view, unwritable NOLA_HOME) go in an error notice, warnings in a
+    warning notice. ``check()`` returns a ``validation.Report``; ``names`` maps its input names
+    to this form's property names.
+    """
+    from fiftyone_nola.errors import NolaError
+    from fiftyone_nola.validation import Problem, Report
+
+    if ctx.dataset is None:
+        return None
+    try:
+        report = check()
+    except NolaError as e:
+        report = Report([Problem("", str(e))])
+    names = names or {}
+    loose = []
+    for p in report.errors:
+        prop = inputs.properties.get(names.get(p.input, p.input))
+        if prop is None or isinstance(prop.type, types.Void):
+            loose.append(p)
+            continue
+        msg = p.render()
+        prop.error_message = f"{prop.error_message}; {msg}" if prop.invalid and prop.error_message else msg
+        prop.invalid = True
+    if loose:
+        text = "\n".join(p.render() for p in loose)
+        inputs.view("nola_problems", types.Error(label="Cannot run with these inputs", description=text),
+                    invalid=True, error_message=text)
+    if report.warnings:
+        inputs.view("nola_warnings", types.Warning(label="Check before running",
+                                                   description="\n".join(p.render() for p in report.warnings)))
+    return report
+
+
 def summary_output(ctx, title: str):
     outputs = types.Object()
     outputs.str("summary", label=title, view=types.MarkdownView())

@@ -7,6 +7,7 @@ import fiftyone.operators.types as types
 
 from fiftyone_nola import descriptions as dsc
 from fiftyone_nola.classes import resolve_classes
+from fiftyone_nola.validation import check_params
 
 from . import _common as c
 
@@ -31,6 +32,14 @@ class GenerateDescriptions(foo.Operator):
         inputs.int("answers_per_question", default=5, label="Answers per question")
         inputs.str("import_file", required=False, label="Import from JSON file (source=file)")
         inputs.str("output_file", required=True, label="Save descriptions to (JSON)")
+        p = ctx.params
+        source = p.get("source", "llm")
+        c.check_form(ctx, inputs, lambda: check_params(
+            ctx.dataset, need_samples=False, classes=c.classes_param(ctx), min_classes=1,
+            descriptions_file=p.get("import_file") if source == "file" else None, allow_template_fallback=True,
+            files={"import_file": p.get("import_file")} if source == "file" else None,
+            ranges={"answers_per_question": (p.get("answers_per_question"), 1, 50, True)},
+            writable={"output_file": (p.get("output_file"), "descriptions file", True)}))
         return types.Property(inputs, view=types.View(label="Class descriptions"))
 
     def execute(self, ctx):

@@ -8,8 +8,16 @@ import fiftyone.operators.types as types
 from fiftyone_nola.embed import EmbedConfig
 from fiftyone_nola.embeddings import compute_embeddings
 from fiftyone_nola.index import INDEX_TYPES
+from fiftyone_nola.validation import Target, check_embed
 
 from . import _common as c
+
+
+def _config(ctx) -> EmbedConfig:
+    p = ctx.params
+    return EmbedConfig(batch_size=p.get("batch_size"), num_workers=p.get("num_workers"),
+                       device=c.device_param(ctx), draft_decode=bool(p.get("draft_decode", True)),
+                       index_type=c.param(ctx, "index_type", "flat"))
 
 
 class ComputeEmbeddings(foo.Operator):
@@ -34,14 +42,15 @@ class ComputeEmbeddings(foo.Operator):
                     description="flat: exact; ivf / hnsw: fast approximate; ivfpq: compressed, "
                                 "for millions of images (exact re-ranking)")
         c.add_device_input(inputs)
+        p = ctx.params
+        c.check_form(ctx, inputs, lambda: check_embed(Target(samples=c.target_samples(ctx)), p.get("family", "both"),
+                                                      c.clip_spec(ctx), c.dino_spec(ctx), _config(ctx)))
         return types.Property(inputs, view=types.View(label="Compute embeddings"))
 
     def execute(self, ctx):
         p = ctx.params
         lines: list = []
-        cfg = EmbedConfig(batch_size=p.get("batch_size") or None, num_workers=p.get("num_workers"),
-                          device=c.device_param(ctx), draft_decode=bool(p.get("draft_decode", True)),
-                          index_type=c.param(ctx, "index_type", "flat"))
+        cfg = _config(ctx)
         summary = compute_embeddings(
             c.target_samples(ctx), p.get("family", "both"), c.clip_spec(ctx), c.dino_spec(ctx), cfg,
             progress=c.progress_fn(ctx), log=c.log_fn(lines),

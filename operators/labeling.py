@@ -8,6 +8,7 @@ import fiftyone.operators.types as types
 from fiftyone_nola import labeling
 from fiftyone_nola.dino_labeler import DinoLabelerConfig
 from fiftyone_nola.evaluation import evaluate_single_label
+from fiftyone_nola.validation import check_params
 
 from . import _common as c
 
@@ -29,7 +30,13 @@ class ZeroShot(foo.Operator):
         c.add_clip_inputs(inputs)
         c.add_random_init_input(inputs)
         inputs.str("label_field", default="nola_zeroshot", label="Output field")
+        inputs.bool("allow_template_fallback", default=False, label="CLIP templates for classes the file lacks")
         c.add_device_input(inputs)
+        p = ctx.params
+        c.check_form(ctx, inputs, lambda: check_params(
+            c.target_samples(ctx), classes=c.classes_param(ctx), descriptions_file=p.get("descriptions_file") or None,
+            allow_template_fallback=bool(p.get("allow_template_fallback")), clip=c.clip_spec(ctx),
+            device=c.device_param(ctx), outputs={"label_field": p.get("label_field") or "nola_zeroshot"}))
         return types.Property(inputs, view=types.View(label="Zero-shot labels"))
 
     def execute(self, ctx):
@@ -63,6 +70,13 @@ class DinoLabels(foo.Operator):
                    description="corrections added as trusted supervision")
         inputs.str("label_field", default="nola_dino", label="Output field")
         c.add_device_input(inputs)
+        p = ctx.params
+        c.check_form(ctx, inputs, lambda: check_params(
+            c.target_samples(ctx), dino=c.dino_spec(ctx), device=c.device_param(ctx),
+            stages={"zeroshot_field": (p.get("zeroshot_field") or "nola_zeroshot", "zero-shot")},
+            fields={"trusted_field": (p.get("trusted_field"), ("Classification",))} if p.get("trusted_field") else None,
+            outputs={"label_field": p.get("label_field") or "nola_dino"},
+            ranges={"epochs": (p.get("epochs"), 1, 100_000, True)}))
         return types.Property(inputs, view=types.View(label="DINO pseudo-labels"))
 
     def execute(self, ctx):
@@ -96,6 +110,13 @@ class TunePrompts(foo.Operator):
         inputs.int("max_samples", required=False, label="Train on at most N samples (blank: fit hardware)")
         inputs.str("label_field", default="nola", label="Output field")
         c.add_device_input(inputs)
+        p = ctx.params
+        c.check_form(ctx, inputs, lambda: check_params(
+            c.target_samples(ctx), clip=c.clip_spec(ctx), device=c.device_param(ctx),
+            stages={"zeroshot_field": (p.get("zeroshot_field") or "nola_zeroshot", "zero-shot"),
+                    "teacher_field": (p.get("teacher_field") or "nola_dino", "DINO labeller")},
+            outputs={"label_field": p.get("label_field") or "nola"},
+            ranges={k: (p.get(k), 1, None, True) for k in ("epochs", "batch_size", "max_samples")}))
         return types.Property(inputs, view=types.View(label="Prompt tuning"))
 
     def execute(self, ctx):
@@ -138,6 +159,11 @@ class ApplyModel(foo.Operator):
         c.add_random_init_input(inputs)
         inputs.str("label_field", default="nola", label="Output field")
         c.add_device_input(inputs)
+        p = ctx.params
+        c.check_form(ctx, inputs, lambda: check_params(
+            c.target_samples(ctx), clip=c.clip_spec(ctx), device=c.device_param(ctx),
+            files={"model_dir": p.get("model_dir") and f"{p['model_dir']}/meta.json"},
+            outputs={"label_field": p.get("label_field") or "nola"}))
         return types.Property(inputs, view=types.View(label="Apply tuned model"))
 
     def execute(self, ctx):
@@ -163,6 +189,9 @@ class Evaluate(foo.Operator):
         c.target_samples(ctx)
         c.add_field_choice(ctx, inputs, "pred_field", "Predicted field", default="nola")
         c.add_field_choice(ctx, inputs, "gt_field", "Ground-truth field", default="ground_truth")
+        p = ctx.params
+        c.check_form(ctx, inputs, lambda: check_params(
+            c.target_samples(ctx), fields={k: (p.get(k), ("Classification",)) for k in ("pred_field", "gt_field")}))
         return types.Property(inputs, view=types.View(label="Evaluate"))
 
     def execute(self, ctx):

@@ -11,6 +11,7 @@ from fiftyone_nola.multilabel_pipeline import (
     multilabel_pseudo_labels,
     train_multilabel,
 )
+from fiftyone_nola.validation import check_params
 
 from . import _common as c
 
@@ -21,6 +22,7 @@ def _config(ctx) -> MultiLabelConfig:
         clip=c.clip_spec(ctx), descriptions_file=p.get("descriptions_file") or None,
         grid=int(p.get("grid") or 3), threshold_t=float(p.get("threshold_t") or 0.0),
         aggregation=p.get("aggregation") or "avg", train_epochs=int(p.get("epochs") or 30),
+        allow_template_fallback=bool(p.get("allow_template_fallback")),
         device=c.device_param(ctx), pseudo_field=p.get("pseudo_field") or "cdul_pseudo",
         pred_field=p.get("pred_field") or "cdul", gt_field=p.get("gt_field") or None,
     )
@@ -48,10 +50,18 @@ class MultiLabelPseudoLabels(foo.Operator):
         inputs = types.Object()
         c.add_classes_input(ctx, inputs)
         inputs.str("descriptions_file", required=False, label="Descriptions JSON (optional)")
+        inputs.bool("allow_template_fallback", default=False, label="CLIP templates for classes the file lacks")
         inputs.int("grid", default=3, label="Crop grid (n x n)")
         inputs.float("threshold_t", default=0.0, label="Aggregation threshold t")
         inputs.enum("aggregation", ["avg", "lambda", "global"], default="avg", label="Aggregation")
         _common_inputs(ctx, inputs)
+        p = ctx.params
+        c.check_form(ctx, inputs, lambda: check_params(
+            c.target_samples(ctx), classes=c.classes_param(ctx), descriptions_file=p.get("descriptions_file") or None,
+            allow_template_fallback=bool(p.get("allow_template_fallback")), clip=c.clip_spec(ctx),
+            device=c.device_param(ctx), outputs={"pseudo_field": p.get("pseudo_field") or "cdul_pseudo"},
+            output_type="Classifications",
+            ranges={"grid": (p.get("grid"), 1, 16, True), "threshold_t": (p.get("threshold_t"), 0.0, 1.0, False)}))
         return types.Property(inputs, view=types.View(label="Multi-label pseudo-labels"))
 
     def execute(self, ctx):
@@ -77,6 +87,12 @@ class TrainMultiLabel(foo.Operator):
         inputs = types.Object()
         inputs.int("epochs", default=30, label="Epochs")
         _common_inputs(ctx, inputs)
+        p = ctx.params
+        c.check_form(ctx, inputs, lambda: check_params(
+            c.target_samples(ctx), clip=c.clip_spec(ctx), device=c.device_param(ctx),
+            stages={"pseudo_field": (p.get("pseudo_field") or "cdul_pseudo", "multi-label pseudo-label")},
+            outputs={"pred_field": p.get("pred_field") or "cdul"}, output_type="Classifications",
+            ranges={"epochs": (p.get("epochs"), 1, 100_000, True)}))
         return types.Property(inputs, view=types.View(label="Train multi-label classifier"))
 
     def execute(self, ctx):
@@ -102,6 +118,11 @@ class EvaluateMultiLabel(foo.Operator):
         c.add_field_choice(ctx, inputs, "gt_field", "Ground-truth field",
                            types_=("Classifications", "Detections"), default="ground_truth")
         _common_inputs(ctx, inputs)
+        p = ctx.params
+        c.check_form(ctx, inputs, lambda: check_params(
+            c.target_samples(ctx), gt_field=p.get("gt_field"), gt_multilabel=True,
+            fields={"gt_field": (p.get("gt_field"), ("Classification", "Classifications", "Detections"))},
+            stages={"pseudo_field": (p.get("pseudo_field") or "cdul_pseudo", "multi-label pseudo-label")}))
         return types.Property(inputs, view=types.View(label="Evaluate multi-label"))
 
     def execute(self, ctx):

@@ -6,8 +6,20 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_nola.pipeline import AutoLabelConfig, auto_label, summary_lines
+from fiftyone_nola.validation import Target, check_auto_label
 
 from . import _common as c
+
+
+def _config(ctx) -> AutoLabelConfig:
+    p = ctx.params
+    return AutoLabelConfig(
+        clip=c.clip_spec(ctx), dino=c.dino_spec(ctx),
+        descriptions_file=p.get("descriptions_file") or None, use_llm=bool(p.get("use_llm")),
+        allow_template_fallback=bool(p.get("allow_template_fallback")),
+        tune=bool(p.get("tune", True)), tune_epochs=p.get("epochs"),
+        device=c.device_param(ctx), gt_field=p.get("gt_field") or None,
+    )
 
 
 class AutoLabel(foo.Operator):
@@ -22,6 +34,7 @@ class AutoLabel(foo.Operator):
         c.target_samples(ctx)
         c.add_classes_input(ctx, inputs)
         inputs.str("descriptions_file", required=False, label="Descriptions JSON (optional)")
+        inputs.bool("allow_template_fallback", default=False, label="CLIP templates for classes the file lacks")
         inputs.bool("use_llm", default=False, label="Write descriptions with a local LLM (Ollama)")
         c.add_clip_inputs(inputs)
         c.add_dino_inputs(inputs)
@@ -31,17 +44,14 @@ class AutoLabel(foo.Operator):
         c.add_field_choice(ctx, inputs, "gt_field", "Ground truth for evaluation (optional)",
                            default=None, required=False)
         c.add_device_input(inputs)
+        c.check_form(ctx, inputs, lambda: check_auto_label(Target(samples=c.target_samples(ctx)),
+                                                           c.classes_param(ctx), _config(ctx)),
+                     {"tune_epochs": "epochs"})
         return types.Property(inputs, view=types.View(label="Auto-label"))
 
     def execute(self, ctx):
-        p = ctx.params
         lines: list = []
-        cfg = AutoLabelConfig(
-            clip=c.clip_spec(ctx), dino=c.dino_spec(ctx),
-            descriptions_file=p.get("descriptions_file") or None, use_llm=bool(p.get("use_llm")),
-            tune=bool(p.get("tune", True)), tune_epochs=p.get("epochs") or None,
-            device=c.device_param(ctx), gt_field=p.get("gt_field") or None,
-        )
+        cfg = _config(ctx)
         s = auto_label(c.target_samples(ctx), c.classes_param(ctx), cfg,
                        progress=c.progress_fn(ctx), log=c.log_fn(lines))
         md = "### Auto-label\n```\n" + "\n".join(summary_lines(s)) + "\n```"

@@ -8,8 +8,15 @@ import fiftyone.operators.types as types
 
 from fiftyone_nola import review
 from fiftyone_nola.export import FORMATS, export_accepted
+from fiftyone_nola.validation import check_params
 
 from . import _common as c
+
+
+def _missing_label():
+    from fiftyone_nola.validation import Problem, Report
+
+    return Report([Problem("label", "a corrected label is required for action=correct", "type the right class")])
 
 
 def _confidence_plot_data(samples, field: str) -> list:
@@ -48,6 +55,12 @@ class ReviewLowConfidence(foo.Operator):
         inputs.int("bottom_k", default=0, label="Also flag the k least confident per class (0: off)")
         c.add_field_choice(ctx, inputs, "gt_field", "Ground truth for calibration (optional)",
                            default=None, required=False)
+        p = ctx.params
+        c.check_form(ctx, inputs, lambda: check_params(
+            c.target_samples(ctx), need_samples=False,
+            fields={"field": (p.get("field") or "nola", ("Classification",)),
+                    **({"gt_field": (p["gt_field"], ("Classification",))} if p.get("gt_field") else {})},
+            ranges={"threshold": (p.get("threshold"), 0.0, None, False), "bottom_k": (p.get("bottom_k"), 0, None, True)}))
         return types.Property(inputs, view=types.View(label="Review"))
 
     def execute(self, ctx):
@@ -102,6 +115,13 @@ class MarkReviewed(foo.Operator):
         inputs.str("label", required=False, label="Corrected label (action=correct)")
         inputs.str("field", default="nola", label="Predictions field (action=accept_above)")
         inputs.float("threshold", default=0.9, label="Accept if confidence >= (action=accept_above)")
+        p = ctx.params
+        action = p.get("action", "accept")
+        c.check_form(ctx, inputs, lambda: check_params(
+            c.target_samples(ctx), need_samples=False,
+            fields={"field": (p.get("field") or "nola", ("Classification",))} if action == "accept_above" else None,
+            ranges={"threshold": (p.get("threshold"), 0.0, 1.0, False)},
+            files=None) if action != "correct" or p.get("label") else _missing_label())
         return types.Property(inputs, view=types.View(label="Mark reviewed"))
 
     def execute(self, ctx):
@@ -142,6 +162,12 @@ class RetrainWithCorrections(foo.Operator):
         c.add_dino_inputs(inputs)
         c.add_random_init_input(inputs)
         c.add_device_input(inputs)
+        p = ctx.params
+        c.check_form(ctx, inputs, lambda: check_params(
+            c.target_samples(ctx), clip=c.clip_spec(ctx) if p.get("tune", True) else None, dino=c.dino_spec(ctx),
+            device=c.device_param(ctx), stages={"corrections_field": ("nola_zeroshot", "zero-shot")},
+            fields={"corrections_field": (p.get("corrections_field") or review.CORRECTIONS_FIELD,
+                                          ("Classification",))}))
         return types.Property(inputs, view=types.View(label="Retrain with corrections"))
 
     def execute(self, ctx):
@@ -176,6 +202,12 @@ class ExportAccepted(foo.Operator):
         inputs.enum("format", list(FORMATS), default="classification-tree", label="Format")
         inputs.float("min_confidence", required=False, label="Also export unreviewed samples with confidence >=")
         inputs.bool("overwrite", default=False, label="Overwrite a non-empty directory")
+        p = ctx.params
+        c.check_form(ctx, inputs, lambda: check_params(
+            c.target_samples(ctx),
+            fields={"label_field": (p.get("label_field") or "nola", ("Classification", "Classifications"))},
+            ranges={"min_confidence": (p.get("min_confidence"), 0.0, 1.0, False)},
+            writable={"export_dir": (p.get("export_dir"), "export directory", False)}))
         return types.Property(inputs, view=types.View(label="Export accepted"))
 
     def execute(self, ctx):
