@@ -111,6 +111,15 @@ def save_array_bundle(d: Path, ids: Sequence[str], arrays: dict, meta: dict, sha
         storage.write_json_atomic(d / "meta.json", meta)
 
 
+def stored_ids(d: Path) -> set:
+    """Ids of the samples the stage in ``d`` holds rows for (empty if it never ran)."""
+    p = d / BUNDLE
+    if not p.exists() or not (d / "meta.json").exists():
+        return set()
+    with np.load(p, allow_pickle=False) as z:
+        return set(z["ids"].tolist()) if "ids" in z.files else set()
+
+
 def load_array(d: Path, name: str) -> np.ndarray:
     """A shared (not per-sample) array of a stage, e.g. its class weight matrix."""
     b = _read_bundle(d)

@@ -180,6 +180,48 @@ def dino_labels(
     return summary
 
 
+def dino_labels_apply(
+    samples,
+    zeroshot_field: str = "nola_zeroshot",
+    dino: Optional[DinoSpec] = None,
+    label_field: str = "nola_dino",
+    log: Log = print,
+) -> dict:
+    """Label ``samples`` with the DINO labeller saved by :func:`dino_labels`, without training.
+
+    What a re-run does for samples added since the labeller was trained: their rows join the
+    stored ones and the stage's run record keeps its config, so it stays up to date.
+    """
+    from . import dino_labeler as dl
+
+    t0 = time.perf_counter()
+    dino = dino or DinoSpec()
+    d = stage_dir(samples, label_field)
+    meta = stage_meta(d, "DINO labeller")
+    classes = meta["classes"]
+    mlp = dl.load_labeler(d / "labeler", classes)
+    prev = runs.get_run(samples, runs.run_key_for(label_field))
+    ids, _ = fo_io.ids_and_paths(samples)
+    zs_probs = aligned(stage_dir(samples, zeroshot_field), "probs", ids)
+    # the features the labeller was trained on (raw DINO output when its meta says so)
+    raw = {"raw": True} if mlp.meta.get("features") == "raw" else {}
+    ids, feats = load_embeddings(samples, dino, ids, **raw)
+    ok = check_coverage(ids, feats, "dino", log) & np.all(np.isfinite(zs_probs), axis=1)
+    probs = np.full((len(ids), len(classes)), np.nan, dtype=np.float32)
+    if ok.any():
+        probs[ok] = dl.label_all(mlp, feats[ok])
+    teacher = np.where(ok, np.argmax(np.nan_to_num(probs, nan=-1.0), axis=1), -1).astype(np.int64)
+    with stage_writer(samples, label_field, log) as d:
+        written = fo_io.write_classifications(samples, ids, classes, probs, label_field)
+        save_array_bundle(d, ids, {"probs": probs, "teacher": teacher}, meta)
+        summary = {"stage": "dino", "field": label_field, "samples": len(ids), "labelled": written,
+                   "retrained": False, "seconds": time.perf_counter() - t0}
+        runs.record_run(samples, runs.run_key_for(label_field), "dino_labeler",
+                        (prev or {}).get("config") or {}, summary)
+    log(f"[dino] saved labeller applied to {written} samples -> '{label_field}' in {summary['seconds']:.2f}s")
+    return summary
+
+
 # --------------------------------------------------------------------------- prompt tuning
 
 
@@ -315,6 +357,7 @@ def predict(
         summary = {"stage": "predict", "field": label_field, "samples": len(ids), "labelled": written,
                    "failed": len(failed), "seconds": time.perf_counter() - t0}
         runs.record_run(samples, runs.run_key_for(label_field), "predict",
-                        {"model_dir": str(model_dir), "precision": precision}, summary)
+                        {"model_dir": str(model_dir), "precision": precision,
+                         "model_id": meta.get("model_id")}, summary)
     log(f"[predict] {written} samples -> '{label_field}' in {summary['seconds']:.1f}s")
     return summary

@@ -9,14 +9,22 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
-from . import runs
+from . import fo_io, runs
 from .classes import ClassesArg, resolve_classes
 from .device import hardware_profile, resolve_device
 from .embed import EmbedConfig
 from .embeddings import compute_embeddings
-from .labeling import ZeroShotConfig, dino_labels, predict, tune_prompts, zero_shot
+from .labeling import (
+    ZeroShotConfig,
+    dino_labels,
+    dino_labels_apply,
+    predict,
+    tune_prompts,
+    zero_shot,
+)
 from .models import ClipSpec, DinoSpec
 from .progress import ProgressFn, StageTimer, null_progress
 
@@ -88,8 +96,6 @@ def auto_label(
     Returns a summary with each stage's result, per-stage seconds and, when ``gt_field`` is
     given, the accuracy of every stage (ground truth is read only for this evaluation).
     """
-    from . import dino_labeler as dl
-    from . import prompt_tuning as pt
     from .evaluation import evaluate_single_label
 
     config = config or AutoLabelConfig()
@@ -103,56 +109,65 @@ def auto_label(
     timer = StageTimer(echo=log)
     out: dict = {"classes": classes, "stages": {}, "hardware": dataclasses.asdict(prof)}
 
+    ids, paths = fo_io.ids_and_paths(samples)
+    changed = set().union(*(_embed_todo(samples, spec, ids, paths) for spec in (config.clip, config.dino)))
     with timer.stage("embeddings"):
         out["stages"]["embeddings"] = compute_embeddings(
             samples, "both", config.clip, config.dino, dataclasses.replace(config.embed, device=config.device),
             progress=progress, log=log,
         )
+    plan = _decide(samples, classes, config, ids, changed, device, log)
+    processed = {f"embeddings:{k}": v["embedded"] for k, v in out["stages"]["embeddings"].items()}
 
-    zs_cfg = ZeroShotConfig(clip=config.clip, descriptions_file=config.descriptions_file,
-                            use_llm=config.use_llm, llm_model=config.llm_model,
-                            llm_host=config.llm_host, device=config.device,
-                            include_templates=config.include_templates,
-                            max_descriptions_per_class=config.max_descriptions_per_class)
-    zs_key = runs.run_key_for(config.zeroshot_field)
-    embedded_now = any(s["embedded"] for s in out["stages"]["embeddings"].values())
-    fresh = config.force or embedded_now or not _up_to_date(samples, zs_key, zs_cfg) \
-        or _stored_classes(samples, config.zeroshot_field) != classes
     with timer.stage("zeroshot"):
-        if fresh:
-            out["stages"]["zeroshot"] = zero_shot(samples, classes, zs_cfg, config.zeroshot_field,
-                                                  progress=progress, log=log)
+        todo = plan.zeroshot
+        if todo:
+            out["stages"]["zeroshot"] = zero_shot(_subset(samples, ids, todo), classes, plan.zs_cfg,
+                                                  config.zeroshot_field, progress=progress, log=log)
         else:
             log("[zeroshot] up to date: reused")
+        processed["zeroshot"] = len(todo)
 
-    dl_cfg = dl.DinoLabelerConfig(device=config.device)
-    dl_key = runs.run_key_for(config.dino_field)
     with timer.stage("dino_labeler"):
-        if fresh or not _up_to_date(samples, dl_key, _dino_run_config(dl_cfg, config)):
-            out["stages"]["dino_labeler"] = dino_labels(samples, config.zeroshot_field, config.dino, dl_cfg,
+        todo = plan.dino_labeler
+        if plan.retrain_labeler:
+            out["stages"]["dino_labeler"] = dino_labels(samples, config.zeroshot_field, config.dino, plan.dl_cfg,
                                                         config.dino_field, progress=progress, log=log)
-            fresh = True
+        elif todo:
+            log(f"[dino] labeller up to date: labelling the {len(todo)} new or changed samples with it")
+            out["stages"]["dino_labeler"] = dino_labels_apply(_subset(samples, ids, todo), config.zeroshot_field,
+                                                              config.dino, config.dino_field, log=log)
         else:
             log("[dino] up to date: reused")
+        processed["dino_labeler"] = len(todo)
 
     if config.tune:
-        tune_cfg = pt.TuneConfig.for_hardware(device, log=log)
-        overrides = {"epochs": config.tune_epochs, "batch_size": config.tune_batch_size}
-        tune_cfg = dataclasses.replace(tune_cfg, **{k: v for k, v in overrides.items() if v})
-        if config.tune_max_samples != -1:
-            tune_cfg = dataclasses.replace(tune_cfg, max_samples=config.tune_max_samples)
+        tune_cfg = plan.tune_cfg
         log(f"[tune] settings for this machine: epochs={tune_cfg.epochs}, batch={tune_cfg.batch_size}, "
             f"max_samples={tune_cfg.max_samples}")
         with timer.stage("prompt_tuning"):
-            out["stages"]["prompt_tuning"] = tune_prompts(
-                samples, config.zeroshot_field, config.dino_field, config.clip, tune_cfg,
-                run_name=config.tuned_field, progress=progress, log=log,
-            )
+            if plan.retrain_tuning:
+                out["stages"]["prompt_tuning"] = tune_prompts(
+                    samples, config.zeroshot_field, config.dino_field, config.clip, tune_cfg,
+                    run_name=config.tuned_field, progress=progress, log=log,
+                )
+            else:
+                log(f"[tune] tuned model up to date (same teacher, CLIP and settings): reused {plan.model_dir}")
+                out["stages"]["prompt_tuning"] = {"stage": "tune", "model_dir": str(plan.model_dir),
+                                                  "reused": True}
+            processed["prompt_tuning"] = int(bool(plan.retrain_tuning))
         with timer.stage("predict"):
-            out["stages"]["predict"] = predict(
-                samples, out["stages"]["prompt_tuning"]["model_dir"], config.clip, config.tuned_field,
-                device=config.device, progress=progress, log=log,
-            )
+            todo = plan.predict
+            if todo:
+                out["stages"]["predict"] = predict(
+                    _subset(samples, ids, todo), out["stages"]["prompt_tuning"]["model_dir"], config.clip,
+                    config.tuned_field, device=config.device, progress=progress, log=log,
+                )
+            else:
+                log("[predict] up to date (same tuned model, every sample labelled): reused")
+            processed["predict"] = len(todo)
+    out["processed"] = processed
+    log("[auto-label] processed per stage: " + ", ".join(f"{k} {v}" for k, v in processed.items()))
 
     if config.gt_field:
         with timer.stage("evaluate"):
@@ -165,6 +180,129 @@ def auto_label(
     out["seconds_per_stage"] = timer.seconds
     out["random_init"] = bool(config.clip.random_init or config.dino.random_init)
     return out
+
+
+def _zs_config(config: AutoLabelConfig) -> ZeroShotConfig:
+    return ZeroShotConfig(clip=config.clip, descriptions_file=config.descriptions_file,
+                          use_llm=config.use_llm, llm_model=config.llm_model,
+                          llm_host=config.llm_host, device=config.device,
+                          include_templates=config.include_templates,
+                          max_descriptions_per_class=config.max_descriptions_per_class)
+
+
+def _tune_config(config: AutoLabelConfig, device, log: Optional[Log] = None):
+    from . import prompt_tuning as pt
+
+    tune_cfg = pt.TuneConfig.for_hardware(device, log=log)
+    overrides = {"epochs": config.tune_epochs, "batch_size": config.tune_batch_size}
+    tune_cfg = dataclasses.replace(tune_cfg, **{k: v for k, v in overrides.items() if v})
+    if config.tune_max_samples != -1:
+        tune_cfg = dataclasses.replace(tune_cfg, max_samples=config.tune_max_samples)
+    return tune_cfg
+
+
+def _subset(samples, ids: list, todo: list):
+    """``samples`` itself when every sample is to be processed, else a view of ``todo``."""
+    return samples if len(todo) == len(ids) else fo_io.root_dataset(samples).select(todo, ordered=True)
+
+
+def _embed_todo(samples, spec, ids: list, paths: list) -> set:
+    """Ids the embedding stage of ``spec`` will (re-)embed: new samples or changed files."""
+    from .data import file_fingerprint
+    from .embeddings import index_path
+    from .index import EmbeddingIndex
+
+    path = Path(index_path(samples, spec))
+    if not (path / "meta.json").exists():
+        return set(ids)
+    try:
+        known = EmbeddingIndex.open(path).fingerprints
+    except Exception:  # a store that does not open is rebuilt by the stage
+        return set(ids)
+    return {i for i, p in zip(ids, paths) if known.get(i) != file_fingerprint(p)}
+
+
+@dataclass
+class _Plan:
+    """Which samples each stage processes, and whether the trained stages train again.
+
+    Rule: a stage redoes everything when its settings, class list or model changed (or
+    ``force``); otherwise it processes only samples it has no stored row for, plus samples
+    whose image changed. The DINO labeller is retrained only when zero-shot was redone for
+    every sample (or its settings changed); new samples are labelled by the saved labeller.
+    Prompt tuning retrains only when the labeller was retrained or its settings / CLIP
+    changed; new samples are predicted by the saved tuned model.
+    """
+
+    zeroshot: list
+    dino_labeler: list
+    predict: list
+    retrain_labeler: bool
+    retrain_tuning: bool
+    zs_cfg: Any = None
+    dl_cfg: Any = None
+    tune_cfg: Any = None
+    model_dir: Optional[Path] = None
+
+
+def _decide(samples, classes, config: AutoLabelConfig, ids: list, changed: set, device,
+            log: Optional[Log] = None) -> _Plan:
+    from . import dino_labeler as dl
+    from .artifacts import stage_dir
+
+    zs_cfg = _zs_config(config)
+    zs_full = (config.force or not _up_to_date(samples, runs.run_key_for(config.zeroshot_field), zs_cfg)
+               or _stored_classes(samples, config.zeroshot_field) != classes)
+    zs_todo = list(ids) if zs_full else _missing(samples, config.zeroshot_field, ids, changed)
+    dl_cfg = dl.DinoLabelerConfig(device=config.device)
+    dl_full = (zs_full or not _up_to_date(samples, runs.run_key_for(config.dino_field), _dino_run_config(dl_cfg, config))
+               or not (stage_dir(samples, config.dino_field) / "labeler").is_file())
+    dl_todo = list(ids) if dl_full else sorted(set(_missing(samples, config.dino_field, ids, changed)) | set(zs_todo))
+    tune_cfg = model_dir = None
+    tune_full, pred_todo = False, []
+    if config.tune:
+        tune_cfg = _tune_config(config, device, log)
+        model_dir = stage_dir(samples, f"{config.tuned_field}_model")
+        tune_run = {"tune": tune_cfg, "clip": config.clip, "teacher_field": config.dino_field}
+        tune_full = (dl_full or config.force or not (model_dir / "meta.json").is_file()
+                     or not _up_to_date(samples, runs.run_key_for(f"{config.tuned_field}_model"), tune_run))
+        pred_full = tune_full or not _predict_up_to_date(samples, config.tuned_field, model_dir)
+        pred_todo = list(ids) if pred_full else _missing(samples, config.tuned_field, ids, changed)
+    return _Plan(zs_todo, dl_todo, pred_todo, dl_full, tune_full, zs_cfg, dl_cfg, tune_cfg, model_dir)
+
+
+def _missing(samples, field_: str, ids: list, changed: set) -> list:
+    """Ids with no stored row in the stage of ``field_``, or whose image changed."""
+    from .artifacts import stage_dir, stored_ids
+
+    have = stored_ids(stage_dir(samples, field_))
+    return [i for i in ids if i not in have or i in changed]
+
+
+def _predict_up_to_date(samples, field_: str, model_dir: Path) -> bool:
+    from .storage import read_json
+
+    run = runs.get_run(samples, runs.run_key_for(field_))
+    if run is None or not (model_dir / "meta.json").is_file():
+        return False
+    model_id = read_json(model_dir / "meta.json").get("model_id")
+    return model_id is not None and (run.get("config") or {}).get("model_id") == model_id
+
+
+def plan_stages(samples, classes, config: AutoLabelConfig, extra_new: int = 0) -> tuple[dict, dict]:
+    """``(samples to process per stage, retrain flags)`` ``auto_label`` would use now; reads only.
+
+    ``extra_new``: samples not in ``samples`` yet (a folder's new files) that every stage will process.
+    """
+    from .device import resolve_device
+
+    ids, paths = fo_io.ids_and_paths(samples)
+    emb = {spec.family: _embed_todo(samples, spec, ids, paths) for spec in (config.clip, config.dino)}
+    plan = _decide(samples, classes, config, ids, emb["clip"] | emb["dino"], resolve_device(config.device))
+    todo = {"clip": len(emb["clip"]), "dino": len(emb["dino"]), "zeroshot": len(plan.zeroshot),
+            "dino_labeler": len(plan.dino_labeler), "predict": len(plan.predict)}
+    todo = {k: v + max(extra_new, 0) for k, v in todo.items()}
+    return todo, {"dino_labeler": plan.retrain_labeler, "prompt_tuning": plan.retrain_tuning}
 
 
 def check_inputs(samples, classes, config: AutoLabelConfig, log: Log = print) -> None:

@@ -907,15 +907,25 @@ def _write_checkpoint(path: Path, state: dict) -> None:
 
 def save_tuned(path_dir, model: PromptedClassifier, classes: Sequence[str], clip_identity: dict,
                config: Optional[TuneConfig] = None, extra_meta: Optional[dict] = None) -> Path:
-    """Write ``tuned.pt`` (trained parameters only) and ``meta.json`` into ``path_dir``."""
+    """Write ``tuned.pt`` (trained parameters only) and ``meta.json`` into ``path_dir``.
+
+    ``meta["model_id"]`` hashes the parameters, classes and CLIP: re-saving an unchanged model
+    rewrites nothing and keeps its identity, so predictions made with it stay up to date.
+    """
     path_dir = Path(path_dir)
     classes = [str(c) for c in classes]
     if len(classes) != model.num_classes:
         raise InvalidInputError(f"{len(classes)} class names for a {model.num_classes}-class model")
+    state = model.trainable_state_dict()
+    model_id = tuned_model_id(state, classes, clip_identity)
+    if (path_dir / TUNED_NAME).is_file() and (path_dir / META_NAME).is_file() \
+            and read_json(path_dir / META_NAME).get("model_id") == model_id:
+        return path_dir
     with atomic_path(path_dir / TUNED_NAME) as tmp:
-        torch.save(model.trainable_state_dict(), tmp)
+        torch.save(state, tmp)
     meta = {
         "kind": "nola-prompt-tuned",
+        "model_id": model_id,
         "classes": classes,
         "clip_identity": dict(clip_identity),
         "n_prompts": model.n_prompts,
@@ -928,6 +938,18 @@ def save_tuned(path_dir, model: PromptedClassifier, classes: Sequence[str], clip
     # meta.json last: its presence marks a complete save.
     write_json_atomic(path_dir / META_NAME, json.loads(json.dumps(meta, default=str)))
     return path_dir
+
+
+def tuned_model_id(state: dict, classes: Sequence[str], clip_identity: dict) -> str:
+    """Content identity of a tuned model: its parameters, class list and CLIP weights."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([list(classes), clip_identity.get("key")]).encode())
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_tuned(path_dir, clip: LoadedModel, classes: Optional[Sequence[str]] = None
