@@ -1,0 +1,315 @@
+"""Inputs are checked before any work: every mistake is reported at once, in seconds, naming the
+input, and nothing is created or written (no dataset, no store, no run record, NOLA_HOME as before).
+The same through the CLI, the Python API and the operators (execution and the App form)."""
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import CIFAR_DIR, REPO
+from fiftyone_nola.cli import main
+
+PLUGIN = yaml.safe_load((REPO / "fiftyone.yml").read_text())["name"]
+CLASSES = "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck"
+TINY = ["--clip-arch", "nola-tiny-clip", "--clip-pretrained", "", "--dino", "nola_tiny_vit", "--random-init",
+        "--workers", "0"]
+TINY_OP = {"clip_arch": "nola-tiny-clip", "clip_pretrained": "", "random_init": True,
+           "dino_model": "nola_tiny_vit", "device": "cpu"}
+LIMIT_S = 10.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def warm_imports():
+    """Process start-up (importing torch, FiftyOne, timm, starting the database) is paid by any
+    command; the timings below measure the check itself, from the call to the message."""
+    import fiftyone as fo
+    import timm  # noqa: F401
+    import torch  # noqa: F401
+
+    fo.list_datasets()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """200 real CIFAR images, 20 per class, in class subfolders."""
+    if not CIFAR_DIR.is_dir():
+        pytest.skip(f"real images not found at {CIFAR_DIR}")
+    d = tmp_path_factory.mktemp("imgs200")
+    for c in CLASSES.split(","):
+        (d / c).mkdir()
+        for f in sorted((CIFAR_DIR / c).glob("*.jpg"))[:20]:
+            shutil.copy(f, d / c / f.name)
+    return d
+
+
+@pytest.fixture
+def files(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"cat": ["a small pet",')
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"cat": ["a small furry pet"], "dog": ["a loyal pet"]}))
+    return {"bad": str(bad), "partial": str(partial)}
+
+
+def _home_state() -> dict:
+    root = Path(os.environ["NOLA_HOME"])
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*")} if root.exists() else {}
+
+
+def _db_state(ds=None) -> dict:
+    import fiftyone as fo
+
+    out = {"datasets": sorted(fo.list_datasets())}
+    if ds is not None:
+        ds.reload()
+        out.update(fields=sorted(ds.get_field_schema()), runs=sorted(ds.list_runs()), n=len(ds),
+                   tags=ds.count_sample_tags())
+    return out
+
+
+@pytest.fixture
+def no_embedding(monkeypatch):
+    """Fail loudly if any image is embedded (the expensive work validation must precede)."""
+    import fiftyone_nola.embed as embed_mod
+
+    def boom(*a, **k):
+        raise AssertionError("an embedding started before the inputs were checked")
+
+    monkeypatch.setattr(embed_mod, "iter_embeddings", boom)
+
+
+def _cli(args, capsys, ds=None):
+    """Run the CLI in-process; return (exit code, stdout, stderr, seconds), checking nothing changed."""
+    db0, home0 = _db_state(ds), _home_state()
+    t0 = time.perf_counter()
+    code = main(args)
+    secs = time.perf_counter() - t0
+    out, err = capsys.readouterr()
+    assert _db_state(ds) == db0, "the database changed"
+    assert _home_state() == home0, "NOLA_HOME changed"
+    assert "[embeddings] started" not in out and "[embed:" not in out
+    return code, out, err, secs
+
+
+@pytest.fixture
+def dataset(folder, make_dataset):
+    """The 200 images as an existing dataset with ground truth."""
+    paths = sorted(folder.rglob("*.jpg"))
+    return make_dataset([str(p) for p in paths], [p.parent.name for p in paths])
+
+
+# --------------------------------------------------------------------------- CLI: the issue's mistakes
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", ["malformed_descriptions", "unknown_clip", "one_class", "partial_descriptions",
+                                  "gt_on_new_folder"])
+def test_cli_mistake_on_a_new_folder_fails_fast_and_creates_nothing(case, folder, files, capsys, no_embedding):
+    name = f"val-{case}"
+    args = {
+        "malformed_descriptions": (["--classes", CLASSES, "--descriptions", files["bad"]], "--descriptions",
+                                   "not valid JSON"),
+        "unknown_clip": (["--classes", CLASSES, "--clip-arch", "ViT-B-99"], "--clip-arch",
+                         "unknown CLIP architecture 'ViT-B-99'"),
+        "one_class": (["--classes", "cat"], "--classes", "Need at least 2 classes"),
+        "partial_descriptions": (["--classes", CLASSES, "--descriptions", files["partial"]], "--descriptions",
+                                 "covers 2 of 10 classes"),
+        "gt_on_new_folder": (["--classes", CLASSES, "--gt-field", "nonexistent"], "--gt-field",
+                             "'nonexistent' does not exist"),
+    }[case]
+    extra, flag, text = args
+    tiny = [a for a in TINY] if case != "unknown_clip" else TINY[2:]
+    code, out, err, secs = _cli(["auto-label", "--images", str(folder), "--dataset", name, *tiny, *extra], capsys)
+    assert code == 2
+    assert f"{flag}: " in err and text in err, err
+    assert "Traceback" not in err
+    assert secs < LIMIT_S, secs
+
+
+@pytest.mark.integration
+def test_cli_reports_every_problem_together(folder, files, tmp_path, capsys, no_embedding):
+    code, _, err, secs = _cli([
+        "auto-label", "--images", str(folder), "--classes", "cat,,Cat", "--descriptions", files["bad"],
+        "--clip-arch", "ViT-B-99", "--device", "cuda:7", "--epochs", "0", "--json", files["bad"] + "/s.json",
+        "--dino", "not_a_timm_model", "--random-init", "--workers", "-1"], capsys)
+    assert code == 2 and secs < LIMIT_S
+    for flag in ("--classes", "--descriptions", "--clip-arch", "--device", "--epochs", "--json", "--dino",
+                 "--workers"):
+        assert f"- {flag}: " in err, (flag, err)
+    assert err.count("->") >= 8  # each says what to do
+
+
+@pytest.mark.integration
+def test_cli_gt_field_missing_on_existing_dataset(dataset, capsys, no_embedding):
+    code, _, err, secs = _cli(["auto-label", "--dataset", dataset.name, "--classes", CLASSES, "--gt-field",
+                               "nonexistent", *TINY], capsys, ds=dataset)
+    assert code == 2 and secs < LIMIT_S
+    assert "--gt-field: field 'nonexistent' does not exist" in err and "ground_truth" in err
+
+
+@pytest.mark.integration
+def test_cli_partial_descriptions_run_when_fallback_allowed(folder, files, capsys, no_embedding):
+    """With --allow-template-fallback the lacking classes are a warning, and --check passes."""
+    code, out, err, _ = _cli(["auto-label", "--images", str(folder), "--dataset", "val-fallback", "--classes",
+                              CLASSES, "--descriptions", files["partial"], "--allow-template-fallback", "--check",
+                              *TINY], capsys)
+    assert code == 0, err
+    assert "covers 2 of 10 classes" in out and "as allowed" in out
+
+
+@pytest.mark.integration
+def test_cli_missing_weights_is_an_error_unless_random_init_asked(folder, capsys, no_embedding, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("NOLA_MODELS_DIR", str(tmp_path / "models"))
+    code, _, err, secs = _cli(["auto-label", "--images", str(folder), "--classes", CLASSES,
+                               "--dino", "vit_small_patch16_224.dino", "--workers", "0"], capsys)
+    assert code == 2 and secs < LIMIT_S
+    assert "--dino: " in err and "--fallback-random-init" in err
+
+
+@pytest.mark.integration
+def test_check_prints_the_plan_and_writes_nothing(folder, capsys, no_embedding):
+    code, out, err, secs = _cli(["auto-label", "--images", str(folder), "--dataset", "val-check", "--classes",
+                                 CLASSES, "--gt-from-subfolders", "ground_truth", *TINY, "--check"], capsys)
+    assert code == 0, err
+    assert "plan: 200 samples (200 new), 10 classes" in out
+    for stage in ("embeddings:clip", "embeddings:dino", "zeroshot", "dino_labeler", "prompt_tuning", "predict"):
+        assert stage in out
+    assert "estimated time" in out and "disk for the stores" in out and "inputs OK" in out
+    assert secs < LIMIT_S
+
+
+@pytest.mark.integration
+def test_gt_labels_outside_the_class_list_are_named(folder, capsys, no_embedding):
+    code, out, err, _ = _cli(["auto-label", "--images", str(folder), "--dataset", "val-outside", "--classes",
+                              "cat,dog,ship", "--gt-from-subfolders", "ground_truth", *TINY, "--check"], capsys)
+    assert code == 0, err
+    assert "7 label(s) in 'ground_truth' are outside the class list" in out and "'truck'" in out
+    code, _, err, _ = _cli(["auto-label", "--images", str(folder), "--classes", "okapi,narwhal",
+                            "--gt-from-subfolders", "ground_truth", *TINY], capsys)
+    assert code == 2 and "none of the labels in 'ground_truth' is in the class list" in err
+
+
+@pytest.mark.integration
+def test_embed_and_multilabel_commands_check_first(folder, files, capsys, no_embedding):
+    code, _, err, _ = _cli(["embed", "--images", str(folder), "--index-type", "annoy", *TINY], capsys)
+    assert code == 2 and "--index-type: unknown index type 'annoy'" in err
+    code, _, err, _ = _cli(["auto-label-multilabel", "--images", str(folder), "--classes", "cat,dog",
+                            "--descriptions", files["bad"], "--grid", "0", *TINY], capsys)
+    assert code == 2 and "--descriptions: " in err and "--grid: " in err
+
+
+# --------------------------------------------------------------------------- Python API
+
+
+@pytest.mark.integration
+def test_python_api_raises_one_validation_error_and_writes_nothing(dataset, files, no_embedding):
+    from fiftyone_nola import ValidationError, auto_label, validate
+    from fiftyone_nola.models import tiny_clip_spec, tiny_dino_spec
+    from fiftyone_nola.pipeline import AutoLabelConfig
+
+    cfg = AutoLabelConfig(clip=tiny_clip_spec(), dino=tiny_dino_spec(), descriptions_file=files["partial"],
+                          gt_field="ground_truth", tuned_field="ground_truth", tune_epochs=0)
+    db0, home0 = _db_state(dataset), _home_state()
+    logs = []
+    with pytest.raises(ValidationError) as e:
+        auto_label(dataset, CLASSES, cfg, log=logs.append)
+    assert set(e.value.inputs) == {"descriptions_file", "gt_field", "tune_epochs"}
+    assert "also an output field" in str(e.value)
+    assert not any("started" in m for m in logs)
+    assert _db_state(dataset) == db0 and _home_state() == home0
+
+    ok = AutoLabelConfig(clip=tiny_clip_spec(), dino=tiny_dino_spec(), gt_field="ground_truth")
+    report = validate(dataset, CLASSES, ok, log=None)
+    assert report.ok, report.errors
+    assert [s["action"] for s in report.plan["stages"]][:2] == ["run", "run"]
+    assert report.plan["disk_bytes"] > 0 and report.plan["seconds"] > 0
+    assert _db_state(dataset) == db0 and _home_state() == home0
+
+
+@pytest.mark.integration
+def test_empty_view_is_reported(dataset, no_embedding):
+    from fiftyone_nola import validate
+    from fiftyone_nola.models import tiny_clip_spec, tiny_dino_spec
+    from fiftyone_nola.pipeline import AutoLabelConfig
+
+    r = validate(dataset.match_tags("nothing-has-this"), CLASSES,
+                 AutoLabelConfig(clip=tiny_clip_spec(), dino=tiny_dino_spec()), log=None)
+    assert not r.ok and "holds no samples" in r.errors[0].message
+
+
+# --------------------------------------------------------------------------- operators
+
+
+def _run_op(name, dataset, **params):
+    """``foo.execute_operator`` refuses (nothing runs); the validation errors by input name."""
+    import asyncio
+
+    import fiftyone.operators as foo
+    from fiftyone.operators.executor import (
+        ExecutionError,
+        ExecutionResult,
+        _parse_ctx,
+        prepare_operator_executor,
+    )
+
+    ctx = {"dataset": dataset, "params": params}
+    with pytest.raises(ExecutionError, match="Validation error"):
+        foo.execute_operator(f"{PLUGIN}/{name}", ctx=ctx)
+    # FiftyOne's own preparation step, which execute_operator and the App run first, holds them all.
+    res = asyncio.run(prepare_operator_executor(f"{PLUGIN}/{name}", _parse_ctx(ctx=ctx)))
+    assert isinstance(res, ExecutionResult) and res.error == "Validation error"
+    return res
+
+
+def _errors(res) -> dict:
+    return {e.path.lstrip("."): e.reason for e in res.validation_ctx.errors}
+
+
+@pytest.mark.integration
+def test_operators_refuse_bad_inputs_before_running(dataset, files, no_embedding):
+    db0, home0 = _db_state(dataset), _home_state()
+    t0 = time.perf_counter()
+    errs = _errors(_run_op("auto_label", dataset, classes="cat", descriptions_file=files["bad"],
+                           gt_field="nonexistent", **{**TINY_OP, "clip_arch": "ViT-B-99"}))
+    assert time.perf_counter() - t0 < LIMIT_S
+    assert "Need at least 2 classes" in errs["classes"]
+    assert "not valid JSON" in errs["descriptions_file"]
+    assert "unknown CLIP architecture" in errs["clip_arch"]
+    assert "gt_field" in errs
+
+    errs = _errors(_run_op("zero_shot", dataset, classes=CLASSES, descriptions_file=files["partial"], **TINY_OP))
+    assert "covers 2 of 10 classes" in errs["descriptions_file"]
+    errs = _errors(_run_op("compute_embeddings", dataset, family="both", batch_size=0, **TINY_OP))
+    assert "batch size must be >= 1" in errs["batch_size"]
+    errs = _errors(_run_op("dino_labels", dataset, **TINY_OP))
+    assert "zero-shot stage has not been run" in errs["zeroshot_field"]
+    errs = _errors(_run_op("export_accepted", dataset, label_field="nola", export_dir=files["bad"] + "/out"))
+    assert "export_dir" in errs and "label_field" in errs
+    errs = _errors(_run_op("multilabel_pseudo_labels", dataset, classes="cat, dog", grid=0, **TINY_OP))
+    assert "grid" in errs
+    assert _db_state(dataset) == db0 and _home_state() == home0
+
+
+@pytest.mark.integration
+def test_form_shows_the_problem_next_to_its_input(dataset, files):
+    import fiftyone.operators as foo
+    from fiftyone.operators.executor import ExecutionContext
+
+    op = foo.get_operator(f"{PLUGIN}/auto_label")
+    params = {"classes": "cat, cat", "descriptions_file": files["bad"], **TINY_OP}
+    form = op.resolve_input(ExecutionContext(request_params={"dataset_name": dataset.name, "params": params}))
+    props = form.type.properties
+    assert props["classes"].invalid and "Duplicate class names" in props["classes"].error_message
+    assert props["descriptions_file"].invalid and "not valid JSON" in props["descriptions_file"].error_message
+    assert not props["clip_arch"].invalid
+
+    good = {"classes": CLASSES, **TINY_OP}
+    form = op.resolve_input(ExecutionContext(request_params={"dataset_name": dataset.name, "params": good}))
+    assert not any(p.invalid for p in form.type.properties.values())
