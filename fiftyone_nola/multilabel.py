@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -300,7 +300,8 @@ def decide_labels(
     something different for 20 and 80 classes); their mass is (1 + Σ_c max-over-crops) / 2,
     which grows only about half as fast as the number of objects (so ``expected_count``
     undercounts busy images; it suits calibrated probabilities, e.g. a BCE-trained head); and
-    the KL loss fixes only the *ratios* of the classifier's outputs, not their level. A ratio to the top score behaves the same on all three, adapts the number of
+    the KL-trained classifier's softmax scores share one unit of mass per image, so they shrink
+    as more classes are present. A ratio to the top score behaves the same on all three, adapts the number of
     labels per image (unlike ``topk``), and drops background classes that only one crop
     supports weakly. Its failure mode is a flat score row (an uncertain image), which keeps
     many classes: cap it with ``max_labels``.
@@ -349,21 +350,74 @@ def decide_labels(
 # Classifier with gradient-alignment label updates
 # --------------------------------------------------------------------------------------------
 
+# The paper's schedule as the reproduction study (github cs-mshah/CDUL) runs it on VOC2012
+# (configs/experiment/voc2012.yaml): 100 epochs; labels refined in every 10th epoch once the
+# first 10 (warm-up) have passed, i.e. in epochs 20, 30, ..., 100.
+PAPER_SCHEDULE = {"epochs": 100, "update_every": 10, "warmup": 10}
+# On a CPU: the same shape at 3/10 of the length (9 label-update epochs, as in the paper's).
+CPU_SCHEDULE = {"epochs": 30, "update_every": 3, "warmup": 3}
+# The reproduction's label gradient is that of the loss averaged over its batch of 8, so each
+# label moves by psi(y) * dKL_i/dy_i / 8; ours uses the per-sample gradient times label_lr.
+REFERENCE_LABEL_LR = 1.0 / 8.0
+LOSSES = ("kl", "bce")
+
 
 @dataclass
 class TrainConfig:
-    """Settings of the multi-label head trained on cached features."""
+    """Settings of the multi-label head trained on cached features.
+
+    The defaults are CDUL's formulation and schedule as the reproduction study runs them
+    (``PAPER_SCHEDULE``); :meth:`for_hardware` shortens the schedule on a CPU. ``lr``,
+    ``batch_size`` and ``hidden`` are head settings: the paper fine-tunes a whole ResNet-101 at
+    Adam lr 1e-5, batch 8, which leaves a randomly initialised head on frozen features barely
+    trained. Labels are refined during epoch ``e`` (1-based) when ``update_every > 0``,
+    ``e > warmup`` and ``e % update_every == 0``.
+    """
 
     hidden: int = 0  # 0: linear head; > 0: one hidden ReLU layer of this width
-    epochs: int = 30
+    epochs: int = PAPER_SCHEDULE["epochs"]
     lr: float = 1e-3
     batch_size: int = 64
-    weight_decay: float = 1e-4
-    loss: str = "kl"  # "kl": KL(normalised label || normalised prediction), CDUL; "bce"
-    update_every: int = 5  # label update after every this many epochs; 0 disables updates
-    label_lr: float = 0.5  # step on logit(y) per update, before the psi(y) weight
+    weight_decay: float = 0.0  # the paper's Adam has none
+    loss: str = "kl"  # "kl": KL(softmax(logits) || y / Σy), CDUL; "bce": per-class BCE
+    update_every: int = PAPER_SCHEDULE["update_every"]  # 0 disables label updates
+    warmup: int = PAPER_SCHEDULE["warmup"]  # epochs before the first label update may happen
+    label_lr: float = REFERENCE_LABEL_LR  # step on logit(y): label_lr · psi(y) · dloss_i/dy_i
+    label_sigma: float = 1.0  # psi = N(0.5, sigma²) density
     seed: int = 0
     device: Optional[str] = None
+
+    @classmethod
+    def for_hardware(cls, device=None, log: Optional[Callable[[str], None]] = print,
+                     **overrides) -> TrainConfig:
+        """The paper's schedule on a GPU, ``CPU_SCHEDULE`` elsewhere; printed through ``log``.
+
+        ``overrides`` (e.g. ``epochs=50``) win over the machine's choice.
+        """
+        d = dev.resolve_device(device if isinstance(device, (str, type(None))) else str(device))
+        sched = dict(PAPER_SCHEDULE if d.type == "cuda" else CPU_SCHEDULE)
+        sched.update({k: v for k, v in overrides.items() if v is not None})
+        sched.setdefault("device", str(d))
+        cfg = cls(**sched)
+        if log:
+            which = "the paper's" if d.type == "cuda" else (
+                "shortened for a CPU; the paper's {epochs}/{update_every}/{warmup} runs on a GPU"
+                .format(**PAPER_SCHEDULE))
+            log(f"[cdul] classifier schedule on {d.type} ({which}): {cfg.describe_schedule()}")
+        return cfg
+
+    def update_epochs(self) -> list[int]:
+        """The 1-based epochs in which labels are refined."""
+        if self.update_every <= 0:
+            return []
+        return [e for e in range(1, self.epochs + 1) if e > self.warmup and e % self.update_every == 0]
+
+    def describe_schedule(self) -> str:
+        ups = self.update_epochs()
+        shown = ", ".join(map(str, ups[:3])) + (f", ..., {ups[-1]}" if len(ups) > 3 else "")
+        return (f"{self.epochs} epochs, {self.loss} loss, labels refined every {self.update_every} "
+                f"epochs after {self.warmup} warm-up epochs"
+                + (f" (in epochs {shown})" if ups else " (never)"))
 
 
 class MultiLabelHead(nn.Module):
@@ -383,66 +437,102 @@ class MultiLabelHead(nn.Module):
         return self.net(x)
 
 
-def psi(y: np.ndarray) -> np.ndarray:
-    """CDUL's label-update weight: the N(0.5, 1) density at ``y``."""
+def psi(y: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+    """CDUL's label-update weight: the N(0.5, sigma²) density at ``y`` (sigma = 1 in CDUL)."""
     y = np.asarray(y, dtype=np.float64)
-    return np.exp(-0.5 * (y - 0.5) ** 2) / math.sqrt(2.0 * math.pi)
+    return np.exp(-0.5 * ((y - 0.5) / sigma) ** 2) / (sigma * math.sqrt(2.0 * math.pi))
 
 
-def label_update(y: np.ndarray, grad: np.ndarray, label_lr: float) -> np.ndarray:
+def _label_step(y: torch.Tensor, grad: torch.Tensor, label_lr: float, sigma: float) -> torch.Tensor:
+    """``sigmoid(logit(y) − label_lr·psi(y)·grad)`` with the latent clamped (torch, any dtype)."""
+    y = y.clamp(LABEL_EPS, 1.0 - LABEL_EPS)
+    g = torch.nan_to_num(grad, nan=0.0, posinf=1e12, neginf=-1e12)
+    w = torch.exp(-0.5 * ((y - 0.5) / sigma) ** 2) / (sigma * math.sqrt(2.0 * math.pi))
+    latent = torch.log(y) - torch.log1p(-y)
+    return torch.sigmoid((latent - float(label_lr) * w * g).clamp(-_LATENT_MAX, _LATENT_MAX))
+
+
+def label_update(y: np.ndarray, grad: np.ndarray, label_lr: float, sigma: float = 1.0) -> np.ndarray:
     """One gradient-alignment step on soft labels: ``sigmoid(logit(y) − lr·psi(y)·grad)``.
 
     Working on the latent ``logit(y)`` keeps labels inside (0, 1) and moves uncertain labels
-    (near 0.5, where the sigmoid is steepest) most. Latents are clamped to
-    ``±logit(1 − 1e-6)`` so labels never reach exactly 0 or 1. Returns float32.
+    (near 0.5, where psi peaks) most. Latents are clamped to ``±logit(1 − 1e-6)`` so labels
+    never reach exactly 0 or 1. Computed in float64; returns float32.
     """
-    y = np.clip(np.asarray(y, dtype=np.float64), LABEL_EPS, 1.0 - LABEL_EPS)
-    g = np.nan_to_num(np.asarray(grad, dtype=np.float64), nan=0.0, posinf=1e12, neginf=-1e12)
-    latent = np.log(y) - np.log1p(-y)
-    latent = np.clip(latent - float(label_lr) * psi(y) * g, -_LATENT_MAX, _LATENT_MAX)
-    return (1.0 / (1.0 + np.exp(-latent))).astype(np.float32)
+    y_t = torch.from_numpy(np.asarray(y, dtype=np.float64))
+    g_t = torch.from_numpy(np.asarray(grad, dtype=np.float64))
+    return _label_step(y_t, g_t, label_lr, sigma).numpy().astype(np.float32)
 
 
 def _per_sample_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
-    """Loss of each sample, summed over classes (so its gradient w.r.t. y is per-sample)."""
+    """Training loss of each sample, summed over classes.
+
+    ``kl`` (CDUL): ``KL(p || q)`` with ``p = softmax(logits)`` and ``q = y / Σ_c y``, the
+    reproduction's ``KLDivergence(preds, pseudo_labels)``. ``bce``: binary cross-entropy of
+    ``sigmoid(logits)`` against each label.
+    """
     if kind == "bce":
         return nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").sum(1)
-    p = torch.sigmoid(logits)
-    p = p / p.sum(1, keepdim=True)
+    logp = torch.log_softmax(logits, dim=1)
     q = y / y.sum(1, keepdim=True)
-    return (torch.xlogy(q, q) - q * torch.log(p.clamp_min(1e-12))).sum(1)
+    return (logp.exp() * (logp - torch.log(q))).sum(1)
 
 
-def _fit(model, opt, x, y_np, gen, config: TrainConfig, history: dict, progress) -> np.ndarray:
-    """The epoch loop of ``train_multilabel_classifier``; returns the refined labels."""
-    n = x.shape[0]
-    y = torch.from_numpy(y_np).to(x.device)
+def _per_sample_label_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """The loss whose gradient w.r.t. ``y`` refines the labels, per sample.
+
+    ``kl``: ``KL(q || p)``, the reproduction's ``KLDivergence(pseudo_labels, preds)`` (it swaps
+    the arguments of its training loss for the label step). ``bce``: the training loss.
+    """
+    if kind == "bce":
+        return _per_sample_loss(logits, y, kind)
+    q = y / y.sum(1, keepdim=True)
+    return (torch.xlogy(q, q) - q * torch.log_softmax(logits, dim=1)).sum(1)
+
+
+def label_gradient(logits: torch.Tensor, y: torch.Tensor, kind: str = "kl") -> torch.Tensor:
+    """``d label_loss_i / d y_i`` for every row (each label's gradient from its own sample)."""
+    y_var = y.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(_per_sample_label_loss(logits.detach(), y_var, kind).sum(), y_var)
+    return grad
+
+
+def _fit(model, opt, x, y, gen, config: TrainConfig, history: dict, progress) -> torch.Tensor:
+    """The epoch loop of ``train_multilabel_classifier``; refines ``y`` in place and returns it.
+
+    As in the reproduction, a label-update epoch refines each batch's labels right after the
+    optimiser step on that batch, from the predictions of that same forward pass (no extra
+    pass); the refined labels are trained on from the next epoch on. Updates in the last epoch
+    only change the returned labels.
+    """
+    n, c = y.shape
+    updates = set(config.update_epochs())
     progress(0, config.epochs, "training multi-label classifier")
     for epoch in range(1, config.epochs + 1):
         model.train()
-        total = 0.0
+        refine = epoch in updates
+        total = torch.zeros((), dtype=torch.float64, device=x.device)
+        change = torch.zeros((), dtype=torch.float64, device=x.device)
         for b in torch.randperm(n, generator=gen).split(config.batch_size):
             b = b.to(x.device)
-            loss = _per_sample_loss(model(x[b]), y[b], config.loss).mean()
+            yb = y[b]
+            logits = model(x[b])
+            loss = _per_sample_loss(logits, yb, config.loss).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(b)
-        history["loss"].append(total / n)
-        if config.update_every and epoch % config.update_every == 0:
-            model.eval()
-            with torch.no_grad():
-                logits = model(x)
-            y_var = y.clone().requires_grad_(True)
-            # Summed, not averaged: each label's gradient is then independent of N.
-            (grad,) = torch.autograd.grad(_per_sample_loss(logits, y_var, config.loss).sum(), y_var)
-            new = label_update(y_np, grad.cpu().numpy(), config.label_lr)
+            total += loss.detach() * len(b)
+            if refine:
+                new = _label_step(yb, label_gradient(logits, yb, config.loss), config.label_lr,
+                                  config.label_sigma)
+                change += (new - yb).abs().sum()
+                y[b] = new
+        history["loss"].append(float(total) / n)
+        if refine:
             history["update_epochs"].append(epoch)
-            history["label_change"].append(float(np.abs(new - y_np).mean()))
-            y_np = new
-            y = torch.from_numpy(y_np).to(x.device)
+            history["label_change"].append(float(change) / (n * c))
         progress(epoch, config.epochs, "training multi-label classifier")
-    return y_np
+    return y
 
 
 def train_multilabel_classifier(
@@ -451,19 +541,22 @@ def train_multilabel_classifier(
     config: TrainConfig = TrainConfig(),
     progress: Optional[ProgressFn] = None,
 ) -> tuple[MultiLabelHead, np.ndarray, dict]:
-    """Fit a head to soft labels, refining the labels every ``update_every`` epochs.
+    """Fit a head to soft labels, refining the labels in the schedule's update epochs.
 
     Returns ``(model, refined_labels N×C float32, history)``. Rows whose features or labels
     are not finite (unreadable images) are left out of training and get NaN refined labels.
     Labels are clamped to [1e-6, 1 − 1e-6] first. ``history``: ``loss`` (mean per epoch),
-    ``update_epochs``, ``label_change`` (mean |Δy| per update), ``n_train``, ``n_skipped``,
-    ``config``. Deterministic for a given ``seed`` on CPU.
+    ``update_epochs``, ``label_change`` (mean |Δy| per update epoch), ``n_train``,
+    ``n_skipped``, ``config``. The model's ``score`` attribute names the ranking score
+    :func:`predict_multilabel` returns for it. Deterministic for a given ``seed`` on CPU.
     """
     progress = progress or null_progress
-    if config.loss not in ("kl", "bce"):
-        raise InvalidInputError(f"loss must be 'kl' or 'bce', not {config.loss!r}")
-    if config.epochs < 0 or config.batch_size < 1 or config.update_every < 0:
-        raise InvalidInputError("epochs and update_every must be >= 0 and batch_size >= 1")
+    if config.loss not in LOSSES:
+        raise InvalidInputError(f"loss must be one of {', '.join(LOSSES)}, not {config.loss!r}")
+    if config.epochs < 0 or config.batch_size < 1 or config.update_every < 0 or config.warmup < 0:
+        raise InvalidInputError("epochs, update_every and warmup must be >= 0 and batch_size >= 1")
+    if not config.label_sigma > 0:
+        raise InvalidInputError(f"label_sigma must be > 0, got {config.label_sigma}")
     x_all = np.asarray(features, dtype=np.float32)
     y_all = np.asarray(soft_labels, dtype=np.float32)
     if x_all.ndim != 2 or y_all.ndim != 2 or x_all.shape[0] != y_all.shape[0]:
@@ -476,8 +569,8 @@ def train_multilabel_classifier(
         raise InvalidInputError("no sample has finite features and labels to train on")
     device = dev.resolve_device(config.device)
     x = torch.from_numpy(x_all[ok]).to(device)
-    y_np = np.clip(y_all[ok], LABEL_EPS, 1.0 - LABEL_EPS).astype(np.float32)
-    n, c = y_np.shape
+    y = torch.from_numpy(np.clip(y_all[ok], LABEL_EPS, 1.0 - LABEL_EPS).astype(np.float32)).to(device)
+    n, c = y.shape
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -489,16 +582,43 @@ def train_multilabel_classifier(
     width = config.hidden or c
     macs = config.batch_size * (x.shape[1] * width + (width * c if config.hidden else 0))
     with dev.small_steps_on_cpu(device, macs):
-        y_np = _fit(model, opt, x, y_np, gen, config, history, progress)
+        y = _fit(model, opt, x, y, gen, config, history, progress)
     model.eval()
     model.train_config = asdict(config)
+    model.score = SCORE_FOR_LOSS[config.loss]
     refined = np.full(y_all.shape, np.nan, dtype=np.float32)
-    refined[ok] = y_np
+    refined[ok] = y.cpu().numpy()
     return model, refined, history
 
 
-def predict_multilabel(model: nn.Module, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """Per-class probabilities ``sigmoid(logits)``: N×C float32; NaN feature rows give NaN."""
+# What a head's outputs are ranked by, per training loss. A KL loss on normalised distributions
+# is blind to adding one constant to all of an image's logits, so training leaves that constant
+# (the level of sigmoid(logits)) arbitrary per image; softmax cancels it and is the distribution
+# the loss fits (and what the reproduction computes mAP on). BCE fits each class's sigmoid.
+SCORE_FOR_LOSS = {"kl": "softmax", "bce": "sigmoid"}
+SCORES = ("softmax", "sigmoid")
+
+
+def head_score(model: nn.Module) -> str:
+    """The ranking score of a head: its ``score`` attribute; ``sigmoid`` for heads saved before
+    heads recorded one (they were trained with a sigmoid-based loss)."""
+    return getattr(model, "score", None) or "sigmoid"
+
+
+def predict_multilabel(
+    model: nn.Module, features: np.ndarray, batch_size: int = 4096, score: Optional[str] = None
+) -> np.ndarray:
+    """Per-class scores of a head: N×C float32 in [0, 1]; NaN feature rows give NaN.
+
+    ``score`` (default: the head's, see :func:`head_score`): ``softmax`` over classes for a
+    KL-trained head (CDUL; its logits are only defined up to a per-image constant, which
+    softmax cancels, so scores rank images consistently for mAP), ``sigmoid`` per class for a
+    BCE-trained head.
+    """
+    score = score or head_score(model)
+    if score not in SCORES:
+        raise InvalidInputError(f"score must be one of {', '.join(SCORES)}, not {score!r}")
+    squash = (lambda z: torch.softmax(z.float(), dim=1)) if score == "softmax" else (lambda z: torch.sigmoid(z.float()))
     x_all = np.asarray(features, dtype=np.float32)
     p = next(model.parameters())
     num_classes = getattr(model, "num_classes", None)
@@ -507,7 +627,7 @@ def predict_multilabel(model: nn.Module, features: np.ndarray, batch_size: int =
     chunks = []
     with torch.inference_mode():
         for chunk in torch.from_numpy(x_all[ok]).split(batch_size):
-            chunks.append(torch.sigmoid(model(chunk.to(p.device, p.dtype))).float().cpu().numpy())
+            chunks.append(squash(model(chunk.to(p.device, p.dtype))).cpu().numpy())
     if num_classes is None:
         num_classes = chunks[0].shape[1] if chunks else 0
     out = np.full((x_all.shape[0], num_classes), np.nan, dtype=np.float32)
@@ -524,7 +644,8 @@ def save_classifier(path, model: MultiLabelHead, classes: Sequence[str], meta: O
     """Write the state dict to ``path`` and a JSON sidecar ``path.with_suffix('.json')``.
 
     The sidecar holds the format tag, ``classes``, the head's dimensions, the training config
-    (when the model came from ``train_multilabel_classifier``) and ``meta`` (JSON-serialisable).
+    (when the model came from ``train_multilabel_classifier``), the ranking ``score`` of
+    :func:`predict_multilabel` and ``meta`` (JSON-serialisable).
     Returns the JSON path.
     """
     path = Path(path)
@@ -540,6 +661,7 @@ def save_classifier(path, model: MultiLabelHead, classes: Sequence[str], meta: O
         "hidden": model.hidden,
         "num_classes": model.num_classes,
         "config": getattr(model, "train_config", None),
+        "score": head_score(model),
         "meta": meta or {},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -584,6 +706,7 @@ def load_classifier(
     except RuntimeError as e:
         raise IndexMismatchError(f"{path}: weights do not match their sidecar: {e}") from e
     model.train_config = info.get("config")
+    model.score = info.get("score")  # absent in heads saved before it was recorded: sigmoid
     model.to(dev.resolve_device(device)).eval()
     return model, info
 

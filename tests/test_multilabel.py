@@ -355,7 +355,7 @@ def test_training_is_deterministic_and_skips_bad_rows():
     y = np.where(pres, 0.7, 0.2).astype(np.float32)
     x[3] = np.nan
     y[5] = 0.0  # all-zero soft label row: clamped, loss stays finite
-    cfg = ml.TrainConfig(epochs=6, update_every=3)
+    cfg = ml.TrainConfig(epochs=6, update_every=3, warmup=0)
     m1, r1, h1 = ml.train_multilabel_classifier(x, y, cfg)
     m2, r2, h2 = ml.train_multilabel_classifier(x, y, cfg)
     assert h1["loss"] == h2["loss"] and np.array_equal(r1, r2, equal_nan=True)
@@ -373,17 +373,16 @@ def test_label_update_epoch_follows_the_loss_gradient(loss):
     y = np.where(pres, 0.8, 0.1).astype(np.float32)
     corrupt = pres & (rng.random(pres.shape) < 0.2)
     y[corrupt] = 0.2  # missed positives: the classifier, trained on all, disagrees
-    base = dict(loss=loss, lr=1e-2, update_every=5, label_lr=1.0)
-    _, before, h = ml.train_multilabel_classifier(x, y, ml.TrainConfig(epochs=4, **base))
+    # One batch per epoch, so epoch 20's update uses the predictions of the 19-epoch model.
+    base = dict(loss=loss, lr=1e-2, update_every=20, warmup=0, label_lr=1.0, batch_size=len(x))
+    model19, before, h = ml.train_multilabel_classifier(x, y, ml.TrainConfig(epochs=19, **base))
     assert h["update_epochs"] == [] and np.allclose(before, y)
-    model, after, h = ml.train_multilabel_classifier(x, y, ml.TrainConfig(epochs=5, **base))
-    assert h["update_epochs"] == [5] and h["label_change"][0] > 0
-    # The update was taken with the returned model: recompute its gradient w.r.t. y.
-    y_var = torch.from_numpy(y.copy()).requires_grad_(True)
+    _, after, h = ml.train_multilabel_classifier(x, y, ml.TrainConfig(epochs=20, **base))
+    assert h["update_epochs"] == [20] and h["label_change"][0] > 0
+    # The update was taken with the predictions of epoch 20's forward pass, before its step.
     with torch.no_grad():
-        logits = model(torch.from_numpy(x))
-    (grad,) = torch.autograd.grad(ml._per_sample_loss(logits, y_var, loss).sum(), y_var)
-    grad = grad.numpy()
+        logits = model19(torch.from_numpy(x))
+    grad = ml.label_gradient(logits, torch.from_numpy(y), loss).numpy()
     np.testing.assert_allclose(after, ml.label_update(y, grad, 1.0), atol=1e-6)
     moved = np.abs(grad) > 1e-3
     assert moved.mean() > 0.5

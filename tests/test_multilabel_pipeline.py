@@ -8,7 +8,11 @@ import pytest
 from conftest import COCO_DIR
 from fiftyone_nola.embed import EmbedConfig
 from fiftyone_nola.models import tiny_clip_spec
-from fiftyone_nola.multilabel_pipeline import MultiLabelConfig, auto_label_multilabel
+from fiftyone_nola.multilabel_pipeline import (
+    MultiLabelConfig,
+    auto_label_multilabel,
+    classifier_config,
+)
 
 
 @pytest.fixture
@@ -33,7 +37,7 @@ def test_auto_label_multilabel_end_to_end(coco_dataset):
     classes = [c for c in classes if c.strip()]
     cfg = MultiLabelConfig(clip=tiny_clip_spec(), embed=EmbedConfig(batch_size=8, num_workers=0),
                            crop_batch_size=4, num_workers=0, train_epochs=3, gt_field="ground_truth",
-                           single_template=True, device="cpu")
+                           label_update_every=1, label_warmup=1, single_template=True, device="cpu")
     s = auto_label_multilabel(coco_dataset, classes, cfg, log=lambda m: None)
     n = len(coco_dataset)
     for f in ("cdul_pseudo", "cdul"):
@@ -48,3 +52,14 @@ def test_auto_label_multilabel_end_to_end(coco_dataset):
     assert ev["initial"]["labels_outside_class_list"] == ["unicorn"]  # reported, not crashing
     assert s["stages"]["pseudo_labels"]["images_per_s_local"] > 0
     assert np.isfinite(s["stages"]["classifier"]["final_loss"])
+    assert s["stages"]["classifier"]["label_update_epochs"] == [2, 3]
+
+
+def test_classifier_schedule_fits_the_machine_and_is_printed():
+    lines = []
+    cfg = classifier_config(MultiLabelConfig(device="cpu"), lines.append)
+    assert (cfg.epochs, cfg.update_every, cfg.warmup, cfg.loss) == (30, 3, 3, "kl")
+    assert lines[0].startswith("[cdul] classifier schedule on cpu") and "30 epochs" in lines[0]
+    cfg = classifier_config(MultiLabelConfig(device="cpu", train_epochs=12, label_update_every=4,
+                                             label_warmup=0), None)
+    assert cfg.update_epochs() == [4, 8, 12]
