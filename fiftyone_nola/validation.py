@@ -748,9 +748,12 @@ def _index_types() -> tuple:
 # --------------------------------------------------------------------------- plan
 
 
-# Images per second of one forward pass on a 2-core CPU (README's measurements) by model size;
-# a GPU is taken as ~40x faster. Advice only: the real figure is printed as each stage runs.
-_CPU_RATES = {"tiny": 400.0, "S": 6.0, "B": 4.0, "L": 0.8, "H": 0.3, "g": 0.2}
+# Images per second of one forward pass on a 2-core CPU by model size (patch 16; patch 32 is
+# ~3x cheaper), fitted to the README's 1,000-image demo (ViT-B-32 embed/predict ~13 img/s,
+# DINO ViT-S/16 ~9 img/s, tuning ~2.5x a forward pass); a GPU is taken as ~40x faster.
+# Advice only: the real figure is printed as each stage runs.
+_CPU_RATES = {"tiny": 400.0, "S": 9.0, "B": 4.0, "L": 0.8, "H": 0.3, "g": 0.2}
+_TRAIN_COST = 2.5
 _GPU_SPEEDUP = 40.0
 
 
@@ -774,6 +777,8 @@ def _rate(spec, device) -> float:
 
         name = concrete_dino(spec).name
     rate = _CPU_RATES[_size_class(name)]
+    if "32" in name.replace("224", "").split("patch")[-1].split("-"):
+        rate *= 3.25
     try:
         dev = resolve_device(device)
     except Exception:
@@ -849,7 +854,7 @@ def plan_auto_label(target: Target, classes, config, n: int, disk: int) -> dict:
         m = min(n, cap) if cap else n
         stages.append(_stage("prompt_tuning", "train" if retrain["prompt_tuning"] else "reuse",
                              m if retrain["prompt_tuning"] else 0,
-                             epochs * m * 3.0 / _rate(config.clip, dev) if retrain["prompt_tuning"] else 0.0,
+                             epochs * m * _TRAIN_COST / _rate(config.clip, dev) if retrain["prompt_tuning"] else 0.0,
                              f"{epochs} epochs on <= {m} samples"))
         stages.append(_stage("predict", "run" if todo["predict"] else "reuse", todo["predict"],
                              todo["predict"] / _rate(config.clip, dev)))
