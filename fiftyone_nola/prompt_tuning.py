@@ -50,6 +50,8 @@ from .storage import atomic_path, read_json, write_json_atomic
 CHECKPOINT_NAME = "checkpoint.pt"
 TUNED_NAME = "tuned.pt"
 META_NAME = "meta.json"
+# The head of the official code: W on the raw visual output. 0.1 used logit_scale*W on unit rows.
+HEAD_FORMULATION = "official-W-raw"
 SELECTIONS = ("fixed", "teacher_agreement")
 # Settings that may change between a run and its resumption without changing what is learned
 # (epochs: extending a finished schedule is how a run is resumed or continued).
@@ -229,13 +231,14 @@ class PromptedVisual(nn.Module):
 
 
 class PromptedClassifier(nn.Module):
-    """PromptedVisual -> L2-normalise -> bias-free ``Linear(D, C)``.
+    """PromptedVisual -> bias-free ``Linear(D, C)`` initialised to ``W``, as the official code.
 
-    The head starts as ``logit_scale * W`` (W: C×D unit-norm class embeddings), so its logits are
-    CLIP's zero-shot logits and the initial softmax equals zero-shot probabilities (with 0
-    prompts). The official code applies W to unnormalised features: same argmax, but the
-    confidences would depend on feature norms. Trainable: prompts, every LayerNorm of the vision
-    tower, the head. The tower is copied so tuning never alters the caller's CLIP.
+    ``W`` (C×D) holds the unit-norm class description embeddings; the head acts on the visual
+    output as it is (no L2 normalisation, no logit scale), exactly NoLA's ``cde_adapter``. So
+    the initial argmax is zero-shot CLIP's, while the softmax is at the temperature set by the
+    feature norm, and Adam's steps are of the size the official run took. Trainable: prompts,
+    every LayerNorm of the vision tower, the head. The tower is copied so tuning never alters
+    the caller's CLIP.
     """
 
     def __init__(
@@ -243,7 +246,6 @@ class PromptedClassifier(nn.Module):
         visual: nn.Module,
         class_weights,
         n_prompts: int = 16,
-        logit_scale: float = 100.0,
         seed: int = 0,
         copy_visual: bool = True,
     ):
@@ -263,11 +265,10 @@ class PromptedClassifier(nn.Module):
         self.visual = PromptedVisual(tower, n_prompts=n_prompts, seed=seed)
         self.head = nn.Linear(W.shape[1], W.shape[0], bias=False)
         with torch.no_grad():
-            self.head.weight.copy_(float(logit_scale) * W)
+            self.head.weight.copy_(W)
         self.head.to(tower.class_embedding.device)
         self.num_classes, self.embed_dim = int(W.shape[0]), int(W.shape[1])
         self.n_prompts = self.visual.n_prompts
-        self.logit_scale = float(logit_scale)
         for p in self.parameters():
             p.requires_grad_(False)
         names = ["visual.prompts"] if self.n_prompts else []
@@ -282,10 +283,8 @@ class PromptedClassifier(nn.Module):
 
     @classmethod
     def from_clip(cls, clip: LoadedModel, class_weights, n_prompts: int = 16, seed: int = 0):
-        """Build on ``clip``'s vision tower with the head scaled by CLIP's logit scale (max 100)."""
-        scale = getattr(clip.model, "logit_scale", None)
-        s = 100.0 if scale is None else min(100.0, float(torch.as_tensor(scale).detach().exp()))
-        return cls(clip.model.visual, class_weights, n_prompts=n_prompts, logit_scale=s, seed=seed)
+        """Build on ``clip``'s vision tower with the head set to ``class_weights``."""
+        return cls(clip.model.visual, class_weights, n_prompts=n_prompts, seed=seed)
 
     @property
     def trainable_names(self) -> tuple[str, ...]:
@@ -299,10 +298,11 @@ class PromptedClassifier(nn.Module):
         return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.visual(x), dim=-1)
+        """The prompted image embedding the head reads (unnormalised, as CLIP's encode_image)."""
+        return self.visual(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.head(self.visual(x))
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Detached CPU copies of exactly the trained parameters (a few hundred KB for ViT-B)."""
@@ -480,6 +480,12 @@ def _fingerprint(paths: Sequence[str], labels: Optional[np.ndarray]) -> str:
     return h.hexdigest()[:16]
 
 
+def make_optimizer(model: PromptedClassifier, config: TuneConfig) -> torch.optim.AdamW:
+    """The official optimiser: AdamW on the trainable parameters, constant lr (the official
+    MultiStepLR has no milestones), weight decay on all but biases."""
+    return torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
+
+
 def _param_groups(model: PromptedClassifier, weight_decay: float) -> list[dict]:
     params = dict(model.named_parameters())
     decay = [params[n] for n in model.trainable_names if not n.endswith("bias")]
@@ -614,6 +620,7 @@ def tune(
         "classes": classes,
         "model": identity.get("key"),
         "teacher": "online" if teacher_fn is not None else "cached",
+        "head": HEAD_FORMULATION,
         "data": _fingerprint(train_paths, train_labels) + "-" +
                 _fingerprint([filepaths[i] for i in holdout], None if labels is None else labels[holdout]),
     }
@@ -625,7 +632,7 @@ def tune(
         where = f"checkpoint {ckpt_path}"
         _check_identity({"key": ckpt["fingerprint"]["model"]}, identity, where)
         _check_classes(ckpt["fingerprint"]["classes"], classes, where)
-        for k in ("config", "teacher", "data"):
+        for k in ("config", "teacher", "head", "data"):
             if ckpt["fingerprint"].get(k) != fingerprint[k]:
                 raise IndexMismatchError(
                     f"{where} was made with different {k} ({ckpt['fingerprint'].get(k)} vs "
@@ -684,8 +691,7 @@ def _train(clip, W, classes, config, device, amp, pin, workers, train, train_pat
     # As DDP at construction: every rank starts from rank 0's weights, frozen ones included.
     dt.broadcast_module(ctx, model)
     params = [dict(model.named_parameters())[n] for n in model.trainable_names]
-    opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
-                            betas=config.betas)  # constant lr: the official scheduler never steps it
+    opt = make_optimizer(model, config)
     scaler = dev.grad_scaler(device, amp)
     gen = torch.Generator().manual_seed(config.seed)
 
@@ -925,6 +931,7 @@ def save_tuned(path_dir, model: PromptedClassifier, classes: Sequence[str], clip
         torch.save(state, tmp)
     meta = {
         "kind": "nola-prompt-tuned",
+        "head": HEAD_FORMULATION,
         "model_id": model_id,
         "classes": classes,
         "clip_identity": dict(clip_identity),
@@ -960,6 +967,12 @@ def load_tuned(path_dir, clip: LoadedModel, classes: Optional[Sequence[str]] = N
         raise InvalidInputError(f"no tuned model in {path_dir} (expected {TUNED_NAME} and {META_NAME})")
     meta = read_json(path_dir / META_NAME)
     where = f"tuned model in {path_dir}"
+    if meta.get("head") != HEAD_FORMULATION:
+        raise IndexMismatchError(
+            f"The {where} was trained by fiftyone-nola 0.1 with a scaled head on normalised "
+            f"features, not the official head this version uses: its logits would be wrong. "
+            f"Re-run prompt tuning (tune) to replace it."
+        )
     _check_identity(meta["clip_identity"], clip.identity, where)
     if classes is not None:
         _check_classes(meta["classes"], [str(c) for c in classes], where)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 
 import numpy as np
 import pytest
@@ -111,15 +112,17 @@ def test_trainable_parameters_are_prompts_layernorms_and_head(tiny_clip, W):
     assert m.visual.tower is not tiny_clip.model.visual
 
 
-def test_head_init_gives_zero_shot_logits(tiny_clip, batch, W):
+def test_head_init_is_the_official_cde_adapter(tiny_clip, batch, W):
+    """Logits start as ``W @ f`` on the raw image embedding (official ``cde_adapter``): the
+    zero-shot argmax, at the temperature of the feature norm rather than CLIP's 100."""
     m = pt.PromptedClassifier.from_clip(tiny_clip, W, n_prompts=0).eval()
     with torch.no_grad():
         logits = m(batch)
         f = tiny_clip.model.encode_image(batch)
-        f = f / f.norm(dim=-1, keepdim=True)
-        zs = tiny_clip.model.logit_scale.exp() * f @ torch.from_numpy(W).T
+        zs = 100.0 * (f / f.norm(dim=-1, keepdim=True)) @ torch.from_numpy(W).T
+    torch.testing.assert_close(logits, f @ torch.from_numpy(W).T, rtol=1e-5, atol=1e-5)
     assert torch.equal(logits.argmax(1), zs.argmax(1))
-    torch.testing.assert_close(logits, zs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.head.weight.detach(), torch.from_numpy(W))
 
 
 def test_transforms(tiny_clip, cifar):
@@ -365,3 +368,17 @@ def test_weight_decay_spares_biases(tiny_clip, W):
     assert all(not names[id(p)].endswith("bias") for p in groups[0]["params"])
     assert all(names[id(p)].endswith("bias") for p in groups[1]["params"])
     assert groups[1]["weight_decay"] == 0.0 and groups[0]["weight_decay"] == 0.01
+
+
+def test_a_model_tuned_with_the_old_head_is_refused(tiny_clip, W, tmp_path):
+    """0.1 saved ``logit_scale * W`` heads for normalised features: loading one now would give
+    wrong logits, so it is refused with what to do."""
+    m = pt.PromptedClassifier.from_clip(tiny_clip, W, n_prompts=2)
+    classes = [f"c{i}" for i in range(W.shape[0])]
+    pt.save_tuned(tmp_path, m, classes, tiny_clip.identity)
+    assert pt.load_tuned(tmp_path, tiny_clip, classes).num_classes == W.shape[0]
+    meta = json.loads((tmp_path / pt.META_NAME).read_text())
+    del meta["head"]
+    (tmp_path / pt.META_NAME).write_text(json.dumps(meta))
+    with pytest.raises(IndexMismatchError, match="Re-run prompt tuning"):
+        pt.load_tuned(tmp_path, tiny_clip, classes)

@@ -19,6 +19,11 @@ No official code is part of this repository. Cases and their sources:
 * ``label_smoothing_ce``        utils/utils.py ``LabelSmoothingCrossEntropy`` (epsilon 0.1)
 * ``incorporate_prompt``        trainers/NoLA.py ``NoLAUFT.incorporate_prompt`` and the prompt
                                 init bound of ``NoLAUFT.__init__`` (stage 3 reference values)
+
+``tests/golden/nola_head_reference.json`` (same commit; its ``source`` field says how it was
+made): three optimiser steps of the official stage 3 on a tiny OpenAI-format CLIP whose visual
+weights follow a stated numpy rule: NoLA's ``clip/model.py`` as is, ``NoLAUFT``'s prompt
+methods, ``NoLA.setup_optim`` and ``LabelSmoothingCrossEntropy``, pulled out with ``ast``.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
+from fiftyone_nola import distributed_training as dt
+from fiftyone_nola import prompt_tuning as pt
 from fiftyone_nola.dino_labeler import (
     DinoLabelerConfig,
     select_confident,
@@ -103,18 +109,116 @@ def test_dino_labeller_training_matches_train_taal():
     assert trained.argmax(1).tolist() == np.array(case["probe_logits_trained"]).argmax(1).tolist()
 
 
-def test_label_smoothing_equals_torch_builtin():
-    """Stage 3 reference: the official loss is torch's cross_entropy with label_smoothing=0.1."""
+class _FixedLogits(torch.nn.Module):
+    """A 'model' whose logits are its parameter: the loss of a training step is exposed exactly."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.as_tensor(logits, dtype=torch.float32))
+
+    def forward(self, x):
+        return self.logits[x]
+
+
+def test_training_step_loss_is_the_official_label_smoothing_ce():
+    """Stage 3: the loss our training step optimises is the official LabelSmoothingCrossEntropy."""
     case = CASES["label_smoothing_ce"]
-    loss = F.cross_entropy(torch.tensor(case["logits"], dtype=torch.float64), torch.tensor(case["targets"]),
-                           label_smoothing=case["epsilon"])
-    assert loss.item() == pytest.approx(case["loss"], abs=1e-9)
+    model = _FixedLogits(case["logits"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    cfg = pt.TuneConfig(epochs=1, label_smoothing=case["epsilon"])
+    n = len(case["targets"])
+    loss_sum, count = pt._step(model, list(model.parameters()), opt, None, torch.arange(n),
+                               torch.tensor(case["targets"]), cfg, torch.device("cpu"), None,
+                               dt.DistContext())
+    assert count == n
+    assert loss_sum / n == pytest.approx(case["loss"], abs=1e-6)
 
 
-def test_prompt_insertion_layout():
-    """Stage 3 reference: prompts go right after the CLS token, before the patch tokens."""
+def test_prompts_enter_after_cls_through_prompted_visual(tiny_clip):
+    """Stage 3: PromptedVisual.forward puts the prompts where NoLAUFT.incorporate_prompt does."""
     case = CASES["incorporate_prompt"]
     tokens, prompts = torch.tensor(case["tokens"]), torch.tensor(case["prompts"])
-    out = torch.cat([tokens[:, :1], prompts.expand(tokens.shape[0], -1, -1), tokens[:, 1:]], dim=1)
-    np.testing.assert_allclose(out.numpy(), np.array(case["output"]), atol=1e-12)
+    pv = pt.PromptedVisual(tiny_clip.model.visual, n_prompts=prompts.shape[1])
+    pv.prompts = torch.nn.Parameter(prompts.to(torch.float32))  # the golden case's width
+    seen = {}
+
+    def blocks(x):
+        seen["x"] = x.clone()
+        return x
+
+    pv._embed = lambda x: tokens.to(torch.float32)
+    pv._blocks = blocks
+    pv._pool = lambda x: x[:, 0]
+    pv.tower.proj = None
+    with torch.no_grad():
+        pv(torch.zeros(tokens.shape[0], 3, 32, 32))
+    np.testing.assert_allclose(seen["x"].numpy(), np.array(case["output"]), atol=1e-6)
     assert case["init_bound_vitb"] == pytest.approx(math.sqrt(6.0 / (3 * 16 * 16 + 768)))
+
+
+HEAD = json.loads((Path(__file__).parent / "golden" / "nola_head_reference.json").read_text())
+
+
+def _visual_weights(visual, seed: int) -> dict:
+    """The rule the golden file states (``visual_weights_rule``), over OpenAI's key names."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k in sorted(visual.state_dict()):
+        z = rng.standard_normal(tuple(visual.state_dict()[k].shape)).astype(np.float32)
+        if "ln" in k and k.endswith("weight"):
+            v = 1 + 0.1 * z
+        elif k.endswith("bias"):
+            v = 0.02 * z
+        elif k == "proj":
+            v = 0.1 * z
+        else:
+            v = 0.05 * z
+        out[k] = torch.from_numpy(v.astype(np.float32))
+    return out
+
+
+def test_prompt_tuning_steps_match_the_official_head_loss_and_optimiser():
+    """Three optimiser steps of ours vs the official NoLAUFT + setup_optim + loss, same start.
+
+    Pins the head formulation (``W`` on the raw visual output, not ``logit_scale * W`` on unit
+    rows), the trainable set and its weight-decay groups, the loss and the prompt position.
+    """
+    import open_clip
+
+    g = HEAD
+    assert g["commit"].startswith("ffd99acda629")
+    c = g["clip"]
+    clip = open_clip.CLIP(
+        embed_dim=c["embed_dim"], quick_gelu=True,
+        vision_cfg=dict(image_size=c["image_resolution"], layers=c["vision_layers"], width=c["vision_width"],
+                        patch_size=c["vision_patch_size"], head_width=c["vision_width"] // c["vision_heads"]),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=1, layers=1),
+    )
+    clip.visual.load_state_dict(_visual_weights(clip.visual, g["visual_weights_seed"]), strict=True)
+    model = pt.PromptedClassifier(clip.visual, np.array(g["W"], np.float32), n_prompts=g["n_prompts"])
+    with torch.no_grad():
+        model.visual.prompts.copy_(torch.tensor(g["prompts_init"]))
+    cfg = pt.TuneConfig(epochs=1, lr=g["lr"])
+    opt = pt.make_optimizer(model, cfg)
+    assert [{"weight_decay": grp["weight_decay"], "n": len(grp["params"])} for grp in opt.param_groups] \
+        == g["optimizer_groups"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    probe = torch.tensor(g["probe"])
+    tower = model.visual.tower
+    for i, want in enumerate(g["steps"]):
+        if i:
+            model.train()
+            x, y = torch.tensor(g["batches"][i - 1]), torch.tensor(g["labels"][i - 1])
+            loss_sum, n = pt._step(model, params, opt, None, x, y, cfg, torch.device("cpu"), None,
+                                   dt.DistContext())
+            assert loss_sum / n == pytest.approx(want["loss"], abs=1e-5), f"loss at step {i}"
+        model.eval()
+        with torch.no_grad():
+            logits = model(probe)
+        np.testing.assert_allclose(logits.numpy(), want["probe_logits"], atol=2e-5, rtol=1e-5,
+                                   err_msg=f"probe logits after step {i}")
+        np.testing.assert_allclose(model.head.weight.detach().numpy(), want["head"], atol=1e-6)
+        np.testing.assert_allclose(model.visual.prompts.detach().numpy(), want["prompts"], atol=1e-6)
+        np.testing.assert_allclose(tower.ln_post.weight.detach().numpy(), want["ln_post_weight"], atol=1e-6)
+        np.testing.assert_allclose(tower.transformer.resblocks[0].ln_1.bias.detach().numpy(),
+                                   want["ln_1_bias_0"], atol=1e-6)
