@@ -141,6 +141,11 @@ class EmbedJob:
                 self.index.remove(stale)
             self.fingerprints = [file_fingerprint(p) for p in self.paths]
             known = self.index.fingerprints
+            if self.spec.family == "dino":
+                # The DINO labeller reads raw vectors (unit row x norm): rows stored without a
+                # norm (by an older version) are embedded again.
+                for sid in self.index.missing_norms():
+                    known.pop(sid, None)
             self.todo = [
                 j for j, (i, f) in enumerate(zip(self.ids, self.fingerprints)) if known.get(i) != f
             ]
@@ -236,12 +241,17 @@ def open_index(samples, spec) -> EmbeddingIndex:
     return EmbeddingIndex.open(path, expect={"model_key": spec_key(spec)})
 
 
-def load_embeddings(samples, spec, ids: Optional[Sequence[str]] = None) -> tuple[list[str], np.ndarray]:
-    """``(ids, N×D float32)`` for ``ids`` (default: the collection's); NaN rows where missing."""
+def load_embeddings(samples, spec, ids: Optional[Sequence[str]] = None,
+                    raw: bool = False) -> tuple[list[str], np.ndarray]:
+    """``(ids, N×D float32)`` for ``ids`` (default: the collection's); NaN rows where missing.
+
+    Rows are L2-normalised (what the FAISS store searches), or with ``raw=True`` the model's
+    output as it was stored (e.g. DINO's unnormalised CLS features, the official labeller input).
+    """
     if ids is None:
         ids, _ = fo_io.ids_and_paths(samples)
     index = open_index(samples, spec)
-    vecs, found = index.get(list(ids))
+    vecs, found = index.get_raw(list(ids)) if raw else index.get(list(ids))
     out = np.full((len(ids), index.dim), np.nan, dtype=np.float32)
     out[np.asarray(found, dtype=bool)] = vecs
     return list(ids), out

@@ -5,6 +5,9 @@ Layout of a store directory::
     meta.json                  identity + bookkeeping; written last, names the live generation
     vectors-<gen>.npy          float32 N×D, L2-normalised rows (position i <-> ids[i]); memory-
                                mapped copy-on-write when at least MMAP_MIN_BYTES
+    norms-<gen>.npy            float32 N, the L2 norm each row had before normalisation, so the
+                               raw vectors are recoverable (NaN: unknown, written by a version
+                               that did not store norms; absent in such stores)
     ids-<gen>.json             N sample ids
     fingerprints-<gen>.json    {sample id: fingerprint} for ids that have one
     faiss-<gen>.index          trained ivf/hnsw/ivfpq structure (absent for flat: rebuilt from
@@ -73,7 +76,7 @@ _BLOCK_ROWS = 65_536  # rows per block when scanning or adding vectors
 EXACT_SUBSET_MAX = 50_000
 
 _CHUNK_RE = re.compile(r"^(\d+)\.npz$")
-_GEN_FILE_RE = re.compile(r"^(vectors|ids|fingerprints|faiss)-(\d+)\.(npy|json|index)$")
+_GEN_FILE_RE = re.compile(r"^(vectors|ids|fingerprints|faiss|norms)-(\d+)\.(npy|json|index)$")
 # Keys the store owns; user meta may not override them.
 _RESERVED = (
     "format_version", "dim", "metric", "index_type", "normalized", "count", "created", "updated",
@@ -258,6 +261,8 @@ class EmbeddingIndex:
         self._meta = dict(meta)
         self._dim = int(meta["dim"])
         self._vecs = np.empty((0, self._dim), dtype=np.float32)
+        # Pre-normalisation L2 norm of each row (NaN: unknown); raw vector = row * norm.
+        self._norms = np.empty(0, dtype=np.float32)
         self._n = 0
         self._ids: list[str] = []
         self._pos: dict[str, int] = {}
@@ -482,6 +487,7 @@ class EmbeddingIndex:
                 )
             if not _all_finite(vecs, vp):
                 raise IndexMismatchError(f"{vp} contains NaN/inf; rebuild the index.")
+            self._norms = self._read_norms(path, files.get("norms"), len(ids))
             self._vecs = vecs
             self._n = len(ids)
             self._ids = ids
@@ -497,6 +503,29 @@ class EmbeddingIndex:
             )
         self._replay_chunks()
         return self
+
+    @staticmethod
+    def _read_norms(path: Path, name: Optional[str], n: int) -> np.ndarray:
+        """The stored row norms; all NaN (unknown) for a store written before norms existed."""
+        if not name:
+            return np.full(n, np.nan, dtype=np.float32)
+        np_path = path / name
+        try:
+            with open(np_path, "rb") as f:
+                norms = np.load(f, allow_pickle=False)
+        except FileNotFoundError:
+            raise
+        except (ValueError, OSError, EOFError) as e:
+            raise IndexMismatchError(
+                f"{np_path} is unreadable or truncated ({e}); rebuild the index with overwrite=True."
+            ) from e
+        if norms.shape != (n,) or norms.dtype != np.float32 or bool(np.any(norms < 0)) \
+                or bool(np.isinf(norms).any()):
+            raise IndexMismatchError(
+                f"{np_path} holds {norms.dtype} {norms.shape} but float32 ({n},) non-negative norms "
+                "are expected; rebuild the index with overwrite=True."
+            )
+        return np.array(norms, dtype=np.float32, copy=True)
 
     def _load_faiss(self, fpath: Path) -> None:
         # The faiss file is derived data: if unusable, rebuild it at the first search.
@@ -553,8 +582,14 @@ class EmbeddingIndex:
                     f"Checkpoint {p} holds vectors {vecs.shape}, expected ({len(ids)}, "
                     f"{self._dim}); delete it or rebuild the index with overwrite=True."
                 )
+            norms = data.get("norms")  # absent in checkpoints of versions without norms
+            if norms is not None and norms.shape != (len(ids),):
+                raise IndexMismatchError(
+                    f"Checkpoint {p} holds norms {norms.shape}, expected ({len(ids)},); delete it "
+                    "or rebuild the index with overwrite=True."
+                )
             self._remove(removed)
-            self._add(ids, vecs, [fp_map.get(i) for i in ids])
+            self._add(ids, vecs, [fp_map.get(i) for i in ids], norms)
             last = max(last, seq)
         # Replayed data is already on disk: nothing to checkpoint, but a save would compact it.
         self._dirty.clear()
@@ -587,6 +622,14 @@ class EmbeddingIndex:
         """Read-only view of all vectors (rows follow :attr:`ids`); valid until the next change."""
         v = self._vecs[: self._n]
         v = v.view()
+        v.flags.writeable = False
+        return v
+
+    @property
+    def norms(self) -> np.ndarray:
+        """Read-only view of each row's L2 norm before normalisation (NaN: unknown, stored by a
+        version without norms); ``vectors * norms[:, None]`` are the raw vectors."""
+        v = self._norms[: self._n].view()
         v.flags.writeable = False
         return v
 
@@ -641,7 +684,10 @@ class EmbeddingIndex:
         vectors: np.ndarray,
         fingerprints: Optional[Sequence[Optional[str]]] = None,
     ) -> None:
-        """Upsert: rows are L2-normalised to float32; existing ids are replaced (last one wins)."""
+        """Upsert: rows are L2-normalised to float32; existing ids are replaced (last one wins).
+
+        Each row's norm is kept beside it, so :meth:`get_raw` returns the vectors as given.
+        """
         ids = [str(i) for i in ids]
         vectors = np.asarray(vectors)
         if vectors.ndim == 1 and len(ids) == 1:
@@ -660,22 +706,29 @@ class EmbeddingIndex:
             raise InvalidInputError("add() got NaN/inf vectors; drop failed embeddings first")
         if fingerprints is not None and len(fingerprints) != len(ids):
             raise InvalidInputError("fingerprints must have one entry per id")
-        self._add(ids, normalize_rows(vectors), fingerprints)
+        norms = np.linalg.norm(np.asarray(vectors, dtype=np.float64), axis=1).astype(np.float32)
+        self._add(ids, normalize_rows(vectors), fingerprints, norms)
 
-    def _add(self, ids: list[str], vecs: np.ndarray, fps) -> None:
+    def _add(self, ids: list[str], vecs: np.ndarray, fps, norms: Optional[np.ndarray] = None) -> None:
         if not ids:
             return
+        if norms is None:
+            norms = np.full(len(ids), np.nan, dtype=np.float32)
+        norms = np.asarray(norms, dtype=np.float32)
         # Last occurrence of a repeated id wins, as sequential upserts would.
         last = {s: j for j, s in enumerate(ids)}
         if len(last) != len(ids):
             keep = sorted(last.values())
             ids = [ids[j] for j in keep]
             vecs = vecs[keep]
+            norms = norms[keep]
             fps = [fps[j] for j in keep] if fps is not None else None
         new = [j for j, s in enumerate(ids) if s not in self._pos]
         old = [j for j, s in enumerate(ids) if s in self._pos]
         if old:
-            self._vecs[[self._pos[ids[j]] for j in old]] = vecs[old]
+            rows = [self._pos[ids[j]] for j in old]
+            self._vecs[rows] = vecs[old]
+            self._norms[rows] = norms[old]
         if new:
             need = self._n + len(new)
             if need > self._vecs.shape[0]:
@@ -683,7 +736,12 @@ class EmbeddingIndex:
                 buf = np.empty((cap, self._dim), dtype=np.float32)
                 buf[: self._n] = self._vecs[: self._n]
                 self._vecs = buf
+            if need > self._norms.shape[0]:
+                nbuf = np.empty(self._vecs.shape[0], dtype=np.float32)
+                nbuf[: self._n] = self._norms[: self._n]
+                self._norms = nbuf
             self._vecs[self._n : need] = vecs[new]
+            self._norms[self._n : need] = norms[new]
             for j in new:
                 self._pos[ids[j]] = len(self._ids)
                 self._ids.append(ids[j])
@@ -709,6 +767,8 @@ class EmbeddingIndex:
         keep[[self._pos[s] for s in rm]] = False
         kept = self._vecs[: self._n][keep]
         self._vecs[: len(kept)] = kept
+        kept_norms = self._norms[: self._n][keep]
+        self._norms[: len(kept_norms)] = kept_norms
         self._ids = [s for s in self._ids if s not in rm]
         self._pos = {s: i for i, s in enumerate(self._ids)}
         self._n = len(self._ids)
@@ -738,6 +798,33 @@ class EmbeddingIndex:
         found = np.array([i in self._pos for i in ids], dtype=bool)
         rows = [self._pos[i] for i, f in zip(ids, found) if f]
         return self._vecs[rows].copy() if rows else np.empty((0, self._dim), np.float32), found
+
+    def get_raw(self, ids: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`get`, but the vectors as they were added (unit row × stored norm).
+
+        Raises :class:`IndexMismatchError` if a requested row has no stored norm (added by a
+        version that kept only unit vectors): re-embed those samples.
+        """
+        ids = [str(i) for i in ids]
+        found = np.array([i in self._pos for i in ids], dtype=bool)
+        rows = [self._pos[i] for i, f in zip(ids, found) if f]
+        if not rows:
+            return np.empty((0, self._dim), np.float32), found
+        norms = self._norms[rows]
+        unknown = int(np.isnan(norms).sum())
+        if unknown:
+            raise IndexMismatchError(
+                f"The embedding index at {self.path} holds only unit-length vectors for {unknown} of "
+                f"these {len(rows)} samples (stored by a version of fiftyone_nola that did not keep "
+                "vector norms), so their raw vectors cannot be recovered. Re-embed them: run "
+                "compute_embeddings again (it re-embeds such samples) or with overwrite=True."
+            )
+        return self._vecs[rows] * norms[:, None], found
+
+    def missing_norms(self) -> list[str]:
+        """Ids whose pre-normalisation norm is unknown (stored by a version without norms)."""
+        bad = np.flatnonzero(np.isnan(self._norms[: self._n]))
+        return [self._ids[j] for j in bad]
 
     def positions(self, ids: Iterable[str]) -> np.ndarray:
         """Storage positions of ids (-1 where missing)."""
@@ -912,6 +999,7 @@ class EmbeddingIndex:
         arrays = dict(
             ids=np.array(upserts, dtype=str),
             vectors=self._vecs[rows] if rows else np.empty((0, self._dim), np.float32),
+            norms=self._norms[rows] if rows else np.empty(0, np.float32),
             removed=np.array(removed, dtype=str),
             fp_ids=np.array(fp_ids, dtype=str),
             fp_vals=np.array([self._fps[s] for s in fp_ids], dtype=str),
@@ -941,10 +1029,13 @@ class EmbeddingIndex:
             "vectors": f"vectors-{gen:06d}.npy",
             "ids": f"ids-{gen:06d}.json",
             "fingerprints": f"fingerprints-{gen:06d}.json",
+            "norms": f"norms-{gen:06d}.npy",
             "faiss": None,
         }
         with atomic_path(self.path / files["vectors"]) as tmp, open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(self._vecs[: self._n]), allow_pickle=False)
+        with atomic_path(self.path / files["norms"]) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(self._norms[: self._n]), allow_pickle=False)
         with atomic_path(self.path / files["ids"]) as tmp:
             tmp.write_text(json.dumps(self._ids))
         with atomic_path(self.path / files["fingerprints"]) as tmp:
