@@ -29,6 +29,9 @@ from .progress import ProgressFn, null_progress
 CHECKPOINT_FORMAT = "fiftyone_nola.dino_labeler"
 CHECKPOINT_VERSION = 1
 TOP_RANKS = 3  # fallback depth of the official selection: top-1, then top-2, then top-3
+# What the MLP trains on: "raw" DINO CLS features, as the official code (NoLA.select_top_k ->
+# dino_emb -> train_taal); "normalized": unit-length rows (this project's behaviour before).
+FEATURES = ("raw", "normalized")
 
 
 def topk_per_class(n_samples: int, n_classes: int) -> int:
@@ -118,6 +121,15 @@ def select_confident(probs: np.ndarray, k: int) -> Selection:
     return Selection(idx, lab, counts, ranks, warnings)
 
 
+def check_features_option(features: str) -> None:
+    """Raise unless ``features`` is one of :data:`FEATURES`."""
+    if features not in FEATURES:
+        raise InvalidInputError(
+            f"DINO labeller features must be one of {FEATURES} ('raw': the official unnormalised "
+            f"CLS features; 'normalized': unit-length rows), not {features!r}"
+        )
+
+
 @dataclass
 class DinoLabelerConfig:
     """Stage 2 settings; defaults are the official ones (hidden 256, Adam 1e-3, batch 32, 50 epochs)."""
@@ -129,6 +141,7 @@ class DinoLabelerConfig:
     seed: int = 0
     device: Optional[str] = None
     k: Optional[int] = None  # picks per class; None: topk_per_class(N, C)
+    features: str = "raw"  # "raw": unnormalised DINO features (official); "normalized": unit rows
 
 
 class DinoLabeler(nn.Module):
@@ -261,15 +274,23 @@ def dino_pseudo_labels(
 ) -> DinoLabelResult:
     """Stage 2 in one call: confident picks from ``zs_probs``, MLP on ``dino_features``, labels for all.
 
+    ``dino_features`` are used as given with ``config.features="raw"`` (official: the raw CLS
+    features), L2-normalised per row with ``"normalized"``.
+
     ``trusted`` maps sample index -> class (e.g. reviewer-corrected labels); they join the
     training set and take priority over the automatic pick of the same sample. Samples missing
     either a zero-shot score or DINO features are never picked; k counts only usable samples.
     """
     cfg = config or DinoLabelerConfig()
+    check_features_option(cfg.features)
     zs = np.asarray(zs_probs, dtype=np.float32)
     feats = np.asarray(dino_features, dtype=np.float32)
     if zs.ndim != 2 or feats.ndim != 2:
         raise InvalidInputError(f"expected N x C probs and N x F features, got {zs.shape} and {feats.shape}")
+    if cfg.features == "normalized":
+        norms = np.linalg.norm(feats, axis=1, keepdims=True)
+        feats = np.divide(feats, norms, out=np.zeros_like(feats), where=norms > 0)
+        feats[~np.isfinite(norms[:, 0])] = np.nan
     if len(zs) != len(feats):
         raise InvalidInputError(f"{len(zs)} zero-shot rows but {len(feats)} DINO feature rows: they must align")
     n, c = zs.shape

@@ -141,9 +141,11 @@ def dino_labels(
     config = config or dl.DinoLabelerConfig()
     d_zs = stage_dir(samples, zeroshot_field)
     classes = stage_meta(d_zs, "zero-shot")["classes"]
+    dl.check_features_option(config.features)
     ids, _ = fo_io.ids_and_paths(samples)
     zs_probs = aligned(d_zs, "probs", ids)
-    ids, feats = load_embeddings(samples, dino, ids)
+    # The official labeller trains on raw DINO features; the store keeps unit rows plus norms.
+    ids, feats = load_embeddings(samples, dino, ids, raw=config.features == "raw")
     ok = check_coverage(ids, feats, "dino", log) & np.all(np.isfinite(zs_probs), axis=1)
     trusted = None
     if trusted_field:
@@ -158,7 +160,8 @@ def dino_labels(
     probs[ok] = res.probs
     with stage_writer(samples, label_field, log) as d:
         written = fo_io.write_classifications(samples, ids, classes, probs, label_field)
-        dl.save_labeler(d / "labeler", res.model, classes, {"dino_key": spec_key(dino)})
+        dl.save_labeler(d / "labeler", res.model, classes, {"dino_key": spec_key(dino),
+                                                             "features": config.features})
         teacher = np.full(len(ids), -1, dtype=np.int64)
         teacher[ok] = np.argmax(res.probs, axis=1)
         save_array_bundle(d, ids, {"probs": probs, "teacher": teacher},
