@@ -69,8 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classes the descriptions file lacks get CLIP template descriptions (else an error)")
     p.add_argument("--max-descriptions", type=int, default=None,
                    help="use at most N descriptions per class (default: all)")
+    p.add_argument("--templates", default="auto", metavar="SET|FILE",
+                   help="template set added to the descriptions: auto (the official code's choice: cifar10 "
+                        "for CIFAR-10's classes, else imagenet), a preset (cifar10, cifar100, imagenet, "
+                        "imagenet80, satellite, textures, flowers, pets, cars, sun397, ucf101, simple, none) "
+                        "or a file (JSON list or one template per line)")
     p.add_argument("--no-templates", action="store_true",
-                   help="class embeddings from descriptions only, without CLIP's 80 templates")
+                   help="class embeddings from descriptions only (same as --templates none)")
     p.add_argument("--use-llm", action="store_true", help="write descriptions with a local LLM (Ollama)")
     p.add_argument("--llm-model", default="llama3.2")
     p.add_argument("--ollama-host", default=None)
@@ -252,7 +257,7 @@ def cmd_auto_label(args) -> dict:
         embed=EmbedConfig(batch_size=args.batch_size, num_workers=args.workers),
         descriptions_file=args.descriptions, use_llm=args.use_llm, llm_model=args.llm_model,
         llm_host=args.ollama_host, tune=not args.no_tune, tune_epochs=args.epochs,
-        include_templates=not args.no_templates, max_descriptions_per_class=args.max_descriptions,
+        templates=args.templates, include_templates=not args.no_templates, max_descriptions_per_class=args.max_descriptions,
         tune_max_samples=(None if args.tune_max_samples == 0 else args.tune_max_samples),
         device=args.device, gt_field=gt, force=args.force,
         allow_template_fallback=args.allow_template_fallback,

@@ -30,6 +30,7 @@ from typing import Callable, Optional, Union
 from .classes import normalize_class_name, parse_classes
 from .errors import InvalidInputError
 from .storage import atomic_path, descriptions_cache_dir, write_json_atomic
+from .templates import CLIP_TEMPLATES, CLIP_TEMPLATES_7, SIMPLE_TEMPLATE  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -48,103 +49,6 @@ SYSTEM_PROMPT = (
     "Answer in one or two plain sentences, without lists, numbering, quotes or preamble."
 )
 
-# CLIP's 80 ImageNet prompt templates, in their original order: OpenAI CLIP repository,
-# notebooks/Prompt_Engineering_for_ImageNet.ipynb (also open_clip's OPENAI_IMAGENET_TEMPLATES).
-CLIP_TEMPLATES: tuple[str, ...] = (
-    "a bad photo of a {}.",
-    "a photo of many {}.",
-    "a sculpture of a {}.",
-    "a photo of the hard to see {}.",
-    "a low resolution photo of the {}.",
-    "a rendering of a {}.",
-    "graffiti of a {}.",
-    "a bad photo of the {}.",
-    "a cropped photo of the {}.",
-    "a tattoo of a {}.",
-    "the embroidered {}.",
-    "a photo of a hard to see {}.",
-    "a bright photo of a {}.",
-    "a photo of a clean {}.",
-    "a photo of a dirty {}.",
-    "a dark photo of the {}.",
-    "a drawing of a {}.",
-    "a photo of my {}.",
-    "the plastic {}.",
-    "a photo of the cool {}.",
-    "a close-up photo of a {}.",
-    "a black and white photo of the {}.",
-    "a painting of the {}.",
-    "a painting of a {}.",
-    "a pixelated photo of the {}.",
-    "a sculpture of the {}.",
-    "a bright photo of the {}.",
-    "a cropped photo of a {}.",
-    "a plastic {}.",
-    "a photo of the dirty {}.",
-    "a jpeg corrupted photo of a {}.",
-    "a blurry photo of the {}.",
-    "a photo of the {}.",
-    "a good photo of the {}.",
-    "a rendering of the {}.",
-    "a {} in a video game.",
-    "a photo of one {}.",
-    "a doodle of a {}.",
-    "a close-up photo of the {}.",
-    "a photo of a {}.",
-    "the origami {}.",
-    "the {} in a video game.",
-    "a sketch of a {}.",
-    "a doodle of the {}.",
-    "a origami {}.",
-    "a low resolution photo of a {}.",
-    "the toy {}.",
-    "a rendition of the {}.",
-    "a photo of the clean {}.",
-    "a photo of a large {}.",
-    "a rendition of a {}.",
-    "a photo of a nice {}.",
-    "a photo of a weird {}.",
-    "a blurry photo of a {}.",
-    "a cartoon {}.",
-    "art of a {}.",
-    "a sketch of the {}.",
-    "a embroidered {}.",
-    "a pixelated photo of a {}.",
-    "itap of the {}.",
-    "a jpeg corrupted photo of the {}.",
-    "a good photo of a {}.",
-    "a plushie {}.",
-    "a photo of the nice {}.",
-    "a photo of the small {}.",
-    "a photo of the weird {}.",
-    "the cartoon {}.",
-    "art of the {}.",
-    "a drawing of the {}.",
-    "a photo of the large {}.",
-    "a black and white photo of a {}.",
-    "the plushie {}.",
-    "a dark photo of a {}.",
-    "itap of a {}.",
-    "graffiti of the {}.",
-    "a toy {}.",
-    "itap of my {}.",
-    "a photo of a cool {}.",
-    "a photo of a small {}.",
-    "a tattoo of the {}.",
-)
-
-# The 7-template subset CLIP's authors selected for their ImageNet ensemble (same notebook).
-CLIP_TEMPLATES_7: tuple[str, ...] = (
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-)
-
-SIMPLE_TEMPLATE = "a photo of a {}."
 
 MAX_DESCRIPTIONS_BYTES = 50 * 1024 * 1024
 MAX_CLASS_FILE_BYTES = 10 * 1024 * 1024
@@ -226,16 +130,16 @@ class DescriptionSet:
         include_templates: bool = True,
         max_descriptions: Optional[int] = None,
     ) -> list[str]:
-        """Descriptions (the first ``max_descriptions`` if set) plus filled templates, each text
-        once: what the CDE averages over.
+        """Descriptions (the first ``max_descriptions`` if set) plus filled templates: what the
+        CDE averages over. A text listed twice counts twice, as in the official code's average.
 
-        Templates are always added when a class has no descriptions, so no class is left empty.
+        A class whose descriptions are template stand-ins (source ``"templates"``) gets exactly
+        ``templates``; templates are always added when a class has no descriptions.
         """
         key = self.key_for(class_name)
-        texts = list(self.descriptions[key])[:max_descriptions]
+        texts = [] if self.source.get(key) == "templates" else list(self.descriptions[key])[:max_descriptions]
         if include_templates or not texts:
             texts += fill_templates(key, templates)
-        texts = list(dict.fromkeys(texts))
         if not texts:
             raise InvalidInputError(f"Class {class_name!r} has no descriptions and no templates were given")
         return texts

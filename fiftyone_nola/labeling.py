@@ -25,6 +25,7 @@ from .embeddings import check_coverage, load_embeddings
 from .errors import IndexMismatchError, InvalidInputError, NolaError
 from .models import ClipSpec, DinoSpec, load_clip, spec_key
 from .progress import ProgressFn, null_progress
+from .templates import resolve_templates
 from .text_cache import class_weights_from_texts
 
 Log = Callable[[str], None]
@@ -42,6 +43,9 @@ class ZeroShotConfig:
     use_llm: bool = False
     llm_model: str = "llama3.2"
     llm_host: Optional[str] = None
+    # Template set added to every class's descriptions: a preset name (see templates.presets()),
+    # "auto" (the official code's choice for the closest case), or a file of templates.
+    templates: str = "auto"
     include_templates: bool = True
     max_descriptions_per_class: Optional[int] = None  # None: all (NoLA used 25-50)
     logit_scale: float = 100.0
@@ -59,7 +63,7 @@ def class_descriptions(classes: Sequence[str], config: ZeroShotConfig, log: Log 
         return dsc.generate_descriptions(
             classes, dsc.DescribeConfig(model=config.llm_model, host=config.llm_host)
         )
-    log("[zeroshot] no descriptions file and LLM off: using CLIP's template ensemble")
+    log("[zeroshot] no descriptions file and LLM off: class texts are the templates alone")
     return dsc.template_descriptions(classes)
 
 
@@ -82,7 +86,9 @@ def zero_shot(
     ids, emb = load_embeddings(samples, config.clip, ids)
     ok = check_coverage(ids, emb, "clip", log)
     desc = descriptions if descriptions is not None else class_descriptions(classes, config, log)
-    texts = {c: desc.texts_for(c, include_templates=config.include_templates,
+    template_set, templates = resolve_templates(config.templates, classes)
+    log(f"[zeroshot] templates: {template_set} ({len(templates)} per class)")
+    texts = {c: desc.texts_for(c, templates=templates, include_templates=config.include_templates,
                                max_descriptions=config.max_descriptions_per_class) for c in classes}
     W, tinfo = class_weights_from_texts(config.clip, texts, classes, resolve_device(config.device))
     clip_identity = {"key": spec_key(config.clip), "random_init": bool(config.clip.random_init
@@ -92,12 +98,12 @@ def zero_shot(
     with stage_writer(samples, label_field, log) as d:
         written = fo_io.write_classifications(samples, ids, classes, probs, label_field, config.store_logits)
         meta = {"classes": list(classes), "clip": clip_identity, "field": label_field,
-                "descriptions_source": getattr(desc, "source", {}), "n_texts": {c: len(t) for c, t in texts.items()}}
+                "descriptions_source": getattr(desc, "source", {}), "templates": template_set, "n_texts": {c: len(t) for c, t in texts.items()}}
         save_array_bundle(d, ids, {"probs": probs}, meta, shared={"class_weights": W.astype(np.float32)})
         summary = {"stage": "zeroshot", "field": label_field, "samples": len(ids), "labelled": written,
                    "skipped": len(ids) - written, "classes": len(classes),
                    "seconds": time.perf_counter() - t0, "random_init": clip_identity["random_init"],
-                   "texts_encoded": tinfo["encoded"], "texts_cached": tinfo["cached"],
+                   "templates": template_set, "texts_encoded": tinfo["encoded"], "texts_cached": tinfo["cached"],
                    "warnings": list(getattr(desc, "warnings", []))}
         runs.record_run(samples, runs.run_key_for(label_field), "zeroshot", config, summary)
     log(f"[zeroshot] {written} samples -> field '{label_field}' in {summary['seconds']:.2f}s")

@@ -61,7 +61,8 @@ class AutoLabelConfig:
     use_llm: bool = False
     llm_model: str = "llama3.2"
     llm_host: Optional[str] = None
-    include_templates: bool = True  # CDE averages descriptions and CLIP's 80 templates (NoLA)
+    templates: str = "auto"  # template set added to descriptions (templates.py; official per dataset)
+    include_templates: bool = True
     max_descriptions_per_class: Optional[int] = None
     tune: bool = True
     tune_epochs: Optional[int] = None  # None: fit the hardware (paper's 50 on GPU, few on CPU)
@@ -186,7 +187,7 @@ def _zs_config(config: AutoLabelConfig) -> ZeroShotConfig:
     return ZeroShotConfig(clip=config.clip, descriptions_file=config.descriptions_file,
                           use_llm=config.use_llm, llm_model=config.llm_model,
                           llm_host=config.llm_host, device=config.device,
-                          include_templates=config.include_templates,
+                          templates=config.templates, include_templates=config.include_templates,
                           max_descriptions_per_class=config.max_descriptions_per_class)
 
 

@@ -91,6 +91,27 @@ def add_dino_inputs(inputs) -> None:
     inputs.str("dino_checkpoint", required=False, label="DINO weights file (optional)")
 
 
+def add_templates_input(inputs) -> None:
+    """The template set: a dropdown of presets (default: the official code's choice) or a file."""
+    from fiftyone_nola.templates import AUTO, DEFAULT_TEMPLATES, presets
+
+    choices = types.Choices()
+    choices.add_choice(AUTO, label="auto (official choice: cifar10 for CIFAR-10 classes, else imagenet)")
+    for name, tpl in sorted(presets().items()):
+        choices.add_choice(name, label=f"{name} ({len(tpl)} templates)")
+    inputs.enum("templates", choices.values(), default=DEFAULT_TEMPLATES, label="Prompt templates",
+                view=choices, description="added to each class's descriptions before averaging (NoLA)")
+    inputs.str("templates_file", required=False, label="Templates file (optional, overrides the preset)",
+               description="a JSON list or one template per line, each with {} for the class name")
+
+
+def templates_param(ctx) -> str:
+    from fiftyone_nola.templates import DEFAULT_TEMPLATES
+
+    p = ctx.params
+    return p.get("templates_file") or p.get("templates") or DEFAULT_TEMPLATES
+
+
 def add_random_init_input(inputs) -> None:
     inputs.bool("random_init", default=random_init_default(), label="Random initialisation",
                 description="smoke runs only: labels from random weights are meaningless")

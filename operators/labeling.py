@@ -27,6 +27,7 @@ class ZeroShot(foo.Operator):
                    description='LaFTer/NoLA format {"class": ["description", ...]}')
         inputs.bool("use_llm", default=False, label="Write descriptions with a local LLM (Ollama)")
         inputs.str("llm_model", default="llama3.2", label="Ollama model")
+        c.add_templates_input(inputs)
         c.add_clip_inputs(inputs)
         c.add_random_init_input(inputs)
         inputs.str("label_field", default="nola_zeroshot", label="Output field")
@@ -44,7 +45,7 @@ class ZeroShot(foo.Operator):
         lines: list = []
         cfg = labeling.ZeroShotConfig(clip=c.clip_spec(ctx), descriptions_file=p.get("descriptions_file") or None,
                                       use_llm=bool(p.get("use_llm")), llm_model=p.get("llm_model") or "llama3.2",
-                                      device=c.device_param(ctx))
+                                      templates=c.templates_param(ctx), device=c.device_param(ctx))
         s = labeling.zero_shot(c.target_samples(ctx), c.classes_param(ctx), cfg,
                                p.get("label_field") or "nola_zeroshot", log=c.log_fn(lines))
         return {"summary": c.markdown_summary("Zero-shot", s, lines), "result": c.jsonable(s)}

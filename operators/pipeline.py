@@ -16,7 +16,7 @@ def _config(ctx) -> AutoLabelConfig:
     return AutoLabelConfig(
         clip=c.clip_spec(ctx), dino=c.dino_spec(ctx),
         descriptions_file=p.get("descriptions_file") or None, use_llm=bool(p.get("use_llm")),
-        allow_template_fallback=bool(p.get("allow_template_fallback")),
+        allow_template_fallback=bool(p.get("allow_template_fallback")), templates=c.templates_param(ctx),
         tune=bool(p.get("tune", True)), tune_epochs=p.get("epochs"),
         device=c.device_param(ctx), gt_field=p.get("gt_field") or None,
     )
@@ -36,6 +36,7 @@ class AutoLabel(foo.Operator):
         inputs.str("descriptions_file", required=False, label="Descriptions JSON (optional)")
         inputs.bool("allow_template_fallback", default=False, label="CLIP templates for classes the file lacks")
         inputs.bool("use_llm", default=False, label="Write descriptions with a local LLM (Ollama)")
+        c.add_templates_input(inputs)
         c.add_clip_inputs(inputs)
         c.add_dino_inputs(inputs)
         c.add_random_init_input(inputs)

@@ -278,7 +278,26 @@ def test_texts_for_with_and_without_templates():
     ds = dsc.DescriptionSet({"cat": ["A cat.", "a photo of a cat."]}, {"cat": "import:x"})
     assert ds.texts_for("cat", include_templates=False) == ["A cat.", "a photo of a cat."]
     both = ds.texts_for("cat", templates=[dsc.SIMPLE_TEMPLATE, "itap of a {}."])
-    assert both == ["A cat.", "a photo of a cat.", "itap of a cat."]  # each text once
+    # The official CDE averages every listed text: a repeated one weighs twice.
+    assert both == ["A cat.", "a photo of a cat.", "a photo of a cat.", "itap of a cat."]
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not (CIFAR_DIR / "descriptions.json").is_file(), reason="CIFAR data not found")
+def test_cifar10_texts_are_the_official_ones(tmp_path):
+    """On the official CIFAR10_local file the CDE averages its 50 descriptions per class (repeats
+    included) and the official CIFAR-10 set of 18 templates, which ``auto`` picks."""
+    from fiftyone_nola.templates import resolve_templates
+
+    res = dsc.load_descriptions(CIFAR_DIR / "descriptions.json", CIFAR_CLASSES)
+    name, templates = resolve_templates("auto", CIFAR_CLASSES)
+    assert name == "cifar10" and len(templates) == 18
+    raw = json.loads((CIFAR_DIR / "descriptions.json").read_text())
+    for c in CIFAR_CLASSES:
+        texts = res.texts_for(c, templates=templates)
+        # Stripped: CLIP's tokenizer strips white space itself, so the tokens are the same.
+        assert texts == [t.strip() for t in raw[c]] + [t.format(c) for t in templates]
+    assert len(res.texts_for("bird", templates=templates)) == 68  # 50 (41 distinct) + 18
 
 
 # --------------------------------------------------------------------------- import / export

@@ -155,3 +155,23 @@ def test_delegated_execution(small):
     assert "nola_embeddings_clip" in small.list_runs()
     # the delegated run received the same parameter the form or Python would have sent
     assert open_index(small, tiny_clip_spec()).meta["index_type"] == "ivfpq"
+
+
+@pytest.mark.integration
+def test_zero_shot_templates_from_the_form_python_and_delegated(small, tmp_path):
+    """The template choice means the same from Python, the form and a delegated run."""
+
+    run("compute_embeddings", small, family="clip", batch_size=8, num_workers=0, **TINY)
+    r = run("zero_shot", small, templates="simple", label_field="zs_simple", **TINY)
+    assert r.result["result"]["templates"] == "simple"
+    f = tmp_path / "mine.txt"
+    f.write_text("a drawing of a {}.\n")
+    r = run("zero_shot", small, templates="simple", templates_file=str(f), label_field="zs_file", **TINY)
+    assert r.result["result"]["templates"] == f"file:{f}"
+    r = run("zero_shot", small, label_field="zs_default", **TINY)  # the form's default
+    assert r.result["result"]["templates"] == "cifar10"  # auto: the official set for these classes
+    run("zero_shot", small, delegate=True, templates="simple", label_field="zs_delegated", **TINY)
+    from fiftyone.operators.delegated import DelegatedOperationService
+
+    DelegatedOperationService().execute_queued_operations(dataset_name=small.name)
+    assert small.values("zs_delegated.label") == small.values("zs_simple.label")
