@@ -9,7 +9,7 @@ DEMO_DESCRIPTIONS ?= $(if $(wildcard $(DEMO_IMAGES)/descriptions.json),--descrip
 # On a 2-core CPU the demo labels an even 1000-image subset so it finishes in minutes.
 DEMO_ARGS ?= --fallback-random-init --max-samples 1000
 
-.PHONY: setup demo demo-multilabel test lint bench clean-venv
+.PHONY: setup demo demo-multilabel test test-pretrained lint bench clean-venv
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -24,6 +24,10 @@ demo-multilabel: setup
 
 test: setup
 	bash scripts/run_tests.sh
+
+# With real weights in NOLA_MODELS_DIR: the accuracy checks of tests/test_pretrained.py.
+test-pretrained: setup
+	NOLA_PRETRAINED=1 bash scripts/run_tests.sh -m pretrained tests/test_pretrained.py
 
 lint: setup
 	.venv/bin/ruff check .
