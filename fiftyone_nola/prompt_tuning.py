@@ -107,7 +107,8 @@ def strong_transform(image_size: int, mean: Sequence[float], std: Sequence[float
 
     bicubic = T.InterpolationMode.BICUBIC
     return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.2, 1.0), interpolation=bicubic, antialias=True),
+        # Bilinear, torchvision's default, as the official get_random_transform leaves it.
+        T.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
         T.RandomHorizontalFlip(),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         T.RandomPerspective(distortion_scale=0.2, p=0.5, interpolation=bicubic),

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 
 from conftest import cifar_files
 from fiftyone_nola import prompt_tuning as pt
@@ -138,6 +139,9 @@ def test_transforms(tiny_clip, cifar):
     assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "RandomApply", "RandomPerspective",
                      "ColorJitter", "_RandomGaussianBlur", "ToTensor", "Normalize"]
     assert strong.transforms[0].scale == (0.2, 1.0)
+    # The official strong view: bilinear crop (torchvision's default), bicubic perspective.
+    assert strong.transforms[0].interpolation == InterpolationMode.BILINEAR
+    assert strong.transforms[3].interpolation == InterpolationMode.BICUBIC
 
 
 def test_tune_lowers_loss_and_logs_epochs(run2, cifar):
