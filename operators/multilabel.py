@@ -21,7 +21,7 @@ def _config(ctx) -> MultiLabelConfig:
     return MultiLabelConfig(
         clip=c.clip_spec(ctx), descriptions_file=p.get("descriptions_file") or None,
         grid=int(p.get("grid") or 3), threshold_t=float(p.get("threshold_t") or 0.0),
-        aggregation=p.get("aggregation") or "avg", train_epochs=int(p.get("epochs") or 30),
+        aggregation=p.get("aggregation") or "avg", train_epochs=p.get("epochs"),
         allow_template_fallback=bool(p.get("allow_template_fallback")),
         device=c.device_param(ctx), pseudo_field=p.get("pseudo_field") or "cdul_pseudo",
         pred_field=p.get("pred_field") or "cdul", gt_field=p.get("gt_field") or None,
@@ -85,7 +85,7 @@ class TrainMultiLabel(foo.Operator):
 
     def resolve_input(self, ctx):
         inputs = types.Object()
-        inputs.int("epochs", default=30, label="Epochs")
+        inputs.int("epochs", required=False, label="Epochs (blank: fit hardware; 100 on a GPU as the paper)")
         _common_inputs(ctx, inputs)
         p = ctx.params
         c.check_form(ctx, inputs, lambda: check_params(

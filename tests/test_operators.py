@@ -175,3 +175,14 @@ def test_zero_shot_templates_from_the_form_python_and_delegated(small, tmp_path)
 
     DelegatedOperationService().execute_queued_operations(dataset_name=small.name)
     assert small.values("zs_delegated.label") == small.values("zs_simple.label")
+
+
+def test_blank_epochs_mean_fit_the_hardware_in_every_path():
+    """An empty epochs field leaves the schedule to the hardware (100 epochs on a GPU), instead
+    of a number the form made up."""
+    from types import SimpleNamespace
+
+    from operators.multilabel import _config
+
+    assert _config(SimpleNamespace(params={})).train_epochs is None
+    assert _config(SimpleNamespace(params={"epochs": 7})).train_epochs == 7
