@@ -319,12 +319,19 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
         cm, cs = torch.tensor(cmean).view(1, 3, 1, 1), torch.tensor(cstd).view(1, 3, 1, 1)
         teacher_calls = {"n": 0, "seconds": 0.0}
 
+        nola_pre = dino.identity.get("preprocess") == "nola"
+        raw_feats = mlp.meta.get("features") == "raw"
+
         def teacher_fn(weak: torch.Tensor) -> torch.Tensor:
-            """DINO + labeller MLP on the weak view (re-normalised from CLIP's to DINO's
-            statistics), on L2-normalised CLS features as the stored features the MLP saw."""
+            """DINO + labeller MLP on the weak view, fed as the stored features the MLP saw: with
+            NoLA's preprocessing the weak view is DINO's input as it is (the official teacher);
+            with timm's it is re-normalised to DINO's statistics. Raw CLS features unless the
+            labeller was trained on unit rows."""
             t0 = time.perf_counter()
-            x = (weak * cs + cm - dmean) / dstd
-            f = torch.nn.functional.normalize(dino.encode_image(x).float(), dim=-1)
+            x = weak if nola_pre else (weak * cs + cm - dmean) / dstd
+            f = dino.encode_image(x).float()
+            if not raw_feats:
+                f = torch.nn.functional.normalize(f, dim=-1)
             y = mlp(f).argmax(1)
             teacher_calls["n"] += len(weak)
             teacher_calls["seconds"] += time.perf_counter() - t0
