@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from . import device as dev
 from .errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
 from .progress import ProgressFn, null_progress
+from .storage import atomic_path
 
 CHECKPOINT_FORMAT = "fiftyone_nola.dino_labeler"
 CHECKPOINT_VERSION = 1
@@ -359,10 +359,8 @@ def save_labeler(path, mlp: DinoLabeler, classes: Sequence[str], meta: Optional[
         "state_dict": sd, "meta": meta,
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # unique temp name, fsynced: a kill leaves old or new
+        torch.save(payload, tmp)
     return path
 
 

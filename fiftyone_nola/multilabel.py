@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from .data import DecodeOptions, ImageFileDataset, collate_skip_bad
 from .errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
 from .models import LoadedModel
 from .progress import ProgressFn, null_progress
+from .storage import atomic_path, file_sha256, write_json_atomic
 
 CLIP_LOGIT_SCALE = 100.0  # CLIP's learnt temperature saturates at exp(4.6052) = 100
 LABEL_EPS = 1e-6  # soft labels live in [eps, 1 - eps] so logit(y) stays finite
@@ -664,13 +664,12 @@ def save_classifier(path, model: MultiLabelHead, classes: Sequence[str], meta: O
         "score": head_score(model),
         "meta": meta or {},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write-then-rename so a crash never leaves a weights file without its matching sidecar.
-    tmp_w, tmp_j = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".json.tmp")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp_w)
-    tmp_j.write_text(json.dumps(info, indent=2))
-    os.replace(tmp_w, path)
-    os.replace(tmp_j, _meta_path(path))
+    # Weights first, then the sidecar naming their digest: a kill between the two leaves a
+    # sidecar that does not match, which load_classifier refuses instead of mixing old and new.
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    info["weights_sha256"] = file_sha256(path)
+    write_json_atomic(_meta_path(path), info)
     return _meta_path(path)
 
 
@@ -689,6 +688,11 @@ def load_classifier(
             f"train one first or check the path"
         )
     info = json.loads(_meta_path(path).read_text())
+    if info.get("weights_sha256") not in (None, file_sha256(path)):
+        raise IndexMismatchError(
+            f"{path} does not hold the weights its sidecar describes (a save was interrupted): "
+            f"train the classifier again"
+        )
     if info.get("format") != HEAD_FORMAT:
         raise IndexMismatchError(f"{path} is not a multi-label head (format {info.get('format')!r})")
     if classes is not None and [str(x) for x in classes] != info["classes"]:

@@ -10,6 +10,7 @@ Layout under ``$NOLA_HOME`` (default ``~/.fiftyone_nola``)::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -87,6 +88,15 @@ def write_json_atomic(path: os.PathLike, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def file_sha256(path: os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_json(path: os.PathLike) -> Any:

@@ -236,3 +236,72 @@ def test_second_process_waits_for_the_writer_of_the_same_field(make_dataset):
     assert proc.returncode == 0 and "CHILD-DONE" in out, out + err
     ds.reload()
     assert ds.count("nola_zeroshot.label") == len(ds)
+
+
+# Saves the DINO labeller or the CDUL head to argv[2], SIGKILLed at argv[3]: "mid-write" (half
+# the bytes of the file reach the disk), "before-sidecar" (CDUL: weights renamed in, sidecar not).
+SAVE_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    from fiftyone_nola import dino_labeler as dl, multilabel as ml, storage
+
+    kind, path, point, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    torch.manual_seed(seed)
+    if point == "mid-write":
+        orig = torch.save
+        def torn_save(obj, f, *a, **k):
+            orig(obj, f, *a, **k)
+            with open(f, "r+b") as fh:
+                fh.truncate(os.path.getsize(f) // 2)
+            die()
+        torch.save = torn_save
+    if point == "before-sidecar":
+        ml.write_json_atomic = lambda *a, **k: die()
+    if kind == "dino":
+        dl.save_labeler(path, dl.DinoLabeler(8, 3, hidden=4), ["a", "b", "c"])
+    else:
+        ml.save_classifier(path, ml.MultiLabelHead(8, 3), ["a", "b", "c"])
+    print("SAVED", flush=True)
+    """
+)
+
+
+def _save_child(kind: str, path, point: str, seed: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", SAVE_CHILD, kind, str(path), point, str(seed)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+@pytest.mark.parametrize("kind", ["dino", "cdul"])
+def test_sigkill_while_saving_a_labeller_or_head_keeps_the_previous_one(kind, tmp_path):
+    from fiftyone_nola import dino_labeler as dl
+    from fiftyone_nola import multilabel as ml
+
+    path = tmp_path / ("labeler.pt" if kind == "dino" else "head.pt")
+
+    def load():
+        if kind == "dino":
+            return {k: v.clone() for k, v in dl.load_labeler(path, ["a", "b", "c"]).state_dict().items()}
+        return {k: v.clone() for k, v in ml.load_classifier(path, ["a", "b", "c"])[0].state_dict().items()}
+
+    assert "SAVED" in _save_child(kind, path, "none", 1).stdout
+    before = load()
+    r = _save_child(kind, path, "mid-write", 2)
+    assert r.returncode == -9 and "SAVED" not in r.stdout
+    after = load()  # the torn temp file never replaced the saved one
+    assert all(np.array_equal(before[k].numpy(), after[k].numpy()) for k in before)
+
+
+def test_sigkill_between_cdul_weights_and_sidecar_is_refused_not_mixed(tmp_path):
+    from fiftyone_nola import multilabel as ml
+    from fiftyone_nola.errors import IndexMismatchError
+
+    path = tmp_path / "head.pt"
+    assert "SAVED" in _save_child("cdul", path, "none", 1).stdout
+    r = _save_child("cdul", path, "before-sidecar", 2)
+    assert r.returncode == -9
+    with pytest.raises(IndexMismatchError, match="save was interrupted"):
+        ml.load_classifier(path, ["a", "b", "c"])
+    assert "SAVED" in _save_child("cdul", path, "none", 3).stdout  # a new save repairs it
+    ml.load_classifier(path, ["a", "b", "c"])
