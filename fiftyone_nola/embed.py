@@ -7,14 +7,16 @@ model, so on a CPU the decode of batch i+1 overlaps inference of batch i. JPEG d
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from . import device as dev
+from .core import engines
 from .data import DecodeOptions, ImageFileDataset, draft_size_for, make_loader
 from .models import LoadedModel
 from .progress import ProgressFn, null_progress
@@ -27,7 +29,11 @@ class EmbedConfig:
     batch_size: Optional[int] = None
     num_workers: Optional[int] = None
     device: Optional[str] = None
-    precision: str = "auto"  # auto: fp16/bf16 autocast on CUDA, fp32 on CPU
+    # auto: fp16/bf16 autocast on CUDA; on a CPU the engine's (bf16 with native bf16, else fp32).
+    # int8 (OpenVINO + NNCF, calibrated on the images being embedded) is opt-in only.
+    precision: str = "auto"
+    engine: str = "auto"  # auto | torch | openvino (core/engines.py; NOLA_ENGINE overrides auto)
+    allow_mixed_engines: bool = False  # let a store hold vectors of several engines/precisions
     draft_decode: bool = True  # JPEG DCT-scaled decode; exact decode when False
     chunk_size: int = 512  # samples per index checkpoint: a killed job loses at most this many
     index_type: str = "flat"  # flat (exact) | ivf | hnsw | ivfpq (compressed, exact re-rank)
@@ -42,6 +48,8 @@ class EmbedConfig:
             num_workers=prof.num_workers if self.num_workers is None else self.num_workers,
             device=str(device),
             precision=self.precision,
+            engine=self.engine,
+            allow_mixed_engines=self.allow_mixed_engines,
             draft_decode=self.draft_decode,
             chunk_size=self.chunk_size,
             index_type=self.index_type,
@@ -53,39 +61,103 @@ class EmbedConfig:
         return f"{model.image_size}px-{'draft' if self.draft_decode else 'exact'}"
 
 
+def engine_module(model: LoadedModel) -> torch.nn.Module:
+    """The module whose forward is ``model.encode_image`` (what an engine converts)."""
+    if model.family == "clip" and hasattr(model.model, "visual"):
+        return model.model.visual  # encode_image(x) is visual(x); the text tower is not needed
+    return engines.Forward(model.model, model.encode_image)
+
+
+def calibration_images(filepaths: Sequence[str], transform, draft_size: Optional[int] = None,
+                       n: int = engines.CALIBRATION_IMAGES) -> Callable[[], Iterator[torch.Tensor]]:
+    """A callable yielding up to ``n`` preprocessed images spread evenly over ``filepaths``
+    (int8 calibration on the user's own images); unreadable files are skipped."""
+    paths = list(filepaths)
+    picks = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, min(n, len(paths))).astype(int))] \
+        if paths else []
+
+    def batches() -> Iterator[torch.Tensor]:
+        ds = ImageFileDataset(picks, transform, DecodeOptions(draft_size=draft_size))
+        for i in range(len(ds)):
+            _, t, err = ds[i]
+            if err is None:
+                yield t.unsqueeze(0)
+
+    return batches
+
+
+def prepare_encoder(
+    model: LoadedModel,
+    config: EmbedConfig,
+    filepaths: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], engines.EngineChoice]:
+    """``(encode, choice)``: the forward that will embed ``filepaths`` and what runs it.
+
+    OpenVINO models are converted once and cached on disk; a failure falls back to PyTorch
+    (one warning), which ``choice`` then says.
+    """
+    cfg = config.resolved()
+    device = torch.device(cfg.device)
+    choice = engines.resolve(cfg.engine, cfg.precision, device)
+    draft = draft_size_for(model.image_size, cfg.draft_decode)
+    runner, choice = engines.load_engine_model(
+        engine_module(model), model.identity, (3, model.image_size, model.image_size), choice,
+        calibration=calibration_images(filepaths, model.transform, draft), log=log)
+    if runner is not None:
+        return runner, choice
+    model.model.to(device)
+    return dev.maybe_compile(model.encode_image, device, len(filepaths), cfg.compile), choice
+
+
 def iter_embeddings(
     model: LoadedModel,
     filepaths: Sequence[str],
     config: EmbedConfig,
     progress: ProgressFn = null_progress,
+    encoder: Optional[tuple[Callable, engines.EngineChoice]] = None,
+    timing: Optional[dict] = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]]:
     """Yield ``(indices, vectors float32, failures)`` per batch, in input order of batches.
 
     ``indices`` index into ``filepaths``; ``failures`` are ``(index, reason)`` of images that
     could not be read. Vectors are the model's raw embeddings (normalised by the index).
+    ``encoder`` is what :func:`prepare_encoder` returned (prepared here when None). ``timing``,
+    if given, receives ``wait_s`` (waiting for decoded batches) and ``model_s`` (forward passes).
     """
     cfg = config.resolved()
     device = torch.device(cfg.device)
-    amp = dev.amp_dtype(device, cfg.precision)
-    pin = dev.pin_memory(device)
-    model.model.to(device)
+    encode, choice = encoder or prepare_encoder(model, cfg, filepaths)
+    on_engine = choice.engine != "torch"
+    amp = None if on_engine else engines.torch_amp(choice)
+    pin = dev.pin_memory(device) and not on_engine
+    if on_engine:
+        device = torch.device("cpu")
     options = DecodeOptions(draft_size=draft_size_for(model.image_size, cfg.draft_decode))
     ds = ImageFileDataset(filepaths, model.transform, options)
     loader = make_loader(ds, cfg.batch_size, cfg.num_workers, pin_memory=pin)
-    encode = dev.maybe_compile(model.encode_image, device, len(ds), cfg.compile)
+    timing = timing if timing is not None else {}
+    timing.setdefault("wait_s", 0.0)
+    timing.setdefault("model_s", 0.0)
     total, done = len(ds), 0
     progress(0, total, f"embedding ({model.family})")
+    clock = time.perf_counter
     with torch.inference_mode():
+        t = clock()
         for idx, batch, bad in loader:
+            t_got = clock()
+            timing["wait_s"] += t_got - t
             vecs = np.empty((0, model.embed_dim), dtype=np.float32)
             if batch is not None:
                 batch = batch.to(device, non_blocking=pin)
                 with dev.autocast(device, amp):
                     out = encode(batch)
                 vecs = out.float().cpu().numpy()
+            timing["model_s"] += clock() - t_got
             done += len(idx) + len(bad)
             progress(done, total, f"embedding ({model.family})")
             yield idx.numpy(), vecs, bad
+            t = clock()  # the consumer's time between batches is neither decode nor model
 
 
 def embed_filepaths(
@@ -103,8 +175,3 @@ def embed_filepaths(
     return out, failures
 
 
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Row-wise L2 normalisation; zero rows stay zero, NaN rows stay NaN."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norms, eps)

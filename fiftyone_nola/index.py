@@ -40,6 +40,7 @@ from typing import Optional, Union
 import faiss
 import numpy as np
 
+from .arrays import l2_normalize
 from .errors import IndexMismatchError, InvalidInputError, MissingEmbeddingsError, NolaError
 from .storage import atomic_path, write_json_atomic
 
@@ -120,13 +121,8 @@ def _num_gpus() -> int:
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """float32 copy with unit-norm rows; zero rows stay zero (never NaN)."""
-    x = np.array(x, dtype=np.float32, copy=True)
-    if x.ndim == 1:
-        x = x[None, :]
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    np.divide(x, norms, out=x, where=norms > 0)
-    return x
+    """float32 N×D copy with unit-norm rows (a 1-d vector is one row); zero rows stay zero."""
+    return l2_normalize(np.atleast_2d(x))
 
 
 def _json_norm(v):

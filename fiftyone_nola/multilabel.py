@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import device as dev
+from .arrays import l2_normalize, softmax
 from .data import DecodeOptions, ImageFileDataset, collate_skip_bad
 from .errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
 from .models import LoadedModel
@@ -46,16 +47,6 @@ HEAD_FORMAT = "fiftyone_nola.multilabel_head/1"
 # --------------------------------------------------------------------------------------------
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - np.max(logits, axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def _l2n(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation; zero rows stay zero, NaN rows stay NaN."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def _check_weights(class_weights: np.ndarray, dim: Optional[int] = None) -> np.ndarray:
@@ -70,7 +61,7 @@ def _check_weights(class_weights: np.ndarray, dim: Optional[int] = None) -> np.n
     if not np.all(np.isfinite(w)):
         raise InvalidInputError("class_weights contain NaN or inf")
     # Idempotent on normalised input; protects against raw text embeddings being passed.
-    return _l2n(w)
+    return l2_normalize(w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,7 +202,7 @@ def global_scores(
     w = _check_weights(class_weights, emb.shape[1])
     out = np.full((emb.shape[0], w.shape[0]), np.nan, dtype=np.float32)
     ok = np.all(np.isfinite(emb), axis=1)
-    out[ok] = _softmax(float(logit_scale) * (_l2n(emb[ok]) @ w.T)).astype(np.float32)
+    out[ok] = softmax(float(logit_scale) * (l2_normalize(emb[ok]) @ w.T)).astype(np.float32)
     return out
 
 

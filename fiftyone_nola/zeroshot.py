@@ -16,22 +16,13 @@ import numpy as np
 import torch
 
 from . import device as dev
+from .arrays import l2_normalize, softmax
 from .errors import InvalidInputError
 from .models import LoadedModel
 
 logger = logging.getLogger(__name__)
 
 ClassTexts = Union[Mapping[str, Sequence[str]], Sequence[Sequence[str]]]
-
-
-def _l2_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length; zero rows become NaN (they have no direction)."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = x / norms
-    out[~np.isfinite(norms[:, 0]) | (norms[:, 0] == 0)] = np.nan
-    return out
 
 
 def encode_texts(
@@ -172,20 +163,11 @@ def zeroshot_logits(image_embeddings: np.ndarray, weights: np.ndarray, logit_sca
             f"image embeddings have width {x.shape[1]} but class weights {w.shape[1]}: were they made "
             f"by the same CLIP model?"
         )
-    xn = _l2_rows(x)
+    xn = l2_normalize(x, zero_rows="nan")
     bad = np.isnan(xn).any(axis=1)
     if bad.any():
         logger.warning("%d of %d image embeddings are missing (NaN or zero): their scores are NaN", int(bad.sum()), len(x))
     return (np.float32(logit_scale) * (xn @ w.T)).astype(np.float32, copy=False)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row softmax, stable for large logits; NaN rows stay NaN."""
-    z = np.asarray(logits, dtype=np.float32)
-    with np.errstate(invalid="ignore"):
-        z = z - z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32, copy=False)
 
 
 def zeroshot_predict(

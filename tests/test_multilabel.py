@@ -16,6 +16,7 @@ from PIL import Image
 
 from conftest import COCO_DIR
 from fiftyone_nola import multilabel as ml
+from fiftyone_nola.arrays import l2_normalize, softmax
 from fiftyone_nola.errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
 
 # ------------------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ def test_small_object_recovered_by_local_crops():
     llog[np.arange(n), :, main] += 4.0
     crop = rng.integers(0, g, n)
     llog[np.arange(n)[small], crop[small], 0] += 8.0  # strong, in a single crop
-    glob, loc = ml._softmax(glog), ml._softmax(llog)
+    glob, loc = softmax(glog), softmax(llog)
     truth = np.zeros((n, c), dtype=bool)
     truth[:, 0] = small
     truth[np.arange(n), main] = True
@@ -260,7 +261,7 @@ def class_weights(tiny_clip):
     classes = (COCO_DIR / "classes.txt").read_text().split("\n")[:12]
     with torch.no_grad():
         t = tiny_clip.model.encode_text(tiny_clip.tokenizer([f"a photo of a {c}" for c in classes]))
-    return ml._l2n(t.numpy())
+    return l2_normalize(t.numpy())
 
 
 def _counting(clip):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from conftest import CIFAR_DIR
 
 pytestmark = [pytest.mark.pretrained, pytest.mark.integration, pytest.mark.slow]

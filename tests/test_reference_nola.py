@@ -38,13 +38,14 @@ import torch
 
 from fiftyone_nola import distributed_training as dt
 from fiftyone_nola import prompt_tuning as pt
+from fiftyone_nola.arrays import softmax
 from fiftyone_nola.dino_labeler import (
     DinoLabelerConfig,
     select_confident,
     topk_per_class,
     train_labeler,
 )
-from fiftyone_nola.zeroshot import cde_weights, softmax, zeroshot_logits, zeroshot_predict
+from fiftyone_nola.zeroshot import cde_weights, zeroshot_logits, zeroshot_predict
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "nola_reference.json").read_text())
 CASES = GOLDEN["cases"]
