@@ -67,11 +67,3 @@ def get_run(samples, key: str) -> Optional[dict]:
     except Exception:
         out["results"] = None
     return out
-
-
-def list_nola_runs(samples) -> list[str]:
-    """Keys of the runs this library recorded on the dataset."""
-    from .fo_io import root_dataset
-
-    ds = root_dataset(samples)
-    return [k for k in ds.list_runs() if str(ds.get_run_info(k).config.method).startswith(RUN_PREFIX)]
