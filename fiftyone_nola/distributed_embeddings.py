@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import storage
+from .core import engines
 from .device import hardware_profile, resolve_device
 from .embed import EmbedConfig, iter_embeddings
 from .embeddings import EmbedJob, _specs
@@ -122,7 +123,8 @@ def _actor_config(config: EmbedConfig, rcfg: RayEmbedConfig, gpus: float) -> Emb
     if workers is None:
         workers = max(0, int(rcfg.num_cpus_per_actor) - 1)
     batch = config.batch_size or hardware_profile(torch.device(device)).embed_batch_size
-    return replace(config, device=device, num_workers=workers, batch_size=batch)
+    # Actors run PyTorch: the store records one engine for every actor's vectors.
+    return replace(config, device=device, num_workers=workers, batch_size=batch, engine="torch")
 
 
 def _num_actors(ray, rcfg: RayEmbedConfig, gpus: float) -> int:
@@ -235,6 +237,8 @@ def _embed_one_ray(ray, samples, spec, config: EmbedConfig, rcfg: RayEmbedConfig
         covered = {j for p in shards.paths() for _, j in shards.rows(p, job, pending)}
         missing = [j for j in job.todo if j not in covered]
         actors = 0
+        if pending:
+            job.use_engine(engines.resolve("torch", cfg.precision, cfg.device))
         if missing:
             actors = _run_pipeline(ray, job, missing, shards, rcfg, gpus, progress, log)
         reused = _ingest(job, shards, pending)

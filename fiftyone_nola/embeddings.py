@@ -8,6 +8,8 @@ samples deleted from the dataset are dropped from the store.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Callable, Optional
@@ -15,9 +17,10 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import fo_io, runs, storage
+from .core import engines
 from .data import file_fingerprint
 from .device import resolve_device
-from .embed import EmbedConfig, iter_embeddings
+from .embed import EmbedConfig, iter_embeddings, prepare_encoder
 from .errors import IndexMismatchError, InvalidInputError, MissingEmbeddingsError
 from .index import EmbeddingIndex
 from .models import ClipSpec, DinoSpec, load_model, spec_key
@@ -77,10 +80,25 @@ def _embed_one(samples, spec, cfg: EmbedConfig, overwrite: bool, progress, log) 
     )
     with job.writing(overwrite, log, how):
         todo_paths = [job.paths[j] for j in job.todo]
-        for idx, vecs, bad in iter_embeddings(job.model, todo_paths, cfg, progress):
-            job.add([job.todo[j] for j in idx], vecs)
-            job.fail((job.todo[j], reason) for j, reason in bad)
+        if todo_paths:
+            encoder = job.prepare_engine(todo_paths, log)
+            for idx, vecs, bad in iter_embeddings(job.model, todo_paths, cfg, progress,
+                                                  encoder=encoder, timing=job.timing):
+                job.add([job.todo[j] for j in idx], vecs)
+                job.fail((job.todo[j], reason) for j, reason in bad)
     return job.finish(log)
+
+
+def _same_engine(stored: dict, choice: engines.EngineChoice) -> bool:
+    return stored.get("engine") == choice.engine and stored.get("precision") in (None, choice.precision)
+
+
+def stored_engine(meta: dict) -> Optional[dict]:
+    """The engine record of a store's vectors; stores written before engines were recorded hold
+    PyTorch vectors of an unrecorded precision. None for an empty store."""
+    if not meta.get("count"):
+        return None
+    return meta.get("engine") or {"engine": "torch", "precision": None, "legacy": True}
 
 
 class EmbedJob:
@@ -112,6 +130,8 @@ class EmbedJob:
         self.failures: list[tuple[str, str]] = []
         self.n_done = 0
         self.t_embed = 0.0
+        self.timing: dict = {"wait_s": 0.0, "model_s": 0.0}
+        self.engine: Optional[engines.EngineChoice] = None
         self._t_plan = 0.0
         self._saved = False
         self._buf: list[tuple[list[int], np.ndarray]] = []
@@ -157,6 +177,47 @@ class EmbedJob:
             yield self
             if not self._saved:
                 self.save()
+
+    def prepare_engine(self, paths: Sequence[str], log: Callable[[str], None] = print):
+        """Prepare the forward that embeds ``paths`` and check it against the store (locked).
+
+        With every setting on ``auto`` a non-empty store is extended with the engine and
+        precision its vectors came from, so re-runs never mix engines by accident.
+        """
+        cfg = self.cfg
+        stored = stored_engine(self.index.meta)
+        follow = (stored is not None and not cfg.allow_mixed_engines and cfg.engine == "auto"
+                  and cfg.precision == "auto" and not os.environ.get("NOLA_ENGINE")
+                  and not os.environ.get("NOLA_PRECISION"))
+        if follow:
+            cfg = dataclasses.replace(cfg, engine=stored["engine"], precision=stored.get("precision") or "auto")
+        encode, choice = prepare_encoder(self.model, cfg, paths, log)
+        self.use_engine(choice)
+        return encode, choice
+
+    def use_engine(self, choice: engines.EngineChoice) -> None:
+        """Record ``choice`` as the producer of the vectors about to be added; a store holding
+        another engine's vectors is refused unless the config allows mixing (then it says so)."""
+        self.engine = choice
+        meta = self.index.meta
+        stored = stored_engine(meta)
+        used = list(meta.get("engines_used") or ([] if stored is None else [
+            f"{stored['engine']}-{stored.get('precision') or 'unrecorded'}"]))
+        mixed = bool(meta.get("mixed_engines"))
+        if stored is not None and not _same_engine(stored, choice):
+            if not self.cfg.allow_mixed_engines:
+                have = f"{stored['engine']} {stored.get('precision') or '(precision unrecorded)'}"
+                same = f"engine={stored['engine']!r}" + (
+                    f", precision={stored['precision']!r}" if stored.get("precision") else "")
+                raise IndexMismatchError(
+                    f"The {self.spec.family.upper()} store at {self.path} holds vectors made by {have}; "
+                    f"this run would add {choice.engine} {choice.precision} vectors ({choice.reason}). "
+                    f"Use {same} to extend it, overwrite=True (--force) to re-embed everything with the new engine, "
+                    f"or allow_mixed_engines=True to mix them (recorded in the store's metadata).")
+            mixed = True
+        if choice.tag not in used:
+            used.append(choice.tag)
+        self.index.update_meta({"engine": choice.record(), "engines_used": used, "mixed_engines": mixed})
 
     def save(self) -> None:
         """Write what is buffered, drop the failed samples and compact the store (locked)."""
@@ -216,14 +277,21 @@ class EmbedJob:
             "seconds": time.perf_counter() - self.t0,
             "model_load_seconds": self.t_load,
             "images_per_s": (n_done / t_embed) if t_embed > 0 and n_done else 0.0,
+            "inference": None if self.engine is None else {
+                "engine": self.engine.engine, "precision": self.engine.precision,
+                "decode_wait_s": round(self.timing["wait_s"], 3),
+                "model_s": round(self.timing["model_s"], 3)},
             **(extra or {}),
         }
         config = {"spec": self.spec, "embed": self.cfg, "model": self.model.identity}
         runs.record_run(self.ds, embeddings_run_key(family), f"embeddings.{family}",
                         {**config, **(run_config or {})}, summary)
+        how = "" if self.engine is None else (
+            f" with {self.engine.engine} {self.engine.precision} (model {self.timing['model_s']:.1f}s, "
+            f"waiting for decode {self.timing['wait_s']:.1f}s)")
         log(
             f"[embed:{family}] embedded {n_done}, reused {summary['reused']}, failed "
-            f"{len(failures)} in {summary['seconds']:.1f}s ({summary['images_per_s']:.1f} img/s); "
+            f"{len(failures)} in {summary['seconds']:.1f}s ({summary['images_per_s']:.1f} img/s){how}; "
             f"index: {self.path}"
         )
         return summary
