@@ -339,8 +339,13 @@ def predict(
     precision: str = "auto",
     progress: ProgressFn = null_progress,
     log: Log = print,
+    engine: str = "auto",
 ) -> dict:
-    """Apply a saved prompt-tuned model to any dataset or view -> ``label_field``."""
+    """Apply a saved prompt-tuned model to any dataset or view -> ``label_field``.
+
+    ``engine``/``precision``: what runs the forward (core/engines.py; OpenVINO on a CPU when
+    installed, ``engine="torch"`` for PyTorch).
+    """
     from . import prompt_tuning as pt
     from .device import hardware_profile
 
@@ -357,14 +362,16 @@ def predict(
     ids, paths = fo_io.ids_and_paths(samples)
     probs, failed = pt.predict_tuned(model, paths, batch_size or prof.embed_batch_size,
                                      prof.num_workers if num_workers is None else num_workers,
-                                     dev, precision, progress)
+                                     dev, precision, progress, engine=engine)
+    ran = getattr(model, "last_engine", None)
     with stage_writer(samples, label_field, log) as d:
         written = fo_io.write_classifications(samples, ids, classes, probs, label_field)
         fo_io.tag_samples(samples, [ids[i] for i, _ in failed], fo_io.UNREADABLE_TAG)
         save_array_bundle(d, ids, {"probs": probs}, {"classes": classes, "field": label_field,
                                                       "model_dir": str(model_dir)})
         summary = {"stage": "predict", "field": label_field, "samples": len(ids), "labelled": written,
-                   "failed": len(failed), "seconds": time.perf_counter() - t0}
+                   "failed": len(failed), "seconds": time.perf_counter() - t0,
+                   "inference": None if ran is None else {"engine": ran.engine, "precision": ran.precision}}
         runs.record_run(samples, runs.run_key_for(label_field), "predict",
                         {"model_dir": str(model_dir), "precision": precision,
                          "model_id": meta.get("model_id")}, summary)

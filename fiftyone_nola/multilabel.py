@@ -30,7 +30,9 @@ from torch import nn
 
 from . import device as dev
 from .arrays import l2_normalize, softmax
+from .core import engines
 from .data import DecodeOptions, ImageFileDataset, collate_skip_bad
+from .embed import calibration_images, engine_module
 from .errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
 from .models import LoadedModel
 from .progress import ProgressFn, null_progress
@@ -97,7 +99,8 @@ class CropConfig:
     batch_size: int = 32  # images per forward pass (grid² crops each)
     num_workers: int = 1
     device: Optional[str] = None
-    precision: str = "auto"  # auto: fp16/bf16 autocast on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto: AMP on CUDA; on a CPU the engine's (core/engines.py); int8 opt-in
+    engine: str = "auto"  # auto | torch | openvino: the crops' CLIP forward (embeddings' cached model)
     logit_scale: float = CLIP_LOGIT_SCALE
     draft_decode: bool = True  # JPEG DCT-scaled decode, never below grid × model input size
 
@@ -150,12 +153,21 @@ def local_clip_scores(
         raise InvalidInputError(f"batch_size must be >= 1, got {config.batch_size}")
     w_np = _check_weights(class_weights, clip.embed_dim)
     device = dev.resolve_device(config.device)
-    amp = dev.amp_dtype(device, config.precision)
-    pin = dev.pin_memory(device)
-    clip.model.to(device)
-    weights = torch.from_numpy(w_np).to(device)
     slots = config.grid * config.grid
     draft = clip.image_size * config.grid if config.draft_decode else None
+    # The crops go through the very CLIP forward the embedding stage converted (same cache entry).
+    choice = engines.resolve(config.engine, config.precision, device)
+    runner, choice = engines.load_engine_model(
+        engine_module(clip), clip.identity, (3, clip.image_size, clip.image_size), choice,
+        calibration=calibration_images(filepaths, clip.transform, clip.image_size))
+    if runner is not None:
+        device = torch.device("cpu")
+    amp = None if runner is not None else engines.torch_amp(choice)
+    encode = runner or clip.encode_image
+    pin = dev.pin_memory(device) and runner is None
+    if runner is None:
+        clip.model.to(device)
+    weights = torch.from_numpy(w_np).to(device)
     ds = CropDataset(filepaths, clip.transform, config.grid, DecodeOptions(draft_size=draft))
     kwargs = {}
     if config.num_workers > 0:
@@ -179,7 +191,7 @@ def local_clip_scores(
                 flat = crops.reshape(-1, *crops.shape[2:])[flat_valid]
                 flat = flat.to(device, non_blocking=pin)
                 with dev.autocast(device, amp):
-                    feats = clip.encode_image(flat)
+                    feats = encode(flat)
                 # Cosines and softmax in fp32: logit_scale 100 magnifies half-precision error.
                 feats = torch.nn.functional.normalize(feats.float(), dim=-1)
                 probs = torch.softmax(config.logit_scale * feats @ weights.T, dim=-1)

@@ -41,7 +41,9 @@ from torch import nn
 
 from . import device as dev
 from . import distributed_training as dt
+from .core import engines
 from .data import ImageFileDataset, make_loader
+from .embed import calibration_images
 from .errors import EmptyViewError, IndexMismatchError, InvalidInputError
 from .models import LoadedModel
 from .progress import ProgressFn, null_progress
@@ -496,8 +498,9 @@ def _param_groups(model: PromptedClassifier, weight_decay: float) -> list[dict]:
 
 
 def _iter_logits(model, filepaths, transform, batch_size, num_workers, device, amp,
-                 teacher_fn=None):
-    """Yield ``(indices, logits float32 CPU, teacher labels or None, failures)`` in order."""
+                 teacher_fn=None, forward=None):
+    """Yield ``(indices, logits float32 CPU, teacher labels or None, failures)`` in order;
+    ``forward`` (e.g. a converted engine model) replaces ``model``'s own forward."""
     pin = dev.pin_memory(device)
     ds = ImageFileDataset(filepaths, transform)
     # Own generator: evaluation must not draw from the global RNG the training relies on.
@@ -513,7 +516,7 @@ def _iter_logits(model, filepaths, transform, batch_size, num_workers, device, a
                     continue
                 x = batch.to(device, non_blocking=pin)
                 with dev.autocast(device, amp):
-                    logits = model(x)
+                    logits = (forward or model)(x)
                     t = teacher_fn(x) if teacher_fn is not None else None
                 t = None if t is None else torch.as_tensor(t).long().cpu()
                 yield idx, logits.float().cpu(), t, bad
@@ -982,6 +985,7 @@ def load_tuned(path_dir, clip: LoadedModel, classes: Optional[Sequence[str]] = N
     state = torch.load(path_dir / TUNED_NAME, map_location="cpu", weights_only=True)
     model.load_trainable_state_dict(state)
     model.classes = list(meta["classes"])
+    model.model_id = meta.get("model_id")  # names its converted engine model (core/engines.py)
     return model.eval()
 
 
@@ -993,20 +997,35 @@ def predict_tuned(
     device: Optional[str] = None,
     precision: str = "auto",
     progress: Optional[ProgressFn] = None,
+    engine: str = "auto",
 ) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """Class probabilities on the weak view: ``(N×C float32, NaN rows for failures, failures)``."""
+    """Class probabilities on the weak view: ``(N×C float32, NaN rows for failures, failures)``.
+
+    ``engine``/``precision`` choose what runs the forward (core/engines.py: OpenVINO on a CPU
+    when installed, converted once per tuned model and cached; PyTorch otherwise).
+    """
     progress = progress or null_progress
     d = dev.resolve_device(device)
-    amp = dev.amp_dtype(d, precision)
     workers = dev.hardware_profile(d).num_workers if num_workers is None else int(num_workers)
-    model.to(d)
     filepaths = [str(p) for p in filepaths]
     out = np.full((len(filepaths), model.num_classes), np.nan, dtype=np.float32)
     failed: list[tuple[int, str]] = []
     weak = weak_transform(model.image_size, model.mean, model.std)
+    choice = engines.resolve(engine, precision, d)
+    if choice.engine != "torch":
+        model.to("cpu").eval()
+    identity = {"family": "nola-tuned", "key": f"tuned-{getattr(model, 'model_id', None) or 'unsaved'}",
+                "n_prompts": model.n_prompts, "num_classes": model.num_classes}
+    runner, choice = engines.load_engine_model(
+        model, identity, (3, model.image_size, model.image_size), choice,
+        calibration=calibration_images(filepaths, weak))
+    amp = None if runner is not None else engines.torch_amp(choice)
+    model.to(d)
+    model.last_engine = choice  # what produced the probabilities (recorded by the predict stage)
     done = 0
     progress(0, len(filepaths), "predicting (tuned CLIP)")
-    for idx, logits, _, bad in _iter_logits(model, filepaths, weak, batch_size, workers, d, amp):
+    for idx, logits, _, bad in _iter_logits(model, filepaths, weak, batch_size, workers, d, amp,
+                                            forward=runner):
         failed.extend((int(i), r) for i, r in bad)
         if logits is not None:
             out[idx.numpy()] = torch.softmax(logits, dim=-1).numpy()
