@@ -25,6 +25,12 @@ def _clip_args(p: argparse.ArgumentParser, device_help: str = "cpu, cuda, cuda:1
     g.add_argument("--random-init", action="store_true", default=None,
                    help="randomly initialised models (smoke runs: labels are meaningless)")
     g.add_argument("--device", default=None, help=device_help)
+    g.add_argument("--engine", choices=["auto", "torch", "openvino"], default="auto",
+                   help="what runs the inference passes (embedding, crop scoring, prediction): auto = "
+                        "OpenVINO on a CPU when installed, else PyTorch; torch turns the engine off")
+    g.add_argument("--engine-precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+                   help="inference precision: auto = bf16 on CPUs with native bf16, else fp32; int8 "
+                        "(opt-in) is calibrated on 64 of your images. Training is unaffected")
     return g
 
 
@@ -377,10 +383,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
+    # --engine/--engine-precision reach every inference pass through the engine's environment
+    # defaults (core/engines.py), restored afterwards for in-process callers.
+    env = {"NOLA_ENGINE": getattr(args, "engine", "auto"),
+           "NOLA_PRECISION": getattr(args, "engine_precision", "auto")}
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: v for k, v in env.items() if v and v != "auto"})
     try:
         COMMANDS[args.command](args)
     except NolaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     _log(f"done in {time.perf_counter() - t0:.1f}s")
     return 0

