@@ -20,6 +20,9 @@ os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 os.environ["NOLA_HOME"] = tempfile.mkdtemp(prefix="nola-home-")
 os.environ.pop("NOLA_RANDOM_INIT", None)
+# Unit tests run PyTorch: converting every tiny (tuned) model to OpenVINO would add seconds each;
+# tests/test_engines.py asks for the engine explicitly.
+os.environ.setdefault("NOLA_ENGINE", "torch")
 os.environ.setdefault("OLLAMA_HOST", "http://127.0.0.1:9")  # never a real server by accident
 
 REPO = Path(__file__).resolve().parents[1]
