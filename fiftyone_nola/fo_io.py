@@ -33,15 +33,97 @@ def _fo():
 
 def _db_hint(e: Exception) -> str:
     uri = os.environ.get("FIFTYONE_DATABASE_URI")
-    where = f"the MongoDB at FIFTYONE_DATABASE_URI={uri}" if uri else "FiftyOne's embedded database"
+    what = f"{type(e).__name__}: {e}"
+    if uri:
+        return (f"Could not reach the MongoDB at FIFTYONE_DATABASE_URI={uri} ({what}). Start that server "
+                f"or fix the URI.")
+    if "ServiceExecutableNotFound" in what or "could not be installed" in what or "find `mongod`" in what:
+        return (f"Could not reach FiftyOne's embedded database ({what}): its mongod is not installed. Run "
+                f"`make setup`, or start your MongoDB and set FIFTYONE_DATABASE_URI.")
+    log = _database_dir() / "log" / "mongo.log"
     return (
-        f"Could not reach {where} ({type(e).__name__}: {e}). Run `make setup` (installs the "
-        f"embedded database), or start your MongoDB and set FIFTYONE_DATABASE_URI."
+        f"Could not reach FiftyOne's embedded database ({what}): its mongod did not start. See its log "
+        f"{log} (a full disk, a database directory it cannot write, or a mongod of another FiftyOne "
+        f"version holding that directory are the usual causes), or start your MongoDB and set "
+        f"FIFTYONE_DATABASE_URI."
     )
+
+
+def _database_dir() -> Path:
+    try:
+        import fiftyone.core.config as focn
+
+        return Path(focn.load_config().database_dir).expanduser()
+    except Exception:
+        return Path(os.environ.get("FIFTYONE_DATABASE_DIR", "~/.fiftyone/var/lib/mongo")).expanduser()
+
+
+def connect_database(attempts: int = 3, backoff_s: float = 2.0) -> None:
+    """Connect to FiftyOne's database; the embedded one is started by one process at a time.
+
+    Processes started at the same moment with no database service running would each launch
+    mongod on the same directory, and all but one died (DBPathInUse, then FiftyOne's
+    ServiceListenTimeout). A file lock beside FiftyOne's database directory, held only while
+    connecting, makes the others wait and then attach to the service the first one started;
+    a failed start is retried with backoff before one clear error.
+    """
+    import fcntl
+    import time
+
+    _fo()
+    import fiftyone.core.odm.database as fodb
+
+    if not fodb._is_client_closed(fodb._client):
+        return
+    if os.environ.get("FIFTYONE_DATABASE_URI"):
+        try:
+            fodb.get_db_conn()
+            return
+        except Exception as e:
+            raise DatabaseUnavailableError(_db_hint(e)) from e
+    db_dir = _database_dir()
+    lock = db_dir.parent / f".{db_dir.name}.nola-start.lock"
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock, "a+")
+    except OSError:  # an unwritable parent: connect without the lock, FiftyOne will say why
+        f = None
+    try:
+        if f is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        last: Optional[Exception] = None
+        for attempt in range(attempts):
+            try:
+                fodb.get_db_conn()
+                return
+            except Exception as e:  # noqa: BLE001 - any failure to start or reach it
+                last = e
+                _forget_database_service(fodb)
+                if attempt + 1 < attempts:
+                    time.sleep(backoff_s * 2 ** attempt)
+        raise DatabaseUnavailableError(_db_hint(last)) from last
+    finally:
+        if f is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            f.close()
+
+
+def _forget_database_service(fodb) -> None:
+    """Drop a half-started service so the next attempt searches for (or starts) one afresh."""
+    svc, fodb._db_service = fodb._db_service, None
+    fodb._client = None
+    os.environ.pop("FIFTYONE_PRIVATE_DATABASE_PORT", None)
+    fodb._connection_kwargs.pop("port", None)
+    if svc is not None:
+        try:
+            svc.stop()
+        except Exception:
+            pass
 
 
 def check_database() -> None:
     """Raise DatabaseUnavailableError with a clear message if the database cannot be reached."""
+    connect_database()
     fo = _fo()
     try:
         fo.list_datasets()
@@ -51,6 +133,7 @@ def check_database() -> None:
 
 def get_dataset(name: str):
     """Load a dataset by name, or raise DatasetNotFoundError listing what exists."""
+    connect_database()
     fo = _fo()
     try:
         names = fo.list_datasets()
@@ -261,26 +344,52 @@ def import_images(
         step = max(1, len(files) // max_samples)
         files = files[::step][:max_samples]
     name = dataset_name or Path(directory).expanduser().resolve().name
-    try:
-        exists = name in fo.list_datasets()
-    except Exception as e:
-        raise DatabaseUnavailableError(_db_hint(e)) from e
-    if exists and overwrite:
-        fo.delete_dataset(name)
-        exists = False
-    ds = fo.load_dataset(name) if exists else fo.Dataset(name, persistent=True)
-    have = set(ds.values("filepath")) if exists else set()
-    samples = []
-    for f in files:
-        if f in have:
-            continue
-        s = fo.Sample(filepath=f)
-        if gt_from_subfolders:
-            s[gt_from_subfolders] = fo.Classification(label=Path(f).parent.name)
-        samples.append(s)
-    if samples:
-        ds.add_samples(samples, progress=False)
+    connect_database()
+    # One importer per dataset name at a time: two jobs started together on one folder must
+    # neither both create the dataset nor both add its files.
+    with _import_lock(name):
+        try:
+            exists = name in fo.list_datasets()
+        except Exception as e:
+            raise DatabaseUnavailableError(_db_hint(e)) from e
+        if exists and overwrite:
+            fo.delete_dataset(name)
+            exists = False
+        ds = fo.load_dataset(name) if exists else fo.Dataset(name, persistent=True)
+        have = set(ds.values("filepath")) if exists else set()
+        samples = []
+        for f in files:
+            if f in have:
+                continue
+            s = fo.Sample(filepath=f)
+            if gt_from_subfolders:
+                s[gt_from_subfolders] = fo.Classification(label=Path(f).parent.name)
+            samples.append(s)
+        if samples:
+            ds.add_samples(samples, progress=False)
     return ds
+
+
+def _import_lock(name: str):
+    """An exclusive lock on importing into dataset ``name`` (a file under ``$NOLA_HOME/locks``)."""
+    import contextlib
+    import fcntl
+
+    from .storage import nola_home
+
+    @contextlib.contextmanager
+    def held():
+        d = nola_home() / "locks"
+        d.mkdir(parents=True, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        with open(d / f"import-{safe}.lock", "a+") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    return held()
 
 
 def write_text_atomic(path, obj) -> None:

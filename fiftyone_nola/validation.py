@@ -492,6 +492,7 @@ def resolve_target(target: Target) -> tuple[Target, list]:
         if target.samples is None:
             import fiftyone as fo
 
+            fo_io.connect_database()
             try:
                 names = fo.list_datasets()
             except Exception as e:  # the database itself is another error, said by fo_io
