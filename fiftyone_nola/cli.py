@@ -140,6 +140,7 @@ CLI_NAMES = {
     "tune_max_samples": "--tune-max-samples", "batch_size": "--batch-size", "num_workers": "--workers",
     "max_descriptions_per_class": "--max-descriptions", "grid": "--grid", "storage": "NOLA_HOME",
     "max_samples": "--max-samples", "index_type": "--index-type", "family": "--family", "use_llm": "--use-llm",
+    "templates": "--templates",
     "zeroshot_field": "output field", "dino_field": "output field", "tuned_field": "output field",
     "pseudo_field": "output field", "pred_field": "output field",
 }

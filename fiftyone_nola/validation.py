@@ -143,6 +143,23 @@ def check_descriptions(path: Optional[str], classes: Optional[Sequence[str]], al
                                       "--allow-template-fallback)")]
 
 
+def check_templates(templates, classes: Optional[Sequence[str]], input_name: str = "templates") -> list:
+    """A template preset name, ``auto``, a readable template file or a list (``templates.py``)."""
+    if templates is None:
+        return []
+    try:
+        from .templates import resolve_templates
+    except ImportError:
+        return []
+    try:
+        resolve_templates(templates, classes or ())
+    except InvalidInputError as e:
+        return [_problem(input_name, str(e), "name a preset, auto, or a file of templates with one {} each")]
+    except OSError as e:
+        return [_problem(input_name, f"cannot read the template file: {e}", "check the path")]
+    return []
+
+
 def _gt_labels(samples, field_: str, doc_type) -> set:
     import fiftyone as fo
 
@@ -562,6 +579,7 @@ def check_auto_label(target: Target, classes, config, fallback_random_init: bool
     classes_list, p = check_classes(classes, samples)
     problems += p
     problems += check_descriptions(config.descriptions_file, classes_list, config.allow_template_fallback)
+    problems += check_templates(getattr(config, "templates", None), classes_list)
     problems += check_clip(config.clip, fallback_random_init)
     problems += check_dino(config.dino, fallback_random_init)
     problems += check_device(config.device)
@@ -676,7 +694,7 @@ _UNSET = object()
 
 
 def check_params(samples, *, classes=_UNSET, min_classes: int = 2, descriptions_file: Optional[str] = None,
-                 allow_template_fallback: bool = True, clip=None, dino=None, fallback_random_init: bool = False,
+                 allow_template_fallback: bool = True, templates=None, clip=None, dino=None, fallback_random_init: bool = False,
                  device: Optional[str] = None, gt_field: Optional[str] = None, gt_multilabel: bool = False,
                  outputs: Optional[Mapping[str, str]] = None, output_type: str = "Classification",
                  fields: Optional[Mapping[str, tuple]] = None, stages: Optional[Mapping[str, tuple]] = None,
@@ -699,6 +717,7 @@ def check_params(samples, *, classes=_UNSET, min_classes: int = 2, descriptions_
         names, p = check_classes(classes, samples, min_classes)
         problems += p
     problems += check_descriptions(descriptions_file, names, allow_template_fallback)
+    problems += check_templates(templates, names)
     problems += check_clip(clip, fallback_random_init)
     problems += check_dino(dino, fallback_random_init)
     problems += check_device(device)

@@ -145,6 +145,14 @@ def test_cli_reports_every_problem_together(folder, files, tmp_path, capsys, no_
 
 
 @pytest.mark.integration
+def test_cli_unknown_template_set(folder, capsys, no_embedding):
+    code, _, err, secs = _cli(["auto-label", "--images", str(folder), "--classes", CLASSES, "--templates",
+                               "nonesuch", *TINY], capsys)
+    assert code == 2 and secs < LIMIT_S
+    assert "--templates: Unknown template set 'nonesuch'" in err
+
+
+@pytest.mark.integration
 def test_cli_gt_field_missing_on_existing_dataset(dataset, capsys, no_embedding):
     code, _, err, secs = _cli(["auto-label", "--dataset", dataset.name, "--classes", CLASSES, "--gt-field",
                                "nonexistent", *TINY], capsys, ds=dataset)
