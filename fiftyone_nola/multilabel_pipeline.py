@@ -180,6 +180,37 @@ def train_multilabel(
     return summary
 
 
+def apply_multilabel(samples, config: Optional[MultiLabelConfig] = None, log: Log = print) -> dict:
+    """Label ``samples`` with the head saved by :func:`train_multilabel`, without training
+    (what a re-run does for samples added since); their rows join the stored ones."""
+    from . import multilabel as ml
+
+    t0 = time.perf_counter()
+    config = config or MultiLabelConfig()
+    classes = stage_meta(stage_dir(samples, config.pseudo_field), "multi-label pseudo-label")["classes"]
+    d = stage_dir(samples, config.pred_field)
+    model, _ = ml.load_classifier(d / "classifier.pt", classes)
+    prev = runs.get_run(samples, runs.run_key_for(config.pred_field))
+    ids, _ = fo_io.ids_and_paths(samples)
+    y = aligned(stage_dir(samples, config.pseudo_field), "soft_labels", ids)
+    _, feats = load_embeddings(samples, config.clip, ids)
+    if config.dino is not None:
+        _, f2 = load_embeddings(samples, config.dino, ids)
+        feats = np.concatenate([feats, f2], axis=1)
+    probs = ml.predict_multilabel(model, feats)
+    pos = ml.decide_labels(probs, config.rule, ratio=config.ratio, max_labels=config.max_labels)
+    with stage_writer(samples, config.pred_field, log) as out_dir:
+        written = fo_io.write_multilabel(samples, ids, classes, probs, pos, config.pred_field)
+        save_array_bundle(out_dir, ids, {"probs": probs, "refined_labels": y.astype(np.float32)},
+                          {"classes": classes, "field": config.pred_field})
+        summary = {"stage": "cdul_train", "field": config.pred_field, "samples": len(ids), "labelled": written,
+                   "retrained": False, "seconds": time.perf_counter() - t0}
+        runs.record_run(samples, runs.run_key_for(config.pred_field), "cdul_classifier",
+                        (prev or {}).get("config") or {}, summary)
+    log(f"[cdul] saved classifier applied to {written} samples -> '{config.pred_field}'")
+    return summary
+
+
 def evaluate_multilabel_stages(samples, config: MultiLabelConfig, log: Log = print) -> dict:
     """mAP of global-only, local, initial and trained scores against ``config.gt_field``."""
     from .evaluation import evaluate_multilabel
@@ -220,15 +251,43 @@ def auto_label_multilabel(
     classes = resolve_classes(classes, samples)
     timer = StageTimer(echo=log)
     out: dict = {"classes": classes, "stages": {}}
+    from .pipeline import _embed_todo, _missing, _stored_classes, _subset, _up_to_date
+
+    ids, paths = fo_io.ids_and_paths(samples)
+    specs = [config.clip] + ([config.dino] if config.dino is not None else [])
+    changed = set().union(*(_embed_todo(samples, s, ids, paths) for s in specs))
     with timer.stage("embeddings"):
         families = "both" if config.dino is not None else "clip"
         out["stages"]["embeddings"] = compute_embeddings(
             samples, families, config.clip, config.dino,
             dataclasses.replace(config.embed, device=config.device), progress=progress, log=log)
+    processed = {f"embeddings:{k}": v["embedded"] for k, v in out["stages"]["embeddings"].items()}
+    # Same rule as auto_label: redo a stage for every sample when its settings or class list
+    # changed, else only for samples it has no row for (or whose image changed); the head is
+    # retrained only when every pseudo-label was redone, and labels new samples otherwise.
+    pseudo_full = (not _up_to_date(samples, runs.run_key_for(config.pseudo_field),
+                                   dataclasses.replace(config, embed=None))
+                   or _stored_classes(samples, config.pseudo_field) != classes)
+    todo = list(ids) if pseudo_full else _missing(samples, config.pseudo_field, ids, changed)
     with timer.stage("pseudo_labels"):
-        out["stages"]["pseudo_labels"] = multilabel_pseudo_labels(samples, classes, config, progress, log)
+        if todo:
+            out["stages"]["pseudo_labels"] = multilabel_pseudo_labels(_subset(samples, ids, todo), classes, config,
+                                                                      progress, log)
+        else:
+            log("[cdul] pseudo-labels up to date: reused")
+        processed["pseudo_labels"] = len(todo)
+    head = stage_dir(samples, config.pred_field) / "classifier.pt"
+    train_full = pseudo_full or not head.is_file() or runs.get_run(samples, runs.run_key_for(config.pred_field)) is None
+    todo = list(ids) if train_full else sorted(set(_missing(samples, config.pred_field, ids, changed)) | set(todo))
     with timer.stage("classifier"):
-        out["stages"]["classifier"] = train_multilabel(samples, config, progress, log)
+        if train_full:
+            out["stages"]["classifier"] = train_multilabel(samples, config, progress, log)
+        elif todo:
+            out["stages"]["classifier"] = apply_multilabel(_subset(samples, ids, todo), config, log)
+        else:
+            log("[cdul] classifier up to date: reused")
+        processed["classifier"] = len(todo)
+    out["processed"] = processed
     if config.gt_field:
         with timer.stage("evaluate"):
             out["evaluation"] = evaluate_multilabel_stages(samples, config, log)

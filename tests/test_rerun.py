@@ -71,3 +71,35 @@ def test_changed_settings_redo_the_stages_they_feed(make_dataset):
     n = len(ds)
     assert s["processed"] == {"embeddings:clip": 0, "embeddings:dino": 0, "zeroshot": n, "dino_labeler": n,
                               "prompt_tuning": 1, "predict": n}
+
+
+@pytest.mark.integration
+def test_multilabel_rerun_scores_only_added_samples(make_dataset):
+    """CDUL: a re-run scores no crops; added samples alone get pseudo-labels and the saved head's labels."""
+    import json
+
+    import fiftyone as fo
+
+    from conftest import COCO_DIR
+    from fiftyone_nola.multilabel_pipeline import MultiLabelConfig, auto_label_multilabel
+
+    if not COCO_DIR.is_dir():
+        pytest.skip("no COCO images")
+    names = sorted(json.loads((COCO_DIR / "labels.json").read_text()))[:10]
+    paths = [str(COCO_DIR / "images" / n) for n in names]
+    ds = make_dataset(paths[:7])
+    cfg = MultiLabelConfig(clip=tiny_clip_spec(), embed=EmbedConfig(batch_size=8, num_workers=0), grid=2,
+                           crop_batch_size=4, num_workers=0, train_epochs=2, single_template=True, device="cpu")
+    classes = ["person", "car", "dog", "pizza"]
+    first = auto_label_multilabel(ds, classes, cfg, log=lambda m: None)
+    assert first["processed"] == {"embeddings:clip": 7, "pseudo_labels": 7, "classifier": 7}
+    before = dict(zip(*ds.values(["id", "cdul.classifications.confidence"])))
+    again = auto_label_multilabel(ds, classes, cfg, log=lambda m: None)
+    assert again["processed"] == {"embeddings:clip": 0, "pseudo_labels": 0, "classifier": 0}
+    assert dict(zip(*ds.values(["id", "cdul.classifications.confidence"]))) == before
+    ds.add_samples([fo.Sample(filepath=p) for p in paths[7:]], progress=False)
+    added = auto_label_multilabel(ds, classes, cfg, log=lambda m: None)
+    assert added["processed"] == {"embeddings:clip": 3, "pseudo_labels": 3, "classifier": 3}
+    assert ds.count("cdul") == 10 and ds.count("cdul_pseudo") == 10
+    now = dict(zip(*ds.values(["id", "cdul.classifications.confidence"])))
+    assert {k: now[k] for k in before} == before
