@@ -16,12 +16,19 @@ Three parts, side by side in one run (each part's wall time is printed):
    default sklearn backend (its ``NeighborsHelper`` query path on in-memory arrays at every
    size; through a real dataset + ``compute_similarity`` + ``sort_by_similarity`` at sizes up
    to ``--fo-dataset-max-n``). Build time, single-query latency, batch queries/s, recall@10.
+   Exact search is timed taking turns, query by query and batch by batch: our flat store (in
+   RAM, and saved then reopened with its vectors memory-mapped) vs a plain numpy BLAS matmul +
+   argpartition over the same matrix vs faiss ``IndexFlatIP`` (what flat stores ran before).
 3. **Peak RSS** of embedding N images with our pipeline in a fresh child process, for two N.
 
 Usage::
 
     .venv/bin/python benchmarks/embeddings.py --quick            # < 3 minutes
     .venv/bin/python benchmarks/embeddings.py --json benchmarks/results/embeddings.json
+    # the k-NN part alone at 1M vectors (~5 minutes on 2 cores)
+    .venv/bin/python benchmarks/embeddings.py --skip-throughput --skip-rss --knn-sizes 1000000 \
+        --fo-dataset-max-n 0 --json benchmarks/results/embeddings_knn_1m.json \
+        --txt benchmarks/results/embeddings_knn_1m.txt
 """
 
 from __future__ import annotations
@@ -73,6 +80,11 @@ def parse_args(argv=None):
     g.add_argument("--repeats", type=int, default=1,
                    help="runs per side and set, alternating order; the median is reported")
     g.add_argument("--arch", default="ViT-B-32", help="open_clip architecture (random init)")
+    g.add_argument("--no-engine", action="store_true",
+                   help="skip the OpenVINO engine variants (ours runs PyTorch fp32 either way)")
+    g.add_argument("--engine-precision", default="bf16",
+                   help="precision of the main engine variant (default bf16: fp32 on CPUs "
+                        "without native bf16); int8 is always measured beside it")
     g.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
                    help="where generated camera-sized JPEGs and image copies are kept")
     g = p.add_argument_group("k-NN")
@@ -84,6 +96,8 @@ def parse_args(argv=None):
     g.add_argument("--batch-queries", type=int, default=1000, help="queries in the batch test")
     g.add_argument("--batch-queries-large", type=int, default=200,
                    help="queries in the batch test at n >= 1M (exact batch search is slow there)")
+    g.add_argument("--exact-repeats", type=int, default=3,
+                   help="batch runs of each exact search, taking turns; the median is reported")
     g.add_argument("--approx-default-max-n", type=int, default=100_000,
                    help="largest size at which ivf/hnsw are built with the library defaults "
                         "(their builds grow too slow beyond it on a 2-core CPU)")
@@ -258,9 +272,10 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
         quiet = lambda *_a, **_k: None  # noqa: E731
         counter = iter(range(10**6))
 
-        def ours(files, draft: bool):
+        def ours(files, draft: bool, engine: str = "torch", precision: str = "fp32"):
             ds = make_dataset(fo, f"ours-{next(counter)}", files)
-            cfg = EmbedConfig(batch_size=bs, num_workers=nw, device="cpu", draft_decode=draft)
+            cfg = EmbedConfig(batch_size=bs, num_workers=nw, device="cpu", draft_decode=draft,
+                              engine=engine, precision=precision)
             lav = C.loadavg()
             t = time.perf_counter()
             summary = compute_embeddings(ds, "clip", clip=spec, config=cfg, log=quiet)["clip"]
@@ -271,7 +286,8 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
             ds.delete()
             return {"seconds": secs, "images_per_s": len(files) / secs, "loadavg": lav,
                     "internal_images_per_s": summary["images_per_s"],
-                    "model_load_seconds": summary["model_load_seconds"]}, vecs
+                    "model_load_seconds": summary["model_load_seconds"],
+                    "inference": summary.get("inference")}, vecs
 
         def fiftyone(files):
             ds = make_dataset(fo, f"fo-{next(counter)}", files)
@@ -288,8 +304,29 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
         warm = coco_files(2 if args.quick else 8)
         for files in sets.values():
             warm_page_cache(files)
+        # The engine variants: converted (and int8 calibrated on 64 of the COCO images) once,
+        # before timing, as a user's first run would; conversion time reported on its own.
+        engine_variants = {}
+        if not args.no_engine:
+            from fiftyone_nola.embed import prepare_encoder
+            from fiftyone_nola.models import load_clip
+
+            calib = coco_files(64) or cifar_files(64)
+            for name, prec in (("engine", args.engine_precision), ("engine_int8", "int8")):
+                t = time.perf_counter()
+                _, choice = prepare_encoder(load_clip(spec), EmbedConfig(
+                    batch_size=bs, num_workers=nw, device="cpu", engine="openvino", precision=prec), calib)
+                if choice.engine == "openvino":
+                    engine_variants[name] = {"precision": prec, "ran": choice.tag,
+                                             "prepare_seconds": time.perf_counter() - t}
+                    print(f"{name}: {choice.tag} ready in {time.perf_counter() - t:.1f} s "
+                          f"(conversion, once)", flush=True)
+                else:
+                    print(f"{name}: OpenVINO unavailable ({choice.reason}): variant skipped")
         fiftyone(warm)
         ours(warm, True)
+        for v in engine_variants.values():
+            ours(warm, True, "openvino", v["precision"])
 
         def unit(x):
             x = np.asarray(x, dtype=np.float64)
@@ -304,9 +341,9 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
             # Draft decoding only ever reduces by powers of two while staying >= the model's
             # input size: for images smaller than twice that it decodes the same pixels.
             small = facts["mean_megapixels"] < (2 * 224) ** 2 / 1e6
-            runs = {"fiftyone": [], "draft": [], "exact": []}
+            runs = {"fiftyone": [], "draft": [], "exact": [], **{k: [] for k in engine_variants}}
             for rep in range(args.repeats):
-                order = ["fiftyone", "draft", "exact"]
+                order = ["fiftyone", "draft", "exact", *engine_variants]
                 if rep % 2:  # alternate who goes first: load from other jobs drifts
                     order = order[::-1]
                 for who in order:
@@ -314,6 +351,8 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
                         continue
                     if who == "fiftyone":
                         r, v = fiftyone(files)
+                    elif who in engine_variants:
+                        r, v = ours(files, True, "openvino", engine_variants[who]["precision"])
                     else:
                         r, v = ours(files, who == "draft")
                     runs[who].append((r, v))
@@ -353,6 +392,13 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
                 "min_centered_cosine_draft": float((fc * dc).sum(1).min()),
                 "median_cosine_between_different_images": float(np.median(other)),
             }
+            for ev in engine_variants:  # vs our PyTorch fp32 on the same (draft) pixels
+                r_v, v_v = med(runs[ev])
+                cos_v = (unit(v_v) * d).sum(1)
+                entry[ev] = r_v
+                entry[f"speedup_{ev}"] = r_v["images_per_s"] / r_fo["images_per_s"]
+                entry[f"speedup_{ev}_vs_torch"] = r_v["images_per_s"] / r_d["images_per_s"]
+                entry[f"min_cosine_{ev}"] = float(cos_v.min())
             per_set[name] = entry
             rows.append([name, len(files), r_fo["images_per_s"], r_d["images_per_s"],
                          r_e["images_per_s"], entry["speedup"], entry["speedup_exact_decode"],
@@ -364,6 +410,17 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
         fo_small = sum(v["fiftyone"]["seconds"] for v in small_sets)
         ours_small = sum(v["ours_draft"]["seconds"] for v in small_sets)
         n_small = sum(v["images"]["n"] for v in small_sets)
+        engine_keys = {}
+        for ev in engine_variants:
+            ev_small = sum(v[ev]["seconds"] for v in small_sets)
+            engine_keys.update({
+                f"speedup_small_{ev}": fo_small / ev_small,
+                f"speedup_{ev}": cam[f"speedup_{ev}"],
+                f"min_cosine_{ev}": min(v[f"min_cosine_{ev}"] for v in per_set.values()),
+                f"speedup_small_{ev}_vs_torch": ours_small / ev_small,
+                f"{ev}_images_per_s_small": n_small / ev_small,
+                f"{ev}_images_per_s": cam[ev]["images_per_s"],
+            })
         results["throughput"] = {
             "model": f"open_clip {args.arch}, random init (same checkpoint file both sides)",
             "batch_size": bs,
@@ -381,6 +438,12 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
                 "warmup": "one 8-image (quick: 2) run per side before timing, excluded",
             },
             "sets": per_set,
+            "engine_variants": engine_variants,
+            "engine_note": "ours with PyTorch = 'ours_draft' (engine='torch', fp32); engine "
+                           "variants run compute_embeddings(engine='openvino', precision=...) on "
+                           "the same draft-decoded pixels; min_cosine_engine* is vs ours PyTorch "
+                           "fp32 on the same images. inference.decode_wait_s / model_s split "
+                           "each run's time between waiting for decoded batches and the model.",
         }
         results.update(
             ours_images_per_s=cam["ours_draft"]["images_per_s"],
@@ -394,6 +457,7 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
             min_cosine_draft=min(v["min_cosine_draft"] for v in per_set.values()),
             min_centered_cosine=min(v["min_centered_cosine"] for v in per_set.values()),
             min_centered_cosine_draft=min(v["min_centered_cosine_draft"] for v in per_set.values()),
+            **engine_keys,
         )
         tables.append(C.table(
             ["image set", "n", "FO img/s", "ours img/s", "ours exact", "speedup", "spd exact",
@@ -404,6 +468,23 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
         ) + f"\nspeedup (camera-sized) = {results['speedup']:.2f}x   speedup_small (cifar+coco "
             f"time ratio) = {results['speedup_small']:.2f}x   min_cosine = "
             f"{results['min_cosine']:.5f}   min_cosine_draft = {results['min_cosine_draft']:.4f}")
+        if engine_variants:
+            erows = []
+            for name, v in per_set.items():
+                for ev, meta in engine_variants.items():
+                    inf = v[ev].get("inference") or {}
+                    tinf = v["ours_draft"].get("inference") or {}
+                    erows.append([name, meta["ran"], v["fiftyone"]["images_per_s"],
+                                  v["ours_draft"]["images_per_s"], v[ev]["images_per_s"],
+                                  v[f"speedup_{ev}"], v[f"speedup_{ev}_vs_torch"], v[f"min_cosine_{ev}"],
+                                  tinf.get("model_s"), tinf.get("decode_wait_s"),
+                                  inf.get("model_s"), inf.get("decode_wait_s")])
+            tables.append(C.table(
+                ["image set", "engine", "FO img/s", "torch img/s", "engine img/s", "vs FO",
+                 "vs torch", "min cos", "torch model s", "torch wait s", "eng model s", "eng wait s"],
+                erows, title="Inference engine (ours, draft decode): OpenVINO vs PyTorch fp32 vs FiftyOne; "
+                             "medians of interleaved runs; 'wait s' = waiting for decoded batches",
+            ) + "\n" + "   ".join(f"{k} = {v:.4f}" for k, v in engine_keys.items()))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -442,6 +523,12 @@ def clustered_unit_vectors(n: int, d: int, n_clusters: int, seed: int, centers=N
     return x, centers
 
 
+EXACT_OURS = "ours flat (exact: blocked BLAS, in RAM)"
+EXACT_MMAP = "ours flat (saved + reopened: memory-mapped)"
+EXACT_NUMPY = "numpy BLAS matmul + argpartition (baseline)*"
+EXACT_FAISS = "faiss IndexFlatIP (flat store before)*"
+
+
 def numpy_topk(x, q, k):
     """Exact inner-product top-k of each row of ``q`` over ``x``: positions (nq x k), best first."""
     return C.exact_topk([(0, x)], q, k)
@@ -458,6 +545,40 @@ def time_single(fn, queries, n: int) -> dict:
         fn(q)
         times.append(time.perf_counter() - t)
     return C.latency_stats(times)
+
+
+def time_taking_turns(fns: dict, queries, batch, n_single: int, repeats: int):
+    """Single-query seconds and batch seconds of each search, the searches taking turns (the
+    order rotating) query by query and batch by batch, so load from other jobs falls on all
+    alike. Returns ``(singles, batches, results of the last batch run)``, keyed like ``fns``."""
+    names = list(fns)
+    singles = {m: [] for m in names}
+    batches = {m: [] for m in names}
+    got = {}
+    for i in range(n_single):
+        q = queries[i % len(queries)][None]
+        for m in names[i % len(names):] + names[: i % len(names)]:
+            t = time.perf_counter()
+            fns[m](q)
+            singles[m].append(time.perf_counter() - t)
+    for r in range(repeats):
+        for m in names[r % len(names):] + names[: r % len(names)]:
+            t = time.perf_counter()
+            got[m] = fns[m](batch)
+            batches[m].append(time.perf_counter() - t)
+    return singles, batches, got
+
+
+def blas_facts() -> dict:
+    """Which BLAS (and kernel) numpy and faiss run, and the OpenBLAS overrides in effect."""
+    from threadpoolctl import threadpool_info
+
+    return {"libraries": [{k: i.get(k) for k in ("prefix", "version", "architecture", "num_threads",
+                                                 "threading_layer")}
+                          for i in threadpool_info() if i.get("user_api") == "blas"],
+            "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                                                   "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+                    if os.environ.get(k)}}
 
 
 def run_knn(args, results: dict, tables: list[str]) -> None:
@@ -494,20 +615,57 @@ def run_knn(args, results: dict, tables: list[str]) -> None:
                   f"batch {m['batch_qps']:8.1f} q/s  recall@{k} {rec:.4f}", flush=True)
             return m
 
-        # ---------------- ours: one store, three search structures over the same vectors
+        # ---------------- exact search, taking turns: our flat store (in RAM; saved and
+        # reopened, vectors memory-mapped), numpy BLAS (benchmark code, not the library's) and
+        # faiss IndexFlatIP (what flat stores searched with before)
+        import faiss
+
         home = Path(tempfile.mkdtemp(prefix="nola-bench-knn-"))
         try:
             t = time.perf_counter()
             idx = EmbeddingIndex.create(home / "ix", d, {"bench": True}, index_type="flat")
             idx.add(ids, x)
-            idx.search(qs[:1], k)  # builds the FAISS structure
-            build = time.perf_counter() - t
-            single = time_single(lambda q: idx.search(q[None], k), qs, args.single_queries)
+            idx.search(qs[:1], k)  # nothing to build: flat stores search the vectors
+            builds = {EXACT_OURS: time.perf_counter() - t}
+            idx.save()
             t = time.perf_counter()
-            _, got = idx.search(bq, k)
-            bt = time.perf_counter() - t
-            truth = got
-            record("ours flat (exact, FAISS IndexFlatIP)", build, single, bt, got)
+            reopened = EmbeddingIndex.open(home / "ix")
+            reopened.search(qs[:1], k)  # maps the file's pages (from the page cache)
+            builds[EXACT_MMAP] = time.perf_counter() - t
+            entry["flat_reopened_memory_mapped"] = isinstance(reopened.vectors, np.memmap)
+            t = time.perf_counter()
+            ff = faiss.IndexFlatIP(d)
+            ff.add(x)
+            builds[EXACT_FAISS] = time.perf_counter() - t
+            xn_np = np.ascontiguousarray(x)  # the store's own unit-norm float32 matrix would do
+            builds[EXACT_NUMPY] = 0.0
+
+            def np_search(q):
+                return [[ids[j] for j in r] for r in numpy_topk(xn_np, q, k)]
+
+            def faiss_search(q):
+                return [[ids[j] for j in r] for r in ff.search(q, k)[1]]
+
+            exact = {EXACT_OURS: lambda q: idx.search(q, k)[1],
+                     EXACT_MMAP: lambda q: reopened.search(q, k)[1],
+                     EXACT_NUMPY: np_search, EXACT_FAISS: faiss_search}
+            entry["blas"] = blas_facts()
+            print(f"  exact search, taking turns ({args.single_queries} single queries, "
+                  f"{args.exact_repeats} batches of {len(bq)} each) ...", flush=True)
+            singles, batches, got = time_taking_turns(exact, qs, bq, args.single_queries,
+                                                      args.exact_repeats)
+            truth = got[EXACT_NUMPY]
+            for name in exact:
+                bt = float(np.median(batches[name]))
+                record(name, builds[name], C.latency_stats(singles[name]), bt, got[name],
+                       {"batch_s_runs": batches[name], "taking_turns": True})
+            entry["exact_vs_numpy"] = {
+                name: {"single": C.latency_stats(singles[EXACT_NUMPY])["median_ms"]
+                                 / C.latency_stats(singles[name])["median_ms"],
+                       "batch": float(np.median(batches[EXACT_NUMPY]) / np.median(batches[name]))}
+                for name in exact}
+            del ff, reopened
+            gc.collect()
 
             # IVF trains k-means on a sample, so the library default is affordable at any n.
             plans = [("ivf", {}, "ours ivf (library defaults)")]
@@ -546,21 +704,6 @@ def run_knn(args, results: dict, tables: list[str]) -> None:
             gc.collect()
         finally:
             shutil.rmtree(home, ignore_errors=True)
-
-        # ---------------- proposed exact search (NOT library code): numpy BLAS, chunked
-        t = time.perf_counter()
-        xn_np = np.ascontiguousarray(x)  # the store's own unit-norm float32 matrix would do
-        build = time.perf_counter() - t
-
-        def np_search(q):
-            return [[ids[j] for j in r] for r in numpy_topk(xn_np, np.atleast_2d(q), k)]
-
-        single = time_single(np_search, qs, args.single_queries)
-        t = time.perf_counter()
-        got = np_search(bq)
-        bt = time.perf_counter() - t
-        record("proposed flat (numpy BLAS matmul + argpartition)*", build, single, bt, got,
-               {"not_library_code": True})
 
         # ---------------- proposed IVF build (NOT library code): subsampled, fewer centroids
         import faiss
@@ -641,11 +784,16 @@ def run_knn(args, results: dict, tables: list[str]) -> None:
         pbest = min(prop, key=lambda m: prop[m]["single_query"]["median_ms"])
         results[f"knn_single_query_speedup_{suffix}_proposed"] = sk / prop[pbest]["single_query"]["median_ms"]
         results[f"knn_best_proposed_{suffix}"] = pbest
-    flat = meths["ours flat (exact, FAISS IndexFlatIP)"]["single_query"]["median_ms"]
+    flat = meths[EXACT_OURS]["single_query"]["median_ms"]
     results[f"knn_single_query_speedup_exact_{suffix}"] = sk / flat
     results[f"knn_batch_qps_speedup_exact_{suffix}"] = (
-        meths["ours flat (exact, FAISS IndexFlatIP)"]["batch_qps"]
-        / meths["FO sklearn (NeighborsHelper, brute)"]["batch_qps"])
+        meths[EXACT_OURS]["batch_qps"] / meths["FO sklearn (NeighborsHelper, brute)"]["batch_qps"])
+    # Exact search vs numpy BLAS, same run, taking turns: the worse of our two flat stores
+    # (in RAM, reopened memory-mapped); >= 1 means at least as fast. faiss: the store before.
+    vs = big["exact_vs_numpy"]
+    for kind in ("single", "batch"):
+        results[f"knn_exact_{kind}_vs_numpy_{suffix}"] = min(vs[EXACT_OURS][kind], vs[EXACT_MMAP][kind])
+        results[f"knn_exact_{kind}_faiss_flat_vs_numpy_{suffix}"] = vs[EXACT_FAISS][kind]
     tables.append(C.table(
         ["n", "method", "build s", "1-query ms (median)", "p90 ms", "batch q/s", f"recall@{k}"],
         rows,
@@ -655,7 +803,14 @@ def run_knn(args, results: dict, tables: list[str]) -> None:
     ) + "\n* proposed = FAISS called directly with the IVF build recommended for the library "
         "(not what the library does today)\n"
         + f"knn_single_query_speedup_{suffix} = {results[f'knn_single_query_speedup_{suffix}']:.1f}x "
-          f"(sklearn median / {best}, recall@{k} {results[f'knn_recall_at_10_{suffix}']:.3f})")
+          f"(sklearn median / {best}, recall@{k} {results[f'knn_recall_at_10_{suffix}']:.3f})\n"
+        + "exact search vs numpy BLAS (taking turns; single = median latency ratio, batch = "
+          "median q/s ratio; >= 1 is as fast or faster): "
+        + "; ".join(f"{name}: single {v['single']:.2f}x, batch {v['batch']:.2f}x"
+                    for name, v in vs.items() if name != EXACT_NUMPY)
+        + f"\nknn_exact_single_vs_numpy_{suffix} = {results[f'knn_exact_single_vs_numpy_{suffix}']:.2f}, "
+          f"knn_exact_batch_vs_numpy_{suffix} = {results[f'knn_exact_batch_vs_numpy_{suffix}']:.2f} "
+          f"(the worse of our two flat stores)")
 
 
 def fo_dataset_knn(args, x, qs, bq, entry, record) -> None:
@@ -862,6 +1017,9 @@ def main(argv=None) -> int:
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     summary_keys = [k for k in ("ours_images_per_s", "fiftyone_images_per_s", "speedup",
                                 "speedup_small", "min_cosine", "min_cosine_draft",
+                                "speedup_small_engine", "speedup_engine", "min_cosine_engine",
+                                "speedup_small_engine_int8", "speedup_engine_int8",
+                                "min_cosine_engine_int8",
                                 "knn_single_query_speedup_1m", "knn_recall_at_10_1m",
                                 "peak_rss_mb_1k", "peak_rss_mb_10k") if k in results]
     report = "\n\n".join(tables) + "\n\nsummary: " + ", ".join(

@@ -82,6 +82,10 @@ def parse_args(argv=None):
                         "templates (speed only; default: all 50 + the 80 templates; quick 3)")
     p.add_argument("--skip-epoch-compare", action="store_true")
     p.add_argument("--skip-fiftyone", action="store_true", help="skip FiftyOne's apply_model side")
+    p.add_argument("--skip-engine-compare", action="store_true",
+                   help="skip predict with the inference engine vs PyTorch fp32")
+    p.add_argument("--engine-precision", default="auto",
+                   help="engine precision for that comparison (auto: bf16 with native bf16, else fp32)")
     a = p.parse_args(argv)
     q = a.quick
     a.n = a.n or (20 if q else 500)
@@ -304,6 +308,47 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
                           title=f"NoLA stages on {n} CIFAR-10 images, CPU ({args.arch} + {args.dino}, "
                                 f"batch {bs}, {nw} worker(s))"))
     print("\n" + tables[-1])
+
+    # ---------------------------------------------------------------- predict: engine vs PyTorch
+    if not args.skip_engine_compare:
+        from fiftyone_nola.core import engines
+
+        tuned = pt.load_tuned(res["tune"]["model_dir"], models.load_clip(clip_spec, torch.device("cpu")))
+        t = time.perf_counter()
+        _, ready = pt.predict_tuned(tuned, paths[:2], bs, 0, "cpu", engine="openvino",
+                                    precision=args.engine_precision)
+        prep = time.perf_counter() - t  # conversion (or cache load), outside the timing
+        ran = tuned.last_engine
+        timed = {"torch": [], "engine": []}
+        probs = {}
+        for rep_ in range(2):  # interleaved, alternating order; medians
+            for who in (("torch", "engine") if rep_ % 2 == 0 else ("engine", "torch")):
+                t = time.perf_counter()
+                probs[who], _ = pt.predict_tuned(
+                    tuned, paths, bs, nw, "cpu", engine="torch" if who == "torch" else "openvino",
+                    precision="fp32" if who == "torch" else args.engine_precision)
+                timed[who].append(time.perf_counter() - t)
+        pt_, pe = probs["torch"], probs["engine"]
+        ok = np.isfinite(pt_).all(1) & np.isfinite(pe).all(1)
+        same = float((pt_[ok].argmax(1) == pe[ok].argmax(1)).mean())
+        dconf = float(np.abs(pt_[ok].max(1) - pe[ok].max(1)).max())
+        dprob = float(np.abs(pt_[ok] - pe[ok]).max())
+        med = {k: float(np.median(v)) for k, v in timed.items()}
+        results["predict_engine"] = {
+            "engine": ran.tag, "requested_precision": args.engine_precision,
+            "prepare_seconds": prep, "seconds_torch": med["torch"], "seconds_engine": med["engine"],
+            "all_seconds": timed, "speedup_vs_torch": med["torch"] / med["engine"],
+            "same_label_fraction": same, "max_abs_delta_confidence": dconf,
+            "max_abs_delta_probability": dprob, "images": int(ok.sum()),
+            "openvino": engines.openvino_available(),
+        }
+        tables.append(C.table(
+            ["predict (tuned CLIP)", "s (median of 2)", "img/s", "same label", "max |d conf|"],
+            [["PyTorch fp32", med["torch"], n / med["torch"], "", ""],
+             [ran.tag, med["engine"], n / med["engine"], same, dconf]],
+            title=f"Predict with the inference engine vs PyTorch on {n} images (interleaved; "
+                  f"engine prepared in {prep:.1f}s: conversion once, then cached)"))
+        print("\n" + tables[-1])
 
     # ---------------------------------------------------------------- cached vs online teacher
     W, zs_classes = labeling.load_class_weights(ds, "nola_zeroshot")
