@@ -33,6 +33,22 @@ def evaluate_single_label(samples, pred_field: str, gt_field: str, eval_key: Opt
     }
 
 
+def final_labels_field(samples, pred_field: str, corrections_field: str = "nola_reviewed",
+                       out_field: Optional[str] = None) -> str:
+    """A field holding each sample's final label: the reviewer's correction when there is one,
+    else the model's prediction (what an export writes). Returns its name."""
+    import fiftyone as fo
+
+    fo_io.check_field(samples, pred_field, (fo.Classification,))
+    ds = fo_io.root_dataset(samples)
+    out_field = out_field or f"{pred_field}_final"
+    ids, preds = samples.values(["id", pred_field])
+    corr = samples.values(corrections_field) if ds.has_sample_field(corrections_field) else [None] * len(ids)
+    ds.set_values(out_field, {i: (c if c is not None else p) for i, p, c in zip(ids, preds, corr)
+                              if (c if c is not None else p) is not None}, key_field="id")
+    return out_field
+
+
 def evaluate_multilabel(samples, pred_field: str, gt_field: str, classes: list, scores: Optional[np.ndarray] = None,
                         ids: Optional[list] = None) -> dict:
     """mAP over classes (+ per-class AP) and precision/recall of the predicted label sets.

@@ -35,34 +35,30 @@ def _resolve_dir(export_dir: str, overwrite: bool) -> Path:
     return d  # created by the exporter (creating it first makes FiftyOne warn about merging)
 
 
-def export_accepted(
-    samples,
-    export_dir: str,
-    label_field: str = "nola",
-    format: str = "classification-tree",
-    min_confidence: Optional[float] = None,
-    corrections_field: str = CORRECTIONS_FIELD,
-    require_accepted: bool = True,
-    overwrite: bool = False,
-) -> dict:
-    """Export accepted (and/or above ``min_confidence``) samples; returns counts and reasons left out.
+def nothing_to_export_message(left_out: dict) -> str:
+    why = ", ".join(f"{k}: {v}" for k, v in left_out.items() if v) or "no samples"
+    return (f"Nothing to export ({why}). Accept samples in review first, or also export unreviewed "
+            "samples above a confidence (min_confidence).")
 
-    Formats: ``classification-tree`` (one folder per class), ``fiftyone`` (a FiftyOne dataset
-    directory), ``csv`` (filepath + labels; suits multi-label), ``coco`` (multi-label as COCO
-    image-level categories via a JSON file).
-    """
-    import fiftyone as fo
 
-    if format not in FORMATS:
-        raise InvalidInputError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
-    if not require_accepted and min_confidence is None:
-        raise InvalidInputError("Export needs accepted samples, a min_confidence, or both")
-    fo_io.check_field(samples, label_field, (fo.Classification, fo.Classifications))
-    multilabel = issubclass(samples.get_field(label_field).document_type, fo.Classifications)
-    if format == "classification-tree" and multilabel:
-        raise InvalidInputError("A classification tree needs single labels: use format 'csv' or 'coco'")
-    out_dir = _resolve_dir(export_dir, overwrite)
+def suggest_export_dir(samples, label_field: str = "nola") -> str:
+    """A fresh directory under NOLA_HOME/exports named after the dataset (never a non-empty one)."""
+    from .storage import nola_home
 
+    name = safe_folder_name(fo_io.root_dataset(samples).name).replace(" ", "_")
+    base = nola_home() / "exports" / f"{name}-{label_field}"
+    d, n = base, 1
+    while d.exists() and any(d.iterdir()):
+        n += 1
+        d = base.with_name(f"{base.name}-{n}")
+    return str(d)
+
+
+def plan_export(samples, label_field: str = "nola", min_confidence: Optional[float] = None,
+                corrections_field: str = CORRECTIONS_FIELD, require_accepted: bool = True,
+                multilabel: bool = False) -> tuple[list, dict, dict, list]:
+    """Which samples an export would write, without writing: ``(ids, final labels by id,
+    counts left out by reason, corrections)``."""
     ds = fo_io.root_dataset(samples)
     has_corr = ds.has_sample_field(corrections_field)
     ids, tags, paths = samples.values(["id", "tags", "filepath"])
@@ -95,8 +91,42 @@ def export_accepted(
                 continue
         keep.append(sid)
         final[sid] = label
+    return keep, final, left_out, corr
+
+
+def export_accepted(
+    samples,
+    export_dir: str,
+    label_field: str = "nola",
+    format: str = "classification-tree",
+    min_confidence: Optional[float] = None,
+    corrections_field: str = CORRECTIONS_FIELD,
+    require_accepted: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """Export accepted (and/or above ``min_confidence``) samples; returns counts and reasons left out.
+
+    Formats: ``classification-tree`` (one folder per class), ``fiftyone`` (a FiftyOne dataset
+    directory), ``csv`` (filepath + labels; suits multi-label), ``coco`` (multi-label as COCO
+    image-level categories via a JSON file).
+    """
+    import fiftyone as fo
+
+    if format not in FORMATS:
+        raise InvalidInputError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
+    if not require_accepted and min_confidence is None:
+        raise InvalidInputError("Export needs accepted samples, a min_confidence, or both")
+    fo_io.check_field(samples, label_field, (fo.Classification, fo.Classifications))
+    multilabel = issubclass(samples.get_field(label_field).document_type, fo.Classifications)
+    if format == "classification-tree" and multilabel:
+        raise InvalidInputError("A classification tree needs single labels: use format 'csv' or 'coco'")
+    out_dir = _resolve_dir(export_dir, overwrite)
+
+    ds = fo_io.root_dataset(samples)
+    keep, final, left_out, corr = plan_export(samples, label_field, min_confidence, corrections_field,
+                                              require_accepted, multilabel)
     if not keep:
-        raise InvalidInputError(f"Nothing to export: {left_out}. Accept samples in review first.")
+        raise InvalidInputError(nothing_to_export_message(left_out))
     renamed = {}
     if format == "classification-tree":
         # Labels become folder names: never let one ("../x", "a/b") point outside export_dir.

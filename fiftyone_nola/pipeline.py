@@ -74,6 +74,7 @@ class AutoLabelConfig:
     tuned_field: str = "nola"
     gt_field: Optional[str] = None  # evaluation only
     force: bool = False  # recompute every stage even if its outputs are up to date
+    app_ready: bool = True  # class list + Brain similarity/map on the stored vectors, for the App
 
 
 def _stage_config_json(obj) -> str:
@@ -167,6 +168,8 @@ def auto_label(
             else:
                 log("[predict] up to date (same tuned model, every sample labelled): reused")
             processed["predict"] = len(todo)
+    if config.app_ready:
+        out["app"] = prepare_for_review(samples, classes, log)
     out["processed"] = processed
     log("[auto-label] processed per stage: " + ", ".join(f"{k} {v}" for k, v in processed.items()))
 
@@ -180,6 +183,22 @@ def auto_label(
                     f"vs '{config.gt_field}'")
     out["seconds_per_stage"] = timer.seconds
     out["random_init"] = bool(config.clip.random_init or config.dino.random_init)
+    return out
+
+
+def prepare_for_review(samples, classes, log: Log = print) -> dict:
+    """What the App needs to review right away: the class list on the dataset (dropdowns, a label
+    schema for corrections) and Brain runs on the stored vectors (similarity search, map)."""
+    from .stages.brain_runs import register_brain_runs
+    from .stages.review_workspace import store_class_list
+
+    store_class_list(samples, classes)
+    out = {}
+    for family in ("clip", "dino"):
+        try:
+            out[family] = register_brain_runs(samples, family, log=log)
+        except Exception as e:  # the labels are done; the App extras must never fail the run
+            log(f"[brain] {family}: could not register the App's similarity/map runs: {e}")
     return out
 
 

@@ -107,6 +107,8 @@ def reliability_curve(confidence: np.ndarray, correct: np.ndarray, bins: int = 1
 
 def calibration(samples, field: str, gt_field: str, bins: int = 10) -> dict:
     """Reliability curve of ``field`` against the ground truth in ``gt_field``."""
+    if gt_field == field:
+        raise InvalidInputError(f"'{gt_field}' is the predictions field itself: calibration needs ground truth")
     ids, labels, conf = _conf_label(samples, field)
     gt = samples.values(f"{gt_field}.label")
     has = np.array([g is not None and lab is not None for g, lab in zip(gt, labels)])

@@ -7,16 +7,30 @@ from .descriptions import GenerateDescriptions
 from .embeddings import ComputeEmbeddings
 from .labeling import ApplyModel, DinoLabels, Evaluate, TunePrompts, ZeroShot
 from .multilabel import EvaluateMultiLabel, MultiLabelPseudoLabels, TrainMultiLabel
+from .panels import NolaPanel, NolaSampleReview
 from .pipeline import AutoLabel
-from .review import ExportAccepted, MarkReviewed, RetrainWithCorrections, ReviewLowConfidence
+from .review import (
+    ExportAccepted,
+    MarkReviewed,
+    PropagateCorrections,
+    RetrainWithCorrections,
+    ReviewLowConfidence,
+)
 
 OPERATORS = [
     ComputeEmbeddings, GenerateDescriptions, ZeroShot, DinoLabels, TunePrompts, ApplyModel, Evaluate,
     MultiLabelPseudoLabels, TrainMultiLabel, EvaluateMultiLabel,
     ReviewLowConfidence, MarkReviewed, RetrainWithCorrections, ExportAccepted, AutoLabel,
+    PropagateCorrections,
 ]
+PANELS = [NolaPanel, NolaSampleReview]
 
 
 def register(p):
-    for op in OPERATORS:
+    # The App server loads the plugin: make the FAISS similarity backend known in this process,
+    # so no FIFTYONE_BRAIN_* variable has to be set before launching the App.
+    from fiftyone_nola.brain_backend import register_faiss_backend
+
+    register_faiss_backend()
+    for op in OPERATORS + PANELS:
         p.register(op)

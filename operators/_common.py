@@ -213,3 +213,64 @@ def markdown_summary(title: str, summary: dict, lines: list | None = None) -> st
     body = "\n".join(f"- **{k}**: {v}" for k, v in summary.items() if not isinstance(v, (dict, list)))
     tail = ("\n\n```\n" + "\n".join(lines[-30:]) + "\n```") if lines else ""
     return f"### {title}\n{body}{tail}"
+
+
+# ---------------------------------------------------------------------------- review forms
+
+NONE_CHOICE = "(none)"
+
+
+def class_choices(ctx, field: str = "nola") -> list:
+    """The dataset's class list (``default_classes``, else the labels in ``field``)."""
+    from fiftyone_nola.stages.review_workspace import class_list
+
+    return class_list(ctx.dataset, field) if ctx.dataset is not None else []
+
+
+def add_class_choice(ctx, inputs, name: str, label: str, field: str = "nola", required: bool = True,
+                     description: str | None = None) -> list:
+    """A dropdown of the dataset's classes: nothing outside the list can be chosen."""
+    classes = class_choices(ctx, field)
+    if not classes:
+        inputs.str(name, required=required, label=label,
+                   description="the dataset has no class list yet: run the pipeline first")
+        return classes
+    view = types.DropdownView() if len(classes) <= 30 else types.AutocompleteView(
+        choices=[types.Choice(c, label=c) for c in classes], allow_user_input=False)
+    inputs.enum(name, classes, required=required, label=label, description=description, view=view)
+    return classes
+
+
+def add_gt_choice(ctx, inputs, name: str, label: str, exclude=()) -> None:
+    """An optional ground-truth dropdown that defaults to none. Fields written by NoLA stages
+    (predictions, not ground truth) and ``exclude`` are not offered."""
+    from fiftyone_nola.stages.review_workspace import STAGE_FIELDS, SUGGESTED_FIELD
+
+    skip = set(exclude) | set(STAGE_FIELDS) | {SUGGESTED_FIELD, "nola_export_label"}
+    fields = [f for f in label_fields(ctx) if f not in skip]
+    inputs.enum(name, [NONE_CHOICE, *fields], default=NONE_CHOICE, required=False, label=label,
+                description="none: no calibration (a dataset without ground truth has none)",
+                view=types.DropdownView())
+
+
+def choice_param(ctx, name: str):
+    v = ctx.params.get(name)
+    return None if v in (None, "", NONE_CHOICE) else v
+
+
+def show_review_fields(ctx, extra=()) -> None:
+    """After an action: reload and make the tags and review fields visible in the grid."""
+    from fiftyone_nola.review import CORRECTIONS_FIELD
+    from fiftyone_nola.stages.review_workspace import SUGGESTED_FIELD
+
+    ds = ctx.dataset
+    fields = ["tags", "nola", *extra]
+    fields += [f for f in (CORRECTIONS_FIELD, SUGGESTED_FIELD) if ds is not None and ds.has_sample_field(f)]
+    ctx.ops.reload_dataset()
+    ctx.ops.set_active_fields(fields=[f for f in dict.fromkeys(fields)
+                                      if f == "tags" or (ds is not None and ds.has_sample_field(f))])
+
+
+def r3(x):
+    """Numbers as a person reads them: 3 decimals, None stays None."""
+    return None if x is None else round(float(x), 3)

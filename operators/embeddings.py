@@ -55,6 +55,10 @@ class ComputeEmbeddings(foo.Operator):
             c.target_samples(ctx), p.get("family", "both"), c.clip_spec(ctx), c.dino_spec(ctx), cfg,
             progress=c.progress_fn(ctx), log=c.log_fn(lines),
         )
+        from fiftyone_nola.stages.brain_runs import register_brain_runs
+
+        for family, fam_summary in summary.items():  # similarity search and map in the App, no setup
+            fam_summary["app"] = register_brain_runs(ctx.dataset, family, log=c.log_fn(lines))
         return {"summary": "\n\n".join(c.markdown_summary(f"{k.upper()} embeddings", v) for k, v in summary.items()),
                 "result": c.jsonable(summary)}
 

@@ -187,19 +187,64 @@ class Evaluate(foo.Operator):
 
     def resolve_input(self, ctx):
         inputs = types.Object()
-        c.target_samples(ctx)
+        inputs.view_target(ctx, action_description="Evaluate", default_target="DATASET")
         c.add_field_choice(ctx, inputs, "pred_field", "Predicted field", default="nola")
         c.add_field_choice(ctx, inputs, "gt_field", "Ground-truth field", default="ground_truth")
+        inputs.bool("final_labels", default=False, label="Evaluate the final labels (reviewer corrections win)",
+                    description="the labels an export writes: nola_reviewed where a reviewer corrected, else the prediction")
         p = ctx.params
-        c.check_form(ctx, inputs, lambda: check_params(
-            c.target_samples(ctx), fields={k: (p.get(k), ("Classification",)) for k in ("pred_field", "gt_field")}))
+        inputs.str("eval_key", default=_eval_key(p), label="Evaluation key",
+                   description="the name under which the Model Evaluation panel lists it")
+        inputs.bool("overwrite", default=False, label="Replace an existing evaluation with this key")
+
+        def check():
+            from fiftyone_nola.validation import Problem
+
+            report = check_params(_eval_target(ctx), fields={k: (p.get(k), ("Classification",))
+                                                             for k in ("pred_field", "gt_field")})
+            key = p.get("eval_key") or _eval_key(p)
+            if ctx.dataset is not None and key in ctx.dataset.list_evaluations() and not p.get("overwrite"):
+                report.problems.append(Problem("eval_key", f"an evaluation '{key}' already exists",
+                                               "choose another key, or tick 'Replace'"))
+            if p.get("pred_field") and p.get("pred_field") == p.get("gt_field"):
+                report.problems.append(Problem("gt_field", "is the predicted field itself", "choose ground truth"))
+            return report
+
+        c.check_form(ctx, inputs, check)
         return types.Property(inputs, view=types.View(label="Evaluate"))
 
     def execute(self, ctx):
+        from fiftyone_nola.evaluation import final_labels_field
+
         p = ctx.params
-        s = evaluate_single_label(c.target_samples(ctx), p["pred_field"], p["gt_field"])
-        short = {k: v for k, v in s.items() if k != "per_class"}
-        return {"summary": c.markdown_summary("Evaluation", short), "result": c.jsonable(s)}
+        samples = _eval_target(ctx)
+        key = p.get("eval_key") or _eval_key(p)
+        pred = p["pred_field"]
+        if p.get("final_labels"):
+            pred = final_labels_field(samples, pred)
+        if key in ctx.dataset.list_evaluations() and p.get("overwrite"):
+            ctx.dataset.delete_evaluation(key)
+        s = evaluate_single_label(samples, pred, p["gt_field"], eval_key=key)
+        md = (f"### Evaluation `{key}`: {pred} vs {p['gt_field']}\n"
+              f"- **accuracy**: {c.r3(s['accuracy'])}\n- **macro F1**: {c.r3(s['macro_f1'])}\n"
+              f"- **samples**: {s['samples']}\n\nOpen the **Model Evaluation** panel (+ next to the grid tab) "
+              f"and pick `{key}` for the per-class report and the confusion matrix.")
+        short = {k: (c.r3(v) if isinstance(v, float) else v) for k, v in s.items() if k != "per_class"}
+        c.show_review_fields(ctx, extra=(pred,))
+        return {"summary": md, "result": c.jsonable(short)}
 
     def resolve_output(self, ctx):
         return c.summary_output(ctx, "Evaluation")
+
+
+def _eval_key(p) -> str:
+    from fiftyone_nola import runs
+
+    pred = p.get("pred_field") or "nola"
+    return f"eval_{runs.run_key_for(pred)}" + ("_final" if p.get("final_labels") else "")
+
+
+def _eval_target(ctx):
+    if ctx.params.get("view_target") or ctx.request_params.get("view_target"):
+        return ctx.target_view()
+    return ctx.dataset

@@ -16,7 +16,7 @@ from . import _common as c
 def _missing_label():
     from fiftyone_nola.validation import Problem, Report
 
-    return Report([Problem("label", "a corrected label is required for action=correct", "type the right class")])
+    return Report([Problem("label", "a corrected label is required for action=correct", "pick the right class")])
 
 
 def _confidence_plot_data(samples, field: str) -> list:
@@ -42,47 +42,63 @@ class ReviewLowConfidence(foo.Operator):
     def config(self):
         return foo.OperatorConfig(
             name="review_low_confidence", label="NoLA: flag samples for review",
-            description="Tag low-confidence / bottom-k per class samples, save review views, show per-class table and plots",
+            description="Flag low-confidence / bottom-k per class samples, queue them, save review views, "
+                        "show the per-class table and plots",
             dynamic=True, allow_immediate_execution=True, allow_delegated_execution=False,
         )
 
     def resolve_input(self, ctx):
+        from fiftyone_nola.stages.review_workspace import preview
+
         inputs = types.Object()
         c.target_samples(ctx)
         c.add_field_choice(ctx, inputs, "field", "Predictions to review", default="nola")
-        inputs.float("threshold", default=0.5, label="Confidence threshold",
+        p = ctx.params
+        field = p.get("field") or "nola"
+        inputs.float("threshold", default=0.5, label="Flag samples below this confidence",
                      view=types.SliderView(componentsProps={"slider": {"min": 0, "max": 1, "step": 0.01}}))
         inputs.int("bottom_k", default=0, label="Also flag the k least confident per class (0: off)")
-        c.add_field_choice(ctx, inputs, "gt_field", "Ground truth for calibration (optional)",
-                           default=None, required=False)
-        p = ctx.params
-        c.check_form(ctx, inputs, lambda: check_params(
+        _preview_notice(ctx, inputs, preview, field)
+        c.add_gt_choice(ctx, inputs, "gt_field", "Ground truth for calibration (optional)", exclude=(field,))
+        gt = c.choice_param(ctx, "gt_field")
+        c.check_form(ctx, inputs, lambda: _same_field(gt, field) or check_params(
             c.target_samples(ctx), need_samples=False,
-            fields={"field": (p.get("field") or "nola", ("Classification",)),
-                    **({"gt_field": (p["gt_field"], ("Classification",))} if p.get("gt_field") else {})},
+            fields={"field": (field, ("Classification",)),
+                    **({"gt_field": (gt, ("Classification",))} if gt else {})},
             ranges={"threshold": (p.get("threshold"), 0.0, None, False), "bottom_k": (p.get("bottom_k"), 0, None, True)}))
         return types.Property(inputs, view=types.View(label="Review"))
 
     def execute(self, ctx):
+        from fiftyone_nola.stages.review_workspace import flag_samples, preview
+
         p = ctx.params
         samples = c.target_samples(ctx)
         field = p.get("field") or "nola"
-        s = review.flag_for_review(samples, field, threshold=p.get("threshold"),
-                                   bottom_k_per_class=p.get("bottom_k") or None)
-        views = review.save_review_views(ctx.dataset, field, threshold=c.param(ctx, "threshold", 0.5))
-        table = review.class_table(samples, field, p.get("gt_field") or None)
-        rows = "\n".join(f"| {r['class']} | {r['count']} | {r['mean_confidence']:.3f} | {r['flagged']} | {r['accepted']} |"
-                         for r in table)
-        md = (f"### Review: {s['flagged']} of {s['samples']} samples tagged `{review.REVIEW_TAG}`\n"
-              f"Saved views: {', '.join(views)}\n\n| class | count | mean conf. | flagged | accepted |\n"
-              f"|---|---|---|---|---|\n{rows}")
-        out = {"summary": md, "confidence_plot": _confidence_plot_data(samples, field),
-               "result": c.jsonable({**s, "views": views, "table": table})}
-        if p.get("gt_field"):
-            curve = review.calibration(samples, field, p["gt_field"])
+        threshold = c.param(ctx, "threshold", 0.5)
+        bottom_k = p.get("bottom_k") or None
+        s = flag_samples(samples, field, threshold=threshold, bottom_k=bottom_k)
+        s["views"] = s["views"] + review.save_review_views(ctx.dataset, field, threshold=threshold)
+        table = preview(samples, field, threshold, bottom_k)["classes"]
+        rows = "\n".join(f"| {r['class']} | {r['count']} | {_fmt(r['mean_confidence'])} | {r['flagged']} | "
+                         f"{r['reviewed']} | {r['remaining']} |" for r in table)
+        md = (f"### Review: {s['flagged']} of {s['samples']} samples flagged (`nola:flagged`), "
+              f"{s['queue']} in the queue (`{review.REVIEW_TAG}`)\n"
+              f"Saved views: {', '.join(s['views'])}\n\n"
+              "| class | count | mean conf. | flagged | reviewed | remaining |\n"
+              f"|---|---|---|---|---|---|\n{rows}")
+        out = {"confidence_plot": _confidence_plot_data(samples, field),
+               "result": c.jsonable({**s, "table": table})}
+        gt = c.choice_param(ctx, "gt_field")
+        if gt and gt != field:
+            curve = review.calibration(samples, field, gt)
             out["calibration_plot"] = _calibration_plot_data(curve)
-            out["result"]["ece"] = curve["ece"]
-        ctx.trigger("reload_dataset")
+            out["result"]["ece"] = c.r3(curve["ece"])
+            md += (f"\n\n**Calibration vs `{gt}`**: expected calibration error (ECE) **{c.r3(curve['ece'])}** "
+                   f"over {sum(curve['count'])} samples (0 = confidences match accuracy)")
+        else:
+            md += "\n\nNo ground truth chosen: no calibration (it needs labels other than the predictions)."
+        out["summary"] = md
+        c.show_review_fields(ctx)
         return out
 
     def resolve_output(self, ctx):
@@ -90,12 +106,39 @@ class ReviewLowConfidence(foo.Operator):
         outputs.str("summary", view=types.MarkdownView())
         outputs.list("confidence_plot", types.Object(), label="Confidence per class",
                      view=types.PlotlyView(layout={"title": "Confidence per predicted class", "height": 400}))
-        if ctx.params.get("gt_field"):
+        if c.choice_param(ctx, "gt_field"):
             outputs.list("calibration_plot", types.Object(), label="Reliability curve",
                          view=types.PlotlyView(layout={"title": "Reliability (accuracy vs confidence)",
                                                        "xaxis": {"title": "confidence"},
                                                        "yaxis": {"title": "accuracy"}, "height": 400}))
         return types.Property(outputs)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _same_field(gt, field):
+    """Calibrating predictions against themselves is meaningless: refuse it in the form."""
+    from fiftyone_nola.validation import Problem, Report
+
+    if gt and gt == field:
+        return Report([Problem("gt_field", f"'{gt}' is the predictions field itself",
+                               "choose a ground-truth field, or none")])
+    return None
+
+
+def _preview_notice(ctx, inputs, preview, field) -> None:
+    """Live count of what the threshold would flag, shown above the Execute button."""
+    if ctx.dataset is None:
+        return
+    try:
+        pv = preview(c.target_samples(ctx), field, c.param(ctx, "threshold", 0.5), ctx.params.get("bottom_k") or None)
+    except Exception:
+        return
+    inputs.view("preview", types.Notice(
+        label=f"{pv['flagged']} of {pv['samples']} samples would be flagged; {pv['reviewed']} of them already "
+              f"reviewed, {pv['remaining']} to review"))
 
 
 class MarkReviewed(foo.Operator):
@@ -112,35 +155,48 @@ class MarkReviewed(foo.Operator):
         c.target_samples(ctx)
         inputs.enum("action", ["accept", "reject", "correct", "accept_above"], default="accept",
                     label="Action", view=types.RadioGroup())
-        inputs.str("label", required=False, label="Corrected label (action=correct)")
-        inputs.str("field", default="nola", label="Predictions field (action=accept_above)")
-        inputs.float("threshold", default=0.9, label="Accept if confidence >= (action=accept_above)")
         p = ctx.params
         action = p.get("action", "accept")
-        c.check_form(ctx, inputs, lambda: check_params(
+        classes = []
+        if action == "correct":
+            classes = c.add_class_choice(ctx, inputs, "label", "Right class (from the dataset's class list)")
+        if action == "accept_above":
+            c.add_field_choice(ctx, inputs, "field", "Predictions field", default="nola")
+            inputs.float("threshold", default=0.9, label="Accept if confidence >=")
+        c.check_form(ctx, inputs, lambda: _label_problem(p.get("label"), classes) if action == "correct" else check_params(
             c.target_samples(ctx), need_samples=False,
             fields={"field": (p.get("field") or "nola", ("Classification",))} if action == "accept_above" else None,
             ranges={"threshold": (p.get("threshold"), 0.0, 1.0, False)},
-            files=None) if action != "correct" or p.get("label") else _missing_label())
+            files=None))
         return types.Property(inputs, view=types.View(label="Mark reviewed"))
 
     def execute(self, ctx):
+        from fiftyone_nola.stages.review_workspace import decide
+
         p = ctx.params
         samples = c.target_samples(ctx)
         action = p.get("action", "accept")
-        if action == "accept":
-            n = review.set_status(samples, "accepted")
-        elif action == "reject":
-            n = review.set_status(samples, "rejected")
-        elif action == "correct":
-            n = review.correct_label(samples, p["label"], ctx.dataset.default_classes or None)
+        if action in ("accept", "reject", "correct"):
+            n = decide(samples, samples.values("id"), action, p.get("label") if action == "correct" else None)["samples"]
         else:
             n = review.accept_above(samples, p.get("field") or "nola", c.param(ctx, "threshold", 0.9))
-        ctx.trigger("reload_dataset")
+        ctx.ops.clear_selected_samples()
+        c.show_review_fields(ctx)
         return {"summary": f"{action}: {n} samples", "result": {"action": action, "samples": n}}
 
     def resolve_output(self, ctx):
         return c.summary_output(ctx, "Review")
+
+
+def _label_problem(label, classes):
+    from fiftyone_nola.validation import Problem, Report
+
+    if not label:
+        return _missing_label()
+    if classes and label not in classes:
+        return Report([Problem("label", f"{label!r} is not one of the dataset's classes",
+                               "pick one from the list")])
+    return Report([])
 
 
 class RetrainWithCorrections(foo.Operator):
@@ -194,30 +250,109 @@ class ExportAccepted(foo.Operator):
         )
 
     def resolve_input(self, ctx):
+        from fiftyone_nola.export import nothing_to_export_message, plan_export, suggest_export_dir
+
         inputs = types.Object()
-        c.target_samples(ctx)
+        inputs.view_target(ctx, action_description="Export", default_target="DATASET")
         c.add_field_choice(ctx, inputs, "label_field", "Labels to export", types_=("Classification", "Classifications"),
                            default="nola")
-        inputs.str("export_dir", required=True, label="Export directory")
-        inputs.enum("format", list(FORMATS), default="classification-tree", label="Format")
+        p = ctx.params
+        field = p.get("label_field") or "nola"
+        suggested = suggest_export_dir(ctx.dataset, field) if ctx.dataset is not None else None
+        inputs.str("export_dir", required=True, default=suggested, label="Export directory",
+                   description=f"on the machine running FiftyOne; suggested: {suggested}")
+        inputs.enum("format", list(FORMATS), default="classification-tree", label="Format",
+                    view=types.DropdownView())
         inputs.float("min_confidence", required=False, label="Also export unreviewed samples with confidence >=")
         inputs.bool("overwrite", default=False, label="Overwrite a non-empty directory")
-        p = ctx.params
-        c.check_form(ctx, inputs, lambda: check_params(
-            c.target_samples(ctx),
-            fields={"label_field": (p.get("label_field") or "nola", ("Classification", "Classifications"))},
-            ranges={"min_confidence": (p.get("min_confidence"), 0.0, 1.0, False)},
-            writable={"export_dir": (p.get("export_dir"), "export directory", False)}))
+
+        def check():
+            from fiftyone_nola.validation import Problem
+
+            report = check_params(
+                _export_target(ctx),
+                fields={"label_field": (field, ("Classification", "Classifications"))},
+                ranges={"min_confidence": (p.get("min_confidence"), 0.0, 1.0, False)},
+                writable={"export_dir": (p.get("export_dir") or suggested, "export directory", False)})
+            if not report.errors:
+                keep, _, left_out, _ = plan_export(_export_target(ctx), field, p.get("min_confidence"))
+                if not keep:
+                    report.problems.append(Problem("", nothing_to_export_message(left_out)))
+                else:
+                    inputs.view("plan", types.Notice(label=f"{len(keep)} samples will be exported"))
+            return report
+
+        c.check_form(ctx, inputs, check)
         return types.Property(inputs, view=types.View(label="Export accepted"))
 
     def execute(self, ctx):
+        from fiftyone_nola.errors import NolaError
+        from fiftyone_nola.export import suggest_export_dir
+
         p = ctx.params
-        r = export_accepted(c.target_samples(ctx), p["export_dir"], p.get("label_field") or "nola",
-                            p.get("format") or "classification-tree", p.get("min_confidence"),
-                            overwrite=bool(p.get("overwrite")))
+        samples = _export_target(ctx)
+        field = p.get("label_field") or "nola"
+        try:
+            r = export_accepted(samples, p.get("export_dir") or suggest_export_dir(samples, field), field,
+                                p.get("format") or "classification-tree", p.get("min_confidence"),
+                                overwrite=bool(p.get("overwrite")))
+        except NolaError as e:  # a message, never a traceback
+            return {"summary": f"### Nothing exported\n{e}", "result": {"exported": 0, "error": str(e)}}
         left = ", ".join(f"{k}: {v}" for k, v in r["left_out"].items() if v)
         return {"summary": f"### Exported {r['exported']} samples to `{r['export_dir']}`\nLeft out: {left or 'none'}",
                 "result": c.jsonable(r)}
 
     def resolve_output(self, ctx):
         return c.summary_output(ctx, "Export")
+
+
+def _export_target(ctx):
+    """The whole dataset unless the form's target says otherwise (a leftover selection never
+    narrows an export by itself)."""
+    if ctx.params.get("view_target") or ctx.request_params.get("view_target"):
+        return ctx.target_view()
+    return ctx.dataset
+
+
+class PropagateCorrections(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="propagate_corrections", label="NoLA: suggest corrections to similar samples",
+            description="Offer each reviewer correction to its nearest undecided neighbours carrying the same "
+                        "wrong label, as suggestions tagged for review (never as reviewed labels)",
+            dynamic=True, allow_immediate_execution=True, allow_delegated_execution=False,
+        )
+
+    def resolve_input(self, ctx):
+        from fiftyone_nola.stages.review_workspace import propagate_corrections
+
+        inputs = types.Object()
+        c.add_field_choice(ctx, inputs, "field", "Predictions field", default="nola")
+        inputs.float("min_similarity", default=0.9, min=0.0, max=1.0, label="Neighbour similarity >= (cosine)")
+        inputs.int("k", default=10, min=1, label="Neighbours looked at per correction")
+        p = ctx.params
+        if ctx.dataset is not None:
+            try:
+                r = propagate_corrections(ctx.dataset, p.get("field") or "nola", c.param(ctx, "min_similarity", 0.9),
+                                          int(p.get("k") or 10), apply=False)
+                inputs.view("preview", types.Notice(
+                    label=f"{r['corrections']} corrections would suggest labels for {r['suggested']} neighbours"))
+            except Exception:
+                pass
+        return types.Property(inputs, view=types.View(label="Propagate corrections"))
+
+    def execute(self, ctx):
+        from fiftyone_nola.stages.review_workspace import propagate_corrections
+
+        p = ctx.params
+        r = propagate_corrections(ctx.dataset, p.get("field") or "nola", c.param(ctx, "min_similarity", 0.9),
+                                  int(p.get("k") or 10))
+        c.show_review_fields(ctx)
+        by = ", ".join(f"{k}: {v}" for k, v in r["by_label"].items()) or "none"
+        return {"summary": f"### {r['suggested']} neighbours got a suggestion from {r['corrections']} corrections\n"
+                           f"By label: {by}. They are tagged `nola:suggested` and back in the review queue.",
+                "result": c.jsonable({k: v for k, v in r.items() if k != "ids"} | {"ids": r["ids"][:1000]})}
+
+    def resolve_output(self, ctx):
+        return c.summary_output(ctx, "Propagate corrections")

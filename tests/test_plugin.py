@@ -24,7 +24,9 @@ def test_plugin_is_discovered_and_every_manifest_operator_registers():
     assert not missing, missing
     # and nothing registered that the manifest does not declare
     ours = {u for u in uris if u.startswith(PLUGIN + "/")}
-    assert ours == {f"{PLUGIN}/{n}" for n in MANIFEST["operators"]}
+    assert ours == {f"{PLUGIN}/{n}" for n in MANIFEST["operators"] + MANIFEST.get("panels", [])}
+    panels = {op.name for op in foo.list_operators() if op.uri.startswith(PLUGIN + "/") and isinstance(op, foo.Panel)}
+    assert panels == set(MANIFEST["panels"])  # the review panels are registered as panels
 
 
 def test_fiftyone_cli_lists_plugin_and_operators():

@@ -1,0 +1,1 @@
+"""FiftyOne-aware stages: library functions that read and write FiftyOne datasets."""

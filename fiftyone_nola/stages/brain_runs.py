@@ -1,0 +1,104 @@
+"""Brain runs on the stored vectors, so the App's similarity search and Embeddings panel work
+as soon as it opens: a similarity run over the FAISS store (no re-embedding) and a 2-D
+visualization computed from the same vectors.
+
+The similarity run uses the ``faiss`` backend of :mod:`fiftyone_nola.brain_backend`; the run
+records its config class by name, so the App server loads it with no environment variable.
+The visualization uses UMAP when ``umap-learn`` is installed, else t-SNE (scikit-learn) for up
+to 5000 samples, else PCA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable, Optional
+
+import numpy as np
+
+from .. import fo_io, runs
+from ..embeddings import embeddings_run_key
+
+TSNE_MAX = 5000
+
+
+def similarity_key(family: str = "clip") -> str:
+    return f"nola_{family}_sim"
+
+
+def visualization_key(family: str = "clip") -> str:
+    return f"nola_{family}_viz"
+
+
+def visualization_method(n: int) -> str:
+    """UMAP if installed (and enough points), t-SNE for small sets, PCA otherwise."""
+    if n >= 20 and importlib.util.find_spec("umap") is not None:
+        return "umap"
+    if 50 <= n <= TSNE_MAX:
+        return "tsne"
+    return "pca"
+
+
+def stored_index_path(samples, family: str = "clip") -> Optional[str]:
+    """The FAISS store the embedding stage of ``family`` last wrote for this dataset."""
+    run = runs.get_run(samples, embeddings_run_key(family))
+    res = (run or {}).get("results") or {}
+    return res.get("index_path")
+
+
+def _spec(samples, family: str):
+    from ..models import ClipSpec
+
+    run = runs.get_run(samples, embeddings_run_key(family)) or {}
+    spec = (run.get("config") or {}).get("spec")
+    if family != "clip" or not isinstance(spec, dict):
+        return None
+    try:
+        return ClipSpec(**spec)
+    except TypeError:
+        return None
+
+
+def register_brain_runs(samples, family: str = "clip", visualization: bool = True,
+                        log: Callable[[str], None] = print) -> dict:
+    """(Re)register the similarity run and the visualization of ``family``'s stored vectors.
+
+    Returns ``{"similarity": key, "visualization": key, "method": ..., "samples": n}``; an
+    absent store (embeddings not computed) returns ``{}``. Existing runs under the same keys
+    are replaced, so they always describe the store as it is now.
+    """
+    import fiftyone.brain as fob
+
+    from ..brain_backend import compute_faiss_similarity, register_faiss_backend
+    from ..index import EmbeddingIndex
+
+    path = stored_index_path(samples, family)
+    if not path:
+        return {}
+    register_faiss_backend()
+    ds = fo_io.root_dataset(samples)
+    out = {}
+    sim_key = similarity_key(family)
+    if sim_key in ds.list_brain_runs():
+        ds.delete_brain_run(sim_key)  # not owned: the store itself is kept
+    compute_faiss_similarity(ds, path, sim_key, model=_spec(ds, family))
+    out["similarity"] = sim_key
+    if visualization:
+        ix = EmbeddingIndex.open(path)
+        ids = ds.values("id")
+        vecs, found = ix.get(ids)
+        kept = [i for i, f in zip(ids, found) if f]
+        if len(kept) >= 2:
+            method = visualization_method(len(kept))
+            viz_key = visualization_key(family)
+            if viz_key in ds.list_brain_runs():
+                ds.delete_brain_run(viz_key)
+            target = ds if len(kept) == len(ids) else ds.select(kept, ordered=True)
+            kwargs = {"perplexity": min(30.0, (len(kept) - 1) / 3)} if method == "tsne" else {}
+            fob.compute_visualization(target, embeddings=np.asarray(vecs, np.float32), brain_key=viz_key,
+                                      method=method, num_dims=2, seed=51, progress=False, **kwargs)
+            out.update(visualization=viz_key, method=method)
+        out["samples"] = len(kept)
+    log(f"[brain] {family}: similarity run '{sim_key}'"
+        + (f", {out.get('method')} map '{out.get('visualization')}'" if out.get("visualization") else "")
+        + " on the stored vectors")
+    return out

@@ -1,0 +1,430 @@
+"""The review workspace on a FiftyOne dataset: the class list, what a threshold flags, the
+review queue, decisions on single samples, neighbours and correction suggestions.
+
+Tags: ``nola:flagged`` marks what the last flagging selected (kept after review, so saved views
+and progress always match it); ``nola:review`` is the queue: flagged (or suggested) and not yet
+decided; ``nola:accepted`` / ``nola:rejected`` are decisions (see :mod:`fiftyone_nola.review`).
+Suggestions propagated from corrections go to ``nola_suggested`` and tag ``nola:suggested``;
+they are never decisions. ``nola_queue_rank`` orders the queue (see
+:func:`fiftyone_nola.core.review_queue.review_order`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .. import fo_io
+from ..core import review_queue as rq
+from ..errors import InvalidInputError
+from ..review import (
+    ACCEPTED_TAG,
+    CORRECTIONS_FIELD,
+    REJECTED_TAG,
+    REVIEW_TAG,
+    correct_label,
+    set_status,
+)
+
+FLAGGED_TAG = "nola:flagged"
+SUGGESTED_TAG = "nola:suggested"
+SUGGESTED_FIELD = "nola_suggested"
+QUEUE_FIELD = "nola_queue_rank"
+SETTINGS_KEY = "nola_review"
+
+VIEW_FLAGGED = "nola-flagged"
+VIEW_QUEUE = "nola-review-queue"
+VIEW_FLAGGED_PER_CLASS = "nola-flagged-per-class"
+
+STAGE_FIELDS = ("nola_zeroshot", "nola_dino", "nola")
+CLUSTERS_MAX = 20
+
+
+# ---------------------------------------------------------------------------- class list
+
+
+def class_list(samples, field: str = "nola") -> list[str]:
+    """The dataset's class list (``default_classes``), else the labels present in ``field``."""
+    ds = fo_io.root_dataset(samples)
+    if ds.default_classes:
+        return list(ds.default_classes)
+    if ds.has_sample_field(field):
+        return sorted(x for x in ds.distinct(f"{field}.label") if x is not None)
+    return []
+
+
+def store_class_list(samples, classes: Sequence[str], corrections_field: str = CORRECTIONS_FIELD) -> None:
+    """Keep the class list on the dataset: ``default_classes`` and a label schema making the
+    App's editor for ``corrections_field`` a dropdown of exactly these classes."""
+    import fiftyone as fo
+
+    ds = fo_io.root_dataset(samples)
+    classes = list(classes)
+    if list(ds.default_classes or []) != classes:
+        ds.default_classes = classes
+        ds.save()
+    if not ds.has_sample_field(corrections_field):
+        ds.add_sample_field(corrections_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Classification)
+    schema = {"type": "classification", "component": "dropdown", "classes": classes}
+    if hasattr(ds, "update_label_schema"):
+        try:
+            ds.update_label_schema(corrections_field, schema)
+        except Exception:  # older FiftyOne without label schemas: default_classes is enough
+            pass
+
+
+def check_class(samples, label: str, field: str = "nola") -> str:
+    classes = class_list(samples, field)
+    if classes and label not in classes:
+        raise InvalidInputError(f"{label!r} is not one of the dataset's classes: {', '.join(classes)}")
+    return label
+
+
+# ---------------------------------------------------------------------------- snapshot
+
+
+@dataclass
+class Snapshot:
+    """One read of what the review needs, aligned by position."""
+
+    ids: list
+    labels: list
+    conf: np.ndarray
+    tags: list
+
+    @property
+    def reviewed(self) -> np.ndarray:
+        return np.array([ACCEPTED_TAG in t or REJECTED_TAG in t for t in self.tags], dtype=bool)
+
+    @property
+    def flagged(self) -> np.ndarray:
+        return np.array([FLAGGED_TAG in t for t in self.tags], dtype=bool)
+
+    @property
+    def queued(self) -> np.ndarray:
+        return np.array([REVIEW_TAG in t for t in self.tags], dtype=bool)
+
+
+def snapshot(samples, field: str = "nola") -> Snapshot:
+    import fiftyone as fo
+
+    fo_io.check_field(samples, field, (fo.Classification,))
+    ids, labels, conf, tags = samples.values(["id", f"{field}.label", f"{field}.confidence", "tags"])
+    return Snapshot(list(ids), list(labels), rq.as_conf(conf), [list(t or []) for t in tags])
+
+
+def settings(samples) -> dict:
+    """The last flagging's settings stored on the dataset (field, threshold, bottom_k)."""
+    ds = fo_io.root_dataset(samples)
+    return dict((ds.info or {}).get(SETTINGS_KEY) or {})
+
+
+# ---------------------------------------------------------------------------- flagging
+
+
+def preview(samples, field: str = "nola", threshold: Optional[float] = 0.5, bottom_k: Optional[int] = None,
+            bins: int = 20) -> dict:
+    """What a threshold would flag, without writing: count, histogram split at the threshold,
+    per-class rows (reviewed / remaining as they would be)."""
+    s = snapshot(samples, field)
+    flag = rq.flag_mask(s.conf, s.labels, threshold, bottom_k)
+    return {"samples": len(s.ids), "flagged": int(flag.sum()), "threshold": threshold,
+            "reviewed": int((flag & s.reviewed).sum()), "remaining": int((flag & ~s.reviewed).sum()),
+            "histogram": rq.histogram(s.conf, bins, threshold),
+            "classes": rq.class_rows(s.labels, s.conf, flag, s.reviewed, class_list(samples, field))}
+
+
+def _clusters(samples, ids: list, n_groups: int) -> Optional[np.ndarray]:
+    """Embedding clusters of ``ids`` from the stored CLIP vectors (None without a store)."""
+    vecs, found = neighbour_index_vectors(samples, ids)
+    if vecs is None or not found.any():
+        return None
+    k = int(np.clip(round(np.sqrt(found.sum() / 2)), 1, CLUSTERS_MAX))
+    assign = np.full(len(ids), -1, dtype=int)
+    assign[found] = rq.kmeans(vecs, k)
+    return assign
+
+
+def _set_tag(samples, ids_with: Sequence[str], tag: str, scope_ids: Sequence[str]) -> None:
+    """Make ``tag`` present exactly on ``ids_with`` among ``scope_ids`` (only changed samples written)."""
+    ds = fo_io.root_dataset(samples)
+    have = set(ds.select(list(scope_ids)).match_tags(tag).values("id")) if scope_ids else set()
+    want = set(ids_with)
+    if have - want:
+        ds.select(list(have - want)).untag_samples(tag)
+    if want - have:
+        fo_io.tag_samples(ds, list(want - have), tag)
+
+
+def rank_queue(samples, field: str = "nola", clusters: bool = True) -> int:
+    """Recompute ``nola_queue_rank`` for the queued samples; returns the queue length."""
+    ds = fo_io.root_dataset(samples)
+    q = ds.match_tags(REVIEW_TAG)
+    ids, labels, conf = q.values(["id", f"{field}.label", f"{field}.confidence"]) if ds.has_sample_field(field) \
+        else (q.values("id"), [None] * len(q), [None] * len(q))
+    cl = _clusters(ds, list(ids), len(ids)) if clusters and ids else None
+    order = rq.review_order(conf, labels, cl)
+    ranks = {ids[j]: r for r, j in enumerate(order)}
+    if ds.has_sample_field(QUEUE_FIELD):
+        ds.set_field(QUEUE_FIELD, None).save()
+    if ranks:
+        ds.set_values(QUEUE_FIELD, ranks, key_field="id")
+    return len(ranks)
+
+
+def flag_samples(samples, field: str = "nola", threshold: Optional[float] = 0.5, bottom_k: Optional[int] = None,
+                 clusters: bool = True) -> dict:
+    """Flag what the threshold / bottom-k select, queue those not yet decided, save the views.
+
+    Re-flagging never re-queues a sample a reviewer already accepted or rejected; samples no
+    longer flagged leave the queue (unless a correction suggestion put them there).
+    """
+    if threshold is None and not bottom_k:
+        raise InvalidInputError("Give a confidence threshold, a bottom-k per class, or both")
+    ds = fo_io.root_dataset(samples)
+    s = snapshot(samples, field)
+    flag = rq.flag_mask(s.conf, s.labels, threshold, bottom_k)
+    flagged = [i for i, f in zip(s.ids, flag) if f]
+    suggested = {i for i, t in zip(s.ids, s.tags) if SUGGESTED_TAG in t}
+    queued = [i for i, f, r in zip(s.ids, flag, s.reviewed) if not r and (f or i in suggested)]
+    _set_tag(ds, flagged, FLAGGED_TAG, s.ids)
+    _set_tag(ds, queued, REVIEW_TAG, s.ids)
+    info = dict(ds.info or {})
+    info[SETTINGS_KEY] = {"field": field, "threshold": threshold, "bottom_k": bottom_k}
+    ds.info = info
+    ds.save()
+    n_queue = rank_queue(ds, field, clusters)
+    views = save_views(ds, field)
+    return {"field": field, "threshold": threshold, "bottom_k": bottom_k, "samples": len(s.ids),
+            "flagged": len(flagged), "reviewed": int((flag & s.reviewed).sum()), "queue": n_queue,
+            "views": views}
+
+
+def save_views(samples, field: str = "nola") -> list[str]:
+    """Saved views matching the flagged set exactly: all flagged (least confident first), the
+    queue (flagged or suggested, not yet decided, in queue order), flagged grouped per class."""
+    from fiftyone import ViewField as F
+
+    ds = fo_io.root_dataset(samples)
+    flagged = ds.match_tags(FLAGGED_TAG)
+    ds.save_view(VIEW_FLAGGED, flagged.sort_by(F(f"{field}.confidence")), overwrite=True,
+                 description="exactly the samples of the last flagging, least confident first")
+    ds.save_view(VIEW_QUEUE, queue_view(ds), overwrite=True,
+                 description="flagged or suggested and not yet reviewed, in review order (shrinks as you review)")
+    ds.save_view(VIEW_FLAGGED_PER_CLASS, flagged.sort_by([(f"{field}.label", 1), (f"{field}.confidence", 1)]),
+                 overwrite=True, description=f"the flagged samples grouped by {field} label, least confident first")
+    return [VIEW_FLAGGED, VIEW_QUEUE, VIEW_FLAGGED_PER_CLASS]
+
+
+def queue_view(samples):
+    """Flagged (or suggested) samples nobody decided yet, in review order."""
+    ds = fo_io.root_dataset(samples)
+    q = ds.match_tags(REVIEW_TAG)
+    return q.sort_by(QUEUE_FIELD) if ds.has_sample_field(QUEUE_FIELD) else q
+
+
+def queue_ids(samples, within=None) -> list[str]:
+    """Ids of the queue in review order (optionally only those inside ``within``)."""
+    q = queue_view(samples)
+    ids = q.values("id")
+    if within is not None and len(within) != len(fo_io.root_dataset(samples)):
+        keep = set(within.values("id"))
+        ids = [i for i in ids if i in keep]
+    return ids
+
+
+def next_in_queue(samples, after: Optional[str] = None, within=None) -> Optional[str]:
+    """The queue's first sample other than ``after`` (the one just decided)."""
+    for i in queue_ids(samples, within):
+        if i != after:
+            return i
+    return None
+
+
+# ---------------------------------------------------------------------------- decisions
+
+
+def decide(samples, sample_ids: Sequence[str], action: str, label: Optional[str] = None,
+           field: str = "nola", corrections_field: str = CORRECTIONS_FIELD) -> dict:
+    """Record a reviewer's decision on samples: ``accept`` (the model's label, or the
+    suggestion when one is shown and accepted via ``label``), ``reject``, or ``correct`` to
+    ``label`` from the class list. Picking the model's own label is an accept. Decided samples
+    leave the queue and lose any suggestion tag."""
+    ds = fo_io.root_dataset(samples)
+    ids = [str(i) for i in sample_ids]
+    if not ids:
+        raise InvalidInputError("No samples to act on: select samples in the grid (or lasso them in the map) first")
+    view = ds.select(ids)
+    if action == "accept" and label is None:
+        n = set_status(view, "accepted")
+    elif action == "reject":
+        n = set_status(view, "rejected")
+    elif action in ("correct", "accept"):
+        if not label:
+            raise InvalidInputError("Choose the right class from the class list")
+        check_class(ds, label, field)
+        classes = class_list(ds, field) or None
+        preds = dict(zip(*view.values(["id", f"{field}.label"]))) if ds.has_sample_field(field) else {}
+        same = [i for i in ids if preds.get(i) == label]
+        other = [i for i in ids if preds.get(i) != label]
+        n = 0
+        if same:
+            n += set_status(ds.select(same), "accepted")
+            if ds.has_sample_field(corrections_field):
+                ds.select(same).set_field(corrections_field, None).save()
+        if other:
+            n += correct_label(ds.select(other), label, classes, corrections_field)
+    else:
+        raise InvalidInputError(f"action must be accept, reject or correct, not {action!r}")
+    view.untag_samples(SUGGESTED_TAG)
+    return {"action": action, "label": label, "samples": n, "queue": len(ds.match_tags(REVIEW_TAG))}
+
+
+# ---------------------------------------------------------------------------- neighbours
+
+
+def _open_store(samples):
+    from ..index import EmbeddingIndex
+    from .brain_runs import stored_index_path
+
+    for family in ("clip", "dino"):
+        path = stored_index_path(samples, family)
+        if path:
+            try:
+                return EmbeddingIndex.open(path)
+            except Exception:
+                continue
+    return None
+
+
+def neighbour_index_vectors(samples, ids: Sequence[str]):
+    """``(vectors of the found ids, found mask)`` from the stored index, or ``(None, None)``."""
+    ix = _open_store(samples)
+    if ix is None:
+        return None, None
+    return ix.get(list(ids))
+
+
+def neighbours(samples, sample_ids: Sequence[str], k: int = 6, index=None) -> dict[str, list[tuple[str, float]]]:
+    """Nearest neighbours (id, cosine similarity) of each sample in the stored index, itself excluded."""
+    ix = index or _open_store(samples)
+    if ix is None:
+        return {}
+    ids = [str(i) for i in sample_ids]
+    vecs, found = ix.get(ids)
+    if not found.any():
+        return {}
+    scores, hits = ix.search(vecs, k + 1)
+    out = {}
+    for sid, sc, hs in zip([i for i, f in zip(ids, found) if f], scores, hits):
+        out[sid] = [(h, float(s)) for h, s in zip(hs, sc) if h != sid][:k]
+    return out
+
+
+def sample_card(samples, sample_id: str, field: str = "nola", k: int = 6) -> dict:
+    """What the sample view shows for one sample: each stage's label and confidence, the
+    reviewer's decision or correction, a suggestion, and the nearest neighbours' labels."""
+    ds = fo_io.root_dataset(samples)
+    sample = ds[sample_id]
+    stages = []
+    for f in (*STAGE_FIELDS, SUGGESTED_FIELD, CORRECTIONS_FIELD):
+        if ds.has_sample_field(f) and sample[f] is not None:
+            lab = sample[f]
+            stages.append({"field": f, "label": lab.label,
+                           "confidence": None if lab.confidence is None else round(float(lab.confidence), 3)})
+    nb = neighbours(ds, [sample_id], k).get(sample_id, [])
+    labels = dict(zip(*ds.select([n for n, _ in nb]).values(["id", f"{field}.label"]))) \
+        if nb and ds.has_sample_field(field) else {}
+    tags = list(sample.tags)
+    status = "accepted" if ACCEPTED_TAG in tags else "rejected" if REJECTED_TAG in tags else \
+        "in queue" if REVIEW_TAG in tags else "not flagged"
+    pred = sample[field] if ds.has_sample_field(field) else None
+    sugg = sample[SUGGESTED_FIELD] if ds.has_sample_field(SUGGESTED_FIELD) else None
+    return {"id": sample_id, "status": status, "prediction": getattr(pred, "label", None),
+            "suggestion": getattr(sugg, "label", None) if SUGGESTED_TAG in tags else None,
+            "stages": stages,
+            "neighbours": [{"id": n, "label": labels.get(n), "similarity": round(s, 3)} for n, s in nb]}
+
+
+def propagate_corrections(samples, field: str = "nola", min_similarity: float = 0.9, k: int = 10,
+                          corrections_field: str = CORRECTIONS_FIELD, apply: bool = True) -> dict:
+    """Offer each correction to the corrected sample's nearest undecided neighbours that carry
+    the same wrong label: their ``nola_suggested`` gets the reviewer's label (confidence = the
+    similarity), they are tagged ``nola:suggested`` and put in the review queue. Nothing is
+    accepted. With ``apply=False`` only counts what would be touched."""
+    import fiftyone as fo
+
+    ds = fo_io.root_dataset(samples)
+    if not ds.has_sample_field(corrections_field):
+        return {"corrections": 0, "suggested": 0, "by_label": {}, "ids": []}
+    corr = ds.exists(corrections_field)
+    cids, wrong, right = corr.values(["id", f"{field}.label", f"{corrections_field}.label"])
+    corrections = [(i, w, r) for i, w, r in zip(cids, wrong, right) if w != r]
+    if not corrections:
+        return {"corrections": 0, "suggested": 0, "by_label": {}, "ids": []}
+    nb = neighbours(ds, [c[0] for c in corrections], k)
+    cand = {n for lst in nb.values() for n, _ in lst}
+    cview = ds.select(list(cand))
+    cid, cpred, ctags = cview.values(["id", f"{field}.label", "tags"])
+    predicted = dict(zip(cid, cpred))
+    reviewed = {i for i, t in zip(cid, ctags) if ACCEPTED_TAG in t or REJECTED_TAG in t}
+    sugg = rq.propagation_suggestions(corrections, nb, predicted, reviewed, float(min_similarity))
+    by_label: dict = {}
+    for s in sugg.values():
+        by_label[s["label"]] = by_label.get(s["label"], 0) + 1
+    if apply and sugg:
+        ds.set_values(SUGGESTED_FIELD, {i: fo.Classification(label=s["label"], confidence=s["similarity"])
+                                        for i, s in sugg.items()}, key_field="id")
+        fo_io.tag_samples(ds, list(sugg), SUGGESTED_TAG)
+        fo_io.tag_samples(ds, list(sugg), REVIEW_TAG)
+        rank_queue(ds, field)
+        save_views(ds, field)
+    return {"corrections": len(corrections), "suggested": len(sugg), "by_label": by_label, "ids": sorted(sugg),
+            "min_similarity": float(min_similarity), "applied": bool(apply)}
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+STAGES = (
+    ("CLIP embeddings", "nola_embeddings_clip", None, "compute_embeddings"),
+    ("DINO embeddings", "nola_embeddings_dino", None, "compute_embeddings"),
+    ("Zero-shot (CDE)", "nola_zeroshot", "nola_zeroshot", "zero_shot"),
+    ("DINO labeller", "nola_dino", "nola_dino", "dino_labels"),
+    ("Prompt tuning", "nola_model", None, "tune_prompts"),
+    ("Predictions", "nola", "nola", "apply_tuned_model"),
+)
+
+
+def stage_status(samples) -> list[dict]:
+    """Each stage: has it run, on how many samples, with which model, when, fresh or stale
+    (stale: it ran before a stage it depends on, or samples lack its output)."""
+    from .. import runs
+
+    ds = fo_io.root_dataset(samples)
+    n = len(samples)
+    rows, prev_time = [], None
+    for name, key, field, op in STAGES:
+        run = runs.get_run(ds, key)
+        count = samples.exists(field).count() if field and ds.has_sample_field(field) else None
+        res = (run or {}).get("results") or {}
+        if run and count is None:
+            count = res.get("index_size") or res.get("samples")
+        when = res.get("recorded_at")
+        cfg = (run or {}).get("config") or {}
+        model = res.get("model_key") or (cfg.get("clip") or {}).get("arch") or (cfg.get("spec") or {}).get("arch") \
+            or (cfg.get("spec") or {}).get("name") or ""
+        if not run:
+            state = "not run"
+        elif (field and count is not None and count < n) or (prev_time and when and when < prev_time):
+            state = "stale"
+        else:
+            state = "fresh"
+        if run and when and "embeddings" not in key:
+            prev_time = when
+        rows.append({"stage": name, "state": state, "samples": f"{count or 0}/{n}", "model": str(model)[:40],
+                     "operator": op, "seconds": round(float(res["seconds"]), 1) if res.get("seconds") else None})
+    return rows
