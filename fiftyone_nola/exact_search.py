@@ -8,9 +8,10 @@ query scans the whole matrix on its own (memory traffic x nq), and a single quer
 from a second OpenMP thread, while numpy's sgemv splits it over the cores. Here each row block
 is read once per chunk of queries, by one BLAS call.
 
-Selection is cheap next to the matmul: a first small block gives each query a k-th best score,
-later blocks only compare against it (one pass over the block's scores) and merge the few rows
-that beat it. Ties are broken by position (lower first), so results are deterministic.
+Selection is cheap next to the matmul: each query's k-th best score so far (at first, that of
+the first few thousand scores) is a threshold; a block's scores are compared with it in one
+pass and only the few rows that beat it are merged (no argpartition over every score). Ties
+are broken by position (lower first), so results are deterministic.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from typing import Optional
 import numpy as np
 
 # Scores of one (query chunk x row block) at most this big: bounds the working memory whatever
-# the number of queries (16 MB: a single query scans up to 4M rows per BLAS call).
-DEFAULT_BLOCK_BYTES = 1 << 24
+# the number of queries (32 MB: one BLAS call per 8M rows for a single query, per 84k rows
+# for a batch of 100).
+DEFAULT_BLOCK_BYTES = 1 << 25
 # Rows of a restricted search are gathered (copied) at most this many bytes at a time.
 GATHER_BYTES = 1 << 26
-# The first block of each query chunk: large enough that its k-th best score is a tight
-# threshold for the rest.
+# Until a query has k results, the k-th best of the first this many scores of a block is its
+# threshold: tight enough that few other rows pass it, with no extra BLAS call.
 SEED_ROWS = 8192
 # No block is smaller than this (nor than 4k rows): per-call overheads stay negligible.
 MIN_BLOCK_ROWS = 1024
@@ -68,7 +70,7 @@ def topk_inner_product(
     step = min(m, max(min_rows, block_bytes // (4 * qchunk)))
     if rows is not None:
         step = min(step, max(min_rows, GATHER_BYTES // (4 * vectors.shape[1])))
-    seed = min(step, max(4 * kk, SEED_ROWS))
+    seed = max(4 * kk, SEED_ROWS)
     scores = np.empty((nq, kk), np.float32)
     pos = np.empty((nq, kk), np.int64)
     for a in range(0, nq, qchunk):
@@ -82,32 +84,37 @@ def _search_chunk(vectors, q, k, rows, m, seed, step):
     nq = len(q)
     best_s = np.full((nq, k), -np.inf, np.float32)
     best_i = np.full((nq, k), -1, np.int64)
-    start = 0
-    while start < m:
-        stop = min(m, start + (seed if start == 0 else step))
+    for start in range(0, m, step):
+        stop = min(m, start + step)
         if rows is None:
-            block, base = np.asarray(vectors[start:stop]), start
+            block, base = np.asarray(vectors[start:stop], dtype=np.float32), start
         else:
-            block, base = np.asarray(vectors[rows[start:stop]]), rows[start:stop]
+            block, base = np.asarray(vectors[rows[start:stop]], dtype=np.float32), rows[start:stop]
         if nq == 1:
             sc = (block @ q[0])[None, :]  # gemv
         else:
             sc = q @ block.T
-        _merge_block(sc, base, best_s, best_i)
-        start = stop
+        _merge_block(sc, base, best_s, best_i, seed)
     return best_s, best_i
 
 
-def _merge_block(sc: np.ndarray, base, best_s: np.ndarray, best_i: np.ndarray) -> None:
+def _merge_block(sc: np.ndarray, base, best_s: np.ndarray, best_i: np.ndarray, seed: int) -> None:
     """Fold one block's scores (nq×b) into the running best (nq×k, in place).
 
     ``base`` is the block's first position (an int) or each column's position (an array).
+    Rows are merged if they may enter the top k; the merge ranks by score, then position.
     """
     nq, k = best_s.shape
     b = sc.shape[1]
     filled = best_i[:, -1] >= 0
-    # A row ties with the current k-th best loses: it comes later than every row kept.
-    thr = np.where(filled, best_s[:, -1], -np.inf)
+    # A row tying with the current k-th best loses (it comes later than every row kept): > it.
+    thr = best_s[:, -1].copy()
+    if not filled.all():
+        # No k-th best yet: the k-th best of the block's first scores bounds it from below (>=).
+        s0 = min(b, seed)
+        k0 = min(k, s0)
+        first = np.partition(sc[:, :s0], s0 - k0, axis=1)[:, s0 - k0]
+        thr[~filled] = np.nextafter(first[~filled], np.float32(-np.inf))
     mask = sc > thr[:, None]
     if np.count_nonzero(mask) > max(CANDIDATES_PER_RESULT * k * nq, PARTITION_MIN):
         # Few thresholds yet (first block) or a block better than all before: keep only each
