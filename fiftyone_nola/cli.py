@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="loader workers per process")
     p.add_argument("--no-predict", action="store_true", help="only tune and save the model")
     p.add_argument("--json", dest="json_out", default=None, help="write the summary as JSON here")
+    p.add_argument("--check", action="store_true", help="only check the inputs; writes nothing")
     _clip_args(p, device_help="cpu or cuda (each torchrun process takes cuda:LOCAL_RANK)")
     return ap
 
@@ -147,7 +148,7 @@ CLI_NAMES = {
 
 
 def _names(args) -> dict:
-    names = dict(CLI_NAMES)
+    names = dict(CLI_NAMES, teacher_field="--dataset (its DINO labeller stage)")
     if getattr(args, "classes_file", None):
         names["classes"] = "--classes-file"
     if getattr(args, "gt_from_subfolders", None) and not getattr(args, "gt_field", None):
@@ -349,8 +350,19 @@ def cmd_tune(args) -> dict:
     from dataclasses import replace
 
     from . import distributed_training as dt
+    from . import fo_io
     from .prompt_tuning import TuneConfig
+    from .validation import check_params
 
+    # Every rank checks (read-only) before the process group forms, so all stop together.
+    report = check_params(
+        fo_io.get_dataset(args.dataset), clip=_clip_spec(args), device=args.device,
+        stages={"dataset": ("nola_zeroshot", "zero-shot"), "teacher_field": ("nola_dino", "DINO labeller")},
+        ranges={"tune_epochs": (args.epochs, 1, 100_000, True), "batch_size": (args.batch_size, 1, None, True),
+                "num_workers": (args.workers, 0, 256, True)},
+        writable={"json_out": (args.json_out, "summary file", True)})
+    if _checked(args, report):
+        return {"check": True}
     ctx = dt.init_distributed(args.device)
     log = _log if ctx.is_main else (lambda _msg: None)
     clip = _clip_spec(args)

@@ -31,6 +31,9 @@ def warm_imports():
     import timm  # noqa: F401
     import torch  # noqa: F401
 
+    from fiftyone_nola.fo_io import connect_database
+
+    connect_database()
     fo.list_datasets()
 
 
@@ -75,12 +78,18 @@ def _db_state(ds=None) -> dict:
 @pytest.fixture
 def no_embedding(monkeypatch):
     """Fail loudly if any image is embedded (the expensive work validation must precede)."""
+    import sys
+
     import fiftyone_nola.embed as embed_mod
+    import fiftyone_nola.embeddings  # noqa: F401  (import before patching: it binds the name)
 
     def boom(*a, **k):
         raise AssertionError("an embedding started before the inputs were checked")
 
-    monkeypatch.setattr(embed_mod, "iter_embeddings", boom)
+    real = embed_mod.iter_embeddings
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("fiftyone_nola") and getattr(mod, "iter_embeddings", None) is real:
+            monkeypatch.setattr(mod, "iter_embeddings", boom)
 
 
 def _cli(args, capsys, ds=None):
@@ -321,3 +330,26 @@ def test_form_shows_the_problem_next_to_its_input(dataset, files):
     good = {"classes": CLASSES, **TINY_OP}
     form = op.resolve_input(ExecutionContext(request_params={"dataset_name": dataset.name, "params": good}))
     assert not any(p.invalid for p in form.type.properties.values())
+
+
+@pytest.mark.integration
+def test_tune_command_checks_its_dataset_first(dataset, capsys):
+    code, _, err, secs = _cli(["tune", "--dataset", dataset.name, "--epochs", "0", *TINY[:4], "--random-init"],
+                              capsys, ds=dataset)
+    assert code == 2 and secs < LIMIT_S
+    assert "--dataset: the zero-shot stage has not been run" in err and "--epochs: " in err
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_shell_exit_code_is_2_with_the_message(folder, files):
+    """The real command line: exit status 2, the input named on stderr, no traceback."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "fiftyone_nola", "auto-label", "--images", str(folder), "--classes",
+                        CLASSES, "--descriptions", files["bad"], *TINY], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "--descriptions: " in r.stderr and "not valid JSON" in r.stderr and "Traceback" not in r.stderr
+    assert "[embeddings] started" not in r.stdout
