@@ -477,13 +477,15 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
                     erows.append([name, meta["ran"], v["fiftyone"]["images_per_s"],
                                   v["ours_draft"]["images_per_s"], v[ev]["images_per_s"],
                                   v[f"speedup_{ev}"], v[f"speedup_{ev}_vs_torch"], v[f"min_cosine_{ev}"],
-                                  tinf.get("model_s"), tinf.get("decode_wait_s"),
-                                  inf.get("model_s"), inf.get("decode_wait_s")])
+                                  tinf.get("model_s"), tinf.get("model_cpu_s"), tinf.get("decode_wait_s"),
+                                  inf.get("model_s"), inf.get("model_cpu_s"), inf.get("decode_wait_s")])
             tables.append(C.table(
                 ["image set", "engine", "FO img/s", "torch img/s", "engine img/s", "vs FO",
-                 "vs torch", "min cos", "torch model s", "torch wait s", "eng model s", "eng wait s"],
+                 "vs torch", "min cos", "torch model s", "torch cpu s", "torch wait s", "eng model s",
+                 "eng cpu s", "eng wait s"],
                 erows, title="Inference engine (ours, draft decode): OpenVINO vs PyTorch fp32 vs FiftyOne; "
-                             "medians of interleaved runs; 'wait s' = waiting for decoded batches",
+                             "medians of interleaved runs; 'wait s' = waiting for decoded batches; "
+                             "'cpu s' = CPU seconds of the model's threads (robust to other jobs)",
             ) + "\n" + "   ".join(f"{k} = {v:.4f}" for k, v in engine_keys.items()))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -123,7 +123,8 @@ def iter_embeddings(
     ``indices`` index into ``filepaths``; ``failures`` are ``(index, reason)`` of images that
     could not be read. Vectors are the model's raw embeddings (normalised by the index).
     ``encoder`` is what :func:`prepare_encoder` returned (prepared here when None). ``timing``,
-    if given, receives ``wait_s`` (waiting for decoded batches) and ``model_s`` (forward passes).
+    if given, receives ``wait_s`` (waiting for decoded batches), ``model_s`` (forward passes)
+    and ``model_cpu_s`` (CPU seconds of this process's threads in them: robust to other jobs).
     """
     cfg = config.resolved()
     device = torch.device(cfg.device)
@@ -139,13 +140,14 @@ def iter_embeddings(
     timing = timing if timing is not None else {}
     timing.setdefault("wait_s", 0.0)
     timing.setdefault("model_s", 0.0)
+    timing.setdefault("model_cpu_s", 0.0)
     total, done = len(ds), 0
     progress(0, total, f"embedding ({model.family})")
     clock = time.perf_counter
     with torch.inference_mode():
         t = clock()
         for idx, batch, bad in loader:
-            t_got = clock()
+            t_got, c_got = clock(), time.process_time()
             timing["wait_s"] += t_got - t
             vecs = np.empty((0, model.embed_dim), dtype=np.float32)
             if batch is not None:
@@ -154,6 +156,7 @@ def iter_embeddings(
                     out = encode(batch)
                 vecs = out.float().cpu().numpy()
             timing["model_s"] += clock() - t_got
+            timing["model_cpu_s"] += time.process_time() - c_got
             done += len(idx) + len(bad)
             progress(done, total, f"embedding ({model.family})")
             yield idx.numpy(), vecs, bad

@@ -130,7 +130,7 @@ class EmbedJob:
         self.failures: list[tuple[str, str]] = []
         self.n_done = 0
         self.t_embed = 0.0
-        self.timing: dict = {"wait_s": 0.0, "model_s": 0.0}
+        self.timing: dict = {"wait_s": 0.0, "model_s": 0.0, "model_cpu_s": 0.0}
         self.engine: Optional[engines.EngineChoice] = None
         self._t_plan = 0.0
         self._saved = False
@@ -280,7 +280,8 @@ class EmbedJob:
             "inference": None if self.engine is None else {
                 "engine": self.engine.engine, "precision": self.engine.precision,
                 "decode_wait_s": round(self.timing["wait_s"], 3),
-                "model_s": round(self.timing["model_s"], 3)},
+                "model_s": round(self.timing["model_s"], 3),
+                "model_cpu_s": round(self.timing["model_cpu_s"], 3)},
             **(extra or {}),
         }
         config = {"spec": self.spec, "embed": self.cfg, "model": self.model.identity}
