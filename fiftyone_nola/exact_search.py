@@ -5,8 +5,9 @@ search of ``flat`` stores on CPUs, in place of ``faiss.IndexFlatIP``, which is 2
 there with faiss-cpu 1.15: a batch takes faiss's BLAS path only from
 ``distance_compute_blas_threshold`` (128000) / dim queries on (250 at 512-d); below that each
 query scans the whole matrix on its own (memory traffic x nq), and a single query gains nothing
-from a second OpenMP thread, while numpy's sgemv splits it over the cores. Here each row block
-is read once per chunk of queries, by one BLAS call.
+from a second OpenMP thread, while numpy's sgemv splits it over the cores. Here a batch reads
+each row block once per chunk of queries, by one BLAS call, and a single query is scanned by a
+few threads taking chunks of rows as they go (see SCAN_THREADS).
 
 Selection is cheap next to the matmul: each query's k-th best score so far (at first, that of
 the first few thousand scores) is a threshold; a block's scores are compared with it in one
@@ -16,6 +17,9 @@ are broken by position (lower first), so results are deterministic.
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
@@ -36,6 +40,42 @@ MIN_BLOCK_ROWS = 1024
 # before merging: sorting that many candidates would cost more.
 PARTITION_MIN = 1 << 16
 CANDIDATES_PER_RESULT = 8
+# A single query is scanned by this many threads (None: the usable CPUs, at most 8), each
+# taking the next chunk of rows when done with one and computing it single-threaded (einsum).
+# On a 2-core machine shared with other jobs this was 1.25-1.3x faster than one multi-threaded
+# BLAS gemv, whose threads each own a fixed half of the rows: a descheduled one stalls the
+# call. Batches stay on BLAS (gemm is compute-bound, einsum is not a gemm).
+SCAN_THREADS: Optional[int] = None
+# Rows per chunk: 32 MB of vectors (16384 rows at 512-d; 8 and 128 MB were slower / no faster).
+# Restricted rows are gathered per chunk, at most GATHER_BYTES / 8 at a time.
+SCAN_CHUNK_BYTES = 1 << 25
+
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _scan_pool() -> Optional[ThreadPoolExecutor]:
+    global _pool, _pool_size
+    n = SCAN_THREADS
+    if n is None:
+        n = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if n <= 1:
+        return None
+    with _pool_lock:
+        if _pool is None or _pool_size != n:
+            _pool, _pool_size = ThreadPoolExecutor(n, thread_name_prefix="nola-exact-search"), n
+        return _pool
+
+
+def _forget_pool() -> None:
+    # A forked child inherits the executor but not its threads: it starts its own.
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def topk_inner_product(
@@ -86,16 +126,39 @@ def _search_chunk(vectors, q, k, rows, m, seed, step):
     best_i = np.full((nq, k), -1, np.int64)
     for start in range(0, m, step):
         stop = min(m, start + step)
-        if rows is None:
-            block, base = np.asarray(vectors[start:stop], dtype=np.float32), start
-        else:
-            block, base = np.asarray(vectors[rows[start:stop]], dtype=np.float32), rows[start:stop]
+        base = start if rows is None else rows[start:stop]
         if nq == 1:
-            sc = (block @ q[0])[None, :]  # gemv
+            sc = _scan_one(vectors, q[0], rows, start, stop)[None, :]
         else:
+            if rows is None:
+                block = np.asarray(vectors[start:stop], dtype=np.float32)
+            else:
+                block = np.asarray(vectors[rows[start:stop]], dtype=np.float32)
             sc = q @ block.T
         _merge_block(sc, base, best_s, best_i, seed)
     return best_s, best_i
+
+
+def _scan_one(vectors, q0: np.ndarray, rows, start: int, stop: int) -> np.ndarray:
+    """Scores of rows ``start:stop`` (of ``rows`` if given) against one query, by chunks."""
+    out = np.empty(stop - start, np.float32)
+    nbytes = SCAN_CHUNK_BYTES if rows is None else min(SCAN_CHUNK_BYTES, GATHER_BYTES // 8)
+    chunk = max(MIN_BLOCK_ROWS, nbytes // (4 * vectors.shape[1]))
+
+    def work(o: int) -> None:
+        e = min(stop - start, o + chunk)
+        blk = vectors[start + o : start + e] if rows is None else vectors[rows[start + o : start + e]]
+        np.einsum("nd,d->n", np.asarray(blk, dtype=np.float32), q0, out=out[o:e])
+
+    offsets = range(0, stop - start, chunk)
+    pool = _scan_pool() if len(offsets) > 1 else None
+    if pool is None:
+        for o in offsets:
+            work(o)
+    else:
+        for f in [pool.submit(work, o) for o in offsets]:
+            f.result()
+    return out
 
 
 def _merge_block(sc: np.ndarray, base, best_s: np.ndarray, best_i: np.ndarray, seed: int) -> None:

@@ -43,8 +43,11 @@ def reference(x, q, k, rows=None):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of a few rows, one query per chunk, partition fallback on: every path is taken."""
+    """Blocks of a few rows, one query per chunk, partition fallback on, single queries scanned
+    by two threads in chunks of a few rows: every path is taken."""
     monkeypatch.setattr(es, "MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(es, "SCAN_THREADS", 2)
+    monkeypatch.setattr(es, "SCAN_CHUNK_BYTES", 64)
     monkeypatch.setattr(es, "SEED_ROWS", 1)
     monkeypatch.setattr(es, "GATHER_BYTES", 64)
     monkeypatch.setattr(es, "PARTITION_MIN", 0)
@@ -126,6 +129,46 @@ def test_restricted_rows_and_empty_inputs():
     assert topk_inner_product(x[:0], q, 10)[0].shape == (3, 0)
     with pytest.raises(ValueError):
         topk_inner_product(x, q[:, :8], 10)
+
+
+def test_single_query_is_scanned_by_the_thread_pool(small_blocks, monkeypatch):
+    import threading
+
+    threads = set()
+    real = np.einsum
+
+    def spy(*a, **kw):
+        threads.add(threading.current_thread().name)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(np, "einsum", spy)
+    rng = np.random.default_rng(7)
+    x, q = unit(rng.normal(size=(400, 8))), unit(rng.normal(size=(1, 8)))
+    s, p = topk_inner_product(x, q, 5)
+    fs, fp = faiss_flat(x, q, 5)
+    np.testing.assert_array_equal(p, fp)
+    np.testing.assert_allclose(s, fs, atol=1e-6)
+    assert threads and all(t.startswith("nola-exact-search") for t in threads)
+
+
+def _child_search(x, q, out):
+    out.put(topk_inner_product(x, q, 3)[1].tolist())
+
+
+def test_search_works_in_a_forked_child(small_blocks):
+    # The child inherits the parent's pool object but none of its threads: it must not hang.
+    import multiprocessing as mp
+
+    rng = np.random.default_rng(8)
+    x, q = unit(rng.normal(size=(300, 8))), unit(rng.normal(size=(1, 8)))
+    want = topk_inner_product(x, q, 3)[1].tolist()  # the parent's pool now exists
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_child_search, args=(x, q, out))
+    child.start()
+    got = out.get(timeout=60)
+    child.join(60)
+    assert child.exitcode == 0 and got == want
 
 
 # ---------------------------------------------------------------- through EmbeddingIndex
