@@ -14,7 +14,7 @@ _LAZY = {
     "compute_embeddings": "embeddings",
     "compute_embeddings_ray": "distributed_embeddings",
     "RayEmbedConfig": "distributed_embeddings",
-    "tune_prompts_distributed": "distributed_training",
+    "tune_prompts_distributed": "distributed_tuning",
     "zero_shot": "labeling",
     "dino_labels": "labeling",
     "tune_prompts": "labeling",

@@ -349,8 +349,9 @@ def cmd_tune(args) -> dict:
     """
     from dataclasses import replace
 
-    from . import distributed_training as dt
+    from . import distributed as dt
     from . import fo_io
+    from .distributed_tuning import tune_prompts_distributed
     from .prompt_tuning import TuneConfig
     from .validation import check_params
 
@@ -372,7 +373,7 @@ def cmd_tune(args) -> dict:
     if args.tune_max_samples != -1:
         config = replace(config, max_samples=args.tune_max_samples or None)
     try:
-        summary = dt.tune_prompts_distributed(
+        summary = tune_prompts_distributed(
             args.dataset, clip, config, predict=not args.no_predict, log=log,
             progress=print_progress(sys.stdout) if ctx.is_main else None)
     finally:

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from . import distributed as dt
 from . import fo_io, runs, storage
 from .artifacts import aligned, load_array, save_array_bundle, stage_dir, stage_meta, stage_writer
 from .classes import ClassesArg, labels_to_indices, resolve_classes
@@ -269,7 +270,6 @@ def tune_on_inputs(clip_model, inputs: TuneInputs, config, progress: ProgressFn 
 
     Under torchrun every rank calls this; only rank 0 deletes a stale checkpoint.
     """
-    from . import distributed_training as dt
     from . import prompt_tuning as pt
 
     def run():

@@ -14,7 +14,7 @@ on held-aside images.
 Randomness is a pure function of the seed: the epoch's shuffle of ``(seed, epoch)`` and each
 image's augmentation of ``(seed, epoch, index)``, whatever the number of loader workers or
 processes. That is what makes ``tune`` data-parallel under torchrun without changing its result:
-with a process group of N ranks (see ``distributed_training``) each rank trains on its slice of
+with a process group of N ranks (see ``distributed``) each rank trains on its slice of
 every global batch, and its teacher labels; gradients are summed over ranks and divided by the
 global batch's size, so each step is the single-process step (up to float rounding).
 """
@@ -40,7 +40,7 @@ from PIL import Image, ImageFilter
 from torch import nn
 
 from . import device as dev
-from . import distributed_training as dt
+from . import distributed as dt
 from .core import engines
 from .data import ImageFileDataset, make_loader
 from .embed import calibration_images

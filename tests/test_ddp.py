@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import REPO, cifar_files
-from fiftyone_nola import distributed_training as dt
+from fiftyone_nola import distributed as dt
 from fiftyone_nola import prompt_tuning as pt
 
 pytestmark = pytest.mark.slow

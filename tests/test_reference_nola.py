@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 import torch
 
-from fiftyone_nola import distributed_training as dt
+from fiftyone_nola import distributed as dt
 from fiftyone_nola import prompt_tuning as pt
 from fiftyone_nola.arrays import softmax
 from fiftyone_nola.dino_labeler import (

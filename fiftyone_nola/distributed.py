@@ -6,10 +6,8 @@ on CUDA machines, gloo on CPUs. ``prompt_tuning.tune`` finds the group by itself
 (``context()``) and trains data-parallel; with no group or a single process every helper here
 is a no-op, so the same code runs with and without torchrun.
 
-``tune_prompts_distributed`` is the dataset-level entry behind
-``torchrun --nproc_per_node=N -m fiftyone_nola tune --dataset NAME``: rank 0 runs the ordinary
-single-process stage (which reads and writes FiftyOne), the other ranks only join its
-``tune`` call with the inputs rank 0 sends them and never touch the dataset.
+The dataset-level entry behind ``torchrun --nproc_per_node=N -m fiftyone_nola tune`` is
+``distributed_tuning.tune_prompts_distributed``; this module knows nothing of datasets.
 """
 
 from __future__ import annotations
@@ -272,63 +270,3 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
 
 # --------------------------------------------------------------------------- dataset entry
-
-
-def tune_prompts_distributed(
-    dataset: str,
-    clip=None,
-    config=None,
-    zeroshot_field: str = "nola_zeroshot",
-    teacher_field: str = "nola_dino",
-    run_name: str = "nola",
-    predict: bool = True,
-    progress=None,
-    log: Callable[[str], None] = print,
-) -> Optional[dict]:
-    """The prompt-tuning stage (then ``predict``) of a FiftyOne dataset, on every torchrun rank.
-
-    Call it in every process (``init_distributed`` is done here). Rank 0 runs
-    ``labeling.tune_prompts`` and ``labeling.predict`` exactly as a single process would; the
-    other ranks receive its inputs, join its ``tune`` call (gradients and teacher labels
-    sharded) and return None without reading or writing the dataset. Rank 0 returns the
-    ``{"tune": ..., "predict": ...}`` summaries. Prediction runs on rank 0 alone.
-    """
-    from . import fo_io, labeling
-    from . import prompt_tuning as pt
-    from .models import ClipSpec
-
-    ctx = init_distributed(getattr(config, "device", None))
-    clip = clip or ClipSpec()
-    log = log if ctx.is_main else _silent
-    # Rank 0 settles the config so that every rank agrees on it (for_hardware reads the device).
-    config = run_on_main(ctx, lambda: config or pt.TuneConfig.for_hardware(None, log=log))
-    # The other ranks need exactly what tune_prompts will pass to tune (it re-reads the same
-    # stored arrays; tune itself checks that all ranks agree).
-    inputs = run_on_main(ctx, lambda: labeling.tune_inputs(
-        fo_io.get_dataset(dataset), zeroshot_field, teacher_field, run_name)) if ctx.enabled else None
-    if not ctx.is_main:
-        _join_tune(ctx, clip, config, inputs)
-        return None
-    from .progress import null_progress
-
-    progress = progress or null_progress
-    samples = fo_io.get_dataset(dataset)
-    out = {"tune": labeling.tune_prompts(samples, zeroshot_field, teacher_field, clip, config,
-                                          run_name=run_name, progress=progress, log=log)}
-    if predict:
-        out["predict"] = labeling.predict(samples, out["tune"]["model_dir"], clip, run_name,
-                                          device=config.device, progress=progress, log=log)
-    return out
-
-
-def _silent(_msg: str) -> None:
-    return None
-
-
-def _join_tune(ctx: DistContext, clip, config, inputs) -> None:
-    """A non-zero rank's part: load CLIP and join rank 0's tune call(s)."""
-    from .labeling import tune_on_inputs
-    from .models import load_clip
-
-    model = load_clip(clip, ctx.device_for(dev.resolve_device(config.device)))
-    tune_on_inputs(model, inputs, config, log=None)
