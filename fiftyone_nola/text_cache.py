@@ -9,7 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import storage
+from . import storage, zeroshot
 from .models import ClipSpec, load_clip, spec_key
 
 
@@ -24,8 +24,6 @@ def cache_path(spec: ClipSpec):
 
 def encode_texts_cached(spec: ClipSpec, texts: Sequence[str], device=None, clip=None) -> tuple[np.ndarray, dict]:
     """``(T×D float32 L2-normalised rows, info)``; ``info`` says how many texts were encoded now."""
-    from . import zeroshot as zs
-
     path = cache_path(spec)
     keys = [_digest(t) for t in texts]
     known: dict[str, np.ndarray] = {}
@@ -36,7 +34,7 @@ def encode_texts_cached(spec: ClipSpec, texts: Sequence[str], device=None, clip=
     loaded: Optional[object] = clip
     if missing:
         loaded = loaded or load_clip(spec, device)
-        vecs = zs.encode_texts(loaded, missing)
+        vecs = zeroshot.encode_texts(loaded, missing)
         known.update(zip((_digest(t) for t in missing), vecs))
         all_keys = list(known)
         with storage.atomic_path(path) as tmp:
@@ -47,14 +45,12 @@ def encode_texts_cached(spec: ClipSpec, texts: Sequence[str], device=None, clip=
 
 
 def class_weights_from_texts(spec: ClipSpec, texts: dict, classes: Sequence[str], device=None) -> tuple[np.ndarray, dict]:
-    """CDE weight matrix (C×D) from each class's texts, through the text cache."""
-    from . import zeroshot as zs
-    from .errors import InvalidInputError
+    """``zeroshot.class_weights`` (C×D) encoding through the text cache; also returns its info."""
+    info: dict = {}
 
-    empty = [c for c in classes if not texts.get(c)]
-    if empty:
-        raise InvalidInputError(f"Classes without any text: {empty[:10]}")
-    unique = list(dict.fromkeys(t for c in classes for t in texts[c]))
-    emb, info = encode_texts_cached(spec, unique, device)
-    pos = {t: i for i, t in enumerate(unique)}
-    return zs.cde_weights([emb[[pos[t] for t in texts[c]]] for c in classes]), info
+    def encode(unique: list[str]) -> np.ndarray:
+        emb, got = encode_texts_cached(spec, unique, device)
+        info.update(got)
+        return emb
+
+    return zeroshot.class_weights(encode, texts, classes), info

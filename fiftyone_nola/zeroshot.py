@@ -9,7 +9,7 @@ learned temperature, as the official code uses it). Pure numpy apart from text e
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Optional, Union
 
 import numpy as np
@@ -116,16 +116,15 @@ def cde_weights(per_class_text_embeddings: Sequence[np.ndarray]) -> np.ndarray:
     return np.stack(rows).astype(np.float32)
 
 
-def build_class_weights(
-    clip: LoadedModel,
+def class_weights(
+    encode: Callable[[list[str]], np.ndarray],
     class_texts: ClassTexts,
     classes: Sequence[str],
-    batch_size: int = 256,
-    device: Optional[str] = None,
 ) -> np.ndarray:
-    """Zero-shot weights ``C x D`` for ``classes`` from their texts (dict by class name, or lists in class order).
+    """Zero-shot weights ``C x D`` for ``classes`` from their texts (dict by class name, or
+    lists in class order), with ``encode(texts) -> T x D`` unit rows (plain or cached).
 
-    Texts shared by several classes are encoded once.
+    Texts shared by several classes are encoded once; each class averages its texts as listed.
     """
     classes = list(classes)
     if not classes:
@@ -143,9 +142,21 @@ def build_class_weights(
     if empty:
         raise InvalidInputError(f"classes {empty[:10]} have no texts: every class needs at least one")
     unique = list(dict.fromkeys(t for texts in per_class for t in texts))
-    emb = encode_texts(clip, unique, batch_size=batch_size, device=device)
+    emb = encode(unique)
     pos = {t: i for i, t in enumerate(unique)}
     return cde_weights([emb[[pos[t] for t in texts]] for texts in per_class])
+
+
+def build_class_weights(
+    clip: LoadedModel,
+    class_texts: ClassTexts,
+    classes: Sequence[str],
+    batch_size: int = 256,
+    device: Optional[str] = None,
+) -> np.ndarray:
+    """:func:`class_weights` encoding with ``clip`` directly (no cache)."""
+    return class_weights(lambda texts: encode_texts(clip, texts, batch_size=batch_size, device=device),
+                         class_texts, classes)
 
 
 def zeroshot_logits(image_embeddings: np.ndarray, weights: np.ndarray, logit_scale: float = 100.0) -> np.ndarray:

@@ -119,3 +119,19 @@ def test_trimmed_text_encoding_equals_full_77_token_encoding(tiny_clip):
     full = torch.nn.functional.normalize(full, dim=-1).numpy()
     assert zsm._can_trim(tiny_clip.model)
     assert np.allclose(ours, full, atol=1e-5)
+
+
+def test_cached_and_direct_class_weights_are_one_computation(tiny_clip, tmp_path, monkeypatch):
+    """The pipeline's cached path and build_class_weights give the same matrix for the same texts
+    (repeats included), and the cache encodes each distinct text once."""
+    from fiftyone_nola.models import tiny_clip_spec
+    from fiftyone_nola.text_cache import class_weights_from_texts
+
+    monkeypatch.setenv("NOLA_HOME", str(tmp_path))
+    texts = {"cat": ["a cat", "a cat", "whiskers"], "dog": ["a dog", "a cat"]}
+    direct = build_class_weights(tiny_clip, texts, ["cat", "dog"], device="cpu")
+    cached, info = class_weights_from_texts(tiny_clip_spec(), texts, ["cat", "dog"], device="cpu")
+    np.testing.assert_allclose(cached, direct, atol=1e-6)
+    assert info["encoded"] == 3  # "a cat", "whiskers", "a dog"
+    with pytest.raises(InvalidInputError, match="no texts"):
+        class_weights_from_texts(tiny_clip_spec(), {"cat": ["x"], "dog": []}, ["cat", "dog"])
