@@ -86,6 +86,7 @@ def _import_openvino():
 
 
 def openvino_available() -> bool:
+    """Whether ``import openvino`` works here."""
     try:
         _import_openvino()
         return True
@@ -138,6 +139,7 @@ def _library_versions(engine: str) -> tuple:
 
 
 def check_settings(engine: str, precision: str) -> None:
+    """Refuse unknown ``engine`` / ``precision`` values with the accepted ones."""
     if engine not in ENGINES:
         raise InvalidInputError(f"engine must be one of {ENGINES}, not {engine!r}")
     if precision not in PRECISIONS:
@@ -250,6 +252,7 @@ def weights_fingerprint(module: nn.Module) -> str:
 
 
 def cache_root(root: Optional[os.PathLike] = None) -> Path:
+    """Where converted models are cached: ``root``, else ``$NOLA_HOME/engines``."""
     if root is not None:
         return Path(root)
     from ..storage import nola_home
