@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,37 +21,18 @@ def stage_dir(samples, run_key: str) -> Path:
 BUNDLE = "arrays.npz"
 
 
-# Locks held by this thread, by lock-file path: flock belongs to an open file, so a nested
-# acquire through a second open() would wait for ourselves. Per thread, because the App
-# server runs operators in threads of one process and those must still exclude each other.
-_held = threading.local()
-
-
 @contextlib.contextmanager
 def _locked(d: Path, log: Optional[Callable[[str], None]] = None, what: str = ""):
     """Serialise writers of one stage directory, across processes and threads; re-entrant.
 
     ``log`` is told when another job holds the lock, so a waiting job never looks hung.
     """
-    d.mkdir(parents=True, exist_ok=True)
-    key = str((d / ".lock").resolve())
-    held = _held.__dict__.setdefault("paths", set())
-    if key in held:
+    def waiting() -> None:
+        if log is not None:
+            log(f"[{what or d.name}] another job is writing this stage; waiting for it to finish")
+
+    with storage.file_lock(d / ".lock", on_wait=waiting):
         yield
-        return
-    with open(key, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if log is not None:
-                log(f"[{what or d.name}] another job is writing this stage; waiting for it to finish")
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        held.add(key)
-        try:
-            yield
-        finally:
-            held.discard(key)
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

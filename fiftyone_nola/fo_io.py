@@ -5,6 +5,7 @@ Writes are always bulk (``set_values`` keyed by sample id): never one round-trip
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -67,8 +68,9 @@ def connect_database(attempts: int = 3, backoff_s: float = 2.0) -> None:
     connecting, makes the others wait and then attach to the service the first one started;
     a failed start is retried with backoff before one clear error.
     """
-    import fcntl
     import time
+
+    from .storage import file_lock
 
     _fo()
     import fiftyone.core.odm.database as fodb
@@ -83,14 +85,11 @@ def connect_database(attempts: int = 3, backoff_s: float = 2.0) -> None:
             raise DatabaseUnavailableError(_db_hint(e)) from e
     db_dir = _database_dir()
     lock = db_dir.parent / f".{db_dir.name}.nola-start.lock"
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lock, "a+")
-    except OSError:  # an unwritable parent: connect without the lock, FiftyOne will say why
-        f = None
-    try:
-        if f is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(lock))
+        except OSError:  # an unwritable parent: connect without the lock, FiftyOne will say why
+            pass
         last: Optional[Exception] = None
         for attempt in range(attempts):
             try:
@@ -102,10 +101,6 @@ def connect_database(attempts: int = 3, backoff_s: float = 2.0) -> None:
                 if attempt + 1 < attempts:
                     time.sleep(backoff_s * 2 ** attempt)
         raise DatabaseUnavailableError(_db_hint(last)) from last
-    finally:
-        if f is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-            f.close()
 
 
 def _forget_database_service(fodb) -> None:
@@ -372,24 +367,10 @@ def import_images(
 
 def _import_lock(name: str):
     """An exclusive lock on importing into dataset ``name`` (a file under ``$NOLA_HOME/locks``)."""
-    import contextlib
-    import fcntl
+    from .storage import file_lock, nola_home
 
-    from .storage import nola_home
-
-    @contextlib.contextmanager
-    def held():
-        d = nola_home() / "locks"
-        d.mkdir(parents=True, exist_ok=True)
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        with open(d / f"import-{safe}.lock", "a+") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-    return held()
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return file_lock(nola_home() / "locks" / f"import-{safe}.lock")
 
 
 def write_text_atomic(path, obj) -> None:

@@ -24,15 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import errno
-import fcntl
 import json
 import logging
 import math
 import os
 import re
 import shutil
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Optional, Union
@@ -43,7 +40,7 @@ import numpy as np
 from .arrays import l2_normalize
 from .errors import IndexMismatchError, InvalidInputError, MissingEmbeddingsError, NolaError
 from .exact_search import topk_inner_product
-from .storage import atomic_path, write_json_atomic
+from .storage import LockTimeout, atomic_path, file_lock, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -271,8 +268,6 @@ class EmbeddingIndex:
         self._faiss = None  # search structure (maybe on GPU)
         self._faiss_cpu = None  # CPU copy, what save() writes
         self._built_type: Optional[str] = None
-        self._lock_fd: Optional[int] = None
-        self._lock_depth = 0
 
     # ------------------------------------------------------------------ construction
 
@@ -1084,45 +1079,15 @@ class EmbeddingIndex:
         Raises :class:`IndexLockedError` if another process still holds it after ``timeout``
         seconds.
         """
-        if self._lock_fd is not None:
-            self._lock_depth += 1
-            try:
+        try:
+            with file_lock(self.path / LOCK_FILE, timeout=max(0.0, float(timeout))):
                 yield self
-            finally:
-                self._lock_depth -= 1
-            return
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + max(0.0, float(timeout))
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as e:
-                    if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                        raise
-                    if time.monotonic() >= deadline:
-                        raise IndexLockedError(
-                            f"The embedding index at {self.path} is locked by another process "
-                            f"(waited {timeout:g} s). Wait for that job to finish, or stop it; "
-                            "the lock is released automatically when it exits."
-                        ) from None
-                    time.sleep(0.05)
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
-        except BaseException:
-            os.close(fd)
-            raise
-        self._lock_fd = fd
-        try:
-            yield self
-        finally:
-            self._lock_fd = None
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        except LockTimeout:
+            raise IndexLockedError(
+                f"The embedding index at {self.path} is locked by another process "
+                f"(waited {timeout:g} s). Wait for that job to finish, or stop it; "
+                "the lock is released automatically when it exits."
+            ) from None
 
 
 def _has_store_files(path: Path) -> bool:

@@ -1,4 +1,4 @@
-"""Where artefacts live on disk, and atomic writes.
+"""Where artefacts live on disk, atomic writes, and the one file lock.
 
 Layout under ``$NOLA_HOME`` (default ``~/.fiftyone_nola``)::
 
@@ -10,11 +10,14 @@ Layout under ``$NOLA_HOME`` (default ``~/.fiftyone_nola``)::
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -88,6 +91,65 @@ def write_json_atomic(path: os.PathLike, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+class LockTimeout(TimeoutError):
+    """Another process held the lock for longer than the caller would wait."""
+
+
+# Lock files held by this thread: flock belongs to an open file, so a nested acquire through a
+# second open() would wait for ourselves. Per thread, because the App server runs operators in
+# threads of one process and those must still exclude each other.
+_held_locks = threading.local()
+
+
+@contextlib.contextmanager
+def file_lock(path: os.PathLike, timeout: Optional[float] = None,
+              on_wait: Optional[Callable[[], None]] = None) -> Iterator[Path]:
+    """Exclusive lock on ``path`` across processes and threads; re-entrant within a thread.
+
+    ``timeout=None`` waits as long as it takes; otherwise :class:`LockTimeout` after that many
+    seconds. ``on_wait()`` is called once if the lock is busy, so a waiting job can say so.
+    The lock goes with the process: a killed holder never leaves it stuck.
+    """
+    path = Path(path)
+    key = str(path.resolve())
+    held = _held_locks.__dict__.setdefault("paths", set())
+    if key in held:
+        yield path
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            _wait_for_lock(f, path, timeout)
+        held.add(key)
+        try:
+            f.truncate(0)
+            f.write(f"{os.getpid()}\n")  # who holds it, for a person looking at a stuck job
+            f.flush()
+            yield path
+        finally:
+            held.discard(key)
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _wait_for_lock(f, path: Path, timeout: Optional[float]) -> None:
+    if timeout is None:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        return
+    deadline = time.monotonic() + max(0.0, float(timeout))
+    while True:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise LockTimeout(f"{path} is held by another process (waited {timeout:g} s)") from None
+            time.sleep(0.05)
 
 
 def file_sha256(path: os.PathLike) -> str:

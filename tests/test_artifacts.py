@@ -51,3 +51,31 @@ def test_concurrent_writers_on_disjoint_ids_lose_nothing(tmp_path):
     got = aligned(tmp_path, "p", ids)
     assert np.isfinite(got).all()
     assert got.tolist() == [float(i) for i in range(100)] + [float(1000 + i) for i in range(100)]
+
+
+def test_one_file_lock_reentrant_per_thread_exclusive_across_threads(tmp_path):
+    """storage.file_lock serves every lock (stage writers, stores, imports, database start)."""
+    import threading
+
+    from fiftyone_nola.storage import LockTimeout, file_lock
+
+    path = tmp_path / "x.lock"
+    with file_lock(path), file_lock(path):  # nested in one thread: no self-deadlock
+        got = []
+
+        def other():
+            try:
+                with file_lock(path, timeout=0.2):
+                    got.append("acquired")
+            except LockTimeout:
+                got.append("timeout")
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert got == ["timeout"]
+        assert path.read_text().strip() == str(__import__("os").getpid())
+    waited = []
+    with file_lock(path, timeout=0, on_wait=lambda: waited.append(1)):
+        pass
+    assert waited == []
