@@ -525,7 +525,7 @@ def clustered_unit_vectors(n: int, d: int, n_clusters: int, seed: int, centers=N
     return x, centers
 
 
-EXACT_OURS = "ours flat (exact: blocked BLAS, in RAM)"
+EXACT_OURS = "ours flat (exact_search, in RAM)"
 EXACT_MMAP = "ours flat (saved + reopened: memory-mapped)"
 EXACT_NUMPY = "numpy BLAS matmul + argpartition (baseline)*"
 EXACT_FAISS = "faiss IndexFlatIP (flat store before)*"
@@ -549,10 +549,13 @@ def time_single(fn, queries, n: int) -> dict:
     return C.latency_stats(times)
 
 
-def time_taking_turns(fns: dict, queries, batch, n_single: int, repeats: int):
+def time_taking_turns(fns: dict, queries, batch, n_single: int, repeats: int, pause: float = 0.15):
     """Single-query seconds and batch seconds of each search, the searches taking turns (the
     order rotating) query by query and batch by batch, so load from other jobs falls on all
-    alike. Returns ``(singles, batches, results of the last batch run)``, keyed like ``fns``."""
+    alike. Each call starts ``pause`` s after the previous one ended: BLAS and OpenMP worker
+    threads keep spinning for a while after a call (OpenBLAS up to ~0.1 s), which would take
+    the CPU from whichever search comes next. Returns ``(singles, batches, results of the
+    last batch run)``, keyed like ``fns``."""
     names = list(fns)
     singles = {m: [] for m in names}
     batches = {m: [] for m in names}
@@ -560,11 +563,13 @@ def time_taking_turns(fns: dict, queries, batch, n_single: int, repeats: int):
     for i in range(n_single):
         q = queries[i % len(queries)][None]
         for m in names[i % len(names):] + names[: i % len(names)]:
+            time.sleep(pause)
             t = time.perf_counter()
             fns[m](q)
             singles[m].append(time.perf_counter() - t)
     for r in range(repeats):
         for m in names[r % len(names):] + names[: r % len(names)]:
+            time.sleep(pause)
             t = time.perf_counter()
             got[m] = fns[m](batch)
             batches[m].append(time.perf_counter() - t)
@@ -664,7 +669,10 @@ def run_knn(args, results: dict, tables: list[str]) -> None:
             entry["exact_vs_numpy"] = {
                 name: {"single": C.latency_stats(singles[EXACT_NUMPY])["median_ms"]
                                  / C.latency_stats(singles[name])["median_ms"],
-                       "batch": float(np.median(batches[EXACT_NUMPY]) / np.median(batches[name]))}
+                       "batch": float(np.median(batches[EXACT_NUMPY]) / np.median(batches[name])),
+                       # the same query's two times side by side, then the median of the ratios
+                       "single_paired": float(np.median(np.array(singles[EXACT_NUMPY])
+                                                        / np.array(singles[name])))}
                 for name in exact}
             del ff, reopened
             gc.collect()
