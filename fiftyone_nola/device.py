@@ -134,7 +134,6 @@ class HardwareProfile:
     tune_epochs: int
     tune_batch_size: int
     tune_max_samples: Optional[int]
-    dino_epochs: int
     dino_model: str  # the method's ViT-B/16 on a GPU; ViT-S/16 (4x cheaper) on a CPU
 
     def describe(self) -> str:
@@ -154,11 +153,11 @@ def hardware_profile(device: Optional[torch.device] = None) -> HardwareProfile:
         return HardwareProfile(
             device=str(device), cpu_count=cpus, embed_batch_size=256,
             num_workers=min(8, max(2, cpus - 1)), tune_epochs=50, tune_batch_size=512,
-            tune_max_samples=None, dino_epochs=50, dino_model="vit_base_patch16_224.dino",
+            tune_max_samples=None, dino_model="vit_base_patch16_224.dino",
         )
     # On a CPU, one decode worker beside the inference threads is what keeps 2 cores busy.
     return HardwareProfile(
         device=str(device), cpu_count=cpus, embed_batch_size=32,
         num_workers=max(1, min(4, cpus // 2)), tune_epochs=2, tune_batch_size=32,
-        tune_max_samples=256, dino_epochs=50, dino_model="vit_small_patch16_224.dino",
+        tune_max_samples=256, dino_model="vit_small_patch16_224.dino",
     )

@@ -177,15 +177,6 @@ def check_field(samples, field: str, label_types: Optional[tuple] = None) -> Non
             raise InvalidInputError(f"Field {field!r} holds {got}; expected {names}")
 
 
-def classification(label: str, confidence: float, logits=None):
-    """A ``fo.Classification`` with confidence (and optional logits)."""
-    fo = _fo()
-    c = fo.Classification(label=label, confidence=float(confidence))
-    if logits is not None:
-        c.logits = np.asarray(logits, dtype=np.float32)
-    return c
-
-
 # Labels per set_values call: FiftyOne turns every value into an update op before one bulk
 # write, so one call for the whole dataset costs ~3.4 KB per sample (170 MB at 50k); chunks
 # keep a write's memory flat in N (benchmarks/memory.py).
@@ -297,11 +288,6 @@ def tag_samples(samples, ids: Iterable[str], tag: str) -> None:
     ids = list(ids)
     if ids:
         root_dataset(samples).select(ids).tag_samples(tag)
-
-
-def untag_all(samples, tag: str) -> None:
-    """Remove ``tag`` from every sample of ``samples``."""
-    samples.untag_samples(tag)
 
 
 def list_images(directory: str, recursive: bool = True) -> list[str]:

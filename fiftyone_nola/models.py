@@ -708,11 +708,6 @@ def load_model(spec, device: Optional[torch.device] = None) -> LoadedModel:
     raise TypeError(f"expected ClipSpec or DinoSpec, got {type(spec).__name__}")
 
 
-def with_random_init(spec, random_init: bool = True):
-    """A copy of ``spec`` with random initialisation switched on or off."""
-    return replace(spec, random_init=random_init)
-
-
 def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
     """Whether the model hub answers; offline machines fail this in milliseconds."""
     import socket
