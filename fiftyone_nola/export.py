@@ -36,6 +36,7 @@ def _resolve_dir(export_dir: str, overwrite: bool) -> Path:
 
 
 def nothing_to_export_message(left_out: dict) -> str:
+    """What to tell a user whose export selected nothing, from the counts of what was left out."""
     why = ", ".join(f"{k}: {v}" for k, v in left_out.items() if v) or "no samples"
     return (f"Nothing to export ({why}). Accept samples in review first, or also export unreviewed "
             "samples above a confidence (min_confidence).")
