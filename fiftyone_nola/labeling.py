@@ -343,8 +343,8 @@ def predict(
 ) -> dict:
     """Apply a saved prompt-tuned model to any dataset or view -> ``label_field``.
 
-    ``engine``/``precision``: what runs the forward (core/engines.py; OpenVINO on a CPU when
-    installed, ``engine="torch"`` for PyTorch).
+    ``engine``/``precision``: what runs the forward (core/engines.py; ``auto``: OpenVINO bf16 on
+    CPUs with native bf16 when installed, else PyTorch; ``engine="torch"`` forces PyTorch).
     """
     from . import prompt_tuning as pt
     from .device import hardware_profile

@@ -1001,8 +1001,8 @@ def predict_tuned(
 ) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Class probabilities on the weak view: ``(N×C float32, NaN rows for failures, failures)``.
 
-    ``engine``/``precision`` choose what runs the forward (core/engines.py: OpenVINO on a CPU
-    when installed, converted once per tuned model and cached; PyTorch otherwise).
+    ``engine``/``precision`` choose what runs the forward (core/engines.py: OpenVINO, converted
+    once per tuned model and cached, or PyTorch).
     """
     progress = progress or null_progress
     d = dev.resolve_device(device)

@@ -53,8 +53,9 @@ def test_auto_picks_openvino_bf16_only_with_native_bf16(monkeypatch):
     monkeypatch.setattr(engines, "openvino_available", lambda: True)
     monkeypatch.setenv("NOLA_CPU_BF16", "1")
     assert engines.resolve("auto", "auto", "cpu").tag == "openvino-bf16"
-    monkeypatch.setenv("NOLA_CPU_BF16", "0")
-    assert engines.resolve("auto", "auto", "cpu").tag == "openvino-fp32"
+    monkeypatch.setenv("NOLA_CPU_BF16", "0")  # OpenVINO fp32 measured at parity there
+    assert engines.resolve("auto", "auto", "cpu").tag == "torch-fp32"
+    assert engines.resolve("openvino", "auto", "cpu").tag == "openvino-fp32"
     with pytest.warns(engines.EngineFallbackWarning, match="no native bf16"):
         assert engines.resolve("openvino", "bf16", "cpu").tag == "openvino-fp32"
     assert engines.resolve("auto", "int8", "cpu").tag == "openvino-int8"  # opt-in only

@@ -3,9 +3,10 @@
 ``engine`` is ``auto`` | ``torch`` | ``openvino``; ``precision`` is ``auto`` | ``fp32`` |
 ``bf16`` | ``fp16`` | ``int8``. :func:`resolve` turns the pair into what actually runs:
 
-* ``auto`` on a CPU: OpenVINO when it is installed (``pip install 'fiftyone-nola[openvino]'``),
-  in bf16 on CPUs with native bf16 (avx512_bf16 / AMX) and fp32 elsewhere; PyTorch fp32 when
-  OpenVINO is missing. On CUDA (or MPS): PyTorch with AMP as before.
+* ``auto`` on a CPU with native bf16 (avx512_bf16 / AMX): OpenVINO in bf16 when it is installed
+  (``pip install 'fiftyone-nola[openvino]'``; 2.6-3.2x PyTorch fp32 at cosine 0.99995). On other
+  CPUs, or without OpenVINO: PyTorch fp32, because OpenVINO fp32 measured at parity with it on an
+  AVX2-only CPU (``engine="openvino"`` still runs it there). On CUDA (or MPS): PyTorch with AMP.
 * ``int8`` is opt-in only: NNCF post-training quantisation calibrated on a sample of the
   caller's own images (pretrained weights have activation outliers random ones lack, so its
   accuracy must be checked on real weights before it could be a default).
@@ -196,11 +197,15 @@ def resolve(engine: str = "auto", precision: str = "auto", device="cpu") -> Engi
             return EngineChoice("torch", "fp32", "OpenVINO not installed")
         return EngineChoice("torch", _torch_precision(device, precision), "OpenVINO not installed")
     native = cpu_native_bf16()
+    if precision == "bf16" and not native:
+        warn_once("This CPU has no native bf16 (avx512_bf16/AMX): running fp32 instead")
+        precision = "fp32"
+    if engine == "auto" and not native and precision in ("auto", "fp32"):
+        # Measured on an AVX2-only CPU: OpenVINO fp32 does the same arithmetic as PyTorch
+        # (1.0-1.3x fewer CPU seconds) and its conversions are not paid back on a first run.
+        return EngineChoice("torch", "fp32", "no native bf16: OpenVINO fp32 is at parity with PyTorch")
     if precision == "auto":
         precision = "bf16" if native else "fp32"
-    elif precision == "bf16" and not native:
-        warn_once("This CPU has no native bf16 (avx512_bf16/AMX): OpenVINO runs fp32 instead")
-        precision = "fp32"
     return EngineChoice("openvino", precision, "OpenVINO on a CPU")
 
 
