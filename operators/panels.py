@@ -5,6 +5,8 @@ sample view. Thin: each callback reads the panel state / App context, calls one 
 
 from __future__ import annotations
 
+import threading
+
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
@@ -13,6 +15,14 @@ from fiftyone_nola.stages import review_workspace as rw
 PLUGIN = "@fiftyone-nola/nola"
 DEFAULT_FIELD = "nola"
 REVIEW_PANEL = "nola_sample_review"
+NB_SHOWN = 6
+
+
+def _media_url(filepath) -> str | None:
+    """The App server's URL of a local media file."""
+    from urllib.parse import quote
+
+    return f"/media?filepath={quote(str(filepath), safe='')}" if filepath else None
 
 
 def _field(ctx) -> str:
@@ -24,7 +34,8 @@ def _has_predictions(ctx) -> bool:
 
 
 def _threshold(ctx) -> float:
-    t = ctx.panel.get_state("threshold")
+    """The applied threshold: the last flagging's, stored on the dataset (default 0.5)."""
+    t = ctx.panel.get_state("applied_threshold")
     if t is None:
         t = rw.settings(ctx.dataset).get("threshold")
     return 0.5 if t is None else float(t)
@@ -55,13 +66,25 @@ def _show(ctx, view) -> None:
     _common().show_review_fields(ctx)
 
 
+# App events run in server threads, and loading the dataset in one event reloads the shared
+# Dataset object under another's feet (a field just added vanishes from its schema): the
+# panels' events run one at a time.
+_PANEL_LOCK = threading.RLock()
+
+
+class _Serialized:
+    def execute(self, ctx):
+        with _PANEL_LOCK:
+            return super().execute(ctx)
+
+
 def _common():
     from . import _common
 
     return _common
 
 
-class NolaPanel(foo.Panel):
+class NolaPanel(_Serialized, foo.Panel):
     """Stages, per-class table, confidence histogram with a live threshold, review buttons."""
 
     @property
@@ -76,6 +99,7 @@ class NolaPanel(foo.Panel):
 
     def on_load(self, ctx):
         self.refresh(ctx)
+        ctx.panel.set_state("initial_threshold", _threshold(ctx))
 
     def on_change_dataset(self, ctx):
         self.refresh(ctx)
@@ -96,11 +120,13 @@ class NolaPanel(foo.Panel):
             return
         t = _threshold(ctx)
         field = _field(ctx)
+        if not rw.settings(ctx.dataset):
+            flag = True  # first look at this dataset: flag at the default threshold, so the queue exists
         if flag:
             rw.flag_samples(ctx.dataset, field, threshold=t)
         pv = rw.preview(ctx.dataset, field, t)
         queue = len(rw.queue_ids(ctx.dataset))
-        ctx.panel.set_state({"ready": True, "threshold": t, "threshold_value": t, "counts": {
+        ctx.panel.set_state({"ready": True, "applied_threshold": t, "counts": {
             "samples": pv["samples"], "flagged": pv["flagged"], "reviewed": pv["reviewed"],
             "remaining": pv["remaining"], "queue": queue}, "classes": pv["classes"]})
         ctx.panel.set_data("histogram", _histogram_traces(pv["histogram"]))
@@ -118,8 +144,14 @@ class NolaPanel(foo.Panel):
         v = ctx.params.get("value")
         if v is None:
             return
-        t = min(1.0, max(0.0, float(v)))
-        ctx.panel.set_state({"threshold": t, "threshold_value": t})
+        t = round(min(1.0, max(0.0, float(v))), 4)
+        applied = rw.settings(ctx.dataset).get("threshold")
+        if applied is not None and abs(float(applied) - t) < 1e-9:
+            return  # already applied
+        # The slider and the number keep their own values in the App (setting one from here
+        # makes the App send it back as a change, and two controls then ping-pong): the
+        # applied threshold is shown in the count line and on the histogram.
+        ctx.panel.state._data["applied_threshold"] = t
         self.refresh(ctx, flag=True)
         field = _field(ctx)
         _show(ctx, ctx.dataset.match_tags(rw.FLAGGED_TAG).sort_by(F(f"{field}.confidence")))
@@ -228,7 +260,7 @@ class NolaPanel(foo.Panel):
         panel = types.Object()
         st = ctx.panel.state
         counts = st.counts or {}
-        panel.md("#### Stages", name="stages_title")
+        panel.md("**Stages**", name="stages_title")
         stages = types.TableView(on_click_row=None)
         for key, label in (("stage", "Stage"), ("state", "State"), ("samples", "Samples"), ("model", "Model"),
                            ("seconds", "Seconds")):
@@ -243,13 +275,14 @@ class NolaPanel(foo.Panel):
             panel.md("No predictions yet: run the pipeline (or its stages) first.", name="not_ready")
             return types.Property(panel, view=types.GridView(orientation="vertical", gap=1, padding=1))
 
-        panel.md("#### Confidence threshold", name="threshold_title")
-        row = panel.h_stack("threshold_row", gap=2, align_y="center")
-        row.float("threshold", default=_threshold(ctx), min=0.0, max=1.0, on_change=self.on_threshold,
-                  view=types.SliderView(label="Flag below", label_position="top", value_precision=2,
-                                        componentsProps={"slider": {"min": 0, "max": 1, "step": 0.01}}, space=8))
-        row.float("threshold_value", default=_threshold(ctx), min=0.0, max=1.0, on_change=self.on_threshold,
-                  label="or type it", view=types.FieldView(space=3))
+        panel.md("**Confidence threshold**", name="threshold_title")
+        start = ctx.panel.get_state("initial_threshold") or 0.5  # constant: a changing default is sent back
+        panel.float("threshold", default=start, min=0.0, max=1.0, on_change=self.on_threshold,
+                    view=types.SliderView(label="Flag samples below this confidence", label_position="top",
+                                          value_precision=2,
+                                          componentsProps={"slider": {"min": 0, "max": 1, "step": 0.01}}))
+        panel.float("threshold_value", default=start, min=0.0, max=1.0, on_change=self.on_threshold,
+                    label="Threshold (type a number, Enter)", view=types.FieldView())
         panel.md(f"**{counts.get('flagged', 0)}** of {counts.get('samples', 0)} samples flagged below "
                  f"**{_threshold(ctx):.2f}** · review progress **{counts.get('reviewed', 0)} / "
                  f"{counts.get('flagged', 0)}** · queue **{counts.get('queue', 0)}**", name="flag_count")
@@ -260,14 +293,14 @@ class NolaPanel(foo.Panel):
                                              "y0": 0, "y1": 1, "yref": "paper", "line": {"dash": "dash"}}]},
             config={"displayModeBar": False})
 
-        panel.md("#### Classes (click one to filter the grid)", name="classes_title")
+        panel.md("**Classes (click one to filter the grid)**", name="classes_title")
         table = types.TableView(on_click_row=self.on_class_click)
         for key, label in (("class", "Class"), ("count", "Count"), ("mean_confidence", "Mean conf."),
                            ("flagged", "Flagged"), ("reviewed", "Reviewed"), ("remaining", "Remaining")):
             table.add_column(key, label=label)
         panel.list("classes", types.Object(), view=table)
 
-        panel.md("#### Review", name="review_title")
+        panel.md("**Review**", name="review_title")
         go = panel.h_stack("review_buttons", gap=1)
         go.btn("start_review", label=f"Review the queue ({counts.get('queue', 0)})", icon="rate_review",
                variant="contained", on_click=self.on_start_review)
@@ -285,7 +318,7 @@ class NolaPanel(foo.Panel):
         act.btn("correct", label="Correct selected", icon="edit", on_click=self.on_correct)
 
         prop = st.propagation or {}
-        panel.md("#### Propagate corrections", name="propagation_title")
+        panel.md("**Propagate corrections**", name="propagation_title")
         prow = panel.h_stack("propagation_row", gap=2, align_y="center")
         prow.float("min_similarity", default=self._min_sim(ctx), min=0.0, max=1.0, label="Similarity ≥",
                    on_change=self.on_min_similarity, view=types.FieldView(space=3))
@@ -301,7 +334,7 @@ class NolaPanel(foo.Panel):
         return types.Property(panel, view=types.GridView(orientation="vertical", gap=1, padding=1))
 
 
-class NolaSampleReview(foo.Panel):
+class NolaSampleReview(_Serialized, foo.Panel):
     """In the sample view: the sample's labels per stage, its neighbours' labels, and one click
     to accept or pick a class, which moves on to the next sample of the review queue."""
 
@@ -325,8 +358,11 @@ class NolaSampleReview(foo.Panel):
             ctx.panel.set_state("card", None)
             return
         card = rw.sample_card(ctx.dataset, sid, _field(ctx))
+        nbs = {f"nb_col_{j}": {f"nb_img_{j}": _media_url(n["filepath"])}
+               for j, n in enumerate(card["neighbours"][:NB_SHOWN])}
         ctx.panel.set_state({"card": card, "queue": len(rw.queue_ids(ctx.dataset)),
-                             "classes_list": rw.class_list(ctx.dataset, _field(ctx))})
+                             "classes_list": rw.class_list(ctx.dataset, _field(ctx)),
+                             "images": {"image": _media_url(card["filepath"])}, "neighbour_images": nbs})
 
     def _record(self, ctx, action, label=None):
         card = ctx.panel.get_state("card") or {}
@@ -384,9 +420,16 @@ class NolaSampleReview(foo.Panel):
         lines += [f"| {s['field']} | {s['label']} | {'-' if s['confidence'] is None else s['confidence']} |"
                   for s in card["stages"]]
         if card["neighbours"]:
-            lines += ["", "**Nearest neighbours** (stored index)", "", "| label | similarity |", "|---|---|"]
-            lines += [f"| {n['label']} | {n['similarity']:.3f} |" for n in card["neighbours"]]
-        panel.md("\n".join(lines), name="card")
+            lines += ["", "**Nearest neighbours** (stored index) below: their labels · similarity"]
+        imgs = panel.h_stack("images", gap=2, align_y="top")
+        imgs.view("image", types.ImageView(height="224px", alt="sample"))
+        imgs.md("\n".join(lines), name="card_md")
+        if card["neighbours"]:
+            nbs = panel.h_stack("neighbour_images", gap=1)
+            for j, n in enumerate(card["neighbours"][:NB_SHOWN]):
+                col = nbs.v_stack(f"nb_col_{j}", gap=0)
+                col.view(f"nb_img_{j}", types.ImageView(height="72px", alt=n["label"] or ""))
+                col.md(f"{n['label']} · {n['similarity']:.2f}", name=f"nb_txt_{j}")
         top = panel.h_stack("main_actions", gap=1)
         if sugg:
             top.btn("accept_suggestion", label=f"Accept suggestion: {sugg}", icon="done_all", variant="contained",

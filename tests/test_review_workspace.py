@@ -342,7 +342,7 @@ def test_grid_panel_callbacks(review_ds):
     pc = PanelCtx(ds)
     panel.on_load(pc.ctx)
     st = pc.state
-    assert st["ready"] and st["threshold"] == 0.5 and st["counts"]["flagged"] == 8
+    assert st["ready"] and st["applied_threshold"] == 0.5 and st["counts"]["flagged"] == 8
     assert [r["class"] for r in st["classes"]] == CLASSES
     assert any(r["stage"] == "CLIP embeddings" and r["state"] == "fresh" for r in st["stages"])
     panel.render(pc.ctx)  # renders without error
@@ -350,7 +350,7 @@ def test_grid_panel_callbacks(review_ds):
     # moving the threshold flags live, and the grid follows
     pc = PanelCtx(ds, state=st, value=0.3)
     panel.on_threshold(pc.ctx)
-    assert pc.state["counts"]["flagged"] == 5 and pc.state["threshold_value"] == 0.3
+    assert pc.state["counts"]["flagged"] == 5 and pc.state["applied_threshold"] == 0.3
     assert len(ds.match_tags(rw.FLAGGED_TAG)) == 5
     assert "set_view" in " ".join(pc.op_names())
 

@@ -168,10 +168,10 @@ def rank_queue(samples, field: str = "nola", clusters: bool = True) -> int:
     cl = _clusters(ds, list(ids), len(ids)) if clusters and ids else None
     order = rq.review_order(conf, labels, cl)
     ranks = {ids[j]: r for r, j in enumerate(order)}
-    if ds.has_sample_field(QUEUE_FIELD):
-        ds.set_field(QUEUE_FIELD, None).save()
-    if ranks:
-        ds.set_values(QUEUE_FIELD, ranks, key_field="id")
+    # One write over every sample (None outside the queue): no schema check that another App
+    # event could invalidate in between.
+    if ranks or ds.has_sample_field(QUEUE_FIELD):
+        ds.set_values(QUEUE_FIELD, [ranks.get(i) for i in ds.values("id")])
     return len(ranks)
 
 
@@ -210,13 +210,25 @@ def save_views(samples, field: str = "nola") -> list[str]:
 
     ds = fo_io.root_dataset(samples)
     flagged = ds.match_tags(FLAGGED_TAG)
-    ds.save_view(VIEW_FLAGGED, flagged.sort_by(F(f"{field}.confidence")), overwrite=True,
-                 description="exactly the samples of the last flagging, least confident first")
-    ds.save_view(VIEW_QUEUE, queue_view(ds), overwrite=True,
-                 description="flagged or suggested and not yet reviewed, in review order (shrinks as you review)")
-    ds.save_view(VIEW_FLAGGED_PER_CLASS, flagged.sort_by([(f"{field}.label", 1), (f"{field}.confidence", 1)]),
-                 overwrite=True, description=f"the flagged samples grouped by {field} label, least confident first")
-    return [VIEW_FLAGGED, VIEW_QUEUE, VIEW_FLAGGED_PER_CLASS]
+    views = {
+        VIEW_FLAGGED: (flagged.sort_by(F(f"{field}.confidence")),
+                       "exactly the samples of the last flagging, least confident first"),
+        VIEW_QUEUE: (queue_view(ds), "flagged or suggested and not yet reviewed, in review order "
+                                     "(shrinks as you review)"),
+        VIEW_FLAGGED_PER_CLASS: (flagged.sort_by([(f"{field}.label", 1), (f"{field}.confidence", 1)]),
+                                 f"the flagged samples grouped by {field} label, least confident first"),
+    }
+    for name, (view, description) in views.items():
+        # The views select by tag, so one definition stays exact as tags change: rewrite only
+        # when the definition differs (re-flagging from several App events never races on it).
+        if ds.has_saved_view(name) and ds.load_saved_view(name)._serialize() == view._serialize():
+            continue
+        try:
+            ds.save_view(name, view, description=description, overwrite=True)
+        except ValueError:
+            if not ds.has_saved_view(name):
+                raise
+    return list(views)
 
 
 def queue_view(samples):
@@ -336,17 +348,19 @@ def sample_card(samples, sample_id: str, field: str = "nola", k: int = 6) -> dic
             stages.append({"field": f, "label": lab.label,
                            "confidence": None if lab.confidence is None else round(float(lab.confidence), 3)})
     nb = neighbours(ds, [sample_id], k).get(sample_id, [])
-    labels = dict(zip(*ds.select([n for n, _ in nb]).values(["id", f"{field}.label"]))) \
-        if nb and ds.has_sample_field(field) else {}
+    nview = ds.select([n for n, _ in nb])
+    labels = dict(zip(*nview.values(["id", f"{field}.label"]))) if nb and ds.has_sample_field(field) else {}
+    paths = dict(zip(*nview.values(["id", "filepath"]))) if nb else {}
     tags = list(sample.tags)
     status = "accepted" if ACCEPTED_TAG in tags else "rejected" if REJECTED_TAG in tags else \
         "in queue" if REVIEW_TAG in tags else "not flagged"
     pred = sample[field] if ds.has_sample_field(field) else None
     sugg = sample[SUGGESTED_FIELD] if ds.has_sample_field(SUGGESTED_FIELD) else None
-    return {"id": sample_id, "status": status, "prediction": getattr(pred, "label", None),
+    return {"id": sample_id, "filepath": sample.filepath, "status": status, "prediction": getattr(pred, "label", None),
             "suggestion": getattr(sugg, "label", None) if SUGGESTED_TAG in tags else None,
             "stages": stages,
-            "neighbours": [{"id": n, "label": labels.get(n), "similarity": round(s, 3)} for n, s in nb]}
+            "neighbours": [{"id": n, "label": labels.get(n), "similarity": round(s, 3), "filepath": paths.get(n)}
+                           for n, s in nb]}
 
 
 def propagate_corrections(samples, field: str = "nola", min_similarity: float = 0.9, k: int = 10,
