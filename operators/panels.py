@@ -360,7 +360,7 @@ class NolaSampleReview(_Serialized, foo.Panel):
         card = rw.sample_card(ctx.dataset, sid, _field(ctx))
         nbs = {f"nb_col_{j}": {f"nb_img_{j}": _media_url(n["filepath"])}
                for j, n in enumerate(card["neighbours"][:NB_SHOWN])}
-        ctx.panel.set_state({"card": card, "queue": len(rw.queue_ids(ctx.dataset)),
+        ctx.panel.set_state({"card": card, "queue": len(rw.queue_ids(ctx.dataset)), "progress": rw.progress(ctx.dataset),
                              "classes_list": rw.class_list(ctx.dataset, _field(ctx)),
                              "images": {"image": _media_url(card["filepath"])}, "neighbour_images": nbs})
 
@@ -370,21 +370,19 @@ class NolaSampleReview(_Serialized, foo.Panel):
         if not sid:
             return
         try:
-            r = rw.decide(ctx.dataset, [sid], action, label, _field(ctx))
+            rw.decide(ctx.dataset, [sid], action, label, _field(ctx))
         except Exception as e:
             ctx.ops.notify(str(e), variant="error")
             return
-        reviewed = (ctx.panel.get_state("reviewed_here") or 0) + 1
-        ctx.panel.set_state({"reviewed_here": reviewed, "last": {"id": sid, "action": action, "label": label}})
+        ctx.panel.set_state("last", {"id": sid, "action": action, "label": label})
         nxt = rw.next_in_queue(ctx.dataset, after=sid)
         if nxt is None:
-            ctx.ops.notify(f"Review queue done ({reviewed} reviewed here)", variant="success")
+            ctx.ops.notify("Review queue done", variant="success")
             self.show(ctx, sid)
             ctx.ops.reload_samples()
             return
         ctx.ops.open_sample(id=nxt)
         self.show(ctx, nxt)
-        ctx.panel.set_state("queue", r["queue"])
 
     def on_accept(self, ctx):
         self._record(ctx, "accept")
@@ -398,6 +396,10 @@ class NolaSampleReview(_Serialized, foo.Panel):
 
     def on_pick(self, ctx):
         self._record(ctx, "correct", ctx.params.get("label"))
+
+    def on_close(self, ctx):
+        ctx.ops.close_sample()
+        _common().show_review_fields(ctx)
 
     def on_skip(self, ctx):
         card = ctx.panel.get_state("card") or {}
@@ -414,8 +416,9 @@ class NolaSampleReview(_Serialized, foo.Panel):
             return types.Property(panel, view=types.GridView(orientation="vertical", gap=1, padding=1))
         pred = card.get("prediction")
         sugg = card.get("suggestion")
+        prog = ctx.panel.get_state("progress") or {}
         lines = [f"**Status**: {card['status']} · **queue**: {ctx.panel.get_state('queue') or 0} left"
-                 f" · reviewed here: {ctx.panel.get_state('reviewed_here') or 0}", "",
+                 f" · reviewed {prog.get('reviewed', 0)} of {prog.get('flagged', 0)} flagged", "",
                  "| stage | label | confidence |", "|---|---|---|"]
         lines += [f"| {s['field']} | {s['label']} | {'-' if s['confidence'] is None else s['confidence']} |"
                   for s in card["stages"]]
@@ -438,6 +441,7 @@ class NolaSampleReview(_Serialized, foo.Panel):
                 variant="outlined" if sugg else "contained", on_click=self.on_accept)
         top.btn("reject", label="Reject", icon="close", on_click=self.on_reject)
         top.btn("skip", label="Skip", icon="skip_next", on_click=self.on_skip)
+        top.btn("close", label="Back to the grid", icon="grid_view", on_click=self.on_close)
         panel.md("Or pick the right class (one click, then the next sample opens):", name="pick_text")
         classes = ctx.panel.get_state("classes_list") or []
         for r in range(0, len(classes), 4):

@@ -418,7 +418,7 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):
                 else:
                     review.get_by_role("button", name=re.compile("^Accept: ")).click()
                 clicks_per_sample.append(1)
-                expect(review.get_by_text(f"reviewed here: {i + 1}")).to_be_visible()
+                expect(review.get_by_text(f"reviewed {i + 1} of {flagged_04} flagged")).to_be_visible()
                 if i == 0:
                     timings["open_app_to_first_reviewed_s"] = round(time.monotonic() - t_open, 1)
                 after = set(ds.match_tags("nola:accepted").values("id"))
@@ -432,7 +432,7 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):
             expect(review.get_by_text(f"queue: {queue_after} left")).to_be_visible()
             n_corrected = ds.exists("nola_reviewed").count()
             assert n_corrected == 2
-            page.keyboard.press("Escape")
+            review.get_by_role("button", name="Back to the grid").click()
             modal.wait_for(state="hidden")
 
             # 5. propagate the corrections to similar undecided samples with the same wrong label

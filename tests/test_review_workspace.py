@@ -395,6 +395,6 @@ def test_sample_panel_one_click_moves_through_the_queue(review_ds):
         assert len(nxt) == 1 and nxt[0] != current
         opened.append(current)
         state, current = pc.state, nxt[0]
-    assert len(rw.queue_ids(ds)) == len(queue) - 5 and state["reviewed_here"] == 5
+    assert len(rw.queue_ids(ds)) == len(queue) - 5 and state["progress"]["reviewed"] == 5
     assert ds.match_tags("nola:accepted").count() == 5
     assert set(opened) == set(queue[:5])

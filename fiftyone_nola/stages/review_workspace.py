@@ -231,6 +231,14 @@ def save_views(samples, field: str = "nola") -> list[str]:
     return list(views)
 
 
+def progress(samples) -> dict:
+    """Review progress from the dataset itself: decided / flagged, and the queue length."""
+    ds = fo_io.root_dataset(samples)
+    flagged = ds.match_tags(FLAGGED_TAG)
+    return {"flagged": len(flagged), "reviewed": len(flagged.match_tags([ACCEPTED_TAG, REJECTED_TAG])),
+            "queue": len(ds.match_tags(REVIEW_TAG))}
+
+
 def queue_view(samples):
     """Flagged (or suggested) samples nobody decided yet, in review order."""
     ds = fo_io.root_dataset(samples)
