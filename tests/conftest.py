@@ -123,3 +123,19 @@ def cifar_dataset(make_dataset):
     """40 real CIFAR-10 images (4 per class) with ground truth in ``ground_truth``."""
     pairs = cifar_files(per_class=4)
     return make_dataset([p for p, _ in pairs], [c for _, c in pairs])
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def tiny_pipeline_config(**overrides):
+    """``AutoLabelConfig`` of the single-label pipeline on tiny models, seconds per run."""
+    from fiftyone_nola.embed import EmbedConfig
+    from fiftyone_nola.models import tiny_clip_spec, tiny_dino_spec
+    from fiftyone_nola.pipeline import AutoLabelConfig
+
+    base = dict(clip=tiny_clip_spec(), dino=tiny_dino_spec(), embed=EmbedConfig(batch_size=16, num_workers=0),
+                descriptions_file=str(CIFAR_DIR / "descriptions.json"), tune_epochs=1, tune_batch_size=8,
+                tune_max_samples=24, device="cpu")
+    base.update(overrides)
+    return AutoLabelConfig(**base)

@@ -5,28 +5,19 @@ import json
 import numpy as np
 import pytest
 
-from conftest import CIFAR_DIR
+from conftest import CIFAR10_CLASSES as CLASSES
+from conftest import tiny_pipeline_config
 from fiftyone_nola import runs
 from fiftyone_nola.embed import EmbedConfig
 from fiftyone_nola.labeling import dino_labels, zero_shot
 from fiftyone_nola.models import tiny_clip_spec, tiny_dino_spec
-from fiftyone_nola.pipeline import AutoLabelConfig, auto_label
-
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def _config(**kw):
-    base = dict(clip=tiny_clip_spec(), dino=tiny_dino_spec(), embed=EmbedConfig(batch_size=16, num_workers=0),
-                descriptions_file=str(CIFAR_DIR / "descriptions.json"), tune_epochs=1, tune_batch_size=8,
-                tune_max_samples=24, device="cpu")
-    base.update(kw)
-    return AutoLabelConfig(**base)
+from fiftyone_nola.pipeline import auto_label
 
 
 @pytest.mark.integration
 def test_auto_label_end_to_end_then_resume(cifar_dataset):
     logs = []
-    s = auto_label(cifar_dataset, CLASSES, _config(gt_field="ground_truth"), log=logs.append)
+    s = auto_label(cifar_dataset, CLASSES, tiny_pipeline_config(gt_field="ground_truth"), log=logs.append)
     n = len(cifar_dataset)
     for f in ("nola_zeroshot", "nola_dino", "nola"):
         assert cifar_dataset.count(f"{f}.label") == n, f
@@ -40,7 +31,7 @@ def test_auto_label_end_to_end_then_resume(cifar_dataset):
     json.dumps(s, default=str)  # the summary is serialisable (CLI --json, operators)
 
     logs.clear()
-    auto_label(cifar_dataset, CLASSES, _config(tune=False), log=logs.append)
+    auto_label(cifar_dataset, CLASSES, tiny_pipeline_config(tune=False), log=logs.append)
     text = "\n".join(logs)
     assert "[zeroshot] up to date: reused" in text and "[dino] up to date: reused" in text
     assert "0 to embed" in text
@@ -55,8 +46,8 @@ def test_ground_truth_never_reaches_training(make_dataset):
     paths, labels = [p for p, _ in pairs], [c for _, c in pairs]
     with_gt = make_dataset(paths, labels)
     without_gt = make_dataset(paths, None)
-    cfg = _config(tune_max_samples=None)
-    auto_label(with_gt, CLASSES, _config(gt_field="ground_truth", tune_max_samples=None), log=lambda m: None)
+    cfg = tiny_pipeline_config(tune_max_samples=None)
+    auto_label(with_gt, CLASSES, tiny_pipeline_config(gt_field="ground_truth", tune_max_samples=None), log=lambda m: None)
     auto_label(without_gt, CLASSES, cfg, log=lambda m: None)
     for f in ("nola_zeroshot", "nola_dino", "nola"):
         a = with_gt.sort_by("filepath").values(f"{f}.label")
@@ -109,7 +100,7 @@ def test_retuning_after_the_teacher_changed_starts_over(cifar_dataset):
     from fiftyone_nola.labeling import tune_prompts
     from fiftyone_nola.prompt_tuning import TuneConfig
 
-    auto_label(cifar_dataset, CLASSES, _config(), log=lambda m: None)
+    auto_label(cifar_dataset, CLASSES, tiny_pipeline_config(), log=lambda m: None)
     dino_labels(cifar_dataset, dino=tiny_dino_spec(), config=DinoLabelerConfig(epochs=3, seed=7),
                 log=lambda m: None)  # new teacher labels: the old checkpoint is stale
     logs = []
