@@ -568,21 +568,28 @@ def _check_target_gt(target: Target, gt: Optional[str], classes, outputs: list, 
 # --------------------------------------------------------------------------- jobs
 
 
+def _job_inputs(target: Target, classes, config, fallback_random_init: bool) -> tuple[Target, list, list]:
+    """What every whole-pipeline job checks first: target, class list, models and device."""
+    target, problems = resolve_target(target)
+    classes_list, p = check_classes(classes, target.samples)
+    problems += p
+    problems += check_clip(config.clip, fallback_random_init)
+    if config.dino is not None:
+        problems += check_dino(config.dino, fallback_random_init)
+    problems += check_device(config.device)
+    return target, classes_list, problems
+
+
 def check_auto_label(target: Target, classes, config, fallback_random_init: bool = False,
                      json_out: Optional[str] = None, plan: bool = False) -> Report:
     """Every input of the single-label pipeline (``auto_label``); the plan when ``plan``."""
     t0 = time.perf_counter()
     from .storage import nola_home
 
-    target, problems = resolve_target(target)
+    target, classes_list, problems = _job_inputs(target, classes, config, fallback_random_init)
     samples = target.samples
-    classes_list, p = check_classes(classes, samples)
-    problems += p
     problems += check_descriptions(config.descriptions_file, classes_list, config.allow_template_fallback)
     problems += check_templates(getattr(config, "templates", None), classes_list)
-    problems += check_clip(config.clip, fallback_random_init)
-    problems += check_dino(config.dino, fallback_random_init)
-    problems += check_device(config.device)
     outputs = {"zeroshot_field": config.zeroshot_field, "dino_field": config.dino_field}
     if config.tune:
         outputs["tuned_field"] = config.tuned_field
@@ -625,17 +632,11 @@ def check_multilabel(target: Target, classes, config, fallback_random_init: bool
     t0 = time.perf_counter()
     from .storage import nola_home
 
-    target, problems = resolve_target(target)
+    target, classes_list, problems = _job_inputs(target, classes, config, fallback_random_init)
     samples = target.samples
-    classes_list, p = check_classes(classes, samples)
-    problems += p
     if not config.single_template:
         problems += check_descriptions(config.descriptions_file, classes_list,
                                        getattr(config, "allow_template_fallback", False))
-    problems += check_clip(config.clip, fallback_random_init)
-    if config.dino is not None:
-        problems += check_dino(config.dino, fallback_random_init)
-    problems += check_device(config.device)
     outputs = {"pseudo_field": config.pseudo_field, "pred_field": config.pred_field}
     problems += check_output_fields(samples, outputs, "Classifications")
     problems += _check_target_gt(target, config.gt_field, classes_list, list(outputs.values()), True)
@@ -645,6 +646,9 @@ def check_multilabel(target: Target, classes, config, fallback_random_init: bool
     problems += check_range("ratio", config.ratio, lo=0.0, hi=1.0)
     problems += check_range("max_labels", config.max_labels, lo=1, integer=True)
     problems += check_range("train_epochs", config.train_epochs, lo=1, hi=100_000, integer=True, what="epochs")
+    problems += check_range("label_update_every", config.label_update_every, lo=0, integer=True,
+                            what="label update interval (0: never)")
+    problems += check_range("label_warmup", config.label_warmup, lo=0, integer=True, what="warm-up epochs")
     problems += check_range("crop_batch_size", config.crop_batch_size, lo=1, integer=True, what="crop batch size")
     problems += check_range("num_workers", config.num_workers, lo=0, hi=256, integer=True, what="workers")
     if config.aggregation not in ("avg", "lambda", "global"):

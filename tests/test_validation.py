@@ -251,6 +251,19 @@ def test_python_api_raises_one_validation_error_and_writes_nothing(dataset, file
 
 
 @pytest.mark.integration
+def test_multilabel_schedule_settings_are_checked(dataset, no_embedding):
+    from fiftyone_nola.models import tiny_clip_spec
+    from fiftyone_nola.multilabel_pipeline import MultiLabelConfig
+    from fiftyone_nola.validation import Target, check_multilabel
+
+    bad = MultiLabelConfig(clip=tiny_clip_spec(), label_update_every=-1, label_warmup=-2, grid=0)
+    r = check_multilabel(Target(samples=dataset), CLASSES, bad)
+    assert {p.input for p in r.errors} >= {"label_update_every", "label_warmup", "grid"}
+    ok = MultiLabelConfig(clip=tiny_clip_spec(), label_update_every=0, label_warmup=0)
+    assert check_multilabel(Target(samples=dataset), CLASSES, ok).ok
+
+
+@pytest.mark.integration
 def test_empty_view_is_reported(dataset, no_embedding):
     from fiftyone_nola import validate
     from fiftyone_nola.models import tiny_clip_spec, tiny_dino_spec
