@@ -258,6 +258,17 @@ def read_single_labels(samples, field: str, ids: Sequence[str]) -> list[Optional
     return [got.get(i) for i in ids]
 
 
+def label_path(field: str, doc_type) -> str:
+    """The path of the label strings in ``field`` by its label type (Classifications,
+    Detections, or a single Classification)."""
+    fo = _fo()
+    if issubclass(doc_type, fo.Classifications):
+        return f"{field}.classifications.label"
+    if issubclass(doc_type, fo.Detections):
+        return f"{field}.detections.label"
+    return f"{field}.label"
+
+
 def read_label_sets(samples, field: str, ids: Sequence[str]) -> list[Optional[set]]:
     """Label sets of a Classifications/Detections/Classification field, aligned to ``ids``."""
     fo = _fo()
@@ -265,13 +276,7 @@ def read_label_sets(samples, field: str, ids: Sequence[str]) -> list[Optional[se
     schema = samples.get_field_schema(flat=True)
     doc_type = schema[field].document_type
     view = root_dataset(samples).select(list(ids))
-    if issubclass(doc_type, fo.Classifications):
-        path = f"{field}.classifications.label"
-    elif issubclass(doc_type, fo.Detections):
-        path = f"{field}.detections.label"
-    else:
-        path = f"{field}.label"
-    sids, labels = view.values(["id", path])
+    sids, labels = view.values(["id", label_path(field, doc_type)])
     got = {}
     for sid, lab in zip(sids, labels):
         if lab is None:

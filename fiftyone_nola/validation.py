@@ -161,15 +161,9 @@ def check_templates(templates, classes: Optional[Sequence[str]], input_name: str
 
 
 def _gt_labels(samples, field_: str, doc_type) -> set:
-    import fiftyone as fo
+    from .fo_io import label_path
 
-    if issubclass(doc_type, fo.Classifications):
-        path = f"{field_}.classifications.label"
-    elif issubclass(doc_type, fo.Detections):
-        path = f"{field_}.detections.label"
-    else:
-        path = f"{field_}.label"
-    return {x for x in samples.distinct(path) if x is not None}
+    return {x for x in samples.distinct(label_path(field_, doc_type)) if x is not None}
 
 
 def check_gt_field(samples, field_: Optional[str], classes: Optional[Sequence[str]], multilabel: bool = False,

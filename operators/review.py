@@ -40,12 +40,9 @@ def _calibration_plot_data(curve: dict) -> list:
 class ReviewLowConfidence(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="review_low_confidence", label="NoLA: flag samples for review",
-            description="Flag low-confidence / bottom-k per class samples, queue them, save review views, "
-                        "show the per-class table and plots",
-            dynamic=True, allow_immediate_execution=True, allow_delegated_execution=False,
-        )
+        return c.operator_config("review_low_confidence", "NoLA: flag samples for review",
+                                 "Flag low-confidence / bottom-k per class samples, queue them, save review "
+                                 "views, show the per-class table and plots", delegated=False)
 
     def resolve_input(self, ctx):
         from fiftyone_nola.stages.review_workspace import preview
@@ -317,12 +314,10 @@ def _export_target(ctx):
 class PropagateCorrections(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="propagate_corrections", label="NoLA: suggest corrections to similar samples",
-            description="Offer each reviewer correction to its nearest undecided neighbours carrying the same "
-                        "wrong label, as suggestions tagged for review (never as reviewed labels)",
-            dynamic=True, allow_immediate_execution=True, allow_delegated_execution=False,
-        )
+        return c.operator_config("propagate_corrections", "NoLA: suggest corrections to similar samples",
+                                 "Offer each reviewer correction to its nearest undecided neighbours carrying "
+                                 "the same wrong label, as suggestions tagged for review (never as reviewed "
+                                 "labels)", delegated=False)
 
     def resolve_input(self, ctx):
         from fiftyone_nola.stages.review_workspace import propagate_corrections
