@@ -112,6 +112,9 @@ class NolaPanel(_Serialized, foo.Panel):
 
     def refresh(self, ctx, flag: bool = False):
         """Recompute everything the panel shows (optionally re-flagging at the threshold)."""
+        # The App server keeps one Dataset object per process: fields another process (a job, a
+        # notebook) added since are unknown to it until reloaded, and writing them then fails.
+        ctx.dataset.reload()
         ctx.panel.set_state("stages", rw.stage_status(ctx.dataset))
         ctx.panel.set_state("selection", len(_targets(ctx)))
         ctx.panel.set_state("classes_list", rw.class_list(ctx.dataset, _field(ctx)))
