@@ -75,7 +75,7 @@ def naive_local_scores(clip, filepaths, weights, grid: int, logit_scale: float =
     import torch
     from PIL import Image
 
-    from fiftyone_nola.multilabel import grid_boxes
+    from fiftyone_nola.core.cdul import grid_boxes
 
     w = torch.from_numpy(np.asarray(weights, dtype=np.float32))
     out = np.full((len(filepaths), grid * grid, w.shape[0]), np.nan, dtype=np.float32)
@@ -98,13 +98,14 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
     import numpy as np
     import torch
 
-    from fiftyone_nola import fo_io, models
-    from fiftyone_nola import multilabel as ml
-    from fiftyone_nola import zeroshot as zs
-    from fiftyone_nola.descriptions import SIMPLE_TEMPLATE, fill_templates, load_class_names
-    from fiftyone_nola.embed import EmbedConfig
-    from fiftyone_nola.embeddings import compute_embeddings, load_embeddings
-    from fiftyone_nola.models import ClipSpec
+    from fiftyone_nola.core import cdul as ml
+    from fiftyone_nola.core import models
+    from fiftyone_nola.core import zeroshot as zs
+    from fiftyone_nola.core.descriptions import SIMPLE_TEMPLATE, fill_templates, load_class_names
+    from fiftyone_nola.core.embed import EmbedConfig
+    from fiftyone_nola.core.models import ClipSpec
+    from fiftyone_nola.stages import fo_io
+    from fiftyone_nola.stages.embeddings import compute_embeddings, load_embeddings
 
     pretrained = C.pretrained_mode()
     results["pretrained"] = pretrained

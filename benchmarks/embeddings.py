@@ -4,7 +4,7 @@ Three parts, side by side in one run (each part's wall time is printed):
 
 1. **Throughput**: the same real images through the same CLIP (open_clip ViT-B-32 architecture,
    *random* weights saved once to a temporary checkpoint file that both sides load). Ours is
-   ``fiftyone_nola.embeddings.compute_embeddings`` on a fresh dataset (JPEG draft decoding on,
+   ``fiftyone_nola.stages.embeddings.compute_embeddings`` on a fresh dataset (JPEG draft decoding on,
    and again with exact decoding); FiftyOne's is ``dataset.compute_embeddings`` with
    ``fiftyone.utils.open_clip.TorchOpenClipModel`` (``embeddings_layer="visual"``). Same batch
    size and DataLoader worker count on both sides. Image sets: CIFAR-10 (32x32), COCO
@@ -110,7 +110,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("peak RSS")
     g.add_argument("--rss-sizes", help="comma-separated image counts; default 1000,10000 (quick 1000)")
     g.add_argument("--rss-model", default="tiny", choices=["tiny", "vit"],
-                   help="tiny: fiftyone_nola.models.tiny_clip_spec() (fast); vit: the ViT-B-32")
+                   help="tiny: fiftyone_nola.core.models.tiny_clip_spec() (fast); vit: the ViT-B-32")
     # internal: the RSS child process
     p.add_argument("--_rss-child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--_rss-dir", help=argparse.SUPPRESS)
@@ -228,9 +228,9 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
     import open_clip
     import torch
 
-    from fiftyone_nola.embed import EmbedConfig
-    from fiftyone_nola.embeddings import compute_embeddings, load_embeddings
-    from fiftyone_nola.models import ClipSpec
+    from fiftyone_nola.core.embed import EmbedConfig
+    from fiftyone_nola.core.models import ClipSpec
+    from fiftyone_nola.stages.embeddings import compute_embeddings, load_embeddings
 
     cache = Path(args.cache_dir)
     tmp = Path(tempfile.mkdtemp(prefix="nola-bench-ckpt-"))
@@ -308,8 +308,8 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
         # before timing, as a user's first run would; conversion time reported on its own.
         engine_variants = {}
         if not args.no_engine:
-            from fiftyone_nola.embed import prepare_encoder
-            from fiftyone_nola.models import load_clip
+            from fiftyone_nola.core.embed import prepare_encoder
+            from fiftyone_nola.core.models import load_clip
 
             calib = coco_files(64) or cifar_files(64)
             for name, prec in (("engine", args.engine_precision), ("engine_int8", "int8")):
@@ -427,7 +427,7 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
             "num_workers": nw,
             "device": "cpu",
             "measured": {
-                "ours": "fiftyone_nola.embeddings.compute_embeddings(fresh dataset, 'clip', "
+                "ours": "fiftyone_nola.stages.embeddings.compute_embeddings(fresh dataset, 'clip', "
                         "ClipSpec(arch, pretrained=<ckpt>), EmbedConfig(batch_size, num_workers, "
                         "draft_decode)) wall time minus its model_load_seconds: decode, "
                         "preprocess, inference, FAISS store writes + checkpoints, run record",
@@ -592,7 +592,7 @@ def run_knn(args, results: dict, tables: list[str]) -> None:
     import numpy as np
     from fiftyone.brain.internal.core.sklearn import NeighborsHelper
 
-    from fiftyone_nola.index import EmbeddingIndex
+    from fiftyone_nola.core.index import EmbeddingIndex
 
     k, d = args.k, args.dim
     rows, out = [], {}
@@ -829,7 +829,7 @@ def fo_dataset_knn(args, x, qs, bq, entry, record) -> None:
     import fiftyone as fo
     import fiftyone.brain as fob
 
-    from fiftyone_nola.brain_backend import FaissSimilarityConfig  # noqa: F401 (registers class)
+    from fiftyone_nola.stages.brain_backend import FaissSimilarityConfig  # noqa: F401 (registers class)
 
     n, k = len(x), args.k
     t = time.perf_counter()
@@ -846,7 +846,7 @@ def fo_dataset_knn(args, x, qs, bq, entry, record) -> None:
     for backend, label, kwargs in [
         ("sklearn", "FO dataset: compute_similarity(sklearn)", {}),
         ("faiss", "FO dataset: compute_similarity(ours faiss, flat)",
-         {"backend": "fiftyone_nola.brain_backend.FaissSimilarityConfig", "index_type": "flat"}),
+         {"backend": "fiftyone_nola.stages.brain_backend.FaissSimilarityConfig", "index_type": "flat"}),
     ]:
         t = time.perf_counter()
         try:
@@ -909,16 +909,16 @@ def rss_child(args) -> None:
     try:
         import fiftyone as fo
 
-        from fiftyone_nola.embed import EmbedConfig
-        from fiftyone_nola.embeddings import compute_embeddings
-        from fiftyone_nola.models import ClipSpec, tiny_clip_spec
+        from fiftyone_nola.core.embed import EmbedConfig
+        from fiftyone_nola.core.models import ClipSpec, tiny_clip_spec
+        from fiftyone_nola.stages.embeddings import compute_embeddings
 
         files = sorted(str(p) for p in Path(args._rss_dir).iterdir())[: args._rss_child]
         ds = make_dataset(fo, f"rss-{args._rss_child}", files)
         spec = tiny_clip_spec() if not args._rss_ckpt else ClipSpec(
             arch=args.arch, pretrained=args._rss_ckpt, random_init=False)
         cfg = EmbedConfig(batch_size=args.batch_size, num_workers=args.num_workers, device="cpu")
-        from fiftyone_nola.models import load_model
+        from fiftyone_nola.core.models import load_model
 
         load_model(spec)  # imports open_clip/torch once: the baseline then holds them
         gc.collect()
@@ -974,7 +974,7 @@ def run_rss(args, results: dict, tables: list[str]) -> None:
             results["peak_rss_mb_10k"] = r["peak_rss_mb"]
         results[f"peak_rss_mb_{n}"] = r["peak_rss_mb"]
     results["rss"] = {
-        "model": "fiftyone_nola.models.tiny_clip_spec() (random, 32 px input) on CIFAR-10 32x32 "
+        "model": "fiftyone_nola.core.models.tiny_clip_spec() (random, 32 px input) on CIFAR-10 32x32 "
                  "JPEG copies",
         "measured": "fresh child process per N: FiftyOne imported and dataset created, then "
                     "VmHWM reset; peak = VmHWM of the main process during compute_embeddings; "

@@ -17,16 +17,16 @@ thread pools, text cache), and then measures each stage on the N samples:
 
 Stages, ours vs baseline (same tiny CLIP weights, same batch size and DataLoader workers):
 
-1. embed: ``fiftyone_nola.embeddings.compute_embeddings(ds, "clip")`` (FAISS flat store) vs
+1. embed: ``fiftyone_nola.stages.embeddings.compute_embeddings(ds, "clip")`` (FAISS flat store) vs
    ``ds.compute_embeddings(model)`` (returns the N x D array);
-2. zero-shot labels: ``fiftyone_nola.labeling.zero_shot`` (from the stored embeddings, writes
+2. zero-shot labels: ``fiftyone_nola.stages.nola.zero_shot`` (from the stored embeddings, writes
    ``nola_zeroshot``) vs ``ds.apply_model(model, "fo_zeroshot")`` with FiftyOne's open_clip
    zero-shot model (reads every image again);
-3. predict: ``fiftyone_nola.labeling.predict`` with a saved, untrained prompt-tuned model
+3. predict: ``fiftyone_nola.stages.nola.predict`` with a saved, untrained prompt-tuned model
    (reads every image, writes ``nola_predict``) vs the same ``apply_model`` run as in 2 (FiftyOne
    has one "run a model over the images and write a field" path; it is measured once).
 
-The model is ``fiftyone_nola.models.tiny_clip_spec()``'s architecture (``nola-tiny-clip``,
+The model is ``fiftyone_nola.core.models.tiny_clip_spec()``'s architecture (``nola-tiny-clip``,
 D = 32, 32 px input) with its random weights saved once to a temporary checkpoint; both sides
 load that file (FiftyOne through ``TorchOpenClipModelConfig(clip_model="nola-tiny-clip",
 pretrained=<file>)`` after registering the tiny config with ``open_clip.add_model_config``).
@@ -35,7 +35,7 @@ Two extra measurements explain what the RSS figures show. A second pass (``--tra
 default 1k and 5k, fresh children again) measures each stage's Python-heap peak with
 ``tracemalloc`` (Python objects and NumPy buffers, not torch or C libraries): deterministic,
 so per-sample costs show that 10-20 MB of run-to-run RSS noise would hide. And on our side a
-diagnostic row times ``fiftyone_nola.fo_io.write_classifications`` alone (the field write that
+diagnostic row times ``fiftyone_nola.stages.fo_io.write_classifications`` alone (the field write that
 zero-shot and predict share) on ids and probabilities built beforehand.
 
 What must grow with N is printed next to each measurement as the "floor": per sample, the
@@ -293,10 +293,12 @@ def child(args) -> None:
 def _ours_stages(args, fo, classes, tmp: Path):
     import numpy as np
 
-    from fiftyone_nola import fo_io, labeling, prompt_tuning
-    from fiftyone_nola.embed import EmbedConfig
-    from fiftyone_nola.embeddings import compute_embeddings
-    from fiftyone_nola.models import TINY_CLIP_ARCH, ClipSpec, load_clip
+    from fiftyone_nola.core import prompt_tuning
+    from fiftyone_nola.core.embed import EmbedConfig
+    from fiftyone_nola.core.models import TINY_CLIP_ARCH, ClipSpec, load_clip
+    from fiftyone_nola.stages import fo_io
+    from fiftyone_nola.stages import nola as labeling
+    from fiftyone_nola.stages.embeddings import compute_embeddings
 
     spec = ClipSpec(arch=TINY_CLIP_ARCH, pretrained=args._ckpt, random_init=False)
     clip = load_clip(spec)  # cached: the stages reuse it (model load is not measured)
@@ -325,9 +327,9 @@ def _ours_stages(args, fo, classes, tmp: Path):
                 fn()
                 continue
             rows[name], s = measure(name, fn)
-            rows[name]["function"] = {"embed": "fiftyone_nola.embeddings.compute_embeddings",
-                                      "zero-shot labels": "fiftyone_nola.labeling.zero_shot",
-                                      "predict": "fiftyone_nola.labeling.predict"}[name]
+            rows[name]["function"] = {"embed": "fiftyone_nola.stages.embeddings.compute_embeddings",
+                                      "zero-shot labels": "fiftyone_nola.stages.nola.zero_shot",
+                                      "predict": "fiftyone_nola.stages.nola.predict"}[name]
             done = s.get("embedded", s.get("labelled"))
             if done != n:
                 raise RuntimeError(f"{name}: {done} of {n} samples done ({s})")
@@ -340,7 +342,7 @@ def _ours_stages(args, fo, classes, tmp: Path):
             write()
         else:
             rows[DIAG], written = measure(DIAG, write)
-            rows[DIAG]["function"] = "fiftyone_nola.fo_io.write_classifications"
+            rows[DIAG]["function"] = "fiftyone_nola.stages.fo_io.write_classifications"
             assert written == n, written
             for f in ("nola_zeroshot", "nola_predict"):
                 assert ds.count(f"{f}.label") == n, (f, ds.count(f"{f}.label"))
@@ -354,9 +356,9 @@ def _fiftyone_stages(args, fo, classes, tmp: Path):
     import numpy as np
     import open_clip
 
-    import fiftyone_nola.models as nm
+    import fiftyone_nola.core.models as nm
 
-    # What fiftyone_nola.models.load_clip does on first use: make "nola-tiny-clip" known to
+    # What fiftyone_nola.core.models.load_clip does on first use: make "nola-tiny-clip" known to
     # open_clip (the config file ships in fiftyone_nola/configs/).
     if nm.TINY_CLIP_ARCH not in open_clip.list_models():
         open_clip.add_model_config(Path(nm.__file__).parent / "configs")
@@ -403,7 +405,7 @@ def make_checkpoint(path: Path) -> dict:
     """Save the tiny CLIP's random weights (what tiny_clip_spec() builds) to ``path``."""
     import torch
 
-    from fiftyone_nola.models import load_clip, tiny_clip_spec
+    from fiftyone_nola.core.models import load_clip, tiny_clip_spec
 
     m = load_clip(tiny_clip_spec(), cache=False)
     torch.save(m.model.state_dict(), path)

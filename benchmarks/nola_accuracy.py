@@ -121,7 +121,7 @@ PEAKS: list = []  # peak RSS (MB) of parts outside the stage table
 
 def n_texts(ds, field: str):
     """Texts the zero-shot stage encoded for ``field`` (from its stored meta.json)."""
-    from fiftyone_nola.artifacts import stage_dir
+    from fiftyone_nola.stages.artifacts import stage_dir
 
     meta = json.loads((stage_dir(ds, field) / "meta.json").read_text())
     return int(sum(meta.get("n_texts", {}).values()))
@@ -159,11 +159,11 @@ def text_side_timers(rec_load: list, rec_text: list):
     called from (directly, or through ``text_cache``, which loads CLIP only for new texts)."""
     import importlib
 
-    from fiftyone_nola import labeling
-    from fiftyone_nola import zeroshot as zs
+    from fiftyone_nola.core import zeroshot as zs
+    from fiftyone_nola.stages import nola as labeling
 
     with contextlib.ExitStack() as stack:
-        for modname in ("fiftyone_nola.labeling", "fiftyone_nola.text_cache"):
+        for modname in ("fiftyone_nola.stages.nola", "fiftyone_nola.core.text_cache"):
             with contextlib.suppress(ImportError):
                 mod = importlib.import_module(modname)
                 if hasattr(mod, "load_clip"):
@@ -183,15 +183,17 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
     import numpy as np
     import torch
 
-    from fiftyone_nola import dino_labeler as dl
-    from fiftyone_nola import fo_io, labeling, models
-    from fiftyone_nola import prompt_tuning as pt
-    from fiftyone_nola import zeroshot as zs
-    from fiftyone_nola.artifacts import aligned, stage_dir
-    from fiftyone_nola.descriptions import SIMPLE_TEMPLATE, DescriptionSet, fill_templates
-    from fiftyone_nola.embed import EmbedConfig
-    from fiftyone_nola.embeddings import compute_embeddings, load_embeddings
-    from fiftyone_nola.models import ClipSpec, DinoSpec
+    from fiftyone_nola.core import dino_labeler as dl
+    from fiftyone_nola.core import models
+    from fiftyone_nola.core import prompt_tuning as pt
+    from fiftyone_nola.core import zeroshot as zs
+    from fiftyone_nola.core.descriptions import SIMPLE_TEMPLATE, DescriptionSet, fill_templates
+    from fiftyone_nola.core.embed import EmbedConfig
+    from fiftyone_nola.core.models import ClipSpec, DinoSpec
+    from fiftyone_nola.stages import fo_io
+    from fiftyone_nola.stages import nola as labeling
+    from fiftyone_nola.stages.artifacts import aligned, stage_dir
+    from fiftyone_nola.stages.embeddings import compute_embeddings, load_embeddings
 
     pretrained = C.pretrained_mode()
     results["pretrained"] = pretrained

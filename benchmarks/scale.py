@@ -216,7 +216,7 @@ def file_blocks(path: Path, n: int, d: int, rows: int = 65_536):
 
 def recall(truth: np.ndarray, got) -> float:
     """recall@k of position lists, by the library's definition (missing hits count as misses)."""
-    from fiftyone_nola.index import recall_at_k
+    from fiftyone_nola.core.index import recall_at_k
 
     return recall_at_k([list(t) for t in truth], [list(g) for g in got])
 
@@ -290,7 +290,7 @@ def mem_of(b: Build) -> dict:
 
 
 def run_library_size(args, n: int, synth: Synth, q: np.ndarray, work: Path) -> dict:
-    from fiftyone_nola.index import EmbeddingIndex
+    from fiftyone_nola.core.index import EmbeddingIndex
 
     k, d = args.k, args.dim
     t = time.perf_counter()
@@ -378,7 +378,7 @@ def open_in_children(args, path: Path, q: np.ndarray, work: Path) -> dict:
 
 
 def open_child(args) -> None:
-    import fiftyone_nola.index as fni
+    import fiftyone_nola.core.index as fni
 
     fni.MMAP_MIN_BYTES = args._mmap_min_bytes
     q = np.load(args._child_queries)
@@ -448,7 +448,7 @@ def stream_build(idx, synth: Synth, n: int, n_train: int, vec_path: Path) -> dic
 def run_streamed_size(args, n: int, synth: Synth, q: np.ndarray, work: Path) -> dict:
     import faiss
 
-    from fiftyone_nola.index import (
+    from fiftyone_nola.core.index import (
         DEFAULT_REFINE_FACTOR,
         default_pq_m,
         ivf_nlist,
@@ -513,7 +513,7 @@ def run_streamed_size(args, n: int, synth: Synth, q: np.ndarray, work: Path) -> 
 
 def projection(args, results: dict) -> dict:
     """Bytes per vector of each structure (formula and measured) and GB at 100M vectors."""
-    from fiftyone_nola.index import DEFAULT_HNSW_M, default_pq_m
+    from fiftyone_nola.core.index import DEFAULT_HNSW_M, default_pq_m
 
     d, M, m = args.dim, DEFAULT_HNSW_M, default_pq_m(args.dim)
     measured: dict[str, tuple[int, float]] = {}

@@ -1,29 +1,66 @@
 """fiftyone-nola: label-free auto-labeling of image datasets (NoLA, CDUL) for FiftyOne.
 
-The one-call entry points are imported lazily so that ``import fiftyone_nola`` stays cheap and
-the pure modules (models, zeroshot, dino_labeler, multilabel, index) work without FiftyOne.
+The public API: every stage function and its config. Names are imported lazily so that
+``import fiftyone_nola`` stays cheap; :mod:`fiftyone_nola.core` works without FiftyOne,
+:mod:`fiftyone_nola.stages` reads and writes datasets.
 """
 
-__version__ = "0.1.0"
+from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("fiftyone-nola")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 _LAZY = {
+    # one call
     "auto_label": "pipeline",
     "AutoLabelConfig": "pipeline",
-    "auto_label_multilabel": "multilabel_pipeline",
-    "MultiLabelConfig": "multilabel_pipeline",
-    "compute_embeddings": "embeddings",
-    "compute_embeddings_ray": "distributed_embeddings",
-    "RayEmbedConfig": "distributed_embeddings",
-    "tune_prompts_distributed": "distributed_tuning",
-    "zero_shot": "labeling",
-    "dino_labels": "labeling",
-    "tune_prompts": "labeling",
-    "predict": "labeling",
-    "ClipSpec": "models",
-    "DinoSpec": "models",
-    "EmbedConfig": "embed",
-    "validate": "validation",
-    "ValidationError": "errors",
+    "auto_label_multilabel": "stages.cdul",
+    "MultiLabelConfig": "stages.cdul",
+    "validate": "stages.validation",
+    # models
+    "ClipSpec": "core.models",
+    "DinoSpec": "core.models",
+    "load_clip": "core.models",
+    "load_dino": "core.models",
+    # embeddings
+    "compute_embeddings": "stages.embeddings",
+    "load_embeddings": "stages.embeddings",
+    "EmbedConfig": "core.embed",
+    "compute_embeddings_ray": "stages.embeddings_ray",
+    "RayEmbedConfig": "stages.embeddings_ray",
+    "register_brain_runs": "stages.brain_runs",
+    # NoLA stages
+    "zero_shot": "stages.nola",
+    "ZeroShotConfig": "stages.nola",
+    "DescribeConfig": "core.descriptions",
+    "dino_labels": "stages.nola",
+    "DinoLabelerConfig": "core.dino_labeler",
+    "tune_prompts": "stages.nola",
+    "TuneConfig": "core.prompt_tuning",
+    "tune_prompts_distributed": "stages.tuning_ddp",
+    "predict": "stages.nola",
+    # CDUL stages
+    "multilabel_pseudo_labels": "stages.cdul",
+    "train_multilabel": "stages.cdul",
+    "CropConfig": "core.cdul",
+    "TrainConfig": "core.cdul",
+    # review, evaluation, export
+    "evaluate_single_label": "stages.evaluation",
+    "evaluate_multilabel": "stages.evaluation",
+    "flag_for_review": "stages.review",
+    "flag_samples": "stages.review_workspace",
+    "decide": "stages.review_workspace",
+    "propagate_corrections": "stages.review_workspace",
+    "retrain_with_corrections": "stages.corrections",
+    "export_accepted": "stages.export",
+    # errors
+    "NolaError": "core.errors",
+    "InvalidInputError": "core.errors",
+    "ValidationError": "core.errors",
+    "ModelNotFoundError": "core.errors",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -31,7 +68,9 @@ __all__ = sorted(_LAZY) + ["__version__"]
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'fiftyone_nola' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -11,8 +11,8 @@ import time
 from collections.abc import Sequence
 from typing import Optional
 
-from .errors import ModelNotFoundError, NolaError
-from .progress import print_progress
+from fiftyone_nola.core.errors import ModelNotFoundError, NolaError
+from fiftyone_nola.core.progress import print_progress
 
 
 def _clip_args(p: argparse.ArgumentParser, device_help: str = "cpu, cuda, cuda:1, ... (default: auto)"):
@@ -158,7 +158,7 @@ def _names(args) -> dict:
 
 
 def _target(args):
-    from .validation import Target
+    from fiftyone_nola.stages.validation import Target
 
     return Target(images_dir=args.images, dataset_name=args.dataset,
                   gt_from_subfolders=args.gt_from_subfolders, max_samples=args.max_samples)
@@ -168,7 +168,7 @@ def _checked(args, report) -> bool:
     """Stop on problems (exit 2, nothing written); print warnings; with --check print the plan.
 
     Returns True when the command should stop here (``--check``)."""
-    from .errors import ValidationError
+    from fiftyone_nola.core.errors import ValidationError
 
     names = _names(args)
     if not report.ok:
@@ -185,7 +185,7 @@ def _checked(args, report) -> bool:
 
 def _clip_spec(args):
     """The ClipSpec of the CLIP options (and NOLA_MODELS_DIR from --models-dir)."""
-    from .models import ClipSpec
+    from fiftyone_nola.core.models import ClipSpec
 
     if args.models_dir:
         os.environ["NOLA_MODELS_DIR"] = args.models_dir
@@ -194,13 +194,13 @@ def _clip_spec(args):
 
 
 def _random_init(args) -> bool:
-    from .models import random_init_default
+    from fiftyone_nola.core.models import random_init_default
 
     return args.random_init if args.random_init is not None else random_init_default()
 
 
 def _specs(args):
-    from .models import DinoSpec, concrete_dino
+    from fiftyone_nola.core.models import DinoSpec, concrete_dino
 
     clip = _clip_spec(args)
     dino = concrete_dino(DinoSpec(name=args.dino, checkpoint=args.dino_checkpoint,
@@ -214,7 +214,7 @@ def _check_weights(clip, dino, fallback: bool):
     """Resolve weights before any long work; optionally fall back to random init, loudly."""
     from dataclasses import replace
 
-    from .validation import _weights as weights_available
+    from fiftyone_nola.stages.validation import _weights as weights_available
 
     missing = [(s, why) for s in (clip, dino) for ok, why in [weights_available(s)] if not ok]
     if not missing:
@@ -228,7 +228,7 @@ def _check_weights(clip, dino, fallback: bool):
 
 
 def _samples(args):
-    from . import fo_io
+    from fiftyone_nola.stages import fo_io
 
     if args.images:
         ds = fo_io.import_images(args.images, args.dataset, args.gt_from_subfolders,
@@ -255,9 +255,9 @@ def cmd_auto_label(args) -> dict:
     """``auto-label``: import (or load) a dataset, label it, print per-stage results."""
     from dataclasses import replace
 
-    from .embed import EmbedConfig
-    from .pipeline import AutoLabelConfig, auto_label, summary_lines
-    from .validation import check_auto_label
+    from fiftyone_nola.core.embed import EmbedConfig
+    from fiftyone_nola.pipeline import AutoLabelConfig, auto_label, summary_lines
+    from fiftyone_nola.stages.validation import check_auto_label
 
     clip, dino = _specs(args)
     gt = args.gt_field or args.gt_from_subfolders
@@ -286,7 +286,7 @@ def cmd_auto_label(args) -> dict:
          + (f", {cfg.tuned_field}" if cfg.tune else "")
          + f". Open it: python -c \"import fiftyone as fo; fo.launch_app(fo.load_dataset('{ds.name}')).wait()\"")
     if summary.get("random_init"):
-        from .pipeline import random_init_banner
+        from fiftyone_nola.pipeline import random_init_banner
 
         _log(random_init_banner(clip, dino))
     _write_json(args.json_out, summary)
@@ -297,8 +297,8 @@ def cmd_auto_label_multilabel(args) -> dict:
     """``auto-label-multilabel``: the CDUL pipeline from the shell."""
     from dataclasses import replace
 
-    from .multilabel_pipeline import MultiLabelConfig, auto_label_multilabel
-    from .validation import check_multilabel
+    from fiftyone_nola.stages.cdul import MultiLabelConfig, auto_label_multilabel
+    from fiftyone_nola.stages.validation import check_multilabel
 
     clip, dino = _specs(args)
     cfg = MultiLabelConfig(clip=clip, descriptions_file=args.descriptions, grid=args.grid,
@@ -318,9 +318,9 @@ def cmd_auto_label_multilabel(args) -> dict:
 
 def cmd_embed(args) -> dict:
     """``embed``: CLIP and/or DINO embeddings into FAISS stores."""
-    from .embed import EmbedConfig
-    from .embeddings import compute_embeddings
-    from .validation import check_embed
+    from fiftyone_nola.core.embed import EmbedConfig
+    from fiftyone_nola.stages.embeddings import compute_embeddings
+    from fiftyone_nola.stages.validation import check_embed
 
     clip, dino = _specs(args)
     cfg = EmbedConfig(batch_size=args.batch_size, num_workers=args.workers, device=args.device,
@@ -331,7 +331,7 @@ def cmd_embed(args) -> dict:
     clip, dino = _check_weights(clip, dino, args.fallback_random_init)
     ds = _samples(args)
     if args.ray is not None:
-        from .distributed_embeddings import RayEmbedConfig, compute_embeddings_ray
+        from fiftyone_nola.stages.embeddings_ray import RayEmbedConfig, compute_embeddings_ray
 
         ray_cfg = RayEmbedConfig(address=args.ray or None, num_actors=args.ray_actors)
         summary = compute_embeddings_ray(ds, args.family, clip, dino, cfg, ray_cfg,
@@ -350,11 +350,11 @@ def cmd_tune(args) -> dict:
     """
     from dataclasses import replace
 
-    from . import distributed as dt
-    from . import fo_io
-    from .distributed_tuning import tune_prompts_distributed
-    from .prompt_tuning import TuneConfig
-    from .validation import check_params
+    from fiftyone_nola.core import distributed as dt
+    from fiftyone_nola.core.prompt_tuning import TuneConfig
+    from fiftyone_nola.stages import fo_io
+    from fiftyone_nola.stages.tuning_ddp import tune_prompts_distributed
+    from fiftyone_nola.stages.validation import check_params
 
     # Every rank checks (read-only) before the process group forms, so all stop together.
     report = check_params(

@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import fo_io, runs
-from .classes import ClassesArg, resolve_classes
-from .device import hardware_profile, resolve_device
-from .embed import EmbedConfig
-from .embeddings import compute_embeddings
-from .labeling import (
+from fiftyone_nola.core.classes import ClassesArg, resolve_classes
+from fiftyone_nola.core.device import hardware_profile, resolve_device
+from fiftyone_nola.core.embed import EmbedConfig
+from fiftyone_nola.core.models import ClipSpec, DinoSpec
+from fiftyone_nola.core.progress import ProgressFn, StageTimer, null_progress
+from fiftyone_nola.stages import fo_io, runs
+from fiftyone_nola.stages.embeddings import compute_embeddings
+from fiftyone_nola.stages.nola import (
     ZeroShotConfig,
     dino_labels,
     dino_labels_apply,
@@ -25,14 +27,12 @@ from .labeling import (
     tune_prompts,
     zero_shot,
 )
-from .models import ClipSpec, DinoSpec
-from .progress import ProgressFn, StageTimer, null_progress
 
 Log = Callable[[str], None]
 
 def random_init_banner(clip: Optional[ClipSpec] = None, dino: Optional[DinoSpec] = None) -> str:
     """The loud warning printed around runs on random weights, naming where real weights go."""
-    from .models import concrete_dino, models_dir
+    from fiftyone_nola.core.models import concrete_dino, models_dir
 
     clip = clip or ClipSpec()
     dino = concrete_dino(dino or DinoSpec())
@@ -98,7 +98,7 @@ def auto_label(
     Returns a summary with each stage's result, per-stage seconds and, when ``gt_field`` is
     given, the accuracy of every stage (ground truth is read only for this evaluation).
     """
-    from .evaluation import evaluate_single_label
+    from fiftyone_nola.stages.evaluation import evaluate_single_label
 
     config = config or AutoLabelConfig()
     check_inputs(samples, classes, config, log)
@@ -189,8 +189,8 @@ def auto_label(
 def prepare_for_review(samples, classes, log: Log = print) -> dict:
     """What the App needs to review right away: the class list on the dataset (dropdowns, a label
     schema for corrections) and Brain runs on the stored vectors (similarity search, map)."""
-    from .stages.brain_runs import register_brain_runs
-    from .stages.review_workspace import store_class_list
+    from fiftyone_nola.stages.brain_runs import register_brain_runs
+    from fiftyone_nola.stages.review_workspace import store_class_list
 
     store_class_list(samples, classes)
     out = {}
@@ -211,7 +211,7 @@ def _zs_config(config: AutoLabelConfig) -> ZeroShotConfig:
 
 
 def _tune_config(config: AutoLabelConfig, device, log: Optional[Log] = None):
-    from . import prompt_tuning as pt
+    from fiftyone_nola.core import prompt_tuning as pt
 
     tune_cfg = pt.TuneConfig.for_hardware(device, log=log)
     overrides = {"epochs": config.tune_epochs, "batch_size": config.tune_batch_size}
@@ -228,9 +228,9 @@ def _subset(samples, ids: list, todo: list):
 
 def _embed_todo(samples, spec, ids: list, paths: list) -> set:
     """Ids the embedding stage of ``spec`` will (re-)embed: new samples or changed files."""
-    from .data import file_fingerprint
-    from .embeddings import index_path
-    from .index import EmbeddingIndex
+    from fiftyone_nola.core.data import file_fingerprint
+    from fiftyone_nola.core.index import EmbeddingIndex
+    from fiftyone_nola.stages.embeddings import index_path
 
     path = Path(index_path(samples, spec))
     if not (path / "meta.json").exists():
@@ -267,8 +267,8 @@ class _Plan:
 
 def _decide(samples, classes, config: AutoLabelConfig, ids: list, changed: set, device,
             log: Optional[Log] = None) -> _Plan:
-    from . import dino_labeler as dl
-    from .artifacts import stage_dir
+    from fiftyone_nola.core import dino_labeler as dl
+    from fiftyone_nola.stages.artifacts import stage_dir
 
     zs_cfg = _zs_config(config)
     zs_full = (config.force or not _up_to_date(samples, runs.run_key_for(config.zeroshot_field), zs_cfg)
@@ -293,14 +293,14 @@ def _decide(samples, classes, config: AutoLabelConfig, ids: list, changed: set, 
 
 def _missing(samples, field_: str, ids: list, changed: set) -> list:
     """Ids with no stored row in the stage of ``field_``, or whose image changed."""
-    from .artifacts import stage_dir, stored_ids
+    from fiftyone_nola.stages.artifacts import stage_dir, stored_ids
 
     have = stored_ids(stage_dir(samples, field_))
     return [i for i in ids if i not in have or i in changed]
 
 
 def _predict_up_to_date(samples, field_: str, model_dir: Path) -> bool:
-    from .storage import read_json
+    from fiftyone_nola.core.storage import read_json
 
     run = runs.get_run(samples, runs.run_key_for(field_))
     if run is None or not (model_dir / "meta.json").is_file():
@@ -314,7 +314,7 @@ def plan_stages(samples, classes, config: AutoLabelConfig, extra_new: int = 0) -
 
     ``extra_new``: samples not in ``samples`` yet (a folder's new files) that every stage will process.
     """
-    from .device import resolve_device
+    from fiftyone_nola.core.device import resolve_device
 
     ids, paths = fo_io.ids_and_paths(samples)
     emb = {spec.family: _embed_todo(samples, spec, ids, paths) for spec in (config.clip, config.dino)}
@@ -327,7 +327,7 @@ def plan_stages(samples, classes, config: AutoLabelConfig, extra_new: int = 0) -
 
 def check_inputs(samples, classes, config: AutoLabelConfig, log: Log = print) -> None:
     """The validation pass of ``auto_label``: raise one ValidationError listing every problem."""
-    from .validation import Target, check_auto_label
+    from fiftyone_nola.stages.validation import Target, check_auto_label
 
     report = check_auto_label(Target(samples=samples), classes, config)
     for w in report.warnings:
@@ -341,8 +341,8 @@ def _dino_run_config(dl_cfg, config: AutoLabelConfig) -> dict:
 
 
 def _stored_classes(samples, zeroshot_field: str):
-    from .artifacts import stage_dir
-    from .storage import read_json
+    from fiftyone_nola.core.storage import read_json
+    from fiftyone_nola.stages.artifacts import stage_dir
 
     p = stage_dir(samples, zeroshot_field) / "meta.json"
     return read_json(p).get("classes") if p.exists() else None

@@ -29,7 +29,7 @@ PANELS = [NolaPanel, NolaSampleReview]
 def register(p):
     # The App server loads the plugin: make the FAISS similarity backend known in this process,
     # so no FIFTYONE_BRAIN_* variable has to be set before launching the App.
-    from fiftyone_nola.brain_backend import register_faiss_backend
+    from fiftyone_nola.stages.brain_backend import register_faiss_backend
 
     register_faiss_backend()
     for op in OPERATORS + PANELS:

@@ -12,7 +12,7 @@ import time
 
 import fiftyone.operators.types as types
 
-from fiftyone_nola.models import ClipSpec, DinoSpec, random_init_default
+from fiftyone_nola.core.models import ClipSpec, DinoSpec, random_init_default
 
 DEVICES = ["auto", "cpu", "cuda"]
 
@@ -93,7 +93,7 @@ def add_dino_inputs(inputs) -> None:
 
 def add_templates_input(inputs) -> None:
     """The template set: a dropdown of presets (default: the official code's choice) or a file."""
-    from fiftyone_nola.templates import AUTO, DEFAULT_TEMPLATES, presets
+    from fiftyone_nola.core.templates import AUTO, DEFAULT_TEMPLATES, presets
 
     choices = types.Choices()
     choices.add_choice(AUTO, label="auto (official choice: cifar10 for CIFAR-10 classes, else imagenet)")
@@ -106,7 +106,7 @@ def add_templates_input(inputs) -> None:
 
 
 def templates_param(ctx) -> str:
-    from fiftyone_nola.templates import DEFAULT_TEMPLATES
+    from fiftyone_nola.core.templates import DEFAULT_TEMPLATES
 
     p = ctx.params
     return p.get("templates_file") or p.get("templates") or DEFAULT_TEMPLATES
@@ -174,8 +174,8 @@ def check_form(ctx, inputs, check, names=None):
     warning notice. ``check()`` returns a ``validation.Report``; ``names`` maps its input names
     to this form's property names.
     """
-    from fiftyone_nola.errors import NolaError
-    from fiftyone_nola.validation import Problem, Report
+    from fiftyone_nola.core.errors import NolaError
+    from fiftyone_nola.stages.validation import Problem, Report
 
     if ctx.dataset is None:
         return None
@@ -260,7 +260,7 @@ def choice_param(ctx, name: str):
 
 def show_review_fields(ctx, extra=()) -> None:
     """After an action: reload and make the tags and review fields visible in the grid."""
-    from fiftyone_nola.review import CORRECTIONS_FIELD
+    from fiftyone_nola.stages.review import CORRECTIONS_FIELD
     from fiftyone_nola.stages.review_workspace import SUGGESTED_FIELD
 
     ds = ctx.dataset

@@ -5,9 +5,9 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fiftyone_nola import descriptions as dsc
-from fiftyone_nola.classes import resolve_classes
-from fiftyone_nola.validation import check_params
+from fiftyone_nola.core import descriptions as dsc
+from fiftyone_nola.core.classes import resolve_classes
+from fiftyone_nola.stages.validation import check_params
 
 from . import _common as c
 

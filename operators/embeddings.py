@@ -5,10 +5,10 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fiftyone_nola.embed import EmbedConfig
-from fiftyone_nola.embeddings import compute_embeddings
-from fiftyone_nola.index import INDEX_TYPES
-from fiftyone_nola.validation import Target, check_embed
+from fiftyone_nola.core.embed import EmbedConfig
+from fiftyone_nola.core.index import INDEX_TYPES
+from fiftyone_nola.stages.embeddings import compute_embeddings
+from fiftyone_nola.stages.validation import Target, check_embed
 
 from . import _common as c
 

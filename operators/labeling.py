@@ -5,10 +5,10 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fiftyone_nola import labeling
-from fiftyone_nola.dino_labeler import DinoLabelerConfig
-from fiftyone_nola.evaluation import evaluate_single_label
-from fiftyone_nola.validation import check_params
+from fiftyone_nola.core.dino_labeler import DinoLabelerConfig
+from fiftyone_nola.stages import nola as labeling
+from fiftyone_nola.stages.evaluation import evaluate_single_label
+from fiftyone_nola.stages.validation import check_params
 
 from . import _common as c
 
@@ -123,8 +123,8 @@ class TunePrompts(foo.Operator):
     def execute(self, ctx):
         import dataclasses
 
-        from fiftyone_nola.device import resolve_device
-        from fiftyone_nola.prompt_tuning import TuneConfig
+        from fiftyone_nola.core.device import resolve_device
+        from fiftyone_nola.core.prompt_tuning import TuneConfig
 
         p = ctx.params
         lines: list = []
@@ -198,7 +198,7 @@ class Evaluate(foo.Operator):
         inputs.bool("overwrite", default=False, label="Replace an existing evaluation with this key")
 
         def check():
-            from fiftyone_nola.validation import Problem
+            from fiftyone_nola.stages.validation import Problem
 
             report = check_params(_eval_target(ctx), fields={k: (p.get(k), ("Classification",))
                                                              for k in ("pred_field", "gt_field")})
@@ -214,7 +214,7 @@ class Evaluate(foo.Operator):
         return types.Property(inputs, view=types.View(label="Evaluate"))
 
     def execute(self, ctx):
-        from fiftyone_nola.evaluation import final_labels_field
+        from fiftyone_nola.stages.evaluation import final_labels_field
 
         p = ctx.params
         samples = _eval_target(ctx)
@@ -238,7 +238,7 @@ class Evaluate(foo.Operator):
 
 
 def _eval_key(p) -> str:
-    from fiftyone_nola import runs
+    from fiftyone_nola.stages import runs
 
     pred = p.get("pred_field") or "nola"
     return f"eval_{runs.run_key_for(pred)}" + ("_final" if p.get("final_labels") else "")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fiftyone_nola.multilabel_pipeline import (
+from fiftyone_nola.stages.cdul import (
     MultiLabelConfig,
     evaluate_multilabel_stages,
     multilabel_pseudo_labels,
     train_multilabel,
 )
-from fiftyone_nola.validation import check_params
+from fiftyone_nola.stages.validation import check_params
 
 from . import _common as c
 

@@ -6,7 +6,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_nola.pipeline import AutoLabelConfig, auto_label, summary_lines
-from fiftyone_nola.validation import Target, check_auto_label
+from fiftyone_nola.stages.validation import Target, check_auto_label
 
 from . import _common as c
 

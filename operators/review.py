@@ -6,15 +6,15 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fiftyone_nola import review
-from fiftyone_nola.export import FORMATS, export_accepted
-from fiftyone_nola.validation import check_params
+from fiftyone_nola.stages import review
+from fiftyone_nola.stages.export import FORMATS, export_accepted
+from fiftyone_nola.stages.validation import check_params
 
 from . import _common as c
 
 
 def _missing_label():
-    from fiftyone_nola.validation import Problem, Report
+    from fiftyone_nola.stages.validation import Problem, Report
 
     return Report([Problem("label", "a corrected label is required for action=correct", "pick the right class")])
 
@@ -117,7 +117,7 @@ def _fmt(x) -> str:
 
 def _same_field(gt, field):
     """Calibrating predictions against themselves is meaningless: refuse it in the form."""
-    from fiftyone_nola.validation import Problem, Report
+    from fiftyone_nola.stages.validation import Problem, Report
 
     if gt and gt == field:
         return Report([Problem("gt_field", f"'{gt}' is the predictions field itself",
@@ -186,7 +186,7 @@ class MarkReviewed(foo.Operator):
 
 
 def _label_problem(label, classes):
-    from fiftyone_nola.validation import Problem, Report
+    from fiftyone_nola.stages.validation import Problem, Report
 
     if not label:
         return _missing_label()
@@ -224,7 +224,7 @@ class RetrainWithCorrections(foo.Operator):
         return types.Property(inputs, view=types.View(label="Retrain with corrections"))
 
     def execute(self, ctx):
-        from fiftyone_nola.corrections import retrain_with_corrections
+        from fiftyone_nola.stages.corrections import retrain_with_corrections
 
         p = ctx.params
         lines: list = []
@@ -247,7 +247,11 @@ class ExportAccepted(foo.Operator):
         )
 
     def resolve_input(self, ctx):
-        from fiftyone_nola.export import nothing_to_export_message, plan_export, suggest_export_dir
+        from fiftyone_nola.stages.export import (
+            nothing_to_export_message,
+            plan_export,
+            suggest_export_dir,
+        )
 
         inputs = types.Object()
         inputs.view_target(ctx, action_description="Export", default_target="DATASET")
@@ -264,7 +268,7 @@ class ExportAccepted(foo.Operator):
         inputs.bool("overwrite", default=False, label="Overwrite a non-empty directory")
 
         def check():
-            from fiftyone_nola.validation import Problem
+            from fiftyone_nola.stages.validation import Problem
 
             report = check_params(
                 _export_target(ctx),
@@ -283,8 +287,8 @@ class ExportAccepted(foo.Operator):
         return types.Property(inputs, view=types.View(label="Export accepted"))
 
     def execute(self, ctx):
-        from fiftyone_nola.errors import NolaError
-        from fiftyone_nola.export import suggest_export_dir
+        from fiftyone_nola.core.errors import NolaError
+        from fiftyone_nola.stages.export import suggest_export_dir
 
         p = ctx.params
         samples = _export_target(ctx)

@@ -63,14 +63,14 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def tiny_clip():
-    from fiftyone_nola.models import load_clip, tiny_clip_spec
+    from fiftyone_nola.core.models import load_clip, tiny_clip_spec
 
     return load_clip(tiny_clip_spec())
 
 
 @pytest.fixture(scope="session")
 def tiny_dino():
-    from fiftyone_nola.models import load_dino, tiny_dino_spec
+    from fiftyone_nola.core.models import load_dino, tiny_dino_spec
 
     return load_dino(tiny_dino_spec())
 
@@ -130,8 +130,8 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 def tiny_pipeline_config(**overrides):
     """``AutoLabelConfig`` of the single-label pipeline on tiny models, seconds per run."""
-    from fiftyone_nola.embed import EmbedConfig
-    from fiftyone_nola.models import tiny_clip_spec, tiny_dino_spec
+    from fiftyone_nola.core.embed import EmbedConfig
+    from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec
     from fiftyone_nola.pipeline import AutoLabelConfig
 
     base = dict(clip=tiny_clip_spec(), dino=tiny_dino_spec(), embed=EmbedConfig(batch_size=16, num_workers=0),

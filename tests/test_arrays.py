@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fiftyone_nola.arrays import l2_normalize, softmax
+from fiftyone_nola.core.arrays import l2_normalize, softmax
 
 
 def test_l2_normalize_rows_zero_and_nan():

@@ -5,8 +5,8 @@ import multiprocessing as mp
 import numpy as np
 import pytest
 
-from fiftyone_nola.artifacts import aligned, has_array, load_array, save_array_bundle
-from fiftyone_nola.errors import NolaError
+from fiftyone_nola.core.errors import NolaError
+from fiftyone_nola.stages.artifacts import aligned, has_array, load_array, save_array_bundle
 
 META = {"classes": ["a", "b"]}
 
@@ -57,7 +57,7 @@ def test_one_file_lock_reentrant_per_thread_exclusive_across_threads(tmp_path):
     """storage.file_lock serves every lock (stage writers, stores, imports, database start)."""
     import threading
 
-    from fiftyone_nola.storage import LockTimeout, file_lock
+    from fiftyone_nola.core.storage import LockTimeout, file_lock
 
     path = tmp_path / "x.lock"
     with file_lock(path), file_lock(path):  # nested in one thread: no self-deadlock

@@ -12,15 +12,15 @@ from conftest import cifar_files
 
 fob = pytest.importorskip("fiftyone.brain")
 
-from fiftyone_nola.brain_backend import (  # noqa: E402
+from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError  # noqa: E402
+from fiftyone_nola.core.index import EmbeddingIndex  # noqa: E402
+from fiftyone_nola.stages.brain_backend import (  # noqa: E402
     CONFIG_CLS,
     FaissSimilarityConfig,
     FaissSimilarityIndex,
     compute_faiss_similarity,
     register_faiss_backend,
 )
-from fiftyone_nola.errors import IndexMismatchError, InvalidInputError  # noqa: E402
-from fiftyone_nola.index import EmbeddingIndex  # noqa: E402
 
 DIM = 16
 

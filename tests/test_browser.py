@@ -293,11 +293,11 @@ def review_dataset(make_dataset):
     import fiftyone as fo
     import numpy as np
 
+    from fiftyone_nola.core.embed import EmbedConfig
+    from fiftyone_nola.core.models import tiny_clip_spec
     from fiftyone_nola.core.review_queue import kmeans
-    from fiftyone_nola.embed import EmbedConfig
-    from fiftyone_nola.embeddings import compute_embeddings, load_embeddings
-    from fiftyone_nola.models import tiny_clip_spec
     from fiftyone_nola.pipeline import prepare_for_review
+    from fiftyone_nola.stages.embeddings import compute_embeddings, load_embeddings
 
     pairs = cifar_files(per_class=4)
     ds = make_dataset([p for p, _ in pairs])

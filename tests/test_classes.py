@@ -1,7 +1,7 @@
 import pytest
 
-from fiftyone_nola.classes import labels_to_indices, parse_class_text, resolve_classes
-from fiftyone_nola.errors import InvalidInputError
+from fiftyone_nola.core.classes import labels_to_indices, parse_class_text, resolve_classes
+from fiftyone_nola.core.errors import InvalidInputError
 
 
 def test_parse_forms(tmp_path):

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import CIFAR_DIR, COCO_DIR, REPO
-from fiftyone_nola import models
-from fiftyone_nola.errors import ModelNotFoundError
+from fiftyone_nola.core import models
+from fiftyone_nola.core.errors import ModelNotFoundError
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import CIFAR_DIR, REPO, cifar_files
-from fiftyone_nola import runs
-from fiftyone_nola.artifacts import stage_writer
+from fiftyone_nola.stages import runs
+from fiftyone_nola.stages.artifacts import stage_writer
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 FIELDS = ("nola_zeroshot", "nola_dino", "nola")
@@ -30,9 +30,9 @@ CHILD = textwrap.dedent(
     """
     import os, signal, sys
     import fiftyone as fo
-    from fiftyone_nola.embed import EmbedConfig
-    from fiftyone_nola.index import EmbeddingIndex
-    from fiftyone_nola.models import tiny_clip_spec, tiny_dino_spec
+    from fiftyone_nola.core.embed import EmbedConfig
+    from fiftyone_nola.core.index import EmbeddingIndex
+    from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec
     from fiftyone_nola.pipeline import AutoLabelConfig, auto_label
 
     name, point, descriptions = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -98,8 +98,8 @@ def _assert_valid(ds, n):
     """The dataset reloads, keeps every sample, and each label is absent or whole and sane."""
     import fiftyone as fo
 
-    from fiftyone_nola.embeddings import open_index
-    from fiftyone_nola.models import tiny_clip_spec, tiny_dino_spec
+    from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec
+    from fiftyone_nola.stages.embeddings import open_index
 
     ds.reload()
     assert len(ds) == n
@@ -199,8 +199,8 @@ SECOND_WRITER = textwrap.dedent(
     """
     import sys
     import fiftyone as fo
-    from fiftyone_nola.labeling import ZeroShotConfig, zero_shot
-    from fiftyone_nola.models import tiny_clip_spec
+    from fiftyone_nola.stages.nola import ZeroShotConfig, zero_shot
+    from fiftyone_nola.core.models import tiny_clip_spec
     ds = fo.load_dataset(sys.argv[1])
     zero_shot(ds, sys.argv[2].split(","), ZeroShotConfig(clip=tiny_clip_spec(), device="cpu"),
               log=lambda m: print(m, flush=True))
@@ -211,9 +211,9 @@ SECOND_WRITER = textwrap.dedent(
 
 @pytest.mark.slow
 def test_second_process_waits_for_the_writer_of_the_same_field(make_dataset):
-    from fiftyone_nola.embed import EmbedConfig
-    from fiftyone_nola.embeddings import compute_embeddings
-    from fiftyone_nola.models import tiny_clip_spec
+    from fiftyone_nola.core.embed import EmbedConfig
+    from fiftyone_nola.core.models import tiny_clip_spec
+    from fiftyone_nola.stages.embeddings import compute_embeddings
 
     pairs = cifar_files(per_class=1)
     ds = make_dataset([p for p, _ in pairs])
@@ -244,7 +244,7 @@ SAVE_CHILD = textwrap.dedent(
     """
     import os, signal, sys
     import torch
-    from fiftyone_nola import dino_labeler as dl, multilabel as ml, storage
+    from fiftyone_nola.core import dino_labeler as dl, cdul as ml, storage
 
     kind, path, point, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -275,8 +275,8 @@ def _save_child(kind: str, path, point: str, seed: int) -> subprocess.CompletedP
 
 @pytest.mark.parametrize("kind", ["dino", "cdul"])
 def test_sigkill_while_saving_a_labeller_or_head_keeps_the_previous_one(kind, tmp_path):
-    from fiftyone_nola import dino_labeler as dl
-    from fiftyone_nola import multilabel as ml
+    from fiftyone_nola.core import cdul as ml
+    from fiftyone_nola.core import dino_labeler as dl
 
     path = tmp_path / ("labeler.pt" if kind == "dino" else "head.pt")
 
@@ -294,8 +294,8 @@ def test_sigkill_while_saving_a_labeller_or_head_keeps_the_previous_one(kind, tm
 
 
 def test_sigkill_between_cdul_weights_and_sidecar_is_refused_not_mixed(tmp_path):
-    from fiftyone_nola import multilabel as ml
-    from fiftyone_nola.errors import IndexMismatchError
+    from fiftyone_nola.core import cdul as ml
+    from fiftyone_nola.core.errors import IndexMismatchError
 
     path = tmp_path / "head.pt"
     assert "SAVED" in _save_child("cdul", path, "none", 1).stdout

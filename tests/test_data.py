@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fiftyone_nola.data import (
+from fiftyone_nola.core.data import (
     DecodeOptions,
     ImageFileDataset,
     collate_skip_bad,

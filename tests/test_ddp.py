@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from conftest import REPO, cifar_files
-from fiftyone_nola import distributed as dt
-from fiftyone_nola import prompt_tuning as pt
+from fiftyone_nola.core import distributed as dt
+from fiftyone_nola.core import prompt_tuning as pt
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def _data(embed_dim: int):
 
 def _worker(out_dir: str, ckpt_dir: str) -> None:
     """One torchrun rank: tune 2 epochs, then resume to 3, recording loads, logs and saves."""
-    from fiftyone_nola.models import load_clip, tiny_clip_spec
+    from fiftyone_nola.core.models import load_clip, tiny_clip_spec
 
     torch.set_num_threads(1)
     ctx = dt.init_distributed(device="cpu")

@@ -20,8 +20,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from ollama_standin import OllamaStandin, answer_text, closed_port  # noqa: E402
 
 from conftest import CIFAR_DIR  # noqa: E402
-from fiftyone_nola import descriptions as dsc  # noqa: E402
-from fiftyone_nola.errors import InvalidInputError  # noqa: E402
+from fiftyone_nola.core import descriptions as dsc  # noqa: E402
+from fiftyone_nola.core.errors import InvalidInputError  # noqa: E402
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                  "dog", "frog", "horse", "ship", "truck"]
@@ -287,7 +287,7 @@ def test_texts_for_with_and_without_templates():
 def test_cifar10_texts_are_the_official_ones(tmp_path):
     """On the official CIFAR10_local file the CDE averages its 50 descriptions per class (repeats
     included) and the official CIFAR-10 set of 18 templates, which ``auto`` picks."""
-    from fiftyone_nola.templates import resolve_templates
+    from fiftyone_nola.core.templates import resolve_templates
 
     res = dsc.load_descriptions(CIFAR_DIR / "descriptions.json", CIFAR_CLASSES)
     name, templates = resolve_templates("auto", CIFAR_CLASSES)
@@ -526,7 +526,7 @@ def test_minilm_unavailable_skips_with_warning(monkeypatch, caplog):
 
 
 def test_texts_for_caps_descriptions_and_can_drop_templates():
-    from fiftyone_nola.descriptions import CLIP_TEMPLATES, DescriptionSet
+    from fiftyone_nola.core.descriptions import CLIP_TEMPLATES, DescriptionSet
 
     ds = DescriptionSet(descriptions={"cat": ["a small pet", "whiskers", "purrs"]}, source={"cat": "x"}, warnings=[])
     assert ds.texts_for("cat", include_templates=False, max_descriptions=2) == ["a small pet", "whiskers"]

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from fiftyone_nola import device as dev
-from fiftyone_nola.errors import InvalidInputError
+from fiftyone_nola.core import device as dev
+from fiftyone_nola.core.errors import InvalidInputError
 
 
 def test_resolve_device_cpu_here():
@@ -58,7 +58,7 @@ def test_compiled_embedding_matches_eager(tiny_clip, tmp_path, monkeypatch):
     import numpy as np
 
     from conftest import cifar_files
-    from fiftyone_nola.embed import EmbedConfig, embed_filepaths
+    from fiftyone_nola.core.embed import EmbedConfig, embed_filepaths
 
     files = [p for p, _ in cifar_files(per_class=1)][:6]
     calls = []
@@ -77,3 +77,33 @@ def test_compiled_embedding_matches_eager(tiny_clip, tmp_path, monkeypatch):
     compiled, _ = embed_filepaths(tiny_clip, files, EmbedConfig(**{**base.__dict__, "compile": "on"}))
     assert calls and calls[0]["backend"] == "eager"
     np.testing.assert_allclose(compiled, plain, atol=1e-6)
+
+
+def test_resolve_fills_only_unset_fields_and_keeps_zero():
+    from dataclasses import dataclass, field
+    from typing import Optional
+
+    from fiftyone_nola.core.device import resolve
+
+    @dataclass
+    class Inner:
+        epochs: Optional[int] = None
+
+        def hardware_defaults(self, profile):
+            return {"epochs": profile.tune_epochs}
+
+    @dataclass
+    class Outer:
+        batch: Optional[int] = None
+        inner: Inner = field(default_factory=Inner)
+
+        def hardware_defaults(self, profile):
+            return {"batch": profile.tune_batch_size}
+
+    cpu = torch.device("cpu")
+    out = resolve(Outer(), cpu)
+    assert (out.batch, out.inner.epochs) == (32, 2)
+    kept = resolve(Outer(batch=0, inner=Inner(epochs=0)), cpu)
+    assert (kept.batch, kept.inner.epochs) == (0, 0)
+    plain = Outer(batch=5, inner=Inner(epochs=7))
+    assert resolve(plain, cpu) is plain

@@ -38,8 +38,8 @@ import pytest
 import torch
 
 from conftest import REPO, SHARED_DATA
-from fiftyone_nola import models as M
-from fiftyone_nola.errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
+from fiftyone_nola.core import models as M
+from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "dino_reference.json").read_text())
 SMALL = GOLDEN["models"]["vit_small16"]
@@ -179,7 +179,7 @@ def test_nola_preprocessing_equals_te_transform(images, small_sd, tmp_path):
 @pytest.mark.integration
 def test_real_loader_path_gives_the_official_features(small_sd, tmp_path):
     """Files -> our decoder and DataLoader -> DINO: the official features (exact JPEG decode)."""
-    from fiftyone_nola.embed import EmbedConfig, embed_filepaths
+    from fiftyone_nola.core.embed import EmbedConfig, embed_filepaths
 
     path = tmp_path / SMALL["release_file"]
     torch.save(small_sd, path)
@@ -260,7 +260,7 @@ _HUB_SCRIPT = """
 import json, sys
 import numpy as np, torch
 from PIL import Image
-from fiftyone_nola import models as M
+from fiftyone_nola.core import models as M
 spec = M.DinoSpec(name=sys.argv[1], random_init=False)
 ok = M.weights_available(spec)
 loaded = M.load_dino(spec, cache=False)
@@ -357,7 +357,7 @@ def test_other_formats_get_one_clear_error(tmp_path, kind):
 
 
 def test_store_recovers_raw_vectors(tmp_path):
-    from fiftyone_nola.index import EmbeddingIndex
+    from fiftyone_nola.core.index import EmbeddingIndex
 
     rng = np.random.default_rng(0)
     raw = (rng.standard_normal((30, 16)) * rng.uniform(0.1, 40, (30, 1))).astype(np.float32)
@@ -391,7 +391,7 @@ def _strip_norms(path: Path) -> None:
 
 
 def test_store_without_norms_refuses_raw_reads(tmp_path):
-    from fiftyone_nola.index import EmbeddingIndex
+    from fiftyone_nola.core.index import EmbeddingIndex
 
     ix = EmbeddingIndex.create(tmp_path / "ix", 4, {"model_key": "m"})
     ix.add(["a", "b"], np.array([[3.0, 4, 0, 0], [0, 0, 1, 0]], np.float32))
@@ -411,7 +411,7 @@ def test_store_without_norms_refuses_raw_reads(tmp_path):
 
 
 def _raw_cls(spec, paths) -> np.ndarray:
-    from fiftyone_nola.data import load_image
+    from fiftyone_nola.core.data import load_image
 
     loaded = M.load_dino(spec, cache=False)
     x = torch.stack([loaded.transform(load_image(p)) for p in paths])
@@ -424,11 +424,11 @@ def _raw_cls(spec, paths) -> np.ndarray:
 def test_dino_labels_feeds_the_labeller_raw_cls_features(cifar_dataset, monkeypatch, features_opt):
     """Real images -> compute_embeddings -> store -> dino_labels -> train_labeler: the MLP trains
     on the raw CLS features of NoLA-preprocessed images (default), unit rows only if asked."""
-    from fiftyone_nola import dino_labeler as dl
-    from fiftyone_nola import fo_io
-    from fiftyone_nola.embed import EmbedConfig
-    from fiftyone_nola.embeddings import compute_embeddings
-    from fiftyone_nola.labeling import ZeroShotConfig, dino_labels, zero_shot
+    from fiftyone_nola.core import dino_labeler as dl
+    from fiftyone_nola.core.embed import EmbedConfig
+    from fiftyone_nola.stages import fo_io
+    from fiftyone_nola.stages.embeddings import compute_embeddings
+    from fiftyone_nola.stages.nola import ZeroShotConfig, dino_labels, zero_shot
 
     clip, dino = M.tiny_clip_spec(), M.tiny_dino_spec()
     assert dino.preprocess == "nola"
@@ -458,8 +458,8 @@ def test_dino_labels_feeds_the_labeller_raw_cls_features(cifar_dataset, monkeypa
 
 @pytest.mark.integration
 def test_old_dino_store_without_norms_is_reembedded(cifar_dataset):
-    from fiftyone_nola.embed import EmbedConfig
-    from fiftyone_nola.embeddings import compute_embeddings, index_path, load_embeddings
+    from fiftyone_nola.core.embed import EmbedConfig
+    from fiftyone_nola.stages.embeddings import compute_embeddings, index_path, load_embeddings
 
     dino = M.tiny_dino_spec()
     cfg = EmbedConfig(batch_size=16, num_workers=0, device="cpu")
@@ -483,12 +483,12 @@ def test_dino_labels_reproduces_official_train_taal(make_dataset):
     import fiftyone as fo
 
     from conftest import cifar_files
-    from fiftyone_nola import dino_labeler as dl
-    from fiftyone_nola import fo_io
-    from fiftyone_nola.artifacts import save_array_bundle, stage_dir
-    from fiftyone_nola.embeddings import index_path
-    from fiftyone_nola.index import EmbeddingIndex
-    from fiftyone_nola.labeling import dino_labels
+    from fiftyone_nola.core import dino_labeler as dl
+    from fiftyone_nola.core.index import EmbeddingIndex
+    from fiftyone_nola.stages import fo_io
+    from fiftyone_nola.stages.artifacts import save_array_bundle, stage_dir
+    from fiftyone_nola.stages.embeddings import index_path
+    from fiftyone_nola.stages.nola import dino_labels
 
     case = json.loads((Path(__file__).parent / "golden" / "nola_reference.json").read_text())["cases"]["train_taal"]
     x = np.array(case["features"], dtype=np.float32)

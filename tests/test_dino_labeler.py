@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fiftyone_nola.dino_labeler import (
+from fiftyone_nola.core.dino_labeler import (
     DinoLabelerConfig,
     dino_pseudo_labels,
     label_all,
@@ -19,8 +19,8 @@ from fiftyone_nola.dino_labeler import (
     topk_per_class,
     train_labeler,
 )
-from fiftyone_nola.errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
-from fiftyone_nola.zeroshot import cde_weights, zeroshot_predict
+from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
+from fiftyone_nola.core.zeroshot import cde_weights, zeroshot_predict
 
 FAST = DinoLabelerConfig(epochs=10)
 

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from conftest import cifar_files
-from fiftyone_nola import distributed_embeddings as distributed
-from fiftyone_nola import fo_io
-from fiftyone_nola.distributed_embeddings import RayEmbedConfig, compute_embeddings_ray
-from fiftyone_nola.embed import EmbedConfig
-from fiftyone_nola.embeddings import compute_embeddings, index_path, load_embeddings
-from fiftyone_nola.errors import InvalidInputError
-from fiftyone_nola.index import EmbeddingIndex
-from fiftyone_nola.models import tiny_clip_spec
+from fiftyone_nola.core.embed import EmbedConfig
+from fiftyone_nola.core.errors import InvalidInputError
+from fiftyone_nola.core.index import EmbeddingIndex
+from fiftyone_nola.core.models import tiny_clip_spec
+from fiftyone_nola.stages import embeddings_ray as distributed
+from fiftyone_nola.stages import fo_io
+from fiftyone_nola.stages.embeddings import compute_embeddings, index_path, load_embeddings
+from fiftyone_nola.stages.embeddings_ray import RayEmbedConfig, compute_embeddings_ray
 
 CFG = EmbedConfig(batch_size=4, num_workers=0, chunk_size=4)
 QUIET = {"log": lambda m: None}
@@ -133,7 +133,7 @@ def test_missing_ray_is_a_clear_error(monkeypatch):
 
 
 def test_importing_the_library_does_not_import_ray():
-    code = "import sys, fiftyone_nola.distributed_embeddings; sys.exit('ray' in sys.modules)"
+    code = "import sys, fiftyone_nola.stages.embeddings_ray; sys.exit('ray' in sys.modules)"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0
 

@@ -7,12 +7,12 @@ import pytest
 from PIL import Image
 
 from conftest import cifar_files
-from fiftyone_nola import embed as embed_mod
-from fiftyone_nola import fo_io
-from fiftyone_nola.embed import EmbedConfig, embed_filepaths
-from fiftyone_nola.embeddings import compute_embeddings, load_embeddings, open_index
-from fiftyone_nola.errors import EmptyViewError, MissingEmbeddingsError
-from fiftyone_nola.models import tiny_clip_spec, tiny_dino_spec
+from fiftyone_nola.core import embed as embed_mod
+from fiftyone_nola.core.embed import EmbedConfig, embed_filepaths
+from fiftyone_nola.core.errors import EmptyViewError, MissingEmbeddingsError
+from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec
+from fiftyone_nola.stages import fo_io
+from fiftyone_nola.stages.embeddings import compute_embeddings, load_embeddings, open_index
 
 CFG = EmbedConfig(batch_size=4, num_workers=0, chunk_size=4)
 
@@ -76,7 +76,7 @@ def test_interrupted_job_resumes_losing_at_most_one_chunk(make_dataset, image_di
                 raise KeyboardInterrupt
             yield item
 
-    import fiftyone_nola.embeddings as emb
+    import fiftyone_nola.stages.embeddings as emb
 
     monkeypatch.setattr(emb, "iter_embeddings", dying)
     with pytest.raises(KeyboardInterrupt):
@@ -104,7 +104,7 @@ def test_view_only_embeds_its_samples(make_dataset, image_dir):
 
 
 def _hold_lock(path, ready, release):
-    from fiftyone_nola.index import EmbeddingIndex
+    from fiftyone_nola.core.index import EmbeddingIndex
 
     ix = EmbeddingIndex.open(path)
     with ix.lock():
@@ -115,8 +115,8 @@ def _hold_lock(path, ready, release):
 def test_second_job_on_a_locked_index_is_refused_clearly(make_dataset, image_dir):
     import multiprocessing as mp
 
-    from fiftyone_nola.embeddings import index_path
-    from fiftyone_nola.index import IndexLockedError
+    from fiftyone_nola.core.index import IndexLockedError
+    from fiftyone_nola.stages.embeddings import index_path
 
     files, *_ = image_dir
     ds = make_dataset(files)

@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from conftest import cifar_files
-from fiftyone_nola import multilabel as ml
-from fiftyone_nola import prompt_tuning as pt
+from fiftyone_nola.core import cdul as ml
 from fiftyone_nola.core import engines
-from fiftyone_nola.embed import EmbedConfig, embed_filepaths, engine_module, prepare_encoder
-from fiftyone_nola.embeddings import compute_embeddings, open_index
-from fiftyone_nola.errors import IndexMismatchError, InvalidInputError
-from fiftyone_nola.models import tiny_clip_spec
+from fiftyone_nola.core import prompt_tuning as pt
+from fiftyone_nola.core.embed import EmbedConfig, embed_filepaths, engine_module, prepare_encoder
+from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError
+from fiftyone_nola.core.models import tiny_clip_spec
+from fiftyone_nola.stages.embeddings import compute_embeddings, open_index
 
 HAVE_OV = importlib.util.find_spec("openvino") is not None
 needs_ov = pytest.mark.skipif(not HAVE_OV, reason="openvino is not installed (pip install '.[openvino]')")

@@ -1,4 +1,4 @@
-"""Exact search of flat stores (fiftyone_nola.exact_search): same results as faiss IndexFlatIP,
+"""Exact search of flat stores (fiftyone_nola.core.exact_search): same results as faiss IndexFlatIP,
 ties by position, bounded blocks, and flat stores really take this path (no faiss search)."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fiftyone_nola.exact_search as es
-import fiftyone_nola.index as fni
-from fiftyone_nola.exact_search import topk_inner_product
-from fiftyone_nola.index import EmbeddingIndex
+import fiftyone_nola.core.exact_search as es
+import fiftyone_nola.core.index as fni
+from fiftyone_nola.core.exact_search import topk_inner_product
+from fiftyone_nola.core.index import EmbeddingIndex
 
 _IndexFlatIP = faiss.IndexFlatIP  # the reference, even where a test makes the store's faiss fail
 

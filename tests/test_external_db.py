@@ -58,9 +58,9 @@ def external_mongo(tmp_path):
 
 SETUP = textwrap.dedent("""
     import sys, fiftyone as fo
-    from fiftyone_nola.embed import EmbedConfig
-    from fiftyone_nola.embeddings import compute_embeddings
-    from fiftyone_nola.models import tiny_clip_spec
+    from fiftyone_nola.core.embed import EmbedConfig
+    from fiftyone_nola.stages.embeddings import compute_embeddings
+    from fiftyone_nola.core.models import tiny_clip_spec
     ds = fo.Dataset("ext-db-test", persistent=True)
     ds.add_samples([fo.Sample(filepath=f) for f in sys.argv[1:]], progress=False)
     compute_embeddings(ds, "clip", tiny_clip_spec(), config=EmbedConfig(num_workers=0), log=lambda m: None)
@@ -69,8 +69,8 @@ SETUP = textwrap.dedent("""
 
 WORKER = textwrap.dedent("""
     import sys, fiftyone as fo
-    from fiftyone_nola.labeling import ZeroShotConfig, zero_shot
-    from fiftyone_nola.models import tiny_clip_spec
+    from fiftyone_nola.stages.nola import ZeroShotConfig, zero_shot
+    from fiftyone_nola.core.models import tiny_clip_spec
     ds = fo.load_dataset("ext-db-test")
     ids = sorted(ds.values("id"))
     half = int(sys.argv[1])
@@ -83,8 +83,8 @@ WORKER = textwrap.dedent("""
 
 CHECK = textwrap.dedent("""
     import fiftyone as fo
-    from fiftyone_nola.artifacts import aligned
-    from fiftyone_nola.labeling import stage_dir
+    from fiftyone_nola.stages.artifacts import aligned
+    from fiftyone_nola.stages.nola import stage_dir
     import numpy as np
     ds = fo.load_dataset("ext-db-test")
     ids = ds.values("id")

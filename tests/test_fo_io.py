@@ -3,7 +3,7 @@
 import numpy as np
 
 from conftest import cifar_files
-from fiftyone_nola import fo_io
+from fiftyone_nola.stages import fo_io
 
 
 def test_chunked_writes_land_every_label(make_dataset, monkeypatch):

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fiftyone_nola.errors import IndexMismatchError, InvalidInputError, MissingEmbeddingsError
-from fiftyone_nola.index import EmbeddingIndex, IndexLockedError, recall_at_k
+from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError, MissingEmbeddingsError
+from fiftyone_nola.core.index import EmbeddingIndex, IndexLockedError, recall_at_k
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def test_add_get_search_match_numpy(store):
 @pytest.mark.parametrize("exact_max", [50_000, 10])  # numpy subset path / faiss IDSelector path
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_restrict_to(store, monkeypatch, exact_max, kind):
-    import fiftyone_nola.index as fni
+    import fiftyone_nola.core.index as fni
 
     monkeypatch.setattr(fni, "EXACT_SUBSET_MAX", exact_max)
     ids, v = data(200, 8)
@@ -215,7 +215,7 @@ def test_crash_between_meta_and_chunk_cleanup(store):
 SIGKILL_CHILD = textwrap.dedent(
     """
     import sys, numpy as np
-    from fiftyone_nola.index import EmbeddingIndex
+    from fiftyone_nola.core.index import EmbeddingIndex
     ix = EmbeddingIndex.create(sys.argv[1], 8, {"model_key": "kill"})
     i = 0
     while True:
@@ -350,7 +350,7 @@ def test_corrupt_chunk(store):
 LOCK_CHILD = textwrap.dedent(
     """
     import sys, time
-    from fiftyone_nola.index import EmbeddingIndex
+    from fiftyone_nola.core.index import EmbeddingIndex
     ix = EmbeddingIndex.open(sys.argv[1])
     with ix.lock():
         print("locked", flush=True)
@@ -528,7 +528,7 @@ def test_ivfpq_recall_exact_scores_and_persistence(store, monkeypatch):
 
 
 def test_ivfpq_small_is_flat_and_restricted_search(store, monkeypatch):
-    import fiftyone_nola.index as fni
+    import fiftyone_nola.core.index as fni
 
     ids, v = data(500, 8)
     ix = EmbeddingIndex.create(store, 8, {}, index_type="ivfpq")
@@ -605,7 +605,7 @@ def test_stale_faiss_file_of_another_type_is_rebuilt(store):
 
 
 def test_rerank_exact_pads_missing_candidates():
-    from fiftyone_nola.index import rerank_exact
+    from fiftyone_nola.core.index import rerank_exact
 
     vecs = np.eye(4, dtype=np.float32)
     q = np.array([[0.1, 0.9, 0.2, 0.0], [1.0, 0.0, 0.0, 0.0]], dtype=np.float32)
@@ -617,7 +617,7 @@ def test_rerank_exact_pads_missing_candidates():
 
 
 def test_large_vector_files_are_memory_mapped_copy_on_write(store, monkeypatch):
-    import fiftyone_nola.index as fni
+    import fiftyone_nola.core.index as fni
 
     monkeypatch.setattr(fni, "MMAP_MIN_BYTES", 1)
     monkeypatch.setattr(fni, "_BLOCK_ROWS", 7)  # the finite check reads the file in blocks
@@ -645,7 +645,7 @@ def test_large_vector_files_are_memory_mapped_copy_on_write(store, monkeypatch):
 
 
 def test_memory_mapped_corruption_is_detected(store, monkeypatch):
-    import fiftyone_nola.index as fni
+    import fiftyone_nola.core.index as fni
 
     monkeypatch.setattr(fni, "MMAP_MIN_BYTES", 1)
     monkeypatch.setattr(fni, "_BLOCK_ROWS", 7)

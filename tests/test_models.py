@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from fiftyone_nola import models
-from fiftyone_nola.errors import ModelNotFoundError
+from fiftyone_nola.core import models
+from fiftyone_nola.core.errors import ModelNotFoundError
 
 
 def test_tiny_models_embed(tiny_clip, tiny_dino):
@@ -90,7 +90,7 @@ def test_env_random_init(monkeypatch):
 
 
 def test_auto_dino_fits_the_hardware():
-    from fiftyone_nola.device import hardware_profile
+    from fiftyone_nola.core.device import hardware_profile
 
     auto = models.concrete_dino(models.DinoSpec(random_init=True))
     assert auto.name == hardware_profile().dino_model

@@ -15,9 +15,9 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from conftest import COCO_DIR
-from fiftyone_nola import multilabel as ml
-from fiftyone_nola.arrays import l2_normalize, softmax
-from fiftyone_nola.errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
+from fiftyone_nola.core import cdul as ml
+from fiftyone_nola.core.arrays import l2_normalize, softmax
+from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
 
 # ------------------------------------------------------------------------------------------
 # grid

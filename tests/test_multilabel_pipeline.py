@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import COCO_DIR
-from fiftyone_nola.embed import EmbedConfig
-from fiftyone_nola.models import tiny_clip_spec
-from fiftyone_nola.multilabel_pipeline import (
+from fiftyone_nola.core.embed import EmbedConfig
+from fiftyone_nola.core.models import tiny_clip_spec
+from fiftyone_nola.stages.cdul import (
     MultiLabelConfig,
     auto_label_multilabel,
     classifier_config,

@@ -141,8 +141,8 @@ def test_delegated_execution(small):
     from fiftyone.factory.repo_factory import RepositoryFactory  # noqa: F401  (service needs its repo)
     from fiftyone.operators.delegated import DelegatedOperationService
 
-    from fiftyone_nola.embeddings import open_index
-    from fiftyone_nola.models import tiny_clip_spec
+    from fiftyone_nola.core.models import tiny_clip_spec
+    from fiftyone_nola.stages.embeddings import open_index
 
     run("compute_embeddings", small, delegate=True, family="clip", num_workers=0,
         index_type="ivfpq", **TINY)

@@ -7,11 +7,11 @@ import pytest
 
 from conftest import CIFAR10_CLASSES as CLASSES
 from conftest import tiny_pipeline_config
-from fiftyone_nola import runs
-from fiftyone_nola.embed import EmbedConfig
-from fiftyone_nola.labeling import dino_labels, zero_shot
-from fiftyone_nola.models import tiny_clip_spec, tiny_dino_spec
+from fiftyone_nola.core.embed import EmbedConfig
+from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec
 from fiftyone_nola.pipeline import auto_label
+from fiftyone_nola.stages import runs
+from fiftyone_nola.stages.nola import dino_labels, zero_shot
 
 
 @pytest.mark.integration
@@ -59,12 +59,12 @@ def test_ground_truth_never_reaches_training(make_dataset):
 
 
 def test_zero_shot_relabel_reads_stored_embeddings(cifar_dataset, monkeypatch):
-    from fiftyone_nola.embeddings import compute_embeddings
-    from fiftyone_nola.labeling import ZeroShotConfig
+    from fiftyone_nola.stages.embeddings import compute_embeddings
+    from fiftyone_nola.stages.nola import ZeroShotConfig
 
     compute_embeddings(cifar_dataset, "both", tiny_clip_spec(), tiny_dino_spec(),
                        EmbedConfig(batch_size=16, num_workers=0), log=lambda m: None)
-    import fiftyone_nola.embed as embed_mod
+    import fiftyone_nola.core.embed as embed_mod
 
     def no_images(*a, **k):
         raise AssertionError("zero-shot must not re-encode images")
@@ -79,9 +79,9 @@ def test_zero_shot_relabel_reads_stored_embeddings(cifar_dataset, monkeypatch):
 
 
 def test_relabel_with_cached_texts_loads_no_model(cifar_dataset, monkeypatch):
-    import fiftyone_nola.text_cache as tc
-    from fiftyone_nola.embeddings import compute_embeddings
-    from fiftyone_nola.labeling import ZeroShotConfig
+    import fiftyone_nola.core.text_cache as tc
+    from fiftyone_nola.stages.embeddings import compute_embeddings
+    from fiftyone_nola.stages.nola import ZeroShotConfig
 
     compute_embeddings(cifar_dataset, "clip", tiny_clip_spec(), config=EmbedConfig(num_workers=0), log=lambda m: None)
     zs = ZeroShotConfig(clip=tiny_clip_spec())
@@ -96,9 +96,9 @@ def test_relabel_with_cached_texts_loads_no_model(cifar_dataset, monkeypatch):
 
 
 def test_retuning_after_the_teacher_changed_starts_over(cifar_dataset):
-    from fiftyone_nola.dino_labeler import DinoLabelerConfig
-    from fiftyone_nola.labeling import tune_prompts
-    from fiftyone_nola.prompt_tuning import TuneConfig
+    from fiftyone_nola.core.dino_labeler import DinoLabelerConfig
+    from fiftyone_nola.core.prompt_tuning import TuneConfig
+    from fiftyone_nola.stages.nola import tune_prompts
 
     auto_label(cifar_dataset, CLASSES, tiny_pipeline_config(), log=lambda m: None)
     dino_labels(cifar_dataset, dino=tiny_dino_spec(), config=DinoLabelerConfig(epochs=3, seed=7),

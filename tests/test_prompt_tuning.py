@@ -13,8 +13,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from conftest import cifar_files
-from fiftyone_nola import prompt_tuning as pt
-from fiftyone_nola.errors import EmptyViewError, IndexMismatchError, InvalidInputError
+from fiftyone_nola.core import prompt_tuning as pt
+from fiftyone_nola.core.errors import EmptyViewError, IndexMismatchError, InvalidInputError
 
 
 def _quiet(_msg):

@@ -39,7 +39,7 @@ import numpy as np
 import pytest
 import torch
 
-from fiftyone_nola import multilabel as ml
+from fiftyone_nola.core import cdul as ml
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "cdul_reference.json").read_text())
 CASES = GOLDEN["cases"]

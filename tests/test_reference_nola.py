@@ -36,16 +36,16 @@ import numpy as np
 import pytest
 import torch
 
-from fiftyone_nola import distributed as dt
-from fiftyone_nola import prompt_tuning as pt
-from fiftyone_nola.arrays import softmax
-from fiftyone_nola.dino_labeler import (
+from fiftyone_nola.core import distributed as dt
+from fiftyone_nola.core import prompt_tuning as pt
+from fiftyone_nola.core.arrays import softmax
+from fiftyone_nola.core.dino_labeler import (
     DinoLabelerConfig,
     select_confident,
     topk_per_class,
     train_labeler,
 )
-from fiftyone_nola.zeroshot import cde_weights, zeroshot_logits, zeroshot_predict
+from fiftyone_nola.core.zeroshot import cde_weights, zeroshot_logits, zeroshot_predict
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "nola_reference.json").read_text())
 CASES = GOLDEN["cases"]

@@ -6,8 +6,8 @@ import pytest
 
 from conftest import CIFAR10_CLASSES as CLASSES
 from conftest import cifar_files, tiny_pipeline_config
-from fiftyone_nola.embed import EmbedConfig
-from fiftyone_nola.models import tiny_clip_spec
+from fiftyone_nola.core.embed import EmbedConfig
+from fiftyone_nola.core.models import tiny_clip_spec
 from fiftyone_nola.pipeline import auto_label
 
 
@@ -72,7 +72,7 @@ def test_multilabel_rerun_scores_only_added_samples(make_dataset):
     import fiftyone as fo
 
     from conftest import COCO_DIR
-    from fiftyone_nola.multilabel_pipeline import MultiLabelConfig, auto_label_multilabel
+    from fiftyone_nola.stages.cdul import MultiLabelConfig, auto_label_multilabel
 
     if not COCO_DIR.is_dir():
         pytest.skip("no COCO images")

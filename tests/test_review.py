@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from fiftyone_nola import review
-from fiftyone_nola.errors import InvalidInputError
-from fiftyone_nola.export import export_accepted
+from fiftyone_nola.core.errors import InvalidInputError
+from fiftyone_nola.stages import review
+from fiftyone_nola.stages.export import export_accepted
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_export_refuses_nothing_and_bad_format(labelled, tmp_path):
 
 
 def test_export_never_writes_outside_the_directory(labelled, tmp_path):
-    from fiftyone_nola.export import safe_folder_name
+    from fiftyone_nola.stages.export import safe_folder_name
 
     assert safe_folder_name("../evil") == ".._evil" and safe_folder_name("..") == "_.._"
     review.correct_label(labelled.limit(2), "../../escape")

@@ -71,9 +71,9 @@ def review_ds(make_dataset):
     whose vectors make sample pairs (0,1), (2,3)... near-duplicates."""
     import fiftyone as fo
 
-    from fiftyone_nola import runs
-    from fiftyone_nola.index import EmbeddingIndex
-    from fiftyone_nola.storage import index_dir
+    from fiftyone_nola.core.index import EmbeddingIndex
+    from fiftyone_nola.core.storage import index_dir
+    from fiftyone_nola.stages import runs
 
     pairs = cifar_files(per_class=4, classes=CLASSES)
     ds = make_dataset([p for p, _ in pairs])  # no ground truth at all
@@ -109,8 +109,8 @@ def test_class_list_is_stored_with_a_label_schema(review_ds):
 
 
 def test_flagging_queue_views_and_decisions(review_ds):
-    from fiftyone_nola.review import ACCEPTED_TAG, REVIEW_TAG
     from fiftyone_nola.stages import review_workspace as rw
+    from fiftyone_nola.stages.review import ACCEPTED_TAG, REVIEW_TAG
 
     ds = review_ds
     pv = rw.preview(ds, "nola", 0.5)
@@ -145,8 +145,8 @@ def test_flagging_queue_views_and_decisions(review_ds):
 
 
 def test_propagation_suggests_never_accepts(review_ds):
-    from fiftyone_nola.review import ACCEPTED_TAG, REVIEW_TAG
     from fiftyone_nola.stages import review_workspace as rw
+    from fiftyone_nola.stages.review import ACCEPTED_TAG, REVIEW_TAG
 
     ds = review_ds
     ids = ds.values("id")
@@ -230,7 +230,7 @@ def test_no_calibration_against_the_predictions_themselves(review_ds):
     assert "No ground truth chosen" in r.result["summary"]
     r = run("review_low_confidence", review_ds, field="nola", threshold=0.5, gt_field="nola")
     assert r.error is not None and "predictions field itself" in str(r.error)
-    from fiftyone_nola import review
+    from fiftyone_nola.stages import review
 
     with pytest.raises(Exception, match="predictions field itself"):
         review.calibration(review_ds, "nola", "nola")
@@ -265,8 +265,8 @@ def test_export_form_defaults_and_empty_export_message(review_ds, tmp_path):
     assert props["view_target"].default == "DATASET"
     # nothing accepted: the form says so, and execution answers with a message, not a traceback
     assert props["nola_problems"].error_message.startswith("Nothing to export")
-    from fiftyone_nola.errors import InvalidInputError
-    from fiftyone_nola.export import export_accepted
+    from fiftyone_nola.core.errors import InvalidInputError
+    from fiftyone_nola.stages.export import export_accepted
 
     with pytest.raises(InvalidInputError, match="Nothing to export"):
         export_accepted(review_ds, str(tmp_path / "x"), "nola")

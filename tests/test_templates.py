@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from fiftyone_nola import templates as tp
-from fiftyone_nola.errors import InvalidInputError
+from fiftyone_nola.core import templates as tp
+from fiftyone_nola.core.errors import InvalidInputError
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -51,11 +51,11 @@ def test_template_files_and_errors(tmp_path):
 @pytest.mark.integration
 def test_zero_shot_uses_the_chosen_set(cifar_dataset):
     """The stored class weights are the CDE of descriptions + the chosen templates."""
-    from fiftyone_nola.embed import EmbedConfig
-    from fiftyone_nola.embeddings import compute_embeddings
-    from fiftyone_nola.labeling import ZeroShotConfig, load_class_weights, zero_shot
-    from fiftyone_nola.models import tiny_clip_spec
-    from fiftyone_nola.text_cache import class_weights_from_texts
+    from fiftyone_nola.core.embed import EmbedConfig
+    from fiftyone_nola.core.models import tiny_clip_spec
+    from fiftyone_nola.core.text_cache import class_weights_from_texts
+    from fiftyone_nola.stages.embeddings import compute_embeddings
+    from fiftyone_nola.stages.nola import ZeroShotConfig, load_class_weights, zero_shot
 
     classes = ["cat", "dog", "ship"]
     compute_embeddings(cifar_dataset, "clip", tiny_clip_spec(), config=EmbedConfig(num_workers=0),

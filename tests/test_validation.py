@@ -31,7 +31,7 @@ def warm_imports():
     import timm  # noqa: F401
     import torch  # noqa: F401
 
-    from fiftyone_nola.fo_io import connect_database
+    from fiftyone_nola.stages.fo_io import connect_database
 
     connect_database()
     fo.list_datasets()
@@ -80,8 +80,8 @@ def no_embedding(monkeypatch):
     """Fail loudly if any image is embedded (the expensive work validation must precede)."""
     import sys
 
-    import fiftyone_nola.embed as embed_mod
-    import fiftyone_nola.embeddings  # noqa: F401  (import before patching: it binds the name)
+    import fiftyone_nola.core.embed as embed_mod
+    import fiftyone_nola.stages.embeddings  # noqa: F401  (import before patching: it binds the name)
 
     def boom(*a, **k):
         raise AssertionError("an embedding started before the inputs were checked")
@@ -228,7 +228,7 @@ def test_embed_and_multilabel_commands_check_first(folder, files, capsys, no_emb
 @pytest.mark.integration
 def test_python_api_raises_one_validation_error_and_writes_nothing(dataset, files, no_embedding):
     from fiftyone_nola import ValidationError, auto_label, validate
-    from fiftyone_nola.models import tiny_clip_spec, tiny_dino_spec
+    from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec
     from fiftyone_nola.pipeline import AutoLabelConfig
 
     cfg = AutoLabelConfig(clip=tiny_clip_spec(), dino=tiny_dino_spec(), descriptions_file=files["partial"],
@@ -252,9 +252,9 @@ def test_python_api_raises_one_validation_error_and_writes_nothing(dataset, file
 
 @pytest.mark.integration
 def test_multilabel_schedule_settings_are_checked(dataset, no_embedding):
-    from fiftyone_nola.models import tiny_clip_spec
-    from fiftyone_nola.multilabel_pipeline import MultiLabelConfig
-    from fiftyone_nola.validation import Target, check_multilabel
+    from fiftyone_nola.core.models import tiny_clip_spec
+    from fiftyone_nola.stages.cdul import MultiLabelConfig
+    from fiftyone_nola.stages.validation import Target, check_multilabel
 
     bad = MultiLabelConfig(clip=tiny_clip_spec(), label_update_every=-1, label_warmup=-2, grid=0)
     r = check_multilabel(Target(samples=dataset), CLASSES, bad)
@@ -266,7 +266,7 @@ def test_multilabel_schedule_settings_are_checked(dataset, no_embedding):
 @pytest.mark.integration
 def test_empty_view_is_reported(dataset, no_embedding):
     from fiftyone_nola import validate
-    from fiftyone_nola.models import tiny_clip_spec, tiny_dino_spec
+    from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec
     from fiftyone_nola.pipeline import AutoLabelConfig
 
     r = validate(dataset.match_tags("nothing-has-this"), CLASSES,

@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import pytest
 
-from fiftyone_nola.errors import InvalidInputError
-from fiftyone_nola.zeroshot import (
+from fiftyone_nola.core.errors import InvalidInputError
+from fiftyone_nola.core.zeroshot import (
     build_class_weights,
     cde_weights,
     encode_texts,
@@ -110,7 +110,7 @@ def test_trimmed_text_encoding_equals_full_77_token_encoding(tiny_clip):
     """Stopping each batch at its last end-of-text token changes nothing CLIP pools (causal mask)."""
     import torch
 
-    from fiftyone_nola import zeroshot as zsm
+    from fiftyone_nola.core import zeroshot as zsm
 
     texts = ["a cat", "a photo of a very small dog sitting on a red sofa in the sun", "ship", "x " * 30]
     ours = zsm.encode_texts(tiny_clip, texts, batch_size=3)
@@ -124,8 +124,8 @@ def test_trimmed_text_encoding_equals_full_77_token_encoding(tiny_clip):
 def test_cached_and_direct_class_weights_are_one_computation(tiny_clip, tmp_path, monkeypatch):
     """The pipeline's cached path and build_class_weights give the same matrix for the same texts
     (repeats included), and the cache encodes each distinct text once."""
-    from fiftyone_nola.models import tiny_clip_spec
-    from fiftyone_nola.text_cache import class_weights_from_texts
+    from fiftyone_nola.core.models import tiny_clip_spec
+    from fiftyone_nola.core.text_cache import class_weights_from_texts
 
     monkeypatch.setenv("NOLA_HOME", str(tmp_path))
     texts = {"cat": ["a cat", "a cat", "whiskers"], "dog": ["a dog", "a cat"]}

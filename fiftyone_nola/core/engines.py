@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InvalidInputError
+from fiftyone_nola.core.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def cache_root(root: Optional[os.PathLike] = None) -> Path:
     """Where converted models are cached: ``root``, else ``$NOLA_HOME/engines``."""
     if root is not None:
         return Path(root)
-    from ..storage import nola_home
+    from fiftyone_nola.core.storage import nola_home
 
     return nola_home() / "engines"
 

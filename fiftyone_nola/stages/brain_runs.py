@@ -2,7 +2,7 @@
 as soon as it opens: a similarity run over the FAISS store (no re-embedding) and a 2-D
 visualization computed from the same vectors.
 
-The similarity run uses the ``faiss`` backend of :mod:`fiftyone_nola.brain_backend`; the run
+The similarity run uses the ``faiss`` backend of :mod:`fiftyone_nola.stages.brain_backend`; the run
 records its config class by name, so the App server loads it with no environment variable.
 The visualization uses UMAP when ``umap-learn`` is installed, else t-SNE (scikit-learn) for up
 to 5000 samples, else PCA.
@@ -15,8 +15,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .. import fo_io, runs
-from ..embeddings import embeddings_run_key
+from fiftyone_nola.stages import fo_io, runs
+from fiftyone_nola.stages.embeddings import embeddings_run_key
 
 TSNE_MAX = 5000
 
@@ -46,7 +46,7 @@ def stored_index_path(samples, family: str = "clip") -> Optional[str]:
 
 
 def _spec(samples, family: str):
-    from ..models import ClipSpec
+    from fiftyone_nola.core.models import ClipSpec
 
     run = runs.get_run(samples, embeddings_run_key(family)) or {}
     spec = (run.get("config") or {}).get("spec")
@@ -68,8 +68,8 @@ def register_brain_runs(samples, family: str = "clip", visualization: bool = Tru
     """
     import fiftyone.brain as fob
 
-    from ..brain_backend import compute_faiss_similarity, register_faiss_backend
-    from ..index import EmbeddingIndex
+    from fiftyone_nola.core.index import EmbeddingIndex
+    from fiftyone_nola.stages.brain_backend import compute_faiss_similarity, register_faiss_backend
 
     path = stored_index_path(samples, family)
     if not path:

@@ -3,7 +3,7 @@ review queue, decisions on single samples, neighbours and correction suggestions
 
 Tags: ``nola:flagged`` marks what the last flagging selected (kept after review, so saved views
 and progress always match it); ``nola:review`` is the queue: flagged (or suggested) and not yet
-decided; ``nola:accepted`` / ``nola:rejected`` are decisions (see :mod:`fiftyone_nola.review`).
+decided; ``nola:accepted`` / ``nola:rejected`` are decisions (see :mod:`fiftyone_nola.stages.review`).
 Suggestions propagated from corrections go to ``nola_suggested`` and tag ``nola:suggested``;
 they are never decisions. ``nola_queue_rank`` orders the queue (see
 :func:`fiftyone_nola.core.review_queue.review_order`).
@@ -17,10 +17,10 @@ from typing import Optional
 
 import numpy as np
 
-from .. import fo_io
-from ..core import review_queue as rq
-from ..errors import InvalidInputError
-from ..review import (
+from fiftyone_nola.core import review_queue as rq
+from fiftyone_nola.core.errors import InvalidInputError
+from fiftyone_nola.stages import fo_io
+from fiftyone_nola.stages.review import (
     ACCEPTED_TAG,
     CORRECTIONS_FIELD,
     REJECTED_TAG,
@@ -307,8 +307,8 @@ def decide(samples, sample_ids: Sequence[str], action: str, label: Optional[str]
 
 
 def _open_store(samples):
-    from ..index import EmbeddingIndex
-    from .brain_runs import stored_index_path
+    from fiftyone_nola.core.index import EmbeddingIndex
+    from fiftyone_nola.stages.brain_runs import stored_index_path
 
     for family in ("clip", "dino"):
         path = stored_index_path(samples, family)
@@ -424,7 +424,7 @@ STAGES = (
 def stage_status(samples) -> list[dict]:
     """Each stage: has it run, on how many samples, with which model, when, fresh or stale
     (stale: it ran before a stage it depends on, or samples lack its output)."""
-    from .. import runs
+    from fiftyone_nola.stages import runs
 
     ds = fo_io.root_dataset(samples)
     n = len(samples)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from .labeling import dino_labels, predict, tune_prompts
-from .models import ClipSpec, DinoSpec
-from .progress import ProgressFn, null_progress
-from .review import CORRECTIONS_FIELD
+from fiftyone_nola.core.models import ClipSpec, DinoSpec
+from fiftyone_nola.core.progress import ProgressFn, null_progress
+from fiftyone_nola.stages.nola import dino_labels, predict, tune_prompts
+from fiftyone_nola.stages.review import CORRECTIONS_FIELD
 
 
 def retrain_with_corrections(
@@ -28,10 +28,10 @@ def retrain_with_corrections(
 
     Returns how many samples' predicted labels changed in each field.
     """
-    from . import dino_labeler as dl
-    from . import fo_io
-    from . import prompt_tuning as pt
-    from .device import resolve_device
+    from fiftyone_nola.core import dino_labeler as dl
+    from fiftyone_nola.core import prompt_tuning as pt
+    from fiftyone_nola.core.device import resolve_device
+    from fiftyone_nola.stages import fo_io
 
     fo_io.check_field(samples, corrections_field)
     n_corrected = samples.exists(corrections_field).count()

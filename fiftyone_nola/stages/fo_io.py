@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import (
+from fiftyone_nola.core.errors import (
     DatabaseUnavailableError,
     DatasetNotFoundError,
     EmptyViewError,
@@ -70,7 +70,7 @@ def connect_database(attempts: int = 3, backoff_s: float = 2.0) -> None:
     """
     import time
 
-    from .storage import file_lock
+    from fiftyone_nola.core.storage import file_lock
 
     _fo()
     import fiftyone.core.odm.database as fodb
@@ -358,7 +358,7 @@ def import_images(
 
 def _import_lock(name: str):
     """An exclusive lock on importing into dataset ``name`` (a file under ``$NOLA_HOME/locks``)."""
-    from .storage import file_lock, nola_home
+    from fiftyone_nola.core.storage import file_lock, nola_home
 
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     return file_lock(nola_home() / "locks" / f"import-{safe}.lock")
@@ -366,6 +366,6 @@ def _import_lock(name: str):
 
 def write_text_atomic(path, obj) -> None:
     """JSON-serialise ``obj`` to ``path`` atomically."""
-    from .storage import write_json_atomic
+    from fiftyone_nola.core.storage import write_json_atomic
 
     write_json_atomic(path, obj)

@@ -37,10 +37,15 @@ from typing import Optional, Union
 import faiss
 import numpy as np
 
-from .arrays import l2_normalize
-from .errors import IndexMismatchError, InvalidInputError, MissingEmbeddingsError, NolaError
-from .exact_search import topk_inner_product
-from .storage import LockTimeout, atomic_path, file_lock, write_json_atomic
+from fiftyone_nola.core.arrays import l2_normalize
+from fiftyone_nola.core.errors import (
+    IndexMismatchError,
+    InvalidInputError,
+    MissingEmbeddingsError,
+    NolaError,
+)
+from fiftyone_nola.core.exact_search import topk_inner_product
+from fiftyone_nola.core.storage import LockTimeout, atomic_path, file_lock, write_json_atomic
 
 logger = logging.getLogger(__name__)
 

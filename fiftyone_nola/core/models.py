@@ -33,9 +33,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .checkpoints import ACCEPTED_FORMATS, WEIGHT_SUFFIXES, is_torchscript, read_state_dict
-from .errors import ModelNotFoundError
-from .storage import nola_home
+from fiftyone_nola.core.checkpoints import (
+    ACCEPTED_FORMATS,
+    WEIGHT_SUFFIXES,
+    is_torchscript,
+    read_state_dict,
+)
+from fiftyone_nola.core.errors import ModelNotFoundError
+from fiftyone_nola.core.storage import nola_home
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +125,7 @@ def concrete_dino(spec: DinoSpec) -> DinoSpec:
         name = _dino_name_from_file(spec.checkpoint)
         if name:
             return replace(spec, name=name)
-    from .device import hardware_profile
+    from fiftyone_nola.core.device import hardware_profile
 
     return replace(spec, name=hardware_profile().dino_model)
 
@@ -440,7 +445,7 @@ def nola_transform(size: int = 224):
 
 def _check_dino_preprocess(spec: DinoSpec) -> None:
     if spec.preprocess not in DINO_PREPROCESS:
-        from .errors import InvalidInputError
+        from fiftyone_nola.core.errors import InvalidInputError
 
         raise InvalidInputError(
             f"DINO preprocess must be one of {DINO_PREPROCESS} ('nola': NoLA's te_transform, the "
@@ -618,7 +623,7 @@ def load_dino(spec: Optional[DinoSpec] = None, device: Optional[torch.device] = 
     from timm.data import create_transform, resolve_data_config
 
     if spec.feature not in {"cls", "pooled"}:
-        from .errors import InvalidInputError
+        from fiftyone_nola.core.errors import InvalidInputError
 
         raise InvalidInputError(f"DINO feature must be 'cls' or 'pooled', not {spec.feature!r}")
     _check_dino_preprocess(spec)

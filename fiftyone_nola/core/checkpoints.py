@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelNotFoundError
+from fiftyone_nola.core.errors import ModelNotFoundError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 ACCEPTED_FORMATS = (

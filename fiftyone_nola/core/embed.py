@@ -15,11 +15,11 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import device as dev
-from .core import engines
-from .data import DecodeOptions, ImageFileDataset, draft_size_for, make_loader
-from .models import LoadedModel
-from .progress import ProgressFn, null_progress
+from fiftyone_nola.core import device as dev
+from fiftyone_nola.core import engines
+from fiftyone_nola.core.data import DecodeOptions, ImageFileDataset, draft_size_for, make_loader
+from fiftyone_nola.core.models import LoadedModel
+from fiftyone_nola.core.progress import ProgressFn, null_progress
 
 
 @dataclass

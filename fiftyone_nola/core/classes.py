@@ -8,7 +8,7 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Optional, Union
 
-from .errors import InvalidInputError
+from fiftyone_nola.core.errors import InvalidInputError
 
 ClassesArg = Union[None, str, Sequence[str]]
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from . import device as dev
-from . import fo_io, labeling
-from . import prompt_tuning as pt
-from .distributed import DistContext, init_distributed, run_on_main
-from .models import ClipSpec, load_clip
-from .progress import null_progress
+from fiftyone_nola.core import device as dev
+from fiftyone_nola.core import prompt_tuning as pt
+from fiftyone_nola.core.distributed import DistContext, init_distributed, run_on_main
+from fiftyone_nola.core.models import ClipSpec, load_clip
+from fiftyone_nola.core.progress import null_progress
+from fiftyone_nola.stages import fo_io
+from fiftyone_nola.stages import nola as labeling
 
 
 def tune_prompts_distributed(

@@ -9,8 +9,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import fo_io, storage
-from .errors import NolaError
+from fiftyone_nola.core import storage
+from fiftyone_nola.core.errors import NolaError
+from fiftyone_nola.stages import fo_io
 
 
 def stage_dir(samples, run_key: str) -> Path:
@@ -43,7 +44,7 @@ def stage_writer(samples, field: str, log: Optional[Callable[[str], None]] = Non
     record is dropped first: a job killed half-way through leaves the stage "not done", so the
     next run recomputes it instead of trusting a half-written field.
     """
-    from . import runs
+    from fiftyone_nola.stages import runs
 
     d = stage_dir(samples, field)
     with _locked(d, log, field):

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from .classes import normalize_class_name, parse_classes
-from .errors import InvalidInputError
-from .storage import atomic_path, descriptions_cache_dir, write_json_atomic
-from .templates import CLIP_TEMPLATES, CLIP_TEMPLATES_7, SIMPLE_TEMPLATE  # noqa: F401 (re-exported)
+from fiftyone_nola.core.classes import normalize_class_name, parse_classes
+from fiftyone_nola.core.errors import InvalidInputError
+from fiftyone_nola.core.storage import atomic_path, descriptions_cache_dir, write_json_atomic
+from fiftyone_nola.core.templates import CLIP_TEMPLATES, CLIP_TEMPLATES_7, SIMPLE_TEMPLATE  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 

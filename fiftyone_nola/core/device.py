@@ -7,6 +7,7 @@ sizes / epochs / subset sizes fit the machine, so CPU and GPU behaviour never dr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -25,7 +26,7 @@ def resolve_device(device: Optional[str] = None) -> torch.device:
         return torch.device("cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from .errors import InvalidInputError
+        from fiftyone_nola.core.errors import InvalidInputError
 
         raise InvalidInputError(
             f"device={name!r} was requested but CUDA is not available; use device='cpu' or 'auto'"
@@ -46,7 +47,7 @@ def amp_dtype(device: torch.device, precision: str = "auto") -> Optional[torch.d
     if precision == "fp16":
         return torch.float16
     if precision != "auto":
-        from .errors import InvalidInputError
+        from fiftyone_nola.core.errors import InvalidInputError
 
         raise InvalidInputError(f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
     if device.type == "cuda":
@@ -98,7 +99,7 @@ def should_compile(device: torch.device, n_items: int, setting: str = "auto") ->
     ``on``/``off`` force it.
     """
     if setting not in COMPILE_SETTINGS:
-        from .errors import InvalidInputError
+        from fiftyone_nola.core.errors import InvalidInputError
 
         raise InvalidInputError(f"compile must be one of {COMPILE_SETTINGS}, not {setting!r}")
     if setting != "auto":
@@ -161,3 +162,26 @@ def hardware_profile(device: Optional[torch.device] = None) -> HardwareProfile:
         num_workers=max(1, min(4, cpus // 2)), tune_epochs=2, tune_batch_size=32,
         tune_max_samples=256, dino_model="vit_small_patch16_224.dino",
     )
+
+
+def resolve(config, device=None):
+    """``config`` with each field left ``None`` ("fit the hardware") filled for ``device``.
+
+    The one rule for defaults: a config dataclass names its hardware-decided fields in
+    ``hardware_defaults(profile) -> dict``; a field the user set (0 and False included) is kept.
+    Nested config dataclasses are resolved too, so a pipeline config resolves in one call.
+    """
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        return config
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    changes = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            resolved = resolve(value, device)
+            if resolved is not value:
+                changes[f.name] = resolved
+    fill = getattr(config, "hardware_defaults", None)
+    if fill is not None:
+        changes.update({k: v for k, v in fill(hardware_profile(device)).items() if getattr(config, k) is None})
+    return dataclasses.replace(config, **changes) if changes else config

@@ -28,7 +28,7 @@ def run_key_for(field: str) -> str:
 
 def record_run(samples, key: str, method: str, config: Any, results: Optional[dict] = None) -> None:
     """Register (or replace) the run ``key`` on the dataset behind ``samples``."""
-    from .fo_io import root_dataset
+    from fiftyone_nola.stages.fo_io import root_dataset
 
     ds = root_dataset(samples)
     cfg = ds.init_run(method=f"{RUN_PREFIX}.{method}", config=_jsonable(config))
@@ -42,7 +42,7 @@ def record_run(samples, key: str, method: str, config: Any, results: Optional[di
 
 def forget_run(samples, key: str) -> bool:
     """Delete the record of run ``key`` if there is one (its stage is being redone)."""
-    from .fo_io import root_dataset
+    from fiftyone_nola.stages.fo_io import root_dataset
 
     ds = root_dataset(samples)
     if key not in ds.list_runs():
@@ -53,7 +53,7 @@ def forget_run(samples, key: str) -> bool:
 
 def get_run(samples, key: str) -> Optional[dict]:
     """The stored config and results of run ``key`` as plain dicts, or None if absent."""
-    from .fo_io import root_dataset
+    from fiftyone_nola.stages.fo_io import root_dataset
 
     ds = root_dataset(samples)
     if key not in ds.list_runs():

@@ -16,15 +16,15 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import fo_io, runs, storage
-from .core import engines
-from .data import file_fingerprint
-from .device import resolve_device
-from .embed import EmbedConfig, iter_embeddings, prepare_encoder
-from .errors import IndexMismatchError, InvalidInputError, MissingEmbeddingsError
-from .index import EmbeddingIndex
-from .models import ClipSpec, DinoSpec, load_model, spec_key
-from .progress import ProgressFn, null_progress
+from fiftyone_nola.core import engines, storage
+from fiftyone_nola.core.data import file_fingerprint
+from fiftyone_nola.core.device import resolve_device
+from fiftyone_nola.core.embed import EmbedConfig, iter_embeddings, prepare_encoder
+from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError, MissingEmbeddingsError
+from fiftyone_nola.core.index import EmbeddingIndex
+from fiftyone_nola.core.models import ClipSpec, DinoSpec, load_model, spec_key
+from fiftyone_nola.core.progress import ProgressFn, null_progress
+from fiftyone_nola.stages import fo_io, runs
 
 FAMILIES = ("clip", "dino")
 

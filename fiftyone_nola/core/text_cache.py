@@ -9,8 +9,8 @@ from typing import Optional
 
 import numpy as np
 
-from . import storage, zeroshot
-from .models import ClipSpec, load_clip, spec_key
+from fiftyone_nola.core import storage, zeroshot
+from fiftyone_nola.core.models import ClipSpec, load_clip, spec_key
 
 
 def _digest(text: str) -> str:

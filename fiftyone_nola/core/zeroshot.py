@@ -15,10 +15,10 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from . import device as dev
-from .arrays import l2_normalize, softmax
-from .errors import InvalidInputError
-from .models import LoadedModel
+from fiftyone_nola.core import device as dev
+from fiftyone_nola.core.arrays import l2_normalize, softmax
+from fiftyone_nola.core.errors import InvalidInputError
+from fiftyone_nola.core.models import LoadedModel
 
 logger = logging.getLogger(__name__)
 

@@ -17,17 +17,25 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import distributed as dt
-from . import fo_io, runs, storage
-from .artifacts import aligned, load_array, save_array_bundle, stage_dir, stage_meta, stage_writer
-from .classes import ClassesArg, labels_to_indices, resolve_classes
-from .device import resolve_device
-from .embeddings import check_coverage, load_embeddings
-from .errors import IndexMismatchError, InvalidInputError, NolaError
-from .models import ClipSpec, DinoSpec, load_clip, spec_key
-from .progress import ProgressFn, null_progress
-from .templates import resolve_templates
-from .text_cache import class_weights_from_texts
+from fiftyone_nola.core import distributed as dt
+from fiftyone_nola.core import storage
+from fiftyone_nola.core.classes import ClassesArg, labels_to_indices, resolve_classes
+from fiftyone_nola.core.device import resolve_device
+from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError, NolaError
+from fiftyone_nola.core.models import ClipSpec, DinoSpec, load_clip, spec_key
+from fiftyone_nola.core.progress import ProgressFn, null_progress
+from fiftyone_nola.core.templates import resolve_templates
+from fiftyone_nola.core.text_cache import class_weights_from_texts
+from fiftyone_nola.stages import fo_io, runs
+from fiftyone_nola.stages.artifacts import (
+    aligned,
+    load_array,
+    save_array_bundle,
+    stage_dir,
+    stage_meta,
+    stage_writer,
+)
+from fiftyone_nola.stages.embeddings import check_coverage, load_embeddings
 
 Log = Callable[[str], None]
 
@@ -56,7 +64,7 @@ class ZeroShotConfig:
 
 def class_descriptions(classes: Sequence[str], config: ZeroShotConfig, log: Log = print):
     """The DescriptionSet for ``classes`` per the config (file > LLM > templates)."""
-    from . import descriptions as dsc
+    from fiftyone_nola.core import descriptions as dsc
 
     if config.descriptions_file:
         return dsc.load_descriptions(config.descriptions_file, classes)
@@ -78,7 +86,7 @@ def zero_shot(
     log: Log = print,
 ) -> dict:
     """Label every sample with the CDE zero-shot classifier from its stored CLIP embedding."""
-    from . import zeroshot as zs
+    from fiftyone_nola.core import zeroshot as zs
 
     t0 = time.perf_counter()
     config = config or ZeroShotConfig()
@@ -141,7 +149,7 @@ def dino_labels(
     ``trusted_field``: a reviewer's corrected labels (``fo.Classification``), added as trusted
     supervision. It must never be a ground-truth field used for evaluation.
     """
-    from . import dino_labeler as dl
+    from fiftyone_nola.core import dino_labeler as dl
 
     t0 = time.perf_counter()
     dino = dino or DinoSpec()
@@ -202,7 +210,7 @@ def dino_labels_apply(
     What a re-run does for samples added since the labeller was trained: their rows join the
     stored ones and the stage's run record keeps its config, so it stays up to date.
     """
-    from . import dino_labeler as dl
+    from fiftyone_nola.core import dino_labeler as dl
 
     t0 = time.perf_counter()
     dino = dino or DinoSpec()
@@ -270,7 +278,7 @@ def tune_on_inputs(clip_model, inputs: TuneInputs, config, progress: ProgressFn 
 
     Under torchrun every rank calls this; only rank 0 deletes a stale checkpoint.
     """
-    from . import prompt_tuning as pt
+    from fiftyone_nola.core import prompt_tuning as pt
 
     def run():
         return pt.tune(clip_model, inputs.paths, inputs.teacher, inputs.class_weights, config,
@@ -304,7 +312,7 @@ def tune_prompts(
     Resumable: epoch checkpoints live in the run directory; re-running continues from them.
     Returns a summary including ``model_dir`` (what ``predict`` loads).
     """
-    from . import prompt_tuning as pt
+    from fiftyone_nola.core import prompt_tuning as pt
 
     t0 = time.perf_counter()
     clip_spec = clip or ClipSpec()
@@ -346,8 +354,8 @@ def predict(
     ``engine``/``precision``: what runs the forward (core/engines.py; ``auto``: OpenVINO bf16 on
     CPUs with native bf16 when installed, else PyTorch; ``engine="torch"`` forces PyTorch).
     """
-    from . import prompt_tuning as pt
-    from .device import hardware_profile
+    from fiftyone_nola.core import prompt_tuning as pt
+    from fiftyone_nola.core.device import hardware_profile
 
     t0 = time.perf_counter()
     model_dir = Path(model_dir)

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-from .classes import normalize_class_name
-from .errors import InvalidInputError
+from fiftyone_nola.core.classes import normalize_class_name
+from fiftyone_nola.core.errors import InvalidInputError
 
 # CLIP's 80 ImageNet prompt templates, in their original order: OpenAI CLIP repository,
 # notebooks/Prompt_Engineering_for_ImageNet.ipynb (also open_clip's OPENAI_IMAGENET_TEMPLATES).

@@ -12,8 +12,8 @@ from typing import Optional
 
 import numpy as np
 
-from . import fo_io
-from .errors import InvalidInputError
+from fiftyone_nola.core.errors import InvalidInputError
+from fiftyone_nola.stages import fo_io
 
 REVIEW_TAG = "nola:review"
 ACCEPTED_TAG = "nola:accepted"

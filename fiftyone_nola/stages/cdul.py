@@ -14,15 +14,22 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import fo_io, runs
-from .artifacts import aligned, has_array, save_array_bundle, stage_dir, stage_meta, stage_writer
-from .classes import ClassesArg, resolve_classes
-from .device import resolve_device
-from .embed import EmbedConfig
-from .embeddings import check_coverage, compute_embeddings, load_embeddings
-from .labeling import class_descriptions
-from .models import ClipSpec, DinoSpec, load_clip, spec_key
-from .progress import ProgressFn, StageTimer, null_progress
+from fiftyone_nola.core.classes import ClassesArg, resolve_classes
+from fiftyone_nola.core.device import resolve_device
+from fiftyone_nola.core.embed import EmbedConfig
+from fiftyone_nola.core.models import ClipSpec, DinoSpec, load_clip, spec_key
+from fiftyone_nola.core.progress import ProgressFn, StageTimer, null_progress
+from fiftyone_nola.stages import fo_io, runs
+from fiftyone_nola.stages.artifacts import (
+    aligned,
+    has_array,
+    save_array_bundle,
+    stage_dir,
+    stage_meta,
+    stage_writer,
+)
+from fiftyone_nola.stages.embeddings import check_coverage, compute_embeddings, load_embeddings
+from fiftyone_nola.stages.nola import class_descriptions
 
 Log = Callable[[str], None]
 
@@ -59,9 +66,9 @@ class MultiLabelConfig:
 
 
 def _class_weights(classes, config: MultiLabelConfig, device, log: Log) -> np.ndarray:
-    from .descriptions import SIMPLE_TEMPLATE
-    from .labeling import ZeroShotConfig
-    from .text_cache import class_weights_from_texts
+    from fiftyone_nola.core.descriptions import SIMPLE_TEMPLATE
+    from fiftyone_nola.core.text_cache import class_weights_from_texts
+    from fiftyone_nola.stages.nola import ZeroShotConfig
 
     if config.single_template:
         texts = {c: [SIMPLE_TEMPLATE.format(c)] for c in classes}
@@ -80,8 +87,8 @@ def multilabel_pseudo_labels(
     log: Log = print,
 ) -> dict:
     """CDUL initial pseudo-labels: soft vectors stored per sample, label sets in ``pseudo_field``."""
-    from . import multilabel as ml
-    from .device import hardware_profile
+    from fiftyone_nola.core import cdul as ml
+    from fiftyone_nola.core.device import hardware_profile
 
     t0 = time.perf_counter()
     config = config or MultiLabelConfig()
@@ -135,7 +142,7 @@ def multilabel_pseudo_labels(
 
 def classifier_config(config: MultiLabelConfig, log: Optional[Log] = print):
     """The head's ``TrainConfig``: the machine's schedule, with the config's explicit values."""
-    from . import multilabel as ml
+    from fiftyone_nola.core import cdul as ml
 
     return ml.TrainConfig.for_hardware(config.device, log=log, epochs=config.train_epochs,
                                        update_every=config.label_update_every, warmup=config.label_warmup)
@@ -148,7 +155,7 @@ def train_multilabel(
     log: Log = print,
 ) -> dict:
     """Train the multi-label head on stored features against the soft pseudo-labels; predict."""
-    from . import multilabel as ml
+    from fiftyone_nola.core import cdul as ml
 
     t0 = time.perf_counter()
     config = config or MultiLabelConfig()
@@ -183,7 +190,7 @@ def train_multilabel(
 def apply_multilabel(samples, config: Optional[MultiLabelConfig] = None, log: Log = print) -> dict:
     """Label ``samples`` with the head saved by :func:`train_multilabel`, without training
     (what a re-run does for samples added since); their rows join the stored ones."""
-    from . import multilabel as ml
+    from fiftyone_nola.core import cdul as ml
 
     t0 = time.perf_counter()
     config = config or MultiLabelConfig()
@@ -213,7 +220,7 @@ def apply_multilabel(samples, config: Optional[MultiLabelConfig] = None, log: Lo
 
 def evaluate_multilabel_stages(samples, config: MultiLabelConfig, log: Log = print) -> dict:
     """mAP of global-only, local, initial and trained scores against ``config.gt_field``."""
-    from .evaluation import evaluate_multilabel
+    from fiftyone_nola.stages.evaluation import evaluate_multilabel
 
     ids, _ = fo_io.ids_and_paths(samples)
     d = stage_dir(samples, config.pseudo_field)
@@ -241,7 +248,7 @@ def auto_label_multilabel(
     log: Log = print,
 ) -> dict:
     """Embeddings -> CDUL pseudo-labels -> classifier with label refinement (-> mAP if GT)."""
-    from .validation import Target, check_multilabel
+    from fiftyone_nola.stages.validation import Target, check_multilabel
 
     config = config or MultiLabelConfig()
     report = check_multilabel(Target(samples=samples), classes, config)
@@ -251,7 +258,7 @@ def auto_label_multilabel(
     classes = resolve_classes(classes, samples)
     timer = StageTimer(echo=log)
     out: dict = {"classes": classes, "stages": {}}
-    from .pipeline import _embed_todo, _missing, _stored_classes, _subset, _up_to_date
+    from fiftyone_nola.pipeline import _embed_todo, _missing, _stored_classes, _subset, _up_to_date
 
     ids, paths = fo_io.ids_and_paths(samples)
     specs = [config.clip] + ([config.dino] if config.dino is not None else [])

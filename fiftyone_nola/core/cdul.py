@@ -28,15 +28,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import device as dev
-from .arrays import l2_normalize, softmax
-from .core import engines
-from .data import DecodeOptions, ImageFileDataset, collate_skip_bad
-from .embed import calibration_images, engine_module
-from .errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
-from .models import LoadedModel
-from .progress import ProgressFn, null_progress
-from .storage import atomic_path, file_sha256, write_json_atomic
+from fiftyone_nola.core import device as dev
+from fiftyone_nola.core import engines
+from fiftyone_nola.core.arrays import l2_normalize, softmax
+from fiftyone_nola.core.data import DecodeOptions, ImageFileDataset, collate_skip_bad
+from fiftyone_nola.core.embed import calibration_images, engine_module
+from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
+from fiftyone_nola.core.models import LoadedModel
+from fiftyone_nola.core.progress import ProgressFn, null_progress
+from fiftyone_nola.core.storage import atomic_path, file_sha256, write_json_atomic
 
 CLIP_LOGIT_SCALE = 100.0  # CLIP's learnt temperature saturates at exp(4.6052) = 100
 LABEL_EPS = 1e-6  # soft labels live in [eps, 1 - eps] so logit(y) stays finite

@@ -22,7 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .errors import InvalidInputError, ModelNotFoundError, NolaError, ValidationError
+from fiftyone_nola.core.errors import (
+    InvalidInputError,
+    ModelNotFoundError,
+    NolaError,
+    ValidationError,
+)
 
 # --------------------------------------------------------------------------- problems
 
@@ -94,7 +99,7 @@ def _problem(input_: str, message: str, fix: str = "", error: bool = True) -> Pr
 def check_classes(classes, samples=None, min_classes: int = 2, input_name: str = "classes"
                   ) -> tuple[Optional[list], list]:
     """``(class list or None, problems)``: count, duplicates, empties, a missing classes file."""
-    from .classes import parse_classes, resolve_classes
+    from fiftyone_nola.core.classes import parse_classes, resolve_classes
 
     if isinstance(classes, str) and classes.strip() and "\n" not in classes and "," not in classes:
         p = Path(classes).expanduser()
@@ -119,7 +124,7 @@ def check_descriptions(path: Optional[str], classes: Optional[Sequence[str]], al
     """Readable, parseable, and covering every class (or fallback to templates explicitly allowed)."""
     if not path:
         return []
-    from .descriptions import load_descriptions
+    from fiftyone_nola.core.descriptions import load_descriptions
 
     try:
         ds = load_descriptions(path, classes)
@@ -148,7 +153,7 @@ def check_templates(templates, classes: Optional[Sequence[str]], input_name: str
     if templates is None:
         return []
     try:
-        from .templates import resolve_templates
+        from fiftyone_nola.core.templates import resolve_templates
     except ImportError:
         return []
     try:
@@ -161,7 +166,7 @@ def check_templates(templates, classes: Optional[Sequence[str]], input_name: str
 
 
 def _gt_labels(samples, field_: str, doc_type) -> set:
-    from .fo_io import label_path
+    from fiftyone_nola.stages.fo_io import label_path
 
     return {x for x in samples.distinct(label_path(field_, doc_type)) if x is not None}
 
@@ -231,7 +236,7 @@ def _clip_archs() -> frozenset:
     import importlib.util
     import sys
 
-    from .models import _CONFIG_DIR
+    from fiftyone_nola.core.models import _CONFIG_DIR
 
     names = {p.stem for p in _CONFIG_DIR.glob("*.json")}
     if "open_clip" in sys.modules:
@@ -247,7 +252,7 @@ _WEIGHTS_CACHE: dict = {}
 
 def _weights(spec) -> tuple[bool, str]:
     """``models.weights_available`` memoised for a minute (it may probe the hub)."""
-    from .models import weights_available
+    from fiftyone_nola.core.models import weights_available
 
     key = (type(spec).__name__, repr(spec), os.environ.get("NOLA_MODELS_DIR"))
     hit = _WEIGHTS_CACHE.get(key)
@@ -275,7 +280,7 @@ def check_dino(spec, fallback_random_init: bool = False, names=("dino_model", "d
     name_in, ckpt_in = names
     if spec is None:
         return []
-    from .models import _TINY_TIMM, concrete_dino
+    from fiftyone_nola.core.models import _TINY_TIMM, concrete_dino
 
     spec = concrete_dino(spec)
     base = _TINY_TIMM.get(spec.name, (spec.name,))[0].split(".")[0]
@@ -316,7 +321,7 @@ def _check_weights(spec, input_name: str, fallback: bool) -> list:
 
 def check_device(device: Optional[str], input_name: str = "device") -> list:
     """A device torch knows and this machine has."""
-    from .device import resolve_device
+    from fiftyone_nola.core.device import resolve_device
 
     if device in (None, "", "auto"):
         return []
@@ -421,7 +426,7 @@ def check_output_fields(samples, outputs: Mapping[str, str], label_type: str = "
         return out
     schema = samples.get_field_schema()
     want = getattr(fo, label_type)
-    from . import runs
+    from fiftyone_nola.stages import runs
 
     ds = _root(samples)
     ran = set(ds.list_runs())
@@ -478,7 +483,7 @@ class Target:
     def files(self) -> list:
         """Image files of the folder (after ``max_samples``), listed once."""
         if self._files is None:
-            from .fo_io import list_images
+            from fiftyone_nola.stages.fo_io import list_images
 
             files = list_images(self.images_dir)
             if self.max_samples:
@@ -490,7 +495,7 @@ class Target:
 
 def resolve_target(target: Target) -> tuple[Target, list]:
     """Load an existing dataset by name (read-only); check the folder / collection is usable."""
-    from . import fo_io
+    from fiftyone_nola.stages import fo_io
 
     problems: list = []
     if target.images_dir:
@@ -578,7 +583,7 @@ def check_auto_label(target: Target, classes, config, fallback_random_init: bool
                      json_out: Optional[str] = None, plan: bool = False) -> Report:
     """Every input of the single-label pipeline (``auto_label``); the plan when ``plan``."""
     t0 = time.perf_counter()
-    from .storage import nola_home
+    from fiftyone_nola.core.storage import nola_home
 
     target, classes_list, problems = _job_inputs(target, classes, config, fallback_random_init)
     samples = target.samples
@@ -624,7 +629,7 @@ def check_multilabel(target: Target, classes, config, fallback_random_init: bool
                      json_out: Optional[str] = None, plan: bool = False) -> Report:
     """Every input of ``auto_label_multilabel``."""
     t0 = time.perf_counter()
-    from .storage import nola_home
+    from fiftyone_nola.core.storage import nola_home
 
     target, classes_list, problems = _job_inputs(target, classes, config, fallback_random_init)
     samples = target.samples
@@ -665,7 +670,7 @@ def check_multilabel(target: Target, classes, config, fallback_random_init: bool
 def check_embed(target: Target, family: str, clip, dino, embed_cfg, fallback_random_init: bool = False,
                 json_out: Optional[str] = None) -> Report:
     """Every input of the embedding stage."""
-    from .storage import nola_home
+    from fiftyone_nola.core.storage import nola_home
 
     t0 = time.perf_counter()
     target, problems = resolve_target(target)
@@ -704,7 +709,7 @@ def check_params(samples, *, classes=_UNSET, min_classes: int = 2, descriptions_
     (field, what) whose stage must have run; ``ranges``: input -> (value, lo, hi, integer);
     ``writable``: input -> (path, what, is_file); ``files``: input -> a path that must exist.
     """
-    from .storage import nola_home
+    from fiftyone_nola.core.storage import nola_home
 
     t0 = time.perf_counter()
     problems: list = []
@@ -736,7 +741,7 @@ def check_params(samples, *, classes=_UNSET, min_classes: int = 2, descriptions_
             problems.append(_problem(inp, f"field {f!r} holds {getattr(doc, '__name__', 'no labels')}, not "
                                           f"{'/'.join(kinds)}", "pick a field of that label type"))
     if samples is not None:
-        from .artifacts import stage_dir
+        from fiftyone_nola.stages.artifacts import stage_dir
 
         for inp, (f, what) in (stages or {}).items():
             if f and not (stage_dir(samples, f) / "meta.json").exists():
@@ -758,7 +763,7 @@ def check_params(samples, *, classes=_UNSET, min_classes: int = 2, descriptions_
 
 
 def _index_types() -> tuple:
-    from .index import INDEX_TYPES
+    from fiftyone_nola.core.index import INDEX_TYPES
 
     return INDEX_TYPES
 
@@ -787,11 +792,11 @@ def _size_class(name: str) -> str:
 
 
 def _rate(spec, device) -> float:
-    from .device import resolve_device
+    from fiftyone_nola.core.device import resolve_device
 
     name = getattr(spec, "arch", None) or getattr(spec, "name", "")
     if getattr(spec, "name", None) == "auto":
-        from .models import concrete_dino
+        from fiftyone_nola.core.models import concrete_dino
 
         name = concrete_dino(spec).name
     rate = _CPU_RATES[_size_class(name)]
@@ -809,7 +814,7 @@ def _embed_seconds(spec, n: int, device) -> float:
 
 
 def _embed_dim(spec) -> int:
-    from .models import ClipSpec, concrete_dino
+    from fiftyone_nola.core.models import ClipSpec, concrete_dino
 
     if isinstance(spec, ClipSpec):
         import open_clip
@@ -844,7 +849,7 @@ def plan_auto_label(target: Target, classes, config, n: int, disk: int) -> dict:
         todo = {s: n for s in ("clip", "dino", "zeroshot", "dino_labeler", "predict")}
         retrain = {"dino_labeler": True, "prompt_tuning": True}
     else:
-        from .pipeline import plan_stages
+        from fiftyone_nola.pipeline import plan_stages
 
         todo, retrain = plan_stages(samples, classes, config, extra_new=new)
     dev = config.device
@@ -861,7 +866,7 @@ def plan_auto_label(target: Target, classes, config, n: int, disk: int) -> dict:
                          ("label new" if todo["dino_labeler"] else "reuse"), todo["dino_labeler"],
                          (2.0 if retrain["dino_labeler"] else 0.0) + todo["dino_labeler"] * 3e-3))
     if config.tune:
-        from .device import hardware_profile, resolve_device
+        from fiftyone_nola.core.device import hardware_profile, resolve_device
 
         try:
             prof = hardware_profile(resolve_device(dev))
@@ -884,8 +889,8 @@ def plan_auto_label(target: Target, classes, config, n: int, disk: int) -> dict:
 
 
 def _finish_plan(plan: dict, device, disk: int) -> None:
-    from .device import hardware_profile, resolve_device
-    from .storage import nola_home
+    from fiftyone_nola.core.device import hardware_profile, resolve_device
+    from fiftyone_nola.core.storage import nola_home
 
     try:
         prof = hardware_profile(resolve_device(device))
@@ -929,8 +934,8 @@ def validate(samples, classes=None, config=None, *, plan: bool = True, log: Opti
 
     ``samples`` may be a dataset, a view, or a folder of images (not imported).
     """
-    from .multilabel_pipeline import MultiLabelConfig
-    from .pipeline import AutoLabelConfig
+    from fiftyone_nola.pipeline import AutoLabelConfig
+    from fiftyone_nola.stages.cdul import MultiLabelConfig
 
     target = Target(images_dir=str(samples)) if isinstance(samples, (str, os.PathLike)) else Target(samples=samples)
     config = config or AutoLabelConfig()

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import device as dev
-from .errors import InvalidInputError, NolaError
+from fiftyone_nola.core import device as dev
+from fiftyone_nola.core.errors import InvalidInputError, NolaError
 
 # Seed-derivation tags: the epoch permutation and the per-sample augmentations draw from
 # unrelated streams even when their other keys coincide.

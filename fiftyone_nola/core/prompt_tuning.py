@@ -39,15 +39,15 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch import nn
 
-from . import device as dev
-from . import distributed as dt
-from .core import engines
-from .data import ImageFileDataset, make_loader
-from .embed import calibration_images
-from .errors import EmptyViewError, IndexMismatchError, InvalidInputError
-from .models import LoadedModel
-from .progress import ProgressFn, null_progress
-from .storage import atomic_path, read_json, write_json_atomic
+from fiftyone_nola.core import device as dev
+from fiftyone_nola.core import distributed as dt
+from fiftyone_nola.core import engines
+from fiftyone_nola.core.data import ImageFileDataset, make_loader
+from fiftyone_nola.core.embed import calibration_images
+from fiftyone_nola.core.errors import EmptyViewError, IndexMismatchError, InvalidInputError
+from fiftyone_nola.core.models import LoadedModel
+from fiftyone_nola.core.progress import ProgressFn, null_progress
+from fiftyone_nola.core.storage import atomic_path, read_json, write_json_atomic
 
 CHECKPOINT_NAME = "checkpoint.pt"
 TUNED_NAME = "tuned.pt"

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from . import device as dev
-from .errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
-from .progress import ProgressFn, null_progress
-from .storage import atomic_path
+from fiftyone_nola.core import device as dev
+from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
+from fiftyone_nola.core.progress import ProgressFn, null_progress
+from fiftyone_nola.core.storage import atomic_path
 
 CHECKPOINT_FORMAT = "fiftyone_nola.dino_labeler"
 CHECKPOINT_VERSION = 1

@@ -23,14 +23,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import storage
-from .core import engines
-from .device import hardware_profile, resolve_device
-from .embed import EmbedConfig, iter_embeddings
-from .embeddings import EmbedJob, _specs
-from .errors import IndexMismatchError, InvalidInputError
-from .models import ClipSpec, DinoSpec, load_model
-from .progress import ProgressFn, null_progress
+from fiftyone_nola.core import engines, storage
+from fiftyone_nola.core.device import hardware_profile, resolve_device
+from fiftyone_nola.core.embed import EmbedConfig, iter_embeddings
+from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError
+from fiftyone_nola.core.models import ClipSpec, DinoSpec, load_model
+from fiftyone_nola.core.progress import ProgressFn, null_progress
+from fiftyone_nola.stages.embeddings import EmbedJob, _specs
 
 SHARD_GLOB = "shard-*.npz"
 MAX_BATCH = 1024  # images per actor call and per shard: bounds a lost call's cost after a crash
