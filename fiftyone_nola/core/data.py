@@ -131,16 +131,13 @@ def make_loader(
     batch_size: Optional[int],
     num_workers: int,
     pin_memory: bool = False,
-    shuffle: bool = False,
-    generator: Optional[torch.Generator] = None,
-    drop_last: bool = False,
     batch_sampler: Optional[torch.utils.data.Sampler] = None,
+    generator: Optional[torch.Generator] = None,
     worker_init_fn=None,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader whose workers decode in parallel with inference and skip bad images.
 
-    With ``batch_sampler`` the batches are its own (``batch_size``, ``shuffle`` and
-    ``drop_last`` then belong to the sampler and must be left at their defaults).
+    Batches come in order of ``batch_size``, or from ``batch_sampler`` (``batch_size`` None).
     """
     kwargs = {}
     if num_workers > 0:
@@ -148,7 +145,7 @@ def make_loader(
     if batch_sampler is not None:
         kwargs.update(batch_sampler=batch_sampler)
     else:
-        kwargs.update(batch_size=batch_size, shuffle=shuffle, drop_last=drop_last)
+        kwargs.update(batch_size=batch_size)
     return torch.utils.data.DataLoader(
         dataset,
         num_workers=num_workers,
