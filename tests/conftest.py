@@ -8,6 +8,7 @@ tests never touch a user's datasets or artefacts.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -36,6 +37,36 @@ COCO_DIR = SHARED_DATA / "coco256"
 
 def pretrained_available() -> bool:
     return os.environ.get("NOLA_PRETRAINED", "") == "1"
+
+
+# Markers must say what tests do: a test that reads ../shared/data is an integration test
+# (`make test-fast` deselects those). An audit hook sees every file the test process opens.
+_SHARED_ROOTS = tuple({str(SHARED_DATA.absolute()), os.path.realpath(SHARED_DATA)})
+_SHARED_EVENTS = {"open", "os.listdir", "os.scandir"}
+_shared_reads = {"watching": False, "seen": None}
+
+
+def _watch_shared_reads(event, args):
+    if not _shared_reads["watching"] or _shared_reads["seen"] or event not in _SHARED_EVENTS:
+        return
+    path = args[0] if args else None
+    if isinstance(path, (str, bytes, os.PathLike)):
+        path = os.path.abspath(os.fsdecode(path))
+        if path.startswith(_SHARED_ROOTS):
+            _shared_reads["seen"] = path
+
+
+sys.addaudithook(_watch_shared_reads)
+
+
+@pytest.fixture(autouse=True)
+def _integration_marker_matches_reads(request):
+    _shared_reads.update(watching=True, seen=None)
+    yield
+    _shared_reads["watching"] = False
+    seen = _shared_reads["seen"]
+    if seen and request.node.get_closest_marker("integration") is None:
+        pytest.fail(f"{request.node.nodeid} reads {seen} but is not marked integration", pytrace=False)
 
 
 def pytest_collection_modifyitems(config, items):
