@@ -9,6 +9,7 @@ on real architectures is what benchmarks/embeddings.py reports). Tests check cor
 
 import copy
 import importlib.util
+import json
 import shutil
 import warnings
 
@@ -225,3 +226,23 @@ def test_store_records_its_engine_and_refuses_to_mix(make_dataset, files, monkey
     meta = open_index(ds, tiny_clip_spec()).meta
     assert meta["mixed_engines"] is True and meta["engines_used"] == ["torch-fp32", "torch-bf16"]
     assert meta["count"] == 7
+
+
+@needs_ov
+def test_int8_cache_is_keyed_by_its_calibration_images(tiny_clip, files, tmp_path, monkeypatch):
+    from fiftyone_nola.core.embed import calibration_images
+
+    monkeypatch.setenv("NOLA_HOME", str(tmp_path))
+    choice = engines.EngineChoice("openvino", "int8")
+    module = engine_module(tiny_clip)
+    shape = (3, tiny_clip.image_size, tiny_clip.image_size)
+    calib = [calibration_images(chunk, tiny_clip.transform, n=2) for chunk in (files[:2], files[2:4])]
+    a, _ = engines.load_engine_model(module, tiny_clip.identity, shape, choice, calibration=calib[0])
+    engines.clear_loaded()
+    same, _ = engines.load_engine_model(module, tiny_clip.identity, shape, choice, calibration=calib[0])
+    engines.clear_loaded()
+    other, _ = engines.load_engine_model(module, tiny_clip.identity, shape, choice, calibration=calib[1])
+    assert same.path == a.path and other.path != a.path
+    fp32, _ = engines.load_engine_model(module, tiny_clip.identity, shape,
+                                        engines.EngineChoice("openvino", "fp32"), calibration=calib[1])
+    assert "calibration" not in json.loads((fp32.path / "meta.json").read_text())

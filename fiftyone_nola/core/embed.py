@@ -7,6 +7,8 @@ model, so on a CPU the decode of batch i+1 overlaps inference of batch i. JPEG d
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -17,7 +19,13 @@ import torch
 
 from fiftyone_nola.core import device as dev
 from fiftyone_nola.core import engines
-from fiftyone_nola.core.data import DecodeOptions, ImageFileDataset, draft_size_for, make_loader
+from fiftyone_nola.core.data import (
+    DecodeOptions,
+    ImageFileDataset,
+    draft_size_for,
+    file_fingerprint,
+    make_loader,
+)
 from fiftyone_nola.core.models import LoadedModel
 from fiftyone_nola.core.progress import ProgressFn, null_progress
 
@@ -83,6 +91,9 @@ def calibration_images(filepaths: Sequence[str], transform, draft_size: Optional
             if err is None:
                 yield t.unsqueeze(0)
 
+    # An int8 model is only as good as its calibration images: they are part of its cache key.
+    batches.fingerprint = hashlib.sha256(json.dumps(
+        [[p, file_fingerprint(p)] for p in picks] + [draft_size]).encode()).hexdigest()[:16]
     return batches
 
 

@@ -388,6 +388,8 @@ def load_engine_model(
     name = _safe(str(identity.get("key") or identity.get("name") or "model"))
     try:
         key = cache_key(identity, tuple(input_size), ir, weights_fingerprint(module))
+        if ir == "int8":
+            key["calibration"] = getattr(calibration, "fingerprint", None)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         base = cache_root(root)
         path = base / f"{name}-{ir}-{digest}"
