@@ -11,7 +11,7 @@ ViT-S/16 by default, ``--dino-base`` for the method's ViT-B/16):
    (``labeling.dino_labels``), prompt tuning (``labeling.tune_prompts``; seconds per epoch) and
    predict (``labeling.predict``).
 2. **Epoch cost, cached vs online teacher**: one epoch of ``prompt_tuning.tune`` with the
-   DINO labeller's cached labels, and one with ``teacher_fn`` running the DINO backbone + the
+   DINO labeller's cached labels, and one with an ``OnlineTeacher`` running the DINO backbone + the
    trained labeller MLP on the weak view of every batch (as the official code does): same
    images, batch size, seed, workers; measured back to back in this run.
 3. **Re-labeling**: a changed class list re-scored from the stored CLIP embeddings with
@@ -391,8 +391,9 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
             print(f"\n=== one prompt-tuning epoch, {mode} teacher ===", flush=True)
             C.reset_peak_rss()
             lav = C.loadavg()
-            r = pt.tune(clip, paths, teacher, W, cfg1, checkpoint_dir=None, log=log, classes=zs_classes,
-                        teacher_fn=teacher_fn if mode == "online" else None)
+            # Online: the cached labels still choose the images, so both modes train on the same.
+            given = pt.OnlineTeacher(teacher_fn, teacher) if mode == "online" else teacher
+            r = pt.tune(clip, paths, given, W, cfg1, classes=zs_classes)
             PEAKS.append(C.peak_rss_mb())
             epoch[mode] = {"epoch_seconds": r.history["seconds"][0], "images": int(len(r.train_indices)),
                            "loss": r.history["loss"][0], "peak_rss_mb": C.peak_rss_mb(), "loadavg": lav}

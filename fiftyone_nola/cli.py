@@ -351,6 +351,7 @@ def cmd_tune(args) -> dict:
     from dataclasses import replace
 
     from fiftyone_nola.core import distributed as dt
+    from fiftyone_nola.core.device import resolve
     from fiftyone_nola.core.prompt_tuning import TuneConfig
     from fiftyone_nola.stages import fo_io
     from fiftyone_nola.stages.tuning_ddp import tune_prompts_distributed
@@ -368,11 +369,11 @@ def cmd_tune(args) -> dict:
     ctx = dt.init_distributed(args.device)
     log = _log if ctx.is_main else (lambda _msg: None)
     clip = _clip_spec(args)
-    config = TuneConfig.for_hardware(args.device, log=log)
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "num_workers": args.workers}
-    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    config = TuneConfig(**{k: v for k, v in overrides.items() if v is not None})
     if args.tune_max_samples != -1:
-        config = replace(config, max_samples=args.tune_max_samples or None)
+        config = replace(config, max_samples=args.tune_max_samples)  # 0: all samples
+    config = resolve(config, args.device)
     try:
         summary = tune_prompts_distributed(
             args.dataset, clip, config, predict=not args.no_predict, log=log,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from fiftyone_nola.core.classes import ClassesArg, resolve_classes
-from fiftyone_nola.core.device import hardware_profile, resolve_device
+from fiftyone_nola.core.device import hardware_profile, resolve, resolve_device
 from fiftyone_nola.core.embed import EmbedConfig
 from fiftyone_nola.core.models import ClipSpec, DinoSpec
 from fiftyone_nola.core.progress import ProgressFn, StageTimer, null_progress
@@ -213,12 +213,13 @@ def _zs_config(config: AutoLabelConfig) -> ZeroShotConfig:
 def _tune_config(config: AutoLabelConfig, device, log: Optional[Log] = None):
     from fiftyone_nola.core import prompt_tuning as pt
 
-    tune_cfg = pt.TuneConfig.for_hardware(device, log=log)
     overrides = {"epochs": config.tune_epochs, "batch_size": config.tune_batch_size}
-    tune_cfg = dataclasses.replace(tune_cfg, **{k: v for k, v in overrides.items() if v})
+    tune_cfg = pt.TuneConfig(**{k: v for k, v in overrides.items() if v})
     if config.tune_max_samples != -1:
-        tune_cfg = dataclasses.replace(tune_cfg, max_samples=config.tune_max_samples)
-    return tune_cfg
+        # None means all samples here; TuneConfig spells that ALL_SAMPLES (its None fits the hardware).
+        cap = config.tune_max_samples
+        tune_cfg = dataclasses.replace(tune_cfg, max_samples=pt.ALL_SAMPLES if cap is None else cap)
+    return resolve(tune_cfg, device)
 
 
 def _subset(samples, ids: list, todo: list):

@@ -123,13 +123,13 @@ class TunePrompts(foo.Operator):
     def execute(self, ctx):
         import dataclasses
 
-        from fiftyone_nola.core.device import resolve_device
+        from fiftyone_nola.core.device import resolve, resolve_device
         from fiftyone_nola.core.prompt_tuning import TuneConfig
 
         p = ctx.params
         lines: list = []
         samples = c.target_samples(ctx)
-        cfg = TuneConfig.for_hardware(resolve_device(c.device_param(ctx)))
+        cfg = resolve(TuneConfig(), resolve_device(c.device_param(ctx)))
         over = {k: p.get(k) for k in ("epochs", "batch_size", "max_samples") if p.get(k)}
         cfg = dataclasses.replace(cfg, device=c.device_param(ctx), **over)
         field = p.get("label_field") or "nola"

@@ -7,7 +7,9 @@ sharding properties are checked in-process.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -58,6 +60,22 @@ def _data(embed_dim: int):
 # --------------------------------------------------------------------------- worker (torchrun)
 
 
+@contextlib.contextmanager
+def _lines_to(lines: list):
+    """Collect this process's INFO lines of the package meanwhile."""
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("fiftyone_nola")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def _worker(out_dir: str, ckpt_dir: str) -> None:
     """One torchrun rank: tune 2 epochs, then resume to 3, recording loads, logs and saves."""
     from fiftyone_nola.core.models import load_clip, tiny_clip_spec
@@ -85,8 +103,8 @@ def _worker(out_dir: str, ckpt_dir: str) -> None:
         logs = []
         del loaded[:], saves[:]
         # A fresh tune call: all it knows of the first one is what rank 0 reads from the file.
-        res = pt.tune(clip, paths, teacher, W, _cfg(epochs), ckpt_dir, log=logs.append,
-                      classes=names)
+        with _lines_to(logs):
+            res = pt.tune(clip, paths, teacher, W, _cfg(epochs), ckpt_dir, classes=names)
         out = Path(out_dir)
         real_save({"state": res.model.trainable_state_dict(), "history": res.history,
                    "selected": res.selected_epoch, "start": res.start_epoch,
@@ -96,7 +114,7 @@ def _worker(out_dir: str, ckpt_dir: str) -> None:
             shutil.copy(Path(ckpt_dir) / pt.CHECKPOINT_NAME, out / f"checkpoint_{epochs}.pt")
         dt.barrier(ctx)
     rpaths, rteacher = _ragged_inputs(out_dir, paths, teacher)
-    res = pt.tune(clip, rpaths, rteacher, W, _ragged_cfg(), log=None, classes=names)
+    res = pt.tune(clip, rpaths, rteacher, W, _ragged_cfg(), classes=names)
     real_save({"state": res.model.trainable_state_dict(), "history": res.history,
                "failed": res.failed}, Path(out_dir) / f"rank{ctx.rank}_ragged.pt")
     dt.shutdown()
@@ -136,13 +154,13 @@ def runs(tmp_path_factory, tiny_clip):
         for epochs in (EPOCHS_FIRST, EPOCHS_RESUMED):
             ranks = [torch.load(root / f"rank{r}_{epochs}.pt", weights_only=False) for r in (0, 1)]
             ddp_state = torch.load(root / f"checkpoint_{epochs}.pt", weights_only=True)
-            single = pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs), single_ckpt, log=None,
+            single = pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs), single_ckpt,
                              classes=names)
             single_state = torch.load(single_ckpt / pt.CHECKPOINT_NAME, weights_only=True)
             out[epochs] = (ranks, ddp_state, single, single_state)
         rpaths, rteacher = _ragged_inputs(root, paths, teacher)
         ranks = [torch.load(root / f"rank{r}_ragged.pt", weights_only=False) for r in (0, 1)]
-        out["ragged"] = ranks, pt.tune(tiny_clip, rpaths, rteacher, W, _ragged_cfg(), log=None,
+        out["ragged"] = ranks, pt.tune(tiny_clip, rpaths, rteacher, W, _ragged_cfg(),
                                        classes=names)
     finally:
         torch.set_num_threads(n)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -17,8 +19,20 @@ from fiftyone_nola.core import prompt_tuning as pt
 from fiftyone_nola.core.errors import EmptyViewError, IndexMismatchError, InvalidInputError
 
 
-def _quiet(_msg):
-    return None
+@contextlib.contextmanager
+def _lines_to(lines: list):
+    """Collect the package's INFO lines meanwhile (for module-scoped fixtures, which caplog is not)."""
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("fiftyone_nola")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _cfg(**kw):
@@ -69,16 +83,19 @@ def run2(tiny_clip, cifar, W):
     """The reference uninterrupted 2-epoch run (teacher = true class, a learnable target)."""
     paths, labels, names = cifar
     logs = []
-    res = pt.tune(tiny_clip, paths, labels, W, _cfg(), log=logs.append, classes=names)
+    with _lines_to(logs):
+        res = pt.tune(tiny_clip, paths, labels, W, _cfg(), classes=names)
     return res, logs
 
 
+@pytest.mark.integration
 def test_zero_prompts_reproduce_encode_image_exactly(tiny_clip, batch, W):
     m = pt.PromptedClassifier.from_clip(tiny_clip, W, n_prompts=0).eval()
     with torch.no_grad():
         assert torch.equal(m.visual(batch), tiny_clip.model.encode_image(batch))
 
 
+@pytest.mark.integration
 def test_prompts_change_output_and_use_vpt_init(tiny_clip, batch, W):
     m = pt.PromptedClassifier.from_clip(tiny_clip, W, n_prompts=16).eval()
     width = tiny_clip.model.visual.class_embedding.shape[0]
@@ -113,6 +130,7 @@ def test_trainable_parameters_are_prompts_layernorms_and_head(tiny_clip, W):
     assert m.visual.tower is not tiny_clip.model.visual
 
 
+@pytest.mark.integration
 def test_head_init_is_the_official_cde_adapter(tiny_clip, batch, W):
     """Logits start as ``W @ f`` on the raw image embedding (official ``cde_adapter``): the
     zero-shot argmax, at the temperature of the feature norm rather than CLIP's 100."""
@@ -126,6 +144,7 @@ def test_head_init_is_the_official_cde_adapter(tiny_clip, batch, W):
     torch.testing.assert_close(m.head.weight.detach(), torch.from_numpy(W))
 
 
+@pytest.mark.integration
 def test_transforms(tiny_clip, cifar):
     img = Image.open(cifar[0][0]).convert("RGB")
     mean, std = pt.clip_mean_std(tiny_clip.model)
@@ -144,6 +163,7 @@ def test_transforms(tiny_clip, cifar):
     assert strong.transforms[3].interpolation == InterpolationMode.BICUBIC
 
 
+@pytest.mark.integration
 def test_tune_lowers_loss_and_logs_epochs(run2, cifar):
     res, logs = run2
     loss = res.history["loss"]
@@ -155,46 +175,48 @@ def test_tune_lowers_loss_and_logs_epochs(run2, cifar):
     assert res.seconds > 0
 
 
+@pytest.mark.integration
 def test_tune_is_reproducible(run2, tiny_clip, cifar, W):
     paths, labels, names = cifar
-    again = pt.tune(tiny_clip, paths, labels, W, _cfg(), log=_quiet, classes=names)
+    again = pt.tune(tiny_clip, paths, labels, W, _cfg(), classes=names)
     assert _states_equal(again.model.trainable_state_dict(), run2[0].model.trainable_state_dict())
     assert again.history["loss"] == run2[0].history["loss"]
     # A different seed gives a different run.
-    other = pt.tune(tiny_clip, paths, labels, W, _cfg(epochs=1, seed=1), log=_quiet, classes=names)
+    other = pt.tune(tiny_clip, paths, labels, W, _cfg(epochs=1, seed=1), classes=names)
     assert other.history["loss"][0] != run2[0].history["loss"][0]
 
 
+@pytest.mark.integration
 def test_tune_is_reproducible_with_a_worker(tiny_clip, cifar, W):
     paths, labels, names = cifar
-    runs = [pt.tune(tiny_clip, paths[:16], labels[:16], W, _cfg(epochs=1, num_workers=1),
-                    log=_quiet, classes=names) for _ in range(2)]
+    runs = [pt.tune(tiny_clip, paths[:16], labels[:16], W, _cfg(epochs=1, num_workers=1), classes=names) for _ in range(2)]
     assert _states_equal(runs[0].model.trainable_state_dict(), runs[1].model.trainable_state_dict())
 
 
-def test_resume_equals_uninterrupted_run(run2, tiny_clip, cifar, W, tmp_path):
+@pytest.mark.integration
+def test_resume_equals_uninterrupted_run(run2, tiny_clip, cifar, W, tmp_path, caplog):
     paths, labels, names = cifar
-    first = pt.tune(tiny_clip, paths, labels, W, _cfg(epochs=1), tmp_path, log=_quiet, classes=names)
+    first = pt.tune(tiny_clip, paths, labels, W, _cfg(epochs=1), tmp_path, classes=names)
     assert first.history["loss"] == run2[0].history["loss"][:1]
-    logs = []
-    resumed = pt.tune(tiny_clip, paths, labels, W, _cfg(epochs=2), tmp_path, log=logs.append,
-                      classes=names)
-    assert resumed.start_epoch == 1 and any("resuming" in m for m in logs)
+    with caplog.at_level(logging.INFO, logger="fiftyone_nola"):
+        resumed = pt.tune(tiny_clip, paths, labels, W, _cfg(epochs=2), tmp_path, classes=names)
+    assert resumed.start_epoch == 1 and "resuming" in caplog.text
     assert resumed.history["loss"] == run2[0].history["loss"]
     assert _states_equal(resumed.model.trainable_state_dict(), run2[0].model.trainable_state_dict())
     # Nothing left to do: the finished checkpoint is returned as is.
-    done = pt.tune(tiny_clip, paths, labels, W, _cfg(epochs=2), tmp_path, log=_quiet, classes=names)
+    done = pt.tune(tiny_clip, paths, labels, W, _cfg(epochs=2), tmp_path, classes=names)
     assert done.start_epoch == 2 and done.selected_epoch == 2
     assert _states_equal(done.model.trainable_state_dict(), run2[0].model.trainable_state_dict())
 
 
+@pytest.mark.integration
 def test_resume_keeps_the_teacher_agreement_choice(tiny_clip, cifar, W, tmp_path):
     paths, labels, names = cifar
     teacher = (labels >= 5).astype(np.int64)
     cfg = dict(selection="teacher_agreement", holdout_fraction=0.25)
-    full = pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs=3, **cfg), log=_quiet, classes=names)
-    pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs=2, **cfg), tmp_path, log=_quiet, classes=names)
-    resumed = pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs=3, **cfg), tmp_path, log=_quiet,
+    full = pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs=3, **cfg), classes=names)
+    pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs=2, **cfg), tmp_path, classes=names)
+    resumed = pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs=3, **cfg), tmp_path,
                       classes=names)
     assert resumed.start_epoch == 2
     assert resumed.history["agreement"] == full.history["agreement"]
@@ -202,6 +224,7 @@ def test_resume_keeps_the_teacher_agreement_choice(tiny_clip, cifar, W, tmp_path
     assert _states_equal(resumed.model.trainable_state_dict(), full.model.trainable_state_dict())
 
 
+@pytest.mark.integration
 def test_tune_leaves_the_callers_rng_alone(tiny_clip, cifar, W):
     paths, labels, names = cifar
     torch.manual_seed(123)
@@ -209,26 +232,27 @@ def test_tune_leaves_the_callers_rng_alone(tiny_clip, cifar, W):
     expected = (torch.rand(3), np.random.rand(3))
     torch.manual_seed(123)
     np.random.seed(123)
-    pt.tune(tiny_clip, paths[:8], labels[:8], W, _cfg(epochs=1), log=_quiet, classes=names)
+    pt.tune(tiny_clip, paths[:8], labels[:8], W, _cfg(epochs=1), classes=names)
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1])
 
 
+@pytest.mark.integration
 def test_checkpoint_for_other_classes_or_model_is_refused(tiny_clip, cifar, W, tmp_path):
     paths, labels, names = cifar
-    pt.tune(tiny_clip, paths[:8], labels[:8], W, _cfg(epochs=1), tmp_path, log=_quiet, classes=names)
+    pt.tune(tiny_clip, paths[:8], labels[:8], W, _cfg(epochs=1), tmp_path, classes=names)
     other = names[::-1]
     with pytest.raises(IndexMismatchError, match="classes"):
-        pt.tune(tiny_clip, paths[:8], labels[:8], W, _cfg(epochs=2), tmp_path, log=_quiet,
+        pt.tune(tiny_clip, paths[:8], labels[:8], W, _cfg(epochs=2), tmp_path,
                 classes=other)
     fake = dataclasses.replace(tiny_clip, identity={**tiny_clip.identity, "key": "clip-other"})
     with pytest.raises(IndexMismatchError, match="CLIP"):
-        pt.tune(fake, paths[:8], labels[:8], W, _cfg(epochs=2), tmp_path, log=_quiet, classes=names)
+        pt.tune(fake, paths[:8], labels[:8], W, _cfg(epochs=2), tmp_path, classes=names)
     with pytest.raises(IndexMismatchError, match="config"):
-        pt.tune(tiny_clip, paths[:8], labels[:8], W, _cfg(epochs=2, lr=1e-3), tmp_path,
-                log=_quiet, classes=names)
+        pt.tune(tiny_clip, paths[:8], labels[:8], W, _cfg(epochs=2, lr=1e-3), tmp_path, classes=names)
 
 
+@pytest.mark.integration
 def test_save_load_round_trip(run2, tiny_clip, cifar, tmp_path):
     paths, _, names = cifar
     model = run2[0].model
@@ -248,6 +272,7 @@ def test_save_load_round_trip(run2, tiny_clip, cifar, tmp_path):
         pt.load_tuned(tmp_path, fake)
 
 
+@pytest.mark.integration
 def test_bf16_training_step_close_to_fp32(tiny_clip, batch, W, cifar):
     m = pt.PromptedClassifier.from_clip(tiny_clip, W, n_prompts=16)
     y = torch.arange(len(batch)) % 10
@@ -262,33 +287,34 @@ def test_bf16_training_step_close_to_fp32(tiny_clip, batch, W, cifar):
         losses[name] = loss.item()
     assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * losses["fp32"]
     paths, labels, names = cifar
-    res = pt.tune(tiny_clip, paths[:16], labels[:16], W, _cfg(epochs=1, precision="bf16"),
-                  log=_quiet, classes=names)
-    ref = pt.tune(tiny_clip, paths[:16], labels[:16], W, _cfg(epochs=1), log=_quiet, classes=names)
+    res = pt.tune(tiny_clip, paths[:16], labels[:16], W, _cfg(epochs=1, precision="bf16"), classes=names)
+    ref = pt.tune(tiny_clip, paths[:16], labels[:16], W, _cfg(epochs=1), classes=names)
     assert np.isfinite(res.history["loss"][0])
     assert abs(res.history["loss"][0] - ref.history["loss"][0]) < 0.1 * ref.history["loss"][0]
 
 
+@pytest.mark.integration
 def test_unlabelled_images_are_never_loaded(tiny_clip, cifar, W, tmp_path):
     paths, labels, names = cifar
     missing = [str(tmp_path / f"gone{i}.jpg") for i in range(3)]
     all_paths = paths[:12] + missing
     teacher = np.concatenate([labels[:12], [-1, -1, -1]])
     teacher[0] = -1
-    res = pt.tune(tiny_clip, all_paths, teacher, W, _cfg(epochs=1), log=_quiet, classes=names)
+    res = pt.tune(tiny_clip, all_paths, teacher, W, _cfg(epochs=1), classes=names)
     assert res.failed == []  # the missing files carry -1, so they are skipped, not read
     assert sorted(res.train_indices.tolist()) == list(range(1, 12))
     with pytest.raises(EmptyViewError, match="all -1"):
-        pt.tune(tiny_clip, missing, [-1, -1, -1], W, _cfg(epochs=1), log=_quiet, classes=names)
+        pt.tune(tiny_clip, missing, [-1, -1, -1], W, _cfg(epochs=1), classes=names)
 
 
+@pytest.mark.integration
 def test_corrupt_image_is_skipped(tiny_clip, cifar, W, tmp_path):
     paths, labels, names = cifar
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
     all_paths = paths[:8] + [str(bad)]
     teacher = np.concatenate([labels[:8], [3]])
-    res = pt.tune(tiny_clip, all_paths, teacher, W, _cfg(epochs=1, batch_size=3), log=_quiet,
+    res = pt.tune(tiny_clip, all_paths, teacher, W, _cfg(epochs=1, batch_size=3),
                   classes=names)
     assert [i for i, _ in res.failed] == [8]
     assert np.isfinite(res.history["loss"][0])
@@ -297,13 +323,14 @@ def test_corrupt_image_is_skipped(tiny_clip, cifar, W, tmp_path):
     assert np.isnan(probs[8]).all() and np.isfinite(probs[:8]).all()
 
 
+@pytest.mark.integration
 def test_teacher_agreement_selection_uses_no_ground_truth(tiny_clip, cifar, W):
     paths, labels, names = cifar
     assert not any(k in ("ground_truth", "gt", "labels") for k in inspect.signature(pt.tune).parameters)
     # A learnable, non-uniform teacher unrelated to the true classes (which never enter).
     teacher = (labels >= 7).astype(np.int64)
     cfg = _cfg(epochs=3, selection="teacher_agreement", holdout_fraction=0.25)
-    res = pt.tune(tiny_clip, paths, teacher, W, cfg, log=_quiet, classes=names)
+    res = pt.tune(tiny_clip, paths, teacher, W, cfg, classes=names)
     agree = res.history["agreement"]
     hold = res.holdout_indices
     assert len(hold) == 10 and not set(hold) & set(res.train_indices)
@@ -316,11 +343,12 @@ def test_teacher_agreement_selection_uses_no_ground_truth(tiny_clip, cifar, W):
     assert (probs.argmax(1) == teacher[hold]).mean() == pytest.approx(agree[res.selected_epoch - 1])
     # Ground truth is no input at all: a rerun with the same teacher labels, whatever the true
     # classes are, selects the same epoch with the same agreement curve.
-    again = pt.tune(tiny_clip, paths, teacher, W, cfg, log=_quiet, classes=names)
+    again = pt.tune(tiny_clip, paths, teacher, W, cfg, classes=names)
     assert again.selected_epoch == res.selected_epoch
     assert again.history["agreement"] == agree and again.history["loss"] == res.history["loss"]
 
 
+@pytest.mark.integration
 def test_online_teacher_fn_sees_weak_view(tiny_clip, cifar, W):
     paths, labels, names = cifar
     seen = []
@@ -329,14 +357,15 @@ def test_online_teacher_fn_sees_weak_view(tiny_clip, cifar, W):
         seen.append(tuple(weak.shape))
         return torch.zeros(len(weak), dtype=torch.long)
 
-    res = pt.tune(tiny_clip, paths[:12], None, W, _cfg(epochs=1, batch_size=4), log=_quiet,
-                  classes=names, teacher_fn=teacher_fn)
+    res = pt.tune(tiny_clip, paths[:12], pt.OnlineTeacher(teacher_fn), W, _cfg(epochs=1, batch_size=4),
+                  classes=names)
     assert seen == [(4, 3, 32, 32)] * 3
     assert len(res.history["loss"]) == 1
     with pytest.raises(InvalidInputError):
-        pt.tune(tiny_clip, paths[:4], None, W, _cfg(epochs=1), log=_quiet, classes=names)
+        pt.tune(tiny_clip, paths[:4], None, W, _cfg(epochs=1), classes=names)
 
 
+@pytest.mark.integration
 def test_stratified_subset_and_max_samples(tiny_clip, cifar, W):
     labels = np.repeat(np.arange(4), [40, 30, 20, 10])
     idx = np.arange(100)
@@ -344,25 +373,48 @@ def test_stratified_subset_and_max_samples(tiny_clip, cifar, W):
     assert np.array_equal(a, pt.stratified_subset(idx, labels, 20, seed=0))
     assert np.bincount(labels[a]).tolist() == [8, 6, 4, 2]
     paths, teacher, names = cifar
-    res = pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs=1, max_samples=20), log=_quiet,
+    res = pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs=1, max_samples=20),
                   classes=names)
     assert len(res.train_indices) == 20
     assert np.bincount(teacher[res.train_indices], minlength=10).tolist() == [2] * 10
 
 
-def test_config_for_hardware_and_validation():
-    msgs = []
-    cfg = pt.TuneConfig.for_hardware(torch.device("cpu"), log=msgs.append)
+def test_config_fits_the_hardware_and_validates():
     prof = pt.dev.hardware_profile(torch.device("cpu"))
-    assert (cfg.epochs, cfg.batch_size, cfg.max_samples, cfg.num_workers) == (
-        prof.tune_epochs, prof.tune_batch_size, prof.tune_max_samples, prof.num_workers)
-    assert msgs and "epochs" in msgs[0]
+    cfg = pt.dev.resolve(pt.TuneConfig(), "cpu")
+    assert (cfg.epochs, cfg.batch_size, cfg.max_samples, cfg.num_workers, cfg.device) == (
+        prof.tune_epochs, prof.tune_batch_size, prof.tune_max_samples, prof.num_workers, "cpu")
+    assert cfg.sample_cap == prof.tune_max_samples
+    # What the stages record as the run config (the dataclass repr) is what for_hardware gave,
+    # so tuned models stored by the previous version stay up to date.
+    assert repr(cfg) == (
+        f"TuneConfig(epochs={prof.tune_epochs}, batch_size={prof.tune_batch_size}, lr=0.004, "
+        f"weight_decay=0.01, betas=(0.9, 0.999), n_prompts=16, label_smoothing=0.1, "
+        f"precision='auto', seed=0, max_samples={prof.tune_max_samples}, "
+        f"num_workers={prof.num_workers}, device='cpu', selection='fixed', holdout_fraction=0.1)")
     assert pt.TuneConfig.from_dict(cfg.to_dict()) == cfg
+    # A GPU gets the official schedule on every sample (resolving needs no GPU).
+    gpu = pt.dev.resolve(pt.TuneConfig(), torch.device("cuda"))
+    assert (gpu.epochs, gpu.batch_size, gpu.max_samples, gpu.sample_cap) == (50, 512, None, None)
     d = pt.TuneConfig()
-    assert (d.epochs, d.batch_size, d.lr, d.weight_decay, d.n_prompts, d.label_smoothing) == (
-        50, 512, 4e-3, 0.01, 16, 0.1)
+    assert (d.lr, d.weight_decay, d.n_prompts, d.label_smoothing) == (4e-3, 0.01, 16, 0.1)
     with pytest.raises(InvalidInputError):
         pt.TuneConfig(selection="best_on_test")
+    with pytest.raises(InvalidInputError):
+        pt.TuneConfig(max_samples=-1)
+
+
+def test_resolve_keeps_user_set_zeros_and_all_samples_means_all():
+    prof = pt.dev.hardware_profile(torch.device("cpu"))
+    mine = pt.dev.resolve(pt.TuneConfig(epochs=3, max_samples=pt.ALL_SAMPLES, num_workers=0), "cpu")
+    assert (mine.epochs, mine.max_samples, mine.num_workers) == (3, 0, 0)
+    assert (mine.batch_size, mine.device) == (prof.tune_batch_size, "cpu")
+    assert mine.sample_cap is None
+    labels = np.arange(600) % 3
+    train, hold = pt.train._split(labels, 600, mine)
+    assert len(train) == 600 and len(hold) == 0
+    capped = pt.dev.resolve(pt.TuneConfig(max_samples=30), "cpu")
+    assert len(pt.train._split(labels, 600, capped)[0]) == 30
 
 
 def test_weight_decay_spares_biases(tiny_clip, W):

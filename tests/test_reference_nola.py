@@ -36,7 +36,6 @@ import numpy as np
 import pytest
 import torch
 
-from fiftyone_nola.core import distributed as dt
 from fiftyone_nola.core import prompt_tuning as pt
 from fiftyone_nola.core.arrays import softmax
 from fiftyone_nola.core.dino_labeler import (
@@ -128,9 +127,8 @@ def test_training_step_loss_is_the_official_label_smoothing_ce():
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     cfg = pt.TuneConfig(epochs=1, label_smoothing=case["epsilon"])
     n = len(case["targets"])
-    loss_sum, count = pt._step(model, list(model.parameters()), opt, None, torch.arange(n),
-                               torch.tensor(case["targets"]), cfg, torch.device("cpu"), None,
-                               dt.DistContext())
+    step = pt._Step(model, list(model.parameters()), opt, cfg.label_smoothing)
+    loss_sum, count = step(torch.arange(n), torch.tensor(case["targets"]))
     assert count == n
     assert loss_sum / n == pytest.approx(case["loss"], abs=1e-6)
 
@@ -210,8 +208,7 @@ def test_prompt_tuning_steps_match_the_official_head_loss_and_optimiser():
         if i:
             model.train()
             x, y = torch.tensor(g["batches"][i - 1]), torch.tensor(g["labels"][i - 1])
-            loss_sum, n = pt._step(model, params, opt, None, x, y, cfg, torch.device("cpu"), None,
-                                   dt.DistContext())
+            loss_sum, n = pt._Step(model, params, opt, cfg.label_smoothing)(x, y)
             assert loss_sum / n == pytest.approx(want["loss"], abs=1e-5), f"loss at step {i}"
         model.eval()
         with torch.no_grad():

@@ -30,7 +30,7 @@ def retrain_with_corrections(
     """
     from fiftyone_nola.core import dino_labeler as dl
     from fiftyone_nola.core import prompt_tuning as pt
-    from fiftyone_nola.core.device import resolve_device
+    from fiftyone_nola.core.device import resolve
     from fiftyone_nola.stages import fo_io
 
     fo_io.check_field(samples, corrections_field)
@@ -41,7 +41,7 @@ def retrain_with_corrections(
                 trusted_field=corrections_field, progress=progress, log=log)
     if tune:
         # Machine-fitted settings, changed only where the caller says so.
-        cfg = pt.TuneConfig.for_hardware(resolve_device(device), log=log, **(tune_overrides or {}))
+        cfg = resolve(pt.TuneConfig(**(tune_overrides or {})), device)
         t = tune_prompts(samples, zeroshot_field, dino_field, clip, cfg, run_name=f"{tuned_field}_corrected",
                          progress=progress, log=log)
         predict(samples, t["model_dir"], clip, tuned_field, device=device, progress=progress, log=log)

@@ -20,7 +20,7 @@ import numpy as np
 from fiftyone_nola.core import distributed as dt
 from fiftyone_nola.core import storage
 from fiftyone_nola.core.classes import ClassesArg, labels_to_indices, resolve_classes
-from fiftyone_nola.core.device import resolve_device
+from fiftyone_nola.core.device import resolve, resolve_device
 from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError, NolaError
 from fiftyone_nola.core.models import ClipSpec, DinoSpec, load_clip, spec_key
 from fiftyone_nola.core.progress import ProgressFn, null_progress
@@ -282,7 +282,7 @@ def tune_on_inputs(clip_model, inputs: TuneInputs, config, progress: ProgressFn 
 
     def run():
         return pt.tune(clip_model, inputs.paths, inputs.teacher, inputs.class_weights, config,
-                       checkpoint_dir=inputs.checkpoint_dir, progress=progress, log=log,
+                       checkpoint_dir=inputs.checkpoint_dir, progress=progress,
                        classes=inputs.classes)
 
     try:
@@ -317,7 +317,7 @@ def tune_prompts(
     t0 = time.perf_counter()
     clip_spec = clip or ClipSpec()
     device = resolve_device(getattr(config, "device", None))
-    config = config or pt.TuneConfig.for_hardware(device)
+    config = resolve(config or pt.TuneConfig(), device)
     inputs = tune_inputs(samples, zeroshot_field, teacher_field, run_name)
     classes, model_dir = inputs.classes, inputs.model_dir
     clip_model = load_clip(clip_spec, device)

@@ -36,8 +36,8 @@ def tune_prompts_distributed(
     ctx = init_distributed(getattr(config, "device", None))
     clip = clip or ClipSpec()
     log = log if ctx.is_main else _silent
-    # Rank 0 settles the config so that every rank agrees on it (for_hardware reads the device).
-    config = run_on_main(ctx, lambda: config or pt.TuneConfig.for_hardware(None, log=log))
+    # Rank 0 settles the config so that every rank agrees on it (fitting it reads the device).
+    config = run_on_main(ctx, lambda: dev.resolve(config or pt.TuneConfig(), getattr(config, "device", None)))
     # The other ranks need exactly what tune_prompts will pass to tune (it re-reads the same
     # stored arrays; tune itself checks that all ranks agree).
     inputs = run_on_main(ctx, lambda: labeling.tune_inputs(
