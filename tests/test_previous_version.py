@@ -26,6 +26,7 @@ from fiftyone_nola.core import storage
 from fiftyone_nola.core.index import EmbeddingIndex
 from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec
 from fiftyone_nola.pipeline import auto_label
+from fiftyone_nola.stages.brain_backend import FaissSimilarityConfig
 from fiftyone_nola.stages.embeddings import index_path, open_index
 
 GOLDEN = Path(__file__).parent / "golden" / "v0_1_dataset"
@@ -39,6 +40,7 @@ def _relocate(tree: Path, moves: list[tuple[str, str]]) -> None:
         text = path.read_text()
         for old, new in moves:
             text = text.replace(old, new)
+        assert all(old not in text for old, _ in moves), path  # every path moved, none left behind
         path.write_text(text)
 
 
@@ -90,8 +92,6 @@ def test_runs_load(v0_1_dataset):
 
 
 def test_brain_runs_load_and_search(v0_1_dataset):
-    from fiftyone_nola.stages.brain_backend import FaissSimilarityConfig
-
     ds, manifest, _ = v0_1_dataset
     assert sorted(ds.list_brain_runs()) == sorted(manifest["brain_runs"])
     ids = ds.values("id")
