@@ -9,7 +9,7 @@ DEMO_DESCRIPTIONS ?= $(if $(wildcard $(DEMO_IMAGES)/descriptions.json),--descrip
 # On a 2-core CPU the demo labels an even 1000-image subset so it finishes in minutes.
 DEMO_ARGS ?= --fallback-random-init --max-samples 1000
 
-.PHONY: setup demo demo-multilabel test test-pretrained lint bench clean-venv
+.PHONY: setup demo demo-multilabel test test-fast test-pretrained lint bench clean-venv
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -24,6 +24,10 @@ demo-multilabel: setup
 
 test: setup
 	bash scripts/run_tests.sh
+
+# Unit tests only (tiny random models, no ../shared/data, no browser): about 2 minutes.
+test-fast: setup
+	bash scripts/run_tests.sh -m "not integration and not browser and not slow and not pretrained"
 
 # With real weights in NOLA_MODELS_DIR: the accuracy checks of tests/test_pretrained.py.
 test-pretrained: setup
