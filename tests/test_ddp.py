@@ -289,6 +289,7 @@ def test_shard_slice_covers_everything_once():
             assert sum(parts, []) == list(range(n))
 
 
+@pytest.mark.integration
 def test_augmentation_is_a_function_of_seed_epoch_and_index(tiny_clip):
     paths = [p for p, _ in cifar_files(per_class=1)][:3]
     mean, std = pt.clip_mean_std(tiny_clip.model)
