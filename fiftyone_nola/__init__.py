@@ -42,6 +42,7 @@ _LAZY = {
     "TuneConfig": "core.prompt_tuning",
     "tune_prompts_distributed": "stages.tuning_ddp",
     "predict": "stages.nola",
+    "load_model": "stages.fo_models",
     # CDUL stages
     "multilabel_pseudo_labels": "stages.cdul",
     "train_multilabel": "stages.cdul",

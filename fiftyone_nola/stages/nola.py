@@ -18,10 +18,9 @@ from typing import Callable, Optional
 import numpy as np
 
 from fiftyone_nola.core import distributed as dt
-from fiftyone_nola.core import storage
 from fiftyone_nola.core.classes import ClassesArg, labels_to_indices, resolve_classes
 from fiftyone_nola.core.device import resolve, resolve_device
-from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError, NolaError
+from fiftyone_nola.core.errors import IndexMismatchError, NolaError
 from fiftyone_nola.core.models import ClipSpec, DinoSpec, load_clip, spec_key
 from fiftyone_nola.core.progress import ProgressFn, null_progress
 from fiftyone_nola.core.templates import resolve_templates
@@ -36,6 +35,7 @@ from fiftyone_nola.stages.artifacts import (
     stage_writer,
 )
 from fiftyone_nola.stages.embeddings import check_coverage, load_embeddings
+from fiftyone_nola.stages.fo_models import load_model as load_tuned_model
 
 Log = Callable[[str], None]
 
@@ -354,24 +354,17 @@ def predict(
     ``engine``/``precision``: what runs the forward (core/engines.py; ``auto``: OpenVINO bf16 on
     CPUs with native bf16 when installed, else PyTorch; ``engine="torch"`` forces PyTorch).
     """
-    from fiftyone_nola.core import prompt_tuning as pt
     from fiftyone_nola.core.device import hardware_profile
 
     t0 = time.perf_counter()
-    model_dir = Path(model_dir)
-    if not (model_dir / "meta.json").exists():
-        raise InvalidInputError(f"{model_dir} holds no tuned model (no meta.json). Run tune_prompts first.")
-    meta = storage.read_json(model_dir / "meta.json")
-    dev = resolve_device(device)
-    prof = hardware_profile(dev)
-    clip_model = load_clip(clip or ClipSpec(), dev)
-    model = pt.load_tuned(model_dir, clip_model)
-    classes = meta["classes"]
+    model = load_tuned_model(model_dir, clip, device=device)  # the FiftyOne model apply_model runs
+    prof = hardware_profile(model.device)
+    classes = model.classes
     ids, paths = fo_io.ids_and_paths(samples)
-    probs, failed = pt.predict_tuned(model, paths, batch_size or prof.embed_batch_size,
-                                     prof.num_workers if num_workers is None else num_workers,
-                                     dev, precision, progress, engine=engine)
-    ran = getattr(model, "last_engine", None)
+    probs, failed = model.predict_files(paths, batch_size or prof.embed_batch_size,
+                                        prof.num_workers if num_workers is None else num_workers,
+                                        precision, progress, engine=engine)
+    ran = getattr(model.tuned, "last_engine", None)
     with stage_writer(samples, label_field, log) as d:
         written = fo_io.write_classifications(samples, ids, classes, probs, label_field)
         fo_io.tag_samples(samples, [ids[i] for i, _ in failed], fo_io.UNREADABLE_TAG)
@@ -382,6 +375,6 @@ def predict(
                    "inference": None if ran is None else {"engine": ran.engine, "precision": ran.precision}}
         runs.record_run(samples, runs.run_key_for(label_field), "predict",
                         {"model_dir": str(model_dir), "precision": precision,
-                         "model_id": meta.get("model_id")}, summary)
+                         "model_id": model.tuned.model_id}, summary)
     log(f"[predict] {written} samples -> '{label_field}' in {summary['seconds']:.1f}s")
     return summary
