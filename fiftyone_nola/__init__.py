@@ -7,11 +7,24 @@ The public API: every stage function and its config. Names are imported lazily s
 
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import tomllib
+
+
+def _source_version() -> str:
+    """pyproject.toml's version: a source tree or a plugin downloaded by FiftyOne, never installed."""
+    try:
+        with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as f:
+            return tomllib.load(f)["project"]["version"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "0+unknown"
+
 
 try:
     __version__ = version("fiftyone-nola")
-except PackageNotFoundError:  # a source tree that was never installed
-    __version__ = "0+unknown"
+except PackageNotFoundError:
+    __version__ = _source_version()
 
 _LAZY = {
     # one call

@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", default=None, help="write the summary as JSON here")
     p.add_argument("--check", action="store_true", help="only check the inputs; writes nothing")
     _clip_args(p, device_help="cpu or cuda (each torchrun process takes cuda:LOCAL_RANK)")
+
+    p = sub.add_parser("plugin", help="the FiftyOne plugin shipped with this package")
+    p.add_argument("action", choices=["install"],
+                   help="install: link the plugin into FiftyOne's plugins directory (idempotent)")
+    p.add_argument("--plugins-dir", default=None,
+                   help="default: FiftyOne's plugins_dir (FIFTYONE_PLUGINS_DIR, ~/fiftyone/__plugins__)")
+    p.add_argument("--copy", action="store_true", help="copy the plugin instead of a symbolic link")
     return ap
 
 
@@ -385,11 +392,20 @@ def cmd_tune(args) -> dict:
     return summary or {}
 
 
+def cmd_plugin(args) -> dict:
+    from fiftyone_nola.plugin_install import install_plugin  # imports FiftyOne: only when asked
+
+    result = install_plugin(args.plugins_dir, copy=args.copy)
+    _log(result.message())
+    return {"plugin_dir": str(result.target), "action": result.action}
+
+
 COMMANDS = {
     "auto-label": cmd_auto_label,
     "auto-label-multilabel": cmd_auto_label_multilabel,
     "embed": cmd_embed,
     "tune": cmd_tune,
+    "plugin": cmd_plugin,
 }
 
 

@@ -3,6 +3,7 @@
 Operators are thin: each parses its form into a library call in ``fiftyone_nola``.
 """
 
+from . import _library  # noqa: F401  (first: makes fiftyone_nola importable for a downloaded plugin)
 from .descriptions import GenerateDescriptions
 from .embeddings import ComputeEmbeddings
 from .labeling import ApplyModel, DinoLabels, Evaluate, TunePrompts, ZeroShot
