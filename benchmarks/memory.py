@@ -361,7 +361,7 @@ def _fiftyone_stages(args, fo, classes, tmp: Path):
     # What fiftyone_nola.core.models.load_clip does on first use: make "nola-tiny-clip" known to
     # open_clip (the config file ships in fiftyone_nola/configs/).
     if nm.TINY_CLIP_ARCH not in open_clip.list_models():
-        open_clip.add_model_config(Path(nm.__file__).parent / "configs")
+        open_clip.add_model_config(nm._CONFIG_DIR)
     model = fouc.TorchOpenClipModel(fouc.TorchOpenClipModelConfig(dict(
         clip_model=nm.TINY_CLIP_ARCH,
         pretrained=args._ckpt,

@@ -190,6 +190,7 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
     from fiftyone_nola.core.descriptions import SIMPLE_TEMPLATE, DescriptionSet, fill_templates
     from fiftyone_nola.core.embed import EmbedConfig
     from fiftyone_nola.core.models import ClipSpec, DinoSpec
+    from fiftyone_nola.core.models.clip import clip_source
     from fiftyone_nola.stages import fo_io
     from fiftyone_nola.stages import nola as labeling
     from fiftyone_nola.stages.artifacts import aligned, stage_dir
@@ -209,7 +210,8 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
             ok, hint = models.weights_available(spec)
             if not ok:
                 raise SystemExit(f"NOLA_PRETRAINED=1 but weights are missing: {hint}")
-        ckpt, _ = models._clip_weights(clip_spec)  # the local file (or tag) FiftyOne gets too
+        src = clip_source(clip_spec)
+        ckpt = src.file or src.tag  # the local file (or tag) FiftyOne gets too
         print(f"pretrained weights: CLIP {ckpt}, DINO {models.spec_key(dino_spec)}")
     else:
         import open_clip

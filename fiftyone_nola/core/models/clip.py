@@ -1,0 +1,237 @@
+"""Load CLIP (open_clip): weights lookup, activation choice, checkpoint files.
+
+open_clip is imported where a model is built or named, not at module top: importing it costs
+seconds that spec handling, validation and the CLI's start never need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from fiftyone_nola.core.checkpoints import (
+    ACCEPTED_FORMATS,
+    WEIGHT_SUFFIXES,
+    is_torchscript,
+    read_state_dict,
+)
+from fiftyone_nola.core.errors import ModelNotFoundError
+from fiftyone_nola.core.models.cache import cached, seeded_init
+from fiftyone_nola.core.models.specs import (
+    _CONFIG_DIR,
+    RANDOM_INIT_SEED,
+    TINY_CLIP_ARCH,
+    ClipSpec,
+    LoadedModel,
+    file_identity,
+    find_local,
+    models_dir,
+    safe_name,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def register_tiny_configs() -> None:
+    """Make the tiny test CLIP's architecture known to open_clip."""
+    import open_clip
+
+    if TINY_CLIP_ARCH not in open_clip.list_models():
+        open_clip.add_model_config(_CONFIG_DIR)
+
+
+@dataclass(frozen=True)
+class ClipSource:
+    """Where a ClipSpec's weights come from and which network they belong to."""
+
+    tag: Optional[str]  # open_clip pretrained tag (downloaded or in the hub cache)
+    file: Optional[str]  # local weights file
+    weights_id: str
+    quick_gelu: Optional[bool]  # None: as the architecture's config says (hf-hub: names)
+
+
+def _quick_gelu(spec: ClipSpec, tag: Optional[str], file: Optional[str]) -> Optional[bool]:
+    """The activation the weights were trained with: OpenAI's CLIPs use QuickGELU, while
+    open_clip's plain ``ViT-B-32`` config is GELU; building one for the other silently changes
+    every feature (cosine ~0.9999 to the right network on random weights, more on real ones)."""
+    if spec.quick_gelu is not None:
+        return bool(spec.quick_gelu)
+    if spec.arch.startswith("hf-hub:"):
+        return None
+    import open_clip
+
+    register_tiny_configs()
+    if (open_clip.get_model_config(spec.arch) or {}).get("quick_gelu"):
+        return True
+    if tag:
+        return bool((open_clip.get_pretrained_cfg(spec.arch, tag) or {}).get("quick_gelu", False))
+    return bool(file and is_torchscript(file))  # OpenAI's release format: always QuickGELU
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return Path(pretrained).suffix in WEIGHT_SUFFIXES or os.sep in pretrained
+
+
+def clip_source(spec: ClipSpec) -> ClipSource:
+    """Resolve ``spec``'s weights: random, an explicit file, the models directory, or a tag."""
+    if spec.random_init or not spec.pretrained:
+        tag = spec.pretrained if spec.pretrained and not _looks_like_path(spec.pretrained) else None
+        return ClipSource(None, None, f"random-init-seed{RANDOM_INIT_SEED}", _quick_gelu(spec, tag, None))
+    if _looks_like_path(spec.pretrained):
+        p = Path(spec.pretrained).expanduser()
+        if not p.is_file():
+            raise ModelNotFoundError(
+                f"CLIP checkpoint file {p} does not exist. Pass the path of a CLIP checkpoint for "
+                f"{spec.arch} ({ACCEPTED_FORMATS}), or an open_clip pretrained tag such as 'openai'."
+            )
+        return ClipSource(None, str(p), f"file-{file_identity(p)}", _quick_gelu(spec, None, str(p)))
+    qg = _quick_gelu(spec, spec.pretrained, None)
+    local = find_local(models_dir(spec.models_dir) / "clip" / safe_name(spec.arch), safe_name(spec.pretrained))
+    if local is not None:
+        return ClipSource(None, str(local), f"{spec.pretrained}-file-{file_identity(local)}", qg)
+    return ClipSource(spec.pretrained, None, spec.pretrained, qg)
+
+
+def clip_key(spec: ClipSpec) -> str:
+    """The key ``load_clip(spec).key`` will have, computed without loading the model."""
+    src = clip_source(spec)
+    # The activation is part of the network: features from GELU and QuickGELU builds differ.
+    act = "-quickgelu" if src.quick_gelu and "quickgelu" not in spec.arch.lower() else ""
+    return safe_name(f"clip-{spec.arch}-{src.weights_id}{act}")
+
+
+def offline_hint_clip(spec: ClipSpec) -> str:
+    """What to do when ``spec``'s weights are neither local nor downloadable."""
+    target = (models_dir(spec.models_dir) / "clip" / safe_name(spec.arch)
+              / f"{safe_name(spec.pretrained or 'weights')}.pt")
+    return (
+        f"Could not load CLIP {spec.arch} weights {spec.pretrained!r} (no local file and the hub "
+        f"download failed: offline?). Put the checkpoint at {target}, pass pretrained=<path to file>, "
+        f"set NOLA_MODELS_DIR, or use random_init=True / --random-init / NOLA_RANDOM_INIT=1 for a "
+        f"smoke run (labels are then meaningless)."
+    )
+
+
+class _LazyTokenizer:
+    """open_clip's tokenizer, built on first use: image-only jobs never pay its ~0.7 s."""
+
+    def __init__(self, arch: str):
+        self.arch = arch
+        self._tok = None
+
+    def __call__(self, texts, *args, **kwargs):
+        if self._tok is None:
+            import open_clip
+
+            self._tok = open_clip.get_tokenizer(self.arch)
+        return self._tok(texts, *args, **kwargs)
+
+
+def _check_arch(spec: ClipSpec) -> None:
+    import open_clip
+
+    if spec.arch.startswith("hf-hub:") and spec.random_init:
+        raise ModelNotFoundError("random_init is not supported for hf-hub: CLIP names; name an architecture")
+    if not spec.arch.startswith("hf-hub:") and spec.arch not in open_clip.list_models():
+        raise ModelNotFoundError(
+            f"Unknown CLIP architecture {spec.arch!r}. Known ones include: "
+            f"{', '.join(sorted(open_clip.list_models())[:12])}, ... (open_clip.list_models())."
+        )
+
+
+def load_clip(spec: Optional[ClipSpec] = None, device: Optional[torch.device] = None,
+              cache: bool = True) -> LoadedModel:
+    """Build (or reuse) an open_clip model from ``spec`` (see the package docstring for lookup order).
+
+    Callers must not modify the returned model in place (stages that train copy what they change).
+    """
+    spec = spec or ClipSpec()
+    if cache:
+        return cached(spec, clip_key(spec), device, lambda: load_clip(spec, device, cache=False))
+    import open_clip
+
+    register_tiny_configs()
+    device = device or torch.device("cpu")
+    _check_arch(spec)
+    src = clip_source(spec)
+    force_qg = {"force_quick_gelu": True} if src.quick_gelu else {}
+    with seeded_init():
+        try:
+            with _quiet_random_init_notice(src.file is not None):
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    spec.arch, pretrained=src.tag, device=device, **force_qg
+                )
+        except (RuntimeError, OSError, ValueError) as e:  # hub errors surface as these
+            if src.tag is None:
+                raise
+            raise ModelNotFoundError(offline_hint_clip(spec) + f" ({type(e).__name__}: {e})") from e
+    if src.file is not None:
+        _load_clip_file(model, Path(src.file), spec.arch)
+        model.to(device)
+    model.eval()
+    image_size = model.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
+    embed_dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None \
+        else int(model.visual.output_dim)
+    if spec.random_init:
+        logger.warning("CLIP %s is randomly initialised: its labels are meaningless", spec.arch)
+    identity = {
+        "family": "clip",
+        "name": spec.arch,
+        "weights": src.weights_id,
+        "activation": "default" if src.quick_gelu is None else ("quick_gelu" if src.quick_gelu else "gelu"),
+        "random_init": bool(spec.random_init or not spec.pretrained),
+        "key": clip_key(spec),
+    }
+    return LoadedModel(
+        family="clip", model=model, transform=preprocess, image_size=int(image_size),
+        embed_dim=embed_dim, identity=identity, encode_image=model.encode_image,
+        tokenizer=_LazyTokenizer(spec.arch), spec=spec,
+    )
+
+
+@contextlib.contextmanager
+def _quiet_random_init_notice(weights_follow: bool):
+    """Drop open_clip's "initialized randomly" notice when we load the weights right after."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "Model initialized randomly" not in record.getMessage()
+
+    root = logging.getLogger()
+    if weights_follow:
+        root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def _load_clip_file(model: torch.nn.Module, path: Path, arch: str) -> None:
+    """Load a local CLIP checkpoint (formats: ``checkpoints``) into ``model``, strictly."""
+    from open_clip.factory import load_checkpoint, resize_pos_embed
+
+    try:
+        if is_torchscript(path):
+            sd = read_state_dict(path)
+            if "logit_scale" in sd:
+                sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
+            resize_pos_embed(sd, model)
+            model.load_state_dict(sd, strict=True)
+        else:
+            if path.suffix not in WEIGHT_SUFFIXES:
+                read_state_dict(path)  # raises the message naming the accepted formats
+            load_checkpoint(model, str(path), strict=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        if "state_dict" in str(e) or "size mismatch" in str(e):
+            raise ModelNotFoundError(
+                f"{path} does not hold {arch} CLIP weights ({str(e).splitlines()[0][:200]}). Name "
+                f"the architecture the file was trained as (e.g. --clip-arch ViT-B-16)."
+            ) from e
+        raise ModelNotFoundError(f"Cannot read {path}: {str(e)[:200]}. Accepted: {ACCEPTED_FORMATS}.") from e
