@@ -330,7 +330,7 @@ def run_library_size(args, n: int, synth: Synth, q: np.ndarray, work: Path) -> d
         with Build() as b:
             store.search(q[:1], k)
         # flat stores hold no faiss structure (they search the vectors): nothing beyond them
-        nbytes = faiss_bytes(store._faiss_cpu, work) if store._faiss_cpu is not None else 0
+        nbytes = faiss_bytes(store._structure.cpu, work) if store._structure is not None else 0
         meta = store.meta
         params = {key: meta[key] for key in PARAMS[itype]}
         if itype in ("ivf", "ivfpq"):
@@ -378,13 +378,14 @@ def open_in_children(args, path: Path, q: np.ndarray, work: Path) -> dict:
 
 
 def open_child(args) -> None:
-    import fiftyone_nola.core.index as fni
+    import fiftyone_nola.core.index.format as fmt
+    from fiftyone_nola.core.index import EmbeddingIndex
 
-    fni.MMAP_MIN_BYTES = args._mmap_min_bytes
+    fmt.MMAP_MIN_BYTES = args._mmap_min_bytes
     q = np.load(args._child_queries)
     r0 = rss()
     t = time.perf_counter()
-    ix = fni.EmbeddingIndex.open(args._open_child)
+    ix = EmbeddingIndex.open(args._open_child)
     open_s = time.perf_counter() - t
     gc.collect()
     r1 = rss()

@@ -1,4 +1,4 @@
-"""Exact search of flat stores (fiftyone_nola.core.exact_search): same results as faiss IndexFlatIP,
+"""Exact search of flat stores (fiftyone_nola.core.index.search): same results as faiss IndexFlatIP,
 ties by position, bounded blocks, and flat stores really take this path (no faiss search)."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fiftyone_nola.core.exact_search as es
-import fiftyone_nola.core.index as fni
-from fiftyone_nola.core.exact_search import topk_inner_product
+import fiftyone_nola.core.index.format as fmt
+import fiftyone_nola.core.index.search as es
 from fiftyone_nola.core.index import EmbeddingIndex
+from fiftyone_nola.core.index.search import topk_inner_product
 
 _IndexFlatIP = faiss.IndexFlatIP  # the reference, even where a test makes the store's faiss fail
 
@@ -178,7 +178,7 @@ def test_search_works_in_a_forked_child(small_blocks):
 def no_faiss_search(monkeypatch):
     """Fail on any faiss flat search; count calls of the exact path."""
     calls = []
-    real = fni.topk_inner_product
+    real = es.topk_inner_product
 
     def spy(*a, **kw):
         calls.append(a[2])
@@ -187,8 +187,8 @@ def no_faiss_search(monkeypatch):
     def boom(*a, **kw):
         raise AssertionError("a flat store must not search through faiss on a CPU")
 
-    monkeypatch.setattr(fni, "topk_inner_product", spy)
-    monkeypatch.setattr(fni.faiss, "IndexFlatIP", boom)
+    monkeypatch.setattr(es, "topk_inner_product", spy)
+    monkeypatch.setattr(faiss, "IndexFlatIP", boom)
     return calls
 
 
@@ -215,18 +215,18 @@ def test_flat_store_takes_the_exact_path(tmp_path, no_faiss_search, kind):
         np.testing.assert_allclose(s, truth_s[:nq], atol=1e-5)
     _, sub = ix.search(q[:2], 5, restrict_to=ids[::3])
     assert set().union(*sub) <= set(ids[::3])
-    assert no_faiss_search == [10, 10, 5] and ix._faiss is None
+    assert no_faiss_search == [10, 10, 5] and ix._structure is None
     assert ix.meta["built_index_type"] == "flat"
 
 
 def test_approximate_store_still_uses_faiss(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(fni, "topk_inner_product", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(es, "topk_inner_product", lambda *a, **k: calls.append(1))
     rng = np.random.default_rng(4)
     ix = EmbeddingIndex.create(tmp_path / "ix", 8, {}, index_type="hnsw")
     ix.add([str(i) for i in range(200)], rng.normal(size=(200, 8)))
     ix.search(rng.normal(size=(2, 8)), 3)
-    assert calls == [] and isinstance(ix._faiss, faiss.IndexHNSWFlat)
+    assert calls == [] and isinstance(ix._structure.index, faiss.IndexHNSWFlat)
 
 
 def test_k_larger_than_store_zero_rows_and_reverse_queries(tmp_path, no_faiss_search):
@@ -248,7 +248,7 @@ def test_k_larger_than_store_zero_rows_and_reverse_queries(tmp_path, no_faiss_se
 
 
 def test_memory_mapped_store_after_deletions_and_upserts(tmp_path, monkeypatch, no_faiss_search):
-    monkeypatch.setattr(fni, "MMAP_MIN_BYTES", 1)
+    monkeypatch.setattr(fmt, "MMAP_MIN_BYTES", 1)
     monkeypatch.setattr(es, "DEFAULT_BLOCK_BYTES", 4096)  # many blocks over the mapped file
     rng = np.random.default_rng(6)
     ids = [f"m{i:04d}" for i in range(2500)]

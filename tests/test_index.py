@@ -75,9 +75,9 @@ def test_add_get_search_match_numpy(store):
 @pytest.mark.parametrize("exact_max", [50_000, 10])  # numpy subset path / faiss IDSelector path
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_restrict_to(store, monkeypatch, exact_max, kind):
-    import fiftyone_nola.core.index as fni
+    from fiftyone_nola.core.index import search
 
-    monkeypatch.setattr(fni, "EXACT_SUBSET_MAX", exact_max)
+    monkeypatch.setattr(search, "EXACT_SUBSET_MAX", exact_max)
     ids, v = data(200, 8)
     ix = EmbeddingIndex.create(store, 8, {}, index_type=kind)
     ix.add(ids, v)
@@ -504,7 +504,7 @@ def test_ivfpq_recall_exact_scores_and_persistence(store, monkeypatch):
     ix.add(ids, x)
     scores, got = ix.search(q, 10)
     assert ix.meta["built_index_type"] == "ivfpq"
-    assert isinstance(ix._faiss_cpu, faiss.IndexIVFPQ) and ix._faiss_cpu.code_size == d // 8
+    assert isinstance(ix._structure.cpu, faiss.IndexIVFPQ) and ix._structure.cpu.code_size == d // 8
     _, truth = brute(x, ids, q, 10)
     r = recall_at_k(truth, got)
     assert r >= 0.95, f"ivfpq recall@10 = {r}"
@@ -528,7 +528,7 @@ def test_ivfpq_recall_exact_scores_and_persistence(store, monkeypatch):
 
 
 def test_ivfpq_small_is_flat_and_restricted_search(store, monkeypatch):
-    import fiftyone_nola.core.index as fni
+    from fiftyone_nola.core.index import search
 
     ids, v = data(500, 8)
     ix = EmbeddingIndex.create(store, 8, {}, index_type="ivfpq")
@@ -536,7 +536,7 @@ def test_ivfpq_small_is_flat_and_restricted_search(store, monkeypatch):
     assert ix.search(v[:3], 4)[1] == brute(v, ids, v[:3], 4)[1]
     assert ix.meta["built_index_type"] == "flat"
     # above the PQ minimum, a large subset goes through faiss's IDSelector, then re-ranking
-    monkeypatch.setattr(fni, "EXACT_SUBSET_MAX", 10)
+    monkeypatch.setattr(search, "EXACT_SUBSET_MAX", 10)
     n, d = 12_000, 32
     x, q = tight(n, d, seed=5), tight(50, d, seed=6)
     big_ids = [str(i) for i in range(n)]
@@ -562,7 +562,7 @@ def test_switch_existing_store_to_ivfpq_and_back(store):
     (store / "meta.json").write_text(json.dumps(meta))
     ix = EmbeddingIndex.open_or_create(store, d, {"model_key": "m"}, index_type="ivfpq")
     _, got = ix.search(x[:20], 5)
-    assert ix.meta["built_index_type"] == "ivfpq" and ix._faiss_cpu.code_size == d // 8
+    assert ix.meta["built_index_type"] == "ivfpq" and ix._structure.cpu.code_size == d // 8
     assert recall_at_k(brute(x, ids, x[:20], 5)[1], got) >= 0.95
     ix.save()
     assert json.loads((store / "meta.json").read_text())["index_type"] == "ivfpq"
@@ -581,12 +581,12 @@ def test_pq_m_is_validated_and_rebuilds(store):
     assert ix.meta["pq_m"] == 2 and ix.meta["refine_factor"] >= 1
     ix.add([str(i) for i in range(len(x))], x)
     ix.search(x[:1], 1)
-    assert ix._faiss_cpu.code_size == 2
+    assert ix._structure.cpu.code_size == 2
     with pytest.raises(InvalidInputError, match="pq_m"):
         ix.update_meta({"pq_m": 7})
     ix.update_meta({"pq_m": 4})
     ix.search(x[:1], 1)
-    assert ix._faiss_cpu.code_size == 4
+    assert ix._structure.cpu.code_size == 4
 
 
 def test_stale_faiss_file_of_another_type_is_rebuilt(store):
@@ -599,7 +599,7 @@ def test_stale_faiss_file_of_another_type_is_rebuilt(store):
     meta.update(index_type="ivfpq", built_index_type="ivfpq")  # file still holds an IVFFlat
     (store / "meta.json").write_text(json.dumps(meta))
     re = EmbeddingIndex.open(store)
-    assert re._faiss_cpu is None
+    assert re._structure is None
     re.search(x[:2], 3)
     assert re.meta["built_index_type"] == "ivfpq"
 
@@ -617,10 +617,10 @@ def test_rerank_exact_pads_missing_candidates():
 
 
 def test_large_vector_files_are_memory_mapped_copy_on_write(store, monkeypatch):
-    import fiftyone_nola.core.index as fni
+    from fiftyone_nola.core.index import format as fmt
 
-    monkeypatch.setattr(fni, "MMAP_MIN_BYTES", 1)
-    monkeypatch.setattr(fni, "_BLOCK_ROWS", 7)  # the finite check reads the file in blocks
+    monkeypatch.setattr(fmt, "MMAP_MIN_BYTES", 1)
+    monkeypatch.setattr(fmt, "_BLOCK_ROWS", 7)  # the finite check reads the file in blocks
     ids, v = data(100, 8)
     ix = EmbeddingIndex.create(store, 8, {})
     ix.add(ids, v)
@@ -645,10 +645,10 @@ def test_large_vector_files_are_memory_mapped_copy_on_write(store, monkeypatch):
 
 
 def test_memory_mapped_corruption_is_detected(store, monkeypatch):
-    import fiftyone_nola.core.index as fni
+    from fiftyone_nola.core.index import format as fmt
 
-    monkeypatch.setattr(fni, "MMAP_MIN_BYTES", 1)
-    monkeypatch.setattr(fni, "_BLOCK_ROWS", 7)
+    monkeypatch.setattr(fmt, "MMAP_MIN_BYTES", 1)
+    monkeypatch.setattr(fmt, "_BLOCK_ROWS", 7)
     _corrupt_store(store)
     (vf,) = store.glob("vectors-*.npy")
     arr = np.load(vf)

@@ -1,13 +1,15 @@
-"""Exact inner-product top-k over a float32 matrix: blocked BLAS matmul + threshold selection.
+"""Search over a store's unit vectors: the exact top-k of flat stores and the helpers every
+store search shares (query checks, exact re-ranking, recall).
 
-Pure numpy, so it moves with the vectors it searches (in RAM or memory-mapped). This is the
-search of ``flat`` stores on CPUs, in place of ``faiss.IndexFlatIP``, which is 2-4x slower
-there with faiss-cpu 1.15: a batch takes faiss's BLAS path only from
-``distance_compute_blas_threshold`` (128000) / dim queries on (250 at 512-d); below that each
-query scans the whole matrix on its own (memory traffic x nq), and a single query gains nothing
-from a second OpenMP thread, while numpy's sgemv splits it over the cores. Here a batch reads
-each row block once per chunk of queries, by one BLAS call, and a single query is scanned by a
-few threads taking chunks of rows as they go (see SCAN_THREADS).
+Exact top-k is an inner-product scan by blocked BLAS matmul + threshold selection. Pure numpy,
+so it moves with the vectors it searches (in RAM or memory-mapped). It is the search of ``flat``
+stores on CPUs, in place of ``faiss.IndexFlatIP``, which is 2-4x slower there with faiss-cpu
+1.15: a batch takes faiss's BLAS path only from ``distance_compute_blas_threshold`` (128000) /
+dim queries on (250 at 512-d); below that each query scans the whole matrix on its own (memory
+traffic x nq), and a single query gains nothing from a second OpenMP thread, while numpy's sgemv
+splits it over the cores. Here a batch reads each row block once per chunk of queries, by one
+BLAS call, and a single query is scanned by a few threads taking chunks of rows as they go (see
+SCAN_THREADS).
 
 Selection is cheap next to the matmul: each query's k-th best score so far (at first, that of
 the first few thousand scores) is a threshold; a block's scores are compared with it in one
@@ -19,10 +21,15 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from fiftyone_nola.core.arrays import l2_normalize
+from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError
 
 # Scores of one (query chunk x row block) at most this big: bounds the working memory whatever
 # the number of queries (32 MB: one BLAS call per 8M rows for a single query, per 84k rows
@@ -49,6 +56,11 @@ SCAN_THREADS: Optional[int] = None
 # Rows per chunk: 32 MB of vectors (16384 rows at 512-d; 8 and 128 MB were slower / no faster).
 # Restricted rows are gathered per chunk, at most GATHER_BYTES / 8 at a time.
 SCAN_CHUNK_BYTES = 1 << 25
+
+# A restricted search over at most this many vectors is done exactly in numpy: cheaper than
+# a filtered faiss search and never loses recall to the filter. Larger subsets of ivf/hnsw/ivfpq
+# stores use a faiss IDSelector; flat stores are always searched exactly in numpy.
+EXACT_SUBSET_MAX = 50_000
 
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
@@ -201,3 +213,85 @@ def _merge_block(sc: np.ndarray, base, best_s: np.ndarray, best_i: np.ndarray, s
     best_i.fill(-1)
     best_s[all_q[top], rank[top]] = all_s[top]
     best_i[all_q[top], rank[top]] = all_i[top]
+
+
+def exact_search(
+    vectors: np.ndarray, ids: Sequence[str], q: np.ndarray, k: int, rows: Optional[np.ndarray] = None
+) -> tuple[np.ndarray, list[list[str]]]:
+    """Exact top-k over all ``vectors``, or over the positions ``rows``, as ids; ties go to the
+    lower position."""
+    scores, pos = topk_inner_product(vectors, q, k, rows)
+    return scores, [[ids[j] for j in r] for r in pos]
+
+
+def subset_is_exact(n_rows: int, flat: bool, gpus: int) -> bool:
+    """Whether a search restricted to ``n_rows`` rows is done exactly in numpy."""
+    return n_rows <= EXACT_SUBSET_MAX or bool(gpus) or flat
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """float32 N×D copy with unit-norm rows (a 1-d vector is one row); zero rows stay zero."""
+    return l2_normalize(np.atleast_2d(x))
+
+
+def check_queries(queries: np.ndarray, k: int, dim: int, path: Path) -> tuple[np.ndarray, int]:
+    """Unit-norm float32 queries and an int ``k``; refuses a wrong dim, NaN/inf or ``k <= 0``."""
+    q = normalize_rows(np.asarray(queries, dtype=np.float32))
+    if q.shape[1] != dim:
+        raise IndexMismatchError(
+            f"Query dim {q.shape[1]} does not match the index dim {dim} at {path}."
+        )
+    if not np.isfinite(q).all():
+        raise InvalidInputError("search() got NaN/inf query vectors")
+    k = int(k)
+    if k <= 0:
+        raise InvalidInputError(f"k must be positive, got {k}")
+    return q, k
+
+
+def no_hits(nq: int) -> tuple[np.ndarray, list[list[str]]]:
+    """The result of a search that has no candidate rows."""
+    return np.empty((nq, 0), np.float32), [[] for _ in range(nq)]
+
+
+def rerank_exact(
+    queries: np.ndarray, labels: np.ndarray, vectors: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner products of each query with its candidate rows; the best ``k`` of them.
+
+    ``labels`` (nq×c) are row positions in ``vectors``, -1 for none. Returns scores (nq×k,
+    descending, -inf where a query had fewer candidates) and their labels (-1 there).
+    """
+    nq, c = labels.shape
+    k = min(k, c)
+    scores = np.full((nq, k), -np.inf, dtype=np.float32)
+    out = np.full((nq, k), -1, dtype=np.int64)
+    # One query at a time: only its candidates' rows are gathered (a memory-mapped file is
+    # read nowhere else). einsum, not BLAS: a threaded gemv this small ran 3x slower than a
+    # single-threaded loop on a busy 2-core machine.
+    for i in range(nq):
+        lab = labels[i][labels[i] >= 0]
+        sc = np.einsum("cd,d->c", np.asarray(vectors[lab], dtype=np.float32), queries[i])
+        top = np.argsort(-sc, kind="stable")[:k]
+        scores[i, : len(top)] = sc[top]
+        out[i, : len(top)] = lab[top]
+    return scores, out
+
+
+def recall_at_k(true_ids: Sequence, approx_ids: Sequence) -> float:
+    """Mean over queries of |true ∩ approx| / |true| (k = length of each true row).
+
+    Accepts one query (a list of ids) or many (a list of lists).
+    """
+    if len(true_ids) == 0:
+        return 1.0
+    if isinstance(true_ids[0], str):
+        true_ids, approx_ids = [true_ids], [approx_ids]
+    scores = []
+    for t, a in zip(true_ids, approx_ids):
+        t = list(t)
+        if not t:
+            scores.append(1.0)
+            continue
+        scores.append(len(set(t) & set(list(a)[: len(t)])) / len(t))
+    return float(np.mean(scores))
