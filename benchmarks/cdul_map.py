@@ -15,7 +15,7 @@ the real open_clip ViT-B-32 architecture):
    preprocess, one forward pass of 9 crops, softmax), timed next to the batched call on the
    same subset; also the largest score difference between the two (a correctness check).
 5. **Classifier training** (``multilabel.train_multilabel_classifier`` with the machine's
-   schedule, ``TrainConfig.for_hardware``: on a CPU 30 epochs, labels refined every 3rd epoch
+   schedule, ``device.resolve(TrainConfig())``: on a CPU 30 epochs, labels refined every 3rd epoch
    after 3 warm-up epochs; on the stored CLIP features against the initial soft labels): seconds.
 6. **mAP** (sklearn AP, classes with a positive) of global-only, local (max over crops),
    CDUL initial labels and the trained classifier: only when ``NOLA_PRETRAINED=1`` with weights
@@ -102,6 +102,7 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
     from fiftyone_nola.core import models
     from fiftyone_nola.core import zeroshot as zs
     from fiftyone_nola.core.descriptions import SIMPLE_TEMPLATE, fill_templates, load_class_names
+    from fiftyone_nola.core.device import resolve
     from fiftyone_nola.core.embed import EmbedConfig
     from fiftyone_nola.core.models import ClipSpec
     from fiftyone_nola.stages import fo_io
@@ -177,7 +178,8 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
     max_diff = float(np.nanmax(np.abs(naive_k - local_k)))
     with P.part("aggregate (initial labels)", n):
         y0 = ml.aggregate_scores(g, local, 0.0, "avg")
-    tcfg = ml.TrainConfig.for_hardware("cpu", log=log, epochs=args.train_epochs)
+    tcfg = resolve(ml.TrainConfig(epochs=args.train_epochs), "cpu")
+    log(ml.schedule_message(tcfg))
     train_key = f"classifier training ({tcfg.epochs} epochs)"
     with P.part(train_key, n) as row:
         model, refined, hist = ml.train_multilabel_classifier(emb, y0, tcfg)

@@ -258,7 +258,7 @@ SAVE_CHILD = textwrap.dedent(
             die()
         torch.save = torn_save
     if point == "before-sidecar":
-        ml.write_json_atomic = lambda *a, **k: die()
+        ml.classifier.write_json_atomic = lambda *a, **k: die()
     if kind == "dino":
         dl.save_labeler(path, dl.DinoLabeler(8, 3, hidden=4), ["a", "b", "c"])
     else:

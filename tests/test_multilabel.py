@@ -288,6 +288,7 @@ def test_local_clip_scores_real_images_batched(tiny_clip, coco_files, class_weig
     assert np.abs(s[:, 0] - s[:, 8]).max() > 1e-4
 
 
+@pytest.mark.integration  # reads COCO images in this process (num_workers=0)
 def test_local_clip_scores_bf16_agrees_with_fp32(tiny_clip, coco_files, class_weights):
     files = coco_files[:3]
     fp32, _ = ml.local_clip_scores(tiny_clip, files, class_weights,
@@ -300,6 +301,7 @@ def test_local_clip_scores_bf16_agrees_with_fp32(tiny_clip, coco_files, class_we
     assert (bf16.argmax(-1) == fp32.argmax(-1)).mean() >= 0.8
 
 
+@pytest.mark.integration  # reads COCO images in this process (num_workers=0)
 def test_local_clip_scores_bad_and_tiny_images(tiny_clip, coco_files, class_weights, tmp_path):
     bad = tmp_path / "corrupt.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")

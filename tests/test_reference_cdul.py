@@ -40,6 +40,7 @@ import pytest
 import torch
 
 from fiftyone_nola.core import cdul as ml
+from fiftyone_nola.core.device import resolve
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "cdul_reference.json").read_text())
 CASES = GOLDEN["cases"]
@@ -56,7 +57,7 @@ def test_training_loss_and_its_gradient_match_reference():
     case = CASES["loss_and_label_step"]
     logits = torch.tensor(case["logits"], dtype=torch.float32, requires_grad=True)
     y = torch.tensor(case["labels"], dtype=torch.float32)
-    loss = ml._per_sample_loss(logits, y, "kl").mean()
+    loss = ml.per_sample_loss(logits, y, "kl").mean()
     loss.backward()
     assert loss.item() == pytest.approx(case["loss"], abs=1e-6)
     np.testing.assert_allclose(logits.grad.numpy(), np.array(case["grad_logits"]), atol=1e-6)
@@ -66,7 +67,7 @@ def test_label_gradient_matches_reference():
     case = CASES["loss_and_label_step"]
     logits = torch.tensor(case["logits"], dtype=torch.float64)
     y = torch.tensor(case["labels"], dtype=torch.float64)
-    label_loss = ml._per_sample_label_loss(logits, y, "kl").mean()
+    label_loss = ml.per_sample_label_loss(logits, y, "kl").mean()
     assert label_loss.item() == pytest.approx(case["label_loss"], abs=1e-6)
     # The reference differentiates the batch-mean loss: ours is per sample, so divide by B.
     grad = ml.label_gradient(logits, y, "kl") / case["batch_size"]
@@ -125,7 +126,7 @@ def test_label_update_epochs_match_reference(name):
 
 
 def test_defaults_are_the_reproductions_formulation_and_schedule():
-    cfg = ml.TrainConfig()
+    cfg = resolve(ml.TrainConfig(), torch.device("cuda"))  # a GPU's defaults: the paper's
     assert cfg.loss == "kl"
     assert (cfg.epochs, cfg.update_every, cfg.warmup) == (
         PAPER_CFG["max_epochs"], PAPER_CFG["pseudo_update_frequency"], PAPER_CFG["warmup"])
@@ -135,18 +136,19 @@ def test_defaults_are_the_reproductions_formulation_and_schedule():
     assert PAPER_CFG["optimizer"]["_target_"] == "torch.optim.Adam" and cfg.weight_decay == 0.0
 
 
-def test_hardware_fitted_schedule_is_printed(monkeypatch):
-    lines = []
-    cpu = ml.TrainConfig.for_hardware("cpu", log=lines.append)
+def test_hardware_fitted_schedule_is_described():
+    cpu = resolve(ml.TrainConfig(), "cpu")
     assert (cpu.epochs, cpu.update_every, cpu.warmup) == (30, 3, 3) and cpu.device == "cpu"
-    assert len(cpu.update_epochs()) == len(ml.TrainConfig().update_epochs())  # same shape, shorter
-    assert "cpu" in lines[0] and "30 epochs" in lines[0] and "100/10/10 runs on a GPU" in lines[0]
-    assert ml.TrainConfig.for_hardware("cpu", log=None, epochs=7, warmup=None).epochs == 7
-    monkeypatch.setattr(ml.dev, "resolve_device", lambda d=None: torch.device("cuda"))
-    lines.clear()
-    gpu = ml.TrainConfig.for_hardware(None, log=lines.append)
-    assert (gpu.epochs, gpu.update_every, gpu.warmup) == (100, 10, 10)
-    assert "paper's" in lines[0] and "20, 30, 40, ..., 100" in lines[0]
+    paper = resolve(ml.TrainConfig(), torch.device("cuda"))
+    assert len(cpu.update_epochs()) == len(paper.update_epochs())  # same shape, shorter
+    line = ml.schedule_message(cpu)
+    assert "cpu" in line and "30 epochs" in line and "100/10/10 runs on a GPU" in line
+    assert resolve(ml.TrainConfig(epochs=7), "cpu").epochs == 7
+    assert resolve(ml.TrainConfig(update_every=0, warmup=0), "cpu").update_epochs() == []  # 0 is kept
+    gpu = resolve(ml.TrainConfig(), torch.device("cuda"))
+    assert (gpu.epochs, gpu.update_every, gpu.warmup) == (100, 10, 10) and gpu.device == "cuda"
+    line = ml.schedule_message(gpu)
+    assert "paper's" in line and "20, 30, 40, ..., 100" in line
 
 
 # ------------------------------------------------------------------------------------------
@@ -180,7 +182,7 @@ def test_ranking_score_is_what_the_kl_loss_determines():
     shifted = _shifted(model, 3.0 * rng.normal(size=6).astype(np.float32), 1.5)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     with torch.no_grad():
-        l1, l2 = ml._per_sample_loss(model(xt), yt, "kl"), ml._per_sample_loss(shifted(xt), yt, "kl")
+        l1, l2 = ml.per_sample_loss(model(xt), yt, "kl"), ml.per_sample_loss(shifted(xt), yt, "kl")
     np.testing.assert_allclose(l1.numpy(), l2.numpy(), atol=1e-5)  # same loss: same training signal
     s1, s2 = ml.predict_multilabel(model, x), ml.predict_multilabel(shifted, x)
     np.testing.assert_allclose(s1, s2, atol=1e-6)

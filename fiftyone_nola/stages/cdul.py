@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from fiftyone_nola.core.classes import ClassesArg, resolve_classes
-from fiftyone_nola.core.device import resolve_device
+from fiftyone_nola.core.device import resolve, resolve_device
 from fiftyone_nola.core.embed import EmbedConfig
 from fiftyone_nola.core.models import ClipSpec, DinoSpec, load_clip, spec_key
 from fiftyone_nola.core.progress import ProgressFn, StageTimer, null_progress
@@ -141,11 +141,14 @@ def multilabel_pseudo_labels(
 
 
 def classifier_config(config: MultiLabelConfig, log: Optional[Log] = print):
-    """The head's ``TrainConfig``: the machine's schedule, with the config's explicit values."""
+    """The head's ``TrainConfig``: the config's explicit values, the rest fitted to the machine."""
     from fiftyone_nola.core import cdul as ml
 
-    return ml.TrainConfig.for_hardware(config.device, log=log, epochs=config.train_epochs,
-                                       update_every=config.label_update_every, warmup=config.label_warmup)
+    tcfg = resolve(ml.TrainConfig(epochs=config.train_epochs, update_every=config.label_update_every,
+                                  warmup=config.label_warmup), config.device)
+    if log:
+        log(ml.schedule_message(tcfg))
+    return tcfg
 
 
 def train_multilabel(
