@@ -44,7 +44,7 @@ def cfg(tmp_path, host, **kw):
 
 
 def warning_records(caplog):
-    return [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == dsc.__name__]
+    return [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith(dsc.__name__)]
 
 
 # --------------------------------------------------------------------------- the stand-in itself
@@ -303,6 +303,7 @@ def test_cifar10_texts_are_the_official_ones(tmp_path):
 # --------------------------------------------------------------------------- import / export
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not (CIFAR_DIR / "descriptions.json").is_file(), reason="CIFAR data not found")
 def test_load_real_cifar_descriptions():
     path = CIFAR_DIR / "descriptions.json"
@@ -482,7 +483,7 @@ def minilm():
     path = dsc.minilm_model_path()
     model = dsc.load_sentence_model()
     if model is None:
-        pytest.skip(f"MiniLM could not load offline from {path}: {dsc._minilm.get('error')}")
+        pytest.skip(f"MiniLM could not load offline from {path}: {dsc.cleaning._minilm.get('error')}")
     return model
 
 
@@ -513,7 +514,7 @@ def test_near_duplicates_removed_with_minilm(minilm, tmp_path, standin):
 
 
 def test_minilm_unavailable_skips_with_warning(monkeypatch, caplog):
-    monkeypatch.setattr(dsc, "_minilm", {})
+    monkeypatch.setattr(dsc.cleaning, "_minilm", {})
     monkeypatch.setenv("NOLA_MINILM_PATH", "/nonexistent/minilm")
     warnings: list[str] = []
     texts = ["A cat is a small furry animal.", "A cat is a small, furry animal", "a cat is a small furry animal"]
