@@ -55,6 +55,7 @@ def test_register_is_idempotent():
     assert "sklearn" in fob.brain_config.similarity_backends
 
 
+@pytest.mark.integration  # reads CIFAR images
 def test_compute_sort_and_reload(ds_emb):
     ds, emb, ids = ds_emb
     register_faiss_backend()
@@ -99,6 +100,7 @@ def test_compute_sort_and_reload(ds_emb):
     assert not path.exists()
 
 
+@pytest.mark.integration  # reads CIFAR images
 def test_add_remove_get(ds_emb):
     ds, emb, ids = ds_emb
     key = _key()
@@ -133,6 +135,7 @@ def test_add_remove_get(ds_emb):
     assert EmbeddingIndex.open(loaded.config.index_path).has(ids[:3]).tolist() == [False, False, True]
 
 
+@pytest.mark.integration  # reads CIFAR images
 def test_existing_index_is_reused_not_reembedded(ds_emb, tmp_path):
     ds, emb, ids = ds_emb
     path = tmp_path / "stage-index"
@@ -180,6 +183,7 @@ class _Prompts:
         self.model = M()
 
 
+@pytest.mark.integration  # reads CIFAR images
 def test_text_query_with_prompt_model(ds_emb):
     ds, emb, ids = ds_emb
     t = np.random.default_rng(2).normal(size=DIM).astype(np.float32)
@@ -192,6 +196,7 @@ def test_text_query_with_prompt_model(ds_emb):
     assert res.sort_by_similarity("a cat", k=4).values("id") == nearest(emb, ids, t, 4)
 
 
+@pytest.mark.integration  # reads CIFAR images
 def test_text_query_with_nola_clip(ds_emb, tiny_clip, tmp_path):
     import torch
 
@@ -220,6 +225,7 @@ def test_text_query_with_nola_clip(ds_emb, tiny_clip, tmp_path):
         compute_faiss_similarity(ds, tmp_path / "bad", _key(), model=tiny_clip)
 
 
+@pytest.mark.integration  # reads CIFAR images
 def test_duplicates(ds_emb):
     ds, emb, ids = ds_emb
     emb = emb.copy()
@@ -230,6 +236,7 @@ def test_duplicates(ds_emb):
     assert res.neighbors_map
 
 
+@pytest.mark.integration  # reads CIFAR images
 def test_env_var_registration(ds_emb, monkeypatch):
     # The documented environment variables, parsed by a fresh BrainConfig exactly as at import.
     from fiftyone.brain.config import BrainConfig

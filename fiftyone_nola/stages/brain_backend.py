@@ -26,24 +26,25 @@ its brain run.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import eta.core.utils as etau
 import faiss
 import fiftyone.brain as fob
 import fiftyone.brain.internal.core.utils as fbu
-import fiftyone.core.models as fom
 import numpy as np
 from fiftyone.brain.similarity import DuplicatesMixin, Similarity, SimilarityConfig, SimilarityIndex
 
 from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError
 from fiftyone_nola.core.index import INDEX_TYPES, META_FILE, EmbeddingIndex, destroy, normalize_rows
+from fiftyone_nola.core.models import ClipSpec, LoadedModel, load_clip, spec_key
 from fiftyone_nola.core.storage import dataset_dir
+from fiftyone_nola.stages.brain_neighbors import radius_neighbors, view_kneighbors
+from fiftyone_nola.stages.brain_prompts import NolaClipPromptModel, prompt_model_options
 
 logger = logging.getLogger(__name__)
 
@@ -153,55 +154,6 @@ def _delete_owned(config) -> None:
         path = Path(config.index_path)
         destroy(path)
         shutil.rmtree(path, ignore_errors=True)
-
-
-class NolaClipPromptModel(fom.Model, fom.PromptMixin):
-    """Text-prompt encoder over a loaded fiftyone_nola CLIP, for prompt queries."""
-
-    def __init__(self, loaded):
-        if getattr(loaded, "tokenizer", None) is None:
-            raise InvalidInputError("Text queries need a CLIP model (it has a tokenizer); got a DINO model")
-        self.loaded = loaded
-
-    @property
-    def media_type(self):
-        return "image"
-
-    @property
-    def ragged_batches(self):
-        return False
-
-    @property
-    def transforms(self):
-        return None
-
-    @property
-    def preprocess(self):
-        return False
-
-    @preprocess.setter
-    def preprocess(self, value):
-        pass
-
-    @property
-    def can_embed_prompts(self):
-        return True
-
-    def predict(self, arg):
-        raise NotImplementedError("NolaClipPromptModel only embeds text prompts")
-
-    def embed_prompt(self, arg):
-        return self.embed_prompts([arg])[0]
-
-    def embed_prompts(self, args):
-        import torch
-
-        model = self.loaded.model
-        device = next(model.parameters()).device
-        tokens = self.loaded.tokenizer(list(args)).to(device)
-        with torch.inference_mode():
-            out = model.encode_text(tokens).float().cpu().numpy()
-        return normalize_rows(out)
 
 
 def _check_missing(sample_ids, found, allow_missing: bool, warn_missing: bool) -> None:
@@ -421,8 +373,6 @@ class FaissSimilarityIndex(SimilarityIndex, DuplicatesMixin):
 
     def get_model(self):
         if self._model is None and self.config.clip_spec is not None:
-            from fiftyone_nola.core.models import ClipSpec, load_clip
-
             self._model = NolaClipPromptModel(load_clip(ClipSpec(**self.config.clip_spec)))
         return super().get_model()
 
@@ -489,18 +439,7 @@ class FaissSimilarityIndex(SimilarityIndex, DuplicatesMixin):
     def _full_kneighbors(self, k, return_dists):
         # Exact neighbours of every point in the current view, excluding itself.
         v = self._view_vectors() if self._index is not None else np.empty((0, 1), np.float32)
-        n = len(v)
-        inds, dists = [], []
-        if n:
-            flat = faiss.IndexFlatIP(v.shape[1])
-            flat.add(v)
-            kk = min(k + 1, n)
-            sims, labels = flat.search(v, kk)
-            for row, (s, lab) in enumerate(zip(sims, labels)):
-                keep = lab != row
-                s, lab = s[keep][:k], lab[keep][:k]
-                inds.append(lab.astype(int))
-                dists.append(1.0 - s.astype(float))
+        inds, dists = view_kneighbors(v, k)
         return (inds, dists) if return_dists else inds
 
     def _radius_neighbors(self, query=None, thresh=None, return_dists=False):
@@ -511,50 +450,17 @@ class FaissSimilarityIndex(SimilarityIndex, DuplicatesMixin):
                 return ([], []) if return_dists else []
             return ([], None, []) if return_dists else ([], None)
         v = self._view_vectors()
-        flat = faiss.IndexFlatIP(v.shape[1])
-        flat.add(v)
-        full = query is None
-        if full:
-            q, single = v, False
-        else:
-            q, single = self._parse_neighbors_query(query)
-            q = normalize_rows(q)
-        # cosine distance <= thresh  <=>  similarity >= 1 - thresh
-        lims, sims, labels = flat.range_search(np.ascontiguousarray(q, np.float32), 1.0 - thresh - 1e-6)
-        inds, dists = [], []
-        for row in range(len(q)):
-            lab = labels[lims[row] : lims[row + 1]]
-            s = sims[lims[row] : lims[row + 1]]
-            if full:
-                keep = lab != row
-                lab, s = lab[keep], s[keep]
-            order = np.argsort(-s, kind="stable")
-            inds.append(lab[order].astype(int))
-            dists.append(1.0 - s[order].astype(float))
-        if full:
+        if query is None:
+            inds, dists = radius_neighbors(v, v, thresh, exclude_self=True)
             return (inds, dists) if return_dists else inds
+        q, single = self._parse_neighbors_query(query)
+        inds, dists = radius_neighbors(v, normalize_rows(q), thresh, exclude_self=False)
         cur = self.current_sample_ids
         ids = [[str(cur[i]) for i in r] for r in inds]
         dl = [list(d) for d in dists]
         if single:
             ids, dl = ids[0], dl[0]
         return (ids, None, dl) if return_dists else (ids, None)
-
-
-def _model_options(model: Any) -> tuple[dict, Any]:
-    """``(config kwargs, in-session model)`` for compute_faiss_similarity's ``model``."""
-    from fiftyone_nola.core.models import ClipSpec, LoadedModel
-
-    if model is None:
-        return {}, None
-    if isinstance(model, ClipSpec):
-        return {"clip_spec": dataclasses.asdict(model)}, None
-    if isinstance(model, LoadedModel):
-        if model.family != "clip":
-            return {}, None  # DINO has no text tower: no prompt queries
-        opts = {"clip_spec": dataclasses.asdict(model.spec)} if isinstance(model.spec, ClipSpec) else {}
-        return opts, NolaClipPromptModel(model)
-    return {"model": model}, None
 
 
 def compute_faiss_similarity(samples, index_path, brain_key, model=None, index_type=None, **kwargs):
@@ -564,8 +470,6 @@ def compute_faiss_similarity(samples, index_path, brain_key, model=None, index_t
     CLIP (:class:`~fiftyone_nola.core.models.LoadedModel`), a FiftyOne zoo model name or a FiftyOne
     model that can embed prompts. Index ids must be sample ids of ``samples``' dataset.
     """
-    from fiftyone_nola.core.models import ClipSpec, LoadedModel, spec_key
-
     ix = EmbeddingIndex.open(index_path)
     dataset_ids = set(samples._root_dataset.values("id"))
     if len(ix) and not any(s in dataset_ids for s in ix.ids[:1000]):
@@ -579,7 +483,7 @@ def compute_faiss_similarity(samples, index_path, brain_key, model=None, index_t
             f"The index at {index_path} was built with model {ix.meta['model_key']!r}, not "
             f"{spec_key(spec)!r}: text queries would be meaningless. Pass the index's model."
         )
-    opts, session_model = _model_options(model)
+    opts, session_model = prompt_model_options(model)
     results = fob.compute_similarity(
         samples,
         embeddings=False,
