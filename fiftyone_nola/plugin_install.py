@@ -34,11 +34,14 @@ def plugin_source() -> Path:
 
 
 def plugin_name(source: Path) -> str:
+    """The plugin's name as its ``fiftyone.yml`` declares it (``@fiftyone-nola/nola``)."""
     return yaml.safe_load((source / "fiftyone.yml").read_text())["name"]
 
 
 @dataclass
 class InstallResult:
+    """Where the plugin now is, what it points to or was copied from, and what was done."""
+
     target: Path
     source: Path
     action: str  # "linked", "copied", "unchanged"
