@@ -158,7 +158,8 @@ def tune(
             random.setstate(py_state)
 
 
-def _check_inputs(filepaths: list, teacher_labels, W: np.ndarray, classes, online) -> tuple[list, Optional[np.ndarray]]:
+def _check_inputs(filepaths: list, teacher_labels, W: np.ndarray, classes,
+                  online: Optional[OnlineTeacher]) -> tuple[list, Optional[np.ndarray]]:
     """``(class names, teacher labels or None)``, checked against the images and weights."""
     if W.ndim != 2 or W.shape[0] < 1:
         raise InvalidInputError(f"class_weights must be a C×D matrix, got shape {W.shape}")
