@@ -78,14 +78,18 @@ class VectorRows:
     def __contains__(self, sample_id) -> bool:
         return sample_id in self._pos
 
+    def _lookup(self, ids: Iterable[str]) -> tuple[list[int], np.ndarray]:
+        """Rows of the ids that exist (in the given order) and the boolean mask of found."""
+        ids = [str(i) for i in ids]
+        found = np.array([i in self._pos for i in ids], dtype=bool)
+        return [self._pos[i] for i, f in zip(ids, found) if f], found
+
     def has(self, ids: Iterable[str]) -> np.ndarray:
         return np.array([str(i) in self._pos for i in ids], dtype=bool)
 
     def get(self, ids: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(vectors of the ids that exist, in the given order; boolean mask of found)``."""
-        ids = [str(i) for i in ids]
-        found = np.array([i in self._pos for i in ids], dtype=bool)
-        rows = [self._pos[i] for i, f in zip(ids, found) if f]
+        rows, found = self._lookup(ids)
         return self._vecs[rows].copy() if rows else np.empty((0, self._dim), np.float32), found
 
     def get_raw(self, ids: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -94,9 +98,7 @@ class VectorRows:
         Raises :class:`IndexMismatchError` if a requested row has no stored norm (added by a
         version that kept only unit vectors): re-embed those samples.
         """
-        ids = [str(i) for i in ids]
-        found = np.array([i in self._pos for i in ids], dtype=bool)
-        rows = [self._pos[i] for i, f in zip(ids, found) if f]
+        rows, found = self._lookup(ids)
         if not rows:
             return np.empty((0, self._dim), np.float32), found
         norms = self._norms[rows]
