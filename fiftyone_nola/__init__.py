@@ -56,6 +56,7 @@ _LAZY = {
     "tune_prompts_distributed": "stages.tuning_ddp",
     "predict": "stages.nola",
     "load_model": "stages.fo_models",
+    "load_multilabel_model": "stages.fo_cdul_model",
     # CDUL stages
     "multilabel_pseudo_labels": "stages.cdul",
     "train_multilabel": "stages.cdul",

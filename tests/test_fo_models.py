@@ -102,3 +102,41 @@ def test_another_clip_or_class_list_is_refused(model_dir, tmp_path):
         fiftyone_nola.load_model(other, clip=tiny_clip_spec(), device="cpu")
     with pytest.raises(InvalidInputError, match="no tuned model"):
         fiftyone_nola.load_model(tmp_path, clip=tiny_clip_spec(), device="cpu")
+
+
+def test_cdul_head_as_a_fiftyone_model(images, tmp_path):
+    from fiftyone_nola.core import cdul as ml
+    from fiftyone_nola.core.embed import EmbedConfig
+    from fiftyone_nola.core.models import tiny_dino_spec
+    from fiftyone_nola.stages.cdul import MultiLabelConfig
+
+    embed = EmbedConfig(batch_size=8, num_workers=0, device="cpu")
+    fiftyone_nola.compute_embeddings(images, "clip", tiny_clip_spec(), None, embed)
+    _, feats = fiftyone_nola.load_embeddings(images, tiny_clip_spec())  # what the stage trains on
+    torch.manual_seed(0)
+    head = ml.MultiLabelHead(feats.shape[1], len(CLASSES))
+    with torch.no_grad():
+        head.net.weight.mul_(20)
+    path = tmp_path / "classifier.pt"
+    ml.save_classifier(path, head, CLASSES)
+    cfg = MultiLabelConfig(clip=tiny_clip_spec(), embed=embed, device="cpu", max_labels=3)
+    scores = ml.predict_multilabel(head, feats)
+    positives = ml.decide_labels(scores, cfg.rule, ratio=cfg.ratio, max_labels=cfg.max_labels)
+
+    model = fiftyone_nola.load_multilabel_model(path, cfg)
+    images.apply_model(model, "cdul_fo", batch_size=8, num_workers=0)
+    got = images.values("cdul_fo")
+    for row, pos, labels in zip(scores, positives, got):
+        want = [CLASSES[i] for i in np.argsort(-row) if pos[i]]
+        assert [c.label for c in labels.classifications] == want
+        np.testing.assert_allclose([c.confidence for c in labels.classifications],
+                                   sorted(row[pos], reverse=True), atol=1e-5)
+    assert len({len(x.classifications) for x in got}) > 1  # label sets of several sizes
+    np.testing.assert_allclose(images.compute_embeddings(model, batch_size=8, num_workers=0), feats,
+                               atol=1e-5)
+
+    with pytest.raises(IndexMismatchError, match="classes"):
+        fiftyone_nola.load_multilabel_model(path, cfg, classes=CLASSES[::-1])
+    with pytest.raises(IndexMismatchError, match="features"):
+        fiftyone_nola.load_multilabel_model(path, MultiLabelConfig(clip=tiny_clip_spec(), dino=tiny_dino_spec(),
+                                                                    device="cpu"))

@@ -208,20 +208,20 @@ def write_classifications(
 
     Rows with NaN (no embedding, unreadable image) are written as None. Returns rows written.
     """
-    fo = _fo()
     probs = np.asarray(probs, dtype=np.float32)
+    return _write_in_chunks(samples, ids, field,
+                            lambda j: classification_label(classes, probs[j], store_logits))
 
-    def label(j):
-        row = probs[j]
-        if not np.all(np.isfinite(row)):
-            return None
-        k = int(np.argmax(row))
-        c = fo.Classification(label=classes[k], confidence=float(row[k]))
-        if store_logits:
-            c.logits = np.log(np.clip(row, 1e-12, 1.0))
-        return c
 
-    return _write_in_chunks(samples, ids, field, label)
+def classification_label(classes: Sequence[str], row: np.ndarray, store_logits: bool = False):
+    """The argmax ``fo.Classification`` of one probability row; None if the row is not finite."""
+    if not np.all(np.isfinite(row)):
+        return None
+    k = int(np.argmax(row))
+    c = _fo().Classification(label=classes[k], confidence=float(row[k]))
+    if store_logits:
+        c.logits = np.log(np.clip(row, 1e-12, 1.0))
+    return c
 
 
 def write_multilabel(
@@ -233,20 +233,22 @@ def write_multilabel(
     field: str,
 ) -> int:
     """Write ``fo.Classifications`` of the positive classes of each row, with their scores."""
-    fo = _fo()
     scores = np.asarray(scores)
     positives = np.asarray(positives, dtype=bool)
+    return _write_in_chunks(samples, ids, field,
+                            lambda j: multilabel_labels(classes, scores[j], positives[j]))
 
-    def labels(j):
-        row, pos = scores[j], positives[j]
-        if not np.all(np.isfinite(row)):
-            return None
-        order = np.argsort(-row)
-        return fo.Classifications(classifications=[
-            fo.Classification(label=classes[i], confidence=float(row[i])) for i in order if pos[i]
-        ])
 
-    return _write_in_chunks(samples, ids, field, labels)
+def multilabel_labels(classes: Sequence[str], row: np.ndarray, positives: np.ndarray):
+    """``fo.Classifications`` of the positive classes of one score row, best first; None if the
+    row is not finite."""
+    if not np.all(np.isfinite(row)):
+        return None
+    fo = _fo()
+    return fo.Classifications(classifications=[
+        fo.Classification(label=classes[i], confidence=float(row[i]))
+        for i in np.argsort(-row) if positives[i]
+    ])
 
 
 def read_single_labels(samples, field: str, ids: Sequence[str]) -> list[Optional[str]]:

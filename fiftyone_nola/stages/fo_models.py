@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-import fiftyone.core.labels as fol
 import fiftyone.core.models as fom
 import fiftyone.utils.torch as fout
 import numpy as np
@@ -29,6 +28,7 @@ from fiftyone_nola.core.device import resolve_device
 from fiftyone_nola.core.errors import InvalidInputError
 from fiftyone_nola.core.models import ClipSpec, load_clip
 from fiftyone_nola.core.progress import ProgressFn, null_progress
+from fiftyone_nola.stages import fo_io
 
 
 class _LoadImage(fout.GetItem):
@@ -55,25 +55,14 @@ def _collate(batch):
     return torch.stack([x for x, _ in batch]), torch.tensor([ok for _, ok in batch])
 
 
-class NolaTunedModel(fom.Model, fom.EmbeddingsMixin, fom.LogitsMixin, fom.TorchModelMixin,
-                     fom.SupportsGetItem):
-    """A saved prompt-tuned CLIP classifier (``Classification`` per image, with embeddings).
+class NolaModel(fom.Model, fom.EmbeddingsMixin, fom.TorchModelMixin, fom.SupportsGetItem):
+    """What every fiftyone-nola FiftyOne model shares: images in through our own loader
+    (:meth:`build_get_item`), embeddings out, on ``device``."""
 
-    ``tuned`` is the :class:`~fiftyone_nola.core.prompt_tuning.PromptedClassifier`; ``classes``
-    its class list, ``model_dir`` where it was loaded from.
-    """
-
-    def __init__(self, tuned, model_dir: Path, device: torch.device):
-        fom.LogitsMixin.__init__(self)
-        self.tuned = tuned.to(device).eval()
-        self.model_dir = Path(model_dir)
-        self.classes = list(tuned.classes)
+    def __init__(self, device: torch.device, transform=None):
         self.device = device
-        self._transform = pt.weak_transform(tuned.image_size, tuned.mean, tuned.std)
+        self._transform = transform
         self._preprocess = True
-        self._last_features: Optional[np.ndarray] = None
-
-    # --------------------------------------------------------------- fom.Model properties
 
     @property
     def media_type(self):
@@ -100,20 +89,41 @@ class NolaTunedModel(fom.Model, fom.EmbeddingsMixin, fom.LogitsMixin, fom.TorchM
         return True
 
     @property
-    def has_logits(self):
-        return True  # log-probabilities, as fo_io.write_classifications(store_logits=True) stores them
-
-    @property
     def has_collate_fn(self):
         return True
-
-    @staticmethod
-    def collate_fn(batch):
-        return _collate(batch)
 
     @property
     def _using_gpu(self):
         return self.device.type == "cuda"
+
+    def predict(self, arg):
+        return self.predict_all([arg])[0]
+
+    def embed(self, arg):
+        return self.embed_all([arg])[0]
+
+
+class NolaTunedModel(NolaModel, fom.LogitsMixin):
+    """A saved prompt-tuned CLIP classifier (``Classification`` per image, with embeddings).
+
+    ``tuned`` is the :class:`~fiftyone_nola.core.prompt_tuning.PromptedClassifier`; ``classes``
+    its class list, ``model_dir`` where it was loaded from.
+    """
+
+    def __init__(self, tuned, model_dir: Path, device: torch.device):
+        NolaModel.__init__(self, device, pt.weak_transform(tuned.image_size, tuned.mean, tuned.std))
+        fom.LogitsMixin.__init__(self)
+        self.tuned = tuned.to(device).eval()
+        self.model_dir = Path(model_dir)
+        self.classes = list(tuned.classes)
+
+    @property
+    def has_logits(self):
+        return True  # log-probabilities, as fo_io.write_classifications(store_logits=True) stores them
+
+    @staticmethod
+    def collate_fn(batch):
+        return _collate(batch)
 
     def build_get_item(self, field_mapping=None):
         return _LoadImage(self._transform, self.tuned.image_size, field_mapping=field_mapping)
@@ -140,24 +150,9 @@ class NolaTunedModel(fom.Model, fom.EmbeddingsMixin, fom.LogitsMixin, fom.TorchM
         feats[~ok], probs[~ok] = np.nan, np.nan
         return feats, probs, ok
 
-    def _label(self, row: np.ndarray, ok: bool) -> Optional[fol.Classification]:
-        if not ok:
-            return None
-        k = int(np.argmax(row))
-        c = fol.Classification(label=self.classes[k], confidence=float(row[k]))
-        if self.store_logits:
-            c.logits = np.log(np.clip(row, 1e-12, 1.0))
-        return c
-
-    def predict(self, arg):
-        return self.predict_all([arg])[0]
-
     def predict_all(self, args):
-        _, probs, ok = self._forward(args)
-        return [self._label(row, good) for row, good in zip(probs, ok)]
-
-    def embed(self, arg):
-        return self.embed_all([arg])[0]
+        _, probs, _ = self._forward(args)  # unreadable rows are NaN: no label
+        return [fo_io.classification_label(self.classes, row, self.store_logits) for row in probs]
 
     def embed_all(self, args):
         feats, _, _ = self._forward(args)
