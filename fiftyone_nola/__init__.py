@@ -32,7 +32,7 @@ _LAZY = {
     "AutoLabelConfig": "pipeline",
     "auto_label_multilabel": "stages.cdul",
     "MultiLabelConfig": "stages.cdul",
-    "validate": "stages.validation",
+    "validate": "pipeline",
     # models
     "ClipSpec": "core.models",
     "DinoSpec": "core.models",

@@ -9,19 +9,29 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Optional
 
+from fiftyone_nola import logs
+from fiftyone_nola.core import distributed as dt
+from fiftyone_nola.core.device import hardware_profile, resolve_device
+from fiftyone_nola.core.embed import EmbedConfig
 from fiftyone_nola.core.errors import ModelNotFoundError, NolaError
+from fiftyone_nola.core.models import ClipSpec, DinoSpec, concrete_dino
 from fiftyone_nola.core.progress import print_progress
+from fiftyone_nola.core.prompt_tuning import TuneConfig
+
+# FiftyOne reads FIFTYONE_DATABASE_VALIDATION when imported, and main() sets it: the modules that
+# import FiftyOne (pipeline, stages) are imported by the commands.
 
 
 def _clip_args(p: argparse.ArgumentParser, device_help: str = "cpu, cuda, cuda:1, ... (default: auto)"):
     """CLIP, local weights, random init and device options; returns the group for more."""
     g = p.add_argument_group("models")
-    g.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture (default ViT-B-32)")
-    g.add_argument("--clip-pretrained", default="openai",
-                   help="open_clip pretrained tag or a local checkpoint file (default openai)")
-    g.add_argument("--models-dir", default=None, help="directory of local weights (NOLA_MODELS_DIR)")
+    g.add_argument("--clip-arch", default=None, help=f"open_clip architecture (default {ClipSpec.arch})")
+    g.add_argument("--clip-pretrained", default=None,
+                   help=f"open_clip pretrained tag or a local checkpoint file (default {ClipSpec.pretrained})")
+    g.add_argument("--models-dir", default=None, help="directory of local weights (default: NOLA_MODELS_DIR)")
     g.add_argument("--random-init", action="store_true", default=None,
                    help="randomly initialised models (smoke runs: labels are meaningless)")
     g.add_argument("--device", default=None, help=device_help)
@@ -37,7 +47,7 @@ def _clip_args(p: argparse.ArgumentParser, device_help: str = "cpu, cuda, cuda:1
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = _clip_args(p)
-    g.add_argument("--dino", default="auto",
+    g.add_argument("--dino", default=None,
                    help="timm DINO model name (auto: vit_base_patch16_224.dino on a GPU as in the paper, "
                         "vit_small_patch16_224.dino on a CPU)")
     g.add_argument("--dino-checkpoint", default=None, help="local DINO weights file")
@@ -76,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classes the descriptions file lacks get CLIP template descriptions (else an error)")
     p.add_argument("--max-descriptions", type=int, default=None,
                    help="use at most N descriptions per class (default: all)")
-    p.add_argument("--templates", default="auto", metavar="SET|FILE",
+    p.add_argument("--templates", default=None, metavar="SET|FILE",
                    help="template set added to the descriptions: auto (the official code's choice: cifar10 "
                         "for CIFAR-10's classes, else imagenet), a preset (cifar10, cifar100, imagenet, "
                         "imagenet80, satellite, textures, flowers, pets, cars, sun397, ucf101, simple, none) "
@@ -84,10 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-templates", action="store_true",
                    help="class embeddings from descriptions only (same as --templates none)")
     p.add_argument("--use-llm", action="store_true", help="write descriptions with a local LLM (Ollama)")
-    p.add_argument("--llm-model", default="llama3.2")
+    p.add_argument("--llm-model", default=None, help="Ollama model (default: the library's)")
     p.add_argument("--ollama-host", default=None)
     p.add_argument("--epochs", type=int, default=None, help="prompt-tuning epochs (default: fit hardware)")
-    p.add_argument("--tune-max-samples", type=int, default=-1,
+    p.add_argument("--tune-max-samples", type=int, default=None,
                    help="prompt-tune on at most N samples (default: fit hardware; 0 = all)")
     p.add_argument("--no-tune", action="store_true", help="stop after the DINO labeller")
     p.add_argument("--force", action="store_true", help="recompute stages even if up to date")
@@ -98,14 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--descriptions", default=None)
     p.add_argument("--allow-template-fallback", action="store_true",
                    help="classes the descriptions file lacks get CLIP template descriptions (else an error)")
-    p.add_argument("--grid", type=int, default=3)
+    p.add_argument("--grid", type=int, default=None, help="crop grid n x n (default: the library's)")
 
     p = sub.add_parser("embed", help="compute CLIP and/or DINO embeddings into FAISS indexes")
     _data_args(p)
     _model_args(p)
     p.add_argument("--family", choices=["clip", "dino", "both"], default="both")
     p.add_argument("--exact-decode", action="store_true", help="no JPEG draft decoding")
-    p.add_argument("--index-type", default="flat",
+    p.add_argument("--index-type", default=None,
                    help="flat (exact), ivf, hnsw or ivfpq (compressed, for millions of images)")
     p.add_argument("--ray", metavar="ADDRESS", nargs="?", const="", default=None,
                    help="embed on a Ray cluster (its address, e.g. HEAD:6379; none: RAY_ADDRESS or a "
@@ -119,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="default: fit hardware")
     p.add_argument("--batch-size", type=int, default=None,
                    help="global batch, split over torchrun processes (default: fit hardware)")
-    p.add_argument("--tune-max-samples", type=int, default=-1,
+    p.add_argument("--tune-max-samples", type=int, default=None,
                    help="tune on at most N samples (default: fit hardware; 0 = all)")
     p.add_argument("--workers", type=int, default=None, help="loader workers per process")
     p.add_argument("--no-predict", action="store_true", help="only tune and save the model")
@@ -190,37 +200,29 @@ def _checked(args, report) -> bool:
     return False
 
 
-def _clip_spec(args):
-    """The ClipSpec of the CLIP options (and NOLA_MODELS_DIR from --models-dir)."""
-    from fiftyone_nola.core.models import ClipSpec
-
-    if args.models_dir:
-        os.environ["NOLA_MODELS_DIR"] = args.models_dir
-    return ClipSpec(arch=args.clip_arch, pretrained=args.clip_pretrained,
-                    random_init=_random_init(args))
+def given(cls, **values):
+    """``cls`` built from the values the user gave: None is "not given", the field's default stays."""
+    return cls(**{k: v for k, v in values.items() if v is not None})
 
 
-def _random_init(args) -> bool:
-    from fiftyone_nola.core.models import random_init_default
-
-    return args.random_init if args.random_init is not None else random_init_default()
+def _clip_spec(args) -> ClipSpec:
+    """The ClipSpec of the CLIP options."""
+    return given(ClipSpec, arch=args.clip_arch, pretrained=args.clip_pretrained,
+                 random_init=args.random_init, models_dir=args.models_dir)
 
 
 def _specs(args):
-    from fiftyone_nola.core.models import DinoSpec, concrete_dino
-
     clip = _clip_spec(args)
-    dino = concrete_dino(DinoSpec(name=args.dino, checkpoint=args.dino_checkpoint,
-                                  random_init=_random_init(args)))
-    if args.dino == "auto":
+    dino = given(DinoSpec, name=args.dino, checkpoint=args.dino_checkpoint, random_init=args.random_init,
+                 models_dir=args.models_dir)
+    if dino.name == "auto":
+        dino = concrete_dino(dino)
         _log(f"[models] DINO for this machine: {dino.name} (override with --dino)")
     return clip, dino
 
 
 def _check_weights(clip, dino, fallback: bool):
     """Resolve weights before any long work; optionally fall back to random init, loudly."""
-    from dataclasses import replace
-
     from fiftyone_nola.stages.validation import _weights as weights_available
 
     missing = [(s, why) for s in (clip, dino) for ok, why in [weights_available(s)] if not ok]
@@ -258,43 +260,70 @@ def _write_json(path: Optional[str], obj) -> None:
         _log(f"summary written to {path}")
 
 
+def _embed_config(args) -> EmbedConfig:
+    return given(EmbedConfig, batch_size=args.batch_size, num_workers=args.workers,
+                 index_type=getattr(args, "index_type", None))
+
+
+def _tune_config(args) -> TuneConfig:
+    return given(TuneConfig, epochs=args.epochs, batch_size=args.batch_size, max_samples=args.tune_max_samples,
+                 num_workers=args.workers)
+
+
+def _tune_flags(args) -> dict:
+    return {"epochs": args.epochs, "max_samples": args.tune_max_samples}
+
+
+def _tune_flag_problems(name: str, value) -> list:
+    """Problems of a tuning flag TuneConfig would refuse to hold. Such a flag stays out of the
+    config, so the validation pass still reports it with every other problem, by its flag."""
+    from fiftyone_nola.stages.validation import check_range
+
+    lo, what = (1, "epochs") if name == "epochs" else (0, "tuning sample limit (0: all samples)")
+    return check_range(f"tune_{name}", value, lo=lo, integer=True, what=what)
+
+
+def auto_label_config(args, clip: ClipSpec, dino: DinoSpec):
+    """The pipeline config of the ``auto-label`` flags: only what was given, nested by stage."""
+    from fiftyone_nola.pipeline import AutoLabelConfig
+    from fiftyone_nola.stages.nola import ZeroShotConfig
+
+
+    zeroshot = given(ZeroShotConfig, descriptions_file=args.descriptions, use_llm=args.use_llm or None,
+                     llm_model=args.llm_model, llm_host=args.ollama_host, templates=args.templates,
+                     include_templates=False if args.no_templates else None,
+                     max_descriptions_per_class=args.max_descriptions)
+    tune = given(TuneConfig, **{k: v for k, v in _tune_flags(args).items() if not _tune_flag_problems(k, v)})
+    return given(AutoLabelConfig, clip=clip, dino=dino, embed=_embed_config(args), zeroshot=zeroshot, tune=tune,
+                 skip_tuning=args.no_tune or None, device=args.device,
+                 gt_field=args.gt_field or args.gt_from_subfolders, force=args.force or None,
+                 allow_template_fallback=args.allow_template_fallback or None)
+
+
 def cmd_auto_label(args) -> dict:
     """``auto-label``: import (or load) a dataset, label it, print per-stage results."""
-    from dataclasses import replace
-
-    from fiftyone_nola.core.embed import EmbedConfig
-    from fiftyone_nola.pipeline import AutoLabelConfig, auto_label, summary_lines
+    from fiftyone_nola.pipeline import auto_label, random_init_banner, summary_lines
     from fiftyone_nola.stages.validation import check_auto_label
 
+
     clip, dino = _specs(args)
-    gt = args.gt_field or args.gt_from_subfolders
-    cfg = AutoLabelConfig(
-        clip=clip, dino=dino,
-        embed=EmbedConfig(batch_size=args.batch_size, num_workers=args.workers),
-        descriptions_file=args.descriptions, use_llm=args.use_llm, llm_model=args.llm_model,
-        llm_host=args.ollama_host, tune=not args.no_tune, tune_epochs=args.epochs,
-        templates=args.templates, include_templates=not args.no_templates, max_descriptions_per_class=args.max_descriptions,
-        tune_max_samples=(None if args.tune_max_samples == 0 else args.tune_max_samples),
-        device=args.device, gt_field=gt, force=args.force,
-        allow_template_fallback=args.allow_template_fallback,
-    )
+    cfg = auto_label_config(args, clip, dino)
     report = check_auto_label(_target(args), _classes(args), cfg, args.fallback_random_init, args.json_out,
                               plan=args.check)
+    report.problems += [p for k, v in _tune_flags(args).items() for p in _tune_flag_problems(k, v)]
     if _checked(args, report):
         return {"check": True, "plan": report.plan}
     clip, dino = _check_weights(clip, dino, args.fallback_random_init)
     cfg = replace(cfg, clip=clip, dino=dino)
     ds = _samples(args)
-    summary = auto_label(ds, _classes(args), cfg, progress=print_progress(sys.stdout), log=_log)
+    summary = auto_label(ds, _classes(args), cfg, progress=print_progress(sys.stdout))
     _log("\n== auto-label summary ==")
     for line in summary_lines(summary):
         _log(line)
     _log(f"dataset '{ds.name}': fields {cfg.zeroshot_field}, {cfg.dino_field}"
-         + (f", {cfg.tuned_field}" if cfg.tune else "")
+         + ("" if cfg.skip_tuning else f", {cfg.tuned_field}")
          + f". Open it: python -c \"import fiftyone as fo; fo.launch_app(fo.load_dataset('{ds.name}')).wait()\"")
     if summary.get("random_init"):
-        from fiftyone_nola.pipeline import random_init_banner
-
         _log(random_init_banner(clip, dino))
     _write_json(args.json_out, summary)
     return summary
@@ -302,15 +331,14 @@ def cmd_auto_label(args) -> dict:
 
 def cmd_auto_label_multilabel(args) -> dict:
     """``auto-label-multilabel``: the CDUL pipeline from the shell."""
-    from dataclasses import replace
-
     from fiftyone_nola.stages.cdul import MultiLabelConfig, auto_label_multilabel
     from fiftyone_nola.stages.validation import check_multilabel
 
+
     clip, dino = _specs(args)
-    cfg = MultiLabelConfig(clip=clip, descriptions_file=args.descriptions, grid=args.grid,
-                           device=args.device, gt_field=args.gt_field or args.gt_from_subfolders,
-                           allow_template_fallback=args.allow_template_fallback)
+    cfg = given(MultiLabelConfig, clip=clip, descriptions_file=args.descriptions, grid=args.grid,
+                device=args.device, gt_field=args.gt_field or args.gt_from_subfolders,
+                allow_template_fallback=args.allow_template_fallback, embed=_embed_config(args))
     report = check_multilabel(_target(args), _classes(args), cfg, args.fallback_random_init, args.json_out,
                               plan=args.check)
     if _checked(args, report):
@@ -318,20 +346,19 @@ def cmd_auto_label_multilabel(args) -> dict:
     clip, _ = _check_weights(clip, dino, args.fallback_random_init)
     cfg = replace(cfg, clip=clip)
     ds = _samples(args)
-    summary = auto_label_multilabel(ds, _classes(args), cfg, progress=print_progress(sys.stdout), log=_log)
+    summary = auto_label_multilabel(ds, _classes(args), cfg, progress=print_progress(sys.stdout))
     _write_json(args.json_out, summary)
     return summary
 
 
 def cmd_embed(args) -> dict:
     """``embed``: CLIP and/or DINO embeddings into FAISS stores."""
-    from fiftyone_nola.core.embed import EmbedConfig
     from fiftyone_nola.stages.embeddings import compute_embeddings
     from fiftyone_nola.stages.validation import check_embed
 
+
     clip, dino = _specs(args)
-    cfg = EmbedConfig(batch_size=args.batch_size, num_workers=args.workers, device=args.device,
-                      draft_decode=not args.exact_decode, index_type=args.index_type)
+    cfg = replace(_embed_config(args), device=args.device, draft_decode=not args.exact_decode)
     report = check_embed(_target(args), args.family, clip, dino, cfg, args.fallback_random_init, args.json_out)
     if _checked(args, report):
         return {"check": True}
@@ -342,10 +369,10 @@ def cmd_embed(args) -> dict:
 
         ray_cfg = RayEmbedConfig(address=args.ray or None, num_actors=args.ray_actors)
         summary = compute_embeddings_ray(ds, args.family, clip, dino, cfg, ray_cfg,
-                                         progress=print_progress(sys.stdout), log=_log)
+                                         progress=print_progress(sys.stdout))
     else:
         summary = compute_embeddings(ds, args.family, clip, dino, cfg,
-                                     progress=print_progress(sys.stdout), log=_log)
+                                     progress=print_progress(sys.stdout))
     _write_json(args.json_out, summary)
     return summary
 
@@ -355,12 +382,8 @@ def cmd_tune(args) -> dict:
 
     Every torchrun process runs this; rank 0 alone reads and writes the dataset and prints.
     """
-    from dataclasses import replace
-
-    from fiftyone_nola.core import distributed as dt
-    from fiftyone_nola.core.device import resolve
-    from fiftyone_nola.core.prompt_tuning import TuneConfig
     from fiftyone_nola.stages import fo_io
+    from fiftyone_nola.stages.reuse import tune_settings
     from fiftyone_nola.stages.tuning_ddp import tune_prompts_distributed
     from fiftyone_nola.stages.validation import check_params
 
@@ -369,21 +392,20 @@ def cmd_tune(args) -> dict:
         fo_io.get_dataset(args.dataset), clip=_clip_spec(args), device=args.device,
         stages={"dataset": ("nola_zeroshot", "zero-shot"), "teacher_field": ("nola_dino", "DINO labeller")},
         ranges={"tune_epochs": (args.epochs, 1, 100_000, True), "batch_size": (args.batch_size, 1, None, True),
-                "num_workers": (args.workers, 0, 256, True)},
+                "num_workers": (args.workers, 0, 256, True), "tune_max_samples": (args.tune_max_samples, 0, None, True)},
         writable={"json_out": (args.json_out, "summary file", True)})
     if _checked(args, report):
         return {"check": True}
     ctx = dt.init_distributed(args.device)
+    if not ctx.is_main:  # rank 0 alone prints the stages' lines
+        logging.getLogger(logs.LOGGER).setLevel(logging.WARNING)
     log = _log if ctx.is_main else (lambda _msg: None)
     clip = _clip_spec(args)
-    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "num_workers": args.workers}
-    config = TuneConfig(**{k: v for k, v in overrides.items() if v is not None})
-    if args.tune_max_samples != -1:
-        config = replace(config, max_samples=args.tune_max_samples)  # 0: all samples
-    config = resolve(config, args.device)
+    config = tune_settings(_tune_config(args), args.device)
+    log(f"prompt tuning settings for this machine: {hardware_profile(resolve_device(args.device)).describe()}")
     try:
         summary = tune_prompts_distributed(
-            args.dataset, clip, config, predict=not args.no_predict, log=log,
+            args.dataset, clip, config, predict=not args.no_predict,
             progress=print_progress(sys.stdout) if ctx.is_main else None)
     finally:
         dt.shutdown()
@@ -412,7 +434,10 @@ COMMANDS = {
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit code (2 for a NolaError, printed without a traceback)."""
     os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Warnings go to stderr as before; the stages' INFO lines are printed plainly to stdout below.
+    warnings = logging.StreamHandler()
+    warnings.setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", handlers=[warnings])
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     # --engine/--engine-precision reach every inference pass through the engine's environment
@@ -422,7 +447,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     before = {k: os.environ.get(k) for k in env}
     os.environ.update({k: v for k, v in env.items() if v and v != "auto"})
     try:
-        COMMANDS[args.command](args)
+        with logs.lines_to(_log, below=logging.WARNING):
+            COMMANDS[args.command](args)
     except NolaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,11 +7,13 @@ whether it came from the App form, ``foo.execute_operator(..., params=...)`` or 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import time
 
 import fiftyone.operators.types as types
 
+from fiftyone_nola import logs
 from fiftyone_nola.core.models import ClipSpec, DinoSpec, random_init_default
 
 DEVICES = ["auto", "cpu", "cuda"]
@@ -48,6 +50,28 @@ def param(ctx, name: str, default):
     return default if v is None else type(default)(v)
 
 
+def text(ctx, name: str, default=None):
+    """A text parameter: None or an empty box means "not given"."""
+    v = ctx.params.get(name)
+    return default if v in (None, "") else v
+
+
+def given(cls, **values):
+    """``cls`` from the values the user gave (None: not given, so the library's default stays)."""
+    return cls(**{k: v for k, v in values.items() if v is not None})
+
+
+def field_default(cls, name: str):
+    """The library's default of dataclass field ``name``: what a form shows and what runs when blank."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def arg_default(fn, name: str):
+    """The default of argument ``name`` of library function ``fn`` (a form's default)."""
+    return inspect.signature(fn).parameters[name].default
+
+
 def progress_fn(ctx, every_s: float = 1.0):
     """A library progress callback that forwards to the App / the delegated-operation record."""
     last = [0.0]
@@ -62,11 +86,9 @@ def progress_fn(ctx, every_s: float = 1.0):
     return fn
 
 
-def log_fn(lines: list):
-    def fn(msg: str) -> None:
-        lines.append(str(msg))
-
-    return fn
+def collected_log(lines: list):
+    """Appends the library's log lines of this operator's run (its thread's only) to ``lines``."""
+    return logs.lines_to(lines.append, this_thread=True)
 
 
 def add_device_input(inputs) -> None:
@@ -75,41 +97,40 @@ def add_device_input(inputs) -> None:
 
 
 def device_param(ctx):
-    d = ctx.params.get("device") or "auto"
+    d = text(ctx, "device")
     return None if d == "auto" else d
 
 
 def add_clip_inputs(inputs) -> None:
-    inputs.str("clip_arch", default="ViT-B-32", label="CLIP architecture (open_clip)")
-    inputs.str("clip_pretrained", default="openai", label="CLIP weights",
+    inputs.str("clip_arch", default=field_default(ClipSpec, "arch"), label="CLIP architecture (open_clip)")
+    inputs.str("clip_pretrained", default=field_default(ClipSpec, "pretrained"), label="CLIP weights",
                description="open_clip pretrained tag, or a local checkpoint file")
 
 
 def add_dino_inputs(inputs) -> None:
-    inputs.str("dino_model", default="auto", label="DINO model (timm)",
+    inputs.str("dino_model", default=field_default(DinoSpec, "name"), label="DINO model (timm)",
                description="auto: the paper's vit_base_patch16_224.dino on a GPU, vit_small_patch16_224.dino on a CPU")
     inputs.str("dino_checkpoint", required=False, label="DINO weights file (optional)")
 
 
 def add_templates_input(inputs) -> None:
     """The template set: a dropdown of presets (default: the official code's choice) or a file."""
-    from fiftyone_nola.core.templates import AUTO, DEFAULT_TEMPLATES, presets
+    from fiftyone_nola.core.templates import AUTO, presets
+    from fiftyone_nola.stages.nola import ZeroShotConfig
 
     choices = types.Choices()
     choices.add_choice(AUTO, label="auto (official choice: cifar10 for CIFAR-10 classes, else imagenet)")
     for name, tpl in sorted(presets().items()):
         choices.add_choice(name, label=f"{name} ({len(tpl)} templates)")
-    inputs.enum("templates", choices.values(), default=DEFAULT_TEMPLATES, label="Prompt templates",
+    inputs.enum("templates", choices.values(), default=field_default(ZeroShotConfig, "templates"), label="Prompt templates",
                 view=choices, description="added to each class's descriptions before averaging (NoLA)")
     inputs.str("templates_file", required=False, label="Templates file (optional, overrides the preset)",
                description="a JSON list or one template per line, each with {} for the class name")
 
 
-def templates_param(ctx) -> str:
-    from fiftyone_nola.core.templates import DEFAULT_TEMPLATES
-
-    p = ctx.params
-    return p.get("templates_file") or p.get("templates") or DEFAULT_TEMPLATES
+def templates_param(ctx):
+    """The templates file when given, else the chosen preset; None: the library's default."""
+    return text(ctx, "templates_file") or text(ctx, "templates")
 
 
 def add_random_init_input(inputs) -> None:
@@ -118,16 +139,13 @@ def add_random_init_input(inputs) -> None:
 
 
 def clip_spec(ctx) -> ClipSpec:
-    p = ctx.params
-    return ClipSpec(arch=p.get("clip_arch") or "ViT-B-32", pretrained=p.get("clip_pretrained") or "openai",
-                    random_init=bool(p.get("random_init", random_init_default())))
+    return given(ClipSpec, arch=text(ctx, "clip_arch"), pretrained=text(ctx, "clip_pretrained"),
+                 random_init=ctx.params.get("random_init"))
 
 
 def dino_spec(ctx) -> DinoSpec:
-    p = ctx.params
-    return DinoSpec(name=p.get("dino_model") or "auto",
-                    checkpoint=p.get("dino_checkpoint") or None,
-                    random_init=bool(p.get("random_init", random_init_default())))
+    return given(DinoSpec, name=text(ctx, "dino_model"), checkpoint=text(ctx, "dino_checkpoint"),
+                 random_init=ctx.params.get("random_init"))
 
 
 def add_classes_input(ctx, inputs) -> None:
@@ -137,8 +155,7 @@ def add_classes_input(ctx, inputs) -> None:
 
 
 def classes_param(ctx):
-    c = ctx.params.get("classes")
-    return c if c else None
+    return text(ctx, "classes")
 
 
 def label_fields(ctx, types_=("Classification",)) -> list:

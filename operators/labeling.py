@@ -5,12 +5,34 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
+from fiftyone_nola.core.device import resolve_device
 from fiftyone_nola.core.dino_labeler import DinoLabelerConfig
+from fiftyone_nola.core.prompt_tuning import TuneConfig
 from fiftyone_nola.stages import nola as labeling
 from fiftyone_nola.stages.evaluation import evaluate_single_label
+from fiftyone_nola.stages.reuse import tune_settings
 from fiftyone_nola.stages.validation import check_params
 
 from . import _common as c
+from .panels import model_evaluation_button
+
+
+def zeroshot_config(ctx) -> labeling.ZeroShotConfig:
+    """The zero-shot config of the params given (None: the library's default)."""
+    p = ctx.params
+    return c.given(labeling.ZeroShotConfig, clip=c.clip_spec(ctx), descriptions_file=c.text(ctx, "descriptions_file"),
+                   use_llm=p.get("use_llm"), llm_model=c.text(ctx, "llm_model"), templates=c.templates_param(ctx),
+                   device=c.device_param(ctx))
+
+
+def dino_labeler_config(ctx) -> DinoLabelerConfig:
+    return c.given(DinoLabelerConfig, epochs=ctx.params.get("epochs"), device=c.device_param(ctx))
+
+
+def tune_config(ctx) -> TuneConfig:
+    """The tuning settings given; the rest fit the hardware when the stage resolves them."""
+    p = ctx.params
+    return c.given(TuneConfig, epochs=p.get("epochs"), batch_size=p.get("batch_size"), max_samples=p.get("max_samples"))
 
 
 class ZeroShot(foo.Operator):
@@ -25,29 +47,28 @@ class ZeroShot(foo.Operator):
         c.add_classes_input(ctx, inputs)
         inputs.str("descriptions_file", required=False, label="Descriptions JSON (optional)",
                    description='LaFTer/NoLA format {"class": ["description", ...]}')
-        inputs.bool("use_llm", default=False, label="Write descriptions with a local LLM (Ollama)")
-        inputs.str("llm_model", default="llama3.2", label="Ollama model")
+        inputs.bool("use_llm", default=c.field_default(labeling.ZeroShotConfig, "use_llm"),
+                    label="Write descriptions with a local LLM (Ollama)")
+        inputs.str("llm_model", default=c.field_default(labeling.ZeroShotConfig, "llm_model"), label="Ollama model")
         c.add_templates_input(inputs)
         c.add_clip_inputs(inputs)
         c.add_random_init_input(inputs)
-        inputs.str("label_field", default="nola_zeroshot", label="Output field")
+        inputs.str("label_field", default=c.arg_default(labeling.zero_shot, "label_field"), label="Output field")
         inputs.bool("allow_template_fallback", default=False, label="CLIP templates for classes the file lacks")
         c.add_device_input(inputs)
         p = ctx.params
         c.check_form(ctx, inputs, lambda: check_params(
-            c.target_samples(ctx), classes=c.classes_param(ctx), descriptions_file=p.get("descriptions_file") or None,
+            c.target_samples(ctx), classes=c.classes_param(ctx), descriptions_file=c.text(ctx, "descriptions_file"),
             allow_template_fallback=bool(p.get("allow_template_fallback")), clip=c.clip_spec(ctx),
-            device=c.device_param(ctx), outputs={"label_field": p.get("label_field") or "nola_zeroshot"}))
+            device=c.device_param(ctx), outputs={"label_field": c.text(ctx, "label_field", c.arg_default(labeling.zero_shot, "label_field"))}))
         return types.Property(inputs, view=types.View(label="Zero-shot labels"))
 
     def execute(self, ctx):
-        p = ctx.params
         lines: list = []
-        cfg = labeling.ZeroShotConfig(clip=c.clip_spec(ctx), descriptions_file=p.get("descriptions_file") or None,
-                                      use_llm=bool(p.get("use_llm")), llm_model=p.get("llm_model") or "llama3.2",
-                                      templates=c.templates_param(ctx), device=c.device_param(ctx))
-        s = labeling.zero_shot(c.target_samples(ctx), c.classes_param(ctx), cfg,
-                               p.get("label_field") or "nola_zeroshot", log=c.log_fn(lines))
+        cfg = zeroshot_config(ctx)
+        with c.collected_log(lines):
+            s = labeling.zero_shot(c.target_samples(ctx), c.classes_param(ctx), cfg,
+                                   c.text(ctx, "label_field", c.arg_default(labeling.zero_shot, "label_field")))
         return {"summary": c.markdown_summary("Zero-shot", s, lines), "result": c.jsonable(s)}
 
     def resolve_output(self, ctx):
@@ -63,30 +84,30 @@ class DinoLabels(foo.Operator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         c.target_samples(ctx)
-        inputs.str("zeroshot_field", default="nola_zeroshot", label="Zero-shot field")
+        inputs.str("zeroshot_field", default=c.arg_default(labeling.dino_labels, "zeroshot_field"), label="Zero-shot field")
         c.add_dino_inputs(inputs)
         c.add_random_init_input(inputs)
-        inputs.int("epochs", default=50, label="MLP epochs")
+        inputs.int("epochs", default=c.field_default(DinoLabelerConfig, "epochs"), label="MLP epochs")
         inputs.str("trusted_field", required=False, label="Reviewed labels field (optional)",
                    description="corrections added as trusted supervision")
-        inputs.str("label_field", default="nola_dino", label="Output field")
+        inputs.str("label_field", default=c.arg_default(labeling.dino_labels, "label_field"), label="Output field")
         c.add_device_input(inputs)
         p = ctx.params
         c.check_form(ctx, inputs, lambda: check_params(
             c.target_samples(ctx), dino=c.dino_spec(ctx), device=c.device_param(ctx),
-            stages={"zeroshot_field": (p.get("zeroshot_field") or "nola_zeroshot", "zero-shot")},
+            stages={"zeroshot_field": (c.text(ctx, "zeroshot_field", c.arg_default(labeling.dino_labels, "zeroshot_field")), "zero-shot")},
             fields={"trusted_field": (p.get("trusted_field"), ("Classification",))} if p.get("trusted_field") else None,
-            outputs={"label_field": p.get("label_field") or "nola_dino"},
+            outputs={"label_field": c.text(ctx, "label_field", c.arg_default(labeling.dino_labels, "label_field"))},
             ranges={"epochs": (p.get("epochs"), 1, 100_000, True)}))
         return types.Property(inputs, view=types.View(label="DINO pseudo-labels"))
 
     def execute(self, ctx):
-        p = ctx.params
         lines: list = []
-        cfg = DinoLabelerConfig(epochs=int(p.get("epochs") or 50), device=c.device_param(ctx))
-        s = labeling.dino_labels(c.target_samples(ctx), p.get("zeroshot_field") or "nola_zeroshot",
-                                 c.dino_spec(ctx), cfg, p.get("label_field") or "nola_dino",
-                                 trusted_field=p.get("trusted_field") or None, log=c.log_fn(lines))
+        cfg = dino_labeler_config(ctx)
+        with c.collected_log(lines):
+            s = labeling.dino_labels(c.target_samples(ctx), c.text(ctx, "zeroshot_field", c.arg_default(labeling.dino_labels, "zeroshot_field")),
+                                     c.dino_spec(ctx), cfg, c.text(ctx, "label_field", c.arg_default(labeling.dino_labels, "label_field")),
+                                     trusted_field=c.text(ctx, "trusted_field"))
         return {"summary": c.markdown_summary("DINO pseudo-labels", s, lines), "result": c.jsonable(s)}
 
     def resolve_output(self, ctx):
@@ -102,42 +123,38 @@ class TunePrompts(foo.Operator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         c.target_samples(ctx)
-        inputs.str("zeroshot_field", default="nola_zeroshot", label="Zero-shot field")
-        inputs.str("teacher_field", default="nola_dino", label="Teacher (DINO labeller) field")
+        inputs.str("zeroshot_field", default=c.arg_default(labeling.dino_labels, "zeroshot_field"), label="Zero-shot field")
+        inputs.str("teacher_field", default=c.arg_default(labeling.tune_prompts, "teacher_field"),
+                   label="Teacher (DINO labeller) field")
         c.add_clip_inputs(inputs)
         c.add_random_init_input(inputs)
         inputs.int("epochs", required=False, label="Epochs (blank: fit hardware)")
         inputs.int("batch_size", required=False, label="Batch size (blank: fit hardware)")
-        inputs.int("max_samples", required=False, label="Train on at most N samples (blank: fit hardware)")
-        inputs.str("label_field", default="nola", label="Output field")
+        inputs.int("max_samples", required=False, label="Train on at most N samples (blank: fit hardware; 0: all)")
+        inputs.str("label_field", default=c.arg_default(labeling.predict, "label_field"), label="Output field")
         c.add_device_input(inputs)
         p = ctx.params
         c.check_form(ctx, inputs, lambda: check_params(
             c.target_samples(ctx), clip=c.clip_spec(ctx), device=c.device_param(ctx),
-            stages={"zeroshot_field": (p.get("zeroshot_field") or "nola_zeroshot", "zero-shot"),
-                    "teacher_field": (p.get("teacher_field") or "nola_dino", "DINO labeller")},
-            outputs={"label_field": p.get("label_field") or "nola"},
-            ranges={k: (p.get(k), 1, None, True) for k in ("epochs", "batch_size", "max_samples")}))
+            stages={"zeroshot_field": (c.text(ctx, "zeroshot_field", c.arg_default(labeling.dino_labels, "zeroshot_field")), "zero-shot"),
+                    "teacher_field": (c.text(ctx, "teacher_field", c.arg_default(labeling.tune_prompts, "teacher_field")), "DINO labeller")},
+            outputs={"label_field": c.text(ctx, "label_field", c.arg_default(labeling.predict, "label_field"))},
+            ranges={"epochs": (p.get("epochs"), 1, None, True), "batch_size": (p.get("batch_size"), 1, None, True),
+                    "max_samples": (p.get("max_samples"), 0, None, True)}))
         return types.Property(inputs, view=types.View(label="Prompt tuning"))
 
     def execute(self, ctx):
-        import dataclasses
-
-        from fiftyone_nola.core.device import resolve, resolve_device
-        from fiftyone_nola.core.prompt_tuning import TuneConfig
-
-        p = ctx.params
         lines: list = []
         samples = c.target_samples(ctx)
-        cfg = resolve(TuneConfig(), resolve_device(c.device_param(ctx)))
-        over = {k: p.get(k) for k in ("epochs", "batch_size", "max_samples") if p.get(k)}
-        cfg = dataclasses.replace(cfg, device=c.device_param(ctx), **over)
-        field = p.get("label_field") or "nola"
-        s = labeling.tune_prompts(samples, p.get("zeroshot_field") or "nola_zeroshot",
-                                  p.get("teacher_field") or "nola_dino", c.clip_spec(ctx), cfg,
-                                  run_name=field, progress=c.progress_fn(ctx), log=c.log_fn(lines))
-        s2 = labeling.predict(samples, s["model_dir"], c.clip_spec(ctx), field, device=c.device_param(ctx),
-                              progress=c.progress_fn(ctx), log=c.log_fn(lines))
+        device = resolve_device(c.device_param(ctx))
+        cfg = tune_settings(tune_config(ctx), device)
+        field = c.text(ctx, "label_field", c.arg_default(labeling.predict, "label_field"))
+        with c.collected_log(lines):
+            s = labeling.tune_prompts(samples, c.text(ctx, "zeroshot_field", c.arg_default(labeling.dino_labels, "zeroshot_field")),
+                                      c.text(ctx, "teacher_field", c.arg_default(labeling.tune_prompts, "teacher_field")), c.clip_spec(ctx), cfg,
+                                      run_name=field, progress=c.progress_fn(ctx))
+            s2 = labeling.predict(samples, s["model_dir"], c.clip_spec(ctx), field, device=str(device),
+                                  progress=c.progress_fn(ctx))
         s = {**s, "labelled": s2["labelled"], "field": field}
         return {"summary": c.markdown_summary("Prompt tuning", s, lines), "result": c.jsonable(s)}
 
@@ -158,21 +175,22 @@ class ApplyModel(foo.Operator):
                    description="the model_dir printed by prompt tuning")
         c.add_clip_inputs(inputs)
         c.add_random_init_input(inputs)
-        inputs.str("label_field", default="nola", label="Output field")
+        inputs.str("label_field", default=c.arg_default(labeling.predict, "label_field"), label="Output field")
         c.add_device_input(inputs)
         p = ctx.params
         c.check_form(ctx, inputs, lambda: check_params(
             c.target_samples(ctx), clip=c.clip_spec(ctx), device=c.device_param(ctx),
             files={"model_dir": p.get("model_dir") and f"{p['model_dir']}/meta.json"},
-            outputs={"label_field": p.get("label_field") or "nola"}))
+            outputs={"label_field": c.text(ctx, "label_field", c.arg_default(labeling.predict, "label_field"))}))
         return types.Property(inputs, view=types.View(label="Apply tuned model"))
 
     def execute(self, ctx):
         p = ctx.params
         lines: list = []
-        s = labeling.predict(c.target_samples(ctx), p["model_dir"], c.clip_spec(ctx),
-                             p.get("label_field") or "nola", device=c.device_param(ctx),
-                             progress=c.progress_fn(ctx), log=c.log_fn(lines))
+        with c.collected_log(lines):
+            s = labeling.predict(c.target_samples(ctx), p["model_dir"], c.clip_spec(ctx),
+                                 c.text(ctx, "label_field", c.arg_default(labeling.predict, "label_field")), device=c.device_param(ctx),
+                                 progress=c.progress_fn(ctx))
         return {"summary": c.markdown_summary("Predictions", s, lines), "result": c.jsonable(s)}
 
     def resolve_output(self, ctx):
@@ -227,14 +245,16 @@ class Evaluate(foo.Operator):
         s = evaluate_single_label(samples, pred, p["gt_field"], eval_key=key)
         md = (f"### Evaluation `{key}`: {pred} vs {p['gt_field']}\n"
               f"- **accuracy**: {c.r3(s['accuracy'])}\n- **macro F1**: {c.r3(s['macro_f1'])}\n"
-              f"- **samples**: {s['samples']}\n\nOpen the **Model Evaluation** panel (+ next to the grid tab) "
-              f"and pick `{key}` for the per-class report and the confusion matrix.")
+              f"- **samples**: {s['samples']}\n\n**Open Model Evaluation** (below) and pick `{key}` for the "
+              "per-class report and the confusion matrix.")
         short = {k: (c.r3(v) if isinstance(v, float) else v) for k, v in s.items() if k != "per_class"}
         c.show_review_fields(ctx, extra=(pred,))
         return {"summary": md, "result": c.jsonable(short)}
 
     def resolve_output(self, ctx):
-        return c.summary_output(ctx, "Evaluation")
+        out = c.summary_output(ctx, "Evaluation")
+        model_evaluation_button(out.type)
+        return out
 
 
 def _eval_key(p) -> str:

@@ -18,22 +18,25 @@ from . import _common as c
 
 def _config(ctx) -> MultiLabelConfig:
     p = ctx.params
-    return MultiLabelConfig(
-        clip=c.clip_spec(ctx), descriptions_file=p.get("descriptions_file") or None,
-        grid=int(p.get("grid") or 3), threshold_t=float(p.get("threshold_t") or 0.0),
-        aggregation=p.get("aggregation") or "avg", train_epochs=p.get("epochs"),
-        allow_template_fallback=bool(p.get("allow_template_fallback")),
-        device=c.device_param(ctx), pseudo_field=p.get("pseudo_field") or "cdul_pseudo",
-        pred_field=p.get("pred_field") or "cdul", gt_field=p.get("gt_field") or None,
+    return c.given(
+        MultiLabelConfig, clip=c.clip_spec(ctx), descriptions_file=c.text(ctx, "descriptions_file"),
+        grid=p.get("grid"), threshold_t=p.get("threshold_t"), aggregation=c.text(ctx, "aggregation"),
+        train_epochs=p.get("epochs"), allow_template_fallback=p.get("allow_template_fallback"),
+        device=c.device_param(ctx), pseudo_field=c.text(ctx, "pseudo_field"), pred_field=c.text(ctx, "pred_field"),
+        gt_field=c.text(ctx, "gt_field"),
     )
+
+
+def _default(name: str):
+    return c.field_default(MultiLabelConfig, name)
 
 
 def _common_inputs(ctx, inputs):
     c.target_samples(ctx)
     c.add_clip_inputs(inputs)
     c.add_random_init_input(inputs)
-    inputs.str("pseudo_field", default="cdul_pseudo", label="Pseudo-label field")
-    inputs.str("pred_field", default="cdul", label="Classifier output field")
+    inputs.str("pseudo_field", default=_default("pseudo_field"), label="Pseudo-label field")
+    inputs.str("pred_field", default=_default("pred_field"), label="Classifier output field")
     c.add_device_input(inputs)
 
 
@@ -50,24 +53,25 @@ class MultiLabelPseudoLabels(foo.Operator):
         inputs = types.Object()
         c.add_classes_input(ctx, inputs)
         inputs.str("descriptions_file", required=False, label="Descriptions JSON (optional)")
-        inputs.bool("allow_template_fallback", default=False, label="CLIP templates for classes the file lacks")
-        inputs.int("grid", default=3, label="Crop grid (n x n)")
-        inputs.float("threshold_t", default=0.0, label="Aggregation threshold t")
-        inputs.enum("aggregation", ["avg", "lambda", "global"], default="avg", label="Aggregation")
+        inputs.bool("allow_template_fallback", default=_default("allow_template_fallback"), label="CLIP templates for classes the file lacks")
+        inputs.int("grid", default=_default("grid"), label="Crop grid (n x n)")
+        inputs.float("threshold_t", default=_default("threshold_t"), label="Aggregation threshold t")
+        inputs.enum("aggregation", ["avg", "lambda", "global"], default=_default("aggregation"), label="Aggregation")
         _common_inputs(ctx, inputs)
         p = ctx.params
         c.check_form(ctx, inputs, lambda: check_params(
-            c.target_samples(ctx), classes=c.classes_param(ctx), descriptions_file=p.get("descriptions_file") or None,
+            c.target_samples(ctx), classes=c.classes_param(ctx), descriptions_file=c.text(ctx, "descriptions_file"),
             allow_template_fallback=bool(p.get("allow_template_fallback")), clip=c.clip_spec(ctx),
-            device=c.device_param(ctx), outputs={"pseudo_field": p.get("pseudo_field") or "cdul_pseudo"},
+            device=c.device_param(ctx), outputs={"pseudo_field": c.text(ctx, "pseudo_field", _default("pseudo_field"))},
             output_type="Classifications",
             ranges={"grid": (p.get("grid"), 1, 16, True), "threshold_t": (p.get("threshold_t"), 0.0, 1.0, False)}))
         return types.Property(inputs, view=types.View(label="Multi-label pseudo-labels"))
 
     def execute(self, ctx):
         lines: list = []
-        s = multilabel_pseudo_labels(c.target_samples(ctx), c.classes_param(ctx), _config(ctx),
-                                     progress=c.progress_fn(ctx), log=c.log_fn(lines))
+        with c.collected_log(lines):
+            s = multilabel_pseudo_labels(c.target_samples(ctx), c.classes_param(ctx), _config(ctx),
+                                         progress=c.progress_fn(ctx))
         return {"summary": c.markdown_summary("Multi-label pseudo-labels", s, lines), "result": c.jsonable(s)}
 
     def resolve_output(self, ctx):
@@ -90,14 +94,15 @@ class TrainMultiLabel(foo.Operator):
         p = ctx.params
         c.check_form(ctx, inputs, lambda: check_params(
             c.target_samples(ctx), clip=c.clip_spec(ctx), device=c.device_param(ctx),
-            stages={"pseudo_field": (p.get("pseudo_field") or "cdul_pseudo", "multi-label pseudo-label")},
-            outputs={"pred_field": p.get("pred_field") or "cdul"}, output_type="Classifications",
+            stages={"pseudo_field": (c.text(ctx, "pseudo_field", _default("pseudo_field")), "multi-label pseudo-label")},
+            outputs={"pred_field": c.text(ctx, "pred_field", _default("pred_field"))}, output_type="Classifications",
             ranges={"epochs": (p.get("epochs"), 1, 100_000, True)}))
         return types.Property(inputs, view=types.View(label="Train multi-label classifier"))
 
     def execute(self, ctx):
         lines: list = []
-        s = train_multilabel(c.target_samples(ctx), _config(ctx), progress=c.progress_fn(ctx), log=c.log_fn(lines))
+        with c.collected_log(lines):
+            s = train_multilabel(c.target_samples(ctx), _config(ctx), progress=c.progress_fn(ctx))
         return {"summary": c.markdown_summary("Multi-label classifier", s, lines), "result": c.jsonable(s)}
 
     def resolve_output(self, ctx):
@@ -122,11 +127,11 @@ class EvaluateMultiLabel(foo.Operator):
         c.check_form(ctx, inputs, lambda: check_params(
             c.target_samples(ctx), gt_field=p.get("gt_field"), gt_multilabel=True,
             fields={"gt_field": (p.get("gt_field"), ("Classification", "Classifications", "Detections"))},
-            stages={"pseudo_field": (p.get("pseudo_field") or "cdul_pseudo", "multi-label pseudo-label")}))
+            stages={"pseudo_field": (c.text(ctx, "pseudo_field", _default("pseudo_field")), "multi-label pseudo-label")}))
         return types.Property(inputs, view=types.View(label="Evaluate multi-label"))
 
     def execute(self, ctx):
-        ev = evaluate_multilabel_stages(c.target_samples(ctx), _config(ctx), log=lambda m: None)
+        ev = evaluate_multilabel_stages(c.target_samples(ctx), _config(ctx))
         table = "\n".join(f"| {k} | {v['mAP']:.4f} | {v['classes_evaluated']} |" for k, v in ev.items())
         md = "### mAP\n| stage | mAP | classes |\n|---|---|---|\n" + table
         ctx.dataset.info["nola_multilabel_eval"] = c.jsonable({k: {kk: vv for kk, vv in v.items()}

@@ -7,6 +7,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_nola.stages import review
+from fiftyone_nola.stages.corrections import CorrectionsConfig, retrain_with_corrections
 from fiftyone_nola.stages.export import FORMATS, export_accepted
 from fiftyone_nola.stages.validation import check_params
 
@@ -196,6 +197,13 @@ def _label_problem(label, classes):
     return Report([])
 
 
+def corrections_config(ctx) -> CorrectionsConfig:
+    """The retraining config of the form's (or the call's) params: only what was given."""
+    tune = ctx.params.get("tune")
+    return c.given(CorrectionsConfig, corrections_field=c.text(ctx, "corrections_field"), clip=c.clip_spec(ctx),
+                   dino=c.dino_spec(ctx), skip_tuning=None if tune is None else not tune, device=c.device_param(ctx))
+
+
 class RetrainWithCorrections(foo.Operator):
     @property
     def config(self):
@@ -209,28 +217,25 @@ class RetrainWithCorrections(foo.Operator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         c.target_samples(ctx)
-        inputs.str("corrections_field", default=review.CORRECTIONS_FIELD, label="Corrections field")
-        inputs.bool("tune", default=True, label="Also re-run prompt tuning")
+        inputs.str("corrections_field", default=c.field_default(CorrectionsConfig, "corrections_field"),
+                   label="Corrections field")
+        inputs.bool("tune", default=not c.field_default(CorrectionsConfig, "skip_tuning"),
+                    label="Also re-run prompt tuning")
         c.add_clip_inputs(inputs)
         c.add_dino_inputs(inputs)
         c.add_random_init_input(inputs)
         c.add_device_input(inputs)
-        p = ctx.params
         c.check_form(ctx, inputs, lambda: check_params(
-            c.target_samples(ctx), clip=c.clip_spec(ctx) if p.get("tune", True) else None, dino=c.dino_spec(ctx),
-            device=c.device_param(ctx), stages={"corrections_field": ("nola_zeroshot", "zero-shot")},
-            fields={"corrections_field": (p.get("corrections_field") or review.CORRECTIONS_FIELD,
-                                          ("Classification",))}))
+            c.target_samples(ctx), clip=None if corrections_config(ctx).skip_tuning else c.clip_spec(ctx),
+            dino=c.dino_spec(ctx), device=c.device_param(ctx),
+            stages={"corrections_field": (corrections_config(ctx).zeroshot_field, "zero-shot")},
+            fields={"corrections_field": (corrections_config(ctx).corrections_field, ("Classification",))}))
         return types.Property(inputs, view=types.View(label="Retrain with corrections"))
 
     def execute(self, ctx):
-        from fiftyone_nola.stages.corrections import retrain_with_corrections
-
-        p = ctx.params
         lines: list = []
-        s = retrain_with_corrections(c.target_samples(ctx), p.get("corrections_field") or review.CORRECTIONS_FIELD,
-                                     clip=c.clip_spec(ctx), dino=c.dino_spec(ctx), tune=bool(p.get("tune", True)),
-                                     device=c.device_param(ctx), progress=c.progress_fn(ctx), log=c.log_fn(lines))
+        with c.collected_log(lines):
+            s = retrain_with_corrections(c.target_samples(ctx), corrections_config(ctx), progress=c.progress_fn(ctx))
         return {"summary": c.markdown_summary("Retrained with corrections", s, lines), "result": c.jsonable(s)}
 
     def resolve_output(self, ctx):

@@ -159,14 +159,20 @@ def cifar_dataset(make_dataset):
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def tiny_pipeline_config(**overrides):
-    """``AutoLabelConfig`` of the single-label pipeline on tiny models, seconds per run."""
+def tiny_pipeline_config(descriptions_file=str(CIFAR_DIR / "descriptions.json"), zeroshot=None, tune=None,
+                         **overrides):
+    """``AutoLabelConfig`` of the single-label pipeline on tiny models, seconds per run.
+
+    ``zeroshot`` / ``tune``: fields of the nested stage configs that differ from this base.
+    """
     from fiftyone_nola.core.embed import EmbedConfig
     from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec
+    from fiftyone_nola.core.prompt_tuning import TuneConfig
     from fiftyone_nola.pipeline import AutoLabelConfig
+    from fiftyone_nola.stages.nola import ZeroShotConfig
 
     base = dict(clip=tiny_clip_spec(), dino=tiny_dino_spec(), embed=EmbedConfig(batch_size=16, num_workers=0),
-                descriptions_file=str(CIFAR_DIR / "descriptions.json"), tune_epochs=1, tune_batch_size=8,
-                tune_max_samples=24, device="cpu")
+                zeroshot=ZeroShotConfig(descriptions_file=descriptions_file, **(zeroshot or {})),
+                tune=TuneConfig(**{"epochs": 1, "batch_size": 8, "max_samples": 24, **(tune or {})}), device="cpu")
     base.update(overrides)
     return AutoLabelConfig(**base)

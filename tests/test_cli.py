@@ -50,12 +50,14 @@ def test_unknown_dataset_is_one_clear_message(capsys):
     assert "No dataset named 'no-such-dataset-xyz'" in err and "Traceback" not in err
 
 
+@pytest.mark.integration
 def test_missing_model_file_is_one_clear_message(image_dir, capsys):
     assert main(["auto-label", "--images", str(image_dir), "--classes", "cat,dog",
                  "--clip-pretrained", "/no/such/clip.pt", "--workers", "0"]) == 2
     assert "/no/such/clip.pt does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_bad_class_list_is_one_clear_message(image_dir, capsys):
     assert main(["auto-label", "--images", str(image_dir), "--classes", "cat,cat", *TINY]) == 2
     assert "Duplicate class names" in capsys.readouterr().err

@@ -33,7 +33,9 @@ CHILD = textwrap.dedent(
     from fiftyone_nola.core.embed import EmbedConfig
     from fiftyone_nola.core.index import EmbeddingIndex
     from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec
+    from fiftyone_nola.core.prompt_tuning import TuneConfig
     from fiftyone_nola.pipeline import AutoLabelConfig, auto_label
+    from fiftyone_nola.stages.nola import ZeroShotConfig
 
     name, point, descriptions = sys.argv[1], sys.argv[2], sys.argv[3]
 
@@ -69,8 +71,8 @@ CHILD = textwrap.dedent(
     cfg = AutoLabelConfig(
         clip=tiny_clip_spec(), dino=tiny_dino_spec(),
         embed=EmbedConfig(batch_size=4, num_workers=0, chunk_size=4),
-        descriptions_file=descriptions,
-        tune_epochs=3, tune_batch_size=8, tune_max_samples=None, device="cpu",
+        zeroshot=ZeroShotConfig(descriptions_file=descriptions),
+        tune=TuneConfig(epochs=3, batch_size=8, max_samples=0), device="cpu",
     )
     auto_label(fo.load_dataset(name), %r, cfg, log=log)
     print("CHILD-DONE", flush=True)

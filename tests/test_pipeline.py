@@ -31,7 +31,7 @@ def test_auto_label_end_to_end_then_resume(cifar_dataset):
     json.dumps(s, default=str)  # the summary is serialisable (CLI --json, operators)
 
     logs.clear()
-    auto_label(cifar_dataset, CLASSES, tiny_pipeline_config(tune=False), log=logs.append)
+    auto_label(cifar_dataset, CLASSES, tiny_pipeline_config(skip_tuning=True), log=logs.append)
     text = "\n".join(logs)
     assert "[zeroshot] up to date: reused" in text and "[dino] up to date: reused" in text
     assert "0 to embed" in text
@@ -46,8 +46,8 @@ def test_ground_truth_never_reaches_training(make_dataset):
     paths, labels = [p for p, _ in pairs], [c for _, c in pairs]
     with_gt = make_dataset(paths, labels)
     without_gt = make_dataset(paths, None)
-    cfg = tiny_pipeline_config(tune_max_samples=None)
-    auto_label(with_gt, CLASSES, tiny_pipeline_config(gt_field="ground_truth", tune_max_samples=None), log=lambda m: None)
+    cfg = tiny_pipeline_config(tune={"max_samples": 0})
+    auto_label(with_gt, CLASSES, tiny_pipeline_config(gt_field="ground_truth", tune={"max_samples": 0}), log=lambda m: None)
     auto_label(without_gt, CLASSES, cfg, log=lambda m: None)
     for f in ("nola_zeroshot", "nola_dino", "nola"):
         a = with_gt.sort_by("filepath").values(f"{f}.label")
@@ -58,6 +58,7 @@ def test_ground_truth_never_reaches_training(make_dataset):
         assert np.allclose(ca, cb, atol=1e-6), f
 
 
+@pytest.mark.integration
 def test_zero_shot_relabel_reads_stored_embeddings(cifar_dataset, monkeypatch):
     from fiftyone_nola.stages.embeddings import compute_embeddings
     from fiftyone_nola.stages.nola import ZeroShotConfig
@@ -78,6 +79,7 @@ def test_zero_shot_relabel_reads_stored_embeddings(cifar_dataset, monkeypatch):
     assert d["labelled"] == len(cifar_dataset)
 
 
+@pytest.mark.integration
 def test_relabel_with_cached_texts_loads_no_model(cifar_dataset, monkeypatch):
     import fiftyone_nola.core.text_cache as tc
     from fiftyone_nola.stages.embeddings import compute_embeddings
@@ -95,6 +97,7 @@ def test_relabel_with_cached_texts_loads_no_model(cifar_dataset, monkeypatch):
     assert a == b  # class order does not change the labels
 
 
+@pytest.mark.integration
 def test_retuning_after_the_teacher_changed_starts_over(cifar_dataset):
     from fiftyone_nola.core.dino_labeler import DinoLabelerConfig
     from fiftyone_nola.core.prompt_tuning import TuneConfig

@@ -58,7 +58,7 @@ def test_changed_settings_redo_the_stages_they_feed(make_dataset):
     pairs = cifar_files(per_class=2)
     ds = make_dataset([p for p, _ in pairs])
     auto_label(ds, CLASSES, tiny_pipeline_config(), log=lambda m: None)
-    s = auto_label(ds, CLASSES, tiny_pipeline_config(include_templates=False), log=lambda m: None)
+    s = auto_label(ds, CLASSES, tiny_pipeline_config(zeroshot={"include_templates": False}), log=lambda m: None)
     n = len(ds)
     assert s["processed"] == {"embeddings:clip": 0, "embeddings:dino": 0, "zeroshot": n, "dino_labeler": n,
                               "prompt_tuning": 1, "predict": n}

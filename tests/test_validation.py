@@ -229,15 +229,19 @@ def test_embed_and_multilabel_commands_check_first(folder, files, capsys, no_emb
 def test_python_api_raises_one_validation_error_and_writes_nothing(dataset, files, no_embedding):
     from fiftyone_nola import ValidationError, auto_label, validate
     from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec
+    from fiftyone_nola.core.dino_labeler import DinoLabelerConfig
     from fiftyone_nola.pipeline import AutoLabelConfig
+    from fiftyone_nola.stages.nola import ZeroShotConfig
 
-    cfg = AutoLabelConfig(clip=tiny_clip_spec(), dino=tiny_dino_spec(), descriptions_file=files["partial"],
-                          gt_field="ground_truth", tuned_field="ground_truth", tune_epochs=0)
+    cfg = AutoLabelConfig(clip=tiny_clip_spec(), dino=tiny_dino_spec(),
+                          zeroshot=ZeroShotConfig(descriptions_file=files["partial"]),
+                          gt_field="ground_truth", tuned_field="ground_truth",
+                          dino_labeler=DinoLabelerConfig(epochs=0))
     db0, home0 = _db_state(dataset), _home_state()
     logs = []
     with pytest.raises(ValidationError) as e:
         auto_label(dataset, CLASSES, cfg, log=logs.append)
-    assert set(e.value.inputs) == {"descriptions_file", "gt_field", "tune_epochs"}
+    assert set(e.value.inputs) == {"descriptions_file", "gt_field", "dino_epochs"}
     assert "also an output field" in str(e.value)
     assert not any("started" in m for m in logs)
     assert _db_state(dataset) == db0 and _home_state() == home0

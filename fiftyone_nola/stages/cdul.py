@@ -261,7 +261,11 @@ def auto_label_multilabel(
     classes = resolve_classes(classes, samples)
     timer = StageTimer(echo=log)
     out: dict = {"classes": classes, "stages": {}}
-    from fiftyone_nola.pipeline import _embed_todo, _missing, _stored_classes, _subset, _up_to_date
+    from fiftyone_nola.stages.reuse import embed_todo as _embed_todo
+    from fiftyone_nola.stages.reuse import missing as _missing
+    from fiftyone_nola.stages.reuse import stored_classes as _stored_classes
+    from fiftyone_nola.stages.reuse import subset as _subset
+    from fiftyone_nola.stages.reuse import up_to_date as _up_to_date
 
     ids, paths = fo_io.ids_and_paths(samples)
     specs = [config.clip] + ([config.dino] if config.dino is not None else [])

@@ -2,52 +2,62 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
 
+from fiftyone_nola.core.device import resolve_device
+from fiftyone_nola.core.dino_labeler import DinoLabelerConfig
 from fiftyone_nola.core.models import ClipSpec, DinoSpec
 from fiftyone_nola.core.progress import ProgressFn, null_progress
+from fiftyone_nola.core.prompt_tuning import TuneConfig
+from fiftyone_nola.stages import fo_io
 from fiftyone_nola.stages.nola import dino_labels, predict, tune_prompts
+from fiftyone_nola.stages.reuse import tune_settings
 from fiftyone_nola.stages.review import CORRECTIONS_FIELD
 
+logger = logging.getLogger(__name__)
 
-def retrain_with_corrections(
-    samples,
-    corrections_field: str = CORRECTIONS_FIELD,
-    zeroshot_field: str = "nola_zeroshot",
-    dino_field: str = "nola_dino",
-    tuned_field: str = "nola",
-    clip: Optional[ClipSpec] = None,
-    dino: Optional[DinoSpec] = None,
-    tune: bool = True,
-    tune_overrides: Optional[dict] = None,
-    device: Optional[str] = None,
-    progress: ProgressFn = null_progress,
-    log: Callable[[str], None] = print,
-) -> dict:
+
+@dataclass
+class CorrectionsConfig:
+    """Settings of a retraining with reviewed labels; ``None`` fields fit the hardware."""
+
+    corrections_field: str = CORRECTIONS_FIELD
+    zeroshot_field: str = "nola_zeroshot"
+    dino_field: str = "nola_dino"
+    tuned_field: str = "nola"
+    clip: ClipSpec = field(default_factory=ClipSpec)
+    dino: DinoSpec = field(default_factory=DinoSpec)
+    dino_labeler: DinoLabelerConfig = field(default_factory=DinoLabelerConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    skip_tuning: bool = False  # retrain the DINO labeller only
+    device: Optional[str] = None
+
+
+def retrain_with_corrections(samples, config: Optional[CorrectionsConfig] = None,
+                             progress: ProgressFn = null_progress) -> dict:
     """Re-run the DINO labeller (and tuning + predict) with reviewed labels as trusted picks.
 
     Returns how many samples' predicted labels changed in each field.
     """
-    from fiftyone_nola.core import dino_labeler as dl
-    from fiftyone_nola.core import prompt_tuning as pt
-    from fiftyone_nola.core.device import resolve
-    from fiftyone_nola.stages import fo_io
-
-    fo_io.check_field(samples, corrections_field)
-    n_corrected = samples.exists(corrections_field).count()
+    cfg = config or CorrectionsConfig()
+    device = resolve_device(cfg.device)
+    fo_io.check_field(samples, cfg.corrections_field)
+    n_corrected = samples.exists(cfg.corrections_field).count()
     before = {f: dict(zip(*samples.values(["id", f"{f}.label"])))
-              for f in (dino_field, tuned_field) if samples.has_field(f)}
-    dino_labels(samples, zeroshot_field, dino, dl.DinoLabelerConfig(device=device), dino_field,
-                trusted_field=corrections_field, progress=progress, log=log)
-    if tune:
-        # Machine-fitted settings, changed only where the caller says so.
-        cfg = resolve(pt.TuneConfig(**(tune_overrides or {})), device)
-        t = tune_prompts(samples, zeroshot_field, dino_field, clip, cfg, run_name=f"{tuned_field}_corrected",
-                         progress=progress, log=log)
-        predict(samples, t["model_dir"], clip, tuned_field, device=device, progress=progress, log=log)
+              for f in (cfg.dino_field, cfg.tuned_field) if samples.has_field(f)}
+    dino_labels(samples, cfg.zeroshot_field, cfg.dino, dataclasses.replace(cfg.dino_labeler, device=str(device)),
+                cfg.dino_field, trusted_field=cfg.corrections_field, progress=progress)
+    if not cfg.skip_tuning:
+        tune_cfg = tune_settings(cfg.tune, device)
+        t = tune_prompts(samples, cfg.zeroshot_field, cfg.dino_field, cfg.clip, tune_cfg,
+                         run_name=f"{cfg.tuned_field}_corrected", progress=progress)
+        predict(samples, t["model_dir"], cfg.clip, cfg.tuned_field, device=str(device), progress=progress)
     changed = {}
     for f, old in before.items():
         new = dict(zip(*samples.values(["id", f"{f}.label"])))
         changed[f] = sum(old.get(i) != new.get(i) for i in new)
-    log(f"[corrections] {n_corrected} reviewed labels used; changed predictions: {changed}")
+    logger.info(f"[corrections] {n_corrected} reviewed labels used; changed predictions: {changed}")
     return {"corrections": n_corrected, "changed": changed}
