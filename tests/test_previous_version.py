@@ -25,7 +25,7 @@ from conftest import tiny_pipeline_config
 from fiftyone_nola.core import storage
 from fiftyone_nola.core.index import EmbeddingIndex
 from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec
-from fiftyone_nola.pipeline import auto_label
+from fiftyone_nola.pipeline import auto_label, validate
 from fiftyone_nola.stages.brain_backend import FaissSimilarityConfig
 from fiftyone_nola.stages.embeddings import index_path, open_index
 
@@ -121,7 +121,12 @@ def test_indexes_open(v0_1_dataset):
 def test_rerun_with_the_same_settings_reuses_every_stage(v0_1_dataset):
     ds, manifest, root = v0_1_dataset
     before = {f: dict(zip(*ds.values(["id", f"{f}.confidence"]))) for f in LABEL_FIELDS}
-    again = auto_label(ds, manifest["classes"], tiny_pipeline_config(descriptions_file=str(root / "descriptions.json")))
+    config = tiny_pipeline_config(descriptions_file=str(root / "descriptions.json"))
+    plan = validate(ds, manifest["classes"], config).plan  # the --check plan reads the same records
+    assert {s["stage"]: (s["action"], s["samples"]) for s in plan["stages"]} == {
+        "embeddings:clip": ("reuse", 0), "embeddings:dino": ("reuse", 0), "zeroshot": ("reuse", 0),
+        "dino_labeler": ("reuse", 0), "prompt_tuning": ("reuse", 0), "predict": ("reuse", 0)}
+    again = auto_label(ds, manifest["classes"], config)
     assert again["processed"] == {"embeddings:clip": 0, "embeddings:dino": 0, "zeroshot": 0, "dino_labeler": 0,
                                   "prompt_tuning": 0, "predict": 0}
     for f, old in before.items():
