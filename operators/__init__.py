@@ -8,7 +8,7 @@ from .descriptions import GenerateDescriptions
 from .embeddings import ComputeEmbeddings
 from .labeling import ApplyModel, DinoLabels, Evaluate, TunePrompts, ZeroShot
 from .multilabel import EvaluateMultiLabel, MultiLabelPseudoLabels, TrainMultiLabel
-from .panels import NolaPanel, NolaSampleReview
+from .panels import NolaPanel
 from .pipeline import AutoLabel
 from .review import (
     ExportAccepted,
@@ -17,6 +17,7 @@ from .review import (
     RetrainWithCorrections,
     ReviewLowConfidence,
 )
+from .sample_panel import NolaSampleReview
 
 OPERATORS = [
     ComputeEmbeddings, GenerateDescriptions, ZeroShot, DinoLabels, TunePrompts, ApplyModel, Evaluate,

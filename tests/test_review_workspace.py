@@ -100,6 +100,7 @@ def review_ds(make_dataset):
 # ---------------------------------------------------------------------------- stage functions
 
 
+@pytest.mark.integration
 def test_class_list_is_stored_with_a_label_schema(review_ds):
     from fiftyone_nola.stages import review_workspace as rw
 
@@ -108,6 +109,7 @@ def test_class_list_is_stored_with_a_label_schema(review_ds):
     assert schema and schema["classes"] == CLASSES and schema["component"] == "dropdown"
 
 
+@pytest.mark.integration
 def test_flagging_queue_views_and_decisions(review_ds):
     from fiftyone_nola.stages import review_workspace as rw
     from fiftyone_nola.stages.review import ACCEPTED_TAG, REVIEW_TAG
@@ -144,6 +146,7 @@ def test_flagging_queue_views_and_decisions(review_ds):
     assert s["flagged"] == 9 and s["queue"] == 6 and REVIEW_TAG not in ds[first].tags
 
 
+@pytest.mark.integration
 def test_propagation_suggests_never_accepts(review_ds):
     from fiftyone_nola.stages import review_workspace as rw
     from fiftyone_nola.stages.review import ACCEPTED_TAG, REVIEW_TAG
@@ -172,13 +175,14 @@ def test_propagation_suggests_never_accepts(review_ds):
     assert rw.SUGGESTED_TAG not in ds[ids[1]].tags
 
 
+@pytest.mark.integration
 def test_brain_runs_on_the_stored_vectors(review_ds):
     import fiftyone.brain as fob  # noqa: F401
 
     from fiftyone_nola.stages.brain_runs import register_brain_runs, visualization_method
 
     ds = review_ds
-    r = register_brain_runs(ds, "clip", log=lambda m: None)
+    r = register_brain_runs(ds, "clip")
     assert r["similarity"] in ds.list_brain_runs() and r["visualization"] in ds.list_brain_runs()
     assert r["method"] == visualization_method(16) == "pca"
     sim = ds.load_brain_results(r["similarity"])
@@ -188,9 +192,9 @@ def test_brain_runs_on_the_stored_vectors(review_ds):
     assert sim.total_index_size == 16
     viz = ds.load_brain_results(r["visualization"])
     assert viz.points.shape == (16, 2)
-    register_brain_runs(ds, "clip", log=lambda m: None)  # re-registering replaces, never piles up
+    register_brain_runs(ds, "clip")  # re-registering replaces, never piles up
     assert sorted(ds.list_brain_runs()) == sorted([r["similarity"], r["visualization"]])
-    assert register_brain_runs(ds, "dino", log=lambda m: None) == {}  # no store: nothing, no error
+    assert register_brain_runs(ds, "dino") == {}  # no store: nothing, no error
     assert visualization_method(1000) in ("umap", "tsne") and visualization_method(10**6) in ("umap", "pca")
 
 
@@ -219,6 +223,7 @@ def form(name, dataset, **params):
     return op.resolve_input(ctx).type.properties
 
 
+@pytest.mark.integration
 def test_no_calibration_against_the_predictions_themselves(review_ds):
     props = form("review_low_confidence", review_ds, field="nola")
     gt = props["gt_field"]
@@ -236,6 +241,7 @@ def test_no_calibration_against_the_predictions_themselves(review_ds):
         review.calibration(review_ds, "nola", "nola")
 
 
+@pytest.mark.integration
 def test_review_table_is_rounded_and_shows_ece_with_ground_truth(review_ds):
     import fiftyone as fo
 
@@ -247,6 +253,7 @@ def test_review_table_is_rounded_and_shows_ece_with_ground_truth(review_ds):
     assert all(len(str(row["mean_confidence"]).split(".")[-1]) <= 3 for row in r.result["result"]["table"])
 
 
+@pytest.mark.integration
 def test_correction_outside_the_class_list_is_refused_in_the_form(review_ds):
     ids = review_ds.values("id")
     props = form("mark_reviewed", review_ds, action="correct")
@@ -259,6 +266,7 @@ def test_correction_outside_the_class_list_is_refused_in_the_form(review_ds):
     assert r.error is None and review_ds[ids[0]].nola_reviewed.label == "dog"
 
 
+@pytest.mark.integration
 def test_export_form_defaults_and_empty_export_message(review_ds, tmp_path):
     props = form("export_accepted", review_ds)
     assert props["export_dir"].default and "exports" in props["export_dir"].default
@@ -279,6 +287,7 @@ def test_export_form_defaults_and_empty_export_message(review_ds, tmp_path):
     assert r.error is None and r.result["result"]["exported"] == 3
 
 
+@pytest.mark.integration
 def test_evaluation_keys_never_silently_overwrite_and_final_labels(review_ds):
     import fiftyone as fo
 
@@ -308,12 +317,13 @@ def test_evaluation_keys_never_silently_overwrite_and_final_labels(review_ds):
 class PanelCtx:
     """A real ExecutionContext for a panel event, as the App sends it; records App operations."""
 
-    def __init__(self, dataset, state=None, selected=None, current_sample=None, view=None, **params):
+    def __init__(self, dataset, state=None, selected=None, current_sample=None, view=None, panel_id="test-panel",
+                 **params):
         from fiftyone.operators.executor import ExecutionContext, Executor
 
         self.executor = Executor()
         req = {"dataset_name": dataset.name, "selected": selected or [],
-               "params": {"panel_id": "test-panel", "panel_state": state if state is not None else {}, **params}}
+               "params": {"panel_id": panel_id, "panel_state": state if state is not None else {}, **params}}
         if current_sample:
             req["current_sample"] = current_sample
         if view is not None:
@@ -334,6 +344,7 @@ class PanelCtx:
         return [n for n, _ in self.ops()]
 
 
+@pytest.mark.integration
 def test_grid_panel_callbacks(review_ds):
     from fiftyone_nola.stages import review_workspace as rw
     from operators.panels import NolaPanel
@@ -349,7 +360,7 @@ def test_grid_panel_callbacks(review_ds):
 
     # moving the threshold flags live, and the grid follows
     pc = PanelCtx(ds, state=st, value=0.3)
-    panel.on_threshold(pc.ctx)
+    panel.on_slider(pc.ctx)
     assert pc.state["counts"]["flagged"] == 5 and pc.state["applied_threshold"] == 0.3
     assert len(ds.match_tags(rw.FLAGGED_TAG)) == 5
     assert "set_view" in " ".join(pc.op_names())
@@ -364,7 +375,7 @@ def test_grid_panel_callbacks(review_ds):
     ids = rw.queue_ids(ds)
     pc = PanelCtx(ds, state=pc.state, selected=ids[:2])
     panel.on_accept(pc.ctx)
-    assert "clear_selected_samples" in " ".join(pc.op_names())
+    assert "clear_selected_samples" in " ".join(pc.op_names()) and pc.state["selection"] == 0
     assert pc.state["counts"]["reviewed"] == 2 and pc.state["counts"]["queue"] == 3
     other = next(c for c in CLASSES if c != ds[ids[2]].nola.label)
     pc = PanelCtx(ds, state={**pc.state, "correct_class": other}, selected=ids[2:3])
@@ -375,9 +386,10 @@ def test_grid_panel_callbacks(review_ds):
     assert "notify" in " ".join(pc.op_names()) and "nola:rejected" not in ds.count_sample_tags()
 
 
+@pytest.mark.integration
 def test_sample_panel_one_click_moves_through_the_queue(review_ds):
     from fiftyone_nola.stages import review_workspace as rw
-    from operators.panels import NolaSampleReview
+    from operators.sample_panel import NolaSampleReview
 
     ds, panel = review_ds, NolaSampleReview()
     rw.flag_samples(ds, "nola", threshold=0.5)
@@ -398,3 +410,113 @@ def test_sample_panel_one_click_moves_through_the_queue(review_ds):
     assert len(rw.queue_ids(ds)) == len(queue) - 5 and state["progress"]["reviewed"] == 5
     assert ds.match_tags("nola:accepted").count() == 5
     assert set(opened) == set(queue[:5])
+
+
+@pytest.mark.integration
+def test_threshold_slider_and_number_mirror_each_other(review_ds):
+    """Whichever control moves, the other follows, the count updates and the grid shows the
+    flagged samples; the value the App sends back for the follower is not a new move."""
+    from fiftyone_nola.stages import review_workspace as rw
+    from operators.panels import NUMBER, SLIDER, NolaPanel
+
+    ds, panel, pid = review_ds, NolaPanel(), "mirror-panel"
+    pc = PanelCtx(ds, panel_id=pid)
+    panel.on_load(pc.ctx)
+    assert pc.state[SLIDER] == pc.state[NUMBER] == 0.5
+    st = pc.state
+    for moved, other, value, flagged in ((SLIDER, NUMBER, 0.3, 5), (NUMBER, SLIDER, 0.45, 7), (SLIDER, NUMBER, 0.8, 12)):
+        pc = PanelCtx(ds, state=st, panel_id=pid, value=value)
+        (panel.on_slider if moved == SLIDER else panel.on_number)(pc.ctx)
+        st = pc.state
+        assert st[other] == value and st["applied_threshold"] == value and st["counts"]["flagged"] == flagged
+        assert len(ds.match_tags(rw.FLAGGED_TAG)) == flagged
+        views = [p for n, p in pc.ops() if n.endswith("set_view")]
+        assert views, pc.op_names()  # the grid follows the threshold
+        # the App echoes the value set into the follower: ignored, nothing re-flagged or re-filtered
+        pc = PanelCtx(ds, state=st, panel_id=pid, value=value)
+        (panel.on_number if other == NUMBER else panel.on_slider)(pc.ctx)
+        assert pc.ops() == [] and pc.state == st
+    # a drag sends several values; a late echo of an older one does not pull the controls back
+    pc = PanelCtx(ds, state=st, panel_id=pid, value=0.6)
+    panel.on_slider(pc.ctx)
+    pc = PanelCtx(ds, state=pc.state, panel_id=pid, value=0.55)
+    panel.on_slider(pc.ctx)
+    st = pc.state
+    for echo in (0.6, 0.55):
+        pc = PanelCtx(ds, state=st, panel_id=pid, value=echo)
+        panel.on_number(pc.ctx)
+        assert pc.ops() == []
+    assert rw.settings(ds)["threshold"] == 0.55 and st[NUMBER] == 0.55
+    # out of range typed: clamped, and both controls show what is applied
+    pc = PanelCtx(ds, state=st, panel_id=pid, value=1.7)
+    panel.on_number(pc.ctx)
+    assert pc.state[NUMBER] == pc.state[SLIDER] == 1.0 and pc.state["counts"]["flagged"] == 16
+
+
+@pytest.mark.integration
+def test_stage_progress_polled_from_the_delegated_run(review_ds):
+    """A stage launched delegated: the panel polls its run and shows done/total on the stage's row;
+    when the run ends the timer stops and everything is refreshed."""
+    from fiftyone.operators.delegated import DelegatedOperationService
+    from fiftyone.operators.executor import ExecutionContext, ExecutionProgress
+
+    from operators.panels import NolaPanel
+
+    ds, panel = review_ds, NolaPanel()
+    pc = PanelCtx(ds)
+    panel.on_load(pc.ctx)
+    assert pc.state["jobs"] == [] and "poll" not in panel.render(pc.ctx).type.properties
+    pc = PanelCtx(ds, state=pc.state, row=0)
+    panel.on_run_stage(pc.ctx)  # "Run" on a stage row opens its form, then reports back
+    (name, params), = pc.ops()
+    assert name.endswith("prompt_user_for_operation") and params["operator_uri"] == f"{PLUGIN}/compute_embeddings"
+    assert params["on_success"].endswith("#on_launched")
+
+    svc = DelegatedOperationService()
+    job = svc.queue_operation(f"{PLUGIN}/compute_embeddings", context=ExecutionContext(
+        request_params={"dataset_name": ds.name, "params": {"family": "clip"}}))
+    try:
+        pc = PanelCtx(ds, state=pc.state)
+        panel.on_launched(pc.ctx)
+        rows = {r["stage"]: r["state"] for r in pc.state["stages"]}
+        assert rows["CLIP embeddings"] == "queued" and rows["DINO embeddings"] == "not run"
+        svc.set_running(job.id)
+        svc.set_progress(job.id, ExecutionProgress(0.3, "Embedding images 12/40"))
+        pc = PanelCtx(ds, state=pc.state)
+        panel.on_poll(pc.ctx)
+        rows = {r["stage"]: r["state"] for r in pc.state["stages"]}
+        assert rows["CLIP embeddings"] == "running 12/40 (30%)" and rows["DINO embeddings"] == "not run"
+        props = panel.render(pc.ctx).type.properties
+        assert props["poll"].view.to_json()["on_interval"].endswith("#on_poll")
+        assert "Embedding images 12/40 (30%)" in props["jobs_text"].default
+        svc.set_completed(job.id)
+        pc = PanelCtx(ds, state=pc.state)
+        panel.on_poll(pc.ctx)
+        rows = {r["stage"]: r["state"] for r in pc.state["stages"]}
+        assert pc.state["jobs"] == [] and rows["CLIP embeddings"] == "fresh"
+        assert "poll" not in panel.render(pc.ctx).type.properties
+    finally:
+        svc.delete_operation(job.id)
+
+
+@pytest.mark.integration
+def test_outputs_link_to_the_model_evaluation_panel(review_ds):
+    import fiftyone as fo
+    import fiftyone.operators as foo
+    from fiftyone.operators.executor import ExecutionContext
+
+    from operators.panels import MODEL_EVALUATION_PANEL, NolaPanel
+
+    pc = PanelCtx(review_ds)
+    NolaPanel().on_open_evaluation(pc.ctx)
+    assert [(n, p["name"]) for n, p in pc.ops()] == [("open_panel", MODEL_EVALUATION_PANEL)]
+    pc = PanelCtx(review_ds)
+    NolaPanel().on_evaluate(pc.ctx)  # "Evaluate…" opens the evaluate_labels form
+    assert [p["operator_uri"] for n, p in pc.ops()] == [f"{PLUGIN}/evaluate_labels"]
+    review_ds.set_values("ground_truth", [fo.Classification(label=CLASSES[i % 4]) for i in range(len(review_ds))])
+    r = run("evaluate_labels", review_ds, pred_field="nola", gt_field="ground_truth")
+    assert r.error is None and "Open Model Evaluation" in r.result["summary"]
+    op = foo.get_operator(f"{PLUGIN}/evaluate_labels")
+    out = op.resolve_output(ExecutionContext(request_params={"dataset_name": review_ds.name, "params": {}}))
+    button = out.type.properties["open_model_evaluation"].view.to_json()
+    assert button["operator"] == "open_panel" and button["params"]["name"] == MODEL_EVALUATION_PANEL

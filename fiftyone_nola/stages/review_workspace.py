@@ -15,11 +15,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
+import fiftyone as fo
 import numpy as np
+from fiftyone import ViewField as F
+from fiftyone.operators.delegated import DelegatedOperationService
+from fiftyone.operators.executor import ExecutionRunState
 
 from fiftyone_nola.core import review_queue as rq
 from fiftyone_nola.core.errors import InvalidInputError
-from fiftyone_nola.stages import fo_io
+from fiftyone_nola.core.index import EmbeddingIndex
+from fiftyone_nola.stages import fo_io, runs
+from fiftyone_nola.stages.brain_runs import stored_index_path
 from fiftyone_nola.stages.review import (
     ACCEPTED_TAG,
     CORRECTIONS_FIELD,
@@ -59,8 +65,6 @@ def class_list(samples, field: str = "nola") -> list[str]:
 def store_class_list(samples, classes: Sequence[str], corrections_field: str = CORRECTIONS_FIELD) -> None:
     """Keep the class list on the dataset: ``default_classes`` and a label schema making the
     App's editor for ``corrections_field`` a dropdown of exactly these classes."""
-    import fiftyone as fo
-
     ds = fo_io.root_dataset(samples)
     classes = list(classes)
     if list(ds.default_classes or []) != classes:
@@ -109,8 +113,6 @@ class Snapshot:
 
 
 def snapshot(samples, field: str = "nola") -> Snapshot:
-    import fiftyone as fo
-
     fo_io.check_field(samples, field, (fo.Classification,))
     ids, labels, conf, tags = samples.values(["id", f"{field}.label", f"{field}.confidence", "tags"])
     return Snapshot(list(ids), list(labels), rq.as_conf(conf), [list(t or []) for t in tags])
@@ -206,8 +208,6 @@ def flag_samples(samples, field: str = "nola", threshold: Optional[float] = 0.5,
 def save_views(samples, field: str = "nola") -> list[str]:
     """Saved views matching the flagged set exactly: all flagged (least confident first), the
     queue (flagged or suggested, not yet decided, in queue order), flagged grouped per class."""
-    from fiftyone import ViewField as F
-
     ds = fo_io.root_dataset(samples)
     flagged = ds.match_tags(FLAGGED_TAG)
     views = {
@@ -307,9 +307,6 @@ def decide(samples, sample_ids: Sequence[str], action: str, label: Optional[str]
 
 
 def _open_store(samples):
-    from fiftyone_nola.core.index import EmbeddingIndex
-    from fiftyone_nola.stages.brain_runs import stored_index_path
-
     for family in ("clip", "dino"):
         path = stored_index_path(samples, family)
         if path:
@@ -377,8 +374,6 @@ def propagate_corrections(samples, field: str = "nola", min_similarity: float = 
     the same wrong label: their ``nola_suggested`` gets the reviewer's label (confidence = the
     similarity), they are tagged ``nola:suggested`` and put in the review queue. Nothing is
     accepted. With ``apply=False`` only counts what would be touched."""
-    import fiftyone as fo
-
     ds = fo_io.root_dataset(samples)
     if not ds.has_sample_field(corrections_field):
         return {"corrections": 0, "suggested": 0, "by_label": {}, "ids": []}
@@ -424,8 +419,6 @@ STAGES = (
 def stage_status(samples) -> list[dict]:
     """Each stage: has it run, on how many samples, with which model, when, fresh or stale
     (stale: it ran before a stage it depends on, or samples lack its output)."""
-    from fiftyone_nola.stages import runs
-
     ds = fo_io.root_dataset(samples)
     n = len(samples)
     rows, prev_time = [], None
@@ -450,3 +443,36 @@ def stage_status(samples) -> list[dict]:
         rows.append({"stage": name, "state": state, "samples": f"{count or 0}/{n}", "model": str(model)[:40],
                      "operator": op, "seconds": round(float(res["seconds"]), 1) if res.get("seconds") else None})
     return rows
+
+
+def active_jobs(samples, plugin: str) -> list[dict]:
+    """The plugin's delegated operations on this dataset that have not ended, with the progress
+    their operators report (``ctx.set_progress``: a fraction and "message done/total")."""
+    ds = fo_io.root_dataset(samples)
+    jobs = []
+    for state in (ExecutionRunState.RUNNING, ExecutionRunState.QUEUED, ExecutionRunState.SCHEDULED):
+        for op in DelegatedOperationService().list_operations(dataset_name=ds.name, run_state=state):
+            if not str(op.operator).startswith(plugin + "/"):
+                continue
+            status = op.status
+            frac = getattr(status, "progress", None)
+            params = getattr(op.context, "params", None) or {}
+            jobs.append({"id": str(op.id), "operator": op.operator.split("/")[-1], "state": str(state),
+                         "family": params.get("family"), "label": getattr(status, "label", None) or "",
+                         "percent": None if frac is None else round(100 * float(frac))})
+    return jobs
+
+
+def with_jobs(rows: list[dict], jobs: list[dict]) -> list[dict]:
+    """Stage rows with the state of a job running (or waiting) for that stage, e.g. "running 12/40 (30%)"."""
+    out = []
+    for row in rows:
+        row = dict(row)
+        for job in jobs:
+            fam = job.get("family")
+            if job["operator"] == row["operator"] and (fam in (None, "both") or row["stage"].lower().startswith(fam)):
+                done = f" {job['label'].split()[-1]}" if job["label"] else ""
+                pct = f" ({job['percent']}%)" if job["percent"] is not None else ""
+                row["state"] = f"{job['state']}{done}{pct}"
+        out.append(row)
+    return out

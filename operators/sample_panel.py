@@ -1,0 +1,134 @@
+"""One-click review in the sample view: the sample's label per stage, its neighbours' labels,
+and one click to accept or pick a class, which opens the next sample of the review queue.
+"""
+
+from __future__ import annotations
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from fiftyone_nola.stages import review_workspace as rw
+
+from . import _common
+from .panels import Serialized, field_of, media_url
+
+REVIEW_PANEL = "nola_sample_review"
+NB_SHOWN = 6
+
+
+class NolaSampleReview(Serialized, foo.Panel):
+    """In the sample view: the sample's labels per stage, its neighbours' labels, and one click
+    to accept or pick a class, which moves on to the next sample of the review queue."""
+
+    @property
+    def config(self):
+        return foo.PanelConfig(
+            name=REVIEW_PANEL, label="NoLA sample review", icon="rate_review", surfaces="modal",
+            help_markdown="One click per sample: accept the label or pick the right class; "
+                          "the next sample of the review queue opens.",
+        )
+
+    def on_load(self, ctx):
+        self.show(ctx)
+
+    def on_change_current_sample(self, ctx):
+        self.show(ctx)
+
+    def show(self, ctx, sample_id=None):
+        sid = sample_id or ctx.current_sample
+        if not sid or ctx.dataset is None:
+            ctx.panel.set_state("card", None)
+            return
+        card = rw.sample_card(ctx.dataset, sid, field_of(ctx))
+        nbs = {f"nb_col_{j}": {f"nb_img_{j}": media_url(n["filepath"])}
+               for j, n in enumerate(card["neighbours"][:NB_SHOWN])}
+        ctx.panel.set_state({"card": card, "queue": len(rw.queue_ids(ctx.dataset)), "progress": rw.progress(ctx.dataset),
+                             "classes_list": rw.class_list(ctx.dataset, field_of(ctx)),
+                             "images": {"image": media_url(card["filepath"])}, "neighbour_images": nbs})
+
+    def _record(self, ctx, action, label=None):
+        card = ctx.panel.get_state("card") or {}
+        sid = card.get("id") or ctx.current_sample
+        if not sid:
+            return
+        try:
+            rw.decide(ctx.dataset, [sid], action, label, field_of(ctx))
+        except Exception as e:
+            ctx.ops.notify(str(e), variant="error")
+            return
+        ctx.panel.set_state("last", {"id": sid, "action": action, "label": label})
+        nxt = rw.next_in_queue(ctx.dataset, after=sid)
+        if nxt is None:
+            ctx.ops.notify("Review queue done", variant="success")
+            self.show(ctx, sid)
+            ctx.ops.reload_samples()
+            return
+        ctx.ops.open_sample(id=nxt)
+        self.show(ctx, nxt)
+
+    def on_accept(self, ctx):
+        self._record(ctx, "accept")
+
+    def on_accept_suggestion(self, ctx):
+        card = ctx.panel.get_state("card") or {}
+        self._record(ctx, "correct", card.get("suggestion"))
+
+    def on_reject(self, ctx):
+        self._record(ctx, "reject")
+
+    def on_pick(self, ctx):
+        self._record(ctx, "correct", ctx.params.get("label"))
+
+    def on_close(self, ctx):
+        ctx.ops.close_sample()
+        _common.show_review_fields(ctx)
+
+    def on_skip(self, ctx):
+        card = ctx.panel.get_state("card") or {}
+        nxt = rw.next_in_queue(ctx.dataset, after=card.get("id"))
+        if nxt:
+            ctx.ops.open_sample(id=nxt)
+            self.show(ctx, nxt)
+
+    def render(self, ctx):
+        panel = types.Object()
+        card = ctx.panel.get_state("card")
+        if not card:
+            panel.md("Open a sample to review it.", name="empty")
+            return types.Property(panel, view=types.GridView(orientation="vertical", gap=1, padding=1))
+        pred = card.get("prediction")
+        sugg = card.get("suggestion")
+        prog = ctx.panel.get_state("progress") or {}
+        lines = [f"**Status**: {card['status']} · **queue**: {ctx.panel.get_state('queue') or 0} left"
+                 f" · reviewed {prog.get('reviewed', 0)} of {prog.get('flagged', 0)} flagged", "",
+                 "| stage | label | confidence |", "|---|---|---|"]
+        lines += [f"| {s['field']} | {s['label']} | {'-' if s['confidence'] is None else s['confidence']} |"
+                  for s in card["stages"]]
+        if card["neighbours"]:
+            lines += ["", "**Nearest neighbours** (stored index) below: their labels · similarity"]
+        imgs = panel.h_stack("images", gap=2, align_y="top")
+        imgs.view("image", types.ImageView(height="224px", alt="sample"))
+        imgs.md("\n".join(lines), name="card_md")
+        if card["neighbours"]:
+            nbs = panel.h_stack("neighbour_images", gap=1)
+            for j, n in enumerate(card["neighbours"][:NB_SHOWN]):
+                col = nbs.v_stack(f"nb_col_{j}", gap=0)
+                col.view(f"nb_img_{j}", types.ImageView(height="72px", alt=n["label"] or ""))
+                col.md(f"{n['label']} · {n['similarity']:.2f}", name=f"nb_txt_{j}")
+        top = panel.h_stack("main_actions", gap=1)
+        if sugg:
+            top.btn("accept_suggestion", label=f"Accept suggestion: {sugg}", icon="done_all", variant="contained",
+                    on_click=self.on_accept_suggestion)
+        top.btn("accept", label=f"Accept: {pred}" if pred else "Accept", icon="check",
+                variant="outlined" if sugg else "contained", on_click=self.on_accept)
+        top.btn("reject", label="Reject", icon="close", on_click=self.on_reject)
+        top.btn("skip", label="Skip", icon="skip_next", on_click=self.on_skip)
+        top.btn("close", label="Back to the grid", icon="grid_view", on_click=self.on_close)
+        panel.md("Or pick the right class (one click, then the next sample opens):", name="pick_text")
+        classes = ctx.panel.get_state("classes_list") or []
+        for r in range(0, len(classes), 4):
+            row = panel.h_stack(f"pick_row_{r // 4}", gap=1)
+            for cls in classes[r:r + 4]:
+                row.btn(f"pick_{r}_{classes.index(cls)}", label=cls, on_click=self.on_pick, params={"label": cls},
+                        variant="outlined")
+        return types.Property(panel, view=types.GridView(orientation="vertical", gap=1, padding=1))
