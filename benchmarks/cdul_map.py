@@ -90,7 +90,10 @@ def naive_local_scores(clip, filepaths, weights, grid: int, logit_scale: float =
 
 
 def main(argv=None) -> int:
-    return C.run_benchmark("cdul_map", parse_args(argv), run, "nola-bench-cdul")
+    from fiftyone_nola.logs import lines_to
+
+    with lines_to(lambda m: print("   ", m, flush=True)):  # the stages' progress lines
+        return C.run_benchmark("cdul_map", parse_args(argv), run, "nola-bench-cdul")
 
 
 def run(args, results: dict, tables: list, tmp: Path) -> None:
@@ -152,7 +155,7 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
     results["parts"] = P.rows  # filled as parts finish
     with P.part("embedding pass (CLIP)", n) as row:
         s = compute_embeddings(ds, "clip", clip=clip_spec, config=EmbedConfig(
-            batch_size=args.batch_size, num_workers=args.num_workers, device="cpu"), log=log)["clip"]
+            batch_size=args.batch_size, num_workers=args.num_workers, device="cpu"))["clip"]
         row["model_load_seconds"] = s["model_load_seconds"]
         row["images_per_s_excl_model_load"] = s["images_per_s"]
     with P.part("load CLIP", 0):

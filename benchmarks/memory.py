@@ -310,16 +310,15 @@ def _ours_stages(args, fo, classes, tmp: Path):
                              classes, clip.identity)
     cfg = EmbedConfig(batch_size=args.batch_size, num_workers=args.num_workers, device="cpu")
     zcfg = labeling.ZeroShotConfig(clip=spec, device="cpu")
-    quiet = lambda *_a, **_k: None  # noqa: E731
 
     def run(fo, ds, warm: bool):
         n = len(ds)
         stages = {
-            "embed": lambda: compute_embeddings(ds, "clip", clip=spec, config=cfg, log=quiet)["clip"],
-            "zero-shot labels": lambda: labeling.zero_shot(ds, classes, zcfg, log=quiet),
+            "embed": lambda: compute_embeddings(ds, "clip", clip=spec, config=cfg)["clip"],
+            "zero-shot labels": lambda: labeling.zero_shot(ds, classes, zcfg),
             "predict": lambda: labeling.predict(ds, str(model_dir), clip=spec, label_field="nola_predict",
                                                 batch_size=args.batch_size, num_workers=args.num_workers,
-                                                device="cpu", log=quiet),
+                                                device="cpu"),
         }
         rows = {}
         for name, fn in stages.items():

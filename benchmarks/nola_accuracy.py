@@ -174,7 +174,10 @@ def text_side_timers(rec_load: list, rec_text: list):
 
 
 def main(argv=None) -> int:
-    return C.run_benchmark("nola_accuracy", parse_args(argv), run, "nola-bench-acc")
+    from fiftyone_nola.logs import lines_to
+
+    with lines_to(lambda m: print("   ", m, flush=True)):  # the stages' progress lines
+        return C.run_benchmark("nola_accuracy", parse_args(argv), run, "nola-bench-acc")
 
 
 def run(args, results: dict, tables: list, tmp: Path) -> None:
@@ -199,8 +202,6 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
     pretrained = C.pretrained_mode()
     results["pretrained"] = pretrained
     bs, nw = args.batch_size, args.num_workers
-    log = lambda m: print("   ", m, flush=True)  # noqa: E731
-    quiet = lambda *_a, **_k: None  # noqa: E731
 
     # ---------------------------------------------------------------- models and weights
     if pretrained:
@@ -253,11 +254,11 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
     ecfg = EmbedConfig(batch_size=bs, num_workers=nw, device="cpu")
     res: dict = {}
     with st.part("embeddings_clip", n) as row:
-        s = compute_embeddings(ds, "clip", clip=clip_spec, config=ecfg, log=log)["clip"]
+        s = compute_embeddings(ds, "clip", clip=clip_spec, config=ecfg)["clip"]
         row["model_load_seconds"] = s["model_load_seconds"]
         row["images_per_s_excl_model_load"] = s["images_per_s"]
     with st.part("embeddings_dino", n) as row:
-        s = compute_embeddings(ds, "dino", dino=dino_spec, config=ecfg, log=log)["dino"]
+        s = compute_embeddings(ds, "dino", dino=dino_spec, config=ecfg)["dino"]
         row["model_load_seconds"] = s["model_load_seconds"]
         row["images_per_s_excl_model_load"] = s["images_per_s"]
     zcfg = labeling.ZeroShotConfig(clip=clip_spec, descriptions_file=desc_file,
@@ -265,25 +266,25 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
     with st.part("zeroshot", n) as row:
         rec_load, rec_text = [], []
         with text_side_timers(rec_load, rec_text):
-            res["zeroshot"] = labeling.zero_shot(ds, classes, zcfg, "nola_zeroshot", log=log)
+            res["zeroshot"] = labeling.zero_shot(ds, classes, zcfg, "nola_zeroshot")
         row["model_load_seconds"], row["text_seconds"] = sum(rec_load), sum(rec_text)
         row["texts"] = n_texts(ds, "nola_zeroshot")
     with st.part("dino_labeler", n) as row:
         res["dino"] = labeling.dino_labels(ds, "nola_zeroshot", dino_spec,
-                                           dl.DinoLabelerConfig(device="cpu"), "nola_dino", log=log)
+                                           dl.DinoLabelerConfig(device="cpu"), "nola_dino")
         row["k"], row["trained_on"] = res["dino"]["k"], res["dino"]["selected_for_training"]
     tcfg = pt.TuneConfig(epochs=args.tune_epochs, batch_size=args.tune_batch_size,
                          max_samples=args.tune_samples, num_workers=nw, device="cpu")
     n_tune = min(args.tune_samples, n)
     with st.part("prompt_tuning", n_tune * args.tune_epochs) as row:
         res["tune"] = labeling.tune_prompts(ds, "nola_zeroshot", "nola_dino", clip_spec, tcfg,
-                                            run_name="nola", log=log)
+                                            run_name="nola")
         secs = res["tune"]["history"]["seconds"]
         row["epoch_seconds"] = secs
         row["train_images"] = n_tune
     with st.part("predict", n) as row:
         res["predict"] = labeling.predict(ds, res["tune"]["model_dir"], clip_spec, "nola", batch_size=bs,
-                                          num_workers=nw, device="cpu", log=log)
+                                          num_workers=nw, device="cpu")
 
     # seconds/epoch is the unit of prompt tuning; images/s counts images trained per second
     st.rows["prompt_tuning"]["seconds_per_epoch"] = float(np.mean(st.rows["prompt_tuning"]["epoch_seconds"]))
@@ -432,7 +433,7 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
     with text_side_timers(rec_load, rec_text):
         labeling.zero_shot(ds, new_classes, labeling.ZeroShotConfig(clip=clip_spec, include_templates=False,
                                                                     device="cpu"),
-                           "relabel_ours", descriptions=same_texts, log=quiet)
+                           "relabel_ours", descriptions=same_texts)
     total = time.perf_counter() - t0
     relabel["ours"] = relabel_row(total, sum(rec_load), sum(rec_text), n, n_texts(ds, "relabel_ours"), lav)
     # The CDE variant (1,300 description + template texts) is the zero-shot stage above: a

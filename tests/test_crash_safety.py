@@ -6,6 +6,7 @@ prompt tuning. After every kill the dataset and the indexes must be valid; re-ru
 and the final labels equal those of a run that was never interrupted.
 """
 
+import logging
 import os
 import subprocess
 import sys
@@ -34,6 +35,7 @@ CHILD = textwrap.dedent(
     from fiftyone_nola.core.index import EmbeddingIndex
     from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec
     from fiftyone_nola.core.prompt_tuning import TuneConfig
+    from fiftyone_nola.logs import lines_to
     from fiftyone_nola.pipeline import AutoLabelConfig, auto_label
     from fiftyone_nola.stages.nola import ZeroShotConfig
 
@@ -74,7 +76,8 @@ CHILD = textwrap.dedent(
         zeroshot=ZeroShotConfig(descriptions_file=descriptions),
         tune=TuneConfig(epochs=3, batch_size=8, max_samples=0), device="cpu",
     )
-    auto_label(fo.load_dataset(name), %r, cfg, log=log)
+    with lines_to(log):
+        auto_label(fo.load_dataset(name), %r, cfg)
     print("CHILD-DONE", flush=True)
     """
 ) % (CLASSES,)
@@ -178,13 +181,14 @@ def test_stage_writer_forgets_the_run_record_of_an_unfinished_write(make_dataset
     assert runs.get_run(ds, "nola_zeroshot") is None
 
 
-def test_stage_writer_is_reentrant_and_excludes_other_threads(make_dataset):
+def test_stage_writer_is_reentrant_and_excludes_other_threads(make_dataset, caplog):
+    caplog.set_level(logging.INFO, logger="fiftyone_nola")
     pairs = cifar_files(per_class=1)
     ds = make_dataset([p for p, _ in pairs])
-    events, logs = [], []
+    events = []
 
     def other():
-        with stage_writer(ds, "f", logs.append):
+        with stage_writer(ds, "f"):
             events.append("other")
 
     with stage_writer(ds, "f"), stage_writer(ds, "f"):  # nested: no self-deadlock
@@ -194,7 +198,7 @@ def test_stage_writer_is_reentrant_and_excludes_other_threads(make_dataset):
         events.append("first-done")
     t.join(timeout=30)
     assert events == ["first-done", "other"]
-    assert any("another job is writing this stage" in m for m in logs)
+    assert any("another job is writing this stage" in m for m in caplog.messages)
 
 
 SECOND_WRITER = textwrap.dedent(
@@ -203,9 +207,10 @@ SECOND_WRITER = textwrap.dedent(
     import fiftyone as fo
     from fiftyone_nola.stages.nola import ZeroShotConfig, zero_shot
     from fiftyone_nola.core.models import tiny_clip_spec
+    from fiftyone_nola.logs import lines_to
     ds = fo.load_dataset(sys.argv[1])
-    zero_shot(ds, sys.argv[2].split(","), ZeroShotConfig(clip=tiny_clip_spec(), device="cpu"),
-              log=lambda m: print(m, flush=True))
+    with lines_to(lambda m: print(m, flush=True)):
+        zero_shot(ds, sys.argv[2].split(","), ZeroShotConfig(clip=tiny_clip_spec(), device="cpu"))
     print("CHILD-DONE", flush=True)
     """
 )
@@ -219,8 +224,7 @@ def test_second_process_waits_for_the_writer_of_the_same_field(make_dataset):
 
     pairs = cifar_files(per_class=1)
     ds = make_dataset([p for p, _ in pairs])
-    compute_embeddings(ds, "clip", clip=tiny_clip_spec(), config=EmbedConfig(num_workers=0, device="cpu"),
-                       log=lambda m: None)
+    compute_embeddings(ds, "clip", clip=tiny_clip_spec(), config=EmbedConfig(num_workers=0, device="cpu"))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     with stage_writer(ds, "nola_zeroshot"):
         proc = subprocess.Popen([sys.executable, "-c", SECOND_WRITER, ds.name, ",".join(CLASSES)],

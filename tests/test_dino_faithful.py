@@ -432,9 +432,8 @@ def test_dino_labels_feeds_the_labeller_raw_cls_features(cifar_dataset, monkeypa
 
     clip, dino = M.tiny_clip_spec(), M.tiny_dino_spec()
     assert dino.preprocess == "nola"
-    compute_embeddings(cifar_dataset, "both", clip, dino, EmbedConfig(batch_size=16, num_workers=0, device="cpu"),
-                       log=lambda m: None)
-    zero_shot(cifar_dataset, ["cat", "dog", "ship"], ZeroShotConfig(clip=clip), "zs", log=lambda m: None)
+    compute_embeddings(cifar_dataset, "both", clip, dino, EmbedConfig(batch_size=16, num_workers=0, device="cpu"))
+    zero_shot(cifar_dataset, ["cat", "dog", "ship"], ZeroShotConfig(clip=clip), "zs")
     seen = {}
     real_train = dl.train_labeler
 
@@ -444,7 +443,7 @@ def test_dino_labels_feeds_the_labeller_raw_cls_features(cifar_dataset, monkeypa
 
     monkeypatch.setattr(dl, "train_labeler", spy)
     cfg = dl.DinoLabelerConfig(epochs=1, features=features_opt)
-    dino_labels(cifar_dataset, "zs", dino, cfg, label_field="dino", log=lambda m: None)
+    dino_labels(cifar_dataset, "zs", dino, cfg, label_field="dino")
     ids, paths = fo_io.ids_and_paths(cifar_dataset)
     want = _raw_cls(dino, paths)
     norms = np.linalg.norm(want, axis=1)
@@ -463,13 +462,12 @@ def test_old_dino_store_without_norms_is_reembedded(cifar_dataset):
 
     dino = M.tiny_dino_spec()
     cfg = EmbedConfig(batch_size=16, num_workers=0, device="cpu")
-    compute_embeddings(cifar_dataset, "dino", dino=dino, config=cfg, log=lambda m: None)
+    compute_embeddings(cifar_dataset, "dino", dino=dino, config=cfg)
     path = Path(index_path(cifar_dataset, dino))
     _strip_norms(path)
     with pytest.raises(IndexMismatchError, match="compute_embeddings"):
         load_embeddings(cifar_dataset, dino, raw=True)
-    logs = []
-    s = compute_embeddings(cifar_dataset, "dino", dino=dino, config=cfg, log=logs.append)
+    s = compute_embeddings(cifar_dataset, "dino", dino=dino, config=cfg)
     assert s["dino"]["embedded"] == len(cifar_dataset)
     _, raw = load_embeddings(cifar_dataset, dino, raw=True)
     assert np.isfinite(raw).all()
@@ -508,7 +506,7 @@ def test_dino_labels_reproduces_official_train_taal(make_dataset):
         s["reviewed"] = fo.Classification(label=classes[by_id[s.id]])
     cfg = dl.DinoLabelerConfig(hidden=case["hidden"], epochs=case["epochs"], batch_size=case["batch_size"],
                                seed=case["seed"])
-    dino_labels(ds, "zs", dino, cfg, label_field="dino", trusted_field="reviewed", log=lambda m: None)
+    dino_labels(ds, "zs", dino, cfg, label_field="dino", trusted_field="reviewed")
     mlp = dl.load_labeler(stage_dir(ds, "dino") / "labeler", classes)
     with torch.no_grad():
         got = mlp(torch.tensor(case["probe"], dtype=torch.float32)).numpy()

@@ -21,7 +21,6 @@ from fiftyone_nola.stages.embeddings import compute_embeddings, index_path, load
 from fiftyone_nola.stages.embeddings_ray import RayEmbedConfig, compute_embeddings_ray
 
 CFG = EmbedConfig(batch_size=4, num_workers=0, chunk_size=4)
-QUIET = {"log": lambda m: None}
 SAME_META = ("format_version", "dim", "metric", "index_type", "normalized", "model_key", "model",
              "preprocessing", "dataset_id", "count", "built_index_type")
 
@@ -80,7 +79,7 @@ def test_ray_engine_matches_local_engine_and_resumes_from_shards(
     spec = tiny_clip_spec()
     # One dataset, two stores: the engines must agree id for id.
     monkeypatch.setenv("NOLA_HOME", str(tmp_path / "local"))
-    local = compute_embeddings(ds, "clip", spec, config=CFG, **QUIET)["clip"]
+    local = compute_embeddings(ds, "clip", spec, config=CFG)["clip"]
     assert (local["embedded"], local["failed"]) == (10, 1) and _tagged(ds) == {bad}
     local_ix = EmbeddingIndex.open(index_path(ds, spec))
     ds.untag_samples(fo_io.UNREADABLE_TAG)
@@ -102,11 +101,11 @@ def test_ray_engine_matches_local_engine_and_resumes_from_shards(
     monkeypatch.setattr(distributed, "_run_pipeline", run)
     monkeypatch.setattr(distributed, "_ingest", crash)
     with pytest.raises(RuntimeError, match="driver died"):
-        compute_embeddings_ray(ds, "clip", spec, config=CFG, ray_config=rcfg, **QUIET)
+        compute_embeddings_ray(ds, "clip", spec, config=CFG, ray_config=rcfg)
     assert pools == [2] and len(list(shard_dir.glob("shard-*.npz"))) == 3  # 11 images, calls of 4
     monkeypatch.setattr(distributed, "_ingest", real_ingest)
 
-    out = compute_embeddings_ray(ds, "clip", spec, config=CFG, ray_config=rcfg, **QUIET)["clip"]
+    out = compute_embeddings_ray(ds, "clip", spec, config=CFG, ray_config=rcfg)["clip"]
     assert (out["engine"], out["actors"], out["shards"], out["shards_reused"]) == ("ray", 0, 0, 3)
     assert (out["embedded"], out["reused"], out["failed"], out["index_size"]) == (10, 0, 1, 10)
     assert _tagged(ds) == {bad} and not list(shard_dir.glob("*.npz"))
@@ -122,7 +121,7 @@ def test_ray_engine_matches_local_engine_and_resumes_from_shards(
         vecs[:10], local_ix.get(ids[:10])[0], rtol=0, atol=1e-6)
 
     # Nothing changed: only the unreadable file is tried again (on one actor), and fails again.
-    again = compute_embeddings_ray(ds, "clip", spec, config=CFG, ray_config=rcfg, **QUIET)["clip"]
+    again = compute_embeddings_ray(ds, "clip", spec, config=CFG, ray_config=rcfg)["clip"]
     assert (again["embedded"], again["reused"], again["failed"], again["actors"]) == (0, 10, 1, 1)
 
 

@@ -14,6 +14,9 @@ from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec
 from fiftyone_nola.stages import fo_io
 from fiftyone_nola.stages.embeddings import compute_embeddings, load_embeddings, open_index
 
+# Every test here embeds real CIFAR images (../shared/data).
+pytestmark = pytest.mark.integration
+
 CFG = EmbedConfig(batch_size=4, num_workers=0, chunk_size=4)
 
 
@@ -34,7 +37,7 @@ def image_dir(tmp_path):
 def test_embed_counts_tags_and_matches_direct_embedding(make_dataset, image_dir, tiny_clip):
     files, bad, gray, missing = image_dir
     ds = make_dataset(files + [bad, gray, missing])
-    out = compute_embeddings(ds, "both", tiny_clip_spec(), tiny_dino_spec(), CFG, log=lambda m: None)
+    out = compute_embeddings(ds, "both", tiny_clip_spec(), tiny_dino_spec(), CFG)
     for fam in ("clip", "dino"):
         s = out[fam]
         assert s["samples"] == 13 and s["embedded"] == 11 and s["failed"] == 2 and s["index_size"] == 11
@@ -53,15 +56,14 @@ def test_embed_counts_tags_and_matches_direct_embedding(make_dataset, image_dir,
 def test_rerun_is_incremental_and_tracks_changes(make_dataset, image_dir):
     files, *_ = image_dir
     ds = make_dataset(files)
-    quiet = {"log": lambda m: None}
-    first = compute_embeddings(ds, "clip", tiny_clip_spec(), config=CFG, **quiet)["clip"]
+    first = compute_embeddings(ds, "clip", tiny_clip_spec(), config=CFG)["clip"]
     assert first["embedded"] == 10
-    again = compute_embeddings(ds, "clip", tiny_clip_spec(), config=CFG, **quiet)["clip"]
+    again = compute_embeddings(ds, "clip", tiny_clip_spec(), config=CFG)["clip"]
     assert again["embedded"] == 0 and again["reused"] == 10
     # a changed file is re-embedded, a deleted sample leaves the index
     Image.open(files[3]).rotate(90).save(files[3])
     ds.delete_samples(ds.match({"filepath": files[5]}))
-    third = compute_embeddings(ds, "clip", tiny_clip_spec(), config=CFG, **quiet)["clip"]
+    third = compute_embeddings(ds, "clip", tiny_clip_spec(), config=CFG)["clip"]
     assert third["embedded"] == 1 and third["index_size"] == 9
 
 
@@ -80,10 +82,10 @@ def test_interrupted_job_resumes_losing_at_most_one_chunk(make_dataset, image_di
 
     monkeypatch.setattr(emb, "iter_embeddings", dying)
     with pytest.raises(KeyboardInterrupt):
-        compute_embeddings(ds, "clip", tiny_clip_spec(), config=CFG, log=lambda m: None)
+        compute_embeddings(ds, "clip", tiny_clip_spec(), config=CFG)
     monkeypatch.setattr(emb, "iter_embeddings", real)
     assert len(open_index(ds, tiny_clip_spec())) == 8  # both checkpointed chunks survived
-    resumed = compute_embeddings(ds, "clip", tiny_clip_spec(), config=CFG, log=lambda m: None)["clip"]
+    resumed = compute_embeddings(ds, "clip", tiny_clip_spec(), config=CFG)["clip"]
     assert resumed["embedded"] == 2 and resumed["reused"] == 8 and resumed["index_size"] == 10
 
 
@@ -99,7 +101,7 @@ def test_empty_view_and_missing_embeddings_are_clear(make_dataset, image_dir):
 def test_view_only_embeds_its_samples(make_dataset, image_dir):
     files, *_ = image_dir
     ds = make_dataset(files)
-    out = compute_embeddings(ds.limit(3), "dino", dino=tiny_dino_spec(), config=CFG, log=lambda m: None)
+    out = compute_embeddings(ds.limit(3), "dino", dino=tiny_dino_spec(), config=CFG)
     assert out["dino"]["embedded"] == 3 and out["dino"]["index_size"] == 3
 
 
@@ -120,7 +122,7 @@ def test_second_job_on_a_locked_index_is_refused_clearly(make_dataset, image_dir
 
     files, *_ = image_dir
     ds = make_dataset(files)
-    compute_embeddings(ds.limit(2), "clip", tiny_clip_spec(), config=CFG, log=lambda m: None)
+    compute_embeddings(ds.limit(2), "clip", tiny_clip_spec(), config=CFG)
     ctx = mp.get_context("fork")
     ready, release = ctx.Event(), ctx.Event()
     holder = ctx.Process(target=_hold_lock, args=(index_path(ds, tiny_clip_spec()), ready, release))
@@ -128,9 +130,9 @@ def test_second_job_on_a_locked_index_is_refused_clearly(make_dataset, image_dir
     try:
         assert ready.wait(60)
         with pytest.raises(IndexLockedError, match="locked by another process"):
-            compute_embeddings(ds, "clip", tiny_clip_spec(), config=CFG, log=lambda m: None)
+            compute_embeddings(ds, "clip", tiny_clip_spec(), config=CFG)
     finally:
         release.set()
         holder.join(60)
-    out = compute_embeddings(ds, "clip", tiny_clip_spec(), config=CFG, log=lambda m: None)["clip"]
+    out = compute_embeddings(ds, "clip", tiny_clip_spec(), config=CFG)["clip"]
     assert out["index_size"] == len(files) and out["reused"] == 2  # nothing lost, nothing torn

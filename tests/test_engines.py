@@ -199,9 +199,8 @@ def test_cache_is_reused_and_rebuilt_when_weights_change(tiny_clip, files, tmp_p
 def test_store_records_its_engine_and_refuses_to_mix(make_dataset, files, monkeypatch):
     import fiftyone as fo
 
-    quiet = {"log": lambda m: None}
     ds = make_dataset(files[:5])
-    compute_embeddings(ds, "clip", tiny_clip_spec(), config=TORCH, **quiet)
+    compute_embeddings(ds, "clip", tiny_clip_spec(), config=TORCH)
     meta = open_index(ds, tiny_clip_spec()).meta
     assert meta["engine"]["engine"] == "torch" and meta["engine"]["precision"] == "fp32"
     assert meta["engines_used"] == ["torch-fp32"] and meta["mixed_engines"] is False
@@ -209,20 +208,20 @@ def test_store_records_its_engine_and_refuses_to_mix(make_dataset, files, monkey
     ds.add_samples([fo.Sample(filepath=files[5])])
     bf16 = EmbedConfig(batch_size=4, num_workers=0, engine="torch", precision="bf16")
     with pytest.raises(IndexMismatchError, match="torch fp32.*allow_mixed_engines"):
-        compute_embeddings(ds, "clip", tiny_clip_spec(), config=bf16, **quiet)
+        compute_embeddings(ds, "clip", tiny_clip_spec(), config=bf16)
     assert len(open_index(ds, tiny_clip_spec())) == 5  # nothing added
 
     # all settings on auto: the store's own engine extends it
     monkeypatch.delenv("NOLA_ENGINE", raising=False)
     auto = EmbedConfig(batch_size=4, num_workers=0)
-    out = compute_embeddings(ds, "clip", tiny_clip_spec(), config=auto, **quiet)["clip"]
+    out = compute_embeddings(ds, "clip", tiny_clip_spec(), config=auto)["clip"]
     assert out["embedded"] == 1 and out["inference"]["engine"] == "torch"
     assert open_index(ds, tiny_clip_spec()).meta["engines_used"] == ["torch-fp32"]
 
     ds.add_samples([fo.Sample(filepath=files[6])])
     mixed = EmbedConfig(batch_size=4, num_workers=0, engine="torch", precision="bf16",
                         allow_mixed_engines=True)
-    compute_embeddings(ds, "clip", tiny_clip_spec(), config=mixed, **quiet)
+    compute_embeddings(ds, "clip", tiny_clip_spec(), config=mixed)
     meta = open_index(ds, tiny_clip_spec()).meta
     assert meta["mixed_engines"] is True and meta["engines_used"] == ["torch-fp32", "torch-bf16"]
     assert meta["count"] == 7

@@ -63,7 +63,7 @@ SETUP = textwrap.dedent("""
     from fiftyone_nola.core.models import tiny_clip_spec
     ds = fo.Dataset("ext-db-test", persistent=True)
     ds.add_samples([fo.Sample(filepath=f) for f in sys.argv[1:]], progress=False)
-    compute_embeddings(ds, "clip", tiny_clip_spec(), config=EmbedConfig(num_workers=0), log=lambda m: None)
+    compute_embeddings(ds, "clip", tiny_clip_spec(), config=EmbedConfig(num_workers=0))
     print("ok", len(ds))
 """)
 
@@ -77,7 +77,7 @@ WORKER = textwrap.dedent("""
     mine = ids[: len(ids) // 2] if half == 0 else ids[len(ids) // 2:]
     for _ in range(3):  # repeated writes widen the window for lost updates
         zero_shot(ds.select(mine), ["cat", "dog", "ship"], ZeroShotConfig(clip=tiny_clip_spec()),
-                  "zs", log=lambda m: None)
+                  "zs")
     print("ok", len(mine))
 """)
 

@@ -1,6 +1,7 @@
 """Integration: real CIFAR images through the whole single-label pipeline with tiny models."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -15,9 +16,9 @@ from fiftyone_nola.stages.nola import dino_labels, zero_shot
 
 
 @pytest.mark.integration
-def test_auto_label_end_to_end_then_resume(cifar_dataset):
-    logs = []
-    s = auto_label(cifar_dataset, CLASSES, tiny_pipeline_config(gt_field="ground_truth"), log=logs.append)
+def test_auto_label_end_to_end_then_resume(cifar_dataset, caplog):
+    caplog.set_level(logging.INFO, logger="fiftyone_nola")
+    s = auto_label(cifar_dataset, CLASSES, tiny_pipeline_config(gt_field="ground_truth"))
     n = len(cifar_dataset)
     for f in ("nola_zeroshot", "nola_dino", "nola"):
         assert cifar_dataset.count(f"{f}.label") == n, f
@@ -30,9 +31,9 @@ def test_auto_label_end_to_end_then_resume(cifar_dataset):
         assert runs.get_run(cifar_dataset, key) is not None, key
     json.dumps(s, default=str)  # the summary is serialisable (CLI --json, operators)
 
-    logs.clear()
-    auto_label(cifar_dataset, CLASSES, tiny_pipeline_config(skip_tuning=True), log=logs.append)
-    text = "\n".join(logs)
+    caplog.clear()
+    auto_label(cifar_dataset, CLASSES, tiny_pipeline_config(skip_tuning=True))
+    text = "\n".join(caplog.messages)
     assert "[zeroshot] up to date: reused" in text and "[dino] up to date: reused" in text
     assert "0 to embed" in text
 
@@ -47,8 +48,8 @@ def test_ground_truth_never_reaches_training(make_dataset):
     with_gt = make_dataset(paths, labels)
     without_gt = make_dataset(paths, None)
     cfg = tiny_pipeline_config(tune={"max_samples": 0})
-    auto_label(with_gt, CLASSES, tiny_pipeline_config(gt_field="ground_truth", tune={"max_samples": 0}), log=lambda m: None)
-    auto_label(without_gt, CLASSES, cfg, log=lambda m: None)
+    auto_label(with_gt, CLASSES, tiny_pipeline_config(gt_field="ground_truth", tune={"max_samples": 0}))
+    auto_label(without_gt, CLASSES, cfg)
     for f in ("nola_zeroshot", "nola_dino", "nola"):
         a = with_gt.sort_by("filepath").values(f"{f}.label")
         b = without_gt.sort_by("filepath").values(f"{f}.label")
@@ -64,7 +65,7 @@ def test_zero_shot_relabel_reads_stored_embeddings(cifar_dataset, monkeypatch):
     from fiftyone_nola.stages.nola import ZeroShotConfig
 
     compute_embeddings(cifar_dataset, "both", tiny_clip_spec(), tiny_dino_spec(),
-                       EmbedConfig(batch_size=16, num_workers=0), log=lambda m: None)
+                       EmbedConfig(batch_size=16, num_workers=0))
     import fiftyone_nola.core.embed as embed_mod
 
     def no_images(*a, **k):
@@ -72,10 +73,10 @@ def test_zero_shot_relabel_reads_stored_embeddings(cifar_dataset, monkeypatch):
 
     monkeypatch.setattr(embed_mod, "iter_embeddings", no_images)
     zs = ZeroShotConfig(clip=tiny_clip_spec())
-    s = zero_shot(cifar_dataset, ["cat", "dog", "ship"], zs, "zs3", log=lambda m: None)
+    s = zero_shot(cifar_dataset, ["cat", "dog", "ship"], zs, "zs3")
     assert s["labelled"] == len(cifar_dataset)
     assert set(cifar_dataset.distinct("zs3.label")) <= {"cat", "dog", "ship"}
-    d = dino_labels(cifar_dataset, "zs3", tiny_dino_spec(), label_field="dino3", log=lambda m: None)
+    d = dino_labels(cifar_dataset, "zs3", tiny_dino_spec(), label_field="dino3")
     assert d["labelled"] == len(cifar_dataset)
 
 
@@ -85,12 +86,12 @@ def test_relabel_with_cached_texts_loads_no_model(cifar_dataset, monkeypatch):
     from fiftyone_nola.stages.embeddings import compute_embeddings
     from fiftyone_nola.stages.nola import ZeroShotConfig
 
-    compute_embeddings(cifar_dataset, "clip", tiny_clip_spec(), config=EmbedConfig(num_workers=0), log=lambda m: None)
+    compute_embeddings(cifar_dataset, "clip", tiny_clip_spec(), config=EmbedConfig(num_workers=0))
     zs = ZeroShotConfig(clip=tiny_clip_spec())
-    first = zero_shot(cifar_dataset, ["okapi", "narwhal"], zs, "zs_a", log=lambda m: None)  # texts new to the cache
+    first = zero_shot(cifar_dataset, ["okapi", "narwhal"], zs, "zs_a")  # texts new to the cache
     assert first["texts_encoded"] > 0
     monkeypatch.setattr(tc, "load_clip", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
-    again = zero_shot(cifar_dataset, ["narwhal", "okapi"], zs, "zs_b", log=lambda m: None)
+    again = zero_shot(cifar_dataset, ["narwhal", "okapi"], zs, "zs_b")
     assert again["texts_encoded"] == 0 and again["texts_cached"] == first["texts_encoded"]
     a = dict(zip(*cifar_dataset.values(["id", "zs_a.label"])))
     b = dict(zip(*cifar_dataset.values(["id", "zs_b.label"])))
@@ -98,15 +99,15 @@ def test_relabel_with_cached_texts_loads_no_model(cifar_dataset, monkeypatch):
 
 
 @pytest.mark.integration
-def test_retuning_after_the_teacher_changed_starts_over(cifar_dataset):
+def test_retuning_after_the_teacher_changed_starts_over(cifar_dataset, caplog):
     from fiftyone_nola.core.dino_labeler import DinoLabelerConfig
     from fiftyone_nola.core.prompt_tuning import TuneConfig
     from fiftyone_nola.stages.nola import tune_prompts
 
-    auto_label(cifar_dataset, CLASSES, tiny_pipeline_config(), log=lambda m: None)
-    dino_labels(cifar_dataset, dino=tiny_dino_spec(), config=DinoLabelerConfig(epochs=3, seed=7),
-                log=lambda m: None)  # new teacher labels: the old checkpoint is stale
-    logs = []
+    auto_label(cifar_dataset, CLASSES, tiny_pipeline_config())
+    # new teacher labels: the old checkpoint is stale
+    dino_labels(cifar_dataset, dino=tiny_dino_spec(), config=DinoLabelerConfig(epochs=3, seed=7))
+    caplog.set_level(logging.INFO, logger="fiftyone_nola")
     cfg = TuneConfig(epochs=1, batch_size=8, max_samples=24, num_workers=0, device="cpu")
-    s = tune_prompts(cifar_dataset, clip=tiny_clip_spec(), config=cfg, log=logs.append)
-    assert "starting over" in "\n".join(logs) and s["selected_epoch"] == 1
+    s = tune_prompts(cifar_dataset, clip=tiny_clip_spec(), config=cfg)
+    assert "starting over" in "\n".join(caplog.messages) and s["selected_epoch"] == 1

@@ -18,7 +18,7 @@ def test_rerun_processes_nothing_then_only_added_samples(make_dataset):
     pairs = cifar_files(per_class=3)
     ds = make_dataset([p for p, _ in pairs[:-5]])
     n = len(ds)
-    first = auto_label(ds, CLASSES, tiny_pipeline_config(), log=lambda m: None)
+    first = auto_label(ds, CLASSES, tiny_pipeline_config())
     assert first["processed"] == {"embeddings:clip": n, "embeddings:dino": n, "zeroshot": n, "dino_labeler": n,
                                   "prompt_tuning": 1, "predict": n}
     before = {f: dict(zip(*ds.values(["id", f"{f}.confidence"]))) for f in ("nola_zeroshot", "nola_dino", "nola")}
@@ -27,12 +27,12 @@ def test_rerun_processes_nothing_then_only_added_samples(make_dataset):
 
     from fiftyone_nola import validate
 
-    plan = validate(ds, CLASSES, tiny_pipeline_config(), log=None).plan  # the --check plan says the same, writing nothing
+    plan = validate(ds, CLASSES, tiny_pipeline_config()).plan  # the --check plan says the same, writing nothing
     assert {s["stage"]: (s["action"], s["samples"]) for s in plan["stages"]} == {
         "embeddings:clip": ("reuse", 0), "embeddings:dino": ("reuse", 0), "zeroshot": ("reuse", 0),
         "dino_labeler": ("reuse", 0), "prompt_tuning": ("reuse", 0), "predict": ("reuse", 0)}
 
-    again = auto_label(ds, CLASSES, tiny_pipeline_config(), log=lambda m: None)
+    again = auto_label(ds, CLASSES, tiny_pipeline_config())
     assert again["processed"] == {"embeddings:clip": 0, "embeddings:dino": 0, "zeroshot": 0, "dino_labeler": 0,
                                   "prompt_tuning": 0, "predict": 0}
     assert again["stages"]["prompt_tuning"]["model_dir"] == str(model_dir)
@@ -41,9 +41,9 @@ def test_rerun_processes_nothing_then_only_added_samples(make_dataset):
         assert dict(zip(*ds.values(["id", f"{f}.confidence"]))) == old, f
 
     ds.add_samples([fo.Sample(filepath=p) for p, _ in pairs[-5:]], progress=False)
-    plan = validate(ds, CLASSES, tiny_pipeline_config(), log=None).plan
+    plan = validate(ds, CLASSES, tiny_pipeline_config()).plan
     assert [s["samples"] for s in plan["stages"]] == [5, 5, 5, 5, 0, 5]
-    added = auto_label(ds, CLASSES, tiny_pipeline_config(), log=lambda m: None)
+    added = auto_label(ds, CLASSES, tiny_pipeline_config())
     # Rule: the labeller and the tuned model are kept; they label the new samples only.
     assert added["processed"] == {"embeddings:clip": 5, "embeddings:dino": 5, "zeroshot": 5, "dino_labeler": 5,
                                   "prompt_tuning": 0, "predict": 5}
@@ -57,8 +57,8 @@ def test_rerun_processes_nothing_then_only_added_samples(make_dataset):
 def test_changed_settings_redo_the_stages_they_feed(make_dataset):
     pairs = cifar_files(per_class=2)
     ds = make_dataset([p for p, _ in pairs])
-    auto_label(ds, CLASSES, tiny_pipeline_config(), log=lambda m: None)
-    s = auto_label(ds, CLASSES, tiny_pipeline_config(zeroshot={"include_templates": False}), log=lambda m: None)
+    auto_label(ds, CLASSES, tiny_pipeline_config())
+    s = auto_label(ds, CLASSES, tiny_pipeline_config(zeroshot={"include_templates": False}))
     n = len(ds)
     assert s["processed"] == {"embeddings:clip": 0, "embeddings:dino": 0, "zeroshot": n, "dino_labeler": n,
                               "prompt_tuning": 1, "predict": n}

@@ -32,6 +32,7 @@ def test_reliability_curve_hand_values():
     assert np.isclose(c["ece"], expected)
 
 
+@pytest.mark.integration
 def test_flag_threshold_and_bottom_k(labelled):
     s = review.flag_for_review(labelled, "nola", threshold=0.5)
     assert s["flagged"] == 3  # 0.2, 0.4, 0.1
@@ -44,6 +45,7 @@ def test_flag_threshold_and_bottom_k(labelled):
         review.flag_for_review(labelled, "nope", threshold=0.5)
 
 
+@pytest.mark.integration
 def test_class_table_and_views(labelled):
     table = {r["class"]: r for r in review.class_table(labelled, "nola", "ground_truth")}
     assert table["cat"]["count"] == 2 and np.isclose(table["cat"]["mean_confidence"], 0.55)
@@ -56,6 +58,7 @@ def test_class_table_and_views(labelled):
     assert len(views) == 3
 
 
+@pytest.mark.integration
 def test_corrections_never_touch_model_field_and_win_at_export(labelled, tmp_path):
     low = labelled.match({"nola.confidence": {"$lt": 0.3}})
     review.correct_label(low, "dog", classes=["cat", "dog", "ship", "truck"])
@@ -73,6 +76,7 @@ def test_corrections_never_touch_model_field_and_win_at_export(labelled, tmp_pat
     assert not labelled.has_sample_field("nola_export_label")  # the temporary field is gone
 
 
+@pytest.mark.integration
 def test_export_refuses_nothing_and_bad_format(labelled, tmp_path):
     with pytest.raises(InvalidInputError, match="Nothing to export"):
         export_accepted(labelled, str(tmp_path / "a"), "nola")
@@ -80,6 +84,7 @@ def test_export_refuses_nothing_and_bad_format(labelled, tmp_path):
         export_accepted(labelled, str(tmp_path / "b"), "nola", format="xml")
 
 
+@pytest.mark.integration
 def test_export_never_writes_outside_the_directory(labelled, tmp_path):
     from fiftyone_nola.stages.export import safe_folder_name
 

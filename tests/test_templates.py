@@ -58,12 +58,11 @@ def test_zero_shot_uses_the_chosen_set(cifar_dataset):
     from fiftyone_nola.stages.nola import ZeroShotConfig, load_class_weights, zero_shot
 
     classes = ["cat", "dog", "ship"]
-    compute_embeddings(cifar_dataset, "clip", tiny_clip_spec(), config=EmbedConfig(num_workers=0),
-                       log=lambda m: None)
+    compute_embeddings(cifar_dataset, "clip", tiny_clip_spec(), config=EmbedConfig(num_workers=0))
     for templates, field, want in (("auto", "zs_auto", tp.CLIP_TEMPLATES_7), ("simple", "zs_simple",
                                    ("a photo of a {}.",))):
         s = zero_shot(cifar_dataset, classes, ZeroShotConfig(clip=tiny_clip_spec(), templates=templates),
-                      field, log=lambda m: None)
+                      field)
         assert s["templates"] == ("imagenet" if templates == "auto" else templates)
         W, _ = load_class_weights(cifar_dataset, field, classes)
         ref, _ = class_weights_from_texts(tiny_clip_spec(), {c: [t.format(c) for t in want] for c in classes},

@@ -3,6 +3,7 @@ input, and nothing is created or written (no dataset, no store, no run record, N
 The same through the CLI, the Python API and the operators (execution and the App form)."""
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -226,10 +227,10 @@ def test_embed_and_multilabel_commands_check_first(folder, files, capsys, no_emb
 
 
 @pytest.mark.integration
-def test_python_api_raises_one_validation_error_and_writes_nothing(dataset, files, no_embedding):
+def test_python_api_raises_one_validation_error_and_writes_nothing(dataset, files, no_embedding, caplog):
     from fiftyone_nola import ValidationError, auto_label, validate
-    from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec
     from fiftyone_nola.core.dino_labeler import DinoLabelerConfig
+    from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec
     from fiftyone_nola.pipeline import AutoLabelConfig
     from fiftyone_nola.stages.nola import ZeroShotConfig
 
@@ -238,16 +239,16 @@ def test_python_api_raises_one_validation_error_and_writes_nothing(dataset, file
                           gt_field="ground_truth", tuned_field="ground_truth",
                           dino_labeler=DinoLabelerConfig(epochs=0))
     db0, home0 = _db_state(dataset), _home_state()
-    logs = []
+    caplog.set_level(logging.INFO, logger="fiftyone_nola")
     with pytest.raises(ValidationError) as e:
-        auto_label(dataset, CLASSES, cfg, log=logs.append)
+        auto_label(dataset, CLASSES, cfg)
     assert set(e.value.inputs) == {"descriptions_file", "gt_field", "dino_epochs"}
     assert "also an output field" in str(e.value)
-    assert not any("started" in m for m in logs)
+    assert not any("started" in m for m in caplog.messages)
     assert _db_state(dataset) == db0 and _home_state() == home0
 
     ok = AutoLabelConfig(clip=tiny_clip_spec(), dino=tiny_dino_spec(), gt_field="ground_truth")
-    report = validate(dataset, CLASSES, ok, log=None)
+    report = validate(dataset, CLASSES, ok)
     assert report.ok, report.errors
     assert [s["action"] for s in report.plan["stages"]][:2] == ["run", "run"]
     assert report.plan["disk_bytes"] > 0 and report.plan["seconds"] > 0
@@ -274,7 +275,7 @@ def test_empty_view_is_reported(dataset, no_embedding):
     from fiftyone_nola.pipeline import AutoLabelConfig
 
     r = validate(dataset.match_tags("nothing-has-this"), CLASSES,
-                 AutoLabelConfig(clip=tiny_clip_spec(), dino=tiny_dino_spec()), log=None)
+                 AutoLabelConfig(clip=tiny_clip_spec(), dino=tiny_dino_spec()))
     assert not r.ok and "holds no samples" in r.errors[0].message
 
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
 from fiftyone_nola.core import storage
 from fiftyone_nola.core.errors import NolaError
-from fiftyone_nola.stages import fo_io
+from fiftyone_nola.stages import fo_io, runs
 
+logger = logging.getLogger(__name__)
 
 def stage_dir(samples, run_key: str) -> Path:
     """Directory of a stage's artefacts for the dataset behind ``samples``."""
@@ -23,31 +25,29 @@ BUNDLE = "arrays.npz"
 
 
 @contextlib.contextmanager
-def _locked(d: Path, log: Optional[Callable[[str], None]] = None, what: str = ""):
+def _locked(d: Path, what: str = ""):
     """Serialise writers of one stage directory, across processes and threads; re-entrant.
 
-    ``log`` is told when another job holds the lock, so a waiting job never looks hung.
+    With ``what`` set, a wait for another job's lock is logged, so a waiting job never looks hung.
     """
     def waiting() -> None:
-        if log is not None:
-            log(f"[{what or d.name}] another job is writing this stage; waiting for it to finish")
+        if what:
+            logger.info(f"[{what}] another job is writing this stage; waiting for it to finish")
 
     with storage.file_lock(d / ".lock", on_wait=waiting):
         yield
 
 
 @contextlib.contextmanager
-def stage_writer(samples, field: str, log: Optional[Callable[[str], None]] = None):
+def stage_writer(samples, field: str):
     """Publish a stage's outputs (field values, arrays, run record) as one serialised step.
 
     Two jobs writing the same field take turns (never interleaved values), and the stage's run
     record is dropped first: a job killed half-way through leaves the stage "not done", so the
     next run recomputes it instead of trusting a half-written field.
     """
-    from fiftyone_nola.stages import runs
-
     d = stage_dir(samples, field)
-    with _locked(d, log, field):
+    with _locked(d, field):
         runs.forget_run(samples, runs.run_key_for(field))
         yield d
 

@@ -11,12 +11,15 @@ to 5000 samples, else PCA.
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable, Optional
+import logging
+from typing import Optional
 
 import numpy as np
 
 from fiftyone_nola.stages import fo_io, runs
 from fiftyone_nola.stages.embeddings import embeddings_run_key
+
+logger = logging.getLogger(__name__)
 
 TSNE_MAX = 5000
 
@@ -58,8 +61,7 @@ def _spec(samples, family: str):
         return None
 
 
-def register_brain_runs(samples, family: str = "clip", visualization: bool = True,
-                        log: Callable[[str], None] = print) -> dict:
+def register_brain_runs(samples, family: str = "clip", visualization: bool = True) -> dict:
     """(Re)register the similarity run and the visualization of ``family``'s stored vectors.
 
     Returns ``{"similarity": key, "visualization": key, "method": ..., "samples": n}``; an
@@ -98,7 +100,7 @@ def register_brain_runs(samples, family: str = "clip", visualization: bool = Tru
                                       method=method, num_dims=2, seed=51, progress=False, **kwargs)
             out.update(visualization=viz_key, method=method)
         out["samples"] = len(kept)
-    log(f"[brain] {family}: similarity run '{sim_key}'"
+    logger.info(f"[brain] {family}: similarity run '{sim_key}'"
         + (f", {out.get('method')} map '{out.get('visualization')}'" if out.get("visualization") else "")
         + " on the stored vectors")
     return out

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -20,11 +21,14 @@ from fiftyone_nola.core import engines, storage
 from fiftyone_nola.core.data import file_fingerprint
 from fiftyone_nola.core.device import resolve_device
 from fiftyone_nola.core.embed import EmbedConfig, iter_embeddings, prepare_encoder
-from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError, MissingEmbeddingsError
+from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError
 from fiftyone_nola.core.index import EmbeddingIndex
 from fiftyone_nola.core.models import ClipSpec, DinoSpec, load_model, spec_key
 from fiftyone_nola.core.progress import ProgressFn, null_progress
-from fiftyone_nola.stages import fo_io, runs
+from fiftyone_nola.stages import fo_io
+from fiftyone_nola.stages.stage import StageRun, check_coverage, load_embeddings, open_index
+
+logger = logging.getLogger(__name__)
 
 FAMILIES = ("clip", "dino")
 
@@ -58,7 +62,6 @@ def compute_embeddings(
     config: Optional[EmbedConfig] = None,
     overwrite: bool = False,
     progress: ProgressFn = null_progress,
-    log: Callable[[str], None] = print,
 ) -> dict:
     """Embed the images of ``samples`` with CLIP and/or DINO into on-disk FAISS stores.
 
@@ -68,25 +71,25 @@ def compute_embeddings(
     config = (config or EmbedConfig()).resolved()
     out = {}
     for spec in _specs(family, clip, dino):
-        out[spec.family] = _embed_one(samples, spec, config, overwrite, progress, log)
+        out[spec.family] = _embed_one(samples, spec, config, overwrite, progress)
     return out
 
 
-def _embed_one(samples, spec, cfg: EmbedConfig, overwrite: bool, progress, log) -> dict:
+def _embed_one(samples, spec, cfg: EmbedConfig, overwrite: bool, progress) -> dict:
     job = EmbedJob(samples, spec, cfg, resolve_device(cfg.device))
     how = (
         f"batch {cfg.batch_size}, {cfg.num_workers} workers, device {cfg.device}, "
         f"{'draft' if cfg.draft_decode else 'exact'} JPEG decode"
     )
-    with job.writing(overwrite, log, how):
+    with job.writing(overwrite, how):
         todo_paths = [job.paths[j] for j in job.todo]
         if todo_paths:
-            encoder = job.prepare_engine(todo_paths, log)
+            encoder = job.prepare_engine(todo_paths)
             for idx, vecs, bad in iter_embeddings(job.model, todo_paths, cfg, progress,
                                                   encoder=encoder, timing=job.timing):
                 job.add([job.todo[j] for j in idx], vecs)
                 job.fail((job.todo[j], reason) for j, reason in bad)
-    return job.finish(log)
+    return job.finish()
 
 
 def _same_engine(stored: dict, choice: engines.EngineChoice) -> bool:
@@ -110,12 +113,13 @@ class EmbedJob:
     """
 
     def __init__(self, samples, spec, cfg: EmbedConfig, device):
-        self.t0 = time.perf_counter()
+        self.run = StageRun(samples, "embeddings", None, f"embeddings.{spec.family}",
+                            key=embeddings_run_key(spec.family))
         self.ds = fo_io.root_dataset(samples)
         self.spec, self.cfg = spec, cfg
-        self.ids, self.paths = fo_io.ids_and_paths(samples)
+        self.ids, self.paths = self.run.ids, self.run.paths
         self.model = load_model(spec, device)
-        self.t_load = time.perf_counter() - self.t0
+        self.t_load = self.run.seconds
         self.meta = {
             "model_key": self.model.key,
             "model": self.model.identity,
@@ -144,7 +148,7 @@ class EmbedJob:
         )
 
     @contextlib.contextmanager
-    def writing(self, overwrite: bool, log: Callable[[str], None], how: str) -> Iterator[EmbedJob]:
+    def writing(self, overwrite: bool, how: str) -> Iterator[EmbedJob]:
         """Hold the store's lock: drop deleted samples, plan ``todo``, and :meth:`save` at the end.
 
         An exception inside leaves the checkpointed chunks for the next run to resume from.
@@ -169,7 +173,7 @@ class EmbedJob:
             self.todo = [
                 j for j, (i, f) in enumerate(zip(self.ids, self.fingerprints)) if known.get(i) != f
             ]
-            log(
+            logger.info(
                 f"[embed:{self.spec.family}] {self.model.key}: {len(self.ids)} samples, "
                 f"{len(self.ids) - len(self.todo)} up to date, {len(self.todo)} to embed ({how})"
             )
@@ -178,7 +182,7 @@ class EmbedJob:
             if not self._saved:
                 self.save()
 
-    def prepare_engine(self, paths: Sequence[str], log: Callable[[str], None] = print):
+    def prepare_engine(self, paths: Sequence[str]):
         """Prepare the forward that embeds ``paths`` and check it against the store (locked).
 
         With every setting on ``auto`` a non-empty store is extended with the engine and
@@ -191,7 +195,7 @@ class EmbedJob:
                   and not os.environ.get("NOLA_PRECISION"))
         if follow:
             cfg = dataclasses.replace(cfg, engine=stored["engine"], precision=stored.get("precision") or "auto")
-        encode, choice = prepare_encoder(self.model, cfg, paths, log)
+        encode, choice = prepare_encoder(self.model, cfg, paths, logger.info)
         self.use_engine(choice)
         return encode, choice
 
@@ -248,8 +252,7 @@ class EmbedJob:
         self.n_done += len(rows)
         self._buf.clear()
 
-    def finish(self, log: Callable[[str], None], run_config: Optional[dict] = None,
-               extra: Optional[dict] = None) -> dict:
+    def finish(self, run_config: Optional[dict] = None, extra: Optional[dict] = None) -> dict:
         """Fix the unreadable tags, record the run under the family's key; return the summary."""
         family, ids, failures = self.spec.family, self.ids, self.failures
         failed_ids = [sid for sid, _ in failures]
@@ -261,83 +264,38 @@ class EmbedJob:
                 self.ds.select(fixed).untag_samples(fo_io.UNREADABLE_TAG)
         fo_io.tag_samples(self.ds, failed_ids, fo_io.UNREADABLE_TAG)
         for sid, reason in failures[:5]:
-            log(f"[embed:{family}] skipped {sid}: {reason}")
+            logger.info(f"[embed:{family}] skipped {sid}: {reason}")
         n_done, t_embed = self.n_done, self.t_embed
-        summary = {
-            "family": family,
-            "model_key": self.model.key,
-            "random_init": bool(self.model.identity.get("random_init")),
-            "samples": len(ids),
-            "embedded": n_done,
-            "reused": len(ids) - len(self.todo),
-            "failed": len(failures),
-            "failures": failures[:100],
-            "index_path": str(self.path),
-            "index_size": len(self.index),
-            "seconds": time.perf_counter() - self.t0,
-            "model_load_seconds": self.t_load,
-            "images_per_s": (n_done / t_embed) if t_embed > 0 and n_done else 0.0,
-            "inference": None if self.engine is None else {
+        config = {"spec": self.spec, "embed": self.cfg, "model": self.model.identity}
+        summary = self.run.record(
+            {**config, **(run_config or {})},
+            family=family,
+            model_key=self.model.key,
+            random_init=bool(self.model.identity.get("random_init")),
+            embedded=n_done,
+            reused=len(ids) - len(self.todo),
+            failed=len(failures),
+            failures=failures[:100],
+            index_path=str(self.path),
+            index_size=len(self.index),
+            model_load_seconds=self.t_load,
+            images_per_s=(n_done / t_embed) if t_embed > 0 and n_done else 0.0,
+            inference=None if self.engine is None else {
                 "engine": self.engine.engine, "precision": self.engine.precision,
                 "decode_wait_s": round(self.timing["wait_s"], 3),
                 "model_s": round(self.timing["model_s"], 3),
                 "model_cpu_s": round(self.timing["model_cpu_s"], 3)},
             **(extra or {}),
-        }
-        config = {"spec": self.spec, "embed": self.cfg, "model": self.model.identity}
-        runs.record_run(self.ds, embeddings_run_key(family), f"embeddings.{family}",
-                        {**config, **(run_config or {})}, summary)
+        )
         how = "" if self.engine is None else (
             f" with {self.engine.engine} {self.engine.precision} (model {self.timing['model_s']:.1f}s, "
             f"waiting for decode {self.timing['wait_s']:.1f}s)")
-        log(
+        logger.info(
             f"[embed:{family}] embedded {n_done}, reused {summary['reused']}, failed "
             f"{len(failures)} in {summary['seconds']:.1f}s ({summary['images_per_s']:.1f} img/s){how}; "
             f"index: {self.path}"
         )
         return summary
-
-
-def open_index(samples, spec) -> EmbeddingIndex:
-    """The stored index of ``spec`` for this dataset, or a clear error saying how to build it."""
-    path = storage.index_dir(fo_io.dataset_id(samples), spec_key(spec))
-    if not (path / "meta.json").exists():
-        raise MissingEmbeddingsError(
-            f"No {spec.family.upper()} embeddings for model {spec_key(spec)} on this dataset. "
-            f"Run compute_embeddings(dataset, family={spec.family!r}) (or the compute_embeddings "
-            f"operator) first."
-        )
-    return EmbeddingIndex.open(path, expect={"model_key": spec_key(spec)})
-
-
-def load_embeddings(samples, spec, ids: Optional[Sequence[str]] = None,
-                    raw: bool = False) -> tuple[list[str], np.ndarray]:
-    """``(ids, N×D float32)`` for ``ids`` (default: the collection's); NaN rows where missing.
-
-    Rows are L2-normalised (what the FAISS store searches), or with ``raw=True`` the model's
-    output as it was stored (e.g. DINO's unnormalised CLS features, the official labeller input).
-    """
-    if ids is None:
-        ids, _ = fo_io.ids_and_paths(samples)
-    index = open_index(samples, spec)
-    vecs, found = index.get_raw(list(ids)) if raw else index.get(list(ids))
-    out = np.full((len(ids), index.dim), np.nan, dtype=np.float32)
-    out[np.asarray(found, dtype=bool)] = vecs
-    return list(ids), out
-
-
-def check_coverage(ids: Sequence[str], vectors: np.ndarray, family: str, log=print) -> np.ndarray:
-    """Boolean mask of rows that have an embedding; report the others, fail if none."""
-    ok = np.all(np.isfinite(vectors), axis=1)
-    missing = int((~ok).sum())
-    if missing == len(ids):
-        raise MissingEmbeddingsError(
-            f"None of the {len(ids)} samples has a {family.upper()} embedding. Run compute_embeddings first."
-        )
-    if missing:
-        log(f"[{family}] {missing} of {len(ids)} samples have no embedding (unreadable or not yet "
-            f"embedded): skipped")
-    return ok
 
 
 __all__ = [

@@ -12,13 +12,14 @@ Ray is imported only when this engine runs: ``pip install 'fiftyone-nola[ray]'``
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import uuid
 import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -30,6 +31,8 @@ from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError
 from fiftyone_nola.core.models import ClipSpec, DinoSpec, load_model
 from fiftyone_nola.core.progress import ProgressFn, null_progress
 from fiftyone_nola.stages.embeddings import EmbedJob, _specs
+
+logger = logging.getLogger(__name__)
 
 SHARD_GLOB = "shard-*.npz"
 MAX_BATCH = 1024  # images per actor call and per shard: bounds a lost call's cost after a crash
@@ -74,7 +77,6 @@ def compute_embeddings_ray(
     ray_config: Optional[RayEmbedConfig] = None,
     overwrite: bool = False,
     progress: ProgressFn = null_progress,
-    log: Callable[[str], None] = print,
 ) -> dict:
     """``compute_embeddings`` on a Ray cluster: same stores, run records and summaries.
 
@@ -87,19 +89,19 @@ def compute_embeddings_ray(
     config = config or EmbedConfig()
     rcfg = ray_config or RayEmbedConfig()
     out = {}
-    with _connected(ray, rcfg, log):
+    with _connected(ray, rcfg):
         for spec in specs:
             out[spec.family] = _embed_one_ray(ray, samples, spec, config, rcfg, overwrite,
-                                              progress, log)
+                                              progress)
     return out
 
 
 @contextlib.contextmanager
-def _connected(ray, rcfg: RayEmbedConfig, log) -> Iterator[None]:
+def _connected(ray, rcfg: RayEmbedConfig) -> Iterator[None]:
     """Use this process's Ray session, or open one for the call (closed afterwards)."""
     if ray.is_initialized():
         if rcfg.address:
-            log(f"[embed:ray] already connected to Ray: ignoring address={rcfg.address!r}")
+            logger.info(f"[embed:ray] already connected to Ray: ignoring address={rcfg.address!r}")
         yield
         return
     ray.init(address=rcfg.address, runtime_env=rcfg.runtime_env)
@@ -222,14 +224,14 @@ class _Shards:
 
 
 def _embed_one_ray(ray, samples, spec, config: EmbedConfig, rcfg: RayEmbedConfig,
-                   overwrite: bool, progress, log) -> dict:
+                   overwrite: bool, progress) -> dict:
     gpus = _gpus_per_actor(ray, rcfg)
     cfg = _actor_config(config, rcfg, gpus)
     # The driver loads the model only for the store's identity (dim, key, input size).
     job = EmbedJob(samples, spec, cfg, torch.device("cpu"))
     shards = _Shards(job, rcfg)
     how = f"on Ray, batch {cfg.batch_size}, device {cfg.device}, {gpus:g} GPU per actor"
-    with job.writing(overwrite, log, how):
+    with job.writing(overwrite, how):
         if overwrite:
             shards.clear()
         pending = {job.ids[j]: j for j in job.todo}
@@ -239,7 +241,7 @@ def _embed_one_ray(ray, samples, spec, config: EmbedConfig, rcfg: RayEmbedConfig
         if pending:
             job.use_engine(engines.resolve("torch", cfg.precision, cfg.device))
         if missing:
-            actors = _run_pipeline(ray, job, missing, shards, rcfg, gpus, progress, log)
+            actors = _run_pipeline(ray, job, missing, shards, rcfg, gpus, progress)
         reused = _ingest(job, shards, pending)
         job.save()
         if not rcfg.keep_shards:
@@ -248,11 +250,11 @@ def _embed_one_ray(ray, samples, spec, config: EmbedConfig, rcfg: RayEmbedConfig
              "shards_reused": reused}
     # runtime_env may carry credentials (env_vars): not for the dataset's run record.
     recorded = {k: v for k, v in asdict(rcfg).items() if k != "runtime_env"}
-    return job.finish(log, run_config={"ray": recorded}, extra=extra)
+    return job.finish(run_config={"ray": recorded}, extra=extra)
 
 
 def _run_pipeline(ray, job: EmbedJob, todo: list[int], shards: _Shards, rcfg: RayEmbedConfig,
-                  gpus: float, progress, log) -> int:
+                  gpus: float, progress) -> int:
     """Embed the samples at positions ``todo`` on an actor pool; one shard per actor call."""
     import pyarrow as pa
 
@@ -261,7 +263,7 @@ def _run_pipeline(ray, job: EmbedJob, todo: list[int], shards: _Shards, rcfg: Ra
     size = _call_size(rcfg, len(todo), actors, job.cfg.batch_size)
     calls = [todo[i:i + size] for i in range(0, len(todo), size)]
     actors = min(actors, len(calls))
-    log(f"[embed:{family}] Ray: {actors} actors, {len(calls)} calls of <= {size} images")
+    logger.info(f"[embed:{family}] Ray: {actors} actors, {len(calls)} calls of <= {size} images")
     ctx = ray.data.DataContext.get_current()
     saved = ctx.execution_options.preserve_order
     # In-order results keep the store's row order the local engine's; one block per call.

@@ -11,6 +11,8 @@ import json
 import time
 from typing import Any, Optional
 
+from fiftyone_nola.stages.fo_io import root_dataset
+
 RUN_PREFIX = "nola"
 
 
@@ -28,8 +30,6 @@ def run_key_for(field: str) -> str:
 
 def record_run(samples, key: str, method: str, config: Any, results: Optional[dict] = None) -> None:
     """Register (or replace) the run ``key`` on the dataset behind ``samples``."""
-    from fiftyone_nola.stages.fo_io import root_dataset
-
     ds = root_dataset(samples)
     cfg = ds.init_run(method=f"{RUN_PREFIX}.{method}", config=_jsonable(config))
     forget_run(ds, key)
@@ -42,8 +42,6 @@ def record_run(samples, key: str, method: str, config: Any, results: Optional[di
 
 def forget_run(samples, key: str) -> bool:
     """Delete the record of run ``key`` if there is one (its stage is being redone)."""
-    from fiftyone_nola.stages.fo_io import root_dataset
-
     ds = root_dataset(samples)
     if key not in ds.list_runs():
         return False
@@ -53,8 +51,6 @@ def forget_run(samples, key: str) -> bool:
 
 def get_run(samples, key: str) -> Optional[dict]:
     """The stored config and results of run ``key`` as plain dicts, or None if absent."""
-    from fiftyone_nola.stages.fo_io import root_dataset
-
     ds = root_dataset(samples)
     if key not in ds.list_runs():
         return None

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import logging
+from typing import Optional
 
 from fiftyone_nola.core import device as dev
 from fiftyone_nola.core import prompt_tuning as pt
@@ -12,6 +13,8 @@ from fiftyone_nola.core.models import ClipSpec, load_clip
 from fiftyone_nola.core.progress import null_progress
 from fiftyone_nola.stages import fo_io
 from fiftyone_nola.stages import nola as labeling
+
+logger = logging.getLogger(__name__)
 
 
 def tune_prompts_distributed(
@@ -23,7 +26,6 @@ def tune_prompts_distributed(
     run_name: str = "nola",
     predict: bool = True,
     progress=None,
-    log: Callable[[str], None] = print,
 ) -> Optional[dict]:
     """The prompt-tuning stage (then ``predict``) of a FiftyOne dataset, on every torchrun rank.
 
@@ -35,7 +37,6 @@ def tune_prompts_distributed(
     """
     ctx = init_distributed(getattr(config, "device", None))
     clip = clip or ClipSpec()
-    log = log if ctx.is_main else _silent
     # Rank 0 settles the config so that every rank agrees on it (fitting it reads the device).
     config = run_on_main(ctx, lambda: dev.resolve(config or pt.TuneConfig(), getattr(config, "device", None)))
     # The other ranks need exactly what tune_prompts will pass to tune (it re-reads the same
@@ -48,18 +49,14 @@ def tune_prompts_distributed(
     progress = progress or null_progress
     samples = fo_io.get_dataset(dataset)
     out = {"tune": labeling.tune_prompts(samples, zeroshot_field, teacher_field, clip, config,
-                                          run_name=run_name, progress=progress, log=log)}
+                                          run_name=run_name, progress=progress)}
     if predict:
         out["predict"] = labeling.predict(samples, out["tune"]["model_dir"], clip, run_name,
-                                          device=config.device, progress=progress, log=log)
+                                          device=config.device, progress=progress)
     return out
-
-
-def _silent(_msg: str) -> None:
-    return None
 
 
 def _join_tune(ctx: DistContext, clip, config, inputs) -> None:
     """A non-zero rank's part: load CLIP and join rank 0's tune call(s)."""
     model = load_clip(clip, ctx.device_for(dev.resolve_device(config.device)))
-    labeling.tune_on_inputs(model, inputs, config, log=None)
+    labeling.tune_on_inputs(model, inputs, config)

@@ -1,0 +1,90 @@
+"""The stage skeleton: one summary schema for every stage, one run record per stage run."""
+
+import json
+import logging
+
+import pytest
+
+from conftest import COCO_DIR, cifar_files, tiny_pipeline_config
+from fiftyone_nola.stages import runs
+from fiftyone_nola.stages.stage import LABEL_KEYS, SUMMARY_KEYS, StageRun
+
+CLASSES = ["cat", "dog", "ship"]
+
+
+def _stage_summaries(pipeline_summary: dict) -> dict:
+    """Every stage summary of an auto_label / auto_label_multilabel result, by name."""
+    out = {}
+    for name, s in pipeline_summary["stages"].items():
+        if name == "embeddings":
+            out.update({f"embeddings:{family}": v for family, v in s.items()})
+        else:
+            out[name] = s
+    return out
+
+
+def assert_schema(name: str, s: dict) -> None:
+    assert tuple(s)[:len(SUMMARY_KEYS)] == SUMMARY_KEYS, (name, list(s))
+    assert isinstance(s["stage"], str) and isinstance(s["samples"], int) and s["seconds"] >= 0, (name, s)
+    if s["field"] is not None:  # a stage that writes labels says how many samples got one
+        assert set(LABEL_KEYS) <= set(s) and 0 <= s["labelled"] <= s["samples"], (name, s)
+    assert not any(k.endswith("_seconds") and k != "model_load_seconds" for k in s), (name, list(s))
+    json.dumps(s, default=str)
+
+
+@pytest.mark.integration
+def test_record_builds_the_schema_once_and_records_the_run(make_dataset):
+    ds = make_dataset([p for p, _ in cifar_files(per_class=1)[:3]])
+    run = StageRun(ds, "demo", "demo_field", "demo")
+    with run.writing():
+        s = run.record({"setting": 1}, labelled=2, extra="x")
+        with pytest.raises(RuntimeError, match="recorded twice"):
+            run.record({"setting": 1})
+    assert list(s)[:4] == list(SUMMARY_KEYS) and s["samples"] == 3 and s["extra"] == "x"
+    stored = runs.get_run(ds, "demo_field")
+    assert stored["config"] == {"setting": 1} and stored["results"]["labelled"] == 2
+
+
+@pytest.mark.integration
+def test_every_single_label_stage_summary_follows_the_schema(make_dataset, caplog):
+    import fiftyone as fo
+
+    from fiftyone_nola.pipeline import auto_label
+
+    caplog.set_level(logging.INFO, logger="fiftyone_nola")
+    pairs = cifar_files(per_class=2, classes=CLASSES)
+    ds = make_dataset([p for p, _ in pairs[:-2]])
+    first = _stage_summaries(auto_label(ds, CLASSES, tiny_pipeline_config()))
+    assert set(first) == {"embeddings:clip", "embeddings:dino", "zeroshot", "dino_labeler", "prompt_tuning",
+                          "predict"}
+    ds.add_samples([fo.Sample(filepath=p) for p, _ in pairs[-2:]], progress=False)
+    added = _stage_summaries(auto_label(ds, CLASSES, tiny_pipeline_config()))  # apply paths, reused tuning
+    assert added["dino_labeler"]["retrained"] is False and added["prompt_tuning"]["reused"] is True
+    for name, s in [*first.items(), *(("added " + k, v) for k, v in added.items())]:
+        assert_schema(name, s)
+    assert any(m.startswith("[zeroshot] ") for m in caplog.messages)  # lines go through logging
+
+
+@pytest.mark.integration
+def test_every_multilabel_stage_summary_follows_the_schema(make_dataset):
+    import fiftyone as fo
+
+    from fiftyone_nola.core.cdul import CropConfig, TrainConfig
+    from fiftyone_nola.core.embed import EmbedConfig
+    from fiftyone_nola.core.models import tiny_clip_spec
+    from fiftyone_nola.stages.cdul import MultiLabelConfig, auto_label_multilabel
+
+    if not COCO_DIR.is_dir():
+        pytest.skip("no COCO images")
+    names = sorted(json.loads((COCO_DIR / "labels.json").read_text()))[:6]
+    paths = [str(COCO_DIR / "images" / n) for n in names]
+    ds = make_dataset(paths[:4])
+    cfg = MultiLabelConfig(clip=tiny_clip_spec(), embed=EmbedConfig(batch_size=8, num_workers=0),
+                           crop=CropConfig(grid=2, batch_size=4, num_workers=0), train=TrainConfig(epochs=1),
+                           single_template=True, device="cpu")
+    first = _stage_summaries(auto_label_multilabel(ds, ["person", "car", "dog"], cfg))
+    ds.add_samples([fo.Sample(filepath=p) for p in paths[4:]], progress=False)
+    added = _stage_summaries(auto_label_multilabel(ds, ["person", "car", "dog"], cfg))
+    assert added["classifier"]["retrained"] is False
+    for name, s in [*first.items(), *(("added " + k, v) for k, v in added.items())]:
+        assert_schema(name, s)
