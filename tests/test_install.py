@@ -109,20 +109,37 @@ def _env(plugins_dir: Path) -> dict:
     return env
 
 
-LIST_PLUGIN = textwrap.dedent("""
-    import json, sys
+# Lists what the plugin registered (errors included) and where the library came from; with
+# "run", also runs an operator on a new dataset of real image files.
+PLUGIN_CHECK = textwrap.dedent("""
+    import json, sys, tempfile
     from fiftyone.plugins.context import build_plugin_contexts
     ctx = [c for c in build_plugin_contexts() if c.name == sys.argv[1]]
     import fiftyone_nola  # after the plugin loaded: where did its operators find the library?
     print(json.dumps({"library": fiftyone_nola.__file__, "version": fiftyone_nola.__version__,
                       "plugins": len(ctx), "errors": ctx[0].errors if ctx else None,
                       "registered": sorted(i.name for i in ctx[0].instances) if ctx else []}))
+    if sys.argv[2:] == ["run"]:
+        import fiftyone as fo
+        import fiftyone.operators as foo
+        from PIL import Image
+        d = tempfile.mkdtemp()
+        ds = fo.Dataset()
+        for i, (g, p) in enumerate([("a", "a"), ("b", "a"), ("b", "b"), ("a", "a")]):
+            Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(f"{d}/{i}.jpg")
+            ds.add_sample(fo.Sample(filepath=f"{d}/{i}.jpg", gt=fo.Classification(label=g),
+                                    pred=fo.Classification(label=p)))
+        res = foo.execute_operator(sys.argv[1] + "/evaluate_labels",
+                                   ctx={"dataset": ds, "params": {"pred_field": "pred", "gt_field": "gt"}})
+        ds.delete()
+        assert res.error is None, res.error
+        print("accuracy", res.result["result"]["accuracy"])
 """)
 
 
-def _plugin_report(py: Path, env: dict) -> dict:
-    out = _run([py, "-c", LIST_PLUGIN, PLUGIN], env=env)
-    return json.loads(next(line for line in out.splitlines()[::-1] if line.startswith("{")))
+def _plugin_check(py: Path, env: dict, *extra: str) -> tuple[dict, str]:
+    out = _run([py, "-c", PLUGIN_CHECK, PLUGIN, *extra], env=env)
+    return json.loads(next(line for line in out.splitlines() if line.startswith("{"))), out
 
 
 def _assert_every_operator(report: dict, where: Path) -> None:
@@ -130,25 +147,6 @@ def _assert_every_operator(report: dict, where: Path) -> None:
     assert report["registered"] == sorted(MANIFEST["operators"] + MANIFEST["panels"])
     assert report["version"] == PYPROJECT["version"]
     assert Path(report["library"]).resolve().is_relative_to(where.resolve()), report["library"]
-
-
-RUN_OPERATOR = textwrap.dedent("""
-    import sys, tempfile
-    import fiftyone as fo
-    import fiftyone.operators as foo
-    from PIL import Image
-    d = tempfile.mkdtemp()
-    ds = fo.Dataset()
-    for i, (g, p) in enumerate([("a", "a"), ("b", "a"), ("b", "b"), ("a", "a")]):
-        Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(f"{d}/{i}.jpg")
-        ds.add_sample(fo.Sample(filepath=f"{d}/{i}.jpg", gt=fo.Classification(label=g),
-                                pred=fo.Classification(label=p)))
-    res = foo.execute_operator(sys.argv[1] + "/evaluate_labels",
-                               ctx={"dataset": ds, "params": {"pred_field": "pred", "gt_field": "gt"}})
-    assert res.error is None, res.error
-    print("accuracy", res.result["result"]["accuracy"])
-    ds.delete()
-""")
 
 
 @pytest.fixture(scope="module")
@@ -177,9 +175,8 @@ def test_fiftyone_plugins_download_then_requirements_gives_a_working_plugin(serv
     assert (plugin_dir / "fiftyone.yml").is_file() and (plugin_dir / "requirements.txt").is_file()
     out = _run([fo, "plugins", "requirements", PLUGIN, "--install"], env=env, timeout=600)
     assert "error" not in out.lower(), out
-    # the library runs from the downloaded plugin directory itself
-    _assert_every_operator(_plugin_report(py, env), plugin_dir)
-    out = _run([py, "-c", RUN_OPERATOR, PLUGIN], env=env)
+    report, out = _plugin_check(py, env, "run")
+    _assert_every_operator(report, plugin_dir)  # the library runs from the downloaded plugin itself
     assert "accuracy 0.75" in out, out
 
 
@@ -213,7 +210,7 @@ def test_wheel_installs_with_the_cli_and_links_the_plugin(dists, deps_dir, tmp_p
     out = _run([venv / "bin" / "fiftyone-nola", "plugin", "install"], env=env)
     target = plugins.joinpath(*PLUGIN.split("/"))
     assert f"Plugin linked: {target}" in out and target.is_symlink(), out  # idempotency: below
-    _assert_every_operator(_plugin_report(py, env), venv)
+    _assert_every_operator(_plugin_check(py, env)[0], venv)
 
 
 # --------------------------------------------------------------------------- plugin install
