@@ -415,6 +415,7 @@ def cmd_tune(args) -> dict:
 
 
 def cmd_plugin(args) -> dict:
+    """``plugin install``: link (or copy) the packaged FiftyOne plugin into FiftyOne's plugins dir."""
     from fiftyone_nola.plugin_install import install_plugin  # imports FiftyOne: only when asked
 
     result = install_plugin(args.plugins_dir, copy=args.copy)
