@@ -14,7 +14,7 @@ from typing import Optional
 
 from fiftyone_nola import logs
 from fiftyone_nola.core import distributed as dt
-from fiftyone_nola.core.device import hardware_profile, resolve_device
+from fiftyone_nola.core.device import given, given_in, hardware_profile, resolve_device
 from fiftyone_nola.core.embed import EmbedConfig
 from fiftyone_nola.core.errors import ModelNotFoundError, NolaError
 from fiftyone_nola.core.models import ClipSpec, DinoSpec, concrete_dino
@@ -200,11 +200,6 @@ def _checked(args, report) -> bool:
     return False
 
 
-def given(cls, **values):
-    """``cls`` built from the values the user gave: None is "not given", the field's default stays."""
-    return cls(**{k: v for k, v in values.items() if v is not None})
-
-
 def _clip_spec(args) -> ClipSpec:
     """The ClipSpec of the CLIP options."""
     return given(ClipSpec, arch=args.clip_arch, pretrained=args.clip_pretrained,
@@ -334,11 +329,11 @@ def cmd_auto_label_multilabel(args) -> dict:
     from fiftyone_nola.stages.cdul import MultiLabelConfig, auto_label_multilabel
     from fiftyone_nola.stages.validation import check_multilabel
 
-
     clip, dino = _specs(args)
-    cfg = given(MultiLabelConfig, clip=clip, descriptions_file=args.descriptions, grid=args.grid,
-                device=args.device, gt_field=args.gt_field or args.gt_from_subfolders,
-                allow_template_fallback=args.allow_template_fallback, embed=_embed_config(args))
+    crop = given_in(MultiLabelConfig, "crop", grid=args.grid, num_workers=args.workers)
+    cfg = given(MultiLabelConfig, clip=clip, descriptions_file=args.descriptions, crop=crop, device=args.device,
+                gt_field=args.gt_field or args.gt_from_subfolders, embed=_embed_config(args),
+                allow_template_fallback=args.allow_template_fallback)
     report = check_multilabel(_target(args), _classes(args), cfg, args.fallback_random_init, args.json_out,
                               plan=args.check)
     if _checked(args, report):

@@ -14,6 +14,7 @@ import time
 import fiftyone.operators.types as types
 
 from fiftyone_nola import logs
+from fiftyone_nola.core.device import given, given_in  # noqa: F401  (the operators' config rule)
 from fiftyone_nola.core.models import ClipSpec, DinoSpec, random_init_default
 
 DEVICES = ["auto", "cpu", "cuda"]
@@ -54,11 +55,6 @@ def text(ctx, name: str, default=None):
     """A text parameter: None or an empty box means "not given"."""
     v = ctx.params.get(name)
     return default if v in (None, "") else v
-
-
-def given(cls, **values):
-    """``cls`` from the values the user gave (None: not given, so the library's default stays)."""
-    return cls(**{k: v for k, v in values.items() if v is not None})
 
 
 def field_default(cls, name: str):

@@ -27,9 +27,10 @@ class GenerateDescriptions(foo.Operator):
         inputs.enum("source", ["llm", "templates", "file"], default="llm", label="Source",
                     description="llm falls back to templates, with a warning, when no Ollama server answers",
                     view=types.RadioGroup())
-        inputs.str("llm_model", default="llama3.2", label="Ollama model")
+        inputs.str("llm_model", default=c.field_default(dsc.DescribeConfig, "model"), label="Ollama model")
         inputs.str("ollama_host", required=False, label="Ollama host (default: OLLAMA_HOST)")
-        inputs.int("answers_per_question", default=5, label="Answers per question")
+        inputs.int("answers_per_question", default=c.field_default(dsc.DescribeConfig, "answers_per_question"),
+                   label="Answers per question")
         inputs.str("import_file", required=False, label="Import from JSON file (source=file)")
         inputs.str("output_file", required=True, label="Save descriptions to (JSON)")
         p = ctx.params
@@ -51,8 +52,8 @@ class GenerateDescriptions(foo.Operator):
         elif source == "templates":
             ds = dsc.template_descriptions(classes)
         else:
-            cfg = dsc.DescribeConfig(model=p.get("llm_model") or "llama3.2", host=p.get("ollama_host") or None,
-                                     answers_per_question=int(p.get("answers_per_question") or 5))
+            cfg = c.given(dsc.DescribeConfig, model=c.text(ctx, "llm_model"), host=c.text(ctx, "ollama_host"),
+                          answers_per_question=p.get("answers_per_question"))
             ds = dsc.generate_descriptions(classes, cfg, progress=c.progress_fn(ctx))
         path = dsc.save_descriptions(ds, p["output_file"])
         summary = {"classes": len(classes), "descriptions": sum(len(v) for v in ds.descriptions.values()),

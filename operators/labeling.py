@@ -220,7 +220,7 @@ class Evaluate(foo.Operator):
 
             report = check_params(_eval_target(ctx), fields={k: (p.get(k), ("Classification",))
                                                              for k in ("pred_field", "gt_field")})
-            key = p.get("eval_key") or _eval_key(p)
+            key = c.text(ctx, "eval_key") or _eval_key(p)
             if ctx.dataset is not None and key in ctx.dataset.list_evaluations() and not p.get("overwrite"):
                 report.problems.append(Problem("eval_key", f"an evaluation '{key}' already exists",
                                                "choose another key, or tick 'Replace'"))
@@ -236,7 +236,7 @@ class Evaluate(foo.Operator):
 
         p = ctx.params
         samples = _eval_target(ctx)
-        key = p.get("eval_key") or _eval_key(p)
+        key = c.text(ctx, "eval_key") or _eval_key(p)
         pred = p["pred_field"]
         if p.get("final_labels"):
             pred = final_labels_field(samples, pred)
@@ -260,7 +260,7 @@ class Evaluate(foo.Operator):
 def _eval_key(p) -> str:
     from fiftyone_nola.stages import runs
 
-    pred = p.get("pred_field") or "nola"
+    pred = p.get("pred_field") or c.arg_default(labeling.predict, "label_field")  # blank: predict's field
     return f"eval_{runs.run_key_for(pred)}" + ("_final" if p.get("final_labels") else "")
 
 

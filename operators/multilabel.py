@@ -20,8 +20,9 @@ def _config(ctx) -> MultiLabelConfig:
     p = ctx.params
     return c.given(
         MultiLabelConfig, clip=c.clip_spec(ctx), descriptions_file=c.text(ctx, "descriptions_file"),
-        grid=p.get("grid"), threshold_t=p.get("threshold_t"), aggregation=c.text(ctx, "aggregation"),
-        train_epochs=p.get("epochs"), allow_template_fallback=p.get("allow_template_fallback"),
+        crop=c.given_in(MultiLabelConfig, "crop", grid=p.get("grid")), threshold_t=p.get("threshold_t"),
+        aggregation=c.text(ctx, "aggregation"), train=c.given_in(MultiLabelConfig, "train", epochs=p.get("epochs")),
+        allow_template_fallback=p.get("allow_template_fallback"),
         device=c.device_param(ctx), pseudo_field=c.text(ctx, "pseudo_field"), pred_field=c.text(ctx, "pred_field"),
         gt_field=c.text(ctx, "gt_field"),
     )
@@ -54,7 +55,7 @@ class MultiLabelPseudoLabels(foo.Operator):
         c.add_classes_input(ctx, inputs)
         inputs.str("descriptions_file", required=False, label="Descriptions JSON (optional)")
         inputs.bool("allow_template_fallback", default=_default("allow_template_fallback"), label="CLIP templates for classes the file lacks")
-        inputs.int("grid", default=_default("grid"), label="Crop grid (n x n)")
+        inputs.int("grid", default=_default("crop").grid, label="Crop grid (n x n)")
         inputs.float("threshold_t", default=_default("threshold_t"), label="Aggregation threshold t")
         inputs.enum("aggregation", ["avg", "lambda", "global"], default=_default("aggregation"), label="Aggregation")
         _common_inputs(ctx, inputs)

@@ -9,6 +9,7 @@ import fiftyone.operators.types as types
 from fiftyone_nola.stages import review
 from fiftyone_nola.stages.corrections import CorrectionsConfig, retrain_with_corrections
 from fiftyone_nola.stages.export import FORMATS, export_accepted
+from fiftyone_nola.stages.review_workspace import flag_samples, preview, propagate_corrections
 from fiftyone_nola.stages.validation import check_params
 
 from . import _common as c
@@ -38,6 +39,21 @@ def _calibration_plot_data(curve: dict) -> list:
              "line": {"dash": "dash"}}]
 
 
+# The forms' defaults are the library functions' own.
+FIELD = c.arg_default(preview, "field")
+THRESHOLD = c.arg_default(preview, "threshold")
+FORMAT = c.arg_default(export_accepted, "format")
+MIN_SIMILARITY = c.arg_default(propagate_corrections, "min_similarity")
+NEIGHBOURS = c.arg_default(propagate_corrections, "k")
+ACCEPT_ABOVE = 0.9  # the form's suggestion for accept_above, which has no library default
+
+
+def _bottom_k(ctx):
+    """The form's 0 ("off") is the library's None."""
+    k = c.param(ctx, "bottom_k", 0)
+    return k if k > 0 else None
+
+
 class ReviewLowConfidence(foo.Operator):
     @property
     def config(self):
@@ -46,17 +62,15 @@ class ReviewLowConfidence(foo.Operator):
                                  "views, show the per-class table and plots", delegated=False)
 
     def resolve_input(self, ctx):
-        from fiftyone_nola.stages.review_workspace import preview
-
         inputs = types.Object()
         c.target_samples(ctx)
-        c.add_field_choice(ctx, inputs, "field", "Predictions to review", default="nola")
+        c.add_field_choice(ctx, inputs, "field", "Predictions to review", default=FIELD)
         p = ctx.params
-        field = p.get("field") or "nola"
-        inputs.float("threshold", default=0.5, label="Flag samples below this confidence",
+        field = c.text(ctx, "field", FIELD)
+        inputs.float("threshold", default=THRESHOLD, label="Flag samples below this confidence",
                      view=types.SliderView(componentsProps={"slider": {"min": 0, "max": 1, "step": 0.01}}))
         inputs.int("bottom_k", default=0, label="Also flag the k least confident per class (0: off)")
-        _preview_notice(ctx, inputs, preview, field)
+        _preview_notice(ctx, inputs, field)
         c.add_gt_choice(ctx, inputs, "gt_field", "Ground truth for calibration (optional)", exclude=(field,))
         gt = c.choice_param(ctx, "gt_field")
         c.check_form(ctx, inputs, lambda: _same_field(gt, field) or check_params(
@@ -67,13 +81,10 @@ class ReviewLowConfidence(foo.Operator):
         return types.Property(inputs, view=types.View(label="Review"))
 
     def execute(self, ctx):
-        from fiftyone_nola.stages.review_workspace import flag_samples, preview
-
-        p = ctx.params
         samples = c.target_samples(ctx)
-        field = p.get("field") or "nola"
-        threshold = c.param(ctx, "threshold", 0.5)
-        bottom_k = p.get("bottom_k") or None
+        field = c.text(ctx, "field", FIELD)
+        threshold = c.param(ctx, "threshold", THRESHOLD)
+        bottom_k = _bottom_k(ctx)
         s = flag_samples(samples, field, threshold=threshold, bottom_k=bottom_k)
         s["views"] = s["views"] + review.save_review_views(ctx.dataset, field, threshold=threshold)
         table = preview(samples, field, threshold, bottom_k)["classes"]
@@ -126,12 +137,12 @@ def _same_field(gt, field):
     return None
 
 
-def _preview_notice(ctx, inputs, preview, field) -> None:
+def _preview_notice(ctx, inputs, field) -> None:
     """Live count of what the threshold would flag, shown above the Execute button."""
     if ctx.dataset is None:
         return
     try:
-        pv = preview(c.target_samples(ctx), field, c.param(ctx, "threshold", 0.5), ctx.params.get("bottom_k") or None)
+        pv = preview(c.target_samples(ctx), field, c.param(ctx, "threshold", THRESHOLD), _bottom_k(ctx))
     except Exception:
         return
     inputs.view("preview", types.Notice(
@@ -159,11 +170,11 @@ class MarkReviewed(foo.Operator):
         if action == "correct":
             classes = c.add_class_choice(ctx, inputs, "label", "Right class (from the dataset's class list)")
         if action == "accept_above":
-            c.add_field_choice(ctx, inputs, "field", "Predictions field", default="nola")
-            inputs.float("threshold", default=0.9, label="Accept if confidence >=")
+            c.add_field_choice(ctx, inputs, "field", "Predictions field", default=FIELD)
+            inputs.float("threshold", default=ACCEPT_ABOVE, label="Accept if confidence >=")
         c.check_form(ctx, inputs, lambda: _label_problem(p.get("label"), classes) if action == "correct" else check_params(
             c.target_samples(ctx), need_samples=False,
-            fields={"field": (p.get("field") or "nola", ("Classification",))} if action == "accept_above" else None,
+            fields={"field": (c.text(ctx, "field", FIELD), ("Classification",))} if action == "accept_above" else None,
             ranges={"threshold": (p.get("threshold"), 0.0, 1.0, False)},
             files=None))
         return types.Property(inputs, view=types.View(label="Mark reviewed"))
@@ -177,7 +188,7 @@ class MarkReviewed(foo.Operator):
         if action in ("accept", "reject", "correct"):
             n = decide(samples, samples.values("id"), action, p.get("label") if action == "correct" else None)["samples"]
         else:
-            n = review.accept_above(samples, p.get("field") or "nola", c.param(ctx, "threshold", 0.9))
+            n = review.accept_above(samples, c.text(ctx, "field", FIELD), c.param(ctx, "threshold", ACCEPT_ABOVE))
         ctx.ops.clear_selected_samples()
         c.show_review_fields(ctx)
         return {"summary": f"{action}: {n} samples", "result": {"action": action, "samples": n}}
@@ -261,13 +272,13 @@ class ExportAccepted(foo.Operator):
         inputs = types.Object()
         inputs.view_target(ctx, action_description="Export", default_target="DATASET")
         c.add_field_choice(ctx, inputs, "label_field", "Labels to export", types_=("Classification", "Classifications"),
-                           default="nola")
+                           default=FIELD)
         p = ctx.params
-        field = p.get("label_field") or "nola"
+        field = c.text(ctx, "label_field", FIELD)
         suggested = suggest_export_dir(ctx.dataset, field) if ctx.dataset is not None else None
         inputs.str("export_dir", required=True, default=suggested, label="Export directory",
                    description=f"on the machine running FiftyOne; suggested: {suggested}")
-        inputs.enum("format", list(FORMATS), default="classification-tree", label="Format",
+        inputs.enum("format", list(FORMATS), default=FORMAT, label="Format",
                     view=types.DropdownView())
         inputs.float("min_confidence", required=False, label="Also export unreviewed samples with confidence >=")
         inputs.bool("overwrite", default=False, label="Overwrite a non-empty directory")
@@ -279,7 +290,7 @@ class ExportAccepted(foo.Operator):
                 _export_target(ctx),
                 fields={"label_field": (field, ("Classification", "Classifications"))},
                 ranges={"min_confidence": (p.get("min_confidence"), 0.0, 1.0, False)},
-                writable={"export_dir": (p.get("export_dir") or suggested, "export directory", False)})
+                writable={"export_dir": (c.text(ctx, "export_dir", suggested), "export directory", False)})
             if not report.errors:
                 keep, _, left_out, _ = plan_export(_export_target(ctx), field, p.get("min_confidence"))
                 if not keep:
@@ -297,11 +308,11 @@ class ExportAccepted(foo.Operator):
 
         p = ctx.params
         samples = _export_target(ctx)
-        field = p.get("label_field") or "nola"
+        field = c.text(ctx, "label_field", FIELD)
         try:
-            r = export_accepted(samples, p.get("export_dir") or suggest_export_dir(samples, field), field,
-                                p.get("format") or "classification-tree", p.get("min_confidence"),
-                                overwrite=bool(p.get("overwrite")))
+            r = export_accepted(samples, c.text(ctx, "export_dir") or suggest_export_dir(samples, field), field,
+                                c.text(ctx, "format", FORMAT), p.get("min_confidence"),
+                                overwrite=c.param(ctx, "overwrite", False))
         except NolaError as e:  # a message, never a traceback
             return {"summary": f"### Nothing exported\n{e}", "result": {"exported": 0, "error": str(e)}}
         left = ", ".join(f"{k}: {v}" for k, v in r["left_out"].items() if v)
@@ -320,6 +331,12 @@ def _export_target(ctx):
     return ctx.dataset
 
 
+def _propagation(ctx) -> tuple:
+    """(field, min_similarity, k) of the params given, else the library's defaults."""
+    return (c.text(ctx, "field", FIELD), c.param(ctx, "min_similarity", MIN_SIMILARITY),
+            c.param(ctx, "k", NEIGHBOURS))
+
+
 class PropagateCorrections(foo.Operator):
     @property
     def config(self):
@@ -329,17 +346,13 @@ class PropagateCorrections(foo.Operator):
                                  "labels)", delegated=False)
 
     def resolve_input(self, ctx):
-        from fiftyone_nola.stages.review_workspace import propagate_corrections
-
         inputs = types.Object()
-        c.add_field_choice(ctx, inputs, "field", "Predictions field", default="nola")
-        inputs.float("min_similarity", default=0.9, min=0.0, max=1.0, label="Neighbour similarity >= (cosine)")
-        inputs.int("k", default=10, min=1, label="Neighbours looked at per correction")
-        p = ctx.params
+        c.add_field_choice(ctx, inputs, "field", "Predictions field", default=FIELD)
+        inputs.float("min_similarity", default=MIN_SIMILARITY, min=0.0, max=1.0, label="Neighbour similarity >= (cosine)")
+        inputs.int("k", default=NEIGHBOURS, min=1, label="Neighbours looked at per correction")
         if ctx.dataset is not None:
             try:
-                r = propagate_corrections(ctx.dataset, p.get("field") or "nola", c.param(ctx, "min_similarity", 0.9),
-                                          int(p.get("k") or 10), apply=False)
+                r = propagate_corrections(ctx.dataset, *_propagation(ctx), apply=False)
                 inputs.view("preview", types.Notice(
                     label=f"{r['corrections']} corrections would suggest labels for {r['suggested']} neighbours"))
             except Exception:
@@ -347,11 +360,7 @@ class PropagateCorrections(foo.Operator):
         return types.Property(inputs, view=types.View(label="Propagate corrections"))
 
     def execute(self, ctx):
-        from fiftyone_nola.stages.review_workspace import propagate_corrections
-
-        p = ctx.params
-        r = propagate_corrections(ctx.dataset, p.get("field") or "nola", c.param(ctx, "min_similarity", 0.9),
-                                  int(p.get("k") or 10))
+        r = propagate_corrections(ctx.dataset, *_propagation(ctx))
         c.show_review_fields(ctx)
         by = ", ".join(f"{k}: {v}" for k, v in r["by_label"].items()) or "none"
         return {"summary": f"### {r['suggested']} neighbours got a suggestion from {r['corrections']} corrections\n"

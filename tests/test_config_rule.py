@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from fiftyone_nola.cli import auto_label_config, build_parser, given
+from fiftyone_nola.cli import auto_label_config, build_parser
+from fiftyone_nola.core.device import given
 from fiftyone_nola.core.dino_labeler import DinoLabelerConfig
 from fiftyone_nola.core.embed import EmbedConfig
 from fiftyone_nola.core.models import ClipSpec, DinoSpec
@@ -62,7 +63,7 @@ def test_operator_params_given_or_not():
 
     assert op_label.tune_config(_ctx(max_samples=0)).max_samples == 0
     assert op_embed._config(_ctx(num_workers=0, draft_decode=False)) == EmbedConfig(num_workers=0, draft_decode=False)
-    assert op_multi._config(_ctx(grid=0, threshold_t=0.0)).grid == 0  # reported by validation, not replaced by 3
+    assert op_multi._config(_ctx(grid=0, threshold_t=0.0)).crop.grid == 0  # reported by validation, not replaced
     cfg = op_pipe.config(_ctx(tune=False, epochs=2, use_llm=False, descriptions_file=""))
     assert cfg.skip_tuning and cfg.tune.epochs == 2 and cfg.zeroshot == ZeroShotConfig()
     assert op_review.corrections_config(_ctx(tune=False)).skip_tuning
@@ -156,3 +157,25 @@ def test_each_form_default_is_the_library_default(name, build, make_dataset):
     defaults = {k: p.default for k, p in form.type.properties.items()
                 if getattr(p, "default", None) is not None and k != "gt_field"}
     assert build(_ctx(**defaults)) == build(_ctx())
+
+
+def test_multilabel_run_config_keeps_its_recorded_shape():
+    """The pseudo-label stage records its nested crop/train settings under their old flat names,
+    so a dataset labelled before the nesting stays up to date; a changed new setting still counts."""
+    from fiftyone_nola.core.cdul import CropConfig, TrainConfig
+    from fiftyone_nola.stages.cdul import recorded_config
+
+    cfg = MultiLabelConfig(crop=CropConfig(grid=2, batch_size=4, num_workers=0), train=TrainConfig(epochs=2),
+                           device="cpu")
+    rec = recorded_config(cfg)
+    flat = {"grid": 2, "crop_batch_size": 4, "num_workers": 0, "train_epochs": 2, "label_update_every": None,
+            "label_warmup": None, "embed": None, "device": "cpu"}
+    assert {k: rec[k] for k in flat} == flat and "crop" not in rec and "train" not in rec
+    old_fields = {"clip", "dino", "embed", "descriptions_file", "allow_template_fallback", "use_llm", "single_template",
+                  "grid", "threshold_t", "aggregation", "lam", "rule", "ratio", "max_labels", "crop_batch_size",
+                  "num_workers", "train_epochs", "label_update_every", "label_warmup", "device", "pseudo_field",
+                  "pred_field", "gt_field"}
+    assert set(rec) == old_fields
+    changed = recorded_config(MultiLabelConfig(crop=CropConfig(batch_size=16, engine="torch")))
+    assert changed["crop"] == {"engine": "torch"}
+    assert MultiLabelConfig().crop.batch_size == 16  # the stage's own default, as before

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import COCO_DIR
+from fiftyone_nola.core.cdul import CropConfig, TrainConfig
 from fiftyone_nola.core.embed import EmbedConfig
 from fiftyone_nola.core.models import tiny_clip_spec
 from fiftyone_nola.stages.cdul import (
@@ -36,8 +37,8 @@ def test_auto_label_multilabel_end_to_end(coco_dataset):
     classes = (COCO_DIR / "classes.txt").read_text().split("\n")
     classes = [c for c in classes if c.strip()]
     cfg = MultiLabelConfig(clip=tiny_clip_spec(), embed=EmbedConfig(batch_size=8, num_workers=0),
-                           crop_batch_size=4, num_workers=0, train_epochs=3, gt_field="ground_truth",
-                           label_update_every=1, label_warmup=1, single_template=True, device="cpu")
+                           crop=CropConfig(batch_size=4, num_workers=0), gt_field="ground_truth",
+                           train=TrainConfig(epochs=3, update_every=1, warmup=1), single_template=True, device="cpu")
     s = auto_label_multilabel(coco_dataset, classes, cfg, log=lambda m: None)
     n = len(coco_dataset)
     for f in ("cdul_pseudo", "cdul"):
@@ -60,6 +61,6 @@ def test_classifier_schedule_fits_the_machine_and_is_printed():
     cfg = classifier_config(MultiLabelConfig(device="cpu"), lines.append)
     assert (cfg.epochs, cfg.update_every, cfg.warmup, cfg.loss) == (30, 3, 3, "kl")
     assert lines[0].startswith("[cdul] classifier schedule on cpu") and "30 epochs" in lines[0]
-    cfg = classifier_config(MultiLabelConfig(device="cpu", train_epochs=12, label_update_every=4,
-                                             label_warmup=0), None)
+    cfg = classifier_config(MultiLabelConfig(device="cpu", train=TrainConfig(epochs=12, update_every=4, warmup=0)),
+                            None)
     assert cfg.update_epochs() == [4, 8, 12]

@@ -184,5 +184,5 @@ def test_blank_epochs_mean_fit_the_hardware_in_every_path():
 
     from operators.multilabel import _config
 
-    assert _config(SimpleNamespace(params={})).train_epochs is None
-    assert _config(SimpleNamespace(params={"epochs": 7})).train_epochs == 7
+    assert _config(SimpleNamespace(params={})).train.epochs is None
+    assert _config(SimpleNamespace(params={"epochs": 7})).train.epochs == 7

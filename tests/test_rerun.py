@@ -72,6 +72,7 @@ def test_multilabel_rerun_scores_only_added_samples(make_dataset):
     import fiftyone as fo
 
     from conftest import COCO_DIR
+    from fiftyone_nola.core.cdul import CropConfig, TrainConfig
     from fiftyone_nola.stages.cdul import MultiLabelConfig, auto_label_multilabel
 
     if not COCO_DIR.is_dir():
@@ -79,8 +80,9 @@ def test_multilabel_rerun_scores_only_added_samples(make_dataset):
     names = sorted(json.loads((COCO_DIR / "labels.json").read_text()))[:10]
     paths = [str(COCO_DIR / "images" / n) for n in names]
     ds = make_dataset(paths[:7])
-    cfg = MultiLabelConfig(clip=tiny_clip_spec(), embed=EmbedConfig(batch_size=8, num_workers=0), grid=2,
-                           crop_batch_size=4, num_workers=0, train_epochs=2, single_template=True, device="cpu")
+    cfg = MultiLabelConfig(clip=tiny_clip_spec(), embed=EmbedConfig(batch_size=8, num_workers=0),
+                           crop=CropConfig(grid=2, batch_size=4, num_workers=0), train=TrainConfig(epochs=2),
+                           single_template=True, device="cpu")
     classes = ["person", "car", "dog", "pizza"]
     first = auto_label_multilabel(ds, classes, cfg, log=lambda m: None)
     assert first["processed"] == {"embeddings:clip": 7, "pseudo_labels": 7, "classifier": 7}

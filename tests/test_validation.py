@@ -257,14 +257,15 @@ def test_python_api_raises_one_validation_error_and_writes_nothing(dataset, file
 
 @pytest.mark.integration
 def test_multilabel_schedule_settings_are_checked(dataset, no_embedding):
+    from fiftyone_nola.core.cdul import CropConfig, TrainConfig
     from fiftyone_nola.core.models import tiny_clip_spec
     from fiftyone_nola.stages.cdul import MultiLabelConfig
     from fiftyone_nola.stages.validation import Target, check_multilabel
 
-    bad = MultiLabelConfig(clip=tiny_clip_spec(), label_update_every=-1, label_warmup=-2, grid=0)
+    bad = MultiLabelConfig(clip=tiny_clip_spec(), train=TrainConfig(update_every=-1, warmup=-2), crop=CropConfig(grid=0))
     r = check_multilabel(Target(samples=dataset), CLASSES, bad)
     assert {p.input for p in r.errors} >= {"label_update_every", "label_warmup", "grid"}
-    ok = MultiLabelConfig(clip=tiny_clip_spec(), label_update_every=0, label_warmup=0)
+    ok = MultiLabelConfig(clip=tiny_clip_spec(), train=TrainConfig(update_every=0, warmup=0))
     assert check_multilabel(Target(samples=dataset), CLASSES, ok).ok
 
 

@@ -185,3 +185,18 @@ def resolve(config, device=None):
     if fill is not None:
         changes.update({k: v for k, v in fill(hardware_profile(device)).items() if getattr(config, k) is None})
     return dataclasses.replace(config, **changes) if changes else config
+
+
+def given(cls, **values):
+    """``cls`` built from the values a user gave: None is "not given", so the field's default stays.
+
+    The other half of the rule: the CLI, the operators (App form, Python, delegated) and Python
+    pass what was set and nothing else, 0 and False included.
+    """
+    return cls(**{k: v for k, v in values.items() if v is not None})
+
+
+def given_in(cls, part: str, **values):
+    """The default of config ``cls``'s nested config ``part``, with the values a user gave."""
+    default = {f.name: f for f in dataclasses.fields(cls)}[part].default_factory()
+    return dataclasses.replace(default, **{k: v for k, v in values.items() if v is not None})

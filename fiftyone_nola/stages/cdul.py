@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from fiftyone_nola.core import cdul as ml
 from fiftyone_nola.core.classes import ClassesArg, resolve_classes
 from fiftyone_nola.core.device import resolve, resolve_device
 from fiftyone_nola.core.embed import EmbedConfig
@@ -45,24 +46,44 @@ class MultiLabelConfig:
     allow_template_fallback: bool = False  # classes the descriptions file lacks get CLIP templates
     use_llm: bool = False
     single_template: bool = False  # CDUL's "a photo of a {c}." only, instead of CDE texts
-    grid: int = 3
+    # Crop scoring (grid, batch, workers, engine); None fields fit the hardware.
+    crop: ml.CropConfig = field(default_factory=lambda: ml.CropConfig(batch_size=16))
     threshold_t: float = 0.0  # reproduction: t = 0 (plain max over crops) was best
     aggregation: str = "avg"  # avg | lambda | global (global-only scores, no crops)
     lam: float = 0.25
     rule: str = "relative"
     ratio: float = 0.5
     max_labels: Optional[int] = 10
-    crop_batch_size: int = 16
-    num_workers: Optional[int] = None
-    # Classifier schedule; None = fitted to the machine and printed: CDUL's 100 epochs with label
-    # updates every 10 after 10 warm-up epochs on a GPU, 30 / 3 / 3 on a CPU (multilabel.TrainConfig).
-    train_epochs: Optional[int] = None
-    label_update_every: Optional[int] = None
-    label_warmup: Optional[int] = None
+    # The head and its schedule; None fields fit the machine and are printed: CDUL's 100 epochs with
+    # label updates every 10 after 10 warm-up epochs on a GPU, 30 / 3 / 3 on a CPU.
+    train: ml.TrainConfig = field(default_factory=ml.TrainConfig)
     device: Optional[str] = None
     pseudo_field: str = "cdul_pseudo"
     pred_field: str = "cdul"
     gt_field: Optional[str] = None  # evaluation only
+
+
+# The flat names the crop and head settings had in recorded run configs before they were nested.
+_FLAT = {"crop": {"grid": "grid", "batch_size": "crop_batch_size", "num_workers": "num_workers"},
+         "train": {"epochs": "train_epochs", "update_every": "label_update_every", "warmup": "label_warmup"}}
+
+
+def recorded_config(config: MultiLabelConfig) -> dict:
+    """The pseudo-label stage's run config, in the shape runs recorded before ``crop``/``train`` were
+    nested (so datasets labelled then stay up to date). Their other settings are added only when
+    changed from the default, under ``crop``/``train``; the run's device is ``device``."""
+    out = dataclasses.asdict(dataclasses.replace(config, embed=None))
+    for part, flat in _FLAT.items():
+        value, default = out.pop(part), dataclasses.asdict(_default_part(part))
+        out.update({name: value[key] for key, name in flat.items()})
+        extra = {k: v for k, v in value.items() if k not in flat and k != "device" and v != default[k]}
+        if extra:
+            out[part] = extra
+    return runs._jsonable(out)
+
+
+def _default_part(part: str):
+    return {f.name: f for f in dataclasses.fields(MultiLabelConfig)}[part].default_factory()
 
 
 def _class_weights(classes, config: MultiLabelConfig, device, log: Log) -> np.ndarray:
@@ -87,9 +108,6 @@ def multilabel_pseudo_labels(
     log: Log = print,
 ) -> dict:
     """CDUL initial pseudo-labels: soft vectors stored per sample, label sets in ``pseudo_field``."""
-    from fiftyone_nola.core import cdul as ml
-    from fiftyone_nola.core.device import hardware_profile
-
     t0 = time.perf_counter()
     config = config or MultiLabelConfig()
     classes = resolve_classes(classes, samples)
@@ -108,10 +126,7 @@ def multilabel_pseudo_labels(
     if config.aggregation != "global":
         clip = load_clip(config.clip, device)
         t1 = time.perf_counter()
-        prof = hardware_profile(device)
-        crop_cfg = ml.CropConfig(grid=config.grid, batch_size=config.crop_batch_size,
-                                 num_workers=prof.num_workers if config.num_workers is None else config.num_workers,
-                                 device=str(device))
+        crop_cfg = dataclasses.replace(resolve(config.crop, device), device=str(device))
         local, failed = ml.local_clip_scores(clip, paths, W, crop_cfg, progress)
         t_local = time.perf_counter() - t1
         y = ml.aggregate_scores(g, local, config.threshold_t,
@@ -134,7 +149,7 @@ def multilabel_pseudo_labels(
                    "images_per_s_local": (len(ids) / t_local) if t_local else None,
                    "seconds": time.perf_counter() - t0}
         runs.record_run(samples, runs.run_key_for(config.pseudo_field), "cdul_pseudo_labels",
-                        dataclasses.replace(config, embed=None), summary)
+                        recorded_config(config), summary)
     log(f"[cdul] pseudo-labels for {written} samples -> '{config.pseudo_field}' "
         f"({summary['mean_labels_per_sample']:.2f} labels/sample) in {summary['seconds']:.1f}s")
     return summary
@@ -144,8 +159,7 @@ def classifier_config(config: MultiLabelConfig, log: Optional[Log] = print):
     """The head's ``TrainConfig``: the config's explicit values, the rest fitted to the machine."""
     from fiftyone_nola.core import cdul as ml
 
-    tcfg = resolve(ml.TrainConfig(epochs=config.train_epochs, update_every=config.label_update_every,
-                                  warmup=config.label_warmup), config.device)
+    tcfg = resolve(config.train, config.device)
     if log:
         log(ml.schedule_message(tcfg))
     return tcfg
@@ -280,7 +294,7 @@ def auto_label_multilabel(
     # changed, else only for samples it has no row for (or whose image changed); the head is
     # retrained only when every pseudo-label was redone, and labels new samples otherwise.
     pseudo_full = (not _up_to_date(samples, runs.run_key_for(config.pseudo_field),
-                                   dataclasses.replace(config, embed=None))
+                                   recorded_config(config))
                    or _stored_classes(samples, config.pseudo_field) != classes)
     todo = list(ids) if pseudo_full else _missing(samples, config.pseudo_field, ids, changed)
     with timer.stage("pseudo_labels"):

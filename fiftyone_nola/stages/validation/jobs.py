@@ -108,17 +108,18 @@ def check_multilabel(target: Target, classes, config, fallback_random_init: bool
     outputs = {"pseudo_field": config.pseudo_field, "pred_field": config.pred_field}
     problems += check_output_fields(samples, outputs, "Classifications")
     problems += _check_target_gt(target, config.gt_field, classes_list, list(outputs.values()), True)
-    problems += check_range("grid", config.grid, lo=1, hi=16, integer=True)
+    crop, train = config.crop, config.train
+    problems += check_range("grid", crop.grid, lo=1, hi=16, integer=True)
     problems += check_range("threshold_t", config.threshold_t, lo=0.0, hi=1.0)
     problems += check_range("lam", config.lam, lo=0.0, hi=1.0)
     problems += check_range("ratio", config.ratio, lo=0.0, hi=1.0)
     problems += check_range("max_labels", config.max_labels, lo=1, integer=True)
-    problems += check_range("train_epochs", config.train_epochs, lo=1, hi=100_000, integer=True, what="epochs")
-    problems += check_range("label_update_every", config.label_update_every, lo=0, integer=True,
+    problems += check_range("train_epochs", train.epochs, lo=1, hi=100_000, integer=True, what="epochs")
+    problems += check_range("label_update_every", train.update_every, lo=0, integer=True,
                             what="label update interval (0: never)")
-    problems += check_range("label_warmup", config.label_warmup, lo=0, integer=True, what="warm-up epochs")
-    problems += check_range("crop_batch_size", config.crop_batch_size, lo=1, integer=True, what="crop batch size")
-    problems += check_range("num_workers", config.num_workers, lo=0, hi=256, integer=True, what="workers")
+    problems += check_range("label_warmup", train.warmup, lo=0, integer=True, what="warm-up epochs")
+    problems += check_range("crop_batch_size", crop.batch_size, lo=1, integer=True, what="crop batch size")
+    problems += check_range("num_workers", crop.num_workers, lo=0, hi=256, integer=True, what="workers")
     if config.aggregation not in ("avg", "lambda", "global"):
         problems.append(_problem("aggregation", f"unknown aggregation {config.aggregation!r}",
                                  "use avg, lambda or global"))
@@ -129,7 +130,7 @@ def check_multilabel(target: Target, classes, config, fallback_random_init: bool
         n = target_count(target)
         report.plan = {"samples": n, "stages": [
             _stage("embeddings", "run", n, _embed_seconds(config.clip, n, config.device)),
-            _stage("pseudo_labels", "run", n, n * config.grid ** 2 / _rate(config.clip, config.device)),
+            _stage("pseudo_labels", "run", n, n * crop.grid ** 2 / _rate(config.clip, config.device)),
             _stage("classifier", "run", n, 1.0 + n * 1e-4)]}
         _finish_plan(report.plan, config.device, 0)
     report.seconds = time.perf_counter() - t0
