@@ -317,7 +317,8 @@ def _ours_stages(args, fo, classes, tmp: Path):
             "embed": lambda: compute_embeddings(ds, "clip", clip=spec, config=cfg)["clip"],
             "zero-shot labels": lambda: labeling.zero_shot(ds, classes, zcfg),
             "predict": lambda: labeling.predict(ds, str(model_dir), clip=spec, label_field="nola_predict",
-                                                batch_size=args.batch_size, num_workers=args.num_workers,
+                                                config=labeling.PredictConfig(batch_size=args.batch_size,
+                                                                              num_workers=args.num_workers),
                                                 device="cpu"),
         }
         rows = {}

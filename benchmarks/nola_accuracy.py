@@ -283,8 +283,8 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
         row["epoch_seconds"] = secs
         row["train_images"] = n_tune
     with st.part("predict", n) as row:
-        res["predict"] = labeling.predict(ds, res["tune"]["model_dir"], clip_spec, "nola", batch_size=bs,
-                                          num_workers=nw, device="cpu")
+        res["predict"] = labeling.predict(ds, res["tune"]["model_dir"], clip_spec, "nola", device="cpu",
+                                          config=labeling.PredictConfig(batch_size=bs, num_workers=nw))
 
     # seconds/epoch is the unit of prompt tuning; images/s counts images trained per second
     st.rows["prompt_tuning"]["seconds_per_epoch"] = float(np.mean(st.rows["prompt_tuning"]["epoch_seconds"]))

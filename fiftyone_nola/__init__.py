@@ -55,6 +55,7 @@ _LAZY = {
     "TuneConfig": "core.prompt_tuning",
     "tune_prompts_distributed": "stages.tuning_ddp",
     "predict": "stages.nola",
+    "PredictConfig": "stages.nola",
     "load_model": "stages.fo_models",
     "load_multilabel_model": "stages.fo_cdul_model",
     # CDUL stages

@@ -53,8 +53,8 @@ def test_load_model_is_a_fiftyone_model(model_dir):
 
 
 def test_apply_model_gives_the_labels_of_predict(model_dir, images):
-    fiftyone_nola.predict(images, str(model_dir), clip=tiny_clip_spec(), label_field="lib",
-                          device="cpu", num_workers=0, engine="torch")
+    fiftyone_nola.predict(images, str(model_dir), clip=tiny_clip_spec(), label_field="lib", device="cpu",
+                          config=fiftyone_nola.PredictConfig(num_workers=0, engine="torch"))
     model = fiftyone_nola.load_model(model_dir, clip=tiny_clip_spec(), device="cpu")
     images.apply_model(model, "fo", batch_size=7, num_workers=0)
     lib, fo = images.values("lib"), images.values("fo")

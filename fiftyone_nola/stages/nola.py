@@ -22,7 +22,7 @@ from fiftyone_nola.core import dino_labeler as dl
 from fiftyone_nola.core import distributed as dt
 from fiftyone_nola.core import zeroshot as zs
 from fiftyone_nola.core.classes import ClassesArg, labels_to_indices, resolve_classes
-from fiftyone_nola.core.device import hardware_profile, resolve, resolve_device
+from fiftyone_nola.core.device import resolve, resolve_device
 from fiftyone_nola.core.errors import IndexMismatchError, NolaError
 from fiftyone_nola.core.models import ClipSpec, DinoSpec, load_clip, spec_key
 from fiftyone_nola.core.progress import ProgressFn, null_progress
@@ -319,37 +319,47 @@ def tune_prompts(
     return summary
 
 
+@dataclass
+class PredictConfig:
+    """How :func:`predict` runs the tuned model; None fields fit the hardware (``device.resolve``).
+
+    ``engine``/``precision``: what runs the forward (core/engines.py; ``auto``: OpenVINO bf16 on
+    CPUs with native bf16 when installed, else PyTorch; ``engine="torch"`` forces PyTorch).
+    """
+
+    batch_size: Optional[int] = None
+    num_workers: Optional[int] = None
+    precision: str = "auto"
+    engine: str = "auto"
+
+    def hardware_defaults(self, profile) -> dict:
+        """The machine's inference batch and loader workers."""
+        return {"batch_size": profile.embed_batch_size, "num_workers": profile.num_workers}
+
+
 def predict(
     samples,
     model_dir: str,
     clip: Optional[ClipSpec] = None,
     label_field: str = "nola",
-    batch_size: Optional[int] = None,
-    num_workers: Optional[int] = None,
+    config: Optional[PredictConfig] = None,
     device: Optional[str] = None,
-    precision: str = "auto",
     progress: ProgressFn = null_progress,
-    engine: str = "auto",
 ) -> dict:
-    """Apply a saved prompt-tuned model to any dataset or view -> ``label_field``.
-
-    ``engine``/``precision``: what runs the forward (core/engines.py; ``auto``: OpenVINO bf16 on
-    CPUs with native bf16 when installed, else PyTorch; ``engine="torch"`` forces PyTorch).
-    """
+    """Apply a saved prompt-tuned model to any dataset or view -> ``label_field``."""
     run = StageRun(samples, "predict", label_field, "predict")
     model = load_tuned_model(model_dir, clip, device=device)  # the FiftyOne model apply_model runs
-    prof = hardware_profile(model.device)
+    cfg = resolve(config or PredictConfig(), model.device)
     classes = model.classes
-    probs, failed = model.predict_files(run.paths, batch_size or prof.embed_batch_size,
-                                        prof.num_workers if num_workers is None else num_workers,
-                                        precision, progress, engine=engine)
+    probs, failed = model.predict_files(run.paths, cfg.batch_size, cfg.num_workers, cfg.precision, progress,
+                                        engine=cfg.engine)
     ran = getattr(model.tuned, "last_engine", None)
     with run.writing() as d:
         written = fo_io.write_classifications(samples, run.ids, classes, probs, label_field)
         fo_io.tag_samples(samples, [run.ids[i] for i, _ in failed], fo_io.UNREADABLE_TAG)
         save_array_bundle(d, run.ids, {"probs": probs}, {"classes": classes, "field": label_field,
                                                           "model_dir": str(model_dir)})
-        summary = run.record({"model_dir": str(model_dir), "precision": precision,
+        summary = run.record({"model_dir": str(model_dir), "precision": cfg.precision,
                               "model_id": model.tuned.model_id},
                              labelled=written, failed=len(failed),
                              inference=None if ran is None else {"engine": ran.engine, "precision": ran.precision})
