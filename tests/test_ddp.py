@@ -7,9 +7,7 @@ sharding properties are checked in-process.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import shutil
 import socket
@@ -24,6 +22,7 @@ import torch
 from conftest import REPO, cifar_files
 from fiftyone_nola.core import distributed as dt
 from fiftyone_nola.core import prompt_tuning as pt
+from fiftyone_nola.logs import lines_to
 
 pytestmark = pytest.mark.slow
 
@@ -60,20 +59,6 @@ def _data(embed_dim: int):
 # --------------------------------------------------------------------------- worker (torchrun)
 
 
-@contextlib.contextmanager
-def _lines_to(lines: list):
-    """Collect this process's INFO lines of the package meanwhile."""
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logger = logging.getLogger("fiftyone_nola")
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def _worker(out_dir: str, ckpt_dir: str) -> None:
@@ -103,7 +88,7 @@ def _worker(out_dir: str, ckpt_dir: str) -> None:
         logs = []
         del loaded[:], saves[:]
         # A fresh tune call: all it knows of the first one is what rank 0 reads from the file.
-        with _lines_to(logs):
+        with lines_to(logs.append):
             res = pt.tune(clip, paths, teacher, W, _cfg(epochs), ckpt_dir, classes=names)
         out = Path(out_dir)
         real_save({"state": res.model.trainable_state_dict(), "history": res.history,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import json
@@ -17,22 +16,7 @@ from torchvision.transforms import InterpolationMode
 from conftest import cifar_files
 from fiftyone_nola.core import prompt_tuning as pt
 from fiftyone_nola.core.errors import EmptyViewError, IndexMismatchError, InvalidInputError
-
-
-@contextlib.contextmanager
-def _lines_to(lines: list):
-    """Collect the package's INFO lines meanwhile (for module-scoped fixtures, which caplog is not)."""
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logger = logging.getLogger("fiftyone_nola")
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+from fiftyone_nola.logs import lines_to
 
 
 def _cfg(**kw):
@@ -83,7 +67,7 @@ def run2(tiny_clip, cifar, W):
     """The reference uninterrupted 2-epoch run (teacher = true class, a learnable target)."""
     paths, labels, names = cifar
     logs = []
-    with _lines_to(logs):
+    with lines_to(logs.append):
         res = pt.tune(tiny_clip, paths, labels, W, _cfg(), classes=names)
     return res, logs
 
