@@ -172,6 +172,7 @@ def test_sigkill_at_every_stage_then_resume_matches_uninterrupted(make_dataset):
         assert runs.get_run(ds, runs.run_key_for(f)) is not None
 
 
+@pytest.mark.integration
 def test_stage_writer_forgets_the_run_record_of_an_unfinished_write(make_dataset):
     pairs = cifar_files(per_class=1)
     ds = make_dataset([p for p, _ in pairs])
@@ -181,6 +182,7 @@ def test_stage_writer_forgets_the_run_record_of_an_unfinished_write(make_dataset
     assert runs.get_run(ds, "nola_zeroshot") is None
 
 
+@pytest.mark.integration
 def test_stage_writer_is_reentrant_and_excludes_other_threads(make_dataset, caplog):
     caplog.set_level(logging.INFO, logger="fiftyone_nola")
     pairs = cifar_files(per_class=1)
@@ -217,6 +219,7 @@ SECOND_WRITER = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_second_process_waits_for_the_writer_of_the_same_field(make_dataset):
     from fiftyone_nola.core.embed import EmbedConfig
     from fiftyone_nola.core.models import tiny_clip_spec

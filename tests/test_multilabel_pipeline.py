@@ -1,6 +1,7 @@
 """Integration: real COCO images through the CDUL multi-label pipeline with a tiny CLIP."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -39,7 +40,7 @@ def test_auto_label_multilabel_end_to_end(coco_dataset):
     cfg = MultiLabelConfig(clip=tiny_clip_spec(), embed=EmbedConfig(batch_size=8, num_workers=0),
                            crop=CropConfig(batch_size=4, num_workers=0), gt_field="ground_truth",
                            train=TrainConfig(epochs=3, update_every=1, warmup=1), single_template=True, device="cpu")
-    s = auto_label_multilabel(coco_dataset, classes, cfg, log=lambda m: None)
+    s = auto_label_multilabel(coco_dataset, classes, cfg)
     n = len(coco_dataset)
     for f in ("cdul_pseudo", "cdul"):
         counts = [len(c.classifications) for c in coco_dataset.values(f)]
@@ -56,11 +57,11 @@ def test_auto_label_multilabel_end_to_end(coco_dataset):
     assert s["stages"]["classifier"]["label_update_epochs"] == [2, 3]
 
 
-def test_classifier_schedule_fits_the_machine_and_is_printed():
-    lines = []
-    cfg = classifier_config(MultiLabelConfig(device="cpu"), lines.append)
+def test_classifier_schedule_fits_the_machine_and_is_printed(caplog):
+    caplog.set_level(logging.INFO, logger="fiftyone_nola")
+    cfg = classifier_config(MultiLabelConfig(device="cpu"))
+    lines = caplog.messages
     assert (cfg.epochs, cfg.update_every, cfg.warmup, cfg.loss) == (30, 3, 3, "kl")
     assert lines[0].startswith("[cdul] classifier schedule on cpu") and "30 epochs" in lines[0]
-    cfg = classifier_config(MultiLabelConfig(device="cpu", train=TrainConfig(epochs=12, update_every=4, warmup=0)),
-                            None)
+    cfg = classifier_config(MultiLabelConfig(device="cpu", train=TrainConfig(epochs=12, update_every=4, warmup=0)))
     assert cfg.update_epochs() == [4, 8, 12]

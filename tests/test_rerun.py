@@ -84,14 +84,14 @@ def test_multilabel_rerun_scores_only_added_samples(make_dataset):
                            crop=CropConfig(grid=2, batch_size=4, num_workers=0), train=TrainConfig(epochs=2),
                            single_template=True, device="cpu")
     classes = ["person", "car", "dog", "pizza"]
-    first = auto_label_multilabel(ds, classes, cfg, log=lambda m: None)
+    first = auto_label_multilabel(ds, classes, cfg)
     assert first["processed"] == {"embeddings:clip": 7, "pseudo_labels": 7, "classifier": 7}
     before = dict(zip(*ds.values(["id", "cdul.classifications.confidence"])))
-    again = auto_label_multilabel(ds, classes, cfg, log=lambda m: None)
+    again = auto_label_multilabel(ds, classes, cfg)
     assert again["processed"] == {"embeddings:clip": 0, "pseudo_labels": 0, "classifier": 0}
     assert dict(zip(*ds.values(["id", "cdul.classifications.confidence"]))) == before
     ds.add_samples([fo.Sample(filepath=p) for p in paths[7:]], progress=False)
-    added = auto_label_multilabel(ds, classes, cfg, log=lambda m: None)
+    added = auto_label_multilabel(ds, classes, cfg)
     assert added["processed"] == {"embeddings:clip": 3, "pseudo_labels": 3, "classifier": 3}
     assert ds.count("cdul") == 10 and ds.count("cdul_pseudo") == 10
     now = dict(zip(*ds.values(["id", "cdul.classifications.confidence"])))

@@ -8,18 +8,21 @@ Ground truth is read only by evaluation.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
 from fiftyone_nola.core import cdul as ml
 from fiftyone_nola.core.classes import ClassesArg, resolve_classes
+from fiftyone_nola.core.descriptions import SIMPLE_TEMPLATE
 from fiftyone_nola.core.device import resolve, resolve_device
 from fiftyone_nola.core.embed import EmbedConfig
 from fiftyone_nola.core.models import ClipSpec, DinoSpec, load_clip, spec_key
 from fiftyone_nola.core.progress import ProgressFn, StageTimer, null_progress
+from fiftyone_nola.core.text_cache import class_weights_from_texts
 from fiftyone_nola.stages import fo_io, runs
 from fiftyone_nola.stages.artifacts import (
     aligned,
@@ -27,12 +30,13 @@ from fiftyone_nola.stages.artifacts import (
     save_array_bundle,
     stage_dir,
     stage_meta,
-    stage_writer,
 )
-from fiftyone_nola.stages.embeddings import check_coverage, compute_embeddings, load_embeddings
-from fiftyone_nola.stages.nola import class_descriptions
+from fiftyone_nola.stages.embeddings import compute_embeddings
+from fiftyone_nola.stages.evaluation import evaluate_multilabel
+from fiftyone_nola.stages.nola import ZeroShotConfig, class_descriptions
+from fiftyone_nola.stages.stage import StageRun
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,18 +90,23 @@ def _default_part(part: str):
     return {f.name: f for f in dataclasses.fields(MultiLabelConfig)}[part].default_factory()
 
 
-def _class_weights(classes, config: MultiLabelConfig, device, log: Log) -> np.ndarray:
-    from fiftyone_nola.core.descriptions import SIMPLE_TEMPLATE
-    from fiftyone_nola.core.text_cache import class_weights_from_texts
-    from fiftyone_nola.stages.nola import ZeroShotConfig
-
+def _class_weights(classes, config: MultiLabelConfig, device) -> np.ndarray:
     if config.single_template:
         texts = {c: [SIMPLE_TEMPLATE.format(c)] for c in classes}
     else:
         desc = class_descriptions(classes, ZeroShotConfig(descriptions_file=config.descriptions_file,
-                                                          use_llm=config.use_llm), log)
+                                                          use_llm=config.use_llm))
         texts = {c: desc.texts_for(c) for c in classes}
     return class_weights_from_texts(config.clip, texts, classes, device)[0]
+
+
+def _local_scores(paths, config: MultiLabelConfig, W: np.ndarray, device, progress: ProgressFn):
+    """``(crop scores, failed images, seconds)`` of CLIP on each image's grid of crops."""
+    clip = load_clip(config.clip, device)
+    t0 = time.perf_counter()
+    crop_cfg = dataclasses.replace(resolve(config.crop, device), device=str(device))
+    local, failed = ml.local_clip_scores(clip, paths, W, crop_cfg, progress)
+    return local, failed, time.perf_counter() - t0
 
 
 def multilabel_pseudo_labels(
@@ -105,140 +114,113 @@ def multilabel_pseudo_labels(
     classes: ClassesArg = None,
     config: Optional[MultiLabelConfig] = None,
     progress: ProgressFn = null_progress,
-    log: Log = print,
 ) -> dict:
     """CDUL initial pseudo-labels: soft vectors stored per sample, label sets in ``pseudo_field``."""
-    t0 = time.perf_counter()
     config = config or MultiLabelConfig()
     classes = resolve_classes(classes, samples)
-    ids, paths = fo_io.ids_and_paths(samples)
-    ids, emb = load_embeddings(samples, config.clip, ids)
-    ok = check_coverage(ids, emb, "clip", log)
+    run = StageRun(samples, "cdul_pseudo", config.pseudo_field, "cdul_pseudo_labels")
+    emb, ok = run.embeddings(config.clip)
     device = resolve_device(config.device)
-    W = _class_weights(classes, config, device, log)
-    g = np.full((len(ids), len(classes)), np.nan, dtype=np.float32)
+    W = _class_weights(classes, config, device)
+    g = np.full((len(run.ids), len(classes)), np.nan, dtype=np.float32)
     g[ok] = ml.global_scores(emb[ok], W)
-    t_global = time.perf_counter() - t0
-    local = None
-    failed: list = []
-    t_local = 0.0
-    clip_identity = {"key": spec_key(config.clip), "random_init": bool(config.clip.random_init)}
+    t_global = run.seconds
+    local, failed, t_local = None, [], 0.0
+    y = g
     if config.aggregation != "global":
-        clip = load_clip(config.clip, device)
-        t1 = time.perf_counter()
-        crop_cfg = dataclasses.replace(resolve(config.crop, device), device=str(device))
-        local, failed = ml.local_clip_scores(clip, paths, W, crop_cfg, progress)
-        t_local = time.perf_counter() - t1
+        local, failed, t_local = _local_scores(run.paths, config, W, device, progress)
         y = ml.aggregate_scores(g, local, config.threshold_t,
                                 "lambda" if config.aggregation == "lambda" else "avg", config.lam)
-    else:
-        y = g
     pos = ml.decide_labels(y, config.rule, ratio=config.ratio, max_labels=config.max_labels)
-    with stage_writer(samples, config.pseudo_field, log) as d:
-        written = fo_io.write_multilabel(samples, ids, classes, y, pos, config.pseudo_field)
+    clip_identity = {"key": spec_key(config.clip), "random_init": bool(config.clip.random_init)}
+    with run.writing() as d:
+        written = fo_io.write_multilabel(samples, run.ids, classes, y, pos, config.pseudo_field)
         arrays = {"soft_labels": y, "global": g}
         if local is not None:
             arrays["local_max"] = ml.local_only(local, 0.0)
-        save_array_bundle(d, ids, arrays,
-                           {"classes": classes, "field": config.pseudo_field, "clip": clip_identity})
-        summary = {"stage": "cdul_pseudo", "field": config.pseudo_field, "samples": len(ids),
-                   "labelled": written, "failed": len(failed),
-                   "mean_labels_per_sample": float(pos[np.all(np.isfinite(y), axis=1)].sum(1).mean()) if written else 0.0,
-                   "classes_never_positive": [c for c, p in zip(classes, pos.any(0)) if not p],
-                   "seconds_global": t_global, "seconds_local": t_local,
-                   "images_per_s_local": (len(ids) / t_local) if t_local else None,
-                   "seconds": time.perf_counter() - t0}
-        runs.record_run(samples, runs.run_key_for(config.pseudo_field), "cdul_pseudo_labels",
-                        recorded_config(config), summary)
-    log(f"[cdul] pseudo-labels for {written} samples -> '{config.pseudo_field}' "
-        f"({summary['mean_labels_per_sample']:.2f} labels/sample) in {summary['seconds']:.1f}s")
+        save_array_bundle(d, run.ids, arrays,
+                          {"classes": classes, "field": config.pseudo_field, "clip": clip_identity})
+        mean_labels = float(pos[np.all(np.isfinite(y), axis=1)].sum(1).mean()) if written else 0.0
+        summary = run.record(recorded_config(config), labelled=written, failed=len(failed),
+                             mean_labels_per_sample=mean_labels,
+                             classes_never_positive=[c for c, p in zip(classes, pos.any(0)) if not p],
+                             seconds_global=t_global, seconds_local=t_local,
+                             images_per_s_local=(len(run.ids) / t_local) if t_local else None)
+    logger.info(f"[cdul] pseudo-labels for {written} samples -> '{config.pseudo_field}' "
+                f"({summary['mean_labels_per_sample']:.2f} labels/sample) in {summary['seconds']:.1f}s")
     return summary
 
 
-def classifier_config(config: MultiLabelConfig, log: Optional[Log] = print):
+def classifier_config(config: MultiLabelConfig):
     """The head's ``TrainConfig``: the config's explicit values, the rest fitted to the machine."""
-    from fiftyone_nola.core import cdul as ml
-
     tcfg = resolve(config.train, config.device)
-    if log:
-        log(ml.schedule_message(tcfg))
+    logger.info(ml.schedule_message(tcfg))
     return tcfg
+
+
+def _feature_specs(config: MultiLabelConfig) -> list:
+    """The stored embeddings the head reads, side by side: CLIP, and DINO when configured."""
+    return [config.clip] + ([config.dino] if config.dino is not None else [])
+
+
+def _write_predictions(run: StageRun, d, classes: list, probs: np.ndarray, refined: np.ndarray,
+                       config: MultiLabelConfig) -> int:
+    """The head's label sets into ``pred_field`` and its arrays into ``d``; returns how many were written."""
+    pos = ml.decide_labels(probs, config.rule, ratio=config.ratio, max_labels=config.max_labels)
+    written = fo_io.write_multilabel(run.samples, run.ids, classes, probs, pos, config.pred_field)
+    save_array_bundle(d, run.ids, {"probs": probs, "refined_labels": refined},
+                      {"classes": classes, "field": config.pred_field})
+    return written
 
 
 def train_multilabel(
     samples,
     config: Optional[MultiLabelConfig] = None,
     progress: ProgressFn = null_progress,
-    log: Log = print,
 ) -> dict:
     """Train the multi-label head on stored features against the soft pseudo-labels; predict."""
-    from fiftyone_nola.core import cdul as ml
-
-    t0 = time.perf_counter()
     config = config or MultiLabelConfig()
+    run = StageRun(samples, "cdul_train", config.pred_field, "cdul_classifier")
     d = stage_dir(samples, config.pseudo_field)
     classes = stage_meta(d, "multi-label pseudo-label")["classes"]
-    ids, _ = fo_io.ids_and_paths(samples)
-    y = aligned(d, "soft_labels", ids)
-    _, feats = load_embeddings(samples, config.clip, ids)
-    if config.dino is not None:
-        _, f2 = load_embeddings(samples, config.dino, ids)
-        feats = np.concatenate([feats, f2], axis=1)
-    tcfg = classifier_config(config, log)
+    y = aligned(d, "soft_labels", run.ids)
+    feats = run.features(_feature_specs(config))
+    tcfg = classifier_config(config)
     model, refined, history = ml.train_multilabel_classifier(feats, y, tcfg, progress)
     probs = ml.predict_multilabel(model, feats)
-    pos = ml.decide_labels(probs, config.rule, ratio=config.ratio, max_labels=config.max_labels)
-    with stage_writer(samples, config.pred_field, log) as out_dir:
-        written = fo_io.write_multilabel(samples, ids, classes, probs, pos, config.pred_field)
-        ml.save_classifier(out_dir / "classifier.pt", model, classes, {"features": "clip" + ("+dino" if config.dino else "")})
-        save_array_bundle(out_dir, ids, {"probs": probs, "refined_labels": refined},
-                           {"classes": classes, "field": config.pred_field})
-        summary = {"stage": "cdul_train", "field": config.pred_field, "samples": len(ids), "labelled": written,
-                   "epochs": tcfg.epochs, "final_loss": (history.get("loss") or [None])[-1],
-                   "schedule": tcfg.describe_schedule(), "label_update_epochs": history["update_epochs"],
-                   "train_seconds": time.perf_counter() - t0, "model_path": str(out_dir / "classifier.pt")}
-        runs.record_run(samples, runs.run_key_for(config.pred_field), "cdul_classifier",
-                        {"train": tcfg, "pseudo_field": config.pseudo_field}, summary)
-    log(f"[cdul] classifier trained ({tcfg.epochs} epochs) -> '{config.pred_field}' in "
-        f"{summary['train_seconds']:.1f}s")
+    with run.writing() as out_dir:
+        written = _write_predictions(run, out_dir, classes, probs, refined, config)
+        ml.save_classifier(out_dir / "classifier.pt", model, classes,
+                           {"features": "clip" + ("+dino" if config.dino else "")})
+        summary = run.record({"train": tcfg, "pseudo_field": config.pseudo_field}, labelled=written,
+                             epochs=tcfg.epochs, final_loss=(history.get("loss") or [None])[-1],
+                             schedule=tcfg.describe_schedule(), label_update_epochs=history["update_epochs"],
+                             model_path=str(out_dir / "classifier.pt"))
+    logger.info(f"[cdul] classifier trained ({tcfg.epochs} epochs) -> '{config.pred_field}' in "
+                f"{summary['seconds']:.1f}s")
     return summary
 
 
-def apply_multilabel(samples, config: Optional[MultiLabelConfig] = None, log: Log = print) -> dict:
+def apply_multilabel(samples, config: Optional[MultiLabelConfig] = None) -> dict:
     """Label ``samples`` with the head saved by :func:`train_multilabel`, without training
     (what a re-run does for samples added since); their rows join the stored ones."""
-    from fiftyone_nola.core import cdul as ml
-
-    t0 = time.perf_counter()
     config = config or MultiLabelConfig()
-    classes = stage_meta(stage_dir(samples, config.pseudo_field), "multi-label pseudo-label")["classes"]
-    d = stage_dir(samples, config.pred_field)
-    model, _ = ml.load_classifier(d / "classifier.pt", classes)
-    prev = runs.get_run(samples, runs.run_key_for(config.pred_field))
-    ids, _ = fo_io.ids_and_paths(samples)
-    y = aligned(stage_dir(samples, config.pseudo_field), "soft_labels", ids)
-    _, feats = load_embeddings(samples, config.clip, ids)
-    if config.dino is not None:
-        _, f2 = load_embeddings(samples, config.dino, ids)
-        feats = np.concatenate([feats, f2], axis=1)
-    probs = ml.predict_multilabel(model, feats)
-    pos = ml.decide_labels(probs, config.rule, ratio=config.ratio, max_labels=config.max_labels)
-    with stage_writer(samples, config.pred_field, log) as out_dir:
-        written = fo_io.write_multilabel(samples, ids, classes, probs, pos, config.pred_field)
-        save_array_bundle(out_dir, ids, {"probs": probs, "refined_labels": y.astype(np.float32)},
-                          {"classes": classes, "field": config.pred_field})
-        summary = {"stage": "cdul_train", "field": config.pred_field, "samples": len(ids), "labelled": written,
-                   "retrained": False, "seconds": time.perf_counter() - t0}
-        runs.record_run(samples, runs.run_key_for(config.pred_field), "cdul_classifier",
-                        (prev or {}).get("config") or {}, summary)
-    log(f"[cdul] saved classifier applied to {written} samples -> '{config.pred_field}'")
+    run = StageRun(samples, "cdul_train", config.pred_field, "cdul_classifier")
+    d_pseudo = stage_dir(samples, config.pseudo_field)
+    classes = stage_meta(d_pseudo, "multi-label pseudo-label")["classes"]
+    model, _ = ml.load_classifier(stage_dir(samples, config.pred_field) / "classifier.pt", classes)
+    prev = runs.get_run(samples, run.key)
+    y = aligned(d_pseudo, "soft_labels", run.ids)
+    probs = ml.predict_multilabel(model, run.features(_feature_specs(config)))
+    with run.writing() as out_dir:
+        written = _write_predictions(run, out_dir, classes, probs, y.astype(np.float32), config)
+        summary = run.record((prev or {}).get("config") or {}, labelled=written, retrained=False)
+    logger.info(f"[cdul] saved classifier applied to {written} samples -> '{config.pred_field}'")
     return summary
 
 
-def evaluate_multilabel_stages(samples, config: MultiLabelConfig, log: Log = print) -> dict:
+def evaluate_multilabel_stages(samples, config: MultiLabelConfig) -> dict:
     """mAP of global-only, local, initial and trained scores against ``config.gt_field``."""
-    from fiftyone_nola.stages.evaluation import evaluate_multilabel
-
     ids, _ = fo_io.ids_and_paths(samples)
     d = stage_dir(samples, config.pseudo_field)
     classes = stage_meta(d, "multi-label pseudo-label")["classes"]
@@ -253,7 +235,7 @@ def evaluate_multilabel_stages(samples, config: MultiLabelConfig, log: Log = pri
         out["trained"] = evaluate_multilabel(samples, config.pred_field, config.gt_field, classes,
                                              aligned(p, "probs", ids), ids)
     for name, ev in out.items():
-        log(f"[evaluate] {name:<8} mAP {ev['mAP']:.4f} over {ev['classes_evaluated']} classes")
+        logger.info(f"[evaluate] {name:<8} mAP {ev['mAP']:.4f} over {ev['classes_evaluated']} classes")
     return out
 
 
@@ -262,7 +244,6 @@ def auto_label_multilabel(
     classes: ClassesArg = None,
     config: Optional[MultiLabelConfig] = None,
     progress: ProgressFn = null_progress,
-    log: Log = print,
 ) -> dict:
     """Embeddings -> CDUL pseudo-labels -> classifier with label refinement (-> mAP if GT)."""
     from fiftyone_nola.stages.validation import Target, check_multilabel
@@ -270,10 +251,10 @@ def auto_label_multilabel(
     config = config or MultiLabelConfig()
     report = check_multilabel(Target(samples=samples), classes, config)
     for w in report.warnings:
-        log(f"[check] {w.render()}")
+        logger.info(f"[check] {w.render()}")
     report.raise_for_errors()
     classes = resolve_classes(classes, samples)
-    timer = StageTimer(echo=log)
+    timer = StageTimer(echo=logger.info)
     out: dict = {"classes": classes, "stages": {}}
     from fiftyone_nola.stages.reuse import embed_todo as _embed_todo
     from fiftyone_nola.stages.reuse import missing as _missing
@@ -288,7 +269,7 @@ def auto_label_multilabel(
         families = "both" if config.dino is not None else "clip"
         out["stages"]["embeddings"] = compute_embeddings(
             samples, families, config.clip, config.dino,
-            dataclasses.replace(config.embed, device=config.device), progress=progress, log=log)
+            dataclasses.replace(config.embed, device=config.device), progress=progress)
     processed = {f"embeddings:{k}": v["embedded"] for k, v in out["stages"]["embeddings"].items()}
     # Same rule as auto_label: redo a stage for every sample when its settings or class list
     # changed, else only for samples it has no row for (or whose image changed); the head is
@@ -300,25 +281,25 @@ def auto_label_multilabel(
     with timer.stage("pseudo_labels"):
         if todo:
             out["stages"]["pseudo_labels"] = multilabel_pseudo_labels(_subset(samples, ids, todo), classes, config,
-                                                                      progress, log)
+                                                                      progress)
         else:
-            log("[cdul] pseudo-labels up to date: reused")
+            logger.info("[cdul] pseudo-labels up to date: reused")
         processed["pseudo_labels"] = len(todo)
     head = stage_dir(samples, config.pred_field) / "classifier.pt"
     train_full = pseudo_full or not head.is_file() or runs.get_run(samples, runs.run_key_for(config.pred_field)) is None
     todo = list(ids) if train_full else sorted(set(_missing(samples, config.pred_field, ids, changed)) | set(todo))
     with timer.stage("classifier"):
         if train_full:
-            out["stages"]["classifier"] = train_multilabel(samples, config, progress, log)
+            out["stages"]["classifier"] = train_multilabel(samples, config, progress)
         elif todo:
-            out["stages"]["classifier"] = apply_multilabel(_subset(samples, ids, todo), config, log)
+            out["stages"]["classifier"] = apply_multilabel(_subset(samples, ids, todo), config)
         else:
-            log("[cdul] classifier up to date: reused")
+            logger.info("[cdul] classifier up to date: reused")
         processed["classifier"] = len(todo)
     out["processed"] = processed
     if config.gt_field:
         with timer.stage("evaluate"):
-            out["evaluation"] = evaluate_multilabel_stages(samples, config, log)
+            out["evaluation"] = evaluate_multilabel_stages(samples, config)
     out["seconds_per_stage"] = timer.seconds
     out["random_init"] = bool(config.clip.random_init)
     return out
