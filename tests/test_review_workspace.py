@@ -318,11 +318,11 @@ class PanelCtx:
     """A real ExecutionContext for a panel event, as the App sends it; records App operations."""
 
     def __init__(self, dataset, state=None, selected=None, current_sample=None, view=None, panel_id="test-panel",
-                 **params):
+                 extended_selection=None, **params):
         from fiftyone.operators.executor import ExecutionContext, Executor
 
         self.executor = Executor()
-        req = {"dataset_name": dataset.name, "selected": selected or [],
+        req = {"dataset_name": dataset.name, "selected": selected or [], "extended_selection": extended_selection,
                "params": {"panel_id": panel_id, "panel_state": state if state is not None else {}, **params}}
         if current_sample:
             req["current_sample"] = current_sample
@@ -520,3 +520,25 @@ def test_outputs_link_to_the_model_evaluation_panel(review_ds):
     out = op.resolve_output(ExecutionContext(request_params={"dataset_name": review_ds.name, "params": {}}))
     button = out.type.properties["open_model_evaluation"].view.to_json()
     assert button["operator"] == "open_panel" and button["params"]["name"] == MODEL_EVALUATION_PANEL
+
+
+@pytest.mark.integration
+def test_review_buttons_act_on_a_lasso_in_the_map(review_ds):
+    """Points lassoed in the Embeddings map reach the panel as the App's extended selection: the
+    panel counts them, its buttons act on them, and the lasso is cleared afterwards."""
+    from operators.panels import NolaPanel
+
+    ds, panel = review_ds, NolaPanel()
+    lassoed = ds.values("id")[4:9]
+    lasso = {"selection": lassoed, "scope": "embeddings"}
+    pc = PanelCtx(ds, extended_selection=lasso)
+    panel.on_load(pc.ctx)
+    assert pc.state["selection"] == 5
+    pc = PanelCtx(ds, state=pc.state, extended_selection=lasso)
+    panel.on_change_extended_selection(pc.ctx)
+    assert pc.state["selection"] == 5
+    pc = PanelCtx(ds, state=pc.state, extended_selection=lasso)
+    panel.on_reject(pc.ctx)
+    assert sorted(ds.match_tags("nola:rejected").values("id")) == sorted(lassoed)
+    cleared = [p for n, p in pc.ops() if n.endswith("set_extended_selection")]
+    assert cleared and cleared[0]["clear"] and pc.state["selection"] == 0
