@@ -37,6 +37,7 @@ from fiftyone_nola.stages.validation import Report, Target, check_auto_label, ch
 
 logger = logging.getLogger(__name__)
 
+
 def random_init_banner(clip: Optional[ClipSpec] = None, dino: Optional[DinoSpec] = None) -> str:
     """The loud warning printed around runs on random weights, naming where real weights go."""
     clip = clip or ClipSpec()

@@ -186,3 +186,32 @@ def test_blank_epochs_mean_fit_the_hardware_in_every_path():
 
     assert _config(SimpleNamespace(params={})).train.epochs is None
     assert _config(SimpleNamespace(params={"epochs": 7})).train.epochs == 7
+
+
+@pytest.mark.integration
+def test_form_python_and_delegated_runs_record_the_same_config(small):
+    """The same inputs (a 0 among them) give the same stage config from the App form (its defaults
+    sent back with the user's values), from Python and in a delegated run."""
+    import fiftyone.operators as foo
+    from fiftyone.operators.delegated import DelegatedOperationService
+    from fiftyone.operators.executor import ExecutionContext
+
+    from fiftyone_nola.stages import runs
+
+    run("compute_embeddings", small, family="clip", batch_size=8, num_workers=0, **TINY)
+    params = dict(threshold_t=0.0, grid=1, aggregation="global", **TINY)
+    op = foo.get_operator(f"{PLUGIN}/multilabel_pseudo_labels")
+    form = op.resolve_input(ExecutionContext(request_params={"dataset_name": small.name, "params": {}}))
+    defaults = {k: p.default for k, p in form.type.properties.items() if getattr(p, "default", None) is not None}
+    run("multilabel_pseudo_labels", small, **{**defaults, **params, "pseudo_field": "p_form"})
+    run("multilabel_pseudo_labels", small, pseudo_field="p_python", **params)
+    run("multilabel_pseudo_labels", small, delegate=True, pseudo_field="p_delegated", **params)
+    DelegatedOperationService().execute_queued_operations(dataset_name=small.name)
+
+    def recorded(field):
+        cfg = dict(runs.get_run(small, runs.run_key_for(field))["config"])
+        cfg.pop("pseudo_field")
+        return cfg
+
+    assert recorded("p_form") == recorded("p_python") == recorded("p_delegated")
+    assert recorded("p_python")["threshold_t"] == 0.0 and recorded("p_python")["grid"] == 1
