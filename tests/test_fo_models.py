@@ -137,6 +137,9 @@ def test_cdul_head_as_a_fiftyone_model(images, tmp_path):
 
     with pytest.raises(IndexMismatchError, match="classes"):
         fiftyone_nola.load_multilabel_model(path, cfg, classes=CLASSES[::-1])
+    ml.save_classifier(path, head, CLASSES, {"model_keys": ["clip-ViT-B-32-openai"]})  # same width
+    with pytest.raises(IndexMismatchError, match="features"):
+        fiftyone_nola.load_multilabel_model(path, cfg)
     with pytest.raises(IndexMismatchError, match="features"):
         fiftyone_nola.load_multilabel_model(path, MultiLabelConfig(clip=tiny_clip_spec(), dino=tiny_dino_spec(),
                                                                     device="cpu"))

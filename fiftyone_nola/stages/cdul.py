@@ -158,7 +158,7 @@ def classifier_config(config: MultiLabelConfig):
     return tcfg
 
 
-def _feature_specs(config: MultiLabelConfig) -> list:
+def feature_specs(config: MultiLabelConfig) -> list:
     """The stored embeddings the head reads, side by side: CLIP, and DINO when configured."""
     return [config.clip] + ([config.dino] if config.dino is not None else [])
 
@@ -184,14 +184,16 @@ def train_multilabel(
     d = stage_dir(samples, config.pseudo_field)
     classes = stage_meta(d, "multi-label pseudo-label")["classes"]
     y = aligned(d, "soft_labels", run.ids)
-    feats = run.features(_feature_specs(config))
+    feats = run.features(feature_specs(config))
     tcfg = classifier_config(config)
     model, refined, history = ml.train_multilabel_classifier(feats, y, tcfg, progress)
     probs = ml.predict_multilabel(model, feats)
     with run.writing() as out_dir:
         written = _write_predictions(run, out_dir, classes, probs, refined, config)
         ml.save_classifier(out_dir / "classifier.pt", model, classes,
-                           {"features": "clip" + ("+dino" if config.dino else "")})
+                           {"features": "clip" + ("+dino" if config.dino else ""),
+                            # which models' features: load_multilabel_model refuses others
+                            "model_keys": [spec_key(s) for s in feature_specs(config)]})
         summary = run.record({"train": tcfg, "pseudo_field": config.pseudo_field}, labelled=written,
                              epochs=tcfg.epochs, final_loss=(history.get("loss") or [None])[-1],
                              schedule=tcfg.describe_schedule(), label_update_epochs=history["update_epochs"],
@@ -211,7 +213,7 @@ def apply_multilabel(samples, config: Optional[MultiLabelConfig] = None) -> dict
     model, _ = ml.load_classifier(stage_dir(samples, config.pred_field) / "classifier.pt", classes)
     prev = runs.get_run(samples, run.key)
     y = aligned(d_pseudo, "soft_labels", run.ids)
-    probs = ml.predict_multilabel(model, run.features(_feature_specs(config)))
+    probs = ml.predict_multilabel(model, run.features(feature_specs(config)))
     with run.writing() as out_dir:
         written = _write_predictions(run, out_dir, classes, probs, y.astype(np.float32), config)
         summary = run.record((prev or {}).get("config") or {}, labelled=written, retrained=False)
@@ -263,7 +265,7 @@ def auto_label_multilabel(
     from fiftyone_nola.stages.reuse import up_to_date as _up_to_date
 
     ids, paths = fo_io.ids_and_paths(samples)
-    specs = [config.clip] + ([config.dino] if config.dino is not None else [])
+    specs = feature_specs(config)
     changed = set().union(*(_embed_todo(samples, s, ids, paths) for s in specs))
     with timer.stage("embeddings"):
         families = "both" if config.dino is not None else "clip"

@@ -28,7 +28,7 @@ from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError
 from fiftyone_nola.core.index import normalize_rows
 from fiftyone_nola.core.models import LoadedModel, load_model, spec_key
 from fiftyone_nola.stages import fo_io
-from fiftyone_nola.stages.cdul import MultiLabelConfig
+from fiftyone_nola.stages.cdul import MultiLabelConfig, feature_specs
 from fiftyone_nola.stages.fo_models import NolaModel
 
 
@@ -97,7 +97,7 @@ def load_multilabel_model(head_path, config: Optional[MultiLabelConfig] = None,
     config = config or MultiLabelConfig()
     device = resolve_device(config.device)
     head, info = ml.load_classifier(head_path, classes, device=str(device))
-    specs = [config.clip] + ([config.dino] if config.dino is not None else [])  # as train_multilabel
+    specs = feature_specs(config)
     keys = [spec_key(s) for s in specs]
     saved = (info.get("meta") or {}).get("model_keys")
     encoders = [load_model(s, device) for s in specs]
