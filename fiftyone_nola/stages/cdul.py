@@ -34,7 +34,9 @@ from fiftyone_nola.stages.artifacts import (
 from fiftyone_nola.stages.embeddings import compute_embeddings
 from fiftyone_nola.stages.evaluation import evaluate_multilabel
 from fiftyone_nola.stages.nola import ZeroShotConfig, class_descriptions
+from fiftyone_nola.stages.reuse import embed_todo, missing, stored_classes, subset, up_to_date
 from fiftyone_nola.stages.stage import StageRun
+from fiftyone_nola.stages.validation import Target, check_multilabel
 
 logger = logging.getLogger(__name__)
 
@@ -248,8 +250,6 @@ def auto_label_multilabel(
     progress: ProgressFn = null_progress,
 ) -> dict:
     """Embeddings -> CDUL pseudo-labels -> classifier with label refinement (-> mAP if GT)."""
-    from fiftyone_nola.stages.validation import Target, check_multilabel
-
     config = config or MultiLabelConfig()
     report = check_multilabel(Target(samples=samples), classes, config)
     for w in report.warnings:
@@ -258,15 +258,9 @@ def auto_label_multilabel(
     classes = resolve_classes(classes, samples)
     timer = StageTimer(echo=logger.info)
     out: dict = {"classes": classes, "stages": {}}
-    from fiftyone_nola.stages.reuse import embed_todo as _embed_todo
-    from fiftyone_nola.stages.reuse import missing as _missing
-    from fiftyone_nola.stages.reuse import stored_classes as _stored_classes
-    from fiftyone_nola.stages.reuse import subset as _subset
-    from fiftyone_nola.stages.reuse import up_to_date as _up_to_date
-
     ids, paths = fo_io.ids_and_paths(samples)
     specs = feature_specs(config)
-    changed = set().union(*(_embed_todo(samples, s, ids, paths) for s in specs))
+    changed = set().union(*(embed_todo(samples, s, ids, paths) for s in specs))
     with timer.stage("embeddings"):
         families = "both" if config.dino is not None else "clip"
         out["stages"]["embeddings"] = compute_embeddings(
@@ -276,25 +270,25 @@ def auto_label_multilabel(
     # Same rule as auto_label: redo a stage for every sample when its settings or class list
     # changed, else only for samples it has no row for (or whose image changed); the head is
     # retrained only when every pseudo-label was redone, and labels new samples otherwise.
-    pseudo_full = (not _up_to_date(samples, runs.run_key_for(config.pseudo_field),
+    pseudo_full = (not up_to_date(samples, runs.run_key_for(config.pseudo_field),
                                    recorded_config(config))
-                   or _stored_classes(samples, config.pseudo_field) != classes)
-    todo = list(ids) if pseudo_full else _missing(samples, config.pseudo_field, ids, changed)
+                   or stored_classes(samples, config.pseudo_field) != classes)
+    todo = list(ids) if pseudo_full else missing(samples, config.pseudo_field, ids, changed)
     with timer.stage("pseudo_labels"):
         if todo:
-            out["stages"]["pseudo_labels"] = multilabel_pseudo_labels(_subset(samples, ids, todo), classes, config,
+            out["stages"]["pseudo_labels"] = multilabel_pseudo_labels(subset(samples, ids, todo), classes, config,
                                                                       progress)
         else:
             logger.info("[cdul] pseudo-labels up to date: reused")
         processed["pseudo_labels"] = len(todo)
     head = stage_dir(samples, config.pred_field) / "classifier.pt"
     train_full = pseudo_full or not head.is_file() or runs.get_run(samples, runs.run_key_for(config.pred_field)) is None
-    todo = list(ids) if train_full else sorted(set(_missing(samples, config.pred_field, ids, changed)) | set(todo))
+    todo = list(ids) if train_full else sorted(set(missing(samples, config.pred_field, ids, changed)) | set(todo))
     with timer.stage("classifier"):
         if train_full:
             out["stages"]["classifier"] = train_multilabel(samples, config, progress)
         elif todo:
-            out["stages"]["classifier"] = apply_multilabel(_subset(samples, ids, todo), config)
+            out["stages"]["classifier"] = apply_multilabel(subset(samples, ids, todo), config)
         else:
             logger.info("[cdul] classifier up to date: reused")
         processed["classifier"] = len(todo)

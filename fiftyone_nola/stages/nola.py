@@ -20,6 +20,7 @@ import numpy as np
 from fiftyone_nola.core import descriptions as dsc
 from fiftyone_nola.core import dino_labeler as dl
 from fiftyone_nola.core import distributed as dt
+from fiftyone_nola.core import prompt_tuning as pt
 from fiftyone_nola.core import zeroshot as zs
 from fiftyone_nola.core.classes import ClassesArg, labels_to_indices, resolve_classes
 from fiftyone_nola.core.device import resolve, resolve_device
@@ -263,8 +264,6 @@ def tune_on_inputs(clip_model, inputs: TuneInputs, config, progress: ProgressFn 
 
     Under torchrun every rank calls this; only rank 0 deletes a stale checkpoint and says so.
     """
-    from fiftyone_nola.core import prompt_tuning as pt
-
     def run():
         return pt.tune(clip_model, inputs.paths, inputs.teacher, inputs.class_weights, config,
                        checkpoint_dir=inputs.checkpoint_dir, progress=progress,
@@ -295,8 +294,6 @@ def tune_prompts(
     Resumable: epoch checkpoints live in the run directory; re-running continues from them.
     Returns a summary including ``model_dir`` (what ``predict`` loads).
     """
-    from fiftyone_nola.core import prompt_tuning as pt
-
     # No label field: the tuned model is the output, recorded under "<run_name>_model".
     run = StageRun(samples, "tune", None, "prompt_tuning", key=runs.run_key_for(f"{run_name}_model"))
     clip_spec = clip or ClipSpec()
@@ -312,7 +309,7 @@ def tune_prompts(
     pt.save_tuned(model_dir, result.model, classes, clip_model.identity, config,
                   {"zeroshot_field": zeroshot_field, "teacher_field": teacher_field,
                    "selected_epoch": result.selected_epoch})
-    summary = run.record({"tune": config, "clip": clip_spec, "teacher_field": teacher_field},
+    summary = run.record({"tune": config.as_recorded(), "clip": clip_spec, "teacher_field": teacher_field},
                          teacher_labelled=n_teacher, model_dir=str(model_dir), epochs=config.epochs,
                          selected_epoch=result.selected_epoch, history=result.history)
     logger.info(f"[tune] saved tuned model to {model_dir} ({summary['seconds']:.1f}s)")
