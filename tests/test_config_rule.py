@@ -87,8 +87,11 @@ def test_the_pipeline_config_resolves_in_one_call():
     prof = hardware_profile(cpu)
     full = resolve(AutoLabelConfig(tune=TuneConfig(epochs=3)), cpu)
     assert full.tune.epochs == 3 and full.tune.batch_size == prof.tune_batch_size
-    # "all samples" (0) is recorded as the runs before the nested configs recorded it: None
-    assert tune_config(AutoLabelConfig(tune=TuneConfig(max_samples=0)), cpu).max_samples is None
+    # "all samples" (0) stays 0 for training (resolving again keeps it) and is recorded as the
+    # runs before the nested configs recorded it: None
+    everything = tune_config(AutoLabelConfig(tune=TuneConfig(max_samples=0)), cpu)
+    assert resolve(everything, cpu).max_samples == 0 and everything.sample_cap is None
+    assert everything.as_recorded().max_samples is None
     assert tune_config(AutoLabelConfig(), cpu).max_samples == prof.tune_max_samples
 
 
@@ -126,11 +129,11 @@ def test_run_configs_recorded_before_the_nesting_are_still_up_to_date(monkeypatc
     assert reuse.up_to_date(None, "zeroshot", reuse.zeroshot_config(cfg))
     assert reuse.up_to_date(None, "dino", reuse.dino_run_config(
         DinoLabelerConfig(device=cfg.device), cfg))
-    assert reuse.up_to_date(None, "tune", {"tune": reuse.tune_config(cfg, cpu), "clip": cfg.clip,
+    assert reuse.up_to_date(None, "tune", {"tune": reuse.tune_config(cfg, cpu).as_recorded(), "clip": cfg.clip,
                                            "teacher_field": cfg.dino_field})
     # a changed setting is not up to date
     assert not reuse.up_to_date(None, "tune", {"tune": reuse.tune_config(
-        AutoLabelConfig(tune=TuneConfig(epochs=2, batch_size=8, max_samples=0), device="cpu"), cpu),
+        AutoLabelConfig(tune=TuneConfig(epochs=2, batch_size=8, max_samples=0), device="cpu"), cpu).as_recorded(),
         "clip": cfg.clip, "teacher_field": cfg.dino_field})
 
 

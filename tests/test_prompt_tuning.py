@@ -399,6 +399,21 @@ def test_resolve_keeps_user_set_zeros_and_all_samples_means_all():
     assert len(train) == 600 and len(hold) == 0
     capped = pt.dev.resolve(pt.TuneConfig(max_samples=30), "cpu")
     assert len(pt.train._split(labels, 600, capped)[0]) == 30
+    # Resolving a resolved config changes nothing, so a stage may resolve what it was handed.
+    assert pt.dev.resolve(mine, "cpu") == mine
+
+
+def test_all_samples_is_stored_as_before_and_checkpoints_still_match():
+    """Run records, checkpoints and meta.json store "all samples" as max_samples=None, as the
+    runs made before ALL_SAMPLES existed did; a GPU's fitted None and an explicit 0 are one key."""
+    everything = pt.dev.resolve(pt.TuneConfig(max_samples=pt.ALL_SAMPLES), "cpu")
+    assert everything.as_recorded().max_samples is None
+    assert everything.as_recorded() == dataclasses.replace(everything, max_samples=None)
+    assert everything.resume_key()["max_samples"] is None
+    gpu = pt.dev.resolve(pt.TuneConfig(device="cpu"), torch.device("cuda"))
+    assert gpu.resume_key() == dataclasses.replace(gpu, max_samples=0).resume_key()
+    capped = pt.dev.resolve(pt.TuneConfig(max_samples=30), "cpu")
+    assert capped.as_recorded() == capped
 
 
 def test_weight_decay_spares_biases(tiny_clip, W):

@@ -51,14 +51,13 @@ def zeroshot_config(config) -> ZeroShotConfig:
 
 
 def tune_settings(tune: TuneConfig, device) -> TuneConfig:
-    """``tune`` as a tuning run uses and records it: the user's settings, the rest fitted to ``device``.
+    """``tune`` as a tuning run uses it: the user's settings, the rest fitted to ``device``.
 
-    "All samples" is recorded as ``max_samples=None`` whether asked for (0) or chosen by the
-    hardware, as runs recorded it before the config rule: the same settings stay up to date.
+    Runs record it as ``TuneConfig.as_recorded`` ("all samples" as ``max_samples=None``, as
+    before the config rule), so the same settings stay up to date.
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    cfg = resolve(tune, device)
-    return dataclasses.replace(cfg, device=str(device), max_samples=cfg.max_samples or None)
+    return dataclasses.replace(resolve(tune, device), device=str(device))
 
 
 def tune_config(config, device: torch.device) -> TuneConfig:
@@ -121,7 +120,7 @@ def decide(samples, classes, config, ids: list, changed: set,
     if not config.skip_tuning:
         tune_cfg = tune_config(config, device)
         model_dir = stage_dir(samples, f"{config.tuned_field}_model")
-        tune_run = {"tune": tune_cfg, "clip": config.clip, "teacher_field": config.dino_field}
+        tune_run = {"tune": tune_cfg.as_recorded(), "clip": config.clip, "teacher_field": config.dino_field}
         tune_full = (dl_full or config.force or not (model_dir / "meta.json").is_file()
                      or not up_to_date(samples, runs.run_key_for(f"{config.tuned_field}_model"), tune_run))
         pred_full = tune_full or not predict_up_to_date(samples, config.tuned_field, model_dir)

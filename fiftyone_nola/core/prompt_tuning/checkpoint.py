@@ -137,7 +137,7 @@ def save_tuned(path_dir, model: PromptedClassifier, classes: Sequence[str], clip
         "num_classes": model.num_classes,
         "embed_dim": model.embed_dim,
         "image_size": model.image_size,
-        "config": config.to_dict() if config is not None else None,
+        "config": config.as_recorded().to_dict() if config is not None else None,
         "extra": dict(extra_meta or {}),
     }
     # meta.json last: its presence marks a complete save.

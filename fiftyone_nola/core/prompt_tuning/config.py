@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 from fiftyone_nola.core.device import HardwareProfile
@@ -68,6 +68,15 @@ class TuneConfig:
         """The subset size of a resolved config, None for every labelled image."""
         return self.max_samples or None
 
+    def as_recorded(self) -> TuneConfig:
+        """This resolved config as run records, checkpoints and meta.json store it.
+
+        "All samples" is ``max_samples=None`` there, as before ``ALL_SAMPLES`` existed, so the
+        tuned models and checkpoints of earlier runs stay up to date. Only for storing: resolving
+        the result again would refit its None.
+        """
+        return replace(self, max_samples=self.sample_cap)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["betas"] = list(self.betas)
@@ -80,4 +89,4 @@ class TuneConfig:
 
     def resume_key(self) -> dict:
         """The settings a checkpoint must share with a run that resumes it."""
-        return {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_FIELDS}
+        return {k: v for k, v in self.as_recorded().to_dict().items() if k not in _RUNTIME_FIELDS}

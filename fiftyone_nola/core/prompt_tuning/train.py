@@ -426,7 +426,7 @@ class _Trainer:
             "best_agreement": self.best_agree,
             "failed": sorted(self.failed.items()),
             "fingerprint": run.fingerprint,
-            "config": run.config.to_dict(),
+            "config": run.config.as_recorded().to_dict(),
             "classes": list(run.classes),
             "identity": run.identity,
         }
