@@ -50,7 +50,7 @@ pip_ install -q -c scripts/constraints.txt -e ".[cpu,minilm,openvino,dev]"
 # Fail here, with one clear message, if the database cannot start or be reached.
 # Through the library: the same start-up lock and retries as every job, so two first-time
 # setups (or a setup beside a running job) do not race to start the embedded database.
-if ! FIFTYONE_DATABASE_VALIDATION=false "$VENV/bin/python" -c "from fiftyone_nola import fo_io; fo_io.check_database()" >>"$LOG" 2>&1; then
+if ! FIFTYONE_DATABASE_VALIDATION=false "$VENV/bin/python" -c "from fiftyone_nola.stages import fo_io; fo_io.check_database()" >>"$LOG" 2>&1; then
   echo "[bootstrap] FiftyOne's database is not reachable (see $LOG). With FIFTYONE_DATABASE_URI set," \
        "check that server; otherwise the embedded mongod failed to start." >&2
   exit 1

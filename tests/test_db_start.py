@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, cifar_files
 
 SCRIPT = (
-    "from fiftyone_nola import fo_io; "
+    "from fiftyone_nola.stages import fo_io; "
     "ds = fo_io.import_images({folder!r}, 'shared'); "
     "print('RESULT', ds._doc.id, len(ds))"
 )

@@ -158,6 +158,7 @@ def _assert_close_states(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("epochs", [EPOCHS_FIRST, EPOCHS_RESUMED])
 def test_ddp_matches_single_process(runs, epochs):
     ranks, ddp_ckpt, single, single_ckpt = runs[epochs]
@@ -173,6 +174,7 @@ def test_ddp_matches_single_process(runs, epochs):
     assert len(single.history["loss"]) == epochs
 
 
+@pytest.mark.integration
 def test_uneven_rank_shares_weigh_gradients_by_image_count(runs):
     ranks, single = runs["ragged"]
     assert single.failed and [i for i, _ in single.failed] == [5]
@@ -182,6 +184,7 @@ def test_uneven_rank_shares_weigh_gradients_by_image_count(runs):
         assert r["failed"] == single.failed  # rank 1's failure is known to rank 0 too
 
 
+@pytest.mark.integration
 def test_ddp_resume_continues_from_the_checkpoint(runs):
     ranks, ddp_ckpt, _, _ = runs[EPOCHS_RESUMED]
     assert [r["start"] for r in ranks] == [EPOCHS_FIRST] * 2
@@ -191,6 +194,7 @@ def test_ddp_resume_continues_from_the_checkpoint(runs):
     assert any("resuming" in m for m in ranks[0]["logs"])
 
 
+@pytest.mark.integration
 def test_only_rank0_writes_checkpoints_and_logs(runs):
     for epochs, started in ((EPOCHS_FIRST, 0), (EPOCHS_RESUMED, EPOCHS_FIRST)):
         ranks = runs[epochs][0]
@@ -198,6 +202,7 @@ def test_only_rank0_writes_checkpoints_and_logs(runs):
         assert ranks[0]["logs"] and ranks[1]["logs"] == []
 
 
+@pytest.mark.integration
 def test_ranks_load_disjoint_halves_of_each_global_batch(runs):
     ranks, _, single, _ = runs[EPOCHS_FIRST]
     sampler = dt.EpochBatchSampler(len(single.train_indices), 8, seed=0, drop_last=True)

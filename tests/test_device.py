@@ -53,6 +53,7 @@ def test_compile_policy():
         dev.should_compile(cpu, 1, "yes")
 
 
+@pytest.mark.integration
 def test_compiled_embedding_matches_eager(tiny_clip, tmp_path, monkeypatch):
     """compile="on" really routes batches through torch.compile and changes no vector."""
     import numpy as np

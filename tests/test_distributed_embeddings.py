@@ -70,6 +70,7 @@ def _tagged(ds) -> set:
     return set(ds.match_tags(fo_io.UNREADABLE_TAG).values("filepath"))
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_ray_engine_matches_local_engine_and_resumes_from_shards(
     ray_cluster, make_dataset, image_files, tmp_path, monkeypatch
@@ -137,6 +138,7 @@ def test_importing_the_library_does_not_import_ray():
     assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_cli_embed_on_ray(ray_cluster, make_dataset, image_files, tmp_path, monkeypatch, capsys):
     from fiftyone_nola.cli import main

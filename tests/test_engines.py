@@ -83,6 +83,7 @@ def test_auto_without_openvino_is_pytorch_silently_explicit_request_warns(monkey
         assert engines.resolve("openvino", "fp32", "cpu").tag == "torch-fp32"
 
 
+@pytest.mark.integration
 def test_missing_openvino_falls_back_to_pytorch_with_one_warning(monkeypatch, tiny_clip, files):
     def missing():
         raise ImportError("No module named 'openvino'")
@@ -96,6 +97,7 @@ def test_missing_openvino_falls_back_to_pytorch_with_one_warning(monkeypatch, ti
     np.testing.assert_array_equal(out, ref)
 
 
+@pytest.mark.integration
 def test_conversion_failure_falls_back_to_pytorch(monkeypatch, tiny_clip, files, tmp_path):
     if not HAVE_OV:
         monkeypatch.setattr(engines, "openvino_available", lambda: True)
@@ -118,6 +120,7 @@ def test_conversion_failure_falls_back_to_pytorch(monkeypatch, tiny_clip, files,
 # ----------------------------------------------------------------------------- outputs
 
 
+@pytest.mark.integration
 @needs_ov
 @pytest.mark.parametrize("family", ["clip", "dino"])
 def test_openvino_fp32_matches_pytorch(family, tiny_clip, tiny_dino, files):
@@ -128,6 +131,7 @@ def test_openvino_fp32_matches_pytorch(family, tiny_clip, tiny_dino, files):
     assert np.abs(out - ref).max() <= 1e-4
 
 
+@pytest.mark.integration
 @needs_ov
 def test_openvino_int8_is_calibrated_and_close(tiny_clip, files):
     ref, _ = embed_filepaths(tiny_clip, files, TORCH)
@@ -141,6 +145,7 @@ def test_openvino_int8_is_calibrated_and_close(tiny_clip, files):
     assert _cos(out, ref).min() >= 0.9
 
 
+@pytest.mark.integration
 @needs_ov
 def test_tuned_model_and_crop_scores_match_pytorch(tiny_clip, files):
     rng = np.random.RandomState(0)
@@ -164,6 +169,7 @@ def test_tuned_model_and_crop_scores_match_pytorch(tiny_clip, files):
 # ----------------------------------------------------------------------------- cache
 
 
+@pytest.mark.integration
 @needs_ov
 def test_cache_is_reused_and_rebuilt_when_weights_change(tiny_clip, files, tmp_path, monkeypatch):
     monkeypatch.setenv("NOLA_HOME", str(tmp_path))
@@ -196,6 +202,7 @@ def test_cache_is_reused_and_rebuilt_when_weights_change(tiny_clip, files, tmp_p
 # ----------------------------------------------------------------------------- stores
 
 
+@pytest.mark.integration
 def test_store_records_its_engine_and_refuses_to_mix(make_dataset, files, monkeypatch):
     import fiftyone as fo
 
@@ -227,6 +234,7 @@ def test_store_records_its_engine_and_refuses_to_mix(make_dataset, files, monkey
     assert meta["count"] == 7
 
 
+@pytest.mark.integration
 @needs_ov
 def test_int8_cache_is_keyed_by_its_calibration_images(tiny_clip, files, tmp_path, monkeypatch):
     from fiftyone_nola.core.embed import calibration_images

@@ -1,11 +1,13 @@
 """Bulk field writes: chunked, complete, None for rows without a finite score."""
 
 import numpy as np
+import pytest
 
 from conftest import cifar_files
 from fiftyone_nola.stages import fo_io
 
 
+@pytest.mark.integration
 def test_chunked_writes_land_every_label(make_dataset, monkeypatch):
     monkeypatch.setattr(fo_io, "WRITE_CHUNK", 3)  # 10 samples -> 4 set_values calls
     calls = []

@@ -274,6 +274,7 @@ def _counting(clip):
     return dataclasses.replace(clip, encode_image=encode), calls
 
 
+@pytest.mark.integration
 def test_local_clip_scores_real_images_batched(tiny_clip, coco_files, class_weights):
     clip, calls = _counting(tiny_clip)
     seen = []
@@ -322,6 +323,7 @@ def test_local_clip_scores_bad_and_tiny_images(tiny_clip, coco_files, class_weig
     assert labels.sum(1).min() >= 1
 
 
+@pytest.mark.integration
 def test_local_clip_scores_rejects_wrong_weights(tiny_clip, coco_files):
     with pytest.raises(InvalidInputError):
         ml.local_clip_scores(tiny_clip, coco_files[:1], np.ones((3, 5), np.float32))
