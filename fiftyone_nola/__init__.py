@@ -30,7 +30,7 @@ _LAZY = {
     # one call
     "auto_label": "pipeline",
     "AutoLabelConfig": "pipeline",
-    "auto_label_multilabel": "stages.cdul",
+    "auto_label_multilabel": "pipeline",
     "MultiLabelConfig": "stages.cdul",
     "validate": "pipeline",
     # models

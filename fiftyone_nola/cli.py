@@ -326,7 +326,7 @@ def cmd_auto_label(args) -> dict:
 
 def cmd_auto_label_multilabel(args) -> dict:
     """``auto-label-multilabel``: the CDUL pipeline from the shell."""
-    from fiftyone_nola.stages.cdul import MultiLabelConfig, auto_label_multilabel
+    from fiftyone_nola.pipeline import MultiLabelConfig, auto_label_multilabel
     from fiftyone_nola.stages.validation import check_multilabel
 
     clip, dino = _specs(args)

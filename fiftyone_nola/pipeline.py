@@ -19,9 +19,18 @@ from fiftyone_nola.core.embed import EmbedConfig
 from fiftyone_nola.core.models import ClipSpec, DinoSpec, concrete_dino, models_dir
 from fiftyone_nola.core.progress import ProgressFn, StageTimer, null_progress
 from fiftyone_nola.core.prompt_tuning import TuneConfig
-from fiftyone_nola.stages import fo_io, reuse
+from fiftyone_nola.stages import fo_io, reuse, runs
+from fiftyone_nola.stages.artifacts import stage_dir
 from fiftyone_nola.stages.brain_runs import register_brain_runs
-from fiftyone_nola.stages.cdul import MultiLabelConfig
+from fiftyone_nola.stages.cdul import (
+    MultiLabelConfig,
+    apply_multilabel,
+    evaluate_multilabel_stages,
+    feature_specs,
+    multilabel_pseudo_labels,
+    recorded_config,
+    train_multilabel,
+)
 from fiftyone_nola.stages.embeddings import compute_embeddings
 from fiftyone_nola.stages.evaluation import evaluate_single_label
 from fiftyone_nola.stages.nola import (
@@ -170,6 +179,64 @@ def auto_label(
             out["evaluation"] = _evaluate(samples, config)
     out["seconds_per_stage"] = timer.seconds
     out["random_init"] = bool(config.clip.random_init or config.dino.random_init)
+    return out
+
+
+def auto_label_multilabel(
+    samples,
+    classes: ClassesArg = None,
+    config: Optional[MultiLabelConfig] = None,
+    progress: ProgressFn = null_progress,
+) -> dict:
+    """Embeddings -> CDUL pseudo-labels -> classifier with label refinement (-> mAP if GT)."""
+    config = config or MultiLabelConfig()
+    report = check_multilabel(Target(samples=samples), classes, config)
+    for w in report.warnings:
+        logger.info(f"[check] {w.render()}")
+    report.raise_for_errors()
+    classes = resolve_classes(classes, samples)
+    timer = StageTimer(echo=logger.info)
+    out: dict = {"classes": classes, "stages": {}}
+    ids, paths = fo_io.ids_and_paths(samples)
+    specs = feature_specs(config)
+    changed = set().union(*(reuse.embed_todo(samples, s, ids, paths) for s in specs))
+    with timer.stage("embeddings"):
+        families = "both" if config.dino is not None else "clip"
+        out["stages"]["embeddings"] = compute_embeddings(
+            samples, families, config.clip, config.dino,
+            dataclasses.replace(config.embed, device=config.device), progress=progress)
+    processed = {f"embeddings:{k}": v["embedded"] for k, v in out["stages"]["embeddings"].items()}
+    # Same rule as auto_label: redo a stage for every sample when its settings or class list
+    # changed, else only for samples it has no row for (or whose image changed); the head is
+    # retrained only when every pseudo-label was redone, and labels new samples otherwise.
+    pseudo_full = (not reuse.up_to_date(samples, runs.run_key_for(config.pseudo_field),
+                                   recorded_config(config))
+                   or reuse.stored_classes(samples, config.pseudo_field) != classes)
+    todo = list(ids) if pseudo_full else reuse.missing(samples, config.pseudo_field, ids, changed)
+    with timer.stage("pseudo_labels"):
+        if todo:
+            out["stages"]["pseudo_labels"] = multilabel_pseudo_labels(reuse.subset(samples, ids, todo), classes, config,
+                                                                      progress)
+        else:
+            logger.info("[cdul] pseudo-labels up to date: reused")
+        processed["pseudo_labels"] = len(todo)
+    head = stage_dir(samples, config.pred_field) / "classifier.pt"
+    train_full = pseudo_full or not head.is_file() or runs.get_run(samples, runs.run_key_for(config.pred_field)) is None
+    todo = list(ids) if train_full else sorted(set(reuse.missing(samples, config.pred_field, ids, changed)) | set(todo))
+    with timer.stage("classifier"):
+        if train_full:
+            out["stages"]["classifier"] = train_multilabel(samples, config, progress)
+        elif todo:
+            out["stages"]["classifier"] = apply_multilabel(reuse.subset(samples, ids, todo), config)
+        else:
+            logger.info("[cdul] classifier up to date: reused")
+        processed["classifier"] = len(todo)
+    out["processed"] = processed
+    if config.gt_field:
+        with timer.stage("evaluate"):
+            out["evaluation"] = evaluate_multilabel_stages(samples, config)
+    out["seconds_per_stage"] = timer.seconds
+    out["random_init"] = bool(config.clip.random_init)
     return out
 
 

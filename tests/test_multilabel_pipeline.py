@@ -10,11 +10,8 @@ from conftest import COCO_DIR
 from fiftyone_nola.core.cdul import CropConfig, TrainConfig
 from fiftyone_nola.core.embed import EmbedConfig
 from fiftyone_nola.core.models import tiny_clip_spec
-from fiftyone_nola.stages.cdul import (
-    MultiLabelConfig,
-    auto_label_multilabel,
-    classifier_config,
-)
+from fiftyone_nola.pipeline import auto_label_multilabel
+from fiftyone_nola.stages.cdul import MultiLabelConfig, classifier_config
 
 
 @pytest.fixture

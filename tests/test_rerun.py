@@ -73,7 +73,7 @@ def test_multilabel_rerun_scores_only_added_samples(make_dataset):
 
     from conftest import COCO_DIR
     from fiftyone_nola.core.cdul import CropConfig, TrainConfig
-    from fiftyone_nola.stages.cdul import MultiLabelConfig, auto_label_multilabel
+    from fiftyone_nola.pipeline import MultiLabelConfig, auto_label_multilabel
 
     if not COCO_DIR.is_dir():
         pytest.skip("no COCO images")

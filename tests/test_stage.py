@@ -72,7 +72,7 @@ def test_every_multilabel_stage_summary_follows_the_schema(make_dataset):
     from fiftyone_nola.core.cdul import CropConfig, TrainConfig
     from fiftyone_nola.core.embed import EmbedConfig
     from fiftyone_nola.core.models import tiny_clip_spec
-    from fiftyone_nola.stages.cdul import MultiLabelConfig, auto_label_multilabel
+    from fiftyone_nola.pipeline import MultiLabelConfig, auto_label_multilabel
 
     if not COCO_DIR.is_dir():
         pytest.skip("no COCO images")
