@@ -38,9 +38,14 @@ _LAZY = {
     "DinoSpec": "core.models",
     "load_clip": "core.models",
     "load_dino": "core.models",
+    "weights_available": "core.models",
+    "tiny_clip_spec": "core.models",  # tiny random models: the demos and tests without weights
+    "tiny_dino_spec": "core.models",
+    "resolve": "core.device",  # fill a config's None ("fit the hardware") fields for a device
+    "import_images": "stages.fo_io",
     # embeddings
     "compute_embeddings": "stages.embeddings",
-    "load_embeddings": "stages.embeddings",
+    "load_embeddings": "stages.stage",
     "EmbedConfig": "core.embed",
     "compute_embeddings_ray": "stages.embeddings_ray",
     "RayEmbedConfig": "stages.embeddings_ray",
@@ -49,6 +54,10 @@ _LAZY = {
     "zero_shot": "stages.nola",
     "ZeroShotConfig": "stages.nola",
     "DescribeConfig": "core.descriptions",
+    "DescriptionSet": "core.descriptions",
+    "generate_descriptions": "core.descriptions",
+    "load_descriptions": "core.descriptions",
+    "load_class_names": "core.descriptions",
     "dino_labels": "stages.nola",
     "DinoLabelerConfig": "core.dino_labeler",
     "tune_prompts": "stages.nola",
@@ -61,6 +70,8 @@ _LAZY = {
     # CDUL stages
     "multilabel_pseudo_labels": "stages.cdul",
     "train_multilabel": "stages.cdul",
+    "apply_multilabel": "stages.cdul",
+    "evaluate_multilabel_stages": "stages.cdul",
     "CropConfig": "core.cdul",
     "TrainConfig": "core.cdul",
     # review, evaluation, export
@@ -71,6 +82,7 @@ _LAZY = {
     "decide": "stages.review_workspace",
     "propagate_corrections": "stages.review_workspace",
     "retrain_with_corrections": "stages.corrections",
+    "CorrectionsConfig": "stages.corrections",
     "export_accepted": "stages.export",
     # errors
     "NolaError": "core.errors",
