@@ -28,9 +28,13 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
+def _parse(path: Path) -> ast.Module:
+    return _TREES[path] if path in _TREES else ast.parse(path.read_text())
+
+
 def _imports(path: Path, module: str, top_level_only: bool = False) -> set[str]:
     """Absolute names ``path`` imports (``from a import b`` yields ``a`` and ``a.b``)."""
-    tree = ast.parse(path.read_text())
+    tree = _parse(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     nodes = tree.body if top_level_only else ast.walk(tree)
     out = set()
@@ -45,6 +49,11 @@ def _imports(path: Path, module: str, top_level_only: bool = False) -> set[str]:
             out.add(base)
             out.update(f"{base}.{a.name}" for a in node.names)
     return out
+
+
+# Parsed once, at collection: CPython 3.11.7's ast.parse can raise "SystemError: AST constructor
+# recursion depth mismatch" late in a long session (seen once in the full suite).
+_TREES = {p: ast.parse(p.read_text()) for p in PACKAGE.rglob("*.py")}
 
 
 def _layer(name: str) -> str:

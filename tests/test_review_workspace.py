@@ -542,3 +542,32 @@ def test_review_buttons_act_on_a_lasso_in_the_map(review_ds):
     assert sorted(ds.match_tags("nola:rejected").values("id")) == sorted(lassoed)
     cleared = [p for n, p in pc.ops() if n.endswith("set_extended_selection")]
     assert cleared and cleared[0]["clear"] and pc.state["selection"] == 0
+
+
+@pytest.mark.integration
+def test_concurrent_threshold_moves_never_break_and_the_last_one_holds(review_ds):
+    """The App runs each slider event in its own thread: overlapping re-flaggings of one dataset
+    once raised KeyError('view_stages') reading a saved view another thread was rewriting."""
+    import threading
+
+    from fiftyone_nola.stages import review_workspace as rw
+
+    errors, barrier = [], threading.Barrier(4)
+
+    def move(thresholds):
+        barrier.wait()
+        for t in thresholds:
+            try:
+                rw.flag_samples(review_ds, "nola", threshold=t)
+            except Exception as e:  # noqa: BLE001 - any failure is the finding
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=move, args=([0.3 + 0.05 * ((i + k) % 4) for k in range(6)],))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    rw.flag_samples(review_ds, "nola", threshold=0.5)
+    assert len(review_ds.load_saved_view(rw.VIEW_FLAGGED)) == 8 == len(review_ds.match_tags(rw.FLAGGED_TAG))

@@ -71,8 +71,14 @@ def test_zero_shot_uses_the_chosen_set(cifar_dataset):
 
 
 def test_cli_and_operator_forms_offer_the_presets():
-    from fiftyone_nola.cli import build_parser
+    from fiftyone_nola.cli import auto_label_config, build_parser
+    from fiftyone_nola.core.models import ClipSpec, DinoSpec
+    from fiftyone_nola.stages.nola import ZeroShotConfig
 
-    args = build_parser().parse_args(["auto-label", "--images", "x", "--classes", "a,b", "--templates", "satellite"])
-    assert args.templates == "satellite"
-    assert build_parser().parse_args(["auto-label", "--images", "x", "--classes", "a,b"]).templates == "auto"
+    base = ["auto-label", "--images", "x", "--classes", "a,b"]
+    args = build_parser().parse_args(base + ["--templates", "satellite"])
+    assert auto_label_config(args, ClipSpec(), DinoSpec()).zeroshot.templates == "satellite"
+    # not given: the flag passes nothing and the one default (the library's "auto") applies
+    args = build_parser().parse_args(base)
+    assert args.templates is None
+    assert auto_label_config(args, ClipSpec(), DinoSpec()).zeroshot.templates == ZeroShotConfig().templates == "auto"

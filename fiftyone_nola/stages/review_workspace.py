@@ -11,6 +11,7 @@ they are never decisions. ``nola_queue_rank`` orders the queue (see
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -24,6 +25,7 @@ from fiftyone.operators.executor import ExecutionRunState
 from fiftyone_nola.core import review_queue as rq
 from fiftyone_nola.core.errors import InvalidInputError
 from fiftyone_nola.core.index import EmbeddingIndex
+from fiftyone_nola.core.storage import dataset_dir, file_lock
 from fiftyone_nola.stages import fo_io, runs
 from fiftyone_nola.stages.brain_runs import stored_index_path
 from fiftyone_nola.stages.review import (
@@ -50,6 +52,20 @@ CLUSTERS_MAX = 20
 
 
 # ---------------------------------------------------------------------------- class list
+
+
+
+def _one_review_writer(fn):
+    """Run ``fn(samples, ...)`` holding the dataset's review lock. The App runs each panel event
+    in its own thread; overlapping rewrites of the tags, queue and saved views corrupted the
+    saved-view references (KeyError 'view_stages' on a slider drag)."""
+
+    @functools.wraps(fn)
+    def locked(samples, *args, **kwargs):
+        with file_lock(dataset_dir(str(fo_io.root_dataset(samples)._doc.id)) / "review.lock"):
+            return fn(samples, *args, **kwargs)
+
+    return locked
 
 
 def class_list(samples, field: str = "nola") -> list[str]:
@@ -177,6 +193,7 @@ def rank_queue(samples, field: str = "nola", clusters: bool = True) -> int:
     return len(ranks)
 
 
+@_one_review_writer
 def flag_samples(samples, field: str = "nola", threshold: Optional[float] = 0.5, bottom_k: Optional[int] = None,
                  clusters: bool = True) -> dict:
     """Flag what the threshold / bottom-k select, queue those not yet decided, save the views.
@@ -267,6 +284,7 @@ def next_in_queue(samples, after: Optional[str] = None, within=None) -> Optional
 # ---------------------------------------------------------------------------- decisions
 
 
+@_one_review_writer
 def decide(samples, sample_ids: Sequence[str], action: str, label: Optional[str] = None,
            field: str = "nola", corrections_field: str = CORRECTIONS_FIELD) -> dict:
     """Record a reviewer's decision on samples: ``accept`` (the model's label, or the
@@ -368,6 +386,7 @@ def sample_card(samples, sample_id: str, field: str = "nola", k: int = 6) -> dic
                            for n, s in nb]}
 
 
+@_one_review_writer
 def propagate_corrections(samples, field: str = "nola", min_similarity: float = 0.9, k: int = 10,
                           corrections_field: str = CORRECTIONS_FIELD, apply: bool = True) -> dict:
     """Offer each correction to the corrected sample's nearest undecided neighbours that carry
