@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from fiftyone_nola.core.errors import InvalidInputError
+
 
 def resolve_device(device: Optional[str] = None) -> torch.device:
     """Return the device to use: explicit argument, ``NOLA_DEVICE``, else CUDA if present, else CPU."""
@@ -26,7 +28,6 @@ def resolve_device(device: Optional[str] = None) -> torch.device:
         return torch.device("cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from fiftyone_nola.core.errors import InvalidInputError
 
         raise InvalidInputError(
             f"device={name!r} was requested but CUDA is not available; use device='cpu' or 'auto'"
@@ -47,7 +48,6 @@ def amp_dtype(device: torch.device, precision: str = "auto") -> Optional[torch.d
     if precision == "fp16":
         return torch.float16
     if precision != "auto":
-        from fiftyone_nola.core.errors import InvalidInputError
 
         raise InvalidInputError(f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
     if device.type == "cuda":
@@ -99,7 +99,6 @@ def should_compile(device: torch.device, n_items: int, setting: str = "auto") ->
     ``on``/``off`` force it.
     """
     if setting not in COMPILE_SETTINGS:
-        from fiftyone_nola.core.errors import InvalidInputError
 
         raise InvalidInputError(f"compile must be one of {COMPILE_SETTINGS}, not {setting!r}")
     if setting != "auto":

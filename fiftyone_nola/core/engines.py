@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from fiftyone_nola.core.errors import InvalidInputError
+from fiftyone_nola.core.storage import nola_home
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +261,6 @@ def cache_root(root: Optional[os.PathLike] = None) -> Path:
     """Where converted models are cached: ``root``, else ``$NOLA_HOME/engines``."""
     if root is not None:
         return Path(root)
-    from fiftyone_nola.core.storage import nola_home
 
     return nola_home() / "engines"
 

@@ -16,6 +16,8 @@ from typing import Optional
 
 import numpy as np
 
+from fiftyone_nola.core.index import EmbeddingIndex
+from fiftyone_nola.core.models import ClipSpec
 from fiftyone_nola.stages import fo_io, runs
 from fiftyone_nola.stages.embeddings import embeddings_run_key
 
@@ -49,7 +51,6 @@ def stored_index_path(samples, family: str = "clip") -> Optional[str]:
 
 
 def _spec(samples, family: str):
-    from fiftyone_nola.core.models import ClipSpec
 
     run = runs.get_run(samples, embeddings_run_key(family)) or {}
     spec = (run.get("config") or {}).get("spec")
@@ -70,7 +71,6 @@ def register_brain_runs(samples, family: str = "clip", visualization: bool = Tru
     """
     import fiftyone.brain as fob
 
-    from fiftyone_nola.core.index import EmbeddingIndex
     from fiftyone_nola.stages.brain_backend import compute_faiss_similarity, register_faiss_backend
 
     path = stored_index_path(samples, family)

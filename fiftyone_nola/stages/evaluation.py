@@ -6,6 +6,7 @@ from typing import Optional
 
 import numpy as np
 
+from fiftyone_nola.core import cdul as ml
 from fiftyone_nola.core.errors import InvalidInputError
 from fiftyone_nola.stages import fo_io, runs
 
@@ -56,7 +57,6 @@ def evaluate_multilabel(samples, pred_field: str, gt_field: str, classes: list, 
     ``scores`` (N×C aligned to ``ids``) ranks samples for AP; without it the confidences in
     ``pred_field`` are used (0 for classes not predicted).
     """
-    from fiftyone_nola.core import cdul as ml
 
     if ids is None:
         ids, _ = fo_io.ids_and_paths(samples)

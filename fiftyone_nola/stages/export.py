@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from fiftyone_nola.core.errors import InvalidInputError
+from fiftyone_nola.core.storage import nola_home
 from fiftyone_nola.stages import fo_io
 from fiftyone_nola.stages.review import ACCEPTED_TAG, CORRECTIONS_FIELD, REJECTED_TAG
 
@@ -44,7 +45,6 @@ def nothing_to_export_message(left_out: dict) -> str:
 
 def suggest_export_dir(samples, label_field: str = "nola") -> str:
     """A fresh directory under NOLA_HOME/exports named after the dataset (never a non-empty one)."""
-    from fiftyone_nola.core.storage import nola_home
 
     name = safe_folder_name(fo_io.root_dataset(samples).name).replace(" ", "_")
     base = nola_home() / "exports" / f"{name}-{label_field}"

@@ -19,6 +19,7 @@ from fiftyone_nola.core.errors import (
     EmptyViewError,
     InvalidInputError,
 )
+from fiftyone_nola.core.storage import file_lock, nola_home, write_json_atomic
 
 UNREADABLE_TAG = "nola:unreadable"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -70,7 +71,6 @@ def connect_database(attempts: int = 3, backoff_s: float = 2.0) -> None:
     """
     import time
 
-    from fiftyone_nola.core.storage import file_lock
 
     _fo()
     import fiftyone.core.odm.database as fodb
@@ -360,7 +360,6 @@ def import_images(
 
 def _import_lock(name: str):
     """An exclusive lock on importing into dataset ``name`` (a file under ``$NOLA_HOME/locks``)."""
-    from fiftyone_nola.core.storage import file_lock, nola_home
 
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     return file_lock(nola_home() / "locks" / f"import-{safe}.lock")
@@ -368,6 +367,5 @@ def _import_lock(name: str):
 
 def write_text_atomic(path, obj) -> None:
     """JSON-serialise ``obj`` to ``path`` atomically."""
-    from fiftyone_nola.core.storage import write_json_atomic
 
     write_json_atomic(path, obj)

@@ -10,17 +10,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Optional
 
+from fiftyone_nola.core.classes import parse_classes, resolve_classes
+from fiftyone_nola.core.descriptions import load_descriptions
+from fiftyone_nola.core.device import resolve_device
 from fiftyone_nola.core.errors import (
     InvalidInputError,
     ModelNotFoundError,
 )
+from fiftyone_nola.core.models import _CONFIG_DIR, _TINY_TIMM, concrete_dino, weights_available
+from fiftyone_nola.core.templates import resolve_templates
+from fiftyone_nola.stages import runs
+from fiftyone_nola.stages.fo_io import label_path
 from fiftyone_nola.stages.validation.report import _human, _problem
 
 
 def check_classes(classes, samples=None, min_classes: int = 2, input_name: str = "classes"
                   ) -> tuple[Optional[list], list]:
     """``(class list or None, problems)``: count, duplicates, empties, a missing classes file."""
-    from fiftyone_nola.core.classes import parse_classes, resolve_classes
 
     if isinstance(classes, str) and classes.strip() and "\n" not in classes and "," not in classes:
         p = Path(classes).expanduser()
@@ -45,7 +51,6 @@ def check_descriptions(path: Optional[str], classes: Optional[Sequence[str]], al
     """Readable, parseable, and covering every class (or fallback to templates explicitly allowed)."""
     if not path:
         return []
-    from fiftyone_nola.core.descriptions import load_descriptions
 
     try:
         ds = load_descriptions(path, classes)
@@ -74,10 +79,6 @@ def check_templates(templates, classes: Optional[Sequence[str]], input_name: str
     if templates is None:
         return []
     try:
-        from fiftyone_nola.core.templates import resolve_templates
-    except ImportError:
-        return []
-    try:
         resolve_templates(templates, classes or ())
     except InvalidInputError as e:
         return [_problem(input_name, str(e), "name a preset, auto, or a file of templates with one {} each")]
@@ -87,7 +88,6 @@ def check_templates(templates, classes: Optional[Sequence[str]], input_name: str
 
 
 def _gt_labels(samples, field_: str, doc_type) -> set:
-    from fiftyone_nola.stages.fo_io import label_path
 
     return {x for x in samples.distinct(label_path(field_, doc_type)) if x is not None}
 
@@ -157,7 +157,6 @@ def _clip_archs() -> frozenset:
     import importlib.util
     import sys
 
-    from fiftyone_nola.core.models import _CONFIG_DIR
 
     names = {p.stem for p in _CONFIG_DIR.glob("*.json")}
     if "open_clip" in sys.modules:
@@ -173,7 +172,6 @@ _WEIGHTS_CACHE: dict = {}
 
 def _weights(spec) -> tuple[bool, str]:
     """``models.weights_available`` memoised for a minute (it may probe the hub)."""
-    from fiftyone_nola.core.models import weights_available
 
     key = (type(spec).__name__, repr(spec), os.environ.get("NOLA_MODELS_DIR"))
     hit = _WEIGHTS_CACHE.get(key)
@@ -201,7 +199,6 @@ def check_dino(spec, fallback_random_init: bool = False, names=("dino_model", "d
     name_in, ckpt_in = names
     if spec is None:
         return []
-    from fiftyone_nola.core.models import _TINY_TIMM, concrete_dino
 
     spec = concrete_dino(spec)
     base = _TINY_TIMM.get(spec.name, (spec.name,))[0].split(".")[0]
@@ -242,7 +239,6 @@ def _check_weights(spec, input_name: str, fallback: bool) -> list:
 
 def check_device(device: Optional[str], input_name: str = "device") -> list:
     """A device torch knows and this machine has."""
-    from fiftyone_nola.core.device import resolve_device
 
     if device in (None, "", "auto"):
         return []
@@ -347,7 +343,6 @@ def check_output_fields(samples, outputs: Mapping[str, str], label_type: str = "
         return out
     schema = samples.get_field_schema()
     want = getattr(fo, label_type)
-    from fiftyone_nola.stages import runs
 
     ds = _root(samples)
     ran = set(ds.list_runs())

@@ -6,6 +6,8 @@ import dataclasses
 import time
 from typing import Optional
 
+from fiftyone_nola.core.index import INDEX_TYPES
+from fiftyone_nola.core.storage import nola_home
 from fiftyone_nola.stages.validation.checks import (
     check_classes,
     check_clip,
@@ -50,7 +52,6 @@ def check_auto_label(target: Target, classes, config, fallback_random_init: bool
                      json_out: Optional[str] = None, plan: bool = False) -> Report:
     """Every input of the single-label pipeline (``auto_label``); the plan when ``plan``."""
     t0 = time.perf_counter()
-    from fiftyone_nola.core.storage import nola_home
 
     target, classes_list, problems = _job_inputs(target, classes, config, fallback_random_init)
     samples = target.samples
@@ -98,7 +99,6 @@ def check_multilabel(target: Target, classes, config, fallback_random_init: bool
                      json_out: Optional[str] = None, plan: bool = False) -> Report:
     """Every input of ``auto_label_multilabel``."""
     t0 = time.perf_counter()
-    from fiftyone_nola.core.storage import nola_home
 
     target, classes_list, problems = _job_inputs(target, classes, config, fallback_random_init)
     samples = target.samples
@@ -140,7 +140,6 @@ def check_multilabel(target: Target, classes, config, fallback_random_init: bool
 def check_embed(target: Target, family: str, clip, dino, embed_cfg, fallback_random_init: bool = False,
                 json_out: Optional[str] = None) -> Report:
     """Every input of the embedding stage."""
-    from fiftyone_nola.core.storage import nola_home
 
     t0 = time.perf_counter()
     target, problems = resolve_target(target)
@@ -164,7 +163,6 @@ def check_embed(target: Target, family: str, clip, dino, embed_cfg, fallback_ran
 
 
 def _index_types() -> tuple:
-    from fiftyone_nola.core.index import INDEX_TYPES
 
     return INDEX_TYPES
 

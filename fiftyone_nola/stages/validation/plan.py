@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from fiftyone_nola.core.device import hardware_profile, resolve, resolve_device
+from fiftyone_nola.core.models import ClipSpec, concrete_dino
+from fiftyone_nola.core.storage import nola_home
 from fiftyone_nola.stages.reuse import plan_stages
 from fiftyone_nola.stages.validation.target import Target
 
@@ -30,7 +32,6 @@ def _rate(spec, device) -> float:
 
     name = getattr(spec, "arch", None) or getattr(spec, "name", "")
     if getattr(spec, "name", None) == "auto":
-        from fiftyone_nola.core.models import concrete_dino
 
         name = concrete_dino(spec).name
     rate = _CPU_RATES[_size_class(name)]
@@ -48,7 +49,6 @@ def _embed_seconds(spec, n: int, device) -> float:
 
 
 def _embed_dim(spec) -> int:
-    from fiftyone_nola.core.models import ClipSpec, concrete_dino
 
     if isinstance(spec, ClipSpec):
         import open_clip
@@ -118,7 +118,6 @@ def plan_auto_label(target: Target, classes, config, n: int, disk: int) -> dict:
 
 
 def _finish_plan(plan: dict, device, disk: int) -> None:
-    from fiftyone_nola.core.storage import nola_home
 
     try:
         prof = hardware_profile(resolve_device(device))

@@ -10,6 +10,8 @@ from fiftyone_nola.core.errors import (
     InvalidInputError,
     NolaError,
 )
+from fiftyone_nola.stages import fo_io
+from fiftyone_nola.stages.fo_io import list_images
 from fiftyone_nola.stages.validation.checks import (
     _sample_positions,
     check_gt_field,
@@ -40,7 +42,6 @@ class Target:
     def files(self) -> list:
         """Image files of the folder (after ``max_samples``), listed once."""
         if self._files is None:
-            from fiftyone_nola.stages.fo_io import list_images
 
             files = list_images(self.images_dir)
             if self.max_samples:
@@ -52,7 +53,6 @@ class Target:
 
 def resolve_target(target: Target) -> tuple[Target, list]:
     """Load an existing dataset by name (read-only); check the folder / collection is usable."""
-    from fiftyone_nola.stages import fo_io
 
     problems: list = []
     if target.images_dir:
