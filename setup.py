@@ -11,8 +11,11 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-PLUGIN_FILES = ["fiftyone.yml", "requirements.txt", *sorted(p.relative_to(ROOT).as_posix()
-                                                          for p in (ROOT / "operators").glob("*.py"))]
+PLUGIN_FILES = [
+    "fiftyone.yml",
+    "requirements.txt",
+    *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "operators").glob("*.py")),
+]
 
 
 class BuildPyWithPlugin(build_py):

@@ -80,7 +80,7 @@ _LAZY = {
     "flag_for_review": "stages.review",
     "flag_samples": "stages.review_workspace",
     "decide": "stages.review_workspace",
-    "propagate_corrections": "stages.review_workspace",
+    "propagate_corrections": "stages.review_card",
     "retrain_with_corrections": "stages.corrections",
     "CorrectionsConfig": "stages.corrections",
     "export_accepted": "stages.export",

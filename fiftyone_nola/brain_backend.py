@@ -6,8 +6,4 @@ in their Brain similarity runs, and users may have it in ``brain_config.json`` o
 :mod:`fiftyone_nola.stages.brain_backend`.
 """
 
-from fiftyone_nola.stages.brain_backend import (  # noqa: F401
-    FaissSimilarity,
-    FaissSimilarityConfig,
-    FaissSimilarityIndex,
-)
+from fiftyone_nola.stages.brain_backend import FaissSimilarity, FaissSimilarityConfig, FaissSimilarityIndex  # noqa: F401

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -13,6 +12,7 @@ from dataclasses import replace
 from typing import Optional
 
 from fiftyone_nola import logs
+from fiftyone_nola.cli_args import build_parser
 from fiftyone_nola.core import distributed as dt
 from fiftyone_nola.core.device import given, given_in, hardware_profile, resolve_device
 from fiftyone_nola.core.embed import EmbedConfig
@@ -25,143 +25,42 @@ from fiftyone_nola.core.prompt_tuning import TuneConfig
 # import FiftyOne (pipeline, stages) are imported by the commands.
 
 
-def _clip_args(p: argparse.ArgumentParser, device_help: str = "cpu, cuda, cuda:1, ... (default: auto)"):
-    """CLIP, local weights, random init and device options; returns the group for more."""
-    g = p.add_argument_group("models")
-    g.add_argument("--clip-arch", default=None, help=f"open_clip architecture (default {ClipSpec.arch})")
-    g.add_argument("--clip-pretrained", default=None,
-                   help=f"open_clip pretrained tag or a local checkpoint file (default {ClipSpec.pretrained})")
-    g.add_argument("--models-dir", default=None, help="directory of local weights (default: NOLA_MODELS_DIR)")
-    g.add_argument("--random-init", action="store_true", default=None,
-                   help="randomly initialised models (smoke runs: labels are meaningless)")
-    g.add_argument("--device", default=None, help=device_help)
-    g.add_argument("--engine", choices=["auto", "torch", "openvino"], default="auto",
-                   help="what runs the inference passes (embedding, crop scoring, prediction): auto = "
-                        "OpenVINO bf16 on CPUs with native bf16 when installed, else PyTorch; "
-                        "torch turns the engine off")
-    g.add_argument("--engine-precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
-                   help="inference precision: auto = bf16 on CPUs with native bf16, else fp32; int8 "
-                        "(opt-in) is calibrated on 64 of your images. Training is unaffected")
-    return g
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    g = _clip_args(p)
-    g.add_argument("--dino", default=None,
-                   help="timm DINO model name (auto: vit_base_patch16_224.dino on a GPU as in the paper, "
-                        "vit_small_patch16_224.dino on a CPU)")
-    g.add_argument("--dino-checkpoint", default=None, help="local DINO weights file")
-    g.add_argument("--fallback-random-init", action="store_true",
-                   help="if no weights can be found, warn loudly and continue with random init")
-
-
-def _data_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--images", help="folder of images to import (recursively)")
-    g.add_argument("--dataset", help="FiftyOne dataset name (created from --images if needed)")
-    g.add_argument("--classes", help="comma-separated class names")
-    g.add_argument("--classes-file", help="text file with one class name per line")
-    g.add_argument("--gt-field", default=None, help="ground-truth field, for evaluation only")
-    g.add_argument("--gt-from-subfolders", metavar="FIELD", default=None,
-                   help="when importing, store each image's folder name in FIELD (evaluation only)")
-    g.add_argument("--max-samples", type=int, default=None, help="import at most this many images")
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--workers", type=int, default=None)
-    g.add_argument("--json", dest="json_out", default=None, help="write the summary as JSON here")
-    g.add_argument("--check", action="store_true",
-                   help="only check the inputs and print the plan (stages to run or reuse, time, disk); "
-                        "writes nothing")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``python -m fiftyone_nola``."""
-    ap = argparse.ArgumentParser(prog="python -m fiftyone_nola", description=__doc__)
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("auto-label", help="single-label: embeddings, zero-shot, DINO labeller, prompt tuning")
-    _data_args(p)
-    _model_args(p)
-    p.add_argument("--descriptions", default=None, help="LaFTer/NoLA description JSON {class: [texts]}")
-    p.add_argument("--allow-template-fallback", action="store_true",
-                   help="classes the descriptions file lacks get CLIP template descriptions (else an error)")
-    p.add_argument("--max-descriptions", type=int, default=None,
-                   help="use at most N descriptions per class (default: all)")
-    p.add_argument("--templates", default=None, metavar="SET|FILE",
-                   help="template set added to the descriptions: auto (the official code's choice: cifar10 "
-                        "for CIFAR-10's classes, else imagenet), a preset (cifar10, cifar100, imagenet, "
-                        "imagenet80, satellite, textures, flowers, pets, cars, sun397, ucf101, simple, none) "
-                        "or a file (JSON list or one template per line)")
-    p.add_argument("--no-templates", action="store_true",
-                   help="class embeddings from descriptions only (same as --templates none)")
-    p.add_argument("--use-llm", action="store_true", help="write descriptions with a local LLM (Ollama)")
-    p.add_argument("--llm-model", default=None, help="Ollama model (default: the library's)")
-    p.add_argument("--ollama-host", default=None)
-    p.add_argument("--epochs", type=int, default=None, help="prompt-tuning epochs (default: fit hardware)")
-    p.add_argument("--tune-max-samples", type=int, default=None,
-                   help="prompt-tune on at most N samples (default: fit hardware; 0 = all)")
-    p.add_argument("--no-tune", action="store_true", help="stop after the DINO labeller")
-    p.add_argument("--force", action="store_true", help="recompute stages even if up to date")
-
-    p = sub.add_parser("auto-label-multilabel", help="multi-label (CDUL): global + local CLIP scores, classifier")
-    _data_args(p)
-    _model_args(p)
-    p.add_argument("--descriptions", default=None)
-    p.add_argument("--allow-template-fallback", action="store_true",
-                   help="classes the descriptions file lacks get CLIP template descriptions (else an error)")
-    p.add_argument("--grid", type=int, default=None, help="crop grid n x n (default: the library's)")
-
-    p = sub.add_parser("embed", help="compute CLIP and/or DINO embeddings into FAISS indexes")
-    _data_args(p)
-    _model_args(p)
-    p.add_argument("--family", choices=["clip", "dino", "both"], default="both")
-    p.add_argument("--exact-decode", action="store_true", help="no JPEG draft decoding")
-    p.add_argument("--index-type", default=None,
-                   help="flat (exact), ivf, hnsw or ivfpq (compressed, for millions of images)")
-    p.add_argument("--ray", metavar="ADDRESS", nargs="?", const="", default=None,
-                   help="embed on a Ray cluster (its address, e.g. HEAD:6379; none: RAY_ADDRESS or a "
-                        "local Ray); needs pip install 'fiftyone-nola[ray]'")
-    p.add_argument("--ray-actors", type=int, default=None, help="Ray actors (default: one per GPU/CPU)")
-
-    p = sub.add_parser("tune", help="prompt tuning + predict on a dataset that has DINO labels; "
-                                    "multi-GPU: torchrun --nproc_per_node=N -m fiftyone_nola tune")
-    p.add_argument("--dataset", required=True,
-                   help="dataset already labelled by auto-label --no-tune")
-    p.add_argument("--epochs", type=int, default=None, help="default: fit hardware")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="global batch, split over torchrun processes (default: fit hardware)")
-    p.add_argument("--tune-max-samples", type=int, default=None,
-                   help="tune on at most N samples (default: fit hardware; 0 = all)")
-    p.add_argument("--workers", type=int, default=None, help="loader workers per process")
-    p.add_argument("--no-predict", action="store_true", help="only tune and save the model")
-    p.add_argument("--json", dest="json_out", default=None, help="write the summary as JSON here")
-    p.add_argument("--check", action="store_true", help="only check the inputs; writes nothing")
-    _clip_args(p, device_help="cpu or cuda (each torchrun process takes cuda:LOCAL_RANK)")
-
-    p = sub.add_parser("plugin", help="the FiftyOne plugin shipped with this package")
-    p.add_argument("action", choices=["install"],
-                   help="install: link the plugin into FiftyOne's plugins directory (idempotent)")
-    p.add_argument("--plugins-dir", default=None,
-                   help="default: FiftyOne's plugins_dir (FIFTYONE_PLUGINS_DIR, ~/fiftyone/__plugins__)")
-    p.add_argument("--copy", action="store_true", help="copy the plugin instead of a symbolic link")
-    return ap
-
-
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
 # Inputs as the validation pass names them -> the flags a user typed.
 CLI_NAMES = {
-    "classes": "--classes", "descriptions_file": "--descriptions", "gt_field": "--gt-field",
-    "clip_arch": "--clip-arch", "clip_pretrained": "--clip-pretrained", "dino_model": "--dino",
-    "dino_checkpoint": "--dino-checkpoint", "device": "--device", "images": "--images", "dataset": "--dataset",
-    "samples": "--dataset", "json_out": "--json", "tune_epochs": "--epochs", "tune_batch_size": "--batch-size",
-    "tune_max_samples": "--tune-max-samples", "batch_size": "--batch-size", "num_workers": "--workers",
-    "max_descriptions_per_class": "--max-descriptions", "grid": "--grid", "storage": "NOLA_HOME",
-    "max_samples": "--max-samples", "index_type": "--index-type", "family": "--family", "use_llm": "--use-llm",
+    "classes": "--classes",
+    "descriptions_file": "--descriptions",
+    "gt_field": "--gt-field",
+    "clip_arch": "--clip-arch",
+    "clip_pretrained": "--clip-pretrained",
+    "dino_model": "--dino",
+    "dino_checkpoint": "--dino-checkpoint",
+    "device": "--device",
+    "images": "--images",
+    "dataset": "--dataset",
+    "samples": "--dataset",
+    "json_out": "--json",
+    "tune_epochs": "--epochs",
+    "tune_batch_size": "--batch-size",
+    "tune_max_samples": "--tune-max-samples",
+    "batch_size": "--batch-size",
+    "num_workers": "--workers",
+    "max_descriptions_per_class": "--max-descriptions",
+    "grid": "--grid",
+    "storage": "NOLA_HOME",
+    "max_samples": "--max-samples",
+    "index_type": "--index-type",
+    "family": "--family",
+    "use_llm": "--use-llm",
     "templates": "--templates",
-    "zeroshot_field": "output field", "dino_field": "output field", "tuned_field": "output field",
-    "pseudo_field": "output field", "pred_field": "output field",
+    "zeroshot_field": "output field",
+    "dino_field": "output field",
+    "tuned_field": "output field",
+    "pseudo_field": "output field",
+    "pred_field": "output field",
 }
 
 
@@ -177,8 +76,12 @@ def _names(args) -> dict:
 def _target(args):
     from fiftyone_nola.stages.validation import Target
 
-    return Target(images_dir=args.images, dataset_name=args.dataset,
-                  gt_from_subfolders=args.gt_from_subfolders, max_samples=args.max_samples)
+    return Target(
+        images_dir=args.images,
+        dataset_name=args.dataset,
+        gt_from_subfolders=args.gt_from_subfolders,
+        max_samples=args.max_samples,
+    )
 
 
 def _checked(args, report) -> bool:
@@ -202,14 +105,24 @@ def _checked(args, report) -> bool:
 
 def _clip_spec(args) -> ClipSpec:
     """The ClipSpec of the CLIP options."""
-    return given(ClipSpec, arch=args.clip_arch, pretrained=args.clip_pretrained,
-                 random_init=args.random_init, models_dir=args.models_dir)
+    return given(
+        ClipSpec,
+        arch=args.clip_arch,
+        pretrained=args.clip_pretrained,
+        random_init=args.random_init,
+        models_dir=args.models_dir,
+    )
 
 
 def _specs(args):
     clip = _clip_spec(args)
-    dino = given(DinoSpec, name=args.dino, checkpoint=args.dino_checkpoint, random_init=args.random_init,
-                 models_dir=args.models_dir)
+    dino = given(
+        DinoSpec,
+        name=args.dino,
+        checkpoint=args.dino_checkpoint,
+        random_init=args.random_init,
+        models_dir=args.models_dir,
+    )
     if dino.name == "auto":
         dino = concrete_dino(dino)
         _log(f"[models] DINO for this machine: {dino.name} (override with --dino)")
@@ -235,8 +148,7 @@ def _samples(args):
     from fiftyone_nola.stages import fo_io
 
     if args.images:
-        ds = fo_io.import_images(args.images, args.dataset, args.gt_from_subfolders,
-                                 max_samples=args.max_samples)
+        ds = fo_io.import_images(args.images, args.dataset, args.gt_from_subfolders, max_samples=args.max_samples)
         _log(f"[data] dataset '{ds.name}': {len(ds)} samples from {args.images}")
         return ds
     if args.dataset:
@@ -256,13 +168,19 @@ def _write_json(path: Optional[str], obj) -> None:
 
 
 def _embed_config(args) -> EmbedConfig:
-    return given(EmbedConfig, batch_size=args.batch_size, num_workers=args.workers,
-                 index_type=getattr(args, "index_type", None))
+    return given(
+        EmbedConfig, batch_size=args.batch_size, num_workers=args.workers, index_type=getattr(args, "index_type", None)
+    )
 
 
 def _tune_config(args) -> TuneConfig:
-    return given(TuneConfig, epochs=args.epochs, batch_size=args.batch_size, max_samples=args.tune_max_samples,
-                 num_workers=args.workers)
+    return given(
+        TuneConfig,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_samples=args.tune_max_samples,
+        num_workers=args.workers,
+    )
 
 
 def _tune_flags(args) -> dict:
@@ -283,16 +201,30 @@ def auto_label_config(args, clip: ClipSpec, dino: DinoSpec):
     from fiftyone_nola.pipeline import AutoLabelConfig
     from fiftyone_nola.stages.nola import ZeroShotConfig
 
-
-    zeroshot = given(ZeroShotConfig, descriptions_file=args.descriptions, use_llm=args.use_llm or None,
-                     llm_model=args.llm_model, llm_host=args.ollama_host, templates=args.templates,
-                     include_templates=False if args.no_templates else None,
-                     max_descriptions_per_class=args.max_descriptions)
+    zeroshot = given(
+        ZeroShotConfig,
+        descriptions_file=args.descriptions,
+        use_llm=args.use_llm or None,
+        llm_model=args.llm_model,
+        llm_host=args.ollama_host,
+        templates=args.templates,
+        include_templates=False if args.no_templates else None,
+        max_descriptions_per_class=args.max_descriptions,
+    )
     tune = given(TuneConfig, **{k: v for k, v in _tune_flags(args).items() if not _tune_flag_problems(k, v)})
-    return given(AutoLabelConfig, clip=clip, dino=dino, embed=_embed_config(args), zeroshot=zeroshot, tune=tune,
-                 skip_tuning=args.no_tune or None, device=args.device,
-                 gt_field=args.gt_field or args.gt_from_subfolders, force=args.force or None,
-                 allow_template_fallback=args.allow_template_fallback or None)
+    return given(
+        AutoLabelConfig,
+        clip=clip,
+        dino=dino,
+        embed=_embed_config(args),
+        zeroshot=zeroshot,
+        tune=tune,
+        skip_tuning=args.no_tune or None,
+        device=args.device,
+        gt_field=args.gt_field or args.gt_from_subfolders,
+        force=args.force or None,
+        allow_template_fallback=args.allow_template_fallback or None,
+    )
 
 
 def cmd_auto_label(args) -> dict:
@@ -300,11 +232,11 @@ def cmd_auto_label(args) -> dict:
     from fiftyone_nola.pipeline import auto_label, random_init_banner, summary_lines
     from fiftyone_nola.stages.validation import check_auto_label
 
-
     clip, dino = _specs(args)
     cfg = auto_label_config(args, clip, dino)
-    report = check_auto_label(_target(args), _classes(args), cfg, args.fallback_random_init, args.json_out,
-                              plan=args.check)
+    report = check_auto_label(
+        _target(args), _classes(args), cfg, args.fallback_random_init, args.json_out, plan=args.check
+    )
     report.problems += [p for k, v in _tune_flags(args).items() for p in _tune_flag_problems(k, v)]
     if _checked(args, report):
         return {"check": True, "plan": report.plan}
@@ -315,9 +247,11 @@ def cmd_auto_label(args) -> dict:
     _log("\n== auto-label summary ==")
     for line in summary_lines(summary):
         _log(line)
-    _log(f"dataset '{ds.name}': fields {cfg.zeroshot_field}, {cfg.dino_field}"
-         + ("" if cfg.skip_tuning else f", {cfg.tuned_field}")
-         + f". Open it: python -c \"import fiftyone as fo; fo.launch_app(fo.load_dataset('{ds.name}')).wait()\"")
+    _log(
+        f"dataset '{ds.name}': fields {cfg.zeroshot_field}, {cfg.dino_field}"
+        + ("" if cfg.skip_tuning else f", {cfg.tuned_field}")
+        + f". Open it: python -c \"import fiftyone as fo; fo.launch_app(fo.load_dataset('{ds.name}')).wait()\""
+    )
     if summary.get("random_init"):
         _log(random_init_banner(clip, dino))
     _write_json(args.json_out, summary)
@@ -331,11 +265,19 @@ def cmd_auto_label_multilabel(args) -> dict:
 
     clip, dino = _specs(args)
     crop = given_in(MultiLabelConfig, "crop", grid=args.grid, num_workers=args.workers)
-    cfg = given(MultiLabelConfig, clip=clip, descriptions_file=args.descriptions, crop=crop, device=args.device,
-                gt_field=args.gt_field or args.gt_from_subfolders, embed=_embed_config(args),
-                allow_template_fallback=args.allow_template_fallback)
-    report = check_multilabel(_target(args), _classes(args), cfg, args.fallback_random_init, args.json_out,
-                              plan=args.check)
+    cfg = given(
+        MultiLabelConfig,
+        clip=clip,
+        descriptions_file=args.descriptions,
+        crop=crop,
+        device=args.device,
+        gt_field=args.gt_field or args.gt_from_subfolders,
+        embed=_embed_config(args),
+        allow_template_fallback=args.allow_template_fallback,
+    )
+    report = check_multilabel(
+        _target(args), _classes(args), cfg, args.fallback_random_init, args.json_out, plan=args.check
+    )
     if _checked(args, report):
         return {"check": True, "plan": report.plan}
     clip, _ = _check_weights(clip, dino, args.fallback_random_init)
@@ -351,7 +293,6 @@ def cmd_embed(args) -> dict:
     from fiftyone_nola.stages.embeddings import compute_embeddings
     from fiftyone_nola.stages.validation import check_embed
 
-
     clip, dino = _specs(args)
     cfg = replace(_embed_config(args), device=args.device, draft_decode=not args.exact_decode)
     report = check_embed(_target(args), args.family, clip, dino, cfg, args.fallback_random_init, args.json_out)
@@ -363,11 +304,9 @@ def cmd_embed(args) -> dict:
         from fiftyone_nola.stages.embeddings_ray import RayEmbedConfig, compute_embeddings_ray
 
         ray_cfg = RayEmbedConfig(address=args.ray or None, num_actors=args.ray_actors)
-        summary = compute_embeddings_ray(ds, args.family, clip, dino, cfg, ray_cfg,
-                                         progress=print_progress(sys.stdout))
+        summary = compute_embeddings_ray(ds, args.family, clip, dino, cfg, ray_cfg, progress=print_progress(sys.stdout))
     else:
-        summary = compute_embeddings(ds, args.family, clip, dino, cfg,
-                                     progress=print_progress(sys.stdout))
+        summary = compute_embeddings(ds, args.family, clip, dino, cfg, progress=print_progress(sys.stdout))
     _write_json(args.json_out, summary)
     return summary
 
@@ -384,11 +323,18 @@ def cmd_tune(args) -> dict:
 
     # Every rank checks (read-only) before the process group forms, so all stop together.
     report = check_params(
-        fo_io.get_dataset(args.dataset), clip=_clip_spec(args), device=args.device,
+        fo_io.get_dataset(args.dataset),
+        clip=_clip_spec(args),
+        device=args.device,
         stages={"dataset": ("nola_zeroshot", "zero-shot"), "teacher_field": ("nola_dino", "DINO labeller")},
-        ranges={"tune_epochs": (args.epochs, 1, 100_000, True), "batch_size": (args.batch_size, 1, None, True),
-                "num_workers": (args.workers, 0, 256, True), "tune_max_samples": (args.tune_max_samples, 0, None, True)},
-        writable={"json_out": (args.json_out, "summary file", True)})
+        ranges={
+            "tune_epochs": (args.epochs, 1, 100_000, True),
+            "batch_size": (args.batch_size, 1, None, True),
+            "num_workers": (args.workers, 0, 256, True),
+            "tune_max_samples": (args.tune_max_samples, 0, None, True),
+        },
+        writable={"json_out": (args.json_out, "summary file", True)},
+    )
     if _checked(args, report):
         return {"check": True}
     ctx = dt.init_distributed(args.device)
@@ -400,8 +346,12 @@ def cmd_tune(args) -> dict:
     log(f"prompt tuning settings for this machine: {hardware_profile(resolve_device(args.device)).describe()}")
     try:
         summary = tune_prompts_distributed(
-            args.dataset, clip, config, predict=not args.no_predict,
-            progress=print_progress(sys.stdout) if ctx.is_main else None)
+            args.dataset,
+            clip,
+            config,
+            predict=not args.no_predict,
+            progress=print_progress(sys.stdout) if ctx.is_main else None,
+        )
     finally:
         dt.shutdown()
     if ctx.is_main:
@@ -438,8 +388,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     # --engine/--engine-precision reach every inference pass through the engine's environment
     # defaults (core/engines.py), restored afterwards for in-process callers.
-    env = {"NOLA_ENGINE": getattr(args, "engine", "auto"),
-           "NOLA_PRECISION": getattr(args, "engine_precision", "auto")}
+    env = {"NOLA_ENGINE": getattr(args, "engine", "auto"), "NOLA_PRECISION": getattr(args, "engine_precision", "auto")}
     before = {k: os.environ.get(k) for k in env}
     os.environ.update({k: v for k, v in env.items() if v and v != "auto"})
     try:

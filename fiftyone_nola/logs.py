@@ -37,8 +37,9 @@ class _LineHandler(logging.Handler):
 
 
 @contextlib.contextmanager
-def lines_to(emit_line: Callable[[str], None], below: int = logging.CRITICAL + 1,
-             this_thread: bool = False) -> Iterator[None]:
+def lines_to(
+    emit_line: Callable[[str], None], below: int = logging.CRITICAL + 1, this_thread: bool = False
+) -> Iterator[None]:
     """Send the package's log lines (INFO and up, under ``below``) to ``emit_line`` meanwhile.
 
     ``this_thread``: only lines logged by the calling thread (an App server runs several
@@ -63,4 +64,3 @@ def lines_to(emit_line: Callable[[str], None], below: int = logging.CRITICAL + 1
             _active -= 1
             if _active == 0:
                 logger.setLevel(_saved_level)
-

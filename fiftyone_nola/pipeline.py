@@ -33,14 +33,7 @@ from fiftyone_nola.stages.cdul import (
 )
 from fiftyone_nola.stages.embeddings import compute_embeddings
 from fiftyone_nola.stages.evaluation import evaluate_single_label
-from fiftyone_nola.stages.nola import (
-    ZeroShotConfig,
-    dino_labels,
-    dino_labels_apply,
-    predict,
-    tune_prompts,
-    zero_shot,
-)
+from fiftyone_nola.stages.nola import ZeroShotConfig, dino_labels, dino_labels_apply, predict, tune_prompts, zero_shot
 from fiftyone_nola.stages.review_workspace import store_class_list
 from fiftyone_nola.stages.validation import Report, Target, check_auto_label, check_multilabel
 
@@ -90,10 +83,7 @@ class AutoLabelConfig:
 
 
 def auto_label(
-    samples,
-    classes: ClassesArg = None,
-    config: Optional[AutoLabelConfig] = None,
-    progress: ProgressFn = null_progress,
+    samples, classes: ClassesArg = None, config: Optional[AutoLabelConfig] = None, progress: ProgressFn = null_progress
 ) -> dict:
     """Run embeddings -> CDE zero-shot -> DINO labeller -> prompt tuning -> predict.
 
@@ -115,7 +105,11 @@ def auto_label(
     changed = set().union(*(reuse.embed_todo(samples, spec, ids, paths) for spec in (config.clip, config.dino)))
     with timer.stage("embeddings"):
         out["stages"]["embeddings"] = compute_embeddings(
-            samples, "both", config.clip, config.dino, dataclasses.replace(config.embed, device=str(device)),
+            samples,
+            "both",
+            config.clip,
+            config.dino,
+            dataclasses.replace(config.embed, device=str(device)),
             progress=progress,
         )
     plan = reuse.decide(samples, classes, config, ids, changed, device)
@@ -124,8 +118,9 @@ def auto_label(
     with timer.stage("zeroshot"):
         todo = plan.zeroshot
         if todo:
-            out["stages"]["zeroshot"] = zero_shot(reuse.subset(samples, ids, todo), classes, plan.zs_cfg,
-                                                  config.zeroshot_field, progress=progress)
+            out["stages"]["zeroshot"] = zero_shot(
+                reuse.subset(samples, ids, todo), classes, plan.zs_cfg, config.zeroshot_field, progress=progress
+            )
         else:
             logger.info("[zeroshot] up to date: reused")
         processed["zeroshot"] = len(todo)
@@ -133,38 +128,56 @@ def auto_label(
     with timer.stage("dino_labeler"):
         todo = plan.dino_labeler
         if plan.retrain_labeler:
-            out["stages"]["dino_labeler"] = dino_labels(samples, config.zeroshot_field, config.dino, plan.dl_cfg,
-                                                        config.dino_field, progress=progress)
+            out["stages"]["dino_labeler"] = dino_labels(
+                samples, config.zeroshot_field, config.dino, plan.dl_cfg, config.dino_field, progress=progress
+            )
         elif todo:
             logger.info(f"[dino] labeller up to date: labelling the {len(todo)} new or changed samples with it")
-            out["stages"]["dino_labeler"] = dino_labels_apply(reuse.subset(samples, ids, todo), config.zeroshot_field,
-                                                              config.dino, config.dino_field)
+            out["stages"]["dino_labeler"] = dino_labels_apply(
+                reuse.subset(samples, ids, todo), config.zeroshot_field, config.dino, config.dino_field
+            )
         else:
             logger.info("[dino] up to date: reused")
         processed["dino_labeler"] = len(todo)
 
     if not config.skip_tuning:
         tune_cfg = plan.tune_cfg
-        logger.info(f"[tune] settings for this machine: epochs={tune_cfg.epochs}, "
-                    f"batch={tune_cfg.batch_size}, max_samples={tune_cfg.max_samples}")
+        logger.info(
+            f"[tune] settings for this machine: epochs={tune_cfg.epochs}, "
+            f"batch={tune_cfg.batch_size}, max_samples={tune_cfg.max_samples}"
+        )
         with timer.stage("prompt_tuning"):
             if plan.retrain_tuning:
                 out["stages"]["prompt_tuning"] = tune_prompts(
-                    samples, config.zeroshot_field, config.dino_field, config.clip, tune_cfg,
-                    run_name=config.tuned_field, progress=progress,
+                    samples,
+                    config.zeroshot_field,
+                    config.dino_field,
+                    config.clip,
+                    tune_cfg,
+                    run_name=config.tuned_field,
+                    progress=progress,
                 )
             else:
                 logger.info(f"[tune] tuned model up to date (same teacher, CLIP and settings): reused {plan.model_dir}")
-                out["stages"]["prompt_tuning"] = {"stage": "tune", "field": None, "samples": len(ids),
-                                                  "seconds": 0.0, "model_dir": str(plan.model_dir),
-                                                  "reused": True}
+                out["stages"]["prompt_tuning"] = {
+                    "stage": "tune",
+                    "field": None,
+                    "samples": len(ids),
+                    "seconds": 0.0,
+                    "model_dir": str(plan.model_dir),
+                    "reused": True,
+                }
             processed["prompt_tuning"] = int(bool(plan.retrain_tuning))
         with timer.stage("predict"):
             todo = plan.predict
             if todo:
                 out["stages"]["predict"] = predict(
-                    reuse.subset(samples, ids, todo), out["stages"]["prompt_tuning"]["model_dir"], config.clip,
-                    config.tuned_field, device=str(device), progress=progress,
+                    reuse.subset(samples, ids, todo),
+                    out["stages"]["prompt_tuning"]["model_dir"],
+                    config.clip,
+                    config.tuned_field,
+                    device=str(device),
+                    progress=progress,
                 )
             else:
                 logger.info("[predict] up to date (same tuned model, every sample labelled): reused")
@@ -183,10 +196,7 @@ def auto_label(
 
 
 def auto_label_multilabel(
-    samples,
-    classes: ClassesArg = None,
-    config: Optional[MultiLabelConfig] = None,
-    progress: ProgressFn = null_progress,
+    samples, classes: ClassesArg = None, config: Optional[MultiLabelConfig] = None, progress: ProgressFn = null_progress
 ) -> dict:
     """Embeddings -> CDUL pseudo-labels -> classifier with label refinement (-> mAP if GT)."""
     config = config or MultiLabelConfig()
@@ -203,20 +213,27 @@ def auto_label_multilabel(
     with timer.stage("embeddings"):
         families = "both" if config.dino is not None else "clip"
         out["stages"]["embeddings"] = compute_embeddings(
-            samples, families, config.clip, config.dino,
-            dataclasses.replace(config.embed, device=config.device), progress=progress)
+            samples,
+            families,
+            config.clip,
+            config.dino,
+            dataclasses.replace(config.embed, device=config.device),
+            progress=progress,
+        )
     processed = {f"embeddings:{k}": v["embedded"] for k, v in out["stages"]["embeddings"].items()}
     # Same rule as auto_label: redo a stage for every sample when its settings or class list
     # changed, else only for samples it has no row for (or whose image changed); the head is
     # retrained only when every pseudo-label was redone, and labels new samples otherwise.
-    pseudo_full = (not reuse.up_to_date(samples, runs.run_key_for(config.pseudo_field),
-                                   recorded_config(config))
-                   or reuse.stored_classes(samples, config.pseudo_field) != classes)
+    pseudo_full = (
+        not reuse.up_to_date(samples, runs.run_key_for(config.pseudo_field), recorded_config(config))
+        or reuse.stored_classes(samples, config.pseudo_field) != classes
+    )
     todo = list(ids) if pseudo_full else reuse.missing(samples, config.pseudo_field, ids, changed)
     with timer.stage("pseudo_labels"):
         if todo:
-            out["stages"]["pseudo_labels"] = multilabel_pseudo_labels(reuse.subset(samples, ids, todo), classes, config,
-                                                                      progress)
+            out["stages"]["pseudo_labels"] = multilabel_pseudo_labels(
+                reuse.subset(samples, ids, todo), classes, config, progress
+            )
         else:
             logger.info("[cdul] pseudo-labels up to date: reused")
         processed["pseudo_labels"] = len(todo)
@@ -271,8 +288,15 @@ def check_inputs(samples, classes, config: AutoLabelConfig) -> None:
     report.raise_for_errors()
 
 
-def validate(samples, classes=None, config=None, *, plan: bool = True, raise_on_error: bool = False,
-             fallback_random_init: bool = False) -> Report:
+def validate(
+    samples,
+    classes=None,
+    config=None,
+    *,
+    plan: bool = True,
+    raise_on_error: bool = False,
+    fallback_random_init: bool = False,
+) -> Report:
     """Check every input of ``auto_label`` (or ``auto_label_multilabel`` for a ``MultiLabelConfig``)
     without running or writing anything; log (INFO) and return the report with the plan.
 
@@ -297,8 +321,10 @@ def summary_lines(summary: dict) -> list[str]:
     for name, secs in summary.get("seconds_per_stage", {}).items():
         lines.append(f"  {name:<14} {secs:8.1f} s")
     for f, ev in (summary.get("evaluation") or {}).items():
-        lines.append(f"  accuracy {f:<14} {ev['accuracy']:.4f}" + ("  (random weights: meaningless)"
-                                                                  if summary.get("random_init") else ""))
+        lines.append(
+            f"  accuracy {f:<14} {ev['accuracy']:.4f}"
+            + ("  (random weights: meaningless)" if summary.get("random_init") else "")
+        )
     return lines
 
 

@@ -29,8 +29,10 @@ def plugin_source() -> Path:
     for d in (PACKAGE_DIR / "_plugin", PACKAGE_DIR.parent):
         if all((d / name).exists() for name in PLUGIN_FILES):
             return d
-    raise InvalidInputError(f"No FiftyOne plugin found beside {PACKAGE_DIR}: this installation of "
-                            "fiftyone-nola was built without it. Reinstall from the wheel or the repo.")
+    raise InvalidInputError(
+        f"No FiftyOne plugin found beside {PACKAGE_DIR}: this installation of "
+        "fiftyone-nola was built without it. Reinstall from the wheel or the repo."
+    )
 
 
 def plugin_name(source: Path) -> str:
@@ -71,8 +73,7 @@ def _copy(source: Path, target: Path) -> None:
     target.mkdir(parents=True)
     for name in PLUGIN_FILES[:2]:
         shutil.copy2(source / name, target / name)
-    shutil.copytree(source / "operators", target / "operators",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(source / "operators", target / "operators", ignore=shutil.ignore_patterns("__pycache__"))
 
 
 def _remove(path: Path) -> None:

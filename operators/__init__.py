@@ -10,19 +10,25 @@ from .labeling import ApplyModel, DinoLabels, Evaluate, TunePrompts, ZeroShot
 from .multilabel import EvaluateMultiLabel, MultiLabelPseudoLabels, TrainMultiLabel
 from .panels import NolaPanel
 from .pipeline import AutoLabel
-from .review import (
-    ExportAccepted,
-    MarkReviewed,
-    PropagateCorrections,
-    RetrainWithCorrections,
-    ReviewLowConfidence,
-)
+from .review import ExportAccepted, MarkReviewed, PropagateCorrections, RetrainWithCorrections, ReviewLowConfidence
 from .sample_panel import NolaSampleReview
 
 OPERATORS = [
-    ComputeEmbeddings, GenerateDescriptions, ZeroShot, DinoLabels, TunePrompts, ApplyModel, Evaluate,
-    MultiLabelPseudoLabels, TrainMultiLabel, EvaluateMultiLabel,
-    ReviewLowConfidence, MarkReviewed, RetrainWithCorrections, ExportAccepted, AutoLabel,
+    ComputeEmbeddings,
+    GenerateDescriptions,
+    ZeroShot,
+    DinoLabels,
+    TunePrompts,
+    ApplyModel,
+    Evaluate,
+    MultiLabelPseudoLabels,
+    TrainMultiLabel,
+    EvaluateMultiLabel,
+    ReviewLowConfidence,
+    MarkReviewed,
+    RetrainWithCorrections,
+    ExportAccepted,
+    AutoLabel,
     PropagateCorrections,
 ]
 PANELS = [NolaPanel, NolaSampleReview]

@@ -20,14 +20,17 @@ from fiftyone_nola.core.models import ClipSpec, DinoSpec, random_init_default
 DEVICES = ["auto", "cpu", "cuda"]
 
 
-def operator_config(name: str, label: str, description: str, delegated: bool = True,
-                    default_delegated: bool = False):
+def operator_config(name: str, label: str, description: str, delegated: bool = True, default_delegated: bool = False):
     """The config every NoLA operator shares: dynamic form, immediate and (long work) delegated runs."""
     import fiftyone.operators as foo
 
     return foo.OperatorConfig(
-        name=name, label=label, description=description, dynamic=True,
-        allow_immediate_execution=True, allow_delegated_execution=delegated,
+        name=name,
+        label=label,
+        description=description,
+        dynamic=True,
+        allow_immediate_execution=True,
+        allow_delegated_execution=delegated,
         default_choice_to_delegated=default_delegated,
     )
 
@@ -88,8 +91,14 @@ def collected_log(lines: list):
 
 
 def add_device_input(inputs) -> None:
-    inputs.enum("device", DEVICES, default="auto", label="Device",
-                description="auto picks CUDA when present, else CPU", view=types.DropdownView())
+    inputs.enum(
+        "device",
+        DEVICES,
+        default="auto",
+        label="Device",
+        description="auto picks CUDA when present, else CPU",
+        view=types.DropdownView(),
+    )
 
 
 def device_param(ctx):
@@ -99,13 +108,21 @@ def device_param(ctx):
 
 def add_clip_inputs(inputs) -> None:
     inputs.str("clip_arch", default=field_default(ClipSpec, "arch"), label="CLIP architecture (open_clip)")
-    inputs.str("clip_pretrained", default=field_default(ClipSpec, "pretrained"), label="CLIP weights",
-               description="open_clip pretrained tag, or a local checkpoint file")
+    inputs.str(
+        "clip_pretrained",
+        default=field_default(ClipSpec, "pretrained"),
+        label="CLIP weights",
+        description="open_clip pretrained tag, or a local checkpoint file",
+    )
 
 
 def add_dino_inputs(inputs) -> None:
-    inputs.str("dino_model", default=field_default(DinoSpec, "name"), label="DINO model (timm)",
-               description="auto: the paper's vit_base_patch16_224.dino on a GPU, vit_small_patch16_224.dino on a CPU")
+    inputs.str(
+        "dino_model",
+        default=field_default(DinoSpec, "name"),
+        label="DINO model (timm)",
+        description="auto: the paper's vit_base_patch16_224.dino on a GPU, vit_small_patch16_224.dino on a CPU",
+    )
     inputs.str("dino_checkpoint", required=False, label="DINO weights file (optional)")
 
 
@@ -118,10 +135,20 @@ def add_templates_input(inputs) -> None:
     choices.add_choice(AUTO, label="auto (official choice: cifar10 for CIFAR-10 classes, else imagenet)")
     for name, tpl in sorted(presets().items()):
         choices.add_choice(name, label=f"{name} ({len(tpl)} templates)")
-    inputs.enum("templates", choices.values(), default=field_default(ZeroShotConfig, "templates"), label="Prompt templates",
-                view=choices, description="added to each class's descriptions before averaging (NoLA)")
-    inputs.str("templates_file", required=False, label="Templates file (optional, overrides the preset)",
-               description="a JSON list or one template per line, each with {} for the class name")
+    inputs.enum(
+        "templates",
+        choices.values(),
+        default=field_default(ZeroShotConfig, "templates"),
+        label="Prompt templates",
+        view=choices,
+        description="added to each class's descriptions before averaging (NoLA)",
+    )
+    inputs.str(
+        "templates_file",
+        required=False,
+        label="Templates file (optional, overrides the preset)",
+        description="a JSON list or one template per line, each with {} for the class name",
+    )
 
 
 def templates_param(ctx):
@@ -130,24 +157,41 @@ def templates_param(ctx):
 
 
 def add_random_init_input(inputs) -> None:
-    inputs.bool("random_init", default=random_init_default(), label="Random initialisation",
-                description="smoke runs only: labels from random weights are meaningless")
+    inputs.bool(
+        "random_init",
+        default=random_init_default(),
+        label="Random initialisation",
+        description="smoke runs only: labels from random weights are meaningless",
+    )
 
 
 def clip_spec(ctx) -> ClipSpec:
-    return given(ClipSpec, arch=text(ctx, "clip_arch"), pretrained=text(ctx, "clip_pretrained"),
-                 random_init=ctx.params.get("random_init"))
+    return given(
+        ClipSpec,
+        arch=text(ctx, "clip_arch"),
+        pretrained=text(ctx, "clip_pretrained"),
+        random_init=ctx.params.get("random_init"),
+    )
 
 
 def dino_spec(ctx) -> DinoSpec:
-    return given(DinoSpec, name=text(ctx, "dino_model"), checkpoint=text(ctx, "dino_checkpoint"),
-                 random_init=ctx.params.get("random_init"))
+    return given(
+        DinoSpec,
+        name=text(ctx, "dino_model"),
+        checkpoint=text(ctx, "dino_checkpoint"),
+        random_init=ctx.params.get("random_init"),
+    )
 
 
 def add_classes_input(ctx, inputs) -> None:
     default = ", ".join(getattr(ctx.dataset, "default_classes", None) or [])
-    inputs.str("classes", default=default or None, required=not default, label="Class names",
-               description="comma-separated; defaults to the dataset's default_classes")
+    inputs.str(
+        "classes",
+        default=default or None,
+        required=not default,
+        label="Class names",
+        description="comma-separated; defaults to the dataset's default_classes",
+    )
 
 
 def classes_param(ctx):
@@ -168,8 +212,14 @@ def add_field_choice(ctx, inputs, name, label, types_=("Classification",), defau
     if not choices:
         inputs.str(name, default=default, required=required, label=label)
         return
-    inputs.enum(name, choices, default=default if default in choices else choices[0],
-                required=required, label=label, view=types.DropdownView())
+    inputs.enum(
+        name,
+        choices,
+        default=default if default in choices else choices[0],
+        required=required,
+        label=label,
+        view=types.DropdownView(),
+    )
 
 
 def jsonable(obj):
@@ -208,11 +258,17 @@ def check_form(ctx, inputs, check, names=None):
         prop.invalid = True
     if loose:
         text = "\n".join(p.render() for p in loose)
-        inputs.view("nola_problems", types.Error(label="Cannot run with these inputs", description=text),
-                    invalid=True, error_message=text)
+        inputs.view(
+            "nola_problems",
+            types.Error(label="Cannot run with these inputs", description=text),
+            invalid=True,
+            error_message=text,
+        )
     if report.warnings:
-        inputs.view("nola_warnings", types.Warning(label="Check before running",
-                                                   description="\n".join(p.render() for p in report.warnings)))
+        inputs.view(
+            "nola_warnings",
+            types.Warning(label="Check before running", description="\n".join(p.render() for p in report.warnings)),
+        )
     return report
 
 
@@ -240,16 +296,24 @@ def class_choices(ctx, field: str = "nola") -> list:
     return class_list(ctx.dataset, field) if ctx.dataset is not None else []
 
 
-def add_class_choice(ctx, inputs, name: str, label: str, field: str = "nola", required: bool = True,
-                     description: str | None = None) -> list:
+def add_class_choice(
+    ctx, inputs, name: str, label: str, field: str = "nola", required: bool = True, description: str | None = None
+) -> list:
     """A dropdown of the dataset's classes: nothing outside the list can be chosen."""
     classes = class_choices(ctx, field)
     if not classes:
-        inputs.str(name, required=required, label=label,
-                   description="the dataset has no class list yet: run the pipeline first")
+        inputs.str(
+            name,
+            required=required,
+            label=label,
+            description="the dataset has no class list yet: run the pipeline first",
+        )
         return classes
-    view = types.DropdownView() if len(classes) <= 30 else types.AutocompleteView(
-        choices=[types.Choice(c, label=c) for c in classes], allow_user_input=False)
+    view = (
+        types.DropdownView()
+        if len(classes) <= 30
+        else types.AutocompleteView(choices=[types.Choice(c, label=c) for c in classes], allow_user_input=False)
+    )
     inputs.enum(name, classes, required=required, label=label, description=description, view=view)
     return classes
 
@@ -261,9 +325,15 @@ def add_gt_choice(ctx, inputs, name: str, label: str, exclude=()) -> None:
 
     skip = set(exclude) | set(STAGE_FIELDS) | {SUGGESTED_FIELD, "nola_export_label"}
     fields = [f for f in label_fields(ctx) if f not in skip]
-    inputs.enum(name, [NONE_CHOICE, *fields], default=NONE_CHOICE, required=False, label=label,
-                description="none: no calibration (a dataset without ground truth has none)",
-                view=types.DropdownView())
+    inputs.enum(
+        name,
+        [NONE_CHOICE, *fields],
+        default=NONE_CHOICE,
+        required=False,
+        label=label,
+        description="none: no calibration (a dataset without ground truth has none)",
+        view=types.DropdownView(),
+    )
 
 
 def choice_param(ctx, name: str):
@@ -280,8 +350,9 @@ def show_review_fields(ctx, extra=()) -> None:
     fields = ["tags", "nola", *extra]
     fields += [f for f in (CORRECTIONS_FIELD, SUGGESTED_FIELD) if ds is not None and ds.has_sample_field(f)]
     ctx.ops.reload_dataset()
-    ctx.ops.set_active_fields(fields=[f for f in dict.fromkeys(fields)
-                                      if f == "tags" or (ds is not None and ds.has_sample_field(f))])
+    ctx.ops.set_active_fields(
+        fields=[f for f in dict.fromkeys(fields) if f == "tags" or (ds is not None and ds.has_sample_field(f))]
+    )
 
 
 def r3(x):

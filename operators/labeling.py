@@ -14,15 +14,21 @@ from fiftyone_nola.stages.reuse import tune_settings
 from fiftyone_nola.stages.validation import check_params
 
 from . import _common as c
-from .panels import model_evaluation_button
+from ._panel_common import model_evaluation_button
 
 
 def zeroshot_config(ctx) -> labeling.ZeroShotConfig:
     """The zero-shot config of the params given (None: the library's default)."""
     p = ctx.params
-    return c.given(labeling.ZeroShotConfig, clip=c.clip_spec(ctx), descriptions_file=c.text(ctx, "descriptions_file"),
-                   use_llm=p.get("use_llm"), llm_model=c.text(ctx, "llm_model"), templates=c.templates_param(ctx),
-                   device=c.device_param(ctx))
+    return c.given(
+        labeling.ZeroShotConfig,
+        clip=c.clip_spec(ctx),
+        descriptions_file=c.text(ctx, "descriptions_file"),
+        use_llm=p.get("use_llm"),
+        llm_model=c.text(ctx, "llm_model"),
+        templates=c.templates_param(ctx),
+        device=c.device_param(ctx),
+    )
 
 
 def dino_labeler_config(ctx) -> DinoLabelerConfig:
@@ -38,17 +44,27 @@ def tune_config(ctx) -> TuneConfig:
 class ZeroShot(foo.Operator):
     @property
     def config(self):
-        return c.operator_config("zero_shot", "NoLA: zero-shot labels (CDE)",
-                                 "Label samples from stored CLIP embeddings with class-description embeddings")
+        return c.operator_config(
+            "zero_shot",
+            "NoLA: zero-shot labels (CDE)",
+            "Label samples from stored CLIP embeddings with class-description embeddings",
+        )
 
     def resolve_input(self, ctx):
         inputs = types.Object()
         c.target_samples(ctx)
         c.add_classes_input(ctx, inputs)
-        inputs.str("descriptions_file", required=False, label="Descriptions JSON (optional)",
-                   description='LaFTer/NoLA format {"class": ["description", ...]}')
-        inputs.bool("use_llm", default=c.field_default(labeling.ZeroShotConfig, "use_llm"),
-                    label="Write descriptions with a local LLM (Ollama)")
+        inputs.str(
+            "descriptions_file",
+            required=False,
+            label="Descriptions JSON (optional)",
+            description='LaFTer/NoLA format {"class": ["description", ...]}',
+        )
+        inputs.bool(
+            "use_llm",
+            default=c.field_default(labeling.ZeroShotConfig, "use_llm"),
+            label="Write descriptions with a local LLM (Ollama)",
+        )
         inputs.str("llm_model", default=c.field_default(labeling.ZeroShotConfig, "llm_model"), label="Ollama model")
         c.add_templates_input(inputs)
         c.add_clip_inputs(inputs)
@@ -57,18 +73,31 @@ class ZeroShot(foo.Operator):
         inputs.bool("allow_template_fallback", default=False, label="CLIP templates for classes the file lacks")
         c.add_device_input(inputs)
         p = ctx.params
-        c.check_form(ctx, inputs, lambda: check_params(
-            c.target_samples(ctx), classes=c.classes_param(ctx), descriptions_file=c.text(ctx, "descriptions_file"),
-            allow_template_fallback=bool(p.get("allow_template_fallback")), clip=c.clip_spec(ctx),
-            device=c.device_param(ctx), outputs={"label_field": c.text(ctx, "label_field", c.arg_default(labeling.zero_shot, "label_field"))}))
+        c.check_form(
+            ctx,
+            inputs,
+            lambda: check_params(
+                c.target_samples(ctx),
+                classes=c.classes_param(ctx),
+                descriptions_file=c.text(ctx, "descriptions_file"),
+                allow_template_fallback=bool(p.get("allow_template_fallback")),
+                clip=c.clip_spec(ctx),
+                device=c.device_param(ctx),
+                outputs={"label_field": c.text(ctx, "label_field", c.arg_default(labeling.zero_shot, "label_field"))},
+            ),
+        )
         return types.Property(inputs, view=types.View(label="Zero-shot labels"))
 
     def execute(self, ctx):
         lines: list = []
         cfg = zeroshot_config(ctx)
         with c.collected_log(lines):
-            s = labeling.zero_shot(c.target_samples(ctx), c.classes_param(ctx), cfg,
-                                   c.text(ctx, "label_field", c.arg_default(labeling.zero_shot, "label_field")))
+            s = labeling.zero_shot(
+                c.target_samples(ctx),
+                c.classes_param(ctx),
+                cfg,
+                c.text(ctx, "label_field", c.arg_default(labeling.zero_shot, "label_field")),
+            )
         return {"summary": c.markdown_summary("Zero-shot", s, lines), "result": c.jsonable(s)}
 
     def resolve_output(self, ctx):
@@ -78,36 +107,64 @@ class ZeroShot(foo.Operator):
 class DinoLabels(foo.Operator):
     @property
     def config(self):
-        return c.operator_config("dino_labels", "NoLA: DINO pseudo-labels",
-                                 "Train the DINO labelling network on confident zero-shot picks and label every sample")
+        return c.operator_config(
+            "dino_labels",
+            "NoLA: DINO pseudo-labels",
+            "Train the DINO labelling network on confident zero-shot picks and label every sample",
+        )
 
     def resolve_input(self, ctx):
         inputs = types.Object()
         c.target_samples(ctx)
-        inputs.str("zeroshot_field", default=c.arg_default(labeling.dino_labels, "zeroshot_field"), label="Zero-shot field")
+        inputs.str(
+            "zeroshot_field", default=c.arg_default(labeling.dino_labels, "zeroshot_field"), label="Zero-shot field"
+        )
         c.add_dino_inputs(inputs)
         c.add_random_init_input(inputs)
         inputs.int("epochs", default=c.field_default(DinoLabelerConfig, "epochs"), label="MLP epochs")
-        inputs.str("trusted_field", required=False, label="Reviewed labels field (optional)",
-                   description="corrections added as trusted supervision")
+        inputs.str(
+            "trusted_field",
+            required=False,
+            label="Reviewed labels field (optional)",
+            description="corrections added as trusted supervision",
+        )
         inputs.str("label_field", default=c.arg_default(labeling.dino_labels, "label_field"), label="Output field")
         c.add_device_input(inputs)
         p = ctx.params
-        c.check_form(ctx, inputs, lambda: check_params(
-            c.target_samples(ctx), dino=c.dino_spec(ctx), device=c.device_param(ctx),
-            stages={"zeroshot_field": (c.text(ctx, "zeroshot_field", c.arg_default(labeling.dino_labels, "zeroshot_field")), "zero-shot")},
-            fields={"trusted_field": (p.get("trusted_field"), ("Classification",))} if p.get("trusted_field") else None,
-            outputs={"label_field": c.text(ctx, "label_field", c.arg_default(labeling.dino_labels, "label_field"))},
-            ranges={"epochs": (p.get("epochs"), 1, 100_000, True)}))
+        c.check_form(
+            ctx,
+            inputs,
+            lambda: check_params(
+                c.target_samples(ctx),
+                dino=c.dino_spec(ctx),
+                device=c.device_param(ctx),
+                stages={
+                    "zeroshot_field": (
+                        c.text(ctx, "zeroshot_field", c.arg_default(labeling.dino_labels, "zeroshot_field")),
+                        "zero-shot",
+                    )
+                },
+                fields={"trusted_field": (p.get("trusted_field"), ("Classification",))}
+                if p.get("trusted_field")
+                else None,
+                outputs={"label_field": c.text(ctx, "label_field", c.arg_default(labeling.dino_labels, "label_field"))},
+                ranges={"epochs": (p.get("epochs"), 1, 100_000, True)},
+            ),
+        )
         return types.Property(inputs, view=types.View(label="DINO pseudo-labels"))
 
     def execute(self, ctx):
         lines: list = []
         cfg = dino_labeler_config(ctx)
         with c.collected_log(lines):
-            s = labeling.dino_labels(c.target_samples(ctx), c.text(ctx, "zeroshot_field", c.arg_default(labeling.dino_labels, "zeroshot_field")),
-                                     c.dino_spec(ctx), cfg, c.text(ctx, "label_field", c.arg_default(labeling.dino_labels, "label_field")),
-                                     trusted_field=c.text(ctx, "trusted_field"))
+            s = labeling.dino_labels(
+                c.target_samples(ctx),
+                c.text(ctx, "zeroshot_field", c.arg_default(labeling.dino_labels, "zeroshot_field")),
+                c.dino_spec(ctx),
+                cfg,
+                c.text(ctx, "label_field", c.arg_default(labeling.dino_labels, "label_field")),
+                trusted_field=c.text(ctx, "trusted_field"),
+            )
         return {"summary": c.markdown_summary("DINO pseudo-labels", s, lines), "result": c.jsonable(s)}
 
     def resolve_output(self, ctx):
@@ -117,15 +174,23 @@ class DinoLabels(foo.Operator):
 class TunePrompts(foo.Operator):
     @property
     def config(self):
-        return c.operator_config("tune_prompts", "NoLA: prompt tuning",
-                                 "Tune CLIP's visual prompts on the DINO labeller's pseudo-labels, then predict")
+        return c.operator_config(
+            "tune_prompts",
+            "NoLA: prompt tuning",
+            "Tune CLIP's visual prompts on the DINO labeller's pseudo-labels, then predict",
+        )
 
     def resolve_input(self, ctx):
         inputs = types.Object()
         c.target_samples(ctx)
-        inputs.str("zeroshot_field", default=c.arg_default(labeling.dino_labels, "zeroshot_field"), label="Zero-shot field")
-        inputs.str("teacher_field", default=c.arg_default(labeling.tune_prompts, "teacher_field"),
-                   label="Teacher (DINO labeller) field")
+        inputs.str(
+            "zeroshot_field", default=c.arg_default(labeling.dino_labels, "zeroshot_field"), label="Zero-shot field"
+        )
+        inputs.str(
+            "teacher_field",
+            default=c.arg_default(labeling.tune_prompts, "teacher_field"),
+            label="Teacher (DINO labeller) field",
+        )
         c.add_clip_inputs(inputs)
         c.add_random_init_input(inputs)
         inputs.int("epochs", required=False, label="Epochs (blank: fit hardware)")
@@ -134,13 +199,31 @@ class TunePrompts(foo.Operator):
         inputs.str("label_field", default=c.arg_default(labeling.predict, "label_field"), label="Output field")
         c.add_device_input(inputs)
         p = ctx.params
-        c.check_form(ctx, inputs, lambda: check_params(
-            c.target_samples(ctx), clip=c.clip_spec(ctx), device=c.device_param(ctx),
-            stages={"zeroshot_field": (c.text(ctx, "zeroshot_field", c.arg_default(labeling.dino_labels, "zeroshot_field")), "zero-shot"),
-                    "teacher_field": (c.text(ctx, "teacher_field", c.arg_default(labeling.tune_prompts, "teacher_field")), "DINO labeller")},
-            outputs={"label_field": c.text(ctx, "label_field", c.arg_default(labeling.predict, "label_field"))},
-            ranges={"epochs": (p.get("epochs"), 1, None, True), "batch_size": (p.get("batch_size"), 1, None, True),
-                    "max_samples": (p.get("max_samples"), 0, None, True)}))
+        c.check_form(
+            ctx,
+            inputs,
+            lambda: check_params(
+                c.target_samples(ctx),
+                clip=c.clip_spec(ctx),
+                device=c.device_param(ctx),
+                stages={
+                    "zeroshot_field": (
+                        c.text(ctx, "zeroshot_field", c.arg_default(labeling.dino_labels, "zeroshot_field")),
+                        "zero-shot",
+                    ),
+                    "teacher_field": (
+                        c.text(ctx, "teacher_field", c.arg_default(labeling.tune_prompts, "teacher_field")),
+                        "DINO labeller",
+                    ),
+                },
+                outputs={"label_field": c.text(ctx, "label_field", c.arg_default(labeling.predict, "label_field"))},
+                ranges={
+                    "epochs": (p.get("epochs"), 1, None, True),
+                    "batch_size": (p.get("batch_size"), 1, None, True),
+                    "max_samples": (p.get("max_samples"), 0, None, True),
+                },
+            ),
+        )
         return types.Property(inputs, view=types.View(label="Prompt tuning"))
 
     def execute(self, ctx):
@@ -150,11 +233,18 @@ class TunePrompts(foo.Operator):
         cfg = tune_settings(tune_config(ctx), device)
         field = c.text(ctx, "label_field", c.arg_default(labeling.predict, "label_field"))
         with c.collected_log(lines):
-            s = labeling.tune_prompts(samples, c.text(ctx, "zeroshot_field", c.arg_default(labeling.dino_labels, "zeroshot_field")),
-                                      c.text(ctx, "teacher_field", c.arg_default(labeling.tune_prompts, "teacher_field")), c.clip_spec(ctx), cfg,
-                                      run_name=field, progress=c.progress_fn(ctx))
-            s2 = labeling.predict(samples, s["model_dir"], c.clip_spec(ctx), field, device=str(device),
-                                  progress=c.progress_fn(ctx))
+            s = labeling.tune_prompts(
+                samples,
+                c.text(ctx, "zeroshot_field", c.arg_default(labeling.dino_labels, "zeroshot_field")),
+                c.text(ctx, "teacher_field", c.arg_default(labeling.tune_prompts, "teacher_field")),
+                c.clip_spec(ctx),
+                cfg,
+                run_name=field,
+                progress=c.progress_fn(ctx),
+            )
+            s2 = labeling.predict(
+                samples, s["model_dir"], c.clip_spec(ctx), field, device=str(device), progress=c.progress_fn(ctx)
+            )
         s = {**s, "labelled": s2["labelled"], "field": field}
         return {"summary": c.markdown_summary("Prompt tuning", s, lines), "result": c.jsonable(s)}
 
@@ -165,32 +255,51 @@ class TunePrompts(foo.Operator):
 class ApplyModel(foo.Operator):
     @property
     def config(self):
-        return c.operator_config("apply_tuned_model", "NoLA: apply a saved tuned model",
-                                 "Predict with a saved prompt-tuned CLIP on the dataset, view or selection")
+        return c.operator_config(
+            "apply_tuned_model",
+            "NoLA: apply a saved tuned model",
+            "Predict with a saved prompt-tuned CLIP on the dataset, view or selection",
+        )
 
     def resolve_input(self, ctx):
         inputs = types.Object()
         c.target_samples(ctx)
-        inputs.str("model_dir", required=True, label="Tuned model directory",
-                   description="the model_dir printed by prompt tuning")
+        inputs.str(
+            "model_dir",
+            required=True,
+            label="Tuned model directory",
+            description="the model_dir printed by prompt tuning",
+        )
         c.add_clip_inputs(inputs)
         c.add_random_init_input(inputs)
         inputs.str("label_field", default=c.arg_default(labeling.predict, "label_field"), label="Output field")
         c.add_device_input(inputs)
         p = ctx.params
-        c.check_form(ctx, inputs, lambda: check_params(
-            c.target_samples(ctx), clip=c.clip_spec(ctx), device=c.device_param(ctx),
-            files={"model_dir": p.get("model_dir") and f"{p['model_dir']}/meta.json"},
-            outputs={"label_field": c.text(ctx, "label_field", c.arg_default(labeling.predict, "label_field"))}))
+        c.check_form(
+            ctx,
+            inputs,
+            lambda: check_params(
+                c.target_samples(ctx),
+                clip=c.clip_spec(ctx),
+                device=c.device_param(ctx),
+                files={"model_dir": p.get("model_dir") and f"{p['model_dir']}/meta.json"},
+                outputs={"label_field": c.text(ctx, "label_field", c.arg_default(labeling.predict, "label_field"))},
+            ),
+        )
         return types.Property(inputs, view=types.View(label="Apply tuned model"))
 
     def execute(self, ctx):
         p = ctx.params
         lines: list = []
         with c.collected_log(lines):
-            s = labeling.predict(c.target_samples(ctx), p["model_dir"], c.clip_spec(ctx),
-                                 c.text(ctx, "label_field", c.arg_default(labeling.predict, "label_field")), device=c.device_param(ctx),
-                                 progress=c.progress_fn(ctx))
+            s = labeling.predict(
+                c.target_samples(ctx),
+                p["model_dir"],
+                c.clip_spec(ctx),
+                c.text(ctx, "label_field", c.arg_default(labeling.predict, "label_field")),
+                device=c.device_param(ctx),
+                progress=c.progress_fn(ctx),
+            )
         return {"summary": c.markdown_summary("Predictions", s, lines), "result": c.jsonable(s)}
 
     def resolve_output(self, ctx):
@@ -200,30 +309,45 @@ class ApplyModel(foo.Operator):
 class Evaluate(foo.Operator):
     @property
     def config(self):
-        return c.operator_config("evaluate_labels", "NoLA: evaluate against ground truth",
-                                 "Accuracy / per-class report / confusion matrix of a predicted field")
+        return c.operator_config(
+            "evaluate_labels",
+            "NoLA: evaluate against ground truth",
+            "Accuracy / per-class report / confusion matrix of a predicted field",
+        )
 
     def resolve_input(self, ctx):
         inputs = types.Object()
         inputs.view_target(ctx, action_description="Evaluate", default_target="DATASET")
         c.add_field_choice(ctx, inputs, "pred_field", "Predicted field", default="nola")
         c.add_field_choice(ctx, inputs, "gt_field", "Ground-truth field", default="ground_truth")
-        inputs.bool("final_labels", default=False, label="Evaluate the final labels (reviewer corrections win)",
-                    description="the labels an export writes: nola_reviewed where a reviewer corrected, else the prediction")
+        inputs.bool(
+            "final_labels",
+            default=False,
+            label="Evaluate the final labels (reviewer corrections win)",
+            description="the labels an export writes: nola_reviewed where a reviewer corrected, else the prediction",
+        )
         p = ctx.params
-        inputs.str("eval_key", default=_eval_key(p), label="Evaluation key",
-                   description="the name under which the Model Evaluation panel lists it")
+        inputs.str(
+            "eval_key",
+            default=_eval_key(p),
+            label="Evaluation key",
+            description="the name under which the Model Evaluation panel lists it",
+        )
         inputs.bool("overwrite", default=False, label="Replace an existing evaluation with this key")
 
         def check():
             from fiftyone_nola.stages.validation import Problem
 
-            report = check_params(_eval_target(ctx), fields={k: (p.get(k), ("Classification",))
-                                                             for k in ("pred_field", "gt_field")})
+            report = check_params(
+                _eval_target(ctx), fields={k: (p.get(k), ("Classification",)) for k in ("pred_field", "gt_field")}
+            )
             key = c.text(ctx, "eval_key") or _eval_key(p)
             if ctx.dataset is not None and key in ctx.dataset.list_evaluations() and not p.get("overwrite"):
-                report.problems.append(Problem("eval_key", f"an evaluation '{key}' already exists",
-                                               "choose another key, or tick 'Replace'"))
+                report.problems.append(
+                    Problem(
+                        "eval_key", f"an evaluation '{key}' already exists", "choose another key, or tick 'Replace'"
+                    )
+                )
             if p.get("pred_field") and p.get("pred_field") == p.get("gt_field"):
                 report.problems.append(Problem("gt_field", "is the predicted field itself", "choose ground truth"))
             return report
@@ -243,10 +367,12 @@ class Evaluate(foo.Operator):
         if key in ctx.dataset.list_evaluations() and p.get("overwrite"):
             ctx.dataset.delete_evaluation(key)
         s = evaluate_single_label(samples, pred, p["gt_field"], eval_key=key)
-        md = (f"### Evaluation `{key}`: {pred} vs {p['gt_field']}\n"
-              f"- **accuracy**: {c.r3(s['accuracy'])}\n- **macro F1**: {c.r3(s['macro_f1'])}\n"
-              f"- **samples**: {s['samples']}\n\n**Open Model Evaluation** (below) and pick `{key}` for the "
-              "per-class report and the confusion matrix.")
+        md = (
+            f"### Evaluation `{key}`: {pred} vs {p['gt_field']}\n"
+            f"- **accuracy**: {c.r3(s['accuracy'])}\n- **macro F1**: {c.r3(s['macro_f1'])}\n"
+            f"- **samples**: {s['samples']}\n\n**Open Model Evaluation** (below) and pick `{key}` for the "
+            "per-class report and the confusion matrix."
+        )
         short = {k: (c.r3(v) if isinstance(v, float) else v) for k, v in s.items() if k != "per_class"}
         c.show_review_fields(ctx, extra=(pred,))
         return {"summary": md, "result": c.jsonable(short)}

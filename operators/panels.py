@@ -7,114 +7,33 @@ The sample-view panel is in :mod:`operators.sample_panel`.
 
 from __future__ import annotations
 
-import threading
-from urllib.parse import quote
-
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 from fiftyone import ViewField as F
 
+from fiftyone_nola.stages import review_card as rc
+from fiftyone_nola.stages import review_stages as rs
 from fiftyone_nola.stages import review_workspace as rw
 
 from . import _common
+from ._panel_common import (  # noqa: F401 - MODEL_EVALUATION_PANEL and model_evaluation_button are used by importers
+    _ECHOES,
+    DEFAULT_FIELD,
+    MODEL_EVALUATION_PANEL,
+    PLUGIN,
+    Serialized,
+    _has_predictions,
+    _histogram_traces,
+    _show,
+    _targets,
+    _threshold,
+    field_of,
+    media_url,
+    model_evaluation_button,
+)
 
-PLUGIN = "@fiftyone-nola/nola"
-DEFAULT_FIELD = "nola"
-MODEL_EVALUATION_PANEL = "model_evaluation_panel_builtin"  # FiftyOne's Model Evaluation panel
 SLIDER, NUMBER = "threshold", "threshold_value"  # the two threshold controls, mirrored
 POLL_MS = 2000
-
-
-def media_url(filepath) -> str | None:
-    """The App server's URL of a local media file."""
-    return f"/media?filepath={quote(str(filepath), safe='')}" if filepath else None
-
-
-def field_of(ctx) -> str:
-    """The predictions field under review (the last flagging's, else ``nola``)."""
-    return rw.settings(ctx.dataset).get("field") or DEFAULT_FIELD
-
-
-def model_evaluation_button(obj, name: str = "open_model_evaluation", label: str = "Open Model Evaluation"):
-    """A button opening FiftyOne's Model Evaluation panel (usable in panels and operator outputs:
-    it runs the App's own ``open_panel`` operator, no round trip to Python)."""
-    obj.view(name, types.Button(label=label, icon="ssid_chart", variant="outlined", operator="open_panel",
-                                params={"name": MODEL_EVALUATION_PANEL, "layout": "horizontal", "isActive": True}))
-
-
-def _has_predictions(ctx) -> bool:
-    return ctx.dataset is not None and ctx.dataset.has_sample_field(field_of(ctx))
-
-
-def _threshold(ctx) -> float:
-    """The applied threshold: the last flagging's, stored on the dataset (default 0.5)."""
-    t = rw.settings(ctx.dataset).get("threshold")
-    return 0.5 if t is None else float(t)
-
-
-def _targets(ctx) -> list:
-    """The samples the review buttons act on: the grid selection, else a lasso in the map."""
-    if ctx.selected:
-        return list(ctx.selected)
-    ext = ctx.extended_selection
-    if isinstance(ext, dict):
-        ext = ext.get("selection")
-    return list(ext or [])
-
-
-def _histogram_traces(h: dict) -> list:
-    return [
-        {"type": "bar", "name": "flagged (below threshold)", "x": h["centers"], "y": h["below"],
-         "marker": {"color": "#e0562f"}, "width": 0.045},
-        {"type": "bar", "name": "kept", "x": h["centers"], "y": h["above"], "marker": {"color": "#6c8ebf"},
-         "width": 0.045},
-    ]
-
-
-def _show(ctx, view) -> None:
-    """Point the grid at ``view`` and make the review fields visible there."""
-    ctx.ops.set_view(view)
-    _common.show_review_fields(ctx)
-
-
-class _Echoes:
-    """Values written from here into a panel's controls, per (panel, control), oldest first.
-
-    The App sends a value set from Python back as that control's change: such an event is an
-    echo, not the user's move, and re-applying it would drag the other control back (two
-    mirrored controls would then ping-pong). Echoes come back in order, so one consumes the
-    pushes up to it; any other value is a move and clears them.
-    """
-
-    def __init__(self):
-        self._pushed: dict = {}
-
-    def push(self, panel_id, control: str, value: float) -> None:
-        self._pushed.setdefault((panel_id, control), []).append(round(value, 4))
-
-    def is_echo(self, panel_id, control: str, value: float) -> bool:
-        pushed = self._pushed.get((panel_id, control), [])
-        v = round(value, 4)
-        if v in pushed:
-            del pushed[:pushed.index(v) + 1]
-            return True
-        pushed.clear()
-        return False
-
-
-# App events run in server threads, and loading the dataset in one event reloads the shared
-# Dataset object under another's feet (a field just added vanishes from its schema): the
-# panels' events run one at a time.
-_PANEL_LOCK = threading.RLock()
-_ECHOES = _Echoes()
-
-
-class Serialized:
-    """Mixin: a panel whose events run one at a time (see ``_PANEL_LOCK``)."""
-
-    def execute(self, ctx):
-        with _PANEL_LOCK:
-            return super().execute(ctx)
 
 
 class NolaPanel(Serialized, foo.Panel):
@@ -123,9 +42,12 @@ class NolaPanel(Serialized, foo.Panel):
     @property
     def config(self):
         return foo.PanelConfig(
-            name="nola_panel", label="NoLA review", icon="fact_check", surfaces="grid",
+            name="nola_panel",
+            label="NoLA review",
+            icon="fact_check",
+            surfaces="grid",
             help_markdown="Auto-labels with NoLA and reviews the doubtful ones: move the threshold, click a "
-                          "class to filter the grid, act on the selection, review the queue in the sample view.",
+            "class to filter the grid, act on the selection, review the queue in the sample view.",
         )
 
     # ------------------------------------------------------------------ events
@@ -164,17 +86,28 @@ class NolaPanel(Serialized, foo.Panel):
         t = _threshold(ctx)
         pv = rw.preview(ctx.dataset, field, t)
         queue = len(rw.queue_ids(ctx.dataset))
-        ctx.panel.set_state({"ready": True, "applied_threshold": t, "counts": {
-            "samples": pv["samples"], "flagged": pv["flagged"], "reviewed": pv["reviewed"],
-            "remaining": pv["remaining"], "queue": queue}, "classes": pv["classes"]})
+        ctx.panel.set_state(
+            {
+                "ready": True,
+                "applied_threshold": t,
+                "counts": {
+                    "samples": pv["samples"],
+                    "flagged": pv["flagged"],
+                    "reviewed": pv["reviewed"],
+                    "remaining": pv["remaining"],
+                    "queue": queue,
+                },
+                "classes": pv["classes"],
+            }
+        )
         ctx.panel.set_data("histogram", _histogram_traces(pv["histogram"]))
-        prop = rw.propagate_corrections(ctx.dataset, field, self._min_sim(ctx), apply=False)
+        prop = rc.propagate_corrections(ctx.dataset, field, self._min_sim(ctx), apply=False)
         ctx.panel.set_state("propagation", {k: prop[k] for k in ("corrections", "suggested")})
 
     def _show_stages(self, ctx) -> list:
         """Stage rows, with the progress of the plugin's delegated runs on this dataset."""
-        jobs = rw.active_jobs(ctx.dataset, PLUGIN)
-        ctx.panel.set_state({"jobs": jobs, "stages": rw.with_jobs(rw.stage_status(ctx.dataset), jobs)})
+        jobs = rs.active_jobs(ctx.dataset, PLUGIN)
+        ctx.panel.set_state({"jobs": jobs, "stages": rs.with_jobs(rs.stage_status(ctx.dataset), jobs)})
         return jobs
 
     def on_poll(self, ctx):
@@ -236,8 +169,9 @@ class NolaPanel(Serialized, foo.Panel):
     def _decide(self, ctx, action, label=None):
         ids = _targets(ctx)
         if not ids:
-            ctx.ops.notify("Select samples in the grid (or lasso points in the Embeddings map) first",
-                           variant="warning")
+            ctx.ops.notify(
+                "Select samples in the grid (or lasso points in the Embeddings map) first", variant="warning"
+            )
             return
         try:
             r = rw.decide(ctx.dataset, ids, action, label, field_of(ctx))
@@ -282,13 +216,19 @@ class NolaPanel(Serialized, foo.Panel):
         self.refresh(ctx)
 
     def on_propagate(self, ctx):
-        r = rw.propagate_corrections(ctx.dataset, field_of(ctx), self._min_sim(ctx))
+        r = rc.propagate_corrections(ctx.dataset, field_of(ctx), self._min_sim(ctx))
         if not r["suggested"]:
-            ctx.ops.notify(f"No undecided neighbour with the same wrong label at similarity >= "
-                           f"{self._min_sim(ctx):.2f} ({r['corrections']} corrections)", variant="info")
+            ctx.ops.notify(
+                f"No undecided neighbour with the same wrong label at similarity >= "
+                f"{self._min_sim(ctx):.2f} ({r['corrections']} corrections)",
+                variant="info",
+            )
         else:
-            ctx.ops.notify(f"{r['suggested']} neighbours got a suggestion (tagged {rw.SUGGESTED_TAG}, in the queue): "
-                           + ", ".join(f"{k}: {v}" for k, v in r["by_label"].items()), variant="success")
+            ctx.ops.notify(
+                f"{r['suggested']} neighbours got a suggestion (tagged {rw.SUGGESTED_TAG}, in the queue): "
+                + ", ".join(f"{k}: {v}" for k, v in r["by_label"].items()),
+                variant="success",
+            )
             _show(ctx, ctx.dataset.match_tags(rw.SUGGESTED_TAG))
         ctx.panel.set_state("last_propagation", {k: r[k] for k in ("corrections", "suggested", "by_label")})
         self.refresh(ctx)
@@ -338,17 +278,29 @@ class NolaPanel(Serialized, foo.Panel):
     def _render_stages(self, panel, st) -> None:
         panel.md("**Stages**", name="stages_title")
         stages = types.TableView(on_click_row=None)
-        for key, label in (("stage", "Stage"), ("state", "State"), ("samples", "Samples"), ("model", "Model"),
-                           ("seconds", "Seconds")):
+        for key, label in (
+            ("stage", "Stage"),
+            ("state", "State"),
+            ("samples", "Samples"),
+            ("model", "Model"),
+            ("seconds", "Seconds"),
+        ):
             stages.add_column(key, label=label)
-        stages.add_row_action("run", self.on_run_stage, label="Run", icon="play_arrow", tooltip="Open this stage's form")
+        stages.add_row_action(
+            "run", self.on_run_stage, label="Run", icon="play_arrow", tooltip="Open this stage's form"
+        )
         panel.list("stages", types.Object(), view=stages)
         jobs = st.jobs or []
         if jobs:  # poll while something runs; no timer otherwise
             panel.view("poll", types.TimerView(interval=POLL_MS, on_interval=self.on_poll))
-            panel.md("  \n".join(f"**{j['operator']}** {j['state']}: {j['label'] or 'waiting for an executor'}"
-                                 + (f" ({j['percent']}%)" if j["percent"] is not None else "") for j in jobs),
-                     name="jobs_text")
+            panel.md(
+                "  \n".join(
+                    f"**{j['operator']}** {j['state']}: {j['label'] or 'waiting for an executor'}"
+                    + (f" ({j['percent']}%)" if j["percent"] is not None else "")
+                    for j in jobs
+                ),
+                name="jobs_text",
+            )
         bar = panel.h_stack("stage_buttons", gap=1)
         bar.btn("run_pipeline", label="Run the whole pipeline", icon="play_circle", on_click=self.on_run_pipeline)
         bar.btn("open_map", label="Embeddings map", icon="scatter_plot", on_click=self.on_open_map)
@@ -359,25 +311,59 @@ class NolaPanel(Serialized, foo.Panel):
         panel.md("**Confidence threshold**", name="threshold_title")
         t = _threshold(ctx)
         # Constant defaults: a default that changes is sent back by the App as a change.
-        panel.float(SLIDER, default=0.5, min=0.0, max=1.0, on_change=self.on_slider,
-                    view=types.SliderView(label="Flag samples below this confidence", label_position="top",
-                                          value_precision=2,
-                                          componentsProps={"slider": {"min": 0, "max": 1, "step": 0.01}}))
-        panel.float(NUMBER, default=0.5, min=0.0, max=1.0, on_change=self.on_number,
-                    label="Threshold (type a number, Enter)", view=types.FieldView())
-        panel.md(f"**{counts.get('flagged', 0)}** of {counts.get('samples', 0)} samples flagged below "
-                 f"**{t:.2f}** · review progress **{counts.get('reviewed', 0)} / "
-                 f"{counts.get('flagged', 0)}** · queue **{counts.get('queue', 0)}**", name="flag_count")
-        panel.plot("histogram", layout={
-            "title": "Confidence (red: flagged)", "barmode": "stack", "height": 220,
-            "margin": {"t": 30, "b": 30, "l": 40, "r": 10}, "xaxis": {"range": [0, 1]},
-            "showlegend": False, "shapes": [{"type": "line", "x0": t, "x1": t, "y0": 0, "y1": 1, "yref": "paper",
-                                             "line": {"dash": "dash"}}]},
-            config={"displayModeBar": False})
+        panel.float(
+            SLIDER,
+            default=0.5,
+            min=0.0,
+            max=1.0,
+            on_change=self.on_slider,
+            view=types.SliderView(
+                label="Flag samples below this confidence",
+                label_position="top",
+                value_precision=2,
+                componentsProps={"slider": {"min": 0, "max": 1, "step": 0.01}},
+            ),
+        )
+        panel.float(
+            NUMBER,
+            default=0.5,
+            min=0.0,
+            max=1.0,
+            on_change=self.on_number,
+            label="Threshold (type a number, Enter)",
+            view=types.FieldView(),
+        )
+        panel.md(
+            f"**{counts.get('flagged', 0)}** of {counts.get('samples', 0)} samples flagged below "
+            f"**{t:.2f}** · review progress **{counts.get('reviewed', 0)} / "
+            f"{counts.get('flagged', 0)}** · queue **{counts.get('queue', 0)}**",
+            name="flag_count",
+        )
+        panel.plot(
+            "histogram",
+            layout={
+                "title": "Confidence (red: flagged)",
+                "barmode": "stack",
+                "height": 220,
+                "margin": {"t": 30, "b": 30, "l": 40, "r": 10},
+                "xaxis": {"range": [0, 1]},
+                "showlegend": False,
+                "shapes": [
+                    {"type": "line", "x0": t, "x1": t, "y0": 0, "y1": 1, "yref": "paper", "line": {"dash": "dash"}}
+                ],
+            },
+            config={"displayModeBar": False},
+        )
         panel.md("**Classes (click one to filter the grid)**", name="classes_title")
         table = types.TableView(on_click_row=self.on_class_click)
-        for key, label in (("class", "Class"), ("count", "Count"), ("mean_confidence", "Mean conf."),
-                           ("flagged", "Flagged"), ("reviewed", "Reviewed"), ("remaining", "Remaining")):
+        for key, label in (
+            ("class", "Class"),
+            ("count", "Count"),
+            ("mean_confidence", "Mean conf."),
+            ("flagged", "Flagged"),
+            ("reviewed", "Reviewed"),
+            ("remaining", "Remaining"),
+        ):
             table.add_column(key, label=label)
         panel.list("classes", types.Object(), view=table)
 
@@ -385,13 +371,20 @@ class NolaPanel(Serialized, foo.Panel):
         counts = st.counts or {}
         panel.md("**Review**", name="review_title")
         go = panel.h_stack("review_buttons", gap=1)
-        go.btn("start_review", label=f"Review the queue ({counts.get('queue', 0)})", icon="rate_review",
-               variant="contained", on_click=self.on_start_review)
+        go.btn(
+            "start_review",
+            label=f"Review the queue ({counts.get('queue', 0)})",
+            icon="rate_review",
+            variant="contained",
+            on_click=self.on_start_review,
+        )
         go.btn("show_all", label="Show all samples", icon="filter_alt_off", on_click=self.on_show_all)
         go.btn("export", label="Export…", icon="download", on_click=self.on_export)
         go.btn("evaluate", label="Evaluate…", icon="assessment", on_click=self.on_evaluate)
-        panel.md(f"Selected: **{st.selection or 0}** samples (grid selection, or a lasso in the Embeddings map)",
-                 name="selection_text")
+        panel.md(
+            f"Selected: **{st.selection or 0}** samples (grid selection, or a lasso in the Embeddings map)",
+            name="selection_text",
+        )
         act = panel.h_stack("actions", gap=1, align_y="center")
         act.btn("accept", label="Accept selected", icon="check", on_click=self.on_accept, variant="contained")
         act.btn("reject", label="Reject selected", icon="close", on_click=self.on_reject)
@@ -402,14 +395,31 @@ class NolaPanel(Serialized, foo.Panel):
         prop = st.propagation or {}
         panel.md("**Propagate corrections**", name="propagation_title")
         prow = panel.h_stack("propagation_row", gap=2, align_y="center")
-        prow.float("min_similarity", default=self._min_sim(ctx), min=0.0, max=1.0, label="Similarity ≥",
-                   on_change=self.on_min_similarity, view=types.FieldView(space=3))
-        prow.btn("propagate", label=f"Suggest to {prop.get('suggested', 0)} neighbours", icon="hub",
-                 on_click=self.on_propagate, disabled=not prop.get("suggested"))
-        panel.md(f"{prop.get('corrections', 0)} corrections; their undecided nearest neighbours with the same "
-                 f"wrong label get the correction as a suggestion (tag `{rw.SUGGESTED_TAG}`, back in the queue), "
-                 "never as a reviewed label.", name="propagation_text")
+        prow.float(
+            "min_similarity",
+            default=self._min_sim(ctx),
+            min=0.0,
+            max=1.0,
+            label="Similarity ≥",
+            on_change=self.on_min_similarity,
+            view=types.FieldView(space=3),
+        )
+        prow.btn(
+            "propagate",
+            label=f"Suggest to {prop.get('suggested', 0)} neighbours",
+            icon="hub",
+            on_click=self.on_propagate,
+            disabled=not prop.get("suggested"),
+        )
+        panel.md(
+            f"{prop.get('corrections', 0)} corrections; their undecided nearest neighbours with the same "
+            f"wrong label get the correction as a suggestion (tag `{rw.SUGGESTED_TAG}`, back in the queue), "
+            "never as a reviewed label.",
+            name="propagation_text",
+        )
         last = st.last_propagation
         if last:
-            panel.md(f"Last run: **{last['suggested']}** neighbours touched from {last['corrections']} corrections",
-                     name="propagation_last")
+            panel.md(
+                f"Last run: **{last['suggested']}** neighbours touched from {last['corrections']} corrections",
+                name="propagation_last",
+            )

@@ -9,7 +9,8 @@ import fiftyone.operators.types as types
 from fiftyone_nola.stages import review
 from fiftyone_nola.stages.corrections import CorrectionsConfig, retrain_with_corrections
 from fiftyone_nola.stages.export import FORMATS, export_accepted
-from fiftyone_nola.stages.review_workspace import flag_samples, preview, propagate_corrections
+from fiftyone_nola.stages.review_card import propagate_corrections
+from fiftyone_nola.stages.review_workspace import flag_samples, preview
 from fiftyone_nola.stages.validation import check_params
 
 from . import _common as c
@@ -34,9 +35,17 @@ def _confidence_plot_data(samples, field: str) -> list:
 def _calibration_plot_data(curve: dict) -> list:
     xs = [x for x, n in zip(curve["mean_confidence"], curve["count"]) if n]
     ys = [y for y, n in zip(curve["accuracy"], curve["count"]) if n]
-    return [{"type": "scatter", "mode": "lines+markers", "name": "model", "x": xs, "y": ys},
-            {"type": "scatter", "mode": "lines", "name": "perfectly calibrated", "x": [0, 1], "y": [0, 1],
-             "line": {"dash": "dash"}}]
+    return [
+        {"type": "scatter", "mode": "lines+markers", "name": "model", "x": xs, "y": ys},
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "name": "perfectly calibrated",
+            "x": [0, 1],
+            "y": [0, 1],
+            "line": {"dash": "dash"},
+        },
+    ]
 
 
 # The forms' defaults are the library functions' own.
@@ -57,9 +66,13 @@ def _bottom_k(ctx):
 class ReviewLowConfidence(foo.Operator):
     @property
     def config(self):
-        return c.operator_config("review_low_confidence", "NoLA: flag samples for review",
-                                 "Flag low-confidence / bottom-k per class samples, queue them, save review "
-                                 "views, show the per-class table and plots", delegated=False)
+        return c.operator_config(
+            "review_low_confidence",
+            "NoLA: flag samples for review",
+            "Flag low-confidence / bottom-k per class samples, queue them, save review "
+            "views, show the per-class table and plots",
+            delegated=False,
+        )
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -67,17 +80,35 @@ class ReviewLowConfidence(foo.Operator):
         c.add_field_choice(ctx, inputs, "field", "Predictions to review", default=FIELD)
         p = ctx.params
         field = c.text(ctx, "field", FIELD)
-        inputs.float("threshold", default=THRESHOLD, label="Flag samples below this confidence",
-                     view=types.SliderView(componentsProps={"slider": {"min": 0, "max": 1, "step": 0.01}}))
+        inputs.float(
+            "threshold",
+            default=THRESHOLD,
+            label="Flag samples below this confidence",
+            view=types.SliderView(componentsProps={"slider": {"min": 0, "max": 1, "step": 0.01}}),
+        )
         inputs.int("bottom_k", default=0, label="Also flag the k least confident per class (0: off)")
         _preview_notice(ctx, inputs, field)
         c.add_gt_choice(ctx, inputs, "gt_field", "Ground truth for calibration (optional)", exclude=(field,))
         gt = c.choice_param(ctx, "gt_field")
-        c.check_form(ctx, inputs, lambda: _same_field(gt, field) or check_params(
-            c.target_samples(ctx), need_samples=False,
-            fields={"field": (field, ("Classification",)),
-                    **({"gt_field": (gt, ("Classification",))} if gt else {})},
-            ranges={"threshold": (p.get("threshold"), 0.0, None, False), "bottom_k": (p.get("bottom_k"), 0, None, True)}))
+        c.check_form(
+            ctx,
+            inputs,
+            lambda: (
+                _same_field(gt, field)
+                or check_params(
+                    c.target_samples(ctx),
+                    need_samples=False,
+                    fields={
+                        "field": (field, ("Classification",)),
+                        **({"gt_field": (gt, ("Classification",))} if gt else {}),
+                    },
+                    ranges={
+                        "threshold": (p.get("threshold"), 0.0, None, False),
+                        "bottom_k": (p.get("bottom_k"), 0, None, True),
+                    },
+                )
+            ),
+        )
         return types.Property(inputs, view=types.View(label="Review"))
 
     def execute(self, ctx):
@@ -88,22 +119,28 @@ class ReviewLowConfidence(foo.Operator):
         s = flag_samples(samples, field, threshold=threshold, bottom_k=bottom_k)
         s["views"] = s["views"] + review.save_review_views(ctx.dataset, field, threshold=threshold)
         table = preview(samples, field, threshold, bottom_k)["classes"]
-        rows = "\n".join(f"| {r['class']} | {r['count']} | {_fmt(r['mean_confidence'])} | {r['flagged']} | "
-                         f"{r['reviewed']} | {r['remaining']} |" for r in table)
-        md = (f"### Review: {s['flagged']} of {s['samples']} samples flagged (`nola:flagged`), "
-              f"{s['queue']} in the queue (`{review.REVIEW_TAG}`)\n"
-              f"Saved views: {', '.join(s['views'])}\n\n"
-              "| class | count | mean conf. | flagged | reviewed | remaining |\n"
-              f"|---|---|---|---|---|---|\n{rows}")
-        out = {"confidence_plot": _confidence_plot_data(samples, field),
-               "result": c.jsonable({**s, "table": table})}
+        rows = "\n".join(
+            f"| {r['class']} | {r['count']} | {_fmt(r['mean_confidence'])} | {r['flagged']} | "
+            f"{r['reviewed']} | {r['remaining']} |"
+            for r in table
+        )
+        md = (
+            f"### Review: {s['flagged']} of {s['samples']} samples flagged (`nola:flagged`), "
+            f"{s['queue']} in the queue (`{review.REVIEW_TAG}`)\n"
+            f"Saved views: {', '.join(s['views'])}\n\n"
+            "| class | count | mean conf. | flagged | reviewed | remaining |\n"
+            f"|---|---|---|---|---|---|\n{rows}"
+        )
+        out = {"confidence_plot": _confidence_plot_data(samples, field), "result": c.jsonable({**s, "table": table})}
         gt = c.choice_param(ctx, "gt_field")
         if gt and gt != field:
             curve = review.calibration(samples, field, gt)
             out["calibration_plot"] = _calibration_plot_data(curve)
             out["result"]["ece"] = c.r3(curve["ece"])
-            md += (f"\n\n**Calibration vs `{gt}`**: expected calibration error (ECE) **{c.r3(curve['ece'])}** "
-                   f"over {sum(curve['count'])} samples (0 = confidences match accuracy)")
+            md += (
+                f"\n\n**Calibration vs `{gt}`**: expected calibration error (ECE) **{c.r3(curve['ece'])}** "
+                f"over {sum(curve['count'])} samples (0 = confidences match accuracy)"
+            )
         else:
             md += "\n\nNo ground truth chosen: no calibration (it needs labels other than the predictions)."
         out["summary"] = md
@@ -113,13 +150,26 @@ class ReviewLowConfidence(foo.Operator):
     def resolve_output(self, ctx):
         outputs = types.Object()
         outputs.str("summary", view=types.MarkdownView())
-        outputs.list("confidence_plot", types.Object(), label="Confidence per class",
-                     view=types.PlotlyView(layout={"title": "Confidence per predicted class", "height": 400}))
+        outputs.list(
+            "confidence_plot",
+            types.Object(),
+            label="Confidence per class",
+            view=types.PlotlyView(layout={"title": "Confidence per predicted class", "height": 400}),
+        )
         if c.choice_param(ctx, "gt_field"):
-            outputs.list("calibration_plot", types.Object(), label="Reliability curve",
-                         view=types.PlotlyView(layout={"title": "Reliability (accuracy vs confidence)",
-                                                       "xaxis": {"title": "confidence"},
-                                                       "yaxis": {"title": "accuracy"}, "height": 400}))
+            outputs.list(
+                "calibration_plot",
+                types.Object(),
+                label="Reliability curve",
+                view=types.PlotlyView(
+                    layout={
+                        "title": "Reliability (accuracy vs confidence)",
+                        "xaxis": {"title": "confidence"},
+                        "yaxis": {"title": "accuracy"},
+                        "height": 400,
+                    }
+                ),
+            )
         return types.Property(outputs)
 
 
@@ -132,8 +182,9 @@ def _same_field(gt, field):
     from fiftyone_nola.stages.validation import Problem, Report
 
     if gt and gt == field:
-        return Report([Problem("gt_field", f"'{gt}' is the predictions field itself",
-                               "choose a ground-truth field, or none")])
+        return Report(
+            [Problem("gt_field", f"'{gt}' is the predictions field itself", "choose a ground-truth field, or none")]
+        )
     return None
 
 
@@ -145,25 +196,36 @@ def _preview_notice(ctx, inputs, field) -> None:
         pv = preview(c.target_samples(ctx), field, c.param(ctx, "threshold", THRESHOLD), _bottom_k(ctx))
     except Exception:
         return
-    inputs.view("preview", types.Notice(
-        label=f"{pv['flagged']} of {pv['samples']} samples would be flagged; {pv['reviewed']} of them already "
-              f"reviewed, {pv['remaining']} to review"))
+    inputs.view(
+        "preview",
+        types.Notice(
+            label=f"{pv['flagged']} of {pv['samples']} samples would be flagged; {pv['reviewed']} of them already "
+            f"reviewed, {pv['remaining']} to review"
+        ),
+    )
 
 
 class MarkReviewed(foo.Operator):
     @property
     def config(self):
         return foo.OperatorConfig(
-            name="mark_reviewed", label="NoLA: accept / reject / correct",
+            name="mark_reviewed",
+            label="NoLA: accept / reject / correct",
             description="Mark the selected samples (or view) accepted or rejected, or store a corrected label",
-            dynamic=True, allow_immediate_execution=True,
+            dynamic=True,
+            allow_immediate_execution=True,
         )
 
     def resolve_input(self, ctx):
         inputs = types.Object()
         c.target_samples(ctx)
-        inputs.enum("action", ["accept", "reject", "correct", "accept_above"], default="accept",
-                    label="Action", view=types.RadioGroup())
+        inputs.enum(
+            "action",
+            ["accept", "reject", "correct", "accept_above"],
+            default="accept",
+            label="Action",
+            view=types.RadioGroup(),
+        )
         p = ctx.params
         action = p.get("action", "accept")
         classes = []
@@ -172,11 +234,23 @@ class MarkReviewed(foo.Operator):
         if action == "accept_above":
             c.add_field_choice(ctx, inputs, "field", "Predictions field", default=FIELD)
             inputs.float("threshold", default=ACCEPT_ABOVE, label="Accept if confidence >=")
-        c.check_form(ctx, inputs, lambda: _label_problem(p.get("label"), classes) if action == "correct" else check_params(
-            c.target_samples(ctx), need_samples=False,
-            fields={"field": (c.text(ctx, "field", FIELD), ("Classification",))} if action == "accept_above" else None,
-            ranges={"threshold": (p.get("threshold"), 0.0, 1.0, False)},
-            files=None))
+        c.check_form(
+            ctx,
+            inputs,
+            lambda: (
+                _label_problem(p.get("label"), classes)
+                if action == "correct"
+                else check_params(
+                    c.target_samples(ctx),
+                    need_samples=False,
+                    fields={"field": (c.text(ctx, "field", FIELD), ("Classification",))}
+                    if action == "accept_above"
+                    else None,
+                    ranges={"threshold": (p.get("threshold"), 0.0, 1.0, False)},
+                    files=None,
+                )
+            ),
+        )
         return types.Property(inputs, view=types.View(label="Mark reviewed"))
 
     def execute(self, ctx):
@@ -186,7 +260,9 @@ class MarkReviewed(foo.Operator):
         samples = c.target_samples(ctx)
         action = p.get("action", "accept")
         if action in ("accept", "reject", "correct"):
-            n = decide(samples, samples.values("id"), action, p.get("label") if action == "correct" else None)["samples"]
+            n = decide(samples, samples.values("id"), action, p.get("label") if action == "correct" else None)[
+                "samples"
+            ]
         else:
             n = review.accept_above(samples, c.text(ctx, "field", FIELD), c.param(ctx, "threshold", ACCEPT_ABOVE))
         ctx.ops.clear_selected_samples()
@@ -203,44 +279,63 @@ def _label_problem(label, classes):
     if not label:
         return _missing_label()
     if classes and label not in classes:
-        return Report([Problem("label", f"{label!r} is not one of the dataset's classes",
-                               "pick one from the list")])
+        return Report([Problem("label", f"{label!r} is not one of the dataset's classes", "pick one from the list")])
     return Report([])
 
 
 def corrections_config(ctx) -> CorrectionsConfig:
     """The retraining config of the form's (or the call's) params: only what was given."""
     tune = ctx.params.get("tune")
-    return c.given(CorrectionsConfig, corrections_field=c.text(ctx, "corrections_field"), clip=c.clip_spec(ctx),
-                   dino=c.dino_spec(ctx), skip_tuning=None if tune is None else not tune, device=c.device_param(ctx))
+    return c.given(
+        CorrectionsConfig,
+        corrections_field=c.text(ctx, "corrections_field"),
+        clip=c.clip_spec(ctx),
+        dino=c.dino_spec(ctx),
+        skip_tuning=None if tune is None else not tune,
+        device=c.device_param(ctx),
+    )
 
 
 class RetrainWithCorrections(foo.Operator):
     @property
     def config(self):
         return foo.OperatorConfig(
-            name="retrain_with_corrections", label="NoLA: retrain with corrections",
+            name="retrain_with_corrections",
+            label="NoLA: retrain with corrections",
             description="Re-run the DINO labeller and prompt tuning with reviewed labels as trusted supervision",
-            dynamic=True, allow_immediate_execution=True, allow_delegated_execution=True,
+            dynamic=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
             default_choice_to_delegated=True,
         )
 
     def resolve_input(self, ctx):
         inputs = types.Object()
         c.target_samples(ctx)
-        inputs.str("corrections_field", default=c.field_default(CorrectionsConfig, "corrections_field"),
-                   label="Corrections field")
-        inputs.bool("tune", default=not c.field_default(CorrectionsConfig, "skip_tuning"),
-                    label="Also re-run prompt tuning")
+        inputs.str(
+            "corrections_field",
+            default=c.field_default(CorrectionsConfig, "corrections_field"),
+            label="Corrections field",
+        )
+        inputs.bool(
+            "tune", default=not c.field_default(CorrectionsConfig, "skip_tuning"), label="Also re-run prompt tuning"
+        )
         c.add_clip_inputs(inputs)
         c.add_dino_inputs(inputs)
         c.add_random_init_input(inputs)
         c.add_device_input(inputs)
-        c.check_form(ctx, inputs, lambda: check_params(
-            c.target_samples(ctx), clip=None if corrections_config(ctx).skip_tuning else c.clip_spec(ctx),
-            dino=c.dino_spec(ctx), device=c.device_param(ctx),
-            stages={"corrections_field": (corrections_config(ctx).zeroshot_field, "zero-shot")},
-            fields={"corrections_field": (corrections_config(ctx).corrections_field, ("Classification",))}))
+        c.check_form(
+            ctx,
+            inputs,
+            lambda: check_params(
+                c.target_samples(ctx),
+                clip=None if corrections_config(ctx).skip_tuning else c.clip_spec(ctx),
+                dino=c.dino_spec(ctx),
+                device=c.device_param(ctx),
+                stages={"corrections_field": (corrections_config(ctx).zeroshot_field, "zero-shot")},
+                fields={"corrections_field": (corrections_config(ctx).corrections_field, ("Classification",))},
+            ),
+        )
         return types.Property(inputs, view=types.View(label="Retrain with corrections"))
 
     def execute(self, ctx):
@@ -257,29 +352,33 @@ class ExportAccepted(foo.Operator):
     @property
     def config(self):
         return foo.OperatorConfig(
-            name="export_accepted", label="NoLA: export accepted",
+            name="export_accepted",
+            label="NoLA: export accepted",
             description="Export accepted (or above-threshold) samples with their final labels",
-            dynamic=True, allow_immediate_execution=True, allow_delegated_execution=True,
+            dynamic=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
         )
 
     def resolve_input(self, ctx):
-        from fiftyone_nola.stages.export import (
-            nothing_to_export_message,
-            plan_export,
-            suggest_export_dir,
-        )
+        from fiftyone_nola.stages.export import nothing_to_export_message, plan_export, suggest_export_dir
 
         inputs = types.Object()
         inputs.view_target(ctx, action_description="Export", default_target="DATASET")
-        c.add_field_choice(ctx, inputs, "label_field", "Labels to export", types_=("Classification", "Classifications"),
-                           default=FIELD)
+        c.add_field_choice(
+            ctx, inputs, "label_field", "Labels to export", types_=("Classification", "Classifications"), default=FIELD
+        )
         p = ctx.params
         field = c.text(ctx, "label_field", FIELD)
         suggested = suggest_export_dir(ctx.dataset, field) if ctx.dataset is not None else None
-        inputs.str("export_dir", required=True, default=suggested, label="Export directory",
-                   description=f"on the machine running FiftyOne; suggested: {suggested}")
-        inputs.enum("format", list(FORMATS), default=FORMAT, label="Format",
-                    view=types.DropdownView())
+        inputs.str(
+            "export_dir",
+            required=True,
+            default=suggested,
+            label="Export directory",
+            description=f"on the machine running FiftyOne; suggested: {suggested}",
+        )
+        inputs.enum("format", list(FORMATS), default=FORMAT, label="Format", view=types.DropdownView())
         inputs.float("min_confidence", required=False, label="Also export unreviewed samples with confidence >=")
         inputs.bool("overwrite", default=False, label="Overwrite a non-empty directory")
 
@@ -290,7 +389,8 @@ class ExportAccepted(foo.Operator):
                 _export_target(ctx),
                 fields={"label_field": (field, ("Classification", "Classifications"))},
                 ranges={"min_confidence": (p.get("min_confidence"), 0.0, 1.0, False)},
-                writable={"export_dir": (c.text(ctx, "export_dir", suggested), "export directory", False)})
+                writable={"export_dir": (c.text(ctx, "export_dir", suggested), "export directory", False)},
+            )
             if not report.errors:
                 keep, _, left_out, _ = plan_export(_export_target(ctx), field, p.get("min_confidence"))
                 if not keep:
@@ -310,14 +410,21 @@ class ExportAccepted(foo.Operator):
         samples = _export_target(ctx)
         field = c.text(ctx, "label_field", FIELD)
         try:
-            r = export_accepted(samples, c.text(ctx, "export_dir") or suggest_export_dir(samples, field), field,
-                                c.text(ctx, "format", FORMAT), p.get("min_confidence"),
-                                overwrite=c.param(ctx, "overwrite", False))
+            r = export_accepted(
+                samples,
+                c.text(ctx, "export_dir") or suggest_export_dir(samples, field),
+                field,
+                c.text(ctx, "format", FORMAT),
+                p.get("min_confidence"),
+                overwrite=c.param(ctx, "overwrite", False),
+            )
         except NolaError as e:  # a message, never a traceback
             return {"summary": f"### Nothing exported\n{e}", "result": {"exported": 0, "error": str(e)}}
         left = ", ".join(f"{k}: {v}" for k, v in r["left_out"].items() if v)
-        return {"summary": f"### Exported {r['exported']} samples to `{r['export_dir']}`\nLeft out: {left or 'none'}",
-                "result": c.jsonable(r)}
+        return {
+            "summary": f"### Exported {r['exported']} samples to `{r['export_dir']}`\nLeft out: {left or 'none'}",
+            "result": c.jsonable(r),
+        }
 
     def resolve_output(self, ctx):
         return c.summary_output(ctx, "Export")
@@ -333,28 +440,37 @@ def _export_target(ctx):
 
 def _propagation(ctx) -> tuple:
     """(field, min_similarity, k) of the params given, else the library's defaults."""
-    return (c.text(ctx, "field", FIELD), c.param(ctx, "min_similarity", MIN_SIMILARITY),
-            c.param(ctx, "k", NEIGHBOURS))
+    return (c.text(ctx, "field", FIELD), c.param(ctx, "min_similarity", MIN_SIMILARITY), c.param(ctx, "k", NEIGHBOURS))
 
 
 class PropagateCorrections(foo.Operator):
     @property
     def config(self):
-        return c.operator_config("propagate_corrections", "NoLA: suggest corrections to similar samples",
-                                 "Offer each reviewer correction to its nearest undecided neighbours carrying "
-                                 "the same wrong label, as suggestions tagged for review (never as reviewed "
-                                 "labels)", delegated=False)
+        return c.operator_config(
+            "propagate_corrections",
+            "NoLA: suggest corrections to similar samples",
+            "Offer each reviewer correction to its nearest undecided neighbours carrying "
+            "the same wrong label, as suggestions tagged for review (never as reviewed "
+            "labels)",
+            delegated=False,
+        )
 
     def resolve_input(self, ctx):
         inputs = types.Object()
         c.add_field_choice(ctx, inputs, "field", "Predictions field", default=FIELD)
-        inputs.float("min_similarity", default=MIN_SIMILARITY, min=0.0, max=1.0, label="Neighbour similarity >= (cosine)")
+        inputs.float(
+            "min_similarity", default=MIN_SIMILARITY, min=0.0, max=1.0, label="Neighbour similarity >= (cosine)"
+        )
         inputs.int("k", default=NEIGHBOURS, min=1, label="Neighbours looked at per correction")
         if ctx.dataset is not None:
             try:
                 r = propagate_corrections(ctx.dataset, *_propagation(ctx), apply=False)
-                inputs.view("preview", types.Notice(
-                    label=f"{r['corrections']} corrections would suggest labels for {r['suggested']} neighbours"))
+                inputs.view(
+                    "preview",
+                    types.Notice(
+                        label=f"{r['corrections']} corrections would suggest labels for {r['suggested']} neighbours"
+                    ),
+                )
             except Exception:
                 pass
         return types.Property(inputs, view=types.View(label="Propagate corrections"))
@@ -363,9 +479,11 @@ class PropagateCorrections(foo.Operator):
         r = propagate_corrections(ctx.dataset, *_propagation(ctx))
         c.show_review_fields(ctx)
         by = ", ".join(f"{k}: {v}" for k, v in r["by_label"].items()) or "none"
-        return {"summary": f"### {r['suggested']} neighbours got a suggestion from {r['corrections']} corrections\n"
-                           f"By label: {by}. They are tagged `nola:suggested` and back in the review queue.",
-                "result": c.jsonable({k: v for k, v in r.items() if k != "ids"} | {"ids": r["ids"][:1000]})}
+        return {
+            "summary": f"### {r['suggested']} neighbours got a suggestion from {r['corrections']} corrections\n"
+            f"By label: {by}. They are tagged `nola:suggested` and back in the review queue.",
+            "result": c.jsonable({k: v for k, v in r.items() if k != "ids"} | {"ids": r["ids"][:1000]}),
+        }
 
     def resolve_output(self, ctx):
         return c.summary_output(ctx, "Propagate corrections")

@@ -7,10 +7,11 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
+from fiftyone_nola.stages import review_card as rc
 from fiftyone_nola.stages import review_workspace as rw
 
 from . import _common
-from .panels import Serialized, field_of, media_url
+from ._panel_common import Serialized, field_of, media_url
 
 REVIEW_PANEL = "nola_sample_review"
 NB_SHOWN = 6
@@ -23,9 +24,12 @@ class NolaSampleReview(Serialized, foo.Panel):
     @property
     def config(self):
         return foo.PanelConfig(
-            name=REVIEW_PANEL, label="NoLA sample review", icon="rate_review", surfaces="modal",
+            name=REVIEW_PANEL,
+            label="NoLA sample review",
+            icon="rate_review",
+            surfaces="modal",
             help_markdown="One click per sample: accept the label or pick the right class; "
-                          "the next sample of the review queue opens.",
+            "the next sample of the review queue opens.",
         )
 
     def on_load(self, ctx):
@@ -39,12 +43,21 @@ class NolaSampleReview(Serialized, foo.Panel):
         if not sid or ctx.dataset is None:
             ctx.panel.set_state("card", None)
             return
-        card = rw.sample_card(ctx.dataset, sid, field_of(ctx))
-        nbs = {f"nb_col_{j}": {f"nb_img_{j}": media_url(n["filepath"])}
-               for j, n in enumerate(card["neighbours"][:NB_SHOWN])}
-        ctx.panel.set_state({"card": card, "queue": len(rw.queue_ids(ctx.dataset)), "progress": rw.progress(ctx.dataset),
-                             "classes_list": rw.class_list(ctx.dataset, field_of(ctx)),
-                             "images": {"image": media_url(card["filepath"])}, "neighbour_images": nbs})
+        card = rc.sample_card(ctx.dataset, sid, field_of(ctx))
+        nbs = {
+            f"nb_col_{j}": {f"nb_img_{j}": media_url(n["filepath"])}
+            for j, n in enumerate(card["neighbours"][:NB_SHOWN])
+        }
+        ctx.panel.set_state(
+            {
+                "card": card,
+                "queue": len(rw.queue_ids(ctx.dataset)),
+                "progress": rw.progress(ctx.dataset),
+                "classes_list": rw.class_list(ctx.dataset, field_of(ctx)),
+                "images": {"image": media_url(card["filepath"])},
+                "neighbour_images": nbs,
+            }
+        )
 
     def _record(self, ctx, action, label=None):
         card = ctx.panel.get_state("card") or {}
@@ -99,11 +112,17 @@ class NolaSampleReview(Serialized, foo.Panel):
         pred = card.get("prediction")
         sugg = card.get("suggestion")
         prog = ctx.panel.get_state("progress") or {}
-        lines = [f"**Status**: {card['status']} · **queue**: {ctx.panel.get_state('queue') or 0} left"
-                 f" · reviewed {prog.get('reviewed', 0)} of {prog.get('flagged', 0)} flagged", "",
-                 "| stage | label | confidence |", "|---|---|---|"]
-        lines += [f"| {s['field']} | {s['label']} | {'-' if s['confidence'] is None else s['confidence']} |"
-                  for s in card["stages"]]
+        lines = [
+            f"**Status**: {card['status']} · **queue**: {ctx.panel.get_state('queue') or 0} left"
+            f" · reviewed {prog.get('reviewed', 0)} of {prog.get('flagged', 0)} flagged",
+            "",
+            "| stage | label | confidence |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {s['field']} | {s['label']} | {'-' if s['confidence'] is None else s['confidence']} |"
+            for s in card["stages"]
+        ]
         if card["neighbours"]:
             lines += ["", "**Nearest neighbours** (stored index) below: their labels · similarity"]
         imgs = panel.h_stack("images", gap=2, align_y="top")
@@ -117,10 +136,20 @@ class NolaSampleReview(Serialized, foo.Panel):
                 col.md(f"{n['label']} · {n['similarity']:.2f}", name=f"nb_txt_{j}")
         top = panel.h_stack("main_actions", gap=1)
         if sugg:
-            top.btn("accept_suggestion", label=f"Accept suggestion: {sugg}", icon="done_all", variant="contained",
-                    on_click=self.on_accept_suggestion)
-        top.btn("accept", label=f"Accept: {pred}" if pred else "Accept", icon="check",
-                variant="outlined" if sugg else "contained", on_click=self.on_accept)
+            top.btn(
+                "accept_suggestion",
+                label=f"Accept suggestion: {sugg}",
+                icon="done_all",
+                variant="contained",
+                on_click=self.on_accept_suggestion,
+            )
+        top.btn(
+            "accept",
+            label=f"Accept: {pred}" if pred else "Accept",
+            icon="check",
+            variant="outlined" if sugg else "contained",
+            on_click=self.on_accept,
+        )
         top.btn("reject", label="Reject", icon="close", on_click=self.on_reject)
         top.btn("skip", label="Skip", icon="skip_next", on_click=self.on_skip)
         top.btn("close", label="Back to the grid", icon="grid_view", on_click=self.on_close)
@@ -128,7 +157,12 @@ class NolaSampleReview(Serialized, foo.Panel):
         classes = ctx.panel.get_state("classes_list") or []
         for r in range(0, len(classes), 4):
             row = panel.h_stack(f"pick_row_{r // 4}", gap=1)
-            for cls in classes[r:r + 4]:
-                row.btn(f"pick_{r}_{classes.index(cls)}", label=cls, on_click=self.on_pick, params={"label": cls},
-                        variant="outlined")
+            for cls in classes[r : r + 4]:
+                row.btn(
+                    f"pick_{r}_{classes.index(cls)}",
+                    label=cls,
+                    on_click=self.on_pick,
+                    params={"label": cls},
+                    variant="outlined",
+                )
         return types.Property(panel, view=types.GridView(orientation="vertical", gap=1, padding=1))

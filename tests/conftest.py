@@ -133,9 +133,7 @@ def make_dataset():
             if labels is not None:
                 lab = labels[i]
                 if isinstance(lab, (list, tuple)):
-                    s[gt_field] = fo.Classifications(
-                        classifications=[fo.Classification(label=x) for x in lab]
-                    )
+                    s[gt_field] = fo.Classifications(classifications=[fo.Classification(label=x) for x in lab])
                 elif lab is not None:
                     s[gt_field] = fo.Classification(label=lab)
             samples.append(s)
@@ -159,8 +157,7 @@ def cifar_dataset(make_dataset):
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def tiny_pipeline_config(descriptions_file=str(CIFAR_DIR / "descriptions.json"), zeroshot=None, tune=None,
-                         **overrides):
+def tiny_pipeline_config(descriptions_file=str(CIFAR_DIR / "descriptions.json"), zeroshot=None, tune=None, **overrides):
     """``AutoLabelConfig`` of the single-label pipeline on tiny models, seconds per run.
 
     ``zeroshot`` / ``tune``: fields of the nested stage configs that differ from this base.
@@ -171,8 +168,13 @@ def tiny_pipeline_config(descriptions_file=str(CIFAR_DIR / "descriptions.json"),
     from fiftyone_nola.pipeline import AutoLabelConfig
     from fiftyone_nola.stages.nola import ZeroShotConfig
 
-    base = dict(clip=tiny_clip_spec(), dino=tiny_dino_spec(), embed=EmbedConfig(batch_size=16, num_workers=0),
-                zeroshot=ZeroShotConfig(descriptions_file=descriptions_file, **(zeroshot or {})),
-                tune=TuneConfig(**{"epochs": 1, "batch_size": 8, "max_samples": 24, **(tune or {})}), device="cpu")
+    base = dict(
+        clip=tiny_clip_spec(),
+        dino=tiny_dino_spec(),
+        embed=EmbedConfig(batch_size=16, num_workers=0),
+        zeroshot=ZeroShotConfig(descriptions_file=descriptions_file, **(zeroshot or {})),
+        tune=TuneConfig(**{"epochs": 1, "batch_size": 8, "max_samples": 24, **(tune or {})}),
+        device="cpu",
+    )
     base.update(overrides)
     return AutoLabelConfig(**base)

@@ -27,14 +27,44 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
 FEATURES = (
-    "four legs", "a long tail", "pointed ears", "soft fur", "bright eyes", "sharp claws",
-    "a small nose", "striped markings", "a round body", "long whiskers", "a short neck",
-    "webbed feet", "a curved beak", "spotted skin", "a flat face", "large wings",
-    "a bushy mane", "shiny scales", "thin antennae", "a hard shell", "a fluffy coat",
-    "big paws", "a pink snout", "tiny horns", "a wagging tail",
+    "four legs",
+    "a long tail",
+    "pointed ears",
+    "soft fur",
+    "bright eyes",
+    "sharp claws",
+    "a small nose",
+    "striped markings",
+    "a round body",
+    "long whiskers",
+    "a short neck",
+    "webbed feet",
+    "a curved beak",
+    "spotted skin",
+    "a flat face",
+    "large wings",
+    "a bushy mane",
+    "shiny scales",
+    "thin antennae",
+    "a hard shell",
+    "a fluffy coat",
+    "big paws",
+    "a pink snout",
+    "tiny horns",
+    "a wagging tail",
 )
-PLACES = ("in a garden", "on a beach", "in a forest", "in a city street", "on a farm",
-          "in snow", "at night", "under water", "in a living room", "on a mountain")
+PLACES = (
+    "in a garden",
+    "on a beach",
+    "in a forest",
+    "in a city street",
+    "on a farm",
+    "in snow",
+    "at night",
+    "under water",
+    "in a living room",
+    "on a mountain",
+)
 
 
 def answer_text(question: str, seed: int, repetitive: bool = False) -> str:
@@ -84,8 +114,7 @@ class OllamaStandin:
             return len(self.requests)
 
     def start(self) -> OllamaStandin:
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self
 
@@ -157,17 +186,23 @@ class OllamaStandin:
                 elif mode == "missing_model":
                     self._send(404, json.dumps({"error": f"model '{model}' not found"}).encode())
                 else:
-                    question = next((m.get("content", "") for m in reversed(req.get("messages", []))
-                                     if m.get("role") == "user"), "")
+                    question = next(
+                        (m.get("content", "") for m in reversed(req.get("messages", [])) if m.get("role") == "user"), ""
+                    )
                     seed = int((req.get("options") or {}).get("seed", 0))
                     content = "" if mode == "empty" else answer_text(question, seed, mode == "repetitive")
-                    self._send(200, json.dumps({
-                        "model": model,
-                        "created_at": "2024-01-01T00:00:00Z",
-                        "message": {"role": "assistant", "content": content},
-                        "done": True,
-                        "done_reason": "stop",
-                    }).encode())
+                    self._send(
+                        200,
+                        json.dumps(
+                            {
+                                "model": model,
+                                "created_at": "2024-01-01T00:00:00Z",
+                                "message": {"role": "assistant", "content": content},
+                                "done": True,
+                                "done_reason": "stop",
+                            }
+                        ).encode(),
+                    )
 
         return Handler
 

@@ -12,8 +12,13 @@ META = {"classes": ["a", "b"]}
 
 
 def test_round_trip_and_alignment(tmp_path):
-    save_array_bundle(tmp_path, ["x", "y"], {"probs": np.array([[0.1, 0.9], [0.7, 0.3]]),
-                                            "teacher": np.array([1, 0])}, META, shared={"W": np.eye(2)})
+    save_array_bundle(
+        tmp_path,
+        ["x", "y"],
+        {"probs": np.array([[0.1, 0.9], [0.7, 0.3]]), "teacher": np.array([1, 0])},
+        META,
+        shared={"W": np.eye(2)},
+    )
     got = aligned(tmp_path, "probs", ["y", "z", "x"])
     assert np.allclose(got[0], [0.7, 0.3]) and np.isnan(got[1]).all() and np.allclose(got[2], [0.1, 0.9])
     assert aligned(tmp_path, "teacher", ["z", "x"]).tolist() == [-1, 1]

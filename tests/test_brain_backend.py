@@ -104,9 +104,7 @@ def test_compute_sort_and_reload(ds_emb):
 def test_add_remove_get(ds_emb):
     ds, emb, ids = ds_emb
     key = _key()
-    res = fob.compute_similarity(
-        ds[:12], backend=FaissSimilarityConfig, embeddings=emb[:12], brain_key=key
-    )
+    res = fob.compute_similarity(ds[:12], backend=FaissSimilarityConfig, embeddings=emb[:12], brain_key=key)
     assert res.total_index_size == 12
     res.add_to_index(emb[12:], ids[12:])
     assert res.total_index_size == len(ds)
@@ -189,9 +187,7 @@ def test_text_query_with_prompt_model(ds_emb):
     t = np.random.default_rng(2).normal(size=DIM).astype(np.float32)
     model = _Prompts({"a cat": t}).model
     key = _key()
-    res = fob.compute_similarity(
-        ds, backend=FaissSimilarityConfig, embeddings=emb, brain_key=key, model=model
-    )
+    res = fob.compute_similarity(ds, backend=FaissSimilarityConfig, embeddings=emb, brain_key=key, model=model)
     assert res.supports_prompts
     assert res.sort_by_similarity("a cat", k=4).values("id") == nearest(emb, ids, t, 4)
 

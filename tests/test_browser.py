@@ -33,8 +33,13 @@ PLUGIN = MANIFEST["name"]
 CHROMIUM = os.environ.get("NOLA_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
     # Only the local server resolves: the App's external fonts/links fail at once instead of
     # waiting on a network that is not there (faster, and the same on every machine).
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
@@ -108,17 +113,19 @@ class AppServer:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ)
-        env.update(FIFTYONE_PLUGINS_DIR=str(REPO), FIFTYONE_DO_NOT_TRACK="true",
-                   FIFTYONE_DATABASE_VALIDATION="false")
+        env.update(FIFTYONE_PLUGINS_DIR=str(REPO), FIFTYONE_DO_NOT_TRACK="true", FIFTYONE_DATABASE_VALIDATION="false")
         for key in ("FIFTYONE_DATABASE_NAME", "NOLA_HOME"):  # set by conftest for this session
             assert env.get(key), f"{key} should have been set by conftest"
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fiftyone.server.main", "--address", "127.0.0.1",
-             "--port", str(self.port)],
-            env=env, cwd=str(REPO), stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            [sys.executable, "-m", "fiftyone.server.main", "--address", "127.0.0.1", "--port", str(self.port)],
+            env=env,
+            cwd=str(REPO),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
     def _log_tail(self) -> str:
@@ -170,8 +177,11 @@ def _plugin_operators() -> dict[str, str]:
     """name -> label of this plugin's operators, from FiftyOne's own registry."""
     import fiftyone.operators as foo
 
-    ops = {op.name: op.config.label for op in foo.list_operators()
-           if op.uri.startswith(PLUGIN + "/") and not isinstance(op, foo.Panel)}
+    ops = {
+        op.name: op.config.label
+        for op in foo.list_operators()
+        if op.uri.startswith(PLUGIN + "/") and not isinstance(op, foo.Panel)
+    }
     assert set(ops) == set(MANIFEST["operators"]), ops
     return ops
 
@@ -200,7 +210,10 @@ def test_operator_browser_lists_and_runs_plugin_operators(app_server, app_datase
     page_errors: list[str] = []
     with sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
-            str(user_data), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            str(user_data),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
             viewport={"width": 1400, "height": 900},
         )
         page = None

@@ -63,6 +63,7 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
     from fiftyone.operators.executor import ExecutionContext, ExecutionProgress
     from playwright.sync_api import expect, sync_playwright
 
+    from fiftyone_nola.stages import review_card as rc
     from fiftyone_nola.stages import review_workspace as rw
 
     expect.set_options(timeout=30_000)  # a shared 2-core machine: App events can take seconds
@@ -101,7 +102,10 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
     page_errors: list[str] = []
     with sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
-            str(user_data), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            str(user_data),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
             viewport={"width": 1600, "height": 1000},
         )
         page = None
@@ -125,8 +129,10 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
             # 1b. a stage runs delegated: its row shows done/total while it runs, polled by the
             #     panel's timer (the executor's progress reports are written here, as an executor
             #     would; launching from the stage's "Run" button is covered without a browser)
-            job = jobs.queue_operation(f"{PLUGIN}/compute_embeddings", context=ExecutionContext(
-                request_params={"dataset_name": ds.name, "params": {"family": "clip"}}))
+            job = jobs.queue_operation(
+                f"{PLUGIN}/compute_embeddings",
+                context=ExecutionContext(request_params={"dataset_name": ds.name, "params": {"family": "clip"}}),
+            )
             nola.get_by_role("button", name="Refresh").click()
             expect(nola.get_by_role("cell", name="queued", exact=True)).to_be_visible()
             jobs.set_running(job.id)
@@ -211,7 +217,7 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
             nola.get_by_role("button", name="Show all samples").click()
             wait_grid(page, N_REVIEW)
             sim = nola.locator('input[type="number"]').nth(1)
-            preview = rw.propagate_corrections(ds, "nola", 0.5, apply=False)
+            preview = rc.propagate_corrections(ds, "nola", 0.5, apply=False)
             assert preview["suggested"] > 0, preview
             sim.fill("0.5")
             sim.press("Enter")
@@ -249,7 +255,9 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
             execute = prompt.get_by_role("button", name="Execute")
             expect(execute).to_be_enabled()
             execute.click()
-            prompt.get_by_text("Evaluation `eval_nola`").or_(prompt.get_by_text("Evaluation eval_nola")).first.wait_for()
+            prompt.get_by_text("Evaluation `eval_nola`").or_(
+                prompt.get_by_text("Evaluation eval_nola")
+            ).first.wait_for()
             shot(page, "evaluation-output")
             prompt.get_by_role("button", name="Open Model Evaluation").click()
             if prompt.is_visible():
@@ -329,8 +337,11 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
     for sid in ds.exists("nola_reviewed").values("id"):
         name = Path(ds[sid].filepath).name
         assert any(f.name == name and f.parent.name == ds[sid].nola_reviewed.label for f in files)
-    measurements = {"interactions_per_reviewed_sample": clicks_per_sample, "setup_clicks_to_first_sample":
-                    3 + setup_clicks, **timings}
+    measurements = {
+        "interactions_per_reviewed_sample": clicks_per_sample,
+        "setup_clicks_to_first_sample": 3 + setup_clicks,
+        **timings,
+    }
     (REVIEW_SHOTS / "measurements.json").write_text(json.dumps(measurements, indent=1))
     assert max(clicks_per_sample) <= 2
     assert 0 < n_lassoed < N_REVIEW  # a lasso around part of the cloud selects part of it

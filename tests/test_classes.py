@@ -8,15 +8,21 @@ def test_parse_forms(tmp_path):
     assert resolve_classes("cat, dog ,bird") == ["cat", "dog", "bird"]
     assert resolve_classes(["cat", "dog"]) == ["cat", "dog"]
     f = tmp_path / "classes.txt"
-    f.write_text("# my classes\ncat\nsea lion\nR&D/\"quoted\"\nçà\n")
+    f.write_text('# my classes\ncat\nsea lion\nR&D/"quoted"\nçà\n')
     assert resolve_classes(str(f)) == ["cat", "sea lion", 'R&D/"quoted"', "çà"]
     assert parse_class_text("a\n\n b \n") == ["a", "b"]
 
 
-@pytest.mark.parametrize("bad, msg", [
-    (["cat", "Cat"], "Duplicate"), (["cat", " "], "empty"), (["cat"], "at least 2"), ([], "No class names given"),
-    (["sea_lion", "Sea Lion"], "Duplicate"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        (["cat", "Cat"], "Duplicate"),
+        (["cat", " "], "empty"),
+        (["cat"], "at least 2"),
+        ([], "No class names given"),
+        (["sea_lion", "Sea Lion"], "Duplicate"),
+    ],
+)
 def test_bad_class_lists(bad, msg):
     with pytest.raises(InvalidInputError, match=msg):
         resolve_classes(bad)

@@ -11,8 +11,17 @@ import pytest
 from conftest import REPO, cifar_files
 from fiftyone_nola.cli import main
 
-TINY = ["--clip-arch", "nola-tiny-clip", "--clip-pretrained", "", "--dino", "nola_tiny_vit", "--random-init",
-        "--workers", "0"]
+TINY = [
+    "--clip-arch",
+    "nola-tiny-clip",
+    "--clip-pretrained",
+    "",
+    "--dino",
+    "nola_tiny_vit",
+    "--random-init",
+    "--workers",
+    "0",
+]
 
 
 @pytest.fixture
@@ -31,8 +40,24 @@ def test_auto_label_command_runs_end_to_end(image_dir, tmp_path, capsys):
     out = tmp_path / "summary.json"
     name = f"cli-test-{os.getpid()}"
     try:
-        code = main(["auto-label", "--images", str(image_dir), "--classes", "cat,dog,ship", "--dataset", name,
-                     "--gt-from-subfolders", "ground_truth", "--epochs", "1", "--json", str(out), *TINY])
+        code = main(
+            [
+                "auto-label",
+                "--images",
+                str(image_dir),
+                "--classes",
+                "cat,dog,ship",
+                "--dataset",
+                name,
+                "--gt-from-subfolders",
+                "ground_truth",
+                "--epochs",
+                "1",
+                "--json",
+                str(out),
+                *TINY,
+            ]
+        )
         assert code == 0
         text = capsys.readouterr().out
         assert "RANDOMLY INITIALISED" in text and "== auto-label summary ==" in text
@@ -52,8 +77,22 @@ def test_unknown_dataset_is_one_clear_message(capsys):
 
 @pytest.mark.integration
 def test_missing_model_file_is_one_clear_message(image_dir, capsys):
-    assert main(["auto-label", "--images", str(image_dir), "--classes", "cat,dog",
-                 "--clip-pretrained", "/no/such/clip.pt", "--workers", "0"]) == 2
+    assert (
+        main(
+            [
+                "auto-label",
+                "--images",
+                str(image_dir),
+                "--classes",
+                "cat,dog",
+                "--clip-pretrained",
+                "/no/such/clip.pt",
+                "--workers",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert "/no/such/clip.pt does not exist" in capsys.readouterr().err
 
 
@@ -66,8 +105,14 @@ def test_bad_class_list_is_one_clear_message(image_dir, capsys):
 @pytest.mark.slow
 def test_unreachable_database_is_one_clear_message():
     env = dict(os.environ, FIFTYONE_DATABASE_URI="mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=1500")
-    r = subprocess.run([sys.executable, "-m", "fiftyone_nola", "auto-label", "--dataset", "x", "--classes", "a,b",
-                        *TINY], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "fiftyone_nola", "auto-label", "--dataset", "x", "--classes", "a,b", *TINY],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Could not reach the MongoDB at FIFTYONE_DATABASE_URI" in r.stderr
     assert "Traceback" not in r.stderr

@@ -50,8 +50,11 @@ def _import_reference_clip():
 
 
 def _images() -> list[Image.Image]:
-    paths = [CIFAR_DIR / "cat" / "0000.jpg", CIFAR_DIR / "airplane" / "0001.jpg",
-             COCO_DIR / "images" / "000000000009.jpg"]
+    paths = [
+        CIFAR_DIR / "cat" / "0000.jpg",
+        CIFAR_DIR / "airplane" / "0001.jpg",
+        COCO_DIR / "images" / "000000000009.jpg",
+    ]
     if not all(p.is_file() for p in paths):
         pytest.skip("real images from ../shared/data are needed")
     return [Image.open(p) for p in paths]
@@ -62,9 +65,18 @@ def reference(tmp_path_factory):
     """Random OpenAI-format ViT-B/32 weights saved in every format, and the reference outputs."""
     clip = _import_reference_clip()
     torch.manual_seed(1234)
-    ref = clip.model.CLIP(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
-                          vision_patch_size=32, context_length=77, vocab_size=49408,
-                          transformer_width=512, transformer_heads=8, transformer_layers=12).eval()
+    ref = clip.model.CLIP(
+        embed_dim=512,
+        image_resolution=224,
+        vision_layers=12,
+        vision_width=768,
+        vision_patch_size=32,
+        context_length=77,
+        vocab_size=49408,
+        transformer_width=512,
+        transformer_heads=8,
+        transformer_layers=12,
+    ).eval()
     # OpenAI released fp16 weights and ``clip.load`` rounds to fp16 (``convert_weights``) before
     # casting back on a CPU: weights exact in fp16 make that rounding a no-op, as for real files.
     with torch.no_grad():
@@ -73,10 +85,12 @@ def reference(tmp_path_factory):
                 t.copy_(t.half().float())
     root = tmp_path_factory.mktemp("clip-formats")
     sd = {k: v.detach().clone() for k, v in ref.state_dict().items()}
-    files = {"state_dict": root / "plain" / "ViT-B-32-state.pt",
-             "open_clip_bin": root / "oc" / "open_clip_pytorch_model.bin",
-             "open_clip_safetensors": root / "oc" / "open_clip_model.safetensors",
-             "torchscript": root / "jit" / "ViT-B-32.pt"}
+    files = {
+        "state_dict": root / "plain" / "ViT-B-32-state.pt",
+        "open_clip_bin": root / "oc" / "open_clip_pytorch_model.bin",
+        "open_clip_safetensors": root / "oc" / "open_clip_model.safetensors",
+        "torchscript": root / "jit" / "ViT-B-32.pt",
+    }
     for p in files.values():
         p.parent.mkdir(parents=True, exist_ok=True)
     torch.save(sd, files["state_dict"])
@@ -97,8 +111,7 @@ def reference(tmp_path_factory):
     official = official.float().eval()
     x = torch.stack([preprocess(im) for im in images])
     with torch.no_grad():
-        out = {"pixels": x, "image": official.encode_image(x), "tokens": tokens,
-               "text": official.encode_text(tokens)}
+        out = {"pixels": x, "image": official.encode_image(x), "tokens": tokens, "text": official.encode_text(tokens)}
     return types.SimpleNamespace(files=files, images=images, out=out, root=root)
 
 
@@ -138,11 +151,14 @@ def test_openai_state_dict_under_the_openai_tag_matches(reference, tmp_path, mon
     _assert_same_network(loaded, reference)
 
 
-@pytest.mark.parametrize("fmt,arch,quick_gelu", [
-    ("open_clip_bin", "ViT-B-32-quickgelu", None),
-    ("open_clip_safetensors", "ViT-B-32", True),
-    ("state_dict", "ViT-B-32-quickgelu", None),
-])
+@pytest.mark.parametrize(
+    "fmt,arch,quick_gelu",
+    [
+        ("open_clip_bin", "ViT-B-32-quickgelu", None),
+        ("open_clip_safetensors", "ViT-B-32", True),
+        ("state_dict", "ViT-B-32-quickgelu", None),
+    ],
+)
 def test_open_clip_files_by_path_match(reference, fmt, arch, quick_gelu):
     # A plain state dict cannot say which activation it was trained with: the quickgelu
     # architecture name (or quick_gelu=True) says it, as open_clip itself requires.
@@ -152,8 +168,7 @@ def test_open_clip_files_by_path_match(reference, fmt, arch, quick_gelu):
 
 def test_gelu_build_is_detected_as_a_different_network(reference):
     # Guards the tolerance itself: the network the old code built must fail the comparison.
-    spec = models.ClipSpec("ViT-B-32", str(reference.files["open_clip_bin"]), random_init=False,
-                           quick_gelu=False)
+    spec = models.ClipSpec("ViT-B-32", str(reference.files["open_clip_bin"]), random_init=False, quick_gelu=False)
     loaded = models.load_clip(spec, cache=False)
     assert loaded.identity["activation"] == "gelu"
     with torch.no_grad():
@@ -184,11 +199,22 @@ def test_hub_cache_offline_matches(reference, tmp_path):
         "with torch.no_grad(): np.save(sys.argv[2], m.encode_image(x).numpy())\n"
         "print(json.dumps({'available': ok, 'identity': m.identity}))\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
-           "HF_HUB_CACHE": str(tmp_path / "hub"), "NOLA_MODELS_DIR": str(tmp_path / "empty")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "NOLA_MODELS_DIR": str(tmp_path / "empty"),
+    }
     env.pop("NOLA_RANDOM_INIT", None)
-    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "pixels.npy"), str(tmp_path / "f.npy")],
-                         env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "pixels.npy"), str(tmp_path / "f.npy")],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["available"] is True
@@ -220,8 +246,9 @@ def test_foreign_file_format_names_the_accepted_ones(tmp_path):
 
 def test_weights_of_another_architecture_are_refused_clearly(reference):
     with pytest.raises(ModelNotFoundError, match="does not hold ViT-B-16 CLIP weights"):
-        models.load_clip(models.ClipSpec("ViT-B-16", str(reference.files["torchscript"]),
-                                         random_init=False), cache=False)
+        models.load_clip(
+            models.ClipSpec("ViT-B-16", str(reference.files["torchscript"]), random_init=False), cache=False
+        )
 
 
 def test_open_clip_warnings_are_not_silenced(monkeypatch):

@@ -37,8 +37,20 @@ def _cli(*argv):
 
 def test_cli_passes_only_what_the_user_set():
     assert _cli() == AutoLabelConfig(clip=ClipSpec(), dino=DinoSpec())
-    cfg = _cli("--epochs", "3", "--tune-max-samples", "0", "--workers", "0", "--no-tune", "--max-descriptions", "5",
-               "--templates", "simple", "--no-templates")
+    cfg = _cli(
+        "--epochs",
+        "3",
+        "--tune-max-samples",
+        "0",
+        "--workers",
+        "0",
+        "--no-tune",
+        "--max-descriptions",
+        "5",
+        "--templates",
+        "simple",
+        "--no-templates",
+    )
     assert cfg.tune == TuneConfig(epochs=3, max_samples=0)  # 0: all samples, not "fit the hardware"
     assert cfg.embed == EmbedConfig(num_workers=0) and cfg.skip_tuning
     assert cfg.zeroshot == ZeroShotConfig(max_descriptions_per_class=5, templates="simple", include_templates=False)
@@ -102,16 +114,35 @@ def _legacy_runs(config, device):
 
     prof = hardware_profile(device)
     zs = config.zeroshot
-    zeroshot = ZeroShotConfig(clip=config.clip, descriptions_file=zs.descriptions_file, use_llm=zs.use_llm,
-                              llm_model=zs.llm_model, llm_host=zs.llm_host, device=config.device,
-                              templates=zs.templates, include_templates=zs.include_templates,
-                              max_descriptions_per_class=zs.max_descriptions_per_class)
-    dino = {"labeler": DinoLabelerConfig(device=config.device), "dino": config.dino,
-            "zeroshot_field": config.zeroshot_field, "trusted_field": None}
-    tune = TuneConfig(epochs=config.tune.epochs, batch_size=config.tune.batch_size,
-                      max_samples=config.tune.max_samples or None, num_workers=prof.num_workers, device=str(device))
-    return {"zeroshot": zeroshot, "dino": dino, "tune": {"tune": tune, "clip": config.clip,
-                                                          "teacher_field": config.dino_field}}
+    zeroshot = ZeroShotConfig(
+        clip=config.clip,
+        descriptions_file=zs.descriptions_file,
+        use_llm=zs.use_llm,
+        llm_model=zs.llm_model,
+        llm_host=zs.llm_host,
+        device=config.device,
+        templates=zs.templates,
+        include_templates=zs.include_templates,
+        max_descriptions_per_class=zs.max_descriptions_per_class,
+    )
+    dino = {
+        "labeler": DinoLabelerConfig(device=config.device),
+        "dino": config.dino,
+        "zeroshot_field": config.zeroshot_field,
+        "trusted_field": None,
+    }
+    tune = TuneConfig(
+        epochs=config.tune.epochs,
+        batch_size=config.tune.batch_size,
+        max_samples=config.tune.max_samples or None,
+        num_workers=prof.num_workers,
+        device=str(device),
+    )
+    return {
+        "zeroshot": zeroshot,
+        "dino": dino,
+        "tune": {"tune": tune, "clip": config.clip, "teacher_field": config.dino_field},
+    }
 
 
 def test_run_configs_recorded_before_the_nesting_are_still_up_to_date(monkeypatch):
@@ -120,30 +151,50 @@ def test_run_configs_recorded_before_the_nesting_are_still_up_to_date(monkeypatc
     from fiftyone_nola.stages import reuse, runs
 
     cpu = torch.device("cpu")
-    cfg = AutoLabelConfig(clip=ClipSpec(models_dir="/weights"), zeroshot=ZeroShotConfig(descriptions_file="d.json"),
-                          tune=TuneConfig(epochs=1, batch_size=8, max_samples=0), device="cpu")
+    cfg = AutoLabelConfig(
+        clip=ClipSpec(models_dir="/weights"),
+        zeroshot=ZeroShotConfig(descriptions_file="d.json"),
+        tune=TuneConfig(epochs=1, batch_size=8, max_samples=0),
+        device="cpu",
+    )
     old = _legacy_runs(cfg, cpu)
     old["zeroshot"].clip = ClipSpec()  # recorded before --models-dir was a spec field: None
     stored = {k: {"config": runs._jsonable(v)} for k, v in old.items()}
     monkeypatch.setattr(runs, "get_run", lambda samples, key: stored[key])
     assert reuse.up_to_date(None, "zeroshot", reuse.zeroshot_config(cfg))
-    assert reuse.up_to_date(None, "dino", reuse.dino_run_config(
-        DinoLabelerConfig(device=cfg.device), cfg))
-    assert reuse.up_to_date(None, "tune", {"tune": reuse.tune_config(cfg, cpu).as_recorded(), "clip": cfg.clip,
-                                           "teacher_field": cfg.dino_field})
+    assert reuse.up_to_date(None, "dino", reuse.dino_run_config(DinoLabelerConfig(device=cfg.device), cfg))
+    assert reuse.up_to_date(
+        None,
+        "tune",
+        {"tune": reuse.tune_config(cfg, cpu).as_recorded(), "clip": cfg.clip, "teacher_field": cfg.dino_field},
+    )
     # a changed setting is not up to date
-    assert not reuse.up_to_date(None, "tune", {"tune": reuse.tune_config(
-        AutoLabelConfig(tune=TuneConfig(epochs=2, batch_size=8, max_samples=0), device="cpu"), cpu).as_recorded(),
-        "clip": cfg.clip, "teacher_field": cfg.dino_field})
+    assert not reuse.up_to_date(
+        None,
+        "tune",
+        {
+            "tune": reuse.tune_config(
+                AutoLabelConfig(tune=TuneConfig(epochs=2, batch_size=8, max_samples=0), device="cpu"), cpu
+            ).as_recorded(),
+            "clip": cfg.clip,
+            "teacher_field": cfg.dino_field,
+        },
+    )
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("name,build", [
-    ("auto_label", op_pipe.config), ("zero_shot", op_label.zeroshot_config),
-    ("dino_labels", op_label.dino_labeler_config), ("tune_prompts", op_label.tune_config),
-    ("compute_embeddings", op_embed._config), ("multilabel_pseudo_labels", op_multi._config),
-    ("retrain_with_corrections", op_review.corrections_config),
-])
+@pytest.mark.parametrize(
+    "name,build",
+    [
+        ("auto_label", op_pipe.config),
+        ("zero_shot", op_label.zeroshot_config),
+        ("dino_labels", op_label.dino_labeler_config),
+        ("tune_prompts", op_label.tune_config),
+        ("compute_embeddings", op_embed._config),
+        ("multilabel_pseudo_labels", op_multi._config),
+        ("retrain_with_corrections", op_review.corrections_config),
+    ],
+)
 def test_each_form_default_is_the_library_default(name, build, make_dataset):
     """The App form's defaults, sent back, give the config of no params at all: the library's."""
     import fiftyone.operators as foo
@@ -157,8 +208,11 @@ def test_each_form_default_is_the_library_default(name, build, make_dataset):
     op = foo.get_operator(f"{plugin}/{name}")
     form = op.resolve_input(ExecutionContext(request_params={"dataset_name": ds.name, "params": {}}))
     # gt_field: the form offers the dataset's first label field, a choice of the dataset's, not a default
-    defaults = {k: p.default for k, p in form.type.properties.items()
-                if getattr(p, "default", None) is not None and k != "gt_field"}
+    defaults = {
+        k: p.default
+        for k, p in form.type.properties.items()
+        if getattr(p, "default", None) is not None and k != "gt_field"
+    }
     assert build(_ctx(**defaults)) == build(_ctx())
 
 
@@ -168,16 +222,46 @@ def test_multilabel_run_config_keeps_its_recorded_shape():
     from fiftyone_nola.core.cdul import CropConfig, TrainConfig
     from fiftyone_nola.stages.cdul import recorded_config
 
-    cfg = MultiLabelConfig(crop=CropConfig(grid=2, batch_size=4, num_workers=0), train=TrainConfig(epochs=2),
-                           device="cpu")
+    cfg = MultiLabelConfig(
+        crop=CropConfig(grid=2, batch_size=4, num_workers=0), train=TrainConfig(epochs=2), device="cpu"
+    )
     rec = recorded_config(cfg)
-    flat = {"grid": 2, "crop_batch_size": 4, "num_workers": 0, "train_epochs": 2, "label_update_every": None,
-            "label_warmup": None, "embed": None, "device": "cpu"}
+    flat = {
+        "grid": 2,
+        "crop_batch_size": 4,
+        "num_workers": 0,
+        "train_epochs": 2,
+        "label_update_every": None,
+        "label_warmup": None,
+        "embed": None,
+        "device": "cpu",
+    }
     assert {k: rec[k] for k in flat} == flat and "crop" not in rec and "train" not in rec
-    old_fields = {"clip", "dino", "embed", "descriptions_file", "allow_template_fallback", "use_llm", "single_template",
-                  "grid", "threshold_t", "aggregation", "lam", "rule", "ratio", "max_labels", "crop_batch_size",
-                  "num_workers", "train_epochs", "label_update_every", "label_warmup", "device", "pseudo_field",
-                  "pred_field", "gt_field"}
+    old_fields = {
+        "clip",
+        "dino",
+        "embed",
+        "descriptions_file",
+        "allow_template_fallback",
+        "use_llm",
+        "single_template",
+        "grid",
+        "threshold_t",
+        "aggregation",
+        "lam",
+        "rule",
+        "ratio",
+        "max_labels",
+        "crop_batch_size",
+        "num_workers",
+        "train_epochs",
+        "label_update_every",
+        "label_warmup",
+        "device",
+        "pseudo_field",
+        "pred_field",
+        "gt_field",
+    }
     assert set(rec) == old_fields
     changed = recorded_config(MultiLabelConfig(crop=CropConfig(batch_size=16, engine="torch")))
     assert changed["crop"] == {"engine": "torch"}

@@ -85,9 +85,14 @@ CHILD = textwrap.dedent(
 
 def _run_child(name: str, point: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-c", CHILD, name, point, str(CIFAR_DIR / "descriptions.json")],
-                          env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", CHILD, name, point, str(CIFAR_DIR / "descriptions.json")],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _killed(r: subprocess.CompletedProcess) -> str:
@@ -230,8 +235,14 @@ def test_second_process_waits_for_the_writer_of_the_same_field(make_dataset):
     compute_embeddings(ds, "clip", clip=tiny_clip_spec(), config=EmbedConfig(num_workers=0, device="cpu"))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     with stage_writer(ds, "nola_zeroshot"):
-        proc = subprocess.Popen([sys.executable, "-c", SECOND_WRITER, ds.name, ",".join(CLASSES)],
-                                env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SECOND_WRITER, ds.name, ",".join(CLASSES)],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         seen = []
         for line in proc.stdout:
             seen.append(line)
@@ -278,8 +289,13 @@ SAVE_CHILD = textwrap.dedent(
 
 
 def _save_child(kind: str, path, point: str, seed: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", SAVE_CHILD, kind, str(path), point, str(seed)],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", SAVE_CHILD, kind, str(path), point, str(seed)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 @pytest.mark.parametrize("kind", ["dino", "cdul"])

@@ -57,8 +57,13 @@ def test_bad_files_are_reported_not_raised(tmp_path):
     truncated.write_bytes(open(good, "rb").read()[:200])
     link = tmp_path / "dangling.jpg"
     os.symlink(tmp_path / "gone.jpg", link)
-    for p, reason in [(zero, "unreadable"), (text, "unreadable"), (truncated, "unreadable"),
-                      (tmp_path / "missing.jpg", "missing"), (link, "missing")]:
+    for p, reason in [
+        (zero, "unreadable"),
+        (text, "unreadable"),
+        (truncated, "unreadable"),
+        (tmp_path / "missing.jpg", "missing"),
+        (link, "missing"),
+    ]:
         img, err = try_load_image(str(p))
         assert img is None and reason in err, (p, err)
     assert try_load_image(good)[1] is None

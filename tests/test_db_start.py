@@ -51,20 +51,22 @@ def test_two_processes_starting_the_database_together_both_succeed(tmp_path):
     n = len(list(folder.iterdir()))
     for rep in range(5):
         db_dir = str(tmp_path / f"db{rep}")
-        env = {**os.environ, "FIFTYONE_DATABASE_DIR": db_dir, "NOLA_HOME": str(tmp_path / f"home{rep}"),
-               "FIFTYONE_DATABASE_NAME": f"nola_dbstart_{uuid.uuid4().hex[:8]}"}
+        env = {
+            **os.environ,
+            "FIFTYONE_DATABASE_DIR": db_dir,
+            "NOLA_HOME": str(tmp_path / f"home{rep}"),
+            "FIFTYONE_DATABASE_NAME": f"nola_dbstart_{uuid.uuid4().hex[:8]}",
+        }
         env.pop("FIFTYONE_PRIVATE_DATABASE_PORT", None)
         cmd = [sys.executable, "-c", SCRIPT.format(folder=str(folder))]
         logs = [(tmp_path / f"r{rep}-{i}.out", tmp_path / f"r{rep}-{i}.err") for i in range(2)]
         # files, not pipes: an unread pipe would block one job, and the other waits for it at exit
-        procs = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(o, "w"), stderr=open(e, "w"))
-                 for o, e in logs]
+        procs = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(o, "w"), stderr=open(e, "w")) for o, e in logs]
         for p in procs:
             p.wait(timeout=400)
         outs = [(o.read_text(), e.read_text()) for o, e in logs]
         for p, (_, err) in zip(procs, outs):
             assert p.returncode == 0, f"rep {rep}: {err[-3000:]}"
-        results = [next(line.split()[1:] for line in out.splitlines() if line.startswith("RESULT"))
-                   for out, _ in outs]
+        results = [next(line.split()[1:] for line in out.splitlines() if line.startswith("RESULT")) for out, _ in outs]
         assert results[0] == results[1] and int(results[0][1]) == n, (rep, results)  # one dataset, no duplicates
         _wait_gone(db_dir)

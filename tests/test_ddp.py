@@ -32,8 +32,15 @@ EPOCHS_FIRST, EPOCHS_RESUMED = 2, 3
 def _cfg(epochs: int) -> pt.TuneConfig:
     # 30 images, 6 held aside for teacher_agreement: 24 to train = 3 global batches of 8 (4 per
     # rank); holdout sharding, agreement reduction and best-epoch selection are all exercised.
-    return pt.TuneConfig(epochs=epochs, batch_size=8, num_workers=0, device="cpu", seed=0,
-                         selection="teacher_agreement", holdout_fraction=0.2)
+    return pt.TuneConfig(
+        epochs=epochs,
+        batch_size=8,
+        num_workers=0,
+        device="cpu",
+        seed=0,
+        selection="teacher_agreement",
+        holdout_fraction=0.2,
+    )
 
 
 def _ragged_cfg() -> pt.TuneConfig:
@@ -57,8 +64,6 @@ def _data(embed_dim: int):
 
 
 # --------------------------------------------------------------------------- worker (torchrun)
-
-
 
 
 def _worker(out_dir: str, ckpt_dir: str) -> None:
@@ -91,17 +96,28 @@ def _worker(out_dir: str, ckpt_dir: str) -> None:
         with lines_to(logs.append):
             res = pt.tune(clip, paths, teacher, W, _cfg(epochs), ckpt_dir, classes=names)
         out = Path(out_dir)
-        real_save({"state": res.model.trainable_state_dict(), "history": res.history,
-                   "selected": res.selected_epoch, "start": res.start_epoch,
-                   "world": res.world_size, "loaded": list(loaded), "saves": len(saves),
-                   "logs": logs}, out / f"rank{ctx.rank}_{epochs}.pt")
+        real_save(
+            {
+                "state": res.model.trainable_state_dict(),
+                "history": res.history,
+                "selected": res.selected_epoch,
+                "start": res.start_epoch,
+                "world": res.world_size,
+                "loaded": list(loaded),
+                "saves": len(saves),
+                "logs": logs,
+            },
+            out / f"rank{ctx.rank}_{epochs}.pt",
+        )
         if ctx.is_main:
             shutil.copy(Path(ckpt_dir) / pt.CHECKPOINT_NAME, out / f"checkpoint_{epochs}.pt")
         dt.barrier(ctx)
     rpaths, rteacher = _ragged_inputs(out_dir, paths, teacher)
     res = pt.tune(clip, rpaths, rteacher, W, _ragged_cfg(), classes=names)
-    real_save({"state": res.model.trainable_state_dict(), "history": res.history,
-               "failed": res.failed}, Path(out_dir) / f"rank{ctx.rank}_ragged.pt")
+    real_save(
+        {"state": res.model.trainable_state_dict(), "history": res.history, "failed": res.failed},
+        Path(out_dir) / f"rank{ctx.rank}_ragged.pt",
+    )
     dt.shutdown()
 
 
@@ -112,11 +128,19 @@ def _free_port() -> int:
 
 
 def _torchrun(out_dir: Path, ckpt_dir: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
-           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", __file__,
-           str(out_dir), str(ckpt_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}",
+        __file__,
+        str(out_dir),
+        str(ckpt_dir),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -139,14 +163,12 @@ def runs(tmp_path_factory, tiny_clip):
         for epochs in (EPOCHS_FIRST, EPOCHS_RESUMED):
             ranks = [torch.load(root / f"rank{r}_{epochs}.pt", weights_only=False) for r in (0, 1)]
             ddp_state = torch.load(root / f"checkpoint_{epochs}.pt", weights_only=True)
-            single = pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs), single_ckpt,
-                             classes=names)
+            single = pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs), single_ckpt, classes=names)
             single_state = torch.load(single_ckpt / pt.CHECKPOINT_NAME, weights_only=True)
             out[epochs] = (ranks, ddp_state, single, single_state)
         rpaths, rteacher = _ragged_inputs(root, paths, teacher)
         ranks = [torch.load(root / f"rank{r}_ragged.pt", weights_only=False) for r in (0, 1)]
-        out["ragged"] = ranks, pt.tune(tiny_clip, rpaths, rteacher, W, _ragged_cfg(),
-                                       classes=names)
+        out["ragged"] = ranks, pt.tune(tiny_clip, rpaths, rteacher, W, _ragged_cfg(), classes=names)
     finally:
         torch.set_num_threads(n)
     return out
@@ -227,14 +249,51 @@ def test_torchrun_tune_command_labels_the_dataset(tmp_path):
     try:
         ds = fo.Dataset(name)
         ds.add_samples([fo.Sample(filepath=p) for p, _ in pairs], progress=False)
-        assert main(["auto-label", "--dataset", name, "--classes", "cat,dog,ship", "--no-tune",
-                     "--dino", "nola_tiny_vit", "--workers", "0", *tiny]) == 0
+        assert (
+            main(
+                [
+                    "auto-label",
+                    "--dataset",
+                    name,
+                    "--classes",
+                    "cat,dog,ship",
+                    "--no-tune",
+                    "--dino",
+                    "nola_tiny_vit",
+                    "--workers",
+                    "0",
+                    *tiny,
+                ]
+            )
+            == 0
+        )
         out = tmp_path / "summary.json"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
-               "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "fiftyone_nola",
-               "tune", "--dataset", name, "--epochs", "2", "--batch-size", "4", "--workers", "0",
-               "--device", "cpu", "--json", str(out), *tiny]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1",
+            "--nproc-per-node=2",
+            "--master-addr=127.0.0.1",
+            f"--master-port={_free_port()}",
+            "-m",
+            "fiftyone_nola",
+            "tune",
+            "--dataset",
+            name,
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+            *tiny,
+        ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         summary = json.loads(out.read_text())
@@ -251,12 +310,10 @@ def test_torchrun_tune_command_labels_the_dataset(tmp_path):
 # --------------------------------------------------------------------------- in-process
 
 
-@pytest.mark.parametrize("n,batch,world,drop",
-                         [(24, 8, 2, True), (23, 8, 3, False), (5, 8, 2, False)])
+@pytest.mark.parametrize("n,batch,world,drop", [(24, 8, 2, True), (23, 8, 3, False), (5, 8, 2, False)])
 def test_sampler_shards_are_the_single_process_batches(n, batch, world, drop):
     single = dt.EpochBatchSampler(n, batch, seed=3, drop_last=drop)
-    shards = [dt.EpochBatchSampler(n, batch, seed=3, drop_last=drop, rank=r, world_size=world)
-              for r in range(world)]
+    shards = [dt.EpochBatchSampler(n, batch, seed=3, drop_last=drop, rank=r, world_size=world) for r in range(world)]
     for epoch in (0, 1):
         for s in [single, *shards]:
             s.set_epoch(epoch)

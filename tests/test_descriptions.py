@@ -23,8 +23,7 @@ from conftest import CIFAR_DIR  # noqa: E402
 from fiftyone_nola.core import descriptions as dsc  # noqa: E402
 from fiftyone_nola.core.errors import InvalidInputError  # noqa: E402
 
-CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
-                 "dog", "frog", "horse", "ship", "truck"]
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 N_Q = len(dsc.DESCRIPTION_QUESTIONS)
 
 
@@ -37,8 +36,15 @@ def standin():
 
 def cfg(tmp_path, host, **kw):
     """A fast config: tiny backoff, short timeout, own cache dir, no MiniLM unless asked."""
-    base = dict(host=host, cache_dir=str(tmp_path / "cache"), answers_per_question=2,
-                timeout_s=2.0, retries=2, backoff_s=0.01, near_duplicate_threshold=None)
+    base = dict(
+        host=host,
+        cache_dir=str(tmp_path / "cache"),
+        answers_per_question=2,
+        timeout_s=2.0,
+        retries=2,
+        backoff_s=0.01,
+        near_duplicate_threshold=None,
+    )
     base.update(kw)
     return dsc.DescribeConfig(**base)
 
@@ -66,8 +72,7 @@ def test_standin_shuts_down():
 def test_generate_asks_each_question_and_cleans(tmp_path, standin):
     calls = []
     config = cfg(tmp_path, standin.host, model="llama-test")
-    res = dsc.generate_descriptions(["cat", "sea_lion"], config,
-                                    progress=lambda d, t, m: calls.append((d, t)))
+    res = dsc.generate_descriptions(["cat", "sea_lion"], config, progress=lambda d, t, m: calls.append((d, t)))
     assert standin.count == 2 * N_Q * 2
     bodies = [r["body"] for r in standin.requests]
     assert {b["model"] for b in bodies} == {"llama-test"}
@@ -108,8 +113,7 @@ def test_second_run_is_served_from_cache(tmp_path, standin):
     # another model or prompt set is another cache entry
     dsc.generate_descriptions(["cat"], cfg(tmp_path, standin.host, model="other"))
     assert standin.count == asked + N_Q + 2 * N_Q
-    files = sorted(p.relative_to(tmp_path / "cache").parts[0]
-                   for p in (tmp_path / "cache").rglob("*.json"))
+    files = sorted(p.relative_to(tmp_path / "cache").parts[0] for p in (tmp_path / "cache").rglob("*.json"))
     assert files == ["llama3.2", "llama3.2", "other"]
 
 
@@ -181,9 +185,9 @@ def test_malformed_replies_are_retried(tmp_path, standin):
     assert len(res.descriptions["cat"]) == N_Q * 2
 
 
-@pytest.mark.parametrize("mode, words", [("malformed", "malformed reply"),
-                                         ("empty", "empty answer"),
-                                         ("error500", "server error")])
+@pytest.mark.parametrize(
+    "mode, words", [("malformed", "malformed reply"), ("empty", "empty answer"), ("error500", "server error")]
+)
 def test_persistently_bad_replies_fall_back(tmp_path, standin, mode, words):
     standin.mode = mode
     res = dsc.generate_descriptions(["cat", "dog"], cfg(tmp_path, standin.host, retries=1))
@@ -204,8 +208,7 @@ def test_server_down_falls_back_quickly(tmp_path, caplog):
     host = f"http://127.0.0.1:{closed_port()}"
     t0 = time.monotonic()
     with caplog.at_level(logging.WARNING, logger=dsc.__name__):
-        res = dsc.generate_descriptions(
-            CIFAR_CLASSES, cfg(tmp_path, host, answers_per_question=5, timeout_s=5.0))
+        res = dsc.generate_descriptions(CIFAR_CLASSES, cfg(tmp_path, host, answers_per_question=5, timeout_s=5.0))
     assert time.monotonic() - t0 < 3.0  # refused at once: no waiting on the 5 s timeout
     assert set(res.source.values()) == {"templates"} and list(res.source) == CIFAR_CLASSES
     assert len(res.warnings) == 1 and len(warning_records(caplog)) == 1
@@ -247,9 +250,14 @@ def test_unusable_host_falls_back(tmp_path):
 
 
 def test_config_is_validated(tmp_path):
-    for bad in (dict(answers_per_question=0), dict(timeout_s=0), dict(retries=-1),
-                dict(near_duplicate_threshold=1.5), dict(questions=("no placeholder",)),
-                dict(model=" ")):
+    for bad in (
+        dict(answers_per_question=0),
+        dict(timeout_s=0),
+        dict(retries=-1),
+        dict(near_duplicate_threshold=1.5),
+        dict(questions=("no placeholder",)),
+        dict(model=" "),
+    ):
         with pytest.raises(InvalidInputError):
             dsc.generate_descriptions(["cat"], dsc.DescribeConfig(**bad))
     with pytest.raises(InvalidInputError, match="Duplicate"):
@@ -266,8 +274,11 @@ def test_templates():
     assert dsc.SIMPLE_TEMPLATE in dsc.CLIP_TEMPLATES
     assert len(dsc.DESCRIPTION_QUESTIONS) == 5 and all("{c}" in q for q in dsc.DESCRIPTION_QUESTIONS)
     res = dsc.template_descriptions(["cat", "sea_lion", "{weird}"], templates=[dsc.SIMPLE_TEMPLATE])
-    assert res.descriptions == {"cat": ["a photo of a cat."], "sea_lion": ["a photo of a sea lion."],
-                                "{weird}": ["a photo of a {weird}."]}
+    assert res.descriptions == {
+        "cat": ["a photo of a cat."],
+        "sea_lion": ["a photo of a sea lion."],
+        "{weird}": ["a photo of a {weird}."],
+    }
     assert res.source == {c: "templates" for c in res.descriptions}
     assert res.texts_for("Sea Lion", templates=[dsc.SIMPLE_TEMPLATE]) == ["a photo of a sea lion."]
     with pytest.raises(InvalidInputError, match="No descriptions for class 'dog'"):
@@ -332,19 +343,22 @@ def write(tmp_path, content, name="d.json"):
     return p
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"cat": ["a"', "not valid JSON"),
-    ("", "not valid JSON"),
-    ('["cat", "dog"]', "must be a JSON object"),
-    ('{"cat": "a cat"}', "list of description strings"),
-    ('{"cat": ["ok", 3]}', "list of description strings"),
-    ('{"cat": {"a": 1}}', "list of description strings"),
-    ('{"": ["x"]}', "non-empty strings"),
-    ('{"cat": ["a"], "cat": ["b"]}', "appears twice"),
-    ("[" * 100000 + "]" * 100000, "nested too deeply"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary"),
-    (b'{"caf\xe9": ["x"]}', "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"cat": ["a"', "not valid JSON"),
+        ("", "not valid JSON"),
+        ('["cat", "dog"]', "must be a JSON object"),
+        ('{"cat": "a cat"}', "list of description strings"),
+        ('{"cat": ["ok", 3]}', "list of description strings"),
+        ('{"cat": {"a": 1}}', "list of description strings"),
+        ('{"": ["x"]}', "non-empty strings"),
+        ('{"cat": ["a"], "cat": ["b"]}', "appears twice"),
+        ("[" * 100000 + "]" * 100000, "nested too deeply"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary"),
+        (b'{"caf\xe9": ["x"]}', "not UTF-8"),
+    ],
+)
 def test_bad_description_files_are_rejected(tmp_path, content, message):
     with pytest.raises(InvalidInputError, match=message):
         dsc.load_descriptions(write(tmp_path, content))
@@ -363,16 +377,16 @@ def test_huge_and_missing_description_files_are_rejected(tmp_path):
 
 
 def test_missing_classes_filled_extra_ignored(tmp_path, caplog):
-    p = write(tmp_path, {"Sea_Lion": ["A sea lion on a rock.", "  "], "cat": [" A cat. "],
-                         "zebra": ["stripes"], "dog": []})
+    p = write(
+        tmp_path, {"Sea_Lion": ["A sea lion on a rock.", "  "], "cat": [" A cat. "], "zebra": ["stripes"], "dog": []}
+    )
     with caplog.at_level(logging.WARNING, logger=dsc.__name__):
         res = dsc.load_descriptions(p, "sea lion, cat, dog, bird")
     assert list(res.descriptions) == ["sea lion", "cat", "dog", "bird"]
     assert res.descriptions["sea lion"] == ["A sea lion on a rock."]
     assert res.descriptions["cat"] == ["A cat."]
     assert res.descriptions["dog"] == dsc.fill_templates("dog")
-    assert res.source == {"sea lion": f"import:{p}", "cat": f"import:{p}",
-                          "dog": "templates", "bird": "templates"}
+    assert res.source == {"sea lion": f"import:{p}", "cat": f"import:{p}", "dog": "templates", "bird": "templates"}
     assert len(res.warnings) == 1 and "'dog', 'bird'" in res.warnings[0]
     assert len(warning_records(caplog)) == 1
     amb = write(tmp_path, {"sea_lion": ["a"], "sea lion": ["b"]}, "amb.json")
@@ -381,8 +395,12 @@ def test_missing_classes_filled_extra_ignored(tmp_path, caplog):
 
 
 def test_save_load_round_trip(tmp_path):
-    table = {"café": ["Un café noir.", 'A "quoted" cup.'], "AC/DC": ["A band / logo."],
-             "zebra": ["Stripes.\nMore stripes."], "ant": ["Six legs."]}
+    table = {
+        "café": ["Un café noir.", 'A "quoted" cup.'],
+        "AC/DC": ["A band / logo."],
+        "zebra": ["Stripes.\nMore stripes."],
+        "ant": ["Six legs."],
+    }
     p = dsc.save_descriptions(table, tmp_path / "sub" / "out.json")
     assert dsc.load_descriptions(p).descriptions == table
     assert list(json.loads(p.read_text(encoding="utf-8"))) == list(table)  # order kept
@@ -408,18 +426,21 @@ def test_parse_class_names_forms():
     assert dsc.parse_class_names("solo") == ["solo"]
 
 
-@pytest.mark.parametrize("arg, message", [
-    ("", "No class names"),
-    ("# only a comment\n", "No class names"),
-    ([], "No class names"),
-    ("cat,,dog", r"position\(s\) \[2\]"),
-    ("cat, dog,", r"position\(s\) \[3\]"),
-    (["cat", "  "], "Empty class name"),
-    (["cat", 3], "must be strings"),
-    (42, "must be a list"),
-    ("cat, dog, Cat, bird, dog", "'cat' = 'Cat'; 'dog' = 'dog'"),
-    (["sea_lion", "Sea Lion"], "'sea_lion' = 'Sea Lion'"),
-])
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("", "No class names"),
+        ("# only a comment\n", "No class names"),
+        ([], "No class names"),
+        ("cat,,dog", r"position\(s\) \[2\]"),
+        ("cat, dog,", r"position\(s\) \[3\]"),
+        (["cat", "  "], "Empty class name"),
+        (["cat", 3], "must be strings"),
+        (42, "must be a list"),
+        ("cat, dog, Cat, bird, dog", "'cat' = 'Cat'; 'dog' = 'dog'"),
+        (["sea_lion", "Sea Lion"], "'sea_lion' = 'Sea Lion'"),
+    ],
+)
 def test_parse_class_names_rejects(arg, message):
     with pytest.raises(InvalidInputError, match=message):
         dsc.parse_class_names(arg)
@@ -444,13 +465,27 @@ def test_clean_descriptions_rules():
     config = dsc.DescribeConfig(max_chars=60, near_duplicate_threshold=None)
     long_two = "A cat is small and furry. It has whiskers and a long tail that sways."
     texts = [
-        '1. "A cat has whiskers."', "- A cat purrs.", "* **A cat sleeps.**", "  ", "",
-        "Caption: A cat on a sofa.", "a cat has whiskers", "A CAT PURRS.", "(2) ‘A cat hunts.’",
-        long_two, "x" * 61, "...", 42,
+        '1. "A cat has whiskers."',
+        "- A cat purrs.",
+        "* **A cat sleeps.**",
+        "  ",
+        "",
+        "Caption: A cat on a sofa.",
+        "a cat has whiskers",
+        "A CAT PURRS.",
+        "(2) ‘A cat hunts.’",
+        long_two,
+        "x" * 61,
+        "...",
+        42,
     ]
     assert dsc.clean_descriptions(texts, "cat", config) == [
-        "A cat has whiskers.", "A cat purrs.", "A cat sleeps.", "A cat on a sofa.",
-        "A cat hunts.", "A cat is small and furry.",
+        "A cat has whiskers.",
+        "A cat purrs.",
+        "A cat sleeps.",
+        "A cat on a sofa.",
+        "A cat hunts.",
+        "A cat is small and furry.",
     ]
     assert dsc.clean_text("3.5 kg is what a cat weighs.") == "3.5 kg is what a cat weighs."
     assert dsc.clean_text('"Fur" and "claws"') == '"Fur" and "claws"'  # not one quoted text
@@ -463,8 +498,10 @@ _text = st.text(alphabet=st.sampled_from(list("ab .!?\"'*-1)\n\t“”é_")), ma
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(texts=st.lists(st.one_of(_text, st.text(max_size=40)), max_size=12),
-       max_chars=st.integers(min_value=10, max_value=60))
+@given(
+    texts=st.lists(st.one_of(_text, st.text(max_size=40)), max_size=12),
+    max_chars=st.integers(min_value=10, max_value=60),
+)
 def test_clean_descriptions_invariants(texts, max_chars):
     config = dsc.DescribeConfig(max_chars=max_chars, near_duplicate_threshold=None)
     out = dsc.clean_descriptions(texts, "x", config)
@@ -494,8 +531,12 @@ def test_minilm_is_found_locally(minilm):
 
 
 def test_near_duplicates_removed_with_minilm(minilm, tmp_path, standin):
-    texts = ["A cat is a small furry animal.", "A cat is a small, furry animal",
-             "A truck has six big wheels.", "Trucks carry heavy loads on highways."]
+    texts = [
+        "A cat is a small furry animal.",
+        "A cat is a small, furry animal",
+        "A truck has six big wheels.",
+        "Trucks carry heavy loads on highways.",
+    ]
     config = dsc.DescribeConfig(near_duplicate_threshold=0.95)
     assert dsc.clean_descriptions(texts, "cat", config) == [texts[0], texts[2], texts[3]]
     strict = dsc.DescribeConfig(near_duplicate_threshold=0.999)

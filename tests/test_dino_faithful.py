@@ -73,13 +73,15 @@ def te_transform():
     from PIL import Image
     from torchvision import transforms
 
-    return transforms.Compose([
-        transforms.Resize(224, interpolation=Image.BICUBIC),
-        transforms.CenterCrop(224),
-        lambda image: image.convert("RGB"),
-        transforms.ToTensor(),
-        transforms.Normalize(CLIP_MEAN, CLIP_STD),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(224, interpolation=Image.BICUBIC),
+            transforms.CenterCrop(224),
+            lambda image: image.convert("RGB"),
+            transforms.ToTensor(),
+            transforms.Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )
 
 
 def golden_paths() -> list[Path]:
@@ -184,8 +186,11 @@ def test_real_loader_path_gives_the_official_features(small_sd, tmp_path):
     path = tmp_path / SMALL["release_file"]
     torch.save(small_sd, path)
     loaded = M.load_dino(M.DinoSpec(checkpoint=str(path), random_init=False), cache=False)
-    out, failures = embed_filepaths(loaded, [str(p) for p in golden_paths()],
-                                    EmbedConfig(batch_size=4, num_workers=0, device="cpu", draft_decode=False))
+    out, failures = embed_filepaths(
+        loaded,
+        [str(p) for p in golden_paths()],
+        EmbedConfig(batch_size=4, num_workers=0, device="cpu", draft_decode=False),
+    )
     assert not failures
     assert_official(out, SMALL)
 
@@ -229,10 +234,15 @@ def test_official_full_checkpoint_uses_the_teacher(images, small_sd, tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("fmt,layout", [("model.safetensors", "models_dir_folder"),
-                                        ("pytorch_model.bin", "models_dir_folder"),
-                                        ("model.safetensors", "checkpoint_folder"),
-                                        ("model.safetensors", "models_dir_flat")])
+@pytest.mark.parametrize(
+    "fmt,layout",
+    [
+        ("model.safetensors", "models_dir_folder"),
+        ("pytorch_model.bin", "models_dir_folder"),
+        ("model.safetensors", "checkpoint_folder"),
+        ("model.safetensors", "models_dir_flat"),
+    ],
+)
 def test_timm_files(images, small_sd, tmp_path, models_dir, fmt, layout):
     from safetensors.torch import save_file
 
@@ -286,11 +296,22 @@ def test_huggingface_hub_cache_offline(small_sd, tmp_path, fmt="model.safetensor
     (repo / "refs" / "main").write_text(rev)
     sd = timm_state_dict(small_sd)
     save_file(sd, str(snap / fmt)) if fmt.endswith(".safetensors") else torch.save(sd, snap / fmt)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / "hub"),
-               NOLA_MODELS_DIR=str(tmp_path / "empty_models"), PYTHONPATH=str(REPO))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(hf_home),
+        HF_HUB_CACHE=str(hf_home / "hub"),
+        NOLA_MODELS_DIR=str(tmp_path / "empty_models"),
+        PYTHONPATH=str(REPO),
+    )
     env.pop("HUGGINGFACE_HUB_CACHE", None)
-    r = subprocess.run([sys.executable, "-c", _HUB_SCRIPT, SMALL_NAME, *map(str, golden_paths())],
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", _HUB_SCRIPT, SMALL_NAME, *map(str, golden_paths())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["ok"] == [True, ""] and out["weights"] == "hub"
@@ -504,8 +525,9 @@ def test_dino_labels_reproduces_official_train_taal(make_dataset):
     by_id = dict(zip(ids, y))
     for s in ds.iter_samples(autosave=True):
         s["reviewed"] = fo.Classification(label=classes[by_id[s.id]])
-    cfg = dl.DinoLabelerConfig(hidden=case["hidden"], epochs=case["epochs"], batch_size=case["batch_size"],
-                               seed=case["seed"])
+    cfg = dl.DinoLabelerConfig(
+        hidden=case["hidden"], epochs=case["epochs"], batch_size=case["batch_size"], seed=case["seed"]
+    )
     dino_labels(ds, "zs", dino, cfg, label_field="dino", trusted_field="reviewed")
     mlp = dl.load_labeler(stage_dir(ds, "dino") / "labeler", classes)
     with torch.no_grad():

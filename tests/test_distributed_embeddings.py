@@ -21,8 +21,19 @@ from fiftyone_nola.stages.embeddings import compute_embeddings, index_path, load
 from fiftyone_nola.stages.embeddings_ray import RayEmbedConfig, compute_embeddings_ray
 
 CFG = EmbedConfig(batch_size=4, num_workers=0, chunk_size=4)
-SAME_META = ("format_version", "dim", "metric", "index_type", "normalized", "model_key", "model",
-             "preprocessing", "dataset_id", "count", "built_index_type")
+SAME_META = (
+    "format_version",
+    "dim",
+    "metric",
+    "index_type",
+    "normalized",
+    "model_key",
+    "model",
+    "preprocessing",
+    "dataset_id",
+    "count",
+    "built_index_type",
+)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +130,8 @@ def test_ray_engine_matches_local_engine_and_resumes_from_shards(
     assert ray_ix.fingerprints == local_ix.fingerprints
     ids, vecs = load_embeddings(ds, spec)
     assert np.isnan(vecs).all(axis=1).sum() == 1 and np.allclose(
-        vecs[:10], local_ix.get(ids[:10])[0], rtol=0, atol=1e-6)
+        vecs[:10], local_ix.get(ids[:10])[0], rtol=0, atol=1e-6
+    )
 
     # Nothing changed: only the unreadable file is tried again (on one actor), and fails again.
     again = compute_embeddings_ray(ds, "clip", spec, config=CFG, ray_config=rcfg)["clip"]
@@ -146,9 +158,26 @@ def test_cli_embed_on_ray(ray_cluster, make_dataset, image_files, tmp_path, monk
     files, _ = image_files
     ds = make_dataset(files[:4])
     monkeypatch.setenv("NOLA_HOME", str(tmp_path / "cli"))
-    code = main(["embed", "--dataset", ds.name, "--family", "clip", "--ray", ray_cluster.address,
-                 "--ray-actors", "2", "--clip-arch", "nola-tiny-clip", "--clip-pretrained", "",
-                 "--random-init", "--workers", "0"])
+    code = main(
+        [
+            "embed",
+            "--dataset",
+            ds.name,
+            "--family",
+            "clip",
+            "--ray",
+            ray_cluster.address,
+            "--ray-actors",
+            "2",
+            "--clip-arch",
+            "nola-tiny-clip",
+            "--clip-pretrained",
+            "",
+            "--random-init",
+            "--workers",
+            "0",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     ix = EmbeddingIndex.open(index_path(ds, tiny_clip_spec()))
     assert sorted(ix.ids) == sorted(ds.values("id"))

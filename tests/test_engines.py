@@ -135,13 +135,11 @@ def test_openvino_fp32_matches_pytorch(family, tiny_clip, tiny_dino, files):
 @needs_ov
 def test_openvino_int8_is_calibrated_and_close(tiny_clip, files):
     ref, _ = embed_filepaths(tiny_clip, files, TORCH)
-    encode, choice = prepare_encoder(tiny_clip, EmbedConfig(num_workers=0, engine="openvino",
-                                                            precision="int8"), files)
+    encode, choice = prepare_encoder(tiny_clip, EmbedConfig(num_workers=0, engine="openvino", precision="int8"), files)
     assert choice.tag == "openvino-int8"
     meta = engines.json.loads((encode.path / "meta.json").read_text())
     assert meta["calibration_images"] == len(files) and meta["ir"] == "int8"
-    out, _ = embed_filepaths(tiny_clip, files, EmbedConfig(num_workers=0, engine="openvino",
-                                                           precision="int8"))
+    out, _ = embed_filepaths(tiny_clip, files, EmbedConfig(num_workers=0, engine="openvino", precision="int8"))
     assert _cos(out, ref).min() >= 0.9
 
 
@@ -226,8 +224,7 @@ def test_store_records_its_engine_and_refuses_to_mix(make_dataset, files, monkey
     assert open_index(ds, tiny_clip_spec()).meta["engines_used"] == ["torch-fp32"]
 
     ds.add_samples([fo.Sample(filepath=files[6])])
-    mixed = EmbedConfig(batch_size=4, num_workers=0, engine="torch", precision="bf16",
-                        allow_mixed_engines=True)
+    mixed = EmbedConfig(batch_size=4, num_workers=0, engine="torch", precision="bf16", allow_mixed_engines=True)
     compute_embeddings(ds, "clip", tiny_clip_spec(), config=mixed)
     meta = open_index(ds, tiny_clip_spec()).meta
     assert meta["mixed_engines"] is True and meta["engines_used"] == ["torch-fp32", "torch-bf16"]
@@ -250,6 +247,7 @@ def test_int8_cache_is_keyed_by_its_calibration_images(tiny_clip, files, tmp_pat
     engines.clear_loaded()
     other, _ = engines.load_engine_model(module, tiny_clip.identity, shape, choice, calibration=calib[1])
     assert same.path == a.path and other.path != a.path
-    fp32, _ = engines.load_engine_model(module, tiny_clip.identity, shape,
-                                        engines.EngineChoice("openvino", "fp32"), calibration=calib[1])
+    fp32, _ = engines.load_engine_model(
+        module, tiny_clip.identity, shape, engines.EngineChoice("openvino", "fp32"), calibration=calib[1]
+    )
     assert "calibration" not in json.loads((fp32.path / "meta.json").read_text())

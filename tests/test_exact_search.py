@@ -56,8 +56,9 @@ def small_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize("tiny", [False, True])
-@pytest.mark.parametrize("n,d,nq,k", [(5000, 64, 1, 10), (5000, 64, 37, 10), (3000, 32, 300, 5),
-                                      (700, 16, 4, 700), (50, 8, 3, 80)])
+@pytest.mark.parametrize(
+    "n,d,nq,k", [(5000, 64, 1, 10), (5000, 64, 37, 10), (3000, 32, 300, 5), (700, 16, 4, 700), (50, 8, 3, 80)]
+)
 def test_matches_faiss_index_flat_ip(request, n, d, nq, k, tiny):
     bb = request.getfixturevalue("small_blocks") if tiny else es.DEFAULT_BLOCK_BYTES
     rng = np.random.default_rng(n + nq)
@@ -92,8 +93,15 @@ def test_ties_and_zero_rows_go_to_the_lower_position(request, tiny):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(n=st.integers(1, 120), d=st.integers(1, 6), nq=st.integers(1, 4), k=st.integers(1, 130),
-       bb=st.sampled_from([4, 64, 1024, 1 << 20]), subset=st.booleans(), seed=st.integers(0, 10**6))
+@given(
+    n=st.integers(1, 120),
+    d=st.integers(1, 6),
+    nq=st.integers(1, 4),
+    k=st.integers(1, 130),
+    bb=st.sampled_from([4, 64, 1024, 1 << 20]),
+    subset=st.booleans(),
+    seed=st.integers(0, 10**6),
+)
 def test_property_exact_on_integer_data(small_blocks, n, d, nq, k, bb, subset, seed):
     # Small integers: every dot product is exact in float32, so ids and scores must be identical.
     rng = np.random.default_rng(seed)

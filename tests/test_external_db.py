@@ -35,9 +35,22 @@ def external_mongo(tmp_path):
         pytest.skip("no mongod binary available")
     port = _free_port()
     (tmp_path / "db").mkdir()
-    proc = subprocess.Popen([binary, "--dbpath", str(tmp_path / "db"), "--port", str(port),
-                             "--bind_ip", "127.0.0.1", "--quiet", "--logpath", str(tmp_path / "mongod.log")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--dbpath",
+            str(tmp_path / "db"),
+            "--port",
+            str(port),
+            "--bind_ip",
+            "127.0.0.1",
+            "--quiet",
+            "--logpath",
+            str(tmp_path / "mongod.log"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
@@ -97,13 +110,20 @@ CHECK = textwrap.dedent("""
 @pytest.mark.integration
 @pytest.mark.slow
 def test_pipeline_on_external_mongodb_with_two_concurrent_workers(external_mongo, tmp_path):
-    env = dict(os.environ, FIFTYONE_DATABASE_URI=external_mongo, FIFTYONE_DATABASE_NAME="nola_ext_test",
-               NOLA_HOME=str(tmp_path / "home"), FIFTYONE_DATABASE_VALIDATION="false", PYTHONPATH=str(REPO))
+    env = dict(
+        os.environ,
+        FIFTYONE_DATABASE_URI=external_mongo,
+        FIFTYONE_DATABASE_NAME="nola_ext_test",
+        NOLA_HOME=str(tmp_path / "home"),
+        FIFTYONE_DATABASE_VALIDATION="false",
+        PYTHONPATH=str(REPO),
+    )
     files = [p for p, _ in cifar_files(per_class=2)]
 
     def py(code, *args):
-        return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
 
     p = py(SETUP, *files)
     out, err = p.communicate(timeout=300)

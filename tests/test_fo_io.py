@@ -13,8 +13,7 @@ def test_chunked_writes_land_every_label(make_dataset, monkeypatch):
     calls = []
     ds = make_dataset([p for p, _ in cifar_files(per_class=1)])
     real = type(ds).set_values
-    monkeypatch.setattr(type(ds), "set_values",
-                        lambda self, f, v, **kw: calls.append(len(v)) or real(self, f, v, **kw))
+    monkeypatch.setattr(type(ds), "set_values", lambda self, f, v, **kw: calls.append(len(v)) or real(self, f, v, **kw))
     ids = ds.values("id")
     probs = np.random.default_rng(0).dirichlet(np.ones(4), size=len(ids)).astype(np.float32)
     probs[5] = np.nan

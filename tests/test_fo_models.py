@@ -26,12 +26,10 @@ pytestmark = pytest.mark.integration  # real CIFAR-10 images
 def model_dir(tiny_clip, tmp_path_factory):
     """A saved tuned model whose head rows are centred features of real images, so labels and
     confidences vary per image (a random head on the tiny CLIP predicts one class)."""
-    m = pt.PromptedClassifier.from_clip(tiny_clip, np.zeros((len(CLASSES), tiny_clip.embed_dim)),
-                                        n_prompts=2)
+    m = pt.PromptedClassifier.from_clip(tiny_clip, np.zeros((len(CLASSES), tiny_clip.embed_dim)), n_prompts=2)
     paths = [p for p, _ in cifar_files(per_class=1)]
     with torch.inference_mode():
-        f = m.features(torch.stack([pt.weak_transform(m.image_size, m.mean, m.std)(load_image(p))
-                                    for p in paths]))
+        f = m.features(torch.stack([pt.weak_transform(m.image_size, m.mean, m.std)(load_image(p)) for p in paths]))
         m.head.weight.copy_(f[: len(CLASSES)] - f.mean(0))
     d = tmp_path_factory.mktemp("tuned")
     pt.save_tuned(d, m, CLASSES, tiny_clip.identity)
@@ -53,8 +51,14 @@ def test_load_model_is_a_fiftyone_model(model_dir):
 
 
 def test_apply_model_gives_the_labels_of_predict(model_dir, images):
-    fiftyone_nola.predict(images, str(model_dir), clip=tiny_clip_spec(), label_field="lib", device="cpu",
-                          config=fiftyone_nola.PredictConfig(num_workers=0, engine="torch"))
+    fiftyone_nola.predict(
+        images,
+        str(model_dir),
+        clip=tiny_clip_spec(),
+        label_field="lib",
+        device="cpu",
+        config=fiftyone_nola.PredictConfig(num_workers=0, engine="torch"),
+    )
     model = fiftyone_nola.load_model(model_dir, clip=tiny_clip_spec(), device="cpu")
     images.apply_model(model, "fo", batch_size=7, num_workers=0)
     lib, fo = images.values("lib"), images.values("fo")
@@ -129,11 +133,11 @@ def test_cdul_head_as_a_fiftyone_model(images, tmp_path):
     for row, pos, labels in zip(scores, positives, got):
         want = [CLASSES[i] for i in np.argsort(-row) if pos[i]]
         assert [c.label for c in labels.classifications] == want
-        np.testing.assert_allclose([c.confidence for c in labels.classifications],
-                                   sorted(row[pos], reverse=True), atol=1e-5)
+        np.testing.assert_allclose(
+            [c.confidence for c in labels.classifications], sorted(row[pos], reverse=True), atol=1e-5
+        )
     assert len({len(x.classifications) for x in got}) > 1  # label sets of several sizes
-    np.testing.assert_allclose(images.compute_embeddings(model, batch_size=8, num_workers=0), feats,
-                               atol=1e-5)
+    np.testing.assert_allclose(images.compute_embeddings(model, batch_size=8, num_workers=0), feats, atol=1e-5)
 
     with pytest.raises(IndexMismatchError, match="classes"):
         fiftyone_nola.load_multilabel_model(path, cfg, classes=CLASSES[::-1])
@@ -141,5 +145,6 @@ def test_cdul_head_as_a_fiftyone_model(images, tmp_path):
     with pytest.raises(IndexMismatchError, match="features"):
         fiftyone_nola.load_multilabel_model(path, cfg)
     with pytest.raises(IndexMismatchError, match="features"):
-        fiftyone_nola.load_multilabel_model(path, MultiLabelConfig(clip=tiny_clip_spec(), dino=tiny_dino_spec(),
-                                                                    device="cpu"))
+        fiftyone_nola.load_multilabel_model(
+            path, MultiLabelConfig(clip=tiny_clip_spec(), dino=tiny_dino_spec(), device="cpu")
+        )

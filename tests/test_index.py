@@ -234,8 +234,7 @@ SIGKILL_CHILD = textwrap.dedent(
 
 def test_sigkill_keeps_every_checkpoint(store):
     proc = subprocess.Popen(
-        [sys.executable, "-c", SIGKILL_CHILD, str(store)],
-        stdout=subprocess.PIPE, text=True, cwd=REPO,
+        [sys.executable, "-c", SIGKILL_CHILD, str(store)], stdout=subprocess.PIPE, text=True, cwd=REPO
     )
     done = []
     try:
@@ -361,9 +360,7 @@ LOCK_CHILD = textwrap.dedent(
 
 def test_lock_held_by_other_process(store):
     ix = EmbeddingIndex.create(store, 4, {})
-    proc = subprocess.Popen(
-        [sys.executable, "-c", LOCK_CHILD, str(store)], stdout=subprocess.PIPE, text=True, cwd=REPO
-    )
+    proc = subprocess.Popen([sys.executable, "-c", LOCK_CHILD, str(store)], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert proc.stdout.readline().strip() == "locked"
         t0 = time.monotonic()

@@ -41,8 +41,9 @@ SITE = Path(sysconfig.get_paths()["purelib"])
 
 def _run(cmd, env=None, timeout=300):
     # Never from the repo: `python -c` puts the working directory first on sys.path.
-    out = subprocess.run([str(c) for c in cmd], env=env, cwd=tempfile.gettempdir(), capture_output=True,
-                         text=True, timeout=timeout)
+    out = subprocess.run(
+        [str(c) for c in cmd], env=env, cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=timeout
+    )
     assert out.returncode == 0, f"{cmd}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out.stdout + out.stderr
 
@@ -71,8 +72,9 @@ def test_version_is_the_package_version():
 
 def _source_files() -> list[str]:
     """What a commit of this tree holds (= ``git archive HEAD`` in CI's clean clone)."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout.split("\n")
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
     return [f for f in out if f and (REPO / f).is_file()]
 
 
@@ -81,8 +83,7 @@ def deps_dir(tmp_path_factory) -> Path:
     """This venv's site-packages as links, without fiftyone_nola (nor its editable hook)."""
     d = tmp_path_factory.mktemp("deps")
     for p in SITE.iterdir():
-        if p.name.lower().startswith(("fiftyone_nola", "__editable__", "fiftyone-nola")) \
-                or p.suffix == ".pth":
+        if p.name.lower().startswith(("fiftyone_nola", "__editable__", "fiftyone-nola")) or p.suffix == ".pth":
             continue
         (d / p.name).symlink_to(p)
     return d
@@ -92,8 +93,12 @@ def _fresh_venv(path: Path, deps_dir: Path) -> Path:
     """A new venv (no pip of its own: the linked one runs) that sees ``deps_dir``."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
     py = path / "bin" / "python"
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     Path(site, "_nola_test_deps.pth").write_text(f"{deps_dir}\n")
     # the `fiftyone` command of a FiftyOne install, run by this venv's python
     fo = path / "bin" / "fiftyone"
@@ -103,8 +108,7 @@ def _fresh_venv(path: Path, deps_dir: Path) -> Path:
 
 
 def _env(plugins_dir: Path) -> dict:
-    env = dict(os.environ, FIFTYONE_PLUGINS_DIR=str(plugins_dir), PIP_NO_INDEX="1",
-               PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env = dict(os.environ, FIFTYONE_PLUGINS_DIR=str(plugins_dir), PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
     env.pop("PYTHONPATH", None)
     return env
 
@@ -164,8 +168,7 @@ def served_repo(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_fiftyone_plugins_download_then_requirements_gives_a_working_plugin(served_repo, deps_dir,
-                                                                              tmp_path):
+def test_fiftyone_plugins_download_then_requirements_gives_a_working_plugin(served_repo, deps_dir, tmp_path):
     py = _fresh_venv(tmp_path / "venv", deps_dir)
     plugins = tmp_path / "plugins"
     env = _env(plugins)
@@ -197,8 +200,11 @@ def test_wheel_installs_with_the_cli_and_links_the_plugin(dists, deps_dir, tmp_p
     assert out.count("PASSED") == 2, out
     with zipfile.ZipFile(dists["wheel"]) as z:
         names = set(z.namelist())
-    assert {"fiftyone_nola/_plugin/fiftyone.yml", "fiftyone_nola/_plugin/operators/__init__.py",
-            "fiftyone_nola/core/configs/templates.json"} <= names
+    assert {
+        "fiftyone_nola/_plugin/fiftyone.yml",
+        "fiftyone_nola/_plugin/operators/__init__.py",
+        "fiftyone_nola/core/configs/templates.json",
+    } <= names
 
     venv = tmp_path / "venv"
     py = _fresh_venv(venv, deps_dir)

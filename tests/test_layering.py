@@ -76,10 +76,13 @@ def test_core_never_imports_fiftyone_or_a_higher_layer():
 
 
 def test_stages_never_import_the_layer_above():
-    bad = [f"{name} imports {imp}"
-           for name, path in _modules().items() if _layer(name) == "stages"
-           for imp in _imports(path, name)
-           if imp.startswith("fiftyone_nola.") and _layer(imp) == "top" and imp not in SHIMS]
+    bad = [
+        f"{name} imports {imp}"
+        for name, path in _modules().items()
+        if _layer(name) == "stages"
+        for imp in _imports(path, name)
+        if imp.startswith("fiftyone_nola.") and _layer(imp) == "top" and imp not in SHIMS
+    ]
     assert not bad, "stages/ may import core/ only:\n" + "\n".join(bad)
 
 
@@ -104,7 +107,7 @@ def _cycle(graph: dict[str, set[str]]):
         stack.append(n)
         for m in sorted(graph.get(n, ())):
             if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
+                return stack[stack.index(m) :] + [m]
             if m not in state:
                 found = visit(m)
                 if found:
@@ -123,8 +126,10 @@ def _cycle(graph: dict[str, set[str]]):
 
 def test_the_import_graph_has_no_cycle():
     # A package's __init__ re-exporting its modules is not a cycle between modules.
-    graph = {n: {m for m in deps if not n.startswith(m + ".") and not (m + ".").startswith(n + ".")}
-             for n, deps in _graph().items()}
+    graph = {
+        n: {m for m in deps if not n.startswith(m + ".") and not (m + ".").startswith(n + ".")}
+        for n, deps in _graph().items()
+    }
     cycle = _cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 

@@ -96,14 +96,10 @@ def test_local_only_and_lambda_hand_values():
 def test_aggregate_ignores_nan_crops_and_handles_zeros():
     nan_crop = np.full((1, 1, 3), np.nan, dtype=np.float32)
     with_missing = np.concatenate([L1, nan_crop, nan_crop], axis=1)
-    np.testing.assert_allclose(
-        ml.aggregate_scores(G1, with_missing, t=0.75), ml.aggregate_scores(G1, L1, t=0.75)
-    )
+    np.testing.assert_allclose(ml.aggregate_scores(G1, with_missing, t=0.75), ml.aggregate_scores(G1, L1, t=0.75))
     # No valid crop at all: the global score alone; no global score: the local one alone.
     np.testing.assert_allclose(ml.aggregate_scores(G1, np.full((1, 9, 3), np.nan)), G1)
-    np.testing.assert_allclose(
-        ml.aggregate_scores(np.full((1, 3), np.nan), L1), [[0.8, 0.7, 0.1]], atol=1e-6
-    )
+    np.testing.assert_allclose(ml.aggregate_scores(np.full((1, 3), np.nan), L1), [[0.8, 0.7, 0.1]], atol=1e-6)
     both_missing = ml.aggregate_scores(np.full((1, 3), np.nan), np.full((1, 9, 3), np.nan))
     assert np.isnan(both_missing).all()
     zeros = ml.aggregate_scores(np.zeros((2, 4)), np.zeros((2, 9, 4)), t=0.2)
@@ -134,22 +130,14 @@ def test_small_object_recovered_by_local_crops():
     ap_agg = ml.average_precision_per_class(truth, ml.aggregate_scores(glob, loc))[0]
     assert ap_global < 0.8
     assert ap_agg > 0.95 and ap_agg > ap_global + 0.15
-    assert ml.mean_average_precision(truth, ml.aggregate_scores(glob, loc)) > \
-        ml.mean_average_precision(truth, glob)
+    assert ml.mean_average_precision(truth, ml.aggregate_scores(glob, loc)) > ml.mean_average_precision(truth, glob)
 
 
 # ------------------------------------------------------------------------------------------
 # decision rules
 
 
-S = np.array(
-    [
-        [0.8, 0.6, 0.45, 0.0],
-        [0.2, 0.2, 0.2, 0.2],
-        [0.0, 0.0, 0.0, 0.0],
-        [0.9, 0.05, 0.4, np.nan],
-    ]
-)
+S = np.array([[0.8, 0.6, 0.45, 0.0], [0.2, 0.2, 0.2, 0.2], [0.0, 0.0, 0.0, 0.0], [0.9, 0.05, 0.4, np.nan]])
 
 
 @pytest.mark.parametrize(
@@ -161,8 +149,7 @@ S = np.array(
         ("expected_count", {}, [[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]]),
         # row 1 passes nothing: its best class is kept anyway (min_labels=1)
         ("threshold", {"threshold": 0.5}, [[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]]),
-        ("threshold", {"threshold": 0.5, "min_labels": 0},
-         [[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]]),
+        ("threshold", {"threshold": 0.5, "min_labels": 0}, [[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]]),
         ("topk", {"k": 2}, [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 0]]),
         ("topk", {"k": 4}, [[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 1, 0]]),
     ],
@@ -279,8 +266,7 @@ def test_local_clip_scores_real_images_batched(tiny_clip, coco_files, class_weig
     clip, calls = _counting(tiny_clip)
     seen = []
     cfg = ml.CropConfig(batch_size=4, num_workers=1, precision="fp32")
-    s, failed = ml.local_clip_scores(clip, coco_files, class_weights, cfg,
-                                     progress=lambda d, t, m: seen.append((d, t)))
+    s, failed = ml.local_clip_scores(clip, coco_files, class_weights, cfg, progress=lambda d, t, m: seen.append((d, t)))
     assert s.shape == (6, 9, 12) and s.dtype == np.float32 and failed == []
     np.testing.assert_allclose(s.sum(-1), 1.0, atol=1e-5)
     assert sum(calls) == 6 * 9 and len(calls) == 2  # crops of 4 + 2 images per forward
@@ -292,10 +278,8 @@ def test_local_clip_scores_real_images_batched(tiny_clip, coco_files, class_weig
 @pytest.mark.integration  # reads COCO images in this process (num_workers=0)
 def test_local_clip_scores_bf16_agrees_with_fp32(tiny_clip, coco_files, class_weights):
     files = coco_files[:3]
-    fp32, _ = ml.local_clip_scores(tiny_clip, files, class_weights,
-                                   ml.CropConfig(num_workers=0, precision="fp32"))
-    bf16, _ = ml.local_clip_scores(tiny_clip, files, class_weights,
-                                   ml.CropConfig(num_workers=0, precision="bf16"))
+    fp32, _ = ml.local_clip_scores(tiny_clip, files, class_weights, ml.CropConfig(num_workers=0, precision="fp32"))
+    bf16, _ = ml.local_clip_scores(tiny_clip, files, class_weights, ml.CropConfig(num_workers=0, precision="bf16"))
     assert np.isfinite(bf16).all()
     np.testing.assert_allclose(bf16.sum(-1), 1.0, atol=1e-5)
     assert np.abs(bf16 - fp32).max() < 0.15  # logit scale 100 magnifies bf16 rounding
@@ -309,8 +293,7 @@ def test_local_clip_scores_bad_and_tiny_images(tiny_clip, coco_files, class_weig
     tiny = tmp_path / "tiny.png"
     Image.new("RGB", (2, 2), (200, 10, 10)).save(tiny)
     files = [coco_files[0], str(bad), str(tmp_path / "missing.jpg"), str(tiny)]
-    s, failed = ml.local_clip_scores(tiny_clip, files, class_weights,
-                                     ml.CropConfig(num_workers=0))
+    s, failed = ml.local_clip_scores(tiny_clip, files, class_weights, ml.CropConfig(num_workers=0))
     assert [i for i, _ in failed] == [1, 2]
     assert "unreadable" in failed[0][1] and "missing" in failed[1][1]
     assert np.isnan(s[1]).all() and np.isnan(s[2]).all()
@@ -337,7 +320,7 @@ def _synthetic(n=240, f=16, c=4, seed=0):
     rng = np.random.default_rng(seed)
     pres = rng.random((n, c)) < 0.4
     pres[np.arange(n), rng.integers(0, c, n)] = True
-    x = (pres.astype(np.float32) @ rng.normal(size=(c, f)) + 0.3 * rng.normal(size=(n, f)))
+    x = pres.astype(np.float32) @ rng.normal(size=(c, f)) + 0.3 * rng.normal(size=(n, f))
     return x.astype(np.float32), pres
 
 
@@ -401,8 +384,7 @@ def test_save_load_round_trip(tmp_path):
     y = np.where(pres, 0.8, 0.1).astype(np.float32)
     classes = ["cat", "dog", "car", "tree"]
     for hidden in (0, 8):
-        model, _, _ = ml.train_multilabel_classifier(
-            x, y, ml.TrainConfig(hidden=hidden, epochs=3, update_every=0))
+        model, _, _ = ml.train_multilabel_classifier(x, y, ml.TrainConfig(hidden=hidden, epochs=3, update_every=0))
         path = tmp_path / f"head{hidden}.pt"
         meta_path = ml.save_classifier(path, model, classes, {"features": "clip"})
         info = json.loads(meta_path.read_text())
@@ -431,8 +413,12 @@ _unit = st.floats(0.0, 1.0, allow_nan=False, width=32)
 @settings(max_examples=60, deadline=None)
 @given(
     data=st.data(),
-    n=st.integers(1, 4), c=st.integers(1, 5), g=st.integers(1, 9),
-    t=st.floats(0.0, 0.5), lam=st.floats(0.0, 0.5), mode=st.sampled_from(["avg", "lambda"]),
+    n=st.integers(1, 4),
+    c=st.integers(1, 5),
+    g=st.integers(1, 9),
+    t=st.floats(0.0, 0.5),
+    lam=st.floats(0.0, 0.5),
+    mode=st.sampled_from(["avg", "lambda"]),
 )
 def test_aggregate_bounded_and_monotone_in_global(data, n, c, g, t, lam, mode):
     g1 = data.draw(arrays(np.float32, (n, c), elements=_unit))
@@ -446,11 +432,7 @@ def test_aggregate_bounded_and_monotone_in_global(data, n, c, g, t, lam, mode):
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    y=arrays(np.float64, st.integers(1, 20), elements=st.floats(0.0, 1.0)),
-    data=st.data(),
-    lr=st.floats(0.0, 100.0),
-)
+@given(y=arrays(np.float64, st.integers(1, 20), elements=st.floats(0.0, 1.0)), data=st.data(), lr=st.floats(0.0, 100.0))
 def test_label_update_stays_inside_unit_interval(y, data, lr):
     grad = data.draw(arrays(np.float64, y.shape, elements=st.floats(-1e6, 1e6)))
     new = ml.label_update(y, grad, lr)

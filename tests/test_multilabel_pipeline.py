@@ -34,9 +34,15 @@ def coco_dataset(make_dataset):
 def test_auto_label_multilabel_end_to_end(coco_dataset):
     classes = (COCO_DIR / "classes.txt").read_text().split("\n")
     classes = [c for c in classes if c.strip()]
-    cfg = MultiLabelConfig(clip=tiny_clip_spec(), embed=EmbedConfig(batch_size=8, num_workers=0),
-                           crop=CropConfig(batch_size=4, num_workers=0), gt_field="ground_truth",
-                           train=TrainConfig(epochs=3, update_every=1, warmup=1), single_template=True, device="cpu")
+    cfg = MultiLabelConfig(
+        clip=tiny_clip_spec(),
+        embed=EmbedConfig(batch_size=8, num_workers=0),
+        crop=CropConfig(batch_size=4, num_workers=0),
+        gt_field="ground_truth",
+        train=TrainConfig(epochs=3, update_every=1, warmup=1),
+        single_template=True,
+        device="cpu",
+    )
     s = auto_label_multilabel(coco_dataset, classes, cfg)
     n = len(coco_dataset)
     for f in ("cdul_pseudo", "cdul"):

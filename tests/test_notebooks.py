@@ -19,11 +19,7 @@ import pytest
 from conftest import REPO, SHARED_DATA
 
 NOTEBOOKS_DIR = REPO / "notebooks"
-NOTEBOOKS = [
-    "01_auto_label_quickstart.ipynb",
-    "02_multilabel_cdul.ipynb",
-    "03_review_and_export.ipynb",
-]
+NOTEBOOKS = ["01_auto_label_quickstart.ipynb", "02_multilabel_cdul.ipynb", "03_review_and_export.ipynb"]
 CELL_TIMEOUT_S = 300  # per cell; the whole notebook takes well under 2 minutes in FAST mode
 NOTEBOOK_TIMEOUT_S = 420
 
@@ -39,11 +35,15 @@ def _install_kernelspec(root: Path) -> Path:
     """A kernelspec that runs ``sys.executable`` (this venv's Python); returns its JUPYTER_PATH entry."""
     spec_dir = root / "kernels" / KERNEL_NAME
     spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "nola tests (this interpreter)",
-        "language": "python",
-    }))
+    (spec_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "nola tests (this interpreter)",
+                "language": "python",
+            }
+        )
+    )
     return root
 
 
@@ -84,13 +84,15 @@ def test_notebook_runs_in_fast_mode(name, tmp_path, monkeypatch):
     before = sorted(p.name for p in NOTEBOOKS_DIR.iterdir())
 
     env = dict(os.environ)
-    env.update({
-        "NOLA_NOTEBOOK_FAST": "1",
-        "NOLA_SHARED_DATA": str(SHARED_DATA),
-        "NOLA_EXPORT_DIR": str(tmp_path / "export"),
-        "MPLBACKEND": "Agg",
-        "PYDEVD_DISABLE_FILE_VALIDATION": "1",
-    })
+    env.update(
+        {
+            "NOLA_NOTEBOOK_FAST": "1",
+            "NOLA_SHARED_DATA": str(SHARED_DATA),
+            "NOLA_EXPORT_DIR": str(tmp_path / "export"),
+            "MPLBACKEND": "Agg",
+            "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+        }
+    )
     env.pop("NOLA_PRETRAINED", None)  # FAST means tiny random models whatever the caller has set
     expected = {"executable": sys.executable, "NOLA_NOTEBOOK_FAST": "1"}
     for key in ("FIFTYONE_DATABASE_NAME", "NOLA_HOME"):
@@ -113,10 +115,16 @@ def test_notebook_runs_in_fast_mode(name, tmp_path, monkeypatch):
     finally:
         nbformat.write(nb, copy)  # executed copy stays in tmp_path for inspection on failure
 
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if o.get("output_type") == "error"]
+    errors = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"
+    ]
     assert not errors, errors
-    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                     for o in c.get("outputs", []) if o.get("output_type") == "stream")
+    text = "\n".join(
+        o.get("text", "")
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "stream"
+    )
     assert "FAST" in text and "RANDOMLY INITIALISED" in text
     assert sorted(p.name for p in NOTEBOOKS_DIR.iterdir()) == before, "the test wrote into notebooks/"

@@ -9,8 +9,13 @@ import yaml
 from conftest import CIFAR_DIR, COCO_DIR, REPO, cifar_files
 
 PLUGIN = yaml.safe_load((REPO / "fiftyone.yml").read_text())["name"]
-TINY = {"clip_arch": "nola-tiny-clip", "clip_pretrained": "", "random_init": True,
-        "dino_model": "nola_tiny_vit", "device": "cpu"}
+TINY = {
+    "clip_arch": "nola-tiny-clip",
+    "clip_pretrained": "",
+    "random_init": True,
+    "dino_model": "nola_tiny_vit",
+    "device": "cpu",
+}
 
 
 def run(name, dataset, view=None, selected=None, delegate=False, **params):
@@ -43,8 +48,13 @@ def test_single_label_operators_end_to_end(small, tmp_path):
     assert r.result["result"]["clip"]["embedded"] == n
 
     desc = tmp_path / "desc.json"
-    r = run("generate_descriptions", small, source="file", import_file=str(CIFAR_DIR / "descriptions.json"),
-            output_file=str(desc))
+    r = run(
+        "generate_descriptions",
+        small,
+        source="file",
+        import_file=str(CIFAR_DIR / "descriptions.json"),
+        output_file=str(desc),
+    )
     assert json.loads(desc.read_text()).keys() == set(small.default_classes)
 
     run("zero_shot", small, descriptions_file=str(desc), **TINY)  # classes from default_classes
@@ -66,7 +76,8 @@ def test_single_label_operators_end_to_end(small, tmp_path):
     r = run("review_low_confidence", small, field="nola", threshold=1.01, bottom_k=0, gt_field="ground_truth")
     assert small.count_sample_tags().get("nola:review") == n  # everything is below 1.01
     assert {"nola-low-confidence", "nola-stages-disagree", "nola-least-confident-per-class"} <= set(
-        small.list_saved_views())
+        small.list_saved_views()
+    )
     assert r.result["confidence_plot"] and r.result["calibration_plot"]
 
     ids = small.values("id")
@@ -124,8 +135,9 @@ def test_form_defaults_behave_like_python_params(small):
     op = foo.get_operator(f"{PLUGIN}/compute_embeddings")
     ctx = ExecutionContext(request_params={"dataset_name": small.name, "params": {}})
     form = op.resolve_input(ctx)
-    defaults = {name: prop.default for name, prop in form.type.properties.items()
-                if getattr(prop, "default", None) is not None}
+    defaults = {
+        name: prop.default for name, prop in form.type.properties.items() if getattr(prop, "default", None) is not None
+    }
     assert defaults["family"] == "both" and defaults["draft_decode"] is True
     assert defaults["index_type"] == "flat"
     params = {**defaults, **TINY, "family": "clip", "num_workers": 0}
@@ -144,8 +156,7 @@ def test_delegated_execution(small):
     from fiftyone_nola.core.models import tiny_clip_spec
     from fiftyone_nola.stages.embeddings import open_index
 
-    run("compute_embeddings", small, delegate=True, family="clip", num_workers=0,
-        index_type="ivfpq", **TINY)
+    run("compute_embeddings", small, delegate=True, family="clip", num_workers=0, index_type="ivfpq", **TINY)
     svc = DelegatedOperationService()
     queued = svc.list_operations(dataset_name=small.name)
     assert len(queued) >= 1 and queued[-1].operator.endswith("compute_embeddings")

@@ -64,8 +64,9 @@ def test_zero_shot_relabel_reads_stored_embeddings(cifar_dataset, monkeypatch):
     from fiftyone_nola.stages.embeddings import compute_embeddings
     from fiftyone_nola.stages.nola import ZeroShotConfig
 
-    compute_embeddings(cifar_dataset, "both", tiny_clip_spec(), tiny_dino_spec(),
-                       EmbedConfig(batch_size=16, num_workers=0))
+    compute_embeddings(
+        cifar_dataset, "both", tiny_clip_spec(), tiny_dino_spec(), EmbedConfig(batch_size=16, num_workers=0)
+    )
     import fiftyone_nola.core.embed as embed_mod
 
     def no_images(*a, **k):

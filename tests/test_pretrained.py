@@ -30,11 +30,11 @@ def labelled():
     from fiftyone_nola import AutoLabelConfig, auto_label
     from fiftyone_nola.stages.nola import ZeroShotConfig
 
-    ds = fo.Dataset.from_dir(str(CIFAR_DIR), fo.types.ImageClassificationDirectoryTree,
-                             label_field="ground_truth")
+    ds = fo.Dataset.from_dir(str(CIFAR_DIR), fo.types.ImageClassificationDirectoryTree, label_field="ground_truth")
     try:
-        cfg = AutoLabelConfig(zeroshot=ZeroShotConfig(descriptions_file=str(CIFAR_DIR / "descriptions.json")),
-                              gt_field="ground_truth")
+        cfg = AutoLabelConfig(
+            zeroshot=ZeroShotConfig(descriptions_file=str(CIFAR_DIR / "descriptions.json")), gt_field="ground_truth"
+        )
         summary = auto_label(ds, CLASSES, cfg)
         assert not summary["random_init"], "these tests need real weights, not random ones"
         yield ds, summary

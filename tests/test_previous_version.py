@@ -125,10 +125,21 @@ def test_rerun_with_the_same_settings_reuses_every_stage(v0_1_dataset):
     config = tiny_pipeline_config(descriptions_file=str(root / "descriptions.json"))
     plan = validate(ds, manifest["classes"], config).plan  # the --check plan reads the same records
     assert {s["stage"]: (s["action"], s["samples"]) for s in plan["stages"]} == {
-        "embeddings:clip": ("reuse", 0), "embeddings:dino": ("reuse", 0), "zeroshot": ("reuse", 0),
-        "dino_labeler": ("reuse", 0), "prompt_tuning": ("reuse", 0), "predict": ("reuse", 0)}
+        "embeddings:clip": ("reuse", 0),
+        "embeddings:dino": ("reuse", 0),
+        "zeroshot": ("reuse", 0),
+        "dino_labeler": ("reuse", 0),
+        "prompt_tuning": ("reuse", 0),
+        "predict": ("reuse", 0),
+    }
     again = auto_label(ds, manifest["classes"], config)
-    assert again["processed"] == {"embeddings:clip": 0, "embeddings:dino": 0, "zeroshot": 0, "dino_labeler": 0,
-                                  "prompt_tuning": 0, "predict": 0}
+    assert again["processed"] == {
+        "embeddings:clip": 0,
+        "embeddings:dino": 0,
+        "zeroshot": 0,
+        "dino_labeler": 0,
+        "prompt_tuning": 0,
+        "predict": 0,
+    }
     for f, old in before.items():
         assert dict(zip(*ds.values(["id", f"{f}.confidence"]))) == old, f

@@ -102,8 +102,14 @@ def test_trainable_parameters_are_prompts_layernorms_and_head(tiny_clip, W):
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     lns = {
         f"visual.tower.{mn}.{pn}"
-        for mn in ("ln_pre", "ln_post", "transformer.resblocks.0.ln_1", "transformer.resblocks.0.ln_2",
-                   "transformer.resblocks.1.ln_1", "transformer.resblocks.1.ln_2")
+        for mn in (
+            "ln_pre",
+            "ln_post",
+            "transformer.resblocks.0.ln_1",
+            "transformer.resblocks.0.ln_2",
+            "transformer.resblocks.1.ln_1",
+            "transformer.resblocks.1.ln_2",
+        )
         for pn in ("weight", "bias")
     }
     assert trainable == {"visual.prompts", "head.weight"} | lns
@@ -139,8 +145,16 @@ def test_transforms(tiny_clip, cifar):
     a, b = strong(img), strong(img)
     assert a.shape == (3, 32, 32) and not torch.equal(a, b)
     names = [type(t).__name__ for t in strong.transforms]
-    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "RandomApply", "RandomPerspective",
-                     "ColorJitter", "_RandomGaussianBlur", "ToTensor", "Normalize"]
+    assert names == [
+        "RandomResizedCrop",
+        "RandomHorizontalFlip",
+        "RandomApply",
+        "RandomPerspective",
+        "ColorJitter",
+        "_RandomGaussianBlur",
+        "ToTensor",
+        "Normalize",
+    ]
     assert strong.transforms[0].scale == (0.2, 1.0)
     # The official strong view: bilinear crop (torchvision's default), bicubic perspective.
     assert strong.transforms[0].interpolation == InterpolationMode.BILINEAR
@@ -173,7 +187,9 @@ def test_tune_is_reproducible(run2, tiny_clip, cifar, W):
 @pytest.mark.integration
 def test_tune_is_reproducible_with_a_worker(tiny_clip, cifar, W):
     paths, labels, names = cifar
-    runs = [pt.tune(tiny_clip, paths[:16], labels[:16], W, _cfg(epochs=1, num_workers=1), classes=names) for _ in range(2)]
+    runs = [
+        pt.tune(tiny_clip, paths[:16], labels[:16], W, _cfg(epochs=1, num_workers=1), classes=names) for _ in range(2)
+    ]
     assert _states_equal(runs[0].model.trainable_state_dict(), runs[1].model.trainable_state_dict())
 
 
@@ -200,8 +216,7 @@ def test_resume_keeps_the_teacher_agreement_choice(tiny_clip, cifar, W, tmp_path
     cfg = dict(selection="teacher_agreement", holdout_fraction=0.25)
     full = pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs=3, **cfg), classes=names)
     pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs=2, **cfg), tmp_path, classes=names)
-    resumed = pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs=3, **cfg), tmp_path,
-                      classes=names)
+    resumed = pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs=3, **cfg), tmp_path, classes=names)
     assert resumed.start_epoch == 2
     assert resumed.history["agreement"] == full.history["agreement"]
     assert resumed.selected_epoch == full.selected_epoch
@@ -227,8 +242,7 @@ def test_checkpoint_for_other_classes_or_model_is_refused(tiny_clip, cifar, W, t
     pt.tune(tiny_clip, paths[:8], labels[:8], W, _cfg(epochs=1), tmp_path, classes=names)
     other = names[::-1]
     with pytest.raises(IndexMismatchError, match="classes"):
-        pt.tune(tiny_clip, paths[:8], labels[:8], W, _cfg(epochs=2), tmp_path,
-                classes=other)
+        pt.tune(tiny_clip, paths[:8], labels[:8], W, _cfg(epochs=2), tmp_path, classes=other)
     fake = dataclasses.replace(tiny_clip, identity={**tiny_clip.identity, "key": "clip-other"})
     with pytest.raises(IndexMismatchError, match="CLIP"):
         pt.tune(fake, paths[:8], labels[:8], W, _cfg(epochs=2), tmp_path, classes=names)
@@ -298,8 +312,7 @@ def test_corrupt_image_is_skipped(tiny_clip, cifar, W, tmp_path):
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
     all_paths = paths[:8] + [str(bad)]
     teacher = np.concatenate([labels[:8], [3]])
-    res = pt.tune(tiny_clip, all_paths, teacher, W, _cfg(epochs=1, batch_size=3),
-                  classes=names)
+    res = pt.tune(tiny_clip, all_paths, teacher, W, _cfg(epochs=1, batch_size=3), classes=names)
     assert [i for i, _ in res.failed] == [8]
     assert np.isfinite(res.history["loss"][0])
     probs, failed = pt.predict_tuned(res.model, all_paths, batch_size=4, num_workers=0, device="cpu")
@@ -341,8 +354,7 @@ def test_online_teacher_fn_sees_weak_view(tiny_clip, cifar, W):
         seen.append(tuple(weak.shape))
         return torch.zeros(len(weak), dtype=torch.long)
 
-    res = pt.tune(tiny_clip, paths[:12], pt.OnlineTeacher(teacher_fn), W, _cfg(epochs=1, batch_size=4),
-                  classes=names)
+    res = pt.tune(tiny_clip, paths[:12], pt.OnlineTeacher(teacher_fn), W, _cfg(epochs=1, batch_size=4), classes=names)
     assert seen == [(4, 3, 32, 32)] * 3
     assert len(res.history["loss"]) == 1
     with pytest.raises(InvalidInputError):
@@ -357,8 +369,7 @@ def test_stratified_subset_and_max_samples(tiny_clip, cifar, W):
     assert np.array_equal(a, pt.stratified_subset(idx, labels, 20, seed=0))
     assert np.bincount(labels[a]).tolist() == [8, 6, 4, 2]
     paths, teacher, names = cifar
-    res = pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs=1, max_samples=20),
-                  classes=names)
+    res = pt.tune(tiny_clip, paths, teacher, W, _cfg(epochs=1, max_samples=20), classes=names)
     assert len(res.train_indices) == 20
     assert np.bincount(teacher[res.train_indices], minlength=10).tolist() == [2] * 10
 
@@ -367,7 +378,12 @@ def test_config_fits_the_hardware_and_validates():
     prof = pt.dev.hardware_profile(torch.device("cpu"))
     cfg = pt.dev.resolve(pt.TuneConfig(), "cpu")
     assert (cfg.epochs, cfg.batch_size, cfg.max_samples, cfg.num_workers, cfg.device) == (
-        prof.tune_epochs, prof.tune_batch_size, prof.tune_max_samples, prof.num_workers, "cpu")
+        prof.tune_epochs,
+        prof.tune_batch_size,
+        prof.tune_max_samples,
+        prof.num_workers,
+        "cpu",
+    )
     assert cfg.sample_cap == prof.tune_max_samples
     # What the stages record as the run config (the dataclass repr) is what for_hardware gave,
     # so tuned models stored by the previous version stay up to date.
@@ -375,7 +391,8 @@ def test_config_fits_the_hardware_and_validates():
         f"TuneConfig(epochs={prof.tune_epochs}, batch_size={prof.tune_batch_size}, lr=0.004, "
         f"weight_decay=0.01, betas=(0.9, 0.999), n_prompts=16, label_smoothing=0.1, "
         f"precision='auto', seed=0, max_samples={prof.tune_max_samples}, "
-        f"num_workers={prof.num_workers}, device='cpu', selection='fixed', holdout_fraction=0.1)")
+        f"num_workers={prof.num_workers}, device='cpu', selection='fixed', holdout_fraction=0.1)"
+    )
     assert pt.TuneConfig.from_dict(cfg.to_dict()) == cfg
     # A GPU gets the official schedule on every sample (resolving needs no GPU).
     gpu = pt.dev.resolve(pt.TuneConfig(), torch.device("cuda"))

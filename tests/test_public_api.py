@@ -15,9 +15,20 @@ def test_every_public_name_resolves_to_its_home(name):
 
 
 def test_every_stage_config_is_public():
-    for config in ("AutoLabelConfig", "MultiLabelConfig", "EmbedConfig", "ZeroShotConfig", "DescribeConfig",
-                   "DinoLabelerConfig", "TuneConfig", "PredictConfig", "CropConfig", "TrainConfig",
-                   "CorrectionsConfig", "RayEmbedConfig"):
+    for config in (
+        "AutoLabelConfig",
+        "MultiLabelConfig",
+        "EmbedConfig",
+        "ZeroShotConfig",
+        "DescribeConfig",
+        "DinoLabelerConfig",
+        "TuneConfig",
+        "PredictConfig",
+        "CropConfig",
+        "TrainConfig",
+        "CorrectionsConfig",
+        "RayEmbedConfig",
+    ):
         assert config in nola.__all__ and isinstance(getattr(nola, config), type)
 
 

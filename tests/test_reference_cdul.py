@@ -90,9 +90,16 @@ def test_training_run_matches_reference_epoch_by_epoch(snap):
     run = CASES["training_run"]
     x = np.array(run["features"], dtype=np.float32)
     y = np.array(run["labels"], dtype=np.float32)
-    cfg = ml.TrainConfig(epochs=snap["epoch"], lr=run["lr"], batch_size=run["batch_size"],
-                         update_every=run["update_every"], warmup=run["warmup"],
-                         label_lr=1.0 / run["batch_size"], seed=run["seed"], device="cpu")
+    cfg = ml.TrainConfig(
+        epochs=snap["epoch"],
+        lr=run["lr"],
+        batch_size=run["batch_size"],
+        update_every=run["update_every"],
+        warmup=run["warmup"],
+        label_lr=1.0 / run["batch_size"],
+        seed=run["seed"],
+        device="cpu",
+    )
     model, refined, hist = ml.train_multilabel_classifier(x, y, cfg)
     if snap["epoch"] == 1:  # same start: the reference built nn.Linear right after manual_seed(seed)
         torch.manual_seed(run["seed"])
@@ -117,8 +124,13 @@ def test_training_run_refines_labels_in_the_last_epoch_too():
 @pytest.mark.parametrize("name", sorted(CASES["schedules"]))
 def test_label_update_epochs_match_reference(name):
     s = CASES["schedules"][name]
-    cfg = ml.TrainConfig(epochs=s["max_epochs"], warmup=s["warmup"], update_every=s["pseudo_update_frequency"],
-                         batch_size=2, device="cpu")
+    cfg = ml.TrainConfig(
+        epochs=s["max_epochs"],
+        warmup=s["warmup"],
+        update_every=s["pseudo_update_frequency"],
+        batch_size=2,
+        device="cpu",
+    )
     assert cfg.update_epochs() == s["update_epochs"]
     x = np.eye(2, 3, dtype=np.float32)
     _, _, hist = ml.train_multilabel_classifier(x, np.full((2, 2), 0.5, np.float32), cfg)
@@ -129,7 +141,10 @@ def test_defaults_are_the_reproductions_formulation_and_schedule():
     cfg = resolve(ml.TrainConfig(), torch.device("cuda"))  # a GPU's defaults: the paper's
     assert cfg.loss == "kl"
     assert (cfg.epochs, cfg.update_every, cfg.warmup) == (
-        PAPER_CFG["max_epochs"], PAPER_CFG["pseudo_update_frequency"], PAPER_CFG["warmup"])
+        PAPER_CFG["max_epochs"],
+        PAPER_CFG["pseudo_update_frequency"],
+        PAPER_CFG["warmup"],
+    )
     assert cfg.update_epochs() == CASES["schedules"]["experiment/voc2012.yaml"]["update_epochs"]
     assert cfg.label_sigma == PAPER_CFG["sigma"]
     assert cfg.label_lr == pytest.approx(1.0 / PAPER_CFG["batch_size"])  # its batch-mean gradient
@@ -176,8 +191,7 @@ def test_ranking_score_is_what_the_kl_loss_determines():
     x = rng.normal(size=(60, 6)).astype(np.float32)
     pres = rng.random((60, 4)) < 0.4
     y = np.where(pres, 0.8, 0.1).astype(np.float32)
-    model, _, _ = ml.train_multilabel_classifier(
-        x, y, ml.TrainConfig(epochs=5, update_every=0, lr=1e-2, device="cpu"))
+    model, _, _ = ml.train_multilabel_classifier(x, y, ml.TrainConfig(epochs=5, update_every=0, lr=1e-2, device="cpu"))
     assert model.score == "softmax"
     shifted = _shifted(model, 3.0 * rng.normal(size=6).astype(np.float32), 1.5)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)

@@ -38,12 +38,7 @@ import torch
 
 from fiftyone_nola.core import prompt_tuning as pt
 from fiftyone_nola.core.arrays import softmax
-from fiftyone_nola.core.dino_labeler import (
-    DinoLabelerConfig,
-    select_confident,
-    topk_per_class,
-    train_labeler,
-)
+from fiftyone_nola.core.dino_labeler import DinoLabelerConfig, select_confident, topk_per_class, train_labeler
 from fiftyone_nola.core.zeroshot import cde_weights, zeroshot_logits, zeroshot_predict
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "nola_reference.json").read_text())
@@ -188,9 +183,15 @@ def test_prompt_tuning_steps_match_the_official_head_loss_and_optimiser():
     assert g["commit"].startswith("ffd99acda629")
     c = g["clip"]
     clip = open_clip.CLIP(
-        embed_dim=c["embed_dim"], quick_gelu=True,
-        vision_cfg=dict(image_size=c["image_resolution"], layers=c["vision_layers"], width=c["vision_width"],
-                        patch_size=c["vision_patch_size"], head_width=c["vision_width"] // c["vision_heads"]),
+        embed_dim=c["embed_dim"],
+        quick_gelu=True,
+        vision_cfg=dict(
+            image_size=c["image_resolution"],
+            layers=c["vision_layers"],
+            width=c["vision_width"],
+            patch_size=c["vision_patch_size"],
+            head_width=c["vision_width"] // c["vision_heads"],
+        ),
         text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=1, layers=1),
     )
     clip.visual.load_state_dict(_visual_weights(clip.visual, g["visual_weights_seed"]), strict=True)
@@ -199,8 +200,9 @@ def test_prompt_tuning_steps_match_the_official_head_loss_and_optimiser():
         model.visual.prompts.copy_(torch.tensor(g["prompts_init"]))
     cfg = pt.TuneConfig(epochs=1, lr=g["lr"])
     opt = pt.make_optimizer(model, cfg)
-    assert [{"weight_decay": grp["weight_decay"], "n": len(grp["params"])} for grp in opt.param_groups] \
-        == g["optimizer_groups"]
+    assert [{"weight_decay": grp["weight_decay"], "n": len(grp["params"])} for grp in opt.param_groups] == g[
+        "optimizer_groups"
+    ]
     params = [p for p in model.parameters() if p.requires_grad]
     probe = torch.tensor(g["probe"])
     tower = model.visual.tower
@@ -213,10 +215,12 @@ def test_prompt_tuning_steps_match_the_official_head_loss_and_optimiser():
         model.eval()
         with torch.no_grad():
             logits = model(probe)
-        np.testing.assert_allclose(logits.numpy(), want["probe_logits"], atol=2e-5, rtol=1e-5,
-                                   err_msg=f"probe logits after step {i}")
+        np.testing.assert_allclose(
+            logits.numpy(), want["probe_logits"], atol=2e-5, rtol=1e-5, err_msg=f"probe logits after step {i}"
+        )
         np.testing.assert_allclose(model.head.weight.detach().numpy(), want["head"], atol=1e-6)
         np.testing.assert_allclose(model.visual.prompts.detach().numpy(), want["prompts"], atol=1e-6)
         np.testing.assert_allclose(tower.ln_post.weight.detach().numpy(), want["ln_post_weight"], atol=1e-6)
-        np.testing.assert_allclose(tower.transformer.resblocks[0].ln_1.bias.detach().numpy(),
-                                   want["ln_1_bias_0"], atol=1e-6)
+        np.testing.assert_allclose(
+            tower.transformer.resblocks[0].ln_1.bias.detach().numpy(), want["ln_1_bias_0"], atol=1e-6
+        )

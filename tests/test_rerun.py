@@ -19,8 +19,14 @@ def test_rerun_processes_nothing_then_only_added_samples(make_dataset):
     ds = make_dataset([p for p, _ in pairs[:-5]])
     n = len(ds)
     first = auto_label(ds, CLASSES, tiny_pipeline_config())
-    assert first["processed"] == {"embeddings:clip": n, "embeddings:dino": n, "zeroshot": n, "dino_labeler": n,
-                                  "prompt_tuning": 1, "predict": n}
+    assert first["processed"] == {
+        "embeddings:clip": n,
+        "embeddings:dino": n,
+        "zeroshot": n,
+        "dino_labeler": n,
+        "prompt_tuning": 1,
+        "predict": n,
+    }
     before = {f: dict(zip(*ds.values(["id", f"{f}.confidence"]))) for f in ("nola_zeroshot", "nola_dino", "nola")}
     model_dir = Path(first["stages"]["prompt_tuning"]["model_dir"])
     model_files = {p.name: p.read_bytes() for p in model_dir.glob("*.*")}
@@ -29,12 +35,23 @@ def test_rerun_processes_nothing_then_only_added_samples(make_dataset):
 
     plan = validate(ds, CLASSES, tiny_pipeline_config()).plan  # the --check plan says the same, writing nothing
     assert {s["stage"]: (s["action"], s["samples"]) for s in plan["stages"]} == {
-        "embeddings:clip": ("reuse", 0), "embeddings:dino": ("reuse", 0), "zeroshot": ("reuse", 0),
-        "dino_labeler": ("reuse", 0), "prompt_tuning": ("reuse", 0), "predict": ("reuse", 0)}
+        "embeddings:clip": ("reuse", 0),
+        "embeddings:dino": ("reuse", 0),
+        "zeroshot": ("reuse", 0),
+        "dino_labeler": ("reuse", 0),
+        "prompt_tuning": ("reuse", 0),
+        "predict": ("reuse", 0),
+    }
 
     again = auto_label(ds, CLASSES, tiny_pipeline_config())
-    assert again["processed"] == {"embeddings:clip": 0, "embeddings:dino": 0, "zeroshot": 0, "dino_labeler": 0,
-                                  "prompt_tuning": 0, "predict": 0}
+    assert again["processed"] == {
+        "embeddings:clip": 0,
+        "embeddings:dino": 0,
+        "zeroshot": 0,
+        "dino_labeler": 0,
+        "prompt_tuning": 0,
+        "predict": 0,
+    }
     assert again["stages"]["prompt_tuning"]["model_dir"] == str(model_dir)
     assert {p.name: p.read_bytes() for p in model_dir.glob("*.*")} == model_files  # identity kept
     for f, old in before.items():
@@ -45,8 +62,14 @@ def test_rerun_processes_nothing_then_only_added_samples(make_dataset):
     assert [s["samples"] for s in plan["stages"]] == [5, 5, 5, 5, 0, 5]
     added = auto_label(ds, CLASSES, tiny_pipeline_config())
     # Rule: the labeller and the tuned model are kept; they label the new samples only.
-    assert added["processed"] == {"embeddings:clip": 5, "embeddings:dino": 5, "zeroshot": 5, "dino_labeler": 5,
-                                  "prompt_tuning": 0, "predict": 5}
+    assert added["processed"] == {
+        "embeddings:clip": 5,
+        "embeddings:dino": 5,
+        "zeroshot": 5,
+        "dino_labeler": 5,
+        "prompt_tuning": 0,
+        "predict": 5,
+    }
     for f, old in before.items():
         assert ds.count(f"{f}.label") == n + 5, f
         now = dict(zip(*ds.values(["id", f"{f}.confidence"])))
@@ -60,8 +83,14 @@ def test_changed_settings_redo_the_stages_they_feed(make_dataset):
     auto_label(ds, CLASSES, tiny_pipeline_config())
     s = auto_label(ds, CLASSES, tiny_pipeline_config(zeroshot={"include_templates": False}))
     n = len(ds)
-    assert s["processed"] == {"embeddings:clip": 0, "embeddings:dino": 0, "zeroshot": n, "dino_labeler": n,
-                              "prompt_tuning": 1, "predict": n}
+    assert s["processed"] == {
+        "embeddings:clip": 0,
+        "embeddings:dino": 0,
+        "zeroshot": n,
+        "dino_labeler": n,
+        "prompt_tuning": 1,
+        "predict": n,
+    }
 
 
 @pytest.mark.integration
@@ -80,9 +109,14 @@ def test_multilabel_rerun_scores_only_added_samples(make_dataset):
     names = sorted(json.loads((COCO_DIR / "labels.json").read_text()))[:10]
     paths = [str(COCO_DIR / "images" / n) for n in names]
     ds = make_dataset(paths[:7])
-    cfg = MultiLabelConfig(clip=tiny_clip_spec(), embed=EmbedConfig(batch_size=8, num_workers=0),
-                           crop=CropConfig(grid=2, batch_size=4, num_workers=0), train=TrainConfig(epochs=2),
-                           single_template=True, device="cpu")
+    cfg = MultiLabelConfig(
+        clip=tiny_clip_spec(),
+        embed=EmbedConfig(batch_size=8, num_workers=0),
+        crop=CropConfig(grid=2, batch_size=4, num_workers=0),
+        train=TrainConfig(epochs=2),
+        single_template=True,
+        device="cpu",
+    )
     classes = ["person", "car", "dog", "pizza"]
     first = auto_label_multilabel(ds, classes, cfg)
     assert first["processed"] == {"embeddings:clip": 7, "pseudo_labels": 7, "classifier": 7}

@@ -28,10 +28,10 @@ def test_histogram_splits_at_the_threshold_and_class_rows_round():
     h = rq.histogram([0.05, 0.12, 0.5, 0.51, 0.99, None], bins=10, threshold=0.51)
     assert sum(h["below"]) == 3 and sum(h["above"]) == 2
     assert h["below"][5] == 1 and h["above"][5] == 1  # 0.5 and 0.51 share a bin, split by value
-    rows = rq.class_rows(["a", "a", "b"], [0.123456, 0.5, 0.9], [True, True, False], [True, False, False],
-                         classes=["a", "b", "c"])
-    assert rows[0] == {"class": "a", "count": 2, "mean_confidence": 0.312, "flagged": 2, "reviewed": 1,
-                       "remaining": 1}
+    rows = rq.class_rows(
+        ["a", "a", "b"], [0.123456, 0.5, 0.9], [True, True, False], [True, False, False], classes=["a", "b", "c"]
+    )
+    assert rows[0] == {"class": "a", "count": 2, "mean_confidence": 0.312, "flagged": 2, "reviewed": 1, "remaining": 1}
     assert rows[2]["count"] == 0 and rows[2]["mean_confidence"] is None
 
 
@@ -55,8 +55,7 @@ def test_kmeans_separates_obvious_clusters():
 
 def test_propagation_only_to_undecided_similar_neighbours_with_the_same_wrong_label():
     corrections = [("s1", "cat", "dog"), ("s2", "ship", "ship")]  # s2: not a correction
-    nb = {"s1": [("n1", 0.95), ("n2", 0.97), ("n3", 0.99), ("n4", 0.5), ("s1", 1.0)],
-          "s2": [("n5", 0.99)]}
+    nb = {"s1": [("n1", 0.95), ("n2", 0.97), ("n3", 0.99), ("n4", 0.5), ("s1", 1.0)], "s2": [("n5", 0.99)]}
     predicted = {"n1": "cat", "n2": "cat", "n3": "truck", "n4": "cat", "n5": "ship"}
     out = rq.propagation_suggestions(corrections, nb, predicted, reviewed={"n2"}, min_similarity=0.9)
     assert out == {"n1": {"label": "dog", "similarity": 0.95, "source": "s1", "wrong": "cat"}}
@@ -89,8 +88,13 @@ def review_ds(make_dataset):
     ix = EmbeddingIndex.create(path, 32, {"dataset_id": str(ds._doc.id)})
     ix.add(ids, vecs.astype(np.float32))
     ix.save()
-    runs.record_run(ds, "nola_embeddings_clip", "embeddings.clip", {"spec": None},
-                    {"index_path": str(path), "index_size": 16, "samples": 16})
+    runs.record_run(
+        ds,
+        "nola_embeddings_clip",
+        "embeddings.clip",
+        {"spec": None},
+        {"index_path": str(path), "index_size": 16, "samples": 16},
+    )
     from fiftyone_nola.stages.review_workspace import store_class_list
 
     store_class_list(ds, CLASSES)
@@ -148,6 +152,7 @@ def test_flagging_queue_views_and_decisions(review_ds):
 
 @pytest.mark.integration
 def test_propagation_suggests_never_accepts(review_ds):
+    from fiftyone_nola.stages import review_card as rc
     from fiftyone_nola.stages import review_workspace as rw
     from fiftyone_nola.stages.review import ACCEPTED_TAG, REVIEW_TAG
 
@@ -161,15 +166,15 @@ def test_propagation_suggests_never_accepts(review_ds):
     s1.nola = fo.Classification(label="cat", confidence=0.1)
     s1.save()
     rw.decide(ds, [ids[0]], "correct", "dog")
-    preview = rw.propagate_corrections(ds, "nola", 0.9, apply=False)
+    preview = rc.propagate_corrections(ds, "nola", 0.9, apply=False)
     assert preview["suggested"] == 1 and not ds.has_sample_field(rw.SUGGESTED_FIELD)
-    r = rw.propagate_corrections(ds, "nola", 0.9)
+    r = rc.propagate_corrections(ds, "nola", 0.9)
     assert r["ids"] == [ids[1]] and r["by_label"] == {"dog": 1}
     s1 = ds[ids[1]]
     assert s1.nola_suggested.label == "dog" and rw.SUGGESTED_TAG in s1.tags and REVIEW_TAG in s1.tags
     assert ACCEPTED_TAG not in s1.tags and s1.nola_reviewed is None  # a suggestion, not a decision
-    assert rw.propagate_corrections(ds, "nola", 0.999999, apply=False)["suggested"] == 0
-    card = rw.sample_card(ds, ids[1])
+    assert rc.propagate_corrections(ds, "nola", 0.999999, apply=False)["suggested"] == 0
+    card = rc.sample_card(ds, ids[1])
     assert card["suggestion"] == "dog" and card["neighbours"][0]["id"] == ids[0]
     rw.decide(ds, [ids[1]], "correct", "dog")
     assert rw.SUGGESTED_TAG not in ds[ids[1]].tags
@@ -317,13 +322,26 @@ def test_evaluation_keys_never_silently_overwrite_and_final_labels(review_ds):
 class PanelCtx:
     """A real ExecutionContext for a panel event, as the App sends it; records App operations."""
 
-    def __init__(self, dataset, state=None, selected=None, current_sample=None, view=None, panel_id="test-panel",
-                 extended_selection=None, **params):
+    def __init__(
+        self,
+        dataset,
+        state=None,
+        selected=None,
+        current_sample=None,
+        view=None,
+        panel_id="test-panel",
+        extended_selection=None,
+        **params,
+    ):
         from fiftyone.operators.executor import ExecutionContext, Executor
 
         self.executor = Executor()
-        req = {"dataset_name": dataset.name, "selected": selected or [], "extended_selection": extended_selection,
-               "params": {"panel_id": panel_id, "panel_state": state if state is not None else {}, **params}}
+        req = {
+            "dataset_name": dataset.name,
+            "selected": selected or [],
+            "extended_selection": extended_selection,
+            "params": {"panel_id": panel_id, "panel_state": state if state is not None else {}, **params},
+        }
         if current_sample:
             req["current_sample"] = current_sample
         if view is not None:
@@ -337,8 +355,10 @@ class PanelCtx:
         return self.ctx.panel_state
 
     def ops(self):
-        return [(r["operator_uri"] if "operator_uri" in r else r.get("operator"), r.get("params"))
-                for r in self.executor.to_json()["requests"]]
+        return [
+            (r["operator_uri"] if "operator_uri" in r else r.get("operator"), r.get("params"))
+            for r in self.executor.to_json()["requests"]
+        ]
 
     def op_names(self):
         return [n for n, _ in self.ops()]
@@ -424,7 +444,11 @@ def test_threshold_slider_and_number_mirror_each_other(review_ds):
     panel.on_load(pc.ctx)
     assert pc.state[SLIDER] == pc.state[NUMBER] == 0.5
     st = pc.state
-    for moved, other, value, flagged in ((SLIDER, NUMBER, 0.3, 5), (NUMBER, SLIDER, 0.45, 7), (SLIDER, NUMBER, 0.8, 12)):
+    for moved, other, value, flagged in (
+        (SLIDER, NUMBER, 0.3, 5),
+        (NUMBER, SLIDER, 0.45, 7),
+        (SLIDER, NUMBER, 0.8, 12),
+    ):
         pc = PanelCtx(ds, state=st, panel_id=pid, value=value)
         (panel.on_slider if moved == SLIDER else panel.on_number)(pc.ctx)
         st = pc.state
@@ -468,13 +492,15 @@ def test_stage_progress_polled_from_the_delegated_run(review_ds):
     assert pc.state["jobs"] == [] and "poll" not in panel.render(pc.ctx).type.properties
     pc = PanelCtx(ds, state=pc.state, row=0)
     panel.on_run_stage(pc.ctx)  # "Run" on a stage row opens its form, then reports back
-    (name, params), = pc.ops()
+    ((name, params),) = pc.ops()
     assert name.endswith("prompt_user_for_operation") and params["operator_uri"] == f"{PLUGIN}/compute_embeddings"
     assert params["on_success"].endswith("#on_launched")
 
     svc = DelegatedOperationService()
-    job = svc.queue_operation(f"{PLUGIN}/compute_embeddings", context=ExecutionContext(
-        request_params={"dataset_name": ds.name, "params": {"family": "clip"}}))
+    job = svc.queue_operation(
+        f"{PLUGIN}/compute_embeddings",
+        context=ExecutionContext(request_params={"dataset_name": ds.name, "params": {"family": "clip"}}),
+    )
     try:
         pc = PanelCtx(ds, state=pc.state)
         panel.on_launched(pc.ctx)
@@ -562,8 +588,7 @@ def test_concurrent_threshold_moves_never_break_and_the_last_one_holds(review_ds
             except Exception as e:  # noqa: BLE001 - any failure is the finding
                 errors.append(repr(e))
 
-    threads = [threading.Thread(target=move, args=([0.3 + 0.05 * ((i + k) % 4) for k in range(6)],))
-               for i in range(4)]
+    threads = [threading.Thread(target=move, args=([0.3 + 0.05 * ((i + k) % 4) for k in range(6)],)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:

@@ -24,7 +24,7 @@ def _stage_summaries(pipeline_summary: dict) -> dict:
 
 
 def assert_schema(name: str, s: dict) -> None:
-    assert tuple(s)[:len(SUMMARY_KEYS)] == SUMMARY_KEYS, (name, list(s))
+    assert tuple(s)[: len(SUMMARY_KEYS)] == SUMMARY_KEYS, (name, list(s))
     assert isinstance(s["stage"], str) and isinstance(s["samples"], int) and s["seconds"] >= 0, (name, s)
     if s["field"] is not None:  # a stage that writes labels says how many samples got one
         assert set(LABEL_KEYS) <= set(s) and 0 <= s["labelled"] <= s["samples"], (name, s)
@@ -55,8 +55,7 @@ def test_every_single_label_stage_summary_follows_the_schema(make_dataset, caplo
     pairs = cifar_files(per_class=2, classes=CLASSES)
     ds = make_dataset([p for p, _ in pairs[:-2]])
     first = _stage_summaries(auto_label(ds, CLASSES, tiny_pipeline_config()))
-    assert set(first) == {"embeddings:clip", "embeddings:dino", "zeroshot", "dino_labeler", "prompt_tuning",
-                          "predict"}
+    assert set(first) == {"embeddings:clip", "embeddings:dino", "zeroshot", "dino_labeler", "prompt_tuning", "predict"}
     ds.add_samples([fo.Sample(filepath=p) for p, _ in pairs[-2:]], progress=False)
     added = _stage_summaries(auto_label(ds, CLASSES, tiny_pipeline_config()))  # apply paths, reused tuning
     assert added["dino_labeler"]["retrained"] is False and added["prompt_tuning"]["reused"] is True
@@ -79,9 +78,14 @@ def test_every_multilabel_stage_summary_follows_the_schema(make_dataset):
     names = sorted(json.loads((COCO_DIR / "labels.json").read_text()))[:6]
     paths = [str(COCO_DIR / "images" / n) for n in names]
     ds = make_dataset(paths[:4])
-    cfg = MultiLabelConfig(clip=tiny_clip_spec(), embed=EmbedConfig(batch_size=8, num_workers=0),
-                           crop=CropConfig(grid=2, batch_size=4, num_workers=0), train=TrainConfig(epochs=1),
-                           single_template=True, device="cpu")
+    cfg = MultiLabelConfig(
+        clip=tiny_clip_spec(),
+        embed=EmbedConfig(batch_size=8, num_workers=0),
+        crop=CropConfig(grid=2, batch_size=4, num_workers=0),
+        train=TrainConfig(epochs=1),
+        single_template=True,
+        device="cpu",
+    )
     first = _stage_summaries(auto_label_multilabel(ds, ["person", "car", "dog"], cfg))
     ds.add_samples([fo.Sample(filepath=p) for p in paths[4:]], progress=False)
     added = _stage_summaries(auto_label_multilabel(ds, ["person", "car", "dog"], cfg))

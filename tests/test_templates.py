@@ -25,9 +25,9 @@ def test_presets_are_the_official_sets():
     p = tp.presets()
     assert len(p["imagenet80"]) == 80 and p["none"] == () and p["simple"] == ("a photo of a {}.",)
     assert p["cifar100"][0] == "a photo of a {}" and set(p["cifar100"][1:]) == set(tp.CLIP_TEMPLATES)
-    assert {k: len(v) for k, v in p.items() if k in ("satellite", "textures", "flowers", "pets", "cars",
-                                                      "sun397", "ucf101")} == {
-        "satellite": 6, "textures": 8, "flowers": 1, "pets": 2, "cars": 9, "sun397": 2, "ucf101": 48}
+    assert {
+        k: len(v) for k, v in p.items() if k in ("satellite", "textures", "flowers", "pets", "cars", "sun397", "ucf101")
+    } == {"satellite": 6, "textures": 8, "flowers": 1, "pets": 2, "cars": 9, "sun397": 2, "ucf101": 48}
     assert all(t.count("{}") == 1 for ts in p.values() for t in ts)
 
 
@@ -59,14 +59,14 @@ def test_zero_shot_uses_the_chosen_set(cifar_dataset):
 
     classes = ["cat", "dog", "ship"]
     compute_embeddings(cifar_dataset, "clip", tiny_clip_spec(), config=EmbedConfig(num_workers=0))
-    for templates, field, want in (("auto", "zs_auto", tp.CLIP_TEMPLATES_7), ("simple", "zs_simple",
-                                   ("a photo of a {}.",))):
-        s = zero_shot(cifar_dataset, classes, ZeroShotConfig(clip=tiny_clip_spec(), templates=templates),
-                      field)
+    for templates, field, want in (
+        ("auto", "zs_auto", tp.CLIP_TEMPLATES_7),
+        ("simple", "zs_simple", ("a photo of a {}.",)),
+    ):
+        s = zero_shot(cifar_dataset, classes, ZeroShotConfig(clip=tiny_clip_spec(), templates=templates), field)
         assert s["templates"] == ("imagenet" if templates == "auto" else templates)
         W, _ = load_class_weights(cifar_dataset, field, classes)
-        ref, _ = class_weights_from_texts(tiny_clip_spec(), {c: [t.format(c) for t in want] for c in classes},
-                                          classes)
+        ref, _ = class_weights_from_texts(tiny_clip_spec(), {c: [t.format(c) for t in want] for c in classes}, classes)
         np.testing.assert_allclose(W, ref, atol=1e-6)
 
 

@@ -17,10 +17,24 @@ from fiftyone_nola.cli import main
 
 PLUGIN = yaml.safe_load((REPO / "fiftyone.yml").read_text())["name"]
 CLASSES = "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck"
-TINY = ["--clip-arch", "nola-tiny-clip", "--clip-pretrained", "", "--dino", "nola_tiny_vit", "--random-init",
-        "--workers", "0"]
-TINY_OP = {"clip_arch": "nola-tiny-clip", "clip_pretrained": "", "random_init": True,
-           "dino_model": "nola_tiny_vit", "device": "cpu"}
+TINY = [
+    "--clip-arch",
+    "nola-tiny-clip",
+    "--clip-pretrained",
+    "",
+    "--dino",
+    "nola_tiny_vit",
+    "--random-init",
+    "--workers",
+    "0",
+]
+TINY_OP = {
+    "clip_arch": "nola-tiny-clip",
+    "clip_pretrained": "",
+    "random_init": True,
+    "dino_model": "nola_tiny_vit",
+    "device": "cpu",
+}
 LIMIT_S = 10.0
 
 
@@ -71,8 +85,9 @@ def _db_state(ds=None) -> dict:
     out = {"datasets": sorted(fo.list_datasets())}
     if ds is not None:
         ds.reload()
-        out.update(fields=sorted(ds.get_field_schema()), runs=sorted(ds.list_runs()), n=len(ds),
-                   tags=ds.count_sample_tags())
+        out.update(
+            fields=sorted(ds.get_field_schema()), runs=sorted(ds.list_runs()), n=len(ds), tags=ds.count_sample_tags()
+        )
     return out
 
 
@@ -117,20 +132,33 @@ def dataset(folder, make_dataset):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("case", ["malformed_descriptions", "unknown_clip", "one_class", "partial_descriptions",
-                                  "gt_on_new_folder"])
+@pytest.mark.parametrize(
+    "case", ["malformed_descriptions", "unknown_clip", "one_class", "partial_descriptions", "gt_on_new_folder"]
+)
 def test_cli_mistake_on_a_new_folder_fails_fast_and_creates_nothing(case, folder, files, capsys, no_embedding):
     name = f"val-{case}"
     args = {
-        "malformed_descriptions": (["--classes", CLASSES, "--descriptions", files["bad"]], "--descriptions",
-                                   "not valid JSON"),
-        "unknown_clip": (["--classes", CLASSES, "--clip-arch", "ViT-B-99"], "--clip-arch",
-                         "unknown CLIP architecture 'ViT-B-99'"),
+        "malformed_descriptions": (
+            ["--classes", CLASSES, "--descriptions", files["bad"]],
+            "--descriptions",
+            "not valid JSON",
+        ),
+        "unknown_clip": (
+            ["--classes", CLASSES, "--clip-arch", "ViT-B-99"],
+            "--clip-arch",
+            "unknown CLIP architecture 'ViT-B-99'",
+        ),
         "one_class": (["--classes", "cat"], "--classes", "Need at least 2 classes"),
-        "partial_descriptions": (["--classes", CLASSES, "--descriptions", files["partial"]], "--descriptions",
-                                 "covers 2 of 10 classes"),
-        "gt_on_new_folder": (["--classes", CLASSES, "--gt-field", "nonexistent"], "--gt-field",
-                             "'nonexistent' does not exist"),
+        "partial_descriptions": (
+            ["--classes", CLASSES, "--descriptions", files["partial"]],
+            "--descriptions",
+            "covers 2 of 10 classes",
+        ),
+        "gt_on_new_folder": (
+            ["--classes", CLASSES, "--gt-field", "nonexistent"],
+            "--gt-field",
+            "'nonexistent' does not exist",
+        ),
     }[case]
     extra, flag, text = args
     tiny = [a for a in TINY] if case != "unknown_clip" else TINY[2:]
@@ -143,29 +171,53 @@ def test_cli_mistake_on_a_new_folder_fails_fast_and_creates_nothing(case, folder
 
 @pytest.mark.integration
 def test_cli_reports_every_problem_together(folder, files, tmp_path, capsys, no_embedding):
-    code, _, err, secs = _cli([
-        "auto-label", "--images", str(folder), "--classes", "cat,,Cat", "--descriptions", files["bad"],
-        "--clip-arch", "ViT-B-99", "--device", "cuda:7", "--epochs", "0", "--json", files["bad"] + "/s.json",
-        "--dino", "not_a_timm_model", "--random-init", "--workers", "-1"], capsys)
+    code, _, err, secs = _cli(
+        [
+            "auto-label",
+            "--images",
+            str(folder),
+            "--classes",
+            "cat,,Cat",
+            "--descriptions",
+            files["bad"],
+            "--clip-arch",
+            "ViT-B-99",
+            "--device",
+            "cuda:7",
+            "--epochs",
+            "0",
+            "--json",
+            files["bad"] + "/s.json",
+            "--dino",
+            "not_a_timm_model",
+            "--random-init",
+            "--workers",
+            "-1",
+        ],
+        capsys,
+    )
     assert code == 2 and secs < LIMIT_S
-    for flag in ("--classes", "--descriptions", "--clip-arch", "--device", "--epochs", "--json", "--dino",
-                 "--workers"):
+    for flag in ("--classes", "--descriptions", "--clip-arch", "--device", "--epochs", "--json", "--dino", "--workers"):
         assert f"- {flag}: " in err, (flag, err)
     assert err.count("->") >= 8  # each says what to do
 
 
 @pytest.mark.integration
 def test_cli_unknown_template_set(folder, capsys, no_embedding):
-    code, _, err, secs = _cli(["auto-label", "--images", str(folder), "--classes", CLASSES, "--templates",
-                               "nonesuch", *TINY], capsys)
+    code, _, err, secs = _cli(
+        ["auto-label", "--images", str(folder), "--classes", CLASSES, "--templates", "nonesuch", *TINY], capsys
+    )
     assert code == 2 and secs < LIMIT_S
     assert "--templates: Unknown template set 'nonesuch'" in err
 
 
 @pytest.mark.integration
 def test_cli_gt_field_missing_on_existing_dataset(dataset, capsys, no_embedding):
-    code, _, err, secs = _cli(["auto-label", "--dataset", dataset.name, "--classes", CLASSES, "--gt-field",
-                               "nonexistent", *TINY], capsys, ds=dataset)
+    code, _, err, secs = _cli(
+        ["auto-label", "--dataset", dataset.name, "--classes", CLASSES, "--gt-field", "nonexistent", *TINY],
+        capsys,
+        ds=dataset,
+    )
     assert code == 2 and secs < LIMIT_S
     assert "--gt-field: field 'nonexistent' does not exist" in err and "ground_truth" in err
 
@@ -173,28 +225,67 @@ def test_cli_gt_field_missing_on_existing_dataset(dataset, capsys, no_embedding)
 @pytest.mark.integration
 def test_cli_partial_descriptions_run_when_fallback_allowed(folder, files, capsys, no_embedding):
     """With --allow-template-fallback the lacking classes are a warning, and --check passes."""
-    code, out, err, _ = _cli(["auto-label", "--images", str(folder), "--dataset", "val-fallback", "--classes",
-                              CLASSES, "--descriptions", files["partial"], "--allow-template-fallback", "--check",
-                              *TINY], capsys)
+    code, out, err, _ = _cli(
+        [
+            "auto-label",
+            "--images",
+            str(folder),
+            "--dataset",
+            "val-fallback",
+            "--classes",
+            CLASSES,
+            "--descriptions",
+            files["partial"],
+            "--allow-template-fallback",
+            "--check",
+            *TINY,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "covers 2 of 10 classes" in out and "as allowed" in out
 
 
 @pytest.mark.integration
-def test_cli_missing_weights_is_an_error_unless_random_init_asked(folder, capsys, no_embedding, tmp_path,
-                                                                  monkeypatch):
+def test_cli_missing_weights_is_an_error_unless_random_init_asked(folder, capsys, no_embedding, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("NOLA_MODELS_DIR", str(tmp_path / "models"))
-    code, _, err, secs = _cli(["auto-label", "--images", str(folder), "--classes", CLASSES,
-                               "--dino", "vit_small_patch16_224.dino", "--workers", "0"], capsys)
+    code, _, err, secs = _cli(
+        [
+            "auto-label",
+            "--images",
+            str(folder),
+            "--classes",
+            CLASSES,
+            "--dino",
+            "vit_small_patch16_224.dino",
+            "--workers",
+            "0",
+        ],
+        capsys,
+    )
     assert code == 2 and secs < LIMIT_S
     assert "--dino: " in err and "--fallback-random-init" in err
 
 
 @pytest.mark.integration
 def test_check_prints_the_plan_and_writes_nothing(folder, capsys, no_embedding):
-    code, out, err, secs = _cli(["auto-label", "--images", str(folder), "--dataset", "val-check", "--classes",
-                                 CLASSES, "--gt-from-subfolders", "ground_truth", *TINY, "--check"], capsys)
+    code, out, err, secs = _cli(
+        [
+            "auto-label",
+            "--images",
+            str(folder),
+            "--dataset",
+            "val-check",
+            "--classes",
+            CLASSES,
+            "--gt-from-subfolders",
+            "ground_truth",
+            *TINY,
+            "--check",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "plan: 200 samples (200 new), 10 classes" in out
     for stage in ("embeddings:clip", "embeddings:dino", "zeroshot", "dino_labeler", "prompt_tuning", "predict"):
@@ -205,12 +296,37 @@ def test_check_prints_the_plan_and_writes_nothing(folder, capsys, no_embedding):
 
 @pytest.mark.integration
 def test_gt_labels_outside_the_class_list_are_named(folder, capsys, no_embedding):
-    code, out, err, _ = _cli(["auto-label", "--images", str(folder), "--dataset", "val-outside", "--classes",
-                              "cat,dog,ship", "--gt-from-subfolders", "ground_truth", *TINY, "--check"], capsys)
+    code, out, err, _ = _cli(
+        [
+            "auto-label",
+            "--images",
+            str(folder),
+            "--dataset",
+            "val-outside",
+            "--classes",
+            "cat,dog,ship",
+            "--gt-from-subfolders",
+            "ground_truth",
+            *TINY,
+            "--check",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "7 label(s) in 'ground_truth' are outside the class list" in out and "'truck'" in out
-    code, _, err, _ = _cli(["auto-label", "--images", str(folder), "--classes", "okapi,narwhal",
-                            "--gt-from-subfolders", "ground_truth", *TINY], capsys)
+    code, _, err, _ = _cli(
+        [
+            "auto-label",
+            "--images",
+            str(folder),
+            "--classes",
+            "okapi,narwhal",
+            "--gt-from-subfolders",
+            "ground_truth",
+            *TINY,
+        ],
+        capsys,
+    )
     assert code == 2 and "none of the labels in 'ground_truth' is in the class list" in err
 
 
@@ -218,8 +334,21 @@ def test_gt_labels_outside_the_class_list_are_named(folder, capsys, no_embedding
 def test_embed_and_multilabel_commands_check_first(folder, files, capsys, no_embedding):
     code, _, err, _ = _cli(["embed", "--images", str(folder), "--index-type", "annoy", *TINY], capsys)
     assert code == 2 and "--index-type: unknown index type 'annoy'" in err
-    code, _, err, _ = _cli(["auto-label-multilabel", "--images", str(folder), "--classes", "cat,dog",
-                            "--descriptions", files["bad"], "--grid", "0", *TINY], capsys)
+    code, _, err, _ = _cli(
+        [
+            "auto-label-multilabel",
+            "--images",
+            str(folder),
+            "--classes",
+            "cat,dog",
+            "--descriptions",
+            files["bad"],
+            "--grid",
+            "0",
+            *TINY,
+        ],
+        capsys,
+    )
     assert code == 2 and "--descriptions: " in err and "--grid: " in err
 
 
@@ -234,10 +363,14 @@ def test_python_api_raises_one_validation_error_and_writes_nothing(dataset, file
     from fiftyone_nola.pipeline import AutoLabelConfig
     from fiftyone_nola.stages.nola import ZeroShotConfig
 
-    cfg = AutoLabelConfig(clip=tiny_clip_spec(), dino=tiny_dino_spec(),
-                          zeroshot=ZeroShotConfig(descriptions_file=files["partial"]),
-                          gt_field="ground_truth", tuned_field="ground_truth",
-                          dino_labeler=DinoLabelerConfig(epochs=0))
+    cfg = AutoLabelConfig(
+        clip=tiny_clip_spec(),
+        dino=tiny_dino_spec(),
+        zeroshot=ZeroShotConfig(descriptions_file=files["partial"]),
+        gt_field="ground_truth",
+        tuned_field="ground_truth",
+        dino_labeler=DinoLabelerConfig(epochs=0),
+    )
     db0, home0 = _db_state(dataset), _home_state()
     caplog.set_level(logging.INFO, logger="fiftyone_nola")
     with pytest.raises(ValidationError) as e:
@@ -262,7 +395,9 @@ def test_multilabel_schedule_settings_are_checked(dataset, no_embedding):
     from fiftyone_nola.stages.cdul import MultiLabelConfig
     from fiftyone_nola.stages.validation import Target, check_multilabel
 
-    bad = MultiLabelConfig(clip=tiny_clip_spec(), train=TrainConfig(update_every=-1, warmup=-2), crop=CropConfig(grid=0))
+    bad = MultiLabelConfig(
+        clip=tiny_clip_spec(), train=TrainConfig(update_every=-1, warmup=-2), crop=CropConfig(grid=0)
+    )
     r = check_multilabel(Target(samples=dataset), CLASSES, bad)
     assert {p.input for p in r.errors} >= {"label_update_every", "label_warmup", "grid"}
     ok = MultiLabelConfig(clip=tiny_clip_spec(), train=TrainConfig(update_every=0, warmup=0))
@@ -275,8 +410,9 @@ def test_empty_view_is_reported(dataset, no_embedding):
     from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec
     from fiftyone_nola.pipeline import AutoLabelConfig
 
-    r = validate(dataset.match_tags("nothing-has-this"), CLASSES,
-                 AutoLabelConfig(clip=tiny_clip_spec(), dino=tiny_dino_spec()))
+    r = validate(
+        dataset.match_tags("nothing-has-this"), CLASSES, AutoLabelConfig(clip=tiny_clip_spec(), dino=tiny_dino_spec())
+    )
     assert not r.ok and "holds no samples" in r.errors[0].message
 
 
@@ -288,12 +424,7 @@ def _run_op(name, dataset, **params):
     import asyncio
 
     import fiftyone.operators as foo
-    from fiftyone.operators.executor import (
-        ExecutionError,
-        ExecutionResult,
-        _parse_ctx,
-        prepare_operator_executor,
-    )
+    from fiftyone.operators.executor import ExecutionError, ExecutionResult, _parse_ctx, prepare_operator_executor
 
     ctx = {"dataset": dataset, "params": params}
     with pytest.raises(ExecutionError, match="Validation error"):
@@ -312,8 +443,16 @@ def _errors(res) -> dict:
 def test_operators_refuse_bad_inputs_before_running(dataset, files, no_embedding):
     db0, home0 = _db_state(dataset), _home_state()
     t0 = time.perf_counter()
-    errs = _errors(_run_op("auto_label", dataset, classes="cat", descriptions_file=files["bad"],
-                           gt_field="nonexistent", **{**TINY_OP, "clip_arch": "ViT-B-99"}))
+    errs = _errors(
+        _run_op(
+            "auto_label",
+            dataset,
+            classes="cat",
+            descriptions_file=files["bad"],
+            gt_field="nonexistent",
+            **{**TINY_OP, "clip_arch": "ViT-B-99"},
+        )
+    )
     assert time.perf_counter() - t0 < LIMIT_S
     assert "Need at least 2 classes" in errs["classes"]
     assert "not valid JSON" in errs["descriptions_file"]
@@ -353,8 +492,9 @@ def test_form_shows_the_problem_next_to_its_input(dataset, files):
 
 @pytest.mark.integration
 def test_tune_command_checks_its_dataset_first(dataset, capsys):
-    code, _, err, secs = _cli(["tune", "--dataset", dataset.name, "--epochs", "0", *TINY[:4], "--random-init"],
-                              capsys, ds=dataset)
+    code, _, err, secs = _cli(
+        ["tune", "--dataset", dataset.name, "--epochs", "0", *TINY[:4], "--random-init"], capsys, ds=dataset
+    )
     assert code == 2 and secs < LIMIT_S
     assert "--dataset: the zero-shot stage has not been run" in err and "--epochs: " in err
 
@@ -366,9 +506,25 @@ def test_shell_exit_code_is_2_with_the_message(folder, files):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "fiftyone_nola", "auto-label", "--images", str(folder), "--classes",
-                        CLASSES, "--descriptions", files["bad"], *TINY], cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fiftyone_nola",
+            "auto-label",
+            "--images",
+            str(folder),
+            "--classes",
+            CLASSES,
+            "--descriptions",
+            files["bad"],
+            *TINY,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert "--descriptions: " in r.stderr and "not valid JSON" in r.stderr and "Traceback" not in r.stderr
     assert "[embeddings] started" not in r.stdout

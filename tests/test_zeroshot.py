@@ -21,21 +21,25 @@ from fiftyone_nola.core.zeroshot import (
 def test_cde_weights_hand_computed():
     # class 0: (3,0) and (0,4) normalise to the axes, mean (.5,.5) -> (1,1)/sqrt2
     # class 1: a single text keeps its direction; class 2: the scale of a text does not matter
-    w = cde_weights([np.array([[3.0, 0.0], [0.0, 4.0]]), np.array([[0.0, -2.0]]),
-                     np.array([[1.0, 0.0], [100.0, 0.0], [0.0, 0.1]])])
+    w = cde_weights(
+        [np.array([[3.0, 0.0], [0.0, 4.0]]), np.array([[0.0, -2.0]]), np.array([[1.0, 0.0], [100.0, 0.0], [0.0, 0.1]])]
+    )
     s = 1 / np.sqrt(2)
     expected = np.array([[s, s], [0.0, -1.0], [2 / np.sqrt(5), 1 / np.sqrt(5)]])
     np.testing.assert_allclose(w, expected, atol=1e-6)
     assert w.dtype == np.float32
 
 
-@pytest.mark.parametrize("bad", [
-    [np.ones((2, 3)), np.zeros((0, 3))],        # a class without texts
-    [],                                          # no classes
-    [np.ones((2, 3)), np.ones((2, 4))],         # widths differ
-    [np.array([[1.0, 0.0], [-1.0, 0.0]])],      # texts cancel out
-    [np.array([[np.nan, 0.0]])],
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [np.ones((2, 3)), np.zeros((0, 3))],  # a class without texts
+        [],  # no classes
+        [np.ones((2, 3)), np.ones((2, 4))],  # widths differ
+        [np.array([[1.0, 0.0], [-1.0, 0.0]])],  # texts cancel out
+        [np.array([[np.nan, 0.0]])],
+    ],
+)
 def test_cde_weights_rejects(bad):
     with pytest.raises(InvalidInputError):
         cde_weights(bad)

@@ -44,7 +44,7 @@ def _unwrap(obj, path: Path) -> dict:
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelNotFoundError(f"{path} holds no state dict of tensors. Accepted: {ACCEPTED_FORMATS}.")
     if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
 
 
@@ -53,8 +53,7 @@ def read_state_dict(path) -> dict:
     path = Path(path)
     if path.suffix not in WEIGHT_SUFFIXES:
         raise ModelNotFoundError(
-            f"Cannot read weights from {path.name}: unknown file type {path.suffix!r}. "
-            f"Accepted: {ACCEPTED_FORMATS}."
+            f"Cannot read weights from {path.name}: unknown file type {path.suffix!r}. Accepted: {ACCEPTED_FORMATS}."
         )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -75,7 +74,6 @@ def read_state_dict(path) -> dict:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle with foreign classes, or not a PyTorch file at all
         raise ModelNotFoundError(
-            f"Cannot read weights from {path} ({type(e).__name__}: {str(e)[:200]}). "
-            f"Accepted: {ACCEPTED_FORMATS}."
+            f"Cannot read weights from {path} ({type(e).__name__}: {str(e)[:200]}). Accepted: {ACCEPTED_FORMATS}."
         ) from e
     return _unwrap(obj, path)

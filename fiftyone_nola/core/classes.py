@@ -43,9 +43,7 @@ def parse_classes(text_or_list: Union[str, Sequence[str]], min_classes: int = 2)
             raise InvalidInputError(f"Class names must be strings, got {bad[:5]!r}")
         where = "the list"
     else:
-        raise InvalidInputError(
-            f"Class names must be a list of strings or text, not {type(text_or_list).__name__}"
-        )
+        raise InvalidInputError(f"Class names must be a list of strings or text, not {type(text_or_list).__name__}")
     names = [n.strip() for n in names]
     if not names:
         raise InvalidInputError("No class names given: pass e.g. 'cat, dog' or one name per line")

@@ -87,12 +87,7 @@ def draft_size_for(image_size: int, enabled: bool) -> Optional[int]:
 class ImageFileDataset(torch.utils.data.Dataset):
     """Items are ``(index, tensor or None, error or None)``; ``transform`` maps PIL to tensors."""
 
-    def __init__(
-        self,
-        filepaths: Sequence[str],
-        transform: Callable,
-        options: DecodeOptions = DecodeOptions(),
-    ):
+    def __init__(self, filepaths: Sequence[str], transform: Callable, options: DecodeOptions = DecodeOptions()):
         self.filepaths = list(filepaths)
         self.transform = transform
         self.options = options

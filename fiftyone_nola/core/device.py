@@ -28,10 +28,7 @@ def resolve_device(device: Optional[str] = None) -> torch.device:
         return torch.device("cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-
-        raise InvalidInputError(
-            f"device={name!r} was requested but CUDA is not available; use device='cpu' or 'auto'"
-        )
+        raise InvalidInputError(f"device={name!r} was requested but CUDA is not available; use device='cpu' or 'auto'")
     return dev
 
 
@@ -48,7 +45,6 @@ def amp_dtype(device: torch.device, precision: str = "auto") -> Optional[torch.d
     if precision == "fp16":
         return torch.float16
     if precision != "auto":
-
         raise InvalidInputError(f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -99,7 +95,6 @@ def should_compile(device: torch.device, n_items: int, setting: str = "auto") ->
     ``on``/``off`` force it.
     """
     if setting not in COMPILE_SETTINGS:
-
         raise InvalidInputError(f"compile must be one of {COMPILE_SETTINGS}, not {setting!r}")
     if setting != "auto":
         return setting == "on"
@@ -151,15 +146,25 @@ def hardware_profile(device: Optional[torch.device] = None) -> HardwareProfile:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.type == "cuda":
         return HardwareProfile(
-            device=str(device), cpu_count=cpus, embed_batch_size=256,
-            num_workers=min(8, max(2, cpus - 1)), tune_epochs=50, tune_batch_size=512,
-            tune_max_samples=None, dino_model="vit_base_patch16_224.dino",
+            device=str(device),
+            cpu_count=cpus,
+            embed_batch_size=256,
+            num_workers=min(8, max(2, cpus - 1)),
+            tune_epochs=50,
+            tune_batch_size=512,
+            tune_max_samples=None,
+            dino_model="vit_base_patch16_224.dino",
         )
     # On a CPU, one decode worker beside the inference threads is what keeps 2 cores busy.
     return HardwareProfile(
-        device=str(device), cpu_count=cpus, embed_batch_size=32,
-        num_workers=max(1, min(4, cpus // 2)), tune_epochs=2, tune_batch_size=32,
-        tune_max_samples=256, dino_model="vit_small_patch16_224.dino",
+        device=str(device),
+        cpu_count=cpus,
+        embed_batch_size=32,
+        num_workers=max(1, min(4, cpus // 2)),
+        tune_epochs=2,
+        tune_batch_size=32,
+        tune_max_samples=256,
+        dino_model="vit_small_patch16_224.dino",
     )
 
 

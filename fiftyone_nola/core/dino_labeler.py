@@ -95,7 +95,9 @@ def select_confident(probs: np.ndarray, k: int) -> Selection:
                 break
         ranks[cls] = rank
         if rank == 0:
-            warnings.append(f"class {cls}: no sample has it among its top-{depth} predictions; it gets no pseudo-labels")
+            warnings.append(
+                f"class {cls}: no sample has it among its top-{depth} predictions; it gets no pseudo-labels"
+            )
             continue
         if rank > 1:
             warnings.append(
@@ -198,14 +200,19 @@ def train_labeler(
     xs, lab = _check_training_set(features, indices, labels, n_classes)
     device = dev.resolve_device(cfg.device)
     # Callers may sit inside no_grad / inference_mode (e.g. a labelling pipeline): training needs grads.
-    with torch.random.fork_rng(devices=[]), dev.small_steps_on_cpu(device), \
-            torch.inference_mode(False), torch.enable_grad():
+    with (
+        torch.random.fork_rng(devices=[]),
+        dev.small_steps_on_cpu(device),
+        torch.inference_mode(False),
+        torch.enable_grad(),
+    ):
         torch.manual_seed(cfg.seed)
         mlp = DinoLabeler(xs.shape[1], n_classes, cfg.hidden)
         mlp.to(device)
         # RandomSampler draws each epoch's permutation from the (forked) global RNG.
-        loader = DataLoader(TensorDataset(torch.from_numpy(xs), torch.from_numpy(lab)),
-                            batch_size=cfg.batch_size, shuffle=True)
+        loader = DataLoader(
+            TensorDataset(torch.from_numpy(xs), torch.from_numpy(lab)), batch_size=cfg.batch_size, shuffle=True
+        )
         opt = torch.optim.Adam(mlp.parameters(), lr=cfg.lr)
         loss_fn = nn.CrossEntropyLoss()
         mlp.train()
@@ -221,9 +228,7 @@ def train_labeler(
     return mlp.eval()
 
 
-def label_all(
-    mlp: nn.Module, features: np.ndarray, batch_size: int = 4096, device: Optional[str] = None
-) -> np.ndarray:
+def label_all(mlp: nn.Module, features: np.ndarray, batch_size: int = 4096, device: Optional[str] = None) -> np.ndarray:
     """Softmax of the MLP over every row: ``N x C`` float32; rows with missing features are NaN."""
     x = np.asarray(features, dtype=np.float32)
     if x.ndim != 2:
@@ -322,8 +327,7 @@ def dino_pseudo_labels(
 
     if idx.size == 0:
         raise InvalidInputError(
-            "no sample could be selected to train the DINO labeller: compute CLIP scores and DINO "
-            "features first"
+            "no sample could be selected to train the DINO labeller: compute CLIP scores and DINO features first"
         )
     counts = {cls: int(np.sum(lab == cls)) for cls in range(c)}
     if sum(1 for v in counts.values() if v) < 2:
@@ -354,9 +358,14 @@ def save_labeler(path, mlp: DinoLabeler, classes: Sequence[str], meta: Optional[
     except (TypeError, ValueError) as e:
         raise InvalidInputError(f"labeller meta must be JSON-serialisable: {e}") from e
     payload = {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "classes": classes,
-        "in_features": int(in_features), "hidden": int(hidden), "n_classes": int(n_classes),
-        "state_dict": sd, "meta": meta,
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "classes": classes,
+        "in_features": int(in_features),
+        "hidden": int(hidden),
+        "n_classes": int(n_classes),
+        "state_dict": sd,
+        "meta": meta,
     }
     path = Path(path)
     with atomic_path(path) as tmp:  # unique temp name, fsynced: a kill leaves old or new

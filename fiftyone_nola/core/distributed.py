@@ -81,8 +81,9 @@ def context() -> DistContext:
     )
 
 
-def init_distributed(device: Optional[str] = None, backend: Optional[str] = None,
-                     timeout_minutes: Optional[float] = None) -> DistContext:
+def init_distributed(
+    device: Optional[str] = None, backend: Optional[str] = None, timeout_minutes: Optional[float] = None
+) -> DistContext:
     """Join torchrun's process group once; single-process context without torchrun.
 
     ``device`` as everywhere (None: ``NOLA_DEVICE``, else CUDA if present): on CUDA the
@@ -97,9 +98,7 @@ def init_distributed(device: Optional[str] = None, backend: Optional[str] = None
         raise NolaError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
     missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
-        raise InvalidInputError(
-            f"WORLD_SIZE={world} but {', '.join(missing)} unset: start with torchrun"
-        )
+        raise InvalidInputError(f"WORLD_SIZE={world} but {', '.join(missing)} unset: start with torchrun")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     d = dev.resolve_device(device)
     if d.type == "cuda":
@@ -110,8 +109,7 @@ def init_distributed(device: Optional[str] = None, backend: Optional[str] = None
             )
         torch.cuda.set_device(local_rank)
     kw = {} if timeout_minutes is None else {"timeout": timedelta(minutes=timeout_minutes)}
-    dist.init_process_group(backend or ("nccl" if d.type == "cuda" else "gloo"),
-                            init_method="env://", **kw)
+    dist.init_process_group(backend or ("nccl" if d.type == "cuda" else "gloo"), init_method="env://", **kw)
     return context()
 
 
@@ -236,12 +234,11 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     per-sample randomness from them in whichever process or worker loads the item.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, n: int, batch_size: int, seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1
+    ):
         if batch_size < 1 or not 0 <= rank < world_size:
-            raise InvalidInputError(
-                f"bad sampler settings: batch {batch_size}, rank {rank}/{world_size}"
-            )
+            raise InvalidInputError(f"bad sampler settings: batch {batch_size}, rank {rank}/{world_size}")
         self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
         self.drop_last = bool(drop_last)
         self.rank, self.world_size = int(rank), int(world_size)
@@ -256,7 +253,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, PERMUTATION_STREAM))
         perm = torch.randperm(self.n, generator=g).numpy()
         stop = self.n - self.n % self.batch_size if self.drop_last else self.n
-        return [perm[i:i + self.batch_size] for i in range(0, stop, self.batch_size)]
+        return [perm[i : i + self.batch_size] for i in range(0, stop, self.batch_size)]
 
     def __len__(self) -> int:
         if self.drop_last:

@@ -19,13 +19,7 @@ import torch
 
 from fiftyone_nola.core import device as dev
 from fiftyone_nola.core import engines
-from fiftyone_nola.core.data import (
-    DecodeOptions,
-    ImageFileDataset,
-    draft_size_for,
-    file_fingerprint,
-    make_loader,
-)
+from fiftyone_nola.core.data import DecodeOptions, ImageFileDataset, draft_size_for, file_fingerprint, make_loader
 from fiftyone_nola.core.models import LoadedModel
 from fiftyone_nola.core.progress import ProgressFn, null_progress
 
@@ -76,13 +70,15 @@ def engine_module(model: LoadedModel) -> torch.nn.Module:
     return engines.Forward(model.model, model.encode_image)
 
 
-def calibration_images(filepaths: Sequence[str], transform, draft_size: Optional[int] = None,
-                       n: int = engines.CALIBRATION_IMAGES) -> Callable[[], Iterator[torch.Tensor]]:
+def calibration_images(
+    filepaths: Sequence[str], transform, draft_size: Optional[int] = None, n: int = engines.CALIBRATION_IMAGES
+) -> Callable[[], Iterator[torch.Tensor]]:
     """A callable yielding up to ``n`` preprocessed images spread evenly over ``filepaths``
     (int8 calibration on the user's own images); unreadable files are skipped."""
     paths = list(filepaths)
-    picks = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, min(n, len(paths))).astype(int))] \
-        if paths else []
+    picks = (
+        [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, min(n, len(paths))).astype(int))] if paths else []
+    )
 
     def batches() -> Iterator[torch.Tensor]:
         ds = ImageFileDataset(picks, transform, DecodeOptions(draft_size=draft_size))
@@ -92,16 +88,14 @@ def calibration_images(filepaths: Sequence[str], transform, draft_size: Optional
                 yield t.unsqueeze(0)
 
     # An int8 model is only as good as its calibration images: they are part of its cache key.
-    batches.fingerprint = hashlib.sha256(json.dumps(
-        [[p, file_fingerprint(p)] for p in picks] + [draft_size]).encode()).hexdigest()[:16]
+    batches.fingerprint = hashlib.sha256(
+        json.dumps([[p, file_fingerprint(p)] for p in picks] + [draft_size]).encode()
+    ).hexdigest()[:16]
     return batches
 
 
 def prepare_encoder(
-    model: LoadedModel,
-    config: EmbedConfig,
-    filepaths: Sequence[str] = (),
-    log: Callable[[str], None] = print,
+    model: LoadedModel, config: EmbedConfig, filepaths: Sequence[str] = (), log: Callable[[str], None] = print
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], engines.EngineChoice]:
     """``(encode, choice)``: the forward that will embed ``filepaths`` and what runs it.
 
@@ -113,8 +107,13 @@ def prepare_encoder(
     choice = engines.resolve(cfg.engine, cfg.precision, device)
     draft = draft_size_for(model.image_size, cfg.draft_decode)
     runner, choice = engines.load_engine_model(
-        engine_module(model), model.identity, (3, model.image_size, model.image_size), choice,
-        calibration=calibration_images(filepaths, model.transform, draft), log=log)
+        engine_module(model),
+        model.identity,
+        (3, model.image_size, model.image_size),
+        choice,
+        calibration=calibration_images(filepaths, model.transform, draft),
+        log=log,
+    )
     if runner is not None:
         return runner, choice
     model.model.to(device)
@@ -187,5 +186,3 @@ def embed_filepaths(
         out[idx] = vecs
         failures.extend(bad)
     return out, failures
-
-

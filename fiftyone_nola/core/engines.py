@@ -126,8 +126,9 @@ def library_versions(engine: str = "openvino") -> dict:
 def _library_versions(engine: str) -> tuple:
     import importlib.metadata as md
 
-    names = ["torch"] + (["openvino", "nncf", "onnx", "onnxscript", "open_clip_torch", "timm"]
-                         if engine == "openvino" else [])
+    names = ["torch"] + (
+        ["openvino", "nncf", "onnx", "onnxscript", "open_clip_torch", "timm"] if engine == "openvino" else []
+    )
     out = {}
     for n in names:
         try:
@@ -178,14 +179,16 @@ def resolve(engine: str = "auto", precision: str = "auto", device="cpu") -> Engi
         if engine == "openvino":
             raise InvalidInputError(
                 f"engine='openvino' runs on the CPU but device is {device.type}; use engine='auto' "
-                f"(PyTorch on {device.type}) or device='cpu'")
+                f"(PyTorch on {device.type}) or device='cpu'"
+            )
         if precision == "int8":
             raise InvalidInputError("precision='int8' needs engine='openvino' on a CPU (device='cpu')")
         return EngineChoice("torch", _torch_precision(device, precision), f"PyTorch on {device.type}")
     if engine == "torch":
         if precision == "int8":
-            raise InvalidInputError("precision='int8' needs engine='openvino' (or 'auto'); "
-                                    "PyTorch runs fp32, bf16 or fp16")
+            raise InvalidInputError(
+                "precision='int8' needs engine='openvino' (or 'auto'); PyTorch runs fp32, bf16 or fp16"
+            )
         return EngineChoice("torch", _torch_precision(device, precision), "engine='torch' requested")
     if precision == "fp16":
         if engine == "openvino":
@@ -193,8 +196,10 @@ def resolve(engine: str = "auto", precision: str = "auto", device="cpu") -> Engi
         return EngineChoice("torch", "fp16", "fp16 autocast requested (PyTorch)")
     if not openvino_available():
         if engine == "openvino" or precision == "int8":
-            warn_once("OpenVINO is not installed (pip install 'fiftyone-nola[openvino]'): "
-                      f"running PyTorch fp32 instead of OpenVINO {precision}")
+            warn_once(
+                "OpenVINO is not installed (pip install 'fiftyone-nola[openvino]'): "
+                f"running PyTorch fp32 instead of OpenVINO {precision}"
+            )
             return EngineChoice("torch", "fp32", "OpenVINO not installed")
         return EngineChoice("torch", _torch_precision(device, precision), "OpenVINO not installed")
     native = cpu_native_bf16()
@@ -287,9 +292,18 @@ def _export_onnx(module: nn.Module, input_size: tuple, path: Path) -> None:
     quiet = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (x,), str(path), dynamo=True, opset_version=ONNX_OPSET,
-                          dynamic_shapes=({0: batch},), input_names=["x"], output_names=["y"],
-                          external_data=True, verbose=False)
+        torch.onnx.export(
+            module,
+            (x,),
+            str(path),
+            dynamo=True,
+            opset_version=ONNX_OPSET,
+            dynamic_shapes=({0: batch},),
+            input_names=["x"],
+            output_names=["y"],
+            external_data=True,
+            verbose=False,
+        )
 
 
 def _to_batches(calibration: Iterable) -> list[np.ndarray]:
@@ -297,12 +311,13 @@ def _to_batches(calibration: Iterable) -> list[np.ndarray]:
     for b in calibration:
         a = b.numpy() if isinstance(b, torch.Tensor) else np.asarray(b)
         a = np.ascontiguousarray(a, dtype=np.float32)
-        out.extend(a[i:i + 1] for i in range(len(a)))
+        out.extend(a[i : i + 1] for i in range(len(a)))
     return out
 
 
-def _convert(module: nn.Module, input_size: tuple, ir: str, workdir: Path,
-             calibration: Optional[Callable[[], Iterable]]) -> dict:
+def _convert(
+    module: nn.Module, input_size: tuple, ir: str, workdir: Path, calibration: Optional[Callable[[], Iterable]]
+) -> dict:
     """Write ``model.xml``/``.bin`` into ``workdir``; return facts for its meta.json."""
     ov = _import_openvino()
     module = module.eval()
@@ -320,8 +335,9 @@ def _convert(module: nn.Module, input_size: tuple, ir: str, workdir: Path,
             raise RuntimeError("int8 calibration got no readable images")
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            ov_model = nncf.quantize(ov_model, nncf.Dataset(items), subset_size=len(items),
-                                     model_type=nncf.ModelType.TRANSFORMER)
+            ov_model = nncf.quantize(
+                ov_model, nncf.Dataset(items), subset_size=len(items), model_type=nncf.ModelType.TRANSFORMER
+            )
         facts["calibration_images"] = len(items)
     ov.save_model(ov_model, str(workdir / "model.xml"), compress_to_fp16=False)
     for p in workdir.iterdir():
@@ -405,8 +421,9 @@ def load_engine_model(
                 CONVERSIONS["count"] += 1
                 facts = _convert(module, tuple(input_size), ir, work, calibration)
                 seconds = time.perf_counter() - t0
-                (work / "meta.json").write_text(json.dumps(
-                    {**key, **facts, "conversion_seconds": round(seconds, 2)}, indent=2, sort_keys=True))
+                (work / "meta.json").write_text(
+                    json.dumps({**key, **facts, "conversion_seconds": round(seconds, 2)}, indent=2, sort_keys=True)
+                )
                 for f in work.iterdir():
                     with open(f, "rb+") as fh:
                         os.fsync(fh.fileno())
@@ -415,8 +432,7 @@ def load_engine_model(
                 except OSError:
                     if not (path / "meta.json").is_file():
                         raise
-                log(f"[engine] converted {name} to OpenVINO {ir} in {seconds:.1f}s "
-                    f"(once; cached in {path})")
+                log(f"[engine] converted {name} to OpenVINO {ir} in {seconds:.1f}s (once; cached in {path})")
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         core = ov.Core()
@@ -432,6 +448,8 @@ def load_engine_model(
         return model, choice
     except Exception as e:  # never a crash: PyTorch computes the same thing
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        warn_once(f"OpenVINO {choice.precision} is unavailable for {name} ({type(e).__name__}: "
-                  f"{first}); running PyTorch fp32 instead")
+        warn_once(
+            f"OpenVINO {choice.precision} is unavailable for {name} ({type(e).__name__}: "
+            f"{first}); running PyTorch fp32 instead"
+        )
         return None, EngineChoice("torch", "fp32", f"OpenVINO failed: {type(e).__name__}")

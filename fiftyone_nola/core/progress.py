@@ -33,8 +33,7 @@ def print_progress(stream=sys.stderr, every_s: float = 10.0) -> ProgressFn:
             rate = done / max(now - state["t0"], 1e-9)
             eta = (total - done) / rate if rate > 0 else float("inf")
             pct = 100.0 * done / total if total else 100.0
-            print(f"  {message}: {done}/{total} ({pct:.0f}%, {rate:.3g}/s, ETA {eta:.0f}s)",
-                  file=stream, flush=True)
+            print(f"  {message}: {done}/{total} ({pct:.0f}%, {rate:.3g}/s, ETA {eta:.0f}s)", file=stream, flush=True)
 
     return fn
 

@@ -18,8 +18,9 @@ def as_conf(conf: Sequence) -> np.ndarray:
     return np.array([np.nan if c is None else float(c) for c in conf], dtype=np.float64)
 
 
-def flag_mask(conf: Sequence, labels: Sequence, threshold: Optional[float] = None,
-              bottom_k_per_class: Optional[int] = None) -> np.ndarray:
+def flag_mask(
+    conf: Sequence, labels: Sequence, threshold: Optional[float] = None, bottom_k_per_class: Optional[int] = None
+) -> np.ndarray:
     """Which samples a threshold and/or the k least confident per predicted class flag.
 
     Samples with no prediction (NaN confidence or no label) are always flagged.
@@ -51,12 +52,22 @@ def histogram(conf: Sequence, bins: int = 20, threshold: Optional[float] = None)
     below = c < threshold if threshold is not None else np.zeros(len(c), bool)
     lo = np.bincount(which[below], minlength=bins)
     hi = np.bincount(which[~below], minlength=bins)
-    return {"edges": [round(float(e), 4) for e in edges], "below": lo.tolist(), "above": hi.tolist(),
-            "centers": [round(float(e), 4) for e in (edges[:-1] + edges[1:]) / 2]}
+    return {
+        "edges": [round(float(e), 4) for e in edges],
+        "below": lo.tolist(),
+        "above": hi.tolist(),
+        "centers": [round(float(e), 4) for e in (edges[:-1] + edges[1:]) / 2],
+    }
 
 
-def class_rows(labels: Sequence, conf: Sequence, flagged: Sequence[bool], reviewed: Sequence[bool],
-               classes: Optional[Sequence[str]] = None, digits: int = 3) -> list[dict]:
+def class_rows(
+    labels: Sequence,
+    conf: Sequence,
+    flagged: Sequence[bool],
+    reviewed: Sequence[bool],
+    classes: Optional[Sequence[str]] = None,
+    digits: int = 3,
+) -> list[dict]:
     """Per predicted class: count, mean confidence (rounded), flagged, reviewed (of the flagged)
     and remaining (flagged, not reviewed). Classes of ``classes`` with no sample get a zero row."""
     c = as_conf(conf)
@@ -71,9 +82,16 @@ def class_rows(labels: Sequence, conf: Sequence, flagged: Sequence[bool], review
         f = flagged[idx] if len(idx) else np.array([], bool)
         r = reviewed[idx] if len(idx) else np.array([], bool)
         mean = float(np.nanmean(cc)) if len(cc) and np.isfinite(cc).any() else None
-        rows.append({"class": name, "count": int(len(idx)),
-                     "mean_confidence": None if mean is None else round(mean, digits),
-                     "flagged": int(f.sum()), "reviewed": int((f & r).sum()), "remaining": int((f & ~r).sum())})
+        rows.append(
+            {
+                "class": name,
+                "count": int(len(idx)),
+                "mean_confidence": None if mean is None else round(mean, digits),
+                "flagged": int(f.sum()),
+                "reviewed": int((f & r).sum()),
+                "remaining": int((f & ~r).sum()),
+            }
+        )
     return rows
 
 

@@ -104,8 +104,9 @@ _held_locks = threading.local()
 
 
 @contextlib.contextmanager
-def file_lock(path: os.PathLike, timeout: Optional[float] = None,
-              on_wait: Optional[Callable[[], None]] = None) -> Iterator[Path]:
+def file_lock(
+    path: os.PathLike, timeout: Optional[float] = None, on_wait: Optional[Callable[[], None]] = None
+) -> Iterator[Path]:
     """Exclusive lock on ``path`` across processes and threads; re-entrant within a thread.
 
     ``timeout=None`` waits as long as it takes; otherwise :class:`LockTimeout` after that many

@@ -125,13 +125,15 @@ _PRESETS_FILE = Path(__file__).parent / "configs" / "templates.json"
 def presets() -> dict[str, tuple[str, ...]]:
     """Every named template set: name -> templates (``"none"`` is the empty set)."""
     sets = {k: tuple(v) for k, v in json.loads(_PRESETS_FILE.read_text())["sets"].items()}
-    sets.update({
-        "imagenet": CLIP_TEMPLATES_7,  # official: ImageNet, ImageNet-A/R/Sketch, Caltech101
-        "imagenet80": CLIP_TEMPLATES,  # CLIP's full ImageNet ensemble (fiftyone-nola 0.1's default)
-        "cifar100": ("a photo of a {}",) + CLIP_TEMPLATES,  # official CIFAR100_local
-        "simple": (SIMPLE_TEMPLATE,),
-        "none": (),
-    })
+    sets.update(
+        {
+            "imagenet": CLIP_TEMPLATES_7,  # official: ImageNet, ImageNet-A/R/Sketch, Caltech101
+            "imagenet80": CLIP_TEMPLATES,  # CLIP's full ImageNet ensemble (fiftyone-nola 0.1's default)
+            "cifar100": ("a photo of a {}",) + CLIP_TEMPLATES,  # official CIFAR100_local
+            "simple": (SIMPLE_TEMPLATE,),
+            "none": (),
+        }
+    )
     return sets
 
 
@@ -142,8 +144,9 @@ def auto_preset(classes: Sequence[str]) -> str:
     return "imagenet"
 
 
-def resolve_templates(templates: str | Sequence[str] | None, classes: Sequence[str] = ()
-                      ) -> tuple[str, tuple[str, ...]]:
+def resolve_templates(
+    templates: str | Sequence[str] | None, classes: Sequence[str] = ()
+) -> tuple[str, tuple[str, ...]]:
     """``(name, templates)`` for a preset name, ``"auto"``, a file (JSON list or one per line)
     or an explicit list. Every template must hold one ``{}`` for the class name."""
     if templates is None:

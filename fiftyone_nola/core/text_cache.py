@@ -44,7 +44,9 @@ def encode_texts_cached(spec: ClipSpec, texts: Sequence[str], device=None, clip=
     return out, {"encoded": len(missing), "cached": len(set(keys)) - len(missing), "model": loaded}
 
 
-def class_weights_from_texts(spec: ClipSpec, texts: dict, classes: Sequence[str], device=None) -> tuple[np.ndarray, dict]:
+def class_weights_from_texts(
+    spec: ClipSpec, texts: dict, classes: Sequence[str], device=None
+) -> tuple[np.ndarray, dict]:
     """``zeroshot.class_weights`` (C×D) encoding through the text cache; also returns its info."""
     info: dict = {}
 

@@ -26,10 +26,7 @@ ClassTexts = Union[Mapping[str, Sequence[str]], Sequence[Sequence[str]]]
 
 
 def encode_texts(
-    clip: LoadedModel,
-    texts: Sequence[str],
-    batch_size: int = 256,
-    device: Optional[str] = None,
+    clip: LoadedModel, texts: Sequence[str], batch_size: int = 256, device: Optional[str] = None
 ) -> np.ndarray:
     """Encode ``texts`` with CLIP's text tower: ``T x D`` float32, each row L2-normalised."""
     if clip.tokenizer is None:
@@ -60,10 +57,15 @@ def encode_texts(
 
 def _can_trim(model) -> bool:
     """open_clip CLIP text towers with a causal mask and EOT (argmax) pooling."""
-    return (getattr(model, "text_pool_type", None) == "argmax" and getattr(model, "cls_emb", None) is None
-            and getattr(model, "attn_mask", None) is not None
-            and all(hasattr(model, a) for a in ("token_embedding", "positional_embedding", "transformer",
-                                                "ln_final", "text_projection")))
+    return (
+        getattr(model, "text_pool_type", None) == "argmax"
+        and getattr(model, "cls_emb", None) is None
+        and getattr(model, "attn_mask", None) is not None
+        and all(
+            hasattr(model, a)
+            for a in ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+        )
+    )
 
 
 def _encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -117,9 +119,7 @@ def cde_weights(per_class_text_embeddings: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def class_weights(
-    encode: Callable[[list[str]], np.ndarray],
-    class_texts: ClassTexts,
-    classes: Sequence[str],
+    encode: Callable[[list[str]], np.ndarray], class_texts: ClassTexts, classes: Sequence[str]
 ) -> np.ndarray:
     """Zero-shot weights ``C x D`` for ``classes`` from their texts (dict by class name, or
     lists in class order), with ``encode(texts) -> T x D`` unit rows (plain or cached).
@@ -155,8 +155,9 @@ def build_class_weights(
     device: Optional[str] = None,
 ) -> np.ndarray:
     """:func:`class_weights` encoding with ``clip`` directly (no cache)."""
-    return class_weights(lambda texts: encode_texts(clip, texts, batch_size=batch_size, device=device),
-                         class_texts, classes)
+    return class_weights(
+        lambda texts: encode_texts(clip, texts, batch_size=batch_size, device=device), class_texts, classes
+    )
 
 
 def zeroshot_logits(image_embeddings: np.ndarray, weights: np.ndarray, logit_scale: float = 100.0) -> np.ndarray:
@@ -177,7 +178,9 @@ def zeroshot_logits(image_embeddings: np.ndarray, weights: np.ndarray, logit_sca
     xn = l2_normalize(x, zero_rows="nan")
     bad = np.isnan(xn).any(axis=1)
     if bad.any():
-        logger.warning("%d of %d image embeddings are missing (NaN or zero): their scores are NaN", int(bad.sum()), len(x))
+        logger.warning(
+            "%d of %d image embeddings are missing (NaN or zero): their scores are NaN", int(bad.sum()), len(x)
+        )
     return (np.float32(logit_scale) * (xn @ w.T)).astype(np.float32, copy=False)
 
 

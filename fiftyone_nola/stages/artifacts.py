@@ -16,6 +16,7 @@ from fiftyone_nola.stages import fo_io, runs
 
 logger = logging.getLogger(__name__)
 
+
 def stage_dir(samples, run_key: str) -> Path:
     """Directory of a stage's artefacts for the dataset behind ``samples``."""
     return storage.run_dir(fo_io.dataset_id(samples), run_key)
@@ -30,6 +31,7 @@ def _locked(d: Path, what: str = ""):
 
     With ``what`` set, a wait for another job's lock is logged, so a waiting job never looks hung.
     """
+
     def waiting() -> None:
         if what:
             logger.info(f"[{what}] another job is writing this stage; waiting for it to finish")

@@ -219,8 +219,7 @@ class FaissSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         """Apply ``fn(index)`` to the freshest on-disk state under the store lock, then save."""
         path = self.index_path
         if self._index is None and not (path / META_FILE).exists():
-            meta = {"source": "fiftyone-brain", "brain_key": self.key,
-                    "dataset_id": str(self._dataset._doc.id)}
+            meta = {"source": "fiftyone-brain", "brain_key": self.key, "dataset_id": str(self._dataset._doc.id)}
             ix = EmbeddingIndex.open_or_create(
                 path, dim, meta, expect_keys=("dim",), index_type=self.config.index_type or "flat"
             )
@@ -285,17 +284,12 @@ class FaissSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             raise ValueError("embeddings must be num_ids x num_dims")
         if not sample_ids:
             return
-        existing = (
-            self._index.has(sample_ids) if self._index is not None
-            else np.zeros(len(sample_ids), bool)
-        )
+        existing = self._index.has(sample_ids) if self._index is not None else np.zeros(len(sample_ids), bool)
         n_exist = int(existing.sum())
         if n_exist:
             if not allow_existing:
                 first = sample_ids[int(np.argmax(existing))]
-                raise ValueError(
-                    f"Found {n_exist} IDs (eg {first}) that already exist in the index"
-                )
+                raise ValueError(f"Found {n_exist} IDs (eg {first}) that already exist in the index")
             if warn_existing:
                 verb = "Overwriting" if overwrite else "Skipping"
                 logger.warning("%s %d IDs that already exist in the index", verb, n_exist)
@@ -309,20 +303,11 @@ class FaissSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         self._write(embeddings.shape[1], lambda ix: ix.add(sample_ids, embeddings))
 
         if self.config.embeddings_field is not None:
-            fbu.add_embeddings(
-                self._dataset, embeddings, sample_ids, None, self.config.embeddings_field
-            )
+            fbu.add_embeddings(self._dataset, embeddings, sample_ids, None, self.config.embeddings_field)
         if reload:
             SimilarityIndex.reload(self)
 
-    def remove_from_index(
-        self,
-        sample_ids=None,
-        label_ids=None,
-        allow_missing=True,
-        warn_missing=False,
-        reload=True,
-    ):
+    def remove_from_index(self, sample_ids=None, label_ids=None, allow_missing=True, warn_missing=False, reload=True):
         if label_ids is not None:
             raise ValueError("The faiss backend does not support label IDs")
         if sample_ids is None or self._index is None:
@@ -341,13 +326,7 @@ class FaissSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         if reload:
             SimilarityIndex.reload(self)
 
-    def get_embeddings(
-        self,
-        sample_ids=None,
-        label_ids=None,
-        allow_missing=True,
-        warn_missing=False,
-    ):
+    def get_embeddings(self, sample_ids=None, label_ids=None, allow_missing=True, warn_missing=False):
         if label_ids is not None:
             raise ValueError("This index does not support label IDs")
         ix = self._index
@@ -395,8 +374,7 @@ class FaissSimilarityIndex(SimilarityIndex, DuplicatesMixin):
                 single = arr.ndim == 1
                 return np.atleast_2d(arr).astype(np.float32), single
             ids, single = [str(q) for q in query], False
-        vecs, found = (self._index.get(ids) if self._index is not None
-                       else (None, np.zeros(len(ids), bool)))
+        vecs, found = self._index.get(ids) if self._index is not None else (None, np.zeros(len(ids), bool))
         if not found.all():
             bad = [i for i, f in zip(ids, found) if not f]
             raise ValueError(f"Query IDs {bad} do not exist in this index")
@@ -404,9 +382,7 @@ class FaissSimilarityIndex(SimilarityIndex, DuplicatesMixin):
 
     def _kneighbors(self, query=None, k=None, reverse=False, aggregation=None, return_dists=False):
         if aggregation not in (None, "mean"):
-            raise ValueError(
-                f"Unsupported aggregation {aggregation!r}; the faiss backend supports 'mean'"
-            )
+            raise ValueError(f"Unsupported aggregation {aggregation!r}; the faiss backend supports 'mean'")
         if query is None:
             return self._full_kneighbors(k or 1, return_dists)
         q, single = self._parse_neighbors_query(query)
@@ -421,8 +397,7 @@ class FaissSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         else:
             sign = -1.0 if reverse else 1.0
             scores, ids = self._index.search(
-                sign * q, k, restrict_to=self._restrict(),
-                nprobe=self.config.nprobe, ef_search=self.config.ef_search,
+                sign * q, k, restrict_to=self._restrict(), nprobe=self.config.nprobe, ef_search=self.config.ef_search
             )
             scores = sign * scores
         dists = [list(1.0 - s[: len(i)].astype(float)) for s, i in zip(scores, ids)]

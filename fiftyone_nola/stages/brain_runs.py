@@ -96,11 +96,21 @@ def register_brain_runs(samples, family: str = "clip", visualization: bool = Tru
                 ds.delete_brain_run(viz_key)
             target = ds if len(kept) == len(ids) else ds.select(kept, ordered=True)
             kwargs = {"perplexity": min(30.0, (len(kept) - 1) / 3)} if method == "tsne" else {}
-            fob.compute_visualization(target, embeddings=np.asarray(vecs, np.float32), brain_key=viz_key,
-                                      method=method, num_dims=2, seed=51, progress=False, **kwargs)
+            fob.compute_visualization(
+                target,
+                embeddings=np.asarray(vecs, np.float32),
+                brain_key=viz_key,
+                method=method,
+                num_dims=2,
+                seed=51,
+                progress=False,
+                **kwargs,
+            )
             out.update(visualization=viz_key, method=method)
         out["samples"] = len(kept)
-    logger.info(f"[brain] {family}: similarity run '{sim_key}'"
+    logger.info(
+        f"[brain] {family}: similarity run '{sim_key}'"
         + (f", {out.get('method')} map '{out.get('visualization')}'" if out.get("visualization") else "")
-        + " on the stored vectors")
+        + " on the stored vectors"
+    )
     return out

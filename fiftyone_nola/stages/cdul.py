@@ -24,13 +24,7 @@ from fiftyone_nola.core.models import ClipSpec, DinoSpec, load_clip, spec_key
 from fiftyone_nola.core.progress import ProgressFn, null_progress
 from fiftyone_nola.core.text_cache import class_weights_from_texts
 from fiftyone_nola.stages import fo_io, runs
-from fiftyone_nola.stages.artifacts import (
-    aligned,
-    has_array,
-    save_array_bundle,
-    stage_dir,
-    stage_meta,
-)
+from fiftyone_nola.stages.artifacts import aligned, has_array, save_array_bundle, stage_dir, stage_meta
 from fiftyone_nola.stages.evaluation import evaluate_multilabel
 from fiftyone_nola.stages.nola import ZeroShotConfig, class_descriptions
 from fiftyone_nola.stages.stage import StageRun
@@ -67,8 +61,10 @@ class MultiLabelConfig:
 
 
 # The flat names the crop and head settings had in recorded run configs before they were nested.
-_FLAT = {"crop": {"grid": "grid", "batch_size": "crop_batch_size", "num_workers": "num_workers"},
-         "train": {"epochs": "train_epochs", "update_every": "label_update_every", "warmup": "label_warmup"}}
+_FLAT = {
+    "crop": {"grid": "grid", "batch_size": "crop_batch_size", "num_workers": "num_workers"},
+    "train": {"epochs": "train_epochs", "update_every": "label_update_every", "warmup": "label_warmup"},
+}
 
 
 def recorded_config(config: MultiLabelConfig) -> dict:
@@ -93,8 +89,9 @@ def _class_weights(classes, config: MultiLabelConfig, device) -> np.ndarray:
     if config.single_template:
         texts = {c: [SIMPLE_TEMPLATE.format(c)] for c in classes}
     else:
-        desc = class_descriptions(classes, ZeroShotConfig(descriptions_file=config.descriptions_file,
-                                                          use_llm=config.use_llm))
+        desc = class_descriptions(
+            classes, ZeroShotConfig(descriptions_file=config.descriptions_file, use_llm=config.use_llm)
+        )
         texts = {c: desc.texts_for(c) for c in classes}
     return class_weights_from_texts(config.clip, texts, classes, device)[0]
 
@@ -109,10 +106,7 @@ def _local_scores(paths, config: MultiLabelConfig, W: np.ndarray, device, progre
 
 
 def multilabel_pseudo_labels(
-    samples,
-    classes: ClassesArg = None,
-    config: Optional[MultiLabelConfig] = None,
-    progress: ProgressFn = null_progress,
+    samples, classes: ClassesArg = None, config: Optional[MultiLabelConfig] = None, progress: ProgressFn = null_progress
 ) -> dict:
     """CDUL initial pseudo-labels: soft vectors stored per sample, label sets in ``pseudo_field``."""
     config = config or MultiLabelConfig()
@@ -128,8 +122,9 @@ def multilabel_pseudo_labels(
     y = g
     if config.aggregation != "global":
         local, failed, t_local = _local_scores(run.paths, config, W, device, progress)
-        y = ml.aggregate_scores(g, local, config.threshold_t,
-                                "lambda" if config.aggregation == "lambda" else "avg", config.lam)
+        y = ml.aggregate_scores(
+            g, local, config.threshold_t, "lambda" if config.aggregation == "lambda" else "avg", config.lam
+        )
     pos = ml.decide_labels(y, config.rule, ratio=config.ratio, max_labels=config.max_labels)
     clip_identity = {"key": spec_key(config.clip), "random_init": bool(config.clip.random_init)}
     with run.writing() as d:
@@ -137,16 +132,22 @@ def multilabel_pseudo_labels(
         arrays = {"soft_labels": y, "global": g}
         if local is not None:
             arrays["local_max"] = ml.local_only(local, 0.0)
-        save_array_bundle(d, run.ids, arrays,
-                          {"classes": classes, "field": config.pseudo_field, "clip": clip_identity})
+        save_array_bundle(d, run.ids, arrays, {"classes": classes, "field": config.pseudo_field, "clip": clip_identity})
         mean_labels = float(pos[np.all(np.isfinite(y), axis=1)].sum(1).mean()) if written else 0.0
-        summary = run.record(recorded_config(config), labelled=written, failed=len(failed),
-                             mean_labels_per_sample=mean_labels,
-                             classes_never_positive=[c for c, p in zip(classes, pos.any(0)) if not p],
-                             seconds_global=t_global, seconds_local=t_local,
-                             images_per_s_local=(len(run.ids) / t_local) if t_local else None)
-    logger.info(f"[cdul] pseudo-labels for {written} samples -> '{config.pseudo_field}' "
-                f"({summary['mean_labels_per_sample']:.2f} labels/sample) in {summary['seconds']:.1f}s")
+        summary = run.record(
+            recorded_config(config),
+            labelled=written,
+            failed=len(failed),
+            mean_labels_per_sample=mean_labels,
+            classes_never_positive=[c for c, p in zip(classes, pos.any(0)) if not p],
+            seconds_global=t_global,
+            seconds_local=t_local,
+            images_per_s_local=(len(run.ids) / t_local) if t_local else None,
+        )
+    logger.info(
+        f"[cdul] pseudo-labels for {written} samples -> '{config.pseudo_field}' "
+        f"({summary['mean_labels_per_sample']:.2f} labels/sample) in {summary['seconds']:.1f}s"
+    )
     return summary
 
 
@@ -162,21 +163,19 @@ def feature_specs(config: MultiLabelConfig) -> list:
     return [config.clip] + ([config.dino] if config.dino is not None else [])
 
 
-def _write_predictions(run: StageRun, d, classes: list, probs: np.ndarray, refined: np.ndarray,
-                       config: MultiLabelConfig) -> int:
+def _write_predictions(
+    run: StageRun, d, classes: list, probs: np.ndarray, refined: np.ndarray, config: MultiLabelConfig
+) -> int:
     """The head's label sets into ``pred_field`` and its arrays into ``d``; returns how many were written."""
     pos = ml.decide_labels(probs, config.rule, ratio=config.ratio, max_labels=config.max_labels)
     written = fo_io.write_multilabel(run.samples, run.ids, classes, probs, pos, config.pred_field)
-    save_array_bundle(d, run.ids, {"probs": probs, "refined_labels": refined},
-                      {"classes": classes, "field": config.pred_field})
+    save_array_bundle(
+        d, run.ids, {"probs": probs, "refined_labels": refined}, {"classes": classes, "field": config.pred_field}
+    )
     return written
 
 
-def train_multilabel(
-    samples,
-    config: Optional[MultiLabelConfig] = None,
-    progress: ProgressFn = null_progress,
-) -> dict:
+def train_multilabel(samples, config: Optional[MultiLabelConfig] = None, progress: ProgressFn = null_progress) -> dict:
     """Train the multi-label head on stored features against the soft pseudo-labels; predict."""
     config = config or MultiLabelConfig()
     run = StageRun(samples, "cdul_train", config.pred_field, "cdul_classifier")
@@ -189,16 +188,28 @@ def train_multilabel(
     probs = ml.predict_multilabel(model, feats)
     with run.writing() as out_dir:
         written = _write_predictions(run, out_dir, classes, probs, refined, config)
-        ml.save_classifier(out_dir / "classifier.pt", model, classes,
-                           {"features": "clip" + ("+dino" if config.dino else ""),
-                            # which models' features: load_multilabel_model refuses others
-                            "model_keys": [spec_key(s) for s in feature_specs(config)]})
-        summary = run.record({"train": tcfg, "pseudo_field": config.pseudo_field}, labelled=written,
-                             epochs=tcfg.epochs, final_loss=(history.get("loss") or [None])[-1],
-                             schedule=tcfg.describe_schedule(), label_update_epochs=history["update_epochs"],
-                             model_path=str(out_dir / "classifier.pt"))
-    logger.info(f"[cdul] classifier trained ({tcfg.epochs} epochs) -> '{config.pred_field}' in "
-                f"{summary['seconds']:.1f}s")
+        ml.save_classifier(
+            out_dir / "classifier.pt",
+            model,
+            classes,
+            {
+                "features": "clip" + ("+dino" if config.dino else ""),
+                # which models' features: load_multilabel_model refuses others
+                "model_keys": [spec_key(s) for s in feature_specs(config)],
+            },
+        )
+        summary = run.record(
+            {"train": tcfg, "pseudo_field": config.pseudo_field},
+            labelled=written,
+            epochs=tcfg.epochs,
+            final_loss=(history.get("loss") or [None])[-1],
+            schedule=tcfg.describe_schedule(),
+            label_update_epochs=history["update_epochs"],
+            model_path=str(out_dir / "classifier.pt"),
+        )
+    logger.info(
+        f"[cdul] classifier trained ({tcfg.epochs} epochs) -> '{config.pred_field}' in {summary['seconds']:.1f}s"
+    )
     return summary
 
 
@@ -233,8 +244,9 @@ def evaluate_multilabel_stages(samples, config: MultiLabelConfig) -> dict:
         out[name] = evaluate_multilabel(samples, config.pseudo_field, config.gt_field, classes, scores, ids)
     p = stage_dir(samples, config.pred_field)
     if has_array(p, "probs"):
-        out["trained"] = evaluate_multilabel(samples, config.pred_field, config.gt_field, classes,
-                                             aligned(p, "probs", ids), ids)
+        out["trained"] = evaluate_multilabel(
+            samples, config.pred_field, config.gt_field, classes, aligned(p, "probs", ids), ids
+        )
     for name, ev in out.items():
         logger.info(f"[evaluate] {name:<8} mAP {ev['mAP']:.4f} over {ev['classes_evaluated']} classes")
     return out

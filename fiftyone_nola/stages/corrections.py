@@ -36,8 +36,9 @@ class CorrectionsConfig:
     device: Optional[str] = None
 
 
-def retrain_with_corrections(samples, config: Optional[CorrectionsConfig] = None,
-                             progress: ProgressFn = null_progress) -> dict:
+def retrain_with_corrections(
+    samples, config: Optional[CorrectionsConfig] = None, progress: ProgressFn = null_progress
+) -> dict:
     """Re-run the DINO labeller (and tuning + predict) with reviewed labels as trusted picks.
 
     Returns how many samples' predicted labels changed in each field.
@@ -46,14 +47,31 @@ def retrain_with_corrections(samples, config: Optional[CorrectionsConfig] = None
     device = resolve_device(cfg.device)
     fo_io.check_field(samples, cfg.corrections_field)
     n_corrected = samples.exists(cfg.corrections_field).count()
-    before = {f: dict(zip(*samples.values(["id", f"{f}.label"])))
-              for f in (cfg.dino_field, cfg.tuned_field) if samples.has_field(f)}
-    dino_labels(samples, cfg.zeroshot_field, cfg.dino, dataclasses.replace(cfg.dino_labeler, device=str(device)),
-                cfg.dino_field, trusted_field=cfg.corrections_field, progress=progress)
+    before = {
+        f: dict(zip(*samples.values(["id", f"{f}.label"])))
+        for f in (cfg.dino_field, cfg.tuned_field)
+        if samples.has_field(f)
+    }
+    dino_labels(
+        samples,
+        cfg.zeroshot_field,
+        cfg.dino,
+        dataclasses.replace(cfg.dino_labeler, device=str(device)),
+        cfg.dino_field,
+        trusted_field=cfg.corrections_field,
+        progress=progress,
+    )
     if not cfg.skip_tuning:
         tune_cfg = tune_settings(cfg.tune, device)
-        t = tune_prompts(samples, cfg.zeroshot_field, cfg.dino_field, cfg.clip, tune_cfg,
-                         run_name=f"{cfg.tuned_field}_corrected", progress=progress)
+        t = tune_prompts(
+            samples,
+            cfg.zeroshot_field,
+            cfg.dino_field,
+            cfg.clip,
+            tune_cfg,
+            run_name=f"{cfg.tuned_field}_corrected",
+            progress=progress,
+        )
         predict(samples, t["model_dir"], cfg.clip, cfg.tuned_field, device=str(device), progress=progress)
     changed = {}
     for f, old in before.items():

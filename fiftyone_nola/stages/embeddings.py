@@ -85,8 +85,9 @@ def _embed_one(samples, spec, cfg: EmbedConfig, overwrite: bool, progress) -> di
         todo_paths = [job.paths[j] for j in job.todo]
         if todo_paths:
             encoder = job.prepare_engine(todo_paths)
-            for idx, vecs, bad in iter_embeddings(job.model, todo_paths, cfg, progress,
-                                                  encoder=encoder, timing=job.timing):
+            for idx, vecs, bad in iter_embeddings(
+                job.model, todo_paths, cfg, progress, encoder=encoder, timing=job.timing
+            ):
                 job.add([job.todo[j] for j in idx], vecs)
                 job.fail((job.todo[j], reason) for j, reason in bad)
     return job.finish()
@@ -113,8 +114,9 @@ class EmbedJob:
     """
 
     def __init__(self, samples, spec, cfg: EmbedConfig, device):
-        self.run = StageRun(samples, "embeddings", None, f"embeddings.{spec.family}",
-                            key=embeddings_run_key(spec.family))
+        self.run = StageRun(
+            samples, "embeddings", None, f"embeddings.{spec.family}", key=embeddings_run_key(spec.family)
+        )
         self.ds = fo_io.root_dataset(samples)
         self.spec, self.cfg = spec, cfg
         self.ids, self.paths = self.run.ids, self.run.paths
@@ -142,9 +144,12 @@ class EmbedJob:
 
     def _open(self, overwrite: bool = False) -> EmbeddingIndex:
         return EmbeddingIndex.open_or_create(
-            self.path, self.model.embed_dim, self.meta,
+            self.path,
+            self.model.embed_dim,
+            self.meta,
             expect_keys=("model_key", "dim", "preprocessing"),
-            index_type=self.cfg.index_type, overwrite=overwrite,
+            index_type=self.cfg.index_type,
+            overwrite=overwrite,
         )
 
     @contextlib.contextmanager
@@ -170,9 +175,7 @@ class EmbedJob:
                 # norm (by an older version) are embedded again.
                 for sid in self.index.missing_norms():
                     known.pop(sid, None)
-            self.todo = [
-                j for j, (i, f) in enumerate(zip(self.ids, self.fingerprints)) if known.get(i) != f
-            ]
+            self.todo = [j for j, (i, f) in enumerate(zip(self.ids, self.fingerprints)) if known.get(i) != f]
             logger.info(
                 f"[embed:{self.spec.family}] {self.model.key}: {len(self.ids)} samples, "
                 f"{len(self.ids) - len(self.todo)} up to date, {len(self.todo)} to embed ({how})"
@@ -190,9 +193,14 @@ class EmbedJob:
         """
         cfg = self.cfg
         stored = stored_engine(self.index.meta)
-        follow = (stored is not None and not cfg.allow_mixed_engines and cfg.engine == "auto"
-                  and cfg.precision == "auto" and not os.environ.get("NOLA_ENGINE")
-                  and not os.environ.get("NOLA_PRECISION"))
+        follow = (
+            stored is not None
+            and not cfg.allow_mixed_engines
+            and cfg.engine == "auto"
+            and cfg.precision == "auto"
+            and not os.environ.get("NOLA_ENGINE")
+            and not os.environ.get("NOLA_PRECISION")
+        )
         if follow:
             cfg = dataclasses.replace(cfg, engine=stored["engine"], precision=stored.get("precision") or "auto")
         encode, choice = prepare_encoder(self.model, cfg, paths, logger.info)
@@ -205,19 +213,23 @@ class EmbedJob:
         self.engine = choice
         meta = self.index.meta
         stored = stored_engine(meta)
-        used = list(meta.get("engines_used") or ([] if stored is None else [
-            f"{stored['engine']}-{stored.get('precision') or 'unrecorded'}"]))
+        used = list(
+            meta.get("engines_used")
+            or ([] if stored is None else [f"{stored['engine']}-{stored.get('precision') or 'unrecorded'}"])
+        )
         mixed = bool(meta.get("mixed_engines"))
         if stored is not None and not _same_engine(stored, choice):
             if not self.cfg.allow_mixed_engines:
                 have = f"{stored['engine']} {stored.get('precision') or '(precision unrecorded)'}"
                 same = f"engine={stored['engine']!r}" + (
-                    f", precision={stored['precision']!r}" if stored.get("precision") else "")
+                    f", precision={stored['precision']!r}" if stored.get("precision") else ""
+                )
                 raise IndexMismatchError(
                     f"The {self.spec.family.upper()} store at {self.path} holds vectors made by {have}; "
                     f"this run would add {choice.engine} {choice.precision} vectors ({choice.reason}). "
                     f"Use {same} to extend it, overwrite=True (--force) to re-embed everything with the new engine, "
-                    f"or allow_mixed_engines=True to mix them (recorded in the store's metadata).")
+                    f"or allow_mixed_engines=True to mix them (recorded in the store's metadata)."
+                )
             mixed = True
         if choice.tag not in used:
             used.append(choice.tag)
@@ -280,16 +292,25 @@ class EmbedJob:
             index_size=len(self.index),
             model_load_seconds=self.t_load,
             images_per_s=(n_done / t_embed) if t_embed > 0 and n_done else 0.0,
-            inference=None if self.engine is None else {
-                "engine": self.engine.engine, "precision": self.engine.precision,
+            inference=None
+            if self.engine is None
+            else {
+                "engine": self.engine.engine,
+                "precision": self.engine.precision,
                 "decode_wait_s": round(self.timing["wait_s"], 3),
                 "model_s": round(self.timing["model_s"], 3),
-                "model_cpu_s": round(self.timing["model_cpu_s"], 3)},
+                "model_cpu_s": round(self.timing["model_cpu_s"], 3),
+            },
             **(extra or {}),
         )
-        how = "" if self.engine is None else (
-            f" with {self.engine.engine} {self.engine.precision} (model {self.timing['model_s']:.1f}s, "
-            f"waiting for decode {self.timing['wait_s']:.1f}s)")
+        how = (
+            ""
+            if self.engine is None
+            else (
+                f" with {self.engine.engine} {self.engine.precision} (model {self.timing['model_s']:.1f}s, "
+                f"waiting for decode {self.timing['wait_s']:.1f}s)"
+            )
+        )
         logger.info(
             f"[embed:{family}] embedded {n_done}, reused {summary['reused']}, failed "
             f"{len(failures)} in {summary['seconds']:.1f}s ({summary['images_per_s']:.1f} img/s){how}; "
@@ -298,7 +319,4 @@ class EmbedJob:
         return summary
 
 
-__all__ = [
-    "compute_embeddings", "open_index", "load_embeddings", "index_path", "check_coverage",
-    "IndexMismatchError",
-]
+__all__ = ["compute_embeddings", "open_index", "load_embeddings", "index_path", "check_coverage", "IndexMismatchError"]

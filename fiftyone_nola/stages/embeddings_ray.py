@@ -62,9 +62,7 @@ def _import_ray():
         import ray
         import ray.data  # noqa: F401  (ray without the [data] extra lacks pandas/pyarrow)
     except ImportError as e:
-        raise InvalidInputError(
-            f"compute_embeddings_ray needs Ray Data ({e}): pip install 'fiftyone-nola[ray]'"
-        ) from e
+        raise InvalidInputError(f"compute_embeddings_ray needs Ray Data ({e}): pip install 'fiftyone-nola[ray]'") from e
     return ray
 
 
@@ -91,8 +89,7 @@ def compute_embeddings_ray(
     out = {}
     with _connected(ray, rcfg):
         for spec in specs:
-            out[spec.family] = _embed_one_ray(ray, samples, spec, config, rcfg, overwrite,
-                                              progress)
+            out[spec.family] = _embed_one_ray(ray, samples, spec, config, rcfg, overwrite, progress)
     return out
 
 
@@ -223,8 +220,7 @@ class _Shards:
             self.dir.rmdir()
 
 
-def _embed_one_ray(ray, samples, spec, config: EmbedConfig, rcfg: RayEmbedConfig,
-                   overwrite: bool, progress) -> dict:
+def _embed_one_ray(ray, samples, spec, config: EmbedConfig, rcfg: RayEmbedConfig, overwrite: bool, progress) -> dict:
     gpus = _gpus_per_actor(ray, rcfg)
     cfg = _actor_config(config, rcfg, gpus)
     # The driver loads the model only for the store's identity (dim, key, input size).
@@ -246,22 +242,22 @@ def _embed_one_ray(ray, samples, spec, config: EmbedConfig, rcfg: RayEmbedConfig
         job.save()
         if not rcfg.keep_shards:
             shards.clear()  # still locked: a job waiting for the lock may write new shards
-    extra = {"engine": "ray", "actors": actors, "shards": shards.written,
-             "shards_reused": reused}
+    extra = {"engine": "ray", "actors": actors, "shards": shards.written, "shards_reused": reused}
     # runtime_env may carry credentials (env_vars): not for the dataset's run record.
     recorded = {k: v for k, v in asdict(rcfg).items() if k != "runtime_env"}
     return job.finish(run_config={"ray": recorded}, extra=extra)
 
 
-def _run_pipeline(ray, job: EmbedJob, todo: list[int], shards: _Shards, rcfg: RayEmbedConfig,
-                  gpus: float, progress) -> int:
+def _run_pipeline(
+    ray, job: EmbedJob, todo: list[int], shards: _Shards, rcfg: RayEmbedConfig, gpus: float, progress
+) -> int:
     """Embed the samples at positions ``todo`` on an actor pool; one shard per actor call."""
     import pyarrow as pa
 
     family = job.spec.family
     actors = _num_actors(ray, rcfg, gpus)
     size = _call_size(rcfg, len(todo), actors, job.cfg.batch_size)
-    calls = [todo[i:i + size] for i in range(0, len(todo), size)]
+    calls = [todo[i : i + size] for i in range(0, len(todo), size)]
     actors = min(actors, len(calls))
     logger.info(f"[embed:{family}] Ray: {actors} actors, {len(calls)} calls of <= {size} images")
     ctx = ray.data.DataContext.get_current()
@@ -269,8 +265,7 @@ def _run_pipeline(ray, job: EmbedJob, todo: list[int], shards: _Shards, rcfg: Ra
     # In-order results keep the store's row order the local engine's; one block per call.
     ctx.execution_options.preserve_order = True
     try:
-        blocks = [pa.table({"id": [job.ids[j] for j in c], "filepath": [job.paths[j] for j in c]})
-                  for c in calls]
+        blocks = [pa.table({"id": [job.ids[j] for j in c], "filepath": [job.paths[j] for j in c]}) for c in calls]
         ds = ray.data.from_arrow(blocks).map_batches(
             EmbedActor,
             fn_constructor_kwargs={"spec": job.spec, "config": job.cfg, "model_key": job.model.key},

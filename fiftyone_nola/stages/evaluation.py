@@ -34,8 +34,9 @@ def evaluate_single_label(samples, pred_field: str, gt_field: str, eval_key: Opt
     }
 
 
-def final_labels_field(samples, pred_field: str, corrections_field: str = "nola_reviewed",
-                       out_field: Optional[str] = None) -> str:
+def final_labels_field(
+    samples, pred_field: str, corrections_field: str = "nola_reviewed", out_field: Optional[str] = None
+) -> str:
     """A field holding each sample's final label: the reviewer's correction when there is one,
     else the model's prediction (what an export writes). Returns its name."""
     import fiftyone as fo
@@ -45,13 +46,26 @@ def final_labels_field(samples, pred_field: str, corrections_field: str = "nola_
     out_field = out_field or f"{pred_field}_final"
     ids, preds = samples.values(["id", pred_field])
     corr = samples.values(corrections_field) if ds.has_sample_field(corrections_field) else [None] * len(ids)
-    ds.set_values(out_field, {i: (c if c is not None else p) for i, p, c in zip(ids, preds, corr)
-                              if (c if c is not None else p) is not None}, key_field="id")
+    ds.set_values(
+        out_field,
+        {
+            i: (c if c is not None else p)
+            for i, p, c in zip(ids, preds, corr)
+            if (c if c is not None else p) is not None
+        },
+        key_field="id",
+    )
     return out_field
 
 
-def evaluate_multilabel(samples, pred_field: str, gt_field: str, classes: list, scores: Optional[np.ndarray] = None,
-                        ids: Optional[list] = None) -> dict:
+def evaluate_multilabel(
+    samples,
+    pred_field: str,
+    gt_field: str,
+    classes: list,
+    scores: Optional[np.ndarray] = None,
+    ids: Optional[list] = None,
+) -> dict:
     """mAP over classes (+ per-class AP) and precision/recall of the predicted label sets.
 
     ``scores`` (N×C aligned to ``ids``) ranks samples for AP; without it the confidences in
@@ -96,8 +110,7 @@ def evaluate_multilabel(samples, pred_field: str, gt_field: str, classes: list, 
 def _confidences(samples, field: str, ids: list, classes: list) -> np.ndarray:
     ds = fo_io.root_dataset(samples)
     view = ds.select(ids)
-    sids, labels, confs = view.values(["id", f"{field}.classifications.label",
-                                       f"{field}.classifications.confidence"])
+    sids, labels, confs = view.values(["id", f"{field}.classifications.label", f"{field}.classifications.confidence"])
     cidx = {c: i for i, c in enumerate(classes)}
     by_id = {}
     for sid, labs, cs in zip(sids, labels, confs):

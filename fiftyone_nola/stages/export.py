@@ -39,8 +39,10 @@ def _resolve_dir(export_dir: str, overwrite: bool) -> Path:
 def nothing_to_export_message(left_out: dict) -> str:
     """What to tell a user whose export selected nothing, from the counts of what was left out."""
     why = ", ".join(f"{k}: {v}" for k, v in left_out.items() if v) or "no samples"
-    return (f"Nothing to export ({why}). Accept samples in review first, or also export unreviewed "
-            "samples above a confidence (min_confidence).")
+    return (
+        f"Nothing to export ({why}). Accept samples in review first, or also export unreviewed "
+        "samples above a confidence (min_confidence)."
+    )
 
 
 def suggest_export_dir(samples, label_field: str = "nola") -> str:
@@ -55,9 +57,14 @@ def suggest_export_dir(samples, label_field: str = "nola") -> str:
     return str(d)
 
 
-def plan_export(samples, label_field: str = "nola", min_confidence: Optional[float] = None,
-                corrections_field: str = CORRECTIONS_FIELD, require_accepted: bool = True,
-                multilabel: bool = False) -> tuple[list, dict, dict, list]:
+def plan_export(
+    samples,
+    label_field: str = "nola",
+    min_confidence: Optional[float] = None,
+    corrections_field: str = CORRECTIONS_FIELD,
+    require_accepted: bool = True,
+    multilabel: bool = False,
+) -> tuple[list, dict, dict, list]:
     """Which samples an export would write, without writing: ``(ids, final labels by id,
     counts left out by reason, corrections)``."""
     ds = fo_io.root_dataset(samples)
@@ -65,8 +72,7 @@ def plan_export(samples, label_field: str = "nola", min_confidence: Optional[flo
     ids, tags, paths = samples.values(["id", "tags", "filepath"])
     preds = samples.values(label_field)
     corr = samples.values(corrections_field) if has_corr else [None] * len(ids)
-    keep, left_out = [], {"rejected": 0, "not accepted": 0, "below confidence": 0, "no label": 0,
-                          "unreadable": 0}
+    keep, left_out = [], {"rejected": 0, "not accepted": 0, "below confidence": 0, "no label": 0, "unreadable": 0}
     final = {}
     for sid, tg, pred, cr in zip(ids, tags, preds, corr):
         if REJECTED_TAG in tg:
@@ -124,8 +130,9 @@ def export_accepted(
     out_dir = _resolve_dir(export_dir, overwrite)
 
     ds = fo_io.root_dataset(samples)
-    keep, final, left_out, corr = plan_export(samples, label_field, min_confidence, corrections_field,
-                                              require_accepted, multilabel)
+    keep, final, left_out, corr = plan_export(
+        samples, label_field, min_confidence, corrections_field, require_accepted, multilabel
+    )
     if not keep:
         raise InvalidInputError(nothing_to_export_message(left_out))
     renamed = {}
@@ -141,11 +148,17 @@ def export_accepted(
     view = ds.select(keep)
     try:
         if format == "classification-tree":
-            view.export(export_dir=str(out_dir), dataset_type=fo.types.ImageClassificationDirectoryTree,
-                        label_field=EXPORT_FIELD, overwrite=overwrite, progress=False)
+            view.export(
+                export_dir=str(out_dir),
+                dataset_type=fo.types.ImageClassificationDirectoryTree,
+                label_field=EXPORT_FIELD,
+                overwrite=overwrite,
+                progress=False,
+            )
         elif format == "fiftyone":
-            view.export(export_dir=str(out_dir), dataset_type=fo.types.FiftyOneDataset, overwrite=overwrite,
-                        progress=False)
+            view.export(
+                export_dir=str(out_dir), dataset_type=fo.types.FiftyOneDataset, overwrite=overwrite, progress=False
+            )
         elif format == "csv":
             out_dir.mkdir(parents=True, exist_ok=True)
             _write_csv(view, out_dir / "labels.csv", multilabel)
@@ -154,9 +167,15 @@ def export_accepted(
             _write_coco(view, out_dir / "labels.json", multilabel)
     finally:
         ds.delete_sample_field(EXPORT_FIELD)
-    report = {"exported": len(keep), "left_out": left_out, "format": format, "export_dir": str(out_dir),
-              "renamed_labels": renamed,
-              "label_field": label_field, "corrections_used": sum(c is not None for c in corr)}
+    report = {
+        "exported": len(keep),
+        "left_out": left_out,
+        "format": format,
+        "export_dir": str(out_dir),
+        "renamed_labels": renamed,
+        "label_field": label_field,
+        "corrections_used": sum(c is not None for c in corr),
+    }
     fo_io.write_text_atomic(out_dir / "export_report.json", report)
     return report
 
@@ -186,7 +205,9 @@ def _write_coco(view, path: Path, multilabel: bool) -> None:
         "categories": [{"id": cid[c], "name": c} for c in cats],
         "images": [{"id": i + 1, "file_name": os.path.basename(fp), "path": fp} for i, (fp, _) in enumerate(labels)],
         # image-level labels: one annotation per (image, class), no boxes
-        "annotations": [{"id": n + 1, "image_id": i + 1, "category_id": cid[c]}
-                        for n, (i, c) in enumerate((i, c) for i, (_, ls) in enumerate(labels) for c in ls)],
+        "annotations": [
+            {"id": n + 1, "image_id": i + 1, "category_id": cid[c]}
+            for n, (i, c) in enumerate((i, c) for i, (_, ls) in enumerate(labels) for c in ls)
+        ],
     }
     path.write_text(json.dumps(coco, indent=1))

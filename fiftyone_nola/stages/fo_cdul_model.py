@@ -46,8 +46,7 @@ class _Filepath(fout.GetItem):
 class NolaMultiLabelModel(NolaModel):
     """A saved CDUL head over CLIP (and DINO) features; ``classes`` is its class list."""
 
-    def __init__(self, head, info: dict, encoders: list[LoadedModel], config: MultiLabelConfig,
-                 device: torch.device):
+    def __init__(self, head, info: dict, encoders: list[LoadedModel], config: MultiLabelConfig, device: torch.device):
         super().__init__(device)
         self.head = head
         self.classes = list(info["classes"])
@@ -67,8 +66,7 @@ class NolaMultiLabelModel(NolaModel):
         if loaded.key not in self._prepared:  # an engine model is converted/loaded once
             self._prepared[loaded.key] = prepare_encoder(loaded, self._embed, paths)
         out = np.full((len(paths), loaded.embed_dim), np.nan, dtype=np.float32)
-        for idx, vecs, _ in iter_embeddings(loaded, paths, self._embed,
-                                            encoder=self._prepared[loaded.key]):
+        for idx, vecs, _ in iter_embeddings(loaded, paths, self._embed, encoder=self._prepared[loaded.key]):
             out[idx] = normalize_rows(vecs) if len(vecs) else vecs
         return out
 
@@ -85,8 +83,9 @@ class NolaMultiLabelModel(NolaModel):
         return [fo_io.multilabel_labels(self.classes, row, pos) for row, pos in zip(scores, positives)]
 
 
-def load_multilabel_model(head_path, config: Optional[MultiLabelConfig] = None,
-                          classes: Optional[Sequence[str]] = None) -> NolaMultiLabelModel:
+def load_multilabel_model(
+    head_path, config: Optional[MultiLabelConfig] = None, classes: Optional[Sequence[str]] = None
+) -> NolaMultiLabelModel:
     """The CDUL head saved at ``head_path`` (``classifier.pt``) as a FiftyOne model.
 
     ``config`` gives the models whose features it reads (``clip``, ``dino``), the embedding
@@ -105,5 +104,6 @@ def load_multilabel_model(head_path, config: Optional[MultiLabelConfig] = None,
     if (saved is not None and saved != keys) or dim != info["in_features"]:
         raise IndexMismatchError(
             f"The head at {head_path} was trained on {saved or info['in_features']} features, not "
-            f"{keys} ({dim} dims): pass the MultiLabelConfig (clip, dino) it was trained with.")
+            f"{keys} ({dim} dims): pass the MultiLabelConfig (clip, dino) it was trained with."
+        )
     return NolaMultiLabelModel(head, info, encoders, config, device)

@@ -13,12 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from fiftyone_nola.core.errors import (
-    DatabaseUnavailableError,
-    DatasetNotFoundError,
-    EmptyViewError,
-    InvalidInputError,
-)
+from fiftyone_nola.core.errors import DatabaseUnavailableError, DatasetNotFoundError, EmptyViewError, InvalidInputError
 from fiftyone_nola.core.storage import file_lock, nola_home, write_json_atomic
 
 UNREADABLE_TAG = "nola:unreadable"
@@ -37,11 +32,12 @@ def _db_hint(e: Exception) -> str:
     uri = os.environ.get("FIFTYONE_DATABASE_URI")
     what = f"{type(e).__name__}: {e}"
     if uri:
-        return (f"Could not reach the MongoDB at FIFTYONE_DATABASE_URI={uri} ({what}). Start that server "
-                f"or fix the URI.")
+        return f"Could not reach the MongoDB at FIFTYONE_DATABASE_URI={uri} ({what}). Start that server or fix the URI."
     if "ServiceExecutableNotFound" in what or "could not be installed" in what or "find `mongod`" in what:
-        return (f"Could not reach FiftyOne's embedded database ({what}): its mongod is not installed. Run "
-                f"`make setup`, or start your MongoDB and set FIFTYONE_DATABASE_URI.")
+        return (
+            f"Could not reach FiftyOne's embedded database ({what}): its mongod is not installed. Run "
+            f"`make setup`, or start your MongoDB and set FIFTYONE_DATABASE_URI."
+        )
     log = _database_dir() / "log" / "mongo.log"
     return (
         f"Could not reach FiftyOne's embedded database ({what}): its mongod did not start. See its log "
@@ -71,7 +67,6 @@ def connect_database(attempts: int = 3, backoff_s: float = 2.0) -> None:
     """
     import time
 
-
     _fo()
     import fiftyone.core.odm.database as fodb
 
@@ -99,7 +94,7 @@ def connect_database(attempts: int = 3, backoff_s: float = 2.0) -> None:
                 last = e
                 _forget_database_service(fodb)
                 if attempt + 1 < attempts:
-                    time.sleep(backoff_s * 2 ** attempt)
+                    time.sleep(backoff_s * 2**attempt)
         raise DatabaseUnavailableError(_db_hint(last)) from last
 
 
@@ -137,8 +132,7 @@ def get_dataset(name: str):
     if name not in names:
         shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
         raise DatasetNotFoundError(
-            f"No dataset named {name!r}. Existing datasets: {shown or '(none)'}. "
-            f"Create one with --images DIR."
+            f"No dataset named {name!r}. Existing datasets: {shown or '(none)'}. Create one with --images DIR."
         )
     return fo.load_dataset(name)
 
@@ -156,9 +150,7 @@ def dataset_id(samples) -> str:
 def ids_and_paths(samples) -> tuple[list[str], list[str]]:
     """Sample ids and filepaths of a non-empty collection, in one query."""
     if len(samples) == 0:
-        raise EmptyViewError(
-            "The dataset or view has no samples. Add images, or clear the view's filters."
-        )
+        raise EmptyViewError("The dataset or view has no samples. Add images, or clear the view's filters.")
     ids, paths = samples.values(["id", "filepath"])
     return list(ids), list(paths)
 
@@ -197,20 +189,14 @@ def _write_in_chunks(samples, ids: Sequence[str], field: str, make_value) -> int
 
 
 def write_classifications(
-    samples,
-    ids: Sequence[str],
-    classes: Sequence[str],
-    probs: np.ndarray,
-    field: str,
-    store_logits: bool = False,
+    samples, ids: Sequence[str], classes: Sequence[str], probs: np.ndarray, field: str, store_logits: bool = False
 ) -> int:
     """Write argmax labels with confidence for the rows of ``probs`` that are finite.
 
     Rows with NaN (no embedding, unreadable image) are written as None. Returns rows written.
     """
     probs = np.asarray(probs, dtype=np.float32)
-    return _write_in_chunks(samples, ids, field,
-                            lambda j: classification_label(classes, probs[j], store_logits))
+    return _write_in_chunks(samples, ids, field, lambda j: classification_label(classes, probs[j], store_logits))
 
 
 def classification_label(classes: Sequence[str], row: np.ndarray, store_logits: bool = False):
@@ -225,18 +211,12 @@ def classification_label(classes: Sequence[str], row: np.ndarray, store_logits: 
 
 
 def write_multilabel(
-    samples,
-    ids: Sequence[str],
-    classes: Sequence[str],
-    scores: np.ndarray,
-    positives: np.ndarray,
-    field: str,
+    samples, ids: Sequence[str], classes: Sequence[str], scores: np.ndarray, positives: np.ndarray, field: str
 ) -> int:
     """Write ``fo.Classifications`` of the positive classes of each row, with their scores."""
     scores = np.asarray(scores)
     positives = np.asarray(positives, dtype=bool)
-    return _write_in_chunks(samples, ids, field,
-                            lambda j: multilabel_labels(classes, scores[j], positives[j]))
+    return _write_in_chunks(samples, ids, field, lambda j: multilabel_labels(classes, scores[j], positives[j]))
 
 
 def multilabel_labels(classes: Sequence[str], row: np.ndarray, positives: np.ndarray):
@@ -245,10 +225,11 @@ def multilabel_labels(classes: Sequence[str], row: np.ndarray, positives: np.nda
     if not np.all(np.isfinite(row)):
         return None
     fo = _fo()
-    return fo.Classifications(classifications=[
-        fo.Classification(label=classes[i], confidence=float(row[i]))
-        for i in np.argsort(-row) if positives[i]
-    ])
+    return fo.Classifications(
+        classifications=[
+            fo.Classification(label=classes[i], confidence=float(row[i])) for i in np.argsort(-row) if positives[i]
+        ]
+    )
 
 
 def read_single_labels(samples, field: str, ids: Sequence[str]) -> list[Optional[str]]:
@@ -304,7 +285,8 @@ def list_images(directory: str, recursive: bool = True) -> list[str]:
         raise InvalidInputError(f"Image directory {root} does not exist or is not a directory")
     pattern = "**/*" if recursive else "*"
     files = sorted(
-        str(p.resolve()) for p in root.glob(pattern)
+        str(p.resolve())
+        for p in root.glob(pattern)
         if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or p.is_symlink())
     )
     if not files:

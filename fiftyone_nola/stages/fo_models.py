@@ -158,13 +158,20 @@ class NolaTunedModel(NolaModel, fom.LogitsMixin):
         feats, _, _ = self._forward(args)
         return feats
 
-    def predict_files(self, filepaths: Sequence[str], batch_size: int, num_workers: int,
-                      precision: str = "auto", progress: ProgressFn = null_progress,
-                      engine: str = "auto"):
+    def predict_files(
+        self,
+        filepaths: Sequence[str],
+        batch_size: int,
+        num_workers: int,
+        precision: str = "auto",
+        progress: ProgressFn = null_progress,
+        engine: str = "auto",
+    ):
         """The library's batch path (``predict`` stage): ``(N×C probs, failures)`` with the
         inference engine and precision of ``core/engines.py``."""
-        return pt.predict_tuned(self.tuned, filepaths, batch_size, num_workers, self.device,
-                                precision, progress, engine=engine)
+        return pt.predict_tuned(
+            self.tuned, filepaths, batch_size, num_workers, self.device, precision, progress, engine=engine
+        )
 
 
 def _to_pil(img) -> Image.Image:
@@ -173,8 +180,9 @@ def _to_pil(img) -> Image.Image:
     return to_rgb(Image.fromarray(np.asarray(img)))
 
 
-def load_model(model_dir, clip: Optional[ClipSpec] = None, classes: Optional[Sequence[str]] = None,
-               device: Optional[str] = None) -> NolaTunedModel:
+def load_model(
+    model_dir, clip: Optional[ClipSpec] = None, classes: Optional[Sequence[str]] = None, device: Optional[str] = None
+) -> NolaTunedModel:
     """The tuned model saved in ``model_dir`` as a FiftyOne model.
 
     ``clip``: the CLIP it was tuned on (default ``ClipSpec()``); ``classes``, when given, must be

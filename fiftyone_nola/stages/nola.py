@@ -30,13 +30,7 @@ from fiftyone_nola.core.progress import ProgressFn, null_progress
 from fiftyone_nola.core.templates import resolve_templates
 from fiftyone_nola.core.text_cache import class_weights_from_texts
 from fiftyone_nola.stages import fo_io, runs
-from fiftyone_nola.stages.artifacts import (
-    aligned,
-    load_array,
-    save_array_bundle,
-    stage_dir,
-    stage_meta,
-)
+from fiftyone_nola.stages.artifacts import aligned, load_array, save_array_bundle, stage_dir, stage_meta
 from fiftyone_nola.stages.fo_models import load_model as load_tuned_model
 from fiftyone_nola.stages.stage import StageRun
 
@@ -70,9 +64,7 @@ def class_descriptions(classes: Sequence[str], config: ZeroShotConfig):
     if config.descriptions_file:
         return dsc.load_descriptions(config.descriptions_file, classes)
     if config.use_llm:
-        return dsc.generate_descriptions(
-            classes, dsc.DescribeConfig(model=config.llm_model, host=config.llm_host)
-        )
+        return dsc.generate_descriptions(classes, dsc.DescribeConfig(model=config.llm_model, host=config.llm_host))
     logger.info("[zeroshot] no descriptions file and LLM off: class texts are the templates alone")
     return dsc.template_descriptions(classes)
 
@@ -93,23 +85,44 @@ def zero_shot(
     desc = descriptions if descriptions is not None else class_descriptions(classes, config)
     template_set, templates = resolve_templates(config.templates, classes)
     logger.info(f"[zeroshot] templates: {template_set} ({len(templates)} per class)")
-    texts = {c: desc.texts_for(c, templates=templates, include_templates=config.include_templates,
-                               max_descriptions=config.max_descriptions_per_class) for c in classes}
+    texts = {
+        c: desc.texts_for(
+            c,
+            templates=templates,
+            include_templates=config.include_templates,
+            max_descriptions=config.max_descriptions_per_class,
+        )
+        for c in classes
+    }
     W, tinfo = class_weights_from_texts(config.clip, texts, classes, resolve_device(config.device))
-    clip_identity = {"key": spec_key(config.clip), "random_init": bool(config.clip.random_init
-                                                                        or not config.clip.pretrained)}
+    clip_identity = {
+        "key": spec_key(config.clip),
+        "random_init": bool(config.clip.random_init or not config.clip.pretrained),
+    }
     probs = np.full((len(run.ids), len(classes)), np.nan, dtype=np.float32)
     probs[ok] = zs.softmax(zs.zeroshot_logits(emb[ok], W, config.logit_scale)).astype(np.float32)
     with run.writing() as d:
         written = fo_io.write_classifications(samples, run.ids, classes, probs, label_field, config.store_logits)
-        meta = {"classes": list(classes), "clip": clip_identity, "field": label_field,
-                "descriptions_source": getattr(desc, "source", {}), "templates": template_set,
-                "n_texts": {c: len(t) for c, t in texts.items()}}
+        meta = {
+            "classes": list(classes),
+            "clip": clip_identity,
+            "field": label_field,
+            "descriptions_source": getattr(desc, "source", {}),
+            "templates": template_set,
+            "n_texts": {c: len(t) for c, t in texts.items()},
+        }
         save_array_bundle(d, run.ids, {"probs": probs}, meta, shared={"class_weights": W.astype(np.float32)})
-        summary = run.record(config, labelled=written, skipped=len(run.ids) - written, classes=len(classes),
-                             random_init=clip_identity["random_init"], templates=template_set,
-                             texts_encoded=tinfo["encoded"], texts_cached=tinfo["cached"],
-                             warnings=list(getattr(desc, "warnings", [])))
+        summary = run.record(
+            config,
+            labelled=written,
+            skipped=len(run.ids) - written,
+            classes=len(classes),
+            random_init=clip_identity["random_init"],
+            templates=template_set,
+            texts_encoded=tinfo["encoded"],
+            texts_cached=tinfo["cached"],
+            warnings=list(getattr(desc, "warnings", [])),
+        )
     logger.info(f"[zeroshot] {written} samples -> field '{label_field}' in {summary['seconds']:.2f}s")
     return summary
 
@@ -159,28 +172,40 @@ def dino_labels(
     probs[ok] = res.probs
     with run.writing() as d:
         written = fo_io.write_classifications(samples, run.ids, classes, probs, label_field)
-        dl.save_labeler(d / "labeler", res.model, classes, {"dino_key": spec_key(dino),
-                                                             "features": config.features})
+        dl.save_labeler(d / "labeler", res.model, classes, {"dino_key": spec_key(dino), "features": config.features})
         teacher = np.full(len(run.ids), -1, dtype=np.int64)
         teacher[ok] = np.argmax(res.probs, axis=1)
-        save_array_bundle(d, run.ids, {"probs": probs, "teacher": teacher},
-                          {"classes": classes, "field": label_field, "k": int(res.k),
-                           "selected": int(len(res.selected_indices)), "zeroshot_field": zeroshot_field})
-        warnings = [re.sub(r"^class (\d+):", lambda m: f"class {classes[int(m.group(1))]!r}:", w)
-                    for w in res.warnings]
+        save_array_bundle(
+            d,
+            run.ids,
+            {"probs": probs, "teacher": teacher},
+            {
+                "classes": classes,
+                "field": label_field,
+                "k": int(res.k),
+                "selected": int(len(res.selected_indices)),
+                "zeroshot_field": zeroshot_field,
+            },
+        )
+        warnings = [re.sub(r"^class (\d+):", lambda m: f"class {classes[int(m.group(1))]!r}:", w) for w in res.warnings]
         for w in warnings:
             logger.info(f"[dino] {w}")
-        summary = run.record({"labeler": config, "dino": dino, "zeroshot_field": zeroshot_field,
-                              "trusted_field": trusted_field},
-                             labelled=written, k=int(res.k), selected_for_training=int(len(res.selected_indices)),
-                             trusted=len(trusted or {}), warnings=warnings)
-    logger.info(f"[dino] k={res.k}, trained on {len(res.selected_indices)} picks, labelled {written} -> "
-                f"'{label_field}' in {summary['seconds']:.2f}s")
+        summary = run.record(
+            {"labeler": config, "dino": dino, "zeroshot_field": zeroshot_field, "trusted_field": trusted_field},
+            labelled=written,
+            k=int(res.k),
+            selected_for_training=int(len(res.selected_indices)),
+            trusted=len(trusted or {}),
+            warnings=warnings,
+        )
+    logger.info(
+        f"[dino] k={res.k}, trained on {len(res.selected_indices)} picks, labelled {written} -> "
+        f"'{label_field}' in {summary['seconds']:.2f}s"
+    )
     return summary
 
 
-def _trusted_picks(samples, trusted_field: Optional[str], ids: list, classes: list,
-                   ok: np.ndarray) -> Optional[dict]:
+def _trusted_picks(samples, trusted_field: Optional[str], ids: list, classes: list, ok: np.ndarray) -> Optional[dict]:
     """Reviewed labels of ``trusted_field`` as ``{row among the ok rows: class index}``."""
     if not trusted_field:
         return None
@@ -193,10 +218,7 @@ def _trusted_picks(samples, trusted_field: Optional[str], ids: list, classes: li
 
 
 def dino_labels_apply(
-    samples,
-    zeroshot_field: str = "nola_zeroshot",
-    dino: Optional[DinoSpec] = None,
-    label_field: str = "nola_dino",
+    samples, zeroshot_field: str = "nola_zeroshot", dino: Optional[DinoSpec] = None, label_field: str = "nola_dino"
 ) -> dict:
     """Label ``samples`` with the DINO labeller saved by :func:`dino_labels`, without training.
 
@@ -222,8 +244,7 @@ def dino_labels_apply(
         written = fo_io.write_classifications(samples, run.ids, classes, probs, label_field)
         save_array_bundle(d, run.ids, {"probs": probs, "teacher": teacher}, meta)
         summary = run.record((prev or {}).get("config") or {}, labelled=written, retrained=False)
-    logger.info(f"[dino] saved labeller applied to {written} samples -> '{label_field}' in "
-                f"{summary['seconds']:.2f}s")
+    logger.info(f"[dino] saved labeller applied to {written} samples -> '{label_field}' in {summary['seconds']:.2f}s")
     return summary
 
 
@@ -246,8 +267,9 @@ class TuneInputs:
         return self.model_dir / "checkpoints"
 
 
-def tune_inputs(samples, zeroshot_field: str = "nola_zeroshot", teacher_field: str = "nola_dino",
-                run_name: str = "nola") -> TuneInputs:
+def tune_inputs(
+    samples, zeroshot_field: str = "nola_zeroshot", teacher_field: str = "nola_dino", run_name: str = "nola"
+) -> TuneInputs:
     """The images, cached teacher labels and CDE weights of the tuning stage, checked."""
     W, classes = load_class_weights(samples, zeroshot_field)
     d_t = stage_dir(samples, teacher_field)
@@ -264,10 +286,18 @@ def tune_on_inputs(clip_model, inputs: TuneInputs, config, progress: ProgressFn 
 
     Under torchrun every rank calls this; only rank 0 deletes a stale checkpoint and says so.
     """
+
     def run():
-        return pt.tune(clip_model, inputs.paths, inputs.teacher, inputs.class_weights, config,
-                       checkpoint_dir=inputs.checkpoint_dir, progress=progress,
-                       classes=inputs.classes)
+        return pt.tune(
+            clip_model,
+            inputs.paths,
+            inputs.teacher,
+            inputs.class_weights,
+            config,
+            checkpoint_dir=inputs.checkpoint_dir,
+            progress=progress,
+            classes=inputs.classes,
+        )
 
     try:
         return run()
@@ -303,15 +333,27 @@ def tune_prompts(
     classes, model_dir = inputs.classes, inputs.model_dir
     clip_model = load_clip(clip_spec, device)
     n_teacher = int((inputs.teacher >= 0).sum())
-    logger.info(f"[tune] {n_teacher} teacher-labelled samples; epochs={config.epochs} "
-                f"batch={config.batch_size} max_samples={config.max_samples} device={device}")
+    logger.info(
+        f"[tune] {n_teacher} teacher-labelled samples; epochs={config.epochs} "
+        f"batch={config.batch_size} max_samples={config.max_samples} device={device}"
+    )
     result = tune_on_inputs(clip_model, inputs, config, progress)
-    pt.save_tuned(model_dir, result.model, classes, clip_model.identity, config,
-                  {"zeroshot_field": zeroshot_field, "teacher_field": teacher_field,
-                   "selected_epoch": result.selected_epoch})
-    summary = run.record({"tune": config.as_recorded(), "clip": clip_spec, "teacher_field": teacher_field},
-                         teacher_labelled=n_teacher, model_dir=str(model_dir), epochs=config.epochs,
-                         selected_epoch=result.selected_epoch, history=result.history)
+    pt.save_tuned(
+        model_dir,
+        result.model,
+        classes,
+        clip_model.identity,
+        config,
+        {"zeroshot_field": zeroshot_field, "teacher_field": teacher_field, "selected_epoch": result.selected_epoch},
+    )
+    summary = run.record(
+        {"tune": config.as_recorded(), "clip": clip_spec, "teacher_field": teacher_field},
+        teacher_labelled=n_teacher,
+        model_dir=str(model_dir),
+        epochs=config.epochs,
+        selected_epoch=result.selected_epoch,
+        history=result.history,
+    )
     logger.info(f"[tune] saved tuned model to {model_dir} ({summary['seconds']:.1f}s)")
     return summary
 
@@ -348,17 +390,21 @@ def predict(
     model = load_tuned_model(model_dir, clip, device=device)  # the FiftyOne model apply_model runs
     cfg = resolve(config or PredictConfig(), model.device)
     classes = model.classes
-    probs, failed = model.predict_files(run.paths, cfg.batch_size, cfg.num_workers, cfg.precision, progress,
-                                        engine=cfg.engine)
+    probs, failed = model.predict_files(
+        run.paths, cfg.batch_size, cfg.num_workers, cfg.precision, progress, engine=cfg.engine
+    )
     ran = getattr(model.tuned, "last_engine", None)
     with run.writing() as d:
         written = fo_io.write_classifications(samples, run.ids, classes, probs, label_field)
         fo_io.tag_samples(samples, [run.ids[i] for i, _ in failed], fo_io.UNREADABLE_TAG)
-        save_array_bundle(d, run.ids, {"probs": probs}, {"classes": classes, "field": label_field,
-                                                          "model_dir": str(model_dir)})
-        summary = run.record({"model_dir": str(model_dir), "precision": cfg.precision,
-                              "model_id": model.tuned.model_id},
-                             labelled=written, failed=len(failed),
-                             inference=None if ran is None else {"engine": ran.engine, "precision": ran.precision})
+        save_array_bundle(
+            d, run.ids, {"probs": probs}, {"classes": classes, "field": label_field, "model_dir": str(model_dir)}
+        )
+        summary = run.record(
+            {"model_dir": str(model_dir), "precision": cfg.precision, "model_id": model.tuned.model_id},
+            labelled=written,
+            failed=len(failed),
+            inference=None if ran is None else {"engine": ran.engine, "precision": ran.precision},
+        )
     logger.info(f"[predict] {written} samples -> '{label_field}' in {summary['seconds']:.1f}s")
     return summary

@@ -44,6 +44,8 @@ def up_to_date(samples, key: str, config) -> bool:
     """Whether run ``key`` was recorded with ``config`` (same settings: its outputs are reusable)."""
     run = runs.get_run(samples, key)
     return run is not None and _config_json(run.get("config")) == _config_json(config)
+
+
 def zeroshot_config(config) -> ZeroShotConfig:
     """The zero-shot settings of a pipeline config (``AutoLabelConfig``)."""
     # The user's device setting (not the resolved one) is what runs recorded: same JSON, same run.
@@ -105,15 +107,20 @@ class Plan:
     model_dir: Optional[Path] = None
 
 
-def decide(samples, classes, config, ids: list, changed: set,
-            device: torch.device) -> Plan:
+def decide(samples, classes, config, ids: list, changed: set, device: torch.device) -> Plan:
     zs_cfg = zeroshot_config(config)
-    zs_full = (config.force or not up_to_date(samples, runs.run_key_for(config.zeroshot_field), zs_cfg)
-               or stored_classes(samples, config.zeroshot_field) != classes)
+    zs_full = (
+        config.force
+        or not up_to_date(samples, runs.run_key_for(config.zeroshot_field), zs_cfg)
+        or stored_classes(samples, config.zeroshot_field) != classes
+    )
     zs_todo = list(ids) if zs_full else missing(samples, config.zeroshot_field, ids, changed)
     dl_cfg = dataclasses.replace(config.dino_labeler, device=config.device)
-    dl_full = (zs_full or not up_to_date(samples, runs.run_key_for(config.dino_field), dino_run_config(dl_cfg, config))
-               or not (stage_dir(samples, config.dino_field) / "labeler").is_file())
+    dl_full = (
+        zs_full
+        or not up_to_date(samples, runs.run_key_for(config.dino_field), dino_run_config(dl_cfg, config))
+        or not (stage_dir(samples, config.dino_field) / "labeler").is_file()
+    )
     dl_todo = list(ids) if dl_full else sorted(set(missing(samples, config.dino_field, ids, changed)) | set(zs_todo))
     tune_cfg = model_dir = None
     tune_full, pred_todo = False, []
@@ -121,8 +128,12 @@ def decide(samples, classes, config, ids: list, changed: set,
         tune_cfg = tune_config(config, device)
         model_dir = stage_dir(samples, f"{config.tuned_field}_model")
         tune_run = {"tune": tune_cfg.as_recorded(), "clip": config.clip, "teacher_field": config.dino_field}
-        tune_full = (dl_full or config.force or not (model_dir / "meta.json").is_file()
-                     or not up_to_date(samples, runs.run_key_for(f"{config.tuned_field}_model"), tune_run))
+        tune_full = (
+            dl_full
+            or config.force
+            or not (model_dir / "meta.json").is_file()
+            or not up_to_date(samples, runs.run_key_for(f"{config.tuned_field}_model"), tune_run)
+        )
         pred_full = tune_full or not predict_up_to_date(samples, config.tuned_field, model_dir)
         pred_todo = list(ids) if pred_full else missing(samples, config.tuned_field, ids, changed)
     return Plan(zs_todo, dl_todo, pred_todo, dl_full, tune_full, zs_cfg, dl_cfg, tune_cfg, model_dir)
@@ -150,22 +161,23 @@ def plan_stages(samples, classes, config, extra_new: int = 0) -> tuple[dict, dic
     ids, paths = fo_io.ids_and_paths(samples)
     emb = {spec.family: embed_todo(samples, spec, ids, paths) for spec in (config.clip, config.dino)}
     plan = decide(samples, classes, config, ids, emb["clip"] | emb["dino"], resolve_device(config.device))
-    todo = {"clip": len(emb["clip"]), "dino": len(emb["dino"]), "zeroshot": len(plan.zeroshot),
-            "dino_labeler": len(plan.dino_labeler), "predict": len(plan.predict)}
+    todo = {
+        "clip": len(emb["clip"]),
+        "dino": len(emb["dino"]),
+        "zeroshot": len(plan.zeroshot),
+        "dino_labeler": len(plan.dino_labeler),
+        "predict": len(plan.predict),
+    }
     todo = {k: v + max(extra_new, 0) for k, v in todo.items()}
     return todo, {"dino_labeler": plan.retrain_labeler, "prompt_tuning": plan.retrain_tuning}
 
 
-
 def dino_run_config(dl_cfg, config) -> dict:
     """What the DINO labeller stage records as its settings in a pipeline run."""
-    return {"labeler": dl_cfg, "dino": config.dino, "zeroshot_field": config.zeroshot_field,
-            "trusted_field": None}
+    return {"labeler": dl_cfg, "dino": config.dino, "zeroshot_field": config.zeroshot_field, "trusted_field": None}
 
 
 def stored_classes(samples, zeroshot_field: str):
     """The class list the stage of ``zeroshot_field`` stored, None before it ran."""
     p = stage_dir(samples, zeroshot_field) / "meta.json"
     return read_json(p).get("classes") if p.exists() else None
-
-

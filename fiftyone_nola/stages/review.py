@@ -59,8 +59,14 @@ def flag_for_review(
         samples.untag_samples(tag)
     flagged = [ids[i] for i in np.flatnonzero(flag)]
     fo_io.tag_samples(samples, flagged, tag)
-    return {"field": field, "flagged": len(flagged), "samples": len(ids), "tag": tag,
-            "threshold": threshold, "bottom_k_per_class": bottom_k_per_class}
+    return {
+        "field": field,
+        "flagged": len(flagged),
+        "samples": len(ids),
+        "tag": tag,
+        "threshold": threshold,
+        "bottom_k_per_class": bottom_k_per_class,
+    }
 
 
 def class_table(samples, field: str = "nola", gt_field: Optional[str] = None) -> list[dict]:
@@ -72,10 +78,14 @@ def class_table(samples, field: str = "nola", gt_field: Optional[str] = None) ->
     for lab in sorted({x for x in labels if x is not None}):
         idx = [i for i, x in enumerate(labels) if x == lab]
         c = conf[idx]
-        row = {"class": lab, "count": len(idx), "mean_confidence": float(np.nanmean(c)),
-               "min_confidence": float(np.nanmin(c)),
-               "flagged": sum(REVIEW_TAG in tags[i] for i in idx),
-               "accepted": sum(ACCEPTED_TAG in tags[i] for i in idx)}
+        row = {
+            "class": lab,
+            "count": len(idx),
+            "mean_confidence": float(np.nanmean(c)),
+            "min_confidence": float(np.nanmin(c)),
+            "flagged": sum(REVIEW_TAG in tags[i] for i in idx),
+            "accepted": sum(ACCEPTED_TAG in tags[i] for i in idx),
+        }
         if gt is not None:
             known = [i for i in idx if gt[i] is not None]
             row["accuracy"] = float(np.mean([gt[i] == lab for i in known])) if known else None
@@ -116,8 +126,12 @@ def calibration(samples, field: str, gt_field: str, bins: int = 10) -> dict:
     return reliability_curve(conf[has], correct[has], bins)
 
 
-def save_review_views(dataset, field: str = "nola", threshold: float = 0.5,
-                      compare_fields: Sequence[str] = ("nola_zeroshot", "nola_dino", "nola")) -> list[str]:
+def save_review_views(
+    dataset,
+    field: str = "nola",
+    threshold: float = 0.5,
+    compare_fields: Sequence[str] = ("nola_zeroshot", "nola_dino", "nola"),
+) -> list[str]:
     """Saved views: low confidence; stages disagree; per class, least confident first."""
     from fiftyone import ViewField as F
 
@@ -132,12 +146,17 @@ def save_review_views(dataset, field: str = "nola", threshold: float = 0.5,
         for a, b in zip(present, present[1:]):
             e = F(f"{a}.label") != F(f"{b}.label")
             expr = e if expr is None else (expr | e)
-        ds.save_view(VIEW_DISAGREE, ds.match(expr), overwrite=True,
-                     description=f"samples where {', '.join(present)} do not all agree")
+        ds.save_view(
+            VIEW_DISAGREE,
+            ds.match(expr),
+            overwrite=True,
+            description=f"samples where {', '.join(present)} do not all agree",
+        )
         made.append(VIEW_DISAGREE)
     per_class = ds.exists(field).sort_by([(f"{field}.label", 1), (f"{field}.confidence", 1)])
-    ds.save_view(VIEW_LEAST_CONFIDENT, per_class, overwrite=True,
-                 description=f"grouped by {field} label, least confident first")
+    ds.save_view(
+        VIEW_LEAST_CONFIDENT, per_class, overwrite=True, description=f"grouped by {field} label, least confident first"
+    )
     made.append(VIEW_LEAST_CONFIDENT)
     return made
 
@@ -159,8 +178,9 @@ def set_status(samples, status: str) -> int:
     return len(samples)
 
 
-def correct_label(samples, label: str, classes: Optional[Sequence[str]] = None,
-                  corrections_field: str = CORRECTIONS_FIELD) -> int:
+def correct_label(
+    samples, label: str, classes: Optional[Sequence[str]] = None, corrections_field: str = CORRECTIONS_FIELD
+) -> int:
     """Store a reviewer's label for the given samples in ``corrections_field`` and accept them."""
     import fiftyone as fo
 
@@ -168,7 +188,8 @@ def correct_label(samples, label: str, classes: Optional[Sequence[str]] = None,
         raise InvalidInputError(f"{label!r} is not one of the classes: {', '.join(classes)}")
     ids = samples.values("id")
     fo_io.root_dataset(samples).set_values(
-        corrections_field, {i: fo.Classification(label=label, confidence=1.0) for i in ids}, key_field="id")
+        corrections_field, {i: fo.Classification(label=label, confidence=1.0) for i in ids}, key_field="id"
+    )
     set_status(samples, "accepted")
     return len(ids)
 

@@ -19,14 +19,12 @@ from typing import Optional
 import fiftyone as fo
 import numpy as np
 from fiftyone import ViewField as F
-from fiftyone.operators.delegated import DelegatedOperationService
-from fiftyone.operators.executor import ExecutionRunState
 
 from fiftyone_nola.core import review_queue as rq
 from fiftyone_nola.core.errors import InvalidInputError
 from fiftyone_nola.core.index import EmbeddingIndex
 from fiftyone_nola.core.storage import dataset_dir, file_lock
-from fiftyone_nola.stages import fo_io, runs
+from fiftyone_nola.stages import fo_io
 from fiftyone_nola.stages.brain_runs import stored_index_path
 from fiftyone_nola.stages.review import (
     ACCEPTED_TAG,
@@ -52,7 +50,6 @@ CLUSTERS_MAX = 20
 
 
 # ---------------------------------------------------------------------------- class list
-
 
 
 def _one_review_writer(fn):
@@ -143,16 +140,22 @@ def settings(samples) -> dict:
 # ---------------------------------------------------------------------------- flagging
 
 
-def preview(samples, field: str = "nola", threshold: Optional[float] = 0.5, bottom_k: Optional[int] = None,
-            bins: int = 20) -> dict:
+def preview(
+    samples, field: str = "nola", threshold: Optional[float] = 0.5, bottom_k: Optional[int] = None, bins: int = 20
+) -> dict:
     """What a threshold would flag, without writing: count, histogram split at the threshold,
     per-class rows (reviewed / remaining as they would be)."""
     s = snapshot(samples, field)
     flag = rq.flag_mask(s.conf, s.labels, threshold, bottom_k)
-    return {"samples": len(s.ids), "flagged": int(flag.sum()), "threshold": threshold,
-            "reviewed": int((flag & s.reviewed).sum()), "remaining": int((flag & ~s.reviewed).sum()),
-            "histogram": rq.histogram(s.conf, bins, threshold),
-            "classes": rq.class_rows(s.labels, s.conf, flag, s.reviewed, class_list(samples, field))}
+    return {
+        "samples": len(s.ids),
+        "flagged": int(flag.sum()),
+        "threshold": threshold,
+        "reviewed": int((flag & s.reviewed).sum()),
+        "remaining": int((flag & ~s.reviewed).sum()),
+        "histogram": rq.histogram(s.conf, bins, threshold),
+        "classes": rq.class_rows(s.labels, s.conf, flag, s.reviewed, class_list(samples, field)),
+    }
 
 
 def _clusters(samples, ids: list, n_groups: int) -> Optional[np.ndarray]:
@@ -181,8 +184,11 @@ def rank_queue(samples, field: str = "nola", clusters: bool = True) -> int:
     """Recompute ``nola_queue_rank`` for the queued samples; returns the queue length."""
     ds = fo_io.root_dataset(samples)
     q = ds.match_tags(REVIEW_TAG)
-    ids, labels, conf = q.values(["id", f"{field}.label", f"{field}.confidence"]) if ds.has_sample_field(field) \
+    ids, labels, conf = (
+        q.values(["id", f"{field}.label", f"{field}.confidence"])
+        if ds.has_sample_field(field)
         else (q.values("id"), [None] * len(q), [None] * len(q))
+    )
     cl = _clusters(ds, list(ids), len(ids)) if clusters and ids else None
     order = rq.review_order(conf, labels, cl)
     ranks = {ids[j]: r for r, j in enumerate(order)}
@@ -194,8 +200,13 @@ def rank_queue(samples, field: str = "nola", clusters: bool = True) -> int:
 
 
 @_one_review_writer
-def flag_samples(samples, field: str = "nola", threshold: Optional[float] = 0.5, bottom_k: Optional[int] = None,
-                 clusters: bool = True) -> dict:
+def flag_samples(
+    samples,
+    field: str = "nola",
+    threshold: Optional[float] = 0.5,
+    bottom_k: Optional[int] = None,
+    clusters: bool = True,
+) -> dict:
     """Flag what the threshold / bottom-k select, queue those not yet decided, save the views.
 
     Re-flagging never re-queues a sample a reviewer already accepted or rejected; samples no
@@ -217,9 +228,16 @@ def flag_samples(samples, field: str = "nola", threshold: Optional[float] = 0.5,
     ds.save()
     n_queue = rank_queue(ds, field, clusters)
     views = save_views(ds, field)
-    return {"field": field, "threshold": threshold, "bottom_k": bottom_k, "samples": len(s.ids),
-            "flagged": len(flagged), "reviewed": int((flag & s.reviewed).sum()), "queue": n_queue,
-            "views": views}
+    return {
+        "field": field,
+        "threshold": threshold,
+        "bottom_k": bottom_k,
+        "samples": len(s.ids),
+        "flagged": len(flagged),
+        "reviewed": int((flag & s.reviewed).sum()),
+        "queue": n_queue,
+        "views": views,
+    }
 
 
 def save_views(samples, field: str = "nola") -> list[str]:
@@ -228,12 +246,18 @@ def save_views(samples, field: str = "nola") -> list[str]:
     ds = fo_io.root_dataset(samples)
     flagged = ds.match_tags(FLAGGED_TAG)
     views = {
-        VIEW_FLAGGED: (flagged.sort_by(F(f"{field}.confidence")),
-                       "exactly the samples of the last flagging, least confident first"),
-        VIEW_QUEUE: (queue_view(ds), "flagged or suggested and not yet reviewed, in review order "
-                                     "(shrinks as you review)"),
-        VIEW_FLAGGED_PER_CLASS: (flagged.sort_by([(f"{field}.label", 1), (f"{field}.confidence", 1)]),
-                                 f"the flagged samples grouped by {field} label, least confident first"),
+        VIEW_FLAGGED: (
+            flagged.sort_by(F(f"{field}.confidence")),
+            "exactly the samples of the last flagging, least confident first",
+        ),
+        VIEW_QUEUE: (
+            queue_view(ds),
+            "flagged or suggested and not yet reviewed, in review order (shrinks as you review)",
+        ),
+        VIEW_FLAGGED_PER_CLASS: (
+            flagged.sort_by([(f"{field}.label", 1), (f"{field}.confidence", 1)]),
+            f"the flagged samples grouped by {field} label, least confident first",
+        ),
     }
     for name, (view, description) in views.items():
         # The views select by tag, so one definition stays exact as tags change: rewrite only
@@ -252,8 +276,11 @@ def progress(samples) -> dict:
     """Review progress from the dataset itself: decided / flagged, and the queue length."""
     ds = fo_io.root_dataset(samples)
     flagged = ds.match_tags(FLAGGED_TAG)
-    return {"flagged": len(flagged), "reviewed": len(flagged.match_tags([ACCEPTED_TAG, REJECTED_TAG])),
-            "queue": len(ds.match_tags(REVIEW_TAG))}
+    return {
+        "flagged": len(flagged),
+        "reviewed": len(flagged.match_tags([ACCEPTED_TAG, REJECTED_TAG])),
+        "queue": len(ds.match_tags(REVIEW_TAG)),
+    }
 
 
 def queue_view(samples):
@@ -285,8 +312,14 @@ def next_in_queue(samples, after: Optional[str] = None, within=None) -> Optional
 
 
 @_one_review_writer
-def decide(samples, sample_ids: Sequence[str], action: str, label: Optional[str] = None,
-           field: str = "nola", corrections_field: str = CORRECTIONS_FIELD) -> dict:
+def decide(
+    samples,
+    sample_ids: Sequence[str],
+    action: str,
+    label: Optional[str] = None,
+    field: str = "nola",
+    corrections_field: str = CORRECTIONS_FIELD,
+) -> dict:
     """Record a reviewer's decision on samples: ``accept`` (the model's label, or the
     suggestion when one is shown and accepted via ``label``), ``reject``, or ``correct`` to
     ``label`` from the class list. Picking the model's own label is an accept. Decided samples
@@ -356,142 +389,4 @@ def neighbours(samples, sample_ids: Sequence[str], k: int = 6, index=None) -> di
     out = {}
     for sid, sc, hs in zip([i for i, f in zip(ids, found) if f], scores, hits):
         out[sid] = [(h, float(s)) for h, s in zip(hs, sc) if h != sid][:k]
-    return out
-
-
-def sample_card(samples, sample_id: str, field: str = "nola", k: int = 6) -> dict:
-    """What the sample view shows for one sample: each stage's label and confidence, the
-    reviewer's decision or correction, a suggestion, and the nearest neighbours' labels."""
-    ds = fo_io.root_dataset(samples)
-    sample = ds[sample_id]
-    stages = []
-    for f in (*STAGE_FIELDS, SUGGESTED_FIELD, CORRECTIONS_FIELD):
-        if ds.has_sample_field(f) and sample[f] is not None:
-            lab = sample[f]
-            stages.append({"field": f, "label": lab.label,
-                           "confidence": None if lab.confidence is None else round(float(lab.confidence), 3)})
-    nb = neighbours(ds, [sample_id], k).get(sample_id, [])
-    nview = ds.select([n for n, _ in nb])
-    labels = dict(zip(*nview.values(["id", f"{field}.label"]))) if nb and ds.has_sample_field(field) else {}
-    paths = dict(zip(*nview.values(["id", "filepath"]))) if nb else {}
-    tags = list(sample.tags)
-    status = "accepted" if ACCEPTED_TAG in tags else "rejected" if REJECTED_TAG in tags else \
-        "in queue" if REVIEW_TAG in tags else "not flagged"
-    pred = sample[field] if ds.has_sample_field(field) else None
-    sugg = sample[SUGGESTED_FIELD] if ds.has_sample_field(SUGGESTED_FIELD) else None
-    return {"id": sample_id, "filepath": sample.filepath, "status": status, "prediction": getattr(pred, "label", None),
-            "suggestion": getattr(sugg, "label", None) if SUGGESTED_TAG in tags else None,
-            "stages": stages,
-            "neighbours": [{"id": n, "label": labels.get(n), "similarity": round(s, 3), "filepath": paths.get(n)}
-                           for n, s in nb]}
-
-
-@_one_review_writer
-def propagate_corrections(samples, field: str = "nola", min_similarity: float = 0.9, k: int = 10,
-                          corrections_field: str = CORRECTIONS_FIELD, apply: bool = True) -> dict:
-    """Offer each correction to the corrected sample's nearest undecided neighbours that carry
-    the same wrong label: their ``nola_suggested`` gets the reviewer's label (confidence = the
-    similarity), they are tagged ``nola:suggested`` and put in the review queue. Nothing is
-    accepted. With ``apply=False`` only counts what would be touched."""
-    ds = fo_io.root_dataset(samples)
-    if not ds.has_sample_field(corrections_field):
-        return {"corrections": 0, "suggested": 0, "by_label": {}, "ids": []}
-    corr = ds.exists(corrections_field)
-    cids, wrong, right = corr.values(["id", f"{field}.label", f"{corrections_field}.label"])
-    corrections = [(i, w, r) for i, w, r in zip(cids, wrong, right) if w != r]
-    if not corrections:
-        return {"corrections": 0, "suggested": 0, "by_label": {}, "ids": []}
-    nb = neighbours(ds, [c[0] for c in corrections], k)
-    cand = {n for lst in nb.values() for n, _ in lst}
-    cview = ds.select(list(cand))
-    cid, cpred, ctags = cview.values(["id", f"{field}.label", "tags"])
-    predicted = dict(zip(cid, cpred))
-    reviewed = {i for i, t in zip(cid, ctags) if ACCEPTED_TAG in t or REJECTED_TAG in t}
-    sugg = rq.propagation_suggestions(corrections, nb, predicted, reviewed, float(min_similarity))
-    by_label: dict = {}
-    for s in sugg.values():
-        by_label[s["label"]] = by_label.get(s["label"], 0) + 1
-    if apply and sugg:
-        ds.set_values(SUGGESTED_FIELD, {i: fo.Classification(label=s["label"], confidence=s["similarity"])
-                                        for i, s in sugg.items()}, key_field="id")
-        fo_io.tag_samples(ds, list(sugg), SUGGESTED_TAG)
-        fo_io.tag_samples(ds, list(sugg), REVIEW_TAG)
-        rank_queue(ds, field)
-        save_views(ds, field)
-    return {"corrections": len(corrections), "suggested": len(sugg), "by_label": by_label, "ids": sorted(sugg),
-            "min_similarity": float(min_similarity), "applied": bool(apply)}
-
-
-# ---------------------------------------------------------------------------- stages
-
-
-STAGES = (
-    ("CLIP embeddings", "nola_embeddings_clip", None, "compute_embeddings"),
-    ("DINO embeddings", "nola_embeddings_dino", None, "compute_embeddings"),
-    ("Zero-shot (CDE)", "nola_zeroshot", "nola_zeroshot", "zero_shot"),
-    ("DINO labeller", "nola_dino", "nola_dino", "dino_labels"),
-    ("Prompt tuning", "nola_model", None, "tune_prompts"),
-    ("Predictions", "nola", "nola", "apply_tuned_model"),
-)
-
-
-def stage_status(samples) -> list[dict]:
-    """Each stage: has it run, on how many samples, with which model, when, fresh or stale
-    (stale: it ran before a stage it depends on, or samples lack its output)."""
-    ds = fo_io.root_dataset(samples)
-    n = len(samples)
-    rows, prev_time = [], None
-    for name, key, field, op in STAGES:
-        run = runs.get_run(ds, key)
-        count = samples.exists(field).count() if field and ds.has_sample_field(field) else None
-        res = (run or {}).get("results") or {}
-        if run and count is None:
-            count = res.get("index_size") or res.get("samples")
-        when = res.get("recorded_at")
-        cfg = (run or {}).get("config") or {}
-        model = res.get("model_key") or (cfg.get("clip") or {}).get("arch") or (cfg.get("spec") or {}).get("arch") \
-            or (cfg.get("spec") or {}).get("name") or ""
-        if not run:
-            state = "not run"
-        elif (field and count is not None and count < n) or (prev_time and when and when < prev_time):
-            state = "stale"
-        else:
-            state = "fresh"
-        if run and when and "embeddings" not in key:
-            prev_time = when
-        rows.append({"stage": name, "state": state, "samples": f"{count or 0}/{n}", "model": str(model)[:40],
-                     "operator": op, "seconds": round(float(res["seconds"]), 1) if res.get("seconds") else None})
-    return rows
-
-
-def active_jobs(samples, plugin: str) -> list[dict]:
-    """The plugin's delegated operations on this dataset that have not ended, with the progress
-    their operators report (``ctx.set_progress``: a fraction and "message done/total")."""
-    ds = fo_io.root_dataset(samples)
-    jobs = []
-    for state in (ExecutionRunState.RUNNING, ExecutionRunState.QUEUED, ExecutionRunState.SCHEDULED):
-        for op in DelegatedOperationService().list_operations(dataset_name=ds.name, run_state=state):
-            if not str(op.operator).startswith(plugin + "/"):
-                continue
-            status = op.status
-            frac = getattr(status, "progress", None)
-            params = getattr(op.context, "params", None) or {}
-            jobs.append({"id": str(op.id), "operator": op.operator.split("/")[-1], "state": str(state),
-                         "family": params.get("family"), "label": getattr(status, "label", None) or "",
-                         "percent": None if frac is None else round(100 * float(frac))})
-    return jobs
-
-
-def with_jobs(rows: list[dict], jobs: list[dict]) -> list[dict]:
-    """Stage rows with the state of a job running (or waiting) for that stage, e.g. "running 12/40 (30%)"."""
-    out = []
-    for row in rows:
-        row = dict(row)
-        for job in jobs:
-            fam = job.get("family")
-            if job["operator"] == row["operator"] and (fam in (None, "both") or row["stage"].lower().startswith(fam)):
-                done = f" {job['label'].split()[-1]}" if job["label"] else ""
-                pct = f" ({job['percent']}%)" if job["percent"] is not None else ""
-                row["state"] = f"{job['state']}{done}{pct}"
-        out.append(row)
     return out

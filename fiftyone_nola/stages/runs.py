@@ -55,8 +55,12 @@ def get_run(samples, key: str) -> Optional[dict]:
     if key not in ds.list_runs():
         return None
     info = ds.get_run_info(key)
-    out = {"key": key, "method": info.config.method, "timestamp": str(info.timestamp),
-           "config": getattr(info.config, "config", None)}
+    out = {
+        "key": key,
+        "method": info.config.method,
+        "timestamp": str(info.timestamp),
+        "config": getattr(info.config, "config", None),
+    }
     try:
         res = ds.load_run_results(key, cache=False)
         out["results"] = getattr(res, "summary", None)

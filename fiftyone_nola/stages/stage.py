@@ -46,8 +46,9 @@ def open_index(samples, spec) -> EmbeddingIndex:
     return EmbeddingIndex.open(path, expect={"model_key": spec_key(spec)})
 
 
-def load_embeddings(samples, spec, ids: Optional[Sequence[str]] = None,
-                    raw: bool = False) -> tuple[list[str], np.ndarray]:
+def load_embeddings(
+    samples, spec, ids: Optional[Sequence[str]] = None, raw: bool = False
+) -> tuple[list[str], np.ndarray]:
     """``(ids, N×D float32)`` for ``ids`` (default: the collection's); NaN rows where missing.
 
     Rows are L2-normalised (what the FAISS store searches), or with ``raw=True`` the model's
@@ -71,8 +72,9 @@ def check_coverage(ids: Sequence[str], vectors: np.ndarray, family: str) -> np.n
             f"None of the {len(ids)} samples has a {family.upper()} embedding. Run compute_embeddings first."
         )
     if missing:
-        logger.info(f"[{family}] {missing} of {len(ids)} samples have no embedding (unreadable or "
-                    f"not yet embedded): skipped")
+        logger.info(
+            f"[{family}] {missing} of {len(ids)} samples have no embedding (unreadable or not yet embedded): skipped"
+        )
     return ok
 
 
@@ -115,7 +117,12 @@ class StageRun:
         """The summary (the schema's keys, then ``extras``), recorded as the run; returned."""
         if self.summary is not None:
             raise RuntimeError(f"stage {self.stage!r} recorded twice")
-        self.summary = {"stage": self.stage, "field": self.field, "samples": len(self.ids),
-                        "seconds": self.seconds, **extras}
+        self.summary = {
+            "stage": self.stage,
+            "field": self.field,
+            "samples": len(self.ids),
+            "seconds": self.seconds,
+            **extras,
+        }
         runs.record_run(self.samples, self.key, self.method, config, self.summary)
         return self.summary

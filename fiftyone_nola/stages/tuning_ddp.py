@@ -41,18 +41,27 @@ def tune_prompts_distributed(
     config = run_on_main(ctx, lambda: dev.resolve(config or pt.TuneConfig(), getattr(config, "device", None)))
     # The other ranks need exactly what tune_prompts will pass to tune (it re-reads the same
     # stored arrays; tune itself checks that all ranks agree).
-    inputs = run_on_main(ctx, lambda: labeling.tune_inputs(
-        fo_io.get_dataset(dataset), zeroshot_field, teacher_field, run_name)) if ctx.enabled else None
+    inputs = (
+        run_on_main(
+            ctx, lambda: labeling.tune_inputs(fo_io.get_dataset(dataset), zeroshot_field, teacher_field, run_name)
+        )
+        if ctx.enabled
+        else None
+    )
     if not ctx.is_main:
         _join_tune(ctx, clip, config, inputs)
         return None
     progress = progress or null_progress
     samples = fo_io.get_dataset(dataset)
-    out = {"tune": labeling.tune_prompts(samples, zeroshot_field, teacher_field, clip, config,
-                                          run_name=run_name, progress=progress)}
+    out = {
+        "tune": labeling.tune_prompts(
+            samples, zeroshot_field, teacher_field, clip, config, run_name=run_name, progress=progress
+        )
+    }
     if predict:
-        out["predict"] = labeling.predict(samples, out["tune"]["model_dir"], clip, run_name,
-                                          device=config.device, progress=progress)
+        out["predict"] = labeling.predict(
+            samples, out["tune"]["model_dir"], clip, run_name, device=config.device, progress=progress
+        )
     return out
 
 

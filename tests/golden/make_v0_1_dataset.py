@@ -57,8 +57,9 @@ CIFAR_DIR = SHARED_DATA / "cifar10_2k"
 def old_checkout() -> str:
     """The commit the imported package comes from; refuses anything but the previous version."""
     src = Path(fiftyone_nola.__file__).resolve().parents[1]
-    head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     if not head.startswith(COMMIT):
         sys.exit(f"fiftyone_nola is imported from {src} at {head}, not {COMMIT}: set PYTHONPATH to its checkout")
     return head
@@ -81,17 +82,29 @@ def stage_inputs() -> list[tuple[str, str]]:
 
 def config() -> AutoLabelConfig:
     """tests/conftest.py's tiny_pipeline_config at that commit, descriptions read from STAGE."""
-    return AutoLabelConfig(clip=tiny_clip_spec(), dino=tiny_dino_spec(), embed=EmbedConfig(batch_size=16, num_workers=0),
-                           descriptions_file=str(STAGE / "descriptions.json"), tune_epochs=1, tune_batch_size=8,
-                           tune_max_samples=24, device="cpu")
+    return AutoLabelConfig(
+        clip=tiny_clip_spec(),
+        dino=tiny_dino_spec(),
+        embed=EmbedConfig(batch_size=16, num_workers=0),
+        descriptions_file=str(STAGE / "descriptions.json"),
+        tune_epochs=1,
+        tune_batch_size=8,
+        tune_max_samples=24,
+        device="cpu",
+    )
 
 
 def main(out: Path) -> None:
     head = old_checkout()
     pairs = stage_inputs()
     ds = fo.Dataset(DATASET_NAME)
-    ds.add_samples([fo.Sample(filepath=str(STAGE / "images" / rel), ground_truth=fo.Classification(label=cls))
-                    for rel, cls in pairs], progress=False)
+    ds.add_samples(
+        [
+            fo.Sample(filepath=str(STAGE / "images" / rel), ground_truth=fo.Classification(label=cls))
+            for rel, cls in pairs
+        ],
+        progress=False,
+    )
     summary = auto_label(ds, CLASSES, config())
     assert set(summary["app"]["clip"]) >= {"similarity", "visualization"}, summary["app"]
 
@@ -99,17 +112,31 @@ def main(out: Path) -> None:
     for old in out.iterdir():  # this run's files replace the last ones; the README stays
         if old.name != "README.md":
             shutil.rmtree(old) if old.is_dir() else old.unlink()
-    ds.export(export_dir=str(out / "dataset"), dataset_type=fo.types.FiftyOneDataset, export_media=False,
-              rel_dir=str(STAGE / "images"), export_runs=True, progress=False)
+    ds.export(
+        export_dir=str(out / "dataset"),
+        dataset_type=fo.types.FiftyOneDataset,
+        export_media=False,
+        rel_dir=str(STAGE / "images"),
+        export_runs=True,
+        progress=False,
+    )
     shutil.copytree(STAGE / "images", out / "images")
     shutil.copyfile(STAGE / "descriptions.json", out / "descriptions.json")
     # The dataset's stores; not the text-embedding cache (rebuilt on demand, 185 KB) nor lock files.
-    shutil.copytree(STAGE / "nola_home" / "datasets", out / "nola_home" / "datasets",
-                    ignore=shutil.ignore_patterns(".lock"))
+    shutil.copytree(
+        STAGE / "nola_home" / "datasets", out / "nola_home" / "datasets", ignore=shutil.ignore_patterns(".lock")
+    )
     manifest = {
-        "commit": head, "fiftyone": fo.__version__, "root": str(STAGE), "dataset_id": str(ds._doc.id),
-        "dataset_name": DATASET_NAME, "classes": CLASSES, "images_mtime_ns": MTIME_NS,
-        "processed": summary["processed"], "runs": ds.list_runs(), "brain_runs": ds.list_brain_runs(),
+        "commit": head,
+        "fiftyone": fo.__version__,
+        "root": str(STAGE),
+        "dataset_id": str(ds._doc.id),
+        "dataset_name": DATASET_NAME,
+        "classes": CLASSES,
+        "images_mtime_ns": MTIME_NS,
+        "processed": summary["processed"],
+        "runs": ds.list_runs(),
+        "brain_runs": ds.list_brain_runs(),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     print(json.dumps(manifest, indent=2, sort_keys=True))

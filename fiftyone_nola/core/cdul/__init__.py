@@ -37,11 +37,7 @@ from fiftyone_nola.core.cdul.crops import (
     grid_boxes,
     local_clip_scores,
 )
-from fiftyone_nola.core.cdul.evaluation import (
-    average_precision_per_class,
-    mean_average_precision,
-    precision_recall_at,
-)
+from fiftyone_nola.core.cdul.evaluation import average_precision_per_class, mean_average_precision, precision_recall_at
 from fiftyone_nola.core.cdul.pseudo_labels import RULES, aggregate_scores, decide_labels, local_only
 from fiftyone_nola.core.cdul.train import (
     CPU_SCHEDULE,
@@ -60,11 +56,39 @@ from fiftyone_nola.core.cdul.train import (
 )
 
 __all__ = [
-    "CLIP_LOGIT_SCALE", "CPU_SCHEDULE", "HEAD_FORMAT", "LABEL_EPS", "LOSSES", "PAPER_SCHEDULE",
-    "REFERENCE_LABEL_LR", "RULES", "SCORES", "SCORE_FOR_LOSS", "CropConfig", "CropDataset",
-    "GridCrops", "MultiLabelHead", "TrainConfig", "aggregate_scores", "average_precision_per_class",
-    "decide_labels", "global_scores", "grid_boxes", "head_score", "label_gradient", "label_update",
-    "load_classifier", "local_clip_scores", "local_only", "mean_average_precision",
-    "per_sample_label_loss", "per_sample_loss", "precision_recall_at", "predict_multilabel", "psi",
-    "save_classifier", "schedule_message", "train_multilabel_classifier",
+    "CLIP_LOGIT_SCALE",
+    "CPU_SCHEDULE",
+    "HEAD_FORMAT",
+    "LABEL_EPS",
+    "LOSSES",
+    "PAPER_SCHEDULE",
+    "REFERENCE_LABEL_LR",
+    "RULES",
+    "SCORES",
+    "SCORE_FOR_LOSS",
+    "CropConfig",
+    "CropDataset",
+    "GridCrops",
+    "MultiLabelHead",
+    "TrainConfig",
+    "aggregate_scores",
+    "average_precision_per_class",
+    "decide_labels",
+    "global_scores",
+    "grid_boxes",
+    "head_score",
+    "label_gradient",
+    "label_update",
+    "load_classifier",
+    "local_clip_scores",
+    "local_only",
+    "mean_average_precision",
+    "per_sample_label_loss",
+    "per_sample_loss",
+    "precision_recall_at",
+    "predict_multilabel",
+    "psi",
+    "save_classifier",
+    "schedule_message",
+    "train_multilabel_classifier",
 ]

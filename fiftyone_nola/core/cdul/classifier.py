@@ -25,9 +25,7 @@ class MultiLabelHead(nn.Module):
         super().__init__()
         self.in_features, self.num_classes, self.hidden = int(in_features), int(num_classes), int(hidden)
         if hidden > 0:
-            self.net = nn.Sequential(
-                nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
-            )
+            self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
         else:
             self.net = nn.Linear(in_features, num_classes)
 

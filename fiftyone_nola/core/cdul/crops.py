@@ -51,9 +51,7 @@ def grid_boxes(width: int, height: int, grid: int = 3) -> list[tuple[int, int, i
         raise InvalidInputError(f"image size must be positive, got {width}×{height}")
     cols, rows = min(grid, width), min(grid, height)
     tw, th = width // cols, height // rows
-    return [
-        (c * tw, r * th, (c + 1) * tw, (r + 1) * th) for r in range(rows) for c in range(cols)
-    ]
+    return [(c * tw, r * th, (c + 1) * tw, (r + 1) * th) for r in range(rows) for c in range(cols)]
 
 
 @dataclass
@@ -98,8 +96,7 @@ class CropDataset(ImageFileDataset):
     """Items are ``(index, (crops, valid), None)`` or ``(index, None, reason)``; each image is
     decoded once (bad files are reported by :class:`ImageFileDataset`)."""
 
-    def __init__(self, filepaths: Sequence[str], transform, grid: int = 3,
-                 options: DecodeOptions = DecodeOptions()):
+    def __init__(self, filepaths: Sequence[str], transform, grid: int = 3, options: DecodeOptions = DecodeOptions()):
         super().__init__(filepaths, GridCrops(transform, grid), options)
         self.grid = int(grid)
 
@@ -111,8 +108,12 @@ def _crop_encoder(clip: LoadedModel, filepaths: Sequence[str], config: CropConfi
     device = dev.resolve_device(config.device)
     choice = engines.resolve(config.engine, config.precision, device)
     runner, choice = engines.load_engine_model(
-        engine_module(clip), clip.identity, (3, clip.image_size, clip.image_size), choice,
-        calibration=calibration_images(filepaths, clip.transform, clip.image_size))
+        engine_module(clip),
+        clip.identity,
+        (3, clip.image_size, clip.image_size),
+        choice,
+        calibration=calibration_images(filepaths, clip.transform, clip.image_size),
+    )
     if runner is not None:
         return runner, torch.device("cpu"), None, False
     clip.model.to(device)
@@ -127,8 +128,13 @@ def _crop_loader(clip: LoadedModel, filepaths: Sequence[str], config: CropConfig
         # Crop batches are grid² times larger than embedding batches: keep fewer in flight.
         kwargs.update(prefetch_factor=2, persistent_workers=False)
     return torch.utils.data.DataLoader(
-        ds, batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers,
-        collate_fn=collate_skip_bad, pin_memory=pin, **kwargs,
+        ds,
+        batch_size=config.batch_size,
+        shuffle=False,
+        num_workers=config.num_workers,
+        collate_fn=collate_skip_bad,
+        pin_memory=pin,
+        **kwargs,
     )
 
 

@@ -27,11 +27,7 @@ def local_only(local: np.ndarray, t: float = 0.0) -> np.ndarray:
 
 
 def aggregate_scores(
-    global_: np.ndarray,
-    local: np.ndarray,
-    t: float = 0.0,
-    mode: str = "avg",
-    lam: float = 0.25,
+    global_: np.ndarray, local: np.ndarray, t: float = 0.0, mode: str = "avg", lam: float = 0.25
 ) -> np.ndarray:
     """CDUL's initial soft labels from global (N×C) and local (N×G×C) scores: N×C in [0, 1].
 
@@ -47,9 +43,7 @@ def aggregate_scores(
     g = np.asarray(global_, dtype=np.float64)
     s_loc = local_only(local, t).astype(np.float64)
     if g.shape != s_loc.shape:
-        raise InvalidInputError(
-            f"global scores {g.shape} and local scores {np.shape(local)} disagree on N or C"
-        )
+        raise InvalidInputError(f"global scores {g.shape} and local scores {np.shape(local)} disagree on N or C")
     g_f, l_f = np.where(np.isnan(g), s_loc, g), np.where(np.isnan(s_loc), g, s_loc)
     y = (g_f + l_f) / 2.0
     if mode == "lambda":

@@ -70,16 +70,22 @@ class TrainConfig:
     def describe_schedule(self) -> str:
         ups = self.update_epochs()
         shown = ", ".join(map(str, ups[:3])) + (f", ..., {ups[-1]}" if len(ups) > 3 else "")
-        return (f"{self.epochs} epochs, {self.loss} loss, labels refined every {self.update_every} "
-                f"epochs after {self.warmup} warm-up epochs"
-                + (f" (in epochs {shown})" if ups else " (never)"))
+        return (
+            f"{self.epochs} epochs, {self.loss} loss, labels refined every {self.update_every} "
+            f"epochs after {self.warmup} warm-up epochs" + (f" (in epochs {shown})" if ups else " (never)")
+        )
 
 
 def schedule_message(config: TrainConfig) -> str:
     """One line naming a resolved config's schedule and why it was chosen, for the log."""
     kind = torch.device(config.device).type
-    which = "the paper's" if kind == "cuda" else (
-        "shortened for a CPU; the paper's {epochs}/{update_every}/{warmup} runs on a GPU".format(**PAPER_SCHEDULE))
+    which = (
+        "the paper's"
+        if kind == "cuda"
+        else (
+            "shortened for a CPU; the paper's {epochs}/{update_every}/{warmup} runs on a GPU".format(**PAPER_SCHEDULE)
+        )
+    )
     return f"[cdul] classifier schedule on {kind} ({which}): {config.describe_schedule()}"
 
 
@@ -169,8 +175,7 @@ def _fit(model, opt, x, y, gen, config: TrainConfig, history: dict, progress) ->
             opt.step()
             total += loss.detach() * len(b)
             if refine:
-                new = _label_step(yb, label_gradient(logits, yb, config.loss), config.label_lr,
-                                  config.label_sigma)
+                new = _label_step(yb, label_gradient(logits, yb, config.loss), config.label_lr, config.label_sigma)
                 change += (new - yb).abs().sum()
                 y[b] = new
         history["loss"].append(float(total) / n)
@@ -209,8 +214,7 @@ def train_multilabel_classifier(
     y_all = np.asarray(soft_labels, dtype=np.float32)
     if x_all.ndim != 2 or y_all.ndim != 2 or x_all.shape[0] != y_all.shape[0]:
         raise InvalidInputError(
-            f"features must be N×F and soft_labels N×C with the same N, got {x_all.shape} "
-            f"and {y_all.shape}"
+            f"features must be N×F and soft_labels N×C with the same N, got {x_all.shape} and {y_all.shape}"
         )
     ok = np.all(np.isfinite(x_all), axis=1) & np.all(np.isfinite(y_all), axis=1)
     if not ok.any():
@@ -225,8 +229,14 @@ def train_multilabel_classifier(
         model = MultiLabelHead(x.shape[1], c, config.hidden).to(device)
     gen = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    history: dict = {"loss": [], "update_epochs": [], "label_change": [], "n_train": int(n),
-                     "n_skipped": int((~ok).sum()), "config": asdict(config)}
+    history: dict = {
+        "loss": [],
+        "update_epochs": [],
+        "label_change": [],
+        "n_train": int(n),
+        "n_skipped": int((~ok).sum()),
+        "config": asdict(config),
+    }
     width = config.hidden or c
     macs = config.batch_size * (x.shape[1] * width + (width * c if config.hidden else 0))
     with dev.small_steps_on_cpu(device, macs):

@@ -8,11 +8,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from fiftyone_nola.core.descriptions.sets import (
-    DESCRIPTION_QUESTIONS,
-    SYSTEM_PROMPT,
-    DescribeConfig,
-)
+from fiftyone_nola.core.descriptions.sets import DESCRIPTION_QUESTIONS, SYSTEM_PROMPT, DescribeConfig
 from fiftyone_nola.core.storage import descriptions_cache_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -59,10 +55,13 @@ def read_cache(path: Path, class_name: str, questions: Sequence[str], warnings: 
 
 
 def write_cache(path: Path, class_name: str, config: DescribeConfig, answers: dict) -> None:
-    write_json_atomic(path, {
-        "class": class_name,
-        "model": config.model,
-        "prompt_hash": prompt_hash(config.questions),
-        "system_prompt": SYSTEM_PROMPT,
-        "answers": answers,
-    })
+    write_json_atomic(
+        path,
+        {
+            "class": class_name,
+            "model": config.model,
+            "prompt_hash": prompt_hash(config.questions),
+            "system_prompt": SYSTEM_PROMPT,
+            "answers": answers,
+        },
+    )

@@ -19,8 +19,18 @@ MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 _BULLET = re.compile(r"^(?:[•·▪◦]+\s*|(?:[-*+>–—]+|#{1,6}|\(?\d{1,3}[.):\]]|\(\d{1,3}\))(?:\s+|$))")
 _LABEL = re.compile(r"^(?:caption|description|answer)\s*\d*\s*:\s*", re.IGNORECASE)
-_WRAPPERS = (('"', '"'), ("'", "'"), ("`", "`"), ("**", "**"), ("*", "*"), ("_", "_"),
-             ("“", "”"), ("‘", "’"), ("«", "»"), ("„", "“"))
+_WRAPPERS = (
+    ('"', '"'),
+    ("'", "'"),
+    ("`", "`"),
+    ("**", "**"),
+    ("*", "*"),
+    ("_", "_"),
+    ("“", "”"),
+    ("‘", "’"),
+    ("«", "»"),
+    ("„", "“"),
+)
 _SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*")
 
 
@@ -30,7 +40,7 @@ def _strip_once(s: str) -> str:
     s = _LABEL.sub("", s, count=1)
     for a, b in _WRAPPERS:
         if len(s) >= len(a) + len(b) and s.startswith(a) and s.endswith(b):
-            inner = s[len(a): len(s) - len(b)]
+            inner = s[len(a) : len(s) - len(b)]
             # '"a" and "b"' is not one quoted text; "'a cat's tail'" is
             if b + " " not in inner and " " + a not in inner:
                 s = inner
@@ -156,8 +166,7 @@ def _drop_near_duplicates(texts, threshold, class_name, warnings):
         if warnings is not None and _minilm["error"] not in warnings:
             warnings.append(_minilm["error"])
         return texts
-    emb = model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True,
-                       show_progress_bar=False)
+    emb = model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
     keep: list[int] = []
     for i in range(len(texts)):
         if keep and float((emb[keep] @ emb[i]).max()) >= threshold:

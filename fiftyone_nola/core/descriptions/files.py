@@ -10,12 +10,7 @@ from pathlib import Path
 from typing import Union
 
 from fiftyone_nola.core.classes import normalize_class_name
-from fiftyone_nola.core.descriptions.sets import (
-    DescriptionSet,
-    fill_templates,
-    parse_class_names,
-    preview,
-)
+from fiftyone_nola.core.descriptions.sets import DescriptionSet, fill_templates, parse_class_names, preview
 from fiftyone_nola.core.errors import InvalidInputError
 from fiftyone_nola.core.storage import atomic_path
 
@@ -32,8 +27,7 @@ def _read_text_file(path, max_bytes: int, what: str) -> str:
     size = p.stat().st_size
     if size > max_bytes:
         raise InvalidInputError(
-            f"The {what} {p} is {size / 2**20:.1f} MB, over the {max_bytes / 2**20:.0f} MB limit: "
-            f"is it the right file?"
+            f"The {what} {p} is {size / 2**20:.1f} MB, over the {max_bytes / 2**20:.0f} MB limit: is it the right file?"
         )
     data = p.read_bytes()
     if b"\x00" in data:
@@ -65,14 +59,12 @@ def _no_duplicate_keys(pairs):
 def _validate_mapping(data, origin: str) -> dict[str, list[str]]:
     if not isinstance(data, Mapping):
         raise InvalidInputError(
-            f"{origin} must be a JSON object {{\"class\": [\"description\", ...]}}, "
-            f"not a {type(data).__name__}"
+            f'{origin} must be a JSON object {{"class": ["description", ...]}}, not a {type(data).__name__}'
         )
     bad_keys = [k for k in data if not isinstance(k, str) or not k.strip()]
     if bad_keys:
         raise InvalidInputError(f"{origin}: class names must be non-empty strings, got {bad_keys[:5]!r}")
-    bad = [k for k, v in data.items()
-           if not isinstance(v, (list, tuple)) or not all(isinstance(t, str) for t in v)]
+    bad = [k for k, v in data.items() if not isinstance(v, (list, tuple)) or not all(isinstance(t, str) for t in v)]
     if bad:
         raise InvalidInputError(
             f"{origin}: each value must be a list of description strings; not so for {preview(bad, 5)}"
@@ -134,8 +126,10 @@ def load_descriptions(path: Union[str, os.PathLike], classes=None) -> Descriptio
             result.descriptions[n] = fill_templates(n)
             result.source[n] = "templates"
     if missing:
-        msg = (f"The descriptions file {p} has no descriptions for {len(missing)} class(es): "
-               f"{preview(missing)}; using CLIP template descriptions for them.")
+        msg = (
+            f"The descriptions file {p} has no descriptions for {len(missing)} class(es): "
+            f"{preview(missing)}; using CLIP template descriptions for them."
+        )
         logger.warning(msg)
         result.warnings.append(msg)
     return result

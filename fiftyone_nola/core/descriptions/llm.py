@@ -43,8 +43,6 @@ def resolve_host(config: DescribeConfig) -> str:
     return config.host or os.environ.get("OLLAMA_HOST") or "http://127.0.0.1:11434"
 
 
-
-
 class _Asker:
     """One Ollama client; ``ask`` retries transient failures with exponential backoff."""
 
@@ -78,8 +76,7 @@ class _Asker:
             try:
                 resp = self.client.chat(
                     model=cfg.model,
-                    messages=[{"role": "system", "content": SYSTEM_PROMPT},
-                              {"role": "user", "content": prompt}],
+                    messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}],
                     # a fixed seed per answer index: varied answers that a rerun reproduces
                     options={"temperature": cfg.temperature, "seed": seed, "num_predict": NUM_PREDICT},
                     stream=False,
@@ -156,8 +153,7 @@ class _Run:
                 write_cache(path, name, cfg, answers)
                 self.progress(done + cached + new, self.total, f"describing {name!r}")
         per_class = len(cfg.questions) * cfg.answers_per_question
-        raw = [piece for q in cfg.questions
-               for a in answers[q][: cfg.answers_per_question] for piece in split_reply(a)]
+        raw = [piece for q in cfg.questions for a in answers[q][: cfg.answers_per_question] for piece in split_reply(a)]
         descs = clean_descriptions(raw, name, cfg, self.result.warnings)
         if 0 < cached + new < per_class:
             self.partial.append(name)
@@ -179,11 +175,11 @@ class _Run:
         elif not config.use_llm:
             parts.append("LLM use is off (use_llm=False): only cached answers were used.")
         if self.without:
-            parts.append(f"{len(self.without)} class(es) use CLIP template descriptions only: "
-                         f"{preview(self.without)}.")
+            parts.append(f"{len(self.without)} class(es) use CLIP template descriptions only: {preview(self.without)}.")
         if self.partial:
-            parts.append(f"{len(self.partial)} class(es) have only part of their LLM descriptions: "
-                         f"{preview(self.partial)}.")
+            parts.append(
+                f"{len(self.partial)} class(es) have only part of their LLM descriptions: {preview(self.partial)}."
+            )
         if failure is not None:
             parts.append(
                 f"Start Ollama (`ollama serve`, `ollama pull {config.model}`) and re-run: answers "
@@ -195,9 +191,7 @@ class _Run:
 
 
 def generate_descriptions(
-    classes,
-    config: Optional[DescribeConfig] = None,
-    progress: Optional[ProgressFn] = None,
+    classes, config: Optional[DescribeConfig] = None, progress: Optional[ProgressFn] = None
 ) -> DescriptionSet:
     """Ask the LLM each question ``answers_per_question`` times per class; clean the answers.
 

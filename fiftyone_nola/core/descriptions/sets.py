@@ -89,9 +89,7 @@ class DescriptionSet:
         for k in self.descriptions:
             if normalize_class_name(k) == norm:
                 return k
-        raise InvalidInputError(
-            f"No descriptions for class {class_name!r}; this set has: {preview(self.descriptions)}"
-        )
+        raise InvalidInputError(f"No descriptions for class {class_name!r}; this set has: {preview(self.descriptions)}")
 
     def texts_for(
         self,
@@ -145,6 +143,5 @@ def template_descriptions(classes, templates: Sequence[str] = CLIP_TEMPLATES) ->
     """A DescriptionSet whose descriptions are the filled templates (source ``"templates"``)."""
     names = parse_class_names(classes)
     return DescriptionSet(
-        descriptions={c: fill_templates(c, templates) for c in names},
-        source={c: "templates" for c in names},
+        descriptions={c: fill_templates(c, templates) for c in names}, source={c: "templates" for c in names}
     )

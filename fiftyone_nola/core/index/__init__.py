@@ -50,12 +50,7 @@ from fiftyone_nola.core.index.format import (
     destroy,
     library_versions,
 )
-from fiftyone_nola.core.index.search import (
-    normalize_rows,
-    recall_at_k,
-    rerank_exact,
-    topk_inner_product,
-)
+from fiftyone_nola.core.index.search import normalize_rows, recall_at_k, rerank_exact, topk_inner_product
 from fiftyone_nola.core.index.store import EmbeddingIndex, IndexLockedError
 
 __all__ = [

@@ -160,8 +160,7 @@ class Structure:
             pq_m = int(meta.get("pq_m") or default_pq_m(d)) if t == "ivfpq" else None
             idx = _build_ivf(x, d, pq_m)
         elif t == "hnsw":
-            idx = faiss.IndexHNSWFlat(d, int(meta.get("hnsw_m", DEFAULT_HNSW_M)),
-                                      faiss.METRIC_INNER_PRODUCT)
+            idx = faiss.IndexHNSWFlat(d, int(meta.get("hnsw_m", DEFAULT_HNSW_M)), faiss.METRIC_INNER_PRODUCT)
             idx.hnsw.efConstruction = int(meta.get("ef_construction", DEFAULT_EF_CONSTRUCTION))
             idx.add(x)
         else:

@@ -37,8 +37,20 @@ _CHUNK_RE = re.compile(r"^(\d+)\.npz$")
 _GEN_FILE_RE = re.compile(r"^(vectors|ids|fingerprints|faiss|norms)-(\d+)\.(npy|json|index)$")
 # Keys the store owns; user meta may not override them.
 RESERVED_KEYS = (
-    "format_version", "dim", "metric", "index_type", "normalized", "count", "created", "updated",
-    "versions", "generation", "files", "chunks_merged_upto", "built_index_type", "nlist",
+    "format_version",
+    "dim",
+    "metric",
+    "index_type",
+    "normalized",
+    "count",
+    "created",
+    "updated",
+    "versions",
+    "generation",
+    "files",
+    "chunks_merged_upto",
+    "built_index_type",
+    "nlist",
 )
 
 PathLike = Union[str, os.PathLike]
@@ -78,9 +90,18 @@ def new_meta(dim: int, meta: Optional[dict], index_type: str, metric: str, defau
     full = {k: v for k, v in dict(meta or {}).items() if k not in RESERVED_KEYS}
     stamp = now()
     full.update(
-        format_version=FORMAT_VERSION, dim=dim, metric="ip", index_type=index_type,
-        normalized=True, count=0, created=stamp, updated=stamp, versions=library_versions(),
-        generation=0, files=None, chunks_merged_upto=0,
+        format_version=FORMAT_VERSION,
+        dim=dim,
+        metric="ip",
+        index_type=index_type,
+        normalized=True,
+        count=0,
+        created=stamp,
+        updated=stamp,
+        versions=library_versions(),
+        generation=0,
+        files=None,
+        chunks_merged_upto=0,
     )
     for key, value in defaults.items():
         full.setdefault(key, value)
@@ -113,15 +134,11 @@ def read_meta(path: Path) -> dict:
         )
     for key in ("dim", "index_type", "generation", "count", "chunks_merged_upto"):
         if key not in meta:
-            raise IndexMismatchError(
-                f"meta.json at {path} lacks {key!r}; rebuild the index with overwrite=True."
-            )
+            raise IndexMismatchError(f"meta.json at {path} lacks {key!r}; rebuild the index with overwrite=True.")
     if not isinstance(meta["dim"], int) or meta["dim"] <= 0:
         raise IndexMismatchError(f"meta.json at {path} has invalid dim={meta['dim']!r}.")
     if meta["index_type"] not in INDEX_TYPES:
-        raise IndexMismatchError(
-            f"meta.json at {path} has unknown index_type={meta['index_type']!r}."
-        )
+        raise IndexMismatchError(f"meta.json at {path} has unknown index_type={meta['index_type']!r}.")
     return meta
 
 
@@ -204,8 +221,7 @@ def read_generation(path: Path, meta: dict) -> Optional[Generation]:
         raise
     except (ValueError, UnicodeDecodeError) as e:
         raise IndexMismatchError(
-            f"ids/fingerprints of the index at {path} are not valid JSON ({e}); rebuild "
-            "the index with overwrite=True."
+            f"ids/fingerprints of the index at {path} are not valid JSON ({e}); rebuild the index with overwrite=True."
         ) from e
     _check_generation(path, meta, vecs, ids, fps)
     norms = _read_norms(path, files.get("norms"), len(ids))
@@ -229,13 +245,9 @@ def _check_generation(path: Path, meta: dict, vecs: np.ndarray, ids, fps) -> Non
             "overwrite=True."
         )
     if len(set(ids)) != len(ids):
-        raise IndexMismatchError(
-            f"{ip} contains duplicate sample ids; rebuild the index with overwrite=True."
-        )
+        raise IndexMismatchError(f"{ip} contains duplicate sample ids; rebuild the index with overwrite=True.")
     if not isinstance(fps, dict) or not set(fps) <= set(ids):
-        raise IndexMismatchError(
-            f"{fp} does not match the index ids; rebuild the index with overwrite=True."
-        )
+        raise IndexMismatchError(f"{fp} does not match the index ids; rebuild the index with overwrite=True.")
     if not _all_finite(vecs, vp):
         raise IndexMismatchError(f"{vp} contains NaN/inf; rebuild the index.")
 
@@ -254,8 +266,7 @@ def _read_norms(path: Path, name: Optional[str], n: int) -> np.ndarray:
         raise IndexMismatchError(
             f"{np_path} is unreadable or truncated ({e}); rebuild the index with overwrite=True."
         ) from e
-    if norms.shape != (n,) or norms.dtype != np.float32 or bool(np.any(norms < 0)) \
-            or bool(np.isinf(norms).any()):
+    if norms.shape != (n,) or norms.dtype != np.float32 or bool(np.any(norms < 0)) or bool(np.isinf(norms).any()):
         raise IndexMismatchError(
             f"{np_path} holds {norms.dtype} {norms.shape} but float32 ({n},) non-negative norms "
             "are expected; rebuild the index with overwrite=True."
@@ -386,9 +397,7 @@ def has_store_files(path: Path) -> bool:
     if not path.is_dir():
         return False
     chunks = path / CHUNK_DIR
-    return any(_GEN_FILE_RE.match(p.name) for p in path.iterdir()) or (
-        chunks.is_dir() and any(chunks.iterdir())
-    )
+    return any(_GEN_FILE_RE.match(p.name) for p in path.iterdir()) or (chunks.is_dir() and any(chunks.iterdir()))
 
 
 def destroy(path: PathLike) -> None:
@@ -397,9 +406,7 @@ def destroy(path: PathLike) -> None:
     if not path.is_dir():
         return
     for p in path.iterdir():
-        if p.name == META_FILE or _GEN_FILE_RE.match(p.name) or (
-            p.name.startswith(".") and p.name.endswith(".tmp")
-        ):
+        if p.name == META_FILE or _GEN_FILE_RE.match(p.name) or (p.name.startswith(".") and p.name.endswith(".tmp")):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
     shutil.rmtree(path / CHUNK_DIR, ignore_errors=True)

@@ -238,9 +238,7 @@ def check_queries(queries: np.ndarray, k: int, dim: int, path: Path) -> tuple[np
     """Unit-norm float32 queries and an int ``k``; refuses a wrong dim, NaN/inf or ``k <= 0``."""
     q = normalize_rows(np.asarray(queries, dtype=np.float32))
     if q.shape[1] != dim:
-        raise IndexMismatchError(
-            f"Query dim {q.shape[1]} does not match the index dim {dim} at {path}."
-        )
+        raise IndexMismatchError(f"Query dim {q.shape[1]} does not match the index dim {dim} at {path}.")
     if not np.isfinite(q).all():
         raise InvalidInputError("search() got NaN/inf query vectors")
     k = int(k)
@@ -254,9 +252,7 @@ def no_hits(nq: int) -> tuple[np.ndarray, list[list[str]]]:
     return np.empty((nq, 0), np.float32), [[] for _ in range(nq)]
 
 
-def rerank_exact(
-    queries: np.ndarray, labels: np.ndarray, vectors: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
+def rerank_exact(queries: np.ndarray, labels: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner products of each query with its candidate rows; the best ``k`` of them.
 
     ``labels`` (nq×c) are row positions in ``vectors``, -1 for none. Returns scores (nq×k,

@@ -11,12 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from fiftyone_nola.core.errors import (
-    IndexMismatchError,
-    InvalidInputError,
-    MissingEmbeddingsError,
-    NolaError,
-)
+from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError, MissingEmbeddingsError, NolaError
 from fiftyone_nola.core.index import ann, search
 from fiftyone_nola.core.index import format as fmt
 from fiftyone_nola.core.index.format import META_FILE, PathLike
@@ -104,9 +99,7 @@ class EmbeddingIndex(VectorRows):
                 continue
             fmt.check_expect(path, self._meta, expect)
             return self
-        raise IndexMismatchError(
-            f"Embedding index at {path} kept changing while being opened ({last}); retry."
-        )
+        raise IndexMismatchError(f"Embedding index at {path} kept changing while being opened ({last}); retry.")
 
     @classmethod
     def open_or_create(
@@ -129,8 +122,7 @@ class EmbeddingIndex(VectorRows):
         if not (path / META_FILE).exists():
             if fmt.has_store_files(path):
                 raise IndexMismatchError(
-                    f"Embedding index at {path} has data files but no meta.json; rebuild it "
-                    "with overwrite=True."
+                    f"Embedding index at {path} has data files but no meta.json; rebuild it with overwrite=True."
                 )
             return cls.create(path, dim, meta, index_type=index_type)
         wanted = {**dict(meta or {}), "dim": int(dim)}
@@ -149,15 +141,12 @@ class EmbeddingIndex(VectorRows):
             self._load_rows(gen)
             fx = meta["files"].get("faiss")
             if fx:
-                self._structure = ann.Structure.load(
-                    path / fx, meta.get("built_index_type"), self._n, self._dim
-                )
+                self._structure = ann.Structure.load(path / fx, meta.get("built_index_type"), self._n, self._dim)
         merged = int(meta.get("chunks_merged_upto", 0))
         last = merged
         for seq, chunk in fmt.read_chunks(path, merged, self._dim):
             self.remove(chunk.removed)
-            self._put(chunk.ids, chunk.vectors, [chunk.fingerprints.get(i) for i in chunk.ids],
-                      chunk.norms)
+            self._put(chunk.ids, chunk.vectors, [chunk.fingerprints.get(i) for i in chunk.ids], chunk.norms)
             last = max(last, seq)
         # Replayed data is already on disk: nothing to checkpoint, but a save would compact it.
         self._dirty.clear()
@@ -202,10 +191,7 @@ class EmbeddingIndex(VectorRows):
     # ------------------------------------------------------------------ change
 
     def add(
-        self,
-        ids: Sequence[str],
-        vectors: np.ndarray,
-        fingerprints: Optional[Sequence[Optional[str]]] = None,
+        self, ids: Sequence[str], vectors: np.ndarray, fingerprints: Optional[Sequence[Optional[str]]] = None
     ) -> None:
         """Upsert: rows are L2-normalised to float32; existing ids are replaced (last one wins).
 
@@ -217,8 +203,7 @@ class EmbeddingIndex(VectorRows):
             vectors = vectors[None, :]
         if vectors.ndim != 2 or vectors.shape[0] != len(ids):
             raise InvalidInputError(
-                f"add() needs one vector per id: got {len(ids)} ids and vectors of shape "
-                f"{vectors.shape}"
+                f"add() needs one vector per id: got {len(ids)} ids and vectors of shape {vectors.shape}"
             )
         if vectors.shape[1] != self._dim:
             raise IndexMismatchError(
@@ -290,8 +275,7 @@ class EmbeddingIndex(VectorRows):
         if self._structure is None:
             self._build()
         scores, labels = self._structure.search(
-            q, k, vecs, self._meta, rows,
-            nprobe=nprobe, ef_search=ef_search, refine_factor=refine_factor,
+            q, k, vecs, self._meta, rows, nprobe=nprobe, ef_search=ef_search, refine_factor=refine_factor
         )
         scores = np.where(labels >= 0, scores, -np.inf).astype(np.float32)
         return scores, [[self._ids[j] for j in r if j >= 0] for r in labels]

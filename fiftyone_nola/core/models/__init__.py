@@ -32,17 +32,8 @@ from fiftyone_nola.core.models.dino import (
     load_dino,
     nola_transform,
 )
-from fiftyone_nola.core.models.dino_weights import (
-    DINO_RELEASE_FILES,
-    DINO_WEIGHT_FORMATS,
-    TIMM_WEIGHT_FILES,
-)
-from fiftyone_nola.core.models.registry import (
-    hub_reachable,
-    load_model,
-    spec_key,
-    weights_available,
-)
+from fiftyone_nola.core.models.dino_weights import DINO_RELEASE_FILES, DINO_WEIGHT_FORMATS, TIMM_WEIGHT_FILES
+from fiftyone_nola.core.models.registry import hub_reachable, load_model, spec_key, weights_available
 from fiftyone_nola.core.models.specs import (
     _CONFIG_DIR,
     _TINY_TIMM,
@@ -60,10 +51,33 @@ from fiftyone_nola.core.models.specs import (
 )
 
 __all__ = [
-    "DINO_PREPROCESS", "DINO_RELEASE_FILES", "DINO_WEIGHT_FORMATS", "MODEL_CACHE_SIZE", "NOLA_MEAN",
-    "NOLA_STD", "RANDOM_INIT_SEED", "TIMM_WEIGHT_FILES", "TINY_CLIP_ARCH", "TINY_DINO_NAME",
-    "_CONFIG_DIR", "_TINY_TIMM", "ClipSpec", "DinoSpec", "LoadedModel", "clear_model_cache",
-    "concrete_dino", "env_flag", "hub_reachable", "load_clip", "load_dino", "load_model",
-    "models_dir", "nola_transform", "random_init_default", "spec_key", "tiny_clip_spec",
-    "tiny_dino_spec", "weights_available",
+    "DINO_PREPROCESS",
+    "DINO_RELEASE_FILES",
+    "DINO_WEIGHT_FORMATS",
+    "MODEL_CACHE_SIZE",
+    "NOLA_MEAN",
+    "NOLA_STD",
+    "RANDOM_INIT_SEED",
+    "TIMM_WEIGHT_FILES",
+    "TINY_CLIP_ARCH",
+    "TINY_DINO_NAME",
+    "_CONFIG_DIR",
+    "_TINY_TIMM",
+    "ClipSpec",
+    "DinoSpec",
+    "LoadedModel",
+    "clear_model_cache",
+    "concrete_dino",
+    "env_flag",
+    "hub_reachable",
+    "load_clip",
+    "load_dino",
+    "load_model",
+    "models_dir",
+    "nola_transform",
+    "random_init_default",
+    "spec_key",
+    "tiny_clip_spec",
+    "tiny_dino_spec",
+    "weights_available",
 ]

@@ -16,12 +16,7 @@ from typing import Optional
 
 import torch
 
-from fiftyone_nola.core.checkpoints import (
-    ACCEPTED_FORMATS,
-    WEIGHT_SUFFIXES,
-    is_torchscript,
-    read_state_dict,
-)
+from fiftyone_nola.core.checkpoints import ACCEPTED_FORMATS, WEIGHT_SUFFIXES, is_torchscript, read_state_dict
 from fiftyone_nola.core.errors import ModelNotFoundError
 from fiftyone_nola.core.models.cache import cached, seeded_init
 from fiftyone_nola.core.models.specs import (
@@ -109,8 +104,9 @@ def clip_key(spec: ClipSpec) -> str:
 
 def offline_hint_clip(spec: ClipSpec) -> str:
     """What to do when ``spec``'s weights are neither local nor downloadable."""
-    target = (models_dir(spec.models_dir) / "clip" / safe_name(spec.arch)
-              / f"{safe_name(spec.pretrained or 'weights')}.pt")
+    target = (
+        models_dir(spec.models_dir) / "clip" / safe_name(spec.arch) / f"{safe_name(spec.pretrained or 'weights')}.pt"
+    )
     return (
         f"Could not load CLIP {spec.arch} weights {spec.pretrained!r} (no local file and the hub "
         f"download failed: offline?). Put the checkpoint at {target}, pass pretrained=<path to file>, "
@@ -146,8 +142,9 @@ def _check_arch(spec: ClipSpec) -> None:
         )
 
 
-def load_clip(spec: Optional[ClipSpec] = None, device: Optional[torch.device] = None,
-              cache: bool = True) -> LoadedModel:
+def load_clip(
+    spec: Optional[ClipSpec] = None, device: Optional[torch.device] = None, cache: bool = True
+) -> LoadedModel:
     """Build (or reuse) an open_clip model from ``spec`` (see the package docstring for lookup order).
 
     Callers must not modify the returned model in place (stages that train copy what they change).
@@ -178,8 +175,11 @@ def load_clip(spec: Optional[ClipSpec] = None, device: Optional[torch.device] = 
     model.eval()
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
-    embed_dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None \
+    embed_dim = (
+        int(model.text_projection.shape[1])
+        if getattr(model, "text_projection", None) is not None
         else int(model.visual.output_dim)
+    )
     if spec.random_init:
         logger.warning("CLIP %s is randomly initialised: its labels are meaningless", spec.arch)
     identity = {
@@ -191,9 +191,15 @@ def load_clip(spec: Optional[ClipSpec] = None, device: Optional[torch.device] = 
         "key": clip_key(spec),
     }
     return LoadedModel(
-        family="clip", model=model, transform=preprocess, image_size=int(image_size),
-        embed_dim=embed_dim, identity=identity, encode_image=model.encode_image,
-        tokenizer=_LazyTokenizer(spec.arch), spec=spec,
+        family="clip",
+        model=model,
+        transform=preprocess,
+        image_size=int(image_size),
+        embed_dim=embed_dim,
+        identity=identity,
+        encode_image=model.encode_image,
+        tokenizer=_LazyTokenizer(spec.arch),
+        spec=spec,
     )
 
 

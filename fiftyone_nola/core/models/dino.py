@@ -15,12 +15,7 @@ import torch
 from fiftyone_nola.core.device import hardware_profile
 from fiftyone_nola.core.errors import InvalidInputError, ModelNotFoundError
 from fiftyone_nola.core.models.cache import cached, seeded_init
-from fiftyone_nola.core.models.dino_weights import (
-    dino_file,
-    dino_name_from_file,
-    find_local_dino,
-    load_dino_weights,
-)
+from fiftyone_nola.core.models.dino_weights import dino_file, dino_name_from_file, find_local_dino, load_dino_weights
 from fiftyone_nola.core.models.specs import (
     _TINY_TIMM,
     RANDOM_INIT_SEED,
@@ -50,13 +45,15 @@ def nola_transform(size: int = 224):
     from torchvision import transforms
     from torchvision.transforms import InterpolationMode
 
-    return transforms.Compose([
-        transforms.Resize(size, interpolation=InterpolationMode.BICUBIC),
-        transforms.CenterCrop(size),
-        _convert_rgb,
-        transforms.ToTensor(),
-        transforms.Normalize(NOLA_MEAN, NOLA_STD),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(size, interpolation=InterpolationMode.BICUBIC),
+            transforms.CenterCrop(size),
+            _convert_rgb,
+            transforms.ToTensor(),
+            transforms.Normalize(NOLA_MEAN, NOLA_STD),
+        ]
+    )
 
 
 def _check_dino_preprocess(spec: DinoSpec) -> None:
@@ -154,8 +151,9 @@ def _transform(spec: DinoSpec, model: torch.nn.Module, kwargs: dict):
     return create_transform(**data_cfg, is_training=False), image_size
 
 
-def load_dino(spec: Optional[DinoSpec] = None, device: Optional[torch.device] = None,
-              cache: bool = True) -> LoadedModel:
+def load_dino(
+    spec: Optional[DinoSpec] = None, device: Optional[torch.device] = None, cache: bool = True
+) -> LoadedModel:
     """Build (or reuse) a timm backbone (no classifier head) from ``spec``.
 
     Local weights (a checkpoint or the models dir) load in any of ``DINO_WEIGHT_FORMATS``;
@@ -174,6 +172,7 @@ def load_dino(spec: Optional[DinoSpec] = None, device: Optional[torch.device] = 
     transform, image_size = _transform(spec, model, kwargs)
 
     if spec.feature == "cls":
+
         def encode(x: torch.Tensor) -> torch.Tensor:
             return model.forward_features(x)[:, 0]
     else:
@@ -191,6 +190,12 @@ def load_dino(spec: Optional[DinoSpec] = None, device: Optional[torch.device] = 
         "key": dino_key(spec),
     }
     return LoadedModel(
-        family="dino", model=model, transform=transform, image_size=image_size,
-        embed_dim=int(model.num_features), identity=identity, encode_image=encode, spec=spec,
+        family="dino",
+        model=model,
+        transform=transform,
+        image_size=image_size,
+        embed_dim=int(model.num_features),
+        identity=identity,
+        encode_image=encode,
+        spec=spec,
     )

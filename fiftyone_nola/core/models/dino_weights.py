@@ -21,8 +21,12 @@ DINO_RELEASE_FILES = {
     "vit_base_patch8_224.dino": "dino_vitbase8_pretrain.pth",
 }
 # (embed dim, patch size) of a DINO ViT state dict -> its timm name.
-_DINO_ARCHS = {(384, 16): "vit_small_patch16_224.dino", (384, 8): "vit_small_patch8_224.dino",
-               (768, 16): "vit_base_patch16_224.dino", (768, 8): "vit_base_patch8_224.dino"}
+_DINO_ARCHS = {
+    (384, 16): "vit_small_patch16_224.dino",
+    (384, 8): "vit_small_patch8_224.dino",
+    (768, 16): "vit_base_patch16_224.dino",
+    (768, 8): "vit_base_patch8_224.dino",
+}
 # timm's own files, as in the hub repo timm/<name> (and its huggingface_hub cache).
 TIMM_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 DINO_WEIGHT_FORMATS = (
@@ -77,14 +81,17 @@ def _unwrap_state_dict(obj) -> dict:
             if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not obj or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+    if (
+        not isinstance(obj, dict)
+        or not obj
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    ):
         return {}
     sd = {}
     for k, v in obj.items():
         for prefix in ("module.", "backbone."):
             if k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         sd[k] = v
     return sd
 
@@ -106,8 +113,10 @@ def _read_torch_file(path: Path, mmap: bool):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and head.startswith(b"PK"))
     except Exception as e:
         raise _format_error(
-            path, f"not a PyTorch state dict readable with weights_only=True ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0] if str(e) else ''})") from e
+            path,
+            f"not a PyTorch state dict readable with weights_only=True ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})",
+        ) from e
 
 
 def read_dino_state_dict(path, mmap: bool = False) -> dict:
@@ -172,8 +181,11 @@ def load_dino_weights(model: torch.nn.Module, path, name: str) -> None:
     wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
     if missing or unexpected or wrong:
         found = _arch_of({k: v for k, v in sd.items() if k == "patch_embed.proj.weight"})
-        detail = "; ".join(f"{what} {keys[:3]}{' ...' if len(keys) > 3 else ''}" for what, keys in (
-            ("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
+        detail = "; ".join(
+            f"{what} {keys[:3]}{' ...' if len(keys) > 3 else ''}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        )
         hint = f" It holds {found}: pass name={found!r} or name='auto'." if found and found != name else ""
         raise ModelNotFoundError(f"The DINO weights in {path} do not fit {name} ({detail}).{hint}")
     model.load_state_dict(sd, strict=True)

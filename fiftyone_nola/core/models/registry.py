@@ -8,13 +8,7 @@ from typing import Optional
 import torch
 
 from fiftyone_nola.core.models.clip import clip_key, clip_source, load_clip, offline_hint_clip
-from fiftyone_nola.core.models.dino import (
-    concrete_dino,
-    dino_hub_target,
-    dino_key,
-    dino_weights,
-    load_dino,
-)
+from fiftyone_nola.core.models.dino import concrete_dino, dino_hub_target, dino_key, dino_weights, load_dino
 from fiftyone_nola.core.models.specs import ClipSpec, DinoSpec, LoadedModel, env_flag
 
 
@@ -82,9 +76,15 @@ def _dino_available(spec: DinoSpec) -> tuple[bool, str]:
         repo = None
     if _hub_cached(repo, ("model.safetensors", "pytorch_model.bin")):
         return True, ""
-    return (True, "") if hub_reachable() else (
-        False, f"No weights for DINO {spec.name!r}: offline and nothing at {dino_hub_target(spec)}. Put "
-               f"the timm weights there, pass a checkpoint file, or use --random-init for a smoke run.")
+    return (
+        (True, "")
+        if hub_reachable()
+        else (
+            False,
+            f"No weights for DINO {spec.name!r}: offline and nothing at {dino_hub_target(spec)}. Put "
+            f"the timm weights there, pass a checkpoint file, or use --random-init for a smoke run.",
+        )
+    )
 
 
 def weights_available(spec) -> tuple[bool, str]:

@@ -21,10 +21,7 @@ RANDOM_INIT_SEED = 0
 TINY_CLIP_ARCH = "nola-tiny-clip"
 TINY_DINO_NAME = "nola_tiny_vit"
 _TINY_TIMM = {
-    TINY_DINO_NAME: (
-        "vit_tiny_patch16_224",
-        dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2),
-    ),
+    TINY_DINO_NAME: ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2))
 }
 
 

@@ -33,35 +33,35 @@ from fiftyone_nola.core.prompt_tuning.checkpoint import (
     tuned_model_id,
 )
 from fiftyone_nola.core.prompt_tuning.config import ALL_SAMPLES, SELECTIONS, TuneConfig
-from fiftyone_nola.core.prompt_tuning.model import (
-    HEAD_FORMULATION,
-    PromptedClassifier,
-    PromptedVisual,
-    make_optimizer,
-)
-from fiftyone_nola.core.prompt_tuning.model import (
-    _param_groups as _param_groups,  # reached by tests
-)
+from fiftyone_nola.core.prompt_tuning.model import HEAD_FORMULATION, PromptedClassifier, PromptedVisual, make_optimizer
+from fiftyone_nola.core.prompt_tuning.model import _param_groups as _param_groups  # reached by tests
 from fiftyone_nola.core.prompt_tuning.predict import predict_tuned
 from fiftyone_nola.core.prompt_tuning.step import _Step as _Step  # reached by tests
-from fiftyone_nola.core.prompt_tuning.train import (
-    OnlineTeacher,
-    TuneResult,
-    stratified_subset,
-    tune,
-)
-from fiftyone_nola.core.prompt_tuning.transforms import (
-    _KeyedImageDataset as _KeyedImageDataset,  # reached by tests
-)
-from fiftyone_nola.core.prompt_tuning.transforms import (
-    clip_mean_std,
-    strong_transform,
-    weak_transform,
-)
+from fiftyone_nola.core.prompt_tuning.train import OnlineTeacher, TuneResult, stratified_subset, tune
+from fiftyone_nola.core.prompt_tuning.transforms import _KeyedImageDataset as _KeyedImageDataset  # reached by tests
+from fiftyone_nola.core.prompt_tuning.transforms import clip_mean_std, strong_transform, weak_transform
 
 __all__ = [
-    "ALL_SAMPLES", "CHECKPOINT_NAME", "HEAD_FORMULATION", "META_NAME", "SELECTIONS", "TUNED_NAME",
-    "OnlineTeacher", "PromptedClassifier", "PromptedVisual", "TuneConfig", "TuneResult",
-    "clip_mean_std", "dev", "load_tuned", "make_optimizer", "predict_tuned", "save_tuned",
-    "strong_transform", "stratified_subset", "tune", "tuned_model_id", "weak_transform",
+    "ALL_SAMPLES",
+    "CHECKPOINT_NAME",
+    "HEAD_FORMULATION",
+    "META_NAME",
+    "SELECTIONS",
+    "TUNED_NAME",
+    "OnlineTeacher",
+    "PromptedClassifier",
+    "PromptedVisual",
+    "TuneConfig",
+    "TuneResult",
+    "clip_mean_std",
+    "dev",
+    "load_tuned",
+    "make_optimizer",
+    "predict_tuned",
+    "save_tuned",
+    "strong_transform",
+    "stratified_subset",
+    "tune",
+    "tuned_model_id",
+    "weak_transform",
 ]

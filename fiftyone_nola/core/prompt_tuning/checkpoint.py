@@ -30,9 +30,13 @@ def _rng_state(gen: torch.Generator, device: torch.device) -> dict:
         "torch": torch.get_rng_state(),
         "loader": gen.get_state(),
         # Plain ints/tensors so the checkpoint loads with torch.load(weights_only=True).
-        "numpy": {"key": np_state[0], "state": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                  "cached": float(np_state[4])},
+        "numpy": {
+            "key": np_state[0],
+            "state": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached": float(np_state[4]),
+        },
         "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
     }
     if device.type == "cuda":
@@ -46,8 +50,7 @@ def _set_rng_state(state: dict, gen: torch.Generator, device: torch.device) -> N
     torch.set_rng_state(state["torch"])
     gen.set_state(state["loader"])
     n = state["numpy"]
-    np.random.set_state((n["key"], n["state"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached"]))
+    np.random.set_state((n["key"], n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     if device.type == "cuda" and "cuda_device" in state:
@@ -83,7 +86,6 @@ def _check_classes(stored: Sequence[str], classes: Sequence[str], where: str) ->
         )
 
 
-
 def _check_resumable(ckpt: dict, fingerprint: dict, identity: dict, where: str) -> None:
     """Refuse a checkpoint made for another CLIP, class list, config, teacher or data."""
     _check_identity({"key": ckpt["fingerprint"]["model"]}, identity, where)
@@ -102,15 +104,19 @@ def _read_checkpoint(path: Optional[Path]) -> Optional[dict]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-
 def _write_checkpoint(path: Path, state: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-
-def save_tuned(path_dir, model: PromptedClassifier, classes: Sequence[str], clip_identity: dict,
-               config: Optional[TuneConfig] = None, extra_meta: Optional[dict] = None) -> Path:
+def save_tuned(
+    path_dir,
+    model: PromptedClassifier,
+    classes: Sequence[str],
+    clip_identity: dict,
+    config: Optional[TuneConfig] = None,
+    extra_meta: Optional[dict] = None,
+) -> Path:
     """Write ``tuned.pt`` (trained parameters only) and ``meta.json`` into ``path_dir``.
 
     ``meta["model_id"]`` hashes the parameters, classes and CLIP: re-saving an unchanged model
@@ -122,8 +128,11 @@ def save_tuned(path_dir, model: PromptedClassifier, classes: Sequence[str], clip
         raise InvalidInputError(f"{len(classes)} class names for a {model.num_classes}-class model")
     state = model.trainable_state_dict()
     model_id = tuned_model_id(state, classes, clip_identity)
-    if (path_dir / TUNED_NAME).is_file() and (path_dir / META_NAME).is_file() \
-            and read_json(path_dir / META_NAME).get("model_id") == model_id:
+    if (
+        (path_dir / TUNED_NAME).is_file()
+        and (path_dir / META_NAME).is_file()
+        and read_json(path_dir / META_NAME).get("model_id") == model_id
+    ):
         return path_dir
     with atomic_path(path_dir / TUNED_NAME) as tmp:
         torch.save(state, tmp)
@@ -155,8 +164,7 @@ def tuned_model_id(state: dict, classes: Sequence[str], clip_identity: dict) -> 
     return h.hexdigest()[:16]
 
 
-def load_tuned(path_dir, clip: LoadedModel, classes: Optional[Sequence[str]] = None
-               ) -> PromptedClassifier:
+def load_tuned(path_dir, clip: LoadedModel, classes: Optional[Sequence[str]] = None) -> PromptedClassifier:
     """Rebuild a saved PromptedClassifier on ``clip``; refuses another CLIP or class list."""
     path_dir = Path(path_dir)
     if not (path_dir / META_NAME).is_file() or not (path_dir / TUNED_NAME).is_file():
@@ -179,4 +187,3 @@ def load_tuned(path_dir, clip: LoadedModel, classes: Optional[Sequence[str]] = N
     model.classes = list(meta["classes"])
     model.model_id = meta.get("model_id")  # names its converted engine model (core/engines.py)
     return model.eval()
-

@@ -55,13 +55,18 @@ class TuneConfig:
         if self.max_samples is not None and self.max_samples < 0:
             raise InvalidInputError(
                 f"max_samples must be >= 1, {ALL_SAMPLES} (all samples) or None (fit the hardware), "
-                f"not {self.max_samples}")
+                f"not {self.max_samples}"
+            )
 
     def hardware_defaults(self, profile: HardwareProfile) -> dict:
         """Paper settings on a GPU; a few epochs on a subset with small batches on a CPU."""
-        return dict(epochs=profile.tune_epochs, batch_size=profile.tune_batch_size,
-                    max_samples=profile.tune_max_samples, num_workers=profile.num_workers,
-                    device=profile.device)
+        return dict(
+            epochs=profile.tune_epochs,
+            batch_size=profile.tune_batch_size,
+            max_samples=profile.tune_max_samples,
+            num_workers=profile.num_workers,
+            device=profile.device,
+        )
 
     @property
     def sample_cap(self) -> Optional[int]:

@@ -31,8 +31,9 @@ class PromptedVisual(nn.Module):
 
     def __init__(self, visual: nn.Module, n_prompts: int = 16, seed: int = 0):
         super().__init__()
-        missing = [a for a in ("conv1", "class_embedding", "positional_embedding", "transformer")
-                   if not hasattr(visual, a)]
+        missing = [
+            a for a in ("conv1", "class_embedding", "positional_embedding", "transformer") if not hasattr(visual, a)
+        ]
         if missing:
             raise InvalidInputError(
                 f"prompt tuning needs a ViT CLIP (open_clip VisionTransformer); "
@@ -43,8 +44,7 @@ class PromptedVisual(nn.Module):
         self.tower = visual
         self.n_prompts = int(n_prompts)
         self.width = int(visual.class_embedding.shape[-1])
-        self.prompts = nn.Parameter(torch.zeros(1, self.n_prompts, self.width,
-                                                device=visual.class_embedding.device))
+        self.prompts = nn.Parameter(torch.zeros(1, self.n_prompts, self.width, device=visual.class_embedding.device))
         # Xavier-uniform bound exactly as NoLA's code and methods.md: 3*16*16 even for /32 models
         # (the bound the published numbers were produced with), not this model's patch size.
         bound = math.sqrt(6.0 / float(3 * 16 * 16 + self.width))
@@ -91,7 +91,7 @@ class PromptedVisual(nn.Module):
         x = self._blocks(x)
         if n:
             # Pooling sees CLS + patches only, so 'avg' and attention pooling keep their meaning.
-            x = torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
+            x = torch.cat([x[:, :1], x[:, 1 + n :]], dim=1)
         pooled = self._pool(x)
         proj = getattr(self.tower, "proj", None)
         return pooled @ proj if proj is not None else pooled
@@ -108,14 +108,7 @@ class PromptedClassifier(nn.Module):
     the caller's CLIP.
     """
 
-    def __init__(
-        self,
-        visual: nn.Module,
-        class_weights,
-        n_prompts: int = 16,
-        seed: int = 0,
-        copy_visual: bool = True,
-    ):
+    def __init__(self, visual: nn.Module, class_weights, n_prompts: int = 16, seed: int = 0, copy_visual: bool = True):
         super().__init__()
         W = torch.as_tensor(np.asarray(class_weights, dtype=np.float32))
         if W.ndim != 2:
@@ -197,7 +190,6 @@ class PromptedClassifier(nn.Module):
                 params[n].copy_(t.to(params[n].device, params[n].dtype))
 
 
-
 def make_optimizer(model: PromptedClassifier, config: TuneConfig) -> torch.optim.AdamW:
     """The official optimiser: AdamW on the trainable parameters, constant lr (the official
     MultiStepLR has no milestones), weight decay on all but biases."""
@@ -208,6 +200,4 @@ def _param_groups(model: PromptedClassifier, weight_decay: float) -> list[dict]:
     params = dict(model.named_parameters())
     decay = [params[n] for n in model.trainable_names if not n.endswith("bias")]
     no_decay = [params[n] for n in model.trainable_names if n.endswith("bias")]
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

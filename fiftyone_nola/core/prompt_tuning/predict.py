@@ -21,8 +21,9 @@ def _eval_loader(filepaths, transform, batch_size: int, num_workers: int, device
     """An ordered loader of ``filepaths`` for evaluation."""
     ds = ImageFileDataset(filepaths, transform)
     # Own generator: evaluation must not draw from the global RNG the training relies on.
-    return make_loader(ds, batch_size, num_workers, pin_memory=dev.pin_memory(device),
-                       generator=torch.Generator().manual_seed(0))
+    return make_loader(
+        ds, batch_size, num_workers, pin_memory=dev.pin_memory(device), generator=torch.Generator().manual_seed(0)
+    )
 
 
 def _iter_logits(model, loader, device, amp, teacher_fn=None, forward=None):
@@ -72,11 +73,19 @@ def predict_tuned(
     choice = engines.resolve(engine, precision, d)
     if choice.engine != "torch":
         model.to("cpu").eval()
-    identity = {"family": "nola-tuned", "key": f"tuned-{getattr(model, 'model_id', None) or 'unsaved'}",
-                "n_prompts": model.n_prompts, "num_classes": model.num_classes}
+    identity = {
+        "family": "nola-tuned",
+        "key": f"tuned-{getattr(model, 'model_id', None) or 'unsaved'}",
+        "n_prompts": model.n_prompts,
+        "num_classes": model.num_classes,
+    }
     runner, choice = engines.load_engine_model(
-        model, identity, (3, model.image_size, model.image_size), choice,
-        calibration=calibration_images(filepaths, weak))
+        model,
+        identity,
+        (3, model.image_size, model.image_size),
+        choice,
+        calibration=calibration_images(filepaths, weak),
+    )
     amp = None if runner is not None else engines.torch_amp(choice)
     model.to(d)
     model.last_engine = choice  # what produced the probabilities (recorded by the predict stage)

@@ -70,6 +70,6 @@ def _sync_grads(ctx: dt.DistContext, params: list, n_local: int) -> int:
         offset = 0
         for p in params:
             k = p.numel()
-            p.grad = flat[offset:offset + k].view_as(p).to(p.dtype)
+            p.grad = flat[offset : offset + k].view_as(p).to(p.dtype)
             offset += k
     return total

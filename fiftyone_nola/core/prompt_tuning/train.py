@@ -30,11 +30,7 @@ from fiftyone_nola.core.prompt_tuning.checkpoint import (
     _write_checkpoint,
 )
 from fiftyone_nola.core.prompt_tuning.config import TuneConfig
-from fiftyone_nola.core.prompt_tuning.model import (
-    HEAD_FORMULATION,
-    PromptedClassifier,
-    make_optimizer,
-)
+from fiftyone_nola.core.prompt_tuning.model import HEAD_FORMULATION, PromptedClassifier, make_optimizer
 from fiftyone_nola.core.prompt_tuning.predict import _eval_loader, _iter_logits
 from fiftyone_nola.core.prompt_tuning.step import _Step
 from fiftyone_nola.core.prompt_tuning.transforms import (
@@ -133,11 +129,23 @@ def tune(
     workers = _workers(config, device, ctx)  # before resolve: DDP ranks share the machine's cores
     config = dev.resolve(config, device)
     train, holdout = _split(labels, len(filepaths), config)
-    run = _Run(clip=clip, W=W, classes=classes, config=config, filepaths=filepaths, labels=labels,
-               teacher_fn=online.fn if online else None, train=train, holdout=holdout,
-               device=device, workers=workers, ctx=ctx, t_start=t_start,
-               progress=progress if progress and ctx.is_main else null_progress,
-               ckpt_path=Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None)
+    run = _Run(
+        clip=clip,
+        W=W,
+        classes=classes,
+        config=config,
+        filepaths=filepaths,
+        labels=labels,
+        teacher_fn=online.fn if online else None,
+        train=train,
+        holdout=holdout,
+        device=device,
+        workers=workers,
+        ctx=ctx,
+        t_start=t_start,
+        progress=progress if progress and ctx.is_main else null_progress,
+        ckpt_path=Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None,
+    )
     _check_same_on_all_ranks(ctx, run.fingerprint, config)
     # Rank 0 reads, every rank resumes from what it read (no shared filesystem needed).
     ckpt = dt.run_on_main(ctx, lambda: _read_checkpoint(run.ckpt_path))
@@ -158,8 +166,9 @@ def tune(
             random.setstate(py_state)
 
 
-def _check_inputs(filepaths: list, teacher_labels, W: np.ndarray, classes,
-                  online: Optional[OnlineTeacher]) -> tuple[list, Optional[np.ndarray]]:
+def _check_inputs(
+    filepaths: list, teacher_labels, W: np.ndarray, classes, online: Optional[OnlineTeacher]
+) -> tuple[list, Optional[np.ndarray]]:
     """``(class names, teacher labels or None)``, checked against the images and weights."""
     if W.ndim != 2 or W.shape[0] < 1:
         raise InvalidInputError(f"class_weights must be a C×D matrix, got shape {W.shape}")
@@ -250,8 +259,9 @@ class _Run:
             "model": self.identity.get("key"),
             "teacher": "online" if self.teacher_fn is not None else "cached",
             "head": HEAD_FORMULATION,
-            "data": _fingerprint(self.paths(self.train), self.train_labels) + "-" +
-                    _fingerprint(self.paths(self.holdout), self.hold_teacher),
+            "data": _fingerprint(self.paths(self.train), self.train_labels)
+            + "-"
+            + _fingerprint(self.paths(self.holdout), self.hold_teacher),
         }
 
     def paths(self, indices) -> list:
@@ -273,20 +283,41 @@ class _Trainer:
         # As DDP at construction: every rank starts from rank 0's weights, frozen ones included.
         dt.broadcast_module(ctx, self.model)
         params = [dict(self.model.named_parameters())[n] for n in self.model.trainable_names]
-        self.step = _Step(self.model, params, make_optimizer(self.model, cfg), cfg.label_smoothing,
-                          run.device, run.amp, dev.grad_scaler(run.device, run.amp), ctx)
+        self.step = _Step(
+            self.model,
+            params,
+            make_optimizer(self.model, cfg),
+            cfg.label_smoothing,
+            run.device,
+            run.amp,
+            dev.grad_scaler(run.device, run.amp),
+            ctx,
+        )
         self.gen = torch.Generator().manual_seed(cfg.seed)
         m = self.model
         self.weak = weak_transform(m.image_size, m.mean, m.std)
         strong = strong_transform(m.image_size, m.mean, m.std)
-        ds = _KeyedImageDataset(run.paths(run.train),
-                                _TwoViews(self.weak, strong) if run.teacher_fn else strong, cfg.seed)
+        ds = _KeyedImageDataset(
+            run.paths(run.train), _TwoViews(self.weak, strong) if run.teacher_fn else strong, cfg.seed
+        )
         # As dassl's loader in the official code: drop the ragged last batch when there is a full one.
-        self.sampler = dt.EpochBatchSampler(len(ds), cfg.batch_size, cfg.seed,
-                                            drop_last=len(ds) >= cfg.batch_size,
-                                            rank=ctx.rank, world_size=ctx.world_size)
-        self.loader = make_loader(ds, None, run.workers, pin_memory=run.pin, generator=self.gen,
-                                  batch_sampler=self.sampler, worker_init_fn=_seed_worker)
+        self.sampler = dt.EpochBatchSampler(
+            len(ds),
+            cfg.batch_size,
+            cfg.seed,
+            drop_last=len(ds) >= cfg.batch_size,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        )
+        self.loader = make_loader(
+            ds,
+            None,
+            run.workers,
+            pin_memory=run.pin,
+            generator=self.gen,
+            batch_sampler=self.sampler,
+            worker_init_fn=_seed_worker,
+        )
         self.history = {"loss": [], "agreement": [], "seconds": []}
         self.best_state, self.best_epoch, self.best_agree = None, 0, -1.0
         self.failed: dict[int, str] = {}
@@ -306,8 +337,9 @@ class _Trainer:
         self.best_agree = float(ckpt.get("best_agreement", -1.0))
         self.failed = {int(i): r for i, r in ckpt.get("failed", [])}
         self.start = int(ckpt["epoch"])
-        self.run.log(f"resuming prompt tuning from {self.run.ckpt_path} after epoch "
-                     f"{self.start}/{self.run.config.epochs}")
+        self.run.log(
+            f"resuming prompt tuning from {self.run.ckpt_path} after epoch {self.start}/{self.run.config.epochs}"
+        )
 
     def fit(self) -> TuneResult:
         run, cfg, ctx = self.run, self.run.config, self.run.ctx
@@ -315,9 +347,11 @@ class _Trainer:
         batch_desc = f"batch {cfg.batch_size}"
         if ctx.enabled:
             batch_desc += f" over {ctx.world_size} processes ({cfg.batch_size / ctx.world_size:g} each)"
-        run.log(f"prompt tuning: {len(run.train)} training images, {len(run.holdout)} held aside, "
-                f"{len(run.classes)} classes, {cfg.epochs} epochs, {batch_desc}, "
-                f"device {run.device}, precision {run.amp or 'fp32'}, workers {run.workers}")
+        run.log(
+            f"prompt tuning: {len(run.train)} training images, {len(run.holdout)} held aside, "
+            f"{len(run.classes)} classes, {cfg.epochs} epochs, {batch_desc}, "
+            f"device {run.device}, precision {run.amp or 'fp32'}, workers {run.workers}"
+        )
         run.progress(self.start * steps, steps * cfg.epochs, "prompt tuning")
         for epoch in range(self.start, cfg.epochs):
             self._epoch(epoch, steps)
@@ -329,10 +363,17 @@ class _Trainer:
         self.model.eval()
         seconds = time.perf_counter() - run.t_start
         run.log(f"prompt tuning done in {seconds:.1f}s; kept epoch {selected}")
-        return TuneResult(model=self.model, history=self.history, selected_epoch=selected,
-                          seconds=seconds, failed=sorted(self.failed.items()),
-                          train_indices=run.train, holdout_indices=run.holdout,
-                          start_epoch=self.start, world_size=ctx.world_size)
+        return TuneResult(
+            model=self.model,
+            history=self.history,
+            selected_epoch=selected,
+            seconds=seconds,
+            failed=sorted(self.failed.items()),
+            train_indices=run.train,
+            holdout_indices=run.holdout,
+            start_epoch=self.start,
+            world_size=ctx.world_size,
+        )
 
     def _epoch(self, epoch: int, steps: int) -> None:
         run, cfg = self.run, self.run.config
@@ -372,8 +413,7 @@ class _Trainer:
             run.log(f"{len(self.failed)} unreadable image(s) skipped")
         if run.ckpt_path is not None:
             # Rank 0 writes; the others wait for it, so no rank runs ahead of a failed write.
-            dt.run_on_main(run.ctx, functools.partial(_write_checkpoint, run.ckpt_path,
-                                                      self._checkpoint(epoch + 1)))
+            dt.run_on_main(run.ctx, functools.partial(_write_checkpoint, run.ckpt_path, self._checkpoint(epoch + 1)))
 
     def _inputs_and_labels(self, batch, idx):
         """The strong view and its teacher labels, without -1s; empty when the batch is."""

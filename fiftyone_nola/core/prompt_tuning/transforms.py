@@ -49,12 +49,14 @@ def weak_transform(image_size: int, mean: Sequence[float], std: Sequence[float])
     """Weak view = CLIP's eval preprocessing: resize (bicubic), centre crop, normalise."""
     from torchvision import transforms as T
 
-    return T.Compose([
-        T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-        T.CenterCrop(image_size),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+    return T.Compose(
+        [
+            T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
 def strong_transform(image_size: int, mean: Sequence[float], std: Sequence[float]):
@@ -62,17 +64,19 @@ def strong_transform(image_size: int, mean: Sequence[float], std: Sequence[float
     from torchvision import transforms as T
 
     bicubic = T.InterpolationMode.BICUBIC
-    return T.Compose([
-        # Bilinear, torchvision's default, as the official get_random_transform leaves it.
-        T.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
-        T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomPerspective(distortion_scale=0.2, p=0.5, interpolation=bicubic),
-        T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1),
-        _RandomGaussianBlur((0.1, 2.0)),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+    return T.Compose(
+        [
+            # Bilinear, torchvision's default, as the official get_random_transform leaves it.
+            T.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomPerspective(distortion_scale=0.2, p=0.5, interpolation=bicubic),
+            T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1),
+            _RandomGaussianBlur((0.1, 2.0)),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
 class _KeyedImageDataset(ImageFileDataset):

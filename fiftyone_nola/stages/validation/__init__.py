@@ -25,19 +25,37 @@ from fiftyone_nola.stages.validation.checks import (
     check_templates,
     check_writable,
 )
-from fiftyone_nola.stages.validation.jobs import (
-    check_auto_label,
-    check_embed,
-    check_multilabel,
-    replace_random_init,
-)
+from fiftyone_nola.stages.validation.jobs import check_auto_label, check_embed, check_multilabel, replace_random_init
 from fiftyone_nola.stages.validation.params import ParamChecks, check_params
 from fiftyone_nola.stages.validation.plan import plan_auto_label
 from fiftyone_nola.stages.validation.report import Problem, Report, plan_lines
 from fiftyone_nola.stages.validation.target import Target, resolve_target, target_count
 
-__all__ = ["ParamChecks", "Problem", "Report", "Target", "ValidationError", "check_auto_label", "check_classes", "check_clip",
-           "check_descriptions", "check_device", "check_dino", "check_embed", "check_gt_field", "check_images",
-           "check_multilabel", "check_output_fields", "check_params", "check_range", "check_templates",
-           "check_writable", "plan_auto_label", "plan_lines", "replace_random_init", "resolve_target",
-           "target_count", "_weights"]
+__all__ = [
+    "ParamChecks",
+    "Problem",
+    "Report",
+    "Target",
+    "ValidationError",
+    "check_auto_label",
+    "check_classes",
+    "check_clip",
+    "check_descriptions",
+    "check_device",
+    "check_dino",
+    "check_embed",
+    "check_gt_field",
+    "check_images",
+    "check_multilabel",
+    "check_output_fields",
+    "check_params",
+    "check_range",
+    "check_templates",
+    "check_writable",
+    "plan_auto_label",
+    "plan_lines",
+    "replace_random_init",
+    "resolve_target",
+    "target_count",
+    "_weights",
+]

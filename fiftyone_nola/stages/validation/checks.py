@@ -13,10 +13,7 @@ from typing import Optional
 from fiftyone_nola.core.classes import parse_classes, resolve_classes
 from fiftyone_nola.core.descriptions import load_descriptions
 from fiftyone_nola.core.device import resolve_device
-from fiftyone_nola.core.errors import (
-    InvalidInputError,
-    ModelNotFoundError,
-)
+from fiftyone_nola.core.errors import InvalidInputError, ModelNotFoundError
 from fiftyone_nola.core.models import _CONFIG_DIR, _TINY_TIMM, concrete_dino, weights_available
 from fiftyone_nola.core.templates import resolve_templates
 from fiftyone_nola.stages import runs
@@ -24,30 +21,40 @@ from fiftyone_nola.stages.fo_io import label_path
 from fiftyone_nola.stages.validation.report import _human, _problem
 
 
-def check_classes(classes, samples=None, min_classes: int = 2, input_name: str = "classes"
-                  ) -> tuple[Optional[list], list]:
+def check_classes(
+    classes, samples=None, min_classes: int = 2, input_name: str = "classes"
+) -> tuple[Optional[list], list]:
     """``(class list or None, problems)``: count, duplicates, empties, a missing classes file."""
 
     if isinstance(classes, str) and classes.strip() and "\n" not in classes and "," not in classes:
         p = Path(classes).expanduser()
         if (os.sep in classes or p.suffix.lower() in {".txt", ".csv", ".json"}) and not p.is_file():
-            return None, [_problem(input_name, f"classes file {p} does not exist",
-                                   "give the path of a text file with one class name per line, or "
-                                   "comma-separated names")]
+            return None, [
+                _problem(
+                    input_name,
+                    f"classes file {p} does not exist",
+                    "give the path of a text file with one class name per line, or comma-separated names",
+                )
+            ]
     try:
         names = resolve_classes(classes, samples)
         if min_classes != 2:
             names = parse_classes(names, min_classes=min_classes)
         return names, []
     except InvalidInputError as e:
-        return None, [_problem(input_name, str(e), "fix the class list (at least "
-                                                   f"{min_classes} distinct, non-empty names)")]
+        return None, [
+            _problem(input_name, str(e), f"fix the class list (at least {min_classes} distinct, non-empty names)")
+        ]
     except OSError as e:
         return None, [_problem(input_name, f"cannot read the classes file: {e}", "check the path")]
 
 
-def check_descriptions(path: Optional[str], classes: Optional[Sequence[str]], allow_template_fallback: bool,
-                       input_name: str = "descriptions_file") -> list:
+def check_descriptions(
+    path: Optional[str],
+    classes: Optional[Sequence[str]],
+    allow_template_fallback: bool,
+    input_name: str = "descriptions_file",
+) -> list:
     """Readable, parseable, and covering every class (or fallback to templates explicitly allowed)."""
     if not path:
         return []
@@ -55,7 +62,7 @@ def check_descriptions(path: Optional[str], classes: Optional[Sequence[str]], al
     try:
         ds = load_descriptions(path, classes)
     except InvalidInputError as e:
-        return [_problem(input_name, str(e), "fix the file: JSON {\"class name\": [\"description\", ...]}")]
+        return [_problem(input_name, str(e), 'fix the file: JSON {"class name": ["description", ...]}')]
     except OSError as e:
         return [_problem(input_name, f"cannot read {path}: {e}", "check the path and its permissions")]
     if classes is None:
@@ -65,13 +72,18 @@ def check_descriptions(path: Optional[str], classes: Optional[Sequence[str]], al
         return []
     shown = ", ".join(repr(c) for c in missing[:10]) + (" ..." if len(missing) > 10 else "")
     covered = len(classes) - len(missing)
-    msg = (f"the descriptions file {path} covers {covered} of {len(classes)} classes; it lacks "
-           f"{len(missing)}: {shown}")
+    msg = f"the descriptions file {path} covers {covered} of {len(classes)} classes; it lacks {len(missing)}: {shown}"
     if allow_template_fallback:
         return [_problem(input_name, msg + " (CLIP templates used for them, as allowed)", error=False)]
-    return [_problem(input_name, msg, "add descriptions for them to the file, or allow CLIP template "
-                                      "descriptions for the missing classes (allow_template_fallback / "
-                                      "--allow-template-fallback)")]
+    return [
+        _problem(
+            input_name,
+            msg,
+            "add descriptions for them to the file, or allow CLIP template "
+            "descriptions for the missing classes (allow_template_fallback / "
+            "--allow-template-fallback)",
+        )
+    ]
 
 
 def check_templates(templates, classes: Optional[Sequence[str]], input_name: str = "templates") -> list:
@@ -92,9 +104,15 @@ def _gt_labels(samples, field_: str, doc_type) -> set:
     return {x for x in samples.distinct(label_path(field_, doc_type)) if x is not None}
 
 
-def check_gt_field(samples, field_: Optional[str], classes: Optional[Sequence[str]], multilabel: bool = False,
-                   outputs: Sequence[str] = (), input_name: str = "gt_field", labels: Optional[set] = None
-                   ) -> list:
+def check_gt_field(
+    samples,
+    field_: Optional[str],
+    classes: Optional[Sequence[str]],
+    multilabel: bool = False,
+    outputs: Sequence[str] = (),
+    input_name: str = "gt_field",
+    labels: Optional[set] = None,
+) -> list:
     """Ground truth: exists, a label type evaluation understands, and which labels are unknown.
 
     ``labels``: the GT labels when the field does not exist yet (``--gt-from-subfolders``).
@@ -105,36 +123,59 @@ def check_gt_field(samples, field_: Optional[str], classes: Optional[Sequence[st
 
     out = []
     if field_ in outputs:
-        out.append(_problem(input_name, f"ground-truth field {field_!r} is also an output field of this job: "
-                                        "it would be overwritten", "use another output field name"))
+        out.append(
+            _problem(
+                input_name,
+                f"ground-truth field {field_!r} is also an output field of this job: it would be overwritten",
+                "use another output field name",
+            )
+        )
     if labels is None:
         if samples is None:
             return out
         schema = samples.get_field_schema(flat=True)
         if field_ not in schema:
             label_fields = sorted(k for k, v in schema.items() if "." not in k and _is_label(v))
-            return out + [_problem(input_name, f"field {field_!r} does not exist on dataset "
-                                               f"'{_root(samples).name}'",
-                                   f"use one of its label fields ({', '.join(label_fields) or 'none'}) or leave "
-                                   "it empty (no evaluation)")]
+            return out + [
+                _problem(
+                    input_name,
+                    f"field {field_!r} does not exist on dataset '{_root(samples).name}'",
+                    f"use one of its label fields ({', '.join(label_fields) or 'none'}) or leave "
+                    "it empty (no evaluation)",
+                )
+            ]
         doc_type = getattr(schema[field_], "document_type", None)
         ok_types = (fo.Classification, fo.Classifications, fo.Detections) if multilabel else (fo.Classification,)
         if doc_type is None or not issubclass(doc_type, ok_types):
             got = getattr(doc_type, "__name__", type(schema[field_]).__name__)
             want = "/".join(t.__name__ for t in ok_types)
-            return out + [_problem(input_name, f"field {field_!r} holds {got}; evaluation needs {want}",
-                                   "name a field of that label type")]
+            return out + [
+                _problem(
+                    input_name,
+                    f"field {field_!r} holds {got}; evaluation needs {want}",
+                    "name a field of that label type",
+                )
+            ]
         labels = _gt_labels(samples, field_, doc_type)
     if classes is not None and labels:
         outside = sorted(labels - set(classes))
         if outside and len(outside) == len(labels):
-            out.append(_problem(input_name, f"none of the labels in {field_!r} is in the class list "
-                                            f"(it has {_preview(sorted(labels))})",
-                                "check the class names against the ground truth's"))
+            out.append(
+                _problem(
+                    input_name,
+                    f"none of the labels in {field_!r} is in the class list (it has {_preview(sorted(labels))})",
+                    "check the class names against the ground truth's",
+                )
+            )
         elif outside:
-            out.append(_problem(input_name, f"{len(outside)} label(s) in {field_!r} are outside the class list: "
-                                            f"{_preview(outside)}; those samples count as errors",
-                                error=False))
+            out.append(
+                _problem(
+                    input_name,
+                    f"{len(outside)} label(s) in {field_!r} are outside the class list: "
+                    f"{_preview(outside)}; those samples count as errors",
+                    error=False,
+                )
+            )
     return out
 
 
@@ -156,7 +197,6 @@ def _clip_archs() -> frozenset:
     it costs seconds), plus this library's tiny test model."""
     import importlib.util
     import sys
-
 
     names = {p.stem for p in _CONFIG_DIR.glob("*.json")}
     if "open_clip" in sys.modules:
@@ -189,8 +229,13 @@ def check_clip(spec, fallback_random_init: bool = False, names=("clip_arch", "cl
         return []
     if not spec.arch.startswith("hf-hub:") and spec.arch not in _clip_archs():
         near = sorted(a for a in _clip_archs() if a.lower()[:5] == spec.arch.lower()[:5])[:8]
-        return [_problem(arch_in, f"unknown CLIP architecture {spec.arch!r}",
-                         f"use an open_clip architecture, e.g. {', '.join(near) or 'ViT-B-32, ViT-B-16, ViT-L-14'}")]
+        return [
+            _problem(
+                arch_in,
+                f"unknown CLIP architecture {spec.arch!r}",
+                f"use an open_clip architecture, e.g. {', '.join(near) or 'ViT-B-32, ViT-B-16, ViT-L-14'}",
+            )
+        ]
     return _check_weights(spec, weights_in, fallback_random_init)
 
 
@@ -203,16 +248,28 @@ def check_dino(spec, fallback_random_init: bool = False, names=("dino_model", "d
     spec = concrete_dino(spec)
     base = _TINY_TIMM.get(spec.name, (spec.name,))[0].split(".")[0]
     if base not in _KNOWN_TIMM and not _timm_is_model(base):
-        return [_problem(name_in, f"unknown timm model {spec.name!r}",
-                         "use e.g. vit_small_patch16_224.dino, vit_base_patch16_224.dino or auto")]
+        return [
+            _problem(
+                name_in,
+                f"unknown timm model {spec.name!r}",
+                "use e.g. vit_small_patch16_224.dino, vit_base_patch16_224.dino or auto",
+            )
+        ]
     if spec.feature not in {"cls", "pooled"}:
         return [_problem(name_in, f"DINO feature must be 'cls' or 'pooled', not {spec.feature!r}")]
     return _check_weights(spec, ckpt_in if spec.checkpoint else name_in, fallback_random_init)
 
 
 # The DINO backbones people name most: known without importing timm (seconds on a cold start).
-_KNOWN_TIMM = frozenset({"vit_small_patch16_224", "vit_base_patch16_224", "vit_small_patch8_224",
-                         "vit_base_patch8_224", "vit_tiny_patch16_224"})
+_KNOWN_TIMM = frozenset(
+    {
+        "vit_small_patch16_224",
+        "vit_base_patch16_224",
+        "vit_small_patch8_224",
+        "vit_base_patch8_224",
+        "vit_tiny_patch16_224",
+    }
+)
 
 
 def _timm_is_model(name: str) -> bool:
@@ -231,10 +288,18 @@ def _check_weights(spec, input_name: str, fallback: bool) -> list:
     if ok:
         return []
     if fallback:
-        return [_problem(input_name, why + " Continuing with RANDOM weights (fallback asked): labels are "
-                                           "meaningless.", error=False)]
-    return [_problem(input_name, why, "or pass --fallback-random-init / random_init=True to run on random "
-                                      "weights on purpose")]
+        return [
+            _problem(
+                input_name,
+                why + " Continuing with RANDOM weights (fallback asked): labels are meaningless.",
+                error=False,
+            )
+        ]
+    return [
+        _problem(
+            input_name, why, "or pass --fallback-random-init / random_init=True to run on random weights on purpose"
+        )
+    ]
 
 
 def check_device(device: Optional[str], input_name: str = "device") -> list:
@@ -270,27 +335,42 @@ def check_writable(path, input_name: str, what: str, is_file: bool = False, need
         return [_problem(input_name, f"{what} {target} exists and is not a directory", "choose another path")]
     anc = _existing_ancestor(target)
     if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
-        return [_problem(input_name, f"{what} {target} is not writable (nearest existing directory {anc} is "
-                                     "read-only for this user)", "choose a writable location")]
+        return [
+            _problem(
+                input_name,
+                f"{what} {target} is not writable (nearest existing directory {anc} is read-only for this user)",
+                "choose a writable location",
+            )
+        ]
     if need_bytes:
         free = shutil.disk_usage(anc).free
         if free < need_bytes:
-            return [_problem(input_name, f"{what} {target} needs about {_human(need_bytes)} but only "
-                                         f"{_human(free)} is free", "free space or choose another disk")]
+            return [
+                _problem(
+                    input_name,
+                    f"{what} {target} needs about {_human(need_bytes)} but only {_human(free)} is free",
+                    "free space or choose another disk",
+                )
+            ]
     return []
 
 
-def check_range(name: str, value, lo=None, hi=None, allow_none: bool = True, integer: bool = False,
-                what: str = "") -> list:
+def check_range(
+    name: str, value, lo=None, hi=None, allow_none: bool = True, integer: bool = False, what: str = ""
+) -> list:
     """``value`` within ``[lo, hi]`` (None allowed when ``allow_none``)."""
     if value is None:
         return [] if allow_none else [_problem(name, f"{what or name} is required")]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and int(value) != value):
-        return [_problem(name, f"{what or name} must be {'an integer' if integer else 'a number'}, "
-                               f"not {value!r}")]
+        return [_problem(name, f"{what or name} must be {'an integer' if integer else 'a number'}, not {value!r}")]
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        rng = (f"between {lo} and {hi}" if lo is not None and hi is not None
-               else f">= {lo}" if lo is not None else f"<= {hi}")
+        rng = (
+            f"between {lo} and {hi}"
+            if lo is not None and hi is not None
+            else f">= {lo}"
+            if lo is not None
+            else f"<= {hi}"
+        )
         return [_problem(name, f"{what or name} must be {rng}, not {value}", f"give a value {rng}")]
     return []
 
@@ -320,10 +400,21 @@ def check_images(paths: Sequence[str], input_name: str = "samples", sample_size:
         return []
     detail = "; ".join(f"{p} ({why[:80]})" for p, why in bad[:3])
     if len(bad) == len(picked):
-        return [_problem(input_name, f"none of the {len(picked)} images checked can be read: {detail}",
-                         "check the image paths (moved or unmounted files?) and formats")]
-    return [_problem(input_name, f"{len(bad)} of {len(picked)} images checked cannot be read ({detail}); "
-                                 "unreadable images are skipped and tagged nola:unreadable", error=False)]
+        return [
+            _problem(
+                input_name,
+                f"none of the {len(picked)} images checked can be read: {detail}",
+                "check the image paths (moved or unmounted files?) and formats",
+            )
+        ]
+    return [
+        _problem(
+            input_name,
+            f"{len(bad)} of {len(picked)} images checked cannot be read ({detail}); "
+            "unreadable images are skipped and tagged nola:unreadable",
+            error=False,
+        )
+    ]
 
 
 def check_output_fields(samples, outputs: Mapping[str, str], label_type: str = "Classification") -> list:
@@ -352,14 +443,29 @@ def check_output_fields(samples, outputs: Mapping[str, str], label_type: str = "
         doc = getattr(schema[f], "document_type", None)
         if doc is None or not issubclass(doc, want):
             got = getattr(doc, "__name__", type(schema[f]).__name__)
-            out.append(_problem(inp, f"field {f!r} exists and holds {got}, not {label_type}; it cannot be "
-                                     "written", "choose another output field name"))
+            out.append(
+                _problem(
+                    inp,
+                    f"field {f!r} exists and holds {got}, not {label_type}; it cannot be written",
+                    "choose another output field name",
+                )
+            )
         elif runs.run_key_for(f) not in ran:
-            out.append(_problem(inp, f"field {f!r} already exists and was not written by this library: "
-                                     "its values will be overwritten", error=False))
+            out.append(
+                _problem(
+                    inp,
+                    f"field {f!r} already exists and was not written by this library: its values will be overwritten",
+                    error=False,
+                )
+            )
         else:
-            out.append(_problem(inp, f"field {f!r} holds an earlier run's labels: reused when up to date, "
-                                     "else overwritten", error=False))
+            out.append(
+                _problem(
+                    inp,
+                    f"field {f!r} holds an earlier run's labels: reused when up to date, else overwritten",
+                    error=False,
+                )
+            )
     return out
 
 

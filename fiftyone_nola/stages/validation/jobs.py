@@ -28,12 +28,7 @@ from fiftyone_nola.stages.validation.plan import (
     plan_auto_label,
 )
 from fiftyone_nola.stages.validation.report import Report, _problem
-from fiftyone_nola.stages.validation.target import (
-    Target,
-    _check_target_gt,
-    resolve_target,
-    target_count,
-)
+from fiftyone_nola.stages.validation.target import Target, _check_target_gt, resolve_target, target_count
 
 
 def _job_inputs(target: Target, classes, config, fallback_random_init: bool) -> tuple[Target, list, list]:
@@ -48,8 +43,14 @@ def _job_inputs(target: Target, classes, config, fallback_random_init: bool) -> 
     return target, classes_list, problems
 
 
-def check_auto_label(target: Target, classes, config, fallback_random_init: bool = False,
-                     json_out: Optional[str] = None, plan: bool = False) -> Report:
+def check_auto_label(
+    target: Target,
+    classes,
+    config,
+    fallback_random_init: bool = False,
+    json_out: Optional[str] = None,
+    plan: bool = False,
+) -> Report:
     """Every input of the single-label pipeline (``auto_label``); the plan when ``plan``."""
     t0 = time.perf_counter()
 
@@ -65,20 +66,29 @@ def check_auto_label(target: Target, classes, config, fallback_random_init: bool
     problems += _check_target_gt(target, config.gt_field, classes_list, list(outputs.values()), False)
     problems += check_range("tune_epochs", tune.epochs, lo=1, hi=10_000, integer=True, what="epochs")
     problems += check_range("tune_batch_size", tune.batch_size, lo=1, integer=True, what="batch size")
-    problems += check_range("tune_max_samples", tune.max_samples, lo=0, integer=True,
-                            what="tuning sample limit (0: all samples)")
-    problems += check_range("dino_epochs", config.dino_labeler.epochs, lo=1, hi=100_000, integer=True,
-                            what="epochs")
-    problems += check_range("max_descriptions_per_class", zs.max_descriptions_per_class, lo=1, integer=True,
-                            what="descriptions per class")
+    problems += check_range(
+        "tune_max_samples", tune.max_samples, lo=0, integer=True, what="tuning sample limit (0: all samples)"
+    )
+    problems += check_range("dino_epochs", config.dino_labeler.epochs, lo=1, hi=100_000, integer=True, what="epochs")
+    problems += check_range(
+        "max_descriptions_per_class", zs.max_descriptions_per_class, lo=1, integer=True, what="descriptions per class"
+    )
     problems += check_range("batch_size", config.embed.batch_size, lo=1, integer=True, what="batch size")
     problems += check_range("num_workers", config.embed.num_workers, lo=0, hi=256, integer=True, what="workers")
     if config.embed.index_type not in _index_types():
-        problems.append(_problem("index_type", f"unknown index type {config.embed.index_type!r}",
-                                 f"use one of {', '.join(_index_types())}"))
+        problems.append(
+            _problem(
+                "index_type",
+                f"unknown index type {config.embed.index_type!r}",
+                f"use one of {', '.join(_index_types())}",
+            )
+        )
     if zs.use_llm and zs.descriptions_file:
-        problems.append(_problem("use_llm", "both a descriptions file and LLM descriptions were asked for; "
-                                            "the file wins", error=False))
+        problems.append(
+            _problem(
+                "use_llm", "both a descriptions file and LLM descriptions were asked for; the file wins", error=False
+            )
+        )
     problems += check_writable(json_out, "json_out", "summary file", is_file=True)
     report = Report(problems)
     n = target_count(target) if report.ok or plan else 0
@@ -95,16 +105,23 @@ def check_auto_label(target: Target, classes, config, fallback_random_init: bool
     return report
 
 
-def check_multilabel(target: Target, classes, config, fallback_random_init: bool = False,
-                     json_out: Optional[str] = None, plan: bool = False) -> Report:
+def check_multilabel(
+    target: Target,
+    classes,
+    config,
+    fallback_random_init: bool = False,
+    json_out: Optional[str] = None,
+    plan: bool = False,
+) -> Report:
     """Every input of ``auto_label_multilabel``."""
     t0 = time.perf_counter()
 
     target, classes_list, problems = _job_inputs(target, classes, config, fallback_random_init)
     samples = target.samples
     if not config.single_template:
-        problems += check_descriptions(config.descriptions_file, classes_list,
-                                       getattr(config, "allow_template_fallback", False))
+        problems += check_descriptions(
+            config.descriptions_file, classes_list, getattr(config, "allow_template_fallback", False)
+        )
     outputs = {"pseudo_field": config.pseudo_field, "pred_field": config.pred_field}
     problems += check_output_fields(samples, outputs, "Classifications")
     problems += _check_target_gt(target, config.gt_field, classes_list, list(outputs.values()), True)
@@ -115,30 +132,43 @@ def check_multilabel(target: Target, classes, config, fallback_random_init: bool
     problems += check_range("ratio", config.ratio, lo=0.0, hi=1.0)
     problems += check_range("max_labels", config.max_labels, lo=1, integer=True)
     problems += check_range("train_epochs", train.epochs, lo=1, hi=100_000, integer=True, what="epochs")
-    problems += check_range("label_update_every", train.update_every, lo=0, integer=True,
-                            what="label update interval (0: never)")
+    problems += check_range(
+        "label_update_every", train.update_every, lo=0, integer=True, what="label update interval (0: never)"
+    )
     problems += check_range("label_warmup", train.warmup, lo=0, integer=True, what="warm-up epochs")
     problems += check_range("crop_batch_size", crop.batch_size, lo=1, integer=True, what="crop batch size")
     problems += check_range("num_workers", crop.num_workers, lo=0, hi=256, integer=True, what="workers")
     if config.aggregation not in ("avg", "lambda", "global"):
-        problems.append(_problem("aggregation", f"unknown aggregation {config.aggregation!r}",
-                                 "use avg, lambda or global"))
+        problems.append(
+            _problem("aggregation", f"unknown aggregation {config.aggregation!r}", "use avg, lambda or global")
+        )
     problems += check_writable(json_out, "json_out", "summary file", is_file=True)
     problems += check_writable(nola_home(), "storage", "NOLA_HOME")
     report = Report(problems)
     if plan and report.ok:
         n = target_count(target)
-        report.plan = {"samples": n, "stages": [
-            _stage("embeddings", "run", n, _embed_seconds(config.clip, n, config.device)),
-            _stage("pseudo_labels", "run", n, n * crop.grid ** 2 / _rate(config.clip, config.device)),
-            _stage("classifier", "run", n, 1.0 + n * 1e-4)]}
+        report.plan = {
+            "samples": n,
+            "stages": [
+                _stage("embeddings", "run", n, _embed_seconds(config.clip, n, config.device)),
+                _stage("pseudo_labels", "run", n, n * crop.grid**2 / _rate(config.clip, config.device)),
+                _stage("classifier", "run", n, 1.0 + n * 1e-4),
+            ],
+        }
         _finish_plan(report.plan, config.device, 0)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def check_embed(target: Target, family: str, clip, dino, embed_cfg, fallback_random_init: bool = False,
-                json_out: Optional[str] = None) -> Report:
+def check_embed(
+    target: Target,
+    family: str,
+    clip,
+    dino,
+    embed_cfg,
+    fallback_random_init: bool = False,
+    json_out: Optional[str] = None,
+) -> Report:
     """Every input of the embedding stage."""
 
     t0 = time.perf_counter()
@@ -153,8 +183,11 @@ def check_embed(target: Target, family: str, clip, dino, embed_cfg, fallback_ran
     problems += check_range("batch_size", embed_cfg.batch_size, lo=1, integer=True, what="batch size")
     problems += check_range("num_workers", embed_cfg.num_workers, lo=0, hi=256, integer=True, what="workers")
     if embed_cfg.index_type not in _index_types():
-        problems.append(_problem("index_type", f"unknown index type {embed_cfg.index_type!r}",
-                                 f"use one of {', '.join(_index_types())}"))
+        problems.append(
+            _problem(
+                "index_type", f"unknown index type {embed_cfg.index_type!r}", f"use one of {', '.join(_index_types())}"
+            )
+        )
     problems += check_writable(json_out, "json_out", "summary file", is_file=True)
     problems += check_writable(nola_home(), "storage", "NOLA_HOME")
     r = Report(problems)

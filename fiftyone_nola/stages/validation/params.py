@@ -99,13 +99,23 @@ def _check_fields(samples, fields: Mapping[str, tuple]) -> list:
             problems.append(_problem(inp, "a field name is required"))
             continue
         if f not in schema:
-            problems.append(_problem(inp, f"field {f!r} does not exist on this dataset",
-                                     "pick an existing field, or run the stage that writes it first"))
+            problems.append(
+                _problem(
+                    inp,
+                    f"field {f!r} does not exist on this dataset",
+                    "pick an existing field, or run the stage that writes it first",
+                )
+            )
             continue
         doc = getattr(schema[f], "document_type", None)
         if kinds and (doc is None or doc.__name__ not in kinds):
-            problems.append(_problem(inp, f"field {f!r} holds {getattr(doc, '__name__', 'no labels')}, not "
-                                          f"{'/'.join(kinds)}", "pick a field of that label type"))
+            problems.append(
+                _problem(
+                    inp,
+                    f"field {f!r} holds {getattr(doc, '__name__', 'no labels')}, not {'/'.join(kinds)}",
+                    "pick a field of that label type",
+                )
+            )
     return problems
 
 
@@ -113,9 +123,15 @@ def _check_stages(samples, stages: Mapping[str, tuple]) -> list:
     """Each named stage has stored its outputs for ``samples``."""
     if samples is None:
         return []
-    return [_problem(inp, f"the {what} stage has not been run into {f!r} on this dataset",
-                     f"run the {what} stage first, or name the field it wrote")
-            for inp, (f, what) in stages.items() if f and not (stage_dir(samples, f) / "meta.json").exists()]
+    return [
+        _problem(
+            inp,
+            f"the {what} stage has not been run into {f!r} on this dataset",
+            f"run the {what} stage first, or name the field it wrote",
+        )
+        for inp, (f, what) in stages.items()
+        if f and not (stage_dir(samples, f) / "meta.json").exists()
+    ]
 
 
 def _check_files(files: Mapping[str, str]) -> list:

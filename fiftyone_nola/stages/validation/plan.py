@@ -21,8 +21,18 @@ def _size_class(name: str) -> str:
     n = name.lower()
     if "tiny" in n:
         return "tiny"
-    for tag, size in (("small", "S"), ("-s-", "S"), ("base", "B"), ("-b-", "B"), ("large", "L"), ("-l-", "L"),
-                      ("huge", "H"), ("-h-", "H"), ("giant", "g"), ("-g-", "g")):
+    for tag, size in (
+        ("small", "S"),
+        ("-s-", "S"),
+        ("base", "B"),
+        ("-b-", "B"),
+        ("large", "L"),
+        ("-l-", "L"),
+        ("huge", "H"),
+        ("-h-", "H"),
+        ("giant", "g"),
+        ("-g-", "g"),
+    ):
         if tag in f"-{n}-".replace("_", "-"):
             return size
     return "B"
@@ -32,7 +42,6 @@ def _rate(spec, device) -> float:
 
     name = getattr(spec, "arch", None) or getattr(spec, "name", "")
     if getattr(spec, "name", None) == "auto":
-
         name = concrete_dino(spec).name
     rate = _CPU_RATES[_size_class(name)]
     if "32" in name.replace("224", "").split("patch")[-1].split("-"):
@@ -85,18 +94,41 @@ def plan_auto_label(target: Target, classes, config, n: int, disk: int) -> dict:
     else:
         todo, retrain = plan_stages(samples, classes, config, extra_new=new)
     dev = config.device
-    stages.append(_stage("embeddings:clip", "run" if todo["clip"] else "reuse", todo["clip"],
-                         _embed_seconds(config.clip, todo["clip"], dev)))
-    stages.append(_stage("embeddings:dino", "run" if todo["dino"] else "reuse", todo["dino"],
-                         _embed_seconds(config.dino, todo["dino"], dev)))
-    stages.append(_stage("zeroshot", "run" if todo["zeroshot"] else "reuse", todo["zeroshot"],
-                         0.05 + todo["zeroshot"] * 1e-4
-                         + (len(classes or []) * 90 / (10 * _rate(config.clip, dev)) if todo["zeroshot"] == n and n
-                            else 0.0),
-                         "texts encoded once, then cached"))
-    stages.append(_stage("dino_labeler", "train+label" if retrain["dino_labeler"] else
-                         ("label new" if todo["dino_labeler"] else "reuse"), todo["dino_labeler"],
-                         (2.0 if retrain["dino_labeler"] else 0.0) + todo["dino_labeler"] * 3e-3))
+    stages.append(
+        _stage(
+            "embeddings:clip",
+            "run" if todo["clip"] else "reuse",
+            todo["clip"],
+            _embed_seconds(config.clip, todo["clip"], dev),
+        )
+    )
+    stages.append(
+        _stage(
+            "embeddings:dino",
+            "run" if todo["dino"] else "reuse",
+            todo["dino"],
+            _embed_seconds(config.dino, todo["dino"], dev),
+        )
+    )
+    stages.append(
+        _stage(
+            "zeroshot",
+            "run" if todo["zeroshot"] else "reuse",
+            todo["zeroshot"],
+            0.05
+            + todo["zeroshot"] * 1e-4
+            + (len(classes or []) * 90 / (10 * _rate(config.clip, dev)) if todo["zeroshot"] == n and n else 0.0),
+            "texts encoded once, then cached",
+        )
+    )
+    stages.append(
+        _stage(
+            "dino_labeler",
+            "train+label" if retrain["dino_labeler"] else ("label new" if todo["dino_labeler"] else "reuse"),
+            todo["dino_labeler"],
+            (2.0 if retrain["dino_labeler"] else 0.0) + todo["dino_labeler"] * 3e-3,
+        )
+    )
     if not config.skip_tuning:
         try:
             tune = resolve(config.tune, dev)
@@ -104,12 +136,23 @@ def plan_auto_label(target: Target, classes, config, n: int, disk: int) -> dict:
             tune = resolve(config.tune)
         epochs, cap = tune.epochs, tune.max_samples or None  # 0: all samples
         m = min(n, cap) if cap else n
-        stages.append(_stage("prompt_tuning", "train" if retrain["prompt_tuning"] else "reuse",
-                             m if retrain["prompt_tuning"] else 0,
-                             epochs * m * _TRAIN_COST / _rate(config.clip, dev) if retrain["prompt_tuning"] else 0.0,
-                             f"{epochs} epochs on <= {m} samples"))
-        stages.append(_stage("predict", "run" if todo["predict"] else "reuse", todo["predict"],
-                             todo["predict"] / _rate(config.clip, dev)))
+        stages.append(
+            _stage(
+                "prompt_tuning",
+                "train" if retrain["prompt_tuning"] else "reuse",
+                m if retrain["prompt_tuning"] else 0,
+                epochs * m * _TRAIN_COST / _rate(config.clip, dev) if retrain["prompt_tuning"] else 0.0,
+                f"{epochs} epochs on <= {m} samples",
+            )
+        )
+        stages.append(
+            _stage(
+                "predict",
+                "run" if todo["predict"] else "reuse",
+                todo["predict"],
+                todo["predict"] / _rate(config.clip, dev),
+            )
+        )
     if config.gt_field:
         stages.append(_stage("evaluate", "run", n, 1.0))
     plan = {"samples": n, "new_samples": max(new, 0), "classes": len(classes or []), "stages": stages}

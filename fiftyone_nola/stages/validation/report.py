@@ -6,9 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Optional
 
-from fiftyone_nola.core.errors import (
-    ValidationError,
-)
+from fiftyone_nola.core.errors import ValidationError
 
 
 @dataclass
@@ -82,13 +80,16 @@ def _human(n: float) -> str:
 
 def plan_lines(plan: dict) -> list[str]:
     """The plan as printed by ``--check``."""
-    lines = [f"plan: {plan.get('samples', 0)} samples"
-             + (f" ({plan['new_samples']} new)" if plan.get("new_samples") else "")
-             + (f", {plan['classes']} classes" if plan.get("classes") else "")]
+    lines = [
+        f"plan: {plan.get('samples', 0)} samples"
+        + (f" ({plan['new_samples']} new)" if plan.get("new_samples") else "")
+        + (f", {plan['classes']} classes" if plan.get("classes") else "")
+    ]
     for s in plan.get("stages", []):
         extra = f"  [{s['detail']}]" if s.get("detail") else ""
-        lines.append(f"  {s['stage']:<16} {s['action']:<12} {s['samples']:>8} samples  ~{_duration(s['seconds'])}"
-                     f"{extra}")
+        lines.append(
+            f"  {s['stage']:<16} {s['action']:<12} {s['samples']:>8} samples  ~{_duration(s['seconds'])}{extra}"
+        )
     lines.append(f"estimated time: ~{_duration(plan.get('seconds', 0.0))} on {plan.get('hardware', '?')}")
     lines.append(f"disk for the stores: ~{_human(plan.get('disk_bytes', 0))} under {plan.get('storage')}")
     return lines

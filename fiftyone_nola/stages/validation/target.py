@@ -6,18 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from fiftyone_nola.core.errors import (
-    InvalidInputError,
-    NolaError,
-)
+from fiftyone_nola.core.errors import InvalidInputError, NolaError
 from fiftyone_nola.stages import fo_io
 from fiftyone_nola.stages.fo_io import list_images
-from fiftyone_nola.stages.validation.checks import (
-    _sample_positions,
-    check_gt_field,
-    check_images,
-    check_range,
-)
+from fiftyone_nola.stages.validation.checks import _sample_positions, check_gt_field, check_images, check_range
 from fiftyone_nola.stages.validation.report import _problem
 
 
@@ -42,7 +34,6 @@ class Target:
     def files(self) -> list:
         """Image files of the folder (after ``max_samples``), listed once."""
         if self._files is None:
-
             files = list_images(self.images_dir)
             if self.max_samples:
                 step = max(1, len(files) // self.max_samples)
@@ -84,8 +75,13 @@ def resolve_target(target: Target) -> tuple[Target, list]:
         return target, [_problem("images", "no images given", "give --images DIR or --dataset NAME")]
     n = len(target.samples)
     if n == 0:
-        return target, [_problem(target.input_name, "the dataset or view holds no samples",
-                                 "add images, or clear the view's filters / selection")]
+        return target, [
+            _problem(
+                target.input_name,
+                "the dataset or view holds no samples",
+                "add images, or clear the view's filters / selection",
+            )
+        ]
     positions = _sample_positions(n, 8)
     paths = target.samples.values("filepath")
     problems += check_images([paths[i] for i in positions], target.input_name)
@@ -114,8 +110,12 @@ def _check_target_gt(target: Target, gt: Optional[str], classes, outputs: list, 
         labels = _subfolder_labels(target) if samples is None or gt not in samples.get_field_schema() else None
         return check_gt_field(samples, gt, classes, multilabel, outputs, labels=labels)
     if gt and samples is None and target.images_dir:
-        return [_problem("gt_field", f"field {gt!r} does not exist: the dataset is created from the folder "
-                                     "and holds no ground truth",
-                         "use --gt-from-subfolders FIELD to store each image's folder name as ground truth, "
-                         "or leave it out (no evaluation)")]
+        return [
+            _problem(
+                "gt_field",
+                f"field {gt!r} does not exist: the dataset is created from the folder and holds no ground truth",
+                "use --gt-from-subfolders FIELD to store each image's folder name as ground truth, "
+                "or leave it out (no evaluation)",
+            )
+        ]
     return check_gt_field(samples, gt, classes, multilabel, outputs)

@@ -1,0 +1,100 @@
+"""What the NoLA panel shows per stage: whether it ran on this dataset, how fresh it is, and the
+progress of the plugin's delegated runs on it."""
+
+from __future__ import annotations
+
+from fiftyone.operators.delegated import DelegatedOperationService
+from fiftyone.operators.executor import ExecutionRunState
+
+from fiftyone_nola.stages import fo_io, runs
+
+STAGES = (
+    ("CLIP embeddings", "nola_embeddings_clip", None, "compute_embeddings"),
+    ("DINO embeddings", "nola_embeddings_dino", None, "compute_embeddings"),
+    ("Zero-shot (CDE)", "nola_zeroshot", "nola_zeroshot", "zero_shot"),
+    ("DINO labeller", "nola_dino", "nola_dino", "dino_labels"),
+    ("Prompt tuning", "nola_model", None, "tune_prompts"),
+    ("Predictions", "nola", "nola", "apply_tuned_model"),
+)
+
+
+def stage_status(samples) -> list[dict]:
+    """Each stage: has it run, on how many samples, with which model, when, fresh or stale
+    (stale: it ran before a stage it depends on, or samples lack its output)."""
+    ds = fo_io.root_dataset(samples)
+    n = len(samples)
+    rows, prev_time = [], None
+    for name, key, field, op in STAGES:
+        run = runs.get_run(ds, key)
+        count = samples.exists(field).count() if field and ds.has_sample_field(field) else None
+        res = (run or {}).get("results") or {}
+        if run and count is None:
+            count = res.get("index_size") or res.get("samples")
+        when = res.get("recorded_at")
+        cfg = (run or {}).get("config") or {}
+        model = (
+            res.get("model_key")
+            or (cfg.get("clip") or {}).get("arch")
+            or (cfg.get("spec") or {}).get("arch")
+            or (cfg.get("spec") or {}).get("name")
+            or ""
+        )
+        if not run:
+            state = "not run"
+        elif (field and count is not None and count < n) or (prev_time and when and when < prev_time):
+            state = "stale"
+        else:
+            state = "fresh"
+        if run and when and "embeddings" not in key:
+            prev_time = when
+        rows.append(
+            {
+                "stage": name,
+                "state": state,
+                "samples": f"{count or 0}/{n}",
+                "model": str(model)[:40],
+                "operator": op,
+                "seconds": round(float(res["seconds"]), 1) if res.get("seconds") else None,
+            }
+        )
+    return rows
+
+
+def active_jobs(samples, plugin: str) -> list[dict]:
+    """The plugin's delegated operations on this dataset that have not ended, with the progress
+    their operators report (``ctx.set_progress``: a fraction and "message done/total")."""
+    ds = fo_io.root_dataset(samples)
+    jobs = []
+    for state in (ExecutionRunState.RUNNING, ExecutionRunState.QUEUED, ExecutionRunState.SCHEDULED):
+        for op in DelegatedOperationService().list_operations(dataset_name=ds.name, run_state=state):
+            if not str(op.operator).startswith(plugin + "/"):
+                continue
+            status = op.status
+            frac = getattr(status, "progress", None)
+            params = getattr(op.context, "params", None) or {}
+            jobs.append(
+                {
+                    "id": str(op.id),
+                    "operator": op.operator.split("/")[-1],
+                    "state": str(state),
+                    "family": params.get("family"),
+                    "label": getattr(status, "label", None) or "",
+                    "percent": None if frac is None else round(100 * float(frac)),
+                }
+            )
+    return jobs
+
+
+def with_jobs(rows: list[dict], jobs: list[dict]) -> list[dict]:
+    """Stage rows with the state of a job running (or waiting) for that stage, e.g. "running 12/40 (30%)"."""
+    out = []
+    for row in rows:
+        row = dict(row)
+        for job in jobs:
+            fam = job.get("family")
+            if job["operator"] == row["operator"] and (fam in (None, "both") or row["stage"].lower().startswith(fam)):
+                done = f" {job['label'].split()[-1]}" if job["label"] else ""
+                pct = f" ({job['percent']}%)" if job["percent"] is not None else ""
+                row["state"] = f"{job['state']}{done}{pct}"
+        out.append(row)
+    return out

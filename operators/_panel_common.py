@@ -1,0 +1,130 @@
+"""What the two NoLA panels share: the field under review, the App context's targets and threshold,
+media URLs, the histogram traces, the grid view, the echo filter of mirrored controls, and
+one-at-a-time callbacks."""
+
+from __future__ import annotations
+
+import threading
+from urllib.parse import quote
+
+import fiftyone.operators.types as types
+
+from fiftyone_nola.stages import review_workspace as rw
+
+from . import _common
+
+PLUGIN = "@fiftyone-nola/nola"
+DEFAULT_FIELD = "nola"
+MODEL_EVALUATION_PANEL = "model_evaluation_panel_builtin"  # FiftyOne's Model Evaluation panel
+
+
+def media_url(filepath) -> str | None:
+    """The App server's URL of a local media file."""
+    return f"/media?filepath={quote(str(filepath), safe='')}" if filepath else None
+
+
+def field_of(ctx) -> str:
+    """The predictions field under review (the last flagging's, else ``nola``)."""
+    return rw.settings(ctx.dataset).get("field") or DEFAULT_FIELD
+
+
+def model_evaluation_button(obj, name: str = "open_model_evaluation", label: str = "Open Model Evaluation"):
+    """A button opening FiftyOne's Model Evaluation panel (usable in panels and operator outputs:
+    it runs the App's own ``open_panel`` operator, no round trip to Python)."""
+    obj.view(
+        name,
+        types.Button(
+            label=label,
+            icon="ssid_chart",
+            variant="outlined",
+            operator="open_panel",
+            params={"name": MODEL_EVALUATION_PANEL, "layout": "horizontal", "isActive": True},
+        ),
+    )
+
+
+def _has_predictions(ctx) -> bool:
+    return ctx.dataset is not None and ctx.dataset.has_sample_field(field_of(ctx))
+
+
+def _threshold(ctx) -> float:
+    """The applied threshold: the last flagging's, stored on the dataset (default 0.5)."""
+    t = rw.settings(ctx.dataset).get("threshold")
+    return 0.5 if t is None else float(t)
+
+
+def _targets(ctx) -> list:
+    """The samples the review buttons act on: the grid selection, else a lasso in the map."""
+    if ctx.selected:
+        return list(ctx.selected)
+    ext = ctx.extended_selection
+    if isinstance(ext, dict):
+        ext = ext.get("selection")
+    return list(ext or [])
+
+
+def _histogram_traces(h: dict) -> list:
+    return [
+        {
+            "type": "bar",
+            "name": "flagged (below threshold)",
+            "x": h["centers"],
+            "y": h["below"],
+            "marker": {"color": "#e0562f"},
+            "width": 0.045,
+        },
+        {
+            "type": "bar",
+            "name": "kept",
+            "x": h["centers"],
+            "y": h["above"],
+            "marker": {"color": "#6c8ebf"},
+            "width": 0.045,
+        },
+    ]
+
+
+def _show(ctx, view) -> None:
+    """Point the grid at ``view`` and make the review fields visible there."""
+    ctx.ops.set_view(view)
+    _common.show_review_fields(ctx)
+
+
+class _Echoes:
+    """Values written from here into a panel's controls, per (panel, control), oldest first.
+
+    The App sends a value set from Python back as that control's change: such an event is an
+    echo, not the user's move, and re-applying it would drag the other control back (two
+    mirrored controls would then ping-pong). Echoes come back in order, so one consumes the
+    pushes up to it; any other value is a move and clears them.
+    """
+
+    def __init__(self):
+        self._pushed: dict = {}
+
+    def push(self, panel_id, control: str, value: float) -> None:
+        self._pushed.setdefault((panel_id, control), []).append(round(value, 4))
+
+    def is_echo(self, panel_id, control: str, value: float) -> bool:
+        pushed = self._pushed.get((panel_id, control), [])
+        v = round(value, 4)
+        if v in pushed:
+            del pushed[: pushed.index(v) + 1]
+            return True
+        pushed.clear()
+        return False
+
+
+# App events run in server threads, and loading the dataset in one event reloads the shared
+# Dataset object under another's feet (a field just added vanishes from its schema): the
+# panels' events run one at a time.
+_PANEL_LOCK = threading.RLock()
+_ECHOES = _Echoes()
+
+
+class Serialized:
+    """Mixin: a panel whose events run one at a time (see ``_PANEL_LOCK``)."""
+
+    def execute(self, ctx):
+        with _PANEL_LOCK:
+            return super().execute(ctx)
