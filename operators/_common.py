@@ -15,6 +15,7 @@ import fiftyone.operators.types as types
 
 from fiftyone_nola import logs
 from fiftyone_nola.core.device import given, given_in  # noqa: F401  (the operators' config rule)
+from fiftyone_nola.core.engines import ENGINES, PRECISIONS
 from fiftyone_nola.core.models import ClipSpec, DinoSpec, random_init_default
 
 DEVICES = ["auto", "cpu", "cuda"]
@@ -99,6 +100,32 @@ def add_device_input(inputs) -> None:
         description="auto picks CUDA when present, else CPU",
         view=types.DropdownView(),
     )
+
+
+def add_engine_inputs(inputs, config_cls) -> None:
+    """What runs the inference passes; defaults read from ``config_cls`` (EmbedConfig, PredictConfig)."""
+    inputs.enum(
+        "engine",
+        list(ENGINES),
+        default=field_default(config_cls, "engine"),
+        label="Inference engine",
+        description="auto: OpenVINO bf16 on CPUs with native bf16 when installed, else PyTorch; "
+        "openvino converts once and caches the model",
+        view=types.DropdownView(),
+    )
+    inputs.enum(
+        "precision",
+        list(PRECISIONS),
+        default=field_default(config_cls, "precision"),
+        label="Precision",
+        description="int8 needs engine openvino (calibrated on 64 of your images)",
+        view=types.DropdownView(),
+    )
+
+
+def engine_params(ctx) -> dict:
+    """The engine and precision the user set, and nothing else (the config's defaults apply)."""
+    return {k: v for k in ("engine", "precision") if (v := text(ctx, k)) is not None}
 
 
 def device_param(ctx):

@@ -25,6 +25,7 @@ def _config(ctx) -> EmbedConfig:
         device=c.device_param(ctx),
         draft_decode=p.get("draft_decode"),
         index_type=c.text(ctx, "index_type"),
+        **c.engine_params(ctx),
     )
 
 
@@ -58,6 +59,7 @@ class ComputeEmbeddings(foo.Operator):
             description="flat: exact; ivf / hnsw: fast approximate; ivfpq: compressed, "
             "for millions of images (exact re-ranking)",
         )
+        c.add_engine_inputs(inputs, EmbedConfig)
         c.add_device_input(inputs)
         c.check_form(
             ctx,

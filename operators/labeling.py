@@ -197,6 +197,7 @@ class TunePrompts(foo.Operator):
         inputs.int("batch_size", required=False, label="Batch size (blank: fit hardware)")
         inputs.int("max_samples", required=False, label="Train on at most N samples (blank: fit hardware; 0: all)")
         inputs.str("label_field", default=c.arg_default(labeling.predict, "label_field"), label="Output field")
+        c.add_engine_inputs(inputs, labeling.PredictConfig)
         c.add_device_input(inputs)
         p = ctx.params
         c.check_form(
@@ -297,6 +298,7 @@ class ApplyModel(foo.Operator):
                 p["model_dir"],
                 c.clip_spec(ctx),
                 c.text(ctx, "label_field", c.arg_default(labeling.predict, "label_field")),
+                config=labeling.PredictConfig(**c.engine_params(ctx)),
                 device=c.device_param(ctx),
                 progress=c.progress_fn(ctx),
             )

@@ -528,3 +528,25 @@ def test_shell_exit_code_is_2_with_the_message(folder, files):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "--descriptions: " in r.stderr and "not valid JSON" in r.stderr and "Traceback" not in r.stderr
     assert "[embeddings] started" not in r.stdout
+
+
+def test_engine_and_precision_are_checked_with_the_other_embedding_settings():
+    from fiftyone_nola.core.embed import EmbedConfig
+    from fiftyone_nola.stages.validation.jobs import check_embed_config
+
+    assert check_embed_config(EmbedConfig(engine="openvino", precision="int8"), check_device_too=False) == []
+    bad = check_embed_config(EmbedConfig(engine="onnx"), check_device_too=False)
+    assert [(p.input, "use one of auto, torch, openvino" in p.render()) for p in bad] == [("engine", True)]
+    bad = check_embed_config(EmbedConfig(engine="torch", precision="int8"), check_device_too=False)
+    assert [p.input for p in bad] == ["precision"] and "int8" in bad[0].render()
+
+
+def test_engine_form_fields_default_to_the_config_and_pass_only_what_was_set():
+    from types import SimpleNamespace
+
+    from fiftyone_nola.core.embed import EmbedConfig
+    from operators.embeddings import _config
+
+    assert _config(SimpleNamespace(params={})) == EmbedConfig()
+    cfg = _config(SimpleNamespace(params={"engine": "openvino", "precision": "int8"}))
+    assert (cfg.engine, cfg.precision) == ("openvino", "int8")

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Optional
 
+from fiftyone_nola.core import engines
 from fiftyone_nola.core.classes import parse_classes, resolve_classes
 from fiftyone_nola.core.descriptions import load_descriptions
 from fiftyone_nola.core.device import resolve_device
@@ -471,3 +472,15 @@ def check_output_fields(samples, outputs: Mapping[str, str], label_type: str = "
 
 def _root(samples):
     return samples._root_dataset if hasattr(samples, "_root_dataset") else samples
+
+
+def check_engine(engine: str, precision: str, names=("engine", "precision")) -> list:
+    """Known engine and precision, in a combination that can run (int8 is OpenVINO's)."""
+    for name, value, known in zip(names, (engine, precision), (engines.ENGINES, engines.PRECISIONS)):
+        if value not in known:
+            return [_problem(name, f"unknown {name} {value!r}", f"use one of {', '.join(known)}")]
+    try:
+        engines.resolve(engine, precision, "cpu")
+    except InvalidInputError as e:
+        return [_problem(names[1], str(e))]
+    return []

@@ -14,6 +14,7 @@ from fiftyone_nola.stages.validation.checks import (
     check_descriptions,
     check_device,
     check_dino,
+    check_engine,
     check_output_fields,
     check_range,
     check_templates,
@@ -73,16 +74,7 @@ def check_auto_label(
     problems += check_range(
         "max_descriptions_per_class", zs.max_descriptions_per_class, lo=1, integer=True, what="descriptions per class"
     )
-    problems += check_range("batch_size", config.embed.batch_size, lo=1, integer=True, what="batch size")
-    problems += check_range("num_workers", config.embed.num_workers, lo=0, hi=256, integer=True, what="workers")
-    if config.embed.index_type not in _index_types():
-        problems.append(
-            _problem(
-                "index_type",
-                f"unknown index type {config.embed.index_type!r}",
-                f"use one of {', '.join(_index_types())}",
-            )
-        )
+    problems += check_embed_config(config.embed, check_device_too=False)
     if zs.use_llm and zs.descriptions_file:
         problems.append(
             _problem(
@@ -179,15 +171,7 @@ def check_embed(
         problems += check_clip(clip, fallback_random_init)
     if family in ("dino", "both"):
         problems += check_dino(dino, fallback_random_init)
-    problems += check_device(embed_cfg.device)
-    problems += check_range("batch_size", embed_cfg.batch_size, lo=1, integer=True, what="batch size")
-    problems += check_range("num_workers", embed_cfg.num_workers, lo=0, hi=256, integer=True, what="workers")
-    if embed_cfg.index_type not in _index_types():
-        problems.append(
-            _problem(
-                "index_type", f"unknown index type {embed_cfg.index_type!r}", f"use one of {', '.join(_index_types())}"
-            )
-        )
+    problems += check_embed_config(embed_cfg)
     problems += check_writable(json_out, "json_out", "summary file", is_file=True)
     problems += check_writable(nola_home(), "storage", "NOLA_HOME")
     r = Report(problems)
@@ -195,9 +179,16 @@ def check_embed(
     return r
 
 
-def _index_types() -> tuple:
-
-    return INDEX_TYPES
+def check_embed_config(cfg, check_device_too: bool = True) -> list:
+    """An :class:`~fiftyone_nola.core.embed.EmbedConfig`: batch, workers, store type, engine and precision."""
+    problems = check_device(cfg.device) if check_device_too else []
+    problems += check_range("batch_size", cfg.batch_size, lo=1, integer=True, what="batch size")
+    problems += check_range("num_workers", cfg.num_workers, lo=0, hi=256, integer=True, what="workers")
+    if cfg.index_type not in INDEX_TYPES:
+        problems.append(
+            _problem("index_type", f"unknown index type {cfg.index_type!r}", f"use one of {', '.join(INDEX_TYPES)}")
+        )
+    return problems + check_engine(cfg.engine, cfg.precision)
 
 
 def replace_random_init(spec):
