@@ -56,6 +56,8 @@ CLI_NAMES = {
     "family": "--family",
     "use_llm": "--use-llm",
     "templates": "--templates",
+    "engine": "--engine",
+    "precision": "--engine-precision",
     "zeroshot_field": "output field",
     "dino_field": "output field",
     "tuned_field": "output field",
@@ -167,9 +169,18 @@ def _write_json(path: Optional[str], obj) -> None:
         _log(f"summary written to {path}")
 
 
+def _engine(args) -> dict:
+    """--engine / --engine-precision as config fields (absent when not given: the configs' auto)."""
+    return {"engine": getattr(args, "engine", None), "precision": getattr(args, "engine_precision", None)}
+
+
 def _embed_config(args) -> EmbedConfig:
     return given(
-        EmbedConfig, batch_size=args.batch_size, num_workers=args.workers, index_type=getattr(args, "index_type", None)
+        EmbedConfig,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        index_type=getattr(args, "index_type", None),
+        **_engine(args),
     )
 
 
@@ -199,7 +210,7 @@ def _tune_flag_problems(name: str, value) -> list:
 def auto_label_config(args, clip: ClipSpec, dino: DinoSpec):
     """The pipeline config of the ``auto-label`` flags: only what was given, nested by stage."""
     from fiftyone_nola.pipeline import AutoLabelConfig
-    from fiftyone_nola.stages.nola import ZeroShotConfig
+    from fiftyone_nola.stages.nola import PredictConfig, ZeroShotConfig
 
     zeroshot = given(
         ZeroShotConfig,
@@ -219,6 +230,7 @@ def auto_label_config(args, clip: ClipSpec, dino: DinoSpec):
         embed=_embed_config(args),
         zeroshot=zeroshot,
         tune=tune,
+        predict=given(PredictConfig, **_engine(args)),
         skip_tuning=args.no_tune or None,
         device=args.device,
         gt_field=args.gt_field or args.gt_from_subfolders,
@@ -264,7 +276,7 @@ def cmd_auto_label_multilabel(args) -> dict:
     from fiftyone_nola.stages.validation import check_multilabel
 
     clip, dino = _specs(args)
-    crop = given_in(MultiLabelConfig, "crop", grid=args.grid, num_workers=args.workers)
+    crop = given_in(MultiLabelConfig, "crop", grid=args.grid, num_workers=args.workers, **_engine(args))
     cfg = given(
         MultiLabelConfig,
         clip=clip,
@@ -317,6 +329,7 @@ def cmd_tune(args) -> dict:
     Every torchrun process runs this; rank 0 alone reads and writes the dataset and prints.
     """
     from fiftyone_nola.stages import fo_io
+    from fiftyone_nola.stages.nola import PredictConfig
     from fiftyone_nola.stages.reuse import tune_settings
     from fiftyone_nola.stages.tuning_ddp import tune_prompts_distributed
     from fiftyone_nola.stages.validation import check_params
@@ -349,7 +362,7 @@ def cmd_tune(args) -> dict:
             args.dataset,
             clip,
             config,
-            predict=not args.no_predict,
+            predict=False if args.no_predict else given(PredictConfig, **_engine(args)),
             progress=print_progress(sys.stdout) if ctx.is_main else None,
         )
     finally:
@@ -386,22 +399,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", handlers=[warnings])
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
-    # --engine/--engine-precision reach every inference pass through the engine's environment
-    # defaults (core/engines.py), restored afterwards for in-process callers.
-    env = {"NOLA_ENGINE": getattr(args, "engine", "auto"), "NOLA_PRECISION": getattr(args, "engine_precision", "auto")}
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: v for k, v in env.items() if v and v != "auto"})
     try:
         with logs.lines_to(_log, below=logging.WARNING):
             COMMANDS[args.command](args)
     except NolaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     _log(f"done in {time.perf_counter() - t0:.1f}s")
     return 0

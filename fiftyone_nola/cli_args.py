@@ -28,7 +28,7 @@ def _clip_args(p: argparse.ArgumentParser, device_help: str = "cpu, cuda, cuda:1
     g.add_argument(
         "--engine",
         choices=["auto", "torch", "openvino"],
-        default="auto",
+        default=None,
         help="what runs the inference passes (embedding, crop scoring, prediction): auto = "
         "OpenVINO bf16 on CPUs with native bf16 when installed, else PyTorch; "
         "torch turns the engine off",
@@ -36,7 +36,7 @@ def _clip_args(p: argparse.ArgumentParser, device_help: str = "cpu, cuda, cuda:1
     g.add_argument(
         "--engine-precision",
         choices=["auto", "fp32", "bf16", "int8"],
-        default="auto",
+        default=None,
         help="inference precision: auto = bf16 on CPUs with native bf16, else fp32; int8 "
         "(opt-in) is calibrated on 64 of your images. Training is unaffected",
     )

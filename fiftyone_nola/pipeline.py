@@ -33,7 +33,15 @@ from fiftyone_nola.stages.cdul import (
 )
 from fiftyone_nola.stages.embeddings import compute_embeddings
 from fiftyone_nola.stages.evaluation import evaluate_single_label
-from fiftyone_nola.stages.nola import ZeroShotConfig, dino_labels, dino_labels_apply, predict, tune_prompts, zero_shot
+from fiftyone_nola.stages.nola import (
+    PredictConfig,
+    ZeroShotConfig,
+    dino_labels,
+    dino_labels_apply,
+    predict,
+    tune_prompts,
+    zero_shot,
+)
 from fiftyone_nola.stages.review_workspace import store_class_list
 from fiftyone_nola.stages.validation import Report, Target, check_auto_label, check_multilabel
 
@@ -71,6 +79,7 @@ class AutoLabelConfig:
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     dino_labeler: DinoLabelerConfig = field(default_factory=DinoLabelerConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     skip_tuning: bool = False  # stop after the DINO labeller
     device: Optional[str] = None
     allow_template_fallback: bool = False  # classes the descriptions file lacks get CLIP templates
@@ -176,6 +185,7 @@ def auto_label(
                     out["stages"]["prompt_tuning"]["model_dir"],
                     config.clip,
                     config.tuned_field,
+                    config=config.predict,
                     device=str(device),
                     progress=progress,
                 )

@@ -116,3 +116,24 @@ def test_unreachable_database_is_one_clear_message():
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Could not reach the MongoDB at FIFTYONE_DATABASE_URI" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_engine_flags_land_in_every_inference_config_not_the_environment(monkeypatch):
+    """--engine / --engine-precision are config values (embedding, prediction, CDUL crops), so a
+    CLI call never changes what other in-process callers run."""
+    from fiftyone_nola.cli import _embed_config, _engine, auto_label_config
+    from fiftyone_nola.cli_args import build_parser
+    from fiftyone_nola.core.models import ClipSpec, DinoSpec
+    from fiftyone_nola.pipeline import AutoLabelConfig
+
+    monkeypatch.delenv("NOLA_ENGINE", raising=False)
+    base = ["auto-label", "--images", "x", "--classes", "a,b"]
+    args = build_parser().parse_args(base + ["--engine", "openvino", "--engine-precision", "int8"])
+    cfg = auto_label_config(args, ClipSpec(), DinoSpec())
+    assert (cfg.embed.engine, cfg.embed.precision) == ("openvino", "int8")
+    assert (cfg.predict.engine, cfg.predict.precision) == ("openvino", "int8")
+    plain = auto_label_config(build_parser().parse_args(base), ClipSpec(), DinoSpec())
+    assert plain.embed == AutoLabelConfig().embed and plain.predict == AutoLabelConfig().predict
+    ml = build_parser().parse_args(["embed", "--images", "x", "--engine", "torch"])
+    assert _embed_config(ml).engine == "torch" and _engine(ml)["precision"] is None
+    assert "NOLA_ENGINE" not in os.environ

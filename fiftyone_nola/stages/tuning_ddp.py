@@ -24,7 +24,7 @@ def tune_prompts_distributed(
     zeroshot_field: str = "nola_zeroshot",
     teacher_field: str = "nola_dino",
     run_name: str = "nola",
-    predict: bool = True,
+    predict=True,
     progress=None,
 ) -> Optional[dict]:
     """The prompt-tuning stage (then ``predict``) of a FiftyOne dataset, on every torchrun rank.
@@ -33,7 +33,8 @@ def tune_prompts_distributed(
     ``labeling.tune_prompts`` and ``labeling.predict`` exactly as a single process would; the
     other ranks receive its inputs, join its ``tune`` call (gradients and teacher labels
     sharded) and return None without reading or writing the dataset. Rank 0 returns the
-    ``{"tune": ..., "predict": ...}`` summaries. Prediction runs on rank 0 alone.
+    ``{"tune": ..., "predict": ...}`` summaries. Prediction runs on rank 0 alone; ``predict``
+    is False (none), True or a :class:`~fiftyone_nola.stages.nola.PredictConfig`.
     """
     ctx = init_distributed(getattr(config, "device", None))
     clip = clip or ClipSpec()
@@ -60,7 +61,13 @@ def tune_prompts_distributed(
     }
     if predict:
         out["predict"] = labeling.predict(
-            samples, out["tune"]["model_dir"], clip, run_name, device=config.device, progress=progress
+            samples,
+            out["tune"]["model_dir"],
+            clip,
+            run_name,
+            config=predict if isinstance(predict, labeling.PredictConfig) else None,
+            device=config.device,
+            progress=progress,
         )
     return out
 
