@@ -118,7 +118,6 @@ def test_indexes_open(v0_1_dataset):
         assert all(found) and vecs.shape[0] == len(ids)
 
 
-@pytest.mark.integration
 def test_rerun_with_the_same_settings_reuses_every_stage(v0_1_dataset):
     ds, manifest, root = v0_1_dataset
     before = {f: dict(zip(*ds.values(["id", f"{f}.confidence"]))) for f in LABEL_FIELDS}
