@@ -35,6 +35,7 @@ test-pretrained: setup
 
 lint: setup
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 
 clean-venv:
 	rm -rf .venv

@@ -247,8 +247,17 @@ def machine_facts() -> dict:
     facts["versions"] = {
         d: _version(d)
         for d in (
-            "torch", "torchvision", "open_clip_torch", "fiftyone", "fiftyone-brain", "faiss-cpu",
-            "scikit-learn", "numpy", "pillow", "pillow-simd", "fiftyone-nola",
+            "torch",
+            "torchvision",
+            "open_clip_torch",
+            "fiftyone",
+            "fiftyone-brain",
+            "faiss-cpu",
+            "scikit-learn",
+            "numpy",
+            "pillow",
+            "pillow-simd",
+            "fiftyone-nola",
         )
     }
     facts["env"] = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if os.environ.get(k)}
@@ -331,8 +340,12 @@ def run_benchmark(name: str, args, run: Callable, tmp_prefix: str) -> int:
     import tempfile
 
     env = isolate_environment(tmp_prefix)
-    results: dict = {"benchmark": name, "quick": getattr(args, "quick", False),
-                     "started": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args).copy()}
+    results: dict = {
+        "benchmark": name,
+        "quick": getattr(args, "quick", False),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "args": vars(args).copy(),
+    }
     tables: list[str] = []
     tmp = Path(tempfile.mkdtemp(prefix=f"{tmp_prefix}-"))
     t_all = time.perf_counter()
@@ -341,8 +354,15 @@ def run_benchmark(name: str, args, run: Callable, tmp_prefix: str) -> int:
         import fiftyone  # noqa: F401  (database start-up, outside every timing)
 
         results["machine"] = machine_facts()
-        print("machine:", json.dumps({k: results["machine"].get(k) for k in
-                                      ("cpu_count", "cpu_affinity", "torch_num_threads", "loadavg_at_start")}))
+        print(
+            "machine:",
+            json.dumps(
+                {
+                    k: results["machine"].get(k)
+                    for k in ("cpu_count", "cpu_affinity", "torch_num_threads", "loadavg_at_start")
+                }
+            ),
+        )
         with sampler:
             try:
                 run(args, results, tables, tmp)
@@ -367,7 +387,8 @@ def finish(results: dict, tables: list[str], t_all: float, args) -> int:
     report = "\n\n".join(tables) + (
         f"\n\ntotal wall {results['total_wall_s']:.0f} s; load average at start "
         f"{start[0]:.2f}, at end {os.getloadavg()[0]:.2f} "
-        f"(2 cores shared with other jobs: figures include that contention)\n")
+        f"(2 cores shared with other jobs: figures include that contention)\n"
+    )
     print("\n" + report)
     if args.txt:
         Path(args.txt).parent.mkdir(parents=True, exist_ok=True)
@@ -398,11 +419,18 @@ class Parts:
         self.rows[name] = row
         yield row
         dt = time.perf_counter() - t0
-        row.update(seconds=dt, images_per_s=images / dt if dt > 0 and images else None,
-                   peak_rss_mb=peak_rss_mb(), loadavg_end=loadavg())
+        row.update(
+            seconds=dt,
+            images_per_s=images / dt if dt > 0 and images else None,
+            peak_rss_mb=peak_rss_mb(),
+            loadavg_end=loadavg(),
+        )
         ips = f"{row['images_per_s']:.2f} img/s, " if row["images_per_s"] else ""
-        print(f"=== {name}: {dt:.2f} s, {ips}peak RSS {row['peak_rss_mb']:.0f} MB, "
-              f"load {load0:.2f} -> {row['loadavg_end']:.2f} ===", flush=True)
+        print(
+            f"=== {name}: {dt:.2f} s, {ips}peak RSS {row['peak_rss_mb']:.0f} MB, "
+            f"load {load0:.2f} -> {row['loadavg_end']:.2f} ===",
+            flush=True,
+        )
 
 
 # --------------------------------------------------------------------------- exact search

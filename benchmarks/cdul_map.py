@@ -52,17 +52,30 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, help="images (first n of the 256, sorted by name); default 256")
     p.add_argument("--naive-n", type=int, help="images for the naive-vs-batched comparison; default 32 (quick 4)")
     p.add_argument("--arch", default="ViT-B-32", help="open_clip architecture (default ViT-B-32)")
-    p.add_argument("--clip-pretrained", default="openai",
-                   help="open_clip tag or checkpoint file used when NOLA_PRETRAINED=1")
-    p.add_argument("--texts", choices=("single", "ensemble"), default="single",
-                   help='class texts: CDUL\'s "a photo of a {c}." (default) or the 80-template ensemble')
+    p.add_argument(
+        "--clip-pretrained", default="openai", help="open_clip tag or checkpoint file used when NOLA_PRETRAINED=1"
+    )
+    p.add_argument(
+        "--texts",
+        choices=("single", "ensemble"),
+        default="single",
+        help='class texts: CDUL\'s "a photo of a {c}." (default) or the 80-template ensemble',
+    )
     p.add_argument("--grid", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32, help="images per batch for the embedding pass")
-    p.add_argument("--crop-batch-size", type=int, default=16,
-                   help="images per crop batch (x grid^2 crops); default 16 = the pipeline's")
+    p.add_argument(
+        "--crop-batch-size",
+        type=int,
+        default=16,
+        help="images per crop batch (x grid^2 crops); default 16 = the pipeline's",
+    )
     p.add_argument("--num-workers", type=int, default=1, help="DataLoader workers (default 1)")
-    p.add_argument("--train-epochs", type=int, default=None,
-                   help="classifier epochs (default: the pipeline's schedule for this machine, 30 on a CPU)")
+    p.add_argument(
+        "--train-epochs",
+        type=int,
+        default=None,
+        help="classifier epochs (default: the pipeline's schedule for this machine, 30 on a CPU)",
+    )
     a = p.parse_args(argv)
     a.n = a.n or (16 if a.quick else 256)
     a.naive_n = min(a.n, a.naive_n or (4 if a.quick else 32))
@@ -128,8 +141,10 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
         torch.save(m.state_dict(), ckpt)
         del m
         clip_spec = ClipSpec(arch=args.arch, pretrained=str(ckpt), random_init=False)
-        print("\n" + "!" * 78 + "\n!! RANDOM WEIGHTS (no NOLA_PRETRAINED=1): speed and memory figures are "
-              "valid,\n!! mAP is NOT meaningful and is neither printed nor written.\n" + "!" * 78)
+        print(
+            "\n" + "!" * 78 + "\n!! RANDOM WEIGHTS (no NOLA_PRETRAINED=1): speed and memory figures are "
+            "valid,\n!! mAP is NOT meaningful and is neither printed nor written.\n" + "!" * 78
+        )
     results["models"] = {"clip": f"{args.arch} ({'pretrained' if pretrained else 'random init'})"}
 
     classes = load_class_names(DATA / "classes.txt")
@@ -139,9 +154,16 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
     for f in files:
         Path(f).read_bytes()  # page cache warm for every part alike
     ds = fo.Dataset(f"nola-bench-cdul-{uuid.uuid4().hex[:8]}")
-    ds.add_samples([fo.Sample(filepath=f, ground_truth=fo.Classifications(
-        classifications=[fo.Classification(label=lab) for lab in labels[nm]])) for f, nm in zip(files, names)],
-        progress=False)
+    ds.add_samples(
+        [
+            fo.Sample(
+                filepath=f,
+                ground_truth=fo.Classifications(classifications=[fo.Classification(label=lab) for lab in labels[nm]]),
+            )
+            for f, nm in zip(files, names)
+        ],
+        progress=False,
+    )
     ids, paths = fo_io.ids_and_paths(ds)
     by_path = dict(zip(files, names))
     y_true = np.zeros((len(paths), len(classes)), dtype=bool)
@@ -154,22 +176,28 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
     P = C.Parts()
     results["parts"] = P.rows  # filled as parts finish
     with P.part("embedding pass (CLIP)", n) as row:
-        s = compute_embeddings(ds, "clip", clip=clip_spec, config=EmbedConfig(
-            batch_size=args.batch_size, num_workers=args.num_workers, device="cpu"))["clip"]
+        s = compute_embeddings(
+            ds,
+            "clip",
+            clip=clip_spec,
+            config=EmbedConfig(batch_size=args.batch_size, num_workers=args.num_workers, device="cpu"),
+        )["clip"]
         row["model_load_seconds"] = s["model_load_seconds"]
         row["images_per_s_excl_model_load"] = s["images_per_s"]
     with P.part("load CLIP", 0):
         clip = models.load_clip(clip_spec, torch.device("cpu"))
-    texts = ({c: [SIMPLE_TEMPLATE.format(c)] for c in classes} if args.texts == "single"
-             else {c: fill_templates(c) for c in classes})
+    texts = (
+        {c: [SIMPLE_TEMPLATE.format(c)] for c in classes}
+        if args.texts == "single"
+        else {c: fill_templates(c) for c in classes}
+    )
     with P.part("class texts (text tower)", 0) as row:
         W = zs.build_class_weights(clip, texts, classes)
         row["texts"] = sum(len(t) for t in texts.values())
     with P.part("global scoring (stored embeddings)", n):
         _, emb = load_embeddings(ds, clip_spec, ids)
         g = ml.global_scores(emb, W)
-    ccfg = ml.CropConfig(grid=args.grid, batch_size=args.crop_batch_size, num_workers=args.num_workers,
-                         device="cpu")
+    ccfg = ml.CropConfig(grid=args.grid, batch_size=args.crop_batch_size, num_workers=args.num_workers, device="cpu")
     with P.part(f"local scoring ({args.grid}x{args.grid}, batched)", n):
         local, failed = ml.local_clip_scores(clip, paths, W, ccfg)
     assert not failed, failed
@@ -203,31 +231,43 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
     results["text_seconds"] = r["class texts (text tower)"]["seconds"]
     results["train_seconds"] = r[train_key]["seconds"]
     nb, nv = r[f"local scoring, batched, first {k}"], r[f"local scoring, naive per-image loop, first {k}"]
-    results["naive_vs_batched"] = {"images": k, "batched_images_per_s": nb["images_per_s"],
-                                   "naive_images_per_s": nv["images_per_s"],
-                                   "speedup": nb["images_per_s"] / nv["images_per_s"],
-                                   "max_abs_score_difference": max_diff}
+    results["naive_vs_batched"] = {
+        "images": k,
+        "batched_images_per_s": nb["images_per_s"],
+        "naive_images_per_s": nv["images_per_s"],
+        "speedup": nb["images_per_s"] / nv["images_per_s"],
+        "max_abs_score_difference": max_diff,
+    }
     results["peak_rss_mb"] = max(v["peak_rss_mb"] for v in r.values())
     rows = []
     for name, v in r.items():
         note = ""
         if name == emb_key:
-            note = (f"model load {v['model_load_seconds']:.1f}s; "
-                    f"{v['images_per_s_excl_model_load']:.1f} img/s excl. load")
+            note = (
+                f"model load {v['model_load_seconds']:.1f}s; {v['images_per_s_excl_model_load']:.1f} img/s excl. load"
+            )
         elif "texts" in v:
             note = f"{v['texts']} texts"
         elif name == train_key:
             note = f"final loss {v['final_loss']:.4f}; labels refined {len(v['label_update_epochs'])}x"
-        rows.append([name, v["seconds"], v["images"] or "-", v["images_per_s"], v["peak_rss_mb"],
-                     v["loadavg_start"], note])
-    tables.append(C.table(["part", "wall s", "images", "img/s", "peak RSS MB", "load", "notes"], rows,
-                          title=f"CDUL on {n} COCO images ({args.arch}, {len(classes)} classes, crop batch "
-                                f"{args.crop_batch_size} images x {args.grid ** 2} crops, "
-                                f"{args.num_workers} worker(s))"))
+        rows.append(
+            [name, v["seconds"], v["images"] or "-", v["images_per_s"], v["peak_rss_mb"], v["loadavg_start"], note]
+        )
+    tables.append(
+        C.table(
+            ["part", "wall s", "images", "img/s", "peak RSS MB", "load", "notes"],
+            rows,
+            title=f"CDUL on {n} COCO images ({args.arch}, {len(classes)} classes, crop batch "
+            f"{args.crop_batch_size} images x {args.grid**2} crops, "
+            f"{args.num_workers} worker(s))",
+        )
+    )
     nvb = results["naive_vs_batched"]
-    tables[-1] += (f"\nbatched vs naive crop scoring on the same {k} images: {nvb['batched_images_per_s']:.2f} vs "
-                   f"{nvb['naive_images_per_s']:.2f} img/s = {nvb['speedup']:.2f}x; max |score difference| "
-                   f"{max_diff:.2e}")
+    tables[-1] += (
+        f"\nbatched vs naive crop scoring on the same {k} images: {nvb['batched_images_per_s']:.2f} vs "
+        f"{nvb['naive_images_per_s']:.2f} img/s = {nvb['speedup']:.2f}x; max |score difference| "
+        f"{max_diff:.2e}"
+    )
     print("\n" + tables[-1])
 
     if pretrained:
@@ -239,12 +279,19 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
         }
         results.update(maps)
         _, n_eval = ml.mean_average_precision(y_true, g, return_count=True)
-        tables.append(C.table(["scores", "mAP"], [[k, v] for k, v in maps.items()],
-                              title=f"mAP on {n} COCO images over {n_eval} classes with a positive "
-                                    f"(pretrained {args.arch}, texts: {args.texts})"))
+        tables.append(
+            C.table(
+                ["scores", "mAP"],
+                [[k, v] for k, v in maps.items()],
+                title=f"mAP on {n} COCO images over {n_eval} classes with a positive "
+                f"(pretrained {args.arch}, texts: {args.texts})",
+            )
+        )
     else:
-        tables.append("mAP: not meaningful with random weights; none is printed or written. "
-                      "Set NOLA_PRETRAINED=1 with weights in NOLA_MODELS_DIR to measure it.")
+        tables.append(
+            "mAP: not meaningful with random weights; none is printed or written. "
+            "Set NOLA_PRETRAINED=1 with weights in NOLA_MODELS_DIR to measure it."
+        )
     print("\n" + tables[-1])
     ds.delete()
 

@@ -57,8 +57,11 @@ DEFAULT_CACHE = Path(tempfile.gettempdir()) / "fiftyone_nola_bench_cache"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small sizes: 8+8 small and 2 camera images, 20k vectors, 1k RSS "
-                                          "(development; < 3 min)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes: 8+8 small and 2 camera images, 20k vectors, 1k RSS (development; < 3 min)",
+    )
     p.add_argument("--json", metavar="PATH", help="write all figures to this JSON file")
     p.add_argument("--txt", metavar="PATH", help="also write the printed tables to this file")
     p.add_argument("--skip-throughput", action="store_true")
@@ -70,23 +73,35 @@ def parse_args(argv=None):
     g.add_argument("--n-camera", type=int, help="12 MP JPEGs; default 48 (quick 8)")
     g.add_argument("--camera-size", default="4000x3000")
     g.add_argument("--camera-quality", type=int, default=92)
-    g.add_argument("--camera-noise", type=float, default=3.0,
-                   help="std of pixel noise added after upscaling so files have photo-like "
-                        "entropy (0: smooth upscale)")
+    g.add_argument(
+        "--camera-noise",
+        type=float,
+        default=3.0,
+        help="std of pixel noise added after upscaling so files have photo-like entropy (0: smooth upscale)",
+    )
     g.add_argument("--batch-size", type=int, default=32, help="both sides (default 32)")
-    g.add_argument("--num-workers", type=int, default=1,
-                   help="DataLoader workers, both sides (default 1 = FiftyOne's and ours' "
-                        "default on a 2-core CPU)")
-    g.add_argument("--repeats", type=int, default=1,
-                   help="runs per side and set, alternating order; the median is reported")
+    g.add_argument(
+        "--num-workers",
+        type=int,
+        default=1,
+        help="DataLoader workers, both sides (default 1 = FiftyOne's and ours' default on a 2-core CPU)",
+    )
+    g.add_argument(
+        "--repeats", type=int, default=1, help="runs per side and set, alternating order; the median is reported"
+    )
     g.add_argument("--arch", default="ViT-B-32", help="open_clip architecture (random init)")
-    g.add_argument("--no-engine", action="store_true",
-                   help="skip the OpenVINO engine variants (ours runs PyTorch fp32 either way)")
-    g.add_argument("--engine-precision", default="bf16",
-                   help="precision of the main engine variant (default bf16: fp32 on CPUs "
-                        "without native bf16); int8 is always measured beside it")
-    g.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
-                   help="where generated camera-sized JPEGs and image copies are kept")
+    g.add_argument(
+        "--no-engine", action="store_true", help="skip the OpenVINO engine variants (ours runs PyTorch fp32 either way)"
+    )
+    g.add_argument(
+        "--engine-precision",
+        default="bf16",
+        help="precision of the main engine variant (default bf16: fp32 on CPUs "
+        "without native bf16); int8 is always measured beside it",
+    )
+    g.add_argument(
+        "--cache-dir", default=str(DEFAULT_CACHE), help="where generated camera-sized JPEGs and image copies are kept"
+    )
     g = p.add_argument_group("k-NN")
     g.add_argument("--knn-sizes", help="comma-separated; default 100000,1000000 (quick 20000)")
     g.add_argument("--dim", type=int, default=512)
@@ -94,23 +109,44 @@ def parse_args(argv=None):
     g.add_argument("--k", type=int, default=10)
     g.add_argument("--single-queries", type=int, default=50, help="single-query latency samples")
     g.add_argument("--batch-queries", type=int, default=1000, help="queries in the batch test")
-    g.add_argument("--batch-queries-large", type=int, default=200,
-                   help="queries in the batch test at n >= 1M (exact batch search is slow there)")
-    g.add_argument("--exact-repeats", type=int, default=3,
-                   help="batch runs of each exact search, taking turns; the median is reported")
-    g.add_argument("--approx-default-max-n", type=int, default=100_000,
-                   help="largest size at which ivf/hnsw are built with the library defaults "
-                        "(their builds grow too slow beyond it on a 2-core CPU)")
-    g.add_argument("--large-hnsw", default="32,64",
-                   help="hnsw_m,ef_construction set through update_meta above that size "
-                        "('' to skip)")
-    g.add_argument("--fo-dataset-max-n", type=int, default=100_000,
-                   help="largest size at which a real FiftyOne dataset + compute_similarity "
-                        "is built")
+    g.add_argument(
+        "--batch-queries-large",
+        type=int,
+        default=200,
+        help="queries in the batch test at n >= 1M (exact batch search is slow there)",
+    )
+    g.add_argument(
+        "--exact-repeats",
+        type=int,
+        default=3,
+        help="batch runs of each exact search, taking turns; the median is reported",
+    )
+    g.add_argument(
+        "--approx-default-max-n",
+        type=int,
+        default=100_000,
+        help="largest size at which ivf/hnsw are built with the library defaults "
+        "(their builds grow too slow beyond it on a 2-core CPU)",
+    )
+    g.add_argument(
+        "--large-hnsw",
+        default="32,64",
+        help="hnsw_m,ef_construction set through update_meta above that size ('' to skip)",
+    )
+    g.add_argument(
+        "--fo-dataset-max-n",
+        type=int,
+        default=100_000,
+        help="largest size at which a real FiftyOne dataset + compute_similarity is built",
+    )
     g = p.add_argument_group("peak RSS")
     g.add_argument("--rss-sizes", help="comma-separated image counts; default 1000,10000 (quick 1000)")
-    g.add_argument("--rss-model", default="tiny", choices=["tiny", "vit"],
-                   help="tiny: fiftyone_nola.core.models.tiny_clip_spec() (fast); vit: the ViT-B-32")
+    g.add_argument(
+        "--rss-model",
+        default="tiny",
+        choices=["tiny", "vit"],
+        help="tiny: fiftyone_nola.core.models.tiny_clip_spec() (fast); vit: the ViT-B-32",
+    )
     # internal: the RSS child process
     p.add_argument("--_rss-child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--_rss-dir", help=argparse.SUPPRESS)
@@ -273,8 +309,9 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
 
         def ours(files, draft: bool, engine: str = "torch", precision: str = "fp32"):
             ds = make_dataset(fo, f"ours-{next(counter)}", files)
-            cfg = EmbedConfig(batch_size=bs, num_workers=nw, device="cpu", draft_decode=draft,
-                              engine=engine, precision=precision)
+            cfg = EmbedConfig(
+                batch_size=bs, num_workers=nw, device="cpu", draft_decode=draft, engine=engine, precision=precision
+            )
             lav = C.loadavg()
             t = time.perf_counter()
             summary = compute_embeddings(ds, "clip", clip=spec, config=cfg)["clip"]
@@ -283,10 +320,14 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
             ids, vecs = load_embeddings(ds, spec)
             assert summary["embedded"] == len(files) and summary["failed"] == 0, summary
             ds.delete()
-            return {"seconds": secs, "images_per_s": len(files) / secs, "loadavg": lav,
-                    "internal_images_per_s": summary["images_per_s"],
-                    "model_load_seconds": summary["model_load_seconds"],
-                    "inference": summary.get("inference")}, vecs
+            return {
+                "seconds": secs,
+                "images_per_s": len(files) / secs,
+                "loadavg": lav,
+                "internal_images_per_s": summary["images_per_s"],
+                "model_load_seconds": summary["model_load_seconds"],
+                "inference": summary.get("inference"),
+            }, vecs
 
         def fiftyone(files):
             ds = make_dataset(fo, f"fo-{next(counter)}", files)
@@ -313,13 +354,20 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
             calib = coco_files(64) or cifar_files(64)
             for name, prec in (("engine", args.engine_precision), ("engine_int8", "int8")):
                 t = time.perf_counter()
-                _, choice = prepare_encoder(load_clip(spec), EmbedConfig(
-                    batch_size=bs, num_workers=nw, device="cpu", engine="openvino", precision=prec), calib)
+                _, choice = prepare_encoder(
+                    load_clip(spec),
+                    EmbedConfig(batch_size=bs, num_workers=nw, device="cpu", engine="openvino", precision=prec),
+                    calib,
+                )
                 if choice.engine == "openvino":
-                    engine_variants[name] = {"precision": prec, "ran": choice.tag,
-                                             "prepare_seconds": time.perf_counter() - t}
-                    print(f"{name}: {choice.tag} ready in {time.perf_counter() - t:.1f} s "
-                          f"(conversion, once)", flush=True)
+                    engine_variants[name] = {
+                        "precision": prec,
+                        "ran": choice.tag,
+                        "prepare_seconds": time.perf_counter() - t,
+                    }
+                    print(
+                        f"{name}: {choice.tag} ready in {time.perf_counter() - t:.1f} s (conversion, once)", flush=True
+                    )
                 else:
                     print(f"{name}: OpenVINO unavailable ({choice.reason}): variant skipped")
         fiftyone(warm)
@@ -335,8 +383,11 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
         rows, per_set = [], {}
         for name, files in sets.items():
             facts = image_facts(files)
-            print(f"\n[{name}] {len(files)} images, {facts['mean_megapixels']:.2f} MP, "
-                  f"{facts['mean_file_kb']:.0f} KB each; batch {bs}, {nw} worker(s)", flush=True)
+            print(
+                f"\n[{name}] {len(files)} images, {facts['mean_megapixels']:.2f} MP, "
+                f"{facts['mean_file_kb']:.0f} KB each; batch {bs}, {nw} worker(s)",
+                flush=True,
+            )
             # Draft decoding only ever reduces by powers of two while staying >= the model's
             # input size: for images smaller than twice that it decodes the same pixels.
             small = facts["mean_megapixels"] < (2 * 224) ** 2 / 1e6
@@ -355,8 +406,11 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
                     else:
                         r, v = ours(files, who == "draft")
                     runs[who].append((r, v))
-                    print(f"  {who:10s} run {rep + 1}: {r['images_per_s']:7.2f} img/s "
-                          f"({r['seconds']:.1f} s, load {r['loadavg']:.1f})", flush=True)
+                    print(
+                        f"  {who:10s} run {rep + 1}: {r['images_per_s']:7.2f} img/s "
+                        f"({r['seconds']:.1f} s, load {r['loadavg']:.1f})",
+                        flush=True,
+                    )
 
             def med(rs):
                 rs = sorted(rs, key=lambda rv: rv[0]["seconds"])
@@ -399,10 +453,20 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
                 entry[f"speedup_{ev}_vs_torch"] = r_v["images_per_s"] / r_d["images_per_s"]
                 entry[f"min_cosine_{ev}"] = float(cos_v.min())
             per_set[name] = entry
-            rows.append([name, len(files), r_fo["images_per_s"], r_d["images_per_s"],
-                         r_e["images_per_s"], entry["speedup"], entry["speedup_exact_decode"],
-                         entry["min_cosine"], entry["min_cosine_draft"],
-                         entry["median_cosine_between_different_images"]])
+            rows.append(
+                [
+                    name,
+                    len(files),
+                    r_fo["images_per_s"],
+                    r_d["images_per_s"],
+                    r_e["images_per_s"],
+                    entry["speedup"],
+                    entry["speedup_exact_decode"],
+                    entry["min_cosine"],
+                    entry["min_cosine_draft"],
+                    entry["median_cosine_between_different_images"],
+                ]
+            )
 
         cam = next(v for k, v in per_set.items() if k.startswith("camera"))
         small_sets = [v for k, v in per_set.items() if not k.startswith("camera")]
@@ -412,14 +476,16 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
         engine_keys = {}
         for ev in engine_variants:
             ev_small = sum(v[ev]["seconds"] for v in small_sets)
-            engine_keys.update({
-                f"speedup_small_{ev}": fo_small / ev_small,
-                f"speedup_{ev}": cam[f"speedup_{ev}"],
-                f"min_cosine_{ev}": min(v[f"min_cosine_{ev}"] for v in per_set.values()),
-                f"speedup_small_{ev}_vs_torch": ours_small / ev_small,
-                f"{ev}_images_per_s_small": n_small / ev_small,
-                f"{ev}_images_per_s": cam[ev]["images_per_s"],
-            })
+            engine_keys.update(
+                {
+                    f"speedup_small_{ev}": fo_small / ev_small,
+                    f"speedup_{ev}": cam[f"speedup_{ev}"],
+                    f"min_cosine_{ev}": min(v[f"min_cosine_{ev}"] for v in per_set.values()),
+                    f"speedup_small_{ev}_vs_torch": ours_small / ev_small,
+                    f"{ev}_images_per_s_small": n_small / ev_small,
+                    f"{ev}_images_per_s": cam[ev]["images_per_s"],
+                }
+            )
         results["throughput"] = {
             "model": f"open_clip {args.arch}, random init (same checkpoint file both sides)",
             "batch_size": bs,
@@ -427,22 +493,22 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
             "device": "cpu",
             "measured": {
                 "ours": "fiftyone_nola.stages.embeddings.compute_embeddings(fresh dataset, 'clip', "
-                        "ClipSpec(arch, pretrained=<ckpt>), EmbedConfig(batch_size, num_workers, "
-                        "draft_decode)) wall time minus its model_load_seconds: decode, "
-                        "preprocess, inference, FAISS store writes + checkpoints, run record",
+                "ClipSpec(arch, pretrained=<ckpt>), EmbedConfig(batch_size, num_workers, "
+                "draft_decode)) wall time minus its model_load_seconds: decode, "
+                "preprocess, inference, FAISS store writes + checkpoints, run record",
                 "fiftyone": "dataset.compute_embeddings(TorchOpenClipModel(clip_model=arch, "
-                            "pretrained=<ckpt>, embeddings_layer='visual'), batch_size, "
-                            "num_workers, progress=False) returning the array (no field "
-                            "written: FiftyOne's cheapest path); model built beforehand",
+                "pretrained=<ckpt>, embeddings_layer='visual'), batch_size, "
+                "num_workers, progress=False) returning the array (no field "
+                "written: FiftyOne's cheapest path); model built beforehand",
                 "warmup": "one 8-image (quick: 2) run per side before timing, excluded",
             },
             "sets": per_set,
             "engine_variants": engine_variants,
             "engine_note": "ours with PyTorch = 'ours_draft' (engine='torch', fp32); engine "
-                           "variants run compute_embeddings(engine='openvino', precision=...) on "
-                           "the same draft-decoded pixels; min_cosine_engine* is vs ours PyTorch "
-                           "fp32 on the same images. inference.decode_wait_s / model_s split "
-                           "each run's time between waiting for decoded batches and the model.",
+            "variants run compute_embeddings(engine='openvino', precision=...) on "
+            "the same draft-decoded pixels; min_cosine_engine* is vs ours PyTorch "
+            "fp32 on the same images. inference.decode_wait_s / model_s split "
+            "each run's time between waiting for decoded batches and the model.",
         }
         results.update(
             ours_images_per_s=cam["ours_draft"]["images_per_s"],
@@ -458,34 +524,78 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
             min_centered_cosine_draft=min(v["min_centered_cosine_draft"] for v in per_set.values()),
             **engine_keys,
         )
-        tables.append(C.table(
-            ["image set", "n", "FO img/s", "ours img/s", "ours exact", "speedup", "spd exact",
-             "min cos exact", "min cos draft", "cos diff imgs"],
-            rows,
-            title=f"Embedding throughput: {args.arch} (random init), CPU, batch {bs}, {nw} "
-                  f"DataLoader worker(s) on both sides",
-        ) + f"\nspeedup (camera-sized) = {results['speedup']:.2f}x   speedup_small (cifar+coco "
+        tables.append(
+            C.table(
+                [
+                    "image set",
+                    "n",
+                    "FO img/s",
+                    "ours img/s",
+                    "ours exact",
+                    "speedup",
+                    "spd exact",
+                    "min cos exact",
+                    "min cos draft",
+                    "cos diff imgs",
+                ],
+                rows,
+                title=f"Embedding throughput: {args.arch} (random init), CPU, batch {bs}, {nw} "
+                f"DataLoader worker(s) on both sides",
+            )
+            + f"\nspeedup (camera-sized) = {results['speedup']:.2f}x   speedup_small (cifar+coco "
             f"time ratio) = {results['speedup_small']:.2f}x   min_cosine = "
-            f"{results['min_cosine']:.5f}   min_cosine_draft = {results['min_cosine_draft']:.4f}")
+            f"{results['min_cosine']:.5f}   min_cosine_draft = {results['min_cosine_draft']:.4f}"
+        )
         if engine_variants:
             erows = []
             for name, v in per_set.items():
                 for ev, meta in engine_variants.items():
                     inf = v[ev].get("inference") or {}
                     tinf = v["ours_draft"].get("inference") or {}
-                    erows.append([name, meta["ran"], v["fiftyone"]["images_per_s"],
-                                  v["ours_draft"]["images_per_s"], v[ev]["images_per_s"],
-                                  v[f"speedup_{ev}"], v[f"speedup_{ev}_vs_torch"], v[f"min_cosine_{ev}"],
-                                  tinf.get("model_s"), tinf.get("model_cpu_s"), tinf.get("decode_wait_s"),
-                                  inf.get("model_s"), inf.get("model_cpu_s"), inf.get("decode_wait_s")])
-            tables.append(C.table(
-                ["image set", "engine", "FO img/s", "torch img/s", "engine img/s", "vs FO",
-                 "vs torch", "min cos", "torch model s", "torch cpu s", "torch wait s", "eng model s",
-                 "eng cpu s", "eng wait s"],
-                erows, title="Inference engine (ours, draft decode): OpenVINO vs PyTorch fp32 vs FiftyOne; "
-                             "medians of interleaved runs; 'wait s' = waiting for decoded batches; "
-                             "'cpu s' = CPU seconds of the model's threads (robust to other jobs)",
-            ) + "\n" + "   ".join(f"{k} = {v:.4f}" for k, v in engine_keys.items()))
+                    erows.append(
+                        [
+                            name,
+                            meta["ran"],
+                            v["fiftyone"]["images_per_s"],
+                            v["ours_draft"]["images_per_s"],
+                            v[ev]["images_per_s"],
+                            v[f"speedup_{ev}"],
+                            v[f"speedup_{ev}_vs_torch"],
+                            v[f"min_cosine_{ev}"],
+                            tinf.get("model_s"),
+                            tinf.get("model_cpu_s"),
+                            tinf.get("decode_wait_s"),
+                            inf.get("model_s"),
+                            inf.get("model_cpu_s"),
+                            inf.get("decode_wait_s"),
+                        ]
+                    )
+            tables.append(
+                C.table(
+                    [
+                        "image set",
+                        "engine",
+                        "FO img/s",
+                        "torch img/s",
+                        "engine img/s",
+                        "vs FO",
+                        "vs torch",
+                        "min cos",
+                        "torch model s",
+                        "torch cpu s",
+                        "torch wait s",
+                        "eng model s",
+                        "eng cpu s",
+                        "eng wait s",
+                    ],
+                    erows,
+                    title="Inference engine (ours, draft decode): OpenVINO vs PyTorch fp32 vs FiftyOne; "
+                    "medians of interleaved runs; 'wait s' = waiting for decoded batches; "
+                    "'cpu s' = CPU seconds of the model's threads (robust to other jobs)",
+                )
+                + "\n"
+                + "   ".join(f"{k} = {v:.4f}" for k, v in engine_keys.items())
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -534,6 +644,7 @@ def numpy_topk(x, q, k):
     """Exact inner-product top-k of each row of ``q`` over ``x``: positions (nq x k), best first."""
     return C.exact_topk([(0, x)], q, k)
 
+
 def recall(truth: list[list[str]], got: list[list[str]], k: int) -> float:
     return float(sum(len(set(t[:k]) & set(g[:k])) for t, g in zip(truth, got)) / (k * len(truth)))
 
@@ -561,13 +672,13 @@ def time_taking_turns(fns: dict, queries, batch, n_single: int, repeats: int, pa
     got = {}
     for i in range(n_single):
         q = queries[i % len(queries)][None]
-        for m in names[i % len(names):] + names[: i % len(names)]:
+        for m in names[i % len(names) :] + names[: i % len(names)]:
             time.sleep(pause)
             t = time.perf_counter()
             fns[m](q)
             singles[m].append(time.perf_counter() - t)
     for r in range(repeats):
-        for m in names[r % len(names):] + names[: r % len(names)]:
+        for m in names[r % len(names) :] + names[: r % len(names)]:
             time.sleep(pause)
             t = time.perf_counter()
             got[m] = fns[m](batch)
@@ -579,12 +690,18 @@ def blas_facts() -> dict:
     """Which BLAS (and kernel) numpy and faiss run, and the OpenBLAS overrides in effect."""
     from threadpoolctl import threadpool_info
 
-    return {"libraries": [{k: i.get(k) for k in ("prefix", "version", "architecture", "num_threads",
-                                                 "threading_layer")}
-                          for i in threadpool_info() if i.get("user_api") == "blas"],
-            "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
-                                                   "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
-                    if os.environ.get(k)}}
+    return {
+        "libraries": [
+            {k: i.get(k) for k in ("prefix", "version", "architecture", "num_threads", "threading_layer")}
+            for i in threadpool_info()
+            if i.get("user_api") == "blas"
+        ],
+        "env": {
+            k: os.environ.get(k)
+            for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+            if os.environ.get(k)
+        },
+    }
 
 
 def run_knn(args, results: dict, tables: list[str]) -> None:
@@ -611,14 +728,22 @@ def run_knn(args, results: dict, tables: list[str]) -> None:
         def record(name, build_s, single, batch_s, got, extra=None, truth_ids=None):
             ref = truth_ids if truth_ids is not None else truth
             rec = recall(ref, got, k) if ref is not None else 1.0
-            m = {"build_s": build_s, "single_query": single,
-                 "batch_queries": len(bq), "batch_s": batch_s,
-                 "batch_qps": len(bq) / batch_s, f"recall_at_{k}": rec, **(extra or {})}
+            m = {
+                "build_s": build_s,
+                "single_query": single,
+                "batch_queries": len(bq),
+                "batch_s": batch_s,
+                "batch_qps": len(bq) / batch_s,
+                f"recall_at_{k}": rec,
+                **(extra or {}),
+            }
             entry["methods"][name] = m
-            rows.append([f"{n:,}", name, build_s, single["median_ms"], single["p90_ms"],
-                         m["batch_qps"], rec])
-            print(f"  {name:42s} build {build_s:7.2f} s  single {single['median_ms']:8.2f} ms  "
-                  f"batch {m['batch_qps']:8.1f} q/s  recall@{k} {rec:.4f}", flush=True)
+            rows.append([f"{n:,}", name, build_s, single["median_ms"], single["p90_ms"], m["batch_qps"], rec])
+            print(
+                f"  {name:42s} build {build_s:7.2f} s  single {single['median_ms']:8.2f} ms  "
+                f"batch {m['batch_qps']:8.1f} q/s  recall@{k} {rec:.4f}",
+                flush=True,
+            )
             return m
 
         # ---------------- exact search, taking turns: our flat store (in RAM; saved and
@@ -652,27 +777,40 @@ def run_knn(args, results: dict, tables: list[str]) -> None:
             def faiss_search(q):
                 return [[ids[j] for j in r] for r in ff.search(q, k)[1]]
 
-            exact = {EXACT_OURS: lambda q: idx.search(q, k)[1],
-                     EXACT_MMAP: lambda q: reopened.search(q, k)[1],
-                     EXACT_NUMPY: np_search, EXACT_FAISS: faiss_search}
+            exact = {
+                EXACT_OURS: lambda q: idx.search(q, k)[1],
+                EXACT_MMAP: lambda q: reopened.search(q, k)[1],
+                EXACT_NUMPY: np_search,
+                EXACT_FAISS: faiss_search,
+            }
             entry["blas"] = blas_facts()
-            print(f"  exact search, taking turns ({args.single_queries} single queries, "
-                  f"{args.exact_repeats} batches of {len(bq)} each) ...", flush=True)
-            singles, batches, got = time_taking_turns(exact, qs, bq, args.single_queries,
-                                                      args.exact_repeats)
+            print(
+                f"  exact search, taking turns ({args.single_queries} single queries, "
+                f"{args.exact_repeats} batches of {len(bq)} each) ...",
+                flush=True,
+            )
+            singles, batches, got = time_taking_turns(exact, qs, bq, args.single_queries, args.exact_repeats)
             truth = got[EXACT_NUMPY]
             for name in exact:
                 bt = float(np.median(batches[name]))
-                record(name, builds[name], C.latency_stats(singles[name]), bt, got[name],
-                       {"batch_s_runs": batches[name], "taking_turns": True})
+                record(
+                    name,
+                    builds[name],
+                    C.latency_stats(singles[name]),
+                    bt,
+                    got[name],
+                    {"batch_s_runs": batches[name], "taking_turns": True},
+                )
             entry["exact_vs_numpy"] = {
-                name: {"single": C.latency_stats(singles[EXACT_NUMPY])["median_ms"]
-                                 / C.latency_stats(singles[name])["median_ms"],
-                       "batch": float(np.median(batches[EXACT_NUMPY]) / np.median(batches[name])),
-                       # the same query's two times side by side, then the median of the ratios
-                       "single_paired": float(np.median(np.array(singles[EXACT_NUMPY])
-                                                        / np.array(singles[name])))}
-                for name in exact}
+                name: {
+                    "single": C.latency_stats(singles[EXACT_NUMPY])["median_ms"]
+                    / C.latency_stats(singles[name])["median_ms"],
+                    "batch": float(np.median(batches[EXACT_NUMPY]) / np.median(batches[name])),
+                    # the same query's two times side by side, then the median of the ratios
+                    "single_paired": float(np.median(np.array(singles[EXACT_NUMPY]) / np.array(singles[name]))),
+                }
+                for name in exact
+            }
             del ff, reopened
             gc.collect()
 
@@ -682,12 +820,12 @@ def run_knn(args, results: dict, tables: list[str]) -> None:
                 plans += [("hnsw", {}, "ours hnsw (library defaults)")]
             elif args.large_hnsw:
                 m_, efc = (int(v) for v in args.large_hnsw.split(","))
-                plans += [("hnsw", {"hnsw_m": m_, "ef_construction": efc},
-                           f"ours hnsw (M={m_}, efConstruction={efc})")]
+                plans += [("hnsw", {"hnsw_m": m_, "ef_construction": efc}, f"ours hnsw (M={m_}, efConstruction={efc})")]
                 entry["note_approx"] = (
                     f"ivf and default hnsw (M=32, efConstruction=128) not built at n={n:,}: at "
                     f"100k they took the build times above; ivf trains k-means on all points "
-                    f"with nlist=4*sqrt(n), ~30x the 100k cost at 1M")
+                    f"with nlist=4*sqrt(n), ~30x the 100k cost at 1M"
+                )
             for itype, meta, label in plans:
                 if meta:
                     idx.update_meta(meta)
@@ -704,8 +842,11 @@ def run_knn(args, results: dict, tables: list[str]) -> None:
                     t = time.perf_counter()
                     _, got = idx.search(bq, k, **kw)
                     bt = time.perf_counter() - t
-                    extra = {"index_meta": {kk: idx.meta.get(kk) for kk in
-                                            ("nlist", "hnsw_m", "ef_construction", "ef_search")}}
+                    extra = {
+                        "index_meta": {
+                            kk: idx.meta.get(kk) for kk in ("nlist", "hnsw_m", "ef_construction", "ef_search")
+                        }
+                    }
                     if ef:
                         extra["ef_search"] = ef
                     record(lab, build, single, bt, got, extra)
@@ -737,8 +878,14 @@ def run_knn(args, results: dict, tables: list[str]) -> None:
         t = time.perf_counter()
         got = ivf_search(bq)
         bt = time.perf_counter() - t
-        record(f"proposed ivf (nlist=sqrt(n)={nlist}, 64/centroid, 10 it)*", build, single, bt, got,
-               {"not_library_code": True, "nprobe": params.nprobe})
+        record(
+            f"proposed ivf (nlist=sqrt(n)={nlist}, 64/centroid, 10 it)*",
+            build,
+            single,
+            bt,
+            got,
+            {"not_library_code": True, "nprobe": params.nprobe},
+        )
         del ivf, quant
         gc.collect()
 
@@ -756,11 +903,19 @@ def run_knn(args, results: dict, tables: list[str]) -> None:
         t = time.perf_counter()
         got = sk_query(bq)
         bt = time.perf_counter() - t
-        record("FO sklearn (NeighborsHelper, brute)", build, single, bt, got,
-               {"measured": "fiftyone.brain.internal.core.sklearn.NeighborsHelper(embeddings, "
-                            "'cosine').get_neighbors(can_use_dists=False) then "
-                            "neighbors.kneighbors(query vector(s), k) + id lookup: the path "
-                            "SklearnSimilarityIndex._kneighbors takes for a vector query"})
+        record(
+            "FO sklearn (NeighborsHelper, brute)",
+            build,
+            single,
+            bt,
+            got,
+            {
+                "measured": "fiftyone.brain.internal.core.sklearn.NeighborsHelper(embeddings, "
+                "'cosine').get_neighbors(can_use_dists=False) then "
+                "neighbors.kneighbors(query vector(s), k) + id lookup: the path "
+                "SklearnSimilarityIndex._kneighbors takes for a vector query"
+            },
+        )
         del helper, neighbors
         gc.collect()
 
@@ -775,8 +930,7 @@ def run_knn(args, results: dict, tables: list[str]) -> None:
     big = out[str(max(args.knn_sizes))]
     meths = big["methods"]
     sk = meths["FO sklearn (NeighborsHelper, brute)"]["single_query"]["median_ms"]
-    ok = {m: v for m, v in meths.items()
-          if m.startswith("ours") and v[f"recall_at_{k}"] >= 0.95}
+    ok = {m: v for m, v in meths.items() if m.startswith("ours") and v[f"recall_at_{k}"] >= 0.95}
     best = min(ok, key=lambda m: ok[m]["single_query"]["median_ms"])
     approx = [m for m in meths if m.startswith("ours") and "flat" not in m and m in ok]
     suffix = "1m" if max(args.knn_sizes) >= 1_000_000 else f"{max(args.knn_sizes) // 1000}k"
@@ -787,8 +941,7 @@ def run_knn(args, results: dict, tables: list[str]) -> None:
         fastest_approx = min(approx, key=lambda m: ok[m]["single_query"]["median_ms"])
         results[f"knn_approx_index_{suffix}"] = fastest_approx
         results[f"knn_approx_recall_at_10_{suffix}"] = ok[fastest_approx][f"recall_at_{k}"]
-    prop = {m: v for m, v in meths.items()
-            if m.startswith("proposed") and v[f"recall_at_{k}"] >= 0.95}
+    prop = {m: v for m, v in meths.items() if m.startswith("proposed") and v[f"recall_at_{k}"] >= 0.95}
     if prop:
         pbest = min(prop, key=lambda m: prop[m]["single_query"]["median_ms"])
         results[f"knn_single_query_speedup_{suffix}_proposed"] = sk / prop[pbest]["single_query"]["median_ms"]
@@ -796,30 +949,37 @@ def run_knn(args, results: dict, tables: list[str]) -> None:
     flat = meths[EXACT_OURS]["single_query"]["median_ms"]
     results[f"knn_single_query_speedup_exact_{suffix}"] = sk / flat
     results[f"knn_batch_qps_speedup_exact_{suffix}"] = (
-        meths[EXACT_OURS]["batch_qps"] / meths["FO sklearn (NeighborsHelper, brute)"]["batch_qps"])
+        meths[EXACT_OURS]["batch_qps"] / meths["FO sklearn (NeighborsHelper, brute)"]["batch_qps"]
+    )
     # Exact search vs numpy BLAS, same run, taking turns: the worse of our two flat stores
     # (in RAM, reopened memory-mapped); >= 1 means at least as fast. faiss: the store before.
     vs = big["exact_vs_numpy"]
     for kind in ("single", "batch"):
         results[f"knn_exact_{kind}_vs_numpy_{suffix}"] = min(vs[EXACT_OURS][kind], vs[EXACT_MMAP][kind])
         results[f"knn_exact_{kind}_faiss_flat_vs_numpy_{suffix}"] = vs[EXACT_FAISS][kind]
-    tables.append(C.table(
-        ["n", "method", "build s", "1-query ms (median)", "p90 ms", "batch q/s", f"recall@{k}"],
-        rows,
-        title=f"k-NN top-{k}, dim {d}, clustered unit vectors; single-query latency over "
-              f"{args.single_queries} queries, batch of {args.batch_queries} "
-              f"({args.batch_queries_large} at n >= 1M)",
-    ) + "\n* proposed = FAISS called directly with the IVF build recommended for the library "
+    tables.append(
+        C.table(
+            ["n", "method", "build s", "1-query ms (median)", "p90 ms", "batch q/s", f"recall@{k}"],
+            rows,
+            title=f"k-NN top-{k}, dim {d}, clustered unit vectors; single-query latency over "
+            f"{args.single_queries} queries, batch of {args.batch_queries} "
+            f"({args.batch_queries_large} at n >= 1M)",
+        )
+        + "\n* proposed = FAISS called directly with the IVF build recommended for the library "
         "(not what the library does today)\n"
         + f"knn_single_query_speedup_{suffix} = {results[f'knn_single_query_speedup_{suffix}']:.1f}x "
-          f"(sklearn median / {best}, recall@{k} {results[f'knn_recall_at_10_{suffix}']:.3f})\n"
+        f"(sklearn median / {best}, recall@{k} {results[f'knn_recall_at_10_{suffix}']:.3f})\n"
         + "exact search vs numpy BLAS (taking turns; single = median latency ratio, batch = "
-          "median q/s ratio; >= 1 is as fast or faster): "
-        + "; ".join(f"{name}: single {v['single']:.2f}x, batch {v['batch']:.2f}x"
-                    for name, v in vs.items() if name != EXACT_NUMPY)
+        "median q/s ratio; >= 1 is as fast or faster): "
+        + "; ".join(
+            f"{name}: single {v['single']:.2f}x, batch {v['batch']:.2f}x"
+            for name, v in vs.items()
+            if name != EXACT_NUMPY
+        )
         + f"\nknn_exact_single_vs_numpy_{suffix} = {results[f'knn_exact_single_vs_numpy_{suffix}']:.2f}, "
-          f"knn_exact_batch_vs_numpy_{suffix} = {results[f'knn_exact_batch_vs_numpy_{suffix}']:.2f} "
-          f"(the worse of our two flat stores)")
+        f"knn_exact_batch_vs_numpy_{suffix} = {results[f'knn_exact_batch_vs_numpy_{suffix}']:.2f} "
+        f"(the worse of our two flat stores)"
+    )
 
 
 def fo_dataset_knn(args, x, qs, bq, entry, record) -> None:
@@ -833,8 +993,7 @@ def fo_dataset_knn(args, x, qs, bq, entry, record) -> None:
     n, k = len(x), args.k
     t = time.perf_counter()
     ds = fo.Dataset(f"knn-{n}-{os.getpid()}")
-    ds.add_samples([fo.Sample(filepath=f"/nonexistent/{i:07d}.jpg") for i in range(n)],
-                   progress=False)
+    ds.add_samples([fo.Sample(filepath=f"/nonexistent/{i:07d}.jpg") for i in range(n)], progress=False)
     sample_ids = ds.values("id")
     t_ds = time.perf_counter() - t
     print(f"  FiftyOne dataset of {n:,} samples created in {t_ds:.1f} s", flush=True)
@@ -844,8 +1003,11 @@ def fo_dataset_knn(args, x, qs, bq, entry, record) -> None:
     truth = [[sample_ids[j] for j in r] for r in gt_idx.search(bq)]
     for backend, label, kwargs in [
         ("sklearn", "FO dataset: compute_similarity(sklearn)", {}),
-        ("faiss", "FO dataset: compute_similarity(ours faiss, flat)",
-         {"backend": "fiftyone_nola.stages.brain_backend.FaissSimilarityConfig", "index_type": "flat"}),
+        (
+            "faiss",
+            "FO dataset: compute_similarity(ours faiss, flat)",
+            {"backend": "fiftyone_nola.stages.brain_backend.FaissSimilarityConfig", "index_type": "flat"},
+        ),
     ]:
         t = time.perf_counter()
         try:
@@ -856,8 +1018,7 @@ def fo_dataset_knn(args, x, qs, bq, entry, record) -> None:
 
                 mod, cls = be.rsplit(".", 1)
                 be = getattr(importlib.import_module(mod), cls)
-            res = fob.compute_similarity(ds, embeddings=x, brain_key=f"sim_{backend}",
-                                         backend=be, progress=False, **bk)
+            res = fob.compute_similarity(ds, embeddings=x, brain_key=f"sim_{backend}", backend=be, progress=False, **bk)
             res.sort_by_similarity(qs[0], k=k)  # first query builds the search structure
         except Exception as e:  # report, keep benchmarking
             print(f"  {label}: failed: {type(e).__name__}: {e}", flush=True)
@@ -873,12 +1034,20 @@ def fo_dataset_knn(args, x, qs, bq, entry, record) -> None:
         t = time.perf_counter()
         got_ids, _ = res._kneighbors(query=bq, k=k)
         bt = time.perf_counter() - t
-        record(label + " + sort_by_similarity + values('id')", build, single, bt, got_ids,
-               {"measured": "build = compute_similarity(embeddings=array) + first query; "
-                            "single = results.sort_by_similarity(vector, k) then "
-                            "view.values('id') (DB round trip); batch = "
-                            "results._kneighbors(query=batch, k)"},
-               truth_ids=truth)
+        record(
+            label + " + sort_by_similarity + values('id')",
+            build,
+            single,
+            bt,
+            got_ids,
+            {
+                "measured": "build = compute_similarity(embeddings=array) + first query; "
+                "single = results.sort_by_similarity(vector, k) then "
+                "view.values('id') (DB round trip); batch = "
+                "results._kneighbors(query=batch, k)"
+            },
+            truth_ids=truth,
+        )
         del res
         gc.collect()
     ds.delete()
@@ -914,8 +1083,11 @@ def rss_child(args) -> None:
 
         files = sorted(str(p) for p in Path(args._rss_dir).iterdir())[: args._rss_child]
         ds = make_dataset(fo, f"rss-{args._rss_child}", files)
-        spec = tiny_clip_spec() if not args._rss_ckpt else ClipSpec(
-            arch=args.arch, pretrained=args._rss_ckpt, random_init=False)
+        spec = (
+            tiny_clip_spec()
+            if not args._rss_ckpt
+            else ClipSpec(arch=args.arch, pretrained=args._rss_ckpt, random_init=False)
+        )
         cfg = EmbedConfig(batch_size=args.batch_size, num_workers=args.num_workers, device="cpu")
         from fiftyone_nola.core.models import load_model
 
@@ -953,37 +1125,63 @@ def run_rss(args, results: dict, tables: list[str]) -> None:
     for n in args.rss_sizes:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             outp = f.name
-        cmd = [sys.executable, __file__, "--_rss-child", str(n), "--_rss-dir", str(d),
-               "--_rss-out", outp, "--batch-size", str(args.batch_size),
-               "--num-workers", str(args.num_workers)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--_rss-child",
+            str(n),
+            "--_rss-dir",
+            str(d),
+            "--_rss-out",
+            outp,
+            "--batch-size",
+            str(args.batch_size),
+            "--num-workers",
+            str(args.num_workers),
+        ]
         t = time.perf_counter()
         subprocess.run(cmd, check=True)
         r = json.loads(Path(outp).read_text())
         os.unlink(outp)
         r["wall_s"] = time.perf_counter() - t
         out[str(n)] = r
-        rows.append([f"{n:,}", r["rss_before_mb"], r["peak_rss_mb"], r["peak_growth_mb"],
-                     r["peak_workers_rss_mb"], r["peak_tree_rss_mb"], r["seconds"]])
-        print(f"  N={n:,}: main before {r['rss_before_mb']:.0f} MB, peak {r['peak_rss_mb']:.0f} MB "
-              f"(+{r['peak_growth_mb']:.0f}), tree peak {r['peak_tree_rss_mb']:.0f} MB, "
-              f"{r['seconds']:.1f} s", flush=True)
+        rows.append(
+            [
+                f"{n:,}",
+                r["rss_before_mb"],
+                r["peak_rss_mb"],
+                r["peak_growth_mb"],
+                r["peak_workers_rss_mb"],
+                r["peak_tree_rss_mb"],
+                r["seconds"],
+            ]
+        )
+        print(
+            f"  N={n:,}: main before {r['rss_before_mb']:.0f} MB, peak {r['peak_rss_mb']:.0f} MB "
+            f"(+{r['peak_growth_mb']:.0f}), tree peak {r['peak_tree_rss_mb']:.0f} MB, "
+            f"{r['seconds']:.1f} s",
+            flush=True,
+        )
         if n == 1000:
             results["peak_rss_mb_1k"] = r["peak_rss_mb"]
         if n == 10000:
             results["peak_rss_mb_10k"] = r["peak_rss_mb"]
         results[f"peak_rss_mb_{n}"] = r["peak_rss_mb"]
     results["rss"] = {
-        "model": "fiftyone_nola.core.models.tiny_clip_spec() (random, 32 px input) on CIFAR-10 32x32 "
-                 "JPEG copies",
+        "model": "fiftyone_nola.core.models.tiny_clip_spec() (random, 32 px input) on CIFAR-10 32x32 JPEG copies",
         "measured": "fresh child process per N: FiftyOne imported and dataset created, then "
-                    "VmHWM reset; peak = VmHWM of the main process during compute_embeddings; "
-                    "tree = sampled RSS sum of main + DataLoader workers (shared pages counted "
-                    "per process)",
+        "VmHWM reset; peak = VmHWM of the main process during compute_embeddings; "
+        "tree = sampled RSS sum of main + DataLoader workers (shared pages counted "
+        "per process)",
         "by_n": out,
     }
-    tables.append(C.table(
-        ["N images", "RSS before MB", "peak MB", "growth MB", "workers MB", "tree peak MB", "s"],
-        rows, title="Peak memory of compute_embeddings (tiny CLIP, 32x32 images), fresh process per N"))
+    tables.append(
+        C.table(
+            ["N images", "RSS before MB", "peak MB", "growth MB", "workers MB", "tree peak MB", "s"],
+            rows,
+            title="Peak memory of compute_embeddings (tiny CLIP, 32x32 images), fresh process per N",
+        )
+    )
 
 
 # =========================================================================== main
@@ -996,21 +1194,32 @@ def main(argv=None) -> int:
         return 0
     env = C.isolate_environment()
     timer = C.PartTimer()
-    results: dict = {"benchmark": "embeddings", "quick": args.quick,
-                     "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                     "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
+    results: dict = {
+        "benchmark": "embeddings",
+        "quick": args.quick,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+    }
     tables: list[str] = []
     t_all = time.perf_counter()
     try:
         import fiftyone  # noqa: F401  (starts the database once, outside any timing)
 
         results["machine"] = C.machine_facts()
-        print("machine:", json.dumps({k: results["machine"].get(k) for k in
-                                      ("cpu_count", "cpu_affinity", "torch_num_threads",
-                                       "faiss_omp_threads", "loadavg_at_start")}))
-        parts = [("throughput", args.skip_throughput, run_throughput),
-                 ("peak RSS", args.skip_rss, run_rss),
-                 ("k-NN", args.skip_knn, run_knn)]
+        print(
+            "machine:",
+            json.dumps(
+                {
+                    k: results["machine"].get(k)
+                    for k in ("cpu_count", "cpu_affinity", "torch_num_threads", "faiss_omp_threads", "loadavg_at_start")
+                }
+            ),
+        )
+        parts = [
+            ("throughput", args.skip_throughput, run_throughput),
+            ("peak RSS", args.skip_rss, run_rss),
+            ("k-NN", args.skip_knn, run_knn),
+        ]
         for name, skip, fn in parts:
             if skip:
                 continue
@@ -1024,20 +1233,40 @@ def main(argv=None) -> int:
     results["part_wall_s"] = timer.parts
     results["total_wall_s"] = time.perf_counter() - t_all
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
-    summary_keys = [k for k in ("ours_images_per_s", "fiftyone_images_per_s", "speedup",
-                                "speedup_small", "min_cosine", "min_cosine_draft",
-                                "speedup_small_engine", "speedup_engine", "min_cosine_engine",
-                                "speedup_small_engine_int8", "speedup_engine_int8",
-                                "min_cosine_engine_int8",
-                                "knn_single_query_speedup_1m", "knn_recall_at_10_1m",
-                                "peak_rss_mb_1k", "peak_rss_mb_10k") if k in results]
-    report = "\n\n".join(tables) + "\n\nsummary: " + ", ".join(
-        f"{k}={C.fmt(results[k], 4)}" for k in summary_keys) + "\nwall time per part: " + ", ".join(
-        f"{k} {v:.0f} s" for k, v in timer.parts.items()) + f"; total {results['total_wall_s']:.0f} s" \
-        + f"\nmachine: {results['machine'].get('cpu_count')} CPUs, torch threads " \
-          f"{results['machine'].get('torch_num_threads')}, load average start " \
-          f"{results['machine']['loadavg_at_start'][0]:.1f} / end {results['machine']['loadavg_at_end'][0]:.1f}" \
-          " (other jobs were sharing the CPU)" * (results['machine']['loadavg_at_start'][0] > 1.5)
+    summary_keys = [
+        k
+        for k in (
+            "ours_images_per_s",
+            "fiftyone_images_per_s",
+            "speedup",
+            "speedup_small",
+            "min_cosine",
+            "min_cosine_draft",
+            "speedup_small_engine",
+            "speedup_engine",
+            "min_cosine_engine",
+            "speedup_small_engine_int8",
+            "speedup_engine_int8",
+            "min_cosine_engine_int8",
+            "knn_single_query_speedup_1m",
+            "knn_recall_at_10_1m",
+            "peak_rss_mb_1k",
+            "peak_rss_mb_10k",
+        )
+        if k in results
+    ]
+    report = (
+        "\n\n".join(tables)
+        + "\n\nsummary: "
+        + ", ".join(f"{k}={C.fmt(results[k], 4)}" for k in summary_keys)
+        + "\nwall time per part: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in timer.parts.items())
+        + f"; total {results['total_wall_s']:.0f} s"
+        + f"\nmachine: {results['machine'].get('cpu_count')} CPUs, torch threads "
+        f"{results['machine'].get('torch_num_threads')}, load average start "
+        f"{results['machine']['loadavg_at_start'][0]:.1f} / end {results['machine']['loadavg_at_end'][0]:.1f}"
+        " (other jobs were sharing the CPU)" * (results["machine"]["loadavg_at_start"][0] > 1.5)
+    )
     print("\n" + "=" * 80 + "\n" + report)
     if args.json:
         C.write_json(args.json, results)

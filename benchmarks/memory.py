@@ -91,11 +91,14 @@ def parse_args(argv=None):
     p.add_argument("--sides", default=",".join(SIDES), help="ours,fiftyone (default both)")
     p.add_argument("--batch-size", type=int, default=32, help="both sides (default 32)")
     p.add_argument("--num-workers", type=int, default=1, help="DataLoader workers, both sides (default 1)")
-    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
-                   help="where the N image copies are kept between runs (shared with embeddings.py)")
-    p.add_argument("--trace-sizes",
-                   help="N for the tracemalloc (Python heap) pass; default 1000,5000 (quick 500,2000; "
-                        "'' to skip)")
+    p.add_argument(
+        "--cache-dir",
+        default=str(DEFAULT_CACHE),
+        help="where the N image copies are kept between runs (shared with embeddings.py)",
+    )
+    p.add_argument(
+        "--trace-sizes", help="N for the tracemalloc (Python heap) pass; default 1000,5000 (quick 500,2000; '' to skip)"
+    )
     p.add_argument("--child-timeout", type=float, default=3600, help="seconds per child process")
     p.add_argument("--json", metavar="PATH", help="write all figures to this JSON file")
     p.add_argument("--txt", metavar="PATH", help="also write the printed tables to this file")
@@ -108,9 +111,11 @@ def parse_args(argv=None):
     p.add_argument("--_trace", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.sizes = sorted(int(s) for s in (a.sizes or ("500,2000" if a.quick else "1000,10000,50000")).split(",") if s)
-    a.trace_sizes = sorted(int(s) for s in (
-        a.trace_sizes if a.trace_sizes is not None else ("500,2000" if a.quick else "1000,5000")
-    ).split(",") if s)
+    a.trace_sizes = sorted(
+        int(s)
+        for s in (a.trace_sizes if a.trace_sizes is not None else ("500,2000" if a.quick else "1000,5000")).split(",")
+        if s
+    )
     a.sides = [s for s in a.sides.split(",") if s]
     bad = set(a.sides) - set(SIDES)
     if bad:
@@ -195,8 +200,7 @@ def measure_traced(name: str, fn) -> tuple[dict, object]:
     cur, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     row = {"traced_peak_mb": peak / 2**20, "traced_end_mb": cur / 2**20, "seconds_traced": secs}
-    print(f"    {name}: Python heap peak +{row['traced_peak_mb']:.1f} MB, {secs:.1f} s (traced)",
-          flush=True)
+    print(f"    {name}: Python heap peak +{row['traced_peak_mb']:.1f} MB, {secs:.1f} s (traced)", flush=True)
     return row, result
 
 
@@ -222,8 +226,11 @@ def measure(name: str, fn) -> tuple[dict, object]:
         "loadavg": C.loadavg(),
     }
     row["retained_mb"] = _settle() - before
-    print(f"    {name}: +{row['peak_growth_mb']:.1f} MB peak (tree +{row['tree_growth_mb']:.1f}), "
-          f"retained {row['retained_mb']:+.1f} MB, {secs:.1f} s", flush=True)
+    print(
+        f"    {name}: +{row['peak_growth_mb']:.1f} MB peak (tree +{row['tree_growth_mb']:.1f}), "
+        f"retained {row['retained_mb']:+.1f} MB, {secs:.1f} s",
+        flush=True,
+    )
     return row, result
 
 
@@ -240,10 +247,8 @@ def floors(side: str, n: int, d: int, c: int, b: dict) -> dict:
     """Bytes per stage that must grow with N (see the module docstring), in MB."""
     vec, prob, sid, path = 4 * d, 4 * c, b["id"], b["path"]
     per = {
-        "ours": {"embed": vec + sid + path, "zero-shot labels": vec + prob + sid,
-                 "predict": prob + sid + path},
-        "fiftyone": {"embed": vec + sid + path, "zero-shot labels": sid + path,
-                     "predict": sid + path},
+        "ours": {"embed": vec + sid + path, "zero-shot labels": vec + prob + sid, "predict": prob + sid + path},
+        "fiftyone": {"embed": vec + sid + path, "zero-shot labels": sid + path, "predict": sid + path},
     }[side]
     per[DIAG] = 0.0
     return {k: n * v / 2**20 for k, v in per.items()}
@@ -279,8 +284,12 @@ def child(args) -> None:
         rows, d = run(fo, ds, warm=False)
         b = per_sample_bytes(ds)
         out = {
-            "side": args._child, "n": args._n, "dim": d, "classes": len(classes),
-            "dataset_create_s": create_s, "bytes_per_sample": b,
+            "side": args._child,
+            "n": args._n,
+            "dim": d,
+            "classes": len(classes),
+            "dataset_create_s": create_s,
+            "bytes_per_sample": b,
             "floor_mb": floors(args._child, args._n, d, len(classes), b),
             "stages": rows,
         }
@@ -306,8 +315,7 @@ def _ours_stages(args, fo, classes, tmp: Path):
     W = rng.standard_normal((len(classes), clip.embed_dim)).astype(np.float32)
     W /= np.linalg.norm(W, axis=1, keepdims=True)
     model_dir = tmp / "tuned"
-    prompt_tuning.save_tuned(model_dir, prompt_tuning.PromptedClassifier.from_clip(clip, W),
-                             classes, clip.identity)
+    prompt_tuning.save_tuned(model_dir, prompt_tuning.PromptedClassifier.from_clip(clip, W), classes, clip.identity)
     cfg = EmbedConfig(batch_size=args.batch_size, num_workers=args.num_workers, device="cpu")
     zcfg = labeling.ZeroShotConfig(clip=spec, device="cpu")
 
@@ -316,10 +324,14 @@ def _ours_stages(args, fo, classes, tmp: Path):
         stages = {
             "embed": lambda: compute_embeddings(ds, "clip", clip=spec, config=cfg)["clip"],
             "zero-shot labels": lambda: labeling.zero_shot(ds, classes, zcfg),
-            "predict": lambda: labeling.predict(ds, str(model_dir), clip=spec, label_field="nola_predict",
-                                                config=labeling.PredictConfig(batch_size=args.batch_size,
-                                                                              num_workers=args.num_workers),
-                                                device="cpu"),
+            "predict": lambda: labeling.predict(
+                ds,
+                str(model_dir),
+                clip=spec,
+                label_field="nola_predict",
+                config=labeling.PredictConfig(batch_size=args.batch_size, num_workers=args.num_workers),
+                device="cpu",
+            ),
         }
         rows = {}
         for name, fn in stages.items():
@@ -327,9 +339,11 @@ def _ours_stages(args, fo, classes, tmp: Path):
                 fn()
                 continue
             rows[name], s = measure(name, fn)
-            rows[name]["function"] = {"embed": "fiftyone_nola.stages.embeddings.compute_embeddings",
-                                      "zero-shot labels": "fiftyone_nola.stages.nola.zero_shot",
-                                      "predict": "fiftyone_nola.stages.nola.predict"}[name]
+            rows[name]["function"] = {
+                "embed": "fiftyone_nola.stages.embeddings.compute_embeddings",
+                "zero-shot labels": "fiftyone_nola.stages.nola.zero_shot",
+                "predict": "fiftyone_nola.stages.nola.predict",
+            }[name]
             done = s.get("embedded", s.get("labelled"))
             if done != n:
                 raise RuntimeError(f"{name}: {done} of {n} samples done ({s})")
@@ -362,15 +376,19 @@ def _fiftyone_stages(args, fo, classes, tmp: Path):
     # open_clip (the config file ships in fiftyone_nola/configs/).
     if nm.TINY_CLIP_ARCH not in open_clip.list_models():
         open_clip.add_model_config(nm._CONFIG_DIR)
-    model = fouc.TorchOpenClipModel(fouc.TorchOpenClipModelConfig(dict(
-        clip_model=nm.TINY_CLIP_ARCH,
-        pretrained=args._ckpt,
-        embeddings_layer="visual",  # as the zoo's open-clip-torch entry
-        classes=classes,
-        text_prompt="A photo of a",
-        output_processor_cls="fiftyone.utils.torch.ClassifierOutputProcessor",
-        device="cpu",
-    )))
+    model = fouc.TorchOpenClipModel(
+        fouc.TorchOpenClipModelConfig(
+            dict(
+                clip_model=nm.TINY_CLIP_ARCH,
+                pretrained=args._ckpt,
+                embeddings_layer="visual",  # as the zoo's open-clip-torch entry
+                classes=classes,
+                text_prompt="A photo of a",
+                output_processor_cls="fiftyone.utils.torch.ClassifierOutputProcessor",
+                device="cpu",
+            )
+        )
+    )
     kw = dict(batch_size=args.batch_size, num_workers=args.num_workers, progress=False)
 
     def run(fo, ds, warm: bool):
@@ -409,17 +427,36 @@ def make_checkpoint(path: Path) -> dict:
 
     m = load_clip(tiny_clip_spec(), cache=False)
     torch.save(m.model.state_dict(), path)
-    return {"arch": m.spec.arch, "embed_dim": m.embed_dim, "image_size": m.image_size,
-            "parameters": sum(p.numel() for p in m.model.parameters()),
-            "checkpoint_bytes": path.stat().st_size}
+    return {
+        "arch": m.spec.arch,
+        "embed_dim": m.embed_dim,
+        "image_size": m.image_size,
+        "parameters": sum(p.numel() for p in m.model.parameters()),
+        "checkpoint_bytes": path.stat().st_size,
+    }
 
 
 def run_child(args, side: str, n: int, img_dir: Path, ckpt: Path, trace: bool = False) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         outp = f.name
-    cmd = [sys.executable, __file__, "--_child", side, "--_n", str(n), "--_dir", str(img_dir),
-           "--_ckpt", str(ckpt), "--_out", outp, "--batch-size", str(args.batch_size),
-           "--num-workers", str(args.num_workers)] + (["--_trace"] if trace else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_child",
+        side,
+        "--_n",
+        str(n),
+        "--_dir",
+        str(img_dir),
+        "--_ckpt",
+        str(ckpt),
+        "--_out",
+        outp,
+        "--batch-size",
+        str(args.batch_size),
+        "--num-workers",
+        str(args.num_workers),
+    ] + (["--_trace"] if trace else [])
     t = time.perf_counter()
     try:
         subprocess.run(cmd, check=True, timeout=args.child_timeout)
@@ -449,14 +486,16 @@ def _slopes(res: dict, metric: str) -> dict:
             g = slope(by_n, lambda r, st=st: r["stages"][st][metric])
             f = slope(by_n, lambda r, st=st: r["floor_mb"][st])
             excess = g - f
-            out[st][side] = {"growth_mb_per_1k": g, "floor_mb_per_1k": f, "excess_mb_per_1k": excess,
-                             "excess_bytes_per_sample": excess * 2**20 / 1000,
-                             "flat": bool(excess < FLAT_MB_PER_1K)}
+            out[st][side] = {
+                "growth_mb_per_1k": g,
+                "floor_mb_per_1k": f,
+                "excess_mb_per_1k": excess,
+                "excess_bytes_per_sample": excess * 2**20 / 1000,
+                "flat": bool(excess < FLAT_MB_PER_1K),
+            }
             if metric == "peak_growth_mb":
-                out[st][side]["tree_growth_mb_per_1k"] = slope(
-                    by_n, lambda r, st=st: r["stages"][st]["tree_growth_mb"])
-                out[st][side]["retained_mb_per_1k"] = slope(
-                    by_n, lambda r, st=st: r["stages"][st]["retained_mb"])
+                out[st][side]["tree_growth_mb_per_1k"] = slope(by_n, lambda r, st=st: r["stages"][st]["tree_growth_mb"])
+                out[st][side]["retained_mb_per_1k"] = slope(by_n, lambda r, st=st: r["stages"][st]["retained_mb"])
     return out
 
 
@@ -468,13 +507,26 @@ def _slope_table(slopes: dict, sides: list[str], ns: list[int], what: str) -> st
         row = [st]
         for s in sides:
             v = slopes[st].get(s)
-            row += ([v["growth_mb_per_1k"], v["floor_mb_per_1k"], v["excess_bytes_per_sample"],
-                     "flat" if v["flat"] else "GROWS"] if v else [None] * 4)
+            row += (
+                [
+                    v["growth_mb_per_1k"],
+                    v["floor_mb_per_1k"],
+                    v["excess_bytes_per_sample"],
+                    "flat" if v["flat"] else "GROWS",
+                ]
+                if v
+                else [None] * 4
+            )
         rows.append(row)
-    return C.table(head, rows, title=(
-        f"Slope of {what} between N={ns[0]:,} and N={ns[-1]:,} (MB per 1,000 samples); excess = "
-        f"slope - floor slope, in bytes per sample; flat = excess < {FLAT_MB_PER_1K} MB per 1k "
-        f"({FLAT_MB_PER_1K * 2**20 / 1000:.0f} B/sample)"))
+    return C.table(
+        head,
+        rows,
+        title=(
+            f"Slope of {what} between N={ns[0]:,} and N={ns[-1]:,} (MB per 1,000 samples); excess = "
+            f"slope - floor slope, in bytes per sample; flat = excess < {FLAT_MB_PER_1K} MB per 1k "
+            f"({FLAT_MB_PER_1K * 2**20 / 1000:.0f} B/sample)"
+        ),
+    )
 
 
 def summarise(args, res: dict, traced: dict, results: dict, tables: list[str]) -> None:
@@ -496,16 +548,22 @@ def summarise(args, res: dict, traced: dict, results: dict, tables: list[str]) -
                         row += [None] * 5
                         continue
                     m = r["stages"][st]
-                    row += [m["peak_growth_mb"], r["floor_mb"][st], m["tree_growth_mb"],
-                            m["retained_mb"], m["seconds"]]
+                    row += [m["peak_growth_mb"], r["floor_mb"][st], m["tree_growth_mb"], m["retained_mb"], m["seconds"]]
                 rows.append(row)
-        tables.append(C.table(head, rows, title=(
-            f"Peak RSS growth per stage (main process; VmHWM reset before each stage), fresh child "
-            f"process per side and N; tiny CLIP (D={first['dim']}, 32 px), {first['classes']} classes, "
-            f"batch {args.batch_size}, {args.num_workers} DataLoader worker(s)\n"
-            f"floor = what must grow (float32 rows + id/path strings); tree = main RSS + workers' USS; "
-            f"retained = RSS after - before; FiftyOne's zero-shot and predict rows are its one "
-            f"apply_model run")))
+        tables.append(
+            C.table(
+                head,
+                rows,
+                title=(
+                    f"Peak RSS growth per stage (main process; VmHWM reset before each stage), fresh child "
+                    f"process per side and N; tiny CLIP (D={first['dim']}, 32 px), {first['classes']} classes, "
+                    f"batch {args.batch_size}, {args.num_workers} DataLoader worker(s)\n"
+                    f"floor = what must grow (float32 rows + id/path strings); tree = main RSS + workers' USS; "
+                    f"retained = RSS after - before; FiftyOne's zero-shot and predict rows are its one "
+                    f"apply_model run"
+                ),
+            )
+        )
         if len(ns) >= 2:
             results["slopes"] = _slopes(res, "peak_growth_mb")
             tables.append(_slope_table(results["slopes"], sides, ns, "peak RSS growth"))
@@ -528,14 +586,23 @@ def summarise(args, res: dict, traced: dict, results: dict, tables: list[str]) -
                 row = [st, f"{n:,}"]
                 for s in sides:
                     r = traced[s].get(n)
-                    row += ([r["stages"][st]["traced_peak_mb"], r["floor_mb"][st],
-                             r["stages"][st]["seconds_traced"]] if r and st in r["stages"]
-                            else [None] * 3)
+                    row += (
+                        [r["stages"][st]["traced_peak_mb"], r["floor_mb"][st], r["stages"][st]["seconds_traced"]]
+                        if r and st in r["stages"]
+                        else [None] * 3
+                    )
                 rows.append(row)
-        tables.append(C.table(head, rows, title=(
-            "Python heap (tracemalloc: Python objects + NumPy buffers; not torch/C libraries) "
-            "allocated at the peak of each stage, fresh child per side and N (deterministic: "
-            "shows per-sample costs that RSS noise hides)")))
+        tables.append(
+            C.table(
+                head,
+                rows,
+                title=(
+                    "Python heap (tracemalloc: Python objects + NumPy buffers; not torch/C libraries) "
+                    "allocated at the peak of each stage, fresh child per side and N (deterministic: "
+                    "shows per-sample costs that RSS noise hides)"
+                ),
+            )
+        )
         if len(ns) >= 2:
             results["traced_slopes"] = _slopes(traced, "traced_peak_mb")
             tables.append(_slope_table(results["traced_slopes"], sides, ns, "Python-heap peak"))
@@ -564,11 +631,14 @@ def main(argv=None) -> int:
         return 0
     env = C.isolate_environment("nola-bench-mem")
     tmp = Path(tempfile.mkdtemp(prefix="nola-bench-mem-"))
-    results: dict = {"benchmark": "memory", "quick": args.quick,
-                     "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                     "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-                     "flat_threshold_mb_per_1k": FLAT_MB_PER_1K,
-                     "measured": __doc__.split("\n\n")[1].strip()}
+    results: dict = {
+        "benchmark": "memory",
+        "quick": args.quick,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "flat_threshold_mb_per_1k": FLAT_MB_PER_1K,
+        "measured": __doc__.split("\n\n")[1].strip(),
+    }
     tables: list[str] = []
     t_all = time.perf_counter()
     res: dict = {s: {} for s in args.sides}
@@ -576,10 +646,15 @@ def main(argv=None) -> int:
 
     def partial() -> None:
         if args.json:  # partial results survive an interrupted run
-            C.write_json(args.json, {**results, "partial": True,
-                                     "by_side": {s: {str(k): v for k, v in r.items()} for s, r in res.items()},
-                                     "traced_by_side": {s: {str(k): v for k, v in r.items()}
-                                                        for s, r in traced.items()}})
+            C.write_json(
+                args.json,
+                {
+                    **results,
+                    "partial": True,
+                    "by_side": {s: {str(k): v for k, v in r.items()} for s, r in res.items()},
+                    "traced_by_side": {s: {str(k): v for k, v in r.items()} for s, r in traced.items()},
+                },
+            )
 
     def one(side: str, n: int, trace: bool) -> None:
         what = "tracemalloc" if trace else "RSS"
@@ -594,8 +669,15 @@ def main(argv=None) -> int:
 
     try:
         results["machine"] = C.machine_facts()
-        print("machine:", json.dumps({k: results["machine"].get(k) for k in
-                                      ("cpu_count", "cpu_affinity", "torch_num_threads", "loadavg_at_start")}))
+        print(
+            "machine:",
+            json.dumps(
+                {
+                    k: results["machine"].get(k)
+                    for k in ("cpu_count", "cpu_affinity", "torch_num_threads", "loadavg_at_start")
+                }
+            ),
+        )
         t = time.perf_counter()
         files = sorted(str(p) for p in CIFAR_DIR.rglob("*.jpg"))
         n_max = max(args.sizes + args.trace_sizes)
@@ -604,8 +686,12 @@ def main(argv=None) -> int:
         print(f"{n_max:,} image copies ready in {img_dir} ({time.perf_counter() - t:.1f} s)")
         ckpt = tmp / "nola-tiny-clip-random.pt"
         results["model"] = make_checkpoint(ckpt)
-        results["images"] = {"source": str(CIFAR_DIR), "distinct_sources": len(files),
-                             "copies_dir": str(img_dir), "size": "32x32 JPEG"}
+        results["images"] = {
+            "source": str(CIFAR_DIR),
+            "distinct_sources": len(files),
+            "copies_dir": str(img_dir),
+            "size": "32x32 JPEG",
+        }
         # The deterministic tracemalloc pass first (small N, quick), then the RSS pass.
         for n in args.trace_sizes:
             for side in args.sides:
@@ -615,8 +701,7 @@ def main(argv=None) -> int:
             for side in args.sides:
                 one(side, n, trace=False)
             partial()
-        summarise(args, {s: r for s, r in res.items() if r}, {s: r for s, r in traced.items() if r},
-                  results, tables)
+        summarise(args, {s: r for s, r in res.items() if r}, {s: r for s, r in traced.items() if r}, results, tables)
     finally:
         C.cleanup(env)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -58,34 +58,52 @@ RENAMES = {"airplane": "aeroplane", "automobile": "car", "truck": "lorry"}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="tiny sizes (20 images, 16 tuning images, batch 8, 3 descriptions per class): "
-                        "development, < 2 min on an idle 2-core CPU")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes (20 images, 16 tuning images, batch 8, 3 descriptions per class): "
+        "development, < 2 min on an idle 2-core CPU",
+    )
     p.add_argument("--json", metavar="PATH", help="write the figures to this JSON file")
     p.add_argument("--txt", metavar="PATH", help="also write the printed tables to this file")
     p.add_argument("--n", type=int, help="images (class-balanced subset of the 2,000); default 500")
     p.add_argument("--arch", default="ViT-B-32", help="open_clip architecture (default ViT-B-32)")
-    p.add_argument("--clip-pretrained", default="openai",
-                   help="open_clip tag or checkpoint file used when NOLA_PRETRAINED=1")
+    p.add_argument(
+        "--clip-pretrained", default="openai", help="open_clip tag or checkpoint file used when NOLA_PRETRAINED=1"
+    )
     p.add_argument("--dino", default=DINO_SMALL, help=f"timm DINO name (default {DINO_SMALL})")
     p.add_argument("--dino-base", action="store_true", help=f"use {DINO_BASE} (the method's)")
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="inference batch size: embeddings, predict, FiftyOne's apply_model")
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="inference batch size: embeddings, predict, FiftyOne's apply_model"
+    )
     p.add_argument("--num-workers", type=int, default=1, help="DataLoader workers everywhere (default 1)")
-    p.add_argument("--tune-epochs", type=int, help="epochs of the tune_prompts stage; default 2 "
-                                                   "(the library's CPU default; quick 1)")
-    p.add_argument("--tune-samples", type=int, help="images prompt tuning trains on (stratified subset); "
-                                                    "default 256 (the library's CPU default; quick 32)")
+    p.add_argument(
+        "--tune-epochs",
+        type=int,
+        help="epochs of the tune_prompts stage; default 2 (the library's CPU default; quick 1)",
+    )
+    p.add_argument(
+        "--tune-samples",
+        type=int,
+        help="images prompt tuning trains on (stratified subset); default 256 (the library's CPU default; quick 32)",
+    )
     p.add_argument("--tune-batch-size", type=int, help="prompt-tuning batch; default 32 (quick 16)")
-    p.add_argument("--desc-per-class", type=int,
-                   help="use only the first N descriptions per class of the official file, and no "
-                        "templates (speed only; default: all 50 + the 80 templates; quick 3)")
+    p.add_argument(
+        "--desc-per-class",
+        type=int,
+        help="use only the first N descriptions per class of the official file, and no "
+        "templates (speed only; default: all 50 + the 80 templates; quick 3)",
+    )
     p.add_argument("--skip-epoch-compare", action="store_true")
     p.add_argument("--skip-fiftyone", action="store_true", help="skip FiftyOne's apply_model side")
-    p.add_argument("--skip-engine-compare", action="store_true",
-                   help="skip predict with the inference engine vs PyTorch fp32")
-    p.add_argument("--engine-precision", default="auto",
-                   help="engine precision for that comparison (auto: bf16 with native bf16, else fp32)")
+    p.add_argument(
+        "--skip-engine-compare", action="store_true", help="skip predict with the inference engine vs PyTorch fp32"
+    )
+    p.add_argument(
+        "--engine-precision",
+        default="auto",
+        help="engine precision for that comparison (auto: bf16 with native bf16, else fp32)",
+    )
     a = p.parse_args(argv)
     q = a.quick
     a.n = a.n or (20 if q else 500)
@@ -101,8 +119,10 @@ def parse_args(argv=None):
 def balanced_files(n: int) -> tuple[list[str], list[str], list[str]]:
     """``n`` files taken round-robin over the class folders (first files of each, sorted)."""
     classes = sorted(d.name for d in DATA.iterdir() if d.is_dir())
-    per = {c: sorted(str(f) for f in (DATA / c).iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
-           for c in classes}
+    per = {
+        c: sorted(str(f) for f in (DATA / c).iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        for c in classes
+    }
     files, labels = [], []
     i = 0
     while len(files) < n:
@@ -129,9 +149,16 @@ def n_texts(ds, field: str):
 
 def relabel_row(total, load, text, n, texts, lav) -> dict:
     image_side = total - load - text
-    return {"seconds": total, "model_load_seconds": load, "text_seconds": text,
-            "image_side_seconds": image_side, "image_side_seconds_per_1000": image_side * 1000 / n,
-            "seconds_per_1000": load + text + image_side * 1000 / n, "texts": texts, "loadavg": lav}
+    return {
+        "seconds": total,
+        "model_load_seconds": load,
+        "text_seconds": text,
+        "image_side_seconds": image_side,
+        "image_side_seconds_per_1000": image_side * 1000 / n,
+        "seconds_per_1000": load + text + image_side * 1000 / n,
+        "texts": texts,
+        "loadavg": lav,
+    }
 
 
 @contextlib.contextmanager
@@ -224,18 +251,23 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
         del m
         clip_spec = ClipSpec(arch=args.arch, pretrained=ckpt, random_init=False)
         dino_spec = DinoSpec(name=args.dino, random_init=True)
-        print("\n" + "!" * 78 + "\n!! RANDOM WEIGHTS (no NOLA_PRETRAINED=1): speed and memory figures are "
-              "valid,\n!! accuracy is NOT meaningful and is neither printed nor written.\n" + "!" * 78)
-    results["models"] = {"clip": f"{args.arch} ({'pretrained ' + str(ckpt) if pretrained else 'random init'})",
-                         "dino": f"{args.dino} ({'pretrained' if pretrained else 'random init'})"}
+        print(
+            "\n" + "!" * 78 + "\n!! RANDOM WEIGHTS (no NOLA_PRETRAINED=1): speed and memory figures are "
+            "valid,\n!! accuracy is NOT meaningful and is neither printed nor written.\n" + "!" * 78
+        )
+    results["models"] = {
+        "clip": f"{args.arch} ({'pretrained ' + str(ckpt) if pretrained else 'random init'})",
+        "dino": f"{args.dino} ({'pretrained' if pretrained else 'random init'})",
+    }
 
     # ---------------------------------------------------------------- data
     files, gt, classes = balanced_files(args.n)
     for f in files:  # page cache warm for every side alike
         Path(f).read_bytes()
     ds = fo.Dataset(f"nola-bench-acc-{uuid.uuid4().hex[:8]}")
-    ds.add_samples([fo.Sample(filepath=f, ground_truth=fo.Classification(label=g))
-                    for f, g in zip(files, gt)], progress=False)
+    ds.add_samples(
+        [fo.Sample(filepath=f, ground_truth=fo.Classification(label=g)) for f, g in zip(files, gt)], progress=False
+    )
     ids, paths = fo_io.ids_and_paths(ds)
     gt_by_path = dict(zip(files, gt))
     gt_idx = np.array([classes.index(gt_by_path[p]) for p in paths])
@@ -261,8 +293,9 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
         s = compute_embeddings(ds, "dino", dino=dino_spec, config=ecfg)["dino"]
         row["model_load_seconds"] = s["model_load_seconds"]
         row["images_per_s_excl_model_load"] = s["images_per_s"]
-    zcfg = labeling.ZeroShotConfig(clip=clip_spec, descriptions_file=desc_file,
-                                   include_templates=include_templates, device="cpu")
+    zcfg = labeling.ZeroShotConfig(
+        clip=clip_spec, descriptions_file=desc_file, include_templates=include_templates, device="cpu"
+    )
     with st.part("zeroshot", n) as row:
         rec_load, rec_text = [], []
         with text_side_timers(rec_load, rec_text):
@@ -270,21 +303,32 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
         row["model_load_seconds"], row["text_seconds"] = sum(rec_load), sum(rec_text)
         row["texts"] = n_texts(ds, "nola_zeroshot")
     with st.part("dino_labeler", n) as row:
-        res["dino"] = labeling.dino_labels(ds, "nola_zeroshot", dino_spec,
-                                           dl.DinoLabelerConfig(device="cpu"), "nola_dino")
+        res["dino"] = labeling.dino_labels(
+            ds, "nola_zeroshot", dino_spec, dl.DinoLabelerConfig(device="cpu"), "nola_dino"
+        )
         row["k"], row["trained_on"] = res["dino"]["k"], res["dino"]["selected_for_training"]
-    tcfg = pt.TuneConfig(epochs=args.tune_epochs, batch_size=args.tune_batch_size,
-                         max_samples=args.tune_samples, num_workers=nw, device="cpu")
+    tcfg = pt.TuneConfig(
+        epochs=args.tune_epochs,
+        batch_size=args.tune_batch_size,
+        max_samples=args.tune_samples,
+        num_workers=nw,
+        device="cpu",
+    )
     n_tune = min(args.tune_samples, n)
     with st.part("prompt_tuning", n_tune * args.tune_epochs) as row:
-        res["tune"] = labeling.tune_prompts(ds, "nola_zeroshot", "nola_dino", clip_spec, tcfg,
-                                            run_name="nola")
+        res["tune"] = labeling.tune_prompts(ds, "nola_zeroshot", "nola_dino", clip_spec, tcfg, run_name="nola")
         secs = res["tune"]["history"]["seconds"]
         row["epoch_seconds"] = secs
         row["train_images"] = n_tune
     with st.part("predict", n) as row:
-        res["predict"] = labeling.predict(ds, res["tune"]["model_dir"], clip_spec, "nola", device="cpu",
-                                          config=labeling.PredictConfig(batch_size=bs, num_workers=nw))
+        res["predict"] = labeling.predict(
+            ds,
+            res["tune"]["model_dir"],
+            clip_spec,
+            "nola",
+            device="cpu",
+            config=labeling.PredictConfig(batch_size=bs, num_workers=nw),
+        )
 
     # seconds/epoch is the unit of prompt tuning; images/s counts images trained per second
     st.rows["prompt_tuning"]["seconds_per_epoch"] = float(np.mean(st.rows["prompt_tuning"]["epoch_seconds"]))
@@ -306,12 +350,18 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
         if k == "dino_labeler":
             note = f"k={v['k']}, MLP trained on {v['trained_on']}, 50 epochs"
         if k == "prompt_tuning":
-            note = (f"{args.tune_epochs} epoch(s) x {n_tune} images, batch {args.tune_batch_size}; "
-                    f"{v['seconds_per_epoch']:.1f} s/epoch")
+            note = (
+                f"{args.tune_epochs} epoch(s) x {n_tune} images, batch {args.tune_batch_size}; "
+                f"{v['seconds_per_epoch']:.1f} s/epoch"
+            )
         rows.append([k, v["seconds"], v["images"], ips, v["peak_rss_mb"], v["loadavg_start"], note])
-    tables.append(C.table(["stage", "wall s", "images", "img/s", "peak RSS MB", "load", "notes"], rows,
-                          title=f"NoLA stages on {n} CIFAR-10 images, CPU ({args.arch} + {args.dino}, "
-                                f"batch {bs}, {nw} worker(s))"))
+    tables.append(
+        C.table(
+            ["stage", "wall s", "images", "img/s", "peak RSS MB", "load", "notes"],
+            rows,
+            title=f"NoLA stages on {n} CIFAR-10 images, CPU ({args.arch} + {args.dino}, batch {bs}, {nw} worker(s))",
+        )
+    )
     print("\n" + tables[-1])
 
     # ---------------------------------------------------------------- predict: engine vs PyTorch
@@ -320,18 +370,23 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
 
         tuned = pt.load_tuned(res["tune"]["model_dir"], models.load_clip(clip_spec, torch.device("cpu")))
         t = time.perf_counter()
-        _, ready = pt.predict_tuned(tuned, paths[:2], bs, 0, "cpu", engine="openvino",
-                                    precision=args.engine_precision)
+        _, ready = pt.predict_tuned(tuned, paths[:2], bs, 0, "cpu", engine="openvino", precision=args.engine_precision)
         prep = time.perf_counter() - t  # conversion (or cache load), outside the timing
         ran = tuned.last_engine
         timed = {"torch": [], "engine": []}
         probs = {}
         for rep_ in range(2):  # interleaved, alternating order; medians
-            for who in (("torch", "engine") if rep_ % 2 == 0 else ("engine", "torch")):
+            for who in ("torch", "engine") if rep_ % 2 == 0 else ("engine", "torch"):
                 t = time.perf_counter()
                 probs[who], _ = pt.predict_tuned(
-                    tuned, paths, bs, nw, "cpu", engine="torch" if who == "torch" else "openvino",
-                    precision="fp32" if who == "torch" else args.engine_precision)
+                    tuned,
+                    paths,
+                    bs,
+                    nw,
+                    "cpu",
+                    engine="torch" if who == "torch" else "openvino",
+                    precision="fp32" if who == "torch" else args.engine_precision,
+                )
                 timed[who].append(time.perf_counter() - t)
         pt_, pe = probs["torch"], probs["engine"]
         ok = np.isfinite(pt_).all(1) & np.isfinite(pe).all(1)
@@ -340,19 +395,30 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
         dprob = float(np.abs(pt_[ok] - pe[ok]).max())
         med = {k: float(np.median(v)) for k, v in timed.items()}
         results["predict_engine"] = {
-            "engine": ran.tag, "requested_precision": args.engine_precision,
-            "prepare_seconds": prep, "seconds_torch": med["torch"], "seconds_engine": med["engine"],
-            "all_seconds": timed, "speedup_vs_torch": med["torch"] / med["engine"],
-            "same_label_fraction": same, "max_abs_delta_confidence": dconf,
-            "max_abs_delta_probability": dprob, "images": int(ok.sum()),
+            "engine": ran.tag,
+            "requested_precision": args.engine_precision,
+            "prepare_seconds": prep,
+            "seconds_torch": med["torch"],
+            "seconds_engine": med["engine"],
+            "all_seconds": timed,
+            "speedup_vs_torch": med["torch"] / med["engine"],
+            "same_label_fraction": same,
+            "max_abs_delta_confidence": dconf,
+            "max_abs_delta_probability": dprob,
+            "images": int(ok.sum()),
             "openvino": engines.openvino_available(),
         }
-        tables.append(C.table(
-            ["predict (tuned CLIP)", "s (median of 2)", "img/s", "same label", "max |d conf|"],
-            [["PyTorch fp32", med["torch"], n / med["torch"], "", ""],
-             [ran.tag, med["engine"], n / med["engine"], same, dconf]],
-            title=f"Predict with the inference engine vs PyTorch on {n} images (interleaved; "
-                  f"engine prepared in {prep:.1f}s: conversion once, then cached)"))
+        tables.append(
+            C.table(
+                ["predict (tuned CLIP)", "s (median of 2)", "img/s", "same label", "max |d conf|"],
+                [
+                    ["PyTorch fp32", med["torch"], n / med["torch"], "", ""],
+                    [ran.tag, med["engine"], n / med["engine"], same, dconf],
+                ],
+                title=f"Predict with the inference engine vs PyTorch on {n} images (interleaved; "
+                f"engine prepared in {prep:.1f}s: conversion once, then cached)",
+            )
+        )
         print("\n" + tables[-1])
 
     # ---------------------------------------------------------------- cached vs online teacher
@@ -387,8 +453,9 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
             teacher_calls["seconds"] += time.perf_counter() - t0
             return y
 
-        cfg1 = pt.TuneConfig(epochs=1, batch_size=args.tune_batch_size, max_samples=args.tune_samples,
-                             num_workers=nw, device="cpu")
+        cfg1 = pt.TuneConfig(
+            epochs=1, batch_size=args.tune_batch_size, max_samples=args.tune_samples, num_workers=nw, device="cpu"
+        )
         epoch = {}
         for mode in ("cached", "online"):
             print(f"\n=== one prompt-tuning epoch, {mode} teacher ===", flush=True)
@@ -398,8 +465,13 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
             given = pt.OnlineTeacher(teacher_fn, teacher) if mode == "online" else teacher
             r = pt.tune(clip, paths, given, W, cfg1, classes=zs_classes)
             PEAKS.append(C.peak_rss_mb())
-            epoch[mode] = {"epoch_seconds": r.history["seconds"][0], "images": int(len(r.train_indices)),
-                           "loss": r.history["loss"][0], "peak_rss_mb": C.peak_rss_mb(), "loadavg": lav}
+            epoch[mode] = {
+                "epoch_seconds": r.history["seconds"][0],
+                "images": int(len(r.train_indices)),
+                "loss": r.history["loss"][0],
+                "peak_rss_mb": C.peak_rss_mb(),
+                "loadavg": lav,
+            }
         epoch["online"]["teacher_seconds"] = teacher_calls["seconds"]
         epoch["online"]["teacher_images"] = teacher_calls["n"]
         ratio = epoch["cached"]["epoch_seconds"] / epoch["online"]["epoch_seconds"]
@@ -408,16 +480,22 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
         results["epoch_cached_over_online"] = ratio
         results["epoch_compare"] = epoch
         del dino
-        rows = [[m, e["epoch_seconds"], e["images"], e["images"] / e["epoch_seconds"], e["peak_rss_mb"],
-                 e["loadavg"]] for m, e in epoch.items()]
+        rows = [
+            [m, e["epoch_seconds"], e["images"], e["images"] / e["epoch_seconds"], e["peak_rss_mb"], e["loadavg"]]
+            for m, e in epoch.items()
+        ]
         tables.append(
-            C.table(["teacher", "s/epoch", "images", "img/s", "peak RSS MB", "load"], rows,
-                    title=f"One prompt-tuning epoch (prompt_tuning.tune, batch {args.tune_batch_size}, "
-                          f"{nw} worker(s), same images and seed): cached labels vs online "
-                          f"{args.dino} + MLP on the weak view")
+            C.table(
+                ["teacher", "s/epoch", "images", "img/s", "peak RSS MB", "load"],
+                rows,
+                title=f"One prompt-tuning epoch (prompt_tuning.tune, batch {args.tune_batch_size}, "
+                f"{nw} worker(s), same images and seed): cached labels vs online "
+                f"{args.dino} + MLP on the weak view",
+            )
             + f"\ncached / online = {ratio:.2f} (target <= 0.6: {'met' if ratio <= 0.6 else 'NOT met'}); "
-              f"the online teacher's forward passes took {teacher_calls['seconds']:.1f} s of the online epoch "
-              f"(the online loader also decodes and transforms a second, weak view)")
+            f"the online teacher's forward passes took {teacher_calls['seconds']:.1f} s of the online epoch "
+            f"(the online loader also decodes and transforms a second, weak view)"
+        )
         print("\n" + tables[-1])
 
     # ---------------------------------------------------------------- re-labeling speed
@@ -425,36 +503,55 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
     new_classes = [RENAMES.get(c, c) for c in classes]
     prompt = "a photo of a"  # FiftyOne forms "<text_prompt> <class>"; ours gets the same strings
     relabel: dict = {"classes": new_classes, "prompt": prompt + " {class}", "images": n}
-    same_texts = DescriptionSet(descriptions={c: [f"{prompt} {c}"] for c in new_classes},
-                                source={c: "benchmark" for c in new_classes})
+    same_texts = DescriptionSet(
+        descriptions={c: [f"{prompt} {c}"] for c in new_classes}, source={c: "benchmark" for c in new_classes}
+    )
     rec_load, rec_text = [], []
     lav = C.loadavg()
     t0 = time.perf_counter()
     with text_side_timers(rec_load, rec_text):
-        labeling.zero_shot(ds, new_classes, labeling.ZeroShotConfig(clip=clip_spec, include_templates=False,
-                                                                    device="cpu"),
-                           "relabel_ours", descriptions=same_texts)
+        labeling.zero_shot(
+            ds,
+            new_classes,
+            labeling.ZeroShotConfig(clip=clip_spec, include_templates=False, device="cpu"),
+            "relabel_ours",
+            descriptions=same_texts,
+        )
     total = time.perf_counter() - t0
     relabel["ours"] = relabel_row(total, sum(rec_load), sum(rec_text), n, n_texts(ds, "relabel_ours"), lav)
     # The CDE variant (1,300 description + template texts) is the zero-shot stage above: a
     # re-run after editing the descriptions costs exactly that, so it is not run twice.
     z = st.rows["zeroshot"]
-    relabel["ours_cde"] = relabel_row(z["seconds"], z["model_load_seconds"], z["text_seconds"], n, z["texts"],
-                                      z["loadavg_start"])
+    relabel["ours_cde"] = relabel_row(
+        z["seconds"], z["model_load_seconds"], z["text_seconds"], n, z["texts"], z["loadavg_start"]
+    )
     if not args.skip_fiftyone:
         lav = C.loadavg()
         t0 = time.perf_counter()
-        fo_model = fouc.TorchOpenClipModel(fouc.TorchOpenClipModelConfig(dict(
-            clip_model=args.arch, pretrained=str(ckpt), classes=new_classes, text_prompt=prompt,
-            output_processor_cls="fiftyone.utils.torch.ClassifierOutputProcessor", device="cpu")))
+        fo_model = fouc.TorchOpenClipModel(
+            fouc.TorchOpenClipModelConfig(
+                dict(
+                    clip_model=args.arch,
+                    pretrained=str(ckpt),
+                    classes=new_classes,
+                    text_prompt=prompt,
+                    output_processor_cls="fiftyone.utils.torch.ClassifierOutputProcessor",
+                    device="cpu",
+                )
+            )
+        )
         t_load = time.perf_counter() - t0
         ds.apply_model(fo_model, label_field="relabel_fiftyone", batch_size=bs, num_workers=nw, progress=False)
         total = time.perf_counter() - t0
         per_image = (total - t_load) / n
-        relabel["fiftyone"] = {"seconds": total, "model_load_seconds": t_load,
-                               "image_side_seconds": total - t_load,
-                               "image_side_seconds_per_1000": per_image * 1000,
-                               "seconds_per_1000": t_load + per_image * 1000, "loadavg": lav}
+        relabel["fiftyone"] = {
+            "seconds": total,
+            "model_load_seconds": t_load,
+            "image_side_seconds": total - t_load,
+            "image_side_seconds_per_1000": per_image * 1000,
+            "seconds_per_1000": t_load + per_image * 1000,
+            "loadavg": lav,
+        }
         del fo_model
         a = ds.values("relabel_ours.label")
         b = ds.values("relabel_fiftyone.label")
@@ -470,20 +567,44 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
     for k in ("ours", "ours_cde", "fiftyone"):
         if k in relabel:
             v = relabel[k]
-            rows.append([k, v["seconds"], v["model_load_seconds"], v.get("text_seconds"),
-                         v["image_side_seconds"], v["image_side_seconds_per_1000"], v["seconds_per_1000"],
-                         v.get("texts"), v["loadavg"]])
-    txt = C.table(["side", f"total s ({n})", "model load s", "text s", "image side s",
-                   "image side s/1000", "total s/1000", "texts", "load"], rows,
-                  title="Re-labeling with a changed class list: ours = labeling.zero_shot from stored CLIP "
-                        "embeddings (ours_cde: the zero-shot stage above, CDE texts instead of one prompt per class); "
-                        "fiftyone = TorchOpenClipModel + dataset.apply_model (re-encodes every image)")
+            rows.append(
+                [
+                    k,
+                    v["seconds"],
+                    v["model_load_seconds"],
+                    v.get("text_seconds"),
+                    v["image_side_seconds"],
+                    v["image_side_seconds_per_1000"],
+                    v["seconds_per_1000"],
+                    v.get("texts"),
+                    v["loadavg"],
+                ]
+            )
+    txt = C.table(
+        [
+            "side",
+            f"total s ({n})",
+            "model load s",
+            "text s",
+            "image side s",
+            "image side s/1000",
+            "total s/1000",
+            "texts",
+            "load",
+        ],
+        rows,
+        title="Re-labeling with a changed class list: ours = labeling.zero_shot from stored CLIP "
+        "embeddings (ours_cde: the zero-shot stage above, CDE texts instead of one prompt per class); "
+        "fiftyone = TorchOpenClipModel + dataset.apply_model (re-encodes every image)",
+    )
     if "fiftyone" in relabel:
-        txt += (f"\nspeedup at {n} images: {results['relabel_speedup']:.1f}x; extrapolated per 1000 images: "
-                f"{results['relabel_speedup_per_1000']:.1f}x; image side only: "
-                f"{results['relabel_speedup_image_side']:.0f}x (target >= 100x)"
-                f"\nlabel agreement ours vs FiftyOne (same prompts, same weights): "
-                f"{relabel['label_agreement_ours_vs_fiftyone']:.3f}")
+        txt += (
+            f"\nspeedup at {n} images: {results['relabel_speedup']:.1f}x; extrapolated per 1000 images: "
+            f"{results['relabel_speedup_per_1000']:.1f}x; image side only: "
+            f"{results['relabel_speedup_image_side']:.0f}x (target >= 100x)"
+            f"\nlabel agreement ours vs FiftyOne (same prompts, same weights): "
+            f"{relabel['label_agreement_ours_vs_fiftyone']:.3f}"
+        )
     tables.append(txt)
     print("\n" + tables[-1])
 
@@ -511,17 +632,26 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
             "acc_nola": acc_from_probs(aligned(stage_dir(ds, "nola"), "probs", ids)),
         }
         results.update(accs)
-        names = {"acc_zeroshot_single": 'zero-shot, one template "a photo of a {c}."',
-                 "acc_zeroshot_ensemble": "zero-shot, 80-template ensemble",
-                 "acc_cde": f"CDE ({st.rows['zeroshot']['texts'] // len(classes)} texts per class"
-                            + (", cut-down description file)" if args.desc_per_class else ")"),
-                 "acc_dino_labeler": f"DINO labeller ({args.dino})",
-                 "acc_nola": f"NoLA prompt-tuned ({args.tune_epochs} epochs on {n_tune} images)"}
-        tables.append(C.table(["method", "top-1"], [[names[k], v] for k, v in accs.items()],
-                              title=f"Top-1 accuracy on {n} CIFAR-10 test images (pretrained weights)"))
+        names = {
+            "acc_zeroshot_single": 'zero-shot, one template "a photo of a {c}."',
+            "acc_zeroshot_ensemble": "zero-shot, 80-template ensemble",
+            "acc_cde": f"CDE ({st.rows['zeroshot']['texts'] // len(classes)} texts per class"
+            + (", cut-down description file)" if args.desc_per_class else ")"),
+            "acc_dino_labeler": f"DINO labeller ({args.dino})",
+            "acc_nola": f"NoLA prompt-tuned ({args.tune_epochs} epochs on {n_tune} images)",
+        }
+        tables.append(
+            C.table(
+                ["method", "top-1"],
+                [[names[k], v] for k, v in accs.items()],
+                title=f"Top-1 accuracy on {n} CIFAR-10 test images (pretrained weights)",
+            )
+        )
     else:
-        tables.append("Accuracy: not meaningful with random weights; none is printed or written. "
-                      "Set NOLA_PRETRAINED=1 with weights in NOLA_MODELS_DIR to measure it.")
+        tables.append(
+            "Accuracy: not meaningful with random weights; none is printed or written. "
+            "Set NOLA_PRETRAINED=1 with weights in NOLA_MODELS_DIR to measure it."
+        )
     print("\n" + tables[-1])
     PEAKS.append(C.peak_rss_mb())  # since the last reset: the re-labeling part
     results["peak_rss_mb"] = max(PEAKS + [v["peak_rss_mb"] for v in st.rows.values()])

@@ -8,4 +8,5 @@ bash scripts/install_browser.sh
 export FIFTYONE_DATABASE_VALIDATION=false FIFTYONE_DO_NOT_TRACK=true
 mkdir -p test-artifacts
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 .venv/bin/python -m pytest -q --durations=15 --junitxml=test-artifacts/junit.xml "$@"
