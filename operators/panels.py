@@ -71,7 +71,7 @@ class NolaPanel(Serialized, foo.Panel):
         """Recompute everything the panel shows; with ``threshold``, flag at it first."""
         # The App server keeps one Dataset object per process: fields another process (a job, a
         # notebook) added since are unknown to it until reloaded, and writing them then fails.
-        ctx.dataset.reload()
+        rw.reload_dataset(ctx.dataset)
         self._show_stages(ctx)
         ctx.panel.set_state("selection", len(_targets(ctx)))
         ctx.panel.set_state("classes_list", rw.class_list(ctx.dataset, field_of(ctx)))

@@ -573,7 +573,8 @@ def test_review_buttons_act_on_a_lasso_in_the_map(review_ds):
 @pytest.mark.integration
 def test_concurrent_threshold_moves_never_break_and_the_last_one_holds(review_ds):
     """The App runs each slider event in its own thread: overlapping re-flaggings of one dataset
-    once raised KeyError('view_stages') reading a saved view another thread was rewriting."""
+    raised 'view_stages' errors reading a saved view another thread was rewriting, and a reload
+    between another thread's steps left references to deleted saved views."""
     import threading
 
     from fiftyone_nola.stages import review_workspace as rw
@@ -584,15 +585,26 @@ def test_concurrent_threshold_moves_never_break_and_the_last_one_holds(review_ds
         barrier.wait()
         for t in thresholds:
             try:
+                rw.reload_dataset(review_ds)  # as the panel's refresh does
                 rw.flag_samples(review_ds, "nola", threshold=t)
             except Exception as e:  # noqa: BLE001 - any failure is the finding
                 errors.append(repr(e))
 
+    done = threading.Event()
+
+    def refresh_panels():  # other panel events reload the shared Dataset object meanwhile
+        while not done.is_set():
+            rw.reload_dataset(review_ds)
+
     threads = [threading.Thread(target=move, args=([0.3 + 0.05 * ((i + k) % 4) for k in range(6)],)) for i in range(4)]
+    reloader = threading.Thread(target=refresh_panels)
+    reloader.start()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    done.set()
+    reloader.join()
     assert not errors, errors[:3]
     rw.flag_samples(review_ds, "nola", threshold=0.5)
     assert len(review_ds.load_saved_view(rw.VIEW_FLAGGED)) == 8 == len(review_ds.match_tags(rw.FLAGGED_TAG))

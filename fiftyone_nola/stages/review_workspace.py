@@ -12,6 +12,7 @@ they are never decisions. ``nola_queue_rank`` orders the queue (see
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -35,6 +36,8 @@ from fiftyone_nola.stages.review import (
     set_status,
 )
 
+logger = logging.getLogger(__name__)
+
 FLAGGED_TAG = "nola:flagged"
 SUGGESTED_TAG = "nola:suggested"
 SUGGESTED_FIELD = "nola_suggested"
@@ -52,15 +55,37 @@ CLUSTERS_MAX = 20
 # ---------------------------------------------------------------------------- class list
 
 
+def _review_lock(samples):
+    return file_lock(dataset_dir(str(fo_io.root_dataset(samples)._doc.id)) / "review.lock")
+
+
+def reload_dataset(samples) -> None:
+    """Reload the dataset behind ``samples`` from the database, never while a review write runs.
+
+    FiftyOne keeps one Dataset object per name and process, and the App runs each panel event
+    in its own thread: a reload between a writer's steps left it holding references to saved
+    views it had just replaced ('view_stages') or without a field it had just added."""
+    with _review_lock(samples):
+        fo_io.root_dataset(samples).reload()
+
+
 def _one_review_writer(fn):
-    """Run ``fn(samples, ...)`` holding the dataset's review lock. The App runs each panel event
-    in its own thread; overlapping rewrites of the tags, queue and saved views corrupted the
-    saved-view references (KeyError 'view_stages' on a slider drag)."""
+    """Run ``fn(samples, ...)`` holding the dataset's review lock, from the database's state.
+    Overlapping rewrites of the tags, queue and saved views corrupted the saved-view references."""
 
     @functools.wraps(fn)
     def locked(samples, *args, **kwargs):
-        with file_lock(dataset_dir(str(fo_io.root_dataset(samples)._doc.id)) / "review.lock"):
-            return fn(samples, *args, **kwargs)
+        with _review_lock(samples):
+            fo_io.root_dataset(samples).reload()
+            try:
+                return fn(samples, *args, **kwargs)
+            except (AttributeError, ReferenceError) as e:
+                # FiftyOne's own server may reload the shared Dataset object mid-write (no lock of
+                # ours can stop it): start once more from the database's state. The writes are
+                # idempotent: tags, queue ranks and views are set, not added.
+                logger.debug("review write retried after %r", e)
+                fo_io.root_dataset(samples).reload()
+                return fn(samples, *args, **kwargs)
 
     return locked
 
