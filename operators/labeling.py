@@ -41,6 +41,11 @@ def tune_config(ctx) -> TuneConfig:
     return c.given(TuneConfig, epochs=p.get("epochs"), batch_size=p.get("batch_size"), max_samples=p.get("max_samples"))
 
 
+def predict_config(ctx) -> labeling.PredictConfig:
+    """How the tuned model predicts: the engine and precision the user set, else the config's."""
+    return labeling.PredictConfig(**c.engine_params(ctx))
+
+
 class ZeroShot(foo.Operator):
     @property
     def config(self):
@@ -244,7 +249,13 @@ class TunePrompts(foo.Operator):
                 progress=c.progress_fn(ctx),
             )
             s2 = labeling.predict(
-                samples, s["model_dir"], c.clip_spec(ctx), field, device=str(device), progress=c.progress_fn(ctx)
+                samples,
+                s["model_dir"],
+                c.clip_spec(ctx),
+                field,
+                config=predict_config(ctx),
+                device=str(device),
+                progress=c.progress_fn(ctx),
             )
         s = {**s, "labelled": s2["labelled"], "field": field}
         return {"summary": c.markdown_summary("Prompt tuning", s, lines), "result": c.jsonable(s)}
@@ -274,6 +285,7 @@ class ApplyModel(foo.Operator):
         c.add_clip_inputs(inputs)
         c.add_random_init_input(inputs)
         inputs.str("label_field", default=c.arg_default(labeling.predict, "label_field"), label="Output field")
+        c.add_engine_inputs(inputs, labeling.PredictConfig)
         c.add_device_input(inputs)
         p = ctx.params
         c.check_form(
@@ -298,7 +310,7 @@ class ApplyModel(foo.Operator):
                 p["model_dir"],
                 c.clip_spec(ctx),
                 c.text(ctx, "label_field", c.arg_default(labeling.predict, "label_field")),
-                config=labeling.PredictConfig(**c.engine_params(ctx)),
+                config=predict_config(ctx),
                 device=c.device_param(ctx),
                 progress=c.progress_fn(ctx),
             )

@@ -1,6 +1,7 @@
 """Every operator run through FiftyOne's own execution API: from Python, from the App form's
 defaults, and delegated (queued, then run by the delegated-operation service)."""
 
+import functools
 import json
 
 import pytest
@@ -226,3 +227,52 @@ def test_form_python_and_delegated_runs_record_the_same_config(small):
 
     assert recorded("p_form") == recorded("p_python") == recorded("p_delegated")
     assert recorded("p_python")["threshold_t"] == 0.0 and recorded("p_python")["grid"] == 1
+
+
+@pytest.mark.integration
+def test_engine_fields_are_on_every_form_that_predicts_and_reach_the_prediction(small, monkeypatch, tmp_path):
+    """compute_embeddings, tune_prompts (which predicts after tuning) and apply_tuned_model offer
+    the engine and precision, defaulting to the configs', and what the user picks is used."""
+    import fiftyone.operators as foo
+    from fiftyone.operators.executor import ExecutionContext
+
+    from fiftyone_nola.core.embed import EmbedConfig
+    from fiftyone_nola.stages import nola
+    from fiftyone_nola.stages.artifacts import stage_dir
+
+    for name, config in (
+        ("compute_embeddings", EmbedConfig),
+        ("tune_prompts", nola.PredictConfig),
+        ("apply_tuned_model", nola.PredictConfig),
+    ):
+        op = foo.get_operator(f"{PLUGIN}/{name}")
+        props = op.resolve_input(
+            ExecutionContext(request_params={"dataset_name": small.name, "params": {}})
+        ).type.properties
+        assert (props["engine"].default, props["precision"].default) == (config.engine, config.precision), name
+
+    seen = []
+
+    @functools.wraps(nola.tune_prompts)  # the forms read their defaults from the signature
+    def tune(*a, **k):
+        return {"stage": "tune", "model_dir": "m", "samples": 0}
+
+    @functools.wraps(nola.predict)
+    def predict(*a, config=None, **k):
+        seen.append(config)
+        return {"labelled": 0}
+
+    monkeypatch.setattr(nola, "tune_prompts", tune)
+    monkeypatch.setattr(nola, "predict", predict)
+    for f in ("nola_zeroshot", "nola_dino"):  # the stages tuning reads, as the forms check them
+        (stage_dir(small, f) / "meta.json").parent.mkdir(parents=True, exist_ok=True)
+        (stage_dir(small, f) / "meta.json").write_text("{}")
+    (tmp_path / "meta.json").write_text("{}")
+    run("tune_prompts", small, engine="torch", precision="fp32", **TINY)
+    run("apply_tuned_model", small, model_dir=str(tmp_path), engine="openvino", precision="int8", **TINY)
+    run("apply_tuned_model", small, model_dir=str(tmp_path), **TINY)
+    assert seen == [
+        nola.PredictConfig(engine="torch", precision="fp32"),
+        nola.PredictConfig(engine="openvino", precision="int8"),
+        nola.PredictConfig(),
+    ]
