@@ -67,6 +67,22 @@ def field_default(cls, name: str):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
+def arg_param(ctx, name: str, fn):
+    """A text parameter whose default is that of argument ``name`` of library function ``fn``."""
+    return text(ctx, name, arg_default(fn, name))
+
+
+def text_inputs_check(ctx) -> dict:
+    """The form checks every operator that embeds class texts shares: classes, descriptions, CLIP, device."""
+    return dict(
+        classes=classes_param(ctx),
+        descriptions_file=text(ctx, "descriptions_file"),
+        allow_template_fallback=bool(ctx.params.get("allow_template_fallback")),
+        clip=clip_spec(ctx),
+        device=device_param(ctx),
+    )
+
+
 def arg_default(fn, name: str):
     """The default of argument ``name`` of library function ``fn`` (a form's default)."""
     return inspect.signature(fn).parameters[name].default

@@ -77,18 +77,13 @@ class ZeroShot(foo.Operator):
         inputs.str("label_field", default=c.arg_default(labeling.zero_shot, "label_field"), label="Output field")
         inputs.bool("allow_template_fallback", default=False, label="CLIP templates for classes the file lacks")
         c.add_device_input(inputs)
-        p = ctx.params
         c.check_form(
             ctx,
             inputs,
             lambda: check_params(
                 c.target_samples(ctx),
-                classes=c.classes_param(ctx),
-                descriptions_file=c.text(ctx, "descriptions_file"),
-                allow_template_fallback=bool(p.get("allow_template_fallback")),
-                clip=c.clip_spec(ctx),
-                device=c.device_param(ctx),
-                outputs={"label_field": c.text(ctx, "label_field", c.arg_default(labeling.zero_shot, "label_field"))},
+                **c.text_inputs_check(ctx),
+                outputs={"label_field": c.arg_param(ctx, "label_field", labeling.zero_shot)},
             ),
         )
         return types.Property(inputs, view=types.View(label="Zero-shot labels"))
@@ -98,10 +93,7 @@ class ZeroShot(foo.Operator):
         cfg = zeroshot_config(ctx)
         with c.collected_log(lines):
             s = labeling.zero_shot(
-                c.target_samples(ctx),
-                c.classes_param(ctx),
-                cfg,
-                c.text(ctx, "label_field", c.arg_default(labeling.zero_shot, "label_field")),
+                c.target_samples(ctx), c.classes_param(ctx), cfg, c.arg_param(ctx, "label_field", labeling.zero_shot)
             )
         return {"summary": c.markdown_summary("Zero-shot", s, lines), "result": c.jsonable(s)}
 
@@ -143,16 +135,11 @@ class DinoLabels(foo.Operator):
                 c.target_samples(ctx),
                 dino=c.dino_spec(ctx),
                 device=c.device_param(ctx),
-                stages={
-                    "zeroshot_field": (
-                        c.text(ctx, "zeroshot_field", c.arg_default(labeling.dino_labels, "zeroshot_field")),
-                        "zero-shot",
-                    )
-                },
+                stages={"zeroshot_field": (c.arg_param(ctx, "zeroshot_field", labeling.dino_labels), "zero-shot")},
                 fields={"trusted_field": (p.get("trusted_field"), ("Classification",))}
                 if p.get("trusted_field")
                 else None,
-                outputs={"label_field": c.text(ctx, "label_field", c.arg_default(labeling.dino_labels, "label_field"))},
+                outputs={"label_field": c.arg_param(ctx, "label_field", labeling.dino_labels)},
                 ranges={"epochs": (p.get("epochs"), 1, 100_000, True)},
             ),
         )
@@ -164,10 +151,10 @@ class DinoLabels(foo.Operator):
         with c.collected_log(lines):
             s = labeling.dino_labels(
                 c.target_samples(ctx),
-                c.text(ctx, "zeroshot_field", c.arg_default(labeling.dino_labels, "zeroshot_field")),
+                c.arg_param(ctx, "zeroshot_field", labeling.dino_labels),
                 c.dino_spec(ctx),
                 cfg,
-                c.text(ctx, "label_field", c.arg_default(labeling.dino_labels, "label_field")),
+                c.arg_param(ctx, "label_field", labeling.dino_labels),
                 trusted_field=c.text(ctx, "trusted_field"),
             )
         return {"summary": c.markdown_summary("DINO pseudo-labels", s, lines), "result": c.jsonable(s)}
@@ -213,16 +200,10 @@ class TunePrompts(foo.Operator):
                 clip=c.clip_spec(ctx),
                 device=c.device_param(ctx),
                 stages={
-                    "zeroshot_field": (
-                        c.text(ctx, "zeroshot_field", c.arg_default(labeling.dino_labels, "zeroshot_field")),
-                        "zero-shot",
-                    ),
-                    "teacher_field": (
-                        c.text(ctx, "teacher_field", c.arg_default(labeling.tune_prompts, "teacher_field")),
-                        "DINO labeller",
-                    ),
+                    "zeroshot_field": (c.arg_param(ctx, "zeroshot_field", labeling.dino_labels), "zero-shot"),
+                    "teacher_field": (c.arg_param(ctx, "teacher_field", labeling.tune_prompts), "DINO labeller"),
                 },
-                outputs={"label_field": c.text(ctx, "label_field", c.arg_default(labeling.predict, "label_field"))},
+                outputs={"label_field": c.arg_param(ctx, "label_field", labeling.predict)},
                 ranges={
                     "epochs": (p.get("epochs"), 1, None, True),
                     "batch_size": (p.get("batch_size"), 1, None, True),
@@ -237,12 +218,12 @@ class TunePrompts(foo.Operator):
         samples = c.target_samples(ctx)
         device = resolve_device(c.device_param(ctx))
         cfg = tune_settings(tune_config(ctx), device)
-        field = c.text(ctx, "label_field", c.arg_default(labeling.predict, "label_field"))
+        field = c.arg_param(ctx, "label_field", labeling.predict)
         with c.collected_log(lines):
             s = labeling.tune_prompts(
                 samples,
-                c.text(ctx, "zeroshot_field", c.arg_default(labeling.dino_labels, "zeroshot_field")),
-                c.text(ctx, "teacher_field", c.arg_default(labeling.tune_prompts, "teacher_field")),
+                c.arg_param(ctx, "zeroshot_field", labeling.dino_labels),
+                c.arg_param(ctx, "teacher_field", labeling.tune_prompts),
                 c.clip_spec(ctx),
                 cfg,
                 run_name=field,
@@ -296,7 +277,7 @@ class ApplyModel(foo.Operator):
                 clip=c.clip_spec(ctx),
                 device=c.device_param(ctx),
                 files={"model_dir": p.get("model_dir") and f"{p['model_dir']}/meta.json"},
-                outputs={"label_field": c.text(ctx, "label_field", c.arg_default(labeling.predict, "label_field"))},
+                outputs={"label_field": c.arg_param(ctx, "label_field", labeling.predict)},
             ),
         )
         return types.Property(inputs, view=types.View(label="Apply tuned model"))
@@ -309,7 +290,7 @@ class ApplyModel(foo.Operator):
                 c.target_samples(ctx),
                 p["model_dir"],
                 c.clip_spec(ctx),
-                c.text(ctx, "label_field", c.arg_default(labeling.predict, "label_field")),
+                c.arg_param(ctx, "label_field", labeling.predict),
                 config=predict_config(ctx),
                 device=c.device_param(ctx),
                 progress=c.progress_fn(ctx),

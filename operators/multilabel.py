@@ -78,11 +78,7 @@ class MultiLabelPseudoLabels(foo.Operator):
             inputs,
             lambda: check_params(
                 c.target_samples(ctx),
-                classes=c.classes_param(ctx),
-                descriptions_file=c.text(ctx, "descriptions_file"),
-                allow_template_fallback=bool(p.get("allow_template_fallback")),
-                clip=c.clip_spec(ctx),
-                device=c.device_param(ctx),
+                **c.text_inputs_check(ctx),
                 outputs={"pseudo_field": c.text(ctx, "pseudo_field", _default("pseudo_field"))},
                 output_type="Classifications",
                 ranges={"grid": (p.get("grid"), 1, 16, True), "threshold_t": (p.get("threshold_t"), 0.0, 1.0, False)},
