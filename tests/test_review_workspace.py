@@ -138,6 +138,13 @@ def test_flagging_queue_views_and_decisions(review_ds):
     assert r["queue"] == 6 and len(ds.load_saved_view(rw.VIEW_QUEUE)) == 6  # the worklist shrinks
     assert len(ds.load_saved_view(rw.VIEW_FLAGGED)) == 8  # the flagged set does not
     assert ds[second].nola_reviewed.label == "truck" and ACCEPTED_TAG in ds[second].tags
+    # The views select by tag: moving the threshold or reviewing changes tags, never the saved
+    # views' documents (replacing them while the App server reloads its Dataset corrupts them).
+    view_docs = {v.name: v.id for v in ds._doc.get_saved_views()}
+    rw.flag_samples(ds, "nola", threshold=0.3)
+    rw.flag_samples(ds, "nola", threshold=0.5)
+    ds.reload()
+    assert {v.name: v.id for v in ds._doc.get_saved_views()} == view_docs
     with pytest.raises(Exception, match="not one of"):
         rw.decide(ds, [queue[2]], "correct", "dear")  # a typo never becomes a class
     # picking the model's own label is an accept, with no correction stored
@@ -596,15 +603,23 @@ def test_concurrent_threshold_moves_never_break_and_the_last_one_holds(review_ds
         while not done.is_set():
             rw.reload_dataset(review_ds)
 
+    def app_server():  # and FiftyOne's own server does on App requests, taking no lock of ours
+        while not done.wait(0.02):  # ~50 requests/s: far more than an App sends
+            try:
+                review_ds.reload()
+                review_ds.list_saved_views()
+            except Exception:  # noqa: BLE001, S112 - its failures are not ours; ours are the finding
+                continue
+
     threads = [threading.Thread(target=move, args=([0.3 + 0.05 * ((i + k) % 4) for k in range(6)],)) for i in range(4)]
-    reloader = threading.Thread(target=refresh_panels)
-    reloader.start()
-    for t in threads:
+    others = [threading.Thread(target=refresh_panels), threading.Thread(target=app_server)]
+    for t in others + threads:
         t.start()
     for t in threads:
         t.join()
     done.set()
-    reloader.join()
+    for t in others:
+        t.join()
     assert not errors, errors[:3]
     rw.flag_samples(review_ds, "nola", threshold=0.5)
     assert len(review_ds.load_saved_view(rw.VIEW_FLAGGED)) == 8 == len(review_ds.match_tags(rw.FLAGGED_TAG))

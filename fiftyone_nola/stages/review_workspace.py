@@ -69,6 +69,14 @@ def reload_dataset(samples) -> None:
         fo_io.root_dataset(samples).reload()
 
 
+RACE_RETRIES = 3
+
+
+def _reload_race(e: Exception) -> bool:
+    """Whether ``e`` is what a concurrent reload of the shared Dataset object looks like."""
+    return not isinstance(e, ValueError) or "has no field" in str(e) or "no saved view" in str(e)
+
+
 def _one_review_writer(fn):
     """Run ``fn(samples, ...)`` holding the dataset's review lock, from the database's state.
     Overlapping rewrites of the tags, queue and saved views corrupted the saved-view references."""
@@ -76,16 +84,18 @@ def _one_review_writer(fn):
     @functools.wraps(fn)
     def locked(samples, *args, **kwargs):
         with _review_lock(samples):
-            fo_io.root_dataset(samples).reload()
-            try:
-                return fn(samples, *args, **kwargs)
-            except (AttributeError, ReferenceError) as e:
-                # FiftyOne's own server may reload the shared Dataset object mid-write (no lock of
-                # ours can stop it): start once more from the database's state. The writes are
-                # idempotent: tags, queue ranks and views are set, not added.
-                logger.debug("review write retried after %r", e)
+            for attempt in range(RACE_RETRIES + 1):
                 fo_io.root_dataset(samples).reload()
-                return fn(samples, *args, **kwargs)
+                try:
+                    return fn(samples, *args, **kwargs)
+                except (AttributeError, KeyError, ReferenceError, ValueError) as e:
+                    # FiftyOne's own server reloads the shared Dataset object on App requests (no
+                    # lock of ours can stop it); mid-reload, a field or saved view is briefly
+                    # missing. Start again from the database's state: the writes are idempotent
+                    # (tags, queue ranks and views are set, not added). Input errors are not races.
+                    if attempt == RACE_RETRIES or isinstance(e, InvalidInputError) or not _reload_race(e):
+                        raise
+                    logger.debug("review write retried after %r", e)
 
     return locked
 
@@ -265,6 +275,10 @@ def flag_samples(
     }
 
 
+def _definition(view) -> list:
+    return view._serialize(include_uuids=False)
+
+
 def save_views(samples, field: str = "nola") -> list[str]:
     """Saved views matching the flagged set exactly: all flagged (least confident first), the
     queue (flagged or suggested, not yet decided, in queue order), flagged grouped per class."""
@@ -287,7 +301,8 @@ def save_views(samples, field: str = "nola") -> list[str]:
     for name, (view, description) in views.items():
         # The views select by tag, so one definition stays exact as tags change: rewrite only
         # when the definition differs (re-flagging from several App events never races on it).
-        if ds.has_saved_view(name) and ds.load_saved_view(name)._serialize() == view._serialize():
+        # (Compared without the stages' random UUIDs, which differ for every view object built.)
+        if ds.has_saved_view(name) and _definition(ds.load_saved_view(name)) == _definition(view):
             continue
         try:
             ds.save_view(name, view, description=description, overwrite=True)
