@@ -287,6 +287,18 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
             assert "results" in page.get_by_text(re.compile(r"\d+ results")).first.inner_text()
             shot(page, "similarity-search")
 
+            # 7b. text search on the same run, from the Similarity Search panel: its CLIP (rebuilt
+            #     in the App server from the embedding run's record) encodes the prompt; random
+            #     weights, so the ranking means nothing: the path is what is checked
+            page.get_by_role("button", name="New Search").click()
+            page.get_by_role("button", name="Text Search").click()
+            page.get_by_placeholder("Enter a text prompt...").fill("a photo of a cat")
+            page.get_by_role("button", name="Search", exact=True).click()
+            page.get_by_text("Run this operation synchronously").click()  # "Execute" (no delegated executor here)
+            expect(page.get_by_text("Completed")).to_have_count(2, timeout=60_000)
+            expect(page.get_by_text("a photo of a cat").first).to_be_visible()
+            shot(page, "text-similarity-search")
+
             # 8. the embeddings map from the stored vectors
             page.locator('[data-cy="new-panel-btn"]').first.click()
             page.locator('[data-cy="new-panel-option-Embeddings"]').click()
@@ -317,6 +329,8 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
             if page is not None:
                 try:
                     page.screenshot(path=str(REVIEW_SHOTS / "failure.png"))
+                    # an operator error's whole trace is in the page, cut off in the screenshot
+                    (REVIEW_SHOTS / "failure.txt").write_text(page.locator("body").inner_text())
                 except Exception:
                     pass
             raise

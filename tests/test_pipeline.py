@@ -12,7 +12,9 @@ from fiftyone_nola.core.embed import EmbedConfig
 from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec
 from fiftyone_nola.pipeline import auto_label
 from fiftyone_nola.stages import runs
+from fiftyone_nola.stages.brain_runs import similarity_key
 from fiftyone_nola.stages.nola import dino_labels, zero_shot
+from fiftyone_nola.stages.review_stages import stage_status
 
 
 @pytest.mark.integration
@@ -30,6 +32,11 @@ def test_auto_label_end_to_end_then_resume(cifar_dataset, caplog):
     for key in ("nola_zeroshot", "nola_dino", "nola_model", "nola"):
         assert runs.get_run(cifar_dataset, key) is not None, key
     json.dumps(s, default=str)  # the summary is serialisable (CLI --json, operators)
+    # what the App shows next: the panel's stage table, and text queries on the similarity run
+    rows = {r["stage"]: r for r in stage_status(cifar_dataset)}
+    assert all(r["state"] == "fresh" for r in rows.values()), rows
+    assert rows["Prompt tuning"]["model"] == tiny_pipeline_config().clip.arch
+    assert cifar_dataset.get_brain_info(similarity_key("clip")).config.supports_prompts
 
     caplog.clear()
     auto_label(cifar_dataset, CLASSES, tiny_pipeline_config(skip_tuning=True))

@@ -19,6 +19,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import tiny_pipeline_config
@@ -142,3 +143,33 @@ def test_rerun_with_the_same_settings_reuses_every_stage(v0_1_dataset):
     }
     for f, old in before.items():
         assert dict(zip(*ds.values(["id", f"{f}.confidence"]))) == old, f
+
+
+def test_panel_stage_table_reads_old_run_records(v0_1_dataset):
+    """0.1 recorded nested settings (the tuned CLIP, the embedding spec) as repr strings."""
+    from fiftyone_nola.stages.review_stages import stage_status
+
+    ds, _, _ = v0_1_dataset
+    rows = {r["stage"]: r for r in stage_status(ds)}
+    assert all(r["state"] != "not run" for r in rows.values()), rows
+    assert rows["Prompt tuning"]["model"] == "nola-tiny-clip"
+
+
+def test_reregistered_similarity_run_takes_text_queries(v0_1_dataset):
+    """The App's text search needs the run to know its CLIP: read from 0.1's record too."""
+    import torch
+
+    from fiftyone_nola.core.models import load_clip
+    from fiftyone_nola.stages.brain_runs import register_brain_runs
+
+    ds, _, _ = v0_1_dataset
+    key = register_brain_runs(ds, "clip", visualization=False)["similarity"]
+    assert ds.get_brain_info(key).config.supports_prompts  # what the App's Similarity panel reads
+    clip = load_clip(tiny_clip_spec(), "cpu")
+    with torch.no_grad():
+        text = clip.model.encode_text(clip.tokenizer(["a photo of a cat"])).float().numpy()[0]
+    vecs, _ = open_index(ds, tiny_clip_spec()).get(ds.values("id"))
+    sims = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)) @ (text / np.linalg.norm(text))
+    want = [ds.values("id")[i] for i in np.argsort(-sims)[:3]]
+    fresh = ds.load_brain_results(key, cache=False)  # as the App server loads it
+    assert fresh.sort_by_similarity("a photo of a cat", k=3).values("id") == want

@@ -92,3 +92,13 @@ def test_every_multilabel_stage_summary_follows_the_schema(make_dataset):
     assert added["classifier"]["retrained"] is False
     for name, s in [*first.items(), *(("added " + k, v) for k, v in added.items())]:
         assert_schema(name, s)
+
+
+def test_recorded_fields_reads_dicts_and_reprs_literally_never_evaluates():
+    rec = "ClipSpec(arch='ViT-B-32', pretrained='openai', random_init=False, models_dir=None, quick_gelu=None)"
+    assert runs.recorded_fields(rec)["arch"] == "ViT-B-32"
+    assert runs.recorded_fields(rec, "ClipSpec")["pretrained"] == "openai"
+    assert runs.recorded_fields(rec, "DinoSpec") is None  # another type's record
+    assert runs.recorded_fields({"arch": "x"}) == {"arch": "x"}
+    for hostile in ("__import__('os').system('true')", "ClipSpec(arch=open('/etc/passwd').read())", "ClipSpec(", 3):
+        assert runs.recorded_fields(hostile) is None, hostile

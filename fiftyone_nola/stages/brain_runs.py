@@ -50,16 +50,21 @@ def stored_index_path(samples, family: str = "clip") -> Optional[str]:
     return res.get("index_path")
 
 
-def _spec(samples, family: str):
-
-    run = runs.get_run(samples, embeddings_run_key(family)) or {}
-    spec = (run.get("config") or {}).get("spec")
-    if family != "clip" or not isinstance(spec, dict):
-        return None
+def recorded_clip_spec(value) -> Optional[ClipSpec]:
+    """The CLIP spec a run recorded (a dict or a repr string), or None."""
+    fields = runs.recorded_fields(value, "ClipSpec")
     try:
-        return ClipSpec(**spec)
+        return ClipSpec(**fields) if fields is not None else None
     except TypeError:
         return None
+
+
+def _spec(samples, family: str) -> Optional[ClipSpec]:
+    """The CLIP whose text tower serves the App's text queries on ``family``'s similarity run."""
+    if family != "clip":
+        return None
+    run = runs.get_run(samples, embeddings_run_key(family)) or {}
+    return recorded_clip_spec((run.get("config") or {}).get("spec"))
 
 
 def register_brain_runs(samples, family: str = "clip", visualization: bool = True) -> dict:

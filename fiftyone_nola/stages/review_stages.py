@@ -18,6 +18,15 @@ STAGES = (
 )
 
 
+def _model_name(config: dict) -> str:
+    """The model a run config names (its tuned CLIP or embedding spec, recorded as dict or repr)."""
+    for key in ("clip", "spec"):
+        fields = runs.recorded_fields(config.get(key)) or {}
+        if fields.get("arch") or fields.get("name"):
+            return str(fields.get("arch") or fields.get("name"))
+    return ""
+
+
 def stage_status(samples) -> list[dict]:
     """Each stage: has it run, on how many samples, with which model, when, fresh or stale
     (stale: it ran before a stage it depends on, or samples lack its output)."""
@@ -32,13 +41,7 @@ def stage_status(samples) -> list[dict]:
             count = res.get("index_size") or res.get("samples")
         when = res.get("recorded_at")
         cfg = (run or {}).get("config") or {}
-        model = (
-            res.get("model_key")
-            or (cfg.get("clip") or {}).get("arch")
-            or (cfg.get("spec") or {}).get("arch")
-            or (cfg.get("spec") or {}).get("name")
-            or ""
-        )
+        model = res.get("model_key") or _model_name(cfg)
         if not run:
             state = "not run"
         elif (field and count is not None and count < n) or (prev_time and when and when < prev_time):

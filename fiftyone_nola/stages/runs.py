@@ -6,6 +6,7 @@ stage, its config, model identities and timing; ``dataset.load_run_results(key)`
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import time
@@ -20,6 +21,25 @@ def _jsonable(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         obj = dataclasses.asdict(obj)
     return json.loads(json.dumps(obj, default=str))
+
+
+def recorded_fields(value: Any, type_name: Optional[str] = None) -> Optional[dict]:
+    """A nested setting as a run config holds it: a dict, or the repr ``Name(field=value, ...)``
+    that runs store nested dataclasses as (``_jsonable``), read literally, never evaluated.
+    With ``type_name``, a repr of another type gives None."""
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, str):
+        return None
+    try:
+        call = ast.parse(value, mode="eval").body
+        if not isinstance(call, ast.Call) or call.args or not isinstance(call.func, ast.Name):
+            return None
+        if type_name is not None and call.func.id != type_name:
+            return None
+        return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    except (SyntaxError, ValueError):
+        return None
 
 
 def run_key_for(field: str) -> str:
