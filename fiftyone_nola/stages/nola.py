@@ -142,6 +142,16 @@ def load_class_weights(samples, zeroshot_field: str = "nola_zeroshot", classes=N
 # --------------------------------------------------------------------------- DINO labeller
 
 
+def dino_run_config(labeler, dino, zeroshot_field: str, trusted_field: Optional[str] = None) -> dict:
+    """The DINO labeller's recorded run settings (a rerun compares against exactly this)."""
+    return {"labeler": labeler, "dino": dino, "zeroshot_field": zeroshot_field, "trusted_field": trusted_field}
+
+
+def tune_run_config(tune: pt.TuneConfig, clip, teacher_field: str) -> dict:
+    """Prompt tuning's recorded run settings (a rerun compares against exactly this)."""
+    return {"tune": tune.as_recorded(), "clip": clip, "teacher_field": teacher_field}
+
+
 def dino_labels(
     samples,
     zeroshot_field: str = "nola_zeroshot",
@@ -191,7 +201,7 @@ def dino_labels(
         for w in warnings:
             logger.info(f"[dino] {w}")
         summary = run.record(
-            {"labeler": config, "dino": dino, "zeroshot_field": zeroshot_field, "trusted_field": trusted_field},
+            dino_run_config(config, dino, zeroshot_field, trusted_field),
             labelled=written,
             k=int(res.k),
             selected_for_training=int(len(res.selected_indices)),
@@ -347,7 +357,7 @@ def tune_prompts(
         {"zeroshot_field": zeroshot_field, "teacher_field": teacher_field, "selected_epoch": result.selected_epoch},
     )
     summary = run.record(
-        {"tune": config.as_recorded(), "clip": clip_spec, "teacher_field": teacher_field},
+        tune_run_config(config, clip_spec, teacher_field),
         teacher_labelled=n_teacher,
         model_dir=str(model_dir),
         epochs=config.epochs,

@@ -23,7 +23,7 @@ from fiftyone_nola.core.storage import read_json
 from fiftyone_nola.stages import fo_io, runs
 from fiftyone_nola.stages.artifacts import stage_dir, stored_ids
 from fiftyone_nola.stages.embeddings import index_path
-from fiftyone_nola.stages.nola import ZeroShotConfig
+from fiftyone_nola.stages.nola import ZeroShotConfig, dino_run_config, tune_run_config
 
 
 def _comparable(obj):
@@ -118,7 +118,9 @@ def decide(samples, classes, config, ids: list, changed: set, device: torch.devi
     dl_cfg = dataclasses.replace(config.dino_labeler, device=config.device)
     dl_full = (
         zs_full
-        or not up_to_date(samples, runs.run_key_for(config.dino_field), dino_run_config(dl_cfg, config))
+        or not up_to_date(
+            samples, runs.run_key_for(config.dino_field), dino_run_config(dl_cfg, config.dino, config.zeroshot_field)
+        )
         or not (stage_dir(samples, config.dino_field) / "labeler").is_file()
     )
     dl_todo = list(ids) if dl_full else sorted(set(missing(samples, config.dino_field, ids, changed)) | set(zs_todo))
@@ -127,7 +129,7 @@ def decide(samples, classes, config, ids: list, changed: set, device: torch.devi
     if not config.skip_tuning:
         tune_cfg = tune_config(config, device)
         model_dir = stage_dir(samples, f"{config.tuned_field}_model")
-        tune_run = {"tune": tune_cfg.as_recorded(), "clip": config.clip, "teacher_field": config.dino_field}
+        tune_run = tune_run_config(tune_cfg, config.clip, config.dino_field)
         tune_full = (
             dl_full
             or config.force
@@ -170,11 +172,6 @@ def plan_stages(samples, classes, config, extra_new: int = 0) -> tuple[dict, dic
     }
     todo = {k: v + max(extra_new, 0) for k, v in todo.items()}
     return todo, {"dino_labeler": plan.retrain_labeler, "prompt_tuning": plan.retrain_tuning}
-
-
-def dino_run_config(dl_cfg, config) -> dict:
-    """What the DINO labeller stage records as its settings in a pipeline run."""
-    return {"labeler": dl_cfg, "dino": config.dino, "zeroshot_field": config.zeroshot_field, "trusted_field": None}
 
 
 def stored_classes(samples, zeroshot_field: str):
