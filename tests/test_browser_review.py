@@ -297,6 +297,8 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
             page.get_by_text("Run this operation synchronously").click()  # "Execute" (no delegated executor here)
             expect(page.get_by_text("Completed")).to_have_count(2, timeout=60_000)
             expect(page.get_by_text("a photo of a cat").first).to_be_visible()
+            wait_grid(page, 25)  # the grid shows the k=25 matches
+            page.wait_for_timeout(1500)  # their thumbnails, for the screenshot
             shot(page, "text-similarity-search")
 
             # 8. the embeddings map from the stored vectors
