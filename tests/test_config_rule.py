@@ -149,6 +149,7 @@ def test_run_configs_recorded_before_the_nesting_are_still_up_to_date(monkeypatc
     import torch
 
     from fiftyone_nola.stages import reuse, runs
+    from fiftyone_nola.stages.nola import dino_run_config
 
     cpu = torch.device("cpu")
     cfg = AutoLabelConfig(
@@ -162,7 +163,8 @@ def test_run_configs_recorded_before_the_nesting_are_still_up_to_date(monkeypatc
     stored = {k: {"config": runs._jsonable(v)} for k, v in old.items()}
     monkeypatch.setattr(runs, "get_run", lambda samples, key: stored[key])
     assert reuse.up_to_date(None, "zeroshot", reuse.zeroshot_config(cfg))
-    assert reuse.up_to_date(None, "dino", reuse.dino_run_config(DinoLabelerConfig(device=cfg.device), cfg))
+    labeler = DinoLabelerConfig(device=cfg.device)
+    assert reuse.up_to_date(None, "dino", dino_run_config(labeler, cfg.dino, cfg.zeroshot_field))
     assert reuse.up_to_date(
         None,
         "tune",
