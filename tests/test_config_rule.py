@@ -184,6 +184,36 @@ def test_run_configs_recorded_before_the_nesting_are_still_up_to_date(monkeypatc
     )
 
 
+def test_where_weights_are_looked_up_never_retrains_the_dino_labeller_or_tuning(monkeypatch):
+    """The DINO and tuning runs hold their specs nested (recorded as repr strings): a new
+    ``--models-dir`` for the same weights keeps them up to date, as it does for zero-shot."""
+    import dataclasses
+
+    import torch
+
+    from fiftyone_nola.stages import reuse, runs
+    from fiftyone_nola.stages.nola import dino_run_config, tune_run_config
+
+    cpu = torch.device("cpu")
+    cfg = AutoLabelConfig(tune=TuneConfig(epochs=1, batch_size=8, max_samples=0), device="cpu")
+    moved = dataclasses.replace(
+        cfg,
+        clip=dataclasses.replace(cfg.clip, models_dir="/new/place"),
+        dino=dataclasses.replace(cfg.dino, models_dir="/new/place"),
+    )
+    labeler = DinoLabelerConfig(device=cfg.device)
+    recorded = {
+        "dino": dino_run_config(labeler, cfg.dino, cfg.zeroshot_field),
+        "tune": tune_run_config(reuse.tune_config(cfg, cpu), cfg.clip, cfg.dino_field),
+    }
+    stored = {k: {"config": runs._jsonable(v)} for k, v in recorded.items()}
+    monkeypatch.setattr(runs, "get_run", lambda samples, key: stored[key])
+    assert reuse.up_to_date(None, "dino", dino_run_config(labeler, moved.dino, cfg.zeroshot_field))
+    assert reuse.up_to_date(None, "tune", tune_run_config(reuse.tune_config(cfg, cpu), moved.clip, cfg.dino_field))
+    other = dataclasses.replace(cfg.clip, arch="ViT-B-16")  # other weights: not up to date
+    assert not reuse.up_to_date(None, "tune", tune_run_config(reuse.tune_config(cfg, cpu), other, cfg.dino_field))
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize(
     "name,build",

@@ -28,7 +28,10 @@ from fiftyone_nola.stages.nola import ZeroShotConfig, dino_run_config, tune_run_
 
 def _comparable(obj):
     """A run config without ``models_dir``: where weights are looked up is not what they are
-    (the model's key is), and runs recorded before it was a spec field have it ``None``."""
+    (the model's key is), and runs recorded before it was a spec field have it ``None``.
+    Nested specs are recorded as repr strings: those are compared field by field too."""
+    if isinstance(obj, str):
+        obj = runs.recorded_fields(obj) or obj
     if isinstance(obj, dict):
         return {k: _comparable(v) for k, v in obj.items() if k != "models_dir"}
     if isinstance(obj, list):
