@@ -100,5 +100,11 @@ def test_recorded_fields_reads_dicts_and_reprs_literally_never_evaluates():
     assert runs.recorded_fields(rec, "ClipSpec")["pretrained"] == "openai"
     assert runs.recorded_fields(rec, "DinoSpec") is None  # another type's record
     assert runs.recorded_fields({"arch": "x"}) == {"arch": "x"}
-    for hostile in ("__import__('os').system('true')", "ClipSpec(arch=open('/etc/passwd').read())", "ClipSpec(", 3):
+    for hostile in (
+        "__import__('os').system('true')",
+        "ClipSpec(arch=open('/etc/passwd').read())",
+        "ClipSpec(",
+        "ClipSpec(a={[]: 1})",
+        3,
+    ):
         assert runs.recorded_fields(hostile) is None, hostile

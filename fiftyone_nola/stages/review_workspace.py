@@ -92,8 +92,9 @@ def _one_review_writer(fn):
                     # FiftyOne's own server reloads the shared Dataset object on App requests (no
                     # lock of ours can stop it); mid-reload, a field or saved view is briefly
                     # missing. Start again from the database's state: the writes are idempotent
-                    # (tags, queue ranks and views are set, not added). Input errors are not races.
-                    if attempt == RACE_RETRIES or isinstance(e, InvalidInputError) or not _reload_race(e):
+                    # (tags, queue ranks and views are set, not added). Our input errors
+                    # (InvalidInputError) are not caught here: they are not races.
+                    if attempt == RACE_RETRIES or not _reload_race(e):
                         raise
                     logger.debug("review write retried after %r", e)
 

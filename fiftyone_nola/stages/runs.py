@@ -38,7 +38,7 @@ def recorded_fields(value: Any, type_name: Optional[str] = None) -> Optional[dic
         if type_name is not None and call.func.id != type_name:
             return None
         return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, TypeError, RecursionError):  # e.g. an unhashable dict key
         return None
 
 
