@@ -87,29 +87,16 @@ def plan_auto_label(target: Target, classes, config, n: int, disk: int) -> dict:
     """Stages ``auto_label`` would run or reuse on ``target``, with time and disk estimates."""
     samples = target.samples
     new = n - (len(samples) if samples is not None else 0)
-    stages = []
     if samples is None or len(samples) == 0:
         todo = {s: n for s in ("clip", "dino", "zeroshot", "dino_labeler", "predict")}
         retrain = {"dino_labeler": True, "prompt_tuning": True}
     else:
         todo, retrain = plan_stages(samples, classes, config, extra_new=new)
     dev = config.device
-    stages.append(
-        _stage(
-            "embeddings:clip",
-            "run" if todo["clip"] else "reuse",
-            todo["clip"],
-            _embed_seconds(config.clip, todo["clip"], dev),
-        )
-    )
-    stages.append(
-        _stage(
-            "embeddings:dino",
-            "run" if todo["dino"] else "reuse",
-            todo["dino"],
-            _embed_seconds(config.dino, todo["dino"], dev),
-        )
-    )
+    stages = [
+        _stage(f"embeddings:{fam}", "run" if todo[fam] else "reuse", todo[fam], _embed_seconds(spec, todo[fam], dev))
+        for fam, spec in (("clip", config.clip), ("dino", config.dino))
+    ]
     stages.append(
         _stage(
             "zeroshot",
