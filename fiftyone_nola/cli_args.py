@@ -6,16 +6,26 @@ from __future__ import annotations
 import argparse
 
 from fiftyone_nola.core.models import ClipSpec
+from fiftyone_nola.core.models.presets import PRESETS
 
 
 def _clip_args(p: argparse.ArgumentParser, device_help: str = "cpu, cuda, cuda:1, ... (default: auto)"):
     """CLIP, local weights, random init and device options; returns the group for more."""
     g = p.add_argument_group("models")
+    g.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default=None,
+        help="a tested CLIP + DINO pair: "
+        + "; ".join(f"{p.name} = {p.clip_arch} + {p.dino}" for p in PRESETS.values())
+        + " (--clip-arch / --dino override its parts)",
+    )
     g.add_argument("--clip-arch", default=None, help=f"open_clip architecture (default {ClipSpec.arch})")
     g.add_argument(
         "--clip-pretrained",
         default=None,
-        help=f"open_clip pretrained tag or a local checkpoint file (default {ClipSpec.pretrained})",
+        help=f"open_clip pretrained tag or a local checkpoint file (default {ClipSpec.pretrained}, or "
+        f"the architecture's own tag when it has no {ClipSpec.pretrained!r} one)",
     )
     g.add_argument("--models-dir", default=None, help="directory of local weights (default: NOLA_MODELS_DIR)")
     g.add_argument(

@@ -57,7 +57,7 @@ def _clip_available(spec: ClipSpec) -> tuple[bool, str]:
         return True, ""
     import open_clip  # seconds to import: only when a tag has to be looked up
 
-    cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained) or {}
+    cfg = open_clip.get_pretrained_cfg(spec.arch, clip_source(spec).tag) or {}
     if _hub_cached(cfg.get("hf_hub"), ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")):
         return True, ""
     return (True, "") if hub_reachable() else (False, offline_hint_clip(spec))
