@@ -178,3 +178,63 @@ def tiny_pipeline_config(descriptions_file=str(CIFAR_DIR / "descriptions.json"),
     )
     base.update(overrides)
     return AutoLabelConfig(**base)
+
+
+_TOKENIZER_TEXTS = (
+    "a photo of a cat.",
+    "a blurry photo of an airplane.",
+    "A caption of an image of a truck",
+    "Describe what a dog looks like",
+    "How can you identify a frog?",
+    "a ship at sea, a deer in a forest, a horse running, an automobile on the road, a bird",
+)
+
+
+def make_sentencepiece_tokenizer(folder: Path) -> Path:
+    """A small Gemma-style sentencepiece tokenizer (what SigLIP 2 uses), as Hugging Face files in
+    ``folder``: trained here in milliseconds, so the tokenizer plumbing runs offline."""
+    import io
+    import json
+
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_TOKENIZER_TEXTS * 20),
+        model_writer=buf,
+        vocab_size=120,
+        model_type="bpe",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        minloglevel=2,
+    )
+    (folder / "tokenizer.model").write_bytes(buf.getvalue())
+    config = {"tokenizer_class": "GemmaTokenizer", "padding_side": "right", "pad_token": "<pad>"}
+    config.update(eos_token="</s>", bos_token="<s>", unk_token="<unk>")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip_spec(tmp_path_factory):
+    """The tiny SigLIP 2-like CLIP (timm ViT tower, sigmoid scoring), its sentencepiece tokenizer
+    placed where a user puts one for offline use: ``<models_dir>/clip/<arch>/tokenizer``."""
+    pytest.importorskip("sentencepiece")
+    from fiftyone_nola.core.models import TINY_SIGLIP_ARCH, ClipSpec, tokenizer_dir
+
+    spec = ClipSpec(
+        arch=TINY_SIGLIP_ARCH, pretrained=None, random_init=True, models_dir=str(tmp_path_factory.mktemp("models"))
+    )
+    make_sentencepiece_tokenizer(tokenizer_dir(spec))
+    return spec
+
+
+@pytest.fixture(scope="session")
+def tiny_pe_spec():
+    """The tiny PE-Core-like CLIP (timm Eva tower with RoPE and a class token; CLIP BPE text)."""
+    from fiftyone_nola.core.models import TINY_PE_ARCH, ClipSpec
+
+    return ClipSpec(arch=TINY_PE_ARCH, pretrained=None, random_init=True)

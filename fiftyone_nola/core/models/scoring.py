@@ -15,7 +15,8 @@ computed stably as ``softmax(log sigmoid(logits))``. The argmax is SigLIP's own;
 is the class's share of the sigmoid mass. When every logit is well below zero (the usual case
 for a few dozen labels), ``sigmoid(z) ~ exp(z)`` and this equals ``softmax(logit_scale * cos)``
 (the bias cancels); when several classes are likely at once it spreads the confidence between
-them instead of reporting each as certain, which is what a single-label reviewer needs.
+them instead of reporting each as certain, which is what a single-label reviewer needs. A
+tilt of ``1e-6 * logit`` inside the softmax keeps SigLIP's order between saturated classes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ import numpy as np
 import torch
 
 SCORING_KINDS = ("softmax", "sigmoid")
+# Two saturated sigmoids (logits > ~17) are equal in fp32: this tilt (a relative change of
+# 1e-6 * logit, below 1e-4) keeps SigLIP's own order between them, so an argmax of the stored
+# probabilities is SigLIP's argmax.
+SIGMOID_TIE_BREAK = 1e-6
 CLIP_LOGIT_SCALE = 100.0
 
 
@@ -50,7 +55,7 @@ class Scoring:
     def sigmoid_probs_torch(self, cos: torch.Tensor) -> torch.Tensor:
         """:meth:`sigmoid_probs` on a tensor (fp32)."""
         logits = cos.float() * float(self.logit_scale) + float(self.logit_bias)
-        return torch.softmax(torch.nn.functional.logsigmoid(logits), dim=-1)
+        return torch.softmax(torch.nn.functional.logsigmoid(logits) + SIGMOID_TIE_BREAK * logits, dim=-1)
 
 
 def model_scoring(model: torch.nn.Module, softmax_scale: float = CLIP_LOGIT_SCALE) -> Scoring:

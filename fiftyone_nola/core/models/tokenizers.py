@@ -84,6 +84,9 @@ def build_tokenizer(spec: ClipSpec):
     repo = hf_tokenizer_name(spec.arch)
     if repo is None:
         return open_clip.get_tokenizer(spec.arch)
+    ok, why = tokenizer_available(spec)
+    if not ok:  # fail at once with what to do, not after the hub client's retries
+        raise ModelNotFoundError(why)
     cfg = text_config(spec.arch)
     source = _local(spec) or repo
     try:
