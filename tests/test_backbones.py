@@ -356,3 +356,38 @@ def test_cli_preset_fills_only_what_is_not_named():
     assert M.pretrained_tag(clip) == "meta"
     clip, dino = specs("--preset", "best")
     assert (clip.arch, dino.name) == ("ViT-SO400M-14-SigLIP2", "vit_large_patch16_dinov3.lvd1689m")
+
+
+# --------------------------------------------------------------------------- CPU engine
+
+
+@pytest.mark.slow
+def test_the_cpu_engine_converts_the_new_towers(tiny_siglip_spec, tiny_pe_spec):
+    """OpenVINO converts the timm towers (SigLIP 2 ViT, PE-Core Eva with RoPE), DINOv2 / DINOv3 and
+    a prompted SigLIP 2 classifier, with the same outputs (engines.py falls back with one warning
+    where it cannot; here none is needed)."""
+    import warnings
+
+    pytest.importorskip("openvino")
+    from fiftyone_nola.core import engines
+    from fiftyone_nola.core.embed import engine_module
+
+    choice = engines.resolve("openvino", "fp32", "cpu")
+    siglip = M.load_clip(tiny_siglip_spec)
+    tuned = pt.PromptedClassifier(siglip.model.visual, np.eye(3, 32, dtype=np.float32), n_prompts=4).eval()
+    cases = [
+        (engine_module(siglip), siglip.identity, 32, siglip.encode_image),
+        (engine_module(pe := M.load_clip(tiny_pe_spec)), pe.identity, 32, pe.encode_image),
+        (tuned, {"family": "nola-tuned", "key": "tuned-test-siglip"}, 32, tuned),
+    ]
+    for name in (M.TINY_DINOV2_NAME, M.TINY_DINOV3_NAME):
+        d = M.load_dino(M.DinoSpec(name=name, random_init=True))
+        cases.append((engine_module(d), d.identity, d.image_size, d.encode_image))
+    for module, identity, size, ref in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", engines.EngineFallbackWarning)
+            runner, _ = engines.load_engine_model(module, identity, (3, size, size), choice)
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            want = (ref or module)(x)
+        np.testing.assert_allclose(np.asarray(runner(x)), want.numpy(), atol=1e-4, rtol=1e-3)
