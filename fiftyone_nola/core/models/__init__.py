@@ -33,7 +33,7 @@ from fiftyone_nola.core.models.dino import (
     nola_transform,
 )
 from fiftyone_nola.core.models.dino_weights import DINO_RELEASE_FILES, DINO_WEIGHT_FORMATS, TIMM_WEIGHT_FILES
-from fiftyone_nola.core.models.registry import hub_reachable, load_model, spec_key, weights_available
+from fiftyone_nola.core.models.registry import load_model, spec_key, weights_available
 from fiftyone_nola.core.models.scoring import SCORING_KINDS, Scoring, model_scoring
 from fiftyone_nola.core.models.specs import (
     _CONFIG_DIR,
@@ -50,6 +50,7 @@ from fiftyone_nola.core.models.specs import (
     LoadedModel,
     dino_generation,
     env_flag,
+    hub_reachable,
     models_dir,
     random_init_default,
     tiny_clip_spec,

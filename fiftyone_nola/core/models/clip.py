@@ -21,9 +21,7 @@ from fiftyone_nola.core.errors import ModelNotFoundError
 from fiftyone_nola.core.models.cache import cached, seeded_init
 from fiftyone_nola.core.models.scoring import CLIP_LOGIT_SCALE, Scoring, config_scoring_kind, model_scoring
 from fiftyone_nola.core.models.specs import (
-    _CONFIG_DIR,
     RANDOM_INIT_SEED,
-    TINY_CLIP_ARCH,
     ClipSpec,
     LoadedModel,
     file_identity,
@@ -32,19 +30,9 @@ from fiftyone_nola.core.models.specs import (
     safe_name,
 )
 from fiftyone_nola.core.models.tokenizers import build_tokenizer
+from fiftyone_nola.core.models.towers import register_tiny_configs
 
 logger = logging.getLogger(__name__)
-
-
-def register_tiny_configs() -> None:
-    """Make the tiny test CLIPs' architectures (and their timm towers) known to open_clip."""
-    import open_clip
-
-    if TINY_CLIP_ARCH not in open_clip.list_models():
-        from fiftyone_nola.core.models.towers import register_tiny_towers
-
-        register_tiny_towers()
-        open_clip.add_model_config(_CONFIG_DIR)
 
 
 def default_pretrained(arch: str) -> Optional[str]:

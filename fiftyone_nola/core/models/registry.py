@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Optional
 
 import torch
 
 from fiftyone_nola.core.models.clip import clip_key, clip_source, load_clip, offline_hint_clip
 from fiftyone_nola.core.models.dino import concrete_dino, dino_hub_target, dino_key, dino_weights, load_dino
-from fiftyone_nola.core.models.specs import ClipSpec, DinoSpec, LoadedModel, env_flag
+from fiftyone_nola.core.models.specs import ClipSpec, DinoSpec, LoadedModel, hub_reachable
 
 
 def spec_key(spec) -> str:
@@ -28,17 +27,6 @@ def load_model(spec, device: Optional[torch.device] = None) -> LoadedModel:
     if isinstance(spec, DinoSpec):
         return load_dino(spec, device)
     raise TypeError(f"expected ClipSpec or DinoSpec, got {type(spec).__name__}")
-
-
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """Whether the model hub answers; offline machines fail this in milliseconds."""
-    if env_flag("HF_HUB_OFFLINE"):
-        return False
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _hub_cached(repo_id: Optional[str], filenames: tuple) -> bool:

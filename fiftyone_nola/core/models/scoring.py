@@ -73,7 +73,7 @@ def config_scoring_kind(arch: str) -> Optional[str]:
         return None
     import open_clip
 
-    from fiftyone_nola.core.models.clip import register_tiny_configs
+    from fiftyone_nola.core.models.towers import register_tiny_configs
 
     register_tiny_configs()
     cfg = open_clip.get_model_config(arch) or {}

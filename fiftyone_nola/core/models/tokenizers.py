@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from fiftyone_nola.core.errors import ModelNotFoundError
-from fiftyone_nola.core.models.specs import ClipSpec, models_dir, safe_name
+from fiftyone_nola.core.models.specs import ClipSpec, hub_reachable, models_dir, safe_name
 
 # Files a Hugging Face tokenizer folder may hold (any one makes the cache usable).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "sentencepiece.bpe.model")
@@ -27,7 +27,7 @@ def text_config(arch: str) -> dict:
         return {}
     import open_clip
 
-    from fiftyone_nola.core.models.clip import register_tiny_configs
+    from fiftyone_nola.core.models.towers import register_tiny_configs
 
     register_tiny_configs()
     return dict((open_clip.get_model_config(arch) or {}).get("text_cfg", {}))
@@ -72,8 +72,6 @@ def tokenizer_available(spec: ClipSpec) -> tuple[bool, str]:
     repo = hf_tokenizer_name(spec.arch)
     if repo is None or _local(spec) is not None or _cached(repo):
         return True, ""
-    from fiftyone_nola.core.models.registry import hub_reachable
-
     return (True, "") if hub_reachable() else (False, offline_hint_tokenizer(spec, repo))
 
 

@@ -38,6 +38,17 @@ def _tiny_entrypoint(name: str, base: str, kwargs: dict):
     return build
 
 
+def register_tiny_configs() -> None:
+    """Make the tiny test CLIPs' architectures (and their timm towers) known to open_clip."""
+    import open_clip
+
+    from fiftyone_nola.core.models.specs import _CONFIG_DIR, TINY_CLIP_ARCH
+
+    if TINY_CLIP_ARCH not in open_clip.list_models():
+        register_tiny_towers()
+        open_clip.add_model_config(_CONFIG_DIR)
+
+
 def register_tiny_towers() -> None:
     """Make the tiny test towers known to timm (open_clip builds timm towers by name)."""
     import timm

@@ -11,18 +11,12 @@ from pathlib import Path
 from typing import Optional
 
 from fiftyone_nola.core import engines
+from fiftyone_nola.core import models as nm
 from fiftyone_nola.core.classes import parse_classes, resolve_classes
 from fiftyone_nola.core.descriptions import load_descriptions
 from fiftyone_nola.core.device import resolve_device
 from fiftyone_nola.core.errors import InvalidInputError, ModelNotFoundError
-from fiftyone_nola.core.models import (
-    _CONFIG_DIR,
-    _TINY_TIMM,
-    concrete_dino,
-    prompt_support,
-    tokenizer_available,
-    weights_available,
-)
+from fiftyone_nola.core.models import _CONFIG_DIR, _TINY_TIMM, concrete_dino, weights_available
 from fiftyone_nola.core.templates import resolve_templates
 from fiftyone_nola.stages import runs
 from fiftyone_nola.stages.fo_io import label_path
@@ -230,16 +224,10 @@ def _weights(spec) -> tuple[bool, str]:
     return res
 
 
-def check_clip(
-    spec,
-    fallback_random_init: bool = False,
-    names=("clip_arch", "clip_pretrained"),
-    text: bool = True,
-    prompts: bool = False,
-) -> list:
-    """Architecture known to open_clip; weights present, downloadable, or random init asked;
-    with ``text``, its tokenizer can be built here (SigLIP 2 / MetaCLIP 2 use a Hugging Face one);
-    with ``prompts``, its vision tower can take prompt tuning's visual prompts."""
+def check_clip(spec, fallback_random_init=False, names=("clip_arch", "clip_pretrained"), text=True, prompts=False):
+    """Architecture known to open_clip; weights present, downloadable, or random init asked; with
+    ``text`` its tokenizer can be built here (SigLIP 2 / MetaCLIP 2 use a Hugging Face one); with
+    ``prompts`` its vision tower can take prompt tuning's visual prompts. A list of problems."""
     arch_in, weights_in = names
     if spec is None:
         return []
@@ -253,16 +241,12 @@ def check_clip(
             )
         ]
     out = _check_weights(spec, weights_in, fallback_random_init)
-    if prompts:
-        ok, why = prompt_support(spec.arch)
-        if not ok:
-            out.append(
-                _problem(arch_in, why, "use a ViT CLIP (e.g. ViT-B-32, ViT-B-16-SigLIP2, PE-Core-B-16) or --no-tune")
-            )
-    if text:
-        ok, why = tokenizer_available(spec)
-        if not ok:
-            out.append(_problem(arch_in, why, "provide the tokenizer files, or run once with internet access"))
+    for asked, check, fix in (
+        (prompts, lambda: nm.prompt_support(spec.arch), "use a ViT CLIP (ViT-B-32, PE-Core-B-16, ...) or --no-tune"),
+        (text, lambda: nm.tokenizer_available(spec), "provide the tokenizer files, or run once online"),
+    ):
+        ok, why = check() if asked else (True, "")
+        out += [] if ok else [_problem(arch_in, why, fix)]
     return out
 
 
