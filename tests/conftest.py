@@ -238,3 +238,57 @@ def tiny_pe_spec():
     from fiftyone_nola.core.models import TINY_PE_ARCH, ClipSpec
 
     return ClipSpec(arch=TINY_PE_ARCH, pretrained=None, random_init=True)
+
+
+_HUB_SCRIPT = """
+import json, sys
+import torch
+from PIL import Image
+from fiftyone_nola.core import models as M
+spec = M.DinoSpec(name=sys.argv[1], random_init=False)
+ok = M.weights_available(spec)
+loaded = M.load_dino(spec, cache=False)
+ims = [Image.open(p).convert("RGB") for p in sys.argv[2:]]
+with torch.no_grad():
+    f = loaded.encode_image(torch.stack([loaded.transform(im) for im in ims])).numpy()
+print(json.dumps({"ok": list(ok), "weights": loaded.identity["weights"], "features": f.tolist()}))
+"""
+
+
+def dino_features_from_offline_hub_cache(tmp_path: Path, timm_name: str, state_dict: dict, images) -> dict:
+    """Features of DINO ``timm_name`` loaded by name in a fresh process (the hub client reads its
+    variables at import) from a Hugging Face cache laid out as huggingface_hub leaves it, holding
+    ``state_dict`` as timm's ``model.safetensors``, read with ``HF_HUB_OFFLINE=1``. Returns
+    ``{"ok": weights_available, "weights": identity, "features": ...}``."""
+    import json
+    import subprocess
+
+    from safetensors.torch import save_file
+
+    hf_home = tmp_path / "hf"
+    repo = hf_home / "hub" / f"models--timm--{timm_name}"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    snap = repo / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    save_file(state_dict, str(snap / "model.safetensors"))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(hf_home),
+        HF_HUB_CACHE=str(hf_home / "hub"),
+        NOLA_MODELS_DIR=str(tmp_path / "empty_models"),
+        TORCH_HOME=str(tmp_path / "empty_torch"),
+        PYTHONPATH=str(REPO),
+    )
+    env.pop("HUGGINGFACE_HUB_CACHE", None)
+    r = subprocess.run(
+        [sys.executable, "-c", _HUB_SCRIPT, timm_name, *map(str, images)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])

@@ -29,15 +29,13 @@ import hashlib
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SHARED_DATA
+from conftest import SHARED_DATA, dino_features_from_offline_hub_cache
 from fiftyone_nola.core import models as M
 from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
 
@@ -266,54 +264,11 @@ def test_timm_files(images, small_sd, tmp_path, models_dir, fmt, layout):
     assert_official(features(loaded, images), SMALL)
 
 
-_HUB_SCRIPT = """
-import json, sys
-import numpy as np, torch
-from PIL import Image
-from fiftyone_nola.core import models as M
-spec = M.DinoSpec(name=sys.argv[1], random_init=False)
-ok = M.weights_available(spec)
-loaded = M.load_dino(spec, cache=False)
-ims = [Image.open(p).convert("RGB") for p in sys.argv[2:]]
-with torch.no_grad():
-    f = loaded.encode_image(torch.stack([loaded.transform(im) for im in ims])).numpy()
-print(json.dumps({"ok": list(ok), "weights": loaded.identity["weights"], "features": f.tolist()}))
-"""
-
-
 @pytest.mark.integration
-def test_huggingface_hub_cache_offline(small_sd, tmp_path, fmt="model.safetensors"):
+def test_huggingface_hub_cache_offline(small_sd, tmp_path):
     """A cache as huggingface_hub leaves it, read with HF_HUB_OFFLINE=1 (fresh process: the hub
     client reads these variables at import)."""
-    from safetensors.torch import save_file
-
-    hf_home = tmp_path / "hf"
-    repo = hf_home / "hub" / f"models--timm--{SMALL_NAME}"
-    rev = "0123456789abcdef0123456789abcdef01234567"
-    snap = repo / "snapshots" / rev
-    snap.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(rev)
-    sd = timm_state_dict(small_sd)
-    save_file(sd, str(snap / fmt)) if fmt.endswith(".safetensors") else torch.save(sd, snap / fmt)
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        HF_HOME=str(hf_home),
-        HF_HUB_CACHE=str(hf_home / "hub"),
-        NOLA_MODELS_DIR=str(tmp_path / "empty_models"),
-        PYTHONPATH=str(REPO),
-    )
-    env.pop("HUGGINGFACE_HUB_CACHE", None)
-    r = subprocess.run(
-        [sys.executable, "-c", _HUB_SCRIPT, SMALL_NAME, *map(str, golden_paths())],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = dino_features_from_offline_hub_cache(tmp_path, SMALL_NAME, timm_state_dict(small_sd), golden_paths())
     assert out["ok"] == [True, ""] and out["weights"] == "hub"
     assert_official(out["features"], SMALL)
 

@@ -23,16 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SHARED_DATA
+from conftest import SHARED_DATA, dino_features_from_offline_hub_cache
 from fiftyone_nola.core import models as M
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "dinov2_v3_reference.json").read_text())
@@ -199,52 +196,14 @@ def test_timm_safetensors_in_the_models_dir(key, images, models_dir, tmp_path):
     assert_official(loaded, images, MODELS[key])
 
 
-_HUB_SCRIPT = """
-import json, sys
-import torch
-from PIL import Image
-from fiftyone_nola.core import models as M
-spec = M.DinoSpec(name=sys.argv[1], random_init=False)
-ok = M.weights_available(spec)
-loaded = M.load_dino(spec, cache=False)
-ims = [Image.open(p).convert("RGB") for p in sys.argv[2:]]
-with torch.no_grad():
-    f = loaded.encode_image(torch.stack([loaded.transform(im) for im in ims])).numpy()
-print(json.dumps({"ok": list(ok), "weights": loaded.identity["weights"], "features": f.tolist()}))
-"""
-
-
 @pytest.mark.integration
 def test_huggingface_hub_cache_offline(images, tmp_path):
     """timm's hub repo (timm/vit_small_patch14_dinov2.lvd142m) as huggingface_hub caches it, offline."""
-    from safetensors.torch import save_file
-
     key = "dinov2_vits14"
-    name = MODELS[key]["timm_name"]
-    hf_home = tmp_path / "hf"
-    repo = hf_home / "hub" / f"models--timm--{name}"
-    rev = "0123456789abcdef0123456789abcdef01234567"
-    snap = repo / "snapshots" / rev
-    snap.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(rev)
-    save_file(timm_state_dict(key, tmp_path), str(snap / "model.safetensors"))
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        HF_HOME=str(hf_home),
-        HF_HUB_CACHE=str(hf_home / "hub"),
-        NOLA_MODELS_DIR=str(tmp_path / "empty_models"),
-        TORCH_HOME=str(tmp_path / "empty_torch"),
-        PYTHONPATH=str(REPO),
+    paths = [SHARED_DATA / im["path"] for im in GOLDEN["images"]]
+    out = dino_features_from_offline_hub_cache(
+        tmp_path, MODELS[key]["timm_name"], timm_state_dict(key, tmp_path), paths
     )
-    env.pop("HUGGINGFACE_HUB_CACHE", None)
-    paths = [str(SHARED_DATA / im["path"]) for im in GOLDEN["images"]]
-    r = subprocess.run(
-        [sys.executable, "-c", _HUB_SCRIPT, name, *paths], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["ok"] == [True, ""] and out["weights"] == "hub"
     f, ref = np.asarray(out["features"]), np.asarray(MODELS[key]["features"])
     assert np.abs(f - ref).max() <= 1e-4
