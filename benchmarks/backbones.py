@@ -6,7 +6,10 @@ builds the real-size architectures with *random* weights (they run exactly as fa
 ones; no number here is an accuracy), then embeds the same real COCO images (~640x480 JPEGs)
 through the embedding stage's own path (``core.embed.embed_filepaths``: decoding, each model's
 preprocessing, batching and workers fitted to the machine), CLIP first, then DINO. A warm-up
-batch is excluded. Peak RSS is the child's whole process tree (models, DataLoader workers).
+batch is excluded. Peak RSS is the child process's own peak (VmHWM: the models, their inference
+and any engine conversion; the DataLoader workers' sum is kept as ``peak_rss_tree_mb``, which
+counts pages shared with forked workers once per process). ``gflops`` is the image tower's
+forward cost per image (torch's FlopCounterMode on one image): machine-independent, unlike img/s.
 
 With ``--engine-ratio`` the CLIP and DINO towers of the cheaper presets are also run through the
 OpenVINO engine (``core/engines.py``, fp32 here: this CPU has no native bf16, where ``auto``
@@ -18,9 +21,10 @@ Usage::
     .venv/bin/python benchmarks/backbones.py --quick                 # ~5 minutes on 2 cores
     nice -n 10 .venv/bin/python benchmarks/backbones.py --engine-ratio \
         --json benchmarks/results/backbones.json --txt benchmarks/results/backbones.txt
+    .venv/bin/python benchmarks/backbones.py --no-timing --json benchmarks/results/backbones_flops.json
 
 JSON keys per preset (``-`` in a preset name becomes ``_``): ``images_per_s_<preset>_clip``,
-``images_per_s_<preset>_dino``, ``peak_rss_mb_<preset>``, and with ``--engine-ratio``
+``images_per_s_<preset>_dino``, ``peak_rss_mb_<preset>``, ``gflops_<preset>_clip`` / ``_dino``, and with ``--engine-ratio``
 ``engine_ratio_<preset>_clip`` / ``_dino`` (OpenVINO fp32 images/s over PyTorch's).
 """
 
@@ -50,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="default: the machine's embedding batch")
     p.add_argument("--engine-ratio", action="store_true", help="also time the OpenVINO engine (fp32)")
     p.add_argument("--quick", action="store_true", help="32 images, no engine ratio")
+    p.add_argument("--no-timing", action="store_true", help="only build the models and count their FLOPs")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None)
@@ -76,6 +81,17 @@ def _images(n: int) -> list[str]:
     if len(paths) < 8:
         raise SystemExit(f"COCO images not found at {COCO_DIR} (set NOLA_SHARED_DATA)")
     return [paths[i % len(paths)] for i in range(n)]
+
+
+def _gflops(loaded) -> float:
+    """Forward GFLOPs per image of the image tower (multiply-adds counted as 2)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 3, loaded.image_size, loaded.image_size)
+    with FlopCounterMode(display=False) as counter:  # (its module hooks need autograd on)
+        loaded.encode_image(x)
+    return counter.get_total_flops() / 1e9
 
 
 def _time_model(loaded, paths: list[str], cfg, engine: str) -> dict:
@@ -110,9 +126,11 @@ def child(args) -> None:
                     loaded = load(spec)
                 params = sum(p.numel() for p in _image_module(loaded).parameters())
                 row = {"load_s": sw.seconds, "image_params_m": params / 1e6, "image_size": loaded.image_size}
+                row["gflops"] = _gflops(loaded)
                 row["loadavg_start"] = C.loadavg()
-                row.update(_time_model(loaded, paths, cfg, "torch"))
-                if args.engine_ratio and args.child in ENGINE_PRESETS:
+                if not args.no_timing:
+                    row.update(_time_model(loaded, paths, cfg, "torch"))
+                if args.engine_ratio and args.child in ENGINE_PRESETS and not args.no_timing:
                     ov = _time_model(loaded, paths, cfg, "openvino")
                     row["openvino_fp32_images_per_s"] = ov["images_per_s"]
                     row["engine_ratio"] = ov["images_per_s"] / row["images_per_s"]
@@ -139,34 +157,42 @@ def run(args, results: dict, tables: list[str], tmp: Path) -> None:
         cmd = [sys.executable, __file__, "--child", name, "--child-out", str(out), "--images", str(args.images)]
         cmd += ["--batch-size", str(args.batch_size)] if args.batch_size else []
         cmd += ["--engine-ratio"] if args.engine_ratio else []
+        cmd += ["--no-timing"] if args.no_timing else []
         print(f"\n=== {name} ===", flush=True)
         subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=str(C.REPO)))
         r = json.loads(out.read_text())
-        key = name.replace("-", "_")
-        results[f"images_per_s_{key}_clip"] = r["clip"]["images_per_s"]
-        results[f"images_per_s_{key}_dino"] = r["dino"]["images_per_s"]
-        results[f"peak_rss_mb_{key}"] = r["peak_rss_tree_mb"]
-        for fam in ("clip", "dino"):
-            if "engine_ratio" in r[fam]:
-                results[f"engine_ratio_{key}_{fam}"] = r[fam]["engine_ratio"]
         results.setdefault("presets", {})[name] = r
-        both = 1.0 / (1.0 / r["clip"]["images_per_s"] + 1.0 / r["dino"]["images_per_s"])
-        rows.append(
-            [
-                name,
-                r["clip"]["image_params_m"],
-                r["clip"]["images_per_s"],
-                r["dino"]["image_params_m"],
-                r["dino"]["images_per_s"],
-                both,
-                r["peak_rss_tree_mb"],
-                r["clip"].get("engine_ratio"),
-                r["dino"].get("engine_ratio"),
-            ]
-        )
-    headers = ["preset", "CLIP img M", "CLIP img/s", "DINO M", "DINO img/s", "both img/s", "peak RSS MB"]
-    headers += ["OV/torch CLIP", "OV/torch DINO"]
+        rows.append(_summarise(name, r, results))
+    headers = ["preset", "CLIP img M", "CLIP GFLOPs", "CLIP img/s", "DINO M", "DINO GFLOPs", "DINO img/s"]
+    headers += ["both img/s", "peak RSS MB", "OV/torch CLIP", "OV/torch DINO"]
     tables.append(C.table(headers, rows, title=f"random real-size weights, {args.images} COCO images per model"))
+
+
+def _summarise(name: str, r: dict, results: dict) -> list:
+    """The preset's flat JSON keys (module docstring) and its table row."""
+    key = name.replace("-", "_")
+    for fam in ("clip", "dino"):
+        results[f"gflops_{key}_{fam}"] = r[fam]["gflops"]
+        if "images_per_s" in r[fam]:
+            results[f"images_per_s_{key}_{fam}"] = r[fam]["images_per_s"]
+        if "engine_ratio" in r[fam]:
+            results[f"engine_ratio_{key}_{fam}"] = r[fam]["engine_ratio"]
+    results[f"peak_rss_mb_{key}"] = r["peak_rss_main_mb"]
+    c, d = r["clip"], r["dino"]
+    both = 1.0 / (1.0 / c["images_per_s"] + 1.0 / d["images_per_s"]) if "images_per_s" in c else None
+    return [
+        name,
+        c["image_params_m"],
+        c["gflops"],
+        c.get("images_per_s"),
+        d["image_params_m"],
+        d["gflops"],
+        d.get("images_per_s"),
+        both,
+        r["peak_rss_main_mb"],
+        c.get("engine_ratio"),
+        d.get("engine_ratio"),
+    ]
 
 
 def main(argv=None) -> int:
