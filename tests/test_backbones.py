@@ -77,7 +77,8 @@ def test_each_clip_records_its_scoring_and_sigmoid_keys_never_mix(tiny_clip, tin
     sig = M.load_clip(tiny_siglip_spec)
     assert sig.identity["scoring"] == "sigmoid" and sig.key.endswith("-sigmoid")
     assert sig.key == M.spec_key(tiny_siglip_spec)
-    assert M.model_scoring(sig.model) == M.Scoring("sigmoid", pytest.approx(10.0, rel=0.5), -10.0)
+    # open_clip's initial values (init_logit_scale log(1/0.07), the config's init_logit_bias -10)
+    assert M.model_scoring(sig.model) == M.Scoring("sigmoid", pytest.approx(1 / 0.07, rel=1e-5), -10.0)
     # the default (OpenAI-layout) CLIP keeps the key its stores were written under
     assert tiny_clip.identity["scoring"] == "softmax" and tiny_clip.key == "clip-nola-tiny-clip-random-init-seed0"
     assert M.clip_scoring(M.tiny_clip_spec()) == M.Scoring("softmax", 100.0)
@@ -126,7 +127,10 @@ def test_huggingface_tokenizer_from_the_models_dir(tiny_siglip_spec):
 
 
 def test_missing_huggingface_tokenizer_says_where_to_put_it(tiny_siglip_spec, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
     spec = M.ClipSpec(tiny_siglip_spec.arch, None, random_init=True, models_dir=str(tmp_path))
     ok, why = M.tokenizer_available(spec)
     assert not ok
@@ -137,6 +141,11 @@ def test_missing_huggingface_tokenizer_says_where_to_put_it(tiny_siglip_spec, tm
     # open_clip's own BPE (OpenAI CLIP, PE-Core, EVA-02) needs nothing
     assert M.tokenizer_available(M.ClipSpec("PE-Core-B-16", random_init=True)) == (True, "")
     assert M.hf_tokenizer_name("EVA02-B-16") is None
+    # the offline facts of open_clip 3.3: SigLIP 2 (Gemma) and MetaCLIP 2 (XLM-V) tokenize on the hub
+    assert M.hf_tokenizer_name("ViT-B-16-SigLIP2") == "timm/ViT-B-16-SigLIP2"
+    assert M.hf_tokenizer_name("ViT-H-14-worldwide") == "facebook/xlm-v-base"
+    ok, why = M.tokenizer_available(M.ClipSpec("ViT-H-14-worldwide", random_init=True, models_dir=str(tmp_path)))
+    assert not ok and "facebook/xlm-v-base" in why
 
 
 def test_validation_reports_the_missing_tokenizer_before_any_work(tiny_siglip_spec, tmp_path, monkeypatch):
