@@ -54,7 +54,7 @@ class ZeroShotConfig:
     templates: str = "auto"
     include_templates: bool = True
     max_descriptions_per_class: Optional[int] = None  # None: all (NoLA used 25-50)
-    logit_scale: float = 100.0
+    logit_scale: float = 100.0  # softmax CLIPs; sigmoid ones (SigLIP) use their learnt scale and bias
     store_logits: bool = False
     device: Optional[str] = None
 
