@@ -19,7 +19,7 @@ from fiftyone_nola.core.embed import EmbedConfig
 from fiftyone_nola.core.models import ClipSpec, DinoSpec, concrete_dino, models_dir
 from fiftyone_nola.core.progress import ProgressFn, StageTimer, null_progress
 from fiftyone_nola.core.prompt_tuning import TuneConfig
-from fiftyone_nola.stages import fo_io, reuse, runs
+from fiftyone_nola.stages import fo_io, reuse, review, runs
 from fiftyone_nola.stages.artifacts import stage_dir
 from fiftyone_nola.stages.brain_runs import register_brain_runs
 from fiftyone_nola.stages.cdul import (
@@ -42,7 +42,7 @@ from fiftyone_nola.stages.nola import (
     tune_prompts,
     zero_shot,
 )
-from fiftyone_nola.stages.review_workspace import store_class_list
+from fiftyone_nola.stages.review import store_class_list
 from fiftyone_nola.stages.validation import Report, Target, check_auto_label, check_multilabel
 
 logger = logging.getLogger(__name__)
@@ -193,7 +193,9 @@ def auto_label(
                 logger.info("[predict] up to date (same tuned model, every sample labelled): reused")
             processed["predict"] = len(todo)
     if config.app_ready:
-        out["app"] = prepare_for_review(samples, classes)
+        out["app"] = prepare_for_review(
+            samples, classes, config.dino_field if config.skip_tuning else config.tuned_field
+        )
     out["processed"] = processed
     logger.info("[auto-label] processed per stage: " + ", ".join(f"{k} {v}" for k, v in processed.items()))
 
@@ -277,11 +279,24 @@ def _evaluate(samples, config: AutoLabelConfig) -> dict:
     return out
 
 
-def prepare_for_review(samples, classes) -> dict:
+def prepare_for_review(samples, classes, field: Optional[str] = None) -> dict:
     """What the App needs to review right away: the class list on the dataset (dropdowns, a label
-    schema for corrections) and Brain runs on the stored vectors (similarity search, map)."""
+    schema for corrections), Brain runs on the stored vectors (similarity search, map) and, with
+    ``field``, its doubtful samples flagged at the review's threshold (the stored one, else the
+    default), so the queue is ready when the App opens."""
     store_class_list(samples, classes)
     out = {}
+    if field is not None:
+        ds = fo_io.root_dataset(samples)
+        prev = review.settings(ds)
+        same = prev.get("field") in (None, field)
+        s = review.flag_samples(
+            ds,
+            field,
+            threshold=prev.get("threshold", review.DEFAULT_THRESHOLD) if same else review.DEFAULT_THRESHOLD,
+            bottom_k=prev.get("bottom_k") if same else None,
+        )
+        out["review"] = {k: s[k] for k in ("field", "threshold", "flagged", "queue")}
     for family in ("clip", "dino"):
         try:
             out[family] = register_brain_runs(samples, family)

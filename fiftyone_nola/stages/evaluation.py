@@ -34,6 +34,42 @@ def evaluate_single_label(samples, pred_field: str, gt_field: str, eval_key: Opt
     }
 
 
+def reliability_curve(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> dict:
+    """Calibration: per confidence bin, mean confidence vs accuracy; plus expected calibration error."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    keep = np.isfinite(confidence)
+    confidence, correct = confidence[keep], correct[keep]
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    out = {"bin_lower": edges[:-1].tolist(), "count": [], "mean_confidence": [], "accuracy": []}
+    ece = 0.0
+    for b in range(bins):
+        m = which == b
+        n = int(m.sum())
+        out["count"].append(n)
+        out["mean_confidence"].append(float(confidence[m].mean()) if n else None)
+        out["accuracy"].append(float(correct[m].mean()) if n else None)
+        if n:
+            ece += n / max(1, len(confidence)) * abs(confidence[m].mean() - correct[m].mean())
+    out["ece"] = float(ece)
+    return out
+
+
+def calibration(samples, field: str, gt_field: str, bins: int = 10) -> dict:
+    """Reliability curve of ``field``'s confidences against the ground truth in ``gt_field``."""
+    import fiftyone as fo
+
+    if gt_field == field:
+        raise InvalidInputError(f"'{gt_field}' is the predictions field itself: calibration needs ground truth")
+    fo_io.check_field(samples, field, (fo.Classification,))
+    labels, conf, gt = samples.values([f"{field}.label", f"{field}.confidence", f"{gt_field}.label"])
+    has = np.array([g is not None and lab is not None and c is not None for g, lab, c in zip(gt, labels, conf)])
+    correct = np.array([g == lab for g, lab in zip(gt, labels)])
+    conf = np.array([np.nan if c is None else c for c in conf], dtype=np.float64)
+    return reliability_curve(conf[has], correct[has], bins)
+
+
 def final_labels_field(
     samples, pred_field: str, corrections_field: str = "nola_reviewed", out_field: Optional[str] = None
 ) -> str:

@@ -9,16 +9,18 @@ from __future__ import annotations
 import csv
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from fiftyone import ViewField as F
+
 from fiftyone_nola.core.errors import InvalidInputError
+from fiftyone_nola.core.names import CORRECTIONS_FIELD, EXPORTABLE_TAGS, REJECTED_TAG
 from fiftyone_nola.core.storage import nola_home
 from fiftyone_nola.stages import fo_io
-from fiftyone_nola.stages.review import ACCEPTED_TAG, CORRECTIONS_FIELD, REJECTED_TAG
 
 FORMATS = ("classification-tree", "fiftyone", "csv", "coco")
-EXPORT_FIELD = "nola_export_label"
 
 
 def safe_folder_name(label: str) -> str:
@@ -57,6 +59,44 @@ def suggest_export_dir(samples, label_field: str = "nola") -> str:
     return str(d)
 
 
+def _exportable(label_field: str, min_confidence, require_accepted: bool, multilabel: bool):
+    """Accepted (or corrected) samples; with ``min_confidence``, also undecided predictions at least
+    that confident (a multi-label prediction by its least confident label)."""
+    tags = F("tags").if_null([])
+    accepted = tags.contains(list(EXPORTABLE_TAGS))
+    if min_confidence is None:
+        return accepted if require_accepted else ~tags.contains(REJECTED_TAG)
+    conf = F(f"{label_field}.classifications.confidence").min() if multilabel else F(f"{label_field}.confidence")
+    return accepted | ((conf != None) & (conf >= float(min_confidence)))  # noqa: E711 - database expressions
+
+
+def _left_out_reason(label, exportable, not_exportable: str):
+    """A per-sample expression: why an export leaves the sample out ("" if it is exported)."""
+    tags = F("tags").if_null([])
+    reasons = [
+        (tags.contains(REJECTED_TAG), "rejected"),
+        (tags.contains(fo_io.UNREADABLE_TAG), "unreadable"),
+        (label == None, "no label"),  # noqa: E711 - a database expression, not a Python comparison
+        (~exportable, not_exportable),
+    ]
+    expr = ""
+    for cond, why in reversed(reasons):
+        expr = cond.if_else(why, expr)
+    return expr
+
+
+@dataclass
+class ExportPlan:
+    """What an export would write: ``view`` (the exported samples, whose ``label_field`` holds
+    each one's final label: the reviewer's correction, else the model's), ``count``, and the
+    counts left out by reason."""
+
+    view: object
+    count: int
+    left_out: dict
+    corrections_used: int
+
+
 def plan_export(
     samples,
     label_field: str = "nola",
@@ -64,41 +104,22 @@ def plan_export(
     corrections_field: str = CORRECTIONS_FIELD,
     require_accepted: bool = True,
     multilabel: bool = False,
-) -> tuple[list, dict, dict, list]:
-    """Which samples an export would write, without writing: ``(ids, final labels by id,
-    counts left out by reason, corrections)``."""
+) -> ExportPlan:
+    """Which samples an export would write, counted by the database; nothing is read per sample
+    and nothing is written (the final label is an expression of the view, not a stored field)."""
     ds = fo_io.root_dataset(samples)
-    has_corr = ds.has_sample_field(corrections_field)
-    ids, tags, paths = samples.values(["id", "tags", "filepath"])
-    preds = samples.values(label_field)
-    corr = samples.values(corrections_field) if has_corr else [None] * len(ids)
-    keep, left_out = [], {"rejected": 0, "not accepted": 0, "below confidence": 0, "no label": 0, "unreadable": 0}
-    final = {}
-    for sid, tg, pred, cr in zip(ids, tags, preds, corr):
-        if REJECTED_TAG in tg:
-            left_out["rejected"] += 1
-            continue
-        if fo_io.UNREADABLE_TAG in tg:
-            left_out["unreadable"] += 1
-            continue
-        label = cr if cr is not None else pred
-        if label is None:
-            left_out["no label"] += 1
-            continue
-        accepted = ACCEPTED_TAG in tg
-        if require_accepted and not accepted and min_confidence is None:
-            left_out["not accepted"] += 1
-            continue
-        if not accepted and min_confidence is not None and cr is None:
-            conf = getattr(label, "confidence", None)
-            if multilabel:
-                conf = min((c.confidence or 0.0) for c in label.classifications) if label.classifications else 0.0
-            if conf is None or conf < min_confidence:
-                left_out["below confidence"] += 1
-                continue
-        keep.append(sid)
-        final[sid] = label
-    return keep, final, left_out, corr
+    corr_field = corrections_field if ds.has_sample_field(corrections_field) else None
+    label = F(label_field) if corr_field is None else F(corr_field).if_null(F(label_field))
+    exportable = _exportable(label_field, min_confidence, require_accepted, multilabel)
+    why = _left_out_reason(label, exportable, "not accepted" if min_confidence is None else "below confidence")
+    counts = samples.count_values(why)
+    reasons = ("rejected", "not accepted", "below confidence", "no label", "unreadable")
+    left_out = {k: int(counts.get(k, 0)) for k in reasons}
+    view = samples.match(why == "")
+    corrected = view.exists(corr_field).count() if corr_field else 0
+    if corr_field:
+        view = view.set_field(label_field, label)
+    return ExportPlan(view, int(counts.get("", 0)), left_out, corrected)
 
 
 def export_accepted(
@@ -115,7 +136,7 @@ def export_accepted(
 
     Formats: ``classification-tree`` (one folder per class), ``fiftyone`` (a FiftyOne dataset
     directory), ``csv`` (filepath + labels; suits multi-label), ``coco`` (multi-label as COCO
-    image-level categories via a JSON file).
+    image-level categories via a JSON file). The dataset itself is not modified.
     """
     import fiftyone as fo
 
@@ -128,77 +149,62 @@ def export_accepted(
     if format == "classification-tree" and multilabel:
         raise InvalidInputError("A classification tree needs single labels: use format 'csv' or 'coco'")
     out_dir = _resolve_dir(export_dir, overwrite)
-
-    ds = fo_io.root_dataset(samples)
-    keep, final, left_out, corr = plan_export(
-        samples, label_field, min_confidence, corrections_field, require_accepted, multilabel
-    )
-    if not keep:
-        raise InvalidInputError(nothing_to_export_message(left_out))
-    renamed = {}
+    plan = plan_export(samples, label_field, min_confidence, corrections_field, require_accepted, multilabel)
+    if not plan.count:
+        raise InvalidInputError(nothing_to_export_message(plan.left_out))
+    view, renamed = plan.view, {}
     if format == "classification-tree":
         # Labels become folder names: never let one ("../x", "a/b") point outside export_dir.
-        for sid, lab in list(final.items()):
-            safe = safe_folder_name(lab.label)
-            if safe != lab.label:
-                renamed[lab.label] = safe
-                final[sid] = lab.copy()
-                final[sid].label = safe
-    ds.set_values(EXPORT_FIELD, final, key_field="id")
-    view = ds.select(keep)
-    try:
-        if format == "classification-tree":
-            view.export(
-                export_dir=str(out_dir),
-                dataset_type=fo.types.ImageClassificationDirectoryTree,
-                label_field=EXPORT_FIELD,
-                overwrite=overwrite,
-                progress=False,
-            )
-        elif format == "fiftyone":
-            view.export(
-                export_dir=str(out_dir), dataset_type=fo.types.FiftyOneDataset, overwrite=overwrite, progress=False
-            )
-        elif format == "csv":
-            out_dir.mkdir(parents=True, exist_ok=True)
-            _write_csv(view, out_dir / "labels.csv", multilabel)
-        else:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            _write_coco(view, out_dir / "labels.json", multilabel)
-    finally:
-        ds.delete_sample_field(EXPORT_FIELD)
+        labels = view.distinct(f"{label_field}.label")
+        renamed = {lab: safe_folder_name(lab) for lab in labels if safe_folder_name(lab) != lab}
+        if renamed:
+            view = view.map_labels(label_field, renamed)
+        view.export(
+            export_dir=str(out_dir),
+            dataset_type=fo.types.ImageClassificationDirectoryTree,
+            label_field=label_field,
+            overwrite=overwrite,
+            progress=False,
+        )
+    elif format == "fiftyone":
+        view.export(export_dir=str(out_dir), dataset_type=fo.types.FiftyOneDataset, overwrite=overwrite, progress=False)
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rows = list(zip(*view.values(["filepath", _label_path(label_field, multilabel)])))
+        (_write_csv if format == "csv" else _write_coco)(rows, out_dir)
     report = {
-        "exported": len(keep),
-        "left_out": left_out,
+        "exported": plan.count,
+        "left_out": plan.left_out,
         "format": format,
         "export_dir": str(out_dir),
         "renamed_labels": renamed,
         "label_field": label_field,
-        "corrections_used": sum(c is not None for c in corr),
+        "corrections_used": plan.corrections_used,
     }
     fo_io.write_text_atomic(out_dir / "export_report.json", report)
     return report
 
 
-def _labels_of(label, multilabel: bool) -> list:
-    if multilabel:
-        return [c.label for c in label.classifications]
-    return [label.label]
+def _label_path(label_field: str, multilabel: bool) -> str:
+    return f"{label_field}.classifications.label" if multilabel else f"{label_field}.label"
 
 
-def _write_csv(view, path: Path, multilabel: bool) -> None:
-    rows = zip(view.values("filepath"), view.values(EXPORT_FIELD))
-    with open(path, "w", newline="", encoding="utf-8") as f:
+def _labels_of(labels) -> list:
+    return list(labels) if isinstance(labels, list) else [labels]
+
+
+def _write_csv(rows, out_dir: Path) -> None:
+    with open(out_dir / "labels.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["filepath", "labels"])
         for fp, lab in rows:
-            w.writerow([fp, ";".join(_labels_of(lab, multilabel))])
+            w.writerow([fp, ";".join(_labels_of(lab))])
 
 
-def _write_coco(view, path: Path, multilabel: bool) -> None:
+def _write_coco(rows, out_dir: Path) -> None:
     import json
 
-    labels = [(fp, _labels_of(lab, multilabel)) for fp, lab in zip(view.values("filepath"), view.values(EXPORT_FIELD))]
+    labels = [(fp, _labels_of(lab)) for fp, lab in rows]
     cats = sorted({x for _, ls in labels for x in ls})
     cid = {c: i + 1 for i, c in enumerate(cats)}
     coco = {
@@ -210,4 +216,4 @@ def _write_coco(view, path: Path, multilabel: bool) -> None:
             for n, (i, c) in enumerate((i, c) for i, (_, ls) in enumerate(labels) for c in ls)
         ],
     }
-    path.write_text(json.dumps(coco, indent=1))
+    (out_dir / "labels.json").write_text(json.dumps(coco, indent=1))

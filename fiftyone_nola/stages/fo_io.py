@@ -142,6 +142,21 @@ def root_dataset(samples):
     return samples._root_dataset if hasattr(samples, "_root_dataset") else samples
 
 
+def reload_document(samples) -> None:
+    """Re-read the dataset's document (info, saved views, runs, schema) from the database.
+
+    ``Dataset.reload()`` also re-reads every ``Sample`` object the process holds, one query
+    each: a notebook holding 10,000 samples made every review decision cost 10,000 queries.
+    That full reload is needed only when another process added a field (this process's
+    sample class, shared by the samples it holds, must learn it); otherwise the document is
+    enough."""
+    ds = root_dataset(samples)
+    ds._doc.reload()
+    known = set(ds._sample_doc_cls._fields)
+    if any(f.name not in known for f in ds._doc.sample_fields):
+        ds.reload()
+
+
 def dataset_id(samples) -> str:
     """Id of the dataset behind a dataset or view (names can change, ids do not)."""
     return str(root_dataset(samples)._doc.id)

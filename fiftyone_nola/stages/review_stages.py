@@ -3,6 +3,7 @@ progress of the plugin's delegated runs on it."""
 
 from __future__ import annotations
 
+import fiftyone as fo
 from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import ExecutionRunState
 
@@ -27,15 +28,24 @@ def _model_name(config: dict) -> str:
     return ""
 
 
+MODEL_NAME_CHARS = 40
+
+
+def _short(text: str, n: int = MODEL_NAME_CHARS) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def stage_status(samples) -> list[dict]:
     """Each stage: has it run, on how many samples, with which model, when, fresh or stale
     (stale: it ran before a stage it depends on, or samples lack its output)."""
     ds = fo_io.root_dataset(samples)
-    n = len(samples)
+    fields = [f for _, _, f, _ in STAGES if f and ds.has_sample_field(f)]
+    counted = samples.aggregate([fo.Count(), *(fo.Count(f) for f in fields)])  # one pass
+    n, labelled = counted[0], dict(zip(fields, counted[1:]))
     rows, prev_time = [], None
     for name, key, field, op in STAGES:
         run = runs.get_run(ds, key)
-        count = samples.exists(field).count() if field and ds.has_sample_field(field) else None
+        count = labelled.get(field)
         res = (run or {}).get("results") or {}
         if run and count is None:
             count = res.get("index_size") or res.get("samples")
@@ -55,7 +65,7 @@ def stage_status(samples) -> list[dict]:
                 "stage": name,
                 "state": state,
                 "samples": f"{count or 0}/{n}",
-                "model": str(model)[:40],
+                "model": _short(str(model)),
                 "operator": op,
                 "seconds": round(float(res["seconds"]), 1) if res.get("seconds") else None,
             }
