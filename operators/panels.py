@@ -76,15 +76,17 @@ class NolaPanel(Serialized, foo.Panel):
         # The App server keeps one Dataset object per process: fields another process (a job, a
         # notebook) added since are unknown to it until its document is reloaded.
         rv.reload_dataset(ctx.dataset)
-        self._show_stages(ctx)
         ctx.panel.set_state("selection", len(_targets(ctx)))
         field = field_of(ctx)
         ctx.panel.set_state("classes_list", rv.class_list(ctx.dataset, field))
         if not _has_predictions(ctx):
+            self._show_stages(ctx)
             ctx.panel.set_state("ready", False)
             return
         t = _threshold(ctx)
-        s = flagging or rv.summary(ctx.dataset, field, t)
+        present = [f for f in rs.STAGE_OUTPUT_FIELDS if ctx.dataset.has_sample_field(f)]
+        s = flagging or rv.summary(ctx.dataset, field, t, present=present)
+        self._show_stages(ctx, s.get("present"), s["samples"])
         counts = {k: s[k] for k in ("samples", "flagged", "reviewed", "remaining", "queue", "would_flag")}
         counts["flagged_yet"] = bool(rv.settings(ctx.dataset))
         ctx.panel.set_state({"ready": True, "applied_threshold": t, "counts": counts, "classes": s["classes"]})
@@ -92,12 +94,14 @@ class NolaPanel(Serialized, foo.Panel):
             self._set_control(ctx, SLIDER, t)
         ctx.panel.set_data("histogram", _histogram_traces(s["histogram"]))
         corrections, sugg = rv.suggestions(ctx.dataset, field, self._min_sim(ctx))
-        ctx.panel.set_state("propagation", {"corrections": len(corrections), "suggested": len(sugg)})
+        prop = {"corrections": len(corrections), "suggested": len(sugg), "carried": s["suggested"]}
+        ctx.panel.set_state("propagation", prop)
 
-    def _show_stages(self, ctx) -> list:
+    def _show_stages(self, ctx, labelled=None, n=None) -> list:
         """Stage rows, with the progress of the plugin's delegated runs on this dataset."""
         jobs = rs.active_jobs(ctx.dataset, PLUGIN)
-        ctx.panel.set_state({"jobs": jobs, "stages": rs.with_jobs(rs.stage_status(ctx.dataset), jobs)})
+        rows = rs.stage_status(ctx.dataset, labelled if labelled else None, n)
+        ctx.panel.set_state({"jobs": jobs, "stages": rs.with_jobs(rows, jobs)})
         return jobs
 
     def on_poll(self, ctx):
@@ -137,7 +141,8 @@ class NolaPanel(Serialized, foo.Panel):
 
     def _flag(self, ctx, t: float) -> None:
         field = field_of(ctx)
-        s = rv.flag_samples(ctx.dataset, field, threshold=t)
+        present = [f for f in rs.STAGE_OUTPUT_FIELDS if ctx.dataset.has_sample_field(f)]
+        s = rv.flag_samples(ctx.dataset, field, threshold=t, present=present)
         self.refresh(ctx, flagging=s)
         _show(ctx, ctx.dataset.match_tags(rv.FLAGGED_TAG).sort_by(f"{field}.confidence"))
 
@@ -213,22 +218,18 @@ class NolaPanel(Serialized, foo.Panel):
         self.refresh(ctx)
 
     def on_propagate(self, ctx):
-        """Propagation runs as its operator, which reports its progress; the panel refreshes after."""
+        """Propagation runs as its operator (one click, no form), which reports its progress; the
+        panel refreshes and the grid shows the suggestions when it is done."""
         ctx.prompt(
             f"{PLUGIN}/propagate_corrections",
             params={"field": field_of(ctx), "min_similarity": self._min_sim(ctx)},
             on_success=self.on_propagated,
+            skip_prompt=True,
         )
 
     def on_propagated(self, ctx):
-        result = (ctx.params.get("result") or {}).get("result") or {}
-        if result:
-            ctx.panel.set_state(
-                "last_propagation", {k: result.get(k) for k in ("corrections", "suggested", "by_label")}
-            )
         self.refresh(ctx)
-        if result.get("suggested"):
-            _show(ctx, ctx.dataset.match_tags(rv.SUGGESTED_TAG))
+        _show(ctx, ctx.dataset.match_tags(rv.SUGGESTED_TAG))
 
     def on_run_stage(self, ctx):
         rows = ctx.panel.get_state("stages") or []
@@ -248,7 +249,12 @@ class NolaPanel(Serialized, foo.Panel):
         ctx.prompt(f"{PLUGIN}/export_accepted", on_success=self.on_launched)
 
     def on_evaluate(self, ctx):
-        ctx.prompt(f"{PLUGIN}/evaluate_labels", on_success=self.on_launched)
+        ctx.prompt(f"{PLUGIN}/evaluate_labels", params={"from_panel": True}, on_success=self.on_evaluated)
+
+    def on_evaluated(self, ctx):
+        """The evaluation ran: its per-class report and confusion matrix are one panel away, opened."""
+        self.refresh(ctx)
+        ctx.ops.open_panel(MODEL_EVALUATION_PANEL, layout="horizontal")
 
     def on_open_map(self, ctx):
         ctx.ops.open_panel("Embeddings", layout="horizontal")
@@ -423,9 +429,5 @@ class NolaPanel(Serialized, foo.Panel):
             "never as a reviewed label.",
             name="propagation_text",
         )
-        last = st.last_propagation
-        if last:
-            panel.md(
-                f"Last run: **{last['suggested']}** neighbours touched from {last['corrections']} corrections",
-                name="propagation_last",
-            )
+        if prop.get("carried"):
+            panel.md(f"**{prop['carried']}** samples carry a suggestion now", name="propagation_last")

@@ -487,7 +487,7 @@ class PropagateCorrections(foo.Operator):
         return types.Property(inputs, view=types.View(label="Propagate corrections"))
 
     def execute(self, ctx):
-        r = propagate_corrections(ctx.dataset, *_propagation(ctx))
+        r = propagate_corrections(ctx.dataset, *_propagation(ctx), progress=c.progress_fn(ctx))
         c.show_review_fields(ctx)
         by = ", ".join(f"{k}: {v}" for k, v in r["by_label"].items()) or "none"
         return {

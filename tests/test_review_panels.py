@@ -338,3 +338,21 @@ def test_concurrent_threshold_moves_never_break_and_the_last_one_holds(review_ds
     assert not errors, errors[:3]
     rv.flag_samples(review_ds, "nola", threshold=0.5)
     assert len(review_ds.load_saved_view(rv.VIEW_FLAGGED)) == 8 == len(review_ds.match_tags(rv.FLAGGED_TAG))
+
+
+def test_evaluating_from_the_panel_opens_the_model_evaluation_panel_without_a_dialog(review_ds):
+    import fiftyone.operators as foo
+    from fiftyone.operators.executor import ExecutionContext
+
+    from operators.panels import MODEL_EVALUATION_PANEL, NolaPanel
+
+    pc = PanelCtx(review_ds)
+    NolaPanel().on_evaluate(pc.ctx)
+    ((_, params),) = pc.ops()
+    assert params["params"] == {"from_panel": True} and params["on_success"].endswith("#on_evaluated")
+    op = foo.get_operator(f"{PLUGIN}/evaluate_labels")
+    ctx = ExecutionContext(request_params={"dataset_name": review_ds.name, "params": {"from_panel": True}})
+    assert op.resolve_output(ctx) is None  # nothing to close: the dialog ends with the run
+    pc = PanelCtx(review_ds)
+    NolaPanel().on_evaluated(pc.ctx)
+    assert ("open_panel", MODEL_EVALUATION_PANEL) in [(n, (p or {}).get("name")) for n, p in pc.ops()]

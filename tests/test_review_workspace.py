@@ -507,3 +507,37 @@ def test_evaluation_keys_never_silently_overwrite_and_final_labels(review_ds):
     assert set(ds.list_evaluations()) == {"eval_nola", "eval_nola_final"}
     r = run("evaluate_labels", ds, pred_field="nola", gt_field="ground_truth", overwrite=True)
     assert r.error is None
+
+
+def test_evaluate_form_opens_ready_to_run_when_its_key_is_taken(review_ds):
+    """The form's default key is the first free one: with eval_nola taken it opens on eval_nola_2,
+    not in an error state with Execute disabled."""
+    import fiftyone as fo
+
+    ds = review_ds
+    ds.set_values("ground_truth", [fo.Classification(label=CLASSES[i % 4]) for i in range(len(ds))])
+    assert run("evaluate_labels", ds, pred_field="nola", gt_field="ground_truth").error is None
+    props = form("evaluate_labels", ds, pred_field="nola", gt_field="ground_truth")
+    assert props["eval_key"].default == "eval_nola_2"
+    assert "nola_problems" not in props or not props["nola_problems"].error_message
+    r = run("evaluate_labels", ds, pred_field="nola", gt_field="ground_truth", eval_key="eval_nola_2")
+    assert r.error is None and sorted(ds.list_evaluations()) == ["eval_nola", "eval_nola_2"]
+
+
+def test_multilabel_export_by_the_least_confident_label(make_dataset, tmp_path):
+    import fiftyone as fo
+
+    from fiftyone_nola.stages.export import export_accepted
+
+    ds = make_dataset([f"/synthetic/m{i}.jpg" for i in range(4)])
+    rows = [[("a", 0.9), ("b", 0.8)], [("a", 0.9), ("b", 0.3)], [], [("c", None)]]
+    ds.set_values(
+        "cdul",
+        [
+            fo.Classifications(classifications=[fo.Classification(label=lab, confidence=c) for lab, c in r])
+            for r in rows
+        ],
+    )
+    rep = export_accepted(ds, str(tmp_path / "ml"), "cdul", format="csv", min_confidence=0.5)
+    assert rep["exported"] == 1 and rep["left_out"]["below confidence"] == 3
+    assert (tmp_path / "ml" / "labels.csv").read_text().splitlines()[1].endswith(",a;b")

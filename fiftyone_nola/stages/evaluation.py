@@ -8,19 +8,58 @@ import numpy as np
 
 from fiftyone_nola.core import cdul as ml
 from fiftyone_nola.core.errors import InvalidInputError
+from fiftyone_nola.core.names import CORRECTIONS_FIELD
 from fiftyone_nola.stages import fo_io, runs
 
 
-def evaluate_single_label(samples, pred_field: str, gt_field: str, eval_key: Optional[str] = None) -> dict:
-    """FiftyOne's ``evaluate_classifications`` (accuracy, per-class report, confusion matrix in the App)."""
+def default_eval_key(pred_field: str, final_labels: bool = False) -> str:
+    """The evaluation key of ``pred_field``'s predictions (or of its final labels)."""
+    return f"eval_{runs.run_key_for(pred_field)}" + ("_final" if final_labels else "")
+
+
+def free_eval_key(samples, pred_field: str, final_labels: bool = False) -> str:
+    """``default_eval_key``, numbered ``_2``, ``_3``... past the evaluations the dataset holds."""
+    base = default_eval_key(pred_field, final_labels)
+    taken = set(fo_io.root_dataset(samples).list_evaluations())
+    key, n = base, 1
+    while key in taken:
+        n += 1
+        key = f"{base}_{n}"
+    return key
+
+
+def evaluate_single_label(
+    samples,
+    pred_field: str,
+    gt_field: str,
+    eval_key: Optional[str] = None,
+    overwrite: bool = False,
+    final_labels: bool = False,
+) -> dict:
+    """FiftyOne's ``evaluate_classifications`` (accuracy, per-class report, confusion matrix in the App).
+
+    ``final_labels``: evaluate the labels an export writes (a reviewer's correction where there is
+    one). An existing evaluation under ``eval_key`` is replaced only with ``overwrite``."""
     import fiftyone as fo
 
+    if final_labels:
+        pred_field = final_labels_field(samples, pred_field)
     fo_io.check_field(samples, pred_field, (fo.Classification,))
     fo_io.check_field(samples, gt_field, (fo.Classification,))
+    if pred_field == gt_field:
+        raise InvalidInputError(f"'{gt_field}' is the predicted field itself: choose a ground-truth field")
     view = samples.exists(pred_field).exists(gt_field)
     if len(view) == 0:
         raise InvalidInputError(f"No sample has both '{pred_field}' and '{gt_field}' to compare")
-    eval_key = eval_key or f"eval_{runs.run_key_for(pred_field)}"
+    eval_key = eval_key or default_eval_key(pred_field)
+    ds = fo_io.root_dataset(samples)
+    if eval_key in ds.list_evaluations():
+        if not overwrite:
+            raise InvalidInputError(
+                f"An evaluation '{eval_key}' already exists: choose another key "
+                f"(e.g. {free_eval_key(ds, pred_field)}), or replace it (overwrite)"
+            )
+        ds.delete_evaluation(eval_key)
     res = view.evaluate_classifications(pred_field, gt_field=gt_field, eval_key=eval_key)
     report = res.report()
     return {
@@ -71,7 +110,7 @@ def calibration(samples, field: str, gt_field: str, bins: int = 10) -> dict:
 
 
 def final_labels_field(
-    samples, pred_field: str, corrections_field: str = "nola_reviewed", out_field: Optional[str] = None
+    samples, pred_field: str, corrections_field: str = CORRECTIONS_FIELD, out_field: Optional[str] = None
 ) -> str:
     """A field holding each sample's final label: the reviewer's correction when there is one,
     else the model's prediction (what an export writes). Returns its name."""

@@ -59,30 +59,15 @@ def suggest_export_dir(samples, label_field: str = "nola") -> str:
     return str(d)
 
 
-def _exportable(label_field: str, min_confidence, require_accepted: bool, multilabel: bool):
-    """Accepted (or corrected) samples; with ``min_confidence``, also undecided predictions at least
-    that confident (a multi-label prediction by its least confident label)."""
-    tags = F("tags").if_null([])
-    accepted = tags.contains(list(EXPORTABLE_TAGS))
-    if min_confidence is None:
-        return accepted if require_accepted else ~tags.contains(REJECTED_TAG)
-    conf = F(f"{label_field}.classifications.confidence").min() if multilabel else F(f"{label_field}.confidence")
-    return accepted | ((conf != None) & (conf >= float(min_confidence)))  # noqa: E711 - database expressions
-
-
-def _left_out_reason(label, exportable, not_exportable: str):
-    """A per-sample expression: why an export leaves the sample out ("" if it is exported)."""
-    tags = F("tags").if_null([])
-    reasons = [
-        (tags.contains(REJECTED_TAG), "rejected"),
-        (tags.contains(fo_io.UNREADABLE_TAG), "unreadable"),
-        (label == None, "no label"),  # noqa: E711 - a database expression, not a Python comparison
-        (~exportable, not_exportable),
-    ]
-    expr = ""
-    for cond, why in reversed(reasons):
-        expr = cond.if_else(why, expr)
-    return expr
+def _confident(label_field: str, min_confidence: float, multilabel: bool) -> dict:
+    """A query: the prediction is at least ``min_confidence`` confident (a multi-label one by its
+    least confident label; a missing confidence is not confident)."""
+    t = float(min_confidence)
+    if not multilabel:
+        return {f"{label_field}.confidence": {"$gte": t}}
+    doubtful = {"$elemMatch": {"$or": [{"confidence": {"$lt": t}}, {"confidence": None}]}}
+    path = f"{label_field}.classifications"
+    return {f"{path}.0": {"$exists": True}, path: {"$not": doubtful}}
 
 
 @dataclass
@@ -105,21 +90,34 @@ def plan_export(
     require_accepted: bool = True,
     multilabel: bool = False,
 ) -> ExportPlan:
-    """Which samples an export would write, counted by the database; nothing is read per sample
-    and nothing is written (the final label is an expression of the view, not a stored field)."""
+    """Which samples an export would write: accepted or corrected ones (with ``min_confidence``,
+    also undecided predictions that confident), never rejected or unreadable ones, nor ones with
+    no label. Counted by the database from its indexes (tags, confidence); nothing is read per
+    sample and nothing is written (the final label is an expression of the view)."""
     ds = fo_io.root_dataset(samples)
-    corr_field = corrections_field if ds.has_sample_field(corrections_field) else None
-    label = F(label_field) if corr_field is None else F(corr_field).if_null(F(label_field))
-    exportable = _exportable(label_field, min_confidence, require_accepted, multilabel)
-    why = _left_out_reason(label, exportable, "not accepted" if min_confidence is None else "below confidence")
-    counts = samples.count_values(why)
-    reasons = ("rejected", "not accepted", "below confidence", "no label", "unreadable")
-    left_out = {k: int(counts.get(k, 0)) for k in reasons}
-    view = samples.match(why == "")
-    corrected = view.exists(corr_field).count() if corr_field else 0
-    if corr_field:
-        view = view.set_field(label_field, label)
-    return ExportPlan(view, int(counts.get("", 0)), left_out, corrected)
+    corr = corrections_field if ds.has_sample_field(corrections_field) else None
+    # by label path, so the (label, confidence) index answers it
+    label_path = label_field if multilabel else f"{label_field}.label"
+    no_label = {label_path: None, **({f"{corr}.label": None} if corr else {})}
+    eligible = [{"tags": {"$in": list(EXPORTABLE_TAGS)}}]
+    if min_confidence is not None:
+        eligible.append(_confident(label_field, min_confidence, multilabel))
+    elif not require_accepted:
+        eligible = [{}]
+    ok = {"tags": {"$nin": [REJECTED_TAG, fo_io.UNREADABLE_TAG]}}
+    keep = samples.match({"$and": [ok, {"$nor": [no_label]}, {"$or": eligible}]})
+    rejected = samples.match({"tags": REJECTED_TAG}).count()
+    unreadable = samples.match({"tags": fo_io.UNREADABLE_TAG, "$nor": [{"tags": REJECTED_TAG}]}).count()
+    unlabelled = samples.match({"$and": [ok, no_label]}).count()
+    count = keep.count()
+    others = fo_io.count(samples) - count - rejected - unreadable - unlabelled
+    left_out = {"rejected": rejected, "not accepted": 0, "below confidence": 0, "no label": unlabelled}
+    left_out["unreadable"] = unreadable
+    left_out["not accepted" if min_confidence is None else "below confidence"] = others
+    corrected = keep.match({corr: {"$ne": None}}).count() if corr else 0
+    if corr:
+        keep = keep.set_field(label_field, F(corr).if_null(F(label_field)))
+    return ExportPlan(keep, count, left_out, corrected)
 
 
 def export_accepted(

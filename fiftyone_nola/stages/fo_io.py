@@ -14,10 +14,10 @@ from typing import Optional
 import numpy as np
 
 from fiftyone_nola.core.errors import DatabaseUnavailableError, DatasetNotFoundError, EmptyViewError, InvalidInputError
+from fiftyone_nola.core.files import list_images, spread_over_folders
 from fiftyone_nola.core.storage import file_lock, nola_home, write_json_atomic
 
 UNREADABLE_TAG = "nola:unreadable"
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def _fo():
@@ -286,27 +286,42 @@ def read_label_sets(samples, field: str, ids: Sequence[str]) -> list[Optional[se
     return [got.get(i) for i in ids]
 
 
+def count(samples) -> int:
+    """How many samples: a dataset's from its ``_id`` index, a view's by its pipeline."""
+    if samples is root_dataset(samples):
+        return samples._sample_collection.count_documents({})
+    return samples.count()
+
+
+def update_where(samples, query: dict, update: dict) -> int:
+    """Apply the MongoDB ``update`` to the dataset's samples matching ``query``, in one statement
+    the database answers from its indexes (no ids listed in Python), stamping
+    ``last_modified_at`` as FiftyOne's own writes do. Sample objects this process holds for
+    matching samples are re-read, as after FiftyOne's writes. Returns how many changed."""
+    import datetime
+
+    import fiftyone.core.sample as fos
+    from bson import ObjectId
+
+    ds = root_dataset(samples)
+    coll = ds._sample_collection
+    update = {**update, "$set": {**update.get("$set", {}), "last_modified_at": datetime.datetime.utcnow()}}
+    held = list(fos.Sample._instances.get(ds._sample_collection_name, {}).keys())
+    touched = []
+    if held:
+        mine = {"$and": [query, {"_id": {"$in": [ObjectId(i) for i in held]}}]}
+        touched = [str(d["_id"]) for d in coll.find(mine, {"_id": 1})]
+    changed = coll.update_many(query, update).modified_count
+    if touched:
+        fos.Sample._reload_docs(ds._sample_collection_name, sample_ids=touched)
+    return changed
+
+
 def tag_samples(samples, ids: Iterable[str], tag: str) -> None:
     """Tag the samples with these ids (one bulk update)."""
     ids = list(ids)
     if ids:
         root_dataset(samples).select(ids).tag_samples(tag)
-
-
-def list_images(directory: str, recursive: bool = True) -> list[str]:
-    """Image files under ``directory``, sorted, absolute."""
-    root = Path(directory).expanduser()
-    if not root.is_dir():
-        raise InvalidInputError(f"Image directory {root} does not exist or is not a directory")
-    pattern = "**/*" if recursive else "*"
-    files = sorted(
-        str(p.resolve())
-        for p in root.glob(pattern)
-        if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or p.is_symlink())
-    )
-    if not files:
-        raise EmptyViewError(f"No image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
-    return files
 
 
 def import_images(
@@ -325,9 +340,7 @@ def import_images(
     fo = _fo()
     files = list_images(directory)
     if max_samples:
-        # Even spread over the sorted list, so class folders stay represented.
-        step = max(1, len(files) // max_samples)
-        files = files[::step][:max_samples]
+        files = spread_over_folders(files, max_samples)  # every class folder stays represented
     name = dataset_name or Path(directory).expanduser().resolve().name
     connect_database()
     # One importer per dataset name at a time: two jobs started together on one folder must

@@ -3,6 +3,8 @@ progress of the plugin's delegated runs on it."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import fiftyone as fo
 from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import ExecutionRunState
@@ -35,17 +37,24 @@ def _short(text: str, n: int = MODEL_NAME_CHARS) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def stage_status(samples) -> list[dict]:
+STAGE_OUTPUT_FIELDS = tuple(f for _, _, f, _ in STAGES if f)
+
+
+def stage_status(samples, labelled: Optional[dict] = None, n: Optional[int] = None) -> list[dict]:
     """Each stage: has it run, on how many samples, with which model, when, fresh or stale
-    (stale: it ran before a stage it depends on, or samples lack its output)."""
+    (stale: it ran before a stage it depends on, or samples lack its output).
+
+    ``labelled`` / ``n``: how many samples have each stage's field, and how many there are, when
+    the caller counted them already (the panel does, in its one aggregation)."""
     ds = fo_io.root_dataset(samples)
-    fields = [f for _, _, f, _ in STAGES if f and ds.has_sample_field(f)]
-    counted = samples.aggregate([fo.Count(), *(fo.Count(f) for f in fields)])  # one pass
-    n, labelled = counted[0], dict(zip(fields, counted[1:]))
+    if labelled is None or n is None:
+        fields = [f for f in STAGE_OUTPUT_FIELDS if ds.has_sample_field(f)]
+        counted = samples.aggregate([fo.Count(), *(fo.Count(f) for f in fields)])  # one pass
+        n, labelled = counted[0], dict(zip(fields, counted[1:]))
     rows, prev_time = [], None
     for name, key, field, op in STAGES:
         run = runs.get_run(ds, key)
-        count = labelled.get(field)
+        count = labelled.get(field) if field and ds.has_sample_field(field) else None
         res = (run or {}).get("results") or {}
         if run and count is None:
             count = res.get("index_size") or res.get("samples")

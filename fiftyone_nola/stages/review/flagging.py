@@ -11,6 +11,7 @@ confidence order, and the head is ranked again when a reviewer has used it up.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Optional
 
 import fiftyone as fo
@@ -116,13 +117,19 @@ def _changes(field: str, threshold, bottom: list, prev: dict, version) -> tuple[
 
 def _retag(ds, add: Optional[dict], remove: Optional[dict]) -> None:
     """Flag ``add`` (the undecided join the queue) and unflag ``remove`` (leaving the queue unless a
-    suggestion holds them there). Each update selects only the samples whose tags change."""
+    suggestion holds them there). Each update is one statement that selects, by index, only the
+    samples whose tags change."""
+    fo_io.update_where(ds, {"tags": None}, {"$set": {"tags": []}})  # a tag cannot be added to a null
     if add is not None:
-        ds.match(add).match_tags(list(DECIDED_TAGS), bool=False).tag_samples([FLAGGED_TAG, REVIEW_TAG])
-        ds.match(add).tag_samples(FLAGGED_TAG)
+        undecided = {"tags": {"$nin": [FLAGGED_TAG, *DECIDED_TAGS]}}
+        fo_io.update_where(
+            ds, {"$and": [add, undecided]}, {"$addToSet": {"tags": {"$each": [FLAGGED_TAG, REVIEW_TAG]}}}
+        )
+        fo_io.update_where(ds, {"$and": [add, {"tags": {"$ne": FLAGGED_TAG}}]}, {"$addToSet": {"tags": FLAGGED_TAG}})
     if remove is not None:
-        ds.match(remove).match_tags(SUGGESTED_TAG, bool=False).untag_samples([FLAGGED_TAG, REVIEW_TAG])
-        ds.match(remove).untag_samples(FLAGGED_TAG)
+        plain = {"tags": FLAGGED_TAG, "$nor": [{"tags": SUGGESTED_TAG}]}
+        fo_io.update_where(ds, {"$and": [remove, plain]}, {"$pullAll": {"tags": [FLAGGED_TAG, REVIEW_TAG]}})
+        fo_io.update_where(ds, {"$and": [remove, {"tags": FLAGGED_TAG}]}, {"$pull": {"tags": FLAGGED_TAG}})
 
 
 @one_review_writer
@@ -132,12 +139,14 @@ def flag_samples(
     threshold: Optional[float] = DEFAULT_THRESHOLD,
     bottom_k: Optional[int] = None,
     clusters: bool = True,
+    present: Sequence[str] = (),
 ) -> dict:
     """Flag what the threshold / bottom-k select, queue those not yet decided, save the views.
 
     Re-flagging never re-queues a sample a reviewer already decided; samples no longer flagged
     leave the queue (unless a correction suggestion put them there). Returns the review's
-    :func:`~fiftyone_nola.stages.review.stats.summary` with the saved views' names.
+    :func:`~fiftyone_nola.stages.review.stats.summary` (counting ``present`` fields too) with the
+    saved views' names.
     """
     if threshold is None and not bottom_k:
         raise InvalidInputError("Give a confidence threshold, a bottom-k per class, or both")
@@ -159,7 +168,7 @@ def flag_samples(
         ds.save()
     if changed:
         rank_queue(ds, field, clusters)
-    out = summary(samples, field, threshold)
+    out = summary(samples, field, threshold, present=present)
     out.update(field=field, threshold=threshold, bottom_k=bottom_k, views=save_views(ds, field))
     return out
 
