@@ -41,7 +41,7 @@ _LAZY = {
     "weights_available": "core.models",
     "tiny_clip_spec": "core.models",  # tiny random models: the demos and tests without weights
     "tiny_dino_spec": "core.models",
-    "resolve": "core.device",  # fill a config's None ("fit the hardware") fields for a device
+    "resolve": "core.config",  # fill a config's None ("fit the hardware") fields for a device
     "import_images": "stages.fo_io",
     # embeddings
     "compute_embeddings": "stages.embeddings",

@@ -14,7 +14,8 @@ from typing import Optional
 from fiftyone_nola import logs
 from fiftyone_nola.cli_args import build_parser
 from fiftyone_nola.core import distributed as dt
-from fiftyone_nola.core.device import given, given_in, hardware_profile, resolve_device
+from fiftyone_nola.core.config import given, given_in
+from fiftyone_nola.core.device import hardware_profile, resolve_device
 from fiftyone_nola.core.embed import EmbedConfig
 from fiftyone_nola.core.errors import ModelNotFoundError, NolaError
 from fiftyone_nola.core.models import ClipSpec, DinoSpec, concrete_dino

@@ -69,7 +69,7 @@ def random_init_banner(clip: Optional[ClipSpec] = None, dino: Optional[DinoSpec]
 class AutoLabelConfig:
     """Settings of the whole single-label pipeline; each stage's own config is nested.
 
-    Fields left ``None`` fit the hardware (``core.device.resolve``); ``clip`` and ``device``
+    Fields left ``None`` fit the hardware (``core.config.resolve``); ``clip`` and ``device``
     apply to every stage, so the stage configs' own ``clip``/``device`` are not read here.
     """
 

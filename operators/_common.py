@@ -14,7 +14,7 @@ import time
 import fiftyone.operators.types as types
 
 from fiftyone_nola import logs
-from fiftyone_nola.core.device import given, given_in  # noqa: F401  (the operators' config rule)
+from fiftyone_nola.core.config import given, given_in  # noqa: F401  (the operators' config rule)
 from fiftyone_nola.core.engines import ENGINES, PRECISIONS
 from fiftyone_nola.core.models import ClipSpec, DinoSpec, random_init_default
 

@@ -17,8 +17,9 @@ import numpy as np
 
 from fiftyone_nola.core import cdul as ml
 from fiftyone_nola.core.classes import ClassesArg, resolve_classes
+from fiftyone_nola.core.config import as_data, resolve
 from fiftyone_nola.core.descriptions import SIMPLE_TEMPLATE
-from fiftyone_nola.core.device import resolve, resolve_device
+from fiftyone_nola.core.device import resolve_device
 from fiftyone_nola.core.embed import EmbedConfig
 from fiftyone_nola.core.models import ClipSpec, DinoSpec, load_clip, spec_key
 from fiftyone_nola.core.progress import ProgressFn, null_progress
@@ -78,7 +79,7 @@ def recorded_config(config: MultiLabelConfig) -> dict:
         extra = {k: v for k, v in value.items() if k not in flat and k != "device" and v != default[k]}
         if extra:
             out[part] = extra
-    return runs._jsonable(out)
+    return as_data(out)
 
 
 def _default_part(part: str):

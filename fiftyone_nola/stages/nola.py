@@ -23,7 +23,8 @@ from fiftyone_nola.core import distributed as dt
 from fiftyone_nola.core import prompt_tuning as pt
 from fiftyone_nola.core import zeroshot as zs
 from fiftyone_nola.core.classes import ClassesArg, labels_to_indices, resolve_classes
-from fiftyone_nola.core.device import resolve, resolve_device
+from fiftyone_nola.core.config import resolve
+from fiftyone_nola.core.device import resolve_device
 from fiftyone_nola.core.errors import IndexMismatchError, NolaError
 from fiftyone_nola.core.models import ClipSpec, DinoSpec, load_clip, spec_key
 from fiftyone_nola.core.progress import ProgressFn, null_progress
@@ -370,7 +371,7 @@ def tune_prompts(
 
 @dataclass
 class PredictConfig:
-    """How :func:`predict` runs the tuned model; None fields fit the hardware (``device.resolve``).
+    """How :func:`predict` runs the tuned model; None fields fit the hardware (``config.resolve``).
 
     ``engine``/``precision``: what runs the forward (core/engines.py; ``auto``: OpenVINO bf16 on
     CPUs with native bf16 when installed, else PyTorch; ``engine="torch"`` forces PyTorch).

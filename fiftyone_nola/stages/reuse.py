@@ -15,32 +15,33 @@ from typing import Any, Optional
 
 import torch
 
+from fiftyone_nola.core.config import as_data, resolve, without_types
 from fiftyone_nola.core.data import file_fingerprint
-from fiftyone_nola.core.device import resolve, resolve_device
+from fiftyone_nola.core.device import resolve_device
 from fiftyone_nola.core.index import EmbeddingIndex
 from fiftyone_nola.core.prompt_tuning import TuneConfig
 from fiftyone_nola.core.storage import read_json
 from fiftyone_nola.stages import fo_io, runs
 from fiftyone_nola.stages.artifacts import stage_dir, stored_ids
 from fiftyone_nola.stages.embeddings import index_path
+from fiftyone_nola.stages.legacy_records import as_recorded_data
 from fiftyone_nola.stages.nola import ZeroShotConfig, dino_run_config, tune_run_config
 
 
-def _comparable(obj):
-    """A run config without ``models_dir``: where weights are looked up is not what they are
-    (the model's key is), and runs recorded before it was a spec field have it ``None``.
-    Nested specs are recorded as repr strings: those are compared field by field too."""
-    if isinstance(obj, str):
-        obj = runs.recorded_fields(obj) or obj
+def _without_models_dir(obj):
+    """Where weights are looked up is not what they are (the model's key is); runs recorded
+    before it was a spec field have it ``None``."""
     if isinstance(obj, dict):
-        return {k: _comparable(v) for k, v in obj.items() if k != "models_dir"}
+        return {k: _without_models_dir(v) for k, v in obj.items() if k != "models_dir"}
     if isinstance(obj, list):
-        return [_comparable(v) for v in obj]
+        return [_without_models_dir(v) for v in obj]
     return obj
 
 
 def _config_json(obj) -> str:
-    return json.dumps(_comparable(runs._jsonable(obj)), sort_keys=True)
+    """Settings by value: as data (records before 0.3 held nested ones as repr strings), type tags
+    and ``models_dir`` left out."""
+    return json.dumps(_without_models_dir(without_types(as_recorded_data(as_data(obj)))), sort_keys=True)
 
 
 def up_to_date(samples, key: str, config) -> bool:

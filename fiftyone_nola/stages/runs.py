@@ -6,40 +6,28 @@ stage, its config, model identities and timing; ``dataset.load_run_results(key)`
 
 from __future__ import annotations
 
-import ast
-import dataclasses
-import json
 import time
 from typing import Any, Optional
 
+from fiftyone_nola.core.config import TYPE_KEY, as_data
 from fiftyone_nola.stages.fo_io import root_dataset
+from fiftyone_nola.stages.legacy_records import parse_repr
 
 RUN_PREFIX = "nola"
 
 
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = dataclasses.asdict(obj)
-    return json.loads(json.dumps(obj, default=str))
-
-
 def recorded_fields(value: Any, type_name: Optional[str] = None) -> Optional[dict]:
-    """A nested setting as a run config holds it: a dict, or the repr ``Name(field=value, ...)``
-    that runs store nested dataclasses as (``_jsonable``), read literally, never evaluated.
-    With ``type_name``, a repr of another type gives None."""
-    if isinstance(value, dict):
-        return value
-    if not isinstance(value, str):
+    """The fields of a nested setting as a run config holds it: data (a dict), or, in records
+    written before 0.3, a repr string read literally. With ``type_name``, None if it records
+    another type. The type tag itself is not among the fields."""
+    if isinstance(value, str):
+        value = parse_repr(value, type_name)
+    if not isinstance(value, dict):
         return None
-    try:
-        call = ast.parse(value, mode="eval").body
-        if not isinstance(call, ast.Call) or call.args or not isinstance(call.func, ast.Name):
-            return None
-        if type_name is not None and call.func.id != type_name:
-            return None
-        return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
-    except (SyntaxError, ValueError, TypeError, RecursionError):  # e.g. an unhashable dict key
+    kind = value.get(TYPE_KEY)
+    if type_name is not None and kind is not None and kind != type_name:
         return None
+    return {k: v for k, v in value.items() if k != TYPE_KEY}
 
 
 def run_key_for(field: str) -> str:
@@ -51,12 +39,12 @@ def run_key_for(field: str) -> str:
 def record_run(samples, key: str, method: str, config: Any, results: Optional[dict] = None) -> None:
     """Register (or replace) the run ``key`` on the dataset behind ``samples``."""
     ds = root_dataset(samples)
-    cfg = ds.init_run(method=f"{RUN_PREFIX}.{method}", config=_jsonable(config))
+    cfg = ds.init_run(method=f"{RUN_PREFIX}.{method}", config=as_data(config))
     forget_run(ds, key)
     ds.register_run(key, cfg)
     if results is not None:
         # Stored under one attribute: result keys like "samples" would clash with RunResults'.
-        res = ds.init_run_results(key, summary=_jsonable({**results, "recorded_at": time.time()}))
+        res = ds.init_run_results(key, summary=as_data({**results, "recorded_at": time.time()}))
         ds.save_run_results(key, res)
 
 

@@ -12,6 +12,7 @@ import torch
 from fiftyone_nola.core import device as dev
 from fiftyone_nola.core import engines
 from fiftyone_nola.core.arrays import l2_normalize, softmax
+from fiftyone_nola.core.config import resolve
 from fiftyone_nola.core.data import DecodeOptions, ImageFileDataset, collate_skip_bad
 from fiftyone_nola.core.embed import calibration_images, engine_module
 from fiftyone_nola.core.errors import InvalidInputError
@@ -57,7 +58,7 @@ def grid_boxes(width: int, height: int, grid: int = 3) -> list[tuple[int, int, i
 @dataclass
 class CropConfig:
     """Settings of the local (crop) CLIP scoring stage; ``None`` fields fit the hardware
-    (:func:`fiftyone_nola.core.device.resolve`)."""
+    (:func:`fiftyone_nola.core.config.resolve`)."""
 
     grid: int = 3
     batch_size: int = 32  # images per forward pass (grid² crops each)
@@ -152,7 +153,7 @@ def local_clip_scores(
     slots of images smaller than the grid, are NaN.
     """
     progress = progress or null_progress
-    config = dev.resolve(config, config.device)
+    config = resolve(config, config.device)
     if config.batch_size < 1:
         raise InvalidInputError(f"batch_size must be >= 1, got {config.batch_size}")
     w_np = _check_weights(class_weights, clip.embed_dim)

@@ -13,6 +13,7 @@ from torch import nn
 
 from fiftyone_nola.core import device as dev
 from fiftyone_nola.core.cdul.classifier import SCORE_FOR_LOSS, MultiLabelHead
+from fiftyone_nola.core.config import resolve
 from fiftyone_nola.core.errors import InvalidInputError
 from fiftyone_nola.core.progress import ProgressFn, null_progress
 
@@ -36,7 +37,7 @@ class TrainConfig:
     """Settings of the multi-label head trained on cached features.
 
     The schedule fields (``epochs``, ``update_every``, ``warmup``) and ``device`` left ``None``
-    fit the hardware (:func:`fiftyone_nola.core.device.resolve`): CDUL's schedule as the
+    fit the hardware (:func:`fiftyone_nola.core.config.resolve`): CDUL's schedule as the
     reproduction study runs it (``PAPER_SCHEDULE``) on a GPU, ``CPU_SCHEDULE`` elsewhere.
     ``lr``, ``batch_size`` and ``hidden`` are head settings: the paper fine-tunes a whole
     ResNet-101 at Adam lr 1e-5, batch 8, which leaves a randomly initialised head on frozen
@@ -203,7 +204,7 @@ def train_multilabel_classifier(
     hardware first. Deterministic for a given ``seed`` on CPU.
     """
     progress = progress or null_progress
-    config = dev.resolve(config, config.device)
+    config = resolve(config, config.device)
     if config.loss not in LOSSES:
         raise InvalidInputError(f"loss must be one of {', '.join(LOSSES)}, not {config.loss!r}")
     if config.epochs < 0 or config.batch_size < 1 or config.update_every < 0 or config.warmup < 0:

@@ -20,7 +20,7 @@ ALL_SAMPLES = 0
 class TuneConfig:
     """Stage 3 settings; the fixed ones are the official (lr 4e-3, AdamW, 16 prompts).
 
-    Fields left ``None`` fit the hardware (``device.resolve``; ``tune`` resolves them too): on a
+    Fields left ``None`` fit the hardware (``config.resolve``; ``tune`` resolves them too): on a
     GPU the official 50 epochs, batch 512 and all samples; on a CPU a few epochs on a subset
     with small batches.
     """

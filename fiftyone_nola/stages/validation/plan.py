@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fiftyone_nola.core.device import hardware_profile, resolve, resolve_device
+from fiftyone_nola.core.config import resolve
+from fiftyone_nola.core.device import hardware_profile, resolve_device
 from fiftyone_nola.core.models import ClipSpec, concrete_dino
 from fiftyone_nola.core.storage import nola_home
 from fiftyone_nola.stages.reuse import plan_stages
