@@ -80,9 +80,17 @@ class Design:
 
     @classmethod
     def from_dict(cls, d: dict) -> Design:
-        d = dict(d)
+        d = _plain(d)  # a record read back from a database may hold its own dict/list types
         d["edges"], d["stratum_pi"] = tuple(d.get("edges") or ()), tuple(d.get("stratum_pi") or ())
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
 
 
 def _spread(p: np.ndarray) -> np.ndarray:

@@ -1,0 +1,141 @@
+"""The audit on a FiftyOne dataset: draw, decide, report, simulate, flag (no images read)."""
+
+import numpy as np
+import pytest
+
+from fiftyone_nola.core.audit import simulate as sim
+from fiftyone_nola.core.audit.config import AuditConfig
+from fiftyone_nola.core.errors import InvalidInputError
+from fiftyone_nola.stages import audit, runs
+from fiftyone_nola.stages import audit_records as rec
+from fiftyone_nola.stages import review_workspace as rw
+from fiftyone_nola.stages.review import ACCEPTED_TAG, REVIEW_TAG
+
+CLASSES = [f"c{i}" for i in range(5)]
+
+
+@pytest.fixture
+def labelled(make_dataset):
+    """800 samples: ground truth, and predictions in 'nola' with known accuracy (~0.9)."""
+    import fiftyone as fo
+
+    pop = sim.population(size=800, accuracy=0.9, calibration="calibrated", classes=5, seed=3)
+    rng = np.random.default_rng(0)
+    pred = [CLASSES[k] for k in pop.label]
+    gt = [p if ok else CLASSES[(CLASSES.index(p) + 1 + rng.integers(4)) % 5] for p, ok in zip(pred, pop.correct)]
+    ds = make_dataset([f"/nonexistent/img{i}.jpg" for i in range(800)], gt)
+    ds.set_values("nola", [fo.Classification(label=p, confidence=float(c)) for p, c in zip(pred, pop.conf)])
+    ds.default_classes = CLASSES
+    ds.save()
+    return ds, float(np.mean([p == g for p, g in zip(pred, gt)]))
+
+
+def _answer_truthfully(ds, ids):
+    """Decide like an honest reviewer who knows the ground truth (one call per kind of answer)."""
+    truth = dict(zip(*ds.values(["id", "ground_truth.label"])))
+    preds = dict(zip(*ds.values(["id", "nola.label"])))
+    right = [i for i in ids if truth[i] == preds[i]]
+    if right:
+        rw.decide(ds, right, "accept")
+    for label in CLASSES:
+        wrong = [i for i in ids if truth[i] != preds[i] and truth[i] == label]
+        if wrong:
+            rw.decide(ds, wrong, "correct", label=label)
+
+
+def test_a_draw_records_the_design_the_pool_and_the_audit_samples(labelled):
+    ds, _ = labelled
+    rw.decide(ds, ds.take(20, seed=1).values("id"), "accept")  # decided before: never audited
+    out = audit.draw_audit(ds, 120, seed=4)
+    assert out["pool"] == 780 and abs(out["drawn"] - 120) < 45
+    assert len(ds.match_tags(audit.AUDIT_TAG)) == out["drawn"]
+    assert len(ds.exists(rec.PI_FIELD)) == 780 and len(ds.match_tags(ACCEPTED_TAG).exists(rec.PI_FIELD)) == 0
+    run = runs.get_run(ds, audit.RUN_KEY)
+    assert run["config"]["design"]["kind"] == "stratified" and run["config"]["design"]["seed"] == 4
+    assert audit.audit_progress(ds) == {"drawn": out["drawn"], "audited": 0, "remaining": out["drawn"]}
+    with pytest.raises(InvalidInputError, match="already has an audit"):
+        audit.draw_audit(ds, 50)
+
+
+def test_the_report_from_truthful_decisions_covers_the_true_accuracy(labelled):
+    ds, truth = labelled
+    audit.draw_audit(ds, 200, seed=1)
+    queue = audit.audit_queue(ds)
+    _answer_truthfully(ds, queue[:10])
+    partial = audit.audit_report(ds)
+    assert partial["progress"]["counted"] == 10 and partial["n"] == 10
+    _answer_truthfully(ds, audit.audit_queue(ds))
+    r = audit.audit_report(ds)
+    assert r["progress"]["audited"] == r["progress"]["drawn"] == r["n"]
+    assert r["accuracy_low"] <= truth <= r["accuracy_high"]
+    assert r["certified"] + r["uncertified"] == 800
+    assert {row["class"] for row in r["per_class"]} == set(CLASSES)
+    assert r["export_accuracy"]["all_labels"]["exported"] == 800
+
+
+def test_deciding_out_of_queue_order_is_counted_only_once_the_gap_is_filled(labelled):
+    ds, _ = labelled
+    audit.draw_audit(ds, 60, seed=2)
+    queue = audit.audit_queue(ds)
+    _answer_truthfully(ds, [queue[1]])
+    r = audit.audit_report(ds)
+    assert r["progress"]["audited"] == 1 and r["progress"]["counted"] == 0 and "in order" in r["note"]
+    assert audit.audit_decide(ds, queue[0], "accept") == queue[2]
+    assert audit.audit_report(ds)["progress"]["counted"] == 2
+
+
+def test_a_rejected_or_corrected_audit_sample_counts_as_wrong(labelled):
+    ds, _ = labelled
+    audit.draw_audit(ds, 40, seed=3, config=AuditConfig(design="uniform"))
+    rw.decide(ds, audit.audit_queue(ds), "reject")
+    assert audit.audit_report(ds)["accuracy"] == 0.0
+    got = rec.read_audit(ds, "nola")
+    assert not got.data.correct.any()
+
+
+def test_a_simulated_audit_writes_nothing_and_seeds_are_independent(labelled):
+    ds, truth = labelled
+    before = (sorted(ds.get_field_schema()), ds.count_sample_tags(), ds.list_runs())
+    a = audit.simulate_audit(ds, "ground_truth", 200, seed=1)
+    again = audit.simulate_audit(ds, "ground_truth", 200, seed=1)
+    other = audit.simulate_audit(ds, "ground_truth", 200, seed=2)
+    assert (sorted(ds.get_field_schema()), ds.count_sample_tags(), ds.list_runs()) == before
+    assert a["accuracy"] == again["accuracy"] and a["accuracy"] != other["accuracy"]
+    assert a["simulated"] and a["accuracy_low"] <= truth <= a["accuracy_high"]
+    with pytest.raises(InvalidInputError, match="ground truth"):
+        audit.simulate_audit(ds, "nola", 100)
+
+
+def test_random_predictions_certify_nothing_and_say_so(labelled):
+    import fiftyone as fo
+
+    ds, _ = labelled
+    rng = np.random.default_rng(1)
+    ds.set_values(
+        "nola", [fo.Classification(label=CLASSES[rng.integers(5)], confidence=float(rng.uniform(0.2, 0.4))) for _ in ds]
+    )
+    r = audit.simulate_audit(ds, "ground_truth", 200, seed=3)
+    assert r["threshold"] is None and r["certified"] == 0 and r["uncertified"] == 800
+    assert r["certificate"].startswith("Nothing can be certified")
+
+
+def test_flag_uncertified_queues_exactly_what_the_certificate_leaves(labelled):
+    ds, _ = labelled
+    r = audit.simulate_audit(ds, "ground_truth", 300, seed=5, config=AuditConfig(design="uniform"))
+    out = audit.flag_uncertified(ds, "nola", report=r, clusters=False)
+    conf = np.array(ds.values("nola.confidence"))
+    queued = np.array([REVIEW_TAG in t for t in ds.values("tags")])
+    tau = r["threshold"]
+    expected = conf < (tau if tau is not None else 2.0)
+    np.testing.assert_array_equal(queued, expected)
+    assert out["queue"] == expected.sum()
+
+
+def test_a_new_audit_replaces_the_old_one_but_keeps_its_decisions(labelled):
+    ds, _ = labelled
+    audit.draw_audit(ds, 50, seed=1)
+    first = audit.audit_queue(ds)[:5]
+    _answer_truthfully(ds, first)
+    out = audit.draw_audit(ds, 50, seed=2, replace_existing=True)
+    assert out["pool"] == 795 and len(ds.match_tags(ACCEPTED_TAG).exists(rec.PI_FIELD)) == 0
+    assert set(first) <= set(ds.match_tags(ACCEPTED_TAG).values("id"))
