@@ -139,3 +139,114 @@ def test_a_new_audit_replaces_the_old_one_but_keeps_its_decisions(labelled):
     out = audit.draw_audit(ds, 50, seed=2, replace_existing=True)
     assert out["pool"] == 795 and len(ds.match_tags(ACCEPTED_TAG).exists(rec.PI_FIELD)) == 0
     assert set(first) <= set(ds.match_tags(ACCEPTED_TAG).values("id"))
+
+
+# ---------------------------------------------------------------- certificate on export, CLI
+
+CERTIFICATE_KEYS = {
+    "design",
+    "n",
+    "alpha",
+    "delta",
+    "target",
+    "tau",
+    "certified",
+    "uncertified",
+    "accuracy",
+    "certified_region_accuracy",
+    "export_accuracy",
+    "method",
+    "model",
+    "run_keys",
+    "statement",
+    "assumptions",
+}
+
+
+def test_a_certified_export_holds_reviewed_and_certified_samples_and_its_certificate(labelled, tmp_path):
+    import json
+
+    from fiftyone_nola.stages.export import export_accepted
+
+    ds, _ = labelled
+    audit.draw_audit(ds, 300, seed=6, config=AuditConfig(design="uniform"))
+    _answer_truthfully(ds, audit.audit_queue(ds))
+    report = audit.audit_report(ds)
+    out = export_accepted(ds, str(tmp_path / "exp"), "nola", format="csv", min_confidence="certified")
+    cert = json.loads((tmp_path / "exp" / "certificate.json").read_text())
+    assert CERTIFICATE_KEYS <= set(cert)
+    assert cert["tau"] == report["threshold"] and cert["certified"] == report["certified"]
+    decided = len(ds.match_tags(ACCEPTED_TAG))
+    certified_undecided = len(
+        ds.match_tags(ACCEPTED_TAG, bool=False)
+        .exists(rec.PI_FIELD)
+        .match(__import__("fiftyone").ViewField("nola.confidence") >= (report["threshold"] or 2.0))
+    )
+    assert out["exported"] == decided + certified_undecided == cert["exported"]
+    assert runs.get_run(ds, "nola_certificate")["results"]["tau"] == cert["tau"]
+    assert cert["run_keys"]["audit"] == "nola_audit"
+
+
+def test_a_certified_export_without_an_audit_says_so(labelled, tmp_path):
+    from fiftyone_nola.stages.export import export_accepted
+
+    ds, _ = labelled
+    with pytest.raises(InvalidInputError, match="no audit"):
+        export_accepted(ds, str(tmp_path / "e"), "nola", format="csv", min_confidence="certified")
+    with pytest.raises(InvalidInputError, match="certified"):
+        export_accepted(ds, str(tmp_path / "e"), "nola", format="csv", min_confidence="high")
+
+
+def test_the_audit_command_draws_reports_and_simulates(labelled, tmp_path, capsys):
+    import json
+
+    from fiftyone_nola.cli import main
+
+    ds, _ = labelled
+    sim_json = tmp_path / "sim.json"
+    args = ["audit", "--dataset", ds.name, "--field", "nola", "--simulate-from", "ground_truth"]
+    assert (
+        main([*args, "--draw", "150", "--seed", "3", "--target", "0.9", "--delta", "0.1", "--json", str(sim_json)]) == 0
+    )
+    r = json.loads(sim_json.read_text())
+    for key in (
+        "n",
+        "design",
+        "alpha",
+        "accuracy",
+        "accuracy_low",
+        "accuracy_high",
+        "target",
+        "delta",
+        "threshold",
+        "certified",
+        "uncertified",
+    ):
+        assert key in r
+    assert r["target"] == 0.9 and r["delta"] == 0.1 and r["simulated"]
+    assert main(["audit", "--dataset", ds.name, "--draw", "80"]) == 0
+    assert "drew" in capsys.readouterr().out
+    _answer_truthfully(ds, audit.audit_queue(ds))
+    assert main(["audit", "--dataset", ds.name, "--report", "--json", str(tmp_path / "r.json")]) == 0
+    text = capsys.readouterr().out
+    assert "accuracy" in text and "certificate:" in text
+    assert json.loads((tmp_path / "r.json").read_text())["progress"]["counted"] > 0
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--report"], "no audit yet"),
+        (["--simulate-from", "ground_truth"], "needs --draw"),
+        ([], "Give --draw"),
+        (["--draw", "50", "--alpha", "2"], "alpha must be"),
+        (["--simulate-from", "nope", "--draw", "50"], "does not exist"),
+    ],
+)
+def test_the_audit_command_s_mistakes_are_one_clear_message(labelled, capsys, argv, message):
+    from fiftyone_nola.cli import main
+
+    ds, _ = labelled
+    assert main(["audit", "--dataset", ds.name, *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -10,7 +10,7 @@ import csv
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from fiftyone_nola.core.errors import InvalidInputError
 from fiftyone_nola.core.storage import nola_home
@@ -19,6 +19,7 @@ from fiftyone_nola.stages.review import ACCEPTED_TAG, CORRECTIONS_FIELD, REJECTE
 
 FORMATS = ("classification-tree", "fiftyone", "csv", "coco")
 EXPORT_FIELD = "nola_export_label"
+CERTIFIED = "certified"  # min_confidence="certified": the audit's certified threshold, with a certificate
 
 
 def safe_folder_name(label: str) -> str:
@@ -64,9 +65,11 @@ def plan_export(
     corrections_field: str = CORRECTIONS_FIELD,
     require_accepted: bool = True,
     multilabel: bool = False,
+    certified: Optional[set] = None,
 ) -> tuple[list, dict, dict, list]:
     """Which samples an export would write, without writing: ``(ids, final labels by id,
-    counts left out by reason, corrections)``."""
+    counts left out by reason, corrections)``. With ``certified`` (ids), an unreviewed sample is
+    exported exactly when the audit certifies it (``min_confidence`` is then not used)."""
     ds = fo_io.root_dataset(samples)
     has_corr = ds.has_sample_field(corrections_field)
     ids, tags, paths = samples.values(["id", "tags", "filepath"])
@@ -86,10 +89,14 @@ def plan_export(
             left_out["no label"] += 1
             continue
         accepted = ACCEPTED_TAG in tg
-        if require_accepted and not accepted and min_confidence is None:
+        if certified is not None:
+            if not accepted and sid not in certified:
+                left_out["not certified"] = left_out.get("not certified", 0) + 1
+                continue
+        elif require_accepted and not accepted and min_confidence is None:
             left_out["not accepted"] += 1
             continue
-        if not accepted and min_confidence is not None and cr is None:
+        if certified is None and not accepted and min_confidence is not None and cr is None:
             conf = getattr(label, "confidence", None)
             if multilabel:
                 conf = min((c.confidence or 0.0) for c in label.classifications) if label.classifications else 0.0
@@ -106,12 +113,16 @@ def export_accepted(
     export_dir: str,
     label_field: str = "nola",
     format: str = "classification-tree",
-    min_confidence: Optional[float] = None,
+    min_confidence: Optional[Union[float, str]] = None,
     corrections_field: str = CORRECTIONS_FIELD,
     require_accepted: bool = True,
     overwrite: bool = False,
 ) -> dict:
     """Export accepted (and/or above ``min_confidence``) samples; returns counts and reasons left out.
+
+    ``min_confidence="certified"``: the reviewed samples plus the unreviewed ones the dataset's
+    audit certifies (confidence at or above its certified threshold), with ``certificate.json``
+    beside them (also recorded as the run ``nola_certificate``; see :mod:`.certificate`).
 
     Formats: ``classification-tree`` (one folder per class), ``fiftyone`` (a FiftyOne dataset
     directory), ``csv`` (filepath + labels; suits multi-label), ``coco`` (multi-label as COCO
@@ -125,16 +136,23 @@ def export_accepted(
         raise InvalidInputError("Export needs accepted samples, a min_confidence, or both")
     fo_io.check_field(samples, label_field, (fo.Classification, fo.Classifications))
     multilabel = issubclass(samples.get_field(label_field).document_type, fo.Classifications)
+    report = _audit_report(samples, label_field, min_confidence, multilabel)
     if format == "classification-tree" and multilabel:
         raise InvalidInputError("A classification tree needs single labels: use format 'csv' or 'coco'")
     out_dir = _resolve_dir(export_dir, overwrite)
 
     ds = fo_io.root_dataset(samples)
+    certified = None
+    if report is not None:
+        from fiftyone_nola.stages.certificate import certified_ids
+
+        certified, min_confidence = certified_ids(samples, report), None
     keep, final, left_out, corr = plan_export(
-        samples, label_field, min_confidence, corrections_field, require_accepted, multilabel
+        samples, label_field, min_confidence, corrections_field, require_accepted, multilabel, certified
     )
     if not keep:
-        raise InvalidInputError(nothing_to_export_message(left_out))
+        why = nothing_to_export_message(left_out)
+        raise InvalidInputError(f"{report['certificate']} {why}" if report is not None else why)
     renamed = {}
     if format == "classification-tree":
         # Labels become folder names: never let one ("../x", "a/b") point outside export_dir.
@@ -167,7 +185,7 @@ def export_accepted(
             _write_coco(view, out_dir / "labels.json", multilabel)
     finally:
         ds.delete_sample_field(EXPORT_FIELD)
-    report = {
+    summary = {
         "exported": len(keep),
         "left_out": left_out,
         "format": format,
@@ -176,8 +194,26 @@ def export_accepted(
         "label_field": label_field,
         "corrections_used": sum(c is not None for c in corr),
     }
-    fo_io.write_text_atomic(out_dir / "export_report.json", report)
-    return report
+    if report is not None:
+        from fiftyone_nola.stages import certificate
+
+        cert = certificate.write(samples, report, summary, out_dir)
+        summary.update(certificate=str(out_dir / certificate.CERTIFICATE_FILE), certified_threshold=cert["tau"])
+    fo_io.write_text_atomic(out_dir / "export_report.json", summary)
+    return summary
+
+
+def _audit_report(samples, label_field: str, min_confidence, multilabel: bool) -> Optional[dict]:
+    """The audit's report when the export is to be certified (``min_confidence="certified"``)."""
+    if not isinstance(min_confidence, str):
+        return None
+    if min_confidence != CERTIFIED:
+        raise InvalidInputError(f"min_confidence is a number or {CERTIFIED!r}, not {min_confidence!r}")
+    if multilabel:
+        raise InvalidInputError("A certified export needs single labels: audits measure single-label accuracy")
+    from fiftyone_nola.stages.audit import audit_report
+
+    return audit_report(samples, label_field)
 
 
 def _labels_of(label, multilabel: bool) -> list:

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from fiftyone_nola.core.audit.designs import DEFAULT_KIND, FLOOR_SHARE, KINDS, MAX_STRATA
-from fiftyone_nola.core.audit.estimators import METHODS
 from fiftyone_nola.core.errors import InvalidInputError
+
+METHODS = ("exact", "stratified", "ppi", "active")  # estimators (fiftyone_nola.core.audit.estimators)
 
 
 @dataclass(frozen=True)

@@ -30,11 +30,10 @@ from typing import Optional
 import numpy as np
 
 from fiftyone_nola.core.audit import ppi as ppi_mod
+from fiftyone_nola.core.audit.config import METHODS
 from fiftyone_nola.core.audit.exact import clopper_pearson, effective_clopper_pearson
 from fiftyone_nola.core.audit.score import score_interval
 from fiftyone_nola.core.errors import InvalidInputError
-
-METHODS = ("exact", "stratified", "ppi", "active")
 
 
 @dataclass
