@@ -13,6 +13,20 @@ from fiftyone_nola.core.audit.designs import Design
 from fiftyone_nola.core.audit.estimators import DEFAULT_FOR_DESIGN, AuditData, estimate
 
 CURVE_POINTS = 50
+# What every report (and the CLI's --json) holds at least; threshold is None when nothing is certified.
+REPORT_KEYS = (
+    "n",
+    "design",
+    "alpha",
+    "accuracy",
+    "accuracy_low",
+    "accuracy_high",
+    "target",
+    "delta",
+    "threshold",
+    "certified",
+    "uncertified",
+)
 
 
 def _num(v) -> Optional[float]:
