@@ -49,6 +49,9 @@ def test_audit_of_real_labels_end_to_end(labelled_cifar, tmp_path):
 
     # a real audit, decided by an honest reviewer, then a certified export
     audit.draw_audit(ds, 60, field=FIELD, seed=1)
+    drawn = set(ds.match_tags(audit.AUDIT_TAG).values("id"))
+    zero_shot(ds, CIFAR10_CLASSES, ZeroShotConfig(clip=tiny_clip_spec(), templates="simple", device="cpu"), FIELD)
+    assert set(ds.match_tags(audit.AUDIT_TAG).values("id")) == drawn  # a pipeline re-run keeps the audit
     truth = dict(zip(*ds.values(["id", "ground_truth.label"])))
     queue = audit.audit_queue(ds)
     for label in CIFAR10_CLASSES:  # the reviewer picks the true class: an accept when the model had it
