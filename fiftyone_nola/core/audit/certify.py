@@ -66,12 +66,11 @@ def candidates(conf: np.ndarray, pi: np.ndarray, target: float, delta: float) ->
     need = min(START * min_sample(target, delta), float(expected[-1]))
     first = int(np.argmax(expected >= need))
     step = max(1, len(conf) // STEPS)
-    picked, last = [], -step
-    for j in range(first, len(ends)):
-        if ends[j] - last >= step or j == len(ends) - 1:
-            picked.append(j)
-            last = ends[j]
-    picked = np.asarray(picked, dtype=np.int64)
+    # one region per `step` more units (the first region reaching each size), and the whole pool
+    sizes = np.arange(ends[first], ends[-1] + step, step)
+    picked = np.unique(
+        np.r_[first, np.searchsorted(ends, sizes, side="left").clip(first, len(ends) - 1), len(ends) - 1]
+    )
     return Candidates(sorted_conf[ends[picked] - 1], ends[picked], rate[picked], order, rank)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from fiftyone_nola.core.audit.certify import Certificate, certified_lower_bounds, certify, describe
 from fiftyone_nola.core.audit.designs import Design
-from fiftyone_nola.core.audit.estimators import DEFAULT_FOR_DESIGN, AuditData, estimate
+from fiftyone_nola.core.audit.estimators import DEFAULT_FOR_DESIGN, AuditData, estimate, estimate_domains
 
 CURVE_POINTS = 50
 # What every report (and the CLI's --json) holds at least; threshold is None when nothing is certified.
@@ -35,23 +35,26 @@ def _num(v) -> Optional[float]:
 
 def per_class(data: AuditData, labels: Sequence, method: str, alpha: float) -> list[dict]:
     """Accuracy of each predicted class (a sub-population of the pool) with its interval."""
-    labels = np.asarray(labels, dtype=object)
-    audited = labels[data.unit]
-    rows = []
-    for name in sorted({str(x) for x in labels}):
-        mask = labels == name
-        r = estimate(data.domain(mask), method, alpha).row()
-        rows.append(
-            {
-                "class": name,
-                "pool": int(mask.sum()),
-                "audited": int((audited == name).sum()),
-                "accuracy": r["estimate"],
-                "low": r["low"],
-                "high": r["high"],
-            }
-        )
-    return rows
+    index: dict = {}
+    labels = labels.tolist() if isinstance(labels, np.ndarray) else labels
+    first_code = np.array([index.setdefault(str(x), len(index)) for x in labels], dtype=np.int64)
+    names = sorted(index)
+    code = np.argsort(np.argsort(list(index)))[first_code] if len(index) else first_code  # codes in name order
+    pool = np.bincount(code, minlength=len(names))
+    audited = np.bincount(code[data.unit], minlength=len(names))
+    by_class = np.split(np.argsort(code, kind="stable"), np.cumsum(pool)[:-1])  # pool indices per class
+    estimates = estimate_domains(data, by_class, method, alpha)
+    return [
+        {
+            "class": str(name),
+            "pool": int(pool[k]),
+            "audited": int(audited[k]),
+            "accuracy": r["estimate"],
+            "low": r["low"],
+            "high": r["high"],
+        }
+        for k, (name, r) in enumerate(zip(names, estimates))
+    ]
 
 
 def curve(data: AuditData, cert: Certificate, method: str, alpha: float, delta: float) -> list[dict]:
@@ -63,15 +66,15 @@ def curve(data: AuditData, cert: Certificate, method: str, alpha: float, delta: 
     keep = np.unique(
         np.r_[np.linspace(0, len(cand.size) - 1, min(CURVE_POINTS, len(cand.size))).astype(int), max(0, cert.index[0])]
     )
+    ranked = data.domain(cand.order)  # most confident first: each region is a prefix (contiguous reads)
+    regions = [np.arange(cand.size[k]) for k in keep]
     points = []
-    for k in keep:
-        region = data.conf >= cand.threshold[k]
-        r = estimate(data.domain(region), method, alpha).row()
+    for k, r in zip(keep, estimate_domains(ranked, regions, method, alpha)):
         points.append(
             {
                 "threshold": float(cand.threshold[k]),
                 "above": int(cand.size[k]),
-                "audited_above": int(region[data.unit].sum()),
+                "audited_above": int((cand.rank[data.unit] < cand.size[k]).sum()),
                 "accuracy": r["estimate"],
                 "low": r["low"],
                 "high": r["high"],
