@@ -1,5 +1,7 @@
 """The audit on a FiftyOne dataset: draw, decide, report, simulate, flag (no images read)."""
 
+import uuid
+
 import numpy as np
 import pytest
 
@@ -15,20 +17,39 @@ from fiftyone_nola.stages.review import ACCEPTED_TAG, REVIEW_TAG
 CLASSES = [f"c{i}" for i in range(5)]
 
 
-@pytest.fixture
-def labelled(make_dataset):
-    """800 samples: ground truth, and predictions in 'nola' with known accuracy (~0.9)."""
+@pytest.fixture(scope="module")
+def _template():
+    """800 samples: ground truth, and predictions in 'nola' with known accuracy (~0.9); cloned per test."""
     import fiftyone as fo
 
     pop = sim.population(size=800, accuracy=0.9, calibration="calibrated", classes=5, seed=3)
     rng = np.random.default_rng(0)
     pred = [CLASSES[k] for k in pop.label]
     gt = [p if ok else CLASSES[(CLASSES.index(p) + 1 + rng.integers(4)) % 5] for p, ok in zip(pred, pop.correct)]
-    ds = make_dataset([f"/nonexistent/img{i}.jpg" for i in range(800)], gt)
-    ds.set_values("nola", [fo.Classification(label=p, confidence=float(c)) for p, c in zip(pred, pop.conf)])
+    ds = fo.Dataset(f"nola-audit-template-{uuid.uuid4().hex[:8]}")
+    ds.add_samples(
+        [
+            fo.Sample(
+                filepath=f"/nonexistent/img{i}.jpg",
+                ground_truth=fo.Classification(label=g),
+                nola=fo.Classification(label=p, confidence=float(c)),
+            )
+            for i, (g, p, c) in enumerate(zip(gt, pred, pop.conf))
+        ],
+        progress=False,
+    )
     ds.default_classes = CLASSES
     ds.save()
-    return ds, float(np.mean([p == g for p, g in zip(pred, gt)]))
+    yield ds, float(np.mean([p == g for p, g in zip(pred, gt)]))
+    ds.delete()
+
+
+@pytest.fixture
+def labelled(_template):
+    template, accuracy = _template
+    ds = template.clone(f"nola-audit-{uuid.uuid4().hex[:8]}")
+    yield ds, accuracy
+    ds.delete()
 
 
 def _answer_truthfully(ds, ids):
@@ -178,11 +199,10 @@ def test_a_certified_export_holds_reviewed_and_certified_samples_and_its_certifi
     assert CERTIFICATE_KEYS <= set(cert)
     assert cert["tau"] == report["threshold"] and cert["certified"] == report["certified"]
     decided = len(ds.match_tags(ACCEPTED_TAG))
-    certified_undecided = len(
-        ds.match_tags(ACCEPTED_TAG, bool=False)
-        .exists(rec.PI_FIELD)
-        .match(__import__("fiftyone").ViewField("nola.confidence") >= (report["threshold"] or 2.0))
-    )
+    from fiftyone import ViewField as F
+
+    above = F("nola.confidence") >= (report["threshold"] or 2.0)
+    certified_undecided = len(ds.match_tags(ACCEPTED_TAG, bool=False).exists(rec.PI_FIELD).match(above))
     assert out["exported"] == decided + certified_undecided == cert["exported"]
     assert runs.get_run(ds, "nola_certificate")["results"]["tau"] == cert["tau"]
     assert cert["run_keys"]["audit"] == "nola_audit"
