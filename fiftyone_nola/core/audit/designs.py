@@ -14,8 +14,10 @@ Designs (``pi`` sums to ``n`` over the pool, clipped to 1):
   prior ``sqrt(p_h (1 - p_h))`` where ``p_h`` is the bin's mean confidence (the confidences
   taken as the prior guess of the accuracy: no audit exists yet to estimate it), but never
   below a floor ``floor_share * n / N``.
-- ``active``: per unit ``pi_i`` proportional to ``sqrt(c_i (1 - c_i))`` (the expected error
-  variance of a calibrated confidence, Zrnic & Candes 2024), with the same floor.
+- ``active``: per unit ``pi_i`` proportional to ``sqrt(c_i (1 - c_i))`` (the standard deviation
+  of the outcome given a calibrated confidence: the optimal rule of Zrnic & Candes 2024 for a
+  mean), with the same floor. It grows with the expected error ``1 - c`` while ``c >= 0.5``;
+  below, a label that is almost surely wrong needs little auditing either.
 
 The floor keeps every unit's weight ``1 / pi`` bounded (estimators stay stable) and keeps a flat,
 uniform rate over the confident region a certificate is about.

@@ -15,8 +15,8 @@ thousands of simulated ones. An outcome is 1 when the model's label was right.
 
 Intervals. Normal intervals fail with few wrong labels (a rare error unseen makes the estimate
 too high *and* its variance too small). Every estimator's interval is Clopper-Pearson at its
-effective sample size (Korn & Graubard), which is exact for a simple random sample and skewed
-like the binomial near 1. Weighted designs (stratified, active) take the union with the
+effective sample size (Korn & Graubard): Clopper-Pearson itself for a plain simple random
+sample (up to the finite-population correction), and skewed like the binomial near 1. Weighted designs (stratified, active) take the union with the
 stratified score interval on confidence strata (:mod:`.score`), which looks for missed errors
 where the audit sampled thinly: each side of the union misses no more often than the safer of
 the two. Both choices are validated by simulation (``tests/test_audit_validity.py``).
