@@ -85,6 +85,15 @@ _LAZY = {
     "retrain_with_corrections": "stages.corrections",
     "CorrectionsConfig": "stages.corrections",
     "export_accepted": "stages.export",
+    # random audit: accuracy with intervals, a certified threshold
+    "AuditConfig": "core.audit.config",
+    "draw_audit": "stages.audit",
+    "audit_queue": "stages.audit",
+    "audit_decide": "stages.audit",
+    "audit_progress": "stages.audit",
+    "audit_report": "stages.audit",
+    "simulate_audit": "stages.audit",
+    "flag_uncertified": "stages.audit",
     # errors
     "NolaError": "core.errors",
     "InvalidInputError": "core.errors",

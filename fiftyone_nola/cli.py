@@ -13,6 +13,7 @@ from typing import Optional
 
 from fiftyone_nola import logs
 from fiftyone_nola.cli_args import build_parser
+from fiftyone_nola.cli_audit import cmd_audit
 from fiftyone_nola.core import distributed as dt
 from fiftyone_nola.core.config import given, given_in
 from fiftyone_nola.core.device import hardware_profile, resolve_device
@@ -387,6 +388,7 @@ COMMANDS = {
     "auto-label-multilabel": cmd_auto_label_multilabel,
     "embed": cmd_embed,
     "tune": cmd_tune,
+    "audit": cmd_audit,
     "plugin": cmd_plugin,
 }
 

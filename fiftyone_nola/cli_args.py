@@ -83,6 +83,37 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _audit_args(sub) -> None:
+    from fiftyone_nola.core.audit.config import AuditConfig
+    from fiftyone_nola.core.audit.designs import KINDS
+
+    d = AuditConfig()
+    p = sub.add_parser(
+        "audit",
+        help="a random audit of the labels: draw it, report accuracy with intervals and a certified threshold",
+        description="Draw a random audit (--draw N), report on it once decided in the App (--report), or "
+        "simulate one from a ground-truth field (--simulate-from FIELD --draw N).",
+    )
+    p.add_argument("--dataset", required=True, help="FiftyOne dataset name")
+    p.add_argument("--field", default=None, help="predictions field (default: nola; --report: the audited one)")
+    p.add_argument("--draw", type=int, default=None, metavar="N", help="draw about N samples for audit")
+    p.add_argument("--seed", type=int, default=None, help="random seed of the draw (default 0)")
+    p.add_argument("--replace", action="store_true", help="replace the dataset's existing audit with a new draw")
+    p.add_argument("--report", action="store_true", help="print the estimates and the certificate of the audit")
+    p.add_argument(
+        "--simulate-from",
+        metavar="GT_FIELD",
+        default=None,
+        help="answer a fresh audit of --draw N from this ground-truth field instead of a person (writes nothing)",
+    )
+    p.add_argument("--flag-uncertified", action="store_true", help="queue for review what the certificate leaves")
+    p.add_argument("--design", choices=list(KINDS), default=None, help=f"sampling design (default {d.design})")
+    p.add_argument("--target", type=float, default=None, help=f"accuracy to certify (default {d.target})")
+    p.add_argument("--delta", type=float, default=None, help=f"certificate error probability (default {d.delta})")
+    p.add_argument("--alpha", type=float, default=None, help=f"intervals are 1 - alpha (default {d.alpha})")
+    p.add_argument("--json", dest="json_out", default=None, help="write the report as JSON here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m fiftyone_nola``."""
     ap = argparse.ArgumentParser(
@@ -179,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", default=None, help="write the summary as JSON here")
     p.add_argument("--check", action="store_true", help="only check the inputs; writes nothing")
     _clip_args(p, device_help="cpu or cuda (each torchrun process takes cuda:LOCAL_RANK)")
+
+    _audit_args(sub)
 
     p = sub.add_parser("plugin", help="the FiftyOne plugin shipped with this package")
     p.add_argument(

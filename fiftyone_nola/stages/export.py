@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from fiftyone import ViewField as F
 
@@ -21,6 +21,7 @@ from fiftyone_nola.core.storage import nola_home
 from fiftyone_nola.stages import fo_io
 
 FORMATS = ("classification-tree", "fiftyone", "csv", "coco")
+CERTIFIED = "certified"  # min_confidence="certified": the audit's certified threshold, with a certificate
 
 
 def safe_folder_name(label: str) -> str:
@@ -89,10 +90,12 @@ def plan_export(
     corrections_field: str = CORRECTIONS_FIELD,
     require_accepted: bool = True,
     multilabel: bool = False,
+    certified: Optional[dict] = None,
 ) -> ExportPlan:
     """Which samples an export would write: accepted or corrected ones (with ``min_confidence``,
-    also undecided predictions that confident), never rejected or unreadable ones, nor ones with
-    no label. Counted by the database from its indexes (tags, confidence); nothing is read per
+    also undecided predictions that confident; with ``certified``, a query, also the undecided
+    samples the audit certifies instead), never rejected or unreadable ones, nor ones with no
+    label. Counted by the database from its indexes (tags, confidence); nothing is read per
     sample and nothing is written (the final label is an expression of the view)."""
     ds = fo_io.root_dataset(samples)
     corr = corrections_field if ds.has_sample_field(corrections_field) else None
@@ -100,7 +103,9 @@ def plan_export(
     label_path = label_field if multilabel else f"{label_field}.label"
     no_label = {label_path: None, **({f"{corr}.label": None} if corr else {})}
     eligible = [{"tags": {"$in": list(EXPORTABLE_TAGS)}}]
-    if min_confidence is not None:
+    if certified is not None:
+        eligible.append(certified)
+    elif min_confidence is not None:
         eligible.append(_confident(label_field, min_confidence, multilabel))
     elif not require_accepted:
         eligible = [{}]
@@ -113,7 +118,8 @@ def plan_export(
     others = fo_io.count(samples) - count - rejected - unreadable - unlabelled
     left_out = {"rejected": rejected, "not accepted": 0, "below confidence": 0, "no label": unlabelled}
     left_out["unreadable"] = unreadable
-    left_out["not accepted" if min_confidence is None else "below confidence"] = others
+    why = "not certified" if certified is not None else "not accepted" if min_confidence is None else "below confidence"
+    left_out[why] = others
     corrected = keep.match({corr: {"$ne": None}}).count() if corr else 0
     if corr:
         keep = keep.set_field(label_field, F(corr).if_null(F(label_field)))
@@ -125,7 +131,7 @@ def export_accepted(
     export_dir: str,
     label_field: str = "nola",
     format: str = "classification-tree",
-    min_confidence: Optional[float] = None,
+    min_confidence: Optional[Union[float, str]] = None,
     corrections_field: str = CORRECTIONS_FIELD,
     require_accepted: bool = True,
     overwrite: bool = False,
@@ -135,6 +141,10 @@ def export_accepted(
     Formats: ``classification-tree`` (one folder per class), ``fiftyone`` (a FiftyOne dataset
     directory), ``csv`` (filepath + labels; suits multi-label), ``coco`` (multi-label as COCO
     image-level categories via a JSON file). The dataset itself is not modified.
+
+    ``min_confidence="certified"``: the reviewed samples plus the unreviewed ones the dataset's
+    audit certifies (confidence at or above its certified threshold), with ``certificate.json``
+    beside them (also recorded as the run ``nola_certificate``; see :mod:`.certificate`).
     """
     import fiftyone as fo
 
@@ -146,10 +156,17 @@ def export_accepted(
     multilabel = issubclass(samples.get_field(label_field).document_type, fo.Classifications)
     if format == "classification-tree" and multilabel:
         raise InvalidInputError("A classification tree needs single labels: use format 'csv' or 'coco'")
+    report = _audit_report(samples, label_field, min_confidence, multilabel)
     out_dir = _resolve_dir(export_dir, overwrite)
-    plan = plan_export(samples, label_field, min_confidence, corrections_field, require_accepted, multilabel)
+    certified = None
+    if report is not None:
+        from fiftyone_nola.stages.certificate import certified_query
+
+        certified, min_confidence = certified_query(report), None
+    plan = plan_export(samples, label_field, min_confidence, corrections_field, require_accepted, multilabel, certified)
     if not plan.count:
-        raise InvalidInputError(nothing_to_export_message(plan.left_out))
+        why = nothing_to_export_message(plan.left_out)
+        raise InvalidInputError(f"{report['certificate']} {why}" if report is not None else why)
     view, renamed = plan.view, {}
     if format == "classification-tree":
         # Labels become folder names: never let one ("../x", "a/b") point outside export_dir.
@@ -170,7 +187,7 @@ def export_accepted(
         out_dir.mkdir(parents=True, exist_ok=True)
         rows = list(zip(*view.values(["filepath", _label_path(label_field, multilabel)])))
         (_write_csv if format == "csv" else _write_coco)(rows, out_dir)
-    report = {
+    summary = {
         "exported": plan.count,
         "left_out": plan.left_out,
         "format": format,
@@ -179,8 +196,26 @@ def export_accepted(
         "label_field": label_field,
         "corrections_used": plan.corrections_used,
     }
-    fo_io.write_text_atomic(out_dir / "export_report.json", report)
-    return report
+    if report is not None:
+        from fiftyone_nola.stages import certificate
+
+        cert = certificate.write(samples, report, summary, out_dir)
+        summary.update(certificate=str(out_dir / certificate.CERTIFICATE_FILE), certified_threshold=cert["tau"])
+    fo_io.write_text_atomic(out_dir / "export_report.json", summary)
+    return summary
+
+
+def _audit_report(samples, label_field: str, min_confidence, multilabel: bool) -> Optional[dict]:
+    """The audit's report when the export is to be certified (``min_confidence="certified"``)."""
+    if not isinstance(min_confidence, str):
+        return None
+    if min_confidence != CERTIFIED:
+        raise InvalidInputError(f"min_confidence is a number or {CERTIFIED!r}, not {min_confidence!r}")
+    if multilabel:
+        raise InvalidInputError("A certified export needs single labels: audits measure single-label accuracy")
+    from fiftyone_nola.stages.audit import audit_report
+
+    return audit_report(samples, label_field)
 
 
 def _label_path(label_field: str, multilabel: bool) -> str:
