@@ -289,6 +289,8 @@ def test_propagation_suggests_never_accepts(review_ds):
     assert s1.nola_suggested.label == "dog" and rv.SUGGESTED_TAG in s1.tags and rv.REVIEW_TAG in s1.tags
     assert rv.ACCEPTED_TAG not in s1.tags and s1.nola_reviewed is None  # a suggestion, not a decision
     assert rv.propagate_corrections(ds, "nola", 0.999999, apply=False)["suggested"] == 0
+    # done once: the panel's "suggest to N" no longer counts the neighbour that carries it
+    assert rv.propagate_corrections(ds, "nola", 0.9, apply=False)["suggested"] == 0
     card = rv.sample_card(ds, ids[1])
     assert card["suggestion"] == "dog" and card["neighbours"][0]["id"] == ids[0]
     rv.decide(ds, [ids[1]], "correct", "dog")

@@ -153,7 +153,14 @@ def suggestions(
         if j % step == 0 or j + 1 == len(corrections):
             progress(j + 1, len(corrections), "Searching the neighbours of corrections")
     cand = sorted({n for lst in nb.values() for n, _ in lst})
-    cid, cpred, ctags = ds.select(cand).values(["id", f"{field}.label", "tags"]) if cand else ([], [], [])
+    paths = ["id", f"{field}.label", "tags"] + (
+        [f"{SUGGESTED_FIELD}.label"] if ds.has_sample_field(SUGGESTED_FIELD) else []
+    )
+    got = ds.select(cand).values(paths) if cand else [[]] * len(paths)
+    cid, cpred, ctags = got[:3]
     decided = {i for i, t in zip(cid, ctags) if any(d in (t or []) for d in DECIDED_TAGS)}
     sugg = rq.propagation_suggestions(corrections, nb, dict(zip(cid, cpred)), decided, float(min_similarity))
+    if len(got) > 3:  # already carrying that very suggestion: nothing to do for them
+        have = {i: lab for i, lab, t in zip(cid, got[3], ctags) if SUGGESTED_TAG in (t or [])}
+        sugg = {i: s for i, s in sugg.items() if have.get(i) != s["label"]}
     return corrections, sugg
