@@ -30,13 +30,14 @@ from ._panel_common import (  # noqa: F401 - MODEL_EVALUATION_PANEL and model_ev
     media_url,
     model_evaluation_button,
 )
+from .audit_section import AuditSection
 
 SLIDER, NUMBER = "threshold", "threshold_value"  # the two threshold controls
 POLL_MS = 2000
 MIN_SIMILARITY = _common.arg_default(rv.propagate_corrections, "min_similarity")
 
 
-class NolaPanel(Serialized, foo.Panel):
+class NolaPanel(Serialized, AuditSection, foo.Panel):
     """Stages, per-class table, confidence histogram with a live threshold, review buttons."""
 
     @property
@@ -96,6 +97,8 @@ class NolaPanel(Serialized, foo.Panel):
         corrections, sugg = rv.suggestions(ctx.dataset, field, self._min_sim(ctx))
         prop = {"corrections": len(corrections), "suggested": len(sugg), "carried": s["suggested"]}
         ctx.panel.set_state("propagation", prop)
+        if ctx.panel.get_state("mode") == "audit":
+            self._refresh_audit(ctx)
 
     def _show_stages(self, ctx, labelled=None, n=None) -> list:
         """Stage rows, with the progress of the plugin's delegated runs on this dataset."""
@@ -272,8 +275,15 @@ class NolaPanel(Serialized, foo.Panel):
         st = ctx.panel.state
         self._render_stages(panel, st)
         if st.ready:
-            self._render_threshold(ctx, panel, st.counts or {})
-            self._render_review(ctx, panel, st)
+            modes = types.TabsView()
+            modes.add_choice("review", label="Review")
+            modes.add_choice("audit", label="Audit")
+            panel.enum("mode", modes.values(), default=st.mode or "review", view=modes, on_change=self.on_mode)
+            if st.mode == "audit":
+                self._render_audit(ctx, panel, st)
+            else:
+                self._render_threshold(ctx, panel, st.counts or {})
+                self._render_review(ctx, panel, st)
         else:
             panel.md("No predictions yet: run the pipeline (or its stages) first.", name="not_ready")
         return types.Property(panel, view=types.GridView(orientation="vertical", gap=1, padding=1))

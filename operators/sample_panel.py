@@ -8,6 +8,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_nola.core.errors import NolaError
+from fiftyone_nola.stages import audit
 from fiftyone_nola.stages import review as rv
 
 from . import _common
@@ -48,10 +49,11 @@ class NolaSampleReview(Serialized, foo.Panel):
             f"nb_col_{j}": {f"nb_img_{j}": media_url(n["filepath"])}
             for j, n in enumerate(card["neighbours"][:NB_SHOWN])
         }
+        auditing = audit.AUDIT_TAG in card["tags"]
         ctx.panel.set_state(
             {
                 "card": card,
-                "progress": rv.progress(ctx.dataset),
+                "progress": audit.audit_progress(ctx.dataset) if auditing else rv.progress(ctx.dataset),
                 "classes_list": rv.class_list(ctx.dataset, field_of(ctx)),
                 "images": {"image": media_url(card["filepath"])},
                 "neighbour_images": nbs,
@@ -69,7 +71,7 @@ class NolaSampleReview(Serialized, foo.Panel):
             ctx.ops.notify(str(e), variant="error")
             return
         ctx.panel.set_state("last", {"id": sid, "action": action, "label": label})
-        nxt = rv.next_in_queue(ctx.dataset, after=sid)
+        nxt = self._next(ctx, sid, audit.AUDIT_TAG in (card.get("tags") or []))
         if nxt is None:
             ctx.ops.notify("Review queue done", variant="success")
             self.show(ctx, sid)
@@ -77,6 +79,13 @@ class NolaSampleReview(Serialized, foo.Panel):
             return
         ctx.ops.open_sample(id=nxt)
         self.show(ctx, nxt)
+
+    def _next(self, ctx, sid: str, auditing: bool):
+        """The next sample: an audit sample is followed by the audit's next undecided sample (in
+        the audit's order, which its estimates count in), any other by the review queue's."""
+        if auditing:
+            return next((i for i in audit.audit_queue(ctx.dataset) if i != sid), None)
+        return rv.next_in_queue(ctx.dataset, after=sid)
 
     def on_accept(self, ctx):
         self._record(ctx, "accept")
@@ -97,7 +106,7 @@ class NolaSampleReview(Serialized, foo.Panel):
 
     def on_skip(self, ctx):
         card = ctx.panel.get_state("card") or {}
-        nxt = rv.next_in_queue(ctx.dataset, after=card.get("id"))
+        nxt = self._next(ctx, card.get("id"), audit.AUDIT_TAG in (card.get("tags") or []))
         if nxt:
             ctx.ops.open_sample(id=nxt)
             self.show(ctx, nxt)
@@ -111,13 +120,17 @@ class NolaSampleReview(Serialized, foo.Panel):
         pred = card.get("prediction")
         sugg = card.get("suggestion")
         prog = ctx.panel.get_state("progress") or {}
-        lines = [
-            f"**Status**: {card['status']} · **queue**: {prog.get('queue', 0)} left"
-            f" · reviewed {prog.get('reviewed', 0)} of {prog.get('flagged', 0)} flagged",
-            "",
-            "| stage | label | confidence |",
-            "|---|---|---|",
-        ]
+        if audit.AUDIT_TAG in (card.get("tags") or []):
+            status = (
+                f"**Audit sample** ({card['status']}) · audited {prog.get('audited', 0)} of {prog.get('drawn', 0)}"
+                f" · {prog.get('remaining', 0)} left"
+            )
+        else:
+            status = (
+                f"**Status**: {card['status']} · **queue**: {prog.get('queue', 0)} left"
+                f" · reviewed {prog.get('reviewed', 0)} of {prog.get('flagged', 0)} flagged"
+            )
+        lines = [status, "", "| stage | label | confidence |", "|---|---|---|"]
         lines += [
             f"| {s['field']} | {s['label']} | {'-' if s['confidence'] is None else s['confidence']} |"
             for s in card["stages"]

@@ -11,6 +11,14 @@ PLUGIN = yaml.safe_load((REPO / "fiftyone.yml").read_text())["name"]
 CLASSES = REVIEW_CLASSES
 
 
+def names(prop) -> set:
+    """Every property name a panel renders, nested stacks included."""
+    out = set()
+    for name, p in (getattr(prop.type, "properties", None) or {}).items():
+        out |= {name} | names(p)
+    return out
+
+
 def modified(ds) -> tuple:
     """Everything a write would change: every sample's and the dataset's last modification."""
     ds.reload()
@@ -356,3 +364,86 @@ def test_evaluating_from_the_panel_opens_the_model_evaluation_panel_without_a_di
     pc = PanelCtx(review_ds)
     NolaPanel().on_evaluated(pc.ctx)
     assert ("open_panel", MODEL_EVALUATION_PANEL) in [(n, (p or {}).get("name")) for n, p in pc.ops()]
+
+
+def test_audit_mode_draws_walks_the_audit_in_one_click_each_and_reports(synthetic):
+    """The panel's Audit mode: draw, then each audit sample takes one click in the sample view and
+    opens the next audit sample; the estimate, its curve and per-class rows follow; flagging the
+    uncertified makes the review queue what the certificate leaves."""
+    from fiftyone_nola.stages import audit
+    from fiftyone_nola.stages import review as rv
+    from operators.panels import NolaPanel
+    from operators.sample_panel import NolaSampleReview
+
+    ds, grid, card = synthetic(600, seed=7), NolaPanel(), NolaSampleReview()
+    rv.flag_samples(ds, "nola", threshold=0.5)
+    pc = PanelCtx(ds, value="audit")
+    grid.on_mode(pc.ctx)
+    assert pc.state["audit"] == {"drawn": 0} and "audit_draw" in names(grid.render(pc.ctx))
+    pc = PanelCtx(ds, state=pc.state, value=40)
+    grid.on_audit_n(pc.ctx)
+    pc = PanelCtx(ds, state=pc.state)
+    grid.on_audit_draw(pc.ctx)
+    st = pc.state
+    drawn = st["audit"]["drawn"]
+    assert drawn > 10 and st["audit"]["audited"] == 0 and "set_view" in " ".join(pc.op_names())
+    pc = PanelCtx(ds, state=st)
+    grid.on_audit_start(pc.ctx)
+    (current,) = [p["id"] for n, p in pc.ops() if n.endswith("open_sample")]
+    state = {}
+    for i in range(10):  # one click per audit sample: accept, or pick another class
+        cpc = PanelCtx(ds, state=state, current_sample=current)
+        card.on_change_current_sample(cpc.ctx)
+        assert audit.AUDIT_TAG in cpc.state["card"]["tags"] and cpc.state["progress"]["audited"] == i
+        pred = cpc.state["card"]["prediction"]
+        other = next(c for c in ds.default_classes if c != pred)
+        cpc = PanelCtx(ds, state=cpc.state, current_sample=current, **({"label": other} if i % 3 == 2 else {}))
+        (card.on_pick if i % 3 == 2 else card.on_accept)(cpc.ctx)
+        (current,) = [p["id"] for n, p in cpc.ops() if n.endswith("open_sample")]
+        assert audit.AUDIT_TAG in ds[current].tags  # the next one is the audit's, not the review queue's
+        state = cpc.state
+    assert audit.audit_progress(ds)["audited"] == 10
+    pc = PanelCtx(ds, state=st)
+    grid.on_change_current_sample(pc.ctx)  # back to the grid
+    a = pc.state["audit"]
+    assert a["audited"] == 10 and 0 <= a["accuracy_low"] <= a["accuracy"] <= a["accuracy_high"] <= 1
+    assert a["per_class"] and "statement" in a
+    assert {"audit_curve", "flag_uncertified", "audit_classes"} <= names(grid.render(pc.ctx))
+    pc = PanelCtx(ds, state=pc.state)
+    grid.on_flag_uncertified(pc.ctx)
+    tau = audit.audit_report(ds)["threshold"]
+    queued = set(ds.match_tags(rv.REVIEW_TAG).values("nola.confidence"))
+    assert pc.state["mode"] == "review" and queued and all(c < (tau or 2.0) for c in queued)
+
+
+def test_drawing_an_audit_survives_the_app_servers_reloads(synthetic):
+    """In the App, FiftyOne's server reloads the shared Dataset object while a panel event draws
+    an audit: the draw's new fields briefly vanished ('Dataset has no field nola_audit_pi', seen in
+    the browser). Draws are review writes: one at a time, retried from the database's state."""
+    import threading
+
+    from fiftyone_nola.stages import audit
+
+    ds = synthetic(400, seed=8)
+    errors, done = [], threading.Event()
+
+    def app_server():
+        while not done.wait(0.02):  # ~50 requests/s: far more than an App sends
+            try:
+                ds.reload()
+            except Exception:  # noqa: BLE001, S112 - its failures are not ours; ours are the finding
+                continue
+
+    t = threading.Thread(target=app_server)
+    t.start()
+    try:
+        for seed in range(6):
+            try:
+                audit.draw_audit(ds, 30, seed=seed, replace_existing=True)
+            except Exception as e:  # noqa: BLE001 - any failure is the finding
+                errors.append(repr(e))
+    finally:
+        done.set()
+        t.join()
+    assert not errors, errors[:3]
+    assert audit.audit_progress(ds)["drawn"] > 0

@@ -29,6 +29,7 @@ from fiftyone_nola.core.errors import EmptyViewError, InvalidInputError
 from fiftyone_nola.core.names import CORRECTIONS_FIELD, DECIDED_TAGS, EXPORTABLE_TAGS
 from fiftyone_nola.stages import audit_records as rec
 from fiftyone_nola.stages import fo_io, runs
+from fiftyone_nola.stages.review import one_review_writer
 
 AUDIT_TAG = rec.AUDIT_TAG
 RUN_KEY = rec.RUN_KEY
@@ -46,6 +47,7 @@ def _plan(conf: np.ndarray, n: int, seed: int, cfg: AuditConfig):
     return design, design.inclusion(conf)
 
 
+@one_review_writer  # tags and fields the review reads: one writer at a time, retried on App reloads
 def draw_audit(
     samples,
     n: int,

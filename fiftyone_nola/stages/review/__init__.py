@@ -23,7 +23,7 @@ from fiftyone_nola.core.names import (
     SUGGESTED_FIELD,
     SUGGESTED_TAG,
 )
-from fiftyone_nola.stages.review._db import ensure_review_schema, reload_dataset
+from fiftyone_nola.stages.review._db import ensure_review_schema, one_review_writer, reload_dataset
 from fiftyone_nola.stages.review.card import neighbours, open_store, sample_card, suggestions
 from fiftyone_nola.stages.review.decisions import (
     accept_above,
@@ -83,6 +83,7 @@ __all__ = [
     "ensure_review_schema",
     "flag_samples",
     "neighbours",
+    "one_review_writer",
     "next_in_queue",
     "open_store",
     "progress",

@@ -35,7 +35,7 @@ def reload_dataset(samples) -> None:
 
 def _reload_race(e: Exception) -> bool:
     """Whether ``e`` is what a concurrent reload of the shared Dataset object looks like."""
-    return not isinstance(e, ValueError) or "has no field" in str(e) or "no saved view" in str(e)
+    return not isinstance(e, ValueError) or any(m in str(e) for m in ("has no field", "no saved view", "no run key"))
 
 
 def one_review_writer(fn):

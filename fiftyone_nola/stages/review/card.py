@@ -115,6 +115,7 @@ def sample_card(samples, sample_id: str, field: str = PREDICTIONS_FIELD, k: int 
         "id": sample_id,
         "filepath": sample.filepath,
         "status": _status(tags),
+        "tags": tags,
         "prediction": getattr(pred, "label", None),
         "suggestion": getattr(sugg, "label", None) if SUGGESTED_TAG in tags else None,
         "stages": stages,
