@@ -124,10 +124,10 @@ def zlap_probabilities(scores: np.ndarray, fallback: np.ndarray) -> np.ndarray:
 
 
 def presence_mask(prior: np.ndarray, share: float) -> np.ndarray:
-    """Classes the prior's argmax gives at least ``share`` of an even share (N/C) of the samples."""
-    n, c = prior.shape
-    counts = np.bincount(prior.argmax(axis=1), minlength=c)
-    return counts >= share * n / c
+    """Classes the prior's argmax gives at least ``share`` times as many samples as its most
+    frequent class."""
+    counts = np.bincount(prior.argmax(axis=1), minlength=prior.shape[1])
+    return counts >= share * counts.max()
 
 
 def presence_check(probs: np.ndarray, prior: np.ndarray, share: float, min_present: float) -> tuple[np.ndarray, dict]:
