@@ -28,6 +28,7 @@ def test_every_stage_config_is_public():
         "TrainConfig",
         "CorrectionsConfig",
         "RayEmbedConfig",
+        "TransductiveConfig",
     ):
         assert config in nola.__all__ and isinstance(getattr(nola, config), type)
 
