@@ -33,6 +33,7 @@ from fiftyone_nola.core.transductive.config import TransductiveConfig
 from fiftyone_nola.core.transductive.graph import KnnGraph
 
 ROW_CHUNK = 16384  # rows converted to float64 at a time (64 MB at 512-d)
+CACHE_BYTES = 1 << 28  # below this the float64 rows and their squares are kept (N <= 32k at 512-d)
 TEMPERATURE = 50.0  # the official z update's 1/50 scale (and its 50/(2k) Laplacian factor)
 INIT_TOP = 8  # TransCLIP: a class's first mean is built from its 8 most confident samples
 VAR_FLOOR = 1e-12
@@ -54,29 +55,59 @@ def _unit(a: np.ndarray, previous: Optional[np.ndarray] = None) -> np.ndarray:
     return out
 
 
-def loglik(x: np.ndarray, mu: np.ndarray, var: np.ndarray) -> np.ndarray:
+class Rows:
+    """The rows of ``x`` as float64 blocks with their squares, converted once and kept when
+    both fit in :data:`CACHE_BYTES` (every solver round reads them twice)."""
+
+    def __init__(self, x: np.ndarray):
+        self.x = x
+        n, d = x.shape
+        self._cache = None
+        if 16 * n * d <= CACHE_BYTES:
+            xc = np.asarray(x, dtype=np.float64)
+            self._cache = [(0, xc, xc * xc)]
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def blocks(self):
+        """``(start, rows, rows²)`` float64 blocks of at most :data:`ROW_CHUNK` rows."""
+        if self._cache is not None:
+            yield from self._cache
+            return
+        for s in range(0, len(self.x), ROW_CHUNK):
+            xc = np.asarray(self.x[s : s + ROW_CHUNK], dtype=np.float64)
+            yield s, xc, xc * xc
+
+
+def loglik(rows: Rows, mu: np.ndarray, var: np.ndarray) -> np.ndarray:
     """``-0.5·sum_d (x_d - mu_kd)² / var_kd`` for every row and class (N×K float64); ``var`` is
-    K×D (per class) or 1×D (shared)."""
+    K×D (per class) or 1×D (shared: the ``x²`` term is then the same for every class and, as
+    the z update normalises each row, left out)."""
     inv = 1.0 / var
     a = mu * inv
     c = (mu * mu * inv).sum(axis=1)
-    out = np.empty((len(x), len(mu)), np.float64)
-    for s in range(0, len(x), ROW_CHUNK):
-        xc = np.asarray(x[s : s + ROW_CHUNK], dtype=np.float64)
-        out[s : s + ROW_CHUNK] = -0.5 * ((xc * xc) @ inv.T - 2.0 * (xc @ a.T) + c)
+    shared = len(var) == 1
+    out = np.empty((len(rows), len(mu)), np.float64)
+    for s, xc, x2 in rows.blocks():
+        lik = c - 2.0 * (xc @ a.T)
+        if not shared:
+            lik += x2 @ inv.T
+        out[s : s + len(xc)] = -0.5 * lik
     return out
 
 
-def weighted_moments(x: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(z^T x, z^T x², z.sum(0))``: first and second moments per class (float64)."""
-    a = np.zeros((z.shape[1], x.shape[1]))
-    b = np.zeros_like(a)
-    for s in range(0, len(x), ROW_CHUNK):
-        xc = np.asarray(x[s : s + ROW_CHUNK], dtype=np.float64)
-        zc = z[s : s + ROW_CHUNK]
-        a += zc.T @ xc
-        b += zc.T @ (xc * xc)
-    return a, b, z.sum(axis=0)
+def weighted_moments(rows: Rows, z: np.ndarray, per_class: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(z^T x, z^T x², z.sum(0))``: first and second moments per class (float64); with
+    ``per_class=False`` the second moment is summed over the classes (1×D)."""
+    d = rows.x.shape[1]
+    a = np.zeros((d, z.shape[1]))
+    b = np.zeros((d, z.shape[1] if per_class else 1))
+    for s, xc, x2 in rows.blocks():
+        zc = z[s : s + len(xc)]
+        a += xc.T @ zc  # D×K: x^T z, the fast orientation of this product
+        b += x2.T @ (zc if per_class else zc.sum(axis=1, keepdims=True))
+    return a.T, b.T, z.sum(axis=0)
 
 
 def update_z(
@@ -127,18 +158,19 @@ def transclip(
     prior = np.asarray(prior, dtype=np.float64)
     z = prior.copy()
     W = affinity(graph)
+    rows = Rows(x)
     coef = c.laplacian_weight * TEMPERATURE / (2 * c.transclip_k)
     mu = init_means(x, z)
     var = np.full((1, x.shape[1]), 1.0 / x.shape[1])
     for it in range(c.iterations + 1):
-        lik = loglik(x, mu, var)
+        lik = loglik(rows, mu, var)
         z, prior = update_z(lik, prior, z, W, coef, c.z_steps, c.kl_weight, c.prior_follows_iterate)
         progress(it + 1, c.iterations + 1, "TransCLIP")
         if it == c.iterations:
             break
-        a, b, n = weighted_moments(x, z)
+        a, b, n = weighted_moments(rows, z, per_class=False)
         mu = _unit(a / np.maximum(n, np.finfo(float).tiny)[:, None], mu)
-        var = np.maximum((b - 2 * mu * a + n[:, None] * mu * mu).sum(axis=0) / n.sum(), VAR_FLOOR)[None]
+        var = np.maximum((b[0] - (2 * mu * a - n[:, None] * mu * mu).sum(axis=0)) / n.sum(), VAR_FLOOR)[None]
     return z
 
 
@@ -163,7 +195,8 @@ def stata(
     c = config or TransductiveConfig()
     prior = np.asarray(prior, dtype=np.float64)
     z = prior.copy()
-    a0, b0, n0 = weighted_moments(x, z)
+    rows = Rows(x)
+    a0, b0, n0 = weighted_moments(rows, z)
     t = _unit(a0) if anchors is None else np.asarray(anchors, dtype=np.float64)
     # shared start: sum_i sum_k z_ik (x_i - t_k)² / N, for every class
     var0 = (b0.sum(axis=0) - 2 * (t * a0).sum(axis=0) + (n0[:, None] * t * t).sum(axis=0)) / len(x)
@@ -172,13 +205,13 @@ def stata(
     W = affinity(graph)
     coef = c.laplacian_weight * TEMPERATURE / (2 * c.transclip_k)
     for it in range(c.iterations + 1):
-        lik = loglik(x, mu, var) - 0.5 * np.log(var).sum(axis=1)
+        lik = loglik(rows, mu, var) - 0.5 * np.log(var).sum(axis=1)
         z, _ = update_z(lik, prior, z, W, coef, c.z_steps, c.kl_weight)
         progress(it + 1, c.iterations + 1, "StatA")
         if it == c.iterations:
             break
         beta = stata_beta(z, c.stata_alpha, c.stata_soft_beta)[:, None]
-        a, b, n = weighted_moments(x, z)
+        a, b, n = weighted_moments(rows, z)
         mu = _unit(beta * _unit(a / np.maximum(n, np.finfo(float).tiny)[:, None], mu) + (1 - beta) * t, mu)
         own = (b - 2 * mu * a + n[:, None] * mu * mu) / np.maximum(n, np.finfo(float).tiny)[:, None]
         var = np.maximum(beta * own + (1 - beta) * (var0 + (t - mu) ** 2), VAR_FLOOR)
