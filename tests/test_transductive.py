@@ -329,3 +329,18 @@ def test_stage_on_dino_features_and_with_zlap(labelled_cifar):
     assert z["labelled"] == len(ds) and z["method"] == "zlap+presence"
     with pytest.raises(IndexMismatchError):
         transductive_labels(ds, ["cat", "dog"])
+
+
+@pytest.mark.integration
+def test_stage_skips_samples_without_embeddings(labelled_cifar):
+    import fiftyone as fo
+
+    from fiftyone_nola.stages.transductive import transductive_labels
+
+    ds = labelled_cifar
+    n = len(ds)
+    new = fo.Sample(filepath=ds.first().filepath)  # added after the embeddings: no stored vector
+    ds.add_sample(new)
+    s = transductive_labels(ds)
+    assert s["labelled"] == n and s["skipped"] == 1
+    assert ds[new.id]["nola_transductive"] is None

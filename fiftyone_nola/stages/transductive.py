@@ -83,8 +83,7 @@ def transductive_labels(
             "with the new class list first."
         )
     clip_x, ok = _clip_vectors(samples, zeroshot_field, run.ids)
-    prior = np.full((len(run.ids), len(zs_classes)), np.nan)
-    prior[ok] = text_prior(clip_x[ok], W, config.logit_scale)
+    prior = text_prior(clip_x, W, config.logit_scale)  # NaN rows where there is no vector
     start = prior
     if init_field:
         start = initial_predictions(samples, init_field, run.ids, zs_classes)
@@ -94,12 +93,13 @@ def transductive_labels(
         dino = dino or DinoSpec()
         feats, has_dino = run.embeddings(dino)
         ok &= has_dino
+    rows = slice(None) if ok.all() else ok  # a mask would copy the vectors (2 GB at 1M x 512)
     res = label(
-        feats[ok],
-        start[ok],
+        feats[rows],
+        start[rows],
         config,
         W if config.features == "clip" else None,
-        clip_x[ok] @ W.T if config.method == "zlap" else None,
+        clip_x[rows] @ W.T if config.method == "zlap" else None,
         progress,
     )
     probs = np.full(prior.shape, np.nan, dtype=np.float32)
@@ -137,8 +137,11 @@ def _clip_vectors(samples, zeroshot_field: str, ids: Sequence[str]) -> tuple[np.
     path = storage.index_dir(fo_io.dataset_id(samples), key)
     index = EmbeddingIndex.open(path, expect={"model_key": key})
     vecs, found = index.get(list(ids))
+    found = np.asarray(found, dtype=bool)
+    if found.all():
+        return vecs, check_coverage(ids, vecs, "clip")
     out = np.full((len(ids), index.dim), np.nan, dtype=np.float32)
-    out[np.asarray(found, dtype=bool)] = vecs
+    out[found] = vecs
     return out, check_coverage(ids, out, "clip")
 
 
