@@ -16,7 +16,8 @@ embedding instead of capturing part of another class. Official defaults: 10 roun
 k = 3, lambda = 1, lap = 1, alpha = 1, hard counts.
 
 Differences from the official code (same results on its inputs, see the goldens): everything
-is float64 and streamed over rows (no N×K×D tensor); StatA's initial covariance is divided by
+is streamed over rows (no N×K×D tensor; products over D in float32 like the official code,
+the rest in float64); StatA's initial covariance is divided by
 N once (the official code divides it again in each 2,500-row chunk, which only matters above
 2,500 samples); a class whose assignments underflow to 0 keeps its previous mean.
 """
@@ -32,8 +33,8 @@ from fiftyone_nola.core.progress import ProgressFn, null_progress
 from fiftyone_nola.core.transductive.config import TransductiveConfig
 from fiftyone_nola.core.transductive.graph import KnnGraph
 
-ROW_CHUNK = 16384  # rows converted to float64 at a time (64 MB at 512-d)
-CACHE_BYTES = 1 << 28  # below this the float64 rows and their squares are kept (N <= 32k at 512-d)
+ROW_CHUNK = 4096  # rows per block of the products over D (their float32 sums stay short)
+CACHE_BYTES = 1 << 28  # below this the rows' squares are kept (N <= 128k at 512-d)
 TEMPERATURE = 50.0  # the official z update's 1/50 scale (and its 50/(2k) Laplacian factor)
 INIT_TOP = 8  # TransCLIP: a class's first mean is built from its 8 most confident samples
 VAR_FLOOR = 1e-12
@@ -56,55 +57,58 @@ def _unit(a: np.ndarray, previous: Optional[np.ndarray] = None) -> np.ndarray:
 
 
 class Rows:
-    """The rows of ``x`` as float64 blocks with their squares, converted once and kept when
-    both fit in :data:`CACHE_BYTES` (every solver round reads them twice)."""
+    """The rows of ``x`` as float32 blocks with their squares; the squares are computed once
+    and kept when they fit in :data:`CACHE_BYTES` (every solver round reads them twice)."""
 
     def __init__(self, x: np.ndarray):
         self.x = x
         n, d = x.shape
         self._cache = None
-        if 16 * n * d <= CACHE_BYTES:
-            xc = np.asarray(x, dtype=np.float64)
+        if 4 * n * d <= CACHE_BYTES:
+            xc = np.asarray(x, dtype=np.float32)
             self._cache = [(0, xc, xc * xc)]
 
     def __len__(self) -> int:
         return len(self.x)
 
     def blocks(self):
-        """``(start, rows, rows²)`` float64 blocks of at most :data:`ROW_CHUNK` rows."""
+        """``(start, rows, rows²)`` float32 blocks of at most :data:`ROW_CHUNK` rows."""
         if self._cache is not None:
             yield from self._cache
             return
         for s in range(0, len(self.x), ROW_CHUNK):
-            xc = np.asarray(self.x[s : s + ROW_CHUNK], dtype=np.float64)
+            xc = np.asarray(self.x[s : s + ROW_CHUNK], dtype=np.float32)
             yield s, xc, xc * xc
 
 
 def loglik(rows: Rows, mu: np.ndarray, var: np.ndarray) -> np.ndarray:
     """``-0.5·sum_d (x_d - mu_kd)² / var_kd`` for every row and class (N×K float64); ``var`` is
     K×D (per class) or 1×D (shared: the ``x²`` term is then the same for every class and, as
-    the z update normalises each row, left out)."""
+    the z update normalises each row, left out). The products over D run in float32 (as the
+    official code computes everything), the rest in float64."""
     inv = 1.0 / var
-    a = mu * inv
+    a = (mu * inv).astype(np.float32)
     c = (mu * mu * inv).sum(axis=1)
     shared = len(var) == 1
+    inv32 = inv.astype(np.float32)
     out = np.empty((len(rows), len(mu)), np.float64)
     for s, xc, x2 in rows.blocks():
         lik = c - 2.0 * (xc @ a.T)
         if not shared:
-            lik += x2 @ inv.T
+            lik += x2 @ inv32.T
         out[s : s + len(xc)] = -0.5 * lik
     return out
 
 
 def weighted_moments(rows: Rows, z: np.ndarray, per_class: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(z^T x, z^T x², z.sum(0))``: first and second moments per class (float64); with
-    ``per_class=False`` the second moment is summed over the classes (1×D)."""
+    """``(z^T x, z^T x², z.sum(0))``: first and second moments per class, float32 products
+    summed in float64 over blocks; with ``per_class=False`` the second moment is summed over
+    the classes (1×D)."""
     d = rows.x.shape[1]
     a = np.zeros((d, z.shape[1]))
     b = np.zeros((d, z.shape[1] if per_class else 1))
     for s, xc, x2 in rows.blocks():
-        zc = z[s : s + len(xc)]
+        zc = z[s : s + len(xc)].astype(np.float32)
         a += xc.T @ zc  # D×K: x^T z, the fast orientation of this product
         b += x2.T @ (zc if per_class else zc.sum(axis=1, keepdims=True))
     return a.T, b.T, z.sum(axis=0)

@@ -88,8 +88,9 @@ def label(
     )
     t1 = time.perf_counter()
     info = {"method": method_name(config), "k": config.k, "graph": "exact" if graph.exact else "ivf"}
-    # The solvers' products have C columns: memory-bound, where a second BLAS thread gains little
-    # and, on a busy machine, its spin-waits made a 1,000-sample TransCLIP 3-4x slower.
+    # The solvers' products have C columns and blocks of 4,096 rows: memory-bound, where a second
+    # BLAS thread gains little and, on a busy machine, its spin-waits made a 1,000-sample
+    # TransCLIP 3-4x slower.
     with threadpool_limits(limits=1, user_api="blas"):
         probs = _solve(features, prior, graph, text, text_sims, config, info, progress)
     info.update(
