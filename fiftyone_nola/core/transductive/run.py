@@ -27,7 +27,9 @@ class TransductiveResult:
 
 def text_prior(x: np.ndarray, class_weights: np.ndarray, logit_scale: float = 100.0) -> np.ndarray:
     """The zero-shot prediction softmax(logit_scale · x·W^T) (N×C float64) of unit rows ``x``."""
-    logits = logit_scale * (np.asarray(x, dtype=np.float64) @ np.asarray(class_weights, dtype=np.float64).T)
+    # float32 product (as the official code; no float64 copy of x), softmax in float64
+    cos = np.asarray(x, dtype=np.float32) @ np.asarray(class_weights, dtype=np.float32).T
+    logits = logit_scale * cos.astype(np.float64)
     logits -= logits.max(axis=1, keepdims=True)
     e = np.exp(logits)
     return e / e.sum(axis=1, keepdims=True)
