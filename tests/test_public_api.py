@@ -29,6 +29,7 @@ def test_every_stage_config_is_public():
         "CorrectionsConfig",
         "RayEmbedConfig",
         "AuditConfig",
+        "TransductiveConfig",
     ):
         assert config in nola.__all__ and isinstance(getattr(nola, config), type)
 
