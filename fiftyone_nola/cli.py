@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Optional
 
-from fiftyone_nola import logs
+from fiftyone_nola import STARTED, logs
 from fiftyone_nola.cli_args import build_parser
 from fiftyone_nola.cli_audit import cmd_audit
 from fiftyone_nola.core import distributed as dt
@@ -257,9 +257,10 @@ def cmd_auto_label(args) -> dict:
     clip, dino = _check_weights(clip, dino, args.fallback_random_init)
     cfg = replace(cfg, clip=clip, dino=dino)
     ds = _samples(args)
+    setup_s = time.perf_counter() - STARTED
     summary = auto_label(ds, _classes(args), cfg, progress=print_progress(sys.stdout))
     _log("\n== auto-label summary ==")
-    for line in summary_lines(summary):
+    for line in summary_lines(summary, setup_s, time.perf_counter() - STARTED):
         _log(line)
     _log(
         f"dataset '{ds.name}': fields {cfg.zeroshot_field}, {cfg.dino_field}"
@@ -274,7 +275,7 @@ def cmd_auto_label(args) -> dict:
 
 def cmd_auto_label_multilabel(args) -> dict:
     """``auto-label-multilabel``: the CDUL pipeline from the shell."""
-    from fiftyone_nola.pipeline import MultiLabelConfig, auto_label_multilabel
+    from fiftyone_nola.pipeline import MultiLabelConfig, auto_label_multilabel, summary_lines
     from fiftyone_nola.stages.validation import check_multilabel
 
     clip, dino = _specs(args)
@@ -297,7 +298,11 @@ def cmd_auto_label_multilabel(args) -> dict:
     clip, _ = _check_weights(clip, dino, args.fallback_random_init)
     cfg = replace(cfg, clip=clip)
     ds = _samples(args)
+    setup_s = time.perf_counter() - STARTED
     summary = auto_label_multilabel(ds, _classes(args), cfg, progress=print_progress(sys.stdout))
+    _log("\n== auto-label-multilabel summary ==")
+    for line in summary_lines(summary, setup_s, time.perf_counter() - STARTED):
+        _log(line)
     _write_json(args.json_out, summary)
     return summary
 
@@ -408,5 +413,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except NolaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _log(f"done in {time.perf_counter() - t0:.1f}s")
+    _log(f"done in {time.perf_counter() - t0:.1f}s ({time.perf_counter() - STARTED:.1f}s since start-up)")
     return 0

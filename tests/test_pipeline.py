@@ -27,7 +27,8 @@ def test_auto_label_end_to_end_then_resume(cifar_dataset, caplog):
         conf = np.array(cifar_dataset.values(f"{f}.confidence"))
         assert np.all((conf > 0) & (conf <= 1)), f
         assert set(cifar_dataset.distinct(f"{f}.label")) <= set(CLASSES)
-    assert set(s["seconds_per_stage"]) >= {"embeddings", "zeroshot", "dino_labeler", "prompt_tuning", "predict"}
+    steps = {"embeddings:clip", "embeddings:dino", "zeroshot", "dino_labeler", "prompt_tuning", "predict"}
+    assert set(s["seconds_per_stage"]) >= steps | {"checks", "plan", "review", "app:clip", "evaluate"}
     assert 0.0 <= s["evaluation"]["nola"]["accuracy"] <= 1.0
     for key in ("nola_zeroshot", "nola_dino", "nola_model", "nola"):
         assert runs.get_run(cifar_dataset, key) is not None, key
@@ -41,8 +42,8 @@ def test_auto_label_end_to_end_then_resume(cifar_dataset, caplog):
     caplog.clear()
     auto_label(cifar_dataset, CLASSES, tiny_pipeline_config(skip_tuning=True))
     text = "\n".join(caplog.messages)
-    assert "[zeroshot] up to date: reused" in text and "[dino] up to date: reused" in text
-    assert "0 to embed" in text
+    assert "[zeroshot] up to date: reused" in text and "[dino_labeler] up to date: reused" in text
+    assert "[embeddings:clip] up to date: reused" in text
 
 
 @pytest.mark.integration

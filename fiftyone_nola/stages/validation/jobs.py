@@ -20,14 +20,7 @@ from fiftyone_nola.stages.validation.checks import (
     check_templates,
     check_writable,
 )
-from fiftyone_nola.stages.validation.plan import (
-    _disk_needed,
-    _embed_seconds,
-    _finish_plan,
-    _rate,
-    _stage,
-    plan_auto_label,
-)
+from fiftyone_nola.stages.validation.plan import _disk_needed, plan_auto_label
 from fiftyone_nola.stages.validation.report import Report, _problem
 from fiftyone_nola.stages.validation.target import Target, _check_target_gt, resolve_target, target_count
 
@@ -138,16 +131,7 @@ def check_multilabel(
     problems += check_writable(nola_home(), "storage", "NOLA_HOME")
     report = Report(problems)
     if plan and report.ok:
-        n = target_count(target)
-        report.plan = {
-            "samples": n,
-            "stages": [
-                _stage("embeddings", "run", n, _embed_seconds(config.clip, n, config.device)),
-                _stage("pseudo_labels", "run", n, n * crop.grid**2 / _rate(config.clip, config.device)),
-                _stage("classifier", "run", n, 1.0 + n * 1e-4),
-            ],
-        }
-        _finish_plan(report.plan, config.device, 0)
+        report.plan = plan_auto_label(target, classes_list, config, target_count(target), 0)
     report.seconds = time.perf_counter() - t0
     return report
 
