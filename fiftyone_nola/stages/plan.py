@@ -270,3 +270,49 @@ def plan_multilabel(samples, classes, config) -> RunPlan:
     plan.steps += [*emb, pseudo, classifier]
     plan.steps += _evaluate_step(samples, config.gt_field, [config.pseudo_field, config.pred_field])
     return plan
+
+
+# ---------------------------------------------------------------------------- the panel's view
+
+# (step, run key, output field): the labelling chain, each made from the ones before it
+REPLAYED = (
+    ("embeddings:clip", "nola_embeddings_clip", None),
+    ("embeddings:dino", "nola_embeddings_dino", None),
+    ("zeroshot", "nola_zeroshot", "nola_zeroshot"),
+    ("dino_labeler", "nola_dino", "nola_dino"),
+    ("prompt_tuning", "nola_model", None),
+    ("predict", "nola", "nola"),
+    ("refine", "nola_transductive", "nola_transductive"),
+)
+
+
+def replay(samples, labelled: dict, n: int) -> dict[str, Step]:
+    """What a re-run with the recorded settings would do for each labelling step: the planner's
+    rules on the run records and label counts alone (no image read: cheap enough for the panel).
+    ``labelled``: samples with each output field; ``n``: samples in the dataset."""
+    out: dict = {}
+    prev: Optional[tuple] = None
+    for name, key, field_ in REPLAYED:
+        run = runs.get_run(samples, key)
+        res = (run or {}).get("results") or {}
+        count = labelled.get(field_) if field_ else res.get("index_size")
+        when = res.get("recorded_at")
+        if run is None:
+            step = Step(name, RUN, [], "not run yet")
+        elif prev and when and when < prev[1]:
+            step = Step(name, RUN, [], f"made before {prev[0]} was redone")
+        elif field_ is not None or name.startswith("embeddings"):
+            missing = max(0, n - (count or 0)) if count is not None else 0
+            step = Step(
+                name,
+                UPDATE if missing else REUSE,
+                [],
+                f"{missing} samples without its output" if missing else "up to date",
+            )
+            step.units = missing
+        else:
+            step = Step(name, REUSE, [], "up to date")
+        out[name] = step
+        if run and when and not name.startswith("embeddings"):
+            prev = (name, when)
+    return out
