@@ -296,6 +296,12 @@ def test_cpu_isa_is_the_best_flag_and_the_override_wins(monkeypatch):
     monkeypatch.setenv("NOLA_CPU_ISA", "pentium")
     with pytest.raises(InvalidInputError, match="NOLA_CPU_ISA"):
         cpu_isa.cpu_isa()
+    # a first measurement pays back sooner where int8/bf16 are candidates
+    assert engine_choice.first_measure_min_forwards(["fp32"]) > engine_choice.first_measure_min_forwards(
+        ["fp32", "int8"]
+    )
+    monkeypatch.setenv("NOLA_ENGINE_MIN_IMAGES", "0")
+    assert engine_choice.first_measure_min_forwards(["fp32"]) == 0
 
 
 class _FakeEngine:

@@ -19,8 +19,9 @@ Two caches beside the converted models (``$NOLA_HOME/engines``):
   the fastest candidates, in order, until one agrees.
 
 Measuring costs conversions plus a few passes over the check images, so a first measurement
-happens only for jobs of at least ``NOLA_ENGINE_MIN_IMAGES`` forward passes (default 500);
-with a speed table, only when the seconds it saves on this job exceed its conversion and check
+happens only for jobs that can pay it back: at least 500 forward passes where int8 or bf16 is
+a candidate, 3,000 where only OpenVINO fp32 is (``NOLA_ENGINE_MIN_IMAGES`` overrides); with a
+speed table, only when the seconds it saves on this job exceed its conversion and check
 seconds. Smaller jobs run PyTorch fp32 and record nothing.
 """
 
@@ -49,7 +50,10 @@ MIN_COSINE = {"fp32": 0.9999, "bf16": 0.999, "int8": 0.995}  # vs PyTorch fp32, 
 MIN_ZERO_SHOT_AGREEMENT = 0.99  # same top-1 class as PyTorch fp32 (embeddings, classes known)
 MIN_LABEL_AGREEMENT = 0.995  # same predicted label as PyTorch fp32 (tuned model, crop scores)
 MIN_SPEEDUP = 1.05  # an engine must beat PyTorch fp32 by this much to be worth a second code path
-FIRST_MEASURE_MIN_FORWARDS = 500
+# A first measurement (conversions + the check) costs about what PyTorch spends on a few hundred
+# images. Where int8/bf16 are candidates (2.5-4x measured) a 500-image job pays it back; where
+# only OpenVINO fp32 is (1.0-1.2x measured on AVX2) it takes thousands of images.
+FIRST_MEASURE_MIN_FORWARDS = {"fp32_only": 3000, "with_int8_or_bf16": 500}
 PREFERENCE = ("int8", "bf16", "fp32")  # measuring order without a speed table: expected fastest first
 
 
@@ -190,10 +194,13 @@ def _write(path: Path, data: dict) -> None:
 # ----------------------------------------------------------------------------- measuring
 
 
-def first_measure_min_forwards() -> int:
-    """Jobs smaller than this (forward passes) never pay for a first measurement."""
+def first_measure_min_forwards(precisions: list) -> int:
+    """Jobs smaller than this (forward passes) do not pay for a first measurement of these
+    candidates; ``NOLA_ENGINE_MIN_IMAGES`` overrides (0: always measure)."""
     env = os.environ.get("NOLA_ENGINE_MIN_IMAGES", "").strip()
-    return int(env) if env else FIRST_MEASURE_MIN_FORWARDS
+    if env:
+        return int(env)
+    return FIRST_MEASURE_MIN_FORWARDS["fp32_only" if list(precisions) == ["fp32"] else "with_int8_or_bf16"]
 
 
 def _timed(fn: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor]) -> tuple[np.ndarray, float]:
@@ -216,7 +223,7 @@ def _timed(fn: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tenso
 def _plan(module, identity, input_size, precisions: list, speed: Optional[dict], forwards: int, root):
     """``(precisions to try in order, why not)``: ``None`` means skip measuring for this job."""
     if speed is None:
-        need = first_measure_min_forwards()
+        need = first_measure_min_forwards(precisions)
         if forwards < need:
             return None, (
                 f"{forwards} forward passes are too few to pay for measuring the engines "

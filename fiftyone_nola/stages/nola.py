@@ -414,7 +414,9 @@ def predict(
             {"model_dir": str(model_dir), "precision": cfg.precision, "model_id": model.tuned.model_id},
             labelled=written,
             failed=len(failed),
-            inference=None if ran is None else {"engine": ran.engine, "precision": ran.precision},
+            inference=None
+            if ran is None
+            else {"engine": ran.engine, "precision": ran.precision, **({"auto": ran.measured} if ran.measured else {})},
         )
     logger.info(f"[predict] {written} samples -> '{label_field}' in {summary['seconds']:.1f}s")
     return summary
