@@ -333,10 +333,12 @@ def _simulate(monkeypatch, int8_noise=0.0):
         loaded.append(choice.precision)
         return _FakeEngine(module, choice.precision, int8_noise), choice
 
-    def timed(fn, batches):
+    def timed(fns, batches):
         with torch.inference_mode():
-            out = torch.cat([fn(b) for b in batches]).numpy()
-        return out, MS[getattr(fn, "precision", "torch")] / 1e3
+            return {
+                n: (torch.cat([fn(b) for b in batches]).numpy(), MS[getattr(fn, "precision", "torch")] / 1e3)
+                for n, fn in fns.items()
+            }
 
     monkeypatch.setattr(engines, "load_engine_model", load)
     monkeypatch.setattr(engine_choice, "_timed", timed)
@@ -396,8 +398,8 @@ def test_each_cpu_measures_its_candidates_and_picks_the_fastest_that_agrees(
 
 
 def test_speed_table_and_pay_back_rule(monkeypatch, tmp_path):
-    """New weights of a measured architecture: nothing converted when no engine was faster; the
-    fastest checked first; a small job runs PyTorch and records nothing."""
+    """New weights of a measured architecture: nothing converted when no engine was faster, only
+    the faster ones checked otherwise; a small job runs PyTorch and records nothing."""
     monkeypatch.setenv("NOLA_CPU_ISA", "avx512_vnni")
     auto = engines.EngineChoice("auto", "auto")
     loaded = _simulate(monkeypatch)
@@ -409,7 +411,7 @@ def test_speed_table_and_pay_back_rule(monkeypatch, tmp_path):
     loaded.clear()
     before = engine_choice.MEASUREMENTS["count"]
     _, choice = engine_choice.select(_small_model(1), {"key": "m"}, (3, 8, 8), auto, _probe(), tmp_path)
-    assert loaded == ["int8", "int8"] and choice.tag == "openvino-int8"  # checked the fastest only
+    assert loaded == ["int8", "fp32", "int8"] and choice.tag == "openvino-int8"  # the faster ones only
     assert engine_choice.MEASUREMENTS["count"] == before + 1 and len(list((tmp_path / "choices").iterdir())) == 2
     # a job too small to pay for converting and checking new weights: PyTorch, nothing recorded
     _, choice = engine_choice.select(_small_model(2), {"key": "m"}, (3, 8, 8), auto, _probe(forwards=50), tmp_path)
@@ -425,6 +427,21 @@ def test_speed_table_and_pay_back_rule(monkeypatch, tmp_path):
         MS.update(torch=10.0)
     assert first.tag == later.tag == "torch-fp32" and not loaded
     assert later.measured["decided_by"] == "speed table"
+
+
+def test_a_failing_measurement_runs_pytorch_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("NOLA_CPU_ISA", "avx2")
+    _simulate(monkeypatch)
+
+    def unreadable():
+        raise OSError("disk gone")
+
+    probe = engine_choice.Probe(engine_choice.embedding_agreement(), "embeddings", 10**6, 8, check=unreadable)
+    with pytest.warns(engines.EngineFallbackWarning, match="measuring failed.*disk gone"):
+        runner, choice = engine_choice.select(
+            _small_model(), {"key": "m"}, (3, 8, 8), engines.EngineChoice("auto", "auto"), probe, tmp_path
+        )
+    assert runner is None and choice.tag == "torch-fp32" and not (tmp_path / "choices").exists()
 
 
 def _outlier_model(outlier: float) -> torch.nn.Module:
@@ -445,6 +462,13 @@ def _outlier_model(outlier: float) -> torch.nn.Module:
     return net.eval()
 
 
+def _tensor_probe(x: torch.Tensor) -> engine_choice.Probe:
+    """Embeddings checked on ``x[64:]``, int8 calibrated on ``x[:64]``, for a large job."""
+    return engine_choice.Probe(
+        engine_choice.embedding_agreement(), "embeddings", 10**6, 32, check=lambda: x[64:], calibration=lambda: [x[:64]]
+    )
+
+
 @pytest.fixture(scope="module")
 def outlier_run(tmp_path_factory):
     """The outlier model chosen for once, as on an avx512_vnni CPU (int8 is a candidate)."""
@@ -456,14 +480,7 @@ def outlier_run(tmp_path_factory):
     logs: list = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NOLA_CPU_ISA", "avx512_vnni")
-        probe = engine_choice.Probe(
-            engine_choice.embedding_agreement(),
-            "embeddings",
-            10**6,
-            32,
-            check=lambda: x[64:],
-            calibration=lambda: [x[:64]],
-        )
+        probe = _tensor_probe(x)
         runner, choice = engine_choice.select(
             module, {"key": "outlier"}, (3, 32, 32), engines.EngineChoice("auto", "auto"), probe, root, logs.append
         )
@@ -518,14 +535,7 @@ print(json.dumps({{"tag": choice.tag, "measurements": engine_choice.MEASUREMENTS
         old = engine_choice.choice_file(module, {"key": "outlier"}, (3, 32, 32), "embeddings", ["fp32", "int8"], root)
         new = engine_choice.choice_file(changed, {"key": "outlier"}, (3, 32, 32), "embeddings", ["fp32", "int8"], root)
         assert old.is_file() and new != old and not new.is_file()
-        probe = engine_choice.Probe(
-            engine_choice.embedding_agreement(),
-            "embeddings",
-            10**6,
-            32,
-            check=lambda: x[64:],
-            calibration=lambda: [x[:64]],
-        )
+        probe = _tensor_probe(x)
         engine_choice.select(
             changed, {"key": "outlier"}, (3, 32, 32), engines.EngineChoice("auto", "auto"), probe, root
         )

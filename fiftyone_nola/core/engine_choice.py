@@ -15,8 +15,8 @@ Two caches beside the converted models (``$NOLA_HOME/engines``):
   process reads it and measures nothing.
 * ``speed/``: seconds per image of each candidate per (architecture: parameter names and
   shapes; input size; CPU; threads; versions). New weights of a measured architecture (a
-  re-tuned model) convert nothing when no candidate was faster there, and otherwise check only
-  the fastest candidates, in order, until one agrees.
+  re-tuned model) convert nothing when no candidate was faster there, and otherwise measure and
+  check only the candidates that were.
 
 Measuring costs conversions plus a few passes over the check images, so a first measurement
 happens only for jobs that can pay it back: at least 500 forward passes where int8 or bf16 is
@@ -203,21 +203,26 @@ def first_measure_min_forwards(precisions: list) -> int:
     return FIRST_MEASURE_MIN_FORWARDS["fp32_only" if list(precisions) == ["fp32"] else "with_int8_or_bf16"]
 
 
-def _timed(fn: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor]) -> tuple[np.ndarray, float]:
-    """``(outputs, seconds per input)``: the fastest batch after the first (warm-up), so that
-    a busy moment of another process does not decide."""
-    outs, per = [], []
+def _timed(fns: dict, batches: list[torch.Tensor]) -> dict:
+    """``{name: (outputs, seconds per input)}`` of each forward in ``fns`` over ``batches``.
+
+    The forwards take turns batch by batch (in a rotating order), and each one's time is its
+    fastest batch after the first round (warm-up): load from other processes drifts, so it
+    must fall on every candidate alike, and a busy moment must not decide.
+    """
+    names = list(fns)
+    outs: dict = {n: [] for n in names}
+    per: dict = {n: [] for n in names}
+    rounds = list(enumerate(batches)) + ([(1, batches[0])] if len(batches) == 1 else [])
     with torch.inference_mode():
-        for b in batches:
-            t = time.perf_counter()
-            y = fn(b)
-            per.append((time.perf_counter() - t) / len(b))
-            outs.append(y.float().cpu().numpy())
-        if len(batches) == 1:
-            t = time.perf_counter()
-            fn(batches[0])
-            per.append((time.perf_counter() - t) / len(batches[0]))
-    return np.concatenate(outs), min(per[1:])
+        for i, b in rounds:
+            for n in names[i % len(names) :] + names[: i % len(names)]:
+                t = time.perf_counter()
+                y = fns[n](b)
+                per[n].append((time.perf_counter() - t) / len(b))
+                if len(outs[n]) < len(batches):
+                    outs[n].append(y.float().cpu().numpy())
+    return {n: (np.concatenate(outs[n]), min(per[n][1:])) for n in names}
 
 
 def _plan(module, identity, input_size, precisions: list, speed: Optional[dict], forwards: int, root):
@@ -263,30 +268,30 @@ def _ir_facts(module, identity, input_size, root) -> dict:
     return out
 
 
-def _measure(module, identity, input_size, order: list, probe: Probe, early_stop: bool, root, log) -> dict:
+def _measure(module, identity, input_size, order: list, probe: Probe, root, log) -> dict:
     """Time PyTorch fp32 and each candidate of ``order`` on the check images; check agreement."""
     x = probe.check()
     if len(x) == 0:
         return {"candidates": {}, "images": 0}
-    batches = list(torch.split(x, max(1, probe.batch_size)))
-    ref, t_ref = _timed(module, batches)
-    figures = {"torch-fp32": {"ms_per_image": round(t_ref * 1e3, 3), "passed": True}}
+    figures: dict = {}
+    runners: dict = {"torch-fp32": module}
     for p in order:
-        tag = f"openvino-{p}"
         runner, got = engines.load_engine_model(
             module, identity, input_size, EngineChoice("openvino", p), calibration=probe.calibration, root=root, log=log
         )
         if runner is None:
-            figures[tag] = {"passed": False, "why": got.reason}
-            continue
-        out, t = _timed(runner, batches)
-        f = probe.agree(ref, out, p)
+            figures[f"openvino-{p}"] = {"passed": False, "why": got.reason}
+        else:
+            runners[f"openvino-{p}"] = runner
+    timed = _timed(runners, list(torch.split(x, max(1, probe.batch_size))))
+    ref, t_ref = timed.pop("torch-fp32")
+    figures["torch-fp32"] = {"ms_per_image": round(t_ref * 1e3, 3), "passed": True}
+    for tag, (out, t) in timed.items():
+        f = probe.agree(ref, out, tag.split("-", 1)[1])
         f["ms_per_image"] = round(t * 1e3, 3)
         if t * MIN_SPEEDUP > t_ref:
             f["faster_than_torch"] = False
         figures[tag] = f
-        if early_stop and f["passed"] and f.get("faster_than_torch", True):
-            break  # ordered by measured speed: the first that agrees wins
     return {"candidates": figures, "images": int(len(x)), **_ir_facts(module, identity, input_size, root)}
 
 
@@ -344,7 +349,7 @@ def _decide(module, identity, input_size, precisions: list, probe: Probe, path: 
     t0 = time.perf_counter()
     if order:
         MEASUREMENTS["count"] += 1
-        rec = _measure(module, identity, input_size, order, probe, speed is not None, root, log)
+        rec = _measure(module, identity, input_size, order, probe, root, log)
     else:
         rec = {"candidates": {t: {"ms_per_image": round(v * 1e3, 3)} for t, v in speed["s_per_image"].items()}}
         rec["images"] = 0
@@ -388,7 +393,12 @@ def select(
     path = choice_file(module, identity, input_size, probe.kind, precisions, root)
     rec = _read(path)
     if rec is None:
-        rec, why = _decide(module, identity, input_size, precisions, probe, path, root, log)
+        try:
+            rec, why = _decide(module, identity, input_size, precisions, probe, path, root, log)
+        except Exception as e:  # measuring must never break a job: PyTorch computes the same thing
+            why = f"measuring failed ({type(e).__name__}: {str(e).strip()[:200]})"
+            engines.warn_once(f"engine auto: {why}; running PyTorch fp32")
+            rec = None
         if rec is None:
             return None, EngineChoice("torch", "fp32", f"auto: {why}")
     elif str(path) not in _ANNOUNCED:
