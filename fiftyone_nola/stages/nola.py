@@ -372,8 +372,9 @@ def tune_prompts(
 class PredictConfig:
     """How :func:`predict` runs the tuned model; None fields fit the hardware (``device.resolve``).
 
-    ``engine``/``precision``: what runs the forward (core/engines.py; ``auto``: OpenVINO bf16 on
-    CPUs with native bf16 when installed, else PyTorch; ``engine="torch"`` forces PyTorch).
+    ``engine``/``precision``: what runs the forward (core/engines.py; ``auto``: measured on the
+    images, an engine kept only if its labels match PyTorch fp32's (core/engine_choice.py);
+    ``engine="torch"`` forces PyTorch).
     """
 
     batch_size: Optional[int] = None

@@ -63,7 +63,7 @@ class CropConfig:
     batch_size: int = 32  # images per forward pass (grid² crops each)
     num_workers: Optional[int] = None  # None: the machine's decode workers
     device: Optional[str] = None  # None: CUDA if present, else the CPU
-    precision: str = "auto"  # auto: AMP on CUDA; on a CPU the engine's (core/engines.py); int8 opt-in
+    precision: str = "auto"  # auto: AMP on CUDA; on a CPU measured (core/engine_choice.py)
     engine: str = "auto"  # auto | torch | openvino: the crops' CLIP forward (embeddings' cached model)
     logit_scale: float = CLIP_LOGIT_SCALE
     draft_decode: bool = True  # JPEG DCT-scaled decode, never below grid × model input size
