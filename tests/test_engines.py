@@ -352,7 +352,7 @@ def _probe(n=24, forwards=10**6, agree=None):
         "embeddings",
         forwards,
         8,
-        check=lambda: x[8:],
+        check=lambda n=None: x[8:][:n],
         calibration=lambda: [x[:8]],
     )
 
@@ -429,11 +429,36 @@ def test_speed_table_and_pay_back_rule(monkeypatch, tmp_path):
     assert later.measured["decided_by"] == "speed table"
 
 
+def test_a_reused_int8_choice_is_checked_again_on_each_large_job(monkeypatch, tmp_path):
+    """int8 was calibrated and checked on an earlier job's images: a later large job checks it on
+    its own images and runs the next candidate when they disagree; a small job is not delayed."""
+    monkeypatch.setenv("NOLA_CPU_ISA", "avx512_vnni")
+    auto = engines.EngineChoice("auto", "auto")
+
+    def choose(probe, logs=None):
+        return engine_choice.select(
+            _small_model(), {"key": "m"}, (3, 8, 8), auto, probe, tmp_path, ([] if logs is None else logs).append
+        )
+
+    _simulate(monkeypatch)
+    assert choose(_probe())[1].tag == "openvino-int8"  # measured: int8 agrees on these images
+    _, again = choose(_probe())
+    assert again.tag == "openvino-int8" and again.measured["spot_check"]["passed"]
+    assert again.measured["spot_check"]["images"] == 24  # min(SPOT_CHECK_IMAGES, the 24 check images)
+    _simulate(monkeypatch, int8_noise=1.0)  # another job whose images int8 gets wrong
+    logs: list = []
+    _, other = choose(_probe(), logs)
+    assert other.tag == "openvino-fp32" and other.measured["measured_choice"] == "openvino-int8"
+    assert other.measured["spot_check"]["passed"] is False and "int8 disagrees" in logs[-1]
+    _, small = choose(_probe(forwards=10))
+    assert small.tag == "openvino-int8" and "spot_check" not in small.measured
+
+
 def test_a_failing_measurement_runs_pytorch_with_one_warning(monkeypatch, tmp_path):
     monkeypatch.setenv("NOLA_CPU_ISA", "avx2")
     _simulate(monkeypatch)
 
-    def unreadable():
+    def unreadable(n=None):
         raise OSError("disk gone")
 
     probe = engine_choice.Probe(engine_choice.embedding_agreement(), "embeddings", 10**6, 8, check=unreadable)
@@ -465,7 +490,12 @@ def _outlier_model(outlier: float) -> torch.nn.Module:
 def _tensor_probe(x: torch.Tensor) -> engine_choice.Probe:
     """Embeddings checked on ``x[64:]``, int8 calibrated on ``x[:64]``, for a large job."""
     return engine_choice.Probe(
-        engine_choice.embedding_agreement(), "embeddings", 10**6, 32, check=lambda: x[64:], calibration=lambda: [x[:64]]
+        engine_choice.embedding_agreement(),
+        "embeddings",
+        10**6,
+        32,
+        check=lambda n=None: x[64:][:n],
+        calibration=lambda: [x[:64]],
     )
 
 
@@ -512,7 +542,7 @@ net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 4, stride=4), torch.nn.ReLU(), 
 net.load_state_dict(torch.load({str(tmp_path / "w.pt")!r}))
 x = torch.load({str(tmp_path / "x.pt")!r})
 probe = engine_choice.Probe(engine_choice.embedding_agreement(), "embeddings", 10**6, 32,
-                            check=lambda: x[64:], calibration=lambda: [x[:64]])
+                            check=lambda n=None: x[64:][:n], calibration=lambda: [x[:64]])
 logs = []
 runner, choice = engine_choice.select(net, {{"key": "outlier"}}, (3, 32, 32), engines.EngineChoice("auto", "auto"),
                                       probe, {str(root)!r}, logs.append)

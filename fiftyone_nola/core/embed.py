@@ -117,11 +117,18 @@ def with_images(
     check_paths = [p for i, p in enumerate(picks) if i % 3 or len(picks) == 1][:n_check]
     make = dataset or (lambda ps: ImageFileDataset(ps, transform, DecodeOptions(draft_size=draft_size)))
 
-    def check() -> torch.Tensor:
+    def check(n: Optional[int] = None) -> torch.Tensor:
+        n = min(n or engine_choice.CHECK_IMAGES, engine_choice.CHECK_IMAGES)
         # A custom dataset's items may differ in size (crops of small images): one per batch.
-        loader = make_loader(make(check_paths), 1 if dataset else probe.batch_size, min(num_workers, 2))
-        parts = [b.reshape(-1, *b.shape[-3:]) for _, b, _ in loader if b is not None]
-        return torch.cat(parts)[: engine_choice.CHECK_IMAGES] if parts else torch.zeros(0)
+        loader = make_loader(make(check_paths), 1 if dataset else min(n, probe.batch_size), min(num_workers, 2))
+        parts, got = [], 0
+        for _, b, _ in loader:
+            if b is not None:
+                parts.append(b.reshape(-1, *b.shape[-3:]))
+                got += len(parts[-1])
+            if got >= n:
+                break
+        return torch.cat(parts)[:n] if parts else torch.zeros(0)
 
     return dataclasses.replace(
         probe, check=check, calibration=calibration_images(calib, transform, draft_size, n=len(calib))

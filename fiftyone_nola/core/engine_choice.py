@@ -18,6 +18,10 @@ Two caches beside the converted models (``$NOLA_HOME/engines``):
   re-tuned model) convert nothing when no candidate was faster there, and otherwise measure and
   check only the candidates that were.
 
+An int8 choice reused for a later job of at least that first-measurement size is checked again
+on :data:`SPOT_CHECK_IMAGES` of the job's own images (int8 was calibrated on another job's);
+if they disagree, the job runs the fastest other candidate that passed.
+
 Measuring costs conversions plus a few passes over the check images, so a first measurement
 happens only for jobs that can pay it back: at least 500 forward passes where int8 or bf16 is
 a candidate, 3,000 where only OpenVINO fp32 is (``NOLA_ENGINE_MIN_IMAGES`` overrides); with a
@@ -49,6 +53,7 @@ CHECK_IMAGES = 128  # images (or crops) the agreement check and the timing run o
 MIN_COSINE = {"fp32": 0.9999, "bf16": 0.999, "int8": 0.995}  # vs PyTorch fp32, every check image
 MIN_ZERO_SHOT_AGREEMENT = 0.99  # same top-1 class as PyTorch fp32 (embeddings, classes known)
 MIN_LABEL_AGREEMENT = 0.995  # same predicted label as PyTorch fp32 (tuned model, crop scores)
+SPOT_CHECK_IMAGES = 32  # a reused int8 choice is checked again on this many of each large job's images
 MIN_SPEEDUP = 1.05  # an engine must beat PyTorch fp32 by this much to be worth a second code path
 # A first measurement (conversions + the check) costs about what PyTorch spends on a few hundred
 # images. Where int8/bf16 are candidates (2.5-4x measured) a 500-image job pays it back; where
@@ -63,16 +68,37 @@ class Probe:
 
     ``agree(reference, candidate, precision)`` returns figures with ``passed`` (and ``why``);
     ``kind`` names the check (part of the choice's cache key); ``forwards`` is how many forward
-    passes the job will run (the pay-back rule); ``check()`` returns preprocessed inputs
-    (N x C x H x W float32) never used for calibration; ``calibration()`` yields int8 batches.
+    passes the job will run (the pay-back rule); ``check(n=None)`` returns (the first ``n``)
+    preprocessed inputs (N x C x H x W float32) never used for calibration; ``calibration()``
+    yields int8 batches.
     """
 
     agree: Callable[[np.ndarray, np.ndarray, str], dict]
     kind: str = "embeddings"
     forwards: int = 0
     batch_size: int = 32
-    check: Optional[Callable[[], torch.Tensor]] = None
+    check: Optional[Callable[..., torch.Tensor]] = None
     calibration: Optional[Callable[[], Iterable]] = None
+
+
+@dataclass
+class _Target:
+    """The forward being chosen for: ``module(x)`` on ``(N, *input_size)``, named by
+    ``identity``, cached under ``root``, reporting through ``log``."""
+
+    module: nn.Module
+    identity: dict
+    input_size: tuple
+    root: Optional[os.PathLike]
+    log: Callable[[str], None]
+
+    def load(self, choice: EngineChoice, calibration=None):
+        return engines.load_engine_model(
+            self.module, self.identity, self.input_size, choice, calibration, self.root, log=self.log
+        )
+
+    def entry(self, ir: str) -> Path:
+        return engines.entry_path(self.module, self.identity, self.input_size, ir, self.root)[0]
 
 
 # ----------------------------------------------------------------------------- agreement
@@ -225,7 +251,7 @@ def _timed(fns: dict, batches: list[torch.Tensor]) -> dict:
     return {n: (np.concatenate(outs[n]), min(per[n][1:])) for n in names}
 
 
-def _plan(module, identity, input_size, precisions: list, speed: Optional[dict], forwards: int, root):
+def _plan(target: _Target, precisions: list, speed: Optional[dict], forwards: int):
     """``(precisions to try in order, why not)``: ``None`` means skip measuring for this job."""
     if speed is None:
         need = first_measure_min_forwards(precisions)
@@ -245,7 +271,7 @@ def _plan(module, identity, input_size, precisions: list, speed: Optional[dict],
     best = faster[0]
     cost = CHECK_IMAGES * (ref + s[f"openvino-{best}"])
     for ir in ("fp32", "int8") if best == "int8" else ("fp32",):
-        if not (engines.entry_path(module, identity, input_size, ir, root)[0] / "meta.json").is_file():
+        if not (target.entry(ir) / "meta.json").is_file():
             cost += speed.get("conversion_seconds", {}).get(ir) or 0.0
     saved = forwards * (ref - s[f"openvino-{best}"])
     if saved < cost:
@@ -256,11 +282,11 @@ def _plan(module, identity, input_size, precisions: list, speed: Optional[dict],
     return faster, ""
 
 
-def _ir_facts(module, identity, input_size, root) -> dict:
-    """Conversion seconds (and int8 calibration count) of the cached IRs of ``module``."""
+def _ir_facts(target: _Target) -> dict:
+    """Conversion seconds (and int8 calibration count) of the target's cached IRs."""
     out: dict = {"conversion_seconds": {}}
     for ir in ("fp32", "int8"):
-        meta = _read(engines.entry_path(module, identity, input_size, ir, root)[0] / "meta.json")
+        meta = _read(target.entry(ir) / "meta.json")
         if meta is not None:
             out["conversion_seconds"][ir] = meta.get("conversion_seconds")
             if ir == "int8":
@@ -268,17 +294,15 @@ def _ir_facts(module, identity, input_size, root) -> dict:
     return out
 
 
-def _measure(module, identity, input_size, order: list, probe: Probe, root, log) -> dict:
+def _measure(target: _Target, order: list, probe: Probe) -> dict:
     """Time PyTorch fp32 and each candidate of ``order`` on the check images; check agreement."""
     x = probe.check()
     if len(x) == 0:
         return {"candidates": {}, "images": 0}
     figures: dict = {}
-    runners: dict = {"torch-fp32": module}
+    runners: dict = {"torch-fp32": target.module}
     for p in order:
-        runner, got = engines.load_engine_model(
-            module, identity, input_size, EngineChoice("openvino", p), calibration=probe.calibration, root=root, log=log
-        )
+        runner, got = target.load(EngineChoice("openvino", p), probe.calibration)
         if runner is None:
             figures[f"openvino-{p}"] = {"passed": False, "why": got.reason}
         else:
@@ -292,7 +316,7 @@ def _measure(module, identity, input_size, order: list, probe: Probe, root, log)
         if t * MIN_SPEEDUP > t_ref:
             f["faster_than_torch"] = False
         figures[tag] = f
-    return {"candidates": figures, "images": int(len(x)), **_ir_facts(module, identity, input_size, root)}
+    return {"candidates": figures, "images": int(len(x)), **_ir_facts(target)}
 
 
 def _winner(figures: dict) -> str:
@@ -338,18 +362,18 @@ _ANNOUNCED: set = set()
 MEASUREMENTS = {"count": 0}  # measurements made by this process (tests assert reuse with it)
 
 
-def _decide(module, identity, input_size, precisions: list, probe: Probe, path: Path, root, log):
+def _decide(target: _Target, precisions: list, probe: Probe, path: Path):
     """``(record, "")``: measure (or read the speed table), write the choice record and return
     it; ``(None, why)`` when this job is too small to pay for it."""
-    spath = speed_file(module, input_size, root)
+    spath = speed_file(target.module, target.input_size, target.root)
     speed = _read(spath)
-    order, why = _plan(module, identity, input_size, precisions, speed, probe.forwards, root)
+    order, why = _plan(target, precisions, speed, probe.forwards)
     if order is None:
         return None, why
     t0 = time.perf_counter()
     if order:
         MEASUREMENTS["count"] += 1
-        rec = _measure(module, identity, input_size, order, probe, root, log)
+        rec = _measure(target, order, probe)
     else:
         rec = {"candidates": {t: {"ms_per_image": round(v * 1e3, 3)} for t, v in speed["s_per_image"].items()}}
         rec["images"] = 0
@@ -367,7 +391,7 @@ def _decide(module, identity, input_size, precisions: list, probe: Probe, path: 
         measured = {t: f["ms_per_image"] / 1e3 for t, f in rec["candidates"].items() if "ms_per_image" in f}
         _write(spath, {"s_per_image": measured, "conversion_seconds": rec.get("conversion_seconds", {})})
     _write(path, rec)
-    log(f"[engine] auto chose {_describe(rec)}; decided in {rec['seconds']:.1f}s, cached in {path}")
+    target.log(f"[engine] auto chose {_describe(rec)}; decided in {rec['seconds']:.1f}s, cached in {path}")
     _ANNOUNCED.add(str(path))
     return rec, ""
 
@@ -391,22 +415,50 @@ def select(
         return None, EngineChoice("torch", "fp32", "auto without images to measure on: PyTorch fp32")
     precisions = cpu_isa.candidate_precisions(cpu_isa.cpu_isa(), choice.precision)
     path = choice_file(module, identity, input_size, probe.kind, precisions, root)
+    target = _Target(module, identity, tuple(input_size), root, log)
     rec = _read(path)
     if rec is None:
         try:
-            rec, why = _decide(module, identity, input_size, precisions, probe, path, root, log)
+            rec, why = _decide(target, precisions, probe, path)
         except Exception as e:  # measuring must never break a job: PyTorch computes the same thing
             why = f"measuring failed ({type(e).__name__}: {str(e).strip()[:200]})"
             engines.warn_once(f"engine auto: {why}; running PyTorch fp32")
             rec = None
         if rec is None:
             return None, EngineChoice("torch", "fp32", f"auto: {why}")
-    elif str(path) not in _ANNOUNCED:
+        return _load(target, rec, probe)
+    if str(path) not in _ANNOUNCED:
         _ANNOUNCED.add(str(path))
         log(f"[engine] auto: {_describe(rec)} (measured {rec.get('when')}; cached in {path})")
-    engine, precision = rec["choice"].split("-", 1)
+    runner, picked = _load(target, rec, probe)
+    if picked.precision == "int8" and runner is not None and probe.forwards >= first_measure_min_forwards(precisions):
+        runner, picked = _spot_check(target, rec, runner, picked, probe)
+    return runner, picked
+
+
+def _load(target: _Target, rec: dict, probe: Probe, tag: Optional[str] = None, extra: Optional[dict] = None):
+    """Load the engine of ``tag`` (the record's choice by default) with the record as its figures."""
+    engine, precision = (tag or rec["choice"]).split("-", 1)
     summary = {k: rec.get(k) for k in ("choice", "decided_by", "images", "calibration_images", "cpu", "when")}
-    summary["candidates"] = rec.get("candidates", {})
+    summary.update(choice=tag or rec["choice"], candidates=rec.get("candidates", {}), **(extra or {}))
     picked = EngineChoice(engine, precision, f"auto: measured on {rec.get('images', 0)} images", measured=summary)
-    runner, got = engines.load_engine_model(module, identity, input_size, picked, calibration, root, log=log)
+    runner, got = target.load(picked, probe.calibration)
     return runner, (picked if runner is not None or engine == "torch" else got)
+
+
+def _spot_check(target: _Target, rec: dict, runner, picked: EngineChoice, probe: Probe):
+    """int8 was calibrated and checked on the images of an earlier job: check it again on
+    :data:`SPOT_CHECK_IMAGES` of this job's (seconds); if they disagree, this job runs the
+    fastest other candidate that passed (or PyTorch fp32) and says so."""
+    x = probe.check(SPOT_CHECK_IMAGES)
+    if len(x) == 0:
+        return runner, picked
+    got = _timed({"torch-fp32": target.module, "int8": runner}, list(torch.split(x, max(1, probe.batch_size))))
+    f = probe.agree(got["torch-fp32"][0], got["int8"][0], "int8")
+    f["images"] = int(len(x))
+    picked.measured["spot_check"] = f
+    if f["passed"]:
+        return runner, picked
+    other = _winner({t: v for t, v in rec.get("candidates", {}).items() if t != picked.tag})
+    target.log(f"[engine] auto: int8 disagrees on {len(x)} of this job's images ({f['why']}): running {other}")
+    return _load(target, rec, probe, other, {"spot_check": f, "measured_choice": rec["choice"]})
