@@ -581,10 +581,12 @@ def test_store_records_how_auto_chose(make_dataset, files, monkeypatch):
     for made in ("choices", "speed"):  # measured afresh here, whatever other tests measured
         shutil.rmtree(engines.cache_root() / made, ignore_errors=True)
     ds = make_dataset(files[:6])
-    out = compute_embeddings(ds, "clip", tiny_clip_spec(), config=EmbedConfig(batch_size=4, num_workers=0))["clip"]
+    cfg = EmbedConfig(batch_size=4, num_workers=0)
+    out = compute_embeddings(ds, "clip", tiny_clip_spec(), config=cfg, classes=["airplane", "cat", "ship"])["clip"]
     meta = open_index(ds, tiny_clip_spec()).meta
     auto = meta["engine"]["auto"]
     assert auto["choice"] == f"{meta['engine']['engine']}-{meta['engine']['precision']}"
     assert auto["images"] == 4 and auto["cpu"]["isa"] == "avx2" and auto["decided_by"] == "measurement"
     assert set(auto["candidates"]) == {"torch-fp32", "openvino-fp32"}
+    assert auto["candidates"]["openvino-fp32"]["zero_shot_top1_agreement"] == 1.0  # the classes were checked
     assert out["inference"]["engine"] == meta["engine"]["engine"]

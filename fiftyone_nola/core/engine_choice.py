@@ -425,6 +425,9 @@ def select(
             engines.warn_once(f"engine auto: {why}; running PyTorch fp32")
             rec = None
         if rec is None:
+            if str(path) not in _ANNOUNCED:
+                _ANNOUNCED.add(str(path))
+                log(f"[engine] auto: PyTorch fp32 for this job: {why}")
             return None, EngineChoice("torch", "fp32", f"auto: {why}")
         return _load(target, rec, probe)
     if str(path) not in _ANNOUNCED:
