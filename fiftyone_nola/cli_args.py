@@ -30,15 +30,16 @@ def _clip_args(p: argparse.ArgumentParser, device_help: str = "cpu, cuda, cuda:1
         choices=["auto", "torch", "openvino"],
         default=None,
         help="what runs the inference passes (embedding, crop scoring, prediction): auto = "
-        "OpenVINO bf16 on CPUs with native bf16 when installed, else PyTorch; "
-        "torch turns the engine off",
+        "measured on your images: PyTorch or OpenVINO (fp32; bf16/int8 where the CPU has them), "
+        "the fastest that agrees with PyTorch fp32; torch turns the engine off",
     )
     g.add_argument(
         "--engine-precision",
         choices=["auto", "fp32", "bf16", "int8"],
         default=None,
-        help="inference precision: auto = bf16 on CPUs with native bf16, else fp32; int8 "
-        "(opt-in) is calibrated on 64 of your images. Training is unaffected",
+        help="inference precision: auto = what the engine's measurement keeps; fp32 = measure fp32 "
+        "only; bf16/int8 = asked for without a check (int8 calibrated on 64 of your images). "
+        "Training is unaffected",
     )
     return g
 

@@ -373,8 +373,9 @@ def tune_prompts(
 class PredictConfig:
     """How :func:`predict` runs the tuned model; None fields fit the hardware (``config.resolve``).
 
-    ``engine``/``precision``: what runs the forward (core/engines.py; ``auto``: OpenVINO bf16 on
-    CPUs with native bf16 when installed, else PyTorch; ``engine="torch"`` forces PyTorch).
+    ``engine``/``precision``: what runs the forward (core/engines.py; ``auto``: measured on the
+    images, an engine kept only if its labels match PyTorch fp32's (core/engine_choice.py);
+    ``engine="torch"`` forces PyTorch).
     """
 
     batch_size: Optional[int] = None
@@ -415,7 +416,9 @@ def predict(
             {"model_dir": str(model_dir), "precision": cfg.precision, "model_id": model.tuned.model_id},
             labelled=written,
             failed=len(failed),
-            inference=None if ran is None else {"engine": ran.engine, "precision": ran.precision},
+            inference=None
+            if ran is None
+            else {"engine": ran.engine, "precision": ran.precision, **({"auto": ran.measured} if ran.measured else {})},
         )
     logger.info(f"[predict] {written} samples -> '{label_field}' in {summary['seconds']:.1f}s")
     return summary
