@@ -49,7 +49,10 @@ def _embeddings(run: RunContext, step: Step) -> dict:
     family = step.name.split(":")[1]
     cfg = dataclasses.replace(run.config.embed, device=str(run.device))
     dino = getattr(run.config, "dino", None)
-    return compute_embeddings(run.samples, family, run.config.clip, dino, cfg, progress=run.progress)[family]
+    # the classes let the engine's agreement check compare zero-shot labels too
+    return compute_embeddings(
+        run.samples, family, run.config.clip, dino, cfg, progress=run.progress, classes=run.classes
+    )[family]
 
 
 def _zeroshot(run: RunContext, step: Step) -> dict:
