@@ -22,6 +22,7 @@ from fiftyone_nola.core.errors import ModelNotFoundError, NolaError
 from fiftyone_nola.core.models import ClipSpec, DinoSpec, concrete_dino
 from fiftyone_nola.core.progress import print_progress
 from fiftyone_nola.core.prompt_tuning import TuneConfig
+from fiftyone_nola.core.transductive import TransductiveConfig
 
 # FiftyOne reads FIFTYONE_DATABASE_VALIDATION when imported, and main() sets it: the modules that
 # import FiftyOne (pipeline, stages) are imported by the commands.
@@ -238,6 +239,8 @@ def auto_label_config(args, clip: ClipSpec, dino: DinoSpec):
         gt_field=args.gt_field or args.gt_from_subfolders,
         force=args.force or None,
         allow_template_fallback=args.allow_template_fallback or None,
+        refine=TransductiveConfig(method=args.refine) if args.refine else None,
+        refine_from=args.refine_from,
     )
 
 

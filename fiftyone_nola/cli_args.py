@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from fiftyone_nola.core.models import ClipSpec
+from fiftyone_nola.core.transductive.config import METHODS as TRANSDUCTIVE_METHODS
 
 
 def _clip_args(p: argparse.ArgumentParser, device_help: str = "cpu, cuda, cuda:1, ... (default: auto)"):
@@ -158,6 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt-tune on at most N samples (default: fit hardware; 0 = all)",
     )
     p.add_argument("--no-tune", action="store_true", help="stop after the DINO labeller")
+    p.add_argument(
+        "--refine",
+        choices=list(TRANSDUCTIVE_METHODS),
+        default=None,
+        help="also label transductively from the stored vectors, in seconds and without training "
+        "(TransCLIP with its StatA safeguard, or ZLaP) into nola_transductive",
+    )
+    p.add_argument(
+        "--refine-from",
+        default=None,
+        metavar="FIELD",
+        help="start the refinement from this field's predictions (e.g. nola; TransCLIP only; default: zero-shot)",
+    )
     p.add_argument("--force", action="store_true", help="recompute stages even if up to date")
 
     p = sub.add_parser("auto-label-multilabel", help="multi-label (CDUL): global + local CLIP scores, classifier")

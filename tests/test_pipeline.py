@@ -11,6 +11,7 @@ from conftest import tiny_pipeline_config
 from fiftyone_nola.core.embed import EmbedConfig
 from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec
 from fiftyone_nola.pipeline import auto_label
+from fiftyone_nola.stages import review as rv
 from fiftyone_nola.stages import runs
 from fiftyone_nola.stages.brain_runs import similarity_key
 from fiftyone_nola.stages.nola import dino_labels, zero_shot
@@ -120,3 +121,36 @@ def test_retuning_after_the_teacher_changed_starts_over(cifar_dataset, caplog):
     cfg = TuneConfig(epochs=1, batch_size=8, max_samples=24, num_workers=0, device="cpu")
     s = tune_prompts(cifar_dataset, clip=tiny_clip_spec(), config=cfg)
     assert "starting over" in "\n".join(caplog.messages) and s["selected_epoch"] == 1
+
+
+@pytest.mark.integration
+def test_transductive_refinement_is_a_pipeline_step_reused_until_its_inputs_change(cifar_dataset):
+    """--refine: transductive labels after the stages, from the stored vectors; planned like every
+    step (reused on a re-run, redone when zero-shot is); the operator and the CLI reach it."""
+    import fiftyone.operators as foo
+
+    from fiftyone_nola.cli import auto_label_config, build_parser
+    from fiftyone_nola.core.transductive import TransductiveConfig
+
+    cfg = tiny_pipeline_config(skip_tuning=True, refine=TransductiveConfig(method="transclip"))
+    s = auto_label(cifar_dataset, CLASSES, cfg)
+    n = len(cifar_dataset)
+    assert s["processed"]["refine"] == n and cifar_dataset.count("nola_transductive.label") == n
+    assert rv.settings(cifar_dataset)["field"] == "nola_transductive"  # the run's last word is reviewed
+    again = auto_label(cifar_dataset, CLASSES, cfg)
+    assert {r["stage"]: r["action"] for r in again["plan"]}["refine"] == "reuse"
+    redo = auto_label(
+        cifar_dataset,
+        CLASSES,
+        tiny_pipeline_config(skip_tuning=True, refine=TransductiveConfig(), zeroshot={"include_templates": False}),
+    )
+    assert {r["stage"]: r["action"] for r in redo["plan"]}["refine"] == "run"
+    rows = {r["stage"]: r for r in stage_status(cifar_dataset)}
+    assert rows["Transductive"]["state"] == "fresh"
+    r = foo.execute_operator(
+        "@fiftyone-nola/nola/transductive_labels",
+        ctx={"dataset": cifar_dataset, "params": {"method": "zlap", "label_field": "nola_zlap"}},
+    )
+    assert r.error is None and cifar_dataset.count("nola_zlap.label") == n
+    args = build_parser().parse_args(["auto-label", "--images", "x", "--classes", "a,b", "--refine", "zlap"])
+    assert auto_label_config(args, None, None).refine == TransductiveConfig(method="zlap")

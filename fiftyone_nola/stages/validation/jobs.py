@@ -20,6 +20,7 @@ from fiftyone_nola.stages.validation.checks import (
     check_templates,
     check_writable,
 )
+from fiftyone_nola.stages.validation.params import check_fields
 from fiftyone_nola.stages.validation.plan import _disk_needed, plan_auto_label
 from fiftyone_nola.stages.validation.report import Report, _problem
 from fiftyone_nola.stages.validation.target import Target, _check_target_gt, resolve_target, target_count
@@ -35,6 +36,20 @@ def _job_inputs(target: Target, classes, config, fallback_random_init: bool) -> 
         problems += check_dino(config.dino, fallback_random_init)
     problems += check_device(config.device)
     return target, classes_list, problems
+
+
+def _check_refine(samples, config, produced: set) -> list:
+    """The transductive step's settings, and the field it starts from: one this run writes, or a
+    Classification field the dataset has (ZLaP starts from the text prior only)."""
+    problems = [_problem("refine", p, "see TransductiveConfig") for p in config.refine.problems()]
+    start = config.refine_from
+    if start and config.refine.method == "zlap":
+        problems.append(
+            _problem("refine_from", "ZLaP propagates from the class text embeddings only", "use --refine transclip")
+        )
+    elif start and start not in produced:
+        problems += check_fields(samples, {"refine_from": (start, ("Classification",))})
+    return problems
 
 
 def check_auto_label(
@@ -56,6 +71,9 @@ def check_auto_label(
     outputs = {"zeroshot_field": config.zeroshot_field, "dino_field": config.dino_field}
     if not config.skip_tuning:
         outputs["tuned_field"] = config.tuned_field
+    if config.refine is not None:
+        outputs["refined_field"] = config.refined_field
+        problems += _check_refine(samples, config, set(outputs.values()))
     problems += check_output_fields(samples, outputs)
     problems += _check_target_gt(target, config.gt_field, classes_list, list(outputs.values()), False)
     problems += check_range("tune_epochs", tune.epochs, lo=1, hi=10_000, integer=True, what="epochs")
