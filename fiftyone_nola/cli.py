@@ -15,7 +15,7 @@ from fiftyone_nola import STARTED, logs
 from fiftyone_nola.cli_args import build_parser
 from fiftyone_nola.cli_audit import cmd_audit
 from fiftyone_nola.core import distributed as dt
-from fiftyone_nola.core.config import given, given_in
+from fiftyone_nola.core.config import bounds, given, given_in
 from fiftyone_nola.core.device import hardware_profile, resolve_device
 from fiftyone_nola.core.embed import EmbedConfig
 from fiftyone_nola.core.errors import ModelNotFoundError, NolaError
@@ -339,8 +339,7 @@ def cmd_tune(args) -> dict:
     Every torchrun process runs this; rank 0 alone reads and writes the dataset and prints.
     """
     from fiftyone_nola.stages import fo_io
-    from fiftyone_nola.stages.nola import PredictConfig
-    from fiftyone_nola.stages.reuse import tune_settings
+    from fiftyone_nola.stages.nola import PredictConfig, tune_settings
     from fiftyone_nola.stages.tuning_ddp import tune_prompts_distributed
     from fiftyone_nola.stages.validation import check_params
 
@@ -351,10 +350,10 @@ def cmd_tune(args) -> dict:
         device=args.device,
         stages={"dataset": ("nola_zeroshot", "zero-shot"), "teacher_field": ("nola_dino", "DINO labeller")},
         ranges={
-            "tune_epochs": (args.epochs, 1, 100_000, True),
-            "batch_size": (args.batch_size, 1, None, True),
-            "num_workers": (args.workers, 0, 256, True),
-            "tune_max_samples": (args.tune_max_samples, 0, None, True),
+            "tune_epochs": (args.epochs, *bounds(TuneConfig, "epochs").range),
+            "batch_size": (args.batch_size, *bounds(TuneConfig, "batch_size").range),
+            "num_workers": (args.workers, *bounds(TuneConfig, "num_workers").range),
+            "tune_max_samples": (args.tune_max_samples, *bounds(TuneConfig, "max_samples").range),
         },
         writable={"json_out": (args.json_out, "summary file", True)},
     )

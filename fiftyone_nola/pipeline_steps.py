@@ -165,10 +165,7 @@ def _classifier(run: RunContext, step: Step) -> dict:
 
 
 def _evaluate_multilabel(run: RunContext, step: Step) -> dict:
-    cfg = run.config
-    out = evaluate_multilabel_stages(run.samples, cfg)
-    record_evaluation(run.samples, [cfg.pseudo_field, cfg.pred_field], cfg.gt_field, out)
-    return out
+    return evaluate_multilabel_stages(run.samples, run.config)
 
 
 STEPS: dict[str, Callable[[RunContext, Step], Optional[dict]]] = {

@@ -12,7 +12,6 @@ from fiftyone_nola.stages.validation import check_params
 from . import _common as c
 
 
-
 def transductive_config(ctx) -> TransductiveConfig:
     """The form's (or the call's) settings: only what was given; the rest the library's defaults."""
     p = ctx.params

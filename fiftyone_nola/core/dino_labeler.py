@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fiftyone_nola.core import device as dev
+from fiftyone_nola.core.config import bounded
 from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
 from fiftyone_nola.core.progress import ProgressFn, null_progress
 from fiftyone_nola.core.storage import atomic_path
@@ -137,7 +138,7 @@ class DinoLabelerConfig:
     """Stage 2 settings; defaults are the official ones (hidden 256, Adam 1e-3, batch 32, 50 epochs)."""
 
     hidden: int = 256
-    epochs: int = 50
+    epochs: int = bounded(50, 1, 100_000, True, "epochs")
     lr: float = 1e-3
     batch_size: int = 32
     seed: int = 0

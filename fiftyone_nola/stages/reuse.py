@@ -10,9 +10,8 @@ from pathlib import Path
 
 import torch
 
-from fiftyone_nola.core.config import as_data, resolve, without_types
+from fiftyone_nola.core.config import as_data, without_types
 from fiftyone_nola.core.data import file_fingerprint
-from fiftyone_nola.core.device import resolve_device
 from fiftyone_nola.core.errors import IndexMismatchError, MissingEmbeddingsError
 from fiftyone_nola.core.index import EmbeddingIndex
 from fiftyone_nola.core.prompt_tuning import TuneConfig
@@ -21,7 +20,7 @@ from fiftyone_nola.stages import fo_io, runs
 from fiftyone_nola.stages.artifacts import stage_dir, stored_ids
 from fiftyone_nola.stages.embeddings import index_path
 from fiftyone_nola.stages.legacy_records import as_recorded_data
-from fiftyone_nola.stages.nola import ZeroShotConfig
+from fiftyone_nola.stages.nola import ZeroShotConfig, tune_settings
 
 
 def _without_models_dir(obj):
@@ -50,16 +49,6 @@ def zeroshot_config(config) -> ZeroShotConfig:
     """The zero-shot settings of a pipeline config (``AutoLabelConfig``)."""
     # The user's device setting (not the resolved one) is what runs recorded: same JSON, same run.
     return dataclasses.replace(config.zeroshot, clip=config.clip, device=config.device)
-
-
-def tune_settings(tune: TuneConfig, device) -> TuneConfig:
-    """``tune`` as a tuning run uses it: the user's settings, the rest fitted to ``device``.
-
-    Runs record it as ``TuneConfig.as_recorded`` ("all samples" as ``max_samples=None``, as
-    before the config rule), so the same settings stay up to date.
-    """
-    device = device if isinstance(device, torch.device) else resolve_device(device)
-    return dataclasses.replace(resolve(tune, device), device=str(device))
 
 
 def tune_config(config, device: torch.device) -> TuneConfig:

@@ -12,7 +12,7 @@ import torch
 from fiftyone_nola.core import device as dev
 from fiftyone_nola.core import engine_choice, engines
 from fiftyone_nola.core.arrays import l2_normalize, softmax
-from fiftyone_nola.core.config import resolve
+from fiftyone_nola.core.config import bounded, resolve
 from fiftyone_nola.core.data import DecodeOptions, ImageFileDataset, collate_skip_bad
 from fiftyone_nola.core.embed import engine_module, with_images
 from fiftyone_nola.core.errors import InvalidInputError
@@ -60,9 +60,9 @@ class CropConfig:
     """Settings of the local (crop) CLIP scoring stage; ``None`` fields fit the hardware
     (:func:`fiftyone_nola.core.config.resolve`)."""
 
-    grid: int = 3
-    batch_size: int = 32  # images per forward pass (grid² crops each)
-    num_workers: Optional[int] = None  # None: the machine's decode workers
+    grid: int = bounded(3, 1, 16, True, "crop grid")
+    batch_size: int = bounded(32, 1, None, True, "crop batch size")  # images per forward pass (grid² crops each)
+    num_workers: Optional[int] = bounded(None, 0, 256, True, "workers")  # None: the machine's decode workers
     device: Optional[str] = None  # None: CUDA if present, else the CPU
     precision: str = "auto"  # auto: AMP on CUDA; on a CPU measured (core/engine_choice.py)
     engine: str = "auto"  # auto | torch | openvino: the crops' CLIP forward (embeddings' cached model)

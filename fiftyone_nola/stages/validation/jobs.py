@@ -15,6 +15,7 @@ from fiftyone_nola.stages.validation.checks import (
     check_device,
     check_dino,
     check_engine,
+    check_field,
     check_output_fields,
     check_range,
     check_templates,
@@ -76,15 +77,11 @@ def check_auto_label(
         problems += _check_refine(samples, config, set(outputs.values()))
     problems += check_output_fields(samples, outputs)
     problems += _check_target_gt(target, config.gt_field, classes_list, list(outputs.values()), False)
-    problems += check_range("tune_epochs", tune.epochs, lo=1, hi=10_000, integer=True, what="epochs")
-    problems += check_range("tune_batch_size", tune.batch_size, lo=1, integer=True, what="batch size")
-    problems += check_range(
-        "tune_max_samples", tune.max_samples, lo=0, integer=True, what="tuning sample limit (0: all samples)"
-    )
-    problems += check_range("dino_epochs", config.dino_labeler.epochs, lo=1, hi=100_000, integer=True, what="epochs")
-    problems += check_range(
-        "max_descriptions_per_class", zs.max_descriptions_per_class, lo=1, integer=True, what="descriptions per class"
-    )
+    problems += check_field("tune_epochs", tune, "epochs")
+    problems += check_field("tune_batch_size", tune, "batch_size")
+    problems += check_field("tune_max_samples", tune, "max_samples")
+    problems += check_field("dino_epochs", config.dino_labeler, "epochs")
+    problems += check_field("max_descriptions_per_class", zs, "max_descriptions_per_class")
     problems += check_embed_config(config.embed, check_device_too=False)
     if zs.use_llm and zs.descriptions_file:
         problems.append(
@@ -129,18 +126,14 @@ def check_multilabel(
     problems += check_output_fields(samples, outputs, "Classifications")
     problems += _check_target_gt(target, config.gt_field, classes_list, list(outputs.values()), True)
     crop, train = config.crop, config.train
-    problems += check_range("grid", crop.grid, lo=1, hi=16, integer=True)
-    problems += check_range("threshold_t", config.threshold_t, lo=0.0, hi=1.0)
-    problems += check_range("lam", config.lam, lo=0.0, hi=1.0)
-    problems += check_range("ratio", config.ratio, lo=0.0, hi=1.0)
-    problems += check_range("max_labels", config.max_labels, lo=1, integer=True)
-    problems += check_range("train_epochs", train.epochs, lo=1, hi=100_000, integer=True, what="epochs")
-    problems += check_range(
-        "label_update_every", train.update_every, lo=0, integer=True, what="label update interval (0: never)"
-    )
-    problems += check_range("label_warmup", train.warmup, lo=0, integer=True, what="warm-up epochs")
-    problems += check_range("crop_batch_size", crop.batch_size, lo=1, integer=True, what="crop batch size")
-    problems += check_range("num_workers", crop.num_workers, lo=0, hi=256, integer=True, what="workers")
+    problems += check_field("grid", crop, "grid")
+    for name in ("threshold_t", "lam", "ratio", "max_labels"):
+        problems += check_field(name, config, name)
+    problems += check_field("train_epochs", train, "epochs")
+    problems += check_field("label_update_every", train, "update_every")
+    problems += check_field("label_warmup", train, "warmup")
+    problems += check_field("crop_batch_size", crop, "batch_size")
+    problems += check_field("num_workers", crop, "num_workers")
     if config.aggregation not in ("avg", "lambda", "global"):
         problems.append(
             _problem("aggregation", f"unknown aggregation {config.aggregation!r}", "use avg, lambda or global")
