@@ -15,7 +15,7 @@ the real open_clip ViT-B-32 architecture):
    preprocess, one forward pass of 9 crops, softmax), timed next to the batched call on the
    same subset; also the largest score difference between the two (a correctness check).
 5. **Classifier training** (``multilabel.train_multilabel_classifier`` with the machine's
-   schedule, ``device.resolve(TrainConfig())``: on a CPU 30 epochs, labels refined every 3rd epoch
+   schedule, ``config.resolve(TrainConfig())``: on a CPU 30 epochs, labels refined every 3rd epoch
    after 3 warm-up epochs; on the stored CLIP features against the initial soft labels): seconds.
 6. **mAP** (sklearn AP, classes with a positive) of global-only, local (max over crops),
    CDUL initial labels and the trained classifier: only when ``NOLA_PRETRAINED=1`` with weights
@@ -117,8 +117,8 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
     from fiftyone_nola.core import cdul as ml
     from fiftyone_nola.core import models
     from fiftyone_nola.core import zeroshot as zs
+    from fiftyone_nola.core.config import resolve
     from fiftyone_nola.core.descriptions import SIMPLE_TEMPLATE, fill_templates, load_class_names
-    from fiftyone_nola.core.device import resolve
     from fiftyone_nola.core.embed import EmbedConfig
     from fiftyone_nola.core.models import ClipSpec
     from fiftyone_nola.stages import fo_io

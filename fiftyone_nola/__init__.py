@@ -5,11 +5,14 @@ The public API: every stage function and its config. Names are imported lazily s
 :mod:`fiftyone_nola.stages` reads and writes datasets.
 """
 
+import time
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import tomllib
+
+STARTED = time.perf_counter()  # when the package was first imported: a command's clock starts here
 
 
 def _source_version() -> str:
@@ -41,7 +44,7 @@ _LAZY = {
     "weights_available": "core.models",
     "tiny_clip_spec": "core.models",  # tiny random models: the demos and tests without weights
     "tiny_dino_spec": "core.models",
-    "resolve": "core.device",  # fill a config's None ("fit the hardware") fields for a device
+    "resolve": "core.config",  # fill a config's None ("fit the hardware") fields for a device
     "import_images": "stages.fo_io",
     # embeddings
     "compute_embeddings": "stages.embeddings",
@@ -66,6 +69,9 @@ _LAZY = {
     "predict": "stages.nola",
     "PredictConfig": "stages.nola",
     "load_model": "stages.fo_models",
+    # transductive labelling (no training): TransCLIP / StatA / ZLaP on the stored embeddings
+    "transductive_labels": "stages.transductive",
+    "TransductiveConfig": "core.transductive.config",
     "load_multilabel_model": "stages.fo_cdul_model",
     # CDUL stages
     "multilabel_pseudo_labels": "stages.cdul",
@@ -77,13 +83,23 @@ _LAZY = {
     # review, evaluation, export
     "evaluate_single_label": "stages.evaluation",
     "evaluate_multilabel": "stages.evaluation",
-    "flag_for_review": "stages.review",
-    "flag_samples": "stages.review_workspace",
-    "decide": "stages.review_workspace",
-    "propagate_corrections": "stages.review_card",
+    "flag_samples": "stages.review",
+    "decide": "stages.review",
+    "propagate_corrections": "stages.review",
+    "accept_above": "stages.review",
+    "calibration": "stages.evaluation",
     "retrain_with_corrections": "stages.corrections",
     "CorrectionsConfig": "stages.corrections",
     "export_accepted": "stages.export",
+    # random audit: accuracy with intervals, a certified threshold
+    "AuditConfig": "core.audit.config",
+    "draw_audit": "stages.audit",
+    "audit_queue": "stages.audit",
+    "audit_decide": "stages.audit",
+    "audit_progress": "stages.audit",
+    "audit_report": "stages.audit",
+    "simulate_audit": "stages.audit",
+    "flag_uncertified": "stages.audit",
     # errors
     "NolaError": "core.errors",
     "InvalidInputError": "core.errors",

@@ -7,6 +7,7 @@ import argparse
 
 from fiftyone_nola.core.models import ClipSpec
 from fiftyone_nola.core.models.presets import PRESETS
+from fiftyone_nola.core.transductive.config import METHODS as TRANSDUCTIVE_METHODS
 
 
 def _clip_args(p: argparse.ArgumentParser, device_help: str = "cpu, cuda, cuda:1, ... (default: auto)"):
@@ -40,15 +41,16 @@ def _clip_args(p: argparse.ArgumentParser, device_help: str = "cpu, cuda, cuda:1
         choices=["auto", "torch", "openvino"],
         default=None,
         help="what runs the inference passes (embedding, crop scoring, prediction): auto = "
-        "OpenVINO bf16 on CPUs with native bf16 when installed, else PyTorch; "
-        "torch turns the engine off",
+        "measured on your images: PyTorch or OpenVINO (fp32; bf16/int8 where the CPU has them), "
+        "the fastest that agrees with PyTorch fp32; torch turns the engine off",
     )
     g.add_argument(
         "--engine-precision",
         choices=["auto", "fp32", "bf16", "int8"],
         default=None,
-        help="inference precision: auto = bf16 on CPUs with native bf16, else fp32; int8 "
-        "(opt-in) is calibrated on 64 of your images. Training is unaffected",
+        help="inference precision: auto = what the engine's measurement keeps; fp32 = measure fp32 "
+        "only; bf16/int8 = asked for without a check (int8 calibrated on 64 of your images). "
+        "Training is unaffected",
     )
     return g
 
@@ -91,6 +93,37 @@ def _data_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="only check the inputs and print the plan (stages to run or reuse, time, disk); writes nothing",
     )
+
+
+def _audit_args(sub) -> None:
+    from fiftyone_nola.core.audit.config import AuditConfig
+    from fiftyone_nola.core.audit.designs import KINDS
+
+    d = AuditConfig()
+    p = sub.add_parser(
+        "audit",
+        help="a random audit of the labels: draw it, report accuracy with intervals and a certified threshold",
+        description="Draw a random audit (--draw N), report on it once decided in the App (--report), or "
+        "simulate one from a ground-truth field (--simulate-from FIELD --draw N).",
+    )
+    p.add_argument("--dataset", required=True, help="FiftyOne dataset name")
+    p.add_argument("--field", default=None, help="predictions field (default: nola; --report: the audited one)")
+    p.add_argument("--draw", type=int, default=None, metavar="N", help="draw about N samples for audit")
+    p.add_argument("--seed", type=int, default=None, help="random seed of the draw (default 0)")
+    p.add_argument("--replace", action="store_true", help="replace the dataset's existing audit with a new draw")
+    p.add_argument("--report", action="store_true", help="print the estimates and the certificate of the audit")
+    p.add_argument(
+        "--simulate-from",
+        metavar="GT_FIELD",
+        default=None,
+        help="answer a fresh audit of --draw N from this ground-truth field instead of a person (writes nothing)",
+    )
+    p.add_argument("--flag-uncertified", action="store_true", help="queue for review what the certificate leaves")
+    p.add_argument("--design", choices=list(KINDS), default=None, help=f"sampling design (default {d.design})")
+    p.add_argument("--target", type=float, default=None, help=f"accuracy to certify (default {d.target})")
+    p.add_argument("--delta", type=float, default=None, help=f"certificate error probability (default {d.delta})")
+    p.add_argument("--alpha", type=float, default=None, help=f"intervals are 1 - alpha (default {d.alpha})")
+    p.add_argument("--json", dest="json_out", default=None, help="write the report as JSON here")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt-tune on at most N samples (default: fit hardware; 0 = all)",
     )
     p.add_argument("--no-tune", action="store_true", help="stop after the DINO labeller")
+    p.add_argument(
+        "--refine",
+        choices=list(TRANSDUCTIVE_METHODS),
+        default=None,
+        help="also label transductively from the stored vectors, in seconds and without training "
+        "(TransCLIP with its StatA safeguard, or ZLaP) into nola_transductive",
+    )
+    p.add_argument(
+        "--refine-from",
+        default=None,
+        metavar="FIELD",
+        help="start the refinement from this field's predictions (e.g. nola; TransCLIP only; default: zero-shot)",
+    )
     p.add_argument("--force", action="store_true", help="recompute stages even if up to date")
 
     p = sub.add_parser("auto-label-multilabel", help="multi-label (CDUL): global + local CLIP scores, classifier")
@@ -189,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", default=None, help="write the summary as JSON here")
     p.add_argument("--check", action="store_true", help="only check the inputs; writes nothing")
     _clip_args(p, device_help="cpu or cuda (each torchrun process takes cuda:LOCAL_RANK)")
+
+    _audit_args(sub)
 
     p = sub.add_parser("plugin", help="the FiftyOne plugin shipped with this package")
     p.add_argument(

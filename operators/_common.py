@@ -14,7 +14,7 @@ import time
 import fiftyone.operators.types as types
 
 from fiftyone_nola import logs
-from fiftyone_nola.core.device import given, given_in  # noqa: F401  (the operators' config rule)
+from fiftyone_nola.core.config import given, given_in  # noqa: F401  (the operators' config rule)
 from fiftyone_nola.core.engines import ENGINES, PRECISIONS
 from fiftyone_nola.core.models import ClipSpec, DinoSpec, random_init_default
 
@@ -125,8 +125,8 @@ def add_engine_inputs(inputs, config_cls) -> None:
         list(ENGINES),
         default=field_default(config_cls, "engine"),
         label="Inference engine",
-        description="auto: OpenVINO bf16 on CPUs with native bf16 when installed, else PyTorch; "
-        "openvino converts once and caches the model",
+        description="auto: measured on your images, PyTorch or OpenVINO (int8/bf16 where the CPU "
+        "has them), the fastest that agrees with PyTorch; openvino converts once and caches the model",
         view=types.DropdownView(),
     )
     inputs.enum(
@@ -334,7 +334,7 @@ NONE_CHOICE = "(none)"
 
 def class_choices(ctx, field: str = "nola") -> list:
     """The dataset's class list (``default_classes``, else the labels in ``field``)."""
-    from fiftyone_nola.stages.review_workspace import class_list
+    from fiftyone_nola.stages.review import class_list
 
     return class_list(ctx.dataset, field) if ctx.dataset is not None else []
 
@@ -364,9 +364,9 @@ def add_class_choice(
 def add_gt_choice(ctx, inputs, name: str, label: str, exclude=()) -> None:
     """An optional ground-truth dropdown that defaults to none. Fields written by NoLA stages
     (predictions, not ground truth) and ``exclude`` are not offered."""
-    from fiftyone_nola.stages.review_workspace import STAGE_FIELDS, SUGGESTED_FIELD
+    from fiftyone_nola.core.names import STAGE_FIELDS, SUGGESTED_FIELD
 
-    skip = set(exclude) | set(STAGE_FIELDS) | {SUGGESTED_FIELD, "nola_export_label"}
+    skip = set(exclude) | set(STAGE_FIELDS) | {SUGGESTED_FIELD}
     fields = [f for f in label_fields(ctx) if f not in skip]
     inputs.enum(
         name,
@@ -386,11 +386,10 @@ def choice_param(ctx, name: str):
 
 def show_review_fields(ctx, extra=()) -> None:
     """After an action: reload and make the tags and review fields visible in the grid."""
-    from fiftyone_nola.stages.review import CORRECTIONS_FIELD
-    from fiftyone_nola.stages.review_workspace import SUGGESTED_FIELD
+    from fiftyone_nola.core.names import CORRECTIONS_FIELD, PREDICTIONS_FIELD, SUGGESTED_FIELD
 
     ds = ctx.dataset
-    fields = ["tags", "nola", *extra]
+    fields = ["tags", PREDICTIONS_FIELD, *extra]
     fields += [f for f in (CORRECTIONS_FIELD, SUGGESTED_FIELD) if ds is not None and ds.has_sample_field(f)]
     ctx.ops.reload_dataset()
     ctx.ops.set_active_fields(

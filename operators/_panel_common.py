@@ -9,12 +9,13 @@ from urllib.parse import quote
 
 import fiftyone.operators.types as types
 
-from fiftyone_nola.stages import review_workspace as rw
+from fiftyone_nola.core.names import PREDICTIONS_FIELD
+from fiftyone_nola.stages import review as rv
 
 from . import _common
 
 PLUGIN = "@fiftyone-nola/nola"
-DEFAULT_FIELD = "nola"
+DEFAULT_FIELD = PREDICTIONS_FIELD
 MODEL_EVALUATION_PANEL = "model_evaluation_panel_builtin"  # FiftyOne's Model Evaluation panel
 
 
@@ -25,7 +26,7 @@ def media_url(filepath) -> str | None:
 
 def field_of(ctx) -> str:
     """The predictions field under review (the last flagging's, else ``nola``)."""
-    return rw.settings(ctx.dataset).get("field") or DEFAULT_FIELD
+    return rv.review_field(ctx.dataset)
 
 
 def model_evaluation_button(obj, name: str = "open_model_evaluation", label: str = "Open Model Evaluation"):
@@ -48,9 +49,8 @@ def _has_predictions(ctx) -> bool:
 
 
 def _threshold(ctx) -> float:
-    """The applied threshold: the last flagging's, stored on the dataset (default 0.5)."""
-    t = rw.settings(ctx.dataset).get("threshold")
-    return 0.5 if t is None else float(t)
+    """The applied threshold: the last flagging's, stored on the dataset (else the default)."""
+    return rv.applied_threshold(ctx.dataset)
 
 
 def _targets(ctx) -> list:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fiftyone_nola.core.device import resolve_device
+from fiftyone_nola.core.config import bounds
 from fiftyone_nola.core.dino_labeler import DinoLabelerConfig
+from fiftyone_nola.core.names import PREDICTIONS_FIELD
 from fiftyone_nola.core.prompt_tuning import TuneConfig
 from fiftyone_nola.stages import nola as labeling
-from fiftyone_nola.stages.evaluation import evaluate_single_label
-from fiftyone_nola.stages.reuse import tune_settings
+from fiftyone_nola.stages.evaluation import evaluate_single_label, free_eval_key
+from fiftyone_nola.stages.nola import tune_settings
 from fiftyone_nola.stages.validation import check_params
 
 from . import _common as c
@@ -140,7 +141,7 @@ class DinoLabels(foo.Operator):
                 if p.get("trusted_field")
                 else None,
                 outputs={"label_field": c.arg_param(ctx, "label_field", labeling.dino_labels)},
-                ranges={"epochs": (p.get("epochs"), 1, 100_000, True)},
+                ranges={"epochs": (p.get("epochs"), *bounds(DinoLabelerConfig, "epochs").range)},
             ),
         )
         return types.Property(inputs, view=types.View(label="DINO pseudo-labels"))
@@ -216,30 +217,17 @@ class TunePrompts(foo.Operator):
 
     def execute(self, ctx):
         lines: list = []
-        samples = c.target_samples(ctx)
-        device = resolve_device(c.device_param(ctx))
-        cfg = tune_settings(tune_config(ctx), device)
-        field = c.arg_param(ctx, "label_field", labeling.predict)
         with c.collected_log(lines):
-            s = labeling.tune_prompts(
-                samples,
+            s = labeling.tune_and_predict(
+                c.target_samples(ctx),
+                c.clip_spec(ctx),
+                tune_settings(tune_config(ctx), c.device_param(ctx)),
+                predict_config(ctx),
+                c.arg_param(ctx, "label_field", labeling.predict),
                 c.arg_param(ctx, "zeroshot_field", labeling.dino_labels),
                 c.arg_param(ctx, "teacher_field", labeling.tune_prompts),
-                c.clip_spec(ctx),
-                cfg,
-                run_name=field,
                 progress=c.progress_fn(ctx),
             )
-            s2 = labeling.predict(
-                samples,
-                s["model_dir"],
-                c.clip_spec(ctx),
-                field,
-                config=predict_config(ctx),
-                device=str(device),
-                progress=c.progress_fn(ctx),
-            )
-        s = {**s, "labelled": s2["labelled"], "field": field}
         return {"summary": c.markdown_summary("Prompt tuning", s, lines), "result": c.jsonable(s)}
 
     def resolve_output(self, ctx):
@@ -314,7 +302,7 @@ class Evaluate(foo.Operator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         inputs.view_target(ctx, action_description="Evaluate", default_target="DATASET")
-        c.add_field_choice(ctx, inputs, "pred_field", "Predicted field", default="nola")
+        c.add_field_choice(ctx, inputs, "pred_field", "Predicted field", default=PREDICTIONS_FIELD)
         c.add_field_choice(ctx, inputs, "gt_field", "Ground-truth field", default="ground_truth")
         inputs.bool(
             "final_labels",
@@ -323,13 +311,17 @@ class Evaluate(foo.Operator):
             description="the labels an export writes: nola_reviewed where a reviewer corrected, else the prediction",
         )
         p = ctx.params
+        pred = p.get("pred_field") or PREDICTIONS_FIELD
         inputs.str(
             "eval_key",
-            default=_eval_key(p),
+            # the first key not taken: the form never opens refusing its own default
+            default=free_eval_key(ctx.dataset, pred, bool(p.get("final_labels"))) if ctx.dataset else None,
             label="Evaluation key",
             description="the name under which the Model Evaluation panel lists it",
         )
         inputs.bool("overwrite", default=False, label="Replace an existing evaluation with this key")
+        # set by the NoLA panel, which opens the Model Evaluation panel itself: no result dialog
+        inputs.bool("from_panel", default=False, view=types.HiddenView())
 
         def check():
             from fiftyone_nola.stages.validation import Problem
@@ -337,7 +329,7 @@ class Evaluate(foo.Operator):
             report = check_params(
                 _eval_target(ctx), fields={k: (p.get(k), ("Classification",)) for k in ("pred_field", "gt_field")}
             )
-            key = c.text(ctx, "eval_key") or _eval_key(p)
+            key = c.text(ctx, "eval_key")
             if ctx.dataset is not None and key in ctx.dataset.list_evaluations() and not p.get("overwrite"):
                 report.problems.append(
                     Problem(
@@ -352,17 +344,17 @@ class Evaluate(foo.Operator):
         return types.Property(inputs, view=types.View(label="Evaluate"))
 
     def execute(self, ctx):
-        from fiftyone_nola.stages.evaluation import final_labels_field
-
         p = ctx.params
         samples = _eval_target(ctx)
-        key = c.text(ctx, "eval_key") or _eval_key(p)
-        pred = p["pred_field"]
-        if p.get("final_labels"):
-            pred = final_labels_field(samples, pred)
-        if key in ctx.dataset.list_evaluations() and p.get("overwrite"):
-            ctx.dataset.delete_evaluation(key)
-        s = evaluate_single_label(samples, pred, p["gt_field"], eval_key=key)
+        s = evaluate_single_label(
+            samples,
+            p["pred_field"],
+            p["gt_field"],
+            eval_key=c.text(ctx, "eval_key"),
+            overwrite=bool(p.get("overwrite")),
+            final_labels=bool(p.get("final_labels")),
+        )
+        key, pred = s["eval_key"], s["pred_field"]
         md = (
             f"### Evaluation `{key}`: {pred} vs {p['gt_field']}\n"
             f"- **accuracy**: {c.r3(s['accuracy'])}\n- **macro F1**: {c.r3(s['macro_f1'])}\n"
@@ -374,16 +366,11 @@ class Evaluate(foo.Operator):
         return {"summary": md, "result": c.jsonable(short)}
 
     def resolve_output(self, ctx):
+        if ctx.params.get("from_panel"):
+            return None  # the panel shows the result and opens the Model Evaluation panel
         out = c.summary_output(ctx, "Evaluation")
         model_evaluation_button(out.type)
         return out
-
-
-def _eval_key(p) -> str:
-    from fiftyone_nola.stages import runs
-
-    pred = p.get("pred_field") or c.arg_default(labeling.predict, "label_field")  # blank: predict's field
-    return f"eval_{runs.run_key_for(pred)}" + ("_final" if p.get("final_labels") else "")
 
 
 def _eval_target(ctx):

@@ -1,7 +1,7 @@
 """The NoLA review workspace docked beside the grid: stages and their progress, per-class
 table, confidence histogram with a live threshold, review buttons acting on the selection.
 Thin: each callback reads the panel state / App context, calls one function of
-:mod:`fiftyone_nola.stages.review_workspace`, and writes what it returns back to the panel.
+:mod:`fiftyone_nola.stages.review`, and writes what it returns back to the panel.
 The sample-view panel is in :mod:`operators.sample_panel`.
 """
 
@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
-from fiftyone import ViewField as F
 
-from fiftyone_nola.stages import review_card as rc
+from fiftyone_nola.core.errors import NolaError
+from fiftyone_nola.stages import review as rv
 from fiftyone_nola.stages import review_stages as rs
-from fiftyone_nola.stages import review_workspace as rw
 
 from . import _common
 from ._panel_common import (  # noqa: F401 - MODEL_EVALUATION_PANEL and model_evaluation_button are used by importers
@@ -31,12 +30,14 @@ from ._panel_common import (  # noqa: F401 - MODEL_EVALUATION_PANEL and model_ev
     media_url,
     model_evaluation_button,
 )
+from .audit_section import AuditSection
 
-SLIDER, NUMBER = "threshold", "threshold_value"  # the two threshold controls, mirrored
+SLIDER, NUMBER = "threshold", "threshold_value"  # the two threshold controls
 POLL_MS = 2000
+MIN_SIMILARITY = _common.arg_default(rv.propagate_corrections, "min_similarity")
 
 
-class NolaPanel(Serialized, foo.Panel):
+class NolaPanel(Serialized, AuditSection, foo.Panel):
     """Stages, per-class table, confidence histogram with a live threshold, review buttons."""
 
     @property
@@ -53,13 +54,16 @@ class NolaPanel(Serialized, foo.Panel):
     # ------------------------------------------------------------------ events
 
     def on_load(self, ctx):
+        """Show the dataset as it is: opening the panel (or reloading the page) writes nothing."""
         self.refresh(ctx)
-        t = _threshold(ctx)
-        for control in (SLIDER, NUMBER):
-            self._set_control(ctx, control, t)
 
     def on_change_dataset(self, ctx):
         self.refresh(ctx)
+
+    def on_change_current_sample(self, ctx):
+        """The sample view closed (or moved on): decisions made there show here at once."""
+        if not ctx.current_sample:
+            self.refresh(ctx)
 
     def on_change_selected(self, ctx):
         ctx.panel.set_state("selection", len(_targets(ctx)))
@@ -67,47 +71,40 @@ class NolaPanel(Serialized, foo.Panel):
     def on_change_extended_selection(self, ctx):
         ctx.panel.set_state("selection", len(_targets(ctx)))
 
-    def refresh(self, ctx, threshold=None):
-        """Recompute everything the panel shows; with ``threshold``, flag at it first."""
+    def refresh(self, ctx, flagging=None):
+        """Read everything the panel shows from the dataset (``flagging``: a flagging's summary
+        just computed, reused instead of counting again)."""
         # The App server keeps one Dataset object per process: fields another process (a job, a
-        # notebook) added since are unknown to it until reloaded, and writing them then fails.
-        rw.reload_dataset(ctx.dataset)
-        self._show_stages(ctx)
+        # notebook) added since are unknown to it until its document is reloaded.
+        rv.reload_dataset(ctx.dataset)
         ctx.panel.set_state("selection", len(_targets(ctx)))
-        ctx.panel.set_state("classes_list", rw.class_list(ctx.dataset, field_of(ctx)))
+        field = field_of(ctx)
+        ctx.panel.set_state("classes_list", rv.class_list(ctx.dataset, field))
         if not _has_predictions(ctx):
+            self._show_stages(ctx)
             ctx.panel.set_state("ready", False)
             return
-        field = field_of(ctx)
-        if threshold is None and not rw.settings(ctx.dataset):
-            threshold = 0.5  # first look at this dataset: flag at the default threshold, so the queue exists
-        if threshold is not None:
-            rw.flag_samples(ctx.dataset, field, threshold=threshold)
         t = _threshold(ctx)
-        pv = rw.preview(ctx.dataset, field, t)
-        queue = len(rw.queue_ids(ctx.dataset))
-        ctx.panel.set_state(
-            {
-                "ready": True,
-                "applied_threshold": t,
-                "counts": {
-                    "samples": pv["samples"],
-                    "flagged": pv["flagged"],
-                    "reviewed": pv["reviewed"],
-                    "remaining": pv["remaining"],
-                    "queue": queue,
-                },
-                "classes": pv["classes"],
-            }
-        )
-        ctx.panel.set_data("histogram", _histogram_traces(pv["histogram"]))
-        prop = rc.propagate_corrections(ctx.dataset, field, self._min_sim(ctx), apply=False)
-        ctx.panel.set_state("propagation", {k: prop[k] for k in ("corrections", "suggested")})
+        present = [f for f in rs.STAGE_OUTPUT_FIELDS if ctx.dataset.has_sample_field(f)]
+        s = flagging or rv.summary(ctx.dataset, field, t, present=present)
+        self._show_stages(ctx, s.get("present"), s["samples"])
+        counts = {k: s[k] for k in ("samples", "flagged", "reviewed", "remaining", "queue", "would_flag")}
+        counts["flagged_yet"] = bool(rv.settings(ctx.dataset))
+        ctx.panel.set_state({"ready": True, "applied_threshold": t, "counts": counts, "classes": s["classes"]})
+        if ctx.panel.get_state(SLIDER) != t:  # the slider shows its state; the number its default
+            self._set_control(ctx, SLIDER, t)
+        ctx.panel.set_data("histogram", _histogram_traces(s["histogram"]))
+        corrections, sugg = rv.suggestions(ctx.dataset, field, self._min_sim(ctx))
+        prop = {"corrections": len(corrections), "suggested": len(sugg), "carried": s["suggested"]}
+        ctx.panel.set_state("propagation", prop)
+        if ctx.panel.get_state("mode") == "audit":
+            self._refresh_audit(ctx)
 
-    def _show_stages(self, ctx) -> list:
+    def _show_stages(self, ctx, labelled=None, n=None) -> list:
         """Stage rows, with the progress of the plugin's delegated runs on this dataset."""
         jobs = rs.active_jobs(ctx.dataset, PLUGIN)
-        ctx.panel.set_state({"jobs": jobs, "stages": rs.with_jobs(rs.stage_status(ctx.dataset), jobs)})
+        rows = rs.stage_status(ctx.dataset, labelled if labelled else None, n)
+        ctx.panel.set_state({"jobs": jobs, "stages": rs.with_jobs(rows, jobs)})
         return jobs
 
     def on_poll(self, ctx):
@@ -119,33 +116,38 @@ class NolaPanel(Serialized, foo.Panel):
 
     def _min_sim(self, ctx) -> float:
         v = ctx.panel.get_state("min_similarity")
-        return 0.9 if v is None else float(v)
+        return MIN_SIMILARITY if v is None else float(v)
 
     def _set_control(self, ctx, control: str, value: float) -> None:
         _ECHOES.push(ctx.panel_id, control, value)
         ctx.panel.set_state(control, value)
 
     def on_slider(self, ctx):
-        self._move_threshold(ctx, SLIDER, NUMBER)
+        self._move_threshold(ctx, SLIDER)
 
     def on_number(self, ctx):
-        self._move_threshold(ctx, NUMBER, SLIDER)
+        self._move_threshold(ctx, NUMBER)
 
-    def _move_threshold(self, ctx, moved: str, other: str) -> None:
-        """One threshold control moved: the other follows, the samples below it are flagged
-        (count, histogram, queue, saved views) and the grid shows them, least confident first."""
+    def _move_threshold(self, ctx, moved: str) -> None:
+        """A threshold control was committed (the slider on release, the number on Enter / leaving
+        it): flag below it, and the grid shows the flagged samples, least confident first. A value
+        that is already applied (an echo, or the App sending a control's default) changes nothing."""
         v = ctx.params.get("value")
         if v is None or _ECHOES.is_echo(ctx.panel_id, moved, float(v)):
             return
         t = round(min(1.0, max(0.0, float(v))), 4)
-        if t != float(v):
-            self._set_control(ctx, moved, t)  # out of [0, 1]: show what is applied
-        self._set_control(ctx, other, t)
-        if abs(_threshold(ctx) - t) < 1e-9:
+        if rv.settings(ctx.dataset) and abs(_threshold(ctx) - t) < 1e-9:
+            if t != float(v):
+                self._set_control(ctx, moved, t)  # out of [0, 1]: show what is applied
             return
-        self.refresh(ctx, threshold=t)
+        self._flag(ctx, t)
+
+    def _flag(self, ctx, t: float) -> None:
         field = field_of(ctx)
-        _show(ctx, ctx.dataset.match_tags(rw.FLAGGED_TAG).sort_by(F(f"{field}.confidence")))
+        present = [f for f in rs.STAGE_OUTPUT_FIELDS if ctx.dataset.has_sample_field(f)]
+        s = rv.flag_samples(ctx.dataset, field, threshold=t, present=present)
+        self.refresh(ctx, flagging=s)
+        _show(ctx, ctx.dataset.match_tags(rv.FLAGGED_TAG).sort_by(f"{field}.confidence"))
 
     def on_class_click(self, ctx):
         """A row of the class table: the grid shows that class's flagged samples (all if none)."""
@@ -155,11 +157,11 @@ class NolaPanel(Serialized, foo.Panel):
             return
         cls = rows[int(row)]["class"]
         field = field_of(ctx)
-        view = ctx.dataset.match(F(f"{field}.label") == cls)
+        view = ctx.dataset.match({f"{field}.label": cls})
         if rows[int(row)]["flagged"]:
-            view = view.match_tags(rw.FLAGGED_TAG)
+            view = view.match_tags(rv.FLAGGED_TAG)
         ctx.panel.set_state("selected_class", cls)
-        _show(ctx, view.sort_by(F(f"{field}.confidence")))
+        _show(ctx, view.sort_by(f"{field}.confidence"))
 
     def on_show_all(self, ctx):
         ctx.panel.set_state("selected_class", None)
@@ -174,8 +176,8 @@ class NolaPanel(Serialized, foo.Panel):
             )
             return
         try:
-            r = rw.decide(ctx.dataset, ids, action, label, field_of(ctx))
-        except Exception as e:  # a message in the App, never a traceback
+            r = rv.decide(ctx.dataset, ids, action, label, field_of(ctx))
+        except NolaError as e:  # a message in the App, never a traceback
             ctx.ops.notify(str(e), variant="error")
             return
         ctx.ops.clear_selected_samples()
@@ -201,13 +203,16 @@ class NolaPanel(Serialized, foo.Panel):
         self._decide(ctx, "correct", label)
 
     def on_start_review(self, ctx):
-        """Grid to the review queue and its first sample opened in the sample view."""
-        ids = rw.queue_ids(ctx.dataset)
-        if not ids:
+        """Grid to the review queue and its first sample opened in the sample view (flagging at
+        the shown threshold first if this dataset was never flagged)."""
+        if not rv.settings(ctx.dataset):
+            self._flag(ctx, _threshold(ctx))
+        first = rv.next_in_queue(ctx.dataset)
+        if first is None:
             ctx.ops.notify("The review queue is empty: move the threshold to flag samples", variant="info")
             return
-        _show(ctx, rw.queue_view(ctx.dataset))
-        ctx.ops.open_sample(id=ids[0])
+        _show(ctx, rv.queue_view(ctx.dataset))
+        ctx.ops.open_sample(id=first)
 
     def on_min_similarity(self, ctx):
         v = ctx.params.get("value")
@@ -216,22 +221,18 @@ class NolaPanel(Serialized, foo.Panel):
         self.refresh(ctx)
 
     def on_propagate(self, ctx):
-        r = rc.propagate_corrections(ctx.dataset, field_of(ctx), self._min_sim(ctx))
-        if not r["suggested"]:
-            ctx.ops.notify(
-                f"No undecided neighbour with the same wrong label at similarity >= "
-                f"{self._min_sim(ctx):.2f} ({r['corrections']} corrections)",
-                variant="info",
-            )
-        else:
-            ctx.ops.notify(
-                f"{r['suggested']} neighbours got a suggestion (tagged {rw.SUGGESTED_TAG}, in the queue): "
-                + ", ".join(f"{k}: {v}" for k, v in r["by_label"].items()),
-                variant="success",
-            )
-            _show(ctx, ctx.dataset.match_tags(rw.SUGGESTED_TAG))
-        ctx.panel.set_state("last_propagation", {k: r[k] for k in ("corrections", "suggested", "by_label")})
+        """Propagation runs as its operator (one click, no form), which reports its progress; the
+        panel refreshes and the grid shows the suggestions when it is done."""
+        ctx.prompt(
+            f"{PLUGIN}/propagate_corrections",
+            params={"field": field_of(ctx), "min_similarity": self._min_sim(ctx)},
+            on_success=self.on_propagated,
+            skip_prompt=True,
+        )
+
+    def on_propagated(self, ctx):
         self.refresh(ctx)
+        _show(ctx, ctx.dataset.match_tags(rv.SUGGESTED_TAG))
 
     def on_run_stage(self, ctx):
         rows = ctx.panel.get_state("stages") or []
@@ -248,10 +249,15 @@ class NolaPanel(Serialized, foo.Panel):
         self.refresh(ctx)
 
     def on_export(self, ctx):
-        ctx.prompt(f"{PLUGIN}/export_accepted")
+        ctx.prompt(f"{PLUGIN}/export_accepted", on_success=self.on_launched)
 
     def on_evaluate(self, ctx):
-        ctx.prompt(f"{PLUGIN}/evaluate_labels")
+        ctx.prompt(f"{PLUGIN}/evaluate_labels", params={"from_panel": True}, on_success=self.on_evaluated)
+
+    def on_evaluated(self, ctx):
+        """The evaluation ran: its per-class report and confusion matrix are one panel away, opened."""
+        self.refresh(ctx)
+        ctx.ops.open_panel(MODEL_EVALUATION_PANEL, layout="horizontal")
 
     def on_open_map(self, ctx):
         ctx.ops.open_panel("Embeddings", layout="horizontal")
@@ -269,8 +275,15 @@ class NolaPanel(Serialized, foo.Panel):
         st = ctx.panel.state
         self._render_stages(panel, st)
         if st.ready:
-            self._render_threshold(ctx, panel, st.counts or {})
-            self._render_review(ctx, panel, st)
+            modes = types.TabsView()
+            modes.add_choice("review", label="Review")
+            modes.add_choice("audit", label="Audit")
+            panel.enum("mode", modes.values(), default=st.mode or "review", view=modes, on_change=self.on_mode)
+            if st.mode == "audit":
+                self._render_audit(ctx, panel, st)
+            else:
+                self._render_threshold(ctx, panel, st.counts or {})
+                self._render_review(ctx, panel, st)
         else:
             panel.md("No predictions yet: run the pipeline (or its stages) first.", name="not_ready")
         return types.Property(panel, view=types.GridView(orientation="vertical", gap=1, padding=1))
@@ -310,10 +323,11 @@ class NolaPanel(Serialized, foo.Panel):
     def _render_threshold(self, ctx, panel, counts) -> None:
         panel.md("**Confidence threshold**", name="threshold_title")
         t = _threshold(ctx)
-        # Constant defaults: a default that changes is sent back by the App as a change.
+        # Defaults are the applied threshold: the App sends a control's default back as a change,
+        # which then equals what is applied and changes nothing (a page reload keeps the stored one).
         panel.float(
             SLIDER,
-            default=0.5,
+            default=t,
             min=0.0,
             max=1.0,
             on_change=self.on_slider,
@@ -324,21 +338,18 @@ class NolaPanel(Serialized, foo.Panel):
                 componentsProps={"slider": {"min": 0, "max": 1, "step": 0.01}},
             ),
         )
+        # Applied once, when the field is left or its check mark clicked, never per keystroke; its
+        # name follows the applied value, so it shows the slider's value after a drag.
         panel.float(
-            NUMBER,
-            default=0.5,
+            f"{NUMBER}_{round(t * 10000)}",
+            default=t,
             min=0.0,
             max=1.0,
             on_change=self.on_number,
-            label="Threshold (type a number, Enter)",
-            view=types.FieldView(),
+            label="Threshold (type a number, then Tab or the check mark)",
+            view=types.LazyFieldView(save_on_blur=True),
         )
-        panel.md(
-            f"**{counts.get('flagged', 0)}** of {counts.get('samples', 0)} samples flagged below "
-            f"**{t:.2f}** · review progress **{counts.get('reviewed', 0)} / "
-            f"{counts.get('flagged', 0)}** · queue **{counts.get('queue', 0)}**",
-            name="flag_count",
-        )
+        panel.md(_flag_count_text(counts, t), name="flag_count")
         panel.plot(
             "histogram",
             layout={
@@ -354,6 +365,9 @@ class NolaPanel(Serialized, foo.Panel):
             },
             config={"displayModeBar": False},
         )
+        self._render_classes(panel)
+
+    def _render_classes(self, panel) -> None:
         panel.md("**Classes (click one to filter the grid)**", name="classes_title")
         table = types.TableView(on_click_row=self.on_class_click)
         for key, label in (
@@ -402,7 +416,7 @@ class NolaPanel(Serialized, foo.Panel):
             max=1.0,
             label="Similarity ≥",
             on_change=self.on_min_similarity,
-            view=types.FieldView(space=3),
+            view=types.LazyFieldView(space=3, save_on_blur=True),
         )
         prow.btn(
             "propagate",
@@ -413,13 +427,22 @@ class NolaPanel(Serialized, foo.Panel):
         )
         panel.md(
             f"{prop.get('corrections', 0)} corrections; their undecided nearest neighbours with the same "
-            f"wrong label get the correction as a suggestion (tag `{rw.SUGGESTED_TAG}`, back in the queue), "
+            f"wrong label get the correction as a suggestion (tag `{rv.SUGGESTED_TAG}`, back in the queue), "
             "never as a reviewed label.",
             name="propagation_text",
         )
-        last = st.last_propagation
-        if last:
-            panel.md(
-                f"Last run: **{last['suggested']}** neighbours touched from {last['corrections']} corrections",
-                name="propagation_last",
-            )
+        if prop.get("carried"):
+            panel.md(f"**{prop['carried']}** samples carry a suggestion now", name="propagation_last")
+
+
+def _flag_count_text(counts: dict, t: float) -> str:
+    if counts.get("flagged_yet", True):
+        return (
+            f"**{counts.get('flagged', 0)}** of {counts.get('samples', 0)} samples flagged below **{t:.2f}** · "
+            f"review progress **{counts.get('reviewed', 0)} / {counts.get('flagged', 0)}** · queue "
+            f"**{counts.get('queue', 0)}**"
+        )
+    return (
+        f"Not flagged yet: **{counts.get('would_flag', 0)}** of {counts.get('samples', 0)} samples are below "
+        f"**{t:.2f}**; move the threshold or start the review to flag them"
+    )

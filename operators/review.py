@@ -3,17 +3,23 @@ feed corrections back into training, and export what was accepted."""
 
 from __future__ import annotations
 
+import logging
+
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
+from fiftyone_nola.core.names import DEFAULT_THRESHOLD, PREDICTIONS_FIELD, REVIEW_TAG
 from fiftyone_nola.stages import review
 from fiftyone_nola.stages.corrections import CorrectionsConfig, retrain_with_corrections
+from fiftyone_nola.stages.evaluation import calibration
 from fiftyone_nola.stages.export import FORMATS, export_accepted
-from fiftyone_nola.stages.review_card import propagate_corrections
-from fiftyone_nola.stages.review_workspace import flag_samples, preview
+from fiftyone_nola.stages.review import flag_samples, propagate_corrections, summary
 from fiftyone_nola.stages.validation import check_params
 
 from . import _common as c
+
+logger = logging.getLogger(__name__)
+PLOT_SAMPLES = 20_000  # the per-class confidence boxes are drawn from at most this many samples
 
 
 def _missing_label():
@@ -23,7 +29,10 @@ def _missing_label():
 
 
 def _confidence_plot_data(samples, field: str) -> list:
-    """Plotly box traces: confidence distribution per predicted class."""
+    """Plotly box traces: confidence distribution per predicted class (of a random sample of
+    :data:`PLOT_SAMPLES` on large datasets: a browser draws no million-point box)."""
+    if samples.count() > PLOT_SAMPLES:
+        samples = samples.take(PLOT_SAMPLES, seed=0)
     labels, conf = samples.values([f"{field}.label", f"{field}.confidence"])
     traces = []
     for lab in sorted({x for x in labels if x is not None}):
@@ -49,8 +58,8 @@ def _calibration_plot_data(curve: dict) -> list:
 
 
 # The forms' defaults are the library functions' own.
-FIELD = c.arg_default(preview, "field")
-THRESHOLD = c.arg_default(preview, "threshold")
+FIELD = PREDICTIONS_FIELD
+THRESHOLD = DEFAULT_THRESHOLD
 FORMAT = c.arg_default(export_accepted, "format")
 MIN_SIMILARITY = c.arg_default(propagate_corrections, "min_similarity")
 NEIGHBOURS = c.arg_default(propagate_corrections, "k")
@@ -117,8 +126,7 @@ class ReviewLowConfidence(foo.Operator):
         threshold = c.param(ctx, "threshold", THRESHOLD)
         bottom_k = _bottom_k(ctx)
         s = flag_samples(samples, field, threshold=threshold, bottom_k=bottom_k)
-        s["views"] = s["views"] + review.save_review_views(ctx.dataset, field, threshold=threshold)
-        table = preview(samples, field, threshold, bottom_k)["classes"]
+        table = s["classes"]
         rows = "\n".join(
             f"| {r['class']} | {r['count']} | {_fmt(r['mean_confidence'])} | {r['flagged']} | "
             f"{r['reviewed']} | {r['remaining']} |"
@@ -126,15 +134,19 @@ class ReviewLowConfidence(foo.Operator):
         )
         md = (
             f"### Review: {s['flagged']} of {s['samples']} samples flagged (`nola:flagged`), "
-            f"{s['queue']} in the queue (`{review.REVIEW_TAG}`)\n"
+            f"{s['queue']} in the queue (`{REVIEW_TAG}`)\n"
             f"Saved views: {', '.join(s['views'])}\n\n"
             "| class | count | mean conf. | flagged | reviewed | remaining |\n"
             f"|---|---|---|---|---|---|\n{rows}"
         )
-        out = {"confidence_plot": _confidence_plot_data(samples, field), "result": c.jsonable({**s, "table": table})}
+        result = {k: v for k, v in s.items() if k not in ("classes", "histogram")}
+        out = {
+            "confidence_plot": _confidence_plot_data(samples, field),
+            "result": c.jsonable({**result, "table": table}),
+        }
         gt = c.choice_param(ctx, "gt_field")
         if gt and gt != field:
-            curve = review.calibration(samples, field, gt)
+            curve = calibration(samples, field, gt)
             out["calibration_plot"] = _calibration_plot_data(curve)
             out["result"]["ece"] = c.r3(curve["ece"])
             md += (
@@ -193,14 +205,15 @@ def _preview_notice(ctx, inputs, field) -> None:
     if ctx.dataset is None:
         return
     try:
-        pv = preview(c.target_samples(ctx), field, c.param(ctx, "threshold", THRESHOLD), _bottom_k(ctx))
-    except Exception:
+        pv = summary(c.target_samples(ctx), field, c.param(ctx, "threshold", THRESHOLD))
+    except (ValueError, KeyError) as e:  # a field the form has not checked yet: no preview
+        logger.debug("no flagging preview: %r", e)
         return
     inputs.view(
         "preview",
         types.Notice(
-            label=f"{pv['flagged']} of {pv['samples']} samples would be flagged; {pv['reviewed']} of them already "
-            f"reviewed, {pv['remaining']} to review"
+            label=f"{pv['would_flag']} of {pv['samples']} samples would be flagged below the threshold; "
+            f"{pv['would_flag_reviewed']} of them already reviewed"
         ),
     )
 
@@ -254,13 +267,11 @@ class MarkReviewed(foo.Operator):
         return types.Property(inputs, view=types.View(label="Mark reviewed"))
 
     def execute(self, ctx):
-        from fiftyone_nola.stages.review_workspace import decide
-
         p = ctx.params
         samples = c.target_samples(ctx)
         action = p.get("action", "accept")
         if action in ("accept", "reject", "correct"):
-            n = decide(samples, samples.values("id"), action, p.get("label") if action == "correct" else None)[
+            n = review.decide(samples, samples.values("id"), action, p.get("label") if action == "correct" else None)[
                 "samples"
             ]
         else:
@@ -392,11 +403,11 @@ class ExportAccepted(foo.Operator):
                 writable={"export_dir": (c.text(ctx, "export_dir", suggested), "export directory", False)},
             )
             if not report.errors:
-                keep, _, left_out, _ = plan_export(_export_target(ctx), field, p.get("min_confidence"))
-                if not keep:
-                    report.problems.append(Problem("", nothing_to_export_message(left_out)))
+                plan = plan_export(_export_target(ctx), field, p.get("min_confidence"))
+                if not plan.count:
+                    report.problems.append(Problem("", nothing_to_export_message(plan.left_out)))
                 else:
-                    inputs.view("plan", types.Notice(label=f"{len(keep)} samples will be exported"))
+                    inputs.view("plan", types.Notice(label=f"{plan.count} samples will be exported"))
             return report
 
         c.check_form(ctx, inputs, check)
@@ -471,12 +482,12 @@ class PropagateCorrections(foo.Operator):
                         label=f"{r['corrections']} corrections would suggest labels for {r['suggested']} neighbours"
                     ),
                 )
-            except Exception:
-                pass
+            except Exception as e:  # a preview is a courtesy: the form still runs; execute reports errors
+                logger.debug("propagation preview failed: %s", e)
         return types.Property(inputs, view=types.View(label="Propagate corrections"))
 
     def execute(self, ctx):
-        r = propagate_corrections(ctx.dataset, *_propagation(ctx))
+        r = propagate_corrections(ctx.dataset, *_propagation(ctx), progress=c.progress_fn(ctx))
         c.show_review_fields(ctx)
         by = ", ".join(f"{k}: {v}" for k, v in r["by_label"].items()) or "none"
         return {

@@ -7,8 +7,9 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fiftyone_nola.stages import review_card as rc
-from fiftyone_nola.stages import review_workspace as rw
+from fiftyone_nola.core.errors import NolaError
+from fiftyone_nola.stages import audit
+from fiftyone_nola.stages import review as rv
 
 from . import _common
 from ._panel_common import Serialized, field_of, media_url
@@ -43,17 +44,17 @@ class NolaSampleReview(Serialized, foo.Panel):
         if not sid or ctx.dataset is None:
             ctx.panel.set_state("card", None)
             return
-        card = rc.sample_card(ctx.dataset, sid, field_of(ctx))
+        card = rv.sample_card(ctx.dataset, sid, field_of(ctx))
         nbs = {
             f"nb_col_{j}": {f"nb_img_{j}": media_url(n["filepath"])}
             for j, n in enumerate(card["neighbours"][:NB_SHOWN])
         }
+        auditing = audit.AUDIT_TAG in card["tags"]
         ctx.panel.set_state(
             {
                 "card": card,
-                "queue": len(rw.queue_ids(ctx.dataset)),
-                "progress": rw.progress(ctx.dataset),
-                "classes_list": rw.class_list(ctx.dataset, field_of(ctx)),
+                "progress": audit.audit_progress(ctx.dataset) if auditing else rv.progress(ctx.dataset),
+                "classes_list": rv.class_list(ctx.dataset, field_of(ctx)),
                 "images": {"image": media_url(card["filepath"])},
                 "neighbour_images": nbs,
             }
@@ -65,12 +66,12 @@ class NolaSampleReview(Serialized, foo.Panel):
         if not sid:
             return
         try:
-            rw.decide(ctx.dataset, [sid], action, label, field_of(ctx))
-        except Exception as e:
+            rv.decide(ctx.dataset, [sid], action, label, field_of(ctx))
+        except NolaError as e:  # a message in the App, never a traceback
             ctx.ops.notify(str(e), variant="error")
             return
         ctx.panel.set_state("last", {"id": sid, "action": action, "label": label})
-        nxt = rw.next_in_queue(ctx.dataset, after=sid)
+        nxt = self._next(ctx, sid, audit.AUDIT_TAG in (card.get("tags") or []))
         if nxt is None:
             ctx.ops.notify("Review queue done", variant="success")
             self.show(ctx, sid)
@@ -78,6 +79,13 @@ class NolaSampleReview(Serialized, foo.Panel):
             return
         ctx.ops.open_sample(id=nxt)
         self.show(ctx, nxt)
+
+    def _next(self, ctx, sid: str, auditing: bool):
+        """The next sample: an audit sample is followed by the audit's next undecided sample (in
+        the audit's order, which its estimates count in), any other by the review queue's."""
+        if auditing:
+            return next((i for i in audit.audit_queue(ctx.dataset) if i != sid), None)
+        return rv.next_in_queue(ctx.dataset, after=sid)
 
     def on_accept(self, ctx):
         self._record(ctx, "accept")
@@ -98,7 +106,7 @@ class NolaSampleReview(Serialized, foo.Panel):
 
     def on_skip(self, ctx):
         card = ctx.panel.get_state("card") or {}
-        nxt = rw.next_in_queue(ctx.dataset, after=card.get("id"))
+        nxt = self._next(ctx, card.get("id"), audit.AUDIT_TAG in (card.get("tags") or []))
         if nxt:
             ctx.ops.open_sample(id=nxt)
             self.show(ctx, nxt)
@@ -112,13 +120,17 @@ class NolaSampleReview(Serialized, foo.Panel):
         pred = card.get("prediction")
         sugg = card.get("suggestion")
         prog = ctx.panel.get_state("progress") or {}
-        lines = [
-            f"**Status**: {card['status']} · **queue**: {ctx.panel.get_state('queue') or 0} left"
-            f" · reviewed {prog.get('reviewed', 0)} of {prog.get('flagged', 0)} flagged",
-            "",
-            "| stage | label | confidence |",
-            "|---|---|---|",
-        ]
+        if audit.AUDIT_TAG in (card.get("tags") or []):
+            status = (
+                f"**Audit sample** ({card['status']}) · audited {prog.get('audited', 0)} of {prog.get('drawn', 0)}"
+                f" · {prog.get('remaining', 0)} left"
+            )
+        else:
+            status = (
+                f"**Status**: {card['status']} · **queue**: {prog.get('queue', 0)} left"
+                f" · reviewed {prog.get('reviewed', 0)} of {prog.get('flagged', 0)} flagged"
+            )
+        lines = [status, "", "| stage | label | confidence |", "|---|---|---|"]
         lines += [
             f"| {s['field']} | {s['label']} | {'-' if s['confidence'] is None else s['confidence']} |"
             for s in card["stages"]
@@ -134,7 +146,10 @@ class NolaSampleReview(Serialized, foo.Panel):
                 col = nbs.v_stack(f"nb_col_{j}", gap=0)
                 col.view(f"nb_img_{j}", types.ImageView(height="72px", alt=n["label"] or ""))
                 col.md(f"{n['label']} · {n['similarity']:.2f}", name=f"nb_txt_{j}")
-        top = panel.h_stack("main_actions", gap=1)
+        # Named per sample: the buttons are new for every sample, so the one just clicked does not
+        # keep its focus outline on the next sample (it looked pre-selected).
+        key = card["id"][-8:]
+        top = panel.h_stack(f"main_actions_{key}", gap=1)
         if sugg:
             top.btn(
                 "accept_suggestion",
@@ -156,10 +171,10 @@ class NolaSampleReview(Serialized, foo.Panel):
         panel.md("Or pick the right class (one click, then the next sample opens):", name="pick_text")
         classes = ctx.panel.get_state("classes_list") or []
         for r in range(0, len(classes), 4):
-            row = panel.h_stack(f"pick_row_{r // 4}", gap=1)
+            row = panel.h_stack(f"pick_row_{key}_{r // 4}", gap=1)
             for cls in classes[r : r + 4]:
                 row.btn(
-                    f"pick_{r}_{classes.index(cls)}",
+                    f"pick_{key}_{classes.index(cls)}",
                     label=cls,
                     on_click=self.on_pick,
                     params={"label": cls},

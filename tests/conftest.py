@@ -14,6 +14,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from synthetic_review import build_review_dataset
 
 _SESSION = uuid.uuid4().hex[:8]
 os.environ.setdefault("FIFTYONE_DATABASE_NAME", f"fiftyone_nola_tests_{_SESSION}")
@@ -292,3 +295,65 @@ def dino_features_from_offline_hub_cache(tmp_path: Path, timm_name: str, state_d
     )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------- review datasets
+
+REVIEW_CLASSES = ["cat", "dog", "ship", "truck"]
+
+
+def tiny_images(folder, n: int) -> list[str]:
+    """``n`` distinct 8x8 PNGs (exports copy real files)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / f"img{i:03d}.png"
+        Image.new("RGB", (8, 8), (i * 13 % 256, i * 29 % 256, i * 53 % 256)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+@pytest.fixture
+def review_ds(make_dataset, tmp_path):
+    """16 generated images, predictions with known confidences, no ground truth, and a CLIP store
+    whose vectors make sample pairs (0,1), (2,3)... near-duplicates."""
+    import fiftyone as fo
+    import numpy as np
+
+    from fiftyone_nola.core.index import EmbeddingIndex
+    from fiftyone_nola.core.storage import index_dir
+    from fiftyone_nola.stages import runs
+    from fiftyone_nola.stages.review import store_class_list
+
+    ds = make_dataset(tiny_images(tmp_path / "images", 16))  # no ground truth at all
+    ids = ds.values("id")
+    conf = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.45, 0.55, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
+    preds = [REVIEW_CLASSES[i % 4] for i in range(16)]
+    ds.set_values("nola", [fo.Classification(label=p, confidence=c) for p, c in zip(preds, conf)])
+    ds.set_values("nola_zeroshot", [fo.Classification(label=p, confidence=c / 2) for p, c in zip(preds, conf)])
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(8, 32))
+    vecs = np.repeat(base, 2, axis=0) + rng.normal(scale=0.01, size=(16, 32))
+    path = index_dir(str(ds._doc.id), "test-clip")
+    ix = EmbeddingIndex.create(path, 32, {"dataset_id": str(ds._doc.id)})
+    ix.add(ids, vecs.astype(np.float32))
+    ix.save()
+    runs.record_run(
+        ds, "nola_embeddings_clip", "embeddings.clip", {"spec": None}, {"index_path": str(path), "index_size": 16}
+    )
+    store_class_list(ds, REVIEW_CLASSES)
+    return ds
+
+
+@pytest.fixture
+def synthetic():
+    """Factory of bulk-built datasets (no images), deleted after the test."""
+    made = []
+
+    def make(n, **kwargs):
+        made.append(build_review_dataset(n, **kwargs))
+        return made[-1]
+
+    yield make
+    for ds in made:
+        ds.delete()

@@ -28,12 +28,12 @@ def review_dataset(make_dataset):
     """What the pipeline leaves behind, made fast: predictions (some wrong, known confidences),
     CLIP vectors in the FAISS store (tiny random CLIP), and the pipeline's last step
     (class list, Brain similarity + map on the stored vectors). No ground truth."""
+    import faiss
     import fiftyone as fo
     import numpy as np
 
     from fiftyone_nola.core.embed import EmbedConfig
     from fiftyone_nola.core.models import tiny_clip_spec
-    from fiftyone_nola.core.review_queue import kmeans
     from fiftyone_nola.pipeline import prepare_for_review
     from fiftyone_nola.stages.embeddings import compute_embeddings, load_embeddings
 
@@ -46,11 +46,19 @@ def review_dataset(make_dataset):
     # A model's mistakes come in groups of similar images: predictions follow clusters of the
     # stored vectors, so a correction has neighbours carrying the same wrong label.
     _, vecs = load_embeddings(ds, spec)
-    preds = [classes[j % len(classes)] for j in kmeans(vecs, len(classes), seed=3)]
+    km = faiss.Kmeans(vecs.shape[1], len(classes), niter=20, seed=3, min_points_per_centroid=1)
+    km.train(vecs)
+    preds = [classes[j % len(classes)] for j in km.index.search(vecs, 1)[1][:, 0]]
     conf = np.round(np.random.default_rng(0).uniform(0.2, 0.99, len(pairs)), 3)
     ds.set_values("nola", [fo.Classification(label=p, confidence=float(c)) for p, c in zip(preds, conf)])
-    prepare_for_review(ds, classes)
+    prepare_for_review(ds, classes, "nola")  # as the pipeline leaves it: flagged at the default threshold
     return ds
+
+
+def written(ds) -> tuple:
+    """Every sample's and the dataset's last modification (a write changes one of them)."""
+    ds.reload()
+    return tuple(ds.values("last_modified_at")), ds._doc.last_modified_at
 
 
 def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # noqa: F811 (fixture)
@@ -63,8 +71,7 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
     from fiftyone.operators.executor import ExecutionContext, ExecutionProgress
     from playwright.sync_api import expect, sync_playwright
 
-    from fiftyone_nola.stages import review_card as rc
-    from fiftyone_nola.stages import review_workspace as rw
+    from fiftyone_nola.stages import review as rw
 
     expect.set_options(timeout=30_000)  # a shared 2-core machine: App events can take seconds
     ds = review_dataset
@@ -73,7 +80,7 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
     REVIEW_SHOTS.mkdir(parents=True, exist_ok=True)
     for old in REVIEW_SHOTS.glob("*.png"):
         old.unlink()
-    shots, timings, clicks_per_sample = [], {}, []
+    shots, timings, clicks_per_sample, corrected_at_export = [], {}, [], []
 
     def shot(page, name):
         path = REVIEW_SHOTS / f"{len(shots) + 1:02d}-{name}.png"
@@ -125,6 +132,13 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
             flagged_05 = int((np.asarray(ds.values("nola.confidence")) < 0.5).sum())
             expect(nola.get_by_text(f"{flagged_05} of {N_REVIEW} samples flagged")).to_be_visible()
             shot(page, "nola-panel")
+            # opening the panel, and reloading the page, write nothing to the dataset
+            untouched = written(ds)
+            page.reload(wait_until="domcontentloaded")
+            nola.get_by_text("Confidence threshold").wait_for(timeout=60_000)
+            expect(nola.get_by_text(f"{flagged_05} of {N_REVIEW} samples flagged below 0.50")).to_be_visible()
+            page.wait_for_timeout(2000)  # any echo of the controls' defaults would have arrived
+            assert written(ds) == untouched
 
             # 1b. a stage runs delegated: its row shows done/total while it runs, polled by the
             #     panel's timer (the executor's progress reports are written here, as an executor
@@ -144,16 +158,22 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
             expect(nola.get_by_text("Embedding images 12/40")).to_have_count(0)
             expect(nola.get_by_role("cell", name="fresh").first).to_be_visible()
 
-            # 2. move the threshold: typed, the slider follows; with the slider, the number
-            #    follows; the count and the grid change live each time
+            # 2. move the threshold: typed (applied once, when the field is left: never per
+            #    keystroke), the slider follows; with the slider, the number follows; the count
+            #    and the grid change each time
             conf = np.asarray(ds.values("nola.confidence"))
             field = nola.locator('input[type="number"]').first
             slider = nola.locator('input[type="range"]').first
             field.fill("0.4")
-            field.press("Enter")
+            page.wait_for_timeout(1500)  # typed, not applied: no keystroke flags ("0", "0.", ...)
+            ds.reload()
+            assert rw.settings(ds)["threshold"] == 0.5
+            field.press("Tab")
             expect(nola.get_by_text(f"{int((conf < 0.4).sum())} of {N_REVIEW} samples flagged")).to_be_visible()
             expect(slider).to_have_attribute("aria-valuenow", "0.4")
             wait_grid(page, int((conf < 0.4).sum()))
+            ds.reload()
+            assert rw.settings(ds)["threshold"] == 0.4
             shot(page, "threshold-typed-slider-follows")
             threshold = 0.37
             flagged_t = int((conf < threshold).sum())
@@ -172,7 +192,7 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
             shot(page, "threshold-moved-grid-follows")
 
             # 3. click a class in the table: the grid shows its flagged samples
-            rows = rw.preview(ds, "nola", threshold)["classes"]
+            rows = rw.summary(ds, "nola", threshold)["classes"]
             cls = max(rows, key=lambda r: r["flagged"])
             nola.get_by_role("cell", name=cls["class"], exact=True).first.click()
             wait_grid(page, cls["flagged"])
@@ -190,8 +210,9 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
             review.get_by_text("Nearest neighbours").wait_for()
             shot(page, "sample-view-review-panel")
             decided = []
+            decided_tags = ["nola:accepted", "nola:corrected"]
             for i in range(5):
-                before = set(ds.match_tags("nola:accepted").values("id"))
+                before = set(ds.match_tags(decided_tags).values("id"))
                 if i in (1, 3):  # pick a class other than the prediction: a correction
                     pred = review.get_by_role("button", name=re.compile("^Accept: ")).inner_text().split(": ")[1]
                     pick = next(c for c in ds.default_classes if c != pred)
@@ -202,7 +223,7 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
                 expect(review.get_by_text(f"reviewed {i + 1} of {flagged_t} flagged")).to_be_visible()
                 if i == 0:
                     timings["open_app_to_first_reviewed_s"] = round(time.monotonic() - t_open, 1)
-                after = set(ds.match_tags("nola:accepted").values("id"))
+                after = set(ds.match_tags(decided_tags).values("id"))
                 assert len(after - before) == 1
                 decided.append((after - before).pop())
                 if i in (0, 1, 4):
@@ -215,26 +236,30 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
             assert n_corrected == 2
             review.get_by_role("button", name="Back to the grid").click()
             modal.wait_for(state="hidden")
+            # the grid's panel shows the decisions at once: no Refresh
+            expect(nola.get_by_text(f"review progress 5 / {flagged_t}")).to_be_visible()
+            expect(nola.get_by_role("button", name=f"Review the queue ({queue_after})")).to_be_visible()
+            shot(page, "back-to-the-grid-counts-follow")
 
             # 5. propagate the corrections to similar undecided samples with the same wrong label
             nola.get_by_role("button", name="Show all samples").click()
             wait_grid(page, N_REVIEW)
             sim = nola.locator('input[type="number"]').nth(1)
-            preview = rc.propagate_corrections(ds, "nola", 0.5, apply=False)
+            preview = rw.propagate_corrections(ds, "nola", 0.5, apply=False)
             assert preview["suggested"] > 0, preview
             sim.fill("0.5")
-            sim.press("Enter")
+            sim.press("Tab")
             button = nola.get_by_role("button", name=f"Suggest to {preview['suggested']} neighbours")
             button.wait_for()
             shot(page, "propagation-offered")
             if preview["suggested"]:
                 button.click()
                 wait_grid(page, preview["suggested"])
-                expect(nola.get_by_text(f"Last run: {preview['suggested']} neighbours touched")).to_be_visible()
+                expect(nola.get_by_text(f"{preview['suggested']} samples carry a suggestion now")).to_be_visible()
                 shot(page, "suggestions-in-grid")
             sugg = ds.match_tags(rw.SUGGESTED_TAG)
             assert len(sugg) == preview["suggested"]
-            assert not len(sugg.match_tags("nola:accepted"))  # suggestions are never decisions
+            assert not len(sugg.match_tags(decided_tags))  # suggestions are never decisions
             nola.get_by_role("button", name="Show all samples").click()
             wait_grid(page, N_REVIEW)
 
@@ -245,6 +270,7 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
             shot(page, "export-form")
             prompt.get_by_role("button", name="Execute").click()
             prompt.get_by_text("Exported 5 samples").wait_for(timeout=60_000)
+            corrected_at_export = ds.exists("nola_reviewed").values("id")
             shot(page, "export-done")
             prompt.get_by_role("button", name="Close").click()
             prompt.wait_for(state="hidden")
@@ -257,20 +283,51 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
             nola.get_by_role("button", name="Evaluate…").click()
             execute = prompt.get_by_role("button", name="Execute")
             expect(execute).to_be_enabled()
+            shot(page, "evaluation-form")
             execute.click()
-            prompt.get_by_text("Evaluation `eval_nola`").or_(
-                prompt.get_by_text("Evaluation eval_nola")
-            ).first.wait_for()
-            shot(page, "evaluation-output")
-            prompt.get_by_role("button", name="Open Model Evaluation").click()
-            if prompt.is_visible():
-                prompt.get_by_role("button", name="Close").click()
+            # from the panel, the run opens FiftyOne's Model Evaluation panel: no dialog to close
+            prompt.wait_for(state="hidden")
             evaluation = page.locator('[data-cy="panel-content-model_evaluation_panel_builtin"]')
             evaluation.get_by_text("eval_nola").first.wait_for()
             shot(page, "model-evaluation-panel")
             page.locator('[data-cy="panel-tab-model_evaluation_panel_builtin"]').hover()
             page.locator('[data-cy="panel-tab-model_evaluation_panel_builtin"] svg').last.click()
             evaluation.wait_for(state="hidden")
+
+            # 6c. the audit: draw a random sample, decide 10 of them with one click each in the
+            #     sample view (each opens the next audit sample), the estimate and its plot follow
+            nola.get_by_role("tab", name="Audit").click()
+            nola.get_by_role("button", name="Draw for audit").click()
+            nola.get_by_text("Audit progress: 0 /").wait_for()
+            drawn = int(re.search(r"Audit progress: 0 / (\d+)", nola.inner_text()).group(1))
+            assert drawn >= 10, drawn
+            shot(page, "audit-drawn")
+            nola.get_by_role("button", name=re.compile("^Audit the drawn samples")).click()
+            modal.wait_for()
+            review.get_by_text("Audit sample").wait_for()
+            for i in range(10):  # one click each: accept, or (every third) pick another class
+                expect(review.get_by_text(f"audited {i} of {drawn}")).to_be_visible()
+                pred = review.get_by_role("button", name=re.compile("^Accept: ")).inner_text().split(": ")[1]
+                if i % 3 == 2:
+                    review.get_by_role(
+                        "button", name=next(c for c in ds.default_classes if c != pred), exact=True
+                    ).click()
+                else:
+                    review.get_by_role("button", name=re.compile("^Accept: ")).click()
+                clicks_per_sample.append(1)
+            expect(review.get_by_text(f"audited 10 of {drawn}")).to_be_visible()
+            shot(page, "audit-10-decided")
+            review.get_by_role("button", name="Back to the grid").click()
+            modal.wait_for(state="hidden")
+            nola.get_by_text(re.compile(r"Accuracy \d\.\d{3} \[")).wait_for()
+            # the App may re-apply the panel's state from before the sample view for a moment
+            # (seen: 3, 0, 3 within a second); what stays is the dataset's
+            page.wait_for_timeout(3000)
+            expect(nola.get_by_text(f"Audit progress: 10 / {drawn} decided")).to_be_visible()
+            expect(nola.get_by_text("Accuracy at or above a confidence threshold")).to_be_visible()
+            shot(page, "audit-estimate-and-curve")
+            assert len(ds.match_tags("nola:audit").match_tags(decided_tags + ["nola:rejected"])) == 10
+            nola.get_by_role("tab", name="Review").click()
 
             # 7. similarity search on the stored index (full-width grid: close the NoLA panel)
             page.locator('[data-cy="panel-tab-nola_panel"]').hover()
@@ -344,7 +401,7 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
             shutil.rmtree(user_data, ignore_errors=True)
 
     # the exported files, checked from Python: 5 accepted, corrections win
-    from fiftyone_nola.stages.review_workspace import class_list
+    from fiftyone_nola.stages.review import class_list
 
     reports = list(Path(os.environ["NOLA_HOME"]).glob("exports/*/export_report.json"))
     assert len(reports) == 1, reports
@@ -353,7 +410,7 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
     assert rep["exported"] == 5 and rep["corrections_used"] == 2
     files = sorted(out.rglob("*.jpg"))
     assert len(files) == 5 and {f.parent.name for f in files} <= set(class_list(ds))
-    for sid in ds.exists("nola_reviewed").values("id"):
+    for sid in corrected_at_export:
         name = Path(ds[sid].filepath).name
         assert any(f.name == name and f.parent.name == ds[sid].nola_reviewed.label for f in files)
     measurements = {

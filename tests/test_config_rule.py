@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from fiftyone_nola.cli import auto_label_config, build_parser
-from fiftyone_nola.core.device import given
+from fiftyone_nola.core.config import as_data, given
 from fiftyone_nola.core.dino_labeler import DinoLabelerConfig
 from fiftyone_nola.core.embed import EmbedConfig
 from fiftyone_nola.core.models import ClipSpec, DinoSpec
@@ -92,7 +92,8 @@ def test_delegated_params_mean_the_same():
 def test_the_pipeline_config_resolves_in_one_call():
     import torch
 
-    from fiftyone_nola.core.device import hardware_profile, resolve
+    from fiftyone_nola.core.config import resolve
+    from fiftyone_nola.core.device import hardware_profile
     from fiftyone_nola.stages.reuse import tune_config
 
     cpu = torch.device("cpu")
@@ -160,7 +161,7 @@ def test_run_configs_recorded_before_the_nesting_are_still_up_to_date(monkeypatc
     )
     old = _legacy_runs(cfg, cpu)
     old["zeroshot"].clip = ClipSpec()  # recorded before --models-dir was a spec field: None
-    stored = {k: {"config": runs._jsonable(v)} for k, v in old.items()}
+    stored = {k: {"config": as_data(v)} for k, v in old.items()}
     monkeypatch.setattr(runs, "get_run", lambda samples, key: stored[key])
     assert reuse.up_to_date(None, "zeroshot", reuse.zeroshot_config(cfg))
     labeler = DinoLabelerConfig(device=cfg.device)
@@ -206,7 +207,7 @@ def test_where_weights_are_looked_up_never_retrains_the_dino_labeller_or_tuning(
         "dino": dino_run_config(labeler, cfg.dino, cfg.zeroshot_field),
         "tune": tune_run_config(reuse.tune_config(cfg, cpu), cfg.clip, cfg.dino_field),
     }
-    stored = {k: {"config": runs._jsonable(v)} for k, v in recorded.items()}
+    stored = {k: {"config": as_data(v)} for k, v in recorded.items()}
     monkeypatch.setattr(runs, "get_run", lambda samples, key: stored[key])
     assert reuse.up_to_date(None, "dino", dino_run_config(labeler, moved.dino, cfg.zeroshot_field))
     assert reuse.up_to_date(None, "tune", tune_run_config(reuse.tune_config(cfg, cpu), moved.clip, cfg.dino_field))

@@ -84,7 +84,7 @@ def test_resolve_fills_only_unset_fields_and_keeps_zero():
     from dataclasses import dataclass, field
     from typing import Optional
 
-    from fiftyone_nola.core.device import resolve
+    from fiftyone_nola.core.config import resolve
 
     @dataclass
     class Inner:

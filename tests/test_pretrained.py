@@ -8,7 +8,8 @@ Reference figure: zero-shot CLIP ViT-B/32 on CIFAR-10 is 88.8 % top-1 in LaFTer'
 baseline NoLA reports against; ``shared/methods.md``), 91.3 % in the CLIP paper with its 18
 CIFAR templates. Our CDE classifier (the official CIFAR10_local descriptions + those templates)
 on the 2,000 test images of ``cifar10_2k`` must land in that ballpark (>= 85 %); NoLA must then
-improve on it, and its confidence must rank its own errors.
+improve on it, and its confidence must rank its own errors. Transductive labelling (no training) must
+beat zero-shot by 2 points and, started from NoLA's labels, keep their accuracy.
 
 Per preset (``--preset paper|fast-cpu|best``, with that preset's CLIP weights in the models
 directory or the hub cache): zero-shot on cifar10_2k reaches the CLIP's published CIFAR-10 figure
@@ -67,6 +68,23 @@ def test_the_confident_half_is_more_accurate(labelled):
     right = np.array([p == g for p, g in zip(ds.values("nola.label"), ds.values("ground_truth.label"))])
     top = conf >= np.median(conf)
     assert right[top].mean() > right[~top].mean()
+
+
+def test_transductive_labels_beat_zero_shot(labelled):
+    """TransCLIP with the StatA safeguard (the default), from the stored vectors, no training."""
+    from fiftyone_nola.stages.transductive import transductive_labels
+
+    ds, _ = labelled
+    transductive_labels(ds, CLASSES)
+    assert _accuracy(ds, "nola_transductive") >= _accuracy(ds, "nola_zeroshot") + 0.02
+
+
+def test_refining_nola_does_not_lower_its_accuracy(labelled):
+    from fiftyone_nola.stages.transductive import transductive_labels
+
+    ds, _ = labelled
+    transductive_labels(ds, CLASSES, init_field="nola", label_field="nola_refined")
+    assert _accuracy(ds, "nola_refined") >= _accuracy(ds, "nola")
 
 
 # --------------------------------------------------------------------------- per preset (zero-shot)

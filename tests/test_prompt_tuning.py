@@ -15,6 +15,7 @@ from torchvision.transforms import InterpolationMode
 
 from conftest import cifar_files
 from fiftyone_nola.core import prompt_tuning as pt
+from fiftyone_nola.core.config import resolve
 from fiftyone_nola.core.errors import EmptyViewError, IndexMismatchError, InvalidInputError
 from fiftyone_nola.logs import lines_to
 
@@ -376,7 +377,7 @@ def test_stratified_subset_and_max_samples(tiny_clip, cifar, W):
 
 def test_config_fits_the_hardware_and_validates():
     prof = pt.dev.hardware_profile(torch.device("cpu"))
-    cfg = pt.dev.resolve(pt.TuneConfig(), "cpu")
+    cfg = resolve(pt.TuneConfig(), "cpu")
     assert (cfg.epochs, cfg.batch_size, cfg.max_samples, cfg.num_workers, cfg.device) == (
         prof.tune_epochs,
         prof.tune_batch_size,
@@ -395,7 +396,7 @@ def test_config_fits_the_hardware_and_validates():
     )
     assert pt.TuneConfig.from_dict(cfg.to_dict()) == cfg
     # A GPU gets the official schedule on every sample (resolving needs no GPU).
-    gpu = pt.dev.resolve(pt.TuneConfig(), torch.device("cuda"))
+    gpu = resolve(pt.TuneConfig(), torch.device("cuda"))
     assert (gpu.epochs, gpu.batch_size, gpu.max_samples, gpu.sample_cap) == (50, 512, None, None)
     d = pt.TuneConfig()
     assert (d.lr, d.weight_decay, d.n_prompts, d.label_smoothing) == (4e-3, 0.01, 16, 0.1)
@@ -407,29 +408,29 @@ def test_config_fits_the_hardware_and_validates():
 
 def test_resolve_keeps_user_set_zeros_and_all_samples_means_all():
     prof = pt.dev.hardware_profile(torch.device("cpu"))
-    mine = pt.dev.resolve(pt.TuneConfig(epochs=3, max_samples=pt.ALL_SAMPLES, num_workers=0), "cpu")
+    mine = resolve(pt.TuneConfig(epochs=3, max_samples=pt.ALL_SAMPLES, num_workers=0), "cpu")
     assert (mine.epochs, mine.max_samples, mine.num_workers) == (3, 0, 0)
     assert (mine.batch_size, mine.device) == (prof.tune_batch_size, "cpu")
     assert mine.sample_cap is None
     labels = np.arange(600) % 3
     train, hold = pt.train._split(labels, 600, mine)
     assert len(train) == 600 and len(hold) == 0
-    capped = pt.dev.resolve(pt.TuneConfig(max_samples=30), "cpu")
+    capped = resolve(pt.TuneConfig(max_samples=30), "cpu")
     assert len(pt.train._split(labels, 600, capped)[0]) == 30
     # Resolving a resolved config changes nothing, so a stage may resolve what it was handed.
-    assert pt.dev.resolve(mine, "cpu") == mine
+    assert resolve(mine, "cpu") == mine
 
 
 def test_all_samples_is_stored_as_before_and_checkpoints_still_match():
     """Run records, checkpoints and meta.json store "all samples" as max_samples=None, as the
     runs made before ALL_SAMPLES existed did; a GPU's fitted None and an explicit 0 are one key."""
-    everything = pt.dev.resolve(pt.TuneConfig(max_samples=pt.ALL_SAMPLES), "cpu")
+    everything = resolve(pt.TuneConfig(max_samples=pt.ALL_SAMPLES), "cpu")
     assert everything.as_recorded().max_samples is None
     assert everything.as_recorded() == dataclasses.replace(everything, max_samples=None)
     assert everything.resume_key()["max_samples"] is None
-    gpu = pt.dev.resolve(pt.TuneConfig(device="cpu"), torch.device("cuda"))
+    gpu = resolve(pt.TuneConfig(device="cpu"), torch.device("cuda"))
     assert gpu.resume_key() == dataclasses.replace(gpu, max_samples=0).resume_key()
-    capped = pt.dev.resolve(pt.TuneConfig(max_samples=30), "cpu")
+    capped = resolve(pt.TuneConfig(max_samples=30), "cpu")
     assert capped.as_recorded() == capped
 
 

@@ -28,6 +28,8 @@ def test_every_stage_config_is_public():
         "TrainConfig",
         "CorrectionsConfig",
         "RayEmbedConfig",
+        "AuditConfig",
+        "TransductiveConfig",
     ):
         assert config in nola.__all__ and isinstance(getattr(nola, config), type)
 

@@ -40,7 +40,7 @@ import pytest
 import torch
 
 from fiftyone_nola.core import cdul as ml
-from fiftyone_nola.core.device import resolve
+from fiftyone_nola.core.config import resolve
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "cdul_reference.json").read_text())
 CASES = GOLDEN["cases"]

@@ -1,38 +1,22 @@
-"""The review workspace without a browser: the pure queue/threshold/propagation maths, the
-FiftyOne stage functions, the Brain runs on the stored vectors, the forms that must not mislead,
-and the two panels' callbacks driven through a real ExecutionContext."""
+"""The review workspace without a browser: the pure queue maths, the FiftyOne stage functions
+(flagging, the queue, decisions, propagation, counts), their cost following what changes, the
+Brain runs on the stored vectors, and the forms that must not mislead.
+
+The datasets here carry no real images (generated ones where an export copies files), so these
+tests need nothing beside the repository."""
 
 import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, cifar_files
+from conftest import REPO, REVIEW_CLASSES
 from fiftyone_nola.core import review_queue as rq
 
 PLUGIN = yaml.safe_load((REPO / "fiftyone.yml").read_text())["name"]
-CLASSES = ["cat", "dog", "ship", "truck"]
+CLASSES = REVIEW_CLASSES
 
 
 # ---------------------------------------------------------------------------- pure maths
-
-
-def test_flag_mask_threshold_bottom_k_and_missing():
-    conf = [0.9, 0.2, None, 0.95, 0.4, 0.8]
-    labels = ["cat", "cat", "dog", "dog", "dog", "ship"]
-    assert rq.flag_mask(conf, labels, 0.5).tolist() == [False, True, True, False, True, False]
-    # bottom-1 per class adds the least confident ship and cat; dog's is 0.4 (a None is flagged anyway)
-    assert rq.flag_mask(conf, labels, None, 1).tolist() == [False, True, True, False, True, True]
-
-
-def test_histogram_splits_at_the_threshold_and_class_rows_round():
-    h = rq.histogram([0.05, 0.12, 0.5, 0.51, 0.99, None], bins=10, threshold=0.51)
-    assert sum(h["below"]) == 3 and sum(h["above"]) == 2
-    assert h["below"][5] == 1 and h["above"][5] == 1  # 0.5 and 0.51 share a bin, split by value
-    rows = rq.class_rows(
-        ["a", "a", "b"], [0.123456, 0.5, 0.9], [True, True, False], [True, False, False], classes=["a", "b", "c"]
-    )
-    assert rows[0] == {"class": "a", "count": 2, "mean_confidence": 0.312, "flagged": 2, "reviewed": 1, "remaining": 1}
-    assert rows[2]["count"] == 0 and rows[2]["mean_confidence"] is None
 
 
 def test_review_order_spreads_over_classes_and_clusters():
@@ -46,13 +30,6 @@ def test_review_order_spreads_over_classes_and_clusters():
     assert rq.review_order(conf, labels)[:2] == [0, 6]  # without clusters: spread over classes
 
 
-def test_kmeans_separates_obvious_clusters():
-    rng = np.random.default_rng(0)
-    x = np.concatenate([rng.normal(0, 0.01, (10, 4)), rng.normal(5, 0.01, (10, 4))])
-    a = rq.kmeans(x, 2)
-    assert len(set(a[:10])) == 1 and len(set(a[10:])) == 1 and a[0] != a[10]
-
-
 def test_propagation_only_to_undecided_similar_neighbours_with_the_same_wrong_label():
     corrections = [("s1", "cat", "dog"), ("s2", "ship", "ship")]  # s2: not a correction
     nb = {"s1": [("n1", 0.95), ("n2", 0.97), ("n3", 0.99), ("n4", 0.5), ("s1", 1.0)], "s2": [("n5", 0.99)]}
@@ -64,130 +41,290 @@ def test_propagation_only_to_undecided_similar_neighbours_with_the_same_wrong_la
 # ---------------------------------------------------------------------------- dataset fixture
 
 
-@pytest.fixture
-def review_ds(make_dataset):
-    """16 real images, predictions with known confidences, no ground truth, and a CLIP store
-    whose vectors make sample pairs (0,1), (2,3)... near-duplicates."""
+# ---------------------------------------------------------------------------- counts
+
+
+def _reference_summary(ds, threshold, classes):
+    """What the panel must show, computed in numpy from every sample's values."""
+    from fiftyone_nola.core.names import DECIDED_TAGS, FLAGGED_TAG, REVIEW_TAG
+
+    labels, conf, tags = ds.values(["nola.label", "nola.confidence", "tags"])
+    c = np.array([np.nan if x is None else x for x in conf])
+    flagged = np.array([FLAGGED_TAG in t for t in tags])
+    decided = np.array([any(d in t for d in DECIDED_TAGS) for t in tags])
+    below = np.isnan(c) | np.array([lab is None for lab in labels]) | (c < threshold)
+    edges = np.clip(np.floor(np.nan_to_num(c, nan=0) * 20), 0, 19).astype(int)
+    rows = []
+    for name in classes:
+        m = np.array([lab == name for lab in labels])
+        rows.append(
+            {
+                "class": name,
+                "count": int(m.sum()),
+                "mean_confidence": round(float(np.nanmean(c[m])), 3) if m.any() else None,
+                "flagged": int((m & flagged).sum()),
+                "reviewed": int((m & flagged & decided).sum()),
+                "remaining": int((m & flagged & ~decided).sum()),
+            }
+        )
+    finite = np.isfinite(c)
+    return {
+        "samples": len(labels),
+        "flagged": int(flagged.sum()),
+        "reviewed": int((flagged & decided).sum()),
+        "queue": sum(REVIEW_TAG in t for t in tags),
+        "would_flag": int(below.sum()),
+        "below": np.bincount(edges[finite & below], minlength=20).tolist(),
+        "above": np.bincount(edges[finite & ~below], minlength=20).tolist(),
+        "classes": rows,
+    }
+
+
+def test_counts_histogram_and_class_table_come_from_one_aggregation_and_match_numpy(synthetic):
+    """The database's counts equal a per-sample computation, with decisions, corrections,
+    rejections, samples with no prediction and a class no sample has."""
     import fiftyone as fo
 
-    from fiftyone_nola.core.index import EmbeddingIndex
-    from fiftyone_nola.core.storage import index_dir
-    from fiftyone_nola.stages import runs
+    from fiftyone_nola.stages import review as rv
 
-    pairs = cifar_files(per_class=4, classes=CLASSES)
-    ds = make_dataset([p for p, _ in pairs])  # no ground truth at all
+    ds = synthetic(600, seed=3)
+    classes = [*ds.default_classes, "unicorn"]
+    ds.default_classes = classes
+    ds.save()
     ids = ds.values("id")
-    conf = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.45, 0.55, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
-    preds = [CLASSES[i % 4] for i in range(16)]
-    ds.set_values("nola", [fo.Classification(label=p, confidence=c) for p, c in zip(preds, conf)])
-    ds.set_values("nola_zeroshot", [fo.Classification(label=p, confidence=c / 2) for p, c in zip(preds, conf)])
-    rng = np.random.default_rng(1)
-    base = rng.normal(size=(8, 32))
-    vecs = np.repeat(base, 2, axis=0) + rng.normal(scale=0.01, size=(16, 32))
-    path = index_dir(str(ds._doc.id), "test-clip")
-    ix = EmbeddingIndex.create(path, 32, {"dataset_id": str(ds._doc.id)})
-    ix.add(ids, vecs.astype(np.float32))
-    ix.save()
-    runs.record_run(
-        ds,
-        "nola_embeddings_clip",
-        "embeddings.clip",
-        {"spec": None},
-        {"index_path": str(path), "index_size": 16, "samples": 16},
-    )
-    from fiftyone_nola.stages.review_workspace import store_class_list
-
-    store_class_list(ds, CLASSES)
-    return ds
+    ds.set_values("nola", {i: None for i in ids[:7]}, key_field="id")  # no prediction: always flagged
+    rv.flag_samples(ds, "nola", threshold=0.55)
+    queue = rv.queue_ids(ds, limit=40)
+    rv.decide(ds, queue[:10], "accept")
+    rv.decide(ds, queue[10:15], "reject")
+    pred = ds[queue[20]].nola
+    rv.decide(ds, queue[20:21], "correct", next(c for c in classes[:4] if c != (pred and pred.label)))
+    rv.decide(ds, ids[-5:], "accept")  # decided but not flagged
+    for t in (0.55, 0.3, 0.8):
+        got = rv.summary(ds, "nola", t)
+        want = _reference_summary(ds, t, classes)
+        assert {k: got[k] for k in ("samples", "flagged", "reviewed", "queue", "would_flag")} == {
+            k: want[k] for k in ("samples", "flagged", "reviewed", "queue", "would_flag")
+        }
+        assert got["histogram"]["below"] == want["below"] and got["histogram"]["above"] == want["above"]
+        assert got["classes"] == want["classes"]
+    assert got["decided"] == {"accepted": 15, "corrected": 1, "rejected": 5}
+    assert isinstance(ds.first().nola, (fo.Classification, type(None)))
 
 
 # ---------------------------------------------------------------------------- stage functions
 
 
-@pytest.mark.integration
 def test_class_list_is_stored_with_a_label_schema(review_ds):
-    from fiftyone_nola.stages import review_workspace as rw
+    from fiftyone_nola.stages import review as rv
 
-    assert review_ds.default_classes == CLASSES and rw.class_list(review_ds) == CLASSES
+    assert review_ds.default_classes == CLASSES and rv.class_list(review_ds) == CLASSES
     schema = review_ds.label_schemas.get("nola_reviewed")
     assert schema and schema["classes"] == CLASSES and schema["component"] == "dropdown"
 
 
-@pytest.mark.integration
 def test_flagging_queue_views_and_decisions(review_ds):
-    from fiftyone_nola.stages import review_workspace as rw
-    from fiftyone_nola.stages.review import ACCEPTED_TAG, REVIEW_TAG
+    from fiftyone_nola.stages import review as rv
 
     ds = review_ds
-    pv = rw.preview(ds, "nola", 0.5)
-    assert pv["flagged"] == 8 and pv["remaining"] == 8 and sum(pv["histogram"]["below"]) == 8
-    s = rw.flag_samples(ds, "nola", threshold=0.5, bottom_k=1)
+    pv = rv.summary(ds, "nola", 0.5)
+    assert pv["would_flag"] == 8 and pv["flagged"] == 0 and sum(pv["histogram"]["below"]) == 8
+    s = rv.flag_samples(ds, "nola", threshold=0.5, bottom_k=1)
     # bottom-1 per class adds nothing below 0.5 here: exactly the 8 under the threshold
     assert s["flagged"] == 8 and s["queue"] == 8
-    assert len(ds.load_saved_view(rw.VIEW_FLAGGED)) == 8
-    queue = rw.queue_ids(ds)
-    assert len(queue) == 8 and set(queue) == set(ds.match_tags(rw.FLAGGED_TAG).values("id"))
+    assert len(ds.load_saved_view(rv.VIEW_FLAGGED)) == 8
+    queue = rv.queue_ids(ds)
+    assert len(queue) == 8 and set(queue) == set(ds.match_tags(rv.FLAGGED_TAG).values("id"))
     # the queue starts with the least confident, then spreads over classes
     confs = dict(zip(*ds.values(["id", "nola.confidence"])))
     assert confs[queue[0]] == 0.05
     assert len({ds[i].nola.label for i in queue[:4]}) >= 3
 
     first, second = queue[0], queue[1]
-    rw.decide(ds, [first], "accept")
-    r = rw.decide(ds, [second], "correct", "truck")
-    assert r["queue"] == 6 and len(ds.load_saved_view(rw.VIEW_QUEUE)) == 6  # the worklist shrinks
-    assert len(ds.load_saved_view(rw.VIEW_FLAGGED)) == 8  # the flagged set does not
-    assert ds[second].nola_reviewed.label == "truck" and ACCEPTED_TAG in ds[second].tags
+    rv.decide(ds, [first], "accept")
+    r = rv.decide(ds, [second], "correct", "truck")
+    assert r["queue"] == 6 and len(ds.load_saved_view(rv.VIEW_QUEUE)) == 6  # the worklist shrinks
+    assert len(ds.load_saved_view(rv.VIEW_FLAGGED)) == 8  # the flagged set does not
+    # a correction has its own tag: corrections can be filtered apart from accepts
+    assert ds[second].nola_reviewed.label == "truck" and ds[second].tags == [rv.FLAGGED_TAG, rv.CORRECTED_TAG]
     # The views select by tag: moving the threshold or reviewing changes tags, never the saved
     # views' documents (replacing them while the App server reloads its Dataset corrupts them).
     view_docs = {v.name: v.id for v in ds._doc.get_saved_views()}
-    rw.flag_samples(ds, "nola", threshold=0.3)
-    rw.flag_samples(ds, "nola", threshold=0.5)
+    rv.flag_samples(ds, "nola", threshold=0.3)
+    rv.flag_samples(ds, "nola", threshold=0.5)
     ds.reload()
     assert {v.name: v.id for v in ds._doc.get_saved_views()} == view_docs
     with pytest.raises(Exception, match="not one of"):
-        rw.decide(ds, [queue[2]], "correct", "dear")  # a typo never becomes a class
+        rv.decide(ds, [queue[2]], "correct", "dear")  # a typo never becomes a class
     # picking the model's own label is an accept, with no correction stored
     third = queue[2]
-    rw.decide(ds, [third], "correct", ds[third].nola.label)
-    assert ds[third].nola_reviewed is None and ACCEPTED_TAG in ds[third].tags
+    rv.decide(ds, [third], "correct", ds[third].nola.label)
+    assert ds[third].nola_reviewed is None and rv.ACCEPTED_TAG in ds[third].tags
+    # the last decision stands: accepting a corrected sample drops its correction
+    rv.decide(ds, [second], "accept")
+    assert ds[second].nola_reviewed is None and rv.CORRECTED_TAG not in ds[second].tags
 
     # re-flagging never re-queues what a person decided
-    s = rw.flag_samples(ds, "nola", threshold=0.6)
-    assert s["flagged"] == 9 and s["queue"] == 6 and REVIEW_TAG not in ds[first].tags
+    s = rv.flag_samples(ds, "nola", threshold=0.6)
+    assert s["flagged"] == 9 and s["queue"] == 6 and rv.REVIEW_TAG not in ds[first].tags
 
 
-@pytest.mark.integration
+def test_a_threshold_move_writes_only_the_samples_between_the_two_thresholds(synthetic, monkeypatch):
+    """Flagging costs what it changes: a move from 0.4 to 0.45 writes the samples whose
+    confidence lies in between (and the queue head's priorities), none of the others."""
+    from fiftyone_nola.stages import review as rv
+    from fiftyone_nola.stages.review import flagging
+
+    monkeypatch.setattr(flagging, "QUEUE_HEAD", 30)
+    monkeypatch.setattr(flagging, "QUEUE_CANDIDATES", 120)
+    ds = synthetic(3000, seed=1)
+    rv.flag_samples(ds, "nola", threshold=0.4)
+    before = dict(zip(*ds.values(["id", "last_modified_at"])))
+    head_before = set(ds.match({rv.QUEUE_FIELD: {"$gt": 0}}).values("id"))
+    rv.flag_samples(ds, "nola", threshold=0.45)
+    after = dict(zip(*ds.values(["id", "last_modified_at"])))
+    head_after = set(ds.match({rv.QUEUE_FIELD: {"$gt": 0}}).values("id"))
+    conf = dict(zip(*ds.values(["id", "nola.confidence"])))
+    written = {i for i in after if after[i] != before[i]}
+    band = {i for i, c in conf.items() if 0.4 <= c < 0.45}
+    assert band and band <= written
+    assert written <= band | head_before | head_after, "a sample outside the band and the head was written"
+    assert len(written) < len(conf) / 5
+    # the same threshold again on the same predictions writes nothing at all
+    rv.flag_samples(ds, "nola", threshold=0.45)
+    assert dict(zip(*ds.values(["id", "last_modified_at"]))) == after
+    # flagged is exactly "below the threshold" after moves in both directions
+    rv.flag_samples(ds, "nola", threshold=0.2)
+    rv.flag_samples(ds, "nola", threshold=0.7)
+    flagged = set(ds.match_tags(rv.FLAGGED_TAG).values("id"))
+    assert flagged == {i for i, c in conf.items() if c < 0.7}
+
+
+def test_new_predictions_are_flagged_afresh(synthetic):
+    """A re-run of the predictions (a new run record) invalidates the band shortcut."""
+    from fiftyone_nola.stages import review as rv
+    from fiftyone_nola.stages import runs
+
+    ds = synthetic(500, seed=2)
+    rv.flag_samples(ds, "nola", threshold=0.5)
+    ids = ds.values("id")
+    ds.set_values("nola.confidence", [0.99] * len(ids))  # the model is now sure of everything...
+    runs.record_run(ds, "nola", "predict", {"model_id": "new"}, {"samples": len(ids)})
+    rv.flag_samples(ds, "nola", threshold=0.5)  # ...and the same threshold flags nothing
+    assert len(ds.match_tags(rv.FLAGGED_TAG)) == 0 and len(ds.match_tags(rv.REVIEW_TAG)) == 0
+
+
+def test_the_queue_head_is_ranked_again_once_used_up(synthetic, monkeypatch):
+    from fiftyone_nola.stages import review as rv
+    from fiftyone_nola.stages.review import flagging
+
+    monkeypatch.setattr(flagging, "QUEUE_HEAD", 5)
+    ds = synthetic(400, seed=4)
+    rv.flag_samples(ds, "nola", threshold=0.5)
+    queue = len(ds.match_tags(rv.REVIEW_TAG))
+    seen = []
+    for _ in range(12):  # past two heads
+        sid = rv.next_in_queue(ds)
+        assert sid not in seen
+        seen.append(sid)
+        rv.decide(ds, [sid], "accept")
+        assert ds.match({rv.QUEUE_FIELD: {"$gt": 0}}).count() <= 5
+    assert len(ds.match_tags(rv.REVIEW_TAG)) == queue - 12
+    assert ds.match({rv.QUEUE_FIELD: {"$gt": 0}}).count() == 3  # the third head, 2 of 5 decided
+    assert not ds.select(seen).match({rv.QUEUE_FIELD: {"$gt": 0}}).count()  # decided: no priority
+
+
+def test_a_decision_costs_the_same_with_many_samples_held_in_memory(synthetic, monkeypatch):
+    """A notebook holding the dataset's Sample objects: each decision re-read every one of them
+    (Dataset.reload: one query per sample, 2,000 here); the review reloads the dataset's document."""
+    from pymongo.collection import Collection
+
+    from fiftyone_nola.stages import review as rv
+
+    ds = synthetic(2000, seed=5)
+    rv.flag_samples(ds, "nola", threshold=0.5)
+    queries = {"n": 0}
+    for name in ("find", "find_one", "aggregate"):
+        original = getattr(Collection, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            queries["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Collection, name, counted)
+
+    def queries_for_a_decision():
+        sid = rv.next_in_queue(ds)
+        queries["n"] = 0
+        rv.decide(ds, [sid], "accept")
+        return queries["n"]
+
+    bare = queries_for_a_decision()
+    held = list(ds.iter_samples())  # the process now holds 2,000 Sample objects
+    with_samples = queries_for_a_decision()
+    # FiftyOne re-reads the held copy of the decided sample itself after each tag write (3 here):
+    # the cost follows what changed, never the 2,000 samples held
+    assert len(held) == 2000 and 0 < bare and with_samples <= bare + 5, (bare, with_samples)
+
+
 def test_propagation_suggests_never_accepts(review_ds):
-    from fiftyone_nola.stages import review_card as rc
-    from fiftyone_nola.stages import review_workspace as rw
-    from fiftyone_nola.stages.review import ACCEPTED_TAG, REVIEW_TAG
+    import fiftyone as fo
+
+    from fiftyone_nola.stages import review as rv
 
     ds = review_ds
     ids = ds.values("id")
     # samples 0 and 1 are near-duplicates; 0 is 'cat' corrected to 'dog'; 1 is predicted 'dog' -> no
     # same-wrong-label neighbour. Make 1 'cat' too, so it carries the same wrong label.
-    import fiftyone as fo
-
     s1 = ds[ids[1]]
     s1.nola = fo.Classification(label="cat", confidence=0.1)
     s1.save()
-    rw.decide(ds, [ids[0]], "correct", "dog")
-    preview = rc.propagate_corrections(ds, "nola", 0.9, apply=False)
-    assert preview["suggested"] == 1 and not ds.has_sample_field(rw.SUGGESTED_FIELD)
-    r = rc.propagate_corrections(ds, "nola", 0.9)
-    assert r["ids"] == [ids[1]] and r["by_label"] == {"dog": 1}
+    rv.decide(ds, [ids[0]], "correct", "dog")
+    preview = rv.propagate_corrections(ds, "nola", 0.9, apply=False)
+    assert preview["suggested"] == 1 and not ds.has_sample_field(rv.SUGGESTED_FIELD)
+    seen = []
+    r = rv.propagate_corrections(ds, "nola", 0.9, progress=lambda d, t, m: seen.append((d, t)))
+    assert r["ids"] == [ids[1]] and r["by_label"] == {"dog": 1} and seen[-1] == (1, 1)
     s1 = ds[ids[1]]
-    assert s1.nola_suggested.label == "dog" and rw.SUGGESTED_TAG in s1.tags and REVIEW_TAG in s1.tags
-    assert ACCEPTED_TAG not in s1.tags and s1.nola_reviewed is None  # a suggestion, not a decision
-    assert rc.propagate_corrections(ds, "nola", 0.999999, apply=False)["suggested"] == 0
-    card = rc.sample_card(ds, ids[1])
+    assert s1.nola_suggested.label == "dog" and rv.SUGGESTED_TAG in s1.tags and rv.REVIEW_TAG in s1.tags
+    assert rv.ACCEPTED_TAG not in s1.tags and s1.nola_reviewed is None  # a suggestion, not a decision
+    assert rv.propagate_corrections(ds, "nola", 0.999999, apply=False)["suggested"] == 0
+    # done once: the panel's "suggest to N" no longer counts the neighbour that carries it
+    assert rv.propagate_corrections(ds, "nola", 0.9, apply=False)["suggested"] == 0
+    card = rv.sample_card(ds, ids[1])
     assert card["suggestion"] == "dog" and card["neighbours"][0]["id"] == ids[0]
-    rw.decide(ds, [ids[1]], "correct", "dog")
-    assert rw.SUGGESTED_TAG not in ds[ids[1]].tags
+    rv.decide(ds, [ids[1]], "correct", "dog")
+    assert rv.SUGGESTED_TAG not in ds[ids[1]].tags
 
 
-@pytest.mark.integration
+def test_corrections_made_before_their_own_tag_are_found(review_ds):
+    """A dataset reviewed by 0.2 tagged corrections ``nola:accepted``: its first review write gives
+    them the correction tag, and propagation finds them."""
+    import fiftyone as fo
+
+    from fiftyone_nola.stages import review as rv
+
+    ds = review_ds
+    ids = ds.values("id")
+    ds.select(ids[:2]).tag_samples("nola:accepted")
+    ds.set_values("nola_reviewed", {ids[0]: fo.Classification(label="dog", confidence=1.0)}, key_field="id")
+    rv.flag_samples(ds, "nola", threshold=0.5)
+    assert ds[ids[0]].tags.count(rv.CORRECTED_TAG) == 1 and rv.ACCEPTED_TAG not in ds[ids[0]].tags
+    assert rv.ACCEPTED_TAG in ds[ids[1]].tags  # a plain accept stays one
+    assert rv.propagate_corrections(ds, "nola", 0.0, apply=False)["corrections"] == 1
+
+
+def test_accept_above_accepts_only_the_undecided_confident(review_ds):
+    from fiftyone_nola.stages import review as rv
+
+    ds = review_ds
+    ids = ds.values("id")
+    rv.decide(ds, [ids[15]], "reject")  # confidence 0.95, but a person said no
+    n = rv.accept_above(ds, "nola", 0.8)
+    assert n == 3 and rv.REJECTED_TAG in ds[ids[15]].tags
+    assert sorted(ds.match_tags(rv.ACCEPTED_TAG).values("nola.confidence")) == [0.8, 0.85, 0.9]
+
+
 def test_brain_runs_on_the_stored_vectors(review_ds):
     import fiftyone.brain as fob  # noqa: F401
 
@@ -208,6 +345,67 @@ def test_brain_runs_on_the_stored_vectors(review_ds):
     assert sorted(ds.list_brain_runs()) == sorted([r["similarity"], r["visualization"]])
     assert register_brain_runs(ds, "dino") == {}  # no store: nothing, no error
     assert visualization_method(1000) in ("umap", "tsne") and visualization_method(10**6) in ("umap", "pca")
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def test_export_writes_final_labels_and_leaves_the_dataset_untouched(review_ds, tmp_path):
+    from fiftyone_nola.core.errors import InvalidInputError
+    from fiftyone_nola.stages import review as rv
+    from fiftyone_nola.stages.export import export_accepted
+
+    ds = review_ds
+    ids = ds.values("id")
+    with pytest.raises(InvalidInputError, match="Nothing to export"):
+        export_accepted(ds, str(tmp_path / "none"), "nola")
+    rv.decide(ds, ids[:2], "correct", "dog")  # two corrections (sample 1 is predicted dog: an accept)
+    rv.decide(ds, [ids[4]], "reject")  # confidence 0.25
+    schema = set(ds.get_field_schema())
+    modified = dict(zip(*ds.values(["id", "last_modified_at"])))
+    rep = export_accepted(ds, str(tmp_path / "out"), "nola", min_confidence=0.65)
+    # accepted/corrected: samples 0, 1; above 0.65 and undecided: 0.7 ... 0.95 (6 samples)
+    assert rep["exported"] == 8 and rep["left_out"]["rejected"] == 1
+    assert rep["left_out"]["below confidence"] == 7 and rep["corrections_used"] == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == CLASSES
+    assert len(list((tmp_path / "out" / "dog").glob("*.png"))) == 3  # 0 (corrected), 1 (accepted), 13 (0.85)
+    assert set(ds.get_field_schema()) == schema  # no temporary field
+    assert dict(zip(*ds.values(["id", "last_modified_at"]))) == modified  # nothing written
+    with pytest.raises(InvalidInputError, match="not empty"):
+        export_accepted(ds, str(tmp_path / "out"), "nola", min_confidence=0.5)
+    rep = export_accepted(ds, str(tmp_path / "csv"), "nola", format="csv")
+    rows = (tmp_path / "csv" / "labels.csv").read_text().splitlines()
+    assert rep["exported"] == 2 and rows[0] == "filepath,labels" and all(r.endswith(",dog") for r in rows[1:])
+    with pytest.raises(InvalidInputError, match="format"):
+        export_accepted(ds, str(tmp_path / "b"), "nola", format="xml")
+
+
+def test_export_never_writes_outside_the_directory(review_ds, tmp_path):
+    from fiftyone_nola.stages import review as rv
+    from fiftyone_nola.stages.export import export_accepted, safe_folder_name
+
+    ds = review_ds
+    assert safe_folder_name("../evil") == ".._evil" and safe_folder_name("..") == "_.._"
+    ds.default_classes = [*CLASSES, "../../escape"]
+    ds.save()
+    rv.decide(ds, ds.values("id")[:2], "correct", "../../escape")
+    out = tmp_path / "deep" / "out"
+    rep = export_accepted(ds, str(out), "nola")
+    assert rep["exported"] == 2 and rep["renamed_labels"] == {"../../escape": ".._.._escape"}
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and "images" not in p.parts]
+    assert written and all(out in p.parents for p in written)
+
+
+def test_calibration_curve_hand_values():
+    from fiftyone_nola.stages.evaluation import reliability_curve
+
+    conf = np.array([0.05, 0.15, 0.95, 0.92, np.nan])
+    correct = np.array([0, 1, 1, 0, 1])
+    c = reliability_curve(conf, correct, bins=10)
+    assert c["count"][0] == 1 and c["count"][1] == 1 and c["count"][9] == 2
+    assert c["accuracy"][9] == 0.5 and np.isclose(c["mean_confidence"][9], 0.935)
+    expected = (1 * 0.05 + 1 * abs(0.15 - 1) + 2 * abs(0.935 - 0.5)) / 4
+    assert np.isclose(c["ece"], expected)
 
 
 # ---------------------------------------------------------------------------- forms
@@ -235,7 +433,6 @@ def form(name, dataset, **params):
     return op.resolve_input(ctx).type.properties
 
 
-@pytest.mark.integration
 def test_no_calibration_against_the_predictions_themselves(review_ds):
     props = form("review_low_confidence", review_ds, field="nola")
     gt = props["gt_field"]
@@ -247,13 +444,12 @@ def test_no_calibration_against_the_predictions_themselves(review_ds):
     assert "No ground truth chosen" in r.result["summary"]
     r = run("review_low_confidence", review_ds, field="nola", threshold=0.5, gt_field="nola")
     assert r.error is not None and "predictions field itself" in str(r.error)
-    from fiftyone_nola.stages import review
+    from fiftyone_nola.stages.evaluation import calibration
 
     with pytest.raises(Exception, match="predictions field itself"):
-        review.calibration(review_ds, "nola", "nola")
+        calibration(review_ds, "nola", "nola")
 
 
-@pytest.mark.integration
 def test_review_table_is_rounded_and_shows_ece_with_ground_truth(review_ds):
     import fiftyone as fo
 
@@ -265,7 +461,6 @@ def test_review_table_is_rounded_and_shows_ece_with_ground_truth(review_ds):
     assert all(len(str(row["mean_confidence"]).split(".")[-1]) <= 3 for row in r.result["result"]["table"])
 
 
-@pytest.mark.integration
 def test_correction_outside_the_class_list_is_refused_in_the_form(review_ds):
     ids = review_ds.values("id")
     props = form("mark_reviewed", review_ds, action="correct")
@@ -278,41 +473,34 @@ def test_correction_outside_the_class_list_is_refused_in_the_form(review_ds):
     assert r.error is None and review_ds[ids[0]].nola_reviewed.label == "dog"
 
 
-@pytest.mark.integration
 def test_export_form_defaults_and_empty_export_message(review_ds, tmp_path):
     props = form("export_accepted", review_ds)
     assert props["export_dir"].default and "exports" in props["export_dir"].default
     assert props["view_target"].default == "DATASET"
     # nothing accepted: the form says so, and execution answers with a message, not a traceback
     assert props["nola_problems"].error_message.startswith("Nothing to export")
-    from fiftyone_nola.core.errors import InvalidInputError
-    from fiftyone_nola.stages.export import export_accepted
-
-    with pytest.raises(InvalidInputError, match="Nothing to export"):
-        export_accepted(review_ds, str(tmp_path / "x"), "nola")
-    # a leftover selection does not narrow the export
-    from fiftyone_nola.stages.review_workspace import decide
+    from fiftyone_nola.stages.review import decide
 
     ids = review_ds.values("id")
     decide(review_ds, ids[:3], "accept")
+    # a leftover selection does not narrow the export
     r = run("export_accepted", review_ds, selected=ids[:1], label_field="nola", export_dir=str(tmp_path / "out"))
     assert r.error is None and r.result["result"]["exported"] == 3
 
 
-@pytest.mark.integration
 def test_evaluation_keys_never_silently_overwrite_and_final_labels(review_ds):
     import fiftyone as fo
+
+    from fiftyone_nola.stages.review import decide
 
     ds = review_ds
     ds.set_values("ground_truth", [fo.Classification(label=CLASSES[i % 4]) for i in range(len(ds))])
     r = run("evaluate_labels", ds, pred_field="nola", gt_field="ground_truth")
     assert r.error is None and r.result["result"]["eval_key"] == "eval_nola"
     assert r.result["result"]["accuracy"] == 1.0
-    r = run("evaluate_labels", ds, pred_field="nola", gt_field="ground_truth")
+    r = run("evaluate_labels", ds, pred_field="nola", gt_field="ground_truth", overwrite=False)
     assert r.error is not None and "already exists" in str(r.error)
     # a reviewer fixes one label the wrong way round: the final-label evaluation sees it
-    from fiftyone_nola.stages.review_workspace import decide
-
     first = ds.first()
     decide(ds, [first.id], "correct", "ship" if first.nola.label != "ship" else "cat")
     r = run("evaluate_labels", ds, pred_field="nola", gt_field="ground_truth", final_labels=True)
@@ -323,303 +511,35 @@ def test_evaluation_keys_never_silently_overwrite_and_final_labels(review_ds):
     assert r.error is None
 
 
-# ---------------------------------------------------------------------------- panels
-
-
-class PanelCtx:
-    """A real ExecutionContext for a panel event, as the App sends it; records App operations."""
-
-    def __init__(
-        self,
-        dataset,
-        state=None,
-        selected=None,
-        current_sample=None,
-        view=None,
-        panel_id="test-panel",
-        extended_selection=None,
-        **params,
-    ):
-        from fiftyone.operators.executor import ExecutionContext, Executor
-
-        self.executor = Executor()
-        req = {
-            "dataset_name": dataset.name,
-            "selected": selected or [],
-            "extended_selection": extended_selection,
-            "params": {"panel_id": panel_id, "panel_state": state if state is not None else {}, **params},
-        }
-        if current_sample:
-            req["current_sample"] = current_sample
-        if view is not None:
-            from fiftyone.operators.operations import _serialize_view
-
-            req["view"] = _serialize_view(view)
-        self.ctx = ExecutionContext(request_params=req, executor=self.executor)
-
-    @property
-    def state(self):
-        return self.ctx.panel_state
-
-    def ops(self):
-        return [
-            (r["operator_uri"] if "operator_uri" in r else r.get("operator"), r.get("params"))
-            for r in self.executor.to_json()["requests"]
-        ]
-
-    def op_names(self):
-        return [n for n, _ in self.ops()]
-
-
-@pytest.mark.integration
-def test_grid_panel_callbacks(review_ds):
-    from fiftyone_nola.stages import review_workspace as rw
-    from operators.panels import NolaPanel
-
-    ds, panel = review_ds, NolaPanel()
-    pc = PanelCtx(ds)
-    panel.on_load(pc.ctx)
-    st = pc.state
-    assert st["ready"] and st["applied_threshold"] == 0.5 and st["counts"]["flagged"] == 8
-    assert [r["class"] for r in st["classes"]] == CLASSES
-    assert any(r["stage"] == "CLIP embeddings" and r["state"] == "fresh" for r in st["stages"])
-    panel.render(pc.ctx)  # renders without error
-
-    # moving the threshold flags live, and the grid follows
-    pc = PanelCtx(ds, state=st, value=0.3)
-    panel.on_slider(pc.ctx)
-    assert pc.state["counts"]["flagged"] == 5 and pc.state["applied_threshold"] == 0.3
-    assert len(ds.match_tags(rw.FLAGGED_TAG)) == 5
-    assert "set_view" in " ".join(pc.op_names())
-
-    # a class row filters the grid to that class's flagged samples
-    pc = PanelCtx(ds, state=pc.state, row=1)
-    panel.on_class_click(pc.ctx)
-    view_ops = [p for n, p in pc.ops() if n.endswith("set_view")]
-    assert view_ops and pc.state["selected_class"] == "dog"
-
-    # buttons act on the selection, then clear it
-    ids = rw.queue_ids(ds)
-    pc = PanelCtx(ds, state=pc.state, selected=ids[:2])
-    panel.on_accept(pc.ctx)
-    assert "clear_selected_samples" in " ".join(pc.op_names()) and pc.state["selection"] == 0
-    assert pc.state["counts"]["reviewed"] == 2 and pc.state["counts"]["queue"] == 3
-    other = next(c for c in CLASSES if c != ds[ids[2]].nola.label)
-    pc = PanelCtx(ds, state={**pc.state, "correct_class": other}, selected=ids[2:3])
-    panel.on_correct(pc.ctx)
-    assert ds[ids[2]].nola_reviewed.label == other
-    pc = PanelCtx(ds, state=pc.state)  # nothing selected: a warning, nothing written
-    panel.on_reject(pc.ctx)
-    assert "notify" in " ".join(pc.op_names()) and "nola:rejected" not in ds.count_sample_tags()
-
-
-@pytest.mark.integration
-def test_sample_panel_one_click_moves_through_the_queue(review_ds):
-    from fiftyone_nola.stages import review_workspace as rw
-    from operators.sample_panel import NolaSampleReview
-
-    ds, panel = review_ds, NolaSampleReview()
-    rw.flag_samples(ds, "nola", threshold=0.5)
-    queue = rw.queue_ids(ds)
-    state, current = {}, queue[0]
-    opened = []
-    for i in range(5):  # each sample: exactly one click, alternating accept / pick a class
-        pc = PanelCtx(ds, state=state, current_sample=current)
-        panel.on_change_current_sample(pc.ctx)
-        assert pc.state["card"]["id"] == current and pc.state["card"]["neighbours"]
-        panel.render(pc.ctx)
-        pc = PanelCtx(ds, state=pc.state, current_sample=current, **({"label": "truck"} if i % 2 else {}))
-        (panel.on_pick if i % 2 else panel.on_accept)(pc.ctx)
-        nxt = [p["id"] for n, p in pc.ops() if n.endswith("open_sample")]
-        assert len(nxt) == 1 and nxt[0] != current
-        opened.append(current)
-        state, current = pc.state, nxt[0]
-    assert len(rw.queue_ids(ds)) == len(queue) - 5 and state["progress"]["reviewed"] == 5
-    assert ds.match_tags("nola:accepted").count() == 5
-    assert set(opened) == set(queue[:5])
-
-
-@pytest.mark.integration
-def test_threshold_slider_and_number_mirror_each_other(review_ds):
-    """Whichever control moves, the other follows, the count updates and the grid shows the
-    flagged samples; the value the App sends back for the follower is not a new move."""
-    from fiftyone_nola.stages import review_workspace as rw
-    from operators.panels import NUMBER, SLIDER, NolaPanel
-
-    ds, panel, pid = review_ds, NolaPanel(), "mirror-panel"
-    pc = PanelCtx(ds, panel_id=pid)
-    panel.on_load(pc.ctx)
-    assert pc.state[SLIDER] == pc.state[NUMBER] == 0.5
-    st = pc.state
-    for moved, other, value, flagged in (
-        (SLIDER, NUMBER, 0.3, 5),
-        (NUMBER, SLIDER, 0.45, 7),
-        (SLIDER, NUMBER, 0.8, 12),
-    ):
-        pc = PanelCtx(ds, state=st, panel_id=pid, value=value)
-        (panel.on_slider if moved == SLIDER else panel.on_number)(pc.ctx)
-        st = pc.state
-        assert st[other] == value and st["applied_threshold"] == value and st["counts"]["flagged"] == flagged
-        assert len(ds.match_tags(rw.FLAGGED_TAG)) == flagged
-        views = [p for n, p in pc.ops() if n.endswith("set_view")]
-        assert views, pc.op_names()  # the grid follows the threshold
-        # the App echoes the value set into the follower: ignored, nothing re-flagged or re-filtered
-        pc = PanelCtx(ds, state=st, panel_id=pid, value=value)
-        (panel.on_number if other == NUMBER else panel.on_slider)(pc.ctx)
-        assert pc.ops() == [] and pc.state == st
-    # a drag sends several values; a late echo of an older one does not pull the controls back
-    pc = PanelCtx(ds, state=st, panel_id=pid, value=0.6)
-    panel.on_slider(pc.ctx)
-    pc = PanelCtx(ds, state=pc.state, panel_id=pid, value=0.55)
-    panel.on_slider(pc.ctx)
-    st = pc.state
-    for echo in (0.6, 0.55):
-        pc = PanelCtx(ds, state=st, panel_id=pid, value=echo)
-        panel.on_number(pc.ctx)
-        assert pc.ops() == []
-    assert rw.settings(ds)["threshold"] == 0.55 and st[NUMBER] == 0.55
-    # out of range typed: clamped, and both controls show what is applied
-    pc = PanelCtx(ds, state=st, panel_id=pid, value=1.7)
-    panel.on_number(pc.ctx)
-    assert pc.state[NUMBER] == pc.state[SLIDER] == 1.0 and pc.state["counts"]["flagged"] == 16
-
-
-@pytest.mark.integration
-def test_stage_progress_polled_from_the_delegated_run(review_ds):
-    """A stage launched delegated: the panel polls its run and shows done/total on the stage's row;
-    when the run ends the timer stops and everything is refreshed."""
-    from fiftyone.operators.delegated import DelegatedOperationService
-    from fiftyone.operators.executor import ExecutionContext, ExecutionProgress
-
-    from operators.panels import NolaPanel
-
-    ds, panel = review_ds, NolaPanel()
-    pc = PanelCtx(ds)
-    panel.on_load(pc.ctx)
-    assert pc.state["jobs"] == [] and "poll" not in panel.render(pc.ctx).type.properties
-    pc = PanelCtx(ds, state=pc.state, row=0)
-    panel.on_run_stage(pc.ctx)  # "Run" on a stage row opens its form, then reports back
-    ((name, params),) = pc.ops()
-    assert name.endswith("prompt_user_for_operation") and params["operator_uri"] == f"{PLUGIN}/compute_embeddings"
-    assert params["on_success"].endswith("#on_launched")
-
-    svc = DelegatedOperationService()
-    job = svc.queue_operation(
-        f"{PLUGIN}/compute_embeddings",
-        context=ExecutionContext(request_params={"dataset_name": ds.name, "params": {"family": "clip"}}),
-    )
-    try:
-        pc = PanelCtx(ds, state=pc.state)
-        panel.on_launched(pc.ctx)
-        rows = {r["stage"]: r["state"] for r in pc.state["stages"]}
-        assert rows["CLIP embeddings"] == "queued" and rows["DINO embeddings"] == "not run"
-        svc.set_running(job.id)
-        svc.set_progress(job.id, ExecutionProgress(0.3, "Embedding images 12/40"))
-        pc = PanelCtx(ds, state=pc.state)
-        panel.on_poll(pc.ctx)
-        rows = {r["stage"]: r["state"] for r in pc.state["stages"]}
-        assert rows["CLIP embeddings"] == "running 12/40 (30%)" and rows["DINO embeddings"] == "not run"
-        props = panel.render(pc.ctx).type.properties
-        assert props["poll"].view.to_json()["on_interval"].endswith("#on_poll")
-        assert "Embedding images 12/40 (30%)" in props["jobs_text"].default
-        svc.set_completed(job.id)
-        pc = PanelCtx(ds, state=pc.state)
-        panel.on_poll(pc.ctx)
-        rows = {r["stage"]: r["state"] for r in pc.state["stages"]}
-        assert pc.state["jobs"] == [] and rows["CLIP embeddings"] == "fresh"
-        assert "poll" not in panel.render(pc.ctx).type.properties
-    finally:
-        svc.delete_operation(job.id)
-
-
-@pytest.mark.integration
-def test_outputs_link_to_the_model_evaluation_panel(review_ds):
+def test_evaluate_form_opens_ready_to_run_when_its_key_is_taken(review_ds):
+    """The form's default key is the first free one: with eval_nola taken it opens on eval_nola_2,
+    not in an error state with Execute disabled."""
     import fiftyone as fo
-    import fiftyone.operators as foo
-    from fiftyone.operators.executor import ExecutionContext
 
-    from operators.panels import MODEL_EVALUATION_PANEL, NolaPanel
-
-    pc = PanelCtx(review_ds)
-    NolaPanel().on_open_evaluation(pc.ctx)
-    assert [(n, p["name"]) for n, p in pc.ops()] == [("open_panel", MODEL_EVALUATION_PANEL)]
-    pc = PanelCtx(review_ds)
-    NolaPanel().on_evaluate(pc.ctx)  # "Evaluate…" opens the evaluate_labels form
-    assert [p["operator_uri"] for n, p in pc.ops()] == [f"{PLUGIN}/evaluate_labels"]
-    review_ds.set_values("ground_truth", [fo.Classification(label=CLASSES[i % 4]) for i in range(len(review_ds))])
-    r = run("evaluate_labels", review_ds, pred_field="nola", gt_field="ground_truth")
-    assert r.error is None and "Open Model Evaluation" in r.result["summary"]
-    op = foo.get_operator(f"{PLUGIN}/evaluate_labels")
-    out = op.resolve_output(ExecutionContext(request_params={"dataset_name": review_ds.name, "params": {}}))
-    button = out.type.properties["open_model_evaluation"].view.to_json()
-    assert button["operator"] == "open_panel" and button["params"]["name"] == MODEL_EVALUATION_PANEL
+    ds = review_ds
+    ds.set_values("ground_truth", [fo.Classification(label=CLASSES[i % 4]) for i in range(len(ds))])
+    assert run("evaluate_labels", ds, pred_field="nola", gt_field="ground_truth").error is None
+    props = form("evaluate_labels", ds, pred_field="nola", gt_field="ground_truth")
+    assert props["eval_key"].default == "eval_nola_2"
+    assert "nola_problems" not in props or not props["nola_problems"].error_message
+    r = run("evaluate_labels", ds, pred_field="nola", gt_field="ground_truth", eval_key="eval_nola_2")
+    assert r.error is None and sorted(ds.list_evaluations()) == ["eval_nola", "eval_nola_2"]
 
 
-@pytest.mark.integration
-def test_review_buttons_act_on_a_lasso_in_the_map(review_ds):
-    """Points lassoed in the Embeddings map reach the panel as the App's extended selection: the
-    panel counts them, its buttons act on them, and the lasso is cleared afterwards."""
-    from operators.panels import NolaPanel
+def test_multilabel_export_by_the_least_confident_label(make_dataset, tmp_path):
+    import fiftyone as fo
 
-    ds, panel = review_ds, NolaPanel()
-    lassoed = ds.values("id")[4:9]
-    lasso = {"selection": lassoed, "scope": "embeddings"}
-    pc = PanelCtx(ds, extended_selection=lasso)
-    panel.on_load(pc.ctx)
-    assert pc.state["selection"] == 5
-    pc = PanelCtx(ds, state=pc.state, extended_selection=lasso)
-    panel.on_change_extended_selection(pc.ctx)
-    assert pc.state["selection"] == 5
-    pc = PanelCtx(ds, state=pc.state, extended_selection=lasso)
-    panel.on_reject(pc.ctx)
-    assert sorted(ds.match_tags("nola:rejected").values("id")) == sorted(lassoed)
-    cleared = [p for n, p in pc.ops() if n.endswith("set_extended_selection")]
-    assert cleared and cleared[0]["clear"] and pc.state["selection"] == 0
+    from fiftyone_nola.stages.export import export_accepted
 
-
-@pytest.mark.integration
-def test_concurrent_threshold_moves_never_break_and_the_last_one_holds(review_ds):
-    """The App runs each slider event in its own thread: overlapping re-flaggings of one dataset
-    raised 'view_stages' errors reading a saved view another thread was rewriting, and a reload
-    between another thread's steps left references to deleted saved views."""
-    import threading
-
-    from fiftyone_nola.stages import review_workspace as rw
-
-    errors, barrier = [], threading.Barrier(4)
-
-    def move(thresholds):
-        barrier.wait()
-        for t in thresholds:
-            try:
-                rw.reload_dataset(review_ds)  # as the panel's refresh does
-                rw.flag_samples(review_ds, "nola", threshold=t)
-            except Exception as e:  # noqa: BLE001 - any failure is the finding
-                errors.append(repr(e))
-
-    done = threading.Event()
-
-    def refresh_panels():  # other panel events reload the shared Dataset object meanwhile
-        while not done.is_set():
-            rw.reload_dataset(review_ds)
-
-    def app_server():  # and FiftyOne's own server does on App requests, taking no lock of ours
-        while not done.wait(0.02):  # ~50 requests/s: far more than an App sends
-            try:
-                review_ds.reload()
-                review_ds.list_saved_views()
-            except Exception:  # noqa: BLE001, S112 - its failures are not ours; ours are the finding
-                continue
-
-    threads = [threading.Thread(target=move, args=([0.3 + 0.05 * ((i + k) % 4) for k in range(6)],)) for i in range(4)]
-    others = [threading.Thread(target=refresh_panels), threading.Thread(target=app_server)]
-    for t in others + threads:
-        t.start()
-    for t in threads:
-        t.join()
-    done.set()
-    for t in others:
-        t.join()
-    assert not errors, errors[:3]
-    rw.flag_samples(review_ds, "nola", threshold=0.5)
-    assert len(review_ds.load_saved_view(rw.VIEW_FLAGGED)) == 8 == len(review_ds.match_tags(rw.FLAGGED_TAG))
+    ds = make_dataset([f"/synthetic/m{i}.jpg" for i in range(4)])
+    rows = [[("a", 0.9), ("b", 0.8)], [("a", 0.9), ("b", 0.3)], [], [("c", None)]]
+    ds.set_values(
+        "cdul",
+        [
+            fo.Classifications(classifications=[fo.Classification(label=lab, confidence=c) for lab, c in r])
+            for r in rows
+        ],
+    )
+    rep = export_accepted(ds, str(tmp_path / "ml"), "cdul", format="csv", min_confidence=0.5)
+    assert rep["exported"] == 1 and rep["left_out"]["below confidence"] == 3
+    assert (tmp_path / "ml" / "labels.csv").read_text().splitlines()[1].endswith(",a;b")

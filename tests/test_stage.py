@@ -12,15 +12,12 @@ from fiftyone_nola.stages.stage import LABEL_KEYS, SUMMARY_KEYS, StageRun
 CLASSES = ["cat", "dog", "ship"]
 
 
+APP_STEPS = {"review", "app:clip", "app:dino", "evaluate"}  # steps on the App or the labels, not stages
+
+
 def _stage_summaries(pipeline_summary: dict) -> dict:
     """Every stage summary of an auto_label / auto_label_multilabel result, by name."""
-    out = {}
-    for name, s in pipeline_summary["stages"].items():
-        if name == "embeddings":
-            out.update({f"embeddings:{family}": v for family, v in s.items()})
-        else:
-            out[name] = s
-    return out
+    return {name: s for name, s in pipeline_summary["stages"].items() if name not in APP_STEPS}
 
 
 def assert_schema(name: str, s: dict) -> None:
@@ -58,7 +55,7 @@ def test_every_single_label_stage_summary_follows_the_schema(make_dataset, caplo
     assert set(first) == {"embeddings:clip", "embeddings:dino", "zeroshot", "dino_labeler", "prompt_tuning", "predict"}
     ds.add_samples([fo.Sample(filepath=p) for p, _ in pairs[-2:]], progress=False)
     added = _stage_summaries(auto_label(ds, CLASSES, tiny_pipeline_config()))  # apply paths, reused tuning
-    assert added["dino_labeler"]["retrained"] is False and added["prompt_tuning"]["reused"] is True
+    assert added["dino_labeler"]["retrained"] is False and "prompt_tuning" not in added  # reused: did not run
     for name, s in [*first.items(), *(("added " + k, v) for k, v in added.items())]:
         assert_schema(name, s)
     assert any(m.startswith("[zeroshot] ") for m in caplog.messages)  # lines go through logging
@@ -108,3 +105,33 @@ def test_recorded_fields_reads_dicts_and_reprs_literally_never_evaluates():
         3,
     ):
         assert runs.recorded_fields(hostile) is None, hostile
+
+
+def test_run_settings_are_stored_as_data_and_old_repr_records_compare_equal(make_dataset):
+    """Nested settings are stored as dicts with their type's name (they were repr strings parsed
+    back: two bugs came from that); a record written the old way is still the same settings."""
+    from fiftyone_nola.core.models import ClipSpec
+    from fiftyone_nola.core.prompt_tuning import TuneConfig
+    from fiftyone_nola.stages import reuse
+
+    ds = make_dataset()
+    config = {"clip": ClipSpec(arch="ViT-B-16", pretrained="openai"), "tune": TuneConfig(epochs=3), "k": (1, 2)}
+    runs.record_run(ds, "nola_x", "test", config)
+    stored = runs.get_run(ds, "nola_x")["config"]
+
+    def strings(v):
+        if isinstance(v, dict):
+            return [s for x in v.values() for s in strings(x)]
+        return [s for x in v for s in strings(x)] if isinstance(v, list) else [v] if isinstance(v, str) else []
+
+    assert not [s for s in strings(stored) if "(" in s and "=" in s], "a setting stored as a repr string"
+    assert stored["clip"]["_type"] == "ClipSpec" and stored["clip"]["arch"] == "ViT-B-16"
+    assert stored["tune"]["_type"] == "TuneConfig" and stored["tune"]["epochs"] == 3 and stored["k"] == [1, 2]
+    assert runs.recorded_fields(stored["clip"], "ClipSpec") == {k: v for k, v in stored["clip"].items() if k != "_type"}
+    assert runs.recorded_fields(stored["clip"], "DinoSpec") is None
+    assert reuse.up_to_date(ds, "nola_x", config)
+    # the same settings as 0.2 recorded them: nested specs as repr strings, no type tags
+    old = {"clip": repr(config["clip"]), "tune": {f: v for f, v in stored["tune"].items() if f != "_type"}}
+    runs.record_run(ds, "nola_old", "test", {**old, "k": [1, 2]})
+    assert reuse.up_to_date(ds, "nola_old", config)
+    assert not reuse.up_to_date(ds, "nola_old", {**config, "clip": ClipSpec(arch="ViT-L-14")})

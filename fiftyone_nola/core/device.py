@@ -7,7 +7,6 @@ sizes / epochs / subset sizes fit the machine, so CPU and GPU behaviour never dr
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -166,41 +165,3 @@ def hardware_profile(device: Optional[torch.device] = None) -> HardwareProfile:
         tune_max_samples=256,
         dino_model="vit_small_patch16_224.dino",
     )
-
-
-def resolve(config, device=None):
-    """``config`` with each field left ``None`` ("fit the hardware") filled for ``device``.
-
-    The one rule for defaults: a config dataclass names its hardware-decided fields in
-    ``hardware_defaults(profile) -> dict``; a field the user set (0 and False included) is kept.
-    Nested config dataclasses are resolved too, so a pipeline config resolves in one call.
-    """
-    if not dataclasses.is_dataclass(config) or isinstance(config, type):
-        return config
-    device = device if isinstance(device, torch.device) else resolve_device(device)
-    changes = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            resolved = resolve(value, device)
-            if resolved is not value:
-                changes[f.name] = resolved
-    fill = getattr(config, "hardware_defaults", None)
-    if fill is not None:
-        changes.update({k: v for k, v in fill(hardware_profile(device)).items() if getattr(config, k) is None})
-    return dataclasses.replace(config, **changes) if changes else config
-
-
-def given(cls, **values):
-    """``cls`` built from the values a user gave: None is "not given", so the field's default stays.
-
-    The other half of the rule: the CLI, the operators (App form, Python, delegated) and Python
-    pass what was set and nothing else, 0 and False included.
-    """
-    return cls(**{k: v for k, v in values.items() if v is not None})
-
-
-def given_in(cls, part: str, **values):
-    """The default of config ``cls``'s nested config ``part``, with the values a user gave."""
-    default = {f.name: f for f in dataclasses.fields(cls)}[part].default_factory()
-    return dataclasses.replace(default, **{k: v for k, v in values.items() if v is not None})

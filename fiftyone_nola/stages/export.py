@@ -9,16 +9,19 @@ from __future__ import annotations
 import csv
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
+
+from fiftyone import ViewField as F
 
 from fiftyone_nola.core.errors import InvalidInputError
+from fiftyone_nola.core.names import CORRECTIONS_FIELD, EXPORTABLE_TAGS, REJECTED_TAG
 from fiftyone_nola.core.storage import nola_home
 from fiftyone_nola.stages import fo_io
-from fiftyone_nola.stages.review import ACCEPTED_TAG, CORRECTIONS_FIELD, REJECTED_TAG
 
 FORMATS = ("classification-tree", "fiftyone", "csv", "coco")
-EXPORT_FIELD = "nola_export_label"
+CERTIFIED = "certified"  # min_confidence="certified": the audit's certified threshold, with a certificate
 
 
 def safe_folder_name(label: str) -> str:
@@ -57,6 +60,29 @@ def suggest_export_dir(samples, label_field: str = "nola") -> str:
     return str(d)
 
 
+def _confident(label_field: str, min_confidence: float, multilabel: bool) -> dict:
+    """A query: the prediction is at least ``min_confidence`` confident (a multi-label one by its
+    least confident label; a missing confidence is not confident)."""
+    t = float(min_confidence)
+    if not multilabel:
+        return {f"{label_field}.confidence": {"$gte": t}}
+    doubtful = {"$elemMatch": {"$or": [{"confidence": {"$lt": t}}, {"confidence": None}]}}
+    path = f"{label_field}.classifications"
+    return {f"{path}.0": {"$exists": True}, path: {"$not": doubtful}}
+
+
+@dataclass
+class ExportPlan:
+    """What an export would write: ``view`` (the exported samples, whose ``label_field`` holds
+    each one's final label: the reviewer's correction, else the model's), ``count``, and the
+    counts left out by reason."""
+
+    view: object
+    count: int
+    left_out: dict
+    corrections_used: int
+
+
 def plan_export(
     samples,
     label_field: str = "nola",
@@ -64,41 +90,40 @@ def plan_export(
     corrections_field: str = CORRECTIONS_FIELD,
     require_accepted: bool = True,
     multilabel: bool = False,
-) -> tuple[list, dict, dict, list]:
-    """Which samples an export would write, without writing: ``(ids, final labels by id,
-    counts left out by reason, corrections)``."""
+    certified: Optional[dict] = None,
+) -> ExportPlan:
+    """Which samples an export would write: accepted or corrected ones (with ``min_confidence``,
+    also undecided predictions that confident; with ``certified``, a query, also the undecided
+    samples the audit certifies instead), never rejected or unreadable ones, nor ones with no
+    label. Counted by the database from its indexes (tags, confidence); nothing is read per
+    sample and nothing is written (the final label is an expression of the view)."""
     ds = fo_io.root_dataset(samples)
-    has_corr = ds.has_sample_field(corrections_field)
-    ids, tags, paths = samples.values(["id", "tags", "filepath"])
-    preds = samples.values(label_field)
-    corr = samples.values(corrections_field) if has_corr else [None] * len(ids)
-    keep, left_out = [], {"rejected": 0, "not accepted": 0, "below confidence": 0, "no label": 0, "unreadable": 0}
-    final = {}
-    for sid, tg, pred, cr in zip(ids, tags, preds, corr):
-        if REJECTED_TAG in tg:
-            left_out["rejected"] += 1
-            continue
-        if fo_io.UNREADABLE_TAG in tg:
-            left_out["unreadable"] += 1
-            continue
-        label = cr if cr is not None else pred
-        if label is None:
-            left_out["no label"] += 1
-            continue
-        accepted = ACCEPTED_TAG in tg
-        if require_accepted and not accepted and min_confidence is None:
-            left_out["not accepted"] += 1
-            continue
-        if not accepted and min_confidence is not None and cr is None:
-            conf = getattr(label, "confidence", None)
-            if multilabel:
-                conf = min((c.confidence or 0.0) for c in label.classifications) if label.classifications else 0.0
-            if conf is None or conf < min_confidence:
-                left_out["below confidence"] += 1
-                continue
-        keep.append(sid)
-        final[sid] = label
-    return keep, final, left_out, corr
+    corr = corrections_field if ds.has_sample_field(corrections_field) else None
+    # by label path, so the (label, confidence) index answers it
+    label_path = label_field if multilabel else f"{label_field}.label"
+    no_label = {label_path: None, **({f"{corr}.label": None} if corr else {})}
+    eligible = [{"tags": {"$in": list(EXPORTABLE_TAGS)}}]
+    if certified is not None:
+        eligible.append(certified)
+    elif min_confidence is not None:
+        eligible.append(_confident(label_field, min_confidence, multilabel))
+    elif not require_accepted:
+        eligible = [{}]
+    ok = {"tags": {"$nin": [REJECTED_TAG, fo_io.UNREADABLE_TAG]}}
+    keep = samples.match({"$and": [ok, {"$nor": [no_label]}, {"$or": eligible}]})
+    rejected = samples.match({"tags": REJECTED_TAG}).count()
+    unreadable = samples.match({"tags": fo_io.UNREADABLE_TAG, "$nor": [{"tags": REJECTED_TAG}]}).count()
+    unlabelled = samples.match({"$and": [ok, no_label]}).count()
+    count = keep.count()
+    others = fo_io.count(samples) - count - rejected - unreadable - unlabelled
+    left_out = {"rejected": rejected, "not accepted": 0, "below confidence": 0, "no label": unlabelled}
+    left_out["unreadable"] = unreadable
+    why = "not certified" if certified is not None else "not accepted" if min_confidence is None else "below confidence"
+    left_out[why] = others
+    corrected = keep.match({corr: {"$ne": None}}).count() if corr else 0
+    if corr:
+        keep = keep.set_field(label_field, F(corr).if_null(F(label_field)))
+    return ExportPlan(keep, count, left_out, corrected)
 
 
 def export_accepted(
@@ -106,7 +131,7 @@ def export_accepted(
     export_dir: str,
     label_field: str = "nola",
     format: str = "classification-tree",
-    min_confidence: Optional[float] = None,
+    min_confidence: Optional[Union[float, str]] = None,
     corrections_field: str = CORRECTIONS_FIELD,
     require_accepted: bool = True,
     overwrite: bool = False,
@@ -115,7 +140,11 @@ def export_accepted(
 
     Formats: ``classification-tree`` (one folder per class), ``fiftyone`` (a FiftyOne dataset
     directory), ``csv`` (filepath + labels; suits multi-label), ``coco`` (multi-label as COCO
-    image-level categories via a JSON file).
+    image-level categories via a JSON file). The dataset itself is not modified.
+
+    ``min_confidence="certified"``: the reviewed samples plus the unreviewed ones the dataset's
+    audit certifies (confidence at or above its certified threshold), with ``certificate.json``
+    beside them (also recorded as the run ``nola_certificate``; see :mod:`.certificate`).
     """
     import fiftyone as fo
 
@@ -127,78 +156,93 @@ def export_accepted(
     multilabel = issubclass(samples.get_field(label_field).document_type, fo.Classifications)
     if format == "classification-tree" and multilabel:
         raise InvalidInputError("A classification tree needs single labels: use format 'csv' or 'coco'")
+    report = _audit_report(samples, label_field, min_confidence, multilabel)
     out_dir = _resolve_dir(export_dir, overwrite)
+    certified = None
+    if report is not None:
+        from fiftyone_nola.stages.certificate import certified_query
 
-    ds = fo_io.root_dataset(samples)
-    keep, final, left_out, corr = plan_export(
-        samples, label_field, min_confidence, corrections_field, require_accepted, multilabel
-    )
-    if not keep:
-        raise InvalidInputError(nothing_to_export_message(left_out))
-    renamed = {}
-    if format == "classification-tree":
-        # Labels become folder names: never let one ("../x", "a/b") point outside export_dir.
-        for sid, lab in list(final.items()):
-            safe = safe_folder_name(lab.label)
-            if safe != lab.label:
-                renamed[lab.label] = safe
-                final[sid] = lab.copy()
-                final[sid].label = safe
-    ds.set_values(EXPORT_FIELD, final, key_field="id")
-    view = ds.select(keep)
-    try:
-        if format == "classification-tree":
-            view.export(
-                export_dir=str(out_dir),
-                dataset_type=fo.types.ImageClassificationDirectoryTree,
-                label_field=EXPORT_FIELD,
-                overwrite=overwrite,
-                progress=False,
-            )
-        elif format == "fiftyone":
-            view.export(
-                export_dir=str(out_dir), dataset_type=fo.types.FiftyOneDataset, overwrite=overwrite, progress=False
-            )
-        elif format == "csv":
-            out_dir.mkdir(parents=True, exist_ok=True)
-            _write_csv(view, out_dir / "labels.csv", multilabel)
-        else:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            _write_coco(view, out_dir / "labels.json", multilabel)
-    finally:
-        ds.delete_sample_field(EXPORT_FIELD)
-    report = {
-        "exported": len(keep),
-        "left_out": left_out,
+        certified, min_confidence = certified_query(report), None
+    plan = plan_export(samples, label_field, min_confidence, corrections_field, require_accepted, multilabel, certified)
+    if not plan.count:
+        why = nothing_to_export_message(plan.left_out)
+        raise InvalidInputError(f"{report['certificate']} {why}" if report is not None else why)
+    renamed = _write(plan.view, out_dir, label_field, format, multilabel, overwrite)
+    summary = {
+        "exported": plan.count,
+        "left_out": plan.left_out,
         "format": format,
         "export_dir": str(out_dir),
         "renamed_labels": renamed,
         "label_field": label_field,
-        "corrections_used": sum(c is not None for c in corr),
+        "corrections_used": plan.corrections_used,
     }
-    fo_io.write_text_atomic(out_dir / "export_report.json", report)
-    return report
+    if report is not None:
+        from fiftyone_nola.stages import certificate
+
+        cert = certificate.write(samples, report, summary, out_dir)
+        summary.update(certificate=str(out_dir / certificate.CERTIFICATE_FILE), certified_threshold=cert["tau"])
+    fo_io.write_text_atomic(out_dir / "export_report.json", summary)
+    return summary
 
 
-def _labels_of(label, multilabel: bool) -> list:
+def _write(view, out_dir: Path, label_field: str, format: str, multilabel: bool, overwrite: bool) -> dict:
+    """Write ``view`` in ``format`` into ``out_dir``; returns labels renamed to be folder names."""
+    import fiftyone as fo
+
+    renamed = {}
+    if format == "classification-tree":
+        # Labels become folder names: never let one ("../x", "a/b") point outside export_dir.
+        labels = view.distinct(f"{label_field}.label")
+        renamed = {lab: safe_folder_name(lab) for lab in labels if safe_folder_name(lab) != lab}
+        if renamed:
+            view = view.map_labels(label_field, renamed)
+        tree = fo.types.ImageClassificationDirectoryTree
+        view.export(
+            export_dir=str(out_dir), dataset_type=tree, label_field=label_field, overwrite=overwrite, progress=False
+        )
+    elif format == "fiftyone":
+        view.export(export_dir=str(out_dir), dataset_type=fo.types.FiftyOneDataset, overwrite=overwrite, progress=False)
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rows = list(zip(*view.values(["filepath", _label_path(label_field, multilabel)])))
+        (_write_csv if format == "csv" else _write_coco)(rows, out_dir)
+    return renamed
+
+
+def _audit_report(samples, label_field: str, min_confidence, multilabel: bool) -> Optional[dict]:
+    """The audit's report when the export is to be certified (``min_confidence="certified"``)."""
+    if not isinstance(min_confidence, str):
+        return None
+    if min_confidence != CERTIFIED:
+        raise InvalidInputError(f"min_confidence is a number or {CERTIFIED!r}, not {min_confidence!r}")
     if multilabel:
-        return [c.label for c in label.classifications]
-    return [label.label]
+        raise InvalidInputError("A certified export needs single labels: audits measure single-label accuracy")
+    from fiftyone_nola.stages.audit import audit_report
+
+    return audit_report(samples, label_field)
 
 
-def _write_csv(view, path: Path, multilabel: bool) -> None:
-    rows = zip(view.values("filepath"), view.values(EXPORT_FIELD))
-    with open(path, "w", newline="", encoding="utf-8") as f:
+def _label_path(label_field: str, multilabel: bool) -> str:
+    return f"{label_field}.classifications.label" if multilabel else f"{label_field}.label"
+
+
+def _labels_of(labels) -> list:
+    return list(labels) if isinstance(labels, list) else [labels]
+
+
+def _write_csv(rows, out_dir: Path) -> None:
+    with open(out_dir / "labels.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["filepath", "labels"])
         for fp, lab in rows:
-            w.writerow([fp, ";".join(_labels_of(lab, multilabel))])
+            w.writerow([fp, ";".join(_labels_of(lab))])
 
 
-def _write_coco(view, path: Path, multilabel: bool) -> None:
+def _write_coco(rows, out_dir: Path) -> None:
     import json
 
-    labels = [(fp, _labels_of(lab, multilabel)) for fp, lab in zip(view.values("filepath"), view.values(EXPORT_FIELD))]
+    labels = [(fp, _labels_of(lab)) for fp, lab in rows]
     cats = sorted({x for _, ls in labels for x in ls})
     cid = {c: i + 1 for i, c in enumerate(cats)}
     coco = {
@@ -210,4 +254,4 @@ def _write_coco(view, path: Path, multilabel: bool) -> None:
             for n, (i, c) in enumerate((i, c) for i, (_, ls) in enumerate(labels) for c in ls)
         ],
     }
-    path.write_text(json.dumps(coco, indent=1))
+    (out_dir / "labels.json").write_text(json.dumps(coco, indent=1))

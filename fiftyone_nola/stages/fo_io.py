@@ -14,10 +14,10 @@ from typing import Optional
 import numpy as np
 
 from fiftyone_nola.core.errors import DatabaseUnavailableError, DatasetNotFoundError, EmptyViewError, InvalidInputError
+from fiftyone_nola.core.files import list_images, spread_over_folders
 from fiftyone_nola.core.storage import file_lock, nola_home, write_json_atomic
 
 UNREADABLE_TAG = "nola:unreadable"
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def _fo():
@@ -140,6 +140,21 @@ def get_dataset(name: str):
 def root_dataset(samples):
     """The dataset behind a dataset or view."""
     return samples._root_dataset if hasattr(samples, "_root_dataset") else samples
+
+
+def reload_document(samples) -> None:
+    """Re-read the dataset's document (info, saved views, runs, schema) from the database.
+
+    ``Dataset.reload()`` also re-reads every ``Sample`` object the process holds, one query
+    each: a notebook holding 10,000 samples made every review decision cost 10,000 queries.
+    That full reload is needed only when another process added a field (this process's
+    sample class, shared by the samples it holds, must learn it); otherwise the document is
+    enough."""
+    ds = root_dataset(samples)
+    ds._doc.reload()
+    known = set(ds._sample_doc_cls._fields)
+    if any(f.name not in known for f in ds._doc.sample_fields):
+        ds.reload()
 
 
 def dataset_id(samples) -> str:
@@ -271,27 +286,75 @@ def read_label_sets(samples, field: str, ids: Sequence[str]) -> list[Optional[se
     return [got.get(i) for i in ids]
 
 
+def count(samples) -> int:
+    """How many samples: a dataset's from its ``_id`` index, a view's by its pipeline."""
+    if samples is root_dataset(samples):
+        return samples._sample_collection.count_documents({})
+    return samples.count()
+
+
+def _held_ids(ds, query: dict) -> list:
+    """Ids of the Sample objects this process holds that match ``query`` (re-read after a raw write)."""
+    import fiftyone.core.sample as fos
+    from bson import ObjectId
+
+    held = list(fos.Sample._instances.get(ds._sample_collection_name, {}).keys())
+    if not held:
+        return []
+    mine = {"$and": [query, {"_id": {"$in": [ObjectId(i) for i in held]}}]}
+    return [str(d["_id"]) for d in ds._sample_collection.find(mine, {"_id": 1})]
+
+
+def _reread(ds, ids: list) -> None:
+    import fiftyone.core.sample as fos
+
+    if ids:
+        fos.Sample._reload_docs(ds._sample_collection_name, sample_ids=ids)
+
+
+def _stamped(update: dict) -> dict:
+    import datetime
+
+    return {**update, "$set": {**update.get("$set", {}), "last_modified_at": datetime.datetime.utcnow()}}
+
+
+def update_where(samples, query: dict, update: dict) -> int:
+    """Apply the MongoDB ``update`` to the dataset's samples matching ``query``, in one statement
+    the database answers from its indexes (no ids listed in Python), stamping
+    ``last_modified_at`` as FiftyOne's own writes do. Sample objects this process holds for
+    matching samples are re-read, as after FiftyOne's writes. Returns how many changed.
+
+    A raw write never goes through this process's copy of the dataset's schema, which FiftyOne's
+    App server may be reloading meanwhile; fields it sets must be declared already."""
+    ds = root_dataset(samples)
+    touched = _held_ids(ds, query)
+    changed = ds._sample_collection.update_many(query, _stamped(update)).modified_count
+    _reread(ds, touched)
+    return changed
+
+
+def set_by_id(samples, field: str, values: dict) -> None:
+    """Set a declared primitive field (number, string, None) per sample id, in bulk, as a raw write
+    (see :func:`update_where`)."""
+    from bson import ObjectId
+    from pymongo import UpdateOne
+
+    ds = root_dataset(samples)
+    items = list(values.items())
+    for start in range(0, len(items), WRITE_CHUNK):
+        chunk = items[start : start + WRITE_CHUNK]
+        oids = [ObjectId(i) for i, _ in chunk]
+        touched = _held_ids(ds, {"_id": {"$in": oids}})
+        ops = [UpdateOne({"_id": o}, _stamped({"$set": {field: v}})) for o, (_, v) in zip(oids, chunk)]
+        ds._sample_collection.bulk_write(ops, ordered=False)
+        _reread(ds, touched)
+
+
 def tag_samples(samples, ids: Iterable[str], tag: str) -> None:
     """Tag the samples with these ids (one bulk update)."""
     ids = list(ids)
     if ids:
         root_dataset(samples).select(ids).tag_samples(tag)
-
-
-def list_images(directory: str, recursive: bool = True) -> list[str]:
-    """Image files under ``directory``, sorted, absolute."""
-    root = Path(directory).expanduser()
-    if not root.is_dir():
-        raise InvalidInputError(f"Image directory {root} does not exist or is not a directory")
-    pattern = "**/*" if recursive else "*"
-    files = sorted(
-        str(p.resolve())
-        for p in root.glob(pattern)
-        if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or p.is_symlink())
-    )
-    if not files:
-        raise EmptyViewError(f"No image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
-    return files
 
 
 def import_images(
@@ -310,9 +373,7 @@ def import_images(
     fo = _fo()
     files = list_images(directory)
     if max_samples:
-        # Even spread over the sorted list, so class folders stay represented.
-        step = max(1, len(files) // max_samples)
-        files = files[::step][:max_samples]
+        files = spread_over_folders(files, max_samples)  # every class folder stays represented
     name = dataset_name or Path(directory).expanduser().resolve().name
     connect_database()
     # One importer per dataset name at a time: two jobs started together on one folder must

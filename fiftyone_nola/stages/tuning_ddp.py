@@ -8,6 +8,7 @@ from typing import Optional
 
 from fiftyone_nola.core import device as dev
 from fiftyone_nola.core import prompt_tuning as pt
+from fiftyone_nola.core.config import resolve
 from fiftyone_nola.core.distributed import DistContext, init_distributed, run_on_main
 from fiftyone_nola.core.models import ClipSpec, load_clip
 from fiftyone_nola.core.progress import null_progress
@@ -39,7 +40,7 @@ def tune_prompts_distributed(
     ctx = init_distributed(getattr(config, "device", None))
     clip = clip or ClipSpec()
     # Rank 0 settles the config so that every rank agrees on it (fitting it reads the device).
-    config = run_on_main(ctx, lambda: dev.resolve(config or pt.TuneConfig(), getattr(config, "device", None)))
+    config = run_on_main(ctx, lambda: resolve(config or pt.TuneConfig(), getattr(config, "device", None)))
     # The other ranks need exactly what tune_prompts will pass to tune (it re-reads the same
     # stored arrays; tune itself checks that all ranks agree).
     inputs = (

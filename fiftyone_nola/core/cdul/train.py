@@ -13,6 +13,7 @@ from torch import nn
 
 from fiftyone_nola.core import device as dev
 from fiftyone_nola.core.cdul.classifier import SCORE_FOR_LOSS, MultiLabelHead
+from fiftyone_nola.core.config import bounded, resolve
 from fiftyone_nola.core.errors import InvalidInputError
 from fiftyone_nola.core.progress import ProgressFn, null_progress
 
@@ -36,7 +37,7 @@ class TrainConfig:
     """Settings of the multi-label head trained on cached features.
 
     The schedule fields (``epochs``, ``update_every``, ``warmup``) and ``device`` left ``None``
-    fit the hardware (:func:`fiftyone_nola.core.device.resolve`): CDUL's schedule as the
+    fit the hardware (:func:`fiftyone_nola.core.config.resolve`): CDUL's schedule as the
     reproduction study runs it (``PAPER_SCHEDULE``) on a GPU, ``CPU_SCHEDULE`` elsewhere.
     ``lr``, ``batch_size`` and ``hidden`` are head settings: the paper fine-tunes a whole
     ResNet-101 at Adam lr 1e-5, batch 8, which leaves a randomly initialised head on frozen
@@ -45,13 +46,14 @@ class TrainConfig:
     """
 
     hidden: int = 0  # 0: linear head; > 0: one hidden ReLU layer of this width
-    epochs: Optional[int] = None
+    epochs: Optional[int] = bounded(None, 1, 100_000, True, "epochs")
     lr: float = 1e-3
     batch_size: int = 64
     weight_decay: float = 0.0  # the paper's Adam has none
     loss: str = "kl"  # "kl": KL(softmax(logits) || y / Σy), CDUL; "bce": per-class BCE
-    update_every: Optional[int] = None  # 0 disables label updates
-    warmup: Optional[int] = None  # epochs before the first label update may happen
+    update_every: Optional[int] = bounded(None, 0, None, True, "label update interval (0: never)")
+    # epochs before the first label update may happen
+    warmup: Optional[int] = bounded(None, 0, None, True, "warm-up epochs")
     label_lr: float = REFERENCE_LABEL_LR  # step on logit(y): label_lr · psi(y) · dloss_i/dy_i
     label_sigma: float = 1.0  # psi = N(0.5, sigma²) density
     seed: int = 0
@@ -203,7 +205,7 @@ def train_multilabel_classifier(
     hardware first. Deterministic for a given ``seed`` on CPU.
     """
     progress = progress or null_progress
-    config = dev.resolve(config, config.device)
+    config = resolve(config, config.device)
     if config.loss not in LOSSES:
         raise InvalidInputError(f"loss must be one of {', '.join(LOSSES)}, not {config.loss!r}")
     if config.epochs < 0 or config.batch_size < 1 or config.update_every < 0 or config.warmup < 0:

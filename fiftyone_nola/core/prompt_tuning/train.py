@@ -16,6 +16,7 @@ import torch
 
 from fiftyone_nola.core import device as dev
 from fiftyone_nola.core import distributed as dt
+from fiftyone_nola.core.config import resolve
 from fiftyone_nola.core.data import make_loader
 from fiftyone_nola.core.errors import EmptyViewError, InvalidInputError
 from fiftyone_nola.core.models import LoadedModel
@@ -106,7 +107,7 @@ def tune(
 
     ``teacher``: precomputed labels (N int64), or an :class:`OnlineTeacher` that runs on the
     weak view of each batch instead (official behaviour, for benchmarks). ``config`` fields left
-    None fit this machine (``device.resolve``). ``checkpoint_dir``: a checkpoint is written
+    None fit this machine (``config.resolve``). ``checkpoint_dir``: a checkpoint is written
     there after every epoch and a matching one is resumed. ``classes`` names the rows of
     ``class_weights`` and is checked on resume.
 
@@ -127,7 +128,7 @@ def tune(
     if ctx.enabled and device.type == "cuda":
         torch.cuda.set_device(device)  # object collectives use the current device with NCCL
     workers = _workers(config, device, ctx)  # before resolve: DDP ranks share the machine's cores
-    config = dev.resolve(config, device)
+    config = resolve(config, device)
     train, holdout = _split(labels, len(filepaths), config)
     run = _Run(
         clip=clip,

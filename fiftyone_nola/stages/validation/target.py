@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fiftyone_nola.core.errors import InvalidInputError, NolaError
+from fiftyone_nola.core.files import list_images, spread_over_folders
 from fiftyone_nola.stages import fo_io
-from fiftyone_nola.stages.fo_io import list_images
 from fiftyone_nola.stages.validation.checks import _sample_positions, check_gt_field, check_images, check_range
 from fiftyone_nola.stages.validation.report import _problem
 
@@ -36,8 +36,7 @@ class Target:
         if self._files is None:
             files = list_images(self.images_dir)
             if self.max_samples:
-                step = max(1, len(files) // self.max_samples)
-                files = files[::step][: self.max_samples]
+                files = spread_over_folders(files, self.max_samples)
             self._files = files
         return self._files
 
