@@ -5,7 +5,7 @@ Run, with OpenAI's CLIP ViT-B/32 and DINO weights in the models directory (READM
     NOLA_PRETRAINED=1 NOLA_MODELS_DIR=~/nola-models make test-pretrained
 
 Reference figure: zero-shot CLIP ViT-B/32 on CIFAR-10 is 88.8 % top-1 in LaFTer's table (the
-baseline NoLA reports against; ``shared/methods.md``), 91.3 % in the CLIP paper with its 18
+baseline NoLA reports against: Mirza et al., NeurIPS 2023), 91.3 % in the CLIP paper with its 18
 CIFAR templates. Our CDE classifier (the official CIFAR10_local descriptions + those templates)
 on the 2,000 test images of ``cifar10_2k`` must land in that ballpark (>= 85 %); NoLA must then
 improve on it, and its confidence must rank its own errors. Transductive labelling (no training) must

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import sys
 import zipfile
 from pathlib import Path
@@ -20,6 +21,8 @@ from fiftyone_nola.core.models.dino_family import (
     check_dinov3_qkv_bias,
 )
 from fiftyone_nola.core.models.specs import dino_generation, find_local, safe_name
+
+logger = logging.getLogger(__name__)
 
 # Official release files (plain state dicts) of the timm DINO models: facebookresearch/dino,
 # /dinov2 (hub .pth) and /dinov3 (its release .pth, file names with their hash).
@@ -196,8 +199,8 @@ def load_dino_weights(model: torch.nn.Module, path, name: str) -> None:
             try:
                 with contextlib.redirect_stdout(io.StringIO()):  # timm prints a line per dropped bias
                     sd = filter_fn(sd, model)
-            except Exception:
-                pass
+            except Exception as e:  # a layout the converter does not know: the report below says what it holds
+                logger.debug("timm's checkpoint converter cannot read %s: %r", path, e)
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))

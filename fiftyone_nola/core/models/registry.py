@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -9,6 +10,8 @@ import torch
 from fiftyone_nola.core.models.clip import clip_key, clip_source, load_clip, offline_hint_clip
 from fiftyone_nola.core.models.dino import concrete_dino, dino_hub_target, dino_key, dino_weights, load_dino
 from fiftyone_nola.core.models.specs import ClipSpec, DinoSpec, LoadedModel, hub_reachable
+
+logger = logging.getLogger(__name__)
 
 
 def spec_key(spec) -> str:
@@ -60,7 +63,8 @@ def _dino_available(spec: DinoSpec) -> tuple[bool, str]:
         import timm  # seconds to import: only when the hub has to be asked
 
         repo = getattr(timm.models.get_pretrained_cfg(spec.name), "hf_hub_id", None)
-    except Exception:
+    except Exception as e:  # no timm config for the name: the hub cannot be checked, only asked
+        logger.debug("no timm pretrained config for %r: %r", spec.name, e)
         repo = None
     if _hub_cached(repo, ("model.safetensors", "pytorch_model.bin")):
         return True, ""

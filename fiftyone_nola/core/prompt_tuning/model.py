@@ -50,7 +50,7 @@ class PromptedVisual(nn.Module):
             self.width, self.n_prefix = int(visual.trunk.embed_dim), int(visual.trunk.num_prefix_tokens)
         device = next(visual.parameters()).device
         self.prompts = nn.Parameter(torch.zeros(1, self.n_prompts, self.width, device=device))
-        # Xavier-uniform bound exactly as NoLA's code and methods.md: 3*16*16 even for /32 models
+        # Xavier-uniform bound exactly as NoLA's official code: 3*16*16 even for /32 models
         # (the bound the published numbers were produced with), not this model's patch size.
         bound = math.sqrt(6.0 / float(3 * 16 * 16 + self.width))
         if self.n_prompts:

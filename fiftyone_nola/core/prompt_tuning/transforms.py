@@ -82,7 +82,8 @@ def model_weak_transform(model):
 
 
 def strong_transform(image_size: int, mean: Sequence[float], std: Sequence[float]):
-    """Strong view of NoLA/LaFTer (see methods.md), CLIP-normalised."""
+    """Strong view of NoLA/LaFTer (their official ``get_random_transform``; README, "Limitations and
+    differences from the papers"), CLIP-normalised."""
     from torchvision import transforms as T
 
     bicubic = T.InterpolationMode.BICUBIC
