@@ -243,6 +243,47 @@ def tiny_pe_spec():
     return ClipSpec(arch=TINY_PE_ARCH, pretrained=None, random_init=True)
 
 
+def golden_image_paths(golden: dict) -> list[Path]:
+    """The real images a reference JSON's features were computed on (``golden["images"]``); the
+    test is skipped when they are not under ``SHARED_DATA``."""
+    paths = [SHARED_DATA / im["path"] for im in golden["images"]]
+    if not all(p.is_file() for p in paths):
+        pytest.skip(f"real images not found under {SHARED_DATA} (set NOLA_SHARED_DATA)")
+    return paths
+
+
+def golden_rgb_images(golden: dict) -> list:
+    """Those images as RGB PIL images, each checked against its stored sha256."""
+    import hashlib
+
+    out = []
+    for p, im in zip(golden_image_paths(golden), golden["images"]):
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == im["sha256"], p
+        with Image.open(p) as f:
+            out.append(f.convert("RGB"))
+    return out
+
+
+def assert_reference_features(f, ref, min_cos: float = 0.999999, max_abs: float = 1e-4) -> None:
+    """Our features ``f`` equal a reference implementation's ``ref`` row by row (cosine and
+    largest absolute difference, in float64)."""
+    import numpy as np
+
+    f, ref = np.asarray(f, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    assert f.shape == ref.shape, (f.shape, ref.shape)
+    cos = (f * ref).sum(1) / np.linalg.norm(f, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() >= min_cos and np.abs(f - ref).max() <= max_abs, (cos.min(), np.abs(f - ref).max())
+
+
+@pytest.fixture
+def models_dir(tmp_path, monkeypatch):
+    """An empty models folder (with ``dino/``) set as ``NOLA_MODELS_DIR``."""
+    d = tmp_path / "models"
+    (d / "dino").mkdir(parents=True)
+    monkeypatch.setenv("NOLA_MODELS_DIR", str(d))
+    return d
+
+
 _HUB_SCRIPT = """
 import json, sys
 import torch

@@ -29,7 +29,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA, dino_features_from_offline_hub_cache
+from conftest import (
+    assert_reference_features,
+    dino_features_from_offline_hub_cache,
+    golden_image_paths,
+    golden_rgb_images,
+)
 from fiftyone_nola.core import models as M
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "dinov2_v3_reference.json").read_text())
@@ -67,30 +72,13 @@ def make_weights(model: dict, generation: str) -> dict:
     return out
 
 
-def golden_images():
-    from PIL import Image
-
-    paths = [SHARED_DATA / im["path"] for im in GOLDEN["images"]]
-    if not all(p.is_file() for p in paths):
-        pytest.skip(f"real images not found under {SHARED_DATA} (set NOLA_SHARED_DATA)")
-    for p, im in zip(paths, GOLDEN["images"]):
-        assert hashlib.sha256(p.read_bytes()).hexdigest() == im["sha256"], p
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            out.append(im.convert("RGB"))
-    return out
-
-
 def assert_official(loaded, images, model: dict) -> None:
     x = torch.stack([loaded.transform(im) for im in images])
     pixels = [hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest() for t in x]
     assert pixels == model["pixels_sha256"], "preprocessing differs from the release's eval transform"
     with torch.no_grad():
-        f = loaded.encode_image(x).numpy().astype(np.float64)
-    ref = np.asarray(model["features"], dtype=np.float64)
-    cos = (f * ref).sum(1) / np.linalg.norm(f, axis=1) / np.linalg.norm(ref, axis=1)
-    assert cos.min() >= 0.999999 and np.abs(f - ref).max() <= 1e-4, (cos.min(), np.abs(f - ref).max())
+        f = loaded.encode_image(x).numpy()
+    assert_reference_features(f, model["features"])
 
 
 def _generation(key: str) -> str:
@@ -99,15 +87,7 @@ def _generation(key: str) -> str:
 
 @pytest.fixture(scope="module")
 def images():
-    return golden_images()
-
-
-@pytest.fixture
-def models_dir(tmp_path, monkeypatch):
-    d = tmp_path / "models"
-    (d / "dino").mkdir(parents=True)
-    monkeypatch.setenv("NOLA_MODELS_DIR", str(d))
-    return d
+    return golden_rgb_images(GOLDEN)
 
 
 def release_file(key: str, folder: Path) -> Path:
@@ -200,13 +180,12 @@ def test_timm_safetensors_in_the_models_dir(key, images, models_dir, tmp_path):
 def test_huggingface_hub_cache_offline(images, tmp_path):
     """timm's hub repo (timm/vit_small_patch14_dinov2.lvd142m) as huggingface_hub caches it, offline."""
     key = "dinov2_vits14"
-    paths = [SHARED_DATA / im["path"] for im in GOLDEN["images"]]
+    paths = golden_image_paths(GOLDEN)
     out = dino_features_from_offline_hub_cache(
         tmp_path, MODELS[key]["timm_name"], timm_state_dict(key, tmp_path), paths
     )
     assert out["ok"] == [True, ""] and out["weights"] == "hub"
-    f, ref = np.asarray(out["features"]), np.asarray(MODELS[key]["features"])
-    assert np.abs(f - ref).max() <= 1e-4
+    assert_reference_features(out["features"], MODELS[key]["features"])
 
 
 # --------------------------------------------------------------------------- the bound separates
@@ -224,7 +203,7 @@ def test_timms_own_position_resample_is_a_different_network(images, tmp_path):
         loaded.model.pos_embed.copy_(resample_abs_pos_embed(native, new_size=(16, 16), num_prefix_tokens=1))
     x = torch.stack([loaded.transform(im) for im in images])
     with torch.no_grad():
-        f = loaded.encode_image(x).numpy().astype(np.float64)
+        f = loaded.encode_image(x).numpy()
     ref = np.asarray(MODELS[key]["features"])
     cos = (f * ref).sum(1) / np.linalg.norm(f, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() < 0.999999 or np.abs(f - ref).max() > 1e-4
