@@ -226,10 +226,9 @@ def test_the_export_form_offers_a_certified_export(labelled, tmp_path):
     import fiftyone.operators as foo
     import yaml
     from fiftyone.operators.executor import ExecutionContext
+    from PIL import Image
 
     from conftest import REPO
-
-    from PIL import Image
 
     plugin = yaml.safe_load((REPO / "fiftyone.yml").read_text())["name"]
     op = foo.get_operator(f"{plugin}/export_accepted")
