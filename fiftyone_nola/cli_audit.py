@@ -56,7 +56,9 @@ def cmd_audit(args) -> dict:
     if args.draw is None and not args.report and not args.flag_uncertified:
         raise NolaError("Give --draw N (draw an audit), --report (report on it) or --simulate-from FIELD --draw N")
     ds = fo_io.get_dataset(args.dataset)
-    cfg = given(AuditConfig, design=args.design, target=args.target, delta=args.delta, alpha=args.alpha)
+    cfg = given(
+        AuditConfig, design=args.design, method=args.method, target=args.target, delta=args.delta, alpha=args.alpha
+    )
     seed = 0 if args.seed is None else args.seed
     if args.simulate_from:
         out = audit.simulate_audit(ds, args.simulate_from, args.draw, args.field or "nola", seed, cfg)
