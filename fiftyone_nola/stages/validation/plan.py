@@ -54,8 +54,8 @@ def _rate(spec, device) -> float:
         rate *= 3.25
     try:
         dev = resolve_device(device)
-    except Exception as e:  # check_device reports a bad device; the estimate stays on CPU rates
-        logger.debug("plan: device %r not resolved: %r", device, e)
+    except Exception as e:  # an estimate only: validation reports a bad device itself
+        logger.debug("plan: device %r not resolved (%s); CPU rates assumed", device, e)
         return rate
     return rate * (_GPU_SPEEDUP if dev.type == "cuda" else 1.0)
 
@@ -72,8 +72,8 @@ def _embed_dim(spec) -> int:
         try:
             cfg = open_clip.get_model_config(spec.arch) or {}
             return int(cfg.get("embed_dim", 512))
-        except Exception as e:  # an estimate: CLIP's common width will do
-            logger.debug("plan: no open_clip config for %r: %r", spec.arch, e)
+        except Exception as e:  # an unknown or malformed config: the estimate assumes ViT-B's width
+            logger.debug("plan: no open_clip config for %r (%s); 512 dims assumed", spec.arch, e)
             return 512
     name = concrete_dino(spec).name
     return {"tiny": 48, "S": 384, "B": 768, "L": 1024, "H": 1280, "g": 1536}[_size_class(name)]
@@ -161,8 +161,8 @@ def _finish_plan(plan: dict, device, disk: int) -> None:
     try:
         prof = hardware_profile(resolve_device(device))
         plan["hardware"] = prof.describe()
-    except Exception as e:  # check_device reports a bad device
-        logger.debug("plan: no hardware profile for %r: %r", device, e)
+    except Exception as e:  # the plan is still useful without a hardware line
+        logger.debug("plan: hardware not profiled (%s)", e)
         plan["hardware"] = "unknown"
     plan["seconds"] = float(sum(s["seconds"] for s in plan["stages"]))
     plan["disk_bytes"] = int(disk)
