@@ -12,8 +12,9 @@ stored order), saved those as the official release files (a plain state dict ``t
 ``dino_deitsmall16_pretrain.pth`` / ``dino_vitbase16_pretrain.pth``), loaded them back the way
 hubconf does (``torch.load`` + strict ``load_state_dict``) and ran the official ``forward`` (CLS
 token after the final norm, not normalised) in float32 on the CPU over four real images of
-``../shared/data`` (paths and sha256 in the JSON), each opened with PIL, converted to RGB (dassl's
-``read_image``) and preprocessed by NoLA's ``te_transform`` (fazliimam/NoLA @ ffd99acda629,
+``../shared/data`` (paths and sha256 in the JSON; ``committed_images``: four of ``tests/data`` by
+``tests/golden/make_dino_committed.py``, so a clone without ../shared checks the same), each opened
+with PIL, converted to RGB (dassl's ``read_image``) and preprocessed by NoLA's ``te_transform`` (fazliimam/NoLA @ ffd99acda629,
 utils/model_utils.py: Resize(224, bicubic), CenterCrop(224), RGB, ToTensor, Normalize with CLIP's
 mean/std). torch 2.14.1 / numpy 2.4.6.
 
@@ -37,7 +38,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SHARED_DATA
+from conftest import LOCAL_DATA, ON_SHARED, REPO, SHARED_DATA
 from fiftyone_nola.core import models as M
 from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
 
@@ -84,11 +85,21 @@ def te_transform():
     )
 
 
+# (images key, their root, the models' features key): the committed images, and ../shared's when used
+SETS = [("committed_images", LOCAL_DATA, "committed_features")] + (
+    [("images", SHARED_DATA, "features")] if ON_SHARED else []
+)
+
+
+def golden_entries() -> list[tuple[Path, dict]]:
+    out = [(root / im["path"], im) for key, root, _ in SETS for im in GOLDEN[key]]
+    if not all(p.is_file() for p, _ in out):
+        pytest.skip(f"golden images not found under {[str(root) for _, root, _ in SETS]} (set NOLA_SHARED_DATA)")
+    return out
+
+
 def golden_paths() -> list[Path]:
-    paths = [SHARED_DATA / im["path"] for im in GOLDEN["images"]]
-    if not all(p.is_file() for p in paths):
-        pytest.skip(f"real images not found under {SHARED_DATA} (set NOLA_SHARED_DATA)")
-    return paths
+    return [p for p, _ in golden_entries()]
 
 
 def golden_images():
@@ -109,7 +120,7 @@ def features(loaded, images) -> np.ndarray:
 
 def assert_official(f, model: dict) -> None:
     f = np.asarray(f, dtype=np.float64)
-    ref = np.asarray(model["features"], dtype=np.float64)
+    ref = np.concatenate([np.asarray(model[key], dtype=np.float64) for _, _, key in SETS])
     assert f.shape == ref.shape
     cos = (f * ref).sum(1) / np.linalg.norm(f, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() >= 0.999999, cos
@@ -155,7 +166,7 @@ def test_golden_provenance():
 
 @pytest.mark.integration
 def test_golden_images_are_the_stored_ones():
-    for p, im in zip(golden_paths(), GOLDEN["images"]):
+    for p, im in golden_entries():
         assert hashlib.sha256(p.read_bytes()).hexdigest() == im["sha256"], p
 
 
