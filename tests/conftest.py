@@ -8,6 +8,7 @@ tests never touch a user's datasets or artefacts.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -104,7 +105,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    # Drop this session's database so repeated runs leave nothing behind.
+    # Drop this session's database and image copies so repeated runs leave nothing behind.
+    shutil.rmtree(_COPIES, ignore_errors=True)
     if "fiftyone" in __import__("sys").modules:
         try:
             import fiftyone.core.odm as foo

@@ -7,16 +7,18 @@ import sys
 import uuid
 from pathlib import Path
 
-import pytest
-
 TESTS = Path(__file__).resolve().parent
 
 PROBE = """
 import pytest
-from conftest import CIFAR_DIR, DATA_CLASSES, cifar_files
+from PIL import Image
+from conftest import CIFAR_DIR, SHARED_DATA, _copy_of
 
-def test_reads_unmarked():
-    list(CIFAR_DIR.iterdir())
+def test_reads_committed_unmarked():
+    list(CIFAR_DIR.iterdir())  # NOLA_SHARED_DATA="": the committed set
+
+def test_reads_shared_unmarked():
+    list((SHARED_DATA if SHARED_DATA.is_dir() else CIFAR_DIR).iterdir())  # ../shared when beside the repo
 
 @pytest.mark.integration
 def test_reads_marked():
@@ -24,24 +26,24 @@ def test_reads_marked():
 
 @pytest.mark.integration
 def test_reads_copies_marked():
-    assert len(set(cifar_files(per_class=8))) == 8 * len(DATA_CLASSES)  # the committed set has 6: copies
+    files = sorted((CIFAR_DIR / "cat").glob("*.jpg"))
+    copies = [_copy_of(files, k) for k in (len(files), 2 * len(files) + 1)]  # beyond the folder: copies
+    assert len({Image.open(p).tobytes() for p in [files[0], files[1], *copies]}) == 4  # all distinct
 
 def test_reads_nothing():
     pass
 """
 
 
-# "": the committed set even beside ../shared (NOLA_SHARED_DATA set but empty)
-@pytest.mark.parametrize("root", [None, ""], ids=["default", "committed"])
-def test_a_test_reading_real_images_must_be_marked_integration(root):
+def test_a_test_reading_real_images_must_be_marked_integration():
+    """One run on the committed set (NOLA_SHARED_DATA set but empty picks it even beside ../shared),
+    which also reads ../shared when it is there: both roots are watched."""
     probe = TESTS / f"test_probe_{uuid.uuid4().hex[:8]}.py"
     probe.write_text(PROBE)
-    env = {k: v for k, v in os.environ.items() if k != "NOLA_SHARED_DATA"}
-    if root is not None:
-        env["NOLA_SHARED_DATA"] = root
+    env = {**os.environ, "NOLA_SHARED_DATA": ""}
     try:
         run = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(probe)],
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(probe)],
             capture_output=True,
             text=True,
             cwd=TESTS.parent,
@@ -50,7 +52,8 @@ def test_a_test_reading_real_images_must_be_marked_integration(root):
         )
     finally:
         probe.unlink()
-    assert "test_reads_unmarked reads" in run.stdout and "is not marked integration" in run.stdout, run.stdout
-    assert "4 passed, 1 error" in run.stdout, run.stdout
-    if root == "":
-        assert "tests/data/tiny10" in run.stdout  # the report header names the set in use
+    for name in ("test_reads_committed_unmarked", "test_reads_shared_unmarked"):
+        assert f"{name} reads" in run.stdout, run.stdout
+    # a teardown error: the test itself passed
+    assert "is not marked integration" in run.stdout and "5 passed, 2 errors" in run.stdout, run.stdout
+    assert "(the committed set, tests/data)" in run.stdout  # the report header names the set in use
