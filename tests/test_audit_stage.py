@@ -278,6 +278,12 @@ def test_the_audit_command_draws_reports_and_simulates(labelled, tmp_path, capsy
     r = json.loads(sim_json.read_text())
     assert set(REPORT_KEYS) <= set(r)
     assert r["target"] == 0.9 and r["delta"] == 0.1 and r["simulated"]
+    cal_json = tmp_path / "cal.json"
+    assert (
+        main([*args, "--draw", "150", "--design", "uniform", "--method", "ppi_calibrated", "--json", str(cal_json)])
+        == 0
+    )
+    assert json.loads(cal_json.read_text())["method"] == "ppi_calibrated"
     assert main(["audit", "--dataset", ds.name, "--draw", "80"]) == 0
     assert "drew" in capsys.readouterr().out
     _answer_truthfully(ds, audit.audit_queue(ds))
@@ -295,6 +301,7 @@ def test_the_audit_command_draws_reports_and_simulates(labelled, tmp_path, capsy
         ([], "Give --draw"),
         (["--draw", "50", "--alpha", "2"], "alpha must be"),
         (["--simulate-from", "nope", "--draw", "50"], "does not exist"),
+        (["--simulate-from", "ground_truth", "--draw", "50", "--method", "ppi_calibrated"], "needs a uniform audit"),
     ],
 )
 def test_the_audit_command_s_mistakes_are_one_clear_message(labelled, capsys, argv, message):

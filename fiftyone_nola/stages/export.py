@@ -16,7 +16,7 @@ from typing import Optional, Union
 from fiftyone import ViewField as F
 
 from fiftyone_nola.core.errors import InvalidInputError
-from fiftyone_nola.core.names import CORRECTIONS_FIELD, EXPORTABLE_TAGS, REJECTED_TAG
+from fiftyone_nola.core.names import CORRECTIONS_FIELD, EXPORTABLE_TAGS, PREDICTIONS_FIELD, REJECTED_TAG
 from fiftyone_nola.core.storage import nola_home
 from fiftyone_nola.stages import fo_io
 
@@ -50,7 +50,7 @@ def nothing_to_export_message(left_out: dict, report: Optional[dict] = None) -> 
     return f"{report['certificate']} {msg}" if report is not None else msg
 
 
-def suggest_export_dir(samples, label_field: str = "nola") -> str:
+def suggest_export_dir(samples, label_field: str = PREDICTIONS_FIELD) -> str:
     """A fresh directory under NOLA_HOME/exports named after the dataset (never a non-empty one)."""
 
     name = safe_folder_name(fo_io.root_dataset(samples).name).replace(" ", "_")
@@ -95,7 +95,7 @@ def _is_multilabel(samples, label_field: str) -> bool:
 
 def plan_export(
     samples,
-    label_field: str = "nola",
+    label_field: str = PREDICTIONS_FIELD,
     min_confidence: Optional[Union[float, str]] = None,
     corrections_field: str = CORRECTIONS_FIELD,
     require_accepted: bool = True,
@@ -147,7 +147,7 @@ def plan_export(
 def export_accepted(
     samples,
     export_dir: str,
-    label_field: str = "nola",
+    label_field: str = PREDICTIONS_FIELD,
     format: str = "classification-tree",
     min_confidence: Optional[Union[float, str]] = None,
     corrections_field: str = CORRECTIONS_FIELD,
