@@ -2,9 +2,11 @@
 # .venv, packages and FiftyOne's database on first use (idempotent, offline-safe).
 SHELL := /bin/bash
 PY := .venv/bin/python
-DEMO_IMAGES ?= ../shared/data/cifar10_2k
+# The demo's images, first found (scripts/demo_data.py): DEMO_IMAGES, ../shared/data/cifar10_2k, a CIFAR-10
+# sample fetched once into $NOLA_HOME/demo-data; with none (offline), one line says what to set, exit 2.
+DEMO_IMAGES ?=
 DEMO_CLASSES ?= airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck
-DEMO_DESCRIPTIONS ?= $(if $(wildcard $(DEMO_IMAGES)/descriptions.json),--descriptions $(DEMO_IMAGES)/descriptions.json,)
+DEMO_DESCRIPTIONS ?= $(if $(wildcard $(DEMO_DIR)/descriptions.json),--descriptions $(DEMO_DIR)/descriptions.json,)
 # With no pretrained weights reachable the demo still runs, on random weights, and says so loudly.
 # On a 2-core CPU the demo labels an even 1000-image subset so it finishes in minutes.
 DEMO_ARGS ?= --fallback-random-init --max-samples 1000
@@ -15,7 +17,9 @@ setup:
 	@bash scripts/bootstrap.sh
 
 demo: setup
-	$(PY) -m fiftyone_nola auto-label --images $(DEMO_IMAGES) --classes $(DEMO_CLASSES) \
+	$(eval DEMO_DIR := $(shell $(PY) scripts/demo_data.py $(DEMO_IMAGES)))
+	$(if $(filter 0,$(.SHELLSTATUS)),,$(error $(DEMO_DIR)))
+	$(PY) -m fiftyone_nola auto-label --images $(DEMO_DIR) --classes $(DEMO_CLASSES) \
 		--dataset nola-demo --gt-from-subfolders ground_truth $(DEMO_DESCRIPTIONS) $(DEMO_ARGS)
 
 demo-multilabel: setup

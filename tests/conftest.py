@@ -8,6 +8,7 @@ tests never touch a user's datasets or artefacts.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -33,18 +34,33 @@ REPO = Path(__file__).resolve().parents[1]
 # FiftyOne's plugin scan stops at the first fiftyone.yml, so the repo root is a plugin directory.
 os.environ["FIFTYONE_PLUGINS_DIR"] = str(REPO)
 
-SHARED_DATA = Path(os.environ.get("NOLA_SHARED_DATA", REPO.parent / "shared" / "data"))
-CIFAR_DIR = SHARED_DATA / "cifar10_2k"
-COCO_DIR = SHARED_DATA / "coco256"
+# Real images: ../shared/data (2,000 CIFAR-10 and 256 COCO images; NOLA_SHARED_DATA overrides) when it
+# exists, else the small committed set of tests/data (its README), so a lone clone tests the same
+# code; NOLA_SHARED_DATA set but empty picks the committed set even beside ../shared.
+LOCAL_DATA = Path(__file__).resolve().parent / "data"
+_SHARED_ENV = os.environ.get("NOLA_SHARED_DATA")
+SHARED_DATA = Path(_SHARED_ENV) if _SHARED_ENV else REPO.parent / "shared" / "data"
+ON_SHARED = bool(_SHARED_ENV) or (_SHARED_ENV is None and SHARED_DATA.is_dir())
+CIFAR_DIR = SHARED_DATA / "cifar10_2k" if ON_SHARED else LOCAL_DATA / "tiny10"  # class folders of JPEGs
+COCO_DIR = SHARED_DATA / "coco256" if ON_SHARED else LOCAL_DATA / "photos"  # images/, labels.json, classes.txt
+# The official NoLA CIFAR10_local descriptions: the 0.1 dataset's inputs hold a copy of ../shared's file.
+CIFAR10_DESCRIPTIONS = REPO / "tests" / "golden" / "v0_1_dataset" / "descriptions.json"
+DATA_CLASSES = sorted(p.name for p in CIFAR_DIR.iterdir() if p.is_dir()) if CIFAR_DIR.is_dir() else []
+# Distinct images in each class folder (200 on ../shared, 6 in the committed set)
+DATA_PER_CLASS = min((len(list((CIFAR_DIR / c).glob("*.jpg"))) for c in DATA_CLASSES), default=0)
+# More images per class than the tree holds: mirrored, shifted copies, made once per session here.
+_COPIES = Path(tempfile.gettempdir()) / f"nola-test-images-{_SESSION}"
 
 
 def pretrained_available() -> bool:
     return os.environ.get("NOLA_PRETRAINED", "") == "1"
 
 
-# Markers must say what tests do: a test that reads ../shared/data is an integration test
-# (`make test-fast` deselects those). An audit hook sees every file the test process opens.
-_SHARED_ROOTS = tuple({str(SHARED_DATA.absolute()), os.path.realpath(SHARED_DATA)})
+# Markers must say what tests do: a test that reads real images (../shared/data or the committed
+# set) is an integration test (`make test-fast` deselects those). An audit hook sees every file the
+# test process opens.
+_IMAGE_ROOTS = (SHARED_DATA, LOCAL_DATA / "tiny10", LOCAL_DATA / "photos", _COPIES)
+_SHARED_ROOTS = tuple({p for r in _IMAGE_ROOTS for p in (str(r.absolute()), os.path.realpath(r))})
 _SHARED_EVENTS = {"open", "os.listdir", "os.scandir"}
 _shared_reads = {"watching": False, "seen": None}
 
@@ -72,6 +88,11 @@ def _integration_marker_matches_reads(request):
         pytest.fail(f"{request.node.nodeid} reads {seen} but is not marked integration", pytrace=False)
 
 
+def pytest_report_header(config):
+    where = "../shared/data or NOLA_SHARED_DATA" if ON_SHARED else "the committed set, tests/data"
+    return f"real images: {CIFAR_DIR} and {COCO_DIR} ({where})"
+
+
 def pytest_collection_modifyitems(config, items):
     if pretrained_available():
         return
@@ -84,7 +105,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    # Drop this session's database so repeated runs leave nothing behind.
+    # Drop this session's database and image copies so repeated runs leave nothing behind.
+    shutil.rmtree(_COPIES, ignore_errors=True)
     if "fiftyone" in __import__("sys").modules:
         try:
             import fiftyone.core.odm as foo
@@ -109,15 +131,40 @@ def tiny_dino():
     return load_dino(tiny_dino_spec())
 
 
+def data_classes(prefer) -> list[str]:
+    """Classes of ``CIFAR_DIR`` for a test: ``prefer`` when its folders include them all (CIFAR-10's
+    names on ../shared), else as many of its first classes (the committed set has other names)."""
+    prefer = list(prefer)
+    return prefer if set(prefer) <= set(DATA_CLASSES) or not DATA_CLASSES else DATA_CLASSES[: len(prefer)]
+
+
 def cifar_files(per_class: int = 4, classes=None) -> list[tuple[str, str]]:
-    """``(filepath, class)`` pairs: the first ``per_class`` images of each CIFAR-10 class."""
+    """``(filepath, class)`` pairs: the first ``per_class`` images of each class of ``CIFAR_DIR``
+    (CIFAR-10 on ../shared, tests/data/tiny10 otherwise; more than a folder holds: copies).
+    ``classes``: as in ``data_classes`` (CIFAR-10 names stand for the committed set's first ones)."""
     if not CIFAR_DIR.is_dir():
         pytest.skip(f"real images not found at {CIFAR_DIR} (set NOLA_SHARED_DATA)")
     out = []
-    for cls in sorted(classes or [p.name for p in CIFAR_DIR.iterdir() if p.is_dir()]):
-        for f in sorted((CIFAR_DIR / cls).glob("*.jpg"))[:per_class]:
-            out.append((str(f), cls))
+    for cls in sorted(data_classes(classes) if classes else DATA_CLASSES):
+        files = sorted((CIFAR_DIR / cls).glob("*.jpg"))
+        out += [(str(f), cls) for f in files[:per_class]]
+        out += [(_copy_of(files, k), cls) for k in range(len(files), per_class)]
     return out
+
+
+def _copy_of(files: list[Path], k: int) -> str:
+    """Image ``k`` beyond a folder's ``len(files)``: a distinct copy of ``files[k % n]`` (mirrored
+    every other round, rolled by the round's number of pixels)."""
+    from PIL import ImageChops, ImageOps
+
+    src, round_ = files[k % len(files)], k // len(files)
+    out = _COPIES / src.parent.name / f"{k:04d}.jpg"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(src) as im:
+            im = ImageOps.mirror(im) if round_ % 2 else im
+            ImageChops.offset(im, round_, round_ // 2).save(out, quality=95)
+    return str(out)
 
 
 @pytest.fixture
@@ -152,7 +199,7 @@ def make_dataset():
 
 @pytest.fixture
 def cifar_dataset(make_dataset):
-    """40 real CIFAR-10 images (4 per class) with ground truth in ``ground_truth``."""
+    """40 real images (4 per class of ``CIFAR_DIR``) with ground truth in ``ground_truth``."""
     pairs = cifar_files(per_class=4)
     return make_dataset([p for p, _ in pairs], [c for _, c in pairs])
 
@@ -243,13 +290,24 @@ def tiny_pe_spec():
     return ClipSpec(arch=TINY_PE_ARCH, pretrained=None, random_init=True)
 
 
+def golden_sets(golden: dict) -> list[tuple[str, Path, str]]:
+    """``(images key, their root, the models' features key)`` of a reference JSON: its committed
+    images (under tests/data) where it has them, and ``../shared``'s when that set is used."""
+    sets = [("committed_images", LOCAL_DATA, "committed_features")] if "committed_images" in golden else []
+    return sets + ([("images", SHARED_DATA, "features")] if ON_SHARED else [])
+
+
+def golden_entries(golden: dict) -> list[tuple[Path, dict]]:
+    """``(path, stored entry)`` of every image the reference's features were computed on; the
+    test is skipped when none of its sets is here."""
+    out = [(root / im["path"], im) for key, root, _ in golden_sets(golden) for im in golden[key]]
+    if not out or not all(p.is_file() for p, _ in out):
+        pytest.skip(f"the reference's images are not here (sets: {[str(r) for _, r, _ in golden_sets(golden)]})")
+    return out
+
+
 def golden_image_paths(golden: dict) -> list[Path]:
-    """The real images a reference JSON's features were computed on (``golden["images"]``); the
-    test is skipped when they are not under ``SHARED_DATA``."""
-    paths = [SHARED_DATA / im["path"] for im in golden["images"]]
-    if not all(p.is_file() for p in paths):
-        pytest.skip(f"real images not found under {SHARED_DATA} (set NOLA_SHARED_DATA)")
-    return paths
+    return [p for p, _ in golden_entries(golden)]
 
 
 def golden_rgb_images(golden: dict) -> list:
@@ -257,11 +315,18 @@ def golden_rgb_images(golden: dict) -> list:
     import hashlib
 
     out = []
-    for p, im in zip(golden_image_paths(golden), golden["images"]):
+    for p, im in golden_entries(golden):
         assert hashlib.sha256(p.read_bytes()).hexdigest() == im["sha256"], p
         with Image.open(p) as f:
             out.append(f.convert("RGB"))
     return out
+
+
+def golden_features(golden: dict, model: dict):
+    """A model's reference features on :func:`golden_entries`' images, in the same order."""
+    import numpy as np
+
+    return np.concatenate([np.asarray(model[key], dtype=np.float64) for _, _, key in golden_sets(golden)])
 
 
 def assert_reference_features(f, ref, min_cos: float = 0.999999, max_abs: float = 1e-4) -> None:

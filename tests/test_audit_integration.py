@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import CIFAR10_CLASSES, cifar_files
+from conftest import DATA_CLASSES, cifar_files
 from fiftyone_nola.cli import main
 from fiftyone_nola.core.audit.report import REPORT_KEYS
 from fiftyone_nola.core.embed import EmbedConfig
@@ -26,8 +26,8 @@ def labelled_cifar(make_dataset):
     pairs = cifar_files(per_class=40)
     ds = make_dataset([p for p, _ in pairs], [c for _, c in pairs])
     compute_embeddings(ds, "clip", clip=tiny_clip_spec(), config=EmbedConfig(batch_size=64, num_workers=0))
-    zero_shot(ds, CIFAR10_CLASSES, ZeroShotConfig(clip=tiny_clip_spec(), templates="simple", device="cpu"), FIELD)
-    review.store_class_list(ds, CIFAR10_CLASSES)  # as the pipeline does: the reviewer's choices
+    zero_shot(ds, DATA_CLASSES, ZeroShotConfig(clip=tiny_clip_spec(), templates="simple", device="cpu"), FIELD)
+    review.store_class_list(ds, DATA_CLASSES)  # as the pipeline does: the reviewer's choices
     return ds
 
 
@@ -50,11 +50,11 @@ def test_audit_of_real_labels_end_to_end(labelled_cifar, tmp_path):
     # a real audit, decided by an honest reviewer, then a certified export
     audit.draw_audit(ds, 60, field=FIELD, seed=1)
     drawn = set(ds.match_tags(audit.AUDIT_TAG).values("id"))
-    zero_shot(ds, CIFAR10_CLASSES, ZeroShotConfig(clip=tiny_clip_spec(), templates="simple", device="cpu"), FIELD)
+    zero_shot(ds, DATA_CLASSES, ZeroShotConfig(clip=tiny_clip_spec(), templates="simple", device="cpu"), FIELD)
     assert set(ds.match_tags(audit.AUDIT_TAG).values("id")) == drawn  # a pipeline re-run keeps the audit
     truth = dict(zip(*ds.values(["id", "ground_truth.label"])))
     queue = audit.audit_queue(ds)
-    for label in CIFAR10_CLASSES:  # the reviewer picks the true class: an accept when the model had it
+    for label in DATA_CLASSES:  # the reviewer picks the true class: an accept when the model had it
         mine = [i for i in queue if truth[i] == label]
         if mine:
             review.decide(ds, mine, "correct", label=label, field=FIELD)

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from conftest import REPO, cifar_files
+from conftest import REPO, cifar_files, data_classes
 from fiftyone_nola.cli import main
 
+CLASSES = data_classes(["cat", "dog", "ship"])
 TINY = [
     "--clip-arch",
     "nola-tiny-clip",
@@ -27,7 +28,7 @@ TINY = [
 @pytest.fixture
 def image_dir(tmp_path):
     d = tmp_path / "imgs"
-    for p, c in cifar_files(per_class=2, classes=["cat", "dog", "ship"]):
+    for p, c in cifar_files(per_class=2, classes=CLASSES):
         (d / c).mkdir(parents=True, exist_ok=True)
         shutil.copy(p, d / c / os.path.basename(p))
     return d
@@ -46,7 +47,7 @@ def test_auto_label_command_runs_end_to_end(image_dir, tmp_path, capsys):
                 "--images",
                 str(image_dir),
                 "--classes",
-                "cat,dog,ship",
+                ",".join(CLASSES),
                 "--dataset",
                 name,
                 "--gt-from-subfolders",

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import CIFAR_DIR, COCO_DIR, REPO
+from conftest import CIFAR_DIR, COCO_DIR, REPO, data_classes
 from fiftyone_nola.core import models
 from fiftyone_nola.core.errors import ModelNotFoundError
 
@@ -50,13 +50,12 @@ def _import_reference_clip():
 
 
 def _images() -> list[Image.Image]:
-    paths = [
-        CIFAR_DIR / "cat" / "0000.jpg",
-        CIFAR_DIR / "airplane" / "0001.jpg",
-        COCO_DIR / "images" / "000000000009.jpg",
-    ]
-    if not all(p.is_file() for p in paths):
-        pytest.skip("real images from ../shared/data are needed")
+    """Two 32x32 images of two classes and a full-size photo (cat/0000, airplane/0001 and COCO's
+    first on ../shared)."""
+    if not (CIFAR_DIR.is_dir() and COCO_DIR.is_dir()):
+        pytest.skip(f"real images not found at {CIFAR_DIR} and {COCO_DIR} (set NOLA_SHARED_DATA)")
+    a, b = (sorted((CIFAR_DIR / c).glob("*.jpg")) for c in data_classes(["cat", "airplane"]))
+    paths = [a[0], b[1], sorted((COCO_DIR / "images").glob("*.jpg"))[0]]
     return [Image.open(p) for p in paths]
 
 

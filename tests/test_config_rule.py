@@ -233,9 +233,9 @@ def test_each_form_default_is_the_library_default(name, build, make_dataset):
     import fiftyone.operators as foo
     from fiftyone.operators.executor import ExecutionContext
 
-    from conftest import cifar_files
+    from conftest import cifar_files, data_classes
 
-    pairs = cifar_files(per_class=1, classes=["cat", "dog"])
+    pairs = cifar_files(per_class=1, classes=data_classes(["cat", "dog"]))
     ds = make_dataset([p for p, _ in pairs], [c for _, c in pairs])
     plugin = __import__("yaml").safe_load((__import__("conftest").REPO / "fiftyone.yml").read_text())["name"]
     op = foo.get_operator(f"{plugin}/{name}")

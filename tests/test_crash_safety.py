@@ -17,11 +17,11 @@ import time
 import numpy as np
 import pytest
 
-from conftest import CIFAR_DIR, REPO, cifar_files
+from conftest import CIFAR_DIR, DATA_CLASSES, REPO, cifar_files
 from fiftyone_nola.stages import runs
 from fiftyone_nola.stages.artifacts import stage_writer
 
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CLASSES = DATA_CLASSES
 FIELDS = ("nola_zeroshot", "nola_dino", "nola")
 
 # Runs auto_label on dataset argv[1]; argv[2] says where to SIGKILL itself ("none": nowhere).

@@ -19,7 +19,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from ollama_standin import OllamaStandin, answer_text, closed_port  # noqa: E402
 
-from conftest import CIFAR_DIR  # noqa: E402
+from conftest import CIFAR10_DESCRIPTIONS  # noqa: E402
 from fiftyone_nola.core import descriptions as dsc  # noqa: E402
 from fiftyone_nola.core.errors import InvalidInputError  # noqa: E402
 
@@ -293,17 +293,15 @@ def test_texts_for_with_and_without_templates():
     assert both == ["A cat.", "a photo of a cat.", "a photo of a cat.", "itap of a cat."]
 
 
-@pytest.mark.integration
-@pytest.mark.skipif(not (CIFAR_DIR / "descriptions.json").is_file(), reason="CIFAR data not found")
 def test_cifar10_texts_are_the_official_ones(tmp_path):
     """On the official CIFAR10_local file the CDE averages its 50 descriptions per class (repeats
     included) and the official CIFAR-10 set of 18 templates, which ``auto`` picks."""
     from fiftyone_nola.core.templates import resolve_templates
 
-    res = dsc.load_descriptions(CIFAR_DIR / "descriptions.json", CIFAR_CLASSES)
+    res = dsc.load_descriptions(CIFAR10_DESCRIPTIONS, CIFAR_CLASSES)
     name, templates = resolve_templates("auto", CIFAR_CLASSES)
     assert name == "cifar10" and len(templates) == 18
-    raw = json.loads((CIFAR_DIR / "descriptions.json").read_text())
+    raw = json.loads(CIFAR10_DESCRIPTIONS.read_text())
     for c in CIFAR_CLASSES:
         texts = res.texts_for(c, templates=templates)
         # Stripped: CLIP's tokenizer strips white space itself, so the tokens are the same.
@@ -314,10 +312,8 @@ def test_cifar10_texts_are_the_official_ones(tmp_path):
 # --------------------------------------------------------------------------- import / export
 
 
-@pytest.mark.integration
-@pytest.mark.skipif(not (CIFAR_DIR / "descriptions.json").is_file(), reason="CIFAR data not found")
 def test_load_real_cifar_descriptions():
-    path = CIFAR_DIR / "descriptions.json"
+    path = CIFAR10_DESCRIPTIONS
     res = dsc.load_descriptions(path, CIFAR_CLASSES)
     assert list(res.descriptions) == CIFAR_CLASSES
     assert set(res.source.values()) == {f"import:{path}"}

@@ -38,6 +38,8 @@ import torch
 from conftest import (
     assert_reference_features,
     dino_features_from_offline_hub_cache,
+    golden_entries,
+    golden_features,
     golden_image_paths,
     golden_rgb_images,
 )
@@ -94,7 +96,7 @@ def features(loaded, images) -> np.ndarray:
 
 
 def assert_official(f, model: dict) -> None:
-    assert_reference_features(f, model["features"])
+    assert_reference_features(f, golden_features(GOLDEN, model))
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +130,7 @@ def test_golden_provenance():
 
 @pytest.mark.integration
 def test_golden_images_are_the_stored_ones():
-    for p, im in zip(golden_image_paths(GOLDEN), GOLDEN["images"]):
+    for p, im in golden_entries(GOLDEN):
         assert hashlib.sha256(p.read_bytes()).hexdigest() == im["sha256"], p
 
 

@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import pytest
 
-from conftest import CIFAR10_CLASSES as CLASSES
+from conftest import DATA_CLASSES as CLASSES
 from conftest import tiny_pipeline_config
 from fiftyone_nola.core.embed import EmbedConfig
 from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec

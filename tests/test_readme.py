@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from conftest import CIFAR_DIR, REPO, cifar_files
+from conftest import CIFAR_DIR, REPO, cifar_files, data_classes
 
 
 def python_blocks() -> list[str]:
@@ -25,10 +25,12 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     monkeypatch.setenv("NOLA_RANDOM_INIT", "1")  # no pretrained weights here: real archs, random init
     images = tmp_path / "images"
     images.mkdir()
-    for i, (p, _) in enumerate(cifar_files(per_class=1, classes=["cat", "dog", "bird"])):
+    classes = data_classes(["cat", "dog", "bird"])  # the README's, on ../shared
+    for i, (p, _) in enumerate(cifar_files(per_class=1, classes=classes)):
         shutil.copy(p, images / f"{i}.jpg")
-    (tmp_path / "classes.txt").write_text("cat\ndog\nbird\n")
+    (tmp_path / "classes.txt").write_text("".join(c + "\n" for c in classes))
     subs = {
+        '["cat", "dog", "bird"]': repr(classes),
         '"/path/to/images"': repr(str(images)),
         '"descriptions.json"': repr(str(CIFAR_DIR / "descriptions.json")),
         '"classes.txt"': repr(str(tmp_path / "classes.txt")),

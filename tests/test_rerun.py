@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CIFAR10_CLASSES as CLASSES
+from conftest import DATA_CLASSES as CLASSES
 from conftest import cifar_files, tiny_pipeline_config
 from fiftyone_nola.core.embed import EmbedConfig
 from fiftyone_nola.core.models import tiny_clip_spec

@@ -5,11 +5,11 @@ import logging
 
 import pytest
 
-from conftest import COCO_DIR, cifar_files, tiny_pipeline_config
+from conftest import COCO_DIR, cifar_files, data_classes, tiny_pipeline_config
 from fiftyone_nola.stages import runs
 from fiftyone_nola.stages.stage import LABEL_KEYS, SUMMARY_KEYS, StageRun
 
-CLASSES = ["cat", "dog", "ship"]
+CLASSES = data_classes(["cat", "dog", "ship"])
 
 
 APP_STEPS = {"review", "app:clip", "app:dino", "evaluate"}  # steps on the App or the labels, not stages

@@ -189,19 +189,20 @@ def test_progress_is_reported():
 
 @pytest.fixture(scope="module")
 def cifar_vectors(tmp_path_factory):
-    """CLIP vectors stored by the embedding stage (tiny random CLIP) for 12 CIFAR-10 images per class."""
+    """CLIP vectors stored by the embedding stage (tiny random CLIP) for 12 CIFAR-10 images per class
+    (the committed set's 6: copies would add near-duplicate vectors, a different test)."""
     import uuid
 
     import fiftyone as fo
 
-    from conftest import cifar_files
+    from conftest import DATA_PER_CLASS, cifar_files
     from fiftyone_nola.core.embed import EmbedConfig
     from fiftyone_nola.core.models import tiny_clip_spec
     from fiftyone_nola.stages.embeddings import compute_embeddings
     from fiftyone_nola.stages.stage import load_embeddings
 
     ds = fo.Dataset(f"nola-test-{uuid.uuid4().hex[:10]}")
-    ds.add_samples([fo.Sample(filepath=p) for p, _ in cifar_files(per_class=12)], progress=False)
+    ds.add_samples([fo.Sample(filepath=p) for p, _ in cifar_files(per_class=min(12, DATA_PER_CLASS))], progress=False)
     try:
         compute_embeddings(ds, "clip", tiny_clip_spec(), config=EmbedConfig(batch_size=32, num_workers=0))
         return load_embeddings(ds, tiny_clip_spec())[1]
