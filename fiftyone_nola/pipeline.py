@@ -33,6 +33,7 @@ from fiftyone_nola.stages.cdul import (
 )
 from fiftyone_nola.stages.embeddings import compute_embeddings
 from fiftyone_nola.stages.evaluation import evaluate_single_label
+from fiftyone_nola.stages.jobs import dataset_job
 from fiftyone_nola.stages.nola import (
     PredictConfig,
     ZeroShotConfig,
@@ -98,7 +99,13 @@ def auto_label(
 
     Returns a summary with each stage's result, per-stage seconds and, when ``gt_field`` is
     given, the accuracy of every stage (ground truth is read only for this evaluation).
+    Another job on the dataset is waited for (``NOLA_JOB_WAIT_S``) and its work reused.
     """
+    with dataset_job(samples, "auto-label", progress=progress):
+        return _auto_label(samples, classes, config, progress)
+
+
+def _auto_label(samples, classes: ClassesArg, config: Optional[AutoLabelConfig], progress: ProgressFn) -> dict:
     config = config or AutoLabelConfig()
     check_inputs(samples, classes, config)
     classes = resolve_classes(classes, samples)
@@ -210,7 +217,15 @@ def auto_label(
 def auto_label_multilabel(
     samples, classes: ClassesArg = None, config: Optional[MultiLabelConfig] = None, progress: ProgressFn = null_progress
 ) -> dict:
-    """Embeddings -> CDUL pseudo-labels -> classifier with label refinement (-> mAP if GT)."""
+    """Embeddings -> CDUL pseudo-labels -> classifier with label refinement (-> mAP if GT).
+    Another job on the dataset is waited for (``NOLA_JOB_WAIT_S``) and its work reused."""
+    with dataset_job(samples, "auto-label-multilabel", progress=progress):
+        return _auto_label_multilabel(samples, classes, config, progress)
+
+
+def _auto_label_multilabel(
+    samples, classes: ClassesArg, config: Optional[MultiLabelConfig], progress: ProgressFn
+) -> dict:
     config = config or MultiLabelConfig()
     report = check_multilabel(Target(samples=samples), classes, config)
     for w in report.warnings:
