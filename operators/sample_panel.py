@@ -88,7 +88,8 @@ class NolaSampleReview(Serialized, foo.Panel):
         return rv.next_in_queue(ctx.dataset, after=sid)
 
     def on_accept(self, ctx):
-        self._record(ctx, "accept")
+        # The label shown: if a run replaced it meanwhile, the shown one is what was accepted.
+        self._record(ctx, "accept", (ctx.panel.get_state("card") or {}).get("prediction"))
 
     def on_accept_suggestion(self, ctx):
         card = ctx.panel.get_state("card") or {}

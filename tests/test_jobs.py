@@ -170,3 +170,36 @@ def test_check_reports_a_running_job_as_information_and_the_job_waits_for_it(mak
         holder.wait(30)
     assert progress and progress[0][:2] == (0, 0) and progress[0][2].startswith("waiting for auto-label (pid ")
     assert sum("waiting for auto-label" in m for m in caplog.messages) == 1
+
+
+# ---------------------------------------------------------------------------- accepts keep their label
+
+
+def test_a_stage_rewriting_the_reviewed_field_keeps_what_reviewers_accepted(review_ds):
+    from fiftyone_nola.stages import fo_io
+    from fiftyone_nola.stages import review as rv
+
+    ds = review_ds
+    ids = ds.values("id")
+    before = dict(zip(ids, ds.values("nola.label")))
+    rv.decide(ds, ids[:4], "accept")
+    rv.decide(ds, ids[4:6], "reject")
+    rv.decide(ds, ids[6:8], "correct", "ship")
+    # A new run: every label moves to the next class, except sample 0 keeps its label.
+    nxt = [REVIEW_CLASSES[(REVIEW_CLASSES.index(before[i]) + (0 if k == 0 else 1)) % 4] for k, i in enumerate(ids)]
+    probs = np.full((len(ids), 4), 0.1, dtype=np.float32)
+    probs[np.arange(len(ids)), [REVIEW_CLASSES.index(c) for c in nxt]] = 0.7
+    fo_io.write_classifications(ds, ids, REVIEW_CLASSES, probs, "nola")
+    ds.reload()
+    assert ds.values("nola.label") == nxt  # the new run's labels
+    tags = dict(zip(ids, ds.values("tags")))
+    reviewed = dict(zip(ids, ds.values("nola_reviewed.label")))
+    assert "nola:accepted" in tags[ids[0]] and reviewed[ids[0]] is None  # same label: still an accept
+    for i in ids[1:4]:  # changed: the accepted label is now the reviewer's, a correction of the new one
+        assert "nola:corrected" in tags[i] and "nola:accepted" not in tags[i] and reviewed[i] == before[i]
+    assert all("nola:rejected" in tags[i] for i in ids[4:6])
+    assert all(reviewed[i] == "ship" and "nola:corrected" in tags[i] for i in ids[6:8])
+    # Another field than the reviewed one: accepts are not about it.
+    fo_io.write_classifications(ds, ids, REVIEW_CLASSES, probs[:, ::-1], "nola_zeroshot")
+    ds.reload()
+    assert "nola:accepted" in ds[ids[0]].tags
