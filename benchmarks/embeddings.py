@@ -91,13 +91,20 @@ def parse_args(argv=None):
     )
     g.add_argument("--arch", default="ViT-B-32", help="open_clip architecture (random init)")
     g.add_argument(
-        "--no-engine", action="store_true", help="skip the OpenVINO engine variants (ours runs PyTorch fp32 either way)"
+        "--no-engine", action="store_true", help="skip the engine variants (ours runs PyTorch fp32 either way)"
     )
     g.add_argument(
-        "--engine-precision",
-        default="bf16",
-        help="precision of the main engine variant (default bf16: fp32 on CPUs "
-        "without native bf16); int8 is always measured beside it",
+        "--engine-variants",
+        default="auto,int8",
+        help="comma-separated engine variants beside PyTorch: 'auto' (engine='auto': the choice measured "
+        "on this CPU, once, before timing; the JSON's speedup_*_engine keys), and OpenVINO precisions "
+        "asked for explicitly (fp32, bf16, int8: speedup_*_engine_<precision>). Default auto,int8",
+    )
+    g.add_argument(
+        "--choice-images",
+        type=int,
+        default=192,
+        help="COCO images auto measures its choice on before timing (128 checked, 64 calibrate int8)",
     )
     g.add_argument(
         "--cache-dir", default=str(DEFAULT_CACHE), help="where generated camera-sized JPEGs and image copies are kept"
@@ -257,6 +264,37 @@ def make_dataset(fo, name: str, files: list[str]):
     return ds
 
 
+def prepare_engine_variants(args, spec, bs: int, nw: int) -> dict:
+    """Convert each engine variant and measure auto's choice once, before any timing."""
+    from fiftyone_nola.core.embed import EmbedConfig, prepare_encoder
+    from fiftyone_nola.core.models import load_clip
+
+    files = coco_files(args.choice_images) or cifar_files(args.choice_images)
+    out = {}
+    for p in [v.strip() for v in args.engine_variants.split(",") if v.strip()]:
+        name = "engine" if p == "auto" else f"engine_{p}"
+        engine = "auto" if p == "auto" else "openvino"
+        os.environ["NOLA_ENGINE_MIN_IMAGES"] = "0"  # measure on these images whatever their number
+        t = time.perf_counter()
+        try:
+            _, choice = prepare_encoder(
+                load_clip(spec),
+                EmbedConfig(batch_size=bs, num_workers=nw, device="cpu", engine=engine, precision=p),
+                files,
+            )
+        finally:
+            os.environ.pop("NOLA_ENGINE_MIN_IMAGES", None)
+        secs = time.perf_counter() - t
+        if choice.engine == "torch" and p != "auto":
+            print(f"{name}: OpenVINO unavailable ({choice.reason}): variant skipped")
+            continue
+        out[name] = {"engine": engine, "precision": p, "ran": choice.tag, "prepare_seconds": secs}
+        if choice.measured:
+            out[name]["auto"] = choice.measured
+        print(f"{name}: {choice.tag} ready in {secs:.1f} s (conversion and choice, once)", flush=True)
+    return out
+
+
 def run_throughput(args, results: dict, tables: list[str]) -> None:
     import fiftyone as fo
     import fiftyone.utils.open_clip as fouc
@@ -344,36 +382,13 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
         warm = coco_files(2 if args.quick else 8)
         for files in sets.values():
             warm_page_cache(files)
-        # The engine variants: converted (and int8 calibrated on 64 of the COCO images) once,
-        # before timing, as a user's first run would; conversion time reported on its own.
-        engine_variants = {}
-        if not args.no_engine:
-            from fiftyone_nola.core.embed import prepare_encoder
-            from fiftyone_nola.core.models import load_clip
-
-            calib = coco_files(64) or cifar_files(64)
-            for name, prec in (("engine", args.engine_precision), ("engine_int8", "int8")):
-                t = time.perf_counter()
-                _, choice = prepare_encoder(
-                    load_clip(spec),
-                    EmbedConfig(batch_size=bs, num_workers=nw, device="cpu", engine="openvino", precision=prec),
-                    calib,
-                )
-                if choice.engine == "openvino":
-                    engine_variants[name] = {
-                        "precision": prec,
-                        "ran": choice.tag,
-                        "prepare_seconds": time.perf_counter() - t,
-                    }
-                    print(
-                        f"{name}: {choice.tag} ready in {time.perf_counter() - t:.1f} s (conversion, once)", flush=True
-                    )
-                else:
-                    print(f"{name}: OpenVINO unavailable ({choice.reason}): variant skipped")
+        # The engine variants: converted (int8 calibrated on COCO images) and auto's choice
+        # measured once, before timing, as a user's first run would; their cost reported on its own.
+        engine_variants = {} if args.no_engine else prepare_engine_variants(args, spec, bs, nw)
         fiftyone(warm)
         ours(warm, True)
         for v in engine_variants.values():
-            ours(warm, True, "openvino", v["precision"])
+            ours(warm, True, v["engine"], v["precision"])
 
         def unit(x):
             x = np.asarray(x, dtype=np.float64)
@@ -402,7 +417,7 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
                     if who == "fiftyone":
                         r, v = fiftyone(files)
                     elif who in engine_variants:
-                        r, v = ours(files, True, "openvino", engine_variants[who]["precision"])
+                        r, v = ours(files, True, engine_variants[who]["engine"], engine_variants[who]["precision"])
                     else:
                         r, v = ours(files, who == "draft")
                     runs[who].append((r, v))
@@ -476,6 +491,7 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
         engine_keys = {}
         for ev in engine_variants:
             ev_small = sum(v[ev]["seconds"] for v in small_sets)
+            model_small = sum((v[ev].get("inference") or {}).get("model_s") or 0.0 for v in small_sets)
             engine_keys.update(
                 {
                     f"speedup_small_{ev}": fo_small / ev_small,
@@ -484,6 +500,9 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
                     f"speedup_small_{ev}_vs_torch": ours_small / ev_small,
                     f"{ev}_images_per_s_small": n_small / ev_small,
                     f"{ev}_images_per_s": cam[ev]["images_per_s"],
+                    # end-to-end images/s over model-only images/s (the model's seconds inside the
+                    # same runs): 1.0 = nothing but the model costs time
+                    f"{ev}_end_to_end_vs_model": model_small / ev_small if model_small else None,
                 }
             )
         results["throughput"] = {
@@ -504,11 +523,12 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
             },
             "sets": per_set,
             "engine_variants": engine_variants,
-            "engine_note": "ours with PyTorch = 'ours_draft' (engine='torch', fp32); engine "
-            "variants run compute_embeddings(engine='openvino', precision=...) on "
-            "the same draft-decoded pixels; min_cosine_engine* is vs ours PyTorch "
-            "fp32 on the same images. inference.decode_wait_s / model_s split "
-            "each run's time between waiting for decoded batches and the model.",
+            "engine_note": "ours with PyTorch = 'ours_draft' (engine='torch', fp32); 'engine' runs "
+            "compute_embeddings(engine='auto') with the choice measured beforehand on COCO images "
+            "(engine_variants.engine.auto: figures); engine_<p> asks for OpenVINO at precision p; all "
+            "on the same draft-decoded pixels; min_cosine_engine* is vs ours PyTorch fp32 on the "
+            "same images. inference.decode_wait_s / model_s split each run's time between waiting "
+            "for decoded batches and the model.",
         }
         results.update(
             ours_images_per_s=cam["ours_draft"]["images_per_s"],
@@ -549,13 +569,13 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
         if engine_variants:
             erows = []
             for name, v in per_set.items():
-                for ev, meta in engine_variants.items():
+                for ev in engine_variants:
                     inf = v[ev].get("inference") or {}
                     tinf = v["ours_draft"].get("inference") or {}
                     erows.append(
                         [
                             name,
-                            meta["ran"],
+                            f"{ev}: {inf.get('engine')}-{inf.get('precision')}",
                             v["fiftyone"]["images_per_s"],
                             v["ours_draft"]["images_per_s"],
                             v[ev]["images_per_s"],
@@ -589,12 +609,19 @@ def run_throughput(args, results: dict, tables: list[str]) -> None:
                         "eng wait s",
                     ],
                     erows,
-                    title="Inference engine (ours, draft decode): OpenVINO vs PyTorch fp32 vs FiftyOne; "
+                    title=f"Inference engine (ours, draft decode) on {results.get('cpu_model')} "
+                    f"({results.get('cpu_isa')}): auto / OpenVINO vs PyTorch fp32 vs FiftyOne; "
                     "medians of interleaved runs; 'wait s' = waiting for decoded batches; "
                     "'cpu s' = CPU seconds of the model's threads (robust to other jobs)",
                 )
                 + "\n"
-                + "   ".join(f"{k} = {v:.4f}" for k, v in engine_keys.items())
+                + "   ".join(f"{k} = {C.fmt(v, 4)}" for k, v in engine_keys.items())
+                + "".join(
+                    f"\nauto's choice ({meta['prepare_seconds']:.0f} s with conversions): {meta['ran']}; "
+                    + json.dumps(meta["auto"].get("candidates"))
+                    for meta in engine_variants.values()
+                    if meta.get("auto")
+                )
             )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1205,13 +1232,26 @@ def main(argv=None) -> int:
     try:
         import fiftyone  # noqa: F401  (starts the database once, outside any timing)
 
+        from fiftyone_nola.core import cpu_isa
+
         results["machine"] = C.machine_facts()
+        # Every speed figure is read against what this CPU offers (avx2 ... amx).
+        results["cpu_isa"] = results["machine"]["cpu_isa"] = cpu_isa.cpu_isa()
+        results["cpu_model"] = results["machine"].get("cpu_model") or cpu_isa.cpu_name()
         print(
             "machine:",
             json.dumps(
                 {
                     k: results["machine"].get(k)
-                    for k in ("cpu_count", "cpu_affinity", "torch_num_threads", "faiss_omp_threads", "loadavg_at_start")
+                    for k in (
+                        "cpu_model",
+                        "cpu_isa",
+                        "cpu_count",
+                        "cpu_affinity",
+                        "torch_num_threads",
+                        "faiss_omp_threads",
+                        "loadavg_at_start",
+                    )
                 }
             ),
         )
@@ -1242,12 +1282,15 @@ def main(argv=None) -> int:
             "speedup_small",
             "min_cosine",
             "min_cosine_draft",
+            "cpu_isa",
             "speedup_small_engine",
             "speedup_engine",
             "min_cosine_engine",
+            "engine_end_to_end_vs_model",
             "speedup_small_engine_int8",
             "speedup_engine_int8",
             "min_cosine_engine_int8",
+            "engine_int8_end_to_end_vs_model",
             "knn_single_query_speedup_1m",
             "knn_recall_at_10_1m",
             "peak_rss_mb_1k",

@@ -5,11 +5,14 @@ The public API: every stage function and its config. Names are imported lazily s
 :mod:`fiftyone_nola.stages` reads and writes datasets.
 """
 
+import time
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import tomllib
+
+STARTED = time.perf_counter()  # when the package was first imported: a command's clock starts here
 
 
 def _source_version() -> str:

@@ -11,17 +11,18 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Optional
 
-from fiftyone_nola import logs
+from fiftyone_nola import STARTED, logs
 from fiftyone_nola.cli_args import build_parser
 from fiftyone_nola.cli_audit import cmd_audit
 from fiftyone_nola.core import distributed as dt
-from fiftyone_nola.core.config import given, given_in
+from fiftyone_nola.core.config import bounds, given, given_in
 from fiftyone_nola.core.device import hardware_profile, resolve_device
 from fiftyone_nola.core.embed import EmbedConfig
 from fiftyone_nola.core.errors import ModelNotFoundError, NolaError
 from fiftyone_nola.core.models import ClipSpec, DinoSpec, concrete_dino
 from fiftyone_nola.core.progress import print_progress
 from fiftyone_nola.core.prompt_tuning import TuneConfig
+from fiftyone_nola.core.transductive import TransductiveConfig
 
 # FiftyOne reads FIFTYONE_DATABASE_VALIDATION when imported, and main() sets it: the modules that
 # import FiftyOne (pipeline, stages) are imported by the commands.
@@ -239,6 +240,8 @@ def auto_label_config(args, clip: ClipSpec, dino: DinoSpec):
         gt_field=args.gt_field or args.gt_from_subfolders,
         force=args.force or None,
         allow_template_fallback=args.allow_template_fallback or None,
+        refine=TransductiveConfig(method=args.refine) if args.refine else None,
+        refine_from=args.refine_from,
     )
 
 
@@ -258,9 +261,10 @@ def cmd_auto_label(args) -> dict:
     clip, dino = _check_weights(clip, dino, args.fallback_random_init)
     cfg = replace(cfg, clip=clip, dino=dino)
     ds = _samples(args)
+    setup_s = time.perf_counter() - STARTED
     summary = auto_label(ds, _classes(args), cfg, progress=print_progress(sys.stdout))
     _log("\n== auto-label summary ==")
-    for line in summary_lines(summary):
+    for line in summary_lines(summary, setup_s, time.perf_counter() - STARTED):
         _log(line)
     _log(
         f"dataset '{ds.name}': fields {cfg.zeroshot_field}, {cfg.dino_field}"
@@ -275,7 +279,7 @@ def cmd_auto_label(args) -> dict:
 
 def cmd_auto_label_multilabel(args) -> dict:
     """``auto-label-multilabel``: the CDUL pipeline from the shell."""
-    from fiftyone_nola.pipeline import MultiLabelConfig, auto_label_multilabel
+    from fiftyone_nola.pipeline import MultiLabelConfig, auto_label_multilabel, summary_lines
     from fiftyone_nola.stages.validation import check_multilabel
 
     clip, dino = _specs(args)
@@ -298,7 +302,11 @@ def cmd_auto_label_multilabel(args) -> dict:
     clip, _ = _check_weights(clip, dino, args.fallback_random_init)
     cfg = replace(cfg, clip=clip)
     ds = _samples(args)
+    setup_s = time.perf_counter() - STARTED
     summary = auto_label_multilabel(ds, _classes(args), cfg, progress=print_progress(sys.stdout))
+    _log("\n== auto-label-multilabel summary ==")
+    for line in summary_lines(summary, setup_s, time.perf_counter() - STARTED):
+        _log(line)
     _write_json(args.json_out, summary)
     return summary
 
@@ -332,8 +340,7 @@ def cmd_tune(args) -> dict:
     Every torchrun process runs this; rank 0 alone reads and writes the dataset and prints.
     """
     from fiftyone_nola.stages import fo_io
-    from fiftyone_nola.stages.nola import PredictConfig
-    from fiftyone_nola.stages.reuse import tune_settings
+    from fiftyone_nola.stages.nola import PredictConfig, tune_settings
     from fiftyone_nola.stages.tuning_ddp import tune_prompts_distributed
     from fiftyone_nola.stages.validation import check_params
 
@@ -344,10 +351,10 @@ def cmd_tune(args) -> dict:
         device=args.device,
         stages={"dataset": ("nola_zeroshot", "zero-shot"), "teacher_field": ("nola_dino", "DINO labeller")},
         ranges={
-            "tune_epochs": (args.epochs, 1, 100_000, True),
-            "batch_size": (args.batch_size, 1, None, True),
-            "num_workers": (args.workers, 0, 256, True),
-            "tune_max_samples": (args.tune_max_samples, 0, None, True),
+            "tune_epochs": (args.epochs, *bounds(TuneConfig, "epochs").range),
+            "batch_size": (args.batch_size, *bounds(TuneConfig, "batch_size").range),
+            "num_workers": (args.workers, *bounds(TuneConfig, "num_workers").range),
+            "tune_max_samples": (args.tune_max_samples, *bounds(TuneConfig, "max_samples").range),
         },
         writable={"json_out": (args.json_out, "summary file", True)},
     )
@@ -409,5 +416,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except NolaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _log(f"done in {time.perf_counter() - t0:.1f}s")
+    _log(f"done in {time.perf_counter() - t0:.1f}s ({time.perf_counter() - STARTED:.1f}s since start-up)")
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from fiftyone_nola.core.models import ClipSpec
+from fiftyone_nola.core.transductive.config import METHODS as TRANSDUCTIVE_METHODS
 
 
 def _clip_args(p: argparse.ArgumentParser, device_help: str = "cpu, cuda, cuda:1, ... (default: auto)"):
@@ -30,15 +31,16 @@ def _clip_args(p: argparse.ArgumentParser, device_help: str = "cpu, cuda, cuda:1
         choices=["auto", "torch", "openvino"],
         default=None,
         help="what runs the inference passes (embedding, crop scoring, prediction): auto = "
-        "OpenVINO bf16 on CPUs with native bf16 when installed, else PyTorch; "
-        "torch turns the engine off",
+        "measured on your images: PyTorch or OpenVINO (fp32; bf16/int8 where the CPU has them), "
+        "the fastest that agrees with PyTorch fp32; torch turns the engine off",
     )
     g.add_argument(
         "--engine-precision",
         choices=["auto", "fp32", "bf16", "int8"],
         default=None,
-        help="inference precision: auto = bf16 on CPUs with native bf16, else fp32; int8 "
-        "(opt-in) is calibrated on 64 of your images. Training is unaffected",
+        help="inference precision: auto = what the engine's measurement keeps; fp32 = measure fp32 "
+        "only; bf16/int8 = asked for without a check (int8 calibrated on 64 of your images). "
+        "Training is unaffected",
     )
     return g
 
@@ -157,6 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt-tune on at most N samples (default: fit hardware; 0 = all)",
     )
     p.add_argument("--no-tune", action="store_true", help="stop after the DINO labeller")
+    p.add_argument(
+        "--refine",
+        choices=list(TRANSDUCTIVE_METHODS),
+        default=None,
+        help="also label transductively from the stored vectors, in seconds and without training "
+        "(TransCLIP with its StatA safeguard, or ZLaP) into nola_transductive",
+    )
+    p.add_argument(
+        "--refine-from",
+        default=None,
+        metavar="FIELD",
+        help="start the refinement from this field's predictions (e.g. nola; TransCLIP only; default: zero-shot)",
+    )
     p.add_argument("--force", action="store_true", help="recompute stages even if up to date")
 
     p = sub.add_parser("auto-label-multilabel", help="multi-label (CDUL): global + local CLIP scores, classifier")

@@ -64,3 +64,38 @@ def lines_to(
             _active -= 1
             if _active == 0:
                 logger.setLevel(_saved_level)
+
+
+# Libraries whose own progress lines (a map's fitting, an evaluation's "Evaluating...") would
+# flood a run's output: while we call them, their records below WARNING go to our logger at DEBUG.
+LIBRARY_LOGGERS = ("fiftyone", "umap", "sklearn", "numba", "pynndescent")
+
+
+class _ToDebug(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        level = logging.DEBUG if record.levelno < logging.WARNING else record.levelno
+        logging.getLogger(f"{LOGGER}.libraries").log(level, "%s: %s", record.name, record.getMessage())
+
+
+@contextlib.contextmanager
+def quiet_libraries(names: tuple[str, ...] = LIBRARY_LOGGERS) -> Iterator[None]:
+    """Route the named libraries' log lines through our logger meanwhile: below WARNING at DEBUG,
+    warnings and errors as they are."""
+    handler = _ToDebug()
+    saved = {}
+    with _level_lock:
+        for name in names:
+            lg = logging.getLogger(name)
+            saved[name] = (lg.propagate, lg.level)
+            lg.addHandler(handler)
+            lg.propagate = False
+            if lg.getEffectiveLevel() > logging.INFO or lg.level == logging.NOTSET:
+                lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        with _level_lock:
+            for name, (propagate, level) in saved.items():
+                lg = logging.getLogger(name)
+                lg.removeHandler(handler)
+                lg.propagate, lg.level = propagate, level

@@ -12,6 +12,7 @@ from .panels import NolaPanel
 from .pipeline import AutoLabel
 from .review import ExportAccepted, MarkReviewed, PropagateCorrections, RetrainWithCorrections, ReviewLowConfidence
 from .sample_panel import NolaSampleReview
+from .transductive import TransductiveLabels
 
 OPERATORS = [
     ComputeEmbeddings,
@@ -30,6 +31,7 @@ OPERATORS = [
     ExportAccepted,
     AutoLabel,
     PropagateCorrections,
+    TransductiveLabels,
 ]
 PANELS = [NolaPanel, NolaSampleReview]
 

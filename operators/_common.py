@@ -128,8 +128,8 @@ def add_engine_inputs(inputs, config_cls) -> None:
         list(ENGINES),
         default=field_default(config_cls, "engine"),
         label="Inference engine",
-        description="auto: OpenVINO bf16 on CPUs with native bf16 when installed, else PyTorch; "
-        "openvino converts once and caches the model",
+        description="auto: measured on your images, PyTorch or OpenVINO (int8/bf16 where the CPU "
+        "has them), the fastest that agrees with PyTorch; openvino converts once and caches the model",
         view=types.DropdownView(),
     )
     inputs.enum(

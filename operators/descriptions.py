@@ -66,19 +66,15 @@ class GenerateDescriptions(foo.Operator):
     def execute(self, ctx):
         p = ctx.params
         classes = resolve_classes(c.classes_param(ctx), ctx.dataset)
-        source = p.get("source", "llm")
-        if source == "file":
-            ds = dsc.load_descriptions(p["import_file"], classes)
-        elif source == "templates":
-            ds = dsc.template_descriptions(classes)
-        else:
-            cfg = c.given(
-                dsc.DescribeConfig,
-                model=c.text(ctx, "llm_model"),
-                host=c.text(ctx, "ollama_host"),
-                answers_per_question=p.get("answers_per_question"),
-            )
-            ds = dsc.generate_descriptions(classes, cfg, progress=c.progress_fn(ctx))
+        llm = c.given(
+            dsc.DescribeConfig,
+            model=c.text(ctx, "llm_model"),
+            host=c.text(ctx, "ollama_host"),
+            answers_per_question=p.get("answers_per_question"),
+        )
+        ds = dsc.describe_classes(
+            classes, p.get("source", "llm"), p.get("import_file"), llm, progress=c.progress_fn(ctx)
+        )
         path = dsc.save_descriptions(ds, p["output_file"])
         summary = {
             "classes": len(classes),

@@ -5,13 +5,13 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fiftyone_nola.core.device import resolve_device
+from fiftyone_nola.core.config import bounds
 from fiftyone_nola.core.dino_labeler import DinoLabelerConfig
 from fiftyone_nola.core.names import PREDICTIONS_FIELD
 from fiftyone_nola.core.prompt_tuning import TuneConfig
 from fiftyone_nola.stages import nola as labeling
 from fiftyone_nola.stages.evaluation import evaluate_single_label, free_eval_key
-from fiftyone_nola.stages.reuse import tune_settings
+from fiftyone_nola.stages.nola import tune_settings
 from fiftyone_nola.stages.validation import check_params
 
 from . import _common as c
@@ -141,7 +141,7 @@ class DinoLabels(foo.Operator):
                 if p.get("trusted_field")
                 else None,
                 outputs={"label_field": c.arg_param(ctx, "label_field", labeling.dino_labels)},
-                ranges={"epochs": (p.get("epochs"), 1, 100_000, True)},
+                ranges={"epochs": (p.get("epochs"), *bounds(DinoLabelerConfig, "epochs").range)},
             ),
         )
         return types.Property(inputs, view=types.View(label="DINO pseudo-labels"))
@@ -216,30 +216,17 @@ class TunePrompts(foo.Operator):
 
     def execute(self, ctx):
         lines: list = []
-        samples = c.target_samples(ctx)
-        device = resolve_device(c.device_param(ctx))
-        cfg = tune_settings(tune_config(ctx), device)
-        field = c.arg_param(ctx, "label_field", labeling.predict)
         with c.collected_log(lines):
-            s = labeling.tune_prompts(
-                samples,
+            s = labeling.tune_and_predict(
+                c.target_samples(ctx),
+                c.clip_spec(ctx),
+                tune_settings(tune_config(ctx), c.device_param(ctx)),
+                predict_config(ctx),
+                c.arg_param(ctx, "label_field", labeling.predict),
                 c.arg_param(ctx, "zeroshot_field", labeling.dino_labels),
                 c.arg_param(ctx, "teacher_field", labeling.tune_prompts),
-                c.clip_spec(ctx),
-                cfg,
-                run_name=field,
                 progress=c.progress_fn(ctx),
             )
-            s2 = labeling.predict(
-                samples,
-                s["model_dir"],
-                c.clip_spec(ctx),
-                field,
-                config=predict_config(ctx),
-                device=str(device),
-                progress=c.progress_fn(ctx),
-            )
-        s = {**s, "labelled": s2["labelled"], "field": field}
         return {"summary": c.markdown_summary("Prompt tuning", s, lines), "result": c.jsonable(s)}
 
     def resolve_output(self, ctx):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
+from fiftyone_nola.core.cdul import TrainConfig
+from fiftyone_nola.core.config import bounds
 from fiftyone_nola.stages.cdul import (
     MultiLabelConfig,
     evaluate_multilabel_stages,
@@ -127,7 +129,7 @@ class TrainMultiLabel(foo.Operator):
                 },
                 outputs={"pred_field": c.text(ctx, "pred_field", _default("pred_field"))},
                 output_type="Classifications",
-                ranges={"epochs": (p.get("epochs"), 1, 100_000, True)},
+                ranges={"epochs": (p.get("epochs"), *bounds(TrainConfig, "epochs").range)},
             ),
         )
         return types.Property(inputs, view=types.View(label="Train multi-label classifier"))
@@ -185,10 +187,6 @@ class EvaluateMultiLabel(foo.Operator):
         ev = evaluate_multilabel_stages(c.target_samples(ctx), _config(ctx))
         table = "\n".join(f"| {k} | {v['mAP']:.4f} | {v['classes_evaluated']} |" for k, v in ev.items())
         md = "### mAP\n| stage | mAP | classes |\n|---|---|---|\n" + table
-        ctx.dataset.info["nola_multilabel_eval"] = c.jsonable(
-            {k: {kk: vv for kk, vv in v.items()} for k, v in ev.items()}
-        )
-        ctx.dataset.save()
         return {"summary": md, "result": c.jsonable({k: v["mAP"] for k, v in ev.items()})}
 
     def resolve_output(self, ctx):

@@ -6,11 +6,15 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_nola.core.prompt_tuning import TuneConfig
+from fiftyone_nola.core.transductive import METHODS as TRANSDUCTIVE_METHODS
+from fiftyone_nola.core.transductive import TransductiveConfig
 from fiftyone_nola.pipeline import AutoLabelConfig, auto_label, summary_lines
 from fiftyone_nola.stages.nola import ZeroShotConfig
 from fiftyone_nola.stages.validation import Target, check_auto_label
 
 from . import _common as c
+
+REFINE_OFF = "off"
 
 
 def config(ctx) -> AutoLabelConfig:
@@ -32,6 +36,7 @@ def config(ctx) -> AutoLabelConfig:
         allow_template_fallback=p.get("allow_template_fallback"),
         device=c.device_param(ctx),
         gt_field=c.text(ctx, "gt_field"),
+        refine=TransductiveConfig(method=p["refine"]) if p.get("refine") not in (None, REFINE_OFF) else None,
     )
 
 
@@ -66,6 +71,13 @@ class AutoLabel(foo.Operator):
         c.add_random_init_input(inputs)
         inputs.bool("tune", default=not c.field_default(AutoLabelConfig, "skip_tuning"), label="Prompt tuning")
         inputs.int("epochs", required=False, label="Tuning epochs (blank: fit hardware)")
+        inputs.enum(
+            "refine",
+            [REFINE_OFF, *TRANSDUCTIVE_METHODS],
+            default=REFINE_OFF,
+            label="Also transductive labels (seconds, no training)",
+            description="TransCLIP (StatA safeguard) or ZLaP from the stored vectors into nola_transductive",
+        )
         c.add_field_choice(
             ctx, inputs, "gt_field", "Ground truth for evaluation (optional)", default=None, required=False
         )

@@ -482,8 +482,8 @@ class PropagateCorrections(foo.Operator):
                         label=f"{r['corrections']} corrections would suggest labels for {r['suggested']} neighbours"
                     ),
                 )
-            except Exception:
-                pass
+            except Exception as e:  # a preview is a courtesy: the form still runs; execute reports errors
+                logger.debug("propagation preview failed: %s", e)
         return types.Property(inputs, view=types.View(label="Propagate corrections"))
 
     def execute(self, ctx):

@@ -271,8 +271,8 @@ def _assert_same(got: dict, want: dict) -> None:
 
 
 def _processed(out: str) -> dict:
-    line = next(x for x in out.splitlines() if "processed per stage:" in x)
-    return {k: int(v) for k, v in (p.rsplit(" ", 1) for p in line.split("processed per stage: ", 1)[1].split(", "))}
+    line = next(x for x in out.splitlines() if "processed per step:" in x)
+    return {k: int(v) for k, v in (p.rsplit(" ", 1) for p in line.split("processed per step: ", 1)[1].split(", "))}
 
 
 @pytest.fixture(scope="module")

@@ -154,7 +154,7 @@ def test_sigkill_at_every_stage_then_resume_matches_uninterrupted(make_dataset):
 
     # 3. killed during prompt tuning, after epoch 1's checkpoint and before epoch 2's
     out = _killed(_run_child(ds.name, "log:epoch 2/3"))
-    assert "0 to embed" in out and "[zeroshot] up to date" not in out  # redone, not trusted
+    assert "[embeddings:clip] up to date: reused" in out and "[zeroshot] up to date" not in out  # redone, not trusted
     _assert_valid(ds, n)
     assert ds.count("nola_zeroshot.label") == n
 
@@ -167,7 +167,7 @@ def test_sigkill_at_every_stage_then_resume_matches_uninterrupted(make_dataset):
     # 5. an uninterrupted re-run completes: same labels as the run that was never killed
     r = _run_child(ds.name, "none")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "[zeroshot] up to date: reused" in r.stdout and "[dino] up to date: reused" in r.stdout
+    assert "[zeroshot] up to date: reused" in r.stdout and "[dino_labeler] up to date: reused" in r.stdout
     ds.reload()
     ref.reload()
     for f in FIELDS:

@@ -11,6 +11,7 @@ from conftest import tiny_pipeline_config
 from fiftyone_nola.core.embed import EmbedConfig
 from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec
 from fiftyone_nola.pipeline import auto_label
+from fiftyone_nola.stages import review as rv
 from fiftyone_nola.stages import runs
 from fiftyone_nola.stages.brain_runs import similarity_key
 from fiftyone_nola.stages.nola import dino_labels, zero_shot
@@ -27,7 +28,8 @@ def test_auto_label_end_to_end_then_resume(cifar_dataset, caplog):
         conf = np.array(cifar_dataset.values(f"{f}.confidence"))
         assert np.all((conf > 0) & (conf <= 1)), f
         assert set(cifar_dataset.distinct(f"{f}.label")) <= set(CLASSES)
-    assert set(s["seconds_per_stage"]) >= {"embeddings", "zeroshot", "dino_labeler", "prompt_tuning", "predict"}
+    steps = {"embeddings:clip", "embeddings:dino", "zeroshot", "dino_labeler", "prompt_tuning", "predict"}
+    assert set(s["seconds_per_stage"]) >= steps | {"checks", "plan", "review", "app:clip", "evaluate"}
     assert 0.0 <= s["evaluation"]["nola"]["accuracy"] <= 1.0
     for key in ("nola_zeroshot", "nola_dino", "nola_model", "nola"):
         assert runs.get_run(cifar_dataset, key) is not None, key
@@ -41,8 +43,8 @@ def test_auto_label_end_to_end_then_resume(cifar_dataset, caplog):
     caplog.clear()
     auto_label(cifar_dataset, CLASSES, tiny_pipeline_config(skip_tuning=True))
     text = "\n".join(caplog.messages)
-    assert "[zeroshot] up to date: reused" in text and "[dino] up to date: reused" in text
-    assert "0 to embed" in text
+    assert "[zeroshot] up to date: reused" in text and "[dino_labeler] up to date: reused" in text
+    assert "[embeddings:clip] up to date: reused" in text
 
 
 @pytest.mark.integration
@@ -119,3 +121,36 @@ def test_retuning_after_the_teacher_changed_starts_over(cifar_dataset, caplog):
     cfg = TuneConfig(epochs=1, batch_size=8, max_samples=24, num_workers=0, device="cpu")
     s = tune_prompts(cifar_dataset, clip=tiny_clip_spec(), config=cfg)
     assert "starting over" in "\n".join(caplog.messages) and s["selected_epoch"] == 1
+
+
+@pytest.mark.integration
+def test_transductive_refinement_is_a_pipeline_step_reused_until_its_inputs_change(cifar_dataset):
+    """--refine: transductive labels after the stages, from the stored vectors; planned like every
+    step (reused on a re-run, redone when zero-shot is); the operator and the CLI reach it."""
+    import fiftyone.operators as foo
+
+    from fiftyone_nola.cli import auto_label_config, build_parser
+    from fiftyone_nola.core.transductive import TransductiveConfig
+
+    cfg = tiny_pipeline_config(skip_tuning=True, refine=TransductiveConfig(method="transclip"))
+    s = auto_label(cifar_dataset, CLASSES, cfg)
+    n = len(cifar_dataset)
+    assert s["processed"]["refine"] == n and cifar_dataset.count("nola_transductive.label") == n
+    assert rv.settings(cifar_dataset)["field"] == "nola_transductive"  # the run's last word is reviewed
+    again = auto_label(cifar_dataset, CLASSES, cfg)
+    assert {r["stage"]: r["action"] for r in again["plan"]}["refine"] == "reuse"
+    redo = auto_label(
+        cifar_dataset,
+        CLASSES,
+        tiny_pipeline_config(skip_tuning=True, refine=TransductiveConfig(), zeroshot={"include_templates": False}),
+    )
+    assert {r["stage"]: r["action"] for r in redo["plan"]}["refine"] == "run"
+    rows = {r["stage"]: r for r in stage_status(cifar_dataset)}
+    assert rows["Transductive"]["state"] == "fresh"
+    r = foo.execute_operator(
+        "@fiftyone-nola/nola/transductive_labels",
+        ctx={"dataset": cifar_dataset, "params": {"method": "zlap", "label_field": "nola_zlap"}},
+    )
+    assert r.error is None and cifar_dataset.count("nola_zlap.label") == n
+    args = build_parser().parse_args(["auto-label", "--images", "x", "--classes", "a,b", "--refine", "zlap"])
+    assert auto_label_config(args, None, None).refine == TransductiveConfig(method="zlap")

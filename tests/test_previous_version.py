@@ -131,6 +131,9 @@ def test_rerun_with_the_same_settings_reuses_every_stage(v0_1_dataset):
         "dino_labeler": ("reuse", 0),
         "prompt_tuning": ("reuse", 0),
         "predict": ("reuse", 0),
+        "review": ("run", 0),  # 0.1 flagged with other tags: the queue is built once
+        "app:clip": ("run", 0),  # and its App runs recorded no store state: registered again
+        "app:dino": ("run", 0),
     }
     again = auto_label(ds, manifest["classes"], config)
     assert again["processed"] == {

@@ -555,3 +555,23 @@ def test_engine_form_fields_default_to_the_config_and_pass_only_what_was_set():
     assert _config(SimpleNamespace(params={})) == EmbedConfig()
     cfg = _config(SimpleNamespace(params={"engine": "openvino", "precision": "int8"}))
     assert (cfg.engine, cfg.precision) == ("openvino", "int8")
+
+
+@pytest.mark.integration
+def test_value_bounds_are_declared_once_and_every_door_applies_them(dataset, no_embedding, capsys):
+    """Epochs were <= 10,000 in the validation pass, <= 100,000 in the CLI's `tune` and the forms:
+    the bounds live on the config fields now, and the CLI, the forms and the validation read them."""
+    from fiftyone_nola.cli import main
+    from fiftyone_nola.core.config import bounds
+    from fiftyone_nola.core.models import tiny_clip_spec, tiny_dino_spec
+    from fiftyone_nola.core.prompt_tuning import TuneConfig
+    from fiftyone_nola.pipeline import AutoLabelConfig
+    from fiftyone_nola.stages.validation import Target, check_auto_label
+
+    too_many = bounds(TuneConfig, "epochs").hi + 1
+    cfg = AutoLabelConfig(clip=tiny_clip_spec(), dino=tiny_dino_spec(), tune=TuneConfig(epochs=too_many))
+    assert "tune_epochs" in {p.input for p in check_auto_label(Target(samples=dataset), CLASSES, cfg).errors}
+    code = main(["tune", "--dataset", dataset.name, "--epochs", str(too_many), "--check", "--device", "cpu"])
+    assert code == 2 and "tune_epochs" in capsys.readouterr().err
+    errs = _errors(_run_op("dino_labels", dataset, epochs=0, **TINY_OP))
+    assert "epochs" in errs

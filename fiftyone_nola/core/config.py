@@ -7,7 +7,7 @@ import dataclasses
 import enum
 import math
 from pathlib import PurePath
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -87,3 +87,31 @@ def given_in(cls, part: str, **values):
     """The default of config ``cls``'s nested config ``part``, with the values a user gave."""
     default = {f.name: f for f in dataclasses.fields(cls)}[part].default_factory()
     return dataclasses.replace(default, **{k: v for k, v in values.items() if v is not None})
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The values a config field accepts: ``lo`` <= v <= ``hi`` (None: open), whole numbers when
+    ``integer``; ``what`` names it in messages. Declared once on the field, read by the CLI, the
+    App's forms and the validation pass alike."""
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    integer: bool = False
+    what: str = ""
+
+    @property
+    def range(self) -> tuple:
+        """``(lo, hi, integer)``, the shape the validation's ranges take."""
+        return self.lo, self.hi, self.integer
+
+
+def bounded(default: Any = None, lo=None, hi=None, integer: bool = False, what: str = "") -> Any:
+    """A dataclass field with its accepted values declared (see :class:`Bounds`)."""
+    return dataclasses.field(default=default, metadata={"bounds": Bounds(lo, hi, integer, what)})
+
+
+def bounds(cls, name: str) -> Bounds:
+    """The declared bounds of field ``name`` of config ``cls`` (open if none were declared)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.metadata.get("bounds", Bounds())

@@ -7,6 +7,7 @@ model, so on a CPU the decode of batch i+1 overlaps inference of batch i. JPEG d
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from fiftyone_nola.core import device as dev
-from fiftyone_nola.core import engines
+from fiftyone_nola.core import engine_choice, engines, zeroshot
 from fiftyone_nola.core.data import DecodeOptions, ImageFileDataset, draft_size_for, file_fingerprint, make_loader
 from fiftyone_nola.core.models import LoadedModel
 from fiftyone_nola.core.progress import ProgressFn, null_progress
@@ -31,8 +32,8 @@ class EmbedConfig:
     batch_size: Optional[int] = None
     num_workers: Optional[int] = None
     device: Optional[str] = None
-    # auto: fp16/bf16 autocast on CUDA; on a CPU the engine's (bf16 with native bf16, else fp32).
-    # int8 (OpenVINO + NNCF, calibrated on the images being embedded) is opt-in only.
+    # auto: fp16/bf16 autocast on CUDA; on a CPU measured on the images being embedded
+    # (core/engine_choice.py: int8/bf16 only where the CPU has them and they agree with fp32).
     precision: str = "auto"
     engine: str = "auto"  # auto | torch | openvino (core/engines.py; NOLA_ENGINE overrides auto)
     allow_mixed_engines: bool = False  # let a store hold vectors of several engines/precisions
@@ -70,15 +71,19 @@ def engine_module(model: LoadedModel) -> torch.nn.Module:
     return engines.Forward(model.model, model.encode_image)
 
 
+def _evenly(paths: Sequence[str], n: int) -> list[str]:
+    paths = list(paths)
+    if not paths or n <= 0:
+        return []
+    return [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, min(n, len(paths))).astype(int))]
+
+
 def calibration_images(
     filepaths: Sequence[str], transform, draft_size: Optional[int] = None, n: int = engines.CALIBRATION_IMAGES
 ) -> Callable[[], Iterator[torch.Tensor]]:
     """A callable yielding up to ``n`` preprocessed images spread evenly over ``filepaths``
     (int8 calibration on the user's own images); unreadable files are skipped."""
-    paths = list(filepaths)
-    picks = (
-        [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, min(n, len(paths))).astype(int))] if paths else []
-    )
+    picks = _evenly(filepaths, n)
 
     def batches() -> Iterator[torch.Tensor]:
         ds = ImageFileDataset(picks, transform, DecodeOptions(draft_size=draft_size))
@@ -87,32 +92,79 @@ def calibration_images(
             if err is None:
                 yield t.unsqueeze(0)
 
-    # An int8 model is only as good as its calibration images: they are part of its cache key.
+    # Which images an int8 model was calibrated on (recorded in its meta.json).
     batches.fingerprint = hashlib.sha256(
         json.dumps([[p, file_fingerprint(p)] for p in picks] + [draft_size]).encode()
     ).hexdigest()[:16]
     return batches
 
 
+def with_images(
+    probe: engine_choice.Probe,
+    filepaths: Sequence[str],
+    transform,
+    draft_size: Optional[int] = None,
+    num_workers: int = 0,
+    dataset: Optional[Callable[[list[str]], torch.utils.data.Dataset]] = None,
+    n_check: int = engine_choice.CHECK_IMAGES,
+) -> engine_choice.Probe:
+    """``probe`` measuring on the user's images: ``n_check`` check images and
+    :data:`engines.CALIBRATION_IMAGES` int8 calibration images, disjoint, spread evenly over
+    ``filepaths`` and decoded only if a measurement happens. ``dataset(paths)`` replaces the
+    check images' dataset (one whose batches are the model's inputs, e.g. crops)."""
+    picks = _evenly(filepaths, n_check + engines.CALIBRATION_IMAGES)
+    calib = picks[::3] if len(picks) > 1 else []  # one in three: 64 of 192
+    check_paths = [p for i, p in enumerate(picks) if i % 3 or len(picks) == 1][:n_check]
+    make = dataset or (lambda ps: ImageFileDataset(ps, transform, DecodeOptions(draft_size=draft_size)))
+
+    def check(n: Optional[int] = None) -> torch.Tensor:
+        n = min(n or engine_choice.CHECK_IMAGES, engine_choice.CHECK_IMAGES)
+        # A custom dataset's items may differ in size (crops of small images): one per batch.
+        loader = make_loader(make(check_paths), 1 if dataset else min(n, probe.batch_size), min(num_workers, 2))
+        parts, got = [], 0
+        for _, b, _ in loader:
+            if b is not None:
+                parts.append(b.reshape(-1, *b.shape[-3:]))
+                got += len(parts[-1])
+            if got >= n:
+                break
+        return torch.cat(parts)[:n] if parts else torch.zeros(0)
+
+    return dataclasses.replace(
+        probe, check=check, calibration=calibration_images(calib, transform, draft_size, n=len(calib))
+    )
+
+
+def _class_weights(model: LoadedModel, classes: Optional[Sequence[str]]) -> Optional[Callable[[], np.ndarray]]:
+    """The zero-shot check's class texts ("a photo of a {c}."), encoded only if measured."""
+    if not classes or model.family != "clip" or model.tokenizer is None:
+        return None
+    return lambda: zeroshot.encode_texts(model, [f"a photo of a {c}." for c in classes], device="cpu")
+
+
 def prepare_encoder(
-    model: LoadedModel, config: EmbedConfig, filepaths: Sequence[str] = (), log: Callable[[str], None] = print
+    model: LoadedModel,
+    config: EmbedConfig,
+    filepaths: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+    classes: Optional[Sequence[str]] = None,
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], engines.EngineChoice]:
     """``(encode, choice)``: the forward that will embed ``filepaths`` and what runs it.
 
-    OpenVINO models are converted once and cached on disk; a failure falls back to PyTorch
-    (one warning), which ``choice`` then says.
+    ``engine="auto"`` on a CPU is decided by measurement on ``filepaths`` (once per model and
+    CPU, cached; with ``classes`` the check includes zero-shot top-1 agreement on them). OpenVINO
+    models are converted once and cached on disk; a failure falls back to PyTorch (one
+    warning), which ``choice`` then says.
     """
     cfg = config.resolved()
     device = torch.device(cfg.device)
     choice = engines.resolve(cfg.engine, cfg.precision, device)
     draft = draft_size_for(model.image_size, cfg.draft_decode)
-    runner, choice = engines.load_engine_model(
-        engine_module(model),
-        model.identity,
-        (3, model.image_size, model.image_size),
-        choice,
-        calibration=calibration_images(filepaths, model.transform, draft),
-        log=log,
+    agree = engine_choice.embedding_agreement(_class_weights(model, classes))
+    probe = engine_choice.Probe(agree, "embeddings", len(filepaths), cfg.batch_size)
+    probe = with_images(probe, filepaths, model.transform, draft, cfg.num_workers)
+    runner, choice = engine_choice.select(
+        engine_module(model), model.identity, (3, model.image_size, model.image_size), choice, probe, log=log
     )
     if runner is not None:
         return runner, choice

@@ -1,25 +1,28 @@
 """Inference engines for the forward passes that do not train (no FiftyOne here).
 
 ``engine`` is ``auto`` | ``torch`` | ``openvino``; ``precision`` is ``auto`` | ``fp32`` |
-``bf16`` | ``fp16`` | ``int8``. :func:`resolve` turns the pair into what actually runs:
+``bf16`` | ``fp16`` | ``int8``. :func:`resolve` turns the pair into what runs:
 
-* ``auto`` on a CPU with native bf16 (avx512_bf16 / AMX): OpenVINO in bf16 when it is installed
-  (``pip install 'fiftyone-nola[openvino]'``; 2.6-3.2x PyTorch fp32 at cosine 0.99995). On other
-  CPUs, or without OpenVINO: PyTorch fp32, because OpenVINO fp32 measured at parity with it on an
-  AVX2-only CPU (``engine="openvino"`` still runs it there). On CUDA (or MPS): PyTorch with AMP.
-* ``int8`` is opt-in only: NNCF post-training quantisation calibrated on a sample of the
-  caller's own images (pretrained weights have activation outliers random ones lack, so its
-  accuracy must be checked on real weights before it could be a default).
+* ``auto`` on a CPU with OpenVINO installed (``pip install 'fiftyone-nola[openvino]'``): decided
+  by measurement on the caller's own images (:mod:`fiftyone_nola.core.engine_choice`): PyTorch
+  fp32, OpenVINO fp32, bf16 where the CPU has it natively and int8 where it has VNNI/AMX
+  (:mod:`fiftyone_nola.core.cpu_isa`), the fastest that agrees with PyTorch fp32. Without
+  OpenVINO: PyTorch fp32. On CUDA (or MPS): PyTorch with AMP.
+* An explicit precision is obeyed without measurement (``int8``: NNCF post-training
+  quantisation calibrated on a sample of the caller's images; ``bf16`` runs fp32, with a
+  warning, on CPUs without native bf16).
 * ``NOLA_ENGINE`` / ``NOLA_PRECISION`` replace ``auto`` process-wide (``NOLA_ENGINE=torch``
   turns the engine off everywhere; the CLI's ``--engine`` sets it).
 
 :func:`load_engine_model` converts a module once (``torch.onnx.export`` with the dynamo
-exporter, opset 18, dynamic batch, then ``openvino.convert_model`` of the ONNX file, plus NNCF
-for int8) into an OpenVINO IR cached under ``$NOLA_HOME/engines``. The cache key covers the
-model identity, a fingerprint of its actual weights, the input size, the IR precision and the
-library versions, so any change rebuilds it; entries are written to a temporary folder that is
-renamed into place (atomic, shared by concurrent processes). bf16 is an execution hint on the
-fp32 IR (no second conversion). Any failure falls back to PyTorch with one warning.
+exporter, opset 18, dynamic batch, then ``openvino.convert_model`` of the ONNX file; int8 is
+NNCF applied to that fp32 IR) into an OpenVINO IR cached under ``$NOLA_HOME/engines``. The
+cache key covers the model identity, a fingerprint of its actual weights, the input size, the
+IR precision and the library versions, so any change rebuilds it; entries are written to a
+temporary folder that is renamed into place (atomic, shared by concurrent processes). An int8
+IR is calibrated once per model, on the images of the first job that needs it (recorded in its
+``meta.json``), not once per dataset. bf16 is an execution hint on the fp32 IR. Any failure
+falls back to PyTorch with one warning.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -44,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fiftyone_nola.core import cpu_isa as isa
 from fiftyone_nola.core.errors import InvalidInputError
 from fiftyone_nola.core.storage import nola_home
 
@@ -51,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "openvino")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
-FORMAT_VERSION = 1  # bump when the conversion recipe changes: every cached IR is rebuilt
+FORMAT_VERSION = 2  # bump when the conversion recipe changes: every cached IR is rebuilt
 CALIBRATION_IMAGES = 64  # NNCF int8 calibration sample (the issue's measurement used 64 crops)
 ONNX_OPSET = 18
 
@@ -62,11 +66,14 @@ class EngineFallbackWarning(RuntimeWarning):
 
 @dataclass(frozen=True)
 class EngineChoice:
-    """What runs a forward pass: ``engine`` (torch | openvino) at ``precision``."""
+    """What runs a forward pass: ``engine`` (torch | openvino) at ``precision``; ``auto``
+    (engine and precision) until :func:`engine_choice.select` has measured; ``measured`` holds
+    that measurement (choice, figures, image count) when it decided."""
 
     engine: str
-    precision: str  # fp32 | bf16 | fp16 | int8
+    precision: str  # fp32 | bf16 | fp16 | int8 (auto | fp32 for an engine="auto" to measure)
     reason: str = ""
+    measured: Optional[dict] = field(default=None, compare=False, hash=False)
 
     @property
     def tag(self) -> str:
@@ -74,7 +81,10 @@ class EngineChoice:
 
     def record(self) -> dict:
         """What a store's metadata keeps about the vectors this choice produced."""
-        return {"engine": self.engine, "precision": self.precision, "versions": library_versions(self.engine)}
+        out = {"engine": self.engine, "precision": self.precision, "versions": library_versions(self.engine)}
+        if self.measured is not None:
+            out["auto"] = self.measured
+        return out
 
 
 # ----------------------------------------------------------------------------- availability
@@ -92,29 +102,14 @@ def openvino_available() -> bool:
     try:
         _import_openvino()
         return True
-    except Exception:  # ImportError, or a broken install raising anything else
+    except Exception as e:  # ImportError, or a broken install raising anything else
+        logger.debug("OpenVINO is not usable here: %s: %s", type(e).__name__, e)
         return False
 
 
-_BF16: dict = {}
-
-
 def cpu_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (avx512_bf16 or AMX); ``NOLA_CPU_BF16=0/1`` overrides."""
-    env = os.environ.get("NOLA_CPU_BF16", "").strip().lower()
-    if env in {"0", "1", "true", "false", "yes", "no"}:
-        return env in {"1", "true", "yes"}
-    if "v" not in _BF16:
-        flags = ""
-        with contextlib.suppress(OSError):
-            flags = Path("/proc/cpuinfo").read_text()
-        native = "avx512_bf16" in flags or "amx_bf16" in flags
-        if not native and openvino_available():
-            with contextlib.suppress(Exception):
-                caps = _import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-                native = "BF16" in caps
-        _BF16["v"] = native
-    return _BF16["v"]
+    """Whether this CPU computes bf16 natively (avx512_bf16 or AMX; ``NOLA_CPU_ISA`` overrides)."""
+    return isa.cpu_isa() in isa.BF16_ISAS
 
 
 def library_versions(engine: str = "openvino") -> dict:
@@ -206,10 +201,8 @@ def resolve(engine: str = "auto", precision: str = "auto", device="cpu") -> Engi
     if precision == "bf16" and not native:
         warn_once("This CPU has no native bf16 (avx512_bf16/AMX): running fp32 instead")
         precision = "fp32"
-    if engine == "auto" and not native and precision in ("auto", "fp32"):
-        # Measured on an AVX2-only CPU: OpenVINO fp32 does the same arithmetic as PyTorch
-        # (1.0-1.3x fewer CPU seconds) and its conversions are not paid back on a first run.
-        return EngineChoice("torch", "fp32", "no native bf16: OpenVINO fp32 is at parity with PyTorch")
+    if engine == "auto" and precision in ("auto", "fp32"):
+        return EngineChoice("auto", precision, "measured on the caller's images (core/engine_choice.py)")
     if precision == "auto":
         precision = "bf16" if native else "fp32"
     return EngineChoice("openvino", precision, "OpenVINO on a CPU")
@@ -315,35 +308,63 @@ def _to_batches(calibration: Iterable) -> list[np.ndarray]:
     return out
 
 
-def _convert(
-    module: nn.Module, input_size: tuple, ir: str, workdir: Path, calibration: Optional[Callable[[], Iterable]]
-) -> dict:
-    """Write ``model.xml``/``.bin`` into ``workdir``; return facts for its meta.json."""
+def _convert_fp32(module: nn.Module, input_size: tuple, workdir: Path) -> dict:
+    """Write the fp32 ``model.xml``/``.bin`` of ``module`` into ``workdir``."""
     ov = _import_openvino()
-    module = module.eval()
     onnx_path = workdir / "model.onnx"
-    _export_onnx(module, input_size, onnx_path)
-    ov_model = ov.convert_model(str(onnx_path))
-    facts: dict = {}
-    if ir == "int8":
-        import nncf
+    _export_onnx(module.eval(), input_size, onnx_path)
+    ov.save_model(ov.convert_model(str(onnx_path)), str(workdir / "model.xml"), compress_to_fp16=False)
+    return {}
 
-        if calibration is None:
-            raise RuntimeError("int8 needs calibration images and none were given")
-        items = _to_batches(calibration())
-        if not items:
-            raise RuntimeError("int8 calibration got no readable images")
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            ov_model = nncf.quantize(
-                ov_model, nncf.Dataset(items), subset_size=len(items), model_type=nncf.ModelType.TRANSFORMER
-            )
-        facts["calibration_images"] = len(items)
-    ov.save_model(ov_model, str(workdir / "model.xml"), compress_to_fp16=False)
-    for p in workdir.iterdir():
-        if p.name not in ("model.xml", "model.bin"):
-            p.unlink() if p.is_file() else shutil.rmtree(p, ignore_errors=True)
-    return facts
+
+def _quantize(fp32_dir: Path, workdir: Path, calibration: Optional[Callable[[], Iterable]]) -> dict:
+    """Write the int8 IR of the fp32 IR in ``fp32_dir`` (NNCF, calibrated on ``calibration()``)."""
+    import nncf
+
+    ov = _import_openvino()
+    if calibration is None:
+        raise RuntimeError("int8 needs calibration images and none were given")
+    items = _to_batches(calibration())
+    if not items:
+        raise RuntimeError("int8 calibration got no readable images")
+    model = ov.Core().read_model(str(fp32_dir / "model.xml"))
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        model = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items), model_type=nncf.ModelType.TRANSFORMER)
+    ov.save_model(model, str(workdir / "model.xml"), compress_to_fp16=False)
+    return {
+        "calibration_images": len(items),
+        "calibration": getattr(calibration, "fingerprint", None),  # which images (not part of the key)
+    }
+
+
+def _build(path: Path, key: dict, make: Callable[[Path], dict], log: Callable[[str], None], name: str) -> None:
+    """Create the cache entry ``path`` with ``make(workdir)`` unless it exists (atomic rename)."""
+    if (path / "model.xml").is_file() and (path / "meta.json").is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        t0 = time.perf_counter()
+        CONVERSIONS["count"] += 1
+        facts = make(work)
+        seconds = time.perf_counter() - t0
+        for p in work.iterdir():
+            if p.name not in ("model.xml", "model.bin"):
+                p.unlink() if p.is_file() else shutil.rmtree(p, ignore_errors=True)
+        meta = {**key, **facts, "conversion_seconds": round(seconds, 2)}
+        (work / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        for f in work.iterdir():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        try:
+            os.rename(work, path)  # atomic; another process may have won the race
+        except OSError:
+            if not (path / "meta.json").is_file():
+                raise
+        log(f"[engine] converted {name} to OpenVINO {key['ir']} in {seconds:.1f}s (once; cached in {path})")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 class EngineModel:
@@ -355,6 +376,11 @@ class EngineModel:
         self.path = path
         self.threads = threads
         self._req = compiled.create_infer_request()
+
+    @property
+    def meta(self) -> dict:
+        """The cache entry's ``meta.json`` (key, calibration, conversion seconds)."""
+        return json.loads((self.path / "meta.json").read_text())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         a = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
@@ -380,6 +406,14 @@ def clear_loaded() -> None:
     _LOADED.clear()
 
 
+def entry_path(module: nn.Module, identity: dict, input_size: tuple, ir: str, root=None) -> tuple[Path, dict]:
+    """``(cache folder, key)`` of ``module``'s converted model at IR precision ``ir`` (fp32 | int8)."""
+    key = cache_key(identity, tuple(input_size), ir, weights_fingerprint(module))
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    name = _safe(str(identity.get("key") or identity.get("name") or "model"))
+    return cache_root(root) / f"{name}-{ir}-{digest}", key
+
+
 def load_engine_model(
     module: nn.Module,
     identity: dict,
@@ -395,7 +429,7 @@ def load_engine_model(
 
     ``module(x)`` for ``x`` of shape ``(N, *input_size)`` is what gets converted; ``identity``
     names it (model key, weights id, tuned model id...); ``calibration()`` yields preprocessed
-    batches of the user's images (int8 only).
+    batches of the user's images (int8 only, the first time its IR is built).
     """
     if choice.engine != "openvino":
         return None, choice
@@ -403,46 +437,22 @@ def load_engine_model(
     threads = int(threads or default_threads())
     name = _safe(str(identity.get("key") or identity.get("name") or "model"))
     try:
-        key = cache_key(identity, tuple(input_size), ir, weights_fingerprint(module))
-        if ir == "int8":
-            key["calibration"] = getattr(calibration, "fingerprint", None)
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        base = cache_root(root)
-        path = base / f"{name}-{ir}-{digest}"
+        fp32_path, fp32_key = entry_path(module, identity, input_size, "fp32", root)
+        path, key = (fp32_path, fp32_key) if ir == "fp32" else entry_path(module, identity, input_size, ir, root)
         hit = _LOADED.get((str(path), choice.precision, threads))
         if hit is not None:
             return hit, choice
         ov = _import_openvino()
-        if not (path / "model.xml").is_file() or not (path / "meta.json").is_file():
-            base.mkdir(parents=True, exist_ok=True)
-            work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=base))
-            try:
-                t0 = time.perf_counter()
-                CONVERSIONS["count"] += 1
-                facts = _convert(module, tuple(input_size), ir, work, calibration)
-                seconds = time.perf_counter() - t0
-                (work / "meta.json").write_text(
-                    json.dumps({**key, **facts, "conversion_seconds": round(seconds, 2)}, indent=2, sort_keys=True)
-                )
-                for f in work.iterdir():
-                    with open(f, "rb+") as fh:
-                        os.fsync(fh.fileno())
-                try:
-                    os.rename(work, path)  # atomic; another process may have won the race
-                except OSError:
-                    if not (path / "meta.json").is_file():
-                        raise
-                log(f"[engine] converted {name} to OpenVINO {ir} in {seconds:.1f}s (once; cached in {path})")
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-        core = ov.Core()
-        ov_model = core.read_model(str(path / "model.xml"))
+        _build(fp32_path, fp32_key, lambda work: _convert_fp32(module, tuple(input_size), work), log, name)
+        if ir == "int8":
+            _build(path, key, lambda work: _quantize(fp32_path, work, calibration), log, name)
         config = {
             "INFERENCE_PRECISION_HINT": "bf16" if choice.precision == "bf16" else "f32",
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_NUM_THREADS": threads,
         }
-        compiled = core.compile_model(ov_model, "CPU", config)
+        core = ov.Core()
+        compiled = core.compile_model(core.read_model(str(path / "model.xml")), "CPU", config)
         model = EngineModel(compiled, choice, path, threads)
         _LOADED[(str(path), choice.precision, threads)] = model
         return model, choice

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
+import fiftyone as fo
 import numpy as np
 
 from fiftyone_nola.core.audit.designs import Design, queue_order
@@ -33,6 +34,12 @@ STRATUM_FIELD = "nola_audit_stratum"
 KEY_FIELD = "nola_audit_key"
 LABEL_FIELD = "nola_audit_label"
 AUDIT_FIELDS = (PI_FIELD, STRATUM_FIELD, KEY_FIELD, LABEL_FIELD)
+_FIELD_TYPES = {
+    PI_FIELD: fo.FloatField,
+    STRATUM_FIELD: fo.IntField,
+    KEY_FIELD: fo.FloatField,
+    LABEL_FIELD: fo.StringField,
+}
 RUN_KEY = "nola_audit"
 NO_LABEL = "(no label)"
 
@@ -117,26 +124,31 @@ def require_audit(samples) -> dict:
 
 
 def write_draw(samples, pool_ids: list, pi: np.ndarray, strata: np.ndarray, drawn: np.ndarray, u, labels) -> None:
-    """Write the pool's and the drawn samples' audit fields, and the tag."""
+    """Write the pool's and the drawn samples' audit fields, and the tag. The fields are declared
+    first and written raw (``fo_io.set_by_id``): the App server reloading its Dataset object
+    meanwhile made a new field vanish mid-write ('Dataset has no field nola_audit_pi')."""
+    from bson import ObjectId
+
     ds = fo_io.root_dataset(samples)
-    for start in range(0, len(pool_ids), fo_io.WRITE_CHUNK):
-        part = slice(start, start + fo_io.WRITE_CHUNK)
-        chunk = pool_ids[part]
-        ds.set_values(PI_FIELD, dict(zip(chunk, map(float, pi[part]))), key_field="id")
-        ds.set_values(STRATUM_FIELD, dict(zip(chunk, map(int, strata[part]))), key_field="id")
+    for f, kind in _FIELD_TYPES.items():
+        if not ds.has_sample_field(f):
+            ds.add_sample_field(f, kind)
+    fo_io.set_by_id(ds, PI_FIELD, dict(zip(pool_ids, map(float, pi))))
+    fo_io.set_by_id(ds, STRATUM_FIELD, dict(zip(pool_ids, map(int, strata))))
     ids = [pool_ids[i] for i in drawn]
-    ds.set_values(KEY_FIELD, dict(zip(ids, map(float, u))), key_field="id")
-    ds.set_values(LABEL_FIELD, dict(zip(ids, [labels[i] for i in drawn])), key_field="id")
-    fo_io.tag_samples(ds, ids, AUDIT_TAG)
+    fo_io.set_by_id(ds, KEY_FIELD, dict(zip(ids, map(float, u))))
+    fo_io.set_by_id(ds, LABEL_FIELD, dict(zip(ids, [labels[i] for i in drawn])))
+    fo_io.update_where(ds, {"_id": {"$in": [ObjectId(i) for i in ids]}}, {"$addToSet": {"tags": AUDIT_TAG}})
 
 
 def clear(samples) -> None:
-    """Forget the current audit's records (its samples keep their review decisions)."""
+    """Forget the current audit's records (its samples keep their review decisions; the fields
+    stay declared, emptied)."""
     ds = fo_io.root_dataset(samples)
-    ds.match_tags(AUDIT_TAG).untag_samples(AUDIT_TAG)
+    fo_io.update_where(ds, {"tags": AUDIT_TAG}, {"$pull": {"tags": AUDIT_TAG}})
     for f in AUDIT_FIELDS:
         if ds.has_sample_field(f):
-            ds.delete_sample_field(f)
+            fo_io.update_where(ds, {f: {"$exists": True}}, {"$unset": {f: ""}})
     runs.forget_run(ds, RUN_KEY)
 
 

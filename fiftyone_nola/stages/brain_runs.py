@@ -12,18 +12,47 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from fiftyone_nola.core.index import EmbeddingIndex
 from fiftyone_nola.core.models import ClipSpec
+from fiftyone_nola.core.storage import file_sha256
 from fiftyone_nola.stages import fo_io, runs
 from fiftyone_nola.stages.embeddings import embeddings_run_key
 
 logger = logging.getLogger(__name__)
 
 TSNE_MAX = 5000
+
+
+def app_run_key(family: str = "clip") -> str:
+    """Our record of the App runs registered on ``family``'s store (which store state they show)."""
+    return f"nola_app_{family}"
+
+
+def store_version(path) -> Optional[str]:
+    """A fingerprint of a store's saved state (its meta.json names every file and row count)."""
+    meta = Path(path) / "meta.json"
+    return file_sha256(meta)[:16] if meta.is_file() else None
+
+
+def app_runs_current(samples, family: str = "clip") -> tuple[bool, str]:
+    """``(current, why)``: whether the similarity run and map of ``family`` show its store as it
+    is (registered on this store version, and still there); no store: nothing to register."""
+    path = stored_index_path(samples, family)
+    if not path and runs.get_run(samples, embeddings_run_key(family)) is None:
+        return False, "after the embeddings are stored"
+    ds = fo_io.root_dataset(samples)
+    record = (runs.get_run(ds, app_run_key(family)) or {}).get("config") or {}
+    keys = [k for k in (record.get("similarity"), record.get("visualization")) if k]
+    if not record or not keys or any(k not in ds.list_brain_runs() for k in keys):
+        return False, "not registered yet"
+    if record.get("store_version") != store_version(path) or record.get("index_path") != path:
+        return False, "the store changed since"
+    return True, "registered on the store as it is"
 
 
 def similarity_key(family: str = "clip") -> str:
@@ -113,6 +142,7 @@ def register_brain_runs(samples, family: str = "clip", visualization: bool = Tru
             )
             out.update(visualization=viz_key, method=method)
         out["samples"] = len(kept)
+    runs.record_run(ds, app_run_key(family), "app", {**out, "index_path": path, "store_version": store_version(path)})
     logger.info(
         f"[brain] {family}: similarity run '{sim_key}'"
         + (f", {out.get('method')} map '{out.get('visualization')}'" if out.get("visualization") else "")

@@ -17,7 +17,7 @@ import numpy as np
 
 from fiftyone_nola.core import cdul as ml
 from fiftyone_nola.core.classes import ClassesArg, resolve_classes
-from fiftyone_nola.core.config import as_data, resolve
+from fiftyone_nola.core.config import as_data, bounded, resolve
 from fiftyone_nola.core.descriptions import SIMPLE_TEMPLATE
 from fiftyone_nola.core.device import resolve_device
 from fiftyone_nola.core.embed import EmbedConfig
@@ -26,7 +26,7 @@ from fiftyone_nola.core.progress import ProgressFn, null_progress
 from fiftyone_nola.core.text_cache import class_weights_from_texts
 from fiftyone_nola.stages import fo_io, runs
 from fiftyone_nola.stages.artifacts import aligned, has_array, save_array_bundle, stage_dir, stage_meta
-from fiftyone_nola.stages.evaluation import evaluate_multilabel
+from fiftyone_nola.stages.evaluation import evaluate_multilabel, record_evaluation
 from fiftyone_nola.stages.nola import ZeroShotConfig, class_descriptions
 from fiftyone_nola.stages.stage import StageRun
 
@@ -46,12 +46,12 @@ class MultiLabelConfig:
     single_template: bool = False  # CDUL's "a photo of a {c}." only, instead of CDE texts
     # Crop scoring (grid, batch, workers, engine); None fields fit the hardware.
     crop: ml.CropConfig = field(default_factory=lambda: ml.CropConfig(batch_size=16))
-    threshold_t: float = 0.0  # reproduction: t = 0 (plain max over crops) was best
+    threshold_t: float = bounded(0.0, 0.0, 1.0)  # reproduction: t = 0 (plain max over crops) was best
     aggregation: str = "avg"  # avg | lambda | global (global-only scores, no crops)
-    lam: float = 0.25
+    lam: float = bounded(0.25, 0.0, 1.0)
     rule: str = "relative"
-    ratio: float = 0.5
-    max_labels: Optional[int] = 10
+    ratio: float = bounded(0.5, 0.0, 1.0)
+    max_labels: Optional[int] = bounded(10, 1, None, True)
     # The head and its schedule; None fields fit the machine and are printed: CDUL's 100 epochs with
     # label updates every 10 after 10 warm-up epochs on a GPU, 30 / 3 / 3 on a CPU.
     train: ml.TrainConfig = field(default_factory=ml.TrainConfig)
@@ -233,7 +233,8 @@ def apply_multilabel(samples, config: Optional[MultiLabelConfig] = None) -> dict
 
 
 def evaluate_multilabel_stages(samples, config: MultiLabelConfig) -> dict:
-    """mAP of global-only, local, initial and trained scores against ``config.gt_field``."""
+    """mAP of global-only, local, initial and trained scores against ``config.gt_field``; recorded
+    on the dataset (the run ``nola_evaluation``), so an unchanged re-run reuses it."""
     ids, _ = fo_io.ids_and_paths(samples)
     d = stage_dir(samples, config.pseudo_field)
     classes = stage_meta(d, "multi-label pseudo-label")["classes"]
@@ -250,4 +251,5 @@ def evaluate_multilabel_stages(samples, config: MultiLabelConfig) -> dict:
         )
     for name, ev in out.items():
         logger.info(f"[evaluate] {name:<8} mAP {ev['mAP']:.4f} over {ev['classes_evaluated']} classes")
+    record_evaluation(samples, [config.pseudo_field, config.pred_field], config.gt_field, out)
     return out

@@ -14,8 +14,7 @@ from fiftyone_nola.core.names import CORRECTIONS_FIELD
 from fiftyone_nola.core.progress import ProgressFn, null_progress
 from fiftyone_nola.core.prompt_tuning import TuneConfig
 from fiftyone_nola.stages import fo_io
-from fiftyone_nola.stages.nola import dino_labels, predict, tune_prompts
-from fiftyone_nola.stages.reuse import tune_settings
+from fiftyone_nola.stages.nola import dino_labels, predict, tune_prompts, tune_settings
 
 logger = logging.getLogger(__name__)
 

@@ -62,20 +62,22 @@ def compute_embeddings(
     config: Optional[EmbedConfig] = None,
     overwrite: bool = False,
     progress: ProgressFn = null_progress,
+    classes: Optional[Sequence[str]] = None,
 ) -> dict:
     """Embed the images of ``samples`` with CLIP and/or DINO into on-disk FAISS stores.
 
     Returns a summary per family: counts embedded / reused / failed, seconds, images/s and
     the store's path. Unreadable images are skipped, counted and tagged ``nola:unreadable``.
+    ``classes``, when known, add zero-shot agreement to the CLIP engine's ``auto`` check.
     """
     config = (config or EmbedConfig()).resolved()
     out = {}
     for spec in _specs(family, clip, dino):
-        out[spec.family] = _embed_one(samples, spec, config, overwrite, progress)
+        out[spec.family] = _embed_one(samples, spec, config, overwrite, progress, classes)
     return out
 
 
-def _embed_one(samples, spec, cfg: EmbedConfig, overwrite: bool, progress) -> dict:
+def _embed_one(samples, spec, cfg: EmbedConfig, overwrite: bool, progress, classes=None) -> dict:
     job = EmbedJob(samples, spec, cfg, resolve_device(cfg.device))
     how = (
         f"batch {cfg.batch_size}, {cfg.num_workers} workers, device {cfg.device}, "
@@ -84,7 +86,7 @@ def _embed_one(samples, spec, cfg: EmbedConfig, overwrite: bool, progress) -> di
     with job.writing(overwrite, how, progress):
         todo_paths = [job.paths[j] for j in job.todo]
         if todo_paths:
-            encoder = job.prepare_engine(todo_paths)
+            encoder = job.prepare_engine(todo_paths, classes)
             for idx, vecs, bad in iter_embeddings(
                 job.model, todo_paths, cfg, progress, encoder=encoder, timing=job.timing
             ):
@@ -193,7 +195,7 @@ class EmbedJob:
             if not self._saved:
                 self.save()
 
-    def prepare_engine(self, paths: Sequence[str]):
+    def prepare_engine(self, paths: Sequence[str], classes: Optional[Sequence[str]] = None):
         """Prepare the forward that embeds ``paths`` and check it against the store (locked).
 
         With every setting on ``auto`` a non-empty store is extended with the engine and
@@ -211,7 +213,7 @@ class EmbedJob:
         )
         if follow:
             cfg = dataclasses.replace(cfg, engine=stored["engine"], precision=stored.get("precision") or "auto")
-        encode, choice = prepare_encoder(self.model, cfg, paths, logger.info)
+        encode, choice = prepare_encoder(self.model, cfg, paths, logger.info, classes)
         self.use_engine(choice)
         return encode, choice
 
@@ -241,7 +243,10 @@ class EmbedJob:
             mixed = True
         if choice.tag not in used:
             used.append(choice.tag)
-        self.index.update_meta({"engine": choice.record(), "engines_used": used, "mixed_engines": mixed})
+        record = choice.record()
+        if stored is not None and "auto" not in record and stored.get("auto") and _same_engine(stored, choice):
+            record["auto"] = stored["auto"]  # extending the store keeps how auto chose its engine
+        self.index.update_meta({"engine": record, "engines_used": used, "mixed_engines": mixed})
 
     def save(self) -> None:
         """Write what is buffered, drop the failed samples and compact the store (locked)."""

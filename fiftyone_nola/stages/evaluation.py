@@ -11,6 +11,47 @@ from fiftyone_nola.core.errors import InvalidInputError
 from fiftyone_nola.core.names import CORRECTIONS_FIELD
 from fiftyone_nola.stages import fo_io, runs
 
+EVALUATION_RUN = "nola_evaluation"  # the pipeline's evaluation: which labels and ground truth it scored
+
+
+def _versions(samples, fields) -> dict:
+    """When the stage that wrote each field last recorded its run (new labels: new version)."""
+    return {
+        f: ((runs.get_run(samples, runs.run_key_for(f)) or {}).get("results") or {}).get("recorded_at") for f in fields
+    }
+
+
+def evaluations_current(samples, fields, gt_field: str) -> tuple[bool, str]:
+    """``(current, why)``: whether the pipeline's evaluation of ``fields`` against ``gt_field``
+    scored the labels and ground truth as they are now."""
+    run = runs.get_run(samples, EVALUATION_RUN)
+    if run is None:
+        return False, "not evaluated yet"
+    config, results = run.get("config") or {}, run.get("results") or {}
+    if config.get("gt_field") != gt_field or config.get("fields") != list(fields):
+        return False, "other fields or ground truth than last time"
+    if results.get("versions") != _versions(samples, fields):
+        return False, "new labels since the last evaluation"
+    if results.get("gt_labelled") != samples.count(f"{gt_field}.label"):
+        return False, "the ground truth changed"
+    return True, "same labels and ground truth"
+
+
+def record_evaluation(samples, fields, gt_field: str, scores: dict) -> None:
+    """Remember what the pipeline's evaluation scored, so an unchanged re-run reuses it."""
+    runs.record_run(
+        samples,
+        EVALUATION_RUN,
+        "evaluation",
+        {"fields": list(fields), "gt_field": gt_field},
+        {"versions": _versions(samples, fields), "gt_labelled": samples.count(f"{gt_field}.label"), "scores": scores},
+    )
+
+
+def recorded_evaluation(samples) -> dict:
+    """The scores the pipeline's last evaluation recorded (what a reused evaluation reports)."""
+    return ((runs.get_run(samples, EVALUATION_RUN) or {}).get("results") or {}).get("scores") or {}
+
 
 def default_eval_key(pred_field: str, final_labels: bool = False) -> str:
     """The evaluation key of ``pred_field``'s predictions (or of its final labels)."""

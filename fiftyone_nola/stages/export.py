@@ -167,26 +167,7 @@ def export_accepted(
     if not plan.count:
         why = nothing_to_export_message(plan.left_out)
         raise InvalidInputError(f"{report['certificate']} {why}" if report is not None else why)
-    view, renamed = plan.view, {}
-    if format == "classification-tree":
-        # Labels become folder names: never let one ("../x", "a/b") point outside export_dir.
-        labels = view.distinct(f"{label_field}.label")
-        renamed = {lab: safe_folder_name(lab) for lab in labels if safe_folder_name(lab) != lab}
-        if renamed:
-            view = view.map_labels(label_field, renamed)
-        view.export(
-            export_dir=str(out_dir),
-            dataset_type=fo.types.ImageClassificationDirectoryTree,
-            label_field=label_field,
-            overwrite=overwrite,
-            progress=False,
-        )
-    elif format == "fiftyone":
-        view.export(export_dir=str(out_dir), dataset_type=fo.types.FiftyOneDataset, overwrite=overwrite, progress=False)
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        rows = list(zip(*view.values(["filepath", _label_path(label_field, multilabel)])))
-        (_write_csv if format == "csv" else _write_coco)(rows, out_dir)
+    renamed = _write(plan.view, out_dir, label_field, format, multilabel, overwrite)
     summary = {
         "exported": plan.count,
         "left_out": plan.left_out,
@@ -203,6 +184,30 @@ def export_accepted(
         summary.update(certificate=str(out_dir / certificate.CERTIFICATE_FILE), certified_threshold=cert["tau"])
     fo_io.write_text_atomic(out_dir / "export_report.json", summary)
     return summary
+
+
+def _write(view, out_dir: Path, label_field: str, format: str, multilabel: bool, overwrite: bool) -> dict:
+    """Write ``view`` in ``format`` into ``out_dir``; returns labels renamed to be folder names."""
+    import fiftyone as fo
+
+    renamed = {}
+    if format == "classification-tree":
+        # Labels become folder names: never let one ("../x", "a/b") point outside export_dir.
+        labels = view.distinct(f"{label_field}.label")
+        renamed = {lab: safe_folder_name(lab) for lab in labels if safe_folder_name(lab) != lab}
+        if renamed:
+            view = view.map_labels(label_field, renamed)
+        tree = fo.types.ImageClassificationDirectoryTree
+        view.export(
+            export_dir=str(out_dir), dataset_type=tree, label_field=label_field, overwrite=overwrite, progress=False
+        )
+    elif format == "fiftyone":
+        view.export(export_dir=str(out_dir), dataset_type=fo.types.FiftyOneDataset, overwrite=overwrite, progress=False)
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rows = list(zip(*view.values(["filepath", _label_path(label_field, multilabel)])))
+        (_write_csv if format == "csv" else _write_coco)(rows, out_dir)
+    return renamed
 
 
 def _audit_report(samples, label_field: str, min_confidence, multilabel: bool) -> Optional[dict]:

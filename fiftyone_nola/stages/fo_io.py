@@ -353,28 +353,61 @@ def count(samples) -> int:
     return samples.count()
 
 
+def _held_ids(ds, query: dict) -> list:
+    """Ids of the Sample objects this process holds that match ``query`` (re-read after a raw write)."""
+    import fiftyone.core.sample as fos
+    from bson import ObjectId
+
+    held = list(fos.Sample._instances.get(ds._sample_collection_name, {}).keys())
+    if not held:
+        return []
+    mine = {"$and": [query, {"_id": {"$in": [ObjectId(i) for i in held]}}]}
+    return [str(d["_id"]) for d in ds._sample_collection.find(mine, {"_id": 1})]
+
+
+def _reread(ds, ids: list) -> None:
+    import fiftyone.core.sample as fos
+
+    if ids:
+        fos.Sample._reload_docs(ds._sample_collection_name, sample_ids=ids)
+
+
+def _stamped(update: dict) -> dict:
+    import datetime
+
+    return {**update, "$set": {**update.get("$set", {}), "last_modified_at": datetime.datetime.utcnow()}}
+
+
 def update_where(samples, query: dict, update: dict) -> int:
     """Apply the MongoDB ``update`` to the dataset's samples matching ``query``, in one statement
     the database answers from its indexes (no ids listed in Python), stamping
     ``last_modified_at`` as FiftyOne's own writes do. Sample objects this process holds for
-    matching samples are re-read, as after FiftyOne's writes. Returns how many changed."""
-    import datetime
+    matching samples are re-read, as after FiftyOne's writes. Returns how many changed.
 
-    import fiftyone.core.sample as fos
+    A raw write never goes through this process's copy of the dataset's schema, which FiftyOne's
+    App server may be reloading meanwhile; fields it sets must be declared already."""
+    ds = root_dataset(samples)
+    touched = _held_ids(ds, query)
+    changed = ds._sample_collection.update_many(query, _stamped(update)).modified_count
+    _reread(ds, touched)
+    return changed
+
+
+def set_by_id(samples, field: str, values: dict) -> None:
+    """Set a declared primitive field (number, string, None) per sample id, in bulk, as a raw write
+    (see :func:`update_where`)."""
     from bson import ObjectId
+    from pymongo import UpdateOne
 
     ds = root_dataset(samples)
-    coll = ds._sample_collection
-    update = {**update, "$set": {**update.get("$set", {}), "last_modified_at": datetime.datetime.utcnow()}}
-    held = list(fos.Sample._instances.get(ds._sample_collection_name, {}).keys())
-    touched = []
-    if held:
-        mine = {"$and": [query, {"_id": {"$in": [ObjectId(i) for i in held]}}]}
-        touched = [str(d["_id"]) for d in coll.find(mine, {"_id": 1})]
-    changed = coll.update_many(query, update).modified_count
-    if touched:
-        fos.Sample._reload_docs(ds._sample_collection_name, sample_ids=touched)
-    return changed
+    items = list(values.items())
+    for start in range(0, len(items), WRITE_CHUNK):
+        chunk = items[start : start + WRITE_CHUNK]
+        oids = [ObjectId(i) for i, _ in chunk]
+        touched = _held_ids(ds, {"_id": {"$in": oids}})
+        ops = [UpdateOne({"_id": o}, _stamped({"$set": {field: v}})) for o, (_, v) in zip(oids, chunk)]
+        ds._sample_collection.bulk_write(ops, ordered=False)
+        _reread(ds, touched)
 
 
 def tag_samples(samples, ids: Iterable[str], tag: str) -> None:

@@ -7,6 +7,7 @@ Ground truth is never read here.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 
 from fiftyone_nola.core import descriptions as dsc
 from fiftyone_nola.core import dino_labeler as dl
@@ -23,7 +25,7 @@ from fiftyone_nola.core import distributed as dt
 from fiftyone_nola.core import prompt_tuning as pt
 from fiftyone_nola.core import zeroshot as zs
 from fiftyone_nola.core.classes import ClassesArg, labels_to_indices, resolve_classes
-from fiftyone_nola.core.config import resolve
+from fiftyone_nola.core.config import bounded, resolve
 from fiftyone_nola.core.device import resolve_device
 from fiftyone_nola.core.errors import IndexMismatchError, NolaError
 from fiftyone_nola.core.models import ClipSpec, DinoSpec, load_clip, spec_key
@@ -54,7 +56,7 @@ class ZeroShotConfig:
     # "auto" (the official code's choice for the closest case), or a file of templates.
     templates: str = "auto"
     include_templates: bool = True
-    max_descriptions_per_class: Optional[int] = None  # None: all (NoLA used 25-50)
+    max_descriptions_per_class: Optional[int] = bounded(None, 1, None, True, "descriptions per class")  # None: all
     logit_scale: float = 100.0
     store_logits: bool = False
     device: Optional[str] = None
@@ -62,12 +64,11 @@ class ZeroShotConfig:
 
 def class_descriptions(classes: Sequence[str], config: ZeroShotConfig):
     """The DescriptionSet for ``classes`` per the config (file > LLM > templates)."""
-    if config.descriptions_file:
-        return dsc.load_descriptions(config.descriptions_file, classes)
-    if config.use_llm:
-        return dsc.generate_descriptions(classes, dsc.DescribeConfig(model=config.llm_model, host=config.llm_host))
-    logger.info("[zeroshot] no descriptions file and LLM off: class texts are the templates alone")
-    return dsc.template_descriptions(classes)
+    source = "file" if config.descriptions_file else "llm" if config.use_llm else "templates"
+    if source == "templates":
+        logger.info("[zeroshot] no descriptions file and LLM off: class texts are the templates alone")
+    llm = dsc.DescribeConfig(model=config.llm_model, host=config.llm_host)
+    return dsc.describe_classes(classes, source, config.descriptions_file, llm)
 
 
 def zero_shot(
@@ -369,12 +370,42 @@ def tune_prompts(
     return summary
 
 
+def tune_settings(tune: Optional[pt.TuneConfig], device) -> pt.TuneConfig:
+    """``tune`` as a tuning run uses it: the user's settings, the rest fitted to ``device``
+    (resolved once). Runs record it as ``TuneConfig.as_recorded`` ("all samples" as
+    ``max_samples=None``, as before the config rule), so the same settings stay up to date."""
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    return dataclasses.replace(resolve(tune or pt.TuneConfig(), device), device=str(device))
+
+
+def tune_and_predict(
+    samples,
+    clip: Optional[ClipSpec] = None,
+    tune: Optional[pt.TuneConfig] = None,
+    predict_config: Optional[PredictConfig] = None,
+    label_field: str = "nola",
+    zeroshot_field: str = "nola_zeroshot",
+    teacher_field: str = "nola_dino",
+    progress: ProgressFn = null_progress,
+) -> dict:
+    """Prompt tuning on the DINO labeller's labels, then every sample labelled by the tuned model
+    into ``label_field``, on one device (the tuning's, resolved once). The tuning's summary plus
+    ``labelled`` and ``field``."""
+    tune = tune_settings(tune, getattr(tune, "device", None))
+    s = tune_prompts(samples, zeroshot_field, teacher_field, clip, tune, run_name=label_field, progress=progress)
+    p = predict(
+        samples, s["model_dir"], clip, label_field, config=predict_config, device=tune.device, progress=progress
+    )
+    return {**s, "labelled": p["labelled"], "field": label_field}
+
+
 @dataclass
 class PredictConfig:
     """How :func:`predict` runs the tuned model; None fields fit the hardware (``config.resolve``).
 
-    ``engine``/``precision``: what runs the forward (core/engines.py; ``auto``: OpenVINO bf16 on
-    CPUs with native bf16 when installed, else PyTorch; ``engine="torch"`` forces PyTorch).
+    ``engine``/``precision``: what runs the forward (core/engines.py; ``auto``: measured on the
+    images, an engine kept only if its labels match PyTorch fp32's (core/engine_choice.py);
+    ``engine="torch"`` forces PyTorch).
     """
 
     batch_size: Optional[int] = None
@@ -415,7 +446,9 @@ def predict(
             {"model_dir": str(model_dir), "precision": cfg.precision, "model_id": model.tuned.model_id},
             labelled=written,
             failed=len(failed),
-            inference=None if ran is None else {"engine": ran.engine, "precision": ran.precision},
+            inference=None
+            if ran is None
+            else {"engine": ran.engine, "precision": ran.precision, **({"auto": ran.measured} if ran.measured else {})},
         )
     logger.info(f"[predict] {written} samples -> '{label_field}' in {summary['seconds']:.1f}s")
     return summary

@@ -10,14 +10,17 @@ from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import ExecutionRunState
 
 from fiftyone_nola.stages import fo_io, runs
+from fiftyone_nola.stages.plan import REUSE, UPDATE, replay
 
+# (row, planner step, run key, output field, operator)
 STAGES = (
-    ("CLIP embeddings", "nola_embeddings_clip", None, "compute_embeddings"),
-    ("DINO embeddings", "nola_embeddings_dino", None, "compute_embeddings"),
-    ("Zero-shot (CDE)", "nola_zeroshot", "nola_zeroshot", "zero_shot"),
-    ("DINO labeller", "nola_dino", "nola_dino", "dino_labels"),
-    ("Prompt tuning", "nola_model", None, "tune_prompts"),
-    ("Predictions", "nola", "nola", "apply_tuned_model"),
+    ("CLIP embeddings", "embeddings:clip", "nola_embeddings_clip", None, "compute_embeddings"),
+    ("DINO embeddings", "embeddings:dino", "nola_embeddings_dino", None, "compute_embeddings"),
+    ("Zero-shot (CDE)", "zeroshot", "nola_zeroshot", "nola_zeroshot", "zero_shot"),
+    ("DINO labeller", "dino_labeler", "nola_dino", "nola_dino", "dino_labels"),
+    ("Prompt tuning", "prompt_tuning", "nola_model", None, "tune_prompts"),
+    ("Predictions", "predict", "nola", "nola", "apply_tuned_model"),
+    ("Transductive", "refine", "nola_transductive", "nola_transductive", "transductive_labels"),
 )
 
 
@@ -37,12 +40,21 @@ def _short(text: str, n: int = MODEL_NAME_CHARS) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-STAGE_OUTPUT_FIELDS = tuple(f for _, _, f, _ in STAGES if f)
+STAGE_OUTPUT_FIELDS = tuple(f for _, _, _, f, _ in STAGES if f)
+
+
+def _state(step) -> str:
+    """A planner step as the table says it: fresh, what a re-run would add, or why it is stale."""
+    if step.action == REUSE:
+        return "fresh"
+    if step.action == UPDATE:
+        return f"{step.count} to add"
+    return "not run" if step.why == "not run yet" else f"stale: {step.why}"
 
 
 def stage_status(samples, labelled: Optional[dict] = None, n: Optional[int] = None) -> list[dict]:
-    """Each stage: has it run, on how many samples, with which model, when, fresh or stale
-    (stale: it ran before a stage it depends on, or samples lack its output).
+    """Each stage: has it run, on how many samples, with which model, and what a re-run with its
+    recorded settings would do (the re-run planner's rules: fresh, samples to add, or stale and why).
 
     ``labelled`` / ``n``: how many samples have each stage's field, and how many there are, when
     the caller counted them already (the panel does, in its one aggregation)."""
@@ -51,28 +63,21 @@ def stage_status(samples, labelled: Optional[dict] = None, n: Optional[int] = No
         fields = [f for f in STAGE_OUTPUT_FIELDS if ds.has_sample_field(f)]
         counted = samples.aggregate([fo.Count(), *(fo.Count(f) for f in fields)])  # one pass
         n, labelled = counted[0], dict(zip(fields, counted[1:]))
-    rows, prev_time = [], None
-    for name, key, field, op in STAGES:
+    plan = replay(ds, labelled, n)
+    rows = []
+    for name, step_name, key, field, op in STAGES:
         run = runs.get_run(ds, key)
-        count = labelled.get(field) if field and ds.has_sample_field(field) else None
+        if run is None and step_name == "refine":
+            continue  # an optional step never used on this dataset: no row
         res = (run or {}).get("results") or {}
+        count = labelled.get(field) if field and ds.has_sample_field(field) else None
         if run and count is None:
             count = res.get("index_size") or res.get("samples")
-        when = res.get("recorded_at")
-        cfg = (run or {}).get("config") or {}
-        model = res.get("model_key") or _model_name(cfg)
-        if not run:
-            state = "not run"
-        elif (field and count is not None and count < n) or (prev_time and when and when < prev_time):
-            state = "stale"
-        else:
-            state = "fresh"
-        if run and when and "embeddings" not in key:
-            prev_time = when
+        model = res.get("model_key") or _model_name((run or {}).get("config") or {})
         rows.append(
             {
                 "stage": name,
-                "state": state,
+                "state": _state(plan[step_name]),
                 "samples": f"{count or 0}/{n}",
                 "model": _short(str(model)),
                 "operator": op,

@@ -6,6 +6,7 @@ stage, its config, model identities and timing; ``dataset.load_run_results(key)`
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Optional
 
@@ -14,6 +15,8 @@ from fiftyone_nola.stages.fo_io import root_dataset
 from fiftyone_nola.stages.legacy_records import parse_repr
 
 RUN_PREFIX = "nola"
+RECORD_ATTEMPTS = 3
+logger = logging.getLogger(__name__)
 
 
 def recorded_fields(value: Any, type_name: Optional[str] = None) -> Optional[dict]:
@@ -37,15 +40,25 @@ def run_key_for(field: str) -> str:
 
 
 def record_run(samples, key: str, method: str, config: Any, results: Optional[dict] = None) -> None:
-    """Register (or replace) the run ``key`` on the dataset behind ``samples``."""
+    """Register (or replace) the run ``key`` on the dataset behind ``samples``.
+
+    FiftyOne's App server may reload the shared Dataset object between the register and the
+    results' save ('has no run key'): the record is then written again, from the database."""
     ds = root_dataset(samples)
-    cfg = ds.init_run(method=f"{RUN_PREFIX}.{method}", config=as_data(config))
-    forget_run(ds, key)
-    ds.register_run(key, cfg)
-    if results is not None:
-        # Stored under one attribute: result keys like "samples" would clash with RunResults'.
-        res = ds.init_run_results(key, summary=as_data({**results, "recorded_at": time.time()}))
-        ds.save_run_results(key, res)
+    for attempt in range(RECORD_ATTEMPTS):
+        cfg = ds.init_run(method=f"{RUN_PREFIX}.{method}", config=as_data(config))
+        forget_run(ds, key)
+        try:
+            ds.register_run(key, cfg)
+            if results is not None:
+                # Stored under one attribute: result keys like "samples" would clash with RunResults'.
+                res = ds.init_run_results(key, summary=as_data({**results, "recorded_at": time.time()}))
+                ds.save_run_results(key, res)
+            return
+        except ValueError as e:
+            if "run key" not in str(e) or attempt + 1 == RECORD_ATTEMPTS:
+                raise
+            ds._doc.reload()
 
 
 def forget_run(samples, key: str) -> bool:
@@ -62,7 +75,10 @@ def get_run(samples, key: str) -> Optional[dict]:
     ds = root_dataset(samples)
     if key not in ds.list_runs():
         return None
-    info = ds.get_run_info(key)
+    try:
+        info = ds.get_run_info(key)
+    except ValueError:  # dropped by a concurrent reload of the shared Dataset object meanwhile
+        return None
     out = {
         "key": key,
         "method": info.config.method,
@@ -72,6 +88,7 @@ def get_run(samples, key: str) -> Optional[dict]:
     try:
         res = ds.load_run_results(key, cache=False)
         out["results"] = getattr(res, "summary", None)
-    except Exception:
+    except (ValueError, KeyError, AttributeError, TypeError) as e:  # a record from another version
+        logger.debug("run %s: results not readable (%r)", key, e)
         out["results"] = None
     return out

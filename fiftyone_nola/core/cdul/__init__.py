@@ -1,7 +1,7 @@
 """CDUL multi-label auto-labelling: global + local CLIP pseudo-labels, a classifier trained
 with gradient-alignment label updates, decision rules and evaluation (no FiftyOne here).
 
-Pipeline (see ``methods.md``, section CDUL):
+Pipeline (CDUL, Abdelfattah et al., ICCV 2023, arXiv 2307.16634; README, "Limitations and differences from the papers"):
 
 1. ``global_scores``: softmax over classes of CLIP image-text cosines of the whole image.
 2. ``local_clip_scores``: the same per crop of a ``grid × grid`` tiling of each image.

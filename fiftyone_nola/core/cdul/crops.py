@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from fiftyone_nola.core import device as dev
-from fiftyone_nola.core import engines
+from fiftyone_nola.core import engine_choice, engines
 from fiftyone_nola.core.arrays import l2_normalize, softmax
-from fiftyone_nola.core.config import resolve
+from fiftyone_nola.core.config import bounded, resolve
 from fiftyone_nola.core.data import DecodeOptions, ImageFileDataset, collate_skip_bad
-from fiftyone_nola.core.embed import calibration_images, engine_module
+from fiftyone_nola.core.embed import engine_module, with_images
 from fiftyone_nola.core.errors import InvalidInputError
 from fiftyone_nola.core.models import LoadedModel
 from fiftyone_nola.core.progress import ProgressFn, null_progress
@@ -60,11 +60,11 @@ class CropConfig:
     """Settings of the local (crop) CLIP scoring stage; ``None`` fields fit the hardware
     (:func:`fiftyone_nola.core.config.resolve`)."""
 
-    grid: int = 3
-    batch_size: int = 32  # images per forward pass (grid² crops each)
-    num_workers: Optional[int] = None  # None: the machine's decode workers
+    grid: int = bounded(3, 1, 16, True, "crop grid")
+    batch_size: int = bounded(32, 1, None, True, "crop batch size")  # images per forward pass (grid² crops each)
+    num_workers: Optional[int] = bounded(None, 0, 256, True, "workers")  # None: the machine's decode workers
     device: Optional[str] = None  # None: CUDA if present, else the CPU
-    precision: str = "auto"  # auto: AMP on CUDA; on a CPU the engine's (core/engines.py); int8 opt-in
+    precision: str = "auto"  # auto: AMP on CUDA; on a CPU measured (core/engine_choice.py)
     engine: str = "auto"  # auto | torch | openvino: the crops' CLIP forward (embeddings' cached model)
     logit_scale: float = CLIP_LOGIT_SCALE
     draft_decode: bool = True  # JPEG DCT-scaled decode, never below grid × model input size
@@ -102,23 +102,50 @@ class CropDataset(ImageFileDataset):
         self.grid = int(grid)
 
 
-def _crop_encoder(clip: LoadedModel, filepaths: Sequence[str], config: CropConfig):
+def _crop_encoder(clip: LoadedModel, filepaths: Sequence[str], config: CropConfig, weights: np.ndarray):
     """``(encode, device, amp dtype, pin)``: the CLIP image forward the crops go through.
 
-    It is the very forward the embedding stage converted (same engine cache entry)."""
+    It is the very forward the embedding stage converted (same engine cache entry); ``auto``
+    keeps an engine only if the crops' labels under ``weights`` match PyTorch fp32's."""
     device = dev.resolve_device(config.device)
     choice = engines.resolve(config.engine, config.precision, device)
-    runner, choice = engines.load_engine_model(
-        engine_module(clip),
-        clip.identity,
-        (3, clip.image_size, clip.image_size),
-        choice,
-        calibration=calibration_images(filepaths, clip.transform, clip.image_size),
+    slots = config.grid * config.grid
+
+    def labels(feats: np.ndarray) -> np.ndarray:
+        return (l2_normalize(feats) @ weights.T).argmax(1)
+
+    def crops(paths: list[str]) -> CropDataset:
+        draft = clip.image_size * config.grid if config.draft_decode else None
+        return _FlatCrops(paths, clip.transform, config.grid, DecodeOptions(draft_size=draft))
+
+    probe = engine_choice.Probe(
+        engine_choice.label_agreement(labels), "crop-labels", len(filepaths) * slots, config.batch_size
+    )
+    probe = with_images(
+        probe,
+        filepaths,
+        clip.transform,
+        clip.image_size,
+        config.num_workers,
+        crops,
+        -(-engine_choice.CHECK_IMAGES // slots),
+    )
+    runner, choice = engine_choice.select(
+        engine_module(clip), clip.identity, (3, clip.image_size, clip.image_size), choice, probe
     )
     if runner is not None:
         return runner, torch.device("cpu"), None, False
     clip.model.to(device)
     return clip.encode_image, device, engines.torch_amp(choice), dev.pin_memory(device)
+
+
+class _FlatCrops(CropDataset):
+    """Items are the valid crops of one image (G' x 3 x S x S), so a batch is a stack of crops
+    (the inputs of the crops' forward; the engine choice measures on them)."""
+
+    def __getitem__(self, i):
+        idx, item, err = super().__getitem__(i)
+        return (idx, None, err) if item is None else (idx, item[0][item[1]], None)
 
 
 def _crop_loader(clip: LoadedModel, filepaths: Sequence[str], config: CropConfig, pin: bool):
@@ -158,7 +185,7 @@ def local_clip_scores(
         raise InvalidInputError(f"batch_size must be >= 1, got {config.batch_size}")
     w_np = _check_weights(class_weights, clip.embed_dim)
     slots = config.grid * config.grid
-    encode, device, amp, pin = _crop_encoder(clip, filepaths, config)
+    encode, device, amp, pin = _crop_encoder(clip, filepaths, config, w_np)
     weights = torch.from_numpy(w_np).to(device)
     loader = _crop_loader(clip, filepaths, config, pin)
     out = np.full((len(loader.dataset), slots, w_np.shape[0]), np.nan, dtype=np.float32)

@@ -13,7 +13,7 @@ from torch import nn
 
 from fiftyone_nola.core import device as dev
 from fiftyone_nola.core.cdul.classifier import SCORE_FOR_LOSS, MultiLabelHead
-from fiftyone_nola.core.config import resolve
+from fiftyone_nola.core.config import bounded, resolve
 from fiftyone_nola.core.errors import InvalidInputError
 from fiftyone_nola.core.progress import ProgressFn, null_progress
 
@@ -46,13 +46,14 @@ class TrainConfig:
     """
 
     hidden: int = 0  # 0: linear head; > 0: one hidden ReLU layer of this width
-    epochs: Optional[int] = None
+    epochs: Optional[int] = bounded(None, 1, 100_000, True, "epochs")
     lr: float = 1e-3
     batch_size: int = 64
     weight_decay: float = 0.0  # the paper's Adam has none
     loss: str = "kl"  # "kl": KL(softmax(logits) || y / Σy), CDUL; "bce": per-class BCE
-    update_every: Optional[int] = None  # 0 disables label updates
-    warmup: Optional[int] = None  # epochs before the first label update may happen
+    update_every: Optional[int] = bounded(None, 0, None, True, "label update interval (0: never)")
+    # epochs before the first label update may happen
+    warmup: Optional[int] = bounded(None, 0, None, True, "warm-up epochs")
     label_lr: float = REFERENCE_LABEL_LR  # step on logit(y): label_lr · psi(y) · dloss_i/dy_i
     label_sigma: float = 1.0  # psi = N(0.5, sigma²) density
     seed: int = 0

@@ -43,9 +43,12 @@ from fiftyone_nola.core.descriptions.sets import (
     parse_class_names,
     template_descriptions,
 )
+from fiftyone_nola.core.descriptions.source import SOURCES, describe_classes
 from fiftyone_nola.core.templates import CLIP_TEMPLATES, CLIP_TEMPLATES_7, SIMPLE_TEMPLATE
 
 __all__ = [
+    "SOURCES",
+    "describe_classes",
     "CLIP_TEMPLATES",
     "CLIP_TEMPLATES_7",
     "DESCRIPTION_QUESTIONS",

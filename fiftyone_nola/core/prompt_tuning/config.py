@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
+from fiftyone_nola.core.config import bounded
 from fiftyone_nola.core.device import HardwareProfile
 from fiftyone_nola.core.errors import InvalidInputError
 
@@ -25,8 +26,8 @@ class TuneConfig:
     with small batches.
     """
 
-    epochs: Optional[int] = None
-    batch_size: Optional[int] = None
+    epochs: Optional[int] = bounded(None, 1, 10_000, True, "epochs")
+    batch_size: Optional[int] = bounded(None, 1, None, True, "batch size")
     lr: float = 4e-3
     weight_decay: float = 0.01  # AdamW, 0 on biases (official no-decay rule)
     betas: tuple = (0.9, 0.999)
@@ -36,8 +37,8 @@ class TuneConfig:
     seed: int = 0
     # Train on a teacher-stratified subset of this size; ALL_SAMPLES (0): every labelled image.
     # After resolution None also means every image: it is what a GPU's profile chooses.
-    max_samples: Optional[int] = None
-    num_workers: Optional[int] = None
+    max_samples: Optional[int] = bounded(None, 0, None, True, "tuning sample limit (0: all samples)")
+    num_workers: Optional[int] = bounded(None, 0, 256, True, "workers")
     device: Optional[str] = None
     selection: str = "fixed"  # "fixed": last epoch | "teacher_agreement": label-free best epoch
     holdout_fraction: float = 0.1  # share of images held aside for "teacher_agreement"

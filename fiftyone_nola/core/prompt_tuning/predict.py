@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from fiftyone_nola.core import device as dev
-from fiftyone_nola.core import engines
+from fiftyone_nola.core import engine_choice, engines
 from fiftyone_nola.core.data import ImageFileDataset, make_loader
-from fiftyone_nola.core.embed import calibration_images
+from fiftyone_nola.core.embed import with_images
 from fiftyone_nola.core.progress import ProgressFn, null_progress
 from fiftyone_nola.core.prompt_tuning.model import PromptedClassifier
 from fiftyone_nola.core.prompt_tuning.transforms import weak_transform
@@ -61,7 +61,8 @@ def predict_tuned(
     """Class probabilities on the weak view: ``(N×C float32, NaN rows for failures, failures)``.
 
     ``engine``/``precision`` choose what runs the forward (core/engines.py: OpenVINO, converted
-    once per tuned model and cached, or PyTorch).
+    once per tuned model and cached, or PyTorch); ``auto`` on a CPU measures on these images
+    and keeps an engine only if its labels match PyTorch fp32's (core/engine_choice.py).
     """
     progress = progress or null_progress
     d = dev.resolve_device(device)
@@ -79,12 +80,9 @@ def predict_tuned(
         "n_prompts": model.n_prompts,
         "num_classes": model.num_classes,
     }
-    runner, choice = engines.load_engine_model(
-        model,
-        identity,
-        (3, model.image_size, model.image_size),
-        choice,
-        calibration=calibration_images(filepaths, weak),
+    probe = engine_choice.Probe(engine_choice.label_agreement(), "labels", len(filepaths), batch_size)
+    runner, choice = engine_choice.select(
+        model, identity, (3, model.image_size, model.image_size), choice, with_images(probe, filepaths, weak)
     )
     amp = None if runner is not None else engines.torch_amp(choice)
     model.to(d)

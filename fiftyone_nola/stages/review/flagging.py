@@ -66,7 +66,7 @@ def review_field(samples) -> str:
     return settings(samples).get("field") or PREDICTIONS_FIELD
 
 
-def _predictions_version(samples, field: str) -> Optional[float]:
+def predictions_version(samples, field: str) -> Optional[float]:
     """When the stage that wrote ``field`` last recorded its run (new predictions: new version)."""
     run = runs.get_run(samples, runs.run_key_for(field))
     return ((run or {}).get("results") or {}).get("recorded_at")
@@ -154,7 +154,7 @@ def flag_samples(
     ds = fo_io.root_dataset(samples)
     fo_io.check_field(ds, field, (fo.Classification,))
     ensure_review_schema(ds, field)
-    version = _predictions_version(ds, field)
+    version = predictions_version(ds, field)
     prev = settings(ds)
     bottom = _bottom_k_ids(ds, field, bottom_k) if bottom_k else []
     new = {"field": field, "threshold": threshold, "bottom_k": bottom_k, "version": version}

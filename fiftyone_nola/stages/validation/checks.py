@@ -12,6 +12,7 @@ from typing import Optional
 
 from fiftyone_nola.core import engines
 from fiftyone_nola.core.classes import parse_classes, resolve_classes
+from fiftyone_nola.core.config import bounds
 from fiftyone_nola.core.descriptions import load_descriptions
 from fiftyone_nola.core.device import resolve_device
 from fiftyone_nola.core.errors import InvalidInputError, ModelNotFoundError
@@ -354,6 +355,12 @@ def check_writable(path, input_name: str, what: str, is_file: bool = False, need
                 )
             ]
     return []
+
+
+def check_field(name: str, config, field_: str) -> list:
+    """``config.<field_>`` within the bounds its config class declares (core.config.bounded)."""
+    b = bounds(type(config), field_)
+    return check_range(name, getattr(config, field_), b.lo, b.hi, integer=b.integer, what=b.what)
 
 
 def check_range(

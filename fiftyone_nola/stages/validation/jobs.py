@@ -18,19 +18,14 @@ from fiftyone_nola.stages.validation.checks import (
     check_device,
     check_dino,
     check_engine,
+    check_field,
     check_output_fields,
     check_range,
     check_templates,
     check_writable,
 )
-from fiftyone_nola.stages.validation.plan import (
-    _disk_needed,
-    _embed_seconds,
-    _finish_plan,
-    _rate,
-    _stage,
-    plan_auto_label,
-)
+from fiftyone_nola.stages.validation.params import check_fields
+from fiftyone_nola.stages.validation.plan import _disk_needed, plan_auto_label
 from fiftyone_nola.stages.validation.report import Report, _problem
 from fiftyone_nola.stages.validation.target import Target, _check_target_gt, resolve_target, target_count
 
@@ -67,6 +62,20 @@ def check_running_job(samples) -> list:
     return [_problem("", f"a job is running on this dataset: {who}; {then}", error=False)]
 
 
+def _check_refine(samples, config, produced: set) -> list:
+    """The transductive step's settings, and the field it starts from: one this run writes, or a
+    Classification field the dataset has (ZLaP starts from the text prior only)."""
+    problems = [_problem("refine", p, "see TransductiveConfig") for p in config.refine.problems()]
+    start = config.refine_from
+    if start and config.refine.method == "zlap":
+        problems.append(
+            _problem("refine_from", "ZLaP propagates from the class text embeddings only", "use --refine transclip")
+        )
+    elif start and start not in produced:
+        problems += check_fields(samples, {"refine_from": (start, ("Classification",))})
+    return problems
+
+
 def check_auto_label(
     target: Target,
     classes,
@@ -86,17 +95,16 @@ def check_auto_label(
     outputs = {"zeroshot_field": config.zeroshot_field, "dino_field": config.dino_field}
     if not config.skip_tuning:
         outputs["tuned_field"] = config.tuned_field
+    if config.refine is not None:
+        outputs["refined_field"] = config.refined_field
+        problems += _check_refine(samples, config, set(outputs.values()))
     problems += check_output_fields(samples, outputs)
     problems += _check_target_gt(target, config.gt_field, classes_list, list(outputs.values()), False)
-    problems += check_range("tune_epochs", tune.epochs, lo=1, hi=10_000, integer=True, what="epochs")
-    problems += check_range("tune_batch_size", tune.batch_size, lo=1, integer=True, what="batch size")
-    problems += check_range(
-        "tune_max_samples", tune.max_samples, lo=0, integer=True, what="tuning sample limit (0: all samples)"
-    )
-    problems += check_range("dino_epochs", config.dino_labeler.epochs, lo=1, hi=100_000, integer=True, what="epochs")
-    problems += check_range(
-        "max_descriptions_per_class", zs.max_descriptions_per_class, lo=1, integer=True, what="descriptions per class"
-    )
+    problems += check_field("tune_epochs", tune, "epochs")
+    problems += check_field("tune_batch_size", tune, "batch_size")
+    problems += check_field("tune_max_samples", tune, "max_samples")
+    problems += check_field("dino_epochs", config.dino_labeler, "epochs")
+    problems += check_field("max_descriptions_per_class", zs, "max_descriptions_per_class")
     problems += check_embed_config(config.embed, check_device_too=False)
     if zs.use_llm and zs.descriptions_file:
         problems.append(
@@ -141,18 +149,14 @@ def check_multilabel(
     problems += check_output_fields(samples, outputs, "Classifications")
     problems += _check_target_gt(target, config.gt_field, classes_list, list(outputs.values()), True)
     crop, train = config.crop, config.train
-    problems += check_range("grid", crop.grid, lo=1, hi=16, integer=True)
-    problems += check_range("threshold_t", config.threshold_t, lo=0.0, hi=1.0)
-    problems += check_range("lam", config.lam, lo=0.0, hi=1.0)
-    problems += check_range("ratio", config.ratio, lo=0.0, hi=1.0)
-    problems += check_range("max_labels", config.max_labels, lo=1, integer=True)
-    problems += check_range("train_epochs", train.epochs, lo=1, hi=100_000, integer=True, what="epochs")
-    problems += check_range(
-        "label_update_every", train.update_every, lo=0, integer=True, what="label update interval (0: never)"
-    )
-    problems += check_range("label_warmup", train.warmup, lo=0, integer=True, what="warm-up epochs")
-    problems += check_range("crop_batch_size", crop.batch_size, lo=1, integer=True, what="crop batch size")
-    problems += check_range("num_workers", crop.num_workers, lo=0, hi=256, integer=True, what="workers")
+    problems += check_field("grid", crop, "grid")
+    for name in ("threshold_t", "lam", "ratio", "max_labels"):
+        problems += check_field(name, config, name)
+    problems += check_field("train_epochs", train, "epochs")
+    problems += check_field("label_update_every", train, "update_every")
+    problems += check_field("label_warmup", train, "warmup")
+    problems += check_field("crop_batch_size", crop, "batch_size")
+    problems += check_field("num_workers", crop, "num_workers")
     if config.aggregation not in ("avg", "lambda", "global"):
         problems.append(
             _problem("aggregation", f"unknown aggregation {config.aggregation!r}", "use avg, lambda or global")
@@ -161,16 +165,7 @@ def check_multilabel(
     problems += check_writable(nola_home(), "storage", "NOLA_HOME")
     report = Report(problems)
     if plan and report.ok:
-        n = target_count(target)
-        report.plan = {
-            "samples": n,
-            "stages": [
-                _stage("embeddings", "run", n, _embed_seconds(config.clip, n, config.device)),
-                _stage("pseudo_labels", "run", n, n * crop.grid**2 / _rate(config.clip, config.device)),
-                _stage("classifier", "run", n, 1.0 + n * 1e-4),
-            ],
-        }
-        _finish_plan(report.plan, config.device, 0)
+        report.plan = plan_auto_label(target, classes_list, config, target_count(target), 0)
     report.seconds = time.perf_counter() - t0
     return report
 

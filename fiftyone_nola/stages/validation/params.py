@@ -77,7 +77,7 @@ def check_params(samples, **inputs) -> Report:
     outputs = dict(c.outputs or {})
     problems += check_output_fields(samples, outputs, c.output_type)
     problems += check_gt_field(samples, c.gt_field, names, c.gt_multilabel, list(outputs.values()))
-    problems += _check_fields(samples, c.fields or {})
+    problems += check_fields(samples, c.fields or {})
     problems += _check_stages(samples, c.stages or {})
     for inp, (v, lo, hi, integer) in (c.ranges or {}).items():
         problems += check_range(inp, v, lo, hi, integer=integer)
@@ -90,7 +90,7 @@ def check_params(samples, **inputs) -> Report:
     return r
 
 
-def _check_fields(samples, fields: Mapping[str, tuple]) -> list:
+def check_fields(samples, fields: Mapping[str, tuple]) -> list:
     """Each named field exists on ``samples`` and holds one of the given label types."""
     problems: list = []
     schema = samples.get_field_schema(flat=True) if samples is not None and fields else {}

@@ -6,7 +6,7 @@ from fiftyone_nola.core.config import resolve
 from fiftyone_nola.core.device import hardware_profile, resolve_device
 from fiftyone_nola.core.models import ClipSpec, concrete_dino
 from fiftyone_nola.core.storage import nola_home
-from fiftyone_nola.stages.reuse import plan_stages
+from fiftyone_nola.stages.cdul import MultiLabelConfig
 from fiftyone_nola.stages.validation.target import Target
 
 # Images per second of one forward pass on a 2-core CPU by model size (patch 16; patch 32 is
@@ -80,71 +80,72 @@ def _disk_needed(config, n: int, n_classes: int) -> int:
     return int(n * (per_vec + stage_rows) + tuned)
 
 
-def _stage(name: str, action: str, todo: int, seconds: float, detail: str = "") -> dict:
-    return {"stage": name, "action": action, "samples": int(todo), "seconds": float(seconds), "detail": detail}
+def _seconds(row: dict, config, classes, n: int, dev) -> float:
+    """An estimate of a planned step's seconds on this hardware (advice only)."""
+    name, todo, action = row["stage"], row["samples"], row["action"]
+    if action == "reuse":
+        return 0.0
+    if name.startswith("embeddings:"):
+        return _embed_seconds(config.clip if name.endswith("clip") else config.dino, todo, dev)
+    if name == "zeroshot":
+        texts = len(classes or []) * 90 / (10 * _rate(config.clip, dev)) if todo == n and n else 0.0
+        return 0.05 + todo * 1e-4 + texts
+    if name == "dino_labeler":
+        return (2.0 if action == "train" else 0.0) + todo * 3e-3
+    if name == "prompt_tuning":
+        tune = resolve(config.tune, dev)
+        m = min(n, tune.max_samples) if tune.max_samples else n  # 0: all samples
+        return tune.epochs * m * _TRAIN_COST / _rate(config.clip, dev)
+    if name == "predict":
+        return todo / _rate(config.clip, dev)
+    if name == "pseudo_labels":
+        return todo * config.crop.grid**2 / _rate(config.clip, dev)
+    if name == "classifier":
+        return 1.0 + n * 1e-4
+    return {"refine": 1.0 + n * 1e-3, "evaluate": 1.0, "review": 0.5}.get(name, 2.0 + n * 5e-3)
+
+
+def _first_run_steps(config) -> list[str]:
+    if isinstance(config, MultiLabelConfig):
+        names = ["embeddings:clip"] + (["embeddings:dino"] if config.dino is not None else [])
+        return names + ["pseudo_labels", "classifier"] + (["evaluate"] if config.gt_field else [])
+    names = ["embeddings:clip", "embeddings:dino", "zeroshot", "dino_labeler"]
+    names += [] if config.skip_tuning else ["prompt_tuning", "predict"]
+    names += ["refine"] if config.refine is not None else []
+    return names + (["evaluate"] if config.gt_field else [])
+
+
+def _planned_rows(samples, classes, config, new: int) -> list[dict]:
+    """The planner's steps; files of the folder not imported yet are work for every per-sample step."""
+    from fiftyone_nola.stages import plan as planner
+
+    if samples is None or len(samples) == 0:
+        return [
+            {"stage": s, "action": planner.RUN, "samples": new, "why": "a new dataset"}
+            for s in _first_run_steps(config)
+        ]
+    if isinstance(config, MultiLabelConfig):
+        rows = planner.plan_multilabel(samples, classes, config).rows()
+    else:
+        rows = planner.plan_auto_label(samples, classes, config, resolve_device(config.device)).rows()
+    for row in rows:
+        if new > 0 and row["stage"] not in ("review", "evaluate") and not row["stage"].startswith("app:"):
+            row["samples"] += new
+            row["action"] = "run" if row["action"] == "reuse" else row["action"]
+            row["why"] = f"{new} files not imported yet" + (f"; {row['why']}" if row["action"] != "run" else "")
+    return rows
 
 
 def plan_auto_label(target: Target, classes, config, n: int, disk: int) -> dict:
-    """Stages ``auto_label`` would run or reuse on ``target``, with time and disk estimates."""
+    """The steps ``auto_label`` (or ``auto_label_multilabel`` for a ``MultiLabelConfig``) would take
+    on ``target``, from the re-run planner, with time and disk estimates."""
     samples = target.samples
     new = n - (len(samples) if samples is not None else 0)
-    if samples is None or len(samples) == 0:
-        todo = {s: n for s in ("clip", "dino", "zeroshot", "dino_labeler", "predict")}
-        retrain = {"dino_labeler": True, "prompt_tuning": True}
-    else:
-        todo, retrain = plan_stages(samples, classes, config, extra_new=new)
-    dev = config.device
-    stages = [
-        _stage(f"embeddings:{fam}", "run" if todo[fam] else "reuse", todo[fam], _embed_seconds(spec, todo[fam], dev))
-        for fam, spec in (("clip", config.clip), ("dino", config.dino))
-    ]
-    stages.append(
-        _stage(
-            "zeroshot",
-            "run" if todo["zeroshot"] else "reuse",
-            todo["zeroshot"],
-            0.05
-            + todo["zeroshot"] * 1e-4
-            + (len(classes or []) * 90 / (10 * _rate(config.clip, dev)) if todo["zeroshot"] == n and n else 0.0),
-            "texts encoded once, then cached",
-        )
-    )
-    stages.append(
-        _stage(
-            "dino_labeler",
-            "train+label" if retrain["dino_labeler"] else ("label new" if todo["dino_labeler"] else "reuse"),
-            todo["dino_labeler"],
-            (2.0 if retrain["dino_labeler"] else 0.0) + todo["dino_labeler"] * 3e-3,
-        )
-    )
-    if not config.skip_tuning:
-        try:
-            tune = resolve(config.tune, dev)
-        except Exception:
-            tune = resolve(config.tune)
-        epochs, cap = tune.epochs, tune.max_samples or None  # 0: all samples
-        m = min(n, cap) if cap else n
-        stages.append(
-            _stage(
-                "prompt_tuning",
-                "train" if retrain["prompt_tuning"] else "reuse",
-                m if retrain["prompt_tuning"] else 0,
-                epochs * m * _TRAIN_COST / _rate(config.clip, dev) if retrain["prompt_tuning"] else 0.0,
-                f"{epochs} epochs on <= {m} samples",
-            )
-        )
-        stages.append(
-            _stage(
-                "predict",
-                "run" if todo["predict"] else "reuse",
-                todo["predict"],
-                todo["predict"] / _rate(config.clip, dev),
-            )
-        )
-    if config.gt_field:
-        stages.append(_stage("evaluate", "run", n, 1.0))
+    stages = []
+    for row in _planned_rows(samples, classes, config, new):
+        stages.append({**row, "seconds": float(_seconds(row, config, classes, n, config.device)), "detail": row["why"]})
     plan = {"samples": n, "new_samples": max(new, 0), "classes": len(classes or []), "stages": stages}
-    _finish_plan(plan, dev, disk)
+    _finish_plan(plan, config.device, disk)
     return plan
 
 
