@@ -6,6 +6,7 @@ Writes are always bulk (``set_values`` keyed by sample id): never one round-trip
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -24,6 +25,8 @@ from fiftyone_nola.core.names import (
 )
 from fiftyone_nola.core.storage import dataset_dir as storage_dataset_dir
 from fiftyone_nola.core.storage import file_lock, nola_home, write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 UNREADABLE_TAG = "nola:unreadable"
 
@@ -60,7 +63,8 @@ def _database_dir() -> Path:
         import fiftyone.core.config as focn
 
         return Path(focn.load_config().database_dir).expanduser()
-    except Exception:
+    except Exception as e:  # only a hint's path: FiftyOne's own error says the rest
+        logger.debug(f"FiftyOne's config is unreadable ({type(e).__name__}: {e}); its default database dir")
         return Path(os.environ.get("FIFTYONE_DATABASE_DIR", "~/.fiftyone/var/lib/mongo")).expanduser()
 
 
@@ -115,8 +119,8 @@ def _forget_database_service(fodb) -> None:
     if svc is not None:
         try:
             svc.stop()
-        except Exception:
-            pass
+        except Exception as e:  # a service that never started has nothing to stop
+            logger.debug(f"stopping a half-started database service: {type(e).__name__}: {e}")
 
 
 def check_database() -> None:

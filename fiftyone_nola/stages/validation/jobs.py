@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Optional
 
@@ -28,6 +29,8 @@ from fiftyone_nola.stages.validation.params import check_fields
 from fiftyone_nola.stages.validation.plan import _disk_needed, plan_auto_label
 from fiftyone_nola.stages.validation.report import Report, _problem
 from fiftyone_nola.stages.validation.target import Target, _check_target_gt, resolve_target, target_count
+
+logger = logging.getLogger(__name__)
 
 
 def _job_inputs(target: Target, classes, config, fallback_random_init: bool) -> tuple[Target, list, list]:
@@ -119,7 +122,8 @@ def check_auto_label(
     if report.ok or plan:
         try:
             need = _disk_needed(config, n, len(classes_list or []))
-        except Exception:  # the estimate is advice only
+        except Exception as e:  # the estimate is advice only: never a reason to refuse a job
+            logger.debug(f"no disk estimate ({type(e).__name__}: {e})")
             need = 0
     report.problems += check_writable(nola_home(), "storage", "NOLA_HOME", need_bytes=need)
     if plan and report.ok:
