@@ -3,14 +3,14 @@
 are all kept, and a killed job is taken over at once.
 
 Every child shares this session's database name and NOLA_HOME (conftest sets them in the
-environment children inherit); nothing assumes a database service is or is not running.
+environment children inherit); nothing assumes a database service is or is not running. Tiny
+random models on generated images, PyTorch engine (no engine measurement): seconds per run.
 """
 
 import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,9 +21,7 @@ import uuid
 import numpy as np
 import pytest
 
-from conftest import CIFAR10_CLASSES, REPO, cifar_files, tiny_pipeline_config
-
-pytestmark = pytest.mark.integration
+from conftest import REPO, REVIEW_CLASSES, tiny_images, tiny_pipeline_config
 
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
 
@@ -57,7 +55,7 @@ PREDICT = textwrap.dedent(
     import fiftyone as fo
     from fiftyone_nola.core.models import tiny_clip_spec
     from fiftyone_nola.logs import lines_to
-    from fiftyone_nola.pipeline import prepare_for_review
+    from fiftyone_nola.pipeline_steps import flag_for_review
     from fiftyone_nola.stages import fo_io
     from fiftyone_nola.stages.nola import predict
 
@@ -78,7 +76,7 @@ PREDICT = textwrap.dedent(
     ds = fo.load_dataset(name)
     with lines_to(lambda m: print(m, flush=True)):
         predict(ds, model_dir, tiny_clip_spec(), "nola", device="cpu")
-        prepare_for_review(ds, classes.split(","), "nola")
+        flag_for_review(ds, classes.split(","), "nola")
     print("PREDICT-DONE", flush=True)
     """
 )
@@ -134,25 +132,24 @@ def test_decisions_made_while_a_prediction_run_rewrites_the_field_are_all_kept(m
     from fiftyone_nola.pipeline import auto_label
     from fiftyone_nola.stages import review
 
-    pairs = cifar_files(per_class=6)
-    ds = make_dataset([p for p, _ in pairs])
-    cfg = tiny_pipeline_config(app_ready=False)
-    summary = auto_label(ds, CIFAR10_CLASSES, cfg)
+    ds = make_dataset(tiny_images(tmp_path / "images", 56))
+    cfg = tiny_pipeline_config(descriptions_file=None, allow_template_fallback=True, app_ready=False)
+    summary = auto_label(ds, REVIEW_CLASSES, cfg)
     model_dir = summary["stages"]["prompt_tuning"]["model_dir"]
     ids = ds.values("id")
     new = dict(zip(ids, ds.values("nola.label")))
     # An earlier run's predictions, all different from the new run's and all doubtful.
-    old = {i: CIFAR10_CLASSES[(CIFAR10_CLASSES.index(lab) + 1) % 10] for i, lab in new.items()}
+    old = {i: REVIEW_CLASSES[(REVIEW_CLASSES.index(lab) + 1) % 4] for i, lab in new.items()}
     import fiftyone as fo
 
     ds.set_values("nola", {i: fo.Classification(label=lab, confidence=0.3) for i, lab in old.items()}, key_field="id")
-    review.store_class_list(ds, CIFAR10_CLASSES)
+    review.store_class_list(ds, REVIEW_CLASSES)
     review.flag_samples(ds, "nola", threshold=0.5)
     assert review.queue_length(ds) == len(ids)
 
     batches = [ids[30:55], ids[:25]]  # 25 before the run rewrites them, 25 after
     decided = set(batches[0] + batches[1])
-    classes, sync = ",".join(CIFAR10_CLASSES), str(tmp_path)
+    classes, sync = ",".join(REVIEW_CLASSES), str(tmp_path)
     procs = [
         _spawn(PREDICT, tmp_path / "predict.out", ds.name, model_dir, classes, sync),
         _spawn(DECIDE, tmp_path / "decide.out", ds.name, json.dumps(batches), classes, sync),
@@ -184,9 +181,8 @@ def test_decisions_made_while_a_prediction_run_rewrites_the_field_are_all_kept(m
 # ---------------------------------------------------------------------------- two auto-label commands
 
 TINY = ["--clip-arch", "nola-tiny-clip", "--clip-pretrained", "", "--dino", "nola_tiny_vit", "--random-init"]
-TINY += ["--workers", "0", "--epochs", "1", "--batch-size", "4"]
+TINY += ["--workers", "0", "--epochs", "1", "--batch-size", "4", "--engine", "torch"]
 FIELDS = ("nola_zeroshot", "nola_dino", "nola")
-CLASSES = ["cat", "dog", "ship", "truck"]
 
 # `python -m fiftyone_nola ARGS` (its main) once per repetition, each started by the test at one
 # moment: the child imports once, then per repetition says it is ready and runs when told to.
@@ -229,14 +225,12 @@ KILLED_MID_EMBEDDING = textwrap.dedent(
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     d = tmp_path_factory.mktemp("jobs-images")
-    for p, c in cifar_files(per_class=5, classes=CLASSES):
-        (d / c).mkdir(exist_ok=True)
-        shutil.copy(p, d / c / os.path.basename(p))
+    tiny_images(d, 8)
     return d
 
 
 def _args(images, name):
-    return ["auto-label", "--images", str(images), "--classes", ",".join(CLASSES), "--dataset", name, *TINY]
+    return ["auto-label", "--images", str(images), "--classes", ",".join(REVIEW_CLASSES), "--dataset", name, *TINY]
 
 
 def _snapshot(name) -> dict:
@@ -343,7 +337,8 @@ def test_two_auto_label_commands_on_one_new_dataset_both_finish_the_second_reusi
 
 
 @pytest.mark.slow
-def test_a_job_killed_mid_embedding_is_taken_over_at_once_with_a_clean_runs_result(images, reference, tmp_path):
+def test_a_job_killed_mid_embedding_is_taken_over_at_once_with_a_clean_runs_result(images, reference, tmp_path, capsys):
+    from fiftyone_nola.cli import main
     from fiftyone_nola.core import jobs
     from fiftyone_nola.stages import fo_io
     from fiftyone_nola.stages.jobs import job_lock_path, running_job
@@ -357,9 +352,10 @@ def test_a_job_killed_mid_embedding_is_taken_over_at_once_with_a_clean_runs_resu
         assert jobs.read_holder(job_lock_path(ds)).pid == first.pid  # its facts stay behind...
         assert running_job(ds) is None  # ...and are not taken for a running job
 
-        second = _spawn(["-m", "fiftyone_nola"], tmp_path / "second.out", *_args(images, name))
-        assert second.wait(timeout=300) == 0, (tmp_path / "second.out").read_text()[-3000:]
-        out = (tmp_path / "second.out").read_text()
+        capsys.readouterr()
+        code = main(_args(images, name))  # the second job, in this process (one import less)
+        out = capsys.readouterr().out
+        assert code == 0, out[-3000:]
         said = [x for x in out.splitlines() if any(m in x for m in ("(pid ", "another job", "a job is running"))]
         assert not said, said
         assert _processed(out)["embeddings:clip"] > 0  # it did the killed job's work
