@@ -203,3 +203,25 @@ def test_a_stage_rewriting_the_reviewed_field_keeps_what_reviewers_accepted(revi
     fo_io.write_classifications(ds, ids, REVIEW_CLASSES, probs[:, ::-1], "nola_zeroshot")
     ds.reload()
     assert "nola:accepted" in ds[ids[0]].tags
+
+
+def test_an_operator_shows_what_its_job_waits_for_as_its_progress():
+    """A message with no count (what the job waits for) reaches the App as the progress label;
+    without the special case it read 'waiting for ... 0/0' at 100 %."""
+    from operators import _common
+
+    class Ctx:
+        def __init__(self):
+            self.calls = []
+
+        def set_progress(self, progress, label):
+            self.calls.append((progress, label))
+
+    ctx = Ctx()
+    fn = _common.progress_fn(ctx)
+    fn(0, 0, "waiting for auto-label (pid 1, started 12:00:00, 2 min ago) on this dataset; up to 30 min")
+    fn(3, 3, "embedding")
+    assert ctx.calls == [
+        (0.0, "waiting for auto-label (pid 1, started 12:00:00, 2 min ago) on this dataset; up to 30 min"),
+        (1.0, "embedding 3/3"),
+    ]
