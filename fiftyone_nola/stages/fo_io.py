@@ -273,9 +273,20 @@ def write_classifications(
     Into the field under review, a reviewer's accepts keep their label (:func:`_write_keeping_accepted`).
     """
     probs = np.asarray(probs, dtype=np.float32)
+    record_classes(samples, field, classes)
     return _write_in_chunks(
         samples, ids, field, lambda j: classification_label(classes, probs[j], store_logits), keep_accepted=True
     )
+
+
+def record_classes(samples, field: str, classes: Sequence[str]) -> None:
+    """Keep the classes ``field`` was predicted over in ``dataset.classes[field]`` (FiftyOne's
+    per-field class list), so a correction may name a class no sample was predicted as."""
+    ds = root_dataset(samples)
+    classes = list(classes)
+    if ds.classes.get(field) != classes:
+        ds.classes[field] = classes
+        ds.save()
 
 
 def classification_label(classes: Sequence[str], row: np.ndarray, store_logits: bool = False):
@@ -295,6 +306,7 @@ def write_multilabel(
     """Write ``fo.Classifications`` of the positive classes of each row, with their scores."""
     scores = np.asarray(scores)
     positives = np.asarray(positives, dtype=bool)
+    record_classes(samples, field, classes)
     return _write_in_chunks(samples, ids, field, lambda j: multilabel_labels(classes, scores[j], positives[j]))
 
 
