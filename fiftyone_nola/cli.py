@@ -109,12 +109,20 @@ def _checked(args, report) -> bool:
     return False
 
 
+def _preset(args):
+    """The ``--preset`` chosen (core/models/presets.py), or None."""
+    from fiftyone_nola.core.models.presets import get_preset
+
+    return get_preset(args.preset) if getattr(args, "preset", None) else None
+
+
 def _clip_spec(args) -> ClipSpec:
-    """The ClipSpec of the CLIP options."""
+    """The ClipSpec of the CLIP options (a preset fills the architecture when none is named)."""
+    preset = None if args.clip_arch else _preset(args)
     return given(
         ClipSpec,
-        arch=args.clip_arch,
-        pretrained=args.clip_pretrained,
+        arch=args.clip_arch or (preset and preset.clip_arch),
+        pretrained=args.clip_pretrained or (preset and preset.clip_pretrained),
         random_init=args.random_init,
         models_dir=args.models_dir,
     )
@@ -122,9 +130,10 @@ def _clip_spec(args) -> ClipSpec:
 
 def _specs(args):
     clip = _clip_spec(args)
+    preset = None if args.dino or args.dino_checkpoint else _preset(args)
     dino = given(
         DinoSpec,
-        name=args.dino,
+        name=args.dino or (preset and preset.dino),
         checkpoint=args.dino_checkpoint,
         random_init=args.random_init,
         models_dir=args.models_dir,
@@ -348,6 +357,7 @@ def cmd_tune(args) -> dict:
     report = check_params(
         fo_io.get_dataset(args.dataset),
         clip=_clip_spec(args),
+        prompt_tuning=True,
         device=args.device,
         stages={"dataset": ("nola_zeroshot", "zero-shot"), "teacher_field": ("nola_dino", "DINO labeller")},
         ranges={

@@ -6,17 +6,27 @@ from __future__ import annotations
 import argparse
 
 from fiftyone_nola.core.models import ClipSpec
+from fiftyone_nola.core.models.presets import PRESETS
 from fiftyone_nola.core.transductive.config import METHODS as TRANSDUCTIVE_METHODS
 
 
 def _clip_args(p: argparse.ArgumentParser, device_help: str = "cpu, cuda, cuda:1, ... (default: auto)"):
     """CLIP, local weights, random init and device options; returns the group for more."""
     g = p.add_argument_group("models")
+    g.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default=None,
+        help="a tested CLIP + DINO pair: "
+        + "; ".join(f"{p.name} = {p.clip_arch} + {p.dino}" for p in PRESETS.values())
+        + " (--clip-arch / --dino override its parts)",
+    )
     g.add_argument("--clip-arch", default=None, help=f"open_clip architecture (default {ClipSpec.arch})")
     g.add_argument(
         "--clip-pretrained",
         default=None,
-        help=f"open_clip pretrained tag or a local checkpoint file (default {ClipSpec.pretrained})",
+        help=f"open_clip pretrained tag or a local checkpoint file (default {ClipSpec.pretrained}, or "
+        f"the architecture's own tag when it has no {ClipSpec.pretrained!r} one)",
     )
     g.add_argument("--models-dir", default=None, help="directory of local weights (default: NOLA_MODELS_DIR)")
     g.add_argument(
@@ -123,17 +133,8 @@ def _audit_args(sub) -> None:
     p.add_argument("--json", dest="json_out", default=None, help="write the report as JSON here")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``python -m fiftyone_nola``."""
-    ap = argparse.ArgumentParser(
-        prog="python -m fiftyone_nola",
-        description="Label-free auto-labeling of image datasets for FiftyOne (NoLA, CDUL).",
-    )
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("auto-label", help="single-label: embeddings, zero-shot, DINO labeller, prompt tuning")
-    _data_args(p)
-    _model_args(p)
+def _description_args(p: argparse.ArgumentParser) -> None:
+    """Where the class descriptions come from (file, templates, LLM)."""
     p.add_argument("--descriptions", default=None, help="LaFTer/NoLA description JSON {class: [texts]}")
     p.add_argument(
         "--allow-template-fallback",
@@ -158,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-llm", action="store_true", help="write descriptions with a local LLM (Ollama)")
     p.add_argument("--llm-model", default=None, help="Ollama model (default: the library's)")
     p.add_argument("--ollama-host", default=None)
+
+
+def _auto_label_parser(sub) -> None:
+    """``auto-label``: the single-label pipeline."""
+    p = sub.add_parser("auto-label", help="single-label: embeddings, zero-shot, DINO labeller, prompt tuning")
+    _data_args(p)
+    _model_args(p)
+    _description_args(p)
     p.add_argument("--epochs", type=int, default=None, help="prompt-tuning epochs (default: fit hardware)")
     p.add_argument(
         "--tune-max-samples",
@@ -181,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="recompute stages even if up to date")
 
+
+def _multilabel_parser(sub) -> None:
+    """``auto-label-multilabel``: the CDUL pipeline."""
     p = sub.add_parser("auto-label-multilabel", help="multi-label (CDUL): global + local CLIP scores, classifier")
     _data_args(p)
     _model_args(p)
@@ -192,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--grid", type=int, default=None, help="crop grid n x n (default: the library's)")
 
+
+def _embed_parser(sub) -> None:
+    """``embed``: embeddings into FAISS indexes."""
     p = sub.add_parser("embed", help="compute CLIP and/or DINO embeddings into FAISS indexes")
     _data_args(p)
     _model_args(p)
@@ -211,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ray-actors", type=int, default=None, help="Ray actors (default: one per GPU/CPU)")
 
+
+def _tune_parser(sub) -> None:
+    """``tune``: prompt tuning + predict (torchrun for several GPUs)."""
     p = sub.add_parser(
         "tune",
         help="prompt tuning + predict on a dataset that has DINO labels; "
@@ -233,8 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="only check the inputs; writes nothing")
     _clip_args(p, device_help="cpu or cuda (each torchrun process takes cuda:LOCAL_RANK)")
 
-    _audit_args(sub)
 
+def _plugin_parser(sub) -> None:
+    """``plugin``: the FiftyOne plugin shipped with this package."""
     p = sub.add_parser("plugin", help="the FiftyOne plugin shipped with this package")
     p.add_argument(
         "action", choices=["install"], help="install: link the plugin into FiftyOne's plugins directory (idempotent)"
@@ -245,4 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: FiftyOne's plugins_dir (FIFTYONE_PLUGINS_DIR, ~/fiftyone/__plugins__)",
     )
     p.add_argument("--copy", action="store_true", help="copy the plugin instead of a symbolic link")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m fiftyone_nola``."""
+    ap = argparse.ArgumentParser(
+        prog="python -m fiftyone_nola",
+        description="Label-free auto-labeling of image datasets for FiftyOne (NoLA, CDUL).",
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    for add in (_auto_label_parser, _multilabel_parser, _embed_parser, _tune_parser, _audit_args, _plugin_parser):
+        add(sub)
     return ap

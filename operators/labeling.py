@@ -199,6 +199,7 @@ class TunePrompts(foo.Operator):
             lambda: check_params(
                 c.target_samples(ctx),
                 clip=c.clip_spec(ctx),
+                prompt_tuning=True,
                 device=c.device_param(ctx),
                 stages={
                     "zeroshot_field": (c.arg_param(ctx, "zeroshot_field", labeling.dino_labels), "zero-shot"),

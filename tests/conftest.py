@@ -183,6 +183,161 @@ def tiny_pipeline_config(descriptions_file=str(CIFAR_DIR / "descriptions.json"),
     return AutoLabelConfig(**base)
 
 
+_TOKENIZER_TEXTS = (
+    "a photo of a cat.",
+    "a blurry photo of an airplane.",
+    "A caption of an image of a truck",
+    "Describe what a dog looks like",
+    "How can you identify a frog?",
+    "a ship at sea, a deer in a forest, a horse running, an automobile on the road, a bird",
+)
+
+
+def make_sentencepiece_tokenizer(folder: Path) -> Path:
+    """A small Gemma-style sentencepiece tokenizer (what SigLIP 2 uses), as Hugging Face files in
+    ``folder``: trained here in milliseconds, so the tokenizer plumbing runs offline."""
+    import io
+    import json
+
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_TOKENIZER_TEXTS * 20),
+        model_writer=buf,
+        vocab_size=120,
+        model_type="bpe",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        minloglevel=2,
+    )
+    (folder / "tokenizer.model").write_bytes(buf.getvalue())
+    config = {"tokenizer_class": "GemmaTokenizer", "padding_side": "right", "pad_token": "<pad>"}
+    config.update(eos_token="</s>", bos_token="<s>", unk_token="<unk>")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip_spec(tmp_path_factory):
+    """The tiny SigLIP 2-like CLIP (timm ViT tower, sigmoid scoring), its sentencepiece tokenizer
+    placed where a user puts one for offline use: ``<models_dir>/clip/<arch>/tokenizer``."""
+    pytest.importorskip("sentencepiece")
+    from fiftyone_nola.core.models import TINY_SIGLIP_ARCH, ClipSpec, tokenizer_dir
+
+    spec = ClipSpec(
+        arch=TINY_SIGLIP_ARCH, pretrained=None, random_init=True, models_dir=str(tmp_path_factory.mktemp("models"))
+    )
+    make_sentencepiece_tokenizer(tokenizer_dir(spec))
+    return spec
+
+
+@pytest.fixture(scope="session")
+def tiny_pe_spec():
+    """The tiny PE-Core-like CLIP (timm Eva tower with RoPE and a class token; CLIP BPE text)."""
+    from fiftyone_nola.core.models import TINY_PE_ARCH, ClipSpec
+
+    return ClipSpec(arch=TINY_PE_ARCH, pretrained=None, random_init=True)
+
+
+def golden_image_paths(golden: dict) -> list[Path]:
+    """The real images a reference JSON's features were computed on (``golden["images"]``); the
+    test is skipped when they are not under ``SHARED_DATA``."""
+    paths = [SHARED_DATA / im["path"] for im in golden["images"]]
+    if not all(p.is_file() for p in paths):
+        pytest.skip(f"real images not found under {SHARED_DATA} (set NOLA_SHARED_DATA)")
+    return paths
+
+
+def golden_rgb_images(golden: dict) -> list:
+    """Those images as RGB PIL images, each checked against its stored sha256."""
+    import hashlib
+
+    out = []
+    for p, im in zip(golden_image_paths(golden), golden["images"]):
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == im["sha256"], p
+        with Image.open(p) as f:
+            out.append(f.convert("RGB"))
+    return out
+
+
+def assert_reference_features(f, ref, min_cos: float = 0.999999, max_abs: float = 1e-4) -> None:
+    """Our features ``f`` equal a reference implementation's ``ref`` row by row (cosine and
+    largest absolute difference, in float64)."""
+    import numpy as np
+
+    f, ref = np.asarray(f, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    assert f.shape == ref.shape, (f.shape, ref.shape)
+    cos = (f * ref).sum(1) / np.linalg.norm(f, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() >= min_cos and np.abs(f - ref).max() <= max_abs, (cos.min(), np.abs(f - ref).max())
+
+
+@pytest.fixture
+def models_dir(tmp_path, monkeypatch):
+    """An empty models folder (with ``dino/``) set as ``NOLA_MODELS_DIR``."""
+    d = tmp_path / "models"
+    (d / "dino").mkdir(parents=True)
+    monkeypatch.setenv("NOLA_MODELS_DIR", str(d))
+    return d
+
+
+_HUB_SCRIPT = """
+import json, sys
+import torch
+from PIL import Image
+from fiftyone_nola.core import models as M
+spec = M.DinoSpec(name=sys.argv[1], random_init=False)
+ok = M.weights_available(spec)
+loaded = M.load_dino(spec, cache=False)
+ims = [Image.open(p).convert("RGB") for p in sys.argv[2:]]
+with torch.no_grad():
+    f = loaded.encode_image(torch.stack([loaded.transform(im) for im in ims])).numpy()
+print(json.dumps({"ok": list(ok), "weights": loaded.identity["weights"], "features": f.tolist()}))
+"""
+
+
+def dino_features_from_offline_hub_cache(tmp_path: Path, timm_name: str, state_dict: dict, images) -> dict:
+    """Features of DINO ``timm_name`` loaded by name in a fresh process (the hub client reads its
+    variables at import) from a Hugging Face cache laid out as huggingface_hub leaves it, holding
+    ``state_dict`` as timm's ``model.safetensors``, read with ``HF_HUB_OFFLINE=1``. Returns
+    ``{"ok": weights_available, "weights": identity, "features": ...}``."""
+    import json
+    import subprocess
+
+    from safetensors.torch import save_file
+
+    hf_home = tmp_path / "hf"
+    repo = hf_home / "hub" / f"models--timm--{timm_name}"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    snap = repo / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    save_file(state_dict, str(snap / "model.safetensors"))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(hf_home),
+        HF_HUB_CACHE=str(hf_home / "hub"),
+        NOLA_MODELS_DIR=str(tmp_path / "empty_models"),
+        TORCH_HOME=str(tmp_path / "empty_torch"),
+        PYTHONPATH=str(REPO),
+    )
+    env.pop("HUGGINGFACE_HUB_CACHE", None)
+    r = subprocess.run(
+        [sys.executable, "-c", _HUB_SCRIPT, timm_name, *map(str, images)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 # ---------------------------------------------------------------------------- review datasets
 
 REVIEW_CLASSES = ["cat", "dog", "ship", "truck"]

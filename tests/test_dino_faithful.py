@@ -29,15 +29,18 @@ import hashlib
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SHARED_DATA
+from conftest import (
+    assert_reference_features,
+    dino_features_from_offline_hub_cache,
+    golden_image_paths,
+    golden_rgb_images,
+)
 from fiftyone_nola.core import models as M
 from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError, ModelNotFoundError
 
@@ -84,23 +87,6 @@ def te_transform():
     )
 
 
-def golden_paths() -> list[Path]:
-    paths = [SHARED_DATA / im["path"] for im in GOLDEN["images"]]
-    if not all(p.is_file() for p in paths):
-        pytest.skip(f"real images not found under {SHARED_DATA} (set NOLA_SHARED_DATA)")
-    return paths
-
-
-def golden_images():
-    from PIL import Image
-
-    out = []
-    for p in golden_paths():
-        with Image.open(p) as im:
-            out.append(im.convert("RGB"))
-    return out
-
-
 def features(loaded, images) -> np.ndarray:
     x = torch.stack([loaded.transform(im) for im in images])
     with torch.no_grad():
@@ -108,12 +94,7 @@ def features(loaded, images) -> np.ndarray:
 
 
 def assert_official(f, model: dict) -> None:
-    f = np.asarray(f, dtype=np.float64)
-    ref = np.asarray(model["features"], dtype=np.float64)
-    assert f.shape == ref.shape
-    cos = (f * ref).sum(1) / np.linalg.norm(f, axis=1) / np.linalg.norm(ref, axis=1)
-    assert cos.min() >= 0.999999, cos
-    assert np.abs(f - ref).max() <= 1e-4, np.abs(f - ref).max()
+    assert_reference_features(f, model["features"])
 
 
 @pytest.fixture(scope="module")
@@ -123,15 +104,7 @@ def small_sd():
 
 @pytest.fixture(scope="module")
 def images():
-    return golden_images()
-
-
-@pytest.fixture
-def models_dir(tmp_path, monkeypatch):
-    d = tmp_path / "models"
-    (d / "dino").mkdir(parents=True)
-    monkeypatch.setenv("NOLA_MODELS_DIR", str(d))
-    return d
+    return golden_rgb_images(GOLDEN)
 
 
 def timm_state_dict(sd: dict) -> dict:
@@ -155,7 +128,7 @@ def test_golden_provenance():
 
 @pytest.mark.integration
 def test_golden_images_are_the_stored_ones():
-    for p, im in zip(golden_paths(), GOLDEN["images"]):
+    for p, im in zip(golden_image_paths(GOLDEN), GOLDEN["images"]):
         assert hashlib.sha256(p.read_bytes()).hexdigest() == im["sha256"], p
 
 
@@ -188,7 +161,7 @@ def test_real_loader_path_gives_the_official_features(small_sd, tmp_path):
     loaded = M.load_dino(M.DinoSpec(checkpoint=str(path), random_init=False), cache=False)
     out, failures = embed_filepaths(
         loaded,
-        [str(p) for p in golden_paths()],
+        [str(p) for p in golden_image_paths(GOLDEN)],
         EmbedConfig(batch_size=4, num_workers=0, device="cpu", draft_decode=False),
     )
     assert not failures
@@ -266,54 +239,13 @@ def test_timm_files(images, small_sd, tmp_path, models_dir, fmt, layout):
     assert_official(features(loaded, images), SMALL)
 
 
-_HUB_SCRIPT = """
-import json, sys
-import numpy as np, torch
-from PIL import Image
-from fiftyone_nola.core import models as M
-spec = M.DinoSpec(name=sys.argv[1], random_init=False)
-ok = M.weights_available(spec)
-loaded = M.load_dino(spec, cache=False)
-ims = [Image.open(p).convert("RGB") for p in sys.argv[2:]]
-with torch.no_grad():
-    f = loaded.encode_image(torch.stack([loaded.transform(im) for im in ims])).numpy()
-print(json.dumps({"ok": list(ok), "weights": loaded.identity["weights"], "features": f.tolist()}))
-"""
-
-
 @pytest.mark.integration
-def test_huggingface_hub_cache_offline(small_sd, tmp_path, fmt="model.safetensors"):
+def test_huggingface_hub_cache_offline(small_sd, tmp_path):
     """A cache as huggingface_hub leaves it, read with HF_HUB_OFFLINE=1 (fresh process: the hub
     client reads these variables at import)."""
-    from safetensors.torch import save_file
-
-    hf_home = tmp_path / "hf"
-    repo = hf_home / "hub" / f"models--timm--{SMALL_NAME}"
-    rev = "0123456789abcdef0123456789abcdef01234567"
-    snap = repo / "snapshots" / rev
-    snap.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(rev)
-    sd = timm_state_dict(small_sd)
-    save_file(sd, str(snap / fmt)) if fmt.endswith(".safetensors") else torch.save(sd, snap / fmt)
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        HF_HOME=str(hf_home),
-        HF_HUB_CACHE=str(hf_home / "hub"),
-        NOLA_MODELS_DIR=str(tmp_path / "empty_models"),
-        PYTHONPATH=str(REPO),
+    out = dino_features_from_offline_hub_cache(
+        tmp_path, SMALL_NAME, timm_state_dict(small_sd), golden_image_paths(GOLDEN)
     )
-    env.pop("HUGGINGFACE_HUB_CACHE", None)
-    r = subprocess.run(
-        [sys.executable, "-c", _HUB_SCRIPT, SMALL_NAME, *map(str, golden_paths())],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["ok"] == [True, ""] and out["weights"] == "hub"
     assert_official(out["features"], SMALL)
 
@@ -326,7 +258,7 @@ def test_official_vit_base_release_file(tmp_path):
     torch.save(make_weights(BASE), path)
     loaded = M.load_dino(M.DinoSpec(checkpoint=str(path), random_init=False), cache=False)
     assert loaded.identity["name"] == BASE_NAME and loaded.embed_dim == 768
-    assert_official(features(loaded, golden_images()), BASE)
+    assert_official(features(loaded, golden_rgb_images(GOLDEN)), BASE)
 
 
 def test_wrong_architecture_names_the_files_one(small_sd, tmp_path):

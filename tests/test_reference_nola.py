@@ -143,9 +143,13 @@ def test_prompts_enter_after_cls_through_prompted_visual(tiny_clip):
     pv._embed = lambda x: tokens.to(torch.float32)
     pv._blocks = blocks
     pv._pool = lambda x: x[:, 0]
+    proj = pv.tower.proj
     pv.tower.proj = None
-    with torch.no_grad():
-        pv(torch.zeros(tokens.shape[0], 3, 32, 32))
+    try:
+        with torch.no_grad():
+            pv(torch.zeros(tokens.shape[0], 3, 32, 32))
+    finally:
+        pv.tower.proj = proj  # the session's shared tiny CLIP: later tests embed with it
     np.testing.assert_allclose(seen["x"].numpy(), np.array(case["output"]), atol=1e-6)
     assert case["init_bound_vitb"] == pytest.approx(math.sqrt(6.0 / (3 * 16 * 16 + 768)))
 

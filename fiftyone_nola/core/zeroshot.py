@@ -3,7 +3,9 @@
 Every text of a class is encoded with CLIP's text encoder and L2-normalised; the class vector
 is their mean, L2-normalised again. Stacked, the class vectors are the zero-shot weights W
 (C x D); an image scores ``softmax(logit_scale * cos(image, W))`` with logit_scale 100 (CLIP's
-learned temperature, as the official code uses it). Pure numpy apart from text encoding.
+learned temperature, as the official code uses it). Sigmoid-trained models (SigLIP) score with
+their own scale and bias instead, normalised over the classes (:class:`Scoring`,
+``core/models/scoring.py``). Pure numpy apart from text encoding.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from fiftyone_nola.core import device as dev
 from fiftyone_nola.core.arrays import l2_normalize, softmax
 from fiftyone_nola.core.errors import InvalidInputError
-from fiftyone_nola.core.models import LoadedModel
+from fiftyone_nola.core.models import LoadedModel, Scoring
 
 logger = logging.getLogger(__name__)
 
@@ -184,10 +186,27 @@ def zeroshot_logits(image_embeddings: np.ndarray, weights: np.ndarray, logit_sca
     return (np.float32(logit_scale) * (xn @ w.T)).astype(np.float32, copy=False)
 
 
+def class_probs(image_embeddings: np.ndarray, weights: np.ndarray, scoring: Optional[Scoring] = None) -> np.ndarray:
+    """Class probabilities ``N x C`` float32 under the model's ``scoring`` (default: CLIP's softmax
+    at 100). Softmax: ``softmax(zeroshot_logits(...))`` exactly; sigmoid: ``sigmoid(scale * cos +
+    bias)`` normalised over the classes (the documented choice of ``core/models/scoring.py``)."""
+    scoring = scoring or Scoring()
+    if scoring.kind == "sigmoid":
+        cos = zeroshot_logits(image_embeddings, weights, 1.0)
+        return scoring.sigmoid_probs(cos)
+    if scoring.kind != "softmax":
+        raise InvalidInputError(f"unknown scoring {scoring.kind!r}: softmax or sigmoid")
+    return softmax(zeroshot_logits(image_embeddings, weights, scoring.logit_scale)).astype(np.float32)
+
+
 def zeroshot_predict(
-    image_embeddings: np.ndarray, weights: np.ndarray, logit_scale: float = 100.0
+    image_embeddings: np.ndarray, weights: np.ndarray, logit_scale: float = 100.0, scoring: Optional[Scoring] = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(labels int64 N, confidence N, probs N x C)``; rows without an embedding get label -1, NaN confidence."""
+    """``(labels int64 N, confidence N, probs N x C)``; rows without an embedding get label -1, NaN confidence.
+
+    ``scoring`` (the model's, e.g. SigLIP's sigmoid) replaces the softmax at ``logit_scale``."""
+    if scoring is not None:
+        return _argmax_rows(class_probs(image_embeddings, weights, scoring))
     probs = softmax(zeroshot_logits(image_embeddings, weights, logit_scale))
     return _argmax_rows(probs)
 

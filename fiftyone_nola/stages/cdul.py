@@ -21,7 +21,7 @@ from fiftyone_nola.core.config import as_data, bounded, resolve
 from fiftyone_nola.core.descriptions import SIMPLE_TEMPLATE
 from fiftyone_nola.core.device import resolve_device
 from fiftyone_nola.core.embed import EmbedConfig
-from fiftyone_nola.core.models import ClipSpec, DinoSpec, load_clip, spec_key
+from fiftyone_nola.core.models import ClipSpec, DinoSpec, clip_scoring, load_clip, spec_key
 from fiftyone_nola.core.progress import ProgressFn, null_progress
 from fiftyone_nola.core.text_cache import class_weights_from_texts
 from fiftyone_nola.stages import fo_io, runs
@@ -117,7 +117,7 @@ def multilabel_pseudo_labels(
     device = resolve_device(config.device)
     W = _class_weights(classes, config, device)
     g = np.full((len(run.ids), len(classes)), np.nan, dtype=np.float32)
-    g[ok] = ml.global_scores(emb[ok], W)
+    g[ok] = ml.global_scores(emb[ok], W, scoring=clip_scoring(config.clip, device=device))
     t_global = run.seconds
     local, failed, t_local = None, [], 0.0
     y = g

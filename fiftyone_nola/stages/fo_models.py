@@ -111,7 +111,7 @@ class NolaTunedModel(NolaModel, fom.LogitsMixin):
     """
 
     def __init__(self, tuned, model_dir: Path, device: torch.device):
-        NolaModel.__init__(self, device, pt.weak_transform(tuned.image_size, tuned.mean, tuned.std))
+        NolaModel.__init__(self, device, pt.model_weak_transform(tuned))
         fom.LogitsMixin.__init__(self)
         self.tuned = tuned.to(device).eval()
         self.model_dir = Path(model_dir)

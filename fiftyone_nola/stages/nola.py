@@ -28,7 +28,7 @@ from fiftyone_nola.core.classes import ClassesArg, labels_to_indices, resolve_cl
 from fiftyone_nola.core.config import bounded, resolve
 from fiftyone_nola.core.device import resolve_device
 from fiftyone_nola.core.errors import IndexMismatchError, NolaError
-from fiftyone_nola.core.models import ClipSpec, DinoSpec, load_clip, spec_key
+from fiftyone_nola.core.models import ClipSpec, DinoSpec, clip_scoring, load_clip, spec_key
 from fiftyone_nola.core.progress import ProgressFn, null_progress
 from fiftyone_nola.core.templates import resolve_templates
 from fiftyone_nola.core.text_cache import class_weights_from_texts
@@ -57,7 +57,7 @@ class ZeroShotConfig:
     templates: str = "auto"
     include_templates: bool = True
     max_descriptions_per_class: Optional[int] = bounded(None, 1, None, True, "descriptions per class")  # None: all
-    logit_scale: float = 100.0
+    logit_scale: float = 100.0  # softmax CLIPs; sigmoid ones (SigLIP) use their learnt scale and bias
     store_logits: bool = False
     device: Optional[str] = None
 
@@ -101,8 +101,10 @@ def zero_shot(
         "key": spec_key(config.clip),
         "random_init": bool(config.clip.random_init or not config.clip.pretrained),
     }
+    # the model's own scoring: CLIP's softmax at config.logit_scale, SigLIP's sigmoid (normalised)
+    scoring = clip_scoring(config.clip, config.logit_scale, resolve_device(config.device))
     probs = np.full((len(run.ids), len(classes)), np.nan, dtype=np.float32)
-    probs[ok] = zs.softmax(zs.zeroshot_logits(emb[ok], W, config.logit_scale)).astype(np.float32)
+    probs[ok] = zs.class_probs(emb[ok], W, scoring)
     with run.writing() as d:
         written = fo_io.write_classifications(samples, run.ids, classes, probs, label_field, config.store_logits)
         meta = {
@@ -112,6 +114,7 @@ def zero_shot(
             "descriptions_source": getattr(desc, "source", {}),
             "templates": template_set,
             "n_texts": {c: len(t) for c, t in texts.items()},
+            "scoring": scoring.record(),
         }
         save_array_bundle(d, run.ids, {"probs": probs}, meta, shared={"class_weights": W.astype(np.float32)})
         summary = run.record(
@@ -123,6 +126,7 @@ def zero_shot(
             templates=template_set,
             texts_encoded=tinfo["encoded"],
             texts_cached=tinfo["cached"],
+            scoring=scoring.kind,
             warnings=list(getattr(desc, "warnings", [])),
         )
     logger.info(f"[zeroshot] {written} samples -> field '{label_field}' in {summary['seconds']:.2f}s")

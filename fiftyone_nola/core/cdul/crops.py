@@ -16,7 +16,7 @@ from fiftyone_nola.core.config import bounded, resolve
 from fiftyone_nola.core.data import DecodeOptions, ImageFileDataset, collate_skip_bad
 from fiftyone_nola.core.embed import engine_module, with_images
 from fiftyone_nola.core.errors import InvalidInputError
-from fiftyone_nola.core.models import LoadedModel
+from fiftyone_nola.core.models import LoadedModel, Scoring, model_scoring
 from fiftyone_nola.core.progress import ProgressFn, null_progress
 
 CLIP_LOGIT_SCALE = 100.0  # CLIP's learnt temperature saturates at exp(4.6052) = 100
@@ -175,7 +175,8 @@ def local_clip_scores(
 ) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """CLIP class scores of every grid crop: ``(N×G×C float32, failed [(index, reason)])``.
 
-    ``G = grid²``; each crop's row is ``softmax(logit_scale · cos(crop, class))`` over classes.
+    ``G = grid²``; each crop's row is ``softmax(logit_scale · cos(crop, class))`` over classes
+    (sigmoid models: their normalised sigmoid scores, ``core/models/scoring.py``).
     Crops of many images share one forward pass. Rows of unreadable images, and the missing
     slots of images smaller than the grid, are NaN.
     """
@@ -185,6 +186,7 @@ def local_clip_scores(
         raise InvalidInputError(f"batch_size must be >= 1, got {config.batch_size}")
     w_np = _check_weights(class_weights, clip.embed_dim)
     slots = config.grid * config.grid
+    scoring = model_scoring(clip.model, config.logit_scale)
     encode, device, amp, pin = _crop_encoder(clip, filepaths, config, w_np)
     weights = torch.from_numpy(w_np).to(device)
     loader = _crop_loader(clip, filepaths, config, pin)
@@ -205,7 +207,10 @@ def local_clip_scores(
                     feats = encode(flat)
                 # Cosines and softmax in fp32: logit_scale 100 magnifies half-precision error.
                 feats = torch.nn.functional.normalize(feats.float(), dim=-1)
-                probs = torch.softmax(config.logit_scale * feats @ weights.T, dim=-1)
+                if scoring.kind == "sigmoid":
+                    probs = scoring.sigmoid_probs_torch(feats @ weights.T)
+                else:
+                    probs = torch.softmax(config.logit_scale * feats @ weights.T, dim=-1)
                 block = np.full((len(idx) * slots, w_np.shape[0]), np.nan, dtype=np.float32)
                 block[flat_valid.numpy()] = probs.cpu().numpy()
                 out[idx.numpy()] = block.reshape(len(idx), slots, -1)
@@ -216,14 +221,22 @@ def local_clip_scores(
 
 
 def global_scores(
-    image_embeddings: np.ndarray, class_weights: np.ndarray, logit_scale: float = CLIP_LOGIT_SCALE
+    image_embeddings: np.ndarray,
+    class_weights: np.ndarray,
+    logit_scale: float = CLIP_LOGIT_SCALE,
+    scoring: Optional[Scoring] = None,
 ) -> np.ndarray:
-    """``softmax(logit_scale · cos(image, class))`` over classes: N×C float32, NaN rows kept."""
+    """``softmax(logit_scale · cos(image, class))`` over classes: N×C float32, NaN rows kept.
+
+    A sigmoid ``scoring`` (SigLIP's) gives its normalised sigmoid scores instead."""
     emb = np.asarray(image_embeddings, dtype=np.float32)
     if emb.ndim != 2:
         raise InvalidInputError(f"image_embeddings must be N×D, got shape {emb.shape}")
     w = _check_weights(class_weights, emb.shape[1])
     out = np.full((emb.shape[0], w.shape[0]), np.nan, dtype=np.float32)
     ok = np.all(np.isfinite(emb), axis=1)
+    if scoring is not None and scoring.kind == "sigmoid":
+        out[ok] = scoring.sigmoid_probs(l2_normalize(emb[ok]) @ w.T)
+        return out
     out[ok] = softmax(float(logit_scale) * (l2_normalize(emb[ok]) @ w.T)).astype(np.float32)
     return out

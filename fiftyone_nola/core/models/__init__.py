@@ -23,7 +23,7 @@ Modules: ``specs`` (specs, loaded-model record, models dir), ``clip``, ``dino`` 
 """
 
 from fiftyone_nola.core.models.cache import MODEL_CACHE_SIZE, clear_model_cache
-from fiftyone_nola.core.models.clip import load_clip
+from fiftyone_nola.core.models.clip import clip_scoring, default_pretrained, load_clip, pretrained_tag
 from fiftyone_nola.core.models.dino import (
     DINO_PREPROCESS,
     NOLA_MEAN,
@@ -33,22 +33,31 @@ from fiftyone_nola.core.models.dino import (
     nola_transform,
 )
 from fiftyone_nola.core.models.dino_weights import DINO_RELEASE_FILES, DINO_WEIGHT_FORMATS, TIMM_WEIGHT_FILES
-from fiftyone_nola.core.models.registry import hub_reachable, load_model, spec_key, weights_available
+from fiftyone_nola.core.models.registry import load_model, spec_key, weights_available
+from fiftyone_nola.core.models.scoring import SCORING_KINDS, Scoring, model_scoring
 from fiftyone_nola.core.models.specs import (
     _CONFIG_DIR,
     _TINY_TIMM,
     RANDOM_INIT_SEED,
     TINY_CLIP_ARCH,
     TINY_DINO_NAME,
+    TINY_DINOV2_NAME,
+    TINY_DINOV3_NAME,
+    TINY_PE_ARCH,
+    TINY_SIGLIP_ARCH,
     ClipSpec,
     DinoSpec,
     LoadedModel,
+    dino_generation,
     env_flag,
+    hub_reachable,
     models_dir,
     random_init_default,
     tiny_clip_spec,
     tiny_dino_spec,
 )
+from fiftyone_nola.core.models.tokenizers import hf_tokenizer_name, tokenizer_available, tokenizer_dir
+from fiftyone_nola.core.models.towers import prompt_support
 
 __all__ = [
     "DINO_PREPROCESS",
@@ -58,26 +67,41 @@ __all__ = [
     "NOLA_MEAN",
     "NOLA_STD",
     "RANDOM_INIT_SEED",
+    "SCORING_KINDS",
     "TIMM_WEIGHT_FILES",
     "TINY_CLIP_ARCH",
     "TINY_DINO_NAME",
+    "TINY_DINOV2_NAME",
+    "TINY_DINOV3_NAME",
+    "TINY_PE_ARCH",
+    "TINY_SIGLIP_ARCH",
     "_CONFIG_DIR",
     "_TINY_TIMM",
     "ClipSpec",
     "DinoSpec",
     "LoadedModel",
+    "Scoring",
     "clear_model_cache",
+    "clip_scoring",
     "concrete_dino",
+    "default_pretrained",
+    "dino_generation",
     "env_flag",
+    "hf_tokenizer_name",
     "hub_reachable",
     "load_clip",
     "load_dino",
     "load_model",
+    "model_scoring",
     "models_dir",
     "nola_transform",
+    "pretrained_tag",
+    "prompt_support",
     "random_init_default",
     "spec_key",
     "tiny_clip_spec",
     "tiny_dino_spec",
+    "tokenizer_available",
+    "tokenizer_dir",
     "weights_available",
 ]

@@ -19,10 +19,9 @@ import torch
 from fiftyone_nola.core.checkpoints import ACCEPTED_FORMATS, WEIGHT_SUFFIXES, is_torchscript, read_state_dict
 from fiftyone_nola.core.errors import ModelNotFoundError
 from fiftyone_nola.core.models.cache import cached, seeded_init
+from fiftyone_nola.core.models.scoring import CLIP_LOGIT_SCALE, Scoring, config_scoring_kind, model_scoring
 from fiftyone_nola.core.models.specs import (
-    _CONFIG_DIR,
     RANDOM_INIT_SEED,
-    TINY_CLIP_ARCH,
     ClipSpec,
     LoadedModel,
     file_identity,
@@ -30,16 +29,41 @@ from fiftyone_nola.core.models.specs import (
     models_dir,
     safe_name,
 )
+from fiftyone_nola.core.models.tokenizers import build_tokenizer
+from fiftyone_nola.core.models.towers import register_tiny_configs
 
 logger = logging.getLogger(__name__)
 
 
-def register_tiny_configs() -> None:
-    """Make the tiny test CLIP's architecture known to open_clip."""
+def default_pretrained(arch: str) -> Optional[str]:
+    """The pretrained tag to use for ``arch`` when none is named: ``openai`` where it exists
+    (the paper's), else the architecture's only (first) open_clip tag, else None."""
+    if arch.startswith("hf-hub:"):
+        return None
     import open_clip
 
-    if TINY_CLIP_ARCH not in open_clip.list_models():
-        open_clip.add_model_config(_CONFIG_DIR)
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    return ClipSpec.pretrained if ClipSpec.pretrained in tags or not tags else tags[0]
+
+
+def _preprocess_overrides(spec: ClipSpec, src: ClipSource) -> dict:
+    """The tag's own image preprocessing (mean/std, resize mode, interpolation) when open_clip
+    does not download the tag itself: random init or a local file named after the tag. Without
+    this a SigLIP would get OpenAI's statistics and a centre crop instead of its squash resize."""
+    if src.tag is not None or spec.arch.startswith("hf-hub:"):
+        return {}
+    import open_clip
+
+    tag = pretrained_tag(spec)
+    if tag is None and spec.pretrained:  # a file: its architecture's tag when it has only one
+        tags = open_clip.list_pretrained_tags_by_model(spec.arch)
+        tag = tags[0] if len(tags) == 1 else None
+    if tag is None:
+        return {}
+    cfg = open_clip.get_pretrained_cfg(spec.arch, tag) or {}
+    names = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation"}
+    names["resize_mode"] = "image_resize_mode"
+    return {arg: cfg[k] for k, arg in names.items() if cfg.get(k) is not None}
 
 
 @dataclass(frozen=True)
@@ -74,10 +98,21 @@ def _looks_like_path(pretrained: str) -> bool:
     return Path(pretrained).suffix in WEIGHT_SUFFIXES or os.sep in pretrained
 
 
+def pretrained_tag(spec: ClipSpec) -> Optional[str]:
+    """The open_clip tag ``spec.pretrained`` names (None for a file or no weights). The default
+    ``openai`` on an architecture that has no such tag means the architecture's own tag."""
+    p = spec.pretrained
+    if not p or _looks_like_path(p):
+        return None
+    if p == ClipSpec.pretrained and not spec.arch.startswith("hf-hub:"):
+        return default_pretrained(spec.arch) or p
+    return p
+
+
 def clip_source(spec: ClipSpec) -> ClipSource:
     """Resolve ``spec``'s weights: random, an explicit file, the models directory, or a tag."""
     if spec.random_init or not spec.pretrained:
-        tag = spec.pretrained if spec.pretrained and not _looks_like_path(spec.pretrained) else None
+        tag = pretrained_tag(spec)
         return ClipSource(None, None, f"random-init-seed{RANDOM_INIT_SEED}", _quick_gelu(spec, tag, None))
     if _looks_like_path(spec.pretrained):
         p = Path(spec.pretrained).expanduser()
@@ -87,11 +122,12 @@ def clip_source(spec: ClipSpec) -> ClipSource:
                 f"{spec.arch} ({ACCEPTED_FORMATS}), or an open_clip pretrained tag such as 'openai'."
             )
         return ClipSource(None, str(p), f"file-{file_identity(p)}", _quick_gelu(spec, None, str(p)))
-    qg = _quick_gelu(spec, spec.pretrained, None)
-    local = find_local(models_dir(spec.models_dir) / "clip" / safe_name(spec.arch), safe_name(spec.pretrained))
+    tag = pretrained_tag(spec)
+    qg = _quick_gelu(spec, tag, None)
+    local = find_local(models_dir(spec.models_dir) / "clip" / safe_name(spec.arch), safe_name(tag))
     if local is not None:
-        return ClipSource(None, str(local), f"{spec.pretrained}-file-{file_identity(local)}", qg)
-    return ClipSource(spec.pretrained, None, spec.pretrained, qg)
+        return ClipSource(None, str(local), f"{tag}-file-{file_identity(local)}", qg)
+    return ClipSource(tag, None, tag, qg)
 
 
 def clip_key(spec: ClipSpec) -> str:
@@ -99,16 +135,18 @@ def clip_key(spec: ClipSpec) -> str:
     src = clip_source(spec)
     # The activation is part of the network: features from GELU and QuickGELU builds differ.
     act = "-quickgelu" if src.quick_gelu and "quickgelu" not in spec.arch.lower() else ""
-    return safe_name(f"clip-{spec.arch}-{src.weights_id}{act}")
+    # So are the scores: sigmoid models' stores and cached texts never mix with softmax ones
+    # (softmax models keep the key they always had).
+    sig = "-sigmoid" if config_scoring_kind(spec.arch) == "sigmoid" else ""
+    return safe_name(f"clip-{spec.arch}-{src.weights_id}{act}{sig}")
 
 
 def offline_hint_clip(spec: ClipSpec) -> str:
     """What to do when ``spec``'s weights are neither local nor downloadable."""
-    target = (
-        models_dir(spec.models_dir) / "clip" / safe_name(spec.arch) / f"{safe_name(spec.pretrained or 'weights')}.pt"
-    )
+    tag = pretrained_tag(spec) or spec.pretrained
+    target = models_dir(spec.models_dir) / "clip" / safe_name(spec.arch) / f"{safe_name(tag or 'weights')}.pt"
     return (
-        f"Could not load CLIP {spec.arch} weights {spec.pretrained!r} (no local file and the hub "
+        f"Could not load CLIP {spec.arch} weights {tag!r} (no local file and the hub "
         f"download failed: offline?). Put the checkpoint at {target}, pass pretrained=<path to file>, "
         f"set NOLA_MODELS_DIR, or use random_init=True / --random-init / NOLA_RANDOM_INIT=1 for a "
         f"smoke run (labels are then meaningless)."
@@ -116,17 +154,16 @@ def offline_hint_clip(spec: ClipSpec) -> str:
 
 
 class _LazyTokenizer:
-    """open_clip's tokenizer, built on first use: image-only jobs never pay its ~0.7 s."""
+    """The model's tokenizer (``tokenizers.build_tokenizer``), built on first use: image-only
+    jobs never pay its ~0.7 s (nor need a Hugging Face tokenizer at all)."""
 
-    def __init__(self, arch: str):
-        self.arch = arch
+    def __init__(self, spec: ClipSpec):
+        self.spec = spec
         self._tok = None
 
     def __call__(self, texts, *args, **kwargs):
         if self._tok is None:
-            import open_clip
-
-            self._tok = open_clip.get_tokenizer(self.arch)
+            self._tok = build_tokenizer(self.spec)
         return self._tok(texts, *args, **kwargs)
 
 
@@ -163,7 +200,7 @@ def load_clip(
         try:
             with _quiet_random_init_notice(src.file is not None):
                 model, _, preprocess = open_clip.create_model_and_transforms(
-                    spec.arch, pretrained=src.tag, device=device, **force_qg
+                    spec.arch, pretrained=src.tag, device=device, **force_qg, **_preprocess_overrides(spec, src)
                 )
         except (RuntimeError, OSError, ValueError) as e:  # hub errors surface as these
             if src.tag is None:
@@ -173,21 +210,21 @@ def load_clip(
         _load_clip_file(model, Path(src.file), spec.arch)
         model.to(device)
     model.eval()
+    tanh = _siglip_tanh_gelu(model)
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
-    embed_dim = (
-        int(model.text_projection.shape[1])
-        if getattr(model, "text_projection", None) is not None
-        else int(model.visual.output_dim)
-    )
+    embed_dim = _embed_dim(model, spec.arch, int(image_size))
     if spec.random_init:
         logger.warning("CLIP %s is randomly initialised: its labels are meaningless", spec.arch)
     identity = {
         "family": "clip",
         "name": spec.arch,
         "weights": src.weights_id,
-        "activation": "default" if src.quick_gelu is None else ("quick_gelu" if src.quick_gelu else "gelu"),
+        "activation": "gelu_tanh"
+        if tanh
+        else ("default" if src.quick_gelu is None else ("quick_gelu" if src.quick_gelu else "gelu")),
         "random_init": bool(spec.random_init or not spec.pretrained),
+        "scoring": model_scoring(model).kind,
         "key": clip_key(spec),
     }
     return LoadedModel(
@@ -198,9 +235,40 @@ def load_clip(
         embed_dim=embed_dim,
         identity=identity,
         encode_image=model.encode_image,
-        tokenizer=_LazyTokenizer(spec.arch),
+        tokenizer=_LazyTokenizer(spec),
         spec=spec,
     )
+
+
+def _siglip_tanh_gelu(model: torch.nn.Module) -> bool:
+    """SigLIP's vision MLPs use the tanh GELU it was trained with (big_vision's ``nn.gelu``, and
+    transformers' ``gelu_pytorch_tanh``); timm builds its SigLIP towers with exact GELU, which
+    moves ViT-B/16 features by up to 4e-4 on random weights (tests/test_siglip_faithful.py).
+    Applies to timm ViT towers of sigmoid (SigLIP-family) models; returns whether it did."""
+    trunk = getattr(model.visual, "trunk", None)
+    if getattr(model, "logit_bias", None) is None or type(trunk).__name__ != "VisionTransformer":
+        return False
+    for m in trunk.modules():
+        if isinstance(m, torch.nn.GELU):
+            m.approximate = "tanh"
+    return True
+
+
+def _embed_dim(model: torch.nn.Module, arch: str, image_size: int) -> int:
+    """Width of the joint image-text space (timm towers have no ``output_dim``)."""
+    proj = getattr(model, "text_projection", None)
+    if isinstance(proj, torch.nn.Parameter):
+        return int(proj.shape[1])
+    if getattr(model.visual, "output_dim", None):
+        return int(model.visual.output_dim)
+    import open_clip
+
+    dim = (open_clip.get_model_config(arch) or {}).get("embed_dim")
+    if dim:
+        return int(dim)
+    with torch.no_grad():  # an hf-hub: config is not kept: measure it
+        p = next(model.visual.parameters())
+        return int(model.visual(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)).shape[-1])
 
 
 @contextlib.contextmanager
@@ -241,3 +309,11 @@ def _load_clip_file(model: torch.nn.Module, path: Path, arch: str) -> None:
                 f"the architecture the file was trained as (e.g. --clip-arch ViT-B-16)."
             ) from e
         raise ModelNotFoundError(f"Cannot read {path}: {str(e)[:200]}. Accepted: {ACCEPTED_FORMATS}.") from e
+
+
+def clip_scoring(spec: ClipSpec, softmax_scale: float = CLIP_LOGIT_SCALE, device=None) -> Scoring:
+    """``spec``'s scoring (``core/models/scoring.py``): softmax models are known from their config
+    (nothing is loaded); sigmoid models' learnt scale and bias come from the (cached) model."""
+    if config_scoring_kind(spec.arch) == "softmax":
+        return Scoring("softmax", float(softmax_scale))
+    return model_scoring(load_clip(spec, device).model, softmax_scale)

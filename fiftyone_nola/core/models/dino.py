@@ -15,12 +15,15 @@ import torch
 from fiftyone_nola.core.device import hardware_profile
 from fiftyone_nola.core.errors import InvalidInputError, ModelNotFoundError
 from fiftyone_nola.core.models.cache import cached, seeded_init
+from fiftyone_nola.core.models.dino_family import eval_size, fit_dinov2_input, official_transform
 from fiftyone_nola.core.models.dino_weights import dino_file, dino_name_from_file, find_local_dino, load_dino_weights
 from fiftyone_nola.core.models.specs import (
     _TINY_TIMM,
     RANDOM_INIT_SEED,
     DinoSpec,
     LoadedModel,
+    default_preprocess,
+    dino_generation,
     file_identity,
     models_dir,
     safe_name,
@@ -28,7 +31,7 @@ from fiftyone_nola.core.models.specs import (
 
 logger = logging.getLogger(__name__)
 
-DINO_PREPROCESS = ("nola", "timm")
+DINO_PREPROCESS = ("nola", "timm", "official")
 # NoLA's te_transform normalises with CLIP's statistics, for DINO too (utils/model_utils.py).
 NOLA_MEAN = (0.48145466, 0.4578275, 0.40821073)
 NOLA_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -60,20 +63,21 @@ def _check_dino_preprocess(spec: DinoSpec) -> None:
     if spec.preprocess not in DINO_PREPROCESS:
         raise InvalidInputError(
             f"DINO preprocess must be one of {DINO_PREPROCESS} ('nola': NoLA's te_transform, the "
-            f"official labeller input; 'timm': timm's eval transform), not {spec.preprocess!r}"
+            f"official labeller input; 'official': the DINO release's own eval transform; 'timm': "
+            f"timm's eval transform), not {spec.preprocess!r}"
         )
 
 
 def concrete_dino(spec: DinoSpec) -> DinoSpec:
     """``spec`` with ``name="auto"`` replaced by the architecture of its checkpoint file, else
-    by the model that fits this machine."""
+    by the model that fits this machine. With ``auto``, a default ``preprocess`` follows the
+    architecture found (a DINOv2 file gets its official transform)."""
     if spec.name != "auto":
         return spec
-    if spec.checkpoint and not spec.random_init:
-        name = dino_name_from_file(spec.checkpoint)
-        if name:
-            return replace(spec, name=name)
-    return replace(spec, name=hardware_profile().dino_model)
+    name = dino_name_from_file(spec.checkpoint) if spec.checkpoint and not spec.random_init else None
+    name = name or hardware_profile().dino_model
+    pre = default_preprocess(name) if spec.preprocess == default_preprocess("auto") else spec.preprocess
+    return replace(spec, name=name, preprocess=pre)
 
 
 def dino_weights(spec: DinoSpec) -> tuple[Optional[str], str]:
@@ -136,6 +140,8 @@ def _build_timm(spec: DinoSpec, name: str, kwargs: dict, weights: Optional[str])
                 f"set NOLA_MODELS_DIR, or use random_init=True / --random-init for a smoke run. "
                 f"({type(e).__name__}: {e})"
             ) from e
+    if dino_generation(spec.name) == "dinov2" and spec.preprocess != "timm":
+        fit_dinov2_input(model, eval_size(spec.name))  # run at 224 as the official model does
     return model
 
 
@@ -146,9 +152,13 @@ def _transform(spec: DinoSpec, model: torch.nn.Module, kwargs: dict):
     overrides = {"input_size": (3, kwargs["img_size"], kwargs["img_size"])} if "img_size" in kwargs else {}
     data_cfg = resolve_data_config(overrides, model=model)
     image_size = int(data_cfg["input_size"][-1])
-    if spec.preprocess == "nola":
-        return nola_transform(image_size), image_size
-    return create_transform(**data_cfg, is_training=False), image_size
+    if spec.preprocess == "timm":
+        return create_transform(**data_cfg, is_training=False), image_size
+    if dino_generation(spec.name) != "dino":
+        image_size = eval_size(spec.name)  # DINOv2/v3 are evaluated at 224, not timm's 518 / 256
+    if spec.preprocess == "official":
+        return official_transform(spec.name, image_size), image_size
+    return nola_transform(image_size), image_size
 
 
 def load_dino(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import sys
 import zipfile
 from pathlib import Path
@@ -11,14 +14,25 @@ import torch
 
 from fiftyone_nola.core.checkpoints import WEIGHT_SUFFIXES
 from fiftyone_nola.core.errors import ModelNotFoundError
-from fiftyone_nola.core.models.specs import find_local, safe_name
+from fiftyone_nola.core.models.dino_family import (
+    DINOV2_RELEASE_FILES,
+    DINOV3_RELEASE_FILES,
+    arch_from_state_dict,
+    check_dinov3_qkv_bias,
+)
+from fiftyone_nola.core.models.specs import dino_generation, find_local, safe_name
 
-# Official facebookresearch/dino release files (plain state dicts) of the timm DINO models.
+logger = logging.getLogger(__name__)
+
+# Official release files (plain state dicts) of the timm DINO models: facebookresearch/dino,
+# /dinov2 (hub .pth) and /dinov3 (its release .pth, file names with their hash).
 DINO_RELEASE_FILES = {
     "vit_small_patch16_224.dino": "dino_deitsmall16_pretrain.pth",
     "vit_small_patch8_224.dino": "dino_deitsmall8_pretrain.pth",
     "vit_base_patch16_224.dino": "dino_vitbase16_pretrain.pth",
     "vit_base_patch8_224.dino": "dino_vitbase8_pretrain.pth",
+    **DINOV2_RELEASE_FILES,
+    **DINOV3_RELEASE_FILES,
 }
 # (embed dim, patch size) of a DINO ViT state dict -> its timm name.
 _DINO_ARCHS = {
@@ -32,7 +46,9 @@ TIMM_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 DINO_WEIGHT_FORMATS = (
     "a plain PyTorch state dict (.pth/.pt/.bin): the official facebookresearch/dino release files "
     "(dino_deitsmall16_pretrain.pth, dino_vitbase16_pretrain.pth, ...) or an official "
-    "*_full_checkpoint.pth (its teacher backbone is used); timm's files (model.safetensors or "
+    "*_full_checkpoint.pth (its teacher backbone is used), DINOv2's hub files "
+    "(dinov2_vits14_pretrain.pth, dinov2_vitb14_reg4_pretrain.pth, ...), DINOv3's release files "
+    "(dinov3_vits16_pretrain_lvd1689m-08c60483.pth, ...); timm's files (model.safetensors or "
     "pytorch_model.bin, as in the hub repo timm/<name>, or any .safetensors state dict); or a "
     "folder holding model.safetensors / pytorch_model.bin"
 )
@@ -68,8 +84,11 @@ def find_local_dino(root: Path, name: str) -> Optional[Path]:
         if (root / safe_name(name) / f).is_file():
             return root / safe_name(name) / f
     release = DINO_RELEASE_FILES.get(name)
-    if release and (root / release).is_file():
-        return root / release
+    if release:
+        # the models dir, then torch.hub's cache (where the official hub loaders download to)
+        for folder in (root, Path(torch.hub.get_dir()) / "checkpoints"):
+            if (folder / release).is_file():
+                return folder / release
     return None
 
 
@@ -138,9 +157,12 @@ def read_dino_state_dict(path, mmap: bool = False) -> dict:
 
 
 def _arch_of(sd: dict) -> Optional[str]:
-    """The timm DINO name whose patch embedding ``sd`` holds (None if unknown)."""
+    """The timm DINO / DINOv2 / DINOv3 name whose weights ``sd`` holds (None if unknown)."""
     w = next((v for k, v in sd.items() if k.endswith("patch_embed.proj.weight")), None)
-    return _DINO_ARCHS.get((int(w.shape[0]), int(w.shape[-1]))) if w is not None and w.ndim == 4 else None
+    if w is None or w.ndim != 4:
+        return None
+    dim, patch = int(w.shape[0]), int(w.shape[-1])
+    return arch_from_state_dict(sd, patch, dim) or _DINO_ARCHS.get((dim, patch))
 
 
 _ARCH_CACHE: dict = {}
@@ -165,6 +187,8 @@ def dino_name_from_file(checkpoint) -> Optional[str]:
 def load_dino_weights(model: torch.nn.Module, path, name: str) -> None:
     """Load a DINO weights file into ``model`` strictly; mismatches name the file's architecture."""
     sd = read_dino_state_dict(path)
+    if dino_generation(name) == "dinov3":
+        check_dinov3_qkv_bias(sd, model, path)
     own = model.state_dict()
     if not any(k.startswith("head.") for k in own):
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # classifier / DINOHead: unused
@@ -173,14 +197,15 @@ def load_dino_weights(model: torch.nn.Module, path, name: str) -> None:
         filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
         if filter_fn is not None:
             try:
-                sd = filter_fn(sd, model)
-            except Exception:
-                pass
+                with contextlib.redirect_stdout(io.StringIO()):  # timm prints a line per dropped bias
+                    sd = filter_fn(sd, model)
+            except Exception as e:  # a layout the converter does not know: the report below says what it holds
+                logger.debug("timm's checkpoint converter cannot read %s: %r", path, e)
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
     if missing or unexpected or wrong:
-        found = _arch_of({k: v for k, v in sd.items() if k == "patch_embed.proj.weight"})
+        found = _arch_of(sd)
         detail = "; ".join(
             f"{what} {keys[:3]}{' ...' if len(keys) > 3 else ''}"
             for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))

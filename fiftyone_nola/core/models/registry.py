@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import socket
+import logging
 from typing import Optional
 
 import torch
 
 from fiftyone_nola.core.models.clip import clip_key, clip_source, load_clip, offline_hint_clip
 from fiftyone_nola.core.models.dino import concrete_dino, dino_hub_target, dino_key, dino_weights, load_dino
-from fiftyone_nola.core.models.specs import ClipSpec, DinoSpec, LoadedModel, env_flag
+from fiftyone_nola.core.models.specs import ClipSpec, DinoSpec, LoadedModel, hub_reachable
+
+logger = logging.getLogger(__name__)
 
 
 def spec_key(spec) -> str:
@@ -30,17 +32,6 @@ def load_model(spec, device: Optional[torch.device] = None) -> LoadedModel:
     raise TypeError(f"expected ClipSpec or DinoSpec, got {type(spec).__name__}")
 
 
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """Whether the model hub answers; offline machines fail this in milliseconds."""
-    if env_flag("HF_HUB_OFFLINE"):
-        return False
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _hub_cached(repo_id: Optional[str], filenames: tuple) -> bool:
     if not repo_id:
         return False
@@ -57,7 +48,7 @@ def _clip_available(spec: ClipSpec) -> tuple[bool, str]:
         return True, ""
     import open_clip  # seconds to import: only when a tag has to be looked up
 
-    cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained) or {}
+    cfg = open_clip.get_pretrained_cfg(spec.arch, clip_source(spec).tag) or {}
     if _hub_cached(cfg.get("hf_hub"), ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")):
         return True, ""
     return (True, "") if hub_reachable() else (False, offline_hint_clip(spec))
@@ -72,7 +63,8 @@ def _dino_available(spec: DinoSpec) -> tuple[bool, str]:
         import timm  # seconds to import: only when the hub has to be asked
 
         repo = getattr(timm.models.get_pretrained_cfg(spec.name), "hf_hub_id", None)
-    except Exception:
+    except Exception as e:  # no timm config for the name: the hub cannot be checked, only asked
+        logger.debug("no timm pretrained config for %r: %r", spec.name, e)
         repo = None
     if _hub_cached(repo, ("model.safetensors", "pytorch_model.bin")):
         return True, ""

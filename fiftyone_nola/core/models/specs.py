@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -18,16 +19,36 @@ _CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RANDOM_INIT_SEED = 0
 
 # Tiny random-initialised models for unit tests: same code paths, milliseconds per image.
-TINY_CLIP_ARCH = "nola-tiny-clip"
+TINY_CLIP_ARCH = "nola-tiny-clip"  # open_clip VisionTransformer + CLIP text tower (OpenAI layout)
+TINY_SIGLIP_ARCH = "nola-tiny-siglip2"  # timm ViT with attention pooling, sigmoid scoring, HF tokenizer
+TINY_PE_ARCH = "nola-tiny-pe-core"  # timm Eva (RoPE, class token, attention pooling), CLIP BPE tokenizer
 TINY_DINO_NAME = "nola_tiny_vit"
+TINY_DINOV2_NAME = "nola_tiny_dinov2"
+TINY_DINOV3_NAME = "nola_tiny_dinov3"
+_TINY = dict(embed_dim=48, depth=2, num_heads=2)
+# name -> (timm architecture, create_model kwargs); DINOv2's is built at its native grid (4x4) and
+# run at 2x2 patches, as the real ones are built at 518 px and run at 224 (dino_family.eval_size).
 _TINY_TIMM = {
-    TINY_DINO_NAME: ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2))
+    TINY_DINO_NAME: ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, **_TINY)),
+    TINY_DINOV2_NAME: ("vit_small_patch14_dinov2", dict(img_size=56, **_TINY)),
+    TINY_DINOV3_NAME: ("vit_small_patch16_dinov3", dict(img_size=32, **_TINY)),
 }
 
 
 def env_flag(name: str) -> bool:
     """Whether environment variable ``name`` is set to a true value."""
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether the model hub answers; offline machines fail this in milliseconds."""
+    if env_flag("HF_HUB_OFFLINE"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def random_init_default() -> bool:
@@ -76,11 +97,30 @@ class DinoSpec:
     feature: str = "cls"  # "cls": CLS token after the final norm; "pooled": the model's own pooling
     random_init: bool = field(default_factory=random_init_default)
     models_dir: Optional[str] = None
-    preprocess: str = "nola"  # "nola": NoLA's te_transform (official); "timm": timm's eval transform
+    # "nola": NoLA's te_transform (official for DINO v1); "official": the model family's own eval
+    # transform (DINOv2/v3: resize 256, crop 224, ImageNet mean/std); "timm": timm's eval transform.
+    # None: the family's default, resolved here so the spec (and every run record) names it:
+    # "nola" for DINO v1 and other timm models, "official" for DINOv2/DINOv3.
+    preprocess: Optional[str] = None
+
+    def __post_init__(self):
+        if self.preprocess is None:
+            object.__setattr__(self, "preprocess", default_preprocess(self.name))
 
     @property
     def family(self) -> str:
         return "dino"
+
+
+def dino_generation(name: str) -> str:
+    """``"dinov3"``, ``"dinov2"`` or ``"dino"`` (v1 and any other timm ViT) for a DINO model name."""
+    base = _TINY_TIMM.get(name, (name,))[0].split(".")[0].lower()
+    return "dinov3" if "dinov3" in base else "dinov2" if "dinov2" in base else "dino"
+
+
+def default_preprocess(name: str) -> str:
+    """The input transform a DINO model is used with unless told otherwise (see ``DinoSpec``)."""
+    return "official" if dino_generation(name) in ("dinov2", "dinov3") else "nola"
 
 
 def tiny_clip_spec() -> ClipSpec:

@@ -39,7 +39,12 @@ from fiftyone_nola.core.prompt_tuning.predict import predict_tuned
 from fiftyone_nola.core.prompt_tuning.step import _Step as _Step  # reached by tests
 from fiftyone_nola.core.prompt_tuning.train import OnlineTeacher, TuneResult, stratified_subset, tune
 from fiftyone_nola.core.prompt_tuning.transforms import _KeyedImageDataset as _KeyedImageDataset  # reached by tests
-from fiftyone_nola.core.prompt_tuning.transforms import clip_mean_std, strong_transform, weak_transform
+from fiftyone_nola.core.prompt_tuning.transforms import (
+    clip_mean_std,
+    model_weak_transform,
+    strong_transform,
+    weak_transform,
+)
 
 __all__ = [
     "ALL_SAMPLES",
@@ -63,5 +68,6 @@ __all__ = [
     "stratified_subset",
     "tune",
     "tuned_model_id",
+    "model_weak_transform",
     "weak_transform",
 ]

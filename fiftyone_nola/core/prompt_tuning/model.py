@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -23,29 +24,33 @@ def _pair(v) -> tuple[int, int]:
 
 
 class PromptedVisual(nn.Module):
-    """An open_clip ``VisionTransformer`` with ``n_prompts`` learnable tokens after the CLS token.
+    """A CLIP ViT vision tower with ``n_prompts`` learnable tokens (shallow VPT, as NoLA).
 
-    Prompts enter after the positional embedding and ``ln_pre`` (shallow VPT, as NoLA) and are
-    dropped again before pooling, so with ``n_prompts=0`` this is exactly ``visual.forward``.
+    Prompts enter once, right after the patch tokens got their position embedding (and the
+    tower's pre-norm), behind the prefix tokens (CLS, registers), and are dropped again before
+    the tower's own pooling, head and normalisation; with ``n_prompts=0`` this is exactly the
+    tower's forward. Two tower kinds (``core/models/towers.py``):
+
+    * open_clip's ``VisionTransformer`` (OpenAI CLIP, MetaCLIP 2, ...): after ``ln_pre``, behind CLS.
+    * open_clip's ``TimmModel`` over timm's ``VisionTransformer`` (SigLIP / SigLIP 2: no class
+      token, attention pooling) or ``Eva`` (EVA-02, PE-Core: RoPE). Under RoPE the prompts count
+      as prefix tokens while the blocks run, so they get no rotary position, like CLS.
     """
 
     def __init__(self, visual: nn.Module, n_prompts: int = 16, seed: int = 0):
         super().__init__()
-        missing = [
-            a for a in ("conv1", "class_embedding", "positional_embedding", "transformer") if not hasattr(visual, a)
-        ]
-        if missing:
-            raise InvalidInputError(
-                f"prompt tuning needs a ViT CLIP (open_clip VisionTransformer); "
-                f"{type(visual).__name__} lacks {', '.join(missing)}. Use a ViT-* CLIP architecture."
-            )
+        self.kind = tower_kind(visual)
         if n_prompts < 0:
             raise InvalidInputError(f"n_prompts must be >= 0, not {n_prompts}")
         self.tower = visual
         self.n_prompts = int(n_prompts)
-        self.width = int(visual.class_embedding.shape[-1])
-        self.prompts = nn.Parameter(torch.zeros(1, self.n_prompts, self.width, device=visual.class_embedding.device))
-        # Xavier-uniform bound exactly as NoLA's code and methods.md: 3*16*16 even for /32 models
+        if self.kind == "open_clip":
+            self.width, self.n_prefix = int(visual.class_embedding.shape[-1]), 1
+        else:
+            self.width, self.n_prefix = int(visual.trunk.embed_dim), int(visual.trunk.num_prefix_tokens)
+        device = next(visual.parameters()).device
+        self.prompts = nn.Parameter(torch.zeros(1, self.n_prompts, self.width, device=device))
+        # Xavier-uniform bound exactly as NoLA's official code: 3*16*16 even for /32 models
         # (the bound the published numbers were produced with), not this model's patch size.
         bound = math.sqrt(6.0 / float(3 * 16 * 16 + self.width))
         if self.n_prompts:
@@ -82,19 +87,78 @@ class PromptedVisual(nn.Module):
             return v._global_pool(v.ln_post(x))[0]
         return v.ln_post(x[:, 0])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _insert(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.prompts.to(x.dtype).expand(x.shape[0], -1, -1)
+        return torch.cat([x[:, : self.n_prefix], p, x[:, self.n_prefix :]], dim=1)
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        # Pooling sees prefix + patches only, so 'avg', CLS and attention pooling keep their meaning.
+        return torch.cat([x[:, : self.n_prefix], x[:, self.n_prefix + self.n_prompts :]], dim=1)
+
+    def _forward_open_clip(self, x: torch.Tensor) -> torch.Tensor:
         x = self._embed(x)
-        n = self.n_prompts
-        if n:
-            p = self.prompts.to(x.dtype).expand(x.shape[0], -1, -1)
-            x = torch.cat([x[:, :1], p, x[:, 1:]], dim=1)
+        if self.n_prompts:
+            x = self._insert(x)
         x = self._blocks(x)
-        if n:
-            # Pooling sees CLS + patches only, so 'avg' and attention pooling keep their meaning.
-            x = torch.cat([x[:, :1], x[:, 1 + n :]], dim=1)
+        if self.n_prompts:
+            x = self._drop(x)
         pooled = self._pool(x)
         proj = getattr(self.tower, "proj", None)
         return pooled @ proj if proj is not None else pooled
+
+    def _forward_timm(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's ``forward_features`` -> ``forward_head``, then open_clip's adapter head."""
+        t = self.tower.trunk
+        x = t.patch_embed(x)
+        rope = None
+        if self.kind == "timm_eva":
+            x, rope = t._pos_embed(x)
+        else:
+            x = t.patch_drop(t._pos_embed(x))
+        x = t.norm_pre(x)
+        if self.n_prompts:
+            x = self._insert(x)
+        mixed = rope is not None and getattr(t, "rope_mixed", False)  # one rotary table per block
+        with _prompts_as_prefix(t, self.n_prompts if rope is not None else 0):
+            for i, blk in enumerate(t.blocks):
+                x = blk(x, rope=rope[i] if mixed else rope) if self.kind == "timm_eva" else blk(x)
+        x = t.norm(x)
+        if self.n_prompts:
+            x = self._drop(x)
+        return self.tower.head(t.forward_head(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward_open_clip(x) if self.kind == "open_clip" else self._forward_timm(x)
+
+
+def tower_kind(visual: nn.Module) -> str:
+    """``open_clip`` / ``timm_vit`` / ``timm_eva``: how prompts enter ``visual``; refuses others."""
+    if all(hasattr(visual, a) for a in ("conv1", "class_embedding", "positional_embedding", "transformer")):
+        return "open_clip"
+    trunk = getattr(visual, "trunk", None)
+    kind = {"VisionTransformer": "timm_vit", "Eva": "timm_eva"}.get(type(trunk).__name__)
+    if kind and all(hasattr(trunk, a) for a in ("patch_embed", "_pos_embed", "norm_pre", "blocks", "forward_head")):
+        return kind
+    inner = f" over {type(trunk).__name__}" if trunk is not None else ""
+    raise InvalidInputError(
+        f"prompt tuning needs a ViT vision tower (open_clip's VisionTransformer, or timm's "
+        f"VisionTransformer / Eva as in SigLIP, EVA-02, PE-Core); this CLIP's is "
+        f"{type(visual).__name__}{inner}, which has no token sequence for the prompts. Use a ViT-* "
+        f"CLIP architecture, or skip prompt tuning."
+    )
+
+
+@contextlib.contextmanager
+def _prompts_as_prefix(trunk: nn.Module, n: int):
+    """While the blocks run, RoPE attention treats ``n`` more leading tokens as prefix (no rotation)."""
+    mods = [m for m in trunk.blocks.modules() if isinstance(getattr(m, "num_prefix_tokens", None), int)] if n else []
+    for m in mods:
+        m.num_prefix_tokens += n
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.num_prefix_tokens -= n
 
 
 class PromptedClassifier(nn.Module):
@@ -122,11 +186,15 @@ class PromptedClassifier(nn.Module):
         tower = copy.deepcopy(visual) if copy_visual else visual
         self.image_size = _pair(getattr(tower, "image_size", 224))[0]
         self.mean, self.std = clip_mean_std(tower)
+        # the tower's own eval resize (SigLIP / PE-Core squash, OpenAI CLIP crops): the weak view
+        pre = getattr(tower, "preprocess_cfg", None) or {}
+        self.resize_mode = str(pre.get("resize_mode") or "shortest")
+        self.interpolation = str(pre.get("interpolation") or "bicubic")
         self.visual = PromptedVisual(tower, n_prompts=n_prompts, seed=seed)
         self.head = nn.Linear(W.shape[1], W.shape[0], bias=False)
         with torch.no_grad():
             self.head.weight.copy_(W)
-        self.head.to(tower.class_embedding.device)
+        self.head.to(self.visual.prompts.device)
         self.num_classes, self.embed_dim = int(W.shape[0]), int(W.shape[1])
         self.n_prompts = self.visual.n_prompts
         for p in self.parameters():

@@ -14,7 +14,7 @@ from fiftyone_nola.core.data import ImageFileDataset, make_loader
 from fiftyone_nola.core.embed import with_images
 from fiftyone_nola.core.progress import ProgressFn, null_progress
 from fiftyone_nola.core.prompt_tuning.model import PromptedClassifier
-from fiftyone_nola.core.prompt_tuning.transforms import weak_transform
+from fiftyone_nola.core.prompt_tuning.transforms import model_weak_transform
 
 
 def _eval_loader(filepaths, transform, batch_size: int, num_workers: int, device: torch.device):
@@ -70,7 +70,7 @@ def predict_tuned(
     filepaths = [str(p) for p in filepaths]
     out = np.full((len(filepaths), model.num_classes), np.nan, dtype=np.float32)
     failed: list[tuple[int, str]] = []
-    weak = weak_transform(model.image_size, model.mean, model.std)
+    weak = model_weak_transform(model)
     choice = engines.resolve(engine, precision, d)
     if choice.engine != "torch":
         model.to("cpu").eval()

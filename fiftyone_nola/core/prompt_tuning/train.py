@@ -38,8 +38,8 @@ from fiftyone_nola.core.prompt_tuning.transforms import (
     _KeyedImageDataset,
     _seed_worker,
     _TwoViews,
+    model_weak_transform,
     strong_transform,
-    weak_transform,
 )
 
 logger = logging.getLogger(__name__)
@@ -296,7 +296,7 @@ class _Trainer:
         )
         self.gen = torch.Generator().manual_seed(cfg.seed)
         m = self.model
-        self.weak = weak_transform(m.image_size, m.mean, m.std)
+        self.weak = model_weak_transform(m)
         strong = strong_transform(m.image_size, m.mean, m.std)
         ds = _KeyedImageDataset(
             run.paths(run.train), _TwoViews(self.weak, strong) if run.teacher_fn else strong, cfg.seed

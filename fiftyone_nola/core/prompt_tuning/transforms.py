@@ -45,13 +45,24 @@ def clip_mean_std(model: nn.Module) -> tuple[tuple, tuple]:
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
-def weak_transform(image_size: int, mean: Sequence[float], std: Sequence[float]):
-    """Weak view = CLIP's eval preprocessing: resize (bicubic), centre crop, normalise."""
+def weak_transform(
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    resize_mode: str = "shortest",
+    interpolation: str = "bicubic",
+):
+    """Weak view = the CLIP's eval preprocessing: resize, centre crop, normalise.
+
+    ``resize_mode="shortest"`` (OpenAI CLIP, EVA-02, MetaCLIP): short side to ``image_size``,
+    then the centre crop; ``"squash"`` (SigLIP, PE-Core): the whole image to a square."""
     from torchvision import transforms as T
 
+    mode = T.InterpolationMode(interpolation)
+    size = (image_size, image_size) if resize_mode == "squash" else image_size
     return T.Compose(
         [
-            T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.Resize(size, interpolation=mode, antialias=True),
             T.CenterCrop(image_size),
             T.ToTensor(),
             T.Normalize(mean, std),
@@ -59,8 +70,20 @@ def weak_transform(image_size: int, mean: Sequence[float], std: Sequence[float])
     )
 
 
+def model_weak_transform(model):
+    """:func:`weak_transform` of a ``PromptedClassifier`` (its tower's size, statistics and resize)."""
+    return weak_transform(
+        model.image_size,
+        model.mean,
+        model.std,
+        getattr(model, "resize_mode", "shortest"),
+        getattr(model, "interpolation", "bicubic"),
+    )
+
+
 def strong_transform(image_size: int, mean: Sequence[float], std: Sequence[float]):
-    """Strong view of NoLA/LaFTer (see methods.md), CLIP-normalised."""
+    """Strong view of NoLA/LaFTer (their official ``get_random_transform``; README, "Limitations and
+    differences from the papers"), CLIP-normalised."""
     from torchvision import transforms as T
 
     bicubic = T.InterpolationMode.BICUBIC

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from fiftyone_nola.core import engines
+from fiftyone_nola.core import models as nm
 from fiftyone_nola.core.classes import parse_classes, resolve_classes
 from fiftyone_nola.core.config import bounds
 from fiftyone_nola.core.descriptions import load_descriptions
@@ -102,7 +103,6 @@ def check_templates(templates, classes: Optional[Sequence[str]], input_name: str
 
 
 def _gt_labels(samples, field_: str, doc_type) -> set:
-
     return {x for x in samples.distinct(label_path(field_, doc_type)) if x is not None}
 
 
@@ -121,64 +121,52 @@ def check_gt_field(
     """
     if not field_:
         return []
-    import fiftyone as fo
-
     out = []
     if field_ in outputs:
-        out.append(
-            _problem(
-                input_name,
-                f"ground-truth field {field_!r} is also an output field of this job: it would be overwritten",
-                "use another output field name",
-            )
-        )
+        why = f"ground-truth field {field_!r} is also an output field of this job: it would be overwritten"
+        out.append(_problem(input_name, why, "use another output field name"))
     if labels is None:
         if samples is None:
             return out
-        schema = samples.get_field_schema(flat=True)
-        if field_ not in schema:
-            label_fields = sorted(k for k, v in schema.items() if "." not in k and _is_label(v))
-            return out + [
-                _problem(
-                    input_name,
-                    f"field {field_!r} does not exist on dataset '{_root(samples).name}'",
-                    f"use one of its label fields ({', '.join(label_fields) or 'none'}) or leave "
-                    "it empty (no evaluation)",
-                )
-            ]
-        doc_type = getattr(schema[field_], "document_type", None)
-        ok_types = (fo.Classification, fo.Classifications, fo.Detections) if multilabel else (fo.Classification,)
-        if doc_type is None or not issubclass(doc_type, ok_types):
-            got = getattr(doc_type, "__name__", type(schema[field_]).__name__)
-            want = "/".join(t.__name__ for t in ok_types)
-            return out + [
-                _problem(
-                    input_name,
-                    f"field {field_!r} holds {got}; evaluation needs {want}",
-                    "name a field of that label type",
-                )
-            ]
-        labels = _gt_labels(samples, field_, doc_type)
-    if classes is not None and labels:
-        outside = sorted(labels - set(classes))
-        if outside and len(outside) == len(labels):
-            out.append(
-                _problem(
-                    input_name,
-                    f"none of the labels in {field_!r} is in the class list (it has {_preview(sorted(labels))})",
-                    "check the class names against the ground truth's",
-                )
-            )
-        elif outside:
-            out.append(
-                _problem(
-                    input_name,
-                    f"{len(outside)} label(s) in {field_!r} are outside the class list: "
-                    f"{_preview(outside)}; those samples count as errors",
-                    error=False,
-                )
-            )
-    return out
+        problem, labels = _gt_field_labels(samples, field_, multilabel, input_name)
+        if problem:
+            return out + [problem]
+    return out + _gt_outside_classes(field_, labels, classes, input_name)
+
+
+def _gt_field_labels(samples, field_: str, multilabel: bool, input_name: str):
+    """``(problem, None)`` if ``field_`` is missing or of a type evaluation cannot read, else
+    ``(None, its labels)``."""
+    import fiftyone as fo
+
+    schema = samples.get_field_schema(flat=True)
+    if field_ not in schema:
+        label_fields = sorted(k for k, v in schema.items() if "." not in k and _is_label(v))
+        why = f"field {field_!r} does not exist on dataset '{_root(samples).name}'"
+        fix = f"use one of its label fields ({', '.join(label_fields) or 'none'}) or leave it empty (no evaluation)"
+        return _problem(input_name, why, fix), None
+    doc_type = getattr(schema[field_], "document_type", None)
+    ok_types = (fo.Classification, fo.Classifications, fo.Detections) if multilabel else (fo.Classification,)
+    if doc_type is None or not issubclass(doc_type, ok_types):
+        got = getattr(doc_type, "__name__", type(schema[field_]).__name__)
+        want = "/".join(t.__name__ for t in ok_types)
+        why = f"field {field_!r} holds {got}; evaluation needs {want}"
+        return _problem(input_name, why, "name a field of that label type"), None
+    return None, _gt_labels(samples, field_, doc_type)
+
+
+def _gt_outside_classes(field_: str, labels, classes, input_name: str) -> list:
+    """A problem when no ground-truth label is a class; a warning when some are not."""
+    if classes is None or not labels:
+        return []
+    outside = sorted(labels - set(classes))
+    if outside and len(outside) == len(labels):
+        why = f"none of the labels in {field_!r} is in the class list (it has {_preview(sorted(labels))})"
+        return [_problem(input_name, why, "check the class names against the ground truth's")]
+    if outside:
+        why = f"{len(outside)} label(s) in {field_!r} are outside the class list: {_preview(outside)}"
+        return [_problem(input_name, why + "; those samples count as errors", error=False)]
+    return []
 
 
 def _is_label(ftype) -> bool:
@@ -224,8 +212,10 @@ def _weights(spec) -> tuple[bool, str]:
     return res
 
 
-def check_clip(spec, fallback_random_init: bool = False, names=("clip_arch", "clip_pretrained")) -> list:
-    """Architecture known to open_clip; weights present, downloadable, or random init asked."""
+def check_clip(spec, fallback_random_init=False, names=("clip_arch", "clip_pretrained"), text=True, prompts=False):
+    """Architecture known to open_clip; weights present, downloadable, or random init asked; with
+    ``text`` its tokenizer can be built here (SigLIP 2 / MetaCLIP 2 use a Hugging Face one); with
+    ``prompts`` its vision tower can take prompt tuning's visual prompts. A list of problems."""
     arch_in, weights_in = names
     if spec is None:
         return []
@@ -238,7 +228,14 @@ def check_clip(spec, fallback_random_init: bool = False, names=("clip_arch", "cl
                 f"use an open_clip architecture, e.g. {', '.join(near) or 'ViT-B-32, ViT-B-16, ViT-L-14'}",
             )
         ]
-    return _check_weights(spec, weights_in, fallback_random_init)
+    out = _check_weights(spec, weights_in, fallback_random_init)
+    for asked, check, fix in (
+        (prompts, lambda: nm.prompt_support(spec.arch), "use a ViT CLIP (ViT-B-32, PE-Core-B-16, ...) or --no-tune"),
+        (text, lambda: nm.tokenizer_available(spec), "provide the tokenizer files, or run once online"),
+    ):
+        ok, why = check() if asked else (True, "")
+        out += [] if ok else [_problem(arch_in, why, fix)]
+    return out
 
 
 def check_dino(spec, fallback_random_init: bool = False, names=("dino_model", "dino_checkpoint")) -> list:

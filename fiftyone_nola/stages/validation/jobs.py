@@ -33,12 +33,14 @@ from fiftyone_nola.stages.validation.target import Target, _check_target_gt, res
 logger = logging.getLogger(__name__)
 
 
-def _job_inputs(target: Target, classes, config, fallback_random_init: bool) -> tuple[Target, list, list]:
+def _job_inputs(
+    target: Target, classes, config, fallback_random_init: bool, prompts: bool = False
+) -> tuple[Target, list, list]:
     """What every whole-pipeline job checks first: target, class list, models and device."""
     target, problems = resolve_target(target)
     classes_list, p = check_classes(classes, target.samples)
     problems += p
-    problems += check_clip(config.clip, fallback_random_init)
+    problems += check_clip(config.clip, fallback_random_init, prompts=prompts)
     if config.dino is not None:
         problems += check_dino(config.dino, fallback_random_init)
     problems += check_device(config.device)
@@ -90,7 +92,9 @@ def check_auto_label(
     """Every input of the single-label pipeline (``auto_label``); the plan when ``plan``."""
     t0 = time.perf_counter()
 
-    target, classes_list, problems = _job_inputs(target, classes, config, fallback_random_init)
+    target, classes_list, problems = _job_inputs(
+        target, classes, config, fallback_random_init, prompts=not config.skip_tuning
+    )
     samples = target.samples
     zs, tune = config.zeroshot, config.tune
     problems += check_descriptions(zs.descriptions_file, classes_list, config.allow_template_fallback)
@@ -122,8 +126,8 @@ def check_auto_label(
     if report.ok or plan:
         try:
             need = _disk_needed(config, n, len(classes_list or []))
-        except Exception as e:  # the estimate is advice only: never a reason to refuse a job
-            logger.debug(f"no disk estimate ({type(e).__name__}: {e})")
+        except Exception as e:  # the estimate is advice only
+            logger.debug("no disk estimate: %r", e)
             need = 0
     report.problems += check_writable(nola_home(), "storage", "NOLA_HOME", need_bytes=need)
     if plan and report.ok:
@@ -190,7 +194,7 @@ def check_embed(
     if family not in ("clip", "dino", "both"):
         problems.append(_problem("family", f"family must be clip, dino or both, not {family!r}"))
     if family in ("clip", "both"):
-        problems += check_clip(clip, fallback_random_init)
+        problems += check_clip(clip, fallback_random_init, text=False)  # images only: no tokenizer
     if family in ("dino", "both"):
         problems += check_dino(dino, fallback_random_init)
     problems += check_embed_config(embed_cfg)

@@ -43,6 +43,7 @@ class ParamChecks:
     allow_template_fallback: bool = True
     templates: Optional[str] = None
     clip: Any = None
+    prompt_tuning: bool = False  # the stage prompt-tunes ``clip``: its tower must take prompts
     dino: Any = None
     fallback_random_init: bool = False
     device: Optional[str] = None
@@ -71,7 +72,7 @@ def check_params(samples, **inputs) -> Report:
         problems += p
     problems += check_descriptions(c.descriptions_file, names, c.allow_template_fallback)
     problems += check_templates(c.templates, names)
-    problems += check_clip(c.clip, c.fallback_random_init)
+    problems += check_clip(c.clip, c.fallback_random_init, prompts=c.prompt_tuning)
     problems += check_dino(c.dino, c.fallback_random_init)
     problems += check_device(c.device)
     outputs = dict(c.outputs or {})

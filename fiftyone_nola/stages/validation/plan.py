@@ -33,6 +33,7 @@ def _size_class(name: str) -> str:
         ("-b-", "B"),
         ("large", "L"),
         ("-l-", "L"),
+        ("so400m", "L"),  # SigLIP's 400M-parameter shape-optimised ViT
         ("huge", "H"),
         ("-h-", "H"),
         ("giant", "g"),
