@@ -21,6 +21,7 @@ from conftest import REPO, cifar_files, tiny_pipeline_config
 from fiftyone_nola.core import models as M
 from fiftyone_nola.pipeline import auto_label
 from fiftyone_nola.stages import runs
+from fiftyone_nola.stages import transductive as td
 from fiftyone_nola.stages.artifacts import stage_dir, stage_meta
 
 pytestmark = pytest.mark.integration
@@ -53,6 +54,9 @@ def test_auto_label_end_to_end(pair, cifar_dataset, tiny_siglip_spec, tiny_pe_sp
     scoring = meta["scoring"]
     if pair.startswith("siglip2"):
         assert scoring["kind"] == "sigmoid" and scoring["logit_bias"] == pytest.approx(-10.0)
+        # the transductive stage starts from the same sigmoid scores, not a softmax at 100
+        assert td._zeroshot_scoring(cifar_dataset, "nola_zeroshot").kind == "sigmoid"
+        assert td.transductive_labels(cifar_dataset, label_field="nola_td")["labelled"] == len(cifar_dataset)
     else:
         assert scoring == {"kind": "softmax", "logit_scale": 100.0, "logit_bias": 0.0}
     assert meta["clip"]["key"] == M.spec_key(clip)

@@ -344,3 +344,19 @@ def test_stage_skips_samples_without_embeddings(labelled_cifar):
     s = transductive_labels(ds)
     assert s["labelled"] == n and s["skipped"] == 1
     assert ds[new.id]["nola_transductive"] is None
+
+
+def test_a_sigmoid_clip_s_prior_is_its_zero_shot_scores():
+    """With a SigLIP (sigmoid scoring) the prior is what its zero-shot stage wrote (normalised
+    sigmoid at the learnt scale and bias), not a softmax at 100, which would rank classes alike
+    but give other confidences (the transductive terms weigh the prior by them)."""
+    from fiftyone_nola.core.models.scoring import Scoring
+    from fiftyone_nola.core.zeroshot import class_probs
+
+    x, _, text = _clustered(n=50)
+    siglip = Scoring("sigmoid", 12.0, -10.0)
+    prior = text_prior(x, text, scoring=siglip)
+    np.testing.assert_allclose(prior, class_probs(x, text, siglip), rtol=1e-5, atol=1e-6)
+    assert prior.dtype == np.float64 and np.allclose(prior.sum(axis=1), 1.0)
+    assert not np.allclose(prior, text_prior(x, text))  # the softmax at 100 is another prior
+    np.testing.assert_allclose(text_prior(x, text, scoring=Scoring()), text_prior(x, text))

@@ -26,6 +26,7 @@ from fiftyone_nola.core.classes import ClassesArg, resolve_classes
 from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError, NolaError
 from fiftyone_nola.core.index import EmbeddingIndex
 from fiftyone_nola.core.models import DinoSpec
+from fiftyone_nola.core.models.scoring import Scoring
 from fiftyone_nola.core.progress import ProgressFn, null_progress
 from fiftyone_nola.core.transductive import TransductiveConfig, label, method_name, text_prior
 from fiftyone_nola.stages import fo_io
@@ -72,7 +73,7 @@ def transductive_labels(
     run = StageRun(samples, "transductive", label_field, "transductive")
     W, zs_classes = _class_weights(samples, zeroshot_field, classes)
     clip_x, ok = _clip_vectors(samples, zeroshot_field, run.ids)
-    prior = text_prior(clip_x, W, config.logit_scale)  # NaN rows where there is no vector
+    prior = text_prior(clip_x, W, config.logit_scale, _zeroshot_scoring(samples, zeroshot_field))  # NaN: no vector
     start = prior
     if init_field:
         start = initial_predictions(samples, init_field, run.ids, zs_classes)
@@ -131,6 +132,13 @@ def _class_weights(samples, zeroshot_field: str, classes: ClassesArg) -> tuple[n
             "with the new class list first."
         )
     return W, zs_classes
+
+
+def _zeroshot_scoring(samples, zeroshot_field: str) -> Optional[Scoring]:
+    """The zero-shot stage's scoring when it was a sigmoid CLIP's (SigLIP): the prior must be the
+    same scores (a softmax at ``logit_scale`` 100 would not be). None for a softmax CLIP."""
+    rec = stage_meta(stage_dir(samples, zeroshot_field), "zero-shot").get("scoring") or {}
+    return Scoring(**rec) if rec.get("kind") == "sigmoid" else None
 
 
 def _clip_vectors(samples, zeroshot_field: str, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

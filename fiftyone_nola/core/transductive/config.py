@@ -59,7 +59,8 @@ class TransductiveConfig:
     # samples; with fewer than zlap_min_present of the classes present, the prior is kept.
     presence_share: float = 0.25
     zlap_min_present: float = 0.5
-    # The text prior: softmax(logit_scale * cos(image, class text embedding)), as zero-shot
+    # The text prior: softmax(logit_scale * cos(image, class text embedding)), as zero-shot; a
+    # sigmoid CLIP (SigLIP) uses the zero-shot stage's own scores and its learnt scale instead
     logit_scale: float = 100.0
     # kNN graph
     search: str = "auto"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -16,6 +16,9 @@ from fiftyone_nola.core.transductive.gmm import stata, transclip
 from fiftyone_nola.core.transductive.graph import knn_graph
 from fiftyone_nola.core.transductive.zlap import presence_check, zlap, zlap_probabilities
 
+if TYPE_CHECKING:  # the scores' rule only; this module never needs torch itself
+    from fiftyone_nola.core.models.scoring import Scoring
+
 
 @dataclass
 class TransductiveResult:
@@ -25,10 +28,16 @@ class TransductiveResult:
     info: dict = field(default_factory=dict)
 
 
-def text_prior(x: np.ndarray, class_weights: np.ndarray, logit_scale: float = 100.0) -> np.ndarray:
-    """The zero-shot prediction softmax(logit_scale · x·W^T) (N×C float64) of unit rows ``x``."""
+def text_prior(
+    x: np.ndarray, class_weights: np.ndarray, logit_scale: float = 100.0, scoring: Optional[Scoring] = None
+) -> np.ndarray:
+    """The zero-shot prediction (N×C float64) of unit rows ``x``: softmax(logit_scale · x·W^T) for
+    a softmax CLIP; for a sigmoid one (SigLIP: ``scoring``), the zero-shot stage's own normalised
+    sigmoid scores at the model's learnt scale and bias."""
     # float32 product (as the official code; no float64 copy of x), softmax in float64
     cos = np.asarray(x, dtype=np.float32) @ np.asarray(class_weights, dtype=np.float32).T
+    if scoring is not None and scoring.kind == "sigmoid":
+        return scoring.sigmoid_probs(cos).astype(np.float64)
     logits = logit_scale * cos.astype(np.float64)
     logits -= logits.max(axis=1, keepdims=True)
     e = np.exp(logits)
