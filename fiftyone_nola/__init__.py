@@ -105,6 +105,9 @@ _LAZY = {
     "InvalidInputError": "core.errors",
     "ValidationError": "core.errors",
     "ModelNotFoundError": "core.errors",
+    "JobBusyError": "core.errors",
+    # one whole job per dataset: a second one waits for the first and reuses its work
+    "dataset_job": "stages.jobs",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

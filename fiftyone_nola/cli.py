@@ -54,6 +54,7 @@ CLI_NAMES = {
     "max_descriptions_per_class": "--max-descriptions",
     "grid": "--grid",
     "storage": "NOLA_HOME",
+    "job_wait": "NOLA_JOB_WAIT_S",
     "max_samples": "--max-samples",
     "index_type": "--index-type",
     "family": "--family",

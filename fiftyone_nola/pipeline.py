@@ -26,6 +26,7 @@ from fiftyone_nola.pipeline_steps import MULTILABEL_STEPS, STEPS, RunContext, fl
 from fiftyone_nola.stages.brain_runs import register_brain_runs
 from fiftyone_nola.stages.cdul import MultiLabelConfig
 from fiftyone_nola.stages.evaluation import recorded_evaluation
+from fiftyone_nola.stages.jobs import dataset_job
 from fiftyone_nola.stages.nola import PredictConfig, ZeroShotConfig
 from fiftyone_nola.stages.plan import REUSE, plan_auto_label, plan_multilabel
 from fiftyone_nola.stages.review import store_class_list
@@ -111,7 +112,13 @@ def auto_label(
     (:mod:`fiftyone_nola.stages.plan`) decides. Returns a summary with each step's result, the
     plan, per-step seconds and, when ``gt_field`` is given, the accuracy of every labelled field
     (ground truth is read only for this evaluation).
+    Another job on the dataset is waited for (``NOLA_JOB_WAIT_S``) and its work reused.
     """
+    with dataset_job(samples, "auto-label", progress=progress):
+        return _auto_label(samples, classes, config, progress)
+
+
+def _auto_label(samples, classes: ClassesArg, config: Optional[AutoLabelConfig], progress: ProgressFn) -> dict:
     config = config or AutoLabelConfig()
     timer = StageTimer(echo=logger.debug)
     with timer.stage("checks"):
@@ -137,7 +144,15 @@ def auto_label_multilabel(
     samples, classes: ClassesArg = None, config: Optional[MultiLabelConfig] = None, progress: ProgressFn = null_progress
 ) -> dict:
     """Embeddings -> CDUL pseudo-labels -> classifier with label refinement (-> mAP if GT), each
-    step run, updated or reused as the re-run planner decides."""
+    step run, updated or reused as the re-run planner decides. Another job on the dataset is
+    waited for (``NOLA_JOB_WAIT_S``) and its work reused."""
+    with dataset_job(samples, "auto-label-multilabel", progress=progress):
+        return _auto_label_multilabel(samples, classes, config, progress)
+
+
+def _auto_label_multilabel(
+    samples, classes: ClassesArg, config: Optional[MultiLabelConfig], progress: ProgressFn
+) -> dict:
     config = config or MultiLabelConfig()
     timer = StageTimer(echo=logger.debug)
     with timer.stage("checks"):

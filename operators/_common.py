@@ -93,6 +93,9 @@ def progress_fn(ctx, every_s: float = 1.0):
     last = [0.0]
 
     def fn(done: int, total: int, message: str = "") -> None:
+        if not total and message:  # a message with no count, e.g. what the job waits for
+            ctx.set_progress(progress=0.0, label=message)
+            return
         now = time.monotonic()
         if done < total and now - last[0] < every_s:
             return

@@ -88,7 +88,8 @@ class NolaSampleReview(Serialized, foo.Panel):
         return rv.next_in_queue(ctx.dataset, after=sid)
 
     def on_accept(self, ctx):
-        self._record(ctx, "accept")
+        # The label shown: if a run replaced it meanwhile, the shown one is what was accepted.
+        self._record(ctx, "accept", (ctx.panel.get_state("card") or {}).get("prediction"))
 
     def on_accept_suggestion(self, ctx):
         card = ctx.panel.get_state("card") or {}
@@ -117,35 +118,21 @@ class NolaSampleReview(Serialized, foo.Panel):
         if not card:
             panel.md("Open a sample to review it.", name="empty")
             return types.Property(panel, view=types.GridView(orientation="vertical", gap=1, padding=1))
-        pred = card.get("prediction")
-        sugg = card.get("suggestion")
-        prog = ctx.panel.get_state("progress") or {}
-        if audit.AUDIT_TAG in (card.get("tags") or []):
-            status = (
-                f"**Audit sample** ({card['status']}) · audited {prog.get('audited', 0)} of {prog.get('drawn', 0)}"
-                f" · {prog.get('remaining', 0)} left"
-            )
-        else:
-            status = (
-                f"**Status**: {card['status']} · **queue**: {prog.get('queue', 0)} left"
-                f" · reviewed {prog.get('reviewed', 0)} of {prog.get('flagged', 0)} flagged"
-            )
-        lines = [status, "", "| stage | label | confidence |", "|---|---|---|"]
-        lines += [
-            f"| {s['field']} | {s['label']} | {'-' if s['confidence'] is None else s['confidence']} |"
-            for s in card["stages"]
-        ]
-        if card["neighbours"]:
-            lines += ["", "**Nearest neighbours** (stored index) below: their labels · similarity"]
         imgs = panel.h_stack("images", gap=2, align_y="top")
         imgs.view("image", types.ImageView(height="224px", alt="sample"))
-        imgs.md("\n".join(lines), name="card_md")
+        imgs.md(_card_md(card, ctx.panel.get_state("progress") or {}), name="card_md")
         if card["neighbours"]:
             nbs = panel.h_stack("neighbour_images", gap=1)
             for j, n in enumerate(card["neighbours"][:NB_SHOWN]):
                 col = nbs.v_stack(f"nb_col_{j}", gap=0)
                 col.view(f"nb_img_{j}", types.ImageView(height="72px", alt=n["label"] or ""))
                 col.md(f"{n['label']} · {n['similarity']:.2f}", name=f"nb_txt_{j}")
+        self._render_actions(ctx, panel, card)
+        return types.Property(panel, view=types.GridView(orientation="vertical", gap=1, padding=1))
+
+    def _render_actions(self, ctx, panel, card) -> None:
+        """Accept (the suggestion or the label shown), reject, skip, back, and one button per class."""
+        pred, sugg = card.get("prediction"), card.get("suggestion")
         # Named per sample: the buttons are new for every sample, so the one just clicked does not
         # keep its focus outline on the next sample (it looked pre-selected).
         key = card["id"][-8:]
@@ -180,4 +167,25 @@ class NolaSampleReview(Serialized, foo.Panel):
                     params={"label": cls},
                     variant="outlined",
                 )
-        return types.Property(panel, view=types.GridView(orientation="vertical", gap=1, padding=1))
+
+
+def _card_md(card: dict, prog: dict) -> str:
+    """The card's text: status and progress, each stage's label and confidence, the neighbours' title."""
+    if audit.AUDIT_TAG in (card.get("tags") or []):
+        status = (
+            f"**Audit sample** ({card['status']}) · audited {prog.get('audited', 0)} of {prog.get('drawn', 0)}"
+            f" · {prog.get('remaining', 0)} left"
+        )
+    else:
+        status = (
+            f"**Status**: {card['status']} · **queue**: {prog.get('queue', 0)} left"
+            f" · reviewed {prog.get('reviewed', 0)} of {prog.get('flagged', 0)} flagged"
+        )
+    lines = [status, "", "| stage | label | confidence |", "|---|---|---|"]
+    lines += [
+        f"| {s['field']} | {s['label']} | {'-' if s['confidence'] is None else s['confidence']} |"
+        for s in card["stages"]
+    ]
+    if card["neighbours"]:
+        lines += ["", "**Nearest neighbours** (stored index) below: their labels · similarity"]
+    return "\n".join(lines)

@@ -109,13 +109,19 @@ def _hold_lock(path, ready, release):
     from fiftyone_nola.core.index import EmbeddingIndex
 
     ix = EmbeddingIndex.open(path)
-    with ix.lock():
+    with ix.lock(what="a test holding the store"):
         ready.set()
         release.wait(60)
 
 
-def test_second_job_on_a_locked_index_is_refused_clearly(make_dataset, image_dir):
+def test_second_job_on_a_locked_index_waits_then_reuses_or_is_refused_clearly(
+    make_dataset, image_dir, monkeypatch, caplog
+):
+    """The second job waits (said once, naming the holder) and reuses what is stored; with
+    NOLA_JOB_WAIT_S=0, or past the wait, it is refused with the clear message."""
+    import logging
     import multiprocessing as mp
+    import threading
 
     from fiftyone_nola.core.index import IndexLockedError
     from fiftyone_nola.stages.embeddings import index_path
@@ -129,10 +135,19 @@ def test_second_job_on_a_locked_index_is_refused_clearly(make_dataset, image_dir
     holder.start()
     try:
         assert ready.wait(60)
-        with pytest.raises(IndexLockedError, match="locked by another process"):
+        monkeypatch.setenv("NOLA_JOB_WAIT_S", "0")
+        with pytest.raises(IndexLockedError, match="locked by another process: a test holding the store"):
             compute_embeddings(ds, "clip", tiny_clip_spec(), config=CFG)
+        monkeypatch.setenv("NOLA_JOB_WAIT_S", "0.5")
+        with pytest.raises(IndexLockedError, match=r"waited 0.5 s.*NOLA_JOB_WAIT_S"):
+            compute_embeddings(ds, "clip", tiny_clip_spec(), config=CFG)
+        monkeypatch.delenv("NOLA_JOB_WAIT_S")
+        caplog.set_level(logging.INFO, logger="fiftyone_nola")
+        threading.Timer(1.0, release.set).start()  # the holder finishes a second later
+        out = compute_embeddings(ds, "clip", tiny_clip_spec(), config=CFG)["clip"]
     finally:
         release.set()
         holder.join(60)
-    out = compute_embeddings(ds, "clip", tiny_clip_spec(), config=CFG)["clip"]
+    waits = [m for m in caplog.messages if "waiting for a test holding the store" in m]
+    assert len(waits) == 1 and "up to 30 min" in waits[0], caplog.messages
     assert out["index_size"] == len(files) and out["reused"] == 2  # nothing lost, nothing torn

@@ -5,11 +5,13 @@ Brain runs on the stored vectors, and the forms that must not mislead.
 The datasets here carry no real images (generated ones where an export copies files), so these
 tests need nothing beside the repository."""
 
+from unittest.mock import patch
+
 import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, REVIEW_CLASSES
+from conftest import REPO, REVIEW_CLASSES, tiny_images
 from fiftyone_nola.core import review_queue as rq
 
 PLUGIN = yaml.safe_load((REPO / "fiftyone.yml").read_text())["name"]
@@ -345,6 +347,25 @@ def test_brain_runs_on_the_stored_vectors(review_ds):
     assert sorted(ds.list_brain_runs()) == sorted([r["similarity"], r["visualization"]])
     assert register_brain_runs(ds, "dino") == {}  # no store: nothing, no error
     assert visualization_method(1000) in ("umap", "tsne") and visualization_method(10**6) in ("umap", "pca")
+
+
+def test_a_tsne_map_of_vectors_with_fewer_than_50_dims(make_dataset, tmp_path):
+    """t-SNE's PCA to 50 dims failed on 32-dim vectors (found by prepare_for_review on 60 samples
+    of a tiny model: 'n_components=50 must be between 1 and ... 32')."""
+    from fiftyone_nola.core.index import EmbeddingIndex
+    from fiftyone_nola.core.storage import index_dir
+    from fiftyone_nola.stages import runs
+    from fiftyone_nola.stages.brain_runs import register_brain_runs
+
+    ds = make_dataset(tiny_images(tmp_path / "images", 60))
+    path = index_dir(str(ds._doc.id), "test-clip")
+    ix = EmbeddingIndex.create(path, 32, {"dataset_id": str(ds._doc.id)})
+    ix.add(ds.values("id"), np.random.default_rng(0).normal(size=(60, 32)).astype(np.float32))
+    ix.save()
+    runs.record_run(ds, "nola_embeddings_clip", "embeddings.clip", {"spec": None}, {"index_path": str(path)})
+    with patch("fiftyone_nola.stages.brain_runs.visualization_method", return_value="tsne"):
+        r = register_brain_runs(ds, "clip")
+    assert r["method"] == "tsne" and ds.load_brain_results(r["visualization"]).points.shape == (60, 2)
 
 
 # ---------------------------------------------------------------------------- export

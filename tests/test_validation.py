@@ -75,8 +75,13 @@ def files(tmp_path):
 
 
 def _home_state() -> dict:
+    """Every file a job wrote under NOLA_HOME. Locks are not outputs: a job takes its dataset's
+    lock before its checks (so a second job checks what the first one left), and keeps it."""
     root = Path(os.environ["NOLA_HOME"])
-    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*")} if root.exists() else {}
+    if not root.exists():
+        return {}
+    files = [p for p in root.rglob("*") if p.is_file() and not p.name.endswith((".lock", ".lock.holder.json"))]
+    return {str(p): p.stat().st_mtime_ns for p in files}
 
 
 def _db_state(ds=None) -> dict:

@@ -53,3 +53,8 @@ class IndexMismatchError(NolaError):
 
 class MissingEmbeddingsError(NolaError):
     """A stage needs embeddings that have not been computed yet."""
+
+
+class JobBusyError(NolaError):
+    """Another live job held a lock this job needs (a dataset's job, a store, a stage) for longer
+    than this job waits (``NOLA_JOB_WAIT_S``)."""

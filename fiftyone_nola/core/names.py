@@ -25,4 +25,6 @@ SUGGESTED_TAG = "nola:suggested"
 DECIDED_TAGS = (ACCEPTED_TAG, CORRECTED_TAG, REJECTED_TAG)
 EXPORTABLE_TAGS = (ACCEPTED_TAG, CORRECTED_TAG)
 
+REVIEW_SETTINGS_KEY = "nola_review"  # dataset info: the last flagging's settings (its field, threshold)
+
 DEFAULT_THRESHOLD = 0.5  # flag predictions below this confidence for review

@@ -138,6 +138,27 @@ def file_lock(
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def holds_lock(path: os.PathLike) -> bool:
+    """Whether this thread holds the :func:`file_lock` on ``path``."""
+    return str(Path(path).resolve()) in _held_locks.__dict__.get("paths", ())
+
+
+def lock_is_free(path: os.PathLike) -> bool:
+    """Whether nobody holds the :func:`file_lock` on ``path`` now (a missing file: free). Creates
+    nothing; the probe holds the lock for an instant only when it is free."""
+    try:
+        f = open(path)
+    except FileNotFoundError:
+        return True
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return True
+
+
 def _wait_for_lock(f, path: Path, timeout: Optional[float]) -> None:
     if timeout is None:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)

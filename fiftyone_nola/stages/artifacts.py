@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from fiftyone_nola.core import storage
+from fiftyone_nola.core import jobs, storage
 from fiftyone_nola.core.errors import NolaError
 from fiftyone_nola.stages import fo_io, runs
 
@@ -29,14 +29,18 @@ BUNDLE = "arrays.npz"
 def _locked(d: Path, what: str = ""):
     """Serialise writers of one stage directory, across processes and threads; re-entrant.
 
-    With ``what`` set, a wait for another job's lock is logged, so a waiting job never looks hung.
+    A job finding another one writing the stage says once whom it waits for (an INFO line) and
+    waits up to ``NOLA_JOB_WAIT_S`` (:mod:`fiftyone_nola.core.jobs`), then raises a clear
+    :class:`~fiftyone_nola.core.errors.JobBusyError`.
     """
+    name = what or d.name
 
-    def waiting() -> None:
-        if what:
-            logger.info(f"[{what}] another job is writing this stage; waiting for it to finish")
+    def waiting(msg: str) -> None:
+        logger.info(f"[{name}] another job is writing this stage: {msg}")
 
-    with storage.file_lock(d / ".lock", on_wait=waiting):
+    with jobs.exclusive(
+        d / ".lock", f"writing {name}", say=waiting, subject=f"The stage {name!r} of this dataset ({d})"
+    ):
         yield
 
 

@@ -83,7 +83,7 @@ def _embed_one(samples, spec, cfg: EmbedConfig, overwrite: bool, progress, class
         f"batch {cfg.batch_size}, {cfg.num_workers} workers, device {cfg.device}, "
         f"{'draft' if cfg.draft_decode else 'exact'} JPEG decode"
     )
-    with job.writing(overwrite, how):
+    with job.writing(overwrite, how, progress):
         todo_paths = [job.paths[j] for j in job.todo]
         if todo_paths:
             encoder = job.prepare_engine(todo_paths, classes)
@@ -155,12 +155,20 @@ class EmbedJob:
         )
 
     @contextlib.contextmanager
-    def writing(self, overwrite: bool, how: str) -> Iterator[EmbedJob]:
+    def writing(self, overwrite: bool, how: str, progress: ProgressFn = null_progress) -> Iterator[EmbedJob]:
         """Hold the store's lock: drop deleted samples, plan ``todo``, and :meth:`save` at the end.
 
-        An exception inside leaves the checkpointed chunks for the next run to resume from.
+        Another job embedding into the store is waited for (said once, also to ``progress``; up to
+        ``NOLA_JOB_WAIT_S``), and what it stored is then reused. An exception inside leaves the
+        checkpointed chunks for the next run to resume from.
         """
-        with self._open(overwrite).lock():
+        family = self.spec.family
+
+        def waiting(msg: str) -> None:
+            logger.info(f"[embed:{family}] another job is embedding into this store: {msg}")
+            progress(0, 0, f"embedding {family.upper()}: {msg}")
+
+        with self._open(overwrite).lock(timeout=None, what=f"embedding {family.upper()}", on_wait=waiting):
             # Re-read under the lock: another job may have saved since the first open.
             self.index = self._open()
             # A whole dataset's ids are at hand; only a view needs the dataset's full id list.

@@ -227,7 +227,7 @@ def _embed_one_ray(ray, samples, spec, config: EmbedConfig, rcfg: RayEmbedConfig
     job = EmbedJob(samples, spec, cfg, torch.device("cpu"))
     shards = _Shards(job, rcfg)
     how = f"on Ray, batch {cfg.batch_size}, device {cfg.device}, {gpus:g} GPU per actor"
-    with job.writing(overwrite, how):
+    with job.writing(overwrite, how, progress):
         if overwrite:
             shards.clear()
         pending = {job.ids[j]: j for j in job.todo}

@@ -6,6 +6,7 @@ Writes are always bulk (``set_values`` keyed by sample id): never one round-trip
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -15,7 +16,17 @@ import numpy as np
 
 from fiftyone_nola.core.errors import DatabaseUnavailableError, DatasetNotFoundError, EmptyViewError, InvalidInputError
 from fiftyone_nola.core.files import list_images, spread_over_folders
+from fiftyone_nola.core.names import (
+    ACCEPTED_TAG,
+    CORRECTED_TAG,
+    CORRECTIONS_FIELD,
+    PREDICTIONS_FIELD,
+    REVIEW_SETTINGS_KEY,
+)
+from fiftyone_nola.core.storage import dataset_dir as storage_dataset_dir
 from fiftyone_nola.core.storage import file_lock, nola_home, write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 UNREADABLE_TAG = "nola:unreadable"
 
@@ -52,7 +63,8 @@ def _database_dir() -> Path:
         import fiftyone.core.config as focn
 
         return Path(focn.load_config().database_dir).expanduser()
-    except Exception:
+    except Exception as e:  # only a hint's path: FiftyOne's own error says the rest
+        logger.debug(f"FiftyOne's config is unreadable ({type(e).__name__}: {e}); its default database dir")
         return Path(os.environ.get("FIFTYONE_DATABASE_DIR", "~/.fiftyone/var/lib/mongo")).expanduser()
 
 
@@ -107,8 +119,8 @@ def _forget_database_service(fodb) -> None:
     if svc is not None:
         try:
             svc.stop()
-        except Exception:
-            pass
+        except Exception as e:  # a service that never started has nothing to stop
+            logger.debug(f"stopping a half-started database service: {type(e).__name__}: {e}")
 
 
 def check_database() -> None:
@@ -190,17 +202,66 @@ def check_field(samples, field: str, label_types: Optional[tuple] = None) -> Non
 WRITE_CHUNK = 2000
 
 
-def _write_in_chunks(samples, ids: Sequence[str], field: str, make_value) -> int:
-    """``set_values`` of ``make_value(j)`` (None: no label) for ``ids``, chunk by chunk."""
+def _write_in_chunks(samples, ids: Sequence[str], field: str, make_value, keep_accepted: bool = False) -> int:
+    """``set_values`` of ``make_value(j)`` (None: no label) for ``ids``, chunk by chunk; with
+    ``keep_accepted``, each chunk as :func:`_write_keeping_accepted` writes it."""
     ds = root_dataset(samples)
+    keep_accepted = keep_accepted and field == _reviewed_field(ds)
     written = 0
     for start in range(0, len(ids), WRITE_CHUNK):
         values = {}
         for j in range(start, min(start + WRITE_CHUNK, len(ids))):
             values[ids[j]] = v = make_value(j)
             written += v is not None
-        ds.set_values(field, values, key_field="id")
+        if keep_accepted:
+            _write_keeping_accepted(ds, field, values)
+        else:
+            ds.set_values(field, values, key_field="id")
     return written
+
+
+def review_lock(samples):
+    """The dataset's review lock: one writer of review decisions (tags, queue, saved views, and
+    the reviewed field's labels under a decision) at a time."""
+    return file_lock(storage_dataset_dir(dataset_id(samples)) / "review.lock")
+
+
+def _reviewed_field(ds) -> str:
+    """The field reviewers decide on (the last flagging's, else ``nola``), read from the database:
+    the job writing may hold the dataset's document since before the review began."""
+    import fiftyone.core.odm as foo
+
+    doc = foo.get_db_conn().datasets.find_one({"_id": ds._doc.id}, {f"info.{REVIEW_SETTINGS_KEY}.field": 1})
+    return ((((doc or {}).get("info") or {}).get(REVIEW_SETTINGS_KEY) or {}).get("field")) or PREDICTIONS_FIELD
+
+
+def _write_keeping_accepted(ds, field: str, values: dict) -> None:
+    """Write ``values`` into the reviewed ``field`` without changing what a reviewer decided.
+
+    An accept says "this label is right" of the label the reviewer saw. Where new labels replace
+    an accepted one, the accepted label becomes the sample's reviewed label (a correction of the
+    new prediction), so neither a re-run nor a run writing while the reviewer works turns a
+    decision into a label nobody saw. Under the review lock: a decision lands before or after a
+    chunk, never between reading the accepted labels and writing the new ones."""
+    from bson import ObjectId
+
+    fo = _fo()
+    with review_lock(ds):
+        query = {"_id": {"$in": [ObjectId(i) for i in values]}, "tags": ACCEPTED_TAG}
+        accepted = {
+            str(d["_id"]): (d.get(field) or {}).get("label") for d in ds._sample_collection.find(query, {field: 1})
+        }
+        ds.set_values(field, values, key_field="id")
+        changed = {
+            i: lab for i, lab in accepted.items() if lab is not None and getattr(values[i], "label", None) != lab
+        }
+        if changed:
+            if not ds.has_sample_field(CORRECTIONS_FIELD):
+                reload_document(ds)  # another process may have added it: never declare it twice
+            reviewed = {i: fo.Classification(label=lab, confidence=1.0) for i, lab in changed.items()}
+            ds.set_values(CORRECTIONS_FIELD, reviewed, key_field="id")
+            ds.select(list(changed)).untag_samples(ACCEPTED_TAG)
+            ds.select(list(changed)).tag_samples(CORRECTED_TAG)
 
 
 def write_classifications(
@@ -209,10 +270,13 @@ def write_classifications(
     """Write argmax labels with confidence for the rows of ``probs`` that are finite.
 
     Rows with NaN (no embedding, unreadable image) are written as None. Returns rows written.
+    Into the field under review, a reviewer's accepts keep their label (:func:`_write_keeping_accepted`).
     """
     probs = np.asarray(probs, dtype=np.float32)
     record_classes(samples, field, classes)
-    return _write_in_chunks(samples, ids, field, lambda j: classification_label(classes, probs[j], store_logits))
+    return _write_in_chunks(
+        samples, ids, field, lambda j: classification_label(classes, probs[j], store_logits), keep_accepted=True
+    )
 
 
 def record_classes(samples, field: str, classes: Sequence[str]) -> None:

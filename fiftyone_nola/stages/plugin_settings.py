@@ -19,7 +19,12 @@ import fiftyone as fo
 
 PLUGIN_NAME = "@fiftyone-nola/nola"
 # plugin setting -> the environment variable the library reads
-SETTINGS = {"home": "NOLA_HOME", "models_dir": "NOLA_MODELS_DIR", "device": "NOLA_DEVICE"}
+SETTINGS = {
+    "home": "NOLA_HOME",
+    "models_dir": "NOLA_MODELS_DIR",
+    "device": "NOLA_DEVICE",
+    "job_wait_s": "NOLA_JOB_WAIT_S",
+}
 
 
 def apply_plugin_settings(app_config=None) -> dict[str, str]:

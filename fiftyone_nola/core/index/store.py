@@ -5,24 +5,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError, MissingEmbeddingsError, NolaError
+from fiftyone_nola.core import jobs
+from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError, JobBusyError, MissingEmbeddingsError
 from fiftyone_nola.core.index import ann, search
 from fiftyone_nola.core.index import format as fmt
 from fiftyone_nola.core.index.format import META_FILE, PathLike
 from fiftyone_nola.core.index.rows import VectorRows
-from fiftyone_nola.core.storage import LockTimeout, file_lock, write_json_atomic
+from fiftyone_nola.core.storage import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 
-class IndexLockedError(NolaError):
-    """Another process holds the lock of an embedding index."""
+class IndexLockedError(JobBusyError):
+    """Another process held the lock of an embedding index for longer than this one waits."""
 
 
 class EmbeddingIndex(VectorRows):
@@ -350,18 +351,23 @@ class EmbeddingIndex(VectorRows):
         fmt.cleanup(self.path, gen, merged)
 
     @contextlib.contextmanager
-    def lock(self, timeout: float = 0) -> Iterator[EmbeddingIndex]:
-        """Exclusive inter-process lock on this store (re-entrant within this object).
+    def lock(
+        self, timeout: Optional[float] = 0, what: str = "", on_wait: Optional[Callable[[str], None]] = None
+    ) -> Iterator[EmbeddingIndex]:
+        """Exclusive inter-process lock on this store (re-entrant within a thread), its holder
+        named beside it (``what``: e.g. "embedding CLIP").
 
-        Raises :class:`IndexLockedError` if another process still holds it after ``timeout``
-        seconds.
+        If another job holds it, ``on_wait`` (default: an INFO line) hears once whom this one
+        waits for; :class:`IndexLockedError` if it still holds it after ``timeout`` seconds
+        (None: ``NOLA_JOB_WAIT_S``, see :mod:`fiftyone_nola.core.jobs`).
         """
-        try:
-            with file_lock(self.path / fmt.LOCK_FILE, timeout=max(0.0, float(timeout))):
-                yield self
-        except LockTimeout:
-            raise IndexLockedError(
-                f"The embedding index at {self.path} is locked by another process "
-                f"(waited {timeout:g} s). Wait for that job to finish, or stop it; "
-                "the lock is released automatically when it exits."
-            ) from None
+        with jobs.exclusive(
+            self.path / fmt.LOCK_FILE,
+            what or f"writing the store {self.path.name}",
+            timeout,
+            say=on_wait or (lambda m: logger.info(f"[index] {self.path.name}: {m}")),
+            where=" on this store",
+            subject=f"The embedding index at {self.path}",
+            error=IndexLockedError,
+        ):
+            yield self

@@ -9,18 +9,13 @@ import logging
 import fiftyone as fo
 
 from fiftyone_nola.core.names import ACCEPTED_TAG, CORRECTED_TAG, CORRECTIONS_FIELD, QUEUE_FIELD
-from fiftyone_nola.core.storage import dataset_dir, file_lock
 from fiftyone_nola.stages import fo_io
+from fiftyone_nola.stages.fo_io import review_lock
 
 logger = logging.getLogger(__name__)
 
 RACE_RETRIES = 3
 TAGS_VERSION_KEY = "nola_review_tags"  # 2: corrections carry their own tag
-
-
-def review_lock(samples):
-    """The dataset's review lock: one writer of tags, queue and saved views at a time."""
-    return file_lock(dataset_dir(fo_io.dataset_id(samples)) / "review.lock")
 
 
 def reload_dataset(samples) -> None:

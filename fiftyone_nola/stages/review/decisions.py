@@ -92,8 +92,8 @@ def set_status(samples, status: str, ids: Optional[Sequence[str]] = None) -> int
 
 def _set_corrections(ds, ids: Sequence[str], label: Optional[str], corrections_field: str) -> None:
     """A reviewer's label on ``ids`` (None: none; the model's label stands or no label fits)."""
-    if label is None and not ds.has_sample_field(corrections_field):
-        return
+    if not ids or (label is None and not ds.has_sample_field(corrections_field)):
+        return  # nothing to set (an empty write cannot declare a new field)
     value = None if label is None else fo.Classification(label=label, confidence=1.0)
     ds.set_values(corrections_field, {i: value for i in ids}, key_field="id")
 

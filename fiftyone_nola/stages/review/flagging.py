@@ -26,6 +26,7 @@ from fiftyone_nola.core.names import (
     FLAGGED_TAG,
     PREDICTIONS_FIELD,
     QUEUE_FIELD,
+    REVIEW_SETTINGS_KEY,
     REVIEW_TAG,
     STAGE_FIELDS,
     SUGGESTED_TAG,
@@ -37,7 +38,7 @@ from fiftyone_nola.stages.review.stats import summary
 
 logger = logging.getLogger(__name__)
 
-SETTINGS_KEY = "nola_review"
+SETTINGS_KEY = REVIEW_SETTINGS_KEY
 QUEUE_HEAD = 500  # samples ordered by class and cluster; the rest follow by confidence
 QUEUE_CANDIDATES = 4 * QUEUE_HEAD  # the least confident queued samples the head is chosen from
 CLUSTERS_MAX = 20

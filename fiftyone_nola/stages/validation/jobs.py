@@ -7,8 +7,11 @@ import logging
 import time
 from typing import Optional
 
+from fiftyone_nola.core.errors import InvalidInputError
 from fiftyone_nola.core.index import INDEX_TYPES
+from fiftyone_nola.core.jobs import duration, job_wait_s
 from fiftyone_nola.core.storage import nola_home
+from fiftyone_nola.stages.jobs import running_job
 from fiftyone_nola.stages.validation.checks import (
     check_classes,
     check_clip,
@@ -41,7 +44,27 @@ def _job_inputs(
     if config.dino is not None:
         problems += check_dino(config.dino, fallback_random_init)
     problems += check_device(config.device)
+    problems += check_running_job(target.samples)
     return target, classes_list, problems
+
+
+def check_running_job(samples) -> list:
+    """Information, never an error: another job is running on this dataset, so this one will
+    wait for it (bounded) and then reuse what it wrote. A wait setting that is not a number is
+    an error."""
+    try:
+        wait = job_wait_s()
+    except InvalidInputError as e:
+        return [_problem("job_wait", str(e), "set it to seconds, e.g. 1800 (0: never wait)")]
+    who = running_job(samples)
+    if who is None:
+        return []
+    then = (
+        f"this run will wait for it (up to {duration(wait)}) and reuse what it writes"
+        if wait
+        else "this run will stop at once (NOLA_JOB_WAIT_S=0) where it needs what that job holds"
+    )
+    return [_problem("", f"a job is running on this dataset: {who}; {then}", error=False)]
 
 
 def _check_refine(samples, config, produced: set) -> list:
@@ -175,6 +198,7 @@ def check_embed(
     if family in ("dino", "both"):
         problems += check_dino(dino, fallback_random_init)
     problems += check_embed_config(embed_cfg)
+    problems += check_running_job(target.samples)
     problems += check_writable(json_out, "json_out", "summary file", is_file=True)
     problems += check_writable(nola_home(), "storage", "NOLA_HOME")
     r = Report(problems)
