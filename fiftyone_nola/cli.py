@@ -254,9 +254,18 @@ def auto_label_config(args, clip: ClipSpec, dino: DinoSpec):
     )
 
 
+def _log_summary(command: str, summary: dict, setup_s: float) -> None:
+    """The pipeline's summary table, its seconds adding up to the wall time since start."""
+    from fiftyone_nola.pipeline import summary_lines
+
+    _log(f"\n== {command} summary ==")
+    for line in summary_lines(summary, setup_s, time.perf_counter() - STARTED):
+        _log(line)
+
+
 def cmd_auto_label(args) -> dict:
     """``auto-label``: import (or load) a dataset, label it, print per-stage results."""
-    from fiftyone_nola.pipeline import auto_label, random_init_banner, summary_lines
+    from fiftyone_nola.pipeline import auto_label, random_init_banner
     from fiftyone_nola.stages.validation import check_auto_label
 
     clip, dino = _specs(args)
@@ -272,9 +281,7 @@ def cmd_auto_label(args) -> dict:
     ds = _samples(args)
     setup_s = time.perf_counter() - STARTED
     summary = auto_label(ds, _classes(args), cfg, progress=print_progress(sys.stdout))
-    _log("\n== auto-label summary ==")
-    for line in summary_lines(summary, setup_s, time.perf_counter() - STARTED):
-        _log(line)
+    _log_summary("auto-label", summary, setup_s)
     _log(
         f"dataset '{ds.name}': fields {cfg.zeroshot_field}, {cfg.dino_field}"
         + ("" if cfg.skip_tuning else f", {cfg.tuned_field}")
@@ -288,7 +295,7 @@ def cmd_auto_label(args) -> dict:
 
 def cmd_auto_label_multilabel(args) -> dict:
     """``auto-label-multilabel``: the CDUL pipeline from the shell."""
-    from fiftyone_nola.pipeline import MultiLabelConfig, auto_label_multilabel, summary_lines
+    from fiftyone_nola.pipeline import MultiLabelConfig, auto_label_multilabel
     from fiftyone_nola.stages.validation import check_multilabel
 
     clip, dino = _specs(args)
@@ -313,9 +320,7 @@ def cmd_auto_label_multilabel(args) -> dict:
     ds = _samples(args)
     setup_s = time.perf_counter() - STARTED
     summary = auto_label_multilabel(ds, _classes(args), cfg, progress=print_progress(sys.stdout))
-    _log("\n== auto-label-multilabel summary ==")
-    for line in summary_lines(summary, setup_s, time.perf_counter() - STARTED):
-        _log(line)
+    _log_summary("auto-label-multilabel", summary, setup_s)
     _write_json(args.json_out, summary)
     return summary
 
