@@ -7,12 +7,12 @@ ViT-S/16 by default, ``--dino-base`` for the method's ViT-B/16):
 
 1. **Stages** of the library, each timed (wall seconds, images/s, peak RSS of the process):
    CLIP embeddings, DINO embeddings (``embeddings.compute_embeddings``), CDE zero-shot with the
-   official NoLA description file (``labeling.zero_shot``), the DINO labeller
+   official NoLA description file (``labeling.zero_shot``), the DINO labeler
    (``labeling.dino_labels``), prompt tuning (``labeling.tune_prompts``; seconds per epoch) and
    predict (``labeling.predict``).
 2. **Epoch cost, cached vs online teacher**: one epoch of ``prompt_tuning.tune`` with the
-   DINO labeller's cached labels, and one with an ``OnlineTeacher`` running the DINO backbone + the
-   trained labeller MLP on the weak view of every batch (as the official code does): same
+   DINO labeler's cached labels, and one with an ``OnlineTeacher`` running the DINO backbone + the
+   trained labeler MLP on the weak view of every batch (as the official code does): same
    images, batch size, seed, workers; measured back to back in this run.
 3. **Re-labeling**: a changed class list re-scored from the stored CLIP embeddings with
    ``labeling.zero_shot`` (it also loads CLIP and encodes the class texts with the text tower:
@@ -20,7 +20,7 @@ ViT-S/16 by default, ``--dino-base`` for the method's ViT-B/16):
    every image: ``dataset.apply_model(TorchOpenClipModel(classes=..., text_prompt=...))``.
    Both sides use the same checkpoint file and the same prompt texts ("a photo of a {c}").
 4. **Accuracy** (top-1 vs the folder labels) of zero-shot with one template, the 80-template
-   ensemble, CDE, the DINO labeller and prompt-tuned NoLA: only when ``NOLA_PRETRAINED=1`` and
+   ensemble, CDE, the DINO labeler and prompt-tuned NoLA: only when ``NOLA_PRETRAINED=1`` and
    the weights are in ``NOLA_MODELS_DIR``. With random weights no accuracy is printed or written.
 
 Without pretrained weights the random-init CLIP is saved once to a temporary checkpoint file
@@ -454,10 +454,10 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
         raw_feats = mlp.meta.get("features") == "raw"
 
         def teacher_fn(weak: torch.Tensor) -> torch.Tensor:
-            """DINO + labeller MLP on the weak view, fed as the stored features the MLP saw: with
+            """DINO + labeler MLP on the weak view, fed as the stored features the MLP saw: with
             NoLA's preprocessing the weak view is DINO's input as it is (the official teacher);
             with timm's it is re-normalised to DINO's statistics. Raw CLS features unless the
-            labeller was trained on unit rows."""
+            labeler was trained on unit rows."""
             t0 = time.perf_counter()
             x = weak if nola_pre else (weak * cs + cm - dmean) / dstd
             f = dino.encode_image(x).float()
@@ -652,7 +652,7 @@ def run(args, results: dict, tables: list, tmp: Path) -> None:
             "acc_zeroshot_ensemble": "zero-shot, 80-template ensemble",
             "acc_cde": f"CDE ({st.rows['zeroshot']['texts'] // len(classes)} texts per class"
             + (", cut-down description file)" if args.desc_per_class else ")"),
-            "acc_dino_labeler": f"DINO labeller ({args.dino})",
+            "acc_dino_labeler": f"DINO labeler ({args.dino})",
             "acc_nola": f"NoLA prompt-tuned ({args.tune_epochs} epochs on {n_tune} images)",
         }
         tables.append(

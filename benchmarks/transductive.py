@@ -1,4 +1,4 @@
-"""Transductive labelling (TransCLIP / StatA / ZLaP on stored embeddings): seconds and peak
+"""Transductive labeling (TransCLIP / StatA / ZLaP on stored embeddings): seconds and peak
 memory from 1,000 to 1,000,000 vectors, and the cost next to prompt tuning + prediction.
 
 1. **1,000 real images**: the class-balanced 1,000 CIFAR-10 images of the demo

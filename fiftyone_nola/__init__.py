@@ -69,7 +69,7 @@ _LAZY = {
     "predict": "stages.nola",
     "PredictConfig": "stages.nola",
     "load_model": "stages.fo_models",
-    # transductive labelling (no training): TransCLIP / StatA / ZLaP on the stored embeddings
+    # transductive labeling (no training): TransCLIP / StatA / ZLaP on the stored embeddings
     "transductive_labels": "stages.transductive",
     "TransductiveConfig": "core.transductive.config",
     "load_multilabel_model": "stages.fo_cdul_model",

@@ -71,7 +71,7 @@ CLI_NAMES = {
 
 
 def _names(args) -> dict:
-    names = dict(CLI_NAMES, teacher_field="--dataset (its DINO labeller stage)")
+    names = dict(CLI_NAMES, teacher_field="--dataset (its DINO labeler stage)")
     if getattr(args, "classes_file", None):
         names["classes"] = "--classes-file"
     if getattr(args, "gt_from_subfolders", None) and not getattr(args, "gt_field", None):
@@ -364,7 +364,7 @@ def cmd_tune(args) -> dict:
         clip=_clip_spec(args),
         prompt_tuning=True,
         device=args.device,
-        stages={"dataset": ("nola_zeroshot", "zero-shot"), "teacher_field": ("nola_dino", "DINO labeller")},
+        stages={"dataset": ("nola_zeroshot", "zero-shot"), "teacher_field": ("nola_dino", "DINO labeler")},
         ranges={
             "tune_epochs": (args.epochs, *bounds(TuneConfig, "epochs").range),
             "batch_size": (args.batch_size, *bounds(TuneConfig, "batch_size").range),

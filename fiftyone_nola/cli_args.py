@@ -163,7 +163,7 @@ def _description_args(p: argparse.ArgumentParser) -> None:
 
 def _auto_label_parser(sub) -> None:
     """``auto-label``: the single-label pipeline."""
-    p = sub.add_parser("auto-label", help="single-label: embeddings, zero-shot, DINO labeller, prompt tuning")
+    p = sub.add_parser("auto-label", help="single-label: embeddings, zero-shot, DINO labeler, prompt tuning")
     _data_args(p)
     _model_args(p)
     _description_args(p)
@@ -174,7 +174,7 @@ def _auto_label_parser(sub) -> None:
         default=None,
         help="prompt-tune on at most N samples (default: fit hardware; 0 = all)",
     )
-    p.add_argument("--no-tune", action="store_true", help="stop after the DINO labeller")
+    p.add_argument("--no-tune", action="store_true", help="stop after the DINO labeler")
     p.add_argument(
         "--refine",
         choices=list(TRANSDUCTIVE_METHODS),

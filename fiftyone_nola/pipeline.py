@@ -67,7 +67,7 @@ class AutoLabelConfig:
     dino_labeler: DinoLabelerConfig = field(default_factory=DinoLabelerConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
-    skip_tuning: bool = False  # stop after the DINO labeller
+    skip_tuning: bool = False  # stop after the DINO labeler
     device: Optional[str] = None
     allow_template_fallback: bool = False  # classes the descriptions file lacks get CLIP templates
     zeroshot_field: str = "nola_zeroshot"
@@ -105,12 +105,12 @@ def _walk(run: RunContext, steps: dict, timer: StageTimer, out: dict) -> None:
 def auto_label(
     samples, classes: ClassesArg = None, config: Optional[AutoLabelConfig] = None, progress: ProgressFn = null_progress
 ) -> dict:
-    """Run embeddings -> CDE zero-shot -> DINO labeller -> prompt tuning -> predict (-> transductive
+    """Run embeddings -> CDE zero-shot -> DINO labeler -> prompt tuning -> predict (-> transductive
     refinement), then get the App ready (class list, review flagging, similarity and maps).
 
     Each step runs, updates only new or changed samples, or is reused, as the re-run planner
     (:mod:`fiftyone_nola.stages.plan`) decides. Returns a summary with each step's result, the
-    plan, per-step seconds and, when ``gt_field`` is given, the accuracy of every labelled field
+    plan, per-step seconds and, when ``gt_field`` is given, the accuracy of every labeled field
     (ground truth is read only for this evaluation).
     Another job on the dataset is waited for (``NOLA_JOB_WAIT_S``) and its work reused.
     """
@@ -176,7 +176,7 @@ def _auto_label_multilabel(
 def prepare_for_review(samples, classes, field: Optional[str] = None) -> dict:
     """What the App needs to review right away: the class list (dropdowns, a label schema for
     corrections), ``field`` flagged at the review's threshold when given, and the Brain runs on the
-    stored vectors (similarity search, maps) — the pipeline's last steps, for a dataset labelled
+    stored vectors (similarity search, maps) — the pipeline's last steps, for a dataset labeled
     by other means."""
     out = {"review": flag_for_review(samples, classes, field)} if field else {}
     if not field:

@@ -67,7 +67,7 @@ def _labeler(run: RunContext, step: Step) -> dict:
     if step.train:
         dl_cfg = run.plan.settings["dl_cfg"]
         return dino_labels(run.samples, cfg.zeroshot_field, cfg.dino, dl_cfg, cfg.dino_field, progress=run.progress)
-    logger.info(f"[dino] labeller up to date: labelling the {len(step.todo)} new or changed samples with it")
+    logger.info(f"[dino] labeler up to date: labeling the {len(step.todo)} new or changed samples with it")
     return dino_labels_apply(run.subset(step), cfg.zeroshot_field, cfg.dino, cfg.dino_field)
 
 
@@ -143,7 +143,7 @@ def _app(run: RunContext, step: Step) -> dict:
 
 
 def _evaluate(run: RunContext, step: Step) -> dict:
-    """Accuracy of every labelled field against the ground truth (read for this only)."""
+    """Accuracy of every labeled field against the ground truth (read for this only)."""
     cfg, out = run.config, {}
     fields = labelled_fields(cfg)
     with quiet_libraries():

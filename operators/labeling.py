@@ -1,4 +1,4 @@
-"""Operators of the single-label NoLA stages: zero-shot, DINO labeller, prompt tuning, apply, evaluate."""
+"""Operators of the single-label NoLA stages: zero-shot, DINO labeler, prompt tuning, apply, evaluate."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ class DinoLabels(foo.Operator):
         return c.operator_config(
             "dino_labels",
             "NoLA: DINO pseudo-labels",
-            "Train the DINO labelling network on confident zero-shot picks and label every sample",
+            "Train the DINO labeling network on confident zero-shot picks and label every sample",
         )
 
     def resolve_input(self, ctx):
@@ -170,7 +170,7 @@ class TunePrompts(foo.Operator):
         return c.operator_config(
             "tune_prompts",
             "NoLA: prompt tuning",
-            "Tune CLIP's visual prompts on the DINO labeller's pseudo-labels, then predict",
+            "Tune CLIP's visual prompts on the DINO labeler's pseudo-labels, then predict",
         )
 
     def resolve_input(self, ctx):
@@ -182,7 +182,7 @@ class TunePrompts(foo.Operator):
         inputs.str(
             "teacher_field",
             default=c.arg_default(labeling.tune_prompts, "teacher_field"),
-            label="Teacher (DINO labeller) field",
+            label="Teacher (DINO labeler) field",
         )
         c.add_clip_inputs(inputs)
         c.add_random_init_input(inputs)
@@ -203,7 +203,7 @@ class TunePrompts(foo.Operator):
                 device=c.device_param(ctx),
                 stages={
                     "zeroshot_field": (c.arg_param(ctx, "zeroshot_field", labeling.dino_labels), "zero-shot"),
-                    "teacher_field": (c.arg_param(ctx, "teacher_field", labeling.tune_prompts), "DINO labeller"),
+                    "teacher_field": (c.arg_param(ctx, "teacher_field", labeling.tune_prompts), "DINO labeler"),
                 },
                 outputs={"label_field": c.arg_param(ctx, "label_field", labeling.predict)},
                 ranges={

@@ -314,7 +314,7 @@ class RetrainWithCorrections(foo.Operator):
         return foo.OperatorConfig(
             name="retrain_with_corrections",
             label="NoLA: retrain with corrections",
-            description="Re-run the DINO labeller and prompt tuning with reviewed labels as trusted supervision",
+            description="Re-run the DINO labeler and prompt tuning with reviewed labels as trusted supervision",
             dynamic=True,
             allow_immediate_execution=True,
             allow_delegated_execution=True,

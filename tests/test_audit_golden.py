@@ -43,7 +43,7 @@ def test_ppi_matches_ppi_py_itself(case):
 
 
 def test_the_ppi_estimator_on_a_uniform_audit_is_ppi_py_s_estimate_over_the_pool():
-    """The audit's PPI estimate is PPI++ with the whole pool as the unlabelled set (the golden inputs)."""
+    """The audit's PPI estimate is PPI++ with the whole pool as the unlabeled set (the golden inputs)."""
     case = CASES[0]
     y, f, fu = _inputs(case)
     pool = np.r_[f, fu]  # the audited units are part of the pool
@@ -97,7 +97,7 @@ def _one_uniform_audit(seed=4, pool_size=3000, n=250):
 
 def test_calibrated_ppi_is_ppi_py_s_cross_ppi_on_the_fold_out_calibrations():
     """The cross-fitted calibrated PPI: ``ppi_py.crossppi_mean_ci`` on our fold-out predictions
-    (labelled) and the K calibrations of the pool (unlabelled, N x K) gives our estimate and interval."""
+    (labeled) and the K calibrations of the pool (unlabeled, N x K) gives our estimate and interval."""
     ppi_py = pytest.importorskip("ppi_py")
     from fiftyone_nola.core.audit import crossfit
 

@@ -22,7 +22,7 @@ CERTIFICATE_KEYS = ("design", "n", "alpha", "delta", "target", "tau", "certified
 
 @pytest.fixture
 def labelled_cifar(make_dataset):
-    """400 CIFAR-10 images with ground truth, zero-shot labelled by a tiny random CLIP."""
+    """400 CIFAR-10 images with ground truth, zero-shot labeled by a tiny random CLIP."""
     pairs = cifar_files(per_class=40)
     ds = make_dataset([p for p, _ in pairs], [c for _, c in pairs])
     compute_embeddings(ds, "clip", clip=tiny_clip_spec(), config=EmbedConfig(batch_size=64, num_workers=0))

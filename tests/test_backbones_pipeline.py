@@ -2,7 +2,7 @@
 real-size architectures from the CLI in the slow test at the end).
 
 SigLIP 2-like CLIP (sigmoid scoring, sentencepiece tokenizer, timm ViT tower) + DINOv2, and
-PE-Core-like CLIP (timm Eva tower with RoPE) + DINOv3: embeddings, zero-shot, DINO labeller,
+PE-Core-like CLIP (timm Eva tower with RoPE) + DINOv3: embeddings, zero-shot, DINO labeler,
 prompt tuning, prediction, evaluation; CDUL multi-label with the SigLIP 2-like CLIP.
 """
 

@@ -185,7 +185,7 @@ def test_run_configs_recorded_before_the_nesting_are_still_up_to_date(monkeypatc
     )
 
 
-def test_where_weights_are_looked_up_never_retrains_the_dino_labeller_or_tuning(monkeypatch):
+def test_where_weights_are_looked_up_never_retrains_the_dino_labeler_or_tuning(monkeypatch):
     """The DINO and tuning runs hold their specs nested (recorded as repr strings): a new
     ``--models-dir`` for the same weights keeps them up to date, as it does for zero-shot."""
     import dataclasses
@@ -251,7 +251,7 @@ def test_each_form_default_is_the_library_default(name, build, make_dataset):
 
 def test_multilabel_run_config_keeps_its_recorded_shape():
     """The pseudo-label stage records its nested crop/train settings under their old flat names,
-    so a dataset labelled before the nesting stays up to date; a changed new setting still counts."""
+    so a dataset labeled before the nesting stays up to date; a changed new setting still counts."""
     from fiftyone_nola.core.cdul import CropConfig, TrainConfig
     from fiftyone_nola.stages.cdul import recorded_config
 

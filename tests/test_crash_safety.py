@@ -258,7 +258,7 @@ def test_second_process_waits_for_the_writer_of_the_same_field(make_dataset):
     assert ds.count("nola_zeroshot.label") == len(ds)
 
 
-# Saves the DINO labeller or the CDUL head to argv[2], SIGKILLed at argv[3]: "mid-write" (half
+# Saves the DINO labeler or the CDUL head to argv[2], SIGKILLed at argv[3]: "mid-write" (half
 # the bytes of the file reach the disk), "before-sidecar" (CDUL: weights renamed in, sidecar not).
 SAVE_CHILD = textwrap.dedent(
     """
@@ -299,7 +299,7 @@ def _save_child(kind: str, path, point: str, seed: int) -> subprocess.CompletedP
 
 
 @pytest.mark.parametrize("kind", ["dino", "cdul"])
-def test_sigkill_while_saving_a_labeller_or_head_keeps_the_previous_one(kind, tmp_path):
+def test_sigkill_while_saving_a_labeler_or_head_keeps_the_previous_one(kind, tmp_path):
     from fiftyone_nola.core import cdul as ml
     from fiftyone_nola.core import dino_labeler as dl
 

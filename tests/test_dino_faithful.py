@@ -1,11 +1,11 @@
-"""DINO as the official NoLA code runs it: same weights in -> same features, same labeller input.
+"""DINO as the official NoLA code runs it: same weights in -> same features, same labeler input.
 
 ``tests/golden/dino_reference.json`` was written by a throwaway script kept outside this repo
 (no official code is part of this repository). It exported ``vision_transformer.py`` and
 ``utils.py`` of github.com/facebookresearch/dino at commit 7c446df5b9f4
 (7c446df5b9f45747937fb0d72314eb9f7b66930a) unmodified into a scratch directory, built
 ``vision_transformer.vit_small(patch_size=16, num_classes=0)`` and ``vit_base(patch_size=16,
-num_classes=0)`` (what ``hubconf.dino_vits16`` / ``dino_vitb16`` build; NoLA's labeller is
+num_classes=0)`` (what ``hubconf.dino_vits16`` / ``dino_vitb16`` build; NoLA's labeler is
 ``dino_vitb16`` with ``head = Identity``), filled them with deterministic random weights (the
 rule and seed are in the JSON: numpy ``default_rng(seed)``, one tensor per state-dict key in the
 stored order), saved those as the official release files (a plain state dict ``torch.save``d as
@@ -255,7 +255,7 @@ def test_huggingface_hub_cache_offline(small_sd, tmp_path):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_official_vit_base_release_file(tmp_path):
-    """NoLA's own labeller backbone (dino_vitb16), from its release file, architecture read from it."""
+    """NoLA's own labeler backbone (dino_vitb16), from its release file, architecture read from it."""
     path = tmp_path / BASE["release_file"]
     torch.save(make_weights(BASE), path)
     loaded = M.load_dino(M.DinoSpec(checkpoint=str(path), random_init=False), cache=False)
@@ -362,7 +362,7 @@ def test_store_without_norms_refuses_raw_reads(tmp_path):
     assert ix.missing_norms() == ["b"]
 
 
-# --------------------------------------------------------------------------- what the labeller gets
+# --------------------------------------------------------------------------- what the labeler gets
 
 
 def _raw_cls(spec, paths) -> np.ndarray:
@@ -376,7 +376,7 @@ def _raw_cls(spec, paths) -> np.ndarray:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("features_opt", ["raw", "normalized"])
-def test_dino_labels_feeds_the_labeller_raw_cls_features(cifar_dataset, monkeypatch, features_opt):
+def test_dino_labels_feeds_the_labeler_raw_cls_features(cifar_dataset, monkeypatch, features_opt):
     """Real images -> compute_embeddings -> store -> dino_labels -> train_labeler: the MLP trains
     on the raw CLS features of NoLA-preprocessed images (default), unit rows only if asked."""
     from fiftyone_nola.core import dino_labeler as dl

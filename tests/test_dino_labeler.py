@@ -1,4 +1,4 @@
-"""Stage 2: confident picks, the DINO labelling MLP, persistence, and a stage 1+2 simulation."""
+"""Stage 2: confident picks, the DINO labeling MLP, persistence, and a stage 1+2 simulation."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def test_selection_properties(probs, k):
     assert again.indices.tolist() == s.indices.tolist() and again.labels.tolist() == s.labels.tolist()
 
 
-# ---- training and labelling
+# ---- training and labeling
 
 
 def _blobs(n_per=20, c=3, f=8, seed=0, sep=4.0):
@@ -254,7 +254,7 @@ def _simulation(seed, n_per=100, c=5, d=32, f=16):
     return y, w, clip_img, dino, noise
 
 
-def test_dino_labeller_beats_zero_shot_only_when_dino_has_signal():
+def test_dino_labeler_beats_zero_shot_only_when_dino_has_signal():
     y, w, clip_img, dino, noise = _simulation(seed=0)
     zs_labels, _, zs_probs = zeroshot_predict(clip_img, w)
     zs_acc = (zs_labels == y).mean()

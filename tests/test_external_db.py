@@ -1,5 +1,5 @@
 """Against a MongoDB the user runs (FIFTYONE_DATABASE_URI): a separate mongod on 127.0.0.1, the
-pipeline run in child processes, two workers labelling disjoint views at once without losses."""
+pipeline run in child processes, two workers labeling disjoint views at once without losses."""
 
 import os
 import shutil

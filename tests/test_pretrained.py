@@ -8,7 +8,7 @@ Reference figure: zero-shot CLIP ViT-B/32 on CIFAR-10 is 88.8 % top-1 in LaFTer'
 baseline NoLA reports against: Mirza et al., NeurIPS 2023), 91.3 % in the CLIP paper with its 18
 CIFAR templates. Our CDE classifier (the official CIFAR10_local descriptions + those templates)
 on the 2,000 test images of ``cifar10_2k`` must land in that ballpark (>= 85 %); NoLA must then
-improve on it, and its confidence must rank its own errors. Transductive labelling (no training) must
+improve on it, and its confidence must rank its own errors. Transductive labeling (no training) must
 beat zero-shot by 2 points and, started from NoLA's labels, keep their accuracy.
 
 Per preset (``--preset paper|fast-cpu|best``, with that preset's CLIP weights in the models

@@ -1,4 +1,4 @@
-"""A dataset labelled by fiftyone-nola 0.1 (commit 4f0d584) still works with this version.
+"""A dataset labeled by fiftyone-nola 0.1 (commit 4f0d584) still works with this version.
 
 ``tests/golden/v0_1_dataset/`` was written by that version (``tests/golden/make_v0_1_dataset.py``):
 the FiftyOne export of a 12-image dataset with its NoLA runs and Brain runs, and its ``NOLA_HOME``

@@ -88,7 +88,7 @@ def test_zero_shot_scores_match_forward_with_text_desc():
     assert labels.tolist() == np.array(case["probs"]).argmax(axis=1).tolist()
 
 
-def test_dino_labeller_training_matches_train_taal():
+def test_dino_labeler_training_matches_train_taal():
     case = CASES["train_taal"]
     x = np.array(case["features"], dtype=np.float32)
     y = np.array(case["labels"])

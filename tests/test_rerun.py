@@ -68,7 +68,7 @@ def test_rerun_processes_nothing_then_only_added_samples(make_dataset):
     plan = validate(ds, CLASSES, tiny_pipeline_config()).plan
     assert [s["samples"] for s in plan["stages"]][:6] == [5, 5, 5, 5, 0, 5]
     added = auto_label(ds, CLASSES, tiny_pipeline_config())
-    # Rule: the labeller and the tuned model are kept; they label the new samples only.
+    # Rule: the labeler and the tuned model are kept; they label the new samples only.
     assert added["processed"] == {
         "embeddings:clip": 5,
         "embeddings:dino": 5,

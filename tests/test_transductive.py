@@ -1,4 +1,4 @@
-"""Transductive labelling: the algorithms on synthetic vectors (seconds, no FiftyOne), the
+"""Transductive labeling: the algorithms on synthetic vectors (seconds, no FiftyOne), the
 safeguard on real stored vectors, and the stage on a small FiftyOne dataset with tiny models."""
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def parse_classes(text_or_list: Union[str, Sequence[str]], min_classes: int = 2)
 
     Names are stripped and otherwise kept verbatim (unicode, slashes, quotes). Empty names,
     non-strings, duplicates (compared by :func:`normalize_class_name`) and lists shorter than
-    ``min_classes`` raise InvalidInputError. Labelling needs 2 classes; describing needs 1.
+    ``min_classes`` raise InvalidInputError. Labeling needs 2 classes; describing needs 1.
     """
     if isinstance(text_or_list, str):
         names = parse_class_text(text_or_list)
@@ -64,7 +64,7 @@ def parse_classes(text_or_list: Union[str, Sequence[str]], min_classes: int = 2)
         )
     if len(names) < min_classes:
         raise InvalidInputError(
-            f"Need at least {min_classes} classes to label with (got {names}); zero-shot labelling "
+            f"Need at least {min_classes} classes to label with (got {names}); zero-shot labeling "
             f"picks one class per image among several."
         )
     return names

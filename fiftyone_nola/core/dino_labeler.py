@@ -1,4 +1,4 @@
-"""NoLA stage 2: the DINO labelling network (pseudo-labels aligned to DINO's feature space).
+"""NoLA stage 2: the DINO labeling network (pseudo-labels aligned to DINO's feature space).
 
 The CLIP zero-shot classifier picks, per class, its k most confident images; a small MLP on
 frozen DINO features is trained on those picks and then labels every image. Faithful to the
@@ -128,7 +128,7 @@ def check_features_option(features: str) -> None:
     """Raise unless ``features`` is one of :data:`FEATURES`."""
     if features not in FEATURES:
         raise InvalidInputError(
-            f"DINO labeller features must be one of {FEATURES} ('raw': the official unnormalised "
+            f"DINO labeler features must be one of {FEATURES} ('raw': the official unnormalised "
             f"CLS features; 'normalized': unit-length rows), not {features!r}"
         )
 
@@ -168,7 +168,7 @@ def _check_training_set(features, indices, labels, n_classes):
     idx = np.asarray(indices, dtype=np.int64).ravel()
     lab = np.asarray(labels, dtype=np.int64).ravel()
     if idx.size == 0:
-        raise InvalidInputError("no training samples: nothing was selected to train the DINO labeller on")
+        raise InvalidInputError("no training samples: nothing was selected to train the DINO labeler on")
     if idx.size != lab.size:
         raise InvalidInputError(f"{idx.size} indices but {lab.size} labels")
     if idx.min() < 0 or idx.max() >= len(x):
@@ -197,10 +197,10 @@ def train_labeler(
     """
     cfg = config or DinoLabelerConfig()
     if n_classes < 1 or cfg.epochs < 0 or cfg.batch_size < 1 or cfg.hidden < 1:
-        raise InvalidInputError(f"bad DINO labeller settings: n_classes={n_classes}, {cfg}")
+        raise InvalidInputError(f"bad DINO labeler settings: n_classes={n_classes}, {cfg}")
     xs, lab = _check_training_set(features, indices, labels, n_classes)
     device = dev.resolve_device(cfg.device)
-    # Callers may sit inside no_grad / inference_mode (e.g. a labelling pipeline): training needs grads.
+    # Callers may sit inside no_grad / inference_mode (e.g. a labeling pipeline): training needs grads.
     with (
         torch.random.fork_rng(devices=[]),
         dev.small_steps_on_cpu(device),
@@ -217,7 +217,7 @@ def train_labeler(
         opt = torch.optim.Adam(mlp.parameters(), lr=cfg.lr)
         loss_fn = nn.CrossEntropyLoss()
         mlp.train()
-        progress(0, cfg.epochs, "training DINO labeller")
+        progress(0, cfg.epochs, "training DINO labeler")
         for epoch in range(cfg.epochs):
             for xb, yb in loader:
                 xb, yb = xb.to(device), yb.to(device)
@@ -225,7 +225,7 @@ def train_labeler(
                 loss = loss_fn(mlp(xb), yb)
                 loss.backward()
                 opt.step()
-            progress(epoch + 1, cfg.epochs, "training DINO labeller")
+            progress(epoch + 1, cfg.epochs, "training DINO labeler")
     return mlp.eval()
 
 
@@ -305,11 +305,11 @@ def dino_pseudo_labels(
 
     if idx.size == 0:
         raise InvalidInputError(
-            "no sample could be selected to train the DINO labeller: compute CLIP scores and DINO features first"
+            "no sample could be selected to train the DINO labeler: compute CLIP scores and DINO features first"
         )
     counts = {cls: int(np.sum(lab == cls)) for cls in range(c)}
     if sum(1 for v in counts.values() if v) < 2:
-        warnings.append("the DINO labeller is trained on a single class: its labels will all be that class")
+        warnings.append("the DINO labeler is trained on a single class: its labels will all be that class")
     mlp = train_labeler(feats, idx, lab, c, cfg, progress=progress)
     probs = label_all(mlp, feats)
     valid = ~np.isnan(probs).any(axis=1)
@@ -329,12 +329,12 @@ def save_labeler(path, mlp: DinoLabeler, classes: Sequence[str], meta: Optional[
     hidden, in_features = sd["mlp.0.weight"].shape
     n_classes = sd["mlp.2.weight"].shape[0]
     if n_classes != len(classes):
-        raise InvalidInputError(f"the labeller has {n_classes} outputs but {len(classes)} classes were given")
+        raise InvalidInputError(f"the labeler has {n_classes} outputs but {len(classes)} classes were given")
     meta = dict(meta or {})
     try:
         meta = json.loads(json.dumps(meta))  # plain types only: the file is read with weights_only=True
     except (TypeError, ValueError) as e:
-        raise InvalidInputError(f"labeller meta must be JSON-serialisable: {e}") from e
+        raise InvalidInputError(f"labeler meta must be JSON-serialisable: {e}") from e
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -352,19 +352,19 @@ def save_labeler(path, mlp: DinoLabeler, classes: Sequence[str], meta: Optional[
 
 
 def load_labeler(path, classes: Sequence[str]) -> DinoLabeler:
-    """Load a labeller saved by ``save_labeler``; refuses one trained for another class list.
+    """Load a labeler saved by ``save_labeler``; refuses one trained for another class list.
 
     The returned module carries ``.classes`` and ``.meta``.
     """
     path = Path(path)
     if not path.is_file():
-        raise ModelNotFoundError(f"no DINO labeller at {path}: run stage 2 (DINO labelling) first")
+        raise ModelNotFoundError(f"no DINO labeler at {path}: run stage 2 (DINO labeling) first")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise IndexMismatchError(f"{path} is not a readable DINO labeller checkpoint ({e}); re-run stage 2") from e
+        raise IndexMismatchError(f"{path} is not a readable DINO labeler checkpoint ({e}); re-run stage 2") from e
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise IndexMismatchError(f"{path} is not a DINO labeller checkpoint; re-run stage 2")
+        raise IndexMismatchError(f"{path} is not a DINO labeler checkpoint; re-run stage 2")
     stored = list(payload["classes"])
     classes = [str(c) for c in classes]
     if stored != classes:
@@ -372,7 +372,7 @@ def load_labeler(path, classes: Sequence[str]) -> DinoLabeler:
         gone = sorted(set(stored) - set(classes))[:5]
         detail = f"new {extra}, missing {gone}" if (extra or gone) else "same classes, different order"
         raise IndexMismatchError(
-            f"the DINO labeller at {path} was trained for {len(stored)} classes, not these {len(classes)} "
+            f"the DINO labeler at {path} was trained for {len(stored)} classes, not these {len(classes)} "
             f"({detail}); re-run stage 2 for the current class list"
         )
     mlp = DinoLabeler(payload["in_features"], payload["n_classes"], payload["hidden"])

@@ -1,4 +1,4 @@
-"""CLIP text embeddings cached on disk per model, so re-labelling with new classes or
+"""CLIP text embeddings cached on disk per model, so re-labeling with new classes or
 descriptions encodes only texts never seen before (and loads no model when none are new)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What an audit keeps on the dataset, and reading it back.
 
-A draw writes (all named here, never touched by the labelling stages, so they survive re-runs):
+A draw writes (all named here, never touched by the labeling stages, so they survive re-runs):
 
 - tag ``nola:audit`` on each sample drawn for audit;
 - ``nola_audit_pi`` (inclusion probability) and ``nola_audit_stratum`` (confidence stratum at

@@ -70,7 +70,7 @@ _FLAT = {
 
 def recorded_config(config: MultiLabelConfig) -> dict:
     """The pseudo-label stage's run config, in the shape runs recorded before ``crop``/``train`` were
-    nested (so datasets labelled then stay up to date). Their other settings are added only when
+    nested (so datasets labeled then stay up to date). Their other settings are added only when
     changed from the default, under ``crop``/``train``; the run's device is ``device``."""
     out = dataclasses.asdict(dataclasses.replace(config, embed=None))
     for part, flat in _FLAT.items():

@@ -1,4 +1,4 @@
-"""Corrections feed back: reviewed labels become trusted supervision for the DINO labeller and tuning."""
+"""Corrections feed back: reviewed labels become trusted supervision for the DINO labeler and tuning."""
 
 from __future__ import annotations
 
@@ -31,14 +31,14 @@ class CorrectionsConfig:
     dino: DinoSpec = field(default_factory=DinoSpec)
     dino_labeler: DinoLabelerConfig = field(default_factory=DinoLabelerConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
-    skip_tuning: bool = False  # retrain the DINO labeller only
+    skip_tuning: bool = False  # retrain the DINO labeler only
     device: Optional[str] = None
 
 
 def retrain_with_corrections(
     samples, config: Optional[CorrectionsConfig] = None, progress: ProgressFn = null_progress
 ) -> dict:
-    """Re-run the DINO labeller (and tuning + predict) with reviewed labels as trusted picks.
+    """Re-run the DINO labeler (and tuning + predict) with reviewed labels as trusted picks.
 
     Returns how many samples' predicted labels changed in each field.
     """

@@ -181,7 +181,7 @@ class EmbedJob:
             self.fingerprints = [file_fingerprint(p) for p in self.paths]
             known = self.index.fingerprints
             if self.spec.family == "dino":
-                # The DINO labeller reads raw vectors (unit row x norm): rows stored without a
+                # The DINO labeler reads raw vectors (unit row x norm): rows stored without a
                 # norm (by an older version) are embedded again.
                 for sid in self.index.missing_norms():
                     known.pop(sid, None)

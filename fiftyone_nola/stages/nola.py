@@ -1,6 +1,6 @@
 """The single-label NoLA stages on FiftyOne collections (I/O at the edges, math elsewhere).
 
-zero-shot (CDE) -> DINO labeller -> prompt tuning -> predict. Every stage reads what the one
+zero-shot (CDE) -> DINO labeler -> prompt tuning -> predict. Every stage reads what the one
 before stored (embeddings, class weights, teacher labels) and records itself as a run.
 Ground truth is never read here.
 """
@@ -145,11 +145,11 @@ def load_class_weights(samples, zeroshot_field: str = "nola_zeroshot", classes=N
     return load_array(d, "class_weights"), meta["classes"]
 
 
-# --------------------------------------------------------------------------- DINO labeller
+# --------------------------------------------------------------------------- DINO labeler
 
 
 def dino_run_config(labeler, dino, zeroshot_field: str, trusted_field: Optional[str] = None) -> dict:
-    """The DINO labeller's recorded run settings (a rerun compares against exactly this)."""
+    """The DINO labeler's recorded run settings (a rerun compares against exactly this)."""
     return {"labeler": labeler, "dino": dino, "zeroshot_field": zeroshot_field, "trusted_field": trusted_field}
 
 
@@ -167,7 +167,7 @@ def dino_labels(
     trusted_field: Optional[str] = None,
     progress: ProgressFn = null_progress,
 ) -> dict:
-    """Train the DINO labelling MLP on confident zero-shot picks; label every sample.
+    """Train the DINO labeling MLP on confident zero-shot picks; label every sample.
 
     ``trusted_field``: a reviewer's corrected labels (``fo.Classification``), added as trusted
     supervision. It must never be a ground-truth field used for evaluation.
@@ -179,7 +179,7 @@ def dino_labels(
     classes = stage_meta(d_zs, "zero-shot")["classes"]
     dl.check_features_option(config.features)
     zs_probs = aligned(d_zs, "probs", run.ids)
-    # The official labeller trains on raw DINO features; the store keeps unit rows plus norms.
+    # The official labeler trains on raw DINO features; the store keeps unit rows plus norms.
     feats, ok = run.embeddings(dino, raw=config.features == "raw")
     ok &= np.all(np.isfinite(zs_probs), axis=1)
     trusted = _trusted_picks(samples, trusted_field, run.ids, classes, ok)
@@ -236,20 +236,20 @@ def _trusted_picks(samples, trusted_field: Optional[str], ids: list, classes: li
 def dino_labels_apply(
     samples, zeroshot_field: str = "nola_zeroshot", dino: Optional[DinoSpec] = None, label_field: str = "nola_dino"
 ) -> dict:
-    """Label ``samples`` with the DINO labeller saved by :func:`dino_labels`, without training.
+    """Label ``samples`` with the DINO labeler saved by :func:`dino_labels`, without training.
 
-    What a re-run does for samples added since the labeller was trained: their rows join the
+    What a re-run does for samples added since the labeler was trained: their rows join the
     stored ones and the stage's run record keeps its config, so it stays up to date.
     """
     dino = dino or DinoSpec()
     run = StageRun(samples, "dino", label_field, "dino_labeler")
     d = stage_dir(samples, label_field)
-    meta = stage_meta(d, "DINO labeller")
+    meta = stage_meta(d, "DINO labeler")
     classes = meta["classes"]
     mlp = dl.load_labeler(d / "labeler", classes)
     prev = runs.get_run(samples, run.key)
     zs_probs = aligned(stage_dir(samples, zeroshot_field), "probs", run.ids)
-    # the features the labeller was trained on (raw DINO output when its meta says so)
+    # the features the labeler was trained on (raw DINO output when its meta says so)
     feats, ok = run.embeddings(dino, raw=mlp.meta.get("features") == "raw")
     ok &= np.all(np.isfinite(zs_probs), axis=1)
     probs = np.full((len(run.ids), len(classes)), np.nan, dtype=np.float32)
@@ -260,7 +260,7 @@ def dino_labels_apply(
         written = fo_io.write_classifications(samples, run.ids, classes, probs, label_field)
         save_array_bundle(d, run.ids, {"probs": probs, "teacher": teacher}, meta)
         summary = run.record((prev or {}).get("config") or {}, labelled=written, retrained=False)
-    logger.info(f"[dino] saved labeller applied to {written} samples -> '{label_field}' in {summary['seconds']:.2f}s")
+    logger.info(f"[dino] saved labeler applied to {written} samples -> '{label_field}' in {summary['seconds']:.2f}s")
     return summary
 
 
@@ -272,7 +272,7 @@ class TuneInputs:
     """What the prompt-tuning stage trains on, read from the stages before it."""
 
     paths: list
-    teacher: np.ndarray  # class index per sample, -1 where the labeller gave none
+    teacher: np.ndarray  # class index per sample, -1 where the labeler gave none
     class_weights: np.ndarray
     classes: list
     model_dir: Path
@@ -289,7 +289,7 @@ def tune_inputs(
     """The images, cached teacher labels and CDE weights of the tuning stage, checked."""
     W, classes = load_class_weights(samples, zeroshot_field)
     d_t = stage_dir(samples, teacher_field)
-    stage_meta(d_t, "DINO labeller")
+    stage_meta(d_t, "DINO labeler")
     ids, paths = fo_io.ids_and_paths(samples)
     teacher = aligned(d_t, "teacher", ids)
     if (teacher >= 0).sum() == 0:
@@ -319,7 +319,7 @@ def tune_on_inputs(clip_model, inputs: TuneInputs, config, progress: ProgressFn 
         return run()
     except IndexMismatchError as e:
         # A checkpoint from other teacher labels, images or settings is stale, not resumable:
-        # a re-run after the labeller changed must train anew.
+        # a re-run after the labeler changed must train anew.
         if dt.context().is_main:
             logger.info(f"[tune] previous checkpoint does not match this run ({e}); starting over")
             shutil.rmtree(inputs.checkpoint_dir, ignore_errors=True)
@@ -335,7 +335,7 @@ def tune_prompts(
     run_name: str = "nola",
     progress: ProgressFn = null_progress,
 ) -> dict:
-    """Prompt-tune CLIP's vision tower on the DINO labeller's (cached) teacher labels.
+    """Prompt-tune CLIP's vision tower on the DINO labeler's (cached) teacher labels.
 
     Resumable: epoch checkpoints live in the run directory; re-running continues from them.
     Returns a summary including ``model_dir`` (what ``predict`` loads).
@@ -392,9 +392,9 @@ def tune_and_predict(
     teacher_field: str = "nola_dino",
     progress: ProgressFn = null_progress,
 ) -> dict:
-    """Prompt tuning on the DINO labeller's labels, then every sample labelled by the tuned model
+    """Prompt tuning on the DINO labeler's labels, then every sample labeled by the tuned model
     into ``label_field``, on one device (the tuning's, resolved once). The tuning's summary plus
-    ``labelled`` and ``field``."""
+    ``labeled`` and ``field``."""
     tune = tune_settings(tune, getattr(tune, "device", None))
     s = tune_prompts(samples, zeroshot_field, teacher_field, clip, tune, run_name=label_field, progress=progress)
     p = predict(

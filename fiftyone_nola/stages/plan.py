@@ -5,8 +5,8 @@ updates only new or changed samples, or reuses what is stored, and why. ``auto_l
 Rule: a step redoes everything when its recorded settings, class list, model or an input it
 was made from changed (or ``force``); otherwise it processes only samples it has no stored row
 for, plus samples whose image changed; with nothing to do it is reused and writes nothing.
-Trained steps (DINO labeller, prompt tuning, CDUL classifier) train again only when their
-teacher was redone for every sample or their settings changed; new samples are labelled by the
+Trained steps (DINO labeler, prompt tuning, CDUL classifier) train again only when their
+teacher was redone for every sample or their settings changed; new samples are labeled by the
 saved model. The App's steps (class list and review flagging, similarity runs and maps) and the
 evaluation are steps like the others: reused while their inputs are unchanged.
 """
@@ -123,7 +123,7 @@ def _labeler_step(samples, config, ids, changed, zs: Step) -> tuple[Step, Any]:
         False,
         (zs.action == RUN, "zero-shot is redone for every sample"),
         (not reuse.up_to_date(samples, runs.run_key_for(config.dino_field), recorded), "its settings changed"),
-        (not (stage_dir(samples, config.dino_field) / "labeler").is_file(), "no saved labeller"),
+        (not (stage_dir(samples, config.dino_field) / "labeler").is_file(), "no saved labeler"),
     )
     todo = sorted(set(reuse.missing(samples, config.dino_field, ids, changed)) | set(zs.todo))
     return _samples_step("dino_labeler", ids, todo, bool(why), why, train=bool(why)), dl_cfg
@@ -135,7 +135,7 @@ def _tuning_steps(samples, config, ids, changed, device, labeler: Step) -> tuple
     recorded = tune_run_config(tune_cfg, config.clip, config.dino_field)
     why = _why_redo(
         config.force,
-        (labeler.train, "the DINO labeller is trained again"),
+        (labeler.train, "the DINO labeler is trained again"),
         (not (model_dir / "meta.json").is_file(), "no tuned model yet"),
         (
             not reuse.up_to_date(samples, runs.run_key_for(f"{config.tuned_field}_model"), recorded),
@@ -156,7 +156,7 @@ def _tuning_steps(samples, config, ids, changed, device, labeler: Step) -> tuple
 
 
 def _refine_step(samples, config, ids, inputs: list) -> Step:
-    """Transductive labelling redoes everything whenever anything it reads changed (its result
+    """Transductive labeling redoes everything whenever anything it reads changed (its result
     depends on every sample)."""
     recorded = transductive_run_config(config.refine, config.zeroshot_field, config.refine_from, config.dino)
     redone = [s.name for s in inputs if s.action != REUSE]
@@ -171,7 +171,7 @@ def _refine_step(samples, config, ids, inputs: list) -> Step:
 
 def review_field(config) -> str:
     """The field the review works on: the refined labels when they are the run's last word
-    (refining NoLA's, or no tuning), else NoLA's predictions, else the DINO labeller's."""
+    (refining NoLA's, or no tuning), else NoLA's predictions, else the DINO labeler's."""
     if config.refine is not None and (config.skip_tuning or config.refine_from == config.tuned_field):
         return config.refined_field
     return config.dino_field if config.skip_tuning else config.tuned_field
@@ -275,7 +275,7 @@ def plan_multilabel(samples, classes, config) -> RunPlan:
 
 # ---------------------------------------------------------------------------- the panel's view
 
-# (step, run key, output field): the labelling chain, each made from the ones before it
+# (step, run key, output field): the labeling chain, each made from the ones before it
 REPLAYED = (
     ("embeddings:clip", "nola_embeddings_clip", None),
     ("embeddings:dino", "nola_embeddings_dino", None),
@@ -288,9 +288,9 @@ REPLAYED = (
 
 
 def replay(samples, labelled: dict, n: int) -> dict[str, Step]:
-    """What a re-run with the recorded settings would do for each labelling step: the planner's
+    """What a re-run with the recorded settings would do for each labeling step: the planner's
     rules on the run records and label counts alone (no image read: cheap enough for the panel).
-    ``labelled``: samples with each output field; ``n``: samples in the dataset."""
+    ``labeled``: samples with each output field; ``n``: samples in the dataset."""
     out: dict = {}
     prev: Optional[tuple] = None
     for name, key, field_ in REPLAYED:

@@ -18,7 +18,7 @@ STAGES = (
     ("CLIP embeddings", "embeddings:clip", "nola_embeddings_clip", None, "compute_embeddings"),
     ("DINO embeddings", "embeddings:dino", "nola_embeddings_dino", None, "compute_embeddings"),
     ("Zero-shot (CDE)", "zeroshot", ZEROSHOT_FIELD, ZEROSHOT_FIELD, "zero_shot"),
-    ("DINO labeller", "dino_labeler", DINO_FIELD, DINO_FIELD, "dino_labels"),
+    ("DINO labeler", "dino_labeler", DINO_FIELD, DINO_FIELD, "dino_labels"),
     ("Prompt tuning", "prompt_tuning", "nola_model", None, "tune_prompts"),
     ("Predictions", "predict", PREDICTIONS_FIELD, PREDICTIONS_FIELD, "apply_tuned_model"),
     ("Transductive", "refine", "nola_transductive", "nola_transductive", "transductive_labels"),
@@ -57,7 +57,7 @@ def stage_status(samples, labelled: Optional[dict] = None, n: Optional[int] = No
     """Each stage: has it run, on how many samples, with which model, and what a re-run with its
     recorded settings would do (the re-run planner's rules: fresh, samples to add, or stale and why).
 
-    ``labelled`` / ``n``: how many samples have each stage's field, and how many there are, when
+    ``labeled`` / ``n``: how many samples have each stage's field, and how many there are, when
     the caller counted them already (the panel does, in its one aggregation)."""
     ds = fo_io.root_dataset(samples)
     if labelled is None or n is None:

@@ -52,7 +52,7 @@ def load_embeddings(
     """``(ids, N×D float32)`` for ``ids`` (default: the collection's); NaN rows where missing.
 
     Rows are L2-normalised (what the FAISS store searches), or with ``raw=True`` the model's
-    output as it was stored (e.g. DINO's unnormalised CLS features, the official labeller input).
+    output as it was stored (e.g. DINO's unnormalised CLS features, the official labeler input).
     """
     if ids is None:
         ids, _ = fo_io.ids_and_paths(samples)

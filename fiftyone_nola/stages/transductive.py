@@ -1,4 +1,4 @@
-"""Transductive labelling as a stage: stored embeddings + the zero-shot stage's class text
+"""Transductive labeling as a stage: stored embeddings + the zero-shot stage's class text
 embeddings (+ optionally another field's predictions) -> a ``fo.Classification`` field, in
 seconds and without training (TransCLIP / StatA / ZLaP, :mod:`fiftyone_nola.core.transductive`).
 
@@ -7,7 +7,7 @@ Inputs, all read from what earlier stages stored: the CLIP vectors the zero-shot
 templates exactly as zero-shot builds them; with ``features="dino"`` the stored DINO vectors are
 the feature space and CLIP's text prior still comes from the CLIP vectors. ``init_field``
 (TransCLIP only) starts from another field's predictions: the probabilities its stage stored
-(zero-shot, DINO labeller, NoLA's predictions), else the field's ``logits`` (softmax), else its
+(zero-shot, DINO labeler, NoLA's predictions), else the field's ``logits`` (softmax), else its
 label and confidence (the rest of the mass spread evenly over the other classes).
 Ground truth is never read.
 """
@@ -67,7 +67,7 @@ def transductive_labels(
     Needs the zero-shot stage in ``zeroshot_field`` (its class weights and CLIP store);
     ``classes``, if given, must be its class list. ``dino``: the DINO model whose stored vectors
     are the feature space when ``config.features == "dino"`` (default ``DinoSpec()``).
-    Returns the run summary (``labelled``, ``changed``: labels that differ from the prior's argmax).
+    Returns the run summary (``labeled``, ``changed``: labels that differ from the prior's argmax).
     """
     config = _checked(config or TransductiveConfig(), init_field)
     run = StageRun(samples, "transductive", label_field, "transductive")

@@ -15,7 +15,7 @@ from scipy import stats
 
 @dataclass
 class LabelledSums:
-    """Per audit: count and sums of y, f, f^2, y f, y^2 over the labelled units."""
+    """Per audit: count and sums of y, f, f^2, y f, y^2 over the labeled units."""
 
     n: np.ndarray
     y: np.ndarray
@@ -39,7 +39,7 @@ class LabelledSums:
 
 
 def power_tuning(s: LabelledSums, f_pool: np.ndarray) -> np.ndarray:
-    """PPI++'s lam: cov(y, f) / ((1 + n / N) var(f over labelled + unlabelled)), clipped to [0, 1]."""
+    """PPI++'s lam: cov(y, f) / ((1 + n / N) var(f over labeled + unlabeled)), clipped to [0, 1]."""
     N = len(f_pool)
     fp, fpp = float(np.sum(f_pool)), float(np.sum(np.square(f_pool)))
     n = np.maximum(s.n, 1)
@@ -67,8 +67,8 @@ def ppi_mean_and_variance(s: LabelledSums, f_pool: np.ndarray) -> tuple[np.ndarr
 
 
 def ppi_mean_interval(y, f, f_pool, alpha: float = 0.05) -> tuple[float, float, float]:
-    """One audit: ``(estimate, low, high)`` of PPI++ for the mean of ``y`` (labelled ``y`` with
-    predictions ``f``; ``f_pool`` the predictions on the unlabelled data)."""
+    """One audit: ``(estimate, low, high)`` of PPI++ for the mean of ``y`` (labeled ``y`` with
+    predictions ``f``; ``f_pool`` the predictions on the unlabeled data)."""
     est, var = ppi_mean_and_variance(LabelledSums.of(y, f), f_pool)
     half = stats.norm.ppf(1 - alpha / 2) * np.sqrt(var)
     return float(est[0]), float(est[0] - half[0]), float(est[0] + half[0])

@@ -1,4 +1,4 @@
-"""Synthetic labelled pools with known truth, and many simulated audits of them.
+"""Synthetic labeled pools with known truth, and many simulated audits of them.
 
 A pool of ``size`` predictions: each has a latent score ``s`` (normal, spread ``spread``, shifted
 per class so classes differ in accuracy), a true probability of being right

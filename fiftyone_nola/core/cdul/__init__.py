@@ -1,4 +1,4 @@
-"""CDUL multi-label auto-labelling: global + local CLIP pseudo-labels, a classifier trained
+"""CDUL multi-label auto-labeling: global + local CLIP pseudo-labels, a classifier trained
 with gradient-alignment label updates, decision rules and evaluation (no FiftyOne here).
 
 Pipeline (CDUL, Abdelfattah et al., ICCV 2023, arXiv 2307.16634; README, "Limitations and differences from the papers"):

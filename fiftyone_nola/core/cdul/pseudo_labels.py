@@ -74,7 +74,7 @@ def decide_labels(
     * ``threshold``: keep classes scoring at least ``threshold``.
     * ``topk``: keep the ``k`` best classes.
 
-    Why ``relative`` is the default: it needs no labelled data and, unlike the others, is
+    Why ``relative`` is the default: it needs no labeled data and, unlike the others, is
     invariant to the scale of the scores. That scale differs between the stages this module
     produces: softmax-derived pseudo-labels shrink as C grows (so a fixed ``threshold`` means
     something different for 20 and 80 classes); their mass is (1 + Σ_c max-over-crops) / 2,

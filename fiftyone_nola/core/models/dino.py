@@ -44,7 +44,7 @@ def _convert_rgb(img):
 
 def nola_transform(size: int = 224):
     """NoLA's ``te_transform``: Resize(size, bicubic) -> CenterCrop(size) -> RGB -> ToTensor ->
-    Normalize with CLIP's mean/std. The input of the official DINO labeller (and teacher)."""
+    Normalize with CLIP's mean/std. The input of the official DINO labeler (and teacher)."""
     from torchvision import transforms
     from torchvision.transforms import InterpolationMode
 
@@ -63,7 +63,7 @@ def _check_dino_preprocess(spec: DinoSpec) -> None:
     if spec.preprocess not in DINO_PREPROCESS:
         raise InvalidInputError(
             f"DINO preprocess must be one of {DINO_PREPROCESS} ('nola': NoLA's te_transform, the "
-            f"official labeller input; 'official': the DINO release's own eval transform; 'timm': "
+            f"official labeler input; 'official': the DINO release's own eval transform; 'timm': "
             f"timm's eval transform), not {spec.preprocess!r}"
         )
 

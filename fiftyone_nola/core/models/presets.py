@@ -45,7 +45,7 @@ PRESETS = {
             "ViT-B-32",
             "openai",
             "vit_base_patch16_224.dino",
-            "the papers' pair: OpenAI CLIP ViT-B/32 + DINO ViT-B/16 (NoLA's labeller)",
+            "the papers' pair: OpenAI CLIP ViT-B/32 + DINO ViT-B/16 (NoLA's labeler)",
             89.83,
             f"{_OPEN_CLIP_TABLE}: ViT-B-32 openai",
         ),

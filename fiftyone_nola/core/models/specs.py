@@ -86,7 +86,7 @@ class DinoSpec:
     """Which DINO to load: a timm name, optional checkpoint file, which feature to embed and how
     images are preprocessed.
 
-    ``preprocess="nola"`` (default) is the official NoLA input of its DINO labeller (the
+    ``preprocess="nola"`` (default) is the official NoLA input of its DINO labeler (the
     ``te_transform`` of fazliimam/NoLA: Resize bicubic, CenterCrop, CLIP's mean/std);
     ``"timm"`` is timm's eval transform for the model (ImageNet mean/std, resize by crop_pct).
     With ``name="auto"`` and a checkpoint, the architecture is read from the file.

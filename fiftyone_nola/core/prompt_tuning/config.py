@@ -13,7 +13,7 @@ SELECTIONS = ("fixed", "teacher_agreement")
 # Settings that may change between a run and its resumption without changing what is learned
 # (epochs: extending a finished schedule is how a run is resumed or continued).
 _RUNTIME_FIELDS = ("epochs", "num_workers", "device", "precision")
-# max_samples value that asks for every labelled image whatever the hardware.
+# max_samples value that asks for every labeled image whatever the hardware.
 ALL_SAMPLES = 0
 
 
@@ -35,7 +35,7 @@ class TuneConfig:
     label_smoothing: float = 0.1
     precision: str = "auto"  # auto: AMP on CUDA, fp32 elsewhere; bf16/fp16/fp32 force it
     seed: int = 0
-    # Train on a teacher-stratified subset of this size; ALL_SAMPLES (0): every labelled image.
+    # Train on a teacher-stratified subset of this size; ALL_SAMPLES (0): every labeled image.
     # After resolution None also means every image: it is what a GPU's profile chooses.
     max_samples: Optional[int] = bounded(None, 0, None, True, "tuning sample limit (0: all samples)")
     num_workers: Optional[int] = bounded(None, 0, 256, True, "workers")
@@ -71,7 +71,7 @@ class TuneConfig:
 
     @property
     def sample_cap(self) -> Optional[int]:
-        """The subset size of a resolved config, None for every labelled image."""
+        """The subset size of a resolved config, None for every labeled image."""
         return self.max_samples or None
 
     def as_recorded(self) -> TuneConfig:

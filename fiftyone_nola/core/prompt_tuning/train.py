@@ -190,7 +190,7 @@ def _check_inputs(
 
 
 def _split(labels: Optional[np.ndarray], n: int, config: TuneConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held-aside) indices: labelled images, optionally a stratified subset."""
+    """(train, held-aside) indices: labeled images, optionally a stratified subset."""
     pool = np.arange(n, dtype=np.int64) if labels is None else np.flatnonzero(labels >= 0)
     if len(pool) == 0:
         raise EmptyViewError("no image has a teacher label (all -1): nothing to tune on")

@@ -1,4 +1,4 @@
-"""Transductive labelling on stored embeddings, without training: TransCLIP (NeurIPS 2024), its
+"""Transductive labeling on stored embeddings, without training: TransCLIP (NeurIPS 2024), its
 StatA safeguard (CVPR 2025) and ZLaP (CVPR 2024), over a kNN graph of O(N·k) memory.
 
 Pure numpy / scipy / faiss; FiftyOne I/O lives in :mod:`fiftyone_nola.stages.transductive`.

@@ -1,4 +1,4 @@
-"""Settings of transductive labelling: the method, its published hyper-parameters, the safeguard
+"""Settings of transductive labeling: the method, its published hyper-parameters, the safeguard
 for datasets holding only some of the classes, the feature space and the neighbour search."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ SEARCHES = ("auto", "exact", "ivf")
 
 @dataclass
 class TransductiveConfig:
-    """Training-free labelling from stored embeddings and the class text prior.
+    """Training-free labeling from stored embeddings and the class text prior.
 
     Defaults are the official code's: TransCLIP / StatA (MaxZanella/transduction-for-vlms,
     MaxZanella/StatA) and ZLaP (vladan-stojnic/ZLaP, its text-classifier setting).

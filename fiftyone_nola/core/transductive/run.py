@@ -56,7 +56,7 @@ def _check_inputs(features, prior, text, text_sims, config: TransductiveConfig) 
     if prior.ndim != 2 or len(prior) != n:
         raise InvalidInputError(f"the prior must be N×C for the {n} samples, got shape {prior.shape}")
     if prior.shape[1] < 2:
-        raise InvalidInputError("transductive labelling needs at least 2 classes")
+        raise InvalidInputError("transductive labeling needs at least 2 classes")
     # a row sum is NaN/inf if any entry is: no N×D boolean temporary (512 MB at 1M×512)
     if not (np.isfinite(prior).all() and np.isfinite(features.sum(axis=1)).all()):
         raise InvalidInputError("features and prior must be finite (drop samples without embeddings first)")

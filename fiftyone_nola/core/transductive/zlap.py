@@ -9,7 +9,7 @@ score of every node is the solution of L f = e_c, one conjugate-gradient solve p
 (tolerance 1e-6 relative, at most 50 iterations, as the official code). Official defaults
 (text classifier): k = 5, gamma = 5, alpha = 0.3.
 
-Inductive labelling of new images (the official "inductive" mode solves L f = y once per image,
+Inductive labeling of new images (the official "inductive" mode solves L f = y once per image,
 y its neighbours' similarities): since L is symmetric, f's class entries equal
 ``sum_j y_j · F[j]`` with F the (N+C)×C per-class solutions already computed, so new images cost
 one kNN search and a weighted sum; "sparse" keeps only each row's largest entry of F, as the
@@ -33,7 +33,7 @@ from fiftyone_nola.core.transductive.graph import KnnGraph
 @dataclass
 class ZlapResult:
     """``scores`` of the images (N×C); ``nodes``: the solutions at every node, classes first
-    ((C+N)×C), what inductive labelling reads."""
+    ((C+N)×C), what inductive labeling reads."""
 
     scores: np.ndarray
     nodes: np.ndarray

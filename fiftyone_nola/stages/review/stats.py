@@ -1,6 +1,6 @@
 """What the review panel shows, counted by the database in one pass: per class the samples, mean
 confidence, flagged, reviewed and remaining; the confidence histogram split at the threshold; the
-queue and decision counts; how many samples each stage labelled. Nothing per sample is pulled
+queue and decision counts; how many samples each stage labeled. Nothing per sample is pulled
 into Python: the database groups samples by (label, confidence bin, below the threshold, tags),
 a few hundred groups, and the review's tag logic runs on those."""
 
@@ -146,7 +146,7 @@ def summary(
 
     Flagged / reviewed / queue counts are the dataset's tags (what the last flagging did);
     ``would_flag`` and the histogram's split are by value at ``threshold`` (what it would flag);
-    ``present``: fields whose labelled samples are counted too (the stage table's).
+    ``present``: fields whose labeled samples are counted too (the stage table's).
     """
     rows = samples.aggregate(ReviewCounts(field, threshold, bins, present))
     total = {k: sum(r[k] for r in rows) for k in ("n", "reviewed", "below_reviewed", *_COUNTED_TAGS)}
