@@ -19,6 +19,9 @@ dataset has its review reset to that state first. Then starts the App server
   next            "Skip" on the sample card -> the next sample shown
   back_to_grid    "Back to the grid" -> the panel's counts include the decision
 
+The panel's own texts (counts, the queue button) are rendered by its Python ``render``: each
+such action is watched for ``SETTLE_MS`` more, and a frame that no longer shows the result (a late
+render of older state) is recorded under ``undone``.
 Each action also checks that what it shows is right (counts against the dataset, decisions
 recorded, the sample shown is the queue's next one, one threshold value sent per move): the
 same code is run by tests/test_browser_scale.py on a small dataset. Screenshots of each step go
@@ -62,6 +65,8 @@ TARGETS = {  # issue 24's targets at 100,000 samples (seconds)
     "next": 0.3,
     "back_to_grid": 1.0,
 }
+# Actions whose result is the panel's own text: checked again this long after it showed.
+SETTLE, SETTLE_MS = ("panel_open", "threshold_move", "back_to_grid"), 1500
 THRESHOLDS = (0.45, 0.55, 0.40, 0.60, 0.35, 0.65)
 DB_NAME = "nola_bench_review_browser"
 PREFIX = "review-browser"
@@ -95,6 +100,26 @@ _SHOWN_JS = """(conds) => {
   }
   return true;
 }"""
+
+
+# The first frame within ``ms`` where the conditions no longer hold: its time and the panel's text
+# (null: they held throughout).
+_STAYS_JS = (
+    """async ({conds, ms, sel}) => {
+  const shown = """
+    + _SHOWN_JS
+    + """;
+  const t0 = performance.now();
+  while (performance.now() - t0 < ms) {
+    await new Promise((r) => requestAnimationFrame(r));
+    if (!shown(conds)) {
+      const e = document.querySelector(sel);
+      return {ms: performance.now() - t0, text: e ? e.innerText : ""};
+    }
+  }
+  return null;
+}"""
+)
 
 
 def text(sel: str, value: str) -> dict:
@@ -215,7 +240,7 @@ class ReviewDriver:
         self.shots, self.timeout_ms, self.strict = shots, timeout_s * 1000, strict
         self.seconds: dict[str, list] = {a: [] for a in ACTIONS}
         self.failures: dict[str, list] = {}
-        self.facts: dict = {"threshold_values_sent": [], "decisions": [], "shown_after": []}
+        self.facts: dict = {"threshold_values_sent": [], "decisions": [], "shown_after": [], "undone": []}
         self.nola, self.card = page.locator(NOLA), page.locator(CARD)
         self._sent: list[float] = []
         self._n_shots = 0
@@ -271,6 +296,12 @@ class ReviewDriver:
         dt = time.perf_counter() - t0
         self.seconds[action].append(dt)
         print(f"  {action:<15} {dt:7.3f} s", flush=True)
+        if action in SETTLE:  # the panel's text is its last render: a late stale one would undo it
+            undone = self.page.evaluate(_STAYS_JS, {"conds": conds, "ms": SETTLE_MS, "sel": NOLA})
+            if undone is not None:
+                lines = [x for x in undone["text"].splitlines() if "flagged below" in x or "Review the queue" in x]
+                self.facts["undone"].append({"action": action, "after_s": dt, "at_ms": undone["ms"], "shown": lines})
+                print(f"  ({action}: shown, then undone {undone['ms']:.0f} ms later: {lines})", flush=True)
         return dt
 
     def attempt(self, action: str, step: Callable, *args) -> None:
@@ -343,7 +374,6 @@ class ReviewDriver:
             field.press("Tab")
 
         self.timed("threshold_move", act, [text(NOLA, f"{k} of {n} samples flagged below {t:.2f}"), grid(k)])
-        self.page.wait_for_timeout(1000)  # any late value the page would still send
         sent = sorted({v for v in self._sent if abs(v - before) > 1e-9})
         self.facts["threshold_values_sent"].append({"from": before, "to": t, "new_values": sent})
         self.check("threshold_move", sent == [round(t, 4)], f"one flagging per move: {before} -> {t} sent {sent}")
@@ -569,11 +599,14 @@ def run(args, results: dict, tables: list) -> None:
                 rows.append([a, m, secs, target, ok])
             if r["failures"]:
                 results[f"{prefix}_failures_{n}"] = r["failures"]
+            undone = r["facts"].get("undone") or []
+            results[f"{prefix}_undone_{n}"] = undone
             title = (
                 f"{label}, n = {n:,} (median of {args.repeats}; load {r['loadavg'][0]:.1f} -> {r['loadavg'][1]:.1f})"
             )
             tables.append(table(["action", "median s", "each s", "target s", "met"], rows, title))
             tables += [f"  {a}: {'; '.join(f)}" for a, f in r["failures"].items()]
+            tables += [f"  {u['action']}: shown, then undone {u['at_ms']:.0f} ms later: {u['shown']}" for u in undone]
 
 
 def main(argv=None) -> int:
