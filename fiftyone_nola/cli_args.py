@@ -86,7 +86,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _audit_args(sub) -> None:
-    from fiftyone_nola.core.audit.config import AuditConfig
+    from fiftyone_nola.core.audit.config import METHODS, AuditConfig
     from fiftyone_nola.core.audit.designs import KINDS
 
     d = AuditConfig()
@@ -110,6 +110,13 @@ def _audit_args(sub) -> None:
     )
     p.add_argument("--flag-uncertified", action="store_true", help="queue for review what the certificate leaves")
     p.add_argument("--design", choices=list(KINDS), default=None, help=f"sampling design (default {d.design})")
+    p.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default=None,
+        help="estimator (default: the design's own; ppi_calibrated: PPI with the confidence calibrated on a "
+        "uniform audit by cross-fitting)",
+    )
     p.add_argument("--target", type=float, default=None, help=f"accuracy to certify (default {d.target})")
     p.add_argument("--delta", type=float, default=None, help=f"certificate error probability (default {d.delta})")
     p.add_argument("--alpha", type=float, default=None, help=f"intervals are 1 - alpha (default {d.alpha})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fiftyone_nola.core.config import given
 from fiftyone_nola.core.errors import NolaError
+from fiftyone_nola.core.names import PREDICTIONS_FIELD
 
 
 def _log(msg: str) -> None:
@@ -56,12 +57,14 @@ def cmd_audit(args) -> dict:
     if args.draw is None and not args.report and not args.flag_uncertified:
         raise NolaError("Give --draw N (draw an audit), --report (report on it) or --simulate-from FIELD --draw N")
     ds = fo_io.get_dataset(args.dataset)
-    cfg = given(AuditConfig, design=args.design, target=args.target, delta=args.delta, alpha=args.alpha)
+    cfg = given(
+        AuditConfig, design=args.design, method=args.method, target=args.target, delta=args.delta, alpha=args.alpha
+    )
     seed = 0 if args.seed is None else args.seed
     if args.simulate_from:
-        out = audit.simulate_audit(ds, args.simulate_from, args.draw, args.field or "nola", seed, cfg)
+        out = audit.simulate_audit(ds, args.simulate_from, args.draw, args.field or PREDICTIONS_FIELD, seed, cfg)
     elif args.draw is not None:
-        out = audit.draw_audit(ds, args.draw, args.field or "nola", seed, cfg, replace_existing=args.replace)
+        out = audit.draw_audit(ds, args.draw, args.field or PREDICTIONS_FIELD, seed, cfg, replace_existing=args.replace)
         _log(
             f"drew {out['drawn']} samples for audit (asked {out['requested']}; the size of a Poisson draw varies) "
             f"from {out['pool']} undecided samples of '{out['field']}', design {out['design']}, seed {seed}. "

@@ -183,8 +183,10 @@ class AuditSection:
             on_click=self.on_audit_start,
             disabled=not remaining,
         )
-        if a.get("accuracy") is None:
-            return
+        if a.get("accuracy") is not None:
+            self._render_estimate(panel, a)
+
+    def _render_estimate(self, panel, a: dict) -> None:
         conf = round(100 * (1 - a["alpha"]))
         panel.md(
             f"Accuracy **{a['accuracy']:.3f}** [{a['accuracy_low']:.3f}, {a['accuracy_high']:.3f}] ({conf} % "

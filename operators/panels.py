@@ -349,18 +349,7 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
             label="Threshold (type a number, then Tab or the check mark)",
             view=types.LazyFieldView(save_on_blur=True),
         )
-        if counts.get("flagged_yet", True):
-            flagged = (
-                f"**{counts.get('flagged', 0)}** of {counts.get('samples', 0)} samples flagged below **{t:.2f}** · "
-                f"review progress **{counts.get('reviewed', 0)} / {counts.get('flagged', 0)}** · queue "
-                f"**{counts.get('queue', 0)}**"
-            )
-        else:
-            flagged = (
-                f"Not flagged yet: **{counts.get('would_flag', 0)}** of {counts.get('samples', 0)} samples are below "
-                f"**{t:.2f}**; move the threshold or start the review to flag them"
-            )
-        panel.md(flagged, name="flag_count")
+        panel.md(_flag_count_text(counts, t), name="flag_count")
         panel.plot(
             "histogram",
             layout={
@@ -376,6 +365,9 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
             },
             config={"displayModeBar": False},
         )
+        self._render_classes(panel)
+
+    def _render_classes(self, panel) -> None:
         panel.md("**Classes (click one to filter the grid)**", name="classes_title")
         table = types.TableView(on_click_row=self.on_class_click)
         for key, label in (
@@ -441,3 +433,16 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
         )
         if prop.get("carried"):
             panel.md(f"**{prop['carried']}** samples carry a suggestion now", name="propagation_last")
+
+
+def _flag_count_text(counts: dict, t: float) -> str:
+    if counts.get("flagged_yet", True):
+        return (
+            f"**{counts.get('flagged', 0)}** of {counts.get('samples', 0)} samples flagged below **{t:.2f}** · "
+            f"review progress **{counts.get('reviewed', 0)} / {counts.get('flagged', 0)}** · queue "
+            f"**{counts.get('queue', 0)}**"
+        )
+    return (
+        f"Not flagged yet: **{counts.get('would_flag', 0)}** of {counts.get('samples', 0)} samples are below "
+        f"**{t:.2f}**; move the threshold or start the review to flag them"
+    )

@@ -8,11 +8,12 @@ import logging
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
+from fiftyone_nola.core.errors import NolaError
 from fiftyone_nola.core.names import DEFAULT_THRESHOLD, PREDICTIONS_FIELD, REVIEW_TAG
 from fiftyone_nola.stages import review
 from fiftyone_nola.stages.corrections import CorrectionsConfig, retrain_with_corrections
 from fiftyone_nola.stages.evaluation import calibration
-from fiftyone_nola.stages.export import FORMATS, export_accepted
+from fiftyone_nola.stages.export import CERTIFIED, FORMATS, export_accepted
 from fiftyone_nola.stages.review import flag_samples, propagate_corrections, summary
 from fiftyone_nola.stages.validation import check_params
 
@@ -390,7 +391,12 @@ class ExportAccepted(foo.Operator):
             description=f"on the machine running FiftyOne; suggested: {suggested}",
         )
         inputs.enum("format", list(FORMATS), default=FORMAT, label="Format", view=types.DropdownView())
-        inputs.float("min_confidence", required=False, label="Also export unreviewed samples with confidence >=")
+        include = types.RadioGroup()
+        for value, label in INCLUDE.items():
+            include.add_choice(value, label=label)
+        inputs.enum("include", include.values(), default=_include(p), label="What to export", view=include)
+        if _include(p) == "confident":
+            inputs.float("min_confidence", required=True, label="Unreviewed samples with confidence >=")
         inputs.bool("overwrite", default=False, label="Overwrite a non-empty directory")
 
         def check():
@@ -403,18 +409,22 @@ class ExportAccepted(foo.Operator):
                 writable={"export_dir": (c.text(ctx, "export_dir", suggested), "export directory", False)},
             )
             if not report.errors:
-                plan = plan_export(_export_target(ctx), field, p.get("min_confidence"))
+                try:
+                    plan = plan_export(_export_target(ctx), field, _min_confidence(p))
+                except NolaError as e:  # e.g. a certified export without an audit
+                    report.problems.append(Problem("include", str(e)))
+                    return report
                 if not plan.count:
-                    report.problems.append(Problem("", nothing_to_export_message(plan.left_out)))
+                    report.problems.append(Problem("", nothing_to_export_message(plan.left_out, plan.report)))
                 else:
-                    inputs.view("plan", types.Notice(label=f"{plan.count} samples will be exported"))
+                    cert = f" ({plan.report['certificate']})" if plan.report is not None else ""
+                    inputs.view("plan", types.Notice(label=f"{plan.count} samples will be exported{cert}"))
             return report
 
         c.check_form(ctx, inputs, check)
         return types.Property(inputs, view=types.View(label="Export accepted"))
 
     def execute(self, ctx):
-        from fiftyone_nola.core.errors import NolaError
         from fiftyone_nola.stages.export import suggest_export_dir
 
         p = ctx.params
@@ -426,7 +436,7 @@ class ExportAccepted(foo.Operator):
                 c.text(ctx, "export_dir") or suggest_export_dir(samples, field),
                 field,
                 c.text(ctx, "format", FORMAT),
-                p.get("min_confidence"),
+                _min_confidence(p),
                 overwrite=c.param(ctx, "overwrite", False),
             )
         except NolaError as e:  # a message, never a traceback
@@ -439,6 +449,24 @@ class ExportAccepted(foo.Operator):
 
     def resolve_output(self, ctx):
         return c.summary_output(ctx, "Export")
+
+
+INCLUDE = {
+    "reviewed": "Reviewed samples (accepted or corrected)",
+    "confident": "Reviewed + unreviewed above a confidence",
+    "certified": "Reviewed + what the audit certifies (with certificate.json)",
+}
+
+
+def _include(p: dict) -> str:
+    """The form's choice; an older call giving only ``min_confidence`` meant 'confident'."""
+    default = "confident" if p.get("min_confidence") is not None else "reviewed"
+    return p.get("include") if p.get("include") in INCLUDE else default
+
+
+def _min_confidence(p: dict):
+    """``export_accepted``'s ``min_confidence`` for the form's choice."""
+    return {"reviewed": None, "confident": p.get("min_confidence"), "certified": CERTIFIED}[_include(p)]
 
 
 def _export_target(ctx):
@@ -482,8 +510,8 @@ class PropagateCorrections(foo.Operator):
                         label=f"{r['corrections']} corrections would suggest labels for {r['suggested']} neighbours"
                     ),
                 )
-            except Exception:
-                pass
+            except Exception as e:  # a preview is a courtesy: the form still runs; execute reports errors
+                logger.debug("propagation preview failed: %s", e)
         return types.Property(inputs, view=types.View(label="Propagate corrections"))
 
     def execute(self, ctx):

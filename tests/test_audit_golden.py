@@ -85,3 +85,47 @@ def test_hypergeometric_pvalue_is_scipy_s_tail_at_the_edge_of_the_null():
     # pool of 40, target 0.9: the null's most accurate pool has 35 right (35/40 < 0.9 <= 36/40)
     for x in range(0, 21):
         assert float(hypergeom_pvalue(x, 20, 40, 0.9)) == pytest.approx(stats.hypergeom.sf(x - 1, 40, 35, 20))
+
+
+def _one_uniform_audit(seed=4, pool_size=3000, n=250):
+    rng = np.random.default_rng(seed)
+    conf = rng.beta(5.0, 0.8, pool_size)
+    correct_pool = rng.random(pool_size) < conf**1.5  # over-confident: calibration has work to do
+    unit = rng.choice(pool_size, n, replace=False)
+    return conf, unit, rng.random(n), correct_pool[unit]
+
+
+def test_calibrated_ppi_is_ppi_py_s_cross_ppi_on_the_fold_out_calibrations():
+    """The cross-fitted calibrated PPI: ``ppi_py.crossppi_mean_ci`` on our fold-out predictions
+    (labelled) and the K calibrations of the pool (unlabelled, N x K) gives our estimate and interval."""
+    ppi_py = pytest.importorskip("ppi_py")
+    from fiftyone_nola.core.audit import crossfit
+
+    conf, unit, u, correct = _one_uniform_audit()
+    trial = np.zeros(len(unit), dtype=np.int64)
+    bins = crossfit.pool_bins(conf, len(unit))
+    fit = crossfit.cross_fit(conf, bins, unit, trial, u, correct, 1)
+    est, var, n = crossfit.crossppi_mean_and_variance(fit, trial, correct, 1, len(conf))
+    y = correct.astype(float)
+    pool_preds = fit.per_fold[0][:, bins].T  # N x K
+    ref = float(np.ravel(ppi_py.crossppi_mean_pointestimate(y, fit.labelled, pool_preds))[0])
+    low, high = ppi_py.crossppi_mean_ci(y, fit.labelled, pool_preds, alpha=0.05)
+    half = stats.norm.ppf(0.975) * np.sqrt(var[0])
+    assert est[0] == pytest.approx(ref, abs=1e-9)
+    assert (est[0] - half, est[0] + half) == pytest.approx(
+        (float(np.ravel(low)[0]), float(np.ravel(high)[0])), abs=1e-9
+    )
+
+
+def test_calibrated_ppi_never_predicts_a_unit_from_its_own_label():
+    from fiftyone_nola.core.audit import crossfit
+
+    conf, unit, u, correct = _one_uniform_audit()
+    trial = np.zeros(len(unit), dtype=np.int64)
+    bins = crossfit.pool_bins(conf, len(unit))
+    before = crossfit.cross_fit(conf, bins, unit, trial, u, correct, 1).labelled
+    flipped = correct.copy()
+    flipped[7] = ~flipped[7]
+    after = crossfit.cross_fit(conf, bins, unit, trial, u, flipped, 1).labelled
+    assert after[7] == before[7]  # its own fold's calibration never saw it
+    assert np.sum(after != before) > 0  # the other folds' did

@@ -218,6 +218,52 @@ def test_a_certified_export_without_an_audit_says_so(labelled, tmp_path):
         export_accepted(ds, str(tmp_path / "e"), "nola", format="csv", min_confidence="high")
 
 
+def test_the_export_form_offers_a_certified_export(labelled, tmp_path):
+    """The App's export form: 'what the audit certifies' is a choice; without an audit the form
+    says so beside it; with one, the plan quotes the certificate and the run writes it."""
+    import json
+
+    import fiftyone.operators as foo
+    import yaml
+    from fiftyone.operators.executor import ExecutionContext
+    from PIL import Image
+
+    from conftest import REPO
+
+    plugin = yaml.safe_load((REPO / "fiftyone.yml").read_text())["name"]
+    op = foo.get_operator(f"{plugin}/export_accepted")
+    ds, _ = labelled
+    files = [str(tmp_path / "img" / f"{i}.png") for i in range(len(ds))]  # the form checks images are readable
+    (tmp_path / "img").mkdir()
+    for f in files:
+        Image.new("RGB", (4, 4)).save(f)
+    ds.set_values("filepath", files)
+
+    def form(**params):
+        params = {"label_field": "nola", "export_dir": str(tmp_path / "exp"), "format": "csv", **params}
+        return op.resolve_input(ExecutionContext(request_params={"dataset_name": ds.name, "params": params}))
+
+    props = form().type.properties
+    assert set(props["include"].type.values) == {"reviewed", "confident", "certified"}
+    assert props["include"].default == "reviewed" and "min_confidence" not in props
+    assert "min_confidence" in form(include="confident").type.properties
+    assert form(min_confidence=0.9).type.properties["include"].default == "confident"  # an older call
+    no_audit = form(include="certified").type.properties["include"]
+    assert no_audit.invalid and "no audit" in no_audit.error_message
+
+    audit.draw_audit(ds, 300, seed=6, config=AuditConfig(design="uniform"))
+    _answer_truthfully(ds, audit.audit_queue(ds))
+    report = audit.audit_report(ds)
+    props = form(include="certified").type.properties
+    assert not props["include"].invalid
+    assert report["certificate"] in props["plan"].view.label
+    params = {"label_field": "nola", "export_dir": str(tmp_path / "exp"), "format": "csv", "include": "certified"}
+    res = foo.execute_operator(f"{plugin}/export_accepted", ctx={"dataset": ds, "params": params})
+    assert res.error is None, res.error
+    cert = json.loads((tmp_path / "exp" / "certificate.json").read_text())
+    assert res.result["result"]["exported"] == cert["exported"] and cert["tau"] == report["threshold"]
+
+
 def test_the_audit_command_draws_reports_and_simulates(labelled, tmp_path, capsys):
     import json
 
@@ -232,6 +278,12 @@ def test_the_audit_command_draws_reports_and_simulates(labelled, tmp_path, capsy
     r = json.loads(sim_json.read_text())
     assert set(REPORT_KEYS) <= set(r)
     assert r["target"] == 0.9 and r["delta"] == 0.1 and r["simulated"]
+    cal_json = tmp_path / "cal.json"
+    assert (
+        main([*args, "--draw", "150", "--design", "uniform", "--method", "ppi_calibrated", "--json", str(cal_json)])
+        == 0
+    )
+    assert json.loads(cal_json.read_text())["method"] == "ppi_calibrated"
     assert main(["audit", "--dataset", ds.name, "--draw", "80"]) == 0
     assert "drew" in capsys.readouterr().out
     _answer_truthfully(ds, audit.audit_queue(ds))
@@ -249,6 +301,7 @@ def test_the_audit_command_draws_reports_and_simulates(labelled, tmp_path, capsy
         ([], "Give --draw"),
         (["--draw", "50", "--alpha", "2"], "alpha must be"),
         (["--simulate-from", "nope", "--draw", "50"], "does not exist"),
+        (["--simulate-from", "ground_truth", "--draw", "50", "--method", "ppi_calibrated"], "needs a uniform audit"),
     ],
 )
 def test_the_audit_command_s_mistakes_are_one_clear_message(labelled, capsys, argv, message):

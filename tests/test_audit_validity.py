@@ -34,7 +34,7 @@ SETTINGS = [
     (0.70, "over", 100, 200, 10_000),
     (0.85, "under", 10, 300, 1_000),  # 30 % of the pool audited: without-replacement effects
 ]
-DESIGNS = {"uniform": ("exact", "ppi"), "stratified": ("stratified", "exact"), "active": ("active",)}
+DESIGNS = {"uniform": ("exact", "ppi", "ppi_calibrated"), "stratified": ("stratified", "exact"), "active": ("active",)}
 IDS = [f"acc{a}-{c}-K{k}-n{n}-N{N}" for a, c, k, n, N in SETTINGS]
 
 

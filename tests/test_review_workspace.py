@@ -543,3 +543,19 @@ def test_multilabel_export_by_the_least_confident_label(make_dataset, tmp_path):
     rep = export_accepted(ds, str(tmp_path / "ml"), "cdul", format="csv", min_confidence=0.5)
     assert rep["exported"] == 1 and rep["left_out"]["below confidence"] == 3
     assert (tmp_path / "ml" / "labels.csv").read_text().splitlines()[1].endswith(",a;b")
+
+
+def test_a_correction_may_name_a_class_no_sample_was_predicted_as(make_dataset):
+    """A stage called on its own (no pipeline, so no ``default_classes``): the reviewer may still
+    correct to any class the field was predicted over. Found by notebook 03, whose random model
+    predicted one class: correcting to the folder's class was refused."""
+    from fiftyone_nola.stages import fo_io
+    from fiftyone_nola.stages import review as rv
+
+    ds = make_dataset([f"/tmp/nola-missing-{i}.jpg" for i in range(3)])
+    probs = np.array([[0.9, 0.05, 0.05]] * 3, dtype=np.float32)  # everything predicted as "cat"
+    fo_io.write_classifications(ds, ds.values("id"), ["cat", "dog", "frog"], probs, "nola")
+    assert ds.distinct("nola.label") == ["cat"] and not ds.default_classes
+    assert rv.class_list(ds, "nola") == ["cat", "dog", "frog"]
+    rv.decide(ds, ds.values("id")[:1], "correct", label="frog", field="nola")
+    assert ds.count_values("nola_reviewed.label").get("frog") == 1

@@ -288,17 +288,7 @@ def dino_pseudo_labels(
     either a zero-shot score or DINO features are never picked; k counts only usable samples.
     """
     cfg = config or DinoLabelerConfig()
-    check_features_option(cfg.features)
-    zs = np.asarray(zs_probs, dtype=np.float32)
-    feats = np.asarray(dino_features, dtype=np.float32)
-    if zs.ndim != 2 or feats.ndim != 2:
-        raise InvalidInputError(f"expected N x C probs and N x F features, got {zs.shape} and {feats.shape}")
-    if cfg.features == "normalized":
-        norms = np.linalg.norm(feats, axis=1, keepdims=True)
-        feats = np.divide(feats, norms, out=np.zeros_like(feats), where=norms > 0)
-        feats[~np.isfinite(norms[:, 0])] = np.nan
-    if len(zs) != len(feats):
-        raise InvalidInputError(f"{len(zs)} zero-shot rows but {len(feats)} DINO feature rows: they must align")
+    zs, feats = _checked_inputs(zs_probs, dino_features, cfg.features)
     n, c = zs.shape
     has_feat = np.isfinite(feats).all(axis=1)
     usable = np.isfinite(zs).all(axis=1) & has_feat
@@ -311,20 +301,7 @@ def dino_pseudo_labels(
     idx, lab = sel.indices, sel.labels
 
     if trusted:
-        t_idx = np.fromiter((int(i) for i in trusted), dtype=np.int64, count=len(trusted))
-        t_lab = np.fromiter((int(trusted[i]) for i in trusted), dtype=np.int64, count=len(trusted))
-        if t_idx.min() < 0 or t_idx.max() >= n:
-            raise InvalidInputError(f"trusted label indices must lie in [0, {n})")
-        if t_lab.min() < 0 or t_lab.max() >= c:
-            raise InvalidInputError(f"trusted labels must be class indices in [0, {c})")
-        ok = has_feat[t_idx]
-        if not ok.all():
-            warnings.append(f"{int((~ok).sum())} trusted label(s) skipped: their samples have no DINO features")
-        order = np.argsort(t_idx[ok], kind="stable")
-        t_idx, t_lab = t_idx[ok][order], t_lab[ok][order]
-        keep = ~np.isin(idx, t_idx)
-        idx = np.concatenate([idx[keep], t_idx])
-        lab = np.concatenate([lab[keep], t_lab])
+        idx, lab = _with_trusted(idx, lab, trusted, has_feat, c, warnings)
 
     if idx.size == 0:
         raise InvalidInputError(
@@ -403,3 +380,37 @@ def load_labeler(path, classes: Sequence[str]) -> DinoLabeler:
     mlp.classes = stored
     mlp.meta = payload.get("meta", {})
     return mlp.eval()
+
+
+def _checked_inputs(zs_probs, dino_features, features: str) -> tuple[np.ndarray, np.ndarray]:
+    """float32 copies of both arrays, checked to align; DINO rows L2-normalised if asked."""
+    check_features_option(features)
+    zs = np.asarray(zs_probs, dtype=np.float32)
+    feats = np.asarray(dino_features, dtype=np.float32)
+    if zs.ndim != 2 or feats.ndim != 2:
+        raise InvalidInputError(f"expected N x C probs and N x F features, got {zs.shape} and {feats.shape}")
+    if features == "normalized":
+        norms = np.linalg.norm(feats, axis=1, keepdims=True)
+        feats = np.divide(feats, norms, out=np.zeros_like(feats), where=norms > 0)
+        feats[~np.isfinite(norms[:, 0])] = np.nan
+    if len(zs) != len(feats):
+        raise InvalidInputError(f"{len(zs)} zero-shot rows but {len(feats)} DINO feature rows: they must align")
+    return zs, feats
+
+
+def _with_trusted(idx, lab, trusted: Mapping[int, int], has_feat: np.ndarray, c: int, warnings: list):
+    """The picks with ``trusted`` labels joined, replacing automatic picks of the same samples."""
+    n = len(has_feat)
+    t_idx = np.fromiter((int(i) for i in trusted), dtype=np.int64, count=len(trusted))
+    t_lab = np.fromiter((int(trusted[i]) for i in trusted), dtype=np.int64, count=len(trusted))
+    if t_idx.min() < 0 or t_idx.max() >= n:
+        raise InvalidInputError(f"trusted label indices must lie in [0, {n})")
+    if t_lab.min() < 0 or t_lab.max() >= c:
+        raise InvalidInputError(f"trusted labels must be class indices in [0, {c})")
+    ok = has_feat[t_idx]
+    if not ok.all():
+        warnings.append(f"{int((~ok).sum())} trusted label(s) skipped: their samples have no DINO features")
+    order = np.argsort(t_idx[ok], kind="stable")
+    t_idx, t_lab = t_idx[ok][order], t_lab[ok][order]
+    keep = ~np.isin(idx, t_idx)
+    return np.concatenate([idx[keep], t_idx]), np.concatenate([lab[keep], t_lab])

@@ -185,8 +185,8 @@ def _picklable(e: Exception) -> Exception:
     try:
         pickle.loads(pickle.dumps(e))
         return e
-    except Exception:
-        return NolaError(f"rank 0 failed: {type(e).__name__}: {e}")
+    except Exception as why:  # any exception may refuse pickling; its message still crosses ranks
+        return NolaError(f"rank 0 failed: {type(e).__name__}: {e} (not picklable: {type(why).__name__})")
 
 
 def barrier(ctx: DistContext) -> None:

@@ -102,7 +102,8 @@ def openvino_available() -> bool:
     try:
         _import_openvino()
         return True
-    except Exception:  # ImportError, or a broken install raising anything else
+    except Exception as e:  # ImportError, or a broken install raising anything else
+        logger.debug("OpenVINO is not usable here: %s: %s", type(e).__name__, e)
         return False
 
 

@@ -26,7 +26,7 @@ from fiftyone_nola.core.audit.estimators import DEFAULT_FOR_DESIGN, AuditData, e
 from fiftyone_nola.core.audit.final import ExportCounts, export_accuracy
 from fiftyone_nola.core.audit.report import summarize
 from fiftyone_nola.core.errors import EmptyViewError, InvalidInputError
-from fiftyone_nola.core.names import CORRECTIONS_FIELD, DECIDED_TAGS, EXPORTABLE_TAGS
+from fiftyone_nola.core.names import CORRECTIONS_FIELD, DECIDED_TAGS, EXPORTABLE_TAGS, PREDICTIONS_FIELD
 from fiftyone_nola.stages import audit_records as rec
 from fiftyone_nola.stages import fo_io, runs
 from fiftyone_nola.stages.review import one_review_writer
@@ -51,7 +51,7 @@ def _plan(conf: np.ndarray, n: int, seed: int, cfg: AuditConfig):
 def draw_audit(
     samples,
     n: int,
-    field: str = "nola",
+    field: str = PREDICTIONS_FIELD,
     seed: int = 0,
     config: Optional[AuditConfig] = None,
     replace_existing: bool = False,
@@ -108,7 +108,7 @@ def audit_decide(
     sample_id: str,
     action: str,
     label: Optional[str] = None,
-    field: str = "nola",
+    field: str = PREDICTIONS_FIELD,
     corrections_field: str = CORRECTIONS_FIELD,
 ) -> Optional[str]:
     """Record a decision on an audit sample (a review decision) and return the next one's id."""
@@ -196,7 +196,7 @@ def _stored_settings(recd: dict) -> dict:
 
 
 def simulate_audit(
-    samples, gt_field: str, n: int, field: str = "nola", seed: int = 0, config: Optional[AuditConfig] = None
+    samples, gt_field: str, n: int, field: str = PREDICTIONS_FIELD, seed: int = 0, config: Optional[AuditConfig] = None
 ) -> dict:
     """A fresh audit of ``n`` answered from ``gt_field`` instead of a person. Writes nothing, so
     simulations with different seeds are independent. Its pool: the undecided samples of

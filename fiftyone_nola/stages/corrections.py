@@ -10,7 +10,7 @@ from typing import Optional
 from fiftyone_nola.core.device import resolve_device
 from fiftyone_nola.core.dino_labeler import DinoLabelerConfig
 from fiftyone_nola.core.models import ClipSpec, DinoSpec
-from fiftyone_nola.core.names import CORRECTIONS_FIELD
+from fiftyone_nola.core.names import CORRECTIONS_FIELD, DINO_FIELD, PREDICTIONS_FIELD, ZEROSHOT_FIELD
 from fiftyone_nola.core.progress import ProgressFn, null_progress
 from fiftyone_nola.core.prompt_tuning import TuneConfig
 from fiftyone_nola.stages import fo_io
@@ -24,9 +24,9 @@ class CorrectionsConfig:
     """Settings of a retraining with reviewed labels; ``None`` fields fit the hardware."""
 
     corrections_field: str = CORRECTIONS_FIELD
-    zeroshot_field: str = "nola_zeroshot"
-    dino_field: str = "nola_dino"
-    tuned_field: str = "nola"
+    zeroshot_field: str = ZEROSHOT_FIELD
+    dino_field: str = DINO_FIELD
+    tuned_field: str = PREDICTIONS_FIELD
     clip: ClipSpec = field(default_factory=ClipSpec)
     dino: DinoSpec = field(default_factory=DinoSpec)
     dino_labeler: DinoLabelerConfig = field(default_factory=DinoLabelerConfig)

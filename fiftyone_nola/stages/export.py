@@ -16,7 +16,7 @@ from typing import Optional, Union
 from fiftyone import ViewField as F
 
 from fiftyone_nola.core.errors import InvalidInputError
-from fiftyone_nola.core.names import CORRECTIONS_FIELD, EXPORTABLE_TAGS, REJECTED_TAG
+from fiftyone_nola.core.names import CORRECTIONS_FIELD, EXPORTABLE_TAGS, PREDICTIONS_FIELD, REJECTED_TAG
 from fiftyone_nola.core.storage import nola_home
 from fiftyone_nola.stages import fo_io
 
@@ -39,16 +39,18 @@ def _resolve_dir(export_dir: str, overwrite: bool) -> Path:
     return d  # created by the exporter (creating it first makes FiftyOne warn about merging)
 
 
-def nothing_to_export_message(left_out: dict) -> str:
-    """What to tell a user whose export selected nothing, from the counts of what was left out."""
+def nothing_to_export_message(left_out: dict, report: Optional[dict] = None) -> str:
+    """What to tell a user whose export selected nothing, from the counts of what was left out
+    (and, for a certified export, the audit's certificate sentence)."""
     why = ", ".join(f"{k}: {v}" for k, v in left_out.items() if v) or "no samples"
-    return (
+    msg = (
         f"Nothing to export ({why}). Accept samples in review first, or also export unreviewed "
         "samples above a confidence (min_confidence)."
     )
+    return f"{report['certificate']} {msg}" if report is not None else msg
 
 
-def suggest_export_dir(samples, label_field: str = "nola") -> str:
+def suggest_export_dir(samples, label_field: str = PREDICTIONS_FIELD) -> str:
     """A fresh directory under NOLA_HOME/exports named after the dataset (never a non-empty one)."""
 
     name = safe_folder_name(fo_io.root_dataset(samples).name).replace(" ", "_")
@@ -81,22 +83,38 @@ class ExportPlan:
     count: int
     left_out: dict
     corrections_used: int
+    report: Optional[dict] = None  # the audit's report, for a certified export
+
+
+def _is_multilabel(samples, label_field: str) -> bool:
+    import fiftyone as fo
+
+    fo_io.check_field(samples, label_field, (fo.Classification, fo.Classifications))
+    return issubclass(samples.get_field(label_field).document_type, fo.Classifications)
 
 
 def plan_export(
     samples,
-    label_field: str = "nola",
-    min_confidence: Optional[float] = None,
+    label_field: str = PREDICTIONS_FIELD,
+    min_confidence: Optional[Union[float, str]] = None,
     corrections_field: str = CORRECTIONS_FIELD,
     require_accepted: bool = True,
-    multilabel: bool = False,
-    certified: Optional[dict] = None,
+    multilabel: Optional[bool] = None,
 ) -> ExportPlan:
     """Which samples an export would write: accepted or corrected ones (with ``min_confidence``,
-    also undecided predictions that confident; with ``certified``, a query, also the undecided
-    samples the audit certifies instead), never rejected or unreadable ones, nor ones with no
-    label. Counted by the database from its indexes (tags, confidence); nothing is read per
-    sample and nothing is written (the final label is an expression of the view)."""
+    also undecided predictions that confident; with ``"certified"``, also the undecided samples
+    the dataset's audit certifies), never rejected or unreadable ones, nor ones with no label.
+    Counted by the database from its indexes (tags, confidence); nothing is read per sample and
+    nothing is written (the final label is an expression of the view). ``multilabel``: None
+    reads it from the field's type."""
+    if multilabel is None:
+        multilabel = _is_multilabel(samples, label_field)
+    report = _audit_report(samples, label_field, min_confidence, multilabel)
+    certified = None
+    if report is not None:
+        from fiftyone_nola.stages.certificate import certified_query
+
+        certified, min_confidence = certified_query(report), None
     ds = fo_io.root_dataset(samples)
     corr = corrections_field if ds.has_sample_field(corrections_field) else None
     # by label path, so the (label, confidence) index answers it
@@ -123,13 +141,13 @@ def plan_export(
     corrected = keep.match({corr: {"$ne": None}}).count() if corr else 0
     if corr:
         keep = keep.set_field(label_field, F(corr).if_null(F(label_field)))
-    return ExportPlan(keep, count, left_out, corrected)
+    return ExportPlan(keep, count, left_out, corrected, report)
 
 
 def export_accepted(
     samples,
     export_dir: str,
-    label_field: str = "nola",
+    label_field: str = PREDICTIONS_FIELD,
     format: str = "classification-tree",
     min_confidence: Optional[Union[float, str]] = None,
     corrections_field: str = CORRECTIONS_FIELD,
@@ -146,27 +164,18 @@ def export_accepted(
     audit certifies (confidence at or above its certified threshold), with ``certificate.json``
     beside them (also recorded as the run ``nola_certificate``; see :mod:`.certificate`).
     """
-    import fiftyone as fo
-
     if format not in FORMATS:
         raise InvalidInputError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
     if not require_accepted and min_confidence is None:
         raise InvalidInputError("Export needs accepted samples, a min_confidence, or both")
-    fo_io.check_field(samples, label_field, (fo.Classification, fo.Classifications))
-    multilabel = issubclass(samples.get_field(label_field).document_type, fo.Classifications)
+    multilabel = _is_multilabel(samples, label_field)
     if format == "classification-tree" and multilabel:
         raise InvalidInputError("A classification tree needs single labels: use format 'csv' or 'coco'")
-    report = _audit_report(samples, label_field, min_confidence, multilabel)
     out_dir = _resolve_dir(export_dir, overwrite)
-    certified = None
-    if report is not None:
-        from fiftyone_nola.stages.certificate import certified_query
-
-        certified, min_confidence = certified_query(report), None
-    plan = plan_export(samples, label_field, min_confidence, corrections_field, require_accepted, multilabel, certified)
+    plan = plan_export(samples, label_field, min_confidence, corrections_field, require_accepted, multilabel)
+    report = plan.report
     if not plan.count:
-        why = nothing_to_export_message(plan.left_out)
-        raise InvalidInputError(f"{report['certificate']} {why}" if report is not None else why)
+        raise InvalidInputError(nothing_to_export_message(plan.left_out, report))
     renamed = _write(plan.view, out_dir, label_field, format, multilabel, overwrite)
     summary = {
         "exported": plan.count,

@@ -211,7 +211,18 @@ def write_classifications(
     Rows with NaN (no embedding, unreadable image) are written as None. Returns rows written.
     """
     probs = np.asarray(probs, dtype=np.float32)
+    record_classes(samples, field, classes)
     return _write_in_chunks(samples, ids, field, lambda j: classification_label(classes, probs[j], store_logits))
+
+
+def record_classes(samples, field: str, classes: Sequence[str]) -> None:
+    """Keep the classes ``field`` was predicted over in ``dataset.classes[field]`` (FiftyOne's
+    per-field class list), so a correction may name a class no sample was predicted as."""
+    ds = root_dataset(samples)
+    classes = list(classes)
+    if ds.classes.get(field) != classes:
+        ds.classes[field] = classes
+        ds.save()
 
 
 def classification_label(classes: Sequence[str], row: np.ndarray, store_logits: bool = False):
@@ -231,6 +242,7 @@ def write_multilabel(
     """Write ``fo.Classifications`` of the positive classes of each row, with their scores."""
     scores = np.asarray(scores)
     positives = np.asarray(positives, dtype=bool)
+    record_classes(samples, field, classes)
     return _write_in_chunks(samples, ids, field, lambda j: multilabel_labels(classes, scores[j], positives[j]))
 
 

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import torch
 
+from fiftyone_nola.core.names import DINO_FIELD, PREDICTIONS_FIELD, ZEROSHOT_FIELD
 from fiftyone_nola.stages import brain_runs, fo_io, reuse, runs
 from fiftyone_nola.stages import review as rv
 from fiftyone_nola.stages.artifacts import stage_dir
@@ -278,10 +279,10 @@ def plan_multilabel(samples, classes, config) -> RunPlan:
 REPLAYED = (
     ("embeddings:clip", "nola_embeddings_clip", None),
     ("embeddings:dino", "nola_embeddings_dino", None),
-    ("zeroshot", "nola_zeroshot", "nola_zeroshot"),
-    ("dino_labeler", "nola_dino", "nola_dino"),
+    ("zeroshot", ZEROSHOT_FIELD, ZEROSHOT_FIELD),
+    ("dino_labeler", DINO_FIELD, DINO_FIELD),
     ("prompt_tuning", "nola_model", None),
-    ("predict", "nola", "nola"),
+    ("predict", PREDICTIONS_FIELD, PREDICTIONS_FIELD),
     ("refine", "nola_transductive", "nola_transductive"),
 )
 

@@ -9,6 +9,7 @@ import fiftyone as fo
 from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import ExecutionRunState
 
+from fiftyone_nola.core.names import DINO_FIELD, PREDICTIONS_FIELD, ZEROSHOT_FIELD
 from fiftyone_nola.stages import fo_io, runs
 from fiftyone_nola.stages.plan import REUSE, UPDATE, replay
 
@@ -16,10 +17,10 @@ from fiftyone_nola.stages.plan import REUSE, UPDATE, replay
 STAGES = (
     ("CLIP embeddings", "embeddings:clip", "nola_embeddings_clip", None, "compute_embeddings"),
     ("DINO embeddings", "embeddings:dino", "nola_embeddings_dino", None, "compute_embeddings"),
-    ("Zero-shot (CDE)", "zeroshot", "nola_zeroshot", "nola_zeroshot", "zero_shot"),
-    ("DINO labeller", "dino_labeler", "nola_dino", "nola_dino", "dino_labels"),
+    ("Zero-shot (CDE)", "zeroshot", ZEROSHOT_FIELD, ZEROSHOT_FIELD, "zero_shot"),
+    ("DINO labeller", "dino_labeler", DINO_FIELD, DINO_FIELD, "dino_labels"),
     ("Prompt tuning", "prompt_tuning", "nola_model", None, "tune_prompts"),
-    ("Predictions", "predict", "nola", "nola", "apply_tuned_model"),
+    ("Predictions", "predict", PREDICTIONS_FIELD, PREDICTIONS_FIELD, "apply_tuned_model"),
     ("Transductive", "refine", "nola_transductive", "nola_transductive", "transductive_labels"),
 )
 

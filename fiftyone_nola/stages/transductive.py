@@ -68,20 +68,9 @@ def transductive_labels(
     are the feature space when ``config.features == "dino"`` (default ``DinoSpec()``).
     Returns the run summary (``labelled``, ``changed``: labels that differ from the prior's argmax).
     """
-    config = config or TransductiveConfig()
-    config.check()
-    if init_field and config.method == "zlap":
-        raise InvalidInputError(
-            "ZLaP propagates from the class text embeddings only; use method='transclip' to refine "
-            f"the predictions in {init_field!r}."
-        )
+    config = _checked(config or TransductiveConfig(), init_field)
     run = StageRun(samples, "transductive", label_field, "transductive")
-    W, zs_classes = load_class_weights(samples, zeroshot_field)
-    if classes is not None and resolve_classes(classes, samples) != zs_classes:
-        raise IndexMismatchError(
-            f"The zero-shot stage in {zeroshot_field!r} was run with classes {zs_classes}: run zero_shot "
-            "with the new class list first."
-        )
+    W, zs_classes = _class_weights(samples, zeroshot_field, classes)
     clip_x, ok = _clip_vectors(samples, zeroshot_field, run.ids)
     prior = text_prior(clip_x, W, config.logit_scale)  # NaN rows where there is no vector
     start = prior
@@ -106,13 +95,8 @@ def transductive_labels(
     probs[ok] = res.probs
     with run.writing() as d:
         written = fo_io.write_classifications(samples, run.ids, zs_classes, probs, label_field)
-        meta = {
-            "classes": list(zs_classes),
-            "field": label_field,
-            "zeroshot_field": zeroshot_field,
-            "init_field": init_field,
-            "method": method_name(config),
-        }
+        meta = {"classes": list(zs_classes), "field": label_field, "method": method_name(config)}
+        meta.update(zeroshot_field=zeroshot_field, init_field=init_field)
         save_array_bundle(d, run.ids, {"probs": probs}, meta)
         summary = run.record(
             transductive_run_config(config, zeroshot_field, init_field, dino),
@@ -126,6 +110,27 @@ def transductive_labels(
         f"'{label_field}', {summary['changed']} differ from the prior, in {summary['seconds']:.2f}s"
     )
     return summary
+
+
+def _checked(config: TransductiveConfig, init_field: Optional[str]) -> TransductiveConfig:
+    config.check()
+    if init_field and config.method == "zlap":
+        raise InvalidInputError(
+            "ZLaP propagates from the class text embeddings only; use method='transclip' to refine "
+            f"the predictions in {init_field!r}."
+        )
+    return config
+
+
+def _class_weights(samples, zeroshot_field: str, classes: ClassesArg) -> tuple[np.ndarray, list]:
+    """The zero-shot stage's class weights and classes; ``classes``, if given, must be the same."""
+    W, zs_classes = load_class_weights(samples, zeroshot_field)
+    if classes is not None and resolve_classes(classes, samples) != zs_classes:
+        raise IndexMismatchError(
+            f"The zero-shot stage in {zeroshot_field!r} was run with classes {zs_classes}: run zero_shot "
+            "with the new class list first."
+        )
+    return W, zs_classes
 
 
 def _clip_vectors(samples, zeroshot_field: str, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ from fiftyone_nola.core import prompt_tuning as pt
 from fiftyone_nola.core.config import resolve
 from fiftyone_nola.core.distributed import DistContext, init_distributed, run_on_main
 from fiftyone_nola.core.models import ClipSpec, load_clip
+from fiftyone_nola.core.names import DINO_FIELD, PREDICTIONS_FIELD, ZEROSHOT_FIELD
 from fiftyone_nola.core.progress import null_progress
 from fiftyone_nola.stages import fo_io
 from fiftyone_nola.stages import nola as labeling
@@ -22,9 +23,9 @@ def tune_prompts_distributed(
     dataset: str,
     clip=None,
     config=None,
-    zeroshot_field: str = "nola_zeroshot",
-    teacher_field: str = "nola_dino",
-    run_name: str = "nola",
+    zeroshot_field: str = ZEROSHOT_FIELD,
+    teacher_field: str = DINO_FIELD,
+    run_name: str = PREDICTIONS_FIELD,
     predict=True,
     progress=None,
 ) -> Optional[dict]:

@@ -8,7 +8,7 @@ from typing import Optional
 from fiftyone_nola.core.audit.designs import DEFAULT_KIND, FLOOR_SHARE, KINDS, MAX_STRATA
 from fiftyone_nola.core.errors import InvalidInputError
 
-METHODS = ("exact", "stratified", "ppi", "active")  # estimators (fiftyone_nola.core.audit.estimators)
+METHODS = ("exact", "stratified", "ppi", "ppi_calibrated", "active")  # estimators (fiftyone_nola.core.audit.estimators)
 
 
 @dataclass(frozen=True)

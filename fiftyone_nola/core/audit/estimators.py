@@ -10,6 +10,8 @@ thousands of simulated ones. An outcome is 1 when the model's label was right.
 - ``stratified``: ``sum_h W_h p_h`` with its design variance (finite-population corrected).
 - ``ppi``: prediction-powered inference (PPI++), the confidence predicting correctness over
   the whole pool (uniform design).
+- ``ppi_calibrated``: cross-prediction-powered inference, the confidence calibrated on the
+  audit itself with cross-fitting (:mod:`.crossfit`; uniform design).
 - ``active``: active inference (Zrnic & Candes 2024): the pool's mean confidence plus the
   inverse-probability-weighted residuals of the audit, power-tuned (any design).
 
@@ -29,6 +31,7 @@ from typing import Optional
 
 import numpy as np
 
+from fiftyone_nola.core.audit import crossfit
 from fiftyone_nola.core.audit import ppi as ppi_mod
 from fiftyone_nola.core.audit.config import METHODS
 from fiftyone_nola.core.audit.exact import clopper_pearson, effective_clopper_pearson
@@ -206,8 +209,7 @@ def stratified(data: AuditData, alpha: float = 0.05) -> Interval:
 
 def ppi(data: AuditData, alpha: float = 0.05) -> Interval:
     """PPI++ mean with the confidence as predictor (uniform design); Korn-Graubard interval."""
-    if data.pool_size and np.ptp(data.pi) > 1e-12:
-        raise InvalidInputError("PPI needs a uniform audit; use the 'active' estimator for weighted designs")
+    _uniform_only(data, "PPI")
     f = data.conf[data.unit]
     y = data.correct.astype(np.float64)
     sums = ppi_mod.LabelledSums(
@@ -221,6 +223,30 @@ def ppi(data: AuditData, alpha: float = 0.05) -> Interval:
     est, var = ppi_mod.ppi_mean_and_variance(sums, data.conf)
     low, high = effective_clopper_pearson(est, var, sums.n, alpha)
     return _interval(est, low, high, sums.n, "ppi")
+
+
+def _uniform_only(data: AuditData, name: str) -> None:
+    if data.pool_size and np.ptp(data.pi) > 1e-12:
+        raise InvalidInputError(f"{name} needs a uniform audit; use the 'active' estimator for weighted designs")
+
+
+def ppi_calibrated(data: AuditData, alpha: float = 0.05) -> Interval:
+    """Cross-PPI with the confidence calibrated on the audit by cross-fitting (uniform design);
+    Korn-Graubard interval."""
+    _uniform_only(data, "PPI")
+    n_audited = len(data.unit) / max(data.trials, 1)
+    bins = crossfit.pool_bins(data.conf, n_audited)
+    fit = crossfit.cross_fit(data.conf, bins, data.unit, data.trial, data.u, data.correct, data.trials)
+    est, var, n = crossfit.crossppi_mean_and_variance(fit, data.trial, data.correct, data.trials, data.pool_size)
+    low, high = effective_clopper_pearson(est, var, n, alpha)
+    # A calibration fitted on a handful of errors (or of right labels) hides the rest: its
+    # residuals look certain while the normal approximation does not hold. Such audits take
+    # the exact interval (simulation: 0.80 coverage at accuracy 0.99 and n = 100 without this).
+    x = data.per_trial(data.correct.astype(np.float64))
+    few = np.minimum(x, n - x) < crossfit.MIN_EACH
+    cp_low, cp_high = clopper_pearson(x, n, alpha)
+    est = np.where(few, x / np.maximum(n, 1), est)
+    return _interval(est, np.where(few, cp_low, low), np.where(few, cp_high, high), n, "ppi_calibrated")
 
 
 def active(data: AuditData, alpha: float = 0.05) -> Interval:
@@ -244,7 +270,7 @@ def _active_kg(data: AuditData, alpha: float, table: Optional[StrataTable] = Non
     return _interval(est, low, high, data.per_trial(), "active")
 
 
-ESTIMATORS = {"exact": exact, "stratified": stratified, "ppi": ppi, "active": active}
+ESTIMATORS = {"exact": exact, "stratified": stratified, "ppi": ppi, "ppi_calibrated": ppi_calibrated, "active": active}
 DEFAULT_FOR_DESIGN = {"uniform": "ppi", "stratified": "stratified", "active": "active"}
 
 

@@ -61,8 +61,8 @@ class _Asker:
     def close(self) -> None:
         try:
             self.client.close()
-        except Exception:
-            pass
+        except Exception as e:  # closing a client that failed to connect must not hide the real error
+            logger.debug("closing the Ollama client failed: %s", e)
 
     def ask(self, prompt: str, seed: int) -> str:
         import httpx

@@ -35,10 +35,13 @@ _STATUS_TAGS = {"accepted": ACCEPTED_TAG, "corrected": CORRECTED_TAG, "rejected"
 
 
 def class_list(samples, field: str = PREDICTIONS_FIELD) -> list[str]:
-    """The dataset's class list (``default_classes``), else the labels present in ``field``."""
+    """The dataset's class list (``default_classes``), else the classes ``field`` was predicted
+    over (``dataset.classes[field]``), else the labels present in it."""
     ds = fo_io.root_dataset(samples)
     if ds.default_classes:
         return list(ds.default_classes)
+    if ds.classes.get(field):
+        return list(ds.classes[field])
     if ds.has_sample_field(field):
         return sorted(x for x in ds.distinct(f"{field}.label") if x is not None)
     return []

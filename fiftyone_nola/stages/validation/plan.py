@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from fiftyone_nola.core.config import resolve
 from fiftyone_nola.core.device import hardware_profile, resolve_device
 from fiftyone_nola.core.models import ClipSpec, concrete_dino
 from fiftyone_nola.core.storage import nola_home
 from fiftyone_nola.stages.cdul import MultiLabelConfig
 from fiftyone_nola.stages.validation.target import Target
+
+logger = logging.getLogger(__name__)
 
 # Images per second of one forward pass on a 2-core CPU by model size (patch 16; patch 32 is
 # ~3x cheaper), fitted to the README's 1,000-image demo (ViT-B-32 embed/predict ~13 img/s,
@@ -49,7 +53,8 @@ def _rate(spec, device) -> float:
         rate *= 3.25
     try:
         dev = resolve_device(device)
-    except Exception:
+    except Exception as e:  # an estimate only: validation reports a bad device itself
+        logger.debug("plan: device %r not resolved (%s); CPU rates assumed", device, e)
         return rate
     return rate * (_GPU_SPEEDUP if dev.type == "cuda" else 1.0)
 
@@ -66,7 +71,8 @@ def _embed_dim(spec) -> int:
         try:
             cfg = open_clip.get_model_config(spec.arch) or {}
             return int(cfg.get("embed_dim", 512))
-        except Exception:
+        except Exception as e:  # an unknown or malformed config: the estimate assumes ViT-B's width
+            logger.debug("plan: no open_clip config for %r (%s); 512 dims assumed", spec.arch, e)
             return 512
     name = concrete_dino(spec).name
     return {"tiny": 48, "S": 384, "B": 768, "L": 1024, "H": 1280, "g": 1536}[_size_class(name)]
@@ -154,7 +160,8 @@ def _finish_plan(plan: dict, device, disk: int) -> None:
     try:
         prof = hardware_profile(resolve_device(device))
         plan["hardware"] = prof.describe()
-    except Exception:
+    except Exception as e:  # the plan is still useful without a hardware line
+        logger.debug("plan: hardware not profiled (%s)", e)
         plan["hardware"] = "unknown"
     plan["seconds"] = float(sum(s["seconds"] for s in plan["stages"]))
     plan["disk_bytes"] = int(disk)
