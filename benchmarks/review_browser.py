@@ -243,6 +243,8 @@ class ReviewDriver:
         self.facts: dict = {"threshold_values_sent": [], "decisions": [], "shown_after": [], "undone": []}
         self.nola, self.card = page.locator(NOLA), page.locator(CARD)
         self._sent: list[float] = []
+        self._events: list = []  # (seconds since the action's click, panel method) of the current action
+        self._t_action = time.perf_counter()
         self._n_shots = 0
         page.on("request", self._watch)
         if shots:
@@ -261,6 +263,8 @@ class ReviewDriver:
         except ValueError:
             return
         params = body.get("params") or {}
+        if str(body.get("operator_uri", "")).endswith("/nola_panel"):  # which events render the panel, when
+            self._events.append((round(time.perf_counter() - self._t_action, 3), params.get("__method__")))
         if str(body.get("operator_uri", "")).endswith("/nola_panel") and str(params.get("path", "")).startswith(
             "threshold"
         ):
@@ -281,7 +285,8 @@ class ReviewDriver:
 
     def timed(self, action: str, act: Callable[[], None], conds: list) -> Optional[float]:
         """Seconds from ``act`` (the click) to the first frame showing ``conds``; None if never."""
-        t0 = time.perf_counter()
+        t0 = self._t_action = time.perf_counter()
+        self._events = []
         try:
             act()
             self.wait(conds)
@@ -300,7 +305,16 @@ class ReviewDriver:
             undone = self.page.evaluate(_STAYS_JS, {"conds": conds, "ms": SETTLE_MS, "sel": NOLA})
             if undone is not None:
                 lines = [x for x in undone["text"].splitlines() if "flagged below" in x or "Review the queue" in x]
-                self.facts["undone"].append({"action": action, "after_s": dt, "at_ms": undone["ms"], "shown": lines})
+                self.page.wait_for_timeout(500)
+                self.facts["undone"].append(
+                    {
+                        "action": action,
+                        "after_s": dt,
+                        "at_ms": undone["ms"],
+                        "shown": lines,
+                        "panel_events": list(self._events),
+                    }
+                )
                 print(f"  ({action}: shown, then undone {undone['ms']:.0f} ms later: {lines})", flush=True)
         return dt
 
