@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "tests")]
-from _common import REPO, finish, loadavg, machine_facts, table  # noqa: E402
+from _common import REPO, baseline_code, finish, loadavg, machine_facts, table  # noqa: E402
 
 BASELINE_REV = "e4f78f0"  # v0.2's last commit: the review workspace before it was reworked for scale
 ACTIONS = ("panel_open", "threshold_move", "class_click", "open_queue", "decision", "next", "back_to_grid")
@@ -564,14 +564,6 @@ def worker(args) -> None:
 
 
 # --------------------------------------------------------------------------- driver
-
-
-def baseline_code(rev: str, tmp: Path) -> Path:
-    dest = tmp / f"baseline-{rev}"
-    dest.mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    return dest
 
 
 def measure(code: Path, label: str, n: int, args) -> dict:

@@ -63,23 +63,11 @@ def http(url: str, data: dict | None = None, timeout: float = 30):
 
 def _stop(proc: subprocess.Popen) -> None:
     """End the server and everything it started: it leads its own process group."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
+    for sig in (signal.SIGTERM, signal.SIGKILL):  # SIGKILL: children that outlived the leader or ignored SIGTERM
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-    try:  # children that outlived the leader (or ignored SIGTERM)
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 class AppServer:
