@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -262,6 +263,15 @@ def machine_facts() -> dict:
     }
     facts["env"] = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if os.environ.get(k)}
     return facts
+
+
+def baseline_code(rev: str, tmp: Path) -> Path:
+    """The repository at ``rev``, extracted (no checkout of this working tree is touched)."""
+    dest = tmp / f"baseline-{rev}"
+    dest.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
 
 
 def loadavg() -> Optional[float]:

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, loadavg, run_benchmark, table  # noqa: E402
+from _common import REPO, baseline_code, loadavg, run_benchmark, table  # noqa: E402
 
 BASELINE_REV = "e4f78f0"  # v0.2's last commit: the review workspace before this rework
 ACTIONS = ("panel_open", "threshold_move", "class_click", "decision", "next", "card_click", "propagation", "export")
@@ -167,15 +167,6 @@ def worker(args) -> None:
 
 
 # --------------------------------------------------------------------------- driver
-
-
-def baseline_code(rev: str, tmp: Path) -> Path:
-    """The repository at ``rev``, extracted (no checkout of this working tree is touched)."""
-    dest = tmp / f"baseline-{rev}"
-    dest.mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    return dest
 
 
 def measure(code: Path, n: int, args) -> dict:

@@ -1,19 +1,40 @@
-"""Datasets as the pipeline leaves them, built in bulk without images: ``n`` samples with a ``nola``
-Classification (imbalanced classes, confidences spread over [0.1, 1]) and a FAISS store of
-class-clustered vectors. Shared by the review tests and benchmarks/review_scale.py."""
+"""Datasets as the pipeline leaves them, built in bulk without decoding images: ``n`` samples with a
+``nola`` Classification (imbalanced classes, confidences spread over [0.1, 1]) and a FAISS store of
+class-clustered vectors; their files are absent, or tiny generated thumbnails for the App.
+Shared by the review tests and benchmarks/review_scale.py, review_browser.py."""
 
 from __future__ import annotations
 
 import datetime
 import os
 import time
+from pathlib import Path
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CHUNK = 50_000
 
 
-def build_review_dataset(n: int, dim: int = 64, seed: int = 0, name: str | None = None, classes=CLASSES):
-    """The dataset (persistent=False) with predictions, the store and its embedding run recorded."""
+def write_thumbnails(folder: Path, n: int, size: int = 16) -> list[str]:
+    """``n`` tiny JPEGs (``size`` pixels square, a colour each) in ``folder``; existing ones are kept."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [str(folder / f"{i:07d}.jpg") for i in range(n)]
+    have = set(os.listdir(folder))
+    ramp = np.linspace(0.6, 1.0, size, dtype=np.float32)[:, None, None]  # a shade: not a flat square
+    for i, p in enumerate(paths):
+        if os.path.basename(p) not in have:
+            rgb = np.array([(i * 37) % 256, (i * 101) % 256, (i * 211) % 256], np.float32)
+            Image.fromarray(np.broadcast_to(ramp * rgb, (size, size, 3)).astype(np.uint8)).save(p, quality=90)
+    return paths
+
+
+def build_review_dataset(
+    n: int, dim: int = 64, seed: int = 0, name: str | None = None, classes=CLASSES, filepaths=None
+):
+    """The dataset (persistent=False) with predictions, the store and its embedding run recorded;
+    ``filepaths``: the samples' files (default: absent ones)."""
     import fiftyone as fo
     import numpy as np
     from bson import ObjectId
@@ -36,7 +57,7 @@ def build_review_dataset(n: int, dim: int = 64, seed: int = 0, name: str | None 
         docs = [
             {
                 "_id": ids[i],
-                "filepath": f"/synthetic/{i:07d}.jpg",
+                "filepath": filepaths[i] if filepaths is not None else f"/synthetic/{i:07d}.jpg",
                 "tags": [],
                 "_media_type": "image",
                 "_rand": float(rng.random()),

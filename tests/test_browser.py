@@ -13,55 +13,25 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
 
+from app_harness import AppServer, chromium, missing_browser_reason
+from app_harness import http as _http
 from conftest import REPO, cifar_files
 
 MANIFEST = yaml.safe_load((REPO / "fiftyone.yml").read_text())
 PLUGIN = MANIFEST["name"]
-CHROMIUM = os.environ.get("NOLA_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts" / "browser"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    # Only the local server resolves: the App's external fonts/links fail at once instead of
-    # waiting on a network that is not there (faster, and the same on every machine).
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-]
 N_SAMPLES = 8
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.timeout(300)]
 
 
-def _missing_browser_reason() -> str | None:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright Python package is not installed (pip install -e '.[dev]')"
-    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-        return f"Chromium not found at {CHROMIUM} (run scripts/install_browser.sh as root)"
-    return None
-
-
 @pytest.fixture(scope="module")
 def browser_ready():
-    reason = _missing_browser_reason()
+    reason = missing_browser_reason()
     if reason:
         if os.environ.get("NOLA_REQUIRE_BROWSER") == "1":
             pytest.fail(f"NOLA_REQUIRE_BROWSER=1 but {reason}")
@@ -69,85 +39,6 @@ def browser_ready():
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for old in ARTIFACTS.glob("*.png"):
         old.unlink()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _http(url: str, data: dict | None = None, timeout: float = 30):
-    body = None if data is None else json.dumps(data).encode()
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return r.status, r.read()
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """End the server and everything it started: it leads its own process group."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-    try:  # children that outlived the leader (or ignored SIGTERM)
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-class AppServer:
-    """The FiftyOne App server on 127.0.0.1:<free port>, in a subprocess (its own process group)
-    with this session's database name, NOLA_HOME and the repo root as the plugins directory."""
-
-    def __init__(self, log_path: Path):
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ)
-        env.update(FIFTYONE_PLUGINS_DIR=str(REPO), FIFTYONE_DO_NOT_TRACK="true", FIFTYONE_DATABASE_VALIDATION="false")
-        for key in ("FIFTYONE_DATABASE_NAME", "NOLA_HOME"):  # set by conftest for this session
-            assert env.get(key), f"{key} should have been set by conftest"
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fiftyone.server.main", "--address", "127.0.0.1", "--port", str(self.port)],
-            env=env,
-            cwd=str(REPO),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-    def _log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-    def wait_ready(self, timeout: float = 90) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"App server exited with {self.proc.returncode}:\n{self._log_tail()}")
-            try:
-                if _http(self.base + "/", timeout=5)[0] == 200:
-                    return self.base
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"App server gave no HTTP 200 within {timeout:.0f} s:\n{self._log_tail()}")
-            time.sleep(0.25)
-
-    def stop(self) -> None:
-        _stop(self.proc)
-        self._log.close()
 
 
 @pytest.fixture
@@ -206,21 +97,10 @@ def test_operator_browser_lists_and_runs_plugin_operators(app_server, app_datase
         page.screenshot(path=str(path))
         shots.append(path)
 
-    user_data = Path(os.environ.get("TMPDIR", "/tmp")) / f"nola-chromium-{os.getpid()}-{time.time_ns()}"
     page_errors: list[str] = []
-    with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(user_data),
-            executable_path=CHROMIUM,
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 900},
-        )
+    with sync_playwright() as pw, chromium(pw, {"width": 1400, "height": 900}, 30_000) as context:
         page = None
         try:
-            # FiftyOne's own e2e switch: no "Explore Enterprise" popover, analytics or toasts.
-            context.add_init_script("window.IS_PLAYWRIGHT = true")
-            context.set_default_timeout(30_000)
             page = context.new_page()
             page.on("pageerror", lambda e: page_errors.append(str(e)))
 
@@ -281,8 +161,6 @@ def test_operator_browser_lists_and_runs_plugin_operators(app_server, app_datase
             raise
         finally:
             (ARTIFACTS / "page-errors.txt").write_text("\n".join(page_errors))
-            context.close()
-            shutil.rmtree(user_data, ignore_errors=True)
 
     # The effect, seen from Python: every sample accepted, the review tag gone.
     tags = ds.count_sample_tags()

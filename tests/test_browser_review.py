@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pytest
-from test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, PLUGIN, app_server, browser_ready  # noqa: F401
+from test_browser import ARTIFACTS, PLUGIN, app_server, browser_ready  # noqa: F401
 
+from app_harness import chromium
 from conftest import cifar_files
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.timeout(600)]
@@ -105,20 +105,10 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
 
     jobs = DelegatedOperationService()
     job = None
-    user_data = Path(os.environ.get("TMPDIR", "/tmp")) / f"nola-chromium-{os.getpid()}-{time.time_ns()}"
     page_errors: list[str] = []
-    with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(user_data),
-            executable_path=CHROMIUM,
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1600, "height": 1000},
-        )
+    with sync_playwright() as pw, chromium(pw, {"width": 1600, "height": 1000}, 45_000) as context:
         page = None
         try:
-            context.add_init_script("window.IS_PLAYWRIGHT = true")
-            context.set_default_timeout(45_000)
             page = context.new_page()
             page.on("pageerror", lambda e: page_errors.append(str(e)))
 
@@ -397,8 +387,6 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
             if job is not None:
                 jobs.delete_operation(job.id)
             (REVIEW_SHOTS / "page-errors.txt").write_text("\n".join(page_errors))
-            context.close()
-            shutil.rmtree(user_data, ignore_errors=True)
 
     # the exported files, checked from Python: 5 accepted, corrections win
     from fiftyone_nola.stages.review import class_list
