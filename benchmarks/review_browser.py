@@ -304,7 +304,7 @@ class ReviewDriver:
         if action in SETTLE:  # the panel's text is its last render: a late stale one would undo it
             undone = self.page.evaluate(_STAYS_JS, {"conds": conds, "ms": SETTLE_MS, "sel": NOLA})
             if undone is not None:
-                lines = [x for x in undone["text"].splitlines() if "flagged below" in x or "Review the queue" in x]
+                lines = [x for x in undone["text"].splitlines() if "flagged below" in x or "queue" in x]
                 self.page.wait_for_timeout(500)
                 self.facts["undone"].append(
                     {
@@ -448,7 +448,7 @@ class ReviewDriver:
         conds = [
             {"kind": "hidden", "sel": MODAL},
             text(NOLA, f"review progress {reviewed} / {flagged}"),
-            text(NOLA, f"Review the queue ({queue})"),
+            text(NOLA, f"queue {queue}"),
         ]
         self.timed("back_to_grid", button.click, conds)
 

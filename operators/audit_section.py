@@ -99,12 +99,21 @@ def curve_traces(curve: list, target: float) -> list:
     ]
 
 
+def _progress_text(a: dict) -> str:
+    """Kept in the panel's state (see panels.py: a text rendered from an older event's state goes stale)."""
+    if not a.get("drawn"):
+        return ""
+    return f"Audit progress: **{a['audited']} / {a['drawn']}** decided ({a['drawn'] - a['audited']} left)"
+
+
 class AuditSection:
     """Mixin of the NoLA panel: the Audit mode's callbacks and layout."""
 
     def _refresh_audit(self, ctx) -> None:
         st = report_state(ctx.dataset)
-        ctx.panel.set_state("audit", {k: v for k, v in st.items() if k != "curve"})
+        ctx.panel.set_state(
+            {"audit": {k: v for k, v in st.items() if k != "curve"}, "audit_progress": _progress_text(st)}
+        )
         if st.get("curve"):
             ctx.panel.set_data("audit_curve", curve_traces(st["curve"], st["target"]))
 
@@ -174,10 +183,10 @@ class AuditSection:
         if not a.get("drawn"):
             return
         remaining = a["drawn"] - a["audited"]
-        panel.md(f"Audit progress: **{a['audited']} / {a['drawn']}** decided", name="audit_progress")
+        panel.md(st.audit_progress or _progress_text(a), name="audit_progress")
         panel.btn(
             "audit_start",
-            label=f"Audit the drawn samples ({remaining} left)",
+            label="Audit the drawn samples",
             icon="fact_check",
             variant="contained",
             on_click=self.on_audit_start,

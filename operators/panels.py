@@ -66,10 +66,10 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
             self.refresh(ctx)
 
     def on_change_selected(self, ctx):
-        ctx.panel.set_state("selection", len(_targets(ctx)))
+        self.refresh(ctx)  # the App renders this event's (maybe older) state: every count is read again
 
     def on_change_extended_selection(self, ctx):
-        ctx.panel.set_state("selection", len(_targets(ctx)))
+        self.refresh(ctx)
 
     def refresh(self, ctx, flagging=None):
         """Read everything the panel shows from the dataset (``flagging``: a flagging's summary
@@ -77,7 +77,7 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
         # The App server keeps one Dataset object per process: fields another process (a job, a
         # notebook) added since are unknown to it until its document is reloaded.
         rv.reload_dataset(ctx.dataset)
-        ctx.panel.set_state("selection", len(_targets(ctx)))
+        _show_selection(ctx)
         field = field_of(ctx)
         ctx.panel.set_state("classes_list", rv.class_list(ctx.dataset, field))
         if not _has_predictions(ctx):
@@ -90,13 +90,21 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
         self._show_stages(ctx, s.get("present"), s["samples"])
         counts = {k: s[k] for k in ("samples", "flagged", "reviewed", "remaining", "queue", "would_flag")}
         counts["flagged_yet"] = bool(rv.settings(ctx.dataset))
-        ctx.panel.set_state({"ready": True, "applied_threshold": t, "counts": counts, "classes": s["classes"]})
+        ctx.panel.set_state(
+            {
+                "ready": True,
+                "applied_threshold": t,
+                "counts": counts,
+                "classes": s["classes"],
+                "flag_count": _flag_count_text(counts, t),
+            }
+        )
         if ctx.panel.get_state(SLIDER) != t:  # the slider shows its state; the number its default
             self._set_control(ctx, SLIDER, t)
         ctx.panel.set_data("histogram", _histogram_traces(s["histogram"]))
         corrections, sugg = rv.suggestions(ctx.dataset, field, self._min_sim(ctx))
         prop = {"corrections": len(corrections), "suggested": len(sugg), "carried": s["suggested"]}
-        ctx.panel.set_state("propagation", prop)
+        ctx.panel.set_state({"propagation": prop, "propagation_text": _propagation_text(prop)})
         if ctx.panel.get_state("mode") == "audit":
             self._refresh_audit(ctx)
 
@@ -349,7 +357,7 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
             label="Threshold (type a number, then Tab or the check mark)",
             view=types.LazyFieldView(save_on_blur=True),
         )
-        panel.md(_flag_count_text(counts, t), name="flag_count")
+        panel.md(ctx.panel.state.flag_count or _flag_count_text(counts, t), name="flag_count")
         panel.plot(
             "histogram",
             layout={
@@ -382,12 +390,11 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
         panel.list("classes", types.Object(), view=table)
 
     def _render_review(self, ctx, panel, st) -> None:
-        counts = st.counts or {}
         panel.md("**Review**", name="review_title")
         go = panel.h_stack("review_buttons", gap=1)
         go.btn(
             "start_review",
-            label=f"Review the queue ({counts.get('queue', 0)})",
+            label="Review the queue",
             icon="rate_review",
             variant="contained",
             on_click=self.on_start_review,
@@ -395,10 +402,7 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
         go.btn("show_all", label="Show all samples", icon="filter_alt_off", on_click=self.on_show_all)
         go.btn("export", label="Export…", icon="download", on_click=self.on_export)
         go.btn("evaluate", label="Evaluate…", icon="assessment", on_click=self.on_evaluate)
-        panel.md(
-            f"Selected: **{st.selection or 0}** samples (grid selection, or a lasso in the Embeddings map)",
-            name="selection_text",
-        )
+        panel.md(st.selection_text or _selection_text(st.selection or 0), name="selection_text")
         act = panel.h_stack("actions", gap=1, align_y="center")
         act.btn("accept", label="Accept selected", icon="check", on_click=self.on_accept, variant="contained")
         act.btn("reject", label="Reject selected", icon="close", on_click=self.on_reject)
@@ -420,19 +424,38 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
         )
         prow.btn(
             "propagate",
-            label=f"Suggest to {prop.get('suggested', 0)} neighbours",
+            label="Suggest to neighbours",
             icon="hub",
             on_click=self.on_propagate,
             disabled=not prop.get("suggested"),
         )
-        panel.md(
-            f"{prop.get('corrections', 0)} corrections; their undecided nearest neighbours with the same "
-            f"wrong label get the correction as a suggestion (tag `{rv.SUGGESTED_TAG}`, back in the queue), "
-            "never as a reviewed label.",
-            name="propagation_text",
-        )
-        if prop.get("carried"):
-            panel.md(f"**{prop['carried']}** samples carry a suggestion now", name="propagation_last")
+        panel.md(st.propagation_text or _propagation_text(prop), name="propagation_text")
+
+
+# Texts that carry counts live in the panel's state, set where the counts are read: the App
+# renders the panel again after every event with the state that event was sent with, so a
+# text computed in render() from an event sent before a refresh (closing the sample view also
+# sends a selection change) would put the old counts back; a state value is never rolled back.
+
+
+def _show_selection(ctx) -> None:
+    n = len(_targets(ctx))
+    ctx.panel.set_state({"selection": n, "selection_text": _selection_text(n)})
+
+
+def _selection_text(n: int) -> str:
+    return f"Selected: **{n}** samples (grid selection, or a lasso in the Embeddings map)"
+
+
+def _propagation_text(prop: dict) -> str:
+    text = (
+        f"**{prop.get('suggested', 0)}** undecided neighbours would get a suggestion from "
+        f"{prop.get('corrections', 0)} corrections (nearest, same wrong label; tag `{rv.SUGGESTED_TAG}`, back "
+        "in the queue), never a reviewed label."
+    )
+    if prop.get("carried"):
+        text += f"  \n**{prop['carried']}** samples carry a suggestion now"
+    return text
 
 
 def _flag_count_text(counts: dict, t: float) -> str:
