@@ -11,7 +11,7 @@ DEMO_DESCRIPTIONS ?= $(if $(wildcard $(DEMO_DIR)/descriptions.json),--descriptio
 # On a 2-core CPU the demo labels an even 1000-image subset so it finishes in minutes.
 DEMO_ARGS ?= --fallback-random-init --max-samples 1000
 
-.PHONY: setup demo demo-multilabel test test-fast test-pretrained lint bench clean-venv
+.PHONY: setup demo demo-multilabel test test-fast test-heavy test-pretrained lint bench clean-venv
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -32,6 +32,11 @@ test: setup
 # Unit tests only (tiny random models, no ../shared/data, no browser): about 2 minutes.
 test-fast: setup
 	bash scripts/run_tests.sh -m "not integration and not browser and not slow and not pretrained"
+
+# The heavy tests (minutes each: real-size backbones end to end, the review panel on thousands of
+# samples in the App), skipped by `make test` to keep it under 15 minutes on 2 cores.
+test-heavy: setup
+	NOLA_HEAVY=1 bash scripts/run_tests.sh -m heavy
 
 # With real weights in NOLA_MODELS_DIR: the accuracy checks of tests/test_pretrained.py.
 test-pretrained: setup

@@ -93,15 +93,23 @@ def pytest_report_header(config):
     return f"real images: {CIFAR_DIR} and {COCO_DIR} ({where})"
 
 
+def heavy_wanted(config) -> bool:
+    """Heavy tests (minutes each) run when asked: NOLA_HEAVY=1, or a -m expression naming them."""
+    return os.environ.get("NOLA_HEAVY") == "1" or "heavy" in (config.getoption("-m") or "")
+
+
 def pytest_collection_modifyitems(config, items):
-    if pretrained_available():
-        return
-    skip = pytest.mark.skip(
-        reason="needs pretrained CLIP/DINO weights: set NOLA_PRETRAINED=1 with weights in NOLA_MODELS_DIR"
-    )
+    skips = {}
+    if not pretrained_available():
+        skips["pretrained"] = pytest.mark.skip(
+            reason="needs pretrained CLIP/DINO weights: set NOLA_PRETRAINED=1 with weights in NOLA_MODELS_DIR"
+        )
+    if not heavy_wanted(config):
+        skips["heavy"] = pytest.mark.skip(reason="heavy (minutes): make test-heavy, or NOLA_HEAVY=1")
     for item in items:
-        if "pretrained" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -87,6 +87,7 @@ def test_cdul_with_a_sigmoid_clip(make_dataset, tiny_siglip_spec):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_cli_labels_a_folder_with_real_size_pe_core_and_dinov2(tmp_path):
     """The issue's command: --clip-arch PE-Core-B-16 --dino vit_small_patch14_dinov2.lvd142m --random-init."""
     import shutil

@@ -21,7 +21,13 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 import review_browser as rb  # noqa: E402
 
-pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.heavy,
+    pytest.mark.timeout(600),
+]
 
 N = 6_000  # above the t-SNE limit: the review preparation's map is a PCA, seconds, not minutes
 REPEATS = 2

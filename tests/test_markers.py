@@ -57,3 +57,18 @@ def test_a_test_reading_real_images_must_be_marked_integration():
     # a teardown error: the test itself passed
     assert "is not marked integration" in run.stdout and "5 passed, 2 errors" in run.stdout, run.stdout
     assert "(the committed set, tests/data)" in run.stdout  # the report header names the set in use
+
+
+def test_heavy_tests_run_only_when_asked(monkeypatch):
+    from types import SimpleNamespace
+
+    from conftest import heavy_wanted
+
+    def config(m):
+        return SimpleNamespace(getoption=lambda name: m)
+
+    monkeypatch.delenv("NOLA_HEAVY", raising=False)
+    assert not heavy_wanted(config("")) and not heavy_wanted(config("not integration"))
+    assert heavy_wanted(config("heavy"))
+    monkeypatch.setenv("NOLA_HEAVY", "1")
+    assert heavy_wanted(config(""))
