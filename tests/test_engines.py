@@ -152,6 +152,9 @@ def test_openvino_int8_is_calibrated_and_close(tiny_clip, files):
 @pytest.mark.integration
 @needs_ov
 def test_tuned_model_and_crop_scores_match_pytorch(tiny_clip, files, monkeypatch):
+    # engine="openvino" runs bf16 where the CPU has it natively: this test is the fp32 branch on
+    # any CPU; test_tuned_model_in_bf16_keeps_the_labels is the other
+    monkeypatch.setenv("NOLA_CPU_ISA", "avx2")
     rng = np.random.RandomState(0)
     W = rng.randn(4, tiny_clip.embed_dim).astype(np.float32)
     W /= np.linalg.norm(W, axis=1, keepdims=True)
@@ -172,7 +175,6 @@ def test_tuned_model_and_crop_scores_match_pytorch(tiny_clip, files, monkeypatch
     # auto: measured on these images, an engine kept only if its labels match PyTorch fp32's
     monkeypatch.delenv("NOLA_ENGINE", raising=False)
     monkeypatch.setenv("NOLA_ENGINE_MIN_IMAGES", "0")
-    monkeypatch.setenv("NOLA_CPU_ISA", "avx2")
     out, _ = pt.predict_tuned(model, files, 4, 0, "cpu")
     measured = model.last_engine.measured
     assert measured["images"] == len(files) - len(files[::3]) and measured["choice"] == model.last_engine.tag
@@ -183,6 +185,25 @@ def test_tuned_model_and_crop_scores_match_pytorch(tiny_clip, files, monkeypatch
     assert np.array_equal(np.nanargmax(loc, -1), np.nanargmax(loc_ref, -1))
     crop_choice = next(engines.cache_root().glob("choices/*crop-labels*.json"))
     assert json.loads(crop_choice.read_text())["candidates"]["openvino-fp32"]["label_agreement"] == 1.0
+
+
+@pytest.mark.integration
+@needs_ov
+def test_tuned_model_in_bf16_keeps_the_labels(tiny_clip, files, monkeypatch):
+    """The bf16 branch (a CPU with avx512_bf16 or AMX): OpenVINO's bf16 hint on the fp32 IR. On a
+    CPU without native bf16 OpenVINO runs it in fp32, so the bound is bf16's, met either way."""
+    monkeypatch.setenv("NOLA_CPU_ISA", "avx512_bf16")
+    rng = np.random.RandomState(1)
+    W = rng.randn(4, tiny_clip.embed_dim).astype(np.float32)
+    W /= np.linalg.norm(W, axis=1, keepdims=True)
+    model = pt.PromptedClassifier.from_clip(tiny_clip, W, n_prompts=4)
+    ref, _ = pt.predict_tuned(model, files, 4, 0, "cpu", engine="torch")
+    out, _ = pt.predict_tuned(model, files, 4, 0, "cpu", engine="openvino")
+    assert model.last_engine.tag == "openvino-bf16"
+    assert np.abs(out - ref).max() <= 0.05  # probabilities; bf16 keeps 8 bits of mantissa
+    margin = np.sort(ref, 1)[:, -1] - np.sort(ref, 1)[:, -2]
+    clear = margin > 0.05
+    assert (out.argmax(1) == ref.argmax(1))[clear].all()
 
 
 # ----------------------------------------------------------------------------- cache
