@@ -90,6 +90,15 @@ def _show(ctx, view) -> None:
     _common.show_review_fields(ctx)
 
 
+def _open_in_sample_view(ctx, view, sample_id) -> None:
+    """The grid on ``view`` and ``sample_id`` opened in the sample view. The view is set only if
+    the grid shows another, and the App's dataset is not reloaded: either lands after the sample
+    has opened and closes it again (seen in Chromium: the audit's first sample opened and closed)."""
+    if ctx.view._serialize(include_uuids=False) != view._serialize(include_uuids=False):
+        ctx.ops.set_view(view)
+    ctx.ops.open_sample(id=sample_id)
+
+
 class _Echoes:
     """Values written from here into a panel's controls, per (panel, control), oldest first.
 

@@ -11,7 +11,7 @@ from fiftyone_nola.core.errors import NolaError
 from fiftyone_nola.stages import audit
 from fiftyone_nola.stages import review as rv
 
-from ._panel_common import _show, field_of
+from ._panel_common import _open_in_sample_view, _show, field_of
 
 AUDIT_DRAW = 200  # the form's suggestion: enough for +-0.03..0.05 at 95 % (README, "How accurate...")
 
@@ -146,8 +146,7 @@ class AuditSection:
         if not queue:
             ctx.ops.notify("Every drawn sample is decided: draw again for a larger audit", variant="info")
             return
-        _show(ctx, audit_view(ctx.dataset))
-        ctx.ops.open_sample(id=queue[0])
+        _open_in_sample_view(ctx, audit_view(ctx.dataset), queue[0])
 
     def on_flag_uncertified(self, ctx):
         out = audit.flag_uncertified(ctx.dataset, field_of(ctx))

@@ -23,6 +23,7 @@ from ._panel_common import (  # noqa: F401 - MODEL_EVALUATION_PANEL and model_ev
     Serialized,
     _has_predictions,
     _histogram_traces,
+    _open_in_sample_view,
     _show,
     _targets,
     _threshold,
@@ -85,6 +86,7 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
             ctx.panel.set_state("ready", False)
             return
         t = _threshold(ctx)
+        known = ctx.panel.get_state("applied_threshold")  # what this panel last showed as applied
         present = [f for f in rs.STAGE_OUTPUT_FIELDS if ctx.dataset.has_sample_field(f)]
         s = flagging or rv.summary(ctx.dataset, field, t, present=present)
         self._show_stages(ctx, s.get("present"), s["samples"])
@@ -99,7 +101,13 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
                 "flag_count": _flag_count_text(counts, t),
             }
         )
-        if ctx.panel.get_state(SLIDER) != t:  # the slider shows its state; the number its default
+        # The slider shows its state, the number its default. The slider is set only when the
+        # applied value changed (or on first render): a slider differing from an unchanged applied
+        # value is a move whose own event is still on its way (this event, e.g. the selection
+        # change after the last flagging, left first), and setting it back would send the old value
+        # as a new move: the two would then re-flag each other forever.
+        slider = ctx.panel.get_state(SLIDER)
+        if slider != t and (slider is None or known != t):
             self._set_control(ctx, SLIDER, t)
         ctx.panel.set_data("histogram", _histogram_traces(s["histogram"]))
         corrections, sugg = rv.suggestions(ctx.dataset, field, self._min_sim(ctx))
@@ -150,12 +158,13 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
             return
         self._flag(ctx, t)
 
-    def _flag(self, ctx, t: float) -> None:
+    def _flag(self, ctx, t: float, show: bool = True) -> None:
         field = field_of(ctx)
         present = [f for f in rs.STAGE_OUTPUT_FIELDS if ctx.dataset.has_sample_field(f)]
         s = rv.flag_samples(ctx.dataset, field, threshold=t, present=present)
         self.refresh(ctx, flagging=s)
-        _show(ctx, ctx.dataset.match_tags(rv.FLAGGED_TAG).sort_by(f"{field}.confidence"))
+        if show:
+            _show(ctx, ctx.dataset.match_tags(rv.FLAGGED_TAG).sort_by(f"{field}.confidence"))
 
     def on_class_click(self, ctx):
         """A row of the class table: the grid shows that class's flagged samples (all if none)."""
@@ -214,13 +223,12 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
         """Grid to the review queue and its first sample opened in the sample view (flagging at
         the shown threshold first if this dataset was never flagged)."""
         if not rv.settings(ctx.dataset):
-            self._flag(ctx, _threshold(ctx))
+            self._flag(ctx, _threshold(ctx), show=False)
         first = rv.next_in_queue(ctx.dataset)
         if first is None:
             ctx.ops.notify("The review queue is empty: move the threshold to flag samples", variant="info")
             return
-        _show(ctx, rv.queue_view(ctx.dataset))
-        ctx.ops.open_sample(id=first)
+        _open_in_sample_view(ctx, rv.queue_view(ctx.dataset), first)
 
     def on_min_similarity(self, ctx):
         v = ctx.params.get("value")

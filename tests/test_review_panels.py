@@ -202,6 +202,31 @@ def test_threshold_controls_flag_once_per_committed_value(review_ds):
         panels_module.rv.flag_samples = flag
 
 
+def test_a_move_in_flight_is_not_set_back_by_another_event(review_ds):
+    """Seen in Chromium: the slider moved to 0.39 while the App sent a selection change (after the
+    last flagging's grid update) carrying that state; its refresh set the slider back to the
+    applied 0.4, the App sent 0.4 as a move after 0.39, and the two re-flagged each other for ever."""
+    from fiftyone_nola.stages import review as rv
+    from operators.panels import SLIDER, NolaPanel
+
+    ds, panel, pid = review_ds, NolaPanel(), "in-flight-panel"
+    pc = PanelCtx(ds, panel_id=pid, value=0.4)
+    panel.on_load(pc.ctx)
+    panel.on_slider(pc.ctx)
+    st = dict(pc.state, **{SLIDER: 0.39})  # the user's move; its on_slider event is not here yet
+    pc = PanelCtx(ds, state=st, panel_id=pid, value={})
+    panel.on_change_selected(pc.ctx)
+    assert pc.state[SLIDER] == 0.39  # left as the user moved it
+    pc = PanelCtx(ds, state=pc.state, panel_id=pid, value=0.39)
+    panel.on_slider(pc.ctx)
+    assert rv.settings(ds)["threshold"] == 0.39 and pc.state["applied_threshold"] == 0.39
+    # a threshold applied elsewhere (another tab, a notebook) still reaches the slider
+    rv.flag_samples(ds, "nola", threshold=0.6)
+    pc = PanelCtx(ds, state=pc.state, panel_id=pid, value={})
+    panel.on_change_selected(pc.ctx)
+    assert pc.state[SLIDER] == 0.6
+
+
 def test_stage_progress_polled_from_the_delegated_run(review_ds):
     """A stage launched delegated: the panel polls its run and shows done/total on the stage's row;
     when the run ends the timer stops and everything is refreshed."""
@@ -387,8 +412,16 @@ def test_audit_mode_draws_walks_the_audit_in_one_click_each_and_reports(syntheti
     st = pc.state
     drawn = st["audit"]["drawn"]
     assert drawn > 10 and st["audit"]["audited"] == 0 and "set_view" in " ".join(pc.op_names())
-    pc = PanelCtx(ds, state=st)
+    # the grid already shows the audit (Draw set it): opening its first sample changes nothing
+    # else, since a view change or a dataset reload landing after it would close the sample again
+    from operators.audit_section import audit_view
+
+    pc = PanelCtx(ds, state=st, view=audit_view(ds))
     grid.on_audit_start(pc.ctx)
+    assert [n.split("/")[-1] for n in pc.op_names()] == ["open_sample"]
+    pc = PanelCtx(ds, state=st)  # from another grid: the view is set once, no reload
+    grid.on_audit_start(pc.ctx)
+    assert [n.split("/")[-1] for n in pc.op_names()] == ["set_view", "open_sample"]
     (current,) = [p["id"] for n, p in pc.ops() if n.endswith("open_sample")]
     state = {}
     for i in range(10):  # one click per audit sample: accept, or pick another class
