@@ -349,9 +349,10 @@ def test_brain_runs_on_the_stored_vectors(review_ds):
     assert visualization_method(1000) in ("umap", "tsne") and visualization_method(10**6) in ("umap", "pca")
 
 
-def test_a_tsne_map_of_vectors_with_fewer_than_50_dims(make_dataset, tmp_path):
+def test_a_tsne_map_of_vectors_with_fewer_than_50_dims(make_dataset, tmp_path, capfd):
     """t-SNE's PCA to 50 dims failed on 32-dim vectors (found by prepare_for_review on 60 samples
-    of a tiny model: 'n_components=50 must be between 1 and ... 32')."""
+    of a tiny model: 'n_components=50 must be between 1 and ... 32'). The map prints nothing of
+    its own (its per-iteration log was 56 of the demo's 177 lines, issue 25)."""
     from fiftyone_nola.core.index import EmbeddingIndex
     from fiftyone_nola.core.storage import index_dir
     from fiftyone_nola.stages import runs
@@ -366,6 +367,8 @@ def test_a_tsne_map_of_vectors_with_fewer_than_50_dims(make_dataset, tmp_path):
     with patch("fiftyone_nola.stages.brain_runs.visualization_method", return_value="tsne"):
         r = register_brain_runs(ds, "clip")
     assert r["method"] == "tsne" and ds.load_brain_results(r["visualization"]).points.shape == (60, 2)
+    out = capfd.readouterr()
+    assert "[t-SNE]" not in out.out + out.err
 
 
 # ---------------------------------------------------------------------------- export

@@ -129,10 +129,11 @@ def register_brain_runs(samples, family: str = "clip", visualization: bool = Tru
             if viz_key in ds.list_brain_runs():
                 ds.delete_brain_run(viz_key)
             target = ds if len(kept) == len(ids) else ds.select(kept, ordered=True)
-            kwargs = {}
+            # the map's own per-iteration log (57 lines for t-SNE) would drown the stage table
+            kwargs = {} if method == "pca" else {"verbose": False}
             if method == "tsne":
                 # t-SNE first reduces to 50 dims with PCA, which fails on vectors with fewer
-                kwargs = {"perplexity": min(30.0, (len(kept) - 1) / 3), "pca_dims": 50 if ix.dim > 50 else None}
+                kwargs.update(perplexity=min(30.0, (len(kept) - 1) / 3), pca_dims=50 if ix.dim > 50 else None)
             fob.compute_visualization(
                 target,
                 embeddings=np.asarray(vecs, np.float32),
