@@ -16,8 +16,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import CIFAR10_CLASSES as CLASSES
-from conftest import REPO, cifar_files, tiny_pipeline_config
+from conftest import DATA_CLASSES as CLASSES  # CIFAR-10's on ../shared, else the committed set's
+from conftest import REPO, cifar_files, data_classes, tiny_pipeline_config
 from fiftyone_nola.core import models as M
 from fiftyone_nola.pipeline import auto_label
 from fiftyone_nola.stages import runs
@@ -71,7 +71,8 @@ def test_cdul_with_a_sigmoid_clip(make_dataset, tiny_siglip_spec):
     from fiftyone_nola.core.cdul import CropConfig
     from fiftyone_nola.core.embed import EmbedConfig
 
-    pairs = cifar_files(per_class=2, classes=["cat", "dog", "ship"])
+    classes = data_classes(["cat", "dog", "ship"])
+    pairs = cifar_files(per_class=2, classes=classes)
     ds = make_dataset([p for p, _ in pairs], [[c] for _, c in pairs])
     cfg = MultiLabelConfig(
         clip=tiny_siglip_spec,
@@ -81,7 +82,7 @@ def test_cdul_with_a_sigmoid_clip(make_dataset, tiny_siglip_spec):
         single_template=True,
         device="cpu",
     )
-    summary = auto_label_multilabel(ds, ["cat", "dog", "ship"], cfg)
+    summary = auto_label_multilabel(ds, classes, cfg)
     assert len(ds.exists(cfg.pseudo_field)) == len(ds) == len(ds.exists(cfg.pred_field))
     assert summary["processed"]["pseudo_labels"] == len(ds)
 
