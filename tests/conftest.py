@@ -337,6 +337,12 @@ def golden_features(golden: dict, model: dict):
     return np.concatenate([np.asarray(model[key], dtype=np.float64) for _, _, key in golden_sets(golden)])
 
 
+def golden_per_image(golden: dict, model: dict, name: str) -> list:
+    """A model's per-image list ``name`` (e.g. ``pixels_sha256``) on :func:`golden_entries`' images, in
+    the same order: ``committed_<name>`` for the committed set, ``<name>`` for ``../shared``'s."""
+    return [v for key, _, _ in golden_sets(golden) for v in model[key.removesuffix("images") + name]]
+
+
 def assert_reference_features(f, ref, min_cos: float = 0.999999, max_abs: float = 1e-4) -> None:
     """Our features ``f`` equal a reference implementation's ``ref`` row by row (cosine and
     largest absolute difference, in float64)."""

@@ -6,7 +6,13 @@
 each hub builder (``dinov2_vits14``, ``dinov2_vits14_reg``, ``dinov2_vitb14_reg``, ``dinov3_vits16``,
 ``dinov3_vitb16``) filled with deterministic random weights (the rule in the JSON, regenerated
 here), saved as its official release file and loaded back the way the hub loader does, on four
-real images through each release's ``make_classification_eval_transform()`` (resize 256, crop 224).
+real images of ``../shared/data`` (the DINO v1 golden's ``images``) through each release's
+``make_classification_eval_transform()`` (resize 256, crop 224). ``tests/golden/make_dinov2_v3_committed.py``
+(same exports, rule, transforms and forward; it first reproduced those stored features, max abs diff
+3.4e-6, pixels identical) added the features and pixel hashes of four committed images of tests/data
+(``committed_images``: the DINO v1 golden's, tiny10/astronaut/0000, tiny10/cat/0003,
+photos/images/cameraman and coffee): the tests use the committed set, and ``../shared``'s as well
+when it is here (``golden_sets`` in conftest), so a lone clone runs them too.
 
 Here the same weights are written in each format a user has (the official release file, found
 by name in the models dir or torch.hub's cache, with the architecture read from the file; timm's
@@ -32,7 +38,9 @@ import torch
 from conftest import (
     assert_reference_features,
     dino_features_from_offline_hub_cache,
+    golden_features,
     golden_image_paths,
+    golden_per_image,
     golden_rgb_images,
 )
 from fiftyone_nola.core import models as M
@@ -75,10 +83,10 @@ def make_weights(model: dict, generation: str) -> dict:
 def assert_official(loaded, images, model: dict) -> None:
     x = torch.stack([loaded.transform(im) for im in images])
     pixels = [hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest() for t in x]
-    assert pixels == model["pixels_sha256"], "preprocessing differs from the release's eval transform"
+    assert pixels == golden_per_image(GOLDEN, model, "pixels_sha256"), "preprocessing differs from the eval transform"
     with torch.no_grad():
         f = loaded.encode_image(x).numpy()
-    assert_reference_features(f, model["features"])
+    assert_reference_features(f, golden_features(GOLDEN, model))
 
 
 def _generation(key: str) -> str:
@@ -185,7 +193,7 @@ def test_huggingface_hub_cache_offline(images, tmp_path):
         tmp_path, MODELS[key]["timm_name"], timm_state_dict(key, tmp_path), paths
     )
     assert out["ok"] == [True, ""] and out["weights"] == "hub"
-    assert_reference_features(out["features"], MODELS[key]["features"])
+    assert_reference_features(out["features"], golden_features(GOLDEN, MODELS[key]))
 
 
 # --------------------------------------------------------------------------- the bound separates
@@ -204,6 +212,6 @@ def test_timms_own_position_resample_is_a_different_network(images, tmp_path):
     x = torch.stack([loaded.transform(im) for im in images])
     with torch.no_grad():
         f = loaded.encode_image(x).numpy()
-    ref = np.asarray(MODELS[key]["features"])
+    ref = golden_features(GOLDEN, MODELS[key])
     cos = (f * ref).sum(1) / np.linalg.norm(f, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() < 0.999999 or np.abs(f - ref).max() > 1e-4
