@@ -102,6 +102,11 @@ class NolaSampleReview(Serialized, foo.Panel):
         self._record(ctx, "correct", ctx.params.get("label"))
 
     def on_close(self, ctx):
+        # The card goes with the sample: the panel keeps its state while the sample view is closed,
+        # and the next "Review the queue" showed this card (another sample's label and buttons)
+        # until the new one arrived (seen in Chromium at 100,000 samples: its "Accept: deer" read
+        # for a sample predicted "cat").
+        ctx.panel.set_state("card", None)
         ctx.ops.close_sample()
         _common.show_review_fields(ctx)
 

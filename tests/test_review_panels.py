@@ -114,7 +114,10 @@ def test_counts_follow_decisions_made_in_the_sample_view(review_ds):
         cpc = PanelCtx(ds, current_sample=sid)
         card.on_accept(cpc.ctx)
         sid = [p["id"] for n, p in cpc.ops() if n.endswith("open_sample")][0]
-    card.on_close(PanelCtx(ds, current_sample=sid).ctx)
+    cpc = PanelCtx(ds, state=cpc.state, current_sample=sid)
+    card.on_close(cpc.ctx)
+    # no card of the closed sample is left to show when the sample view opens on another one
+    assert cpc.state["card"] is None and "empty" in names(card.render(cpc.ctx))
     pc = PanelCtx(ds, state=st)  # the App closes the sample view: no current sample
     grid.on_change_current_sample(pc.ctx)
     assert pc.state["counts"]["reviewed"] == 3 and pc.state["counts"]["queue"] == 4
