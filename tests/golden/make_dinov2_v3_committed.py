@@ -34,16 +34,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from make_dinov2_v3_reference import weight  # the rule, once (this folder is on sys.path)
 from PIL import Image
 
-TOKENS = ("cls_token", "pos_embed", "register_tokens", "storage_tokens", "mask_token")
 SOURCE = (
     "tests/data of this repository (paths relative to it; dino_reference.json's committed_images): the same"
     " models, weights rule, make_classification_eval_transform() and official forward, by"
@@ -58,32 +57,19 @@ def generation(key: str) -> str:
 
 
 def weights(model: dict, gen: str) -> dict:
-    """The JSON's ``weights_rule``, written from its text."""
+    """The JSON's ``weights_rule``, per tensor as make_dinov2_v3_reference.py applies it (buffers:
+    the stored ``.periods``, ``.bias_mask`` ones with the middle third zero)."""
     rng = np.random.default_rng(model["seed"])
     sd = {}
     for key, shape in model["keys"]:
-        z = rng.standard_normal(shape)
+        a = weight(key, shape, rng.standard_normal(shape), gen)
         if key.endswith(".periods"):
             sd[key] = torch.tensor(model["buffers"][key], dtype=torch.float32)
-            continue
-        if key.endswith(".bias_mask"):
-            m = torch.ones(shape)
-            m[shape[0] // 3 : 2 * shape[0] // 3] = 0
-            sd[key] = m
-            continue
-        if key in TOKENS:
-            a = 0.5 * z
-        elif key.endswith(".gamma"):
-            a = 0.5 + 0.1 * z
-        elif gen == "dinov3" and key.endswith("attn.qkv.bias"):
-            a = 0.0 * z
-        elif len(shape) == 1 and "norm" in key.rsplit(".", 2)[-2] and key.endswith(".weight"):
-            a = 1.0 + 0.1 * z
-        elif len(shape) == 1:
-            a = 0.02 * z
+        elif key.endswith(".bias_mask"):
+            sd[key] = torch.ones(shape)
+            sd[key][shape[0] // 3 : 2 * shape[0] // 3] = 0
         else:
-            a = z / math.sqrt(math.prod(shape[1:]))
-        sd[key] = torch.from_numpy(np.asarray(a, dtype=np.float32))
+            sd[key] = torch.from_numpy(np.asarray(a, dtype=np.float32))
     return sd
 
 
