@@ -317,12 +317,31 @@ def test_cpu_isa_is_the_best_flag_and_the_override_wins(monkeypatch):
     monkeypatch.setenv("NOLA_CPU_ISA", "pentium")
     with pytest.raises(InvalidInputError, match="NOLA_CPU_ISA"):
         cpu_isa.cpu_isa()
-    # a first measurement pays back sooner where int8/bf16 are candidates
-    assert engine_choice.first_measure_min_forwards(["fp32"]) > engine_choice.first_measure_min_forwards(
-        ["fp32", "int8"]
-    )
+
+
+@pytest.mark.parametrize(
+    "isa, demo, large, huge",
+    [
+        ("avx2", [], [], ["fp32"]),
+        ("avx512_vnni", [], ["int8", "fp32"], ["int8", "fp32"]),
+        ("avx512_bf16", [], ["bf16", "fp32"], ["int8", "bf16", "fp32"]),
+        ("amx", [], ["bf16", "fp32"], ["int8", "bf16", "fp32"]),
+    ],
+)
+def test_a_first_measurement_is_made_only_where_it_pays_back(isa, demo, large, huge, monkeypatch):
+    """1,000 images (the demo) repay no conversion on any CPU; 3,000 repay the candidates of the
+    fp32 IR where bf16 is native and int8 where it is the only fast one; int8's own conversion
+    beside bf16 waits for a far larger job."""
+    monkeypatch.setenv("NOLA_CPU_ISA", isa)
+    precisions = cpu_isa.candidate_precisions(isa)
+    order, why = engine_choice.first_measurement(precisions, 1000)
+    assert order == demo and "too few to pay for measuring the engines" in why and "expected from about" in why
+    assert engine_choice.first_measurement(precisions, 3000)[0] == large
+    assert engine_choice.first_measurement(precisions, 10**6)[0] == huge
+    # after bf16 measured 3.9x (more than int8's prior), int8 is not worth converting for any job
+    assert engine_choice.first_measurement(precisions, 10**6, measured_speedup=3.9)[0] == []
     monkeypatch.setenv("NOLA_ENGINE_MIN_IMAGES", "0")
-    assert engine_choice.first_measure_min_forwards(["fp32"]) == 0
+    assert set(engine_choice.first_measurement(precisions, 1)[0]) == set(precisions)
 
 
 class _FakeEngine:
@@ -448,6 +467,27 @@ def test_speed_table_and_pay_back_rule(monkeypatch, tmp_path):
         MS.update(torch=10.0)
     assert first.tag == later.tag == "torch-fp32" and not loaded
     assert later.measured["decided_by"] == "speed table"
+
+
+def test_int8_left_out_for_a_mid_size_job_is_measured_by_a_large_one(monkeypatch, tmp_path):
+    """With AMX a 3,000-image job converts the fp32 IR only (bf16 repays it, int8's calibration
+    does not); the same weights on a 10^6-image job measure again with int8, and the speed table
+    then holds every candidate."""
+    monkeypatch.setenv("NOLA_CPU_ISA", "amx")
+    auto = engines.EngineChoice("auto", "auto")
+    loaded = _simulate(monkeypatch)
+    logs: list = []
+    _, mid = engine_choice.select(_small_model(), {"key": "m"}, (3, 8, 8), auto, _probe(forwards=3000), tmp_path, logs.append)
+    assert "int8" not in loaded and mid.tag == "openvino-bf16"
+    assert "int8 not measured: not expected to repay its conversion on 3000 forward passes" in logs[0]
+    loaded.clear()
+    _, again = engine_choice.select(_small_model(), {"key": "m"}, (3, 8, 8), auto, _probe(forwards=3000), tmp_path)
+    assert again.tag == "openvino-bf16" and loaded == ["bf16"]  # reused: nothing measured
+    loaded.clear()
+    _, large = engine_choice.select(_small_model(), {"key": "m"}, (3, 8, 8), auto, _probe(), tmp_path, logs.append)
+    assert "measuring again with int8" in logs[1] and large.tag == "openvino-int8" and loaded[0] == "int8"
+    speed = json.loads(next((tmp_path / "speed").iterdir()).read_text())
+    assert set(speed["s_per_image"]) == {"torch-fp32", "openvino-fp32", "openvino-bf16", "openvino-int8"}
 
 
 def test_a_reused_int8_choice_is_checked_again_on_each_large_job(monkeypatch, tmp_path):

@@ -22,11 +22,17 @@ An int8 choice reused for a later job of at least that first-measurement size is
 on :data:`SPOT_CHECK_IMAGES` of the job's own images (int8 was calibrated on another job's);
 if they disagree, the job runs the fastest other candidate that passed.
 
-Measuring costs conversions plus a few passes over the check images, so a first measurement
-happens only for jobs that can pay it back: at least 500 forward passes where int8 or bf16 is
-a candidate, 3,000 where only OpenVINO fp32 is (``NOLA_ENGINE_MIN_IMAGES`` overrides); with a
-speed table, only when the seconds it saves on this job exceed its conversion and check
-seconds. Smaller jobs run PyTorch fp32 and record nothing.
+Measuring costs conversions plus a few passes over the check images, so it happens only for
+jobs expected to pay it back. Before anything is measured on this CPU the costs and speed-ups
+are priors in units of PyTorch fp32 forward passes (:data:`PRIOR_SPEEDUP`,
+:data:`PRIOR_CONVERSION_FORWARDS`, measured on the CPUs named there): the candidates sharing the
+fp32 IR (fp32, bf16) are measured when the job's expected saving exceeds their cost by
+:data:`PAY_BACK_MARGIN`, and int8 (a second conversion with calibration) only when what it is
+expected to save beyond them also repays its own cost. ``NOLA_ENGINE_MIN_IMAGES`` replaces the
+rule (every candidate, from that many forward passes; 0: always). With a speed table, a job
+measures only when the seconds it saves exceed its conversion and check seconds. Smaller jobs
+run PyTorch fp32 and record nothing; a choice made without int8 is measured again, int8
+included, by the first later job large enough for int8 to pay back.
 """
 
 from __future__ import annotations
@@ -55,11 +61,21 @@ MIN_ZERO_SHOT_AGREEMENT = 0.99  # same top-1 class as PyTorch fp32 (embeddings, 
 MIN_LABEL_AGREEMENT = 0.995  # same predicted label as PyTorch fp32 (tuned model, crop scores)
 SPOT_CHECK_IMAGES = 32  # a reused int8 choice is checked again on this many of each large job's images
 MIN_SPEEDUP = 1.05  # an engine must beat PyTorch fp32 by this much to be worth a second code path
-# A first measurement (conversions + the check) costs about what PyTorch spends on a few hundred
-# images. Where int8/bf16 are candidates (2.5-4x measured) a 500-image job pays it back; where
-# only OpenVINO fp32 is (1.0-1.2x measured on AVX2) it takes thousands of images.
-FIRST_MEASURE_MIN_FORWARDS = {"fp32_only": 3000, "with_int8_or_bf16": 500}
+SPOT_CHECK_MIN_FORWARDS = 500  # smaller jobs reuse an int8 choice without the spot check
+# A first measurement's costs and gains before anything is measured on this CPU, in PyTorch fp32
+# forward passes of one image. Measured (ViT-B/32, ViT-S/16 and the tuned ViT-B/32; Intel Xeon
+# with AMX): OpenVINO fp32 0.98-1.23x PyTorch, bf16 3.2-4.6x, int8 3.8-4.8x; the fp32 IR costs
+# 160-330 forward passes to build, int8 250-535 more. AMD EPYC (AVX2): OpenVINO fp32 1.37-1.5x.
+# Xeon with avx512_vnni and no bf16: int8's model 3-4x OpenVINO fp32. Without AMX, bf16 runs on
+# AVX-512 dot products (about twice fp32's) and int8 on VNNI.
+PRIOR_SPEEDUP = {"fp32": 1.2, "bf16": 2.0, "int8": 2.5, "bf16_amx": 3.2, "int8_amx": 3.8}
+PRIOR_CONVERSION_FORWARDS = {"fp32": 300, "int8": 500}
+PRIOR_COMPILE_FORWARDS = 50  # compiling one candidate for this CPU, per candidate
+# The priors are medians of a few models and CPUs: a first measurement must be expected to save
+# this many times its cost, so a job near break-even does not pay for an uncertain one.
+PAY_BACK_MARGIN = 1.25
 PREFERENCE = ("int8", "bf16", "fp32")  # measuring order without a speed table: expected fastest first
+IR_GROUPS = (("fp32", "bf16"), ("int8",))  # bf16 is a hint on the fp32 IR; int8 is a second conversion
 
 
 @dataclass
@@ -220,13 +236,53 @@ def _write(path: Path, data: dict) -> None:
 # ----------------------------------------------------------------------------- measuring
 
 
-def first_measure_min_forwards(precisions: list) -> int:
-    """Jobs smaller than this (forward passes) do not pay for a first measurement of these
-    candidates; ``NOLA_ENGINE_MIN_IMAGES`` overrides (0: always measure)."""
+def _prior_speedup(precision: str) -> float:
+    amx = precision != "fp32" and cpu_isa.cpu_isa() == "amx"
+    return PRIOR_SPEEDUP[f"{precision}_amx" if amx else precision]
+
+
+def first_measurement(precisions: list, forwards: int, measured_speedup: Optional[float] = None) -> tuple[list, str]:
+    """``(precisions to measure, why)`` for a job of ``forwards`` forward passes with no speed
+    table; ``[]`` when no measurement is expected to pay back (``why`` says so).
+
+    The choices are: nothing, the candidates on the fp32 IR (fp32, bf16), or those and int8 (a
+    second conversion). Each one's expected saving is ``forwards * (1 - 1 / speed-up)``, its cost
+    the conversions, compilations and check passes, all in PyTorch forward passes (the priors);
+    the one saving most beyond :data:`PAY_BACK_MARGIN` times its cost is measured.
+    ``measured_speedup``: a cached choice, measured without int8, reached this speed-up; then
+    the choice is between it and measuring again with int8 (only the int8 IR is new).
+    """
     env = os.environ.get("NOLA_ENGINE_MIN_IMAGES", "").strip()
     if env:
-        return int(env)
-    return FIRST_MEASURE_MIN_FORWARDS["fp32_only" if list(precisions) == ["fp32"] else "with_int8_or_bf16"]
+        if forwards >= int(env):
+            return [p for p in PREFERENCE if p in precisions], ""
+        return [], f"{forwards} forward passes are fewer than NOLA_ENGINE_MIN_IMAGES={env}"
+    on_fp32_ir = [p for p in precisions if p != "int8"]
+    levels = [on_fp32_ir, precisions] if "int8" in precisions else [on_fp32_ir]
+    base = 1.0
+    if measured_speedup is not None:
+        levels, base = [precisions], measured_speedup
+    best_net, best_need, take = 0.0, float("inf"), []
+    for level in levels:
+        speedup = max(base, *(_prior_speedup(p) for p in level))
+        cost = CHECK_IMAGES * (1 + sum(1 / _prior_speedup(p) for p in level)) + PRIOR_COMPILE_FORWARDS * len(level)
+        cost += PRIOR_CONVERSION_FORWARDS["int8"] if "int8" in level else 0
+        cost += PRIOR_CONVERSION_FORWARDS["fp32"] if measured_speedup is None else 0
+        per_forward = 1 / base - 1 / speedup
+        if per_forward <= 0:
+            continue
+        best_need = min(best_need, PAY_BACK_MARGIN * cost / per_forward)
+        net = forwards * per_forward - PAY_BACK_MARGIN * cost
+        if net > best_net:
+            best_net, take = net, level
+    if not take:
+        what = "int8" if measured_speedup is not None else "the engines"
+        need = f"expected from about {best_need:.0f}" if best_need < float("inf") else "none expected faster"
+        return [], (
+            f"{forwards} forward passes are too few to pay for measuring {what} on this CPU "
+            f"({need}; NOLA_ENGINE_MIN_IMAGES=0 measures anyway)"
+        )
+    return [p for p in PREFERENCE if p in take], ""
 
 
 def _timed(fns: dict, batches: list[torch.Tensor]) -> dict:
@@ -254,18 +310,18 @@ def _timed(fns: dict, batches: list[torch.Tensor]) -> dict:
 def _plan(target: _Target, precisions: list, speed: Optional[dict], forwards: int):
     """``(precisions to try in order, why not)``: ``None`` means skip measuring for this job."""
     if speed is None:
-        need = first_measure_min_forwards(precisions)
-        if forwards < need:
-            return None, (
-                f"{forwards} forward passes are too few to pay for measuring the engines "
-                f"(auto measures from {need}; NOLA_ENGINE_MIN_IMAGES)"
-            )
-        return [p for p in PREFERENCE if p in precisions], ""
+        order, why = first_measurement(precisions, forwards)
+        return (order or None), why
     s = speed["s_per_image"]
     ref = s["torch-fp32"]
     faster = sorted(
         (p for p in precisions if s.get(f"openvino-{p}", ref) * MIN_SPEEDUP < ref), key=lambda p: s[f"openvino-{p}"]
     )
+    unmeasured = [p for p in precisions if f"openvino-{p}" not in s and f"openvino-{p}" not in speed.get("failed", [])]
+    if unmeasured:  # left out of the first measurement as not worth it then: worth it for this job?
+        best = ref / min([ref] + [s[f"openvino-{p}"] for p in faster])
+        if first_measurement(unmeasured, forwards, measured_speedup=best)[0]:
+            return [p for p in PREFERENCE if p in faster + unmeasured], ""
     if not faster:
         return [], "no OpenVINO precision measured faster than PyTorch fp32 on this CPU"
     best = faster[0]
@@ -387,9 +443,21 @@ def _decide(target: _Target, precisions: list, probe: Probe, path: Path):
         seconds=round(time.perf_counter() - t0, 2),
         when=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
-    if speed is None and rec["images"]:
-        measured = {t: f["ms_per_image"] / 1e3 for t, f in rec["candidates"].items() if "ms_per_image" in f}
-        _write(spath, {"s_per_image": measured, "conversion_seconds": rec.get("conversion_seconds", {})})
+    rec["not_measured"] = [p for p in precisions if p not in (order or [])] if speed is None else []
+    if rec["not_measured"] and order:
+        rec["note"] = (
+            f"{', '.join(rec['not_measured'])} not measured: not expected to repay its conversion on "
+            f"{probe.forwards} forward passes (a larger job measures it)"
+        )
+    if rec["images"]:  # what was measured joins this architecture's speed table
+        table = speed or {"s_per_image": {}, "conversion_seconds": {}, "failed": []}
+        for t, f in rec["candidates"].items():
+            if "ms_per_image" in f:
+                table["s_per_image"][t] = f["ms_per_image"] / 1e3
+            elif t not in table.setdefault("failed", []):
+                table["failed"].append(t)
+        table["conversion_seconds"].update({k: v for k, v in rec.get("conversion_seconds", {}).items() if v})
+        _write(spath, table)
     _write(path, rec)
     target.log(f"[engine] auto chose {_describe(rec)}; decided in {rec['seconds']:.1f}s, cached in {path}")
     _ANNOUNCED.add(str(path))
@@ -417,6 +485,9 @@ def select(
     path = choice_file(module, identity, input_size, probe.kind, precisions, root)
     target = _Target(module, identity, tuple(input_size), root, log)
     rec = _read(path)
+    if rec is not None and rec.get("not_measured") and _worth_measuring_the_rest(rec, probe.forwards):
+        log(f"[engine] auto: measuring again with {', '.join(rec['not_measured'])}: this job is large enough")
+        rec = None
     if rec is None:
         try:
             rec, why = _decide(target, precisions, probe, path)
@@ -434,9 +505,20 @@ def select(
         _ANNOUNCED.add(str(path))
         log(f"[engine] auto: {_describe(rec)} (measured {rec.get('when')}; cached in {path})")
     runner, picked = _load(target, rec, probe)
-    if picked.precision == "int8" and runner is not None and probe.forwards >= first_measure_min_forwards(precisions):
+    if picked.precision == "int8" and runner is not None and probe.forwards >= SPOT_CHECK_MIN_FORWARDS:
         runner, picked = _spot_check(target, rec, runner, picked, probe)
     return runner, picked
+
+
+def _worth_measuring_the_rest(rec: dict, forwards: int) -> bool:
+    """A choice measured without some candidates (too costly for its job): would this job repay
+    measuring them, given the speed-up the measured ones reached?"""
+    figs = rec.get("candidates", {})
+    ref = figs.get("torch-fp32", {}).get("ms_per_image")
+    if not ref:
+        return False
+    passed = [f["ms_per_image"] for f in figs.values() if f.get("passed") and f.get("ms_per_image")]
+    return bool(first_measurement(rec["not_measured"], forwards, measured_speedup=ref / min(passed + [ref]))[0])
 
 
 def _load(target: _Target, rec: dict, probe: Probe, tag: Optional[str] = None, extra: Optional[dict] = None):
