@@ -74,7 +74,8 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
 
     def refresh(self, ctx, flagging=None):
         """Read everything the panel shows from the dataset (``flagging``: a flagging's summary
-        just computed, reused instead of counting again)."""
+        just computed, reused instead of counting again); returns the counts shown (None before
+        there are predictions)."""
         # The App server keeps one Dataset object per process: fields another process (a job, a
         # notebook) added since are unknown to it until its document is reloaded.
         rv.reload_dataset(ctx.dataset)
@@ -115,6 +116,7 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
         ctx.panel.set_state({"propagation": prop, "propagation_text": _propagation_text(prop)})
         if ctx.panel.get_state("mode") == "audit":
             self._refresh_audit(ctx)
+        return counts
 
     def _show_stages(self, ctx, labelled=None, n=None) -> list:
         """Stage rows, with the progress of the plugin's delegated runs on this dataset."""
@@ -201,9 +203,10 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
         if ctx.extended_selection:
             ctx.ops.set_extended_selection(clear=True)
         what = f"corrected to '{label}'" if action == "correct" else f"{action}ed"
-        ctx.ops.notify(f"{r['samples']} samples {what}; {r['queue']} left in the review queue", variant="success")
         _common.show_review_fields(ctx)
-        self.refresh(ctx)
+        counts = self.refresh(ctx) or {}
+        left = f"; {counts['queue']} left in the review queue" if "queue" in counts else ""
+        ctx.ops.notify(f"{r['samples']} samples {what}{left}", variant="success")
         ctx.panel.set_state("selection", 0)  # cleared above; this event's context still holds it
 
     def on_accept(self, ctx):

@@ -93,7 +93,8 @@ def ensure_review_schema(samples, field: str) -> None:
         ds.add_sample_field(QUEUE_FIELD, fo.IntField)
     have = set(ds.list_indexes())
     for spec in _index_specs(field):
-        name = "_".join(f"{k}_{d}" for k, d in spec)
+        # FiftyOne lists a one-field index by its path, a compound one by MongoDB's name
+        name = spec[0][0] if len(spec) == 1 else "_".join(f"{k}_{d}" for k, d in spec)
         if name not in have:
             logger.info(f"[review] indexing {name} (once per dataset)")
             ds.create_index(spec)

@@ -26,7 +26,7 @@ from fiftyone_nola.core.progress import ProgressFn, null_progress
 from fiftyone_nola.stages import fo_io
 from fiftyone_nola.stages.review._db import one_review_writer
 from fiftyone_nola.stages.review.card import suggestions
-from fiftyone_nola.stages.review.flagging import queue_length, rank_queue, refill_head, save_views
+from fiftyone_nola.stages.review.flagging import rank_queue, refill_head, save_views
 
 _STATUS_TAGS = {"accepted": ACCEPTED_TAG, "corrected": CORRECTED_TAG, "rejected": REJECTED_TAG}
 
@@ -110,13 +110,17 @@ def decide(
     """Record a reviewer's decision on samples: ``accept`` (the model's label), ``reject`` (no
     class fits), or ``correct`` to ``label`` from the class list (picking the model's own label
     is an accept). The last decision stands: it replaces an earlier one and its correction.
-    Decided samples leave the queue and lose any suggestion."""
+    Decided samples leave the queue and lose any suggestion. Returns the action, label, how many
+    samples were decided and how many of them ``left_queue``."""
     ds = fo_io.root_dataset(samples)
     ids = [str(i) for i in sample_ids]
     if not ids:
         raise InvalidInputError("No samples to act on: select samples in the grid (or lasso them in the map) first")
     if action not in ("accept", "reject", "correct"):
         raise InvalidInputError(f"action must be accept, reject or correct, not {action!r}")
+    # What left the queue, not its new length: counting the queue reads every key of the tags
+    # index it spans (0.11 s of a 0.13 s decision at 10^6 samples); this reads the decided ones.
+    left = ds.select(ids).match_tags(REVIEW_TAG).count()
     if action == "correct" or (action == "accept" and label is not None):
         if not label:
             raise InvalidInputError("Choose the right class from the class list")
@@ -131,7 +135,7 @@ def decide(
         _set_corrections(ds, ids, None, corrections_field)
         n = set_status(ds, "accepted" if action == "accept" else "rejected", ids)
     refill_head(ds, field)
-    return {"action": action, "label": label, "samples": n, "queue": queue_length(ds)}
+    return {"action": action, "label": label, "samples": n, "left_queue": left}
 
 
 @one_review_writer

@@ -118,19 +118,29 @@ def _changes(field: str, threshold, bottom: list, prev: dict, version) -> tuple[
 
 def _retag(ds, add: Optional[dict], remove: Optional[dict]) -> None:
     """Flag ``add`` (the undecided join the queue) and unflag ``remove`` (leaving the queue unless a
-    suggestion holds them there). Each update is one statement that selects, by index, only the
-    samples whose tags change."""
-    fo_io.update_where(ds, {"tags": None}, {"$set": {"tags": []}})  # a tag cannot be added to a null
+    suggestion holds them there). Each update selects, by index, only the samples whose tags
+    change; the few decided (or suggested) ones go first, so the band between two thresholds is
+    read once, by the update that retags it."""
+    # A tag cannot be added to a null. Matching `tags: None` would also read every empty list of
+    # the tags index (0.7-0.9 s at 10^6 samples, for nothing): a null or missing list only.
+    fo_io.update_where(ds, {"$or": [{"tags": {"$type": "null"}}, {"tags": {"$exists": False}}]}, {"$set": {"tags": []}})
     if add is not None:
-        undecided = {"tags": {"$nin": [FLAGGED_TAG, *DECIDED_TAGS]}}
+        decided = {"tags": {"$in": list(DECIDED_TAGS)}}
         fo_io.update_where(
-            ds, {"$and": [add, undecided]}, {"$addToSet": {"tags": {"$each": [FLAGGED_TAG, REVIEW_TAG]}}}
+            ds, {"$and": [add, decided, {"tags": {"$ne": FLAGGED_TAG}}]}, {"$addToSet": {"tags": FLAGGED_TAG}}
         )
-        fo_io.update_where(ds, {"$and": [add, {"tags": {"$ne": FLAGGED_TAG}}]}, {"$addToSet": {"tags": FLAGGED_TAG}})
+        fo_io.update_where(
+            ds,
+            {"$and": [add, {"tags": {"$ne": FLAGGED_TAG}}]},
+            {"$addToSet": {"tags": {"$each": [FLAGGED_TAG, REVIEW_TAG]}}},
+        )
     if remove is not None:
-        plain = {"tags": FLAGGED_TAG, "$nor": [{"tags": SUGGESTED_TAG}]}
-        fo_io.update_where(ds, {"$and": [remove, plain]}, {"$pullAll": {"tags": [FLAGGED_TAG, REVIEW_TAG]}})
-        fo_io.update_where(ds, {"$and": [remove, {"tags": FLAGGED_TAG}]}, {"$pull": {"tags": FLAGGED_TAG}})
+        fo_io.update_where(
+            ds, {"$and": [remove, {"tags": SUGGESTED_TAG}, {"tags": FLAGGED_TAG}]}, {"$pull": {"tags": FLAGGED_TAG}}
+        )
+        fo_io.update_where(
+            ds, {"$and": [remove, {"tags": FLAGGED_TAG}]}, {"$pullAll": {"tags": [FLAGGED_TAG, REVIEW_TAG]}}
+        )
 
 
 @one_review_writer

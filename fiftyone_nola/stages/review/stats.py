@@ -6,7 +6,9 @@ a few hundred groups, and the review's tag logic runs on those."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import fiftyone.core.aggregations as foa
@@ -134,6 +136,38 @@ def _histogram(rows: list, bins: int) -> dict:
     }
 
 
+SPLIT_FROM = 200_000  # samples: a dataset this large is counted in parallel parts
+
+
+def _parts() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, 4))
+
+
+def _grouped(samples, agg: ReviewCounts, parts: Optional[int] = None) -> list[dict]:
+    """The aggregation's groups. On a large dataset, ranges of ``_id`` are counted at once, one
+    per core (the database runs one aggregation on one core: 2.0 s at 10^6 samples); every
+    consumer sums the groups, so a key found in two ranges may appear twice."""
+    ds = fo_io.root_dataset(samples)
+    coll = ds._sample_collection
+    n = coll.estimated_document_count()
+    parts = parts or (_parts() if n >= SPLIT_FROM else 1)
+    if parts <= 1 or n < parts:
+        return samples.aggregate(agg)
+    cuts = []
+    for i in range(1, parts):
+        doc = next(coll.find({}, {"_id": 1}).sort("_id", 1).skip(i * n // parts).limit(1), None)
+        if doc is not None:
+            cuts.append(doc["_id"])
+    bounds = [None, *cuts, None]
+    views = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        rng = {k: v for k, v in (("$gte", lo), ("$lt", hi)) if v is not None}
+        views.append(samples.match({"_id": rng}) if rng else samples)
+    with ThreadPoolExecutor(len(views)) as pool:
+        return [row for rows in pool.map(lambda v: v.aggregate(agg), views) for row in rows]
+
+
 def summary(
     samples,
     field: str = PREDICTIONS_FIELD,
@@ -148,7 +182,7 @@ def summary(
     ``would_flag`` and the histogram's split are by value at ``threshold`` (what it would flag);
     ``present``: fields whose labeled samples are counted too (the stage table's).
     """
-    rows = samples.aggregate(ReviewCounts(field, threshold, bins, present))
+    rows = _grouped(samples, ReviewCounts(field, threshold, bins, present))
     total = {k: sum(r[k] for r in rows) for k in ("n", "reviewed", "below_reviewed", *_COUNTED_TAGS)}
     if classes is None:
         classes = list(fo_io.root_dataset(samples).default_classes or [])
