@@ -88,7 +88,10 @@ def run_actions(ds, repeats: int, tmp: Path) -> dict:
         panel.on_load(pc.ctx)
         state = pc.state
 
-    open_panel()  # first open: the first flagging, not timed
+    # Not timed: the dataset as the pipeline leaves it, flagged at the default threshold with the
+    # review's indexes built (its last step, flag_for_review); v0.2's panel did this on opening.
+    rw.flag_samples(ds, "nola", threshold=0.5)
+    open_panel()  # first open, not timed
     out["panel_open"] = _timed(open_panel, repeats)
 
     def move(t):

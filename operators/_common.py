@@ -10,6 +10,7 @@ import dataclasses
 import inspect
 import json
 import time
+from typing import Optional
 
 import fiftyone.operators.types as types
 
@@ -387,17 +388,26 @@ def choice_param(ctx, name: str):
     return None if v in (None, "", NONE_CHOICE) else v
 
 
-def show_review_fields(ctx, extra=()) -> None:
-    """After an action: reload and make the tags and review fields visible in the grid."""
+def show_review_fields(ctx, extra=(), reload: Optional[str] = "dataset") -> None:
+    """After an action: make the tags and review fields visible in the grid, re-read by the App.
+
+    ``reload``: ``"dataset"`` after a write that may add fields (the App re-reads the schema),
+    ``"samples"`` after one that changed only values (the grid and its counts), None when nothing
+    was written. Each reload and each change of the active fields is one more round trip of the
+    App (a grid reload at 100,000 samples), so the fields are set only when one is not active."""
     from fiftyone_nola.core.names import CORRECTIONS_FIELD, PREDICTIONS_FIELD, SUGGESTED_FIELD
 
     ds = ctx.dataset
     fields = ["tags", PREDICTIONS_FIELD, *extra]
     fields += [f for f in (CORRECTIONS_FIELD, SUGGESTED_FIELD) if ds is not None and ds.has_sample_field(f)]
-    ctx.ops.reload_dataset()
-    ctx.ops.set_active_fields(
-        fields=[f for f in dict.fromkeys(fields) if f == "tags" or (ds is not None and ds.has_sample_field(f))]
-    )
+    if reload == "dataset":
+        ctx.ops.reload_dataset()
+    elif reload == "samples":
+        ctx.ops.reload_samples()
+    wanted = [f for f in dict.fromkeys(fields) if f == "tags" or (ds is not None and ds.has_sample_field(f))]
+    active = set(ctx.active_fields or [])
+    if not active or not set(wanted) <= active:
+        ctx.ops.set_active_fields(fields=wanted)
 
 
 def r3(x):

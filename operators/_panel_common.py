@@ -5,6 +5,7 @@ one-at-a-time callbacks."""
 from __future__ import annotations
 
 import threading
+from typing import Optional
 from urllib.parse import quote
 
 import fiftyone.operators.types as types
@@ -84,10 +85,11 @@ def _histogram_traces(h: dict) -> list:
     ]
 
 
-def _show(ctx, view) -> None:
-    """Point the grid at ``view`` and make the review fields visible there."""
+def _show(ctx, view, reload: Optional[str] = "dataset") -> None:
+    """Point the grid at ``view`` and make the review fields visible there (``reload``: what the
+    action wrote, as :func:`_common.show_review_fields` takes it)."""
     ctx.ops.set_view(view)
-    _common.show_review_fields(ctx)
+    _common.show_review_fields(ctx, reload=reload)
 
 
 def _open_in_sample_view(ctx, view, sample_id) -> None:

@@ -166,7 +166,8 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
         s = rv.flag_samples(ctx.dataset, field, threshold=t, present=present)
         self.refresh(ctx, flagging=s)
         if show:
-            _show(ctx, ctx.dataset.match_tags(rv.FLAGGED_TAG).sort_by(f"{field}.confidence"))
+            # tags changed, no field was added: the grid and its counts are re-read, not the schema
+            _show(ctx, ctx.dataset.match_tags(rv.FLAGGED_TAG).sort_by(f"{field}.confidence"), reload="samples")
 
     def on_class_click(self, ctx):
         """A row of the class table: the grid shows that class's flagged samples (all if none)."""
@@ -180,12 +181,12 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
         if rows[int(row)]["flagged"]:
             view = view.match_tags(rv.FLAGGED_TAG)
         ctx.panel.set_state("selected_class", cls)
-        _show(ctx, view.sort_by(f"{field}.confidence"))
+        _show(ctx, view.sort_by(f"{field}.confidence"), reload=None)  # nothing written: the view is enough
 
     def on_show_all(self, ctx):
         ctx.panel.set_state("selected_class", None)
         ctx.ops.clear_view()
-        _common.show_review_fields(ctx)
+        _common.show_review_fields(ctx, reload=None)
 
     def _decide(self, ctx, action, label=None):
         ids = _targets(ctx)

@@ -37,6 +37,12 @@ class NolaSampleReview(Serialized, foo.Panel):
         self.show(ctx)
 
     def on_change_current_sample(self, ctx):
+        # A decision opens the next sample with its card already computed: the App's event for
+        # that opening would compute and send the same card again, holding this (serialized)
+        # panel while the reviewer's next click waits.
+        card = ctx.panel.get_state("card") or {}
+        if ctx.current_sample and card.get("id") == ctx.current_sample:
+            return
         self.show(ctx)
 
     def show(self, ctx, sample_id=None):

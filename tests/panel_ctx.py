@@ -16,6 +16,7 @@ class PanelCtx:
         view=None,
         panel_id="test-panel",
         extended_selection=None,
+        active_fields=None,
         **params,
     ):
         from fiftyone.operators.executor import ExecutionContext, Executor
@@ -29,6 +30,8 @@ class PanelCtx:
         }
         if current_sample:
             req["current_sample"] = current_sample
+        if active_fields is not None:
+            req["active_fields"] = list(active_fields)
         if view is not None:
             from fiftyone.operators.operations import _serialize_view
 

@@ -477,7 +477,9 @@ def test_int8_left_out_for_a_mid_size_job_is_measured_by_a_large_one(monkeypatch
     auto = engines.EngineChoice("auto", "auto")
     loaded = _simulate(monkeypatch)
     logs: list = []
-    _, mid = engine_choice.select(_small_model(), {"key": "m"}, (3, 8, 8), auto, _probe(forwards=3000), tmp_path, logs.append)
+    _, mid = engine_choice.select(
+        _small_model(), {"key": "m"}, (3, 8, 8), auto, _probe(forwards=3000), tmp_path, logs.append
+    )
     assert "int8" not in loaded and mid.tag == "openvino-bf16"
     assert "int8 not measured: not expected to repay its conversion on 3000 forward passes" in logs[0]
     loaded.clear()
