@@ -1238,6 +1238,10 @@ def main(argv=None) -> int:
         # Every speed figure is read against what this CPU offers (avx2 ... amx).
         results["cpu_isa"] = results["machine"]["cpu_isa"] = cpu_isa.cpu_isa()
         results["cpu_model"] = results["machine"].get("cpu_model") or cpu_isa.cpu_name()
+        # A CPU simulated on a better one: NOLA_CPU_ISA picks the candidates, ONEDNN_MAX_CPU_ISA
+        # caps the instructions OpenVINO's kernels use (AVX512_CORE_VNNI: no AMX, no bf16).
+        results["cpu_isa_detected"] = cpu_isa._detected()[0]
+        results["onednn_max_cpu_isa"] = os.environ.get("ONEDNN_MAX_CPU_ISA") or None
         print(
             "machine:",
             json.dumps(
