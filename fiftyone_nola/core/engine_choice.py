@@ -18,7 +18,7 @@ Two caches beside the converted models (``$NOLA_HOME/engines``):
   re-tuned model) convert nothing when no candidate was faster there, and otherwise measure and
   check only the candidates that were.
 
-An int8 choice reused for a later job of at least that first-measurement size is checked again
+An int8 choice reused for a later job of at least :data:`SPOT_CHECK_MIN_FORWARDS` forward passes is checked again
 on :data:`SPOT_CHECK_IMAGES` of the job's own images (int8 was calibrated on another job's);
 if they disagree, the job runs the fastest other candidate that passed.
 
