@@ -388,6 +388,15 @@ def choice_param(ctx, name: str):
     return None if v in (None, "", NONE_CHOICE) else v
 
 
+def reload_app(ctx, reload: Optional[str]) -> None:
+    """``"dataset"``: the App re-reads the dataset (new fields); ``"samples"``: the grid and its
+    counts; None: nothing."""
+    if reload == "dataset":
+        ctx.ops.reload_dataset()
+    elif reload == "samples":
+        ctx.ops.reload_samples()
+
+
 def show_review_fields(ctx, extra=(), reload: Optional[str] = "dataset") -> None:
     """After an action: make the tags and review fields visible in the grid, re-read by the App.
 
@@ -400,10 +409,7 @@ def show_review_fields(ctx, extra=(), reload: Optional[str] = "dataset") -> None
     ds = ctx.dataset
     fields = ["tags", PREDICTIONS_FIELD, *extra]
     fields += [f for f in (CORRECTIONS_FIELD, SUGGESTED_FIELD) if ds is not None and ds.has_sample_field(f)]
-    if reload == "dataset":
-        ctx.ops.reload_dataset()
-    elif reload == "samples":
-        ctx.ops.reload_samples()
+    reload_app(ctx, reload)
     wanted = [f for f in dict.fromkeys(fields) if f == "tags" or (ds is not None and ds.has_sample_field(f))]
     active = set(ctx.active_fields or [])
     if not active or not set(wanted) <= active:

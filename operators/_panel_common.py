@@ -87,9 +87,14 @@ def _histogram_traces(h: dict) -> list:
 
 def _show(ctx, view, reload: Optional[str] = "dataset") -> None:
     """Point the grid at ``view`` and make the review fields visible there (``reload``: what the
-    action wrote, as :func:`_common.show_review_fields` takes it)."""
+    action wrote, as :func:`_common.show_review_fields` takes it).
+
+    The reload goes first: the App answers a dataset reload with the view its server holds, and
+    one landing after the new view (seen in Chromium under load: the audit's draw) brought the
+    previous view and panel state back."""
+    _common.reload_app(ctx, reload)
     ctx.ops.set_view(view)
-    _common.show_review_fields(ctx, reload=reload)
+    _common.show_review_fields(ctx, reload=None)
 
 
 def _open_in_sample_view(ctx, view, sample_id) -> None:
