@@ -67,6 +67,11 @@ def _detected() -> tuple[str, str]:
     return isa, name or platform.processor() or platform.machine()
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one, else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def cpu_isa() -> str:
     """The best instruction set of this CPU (one of :data:`ISAS`); ``NOLA_CPU_ISA`` overrides."""
     env = os.environ.get("NOLA_CPU_ISA", "").strip().lower()

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from fiftyone_nola.core import cpu_isa
 from fiftyone_nola.core.errors import InvalidInputError
 
 
@@ -142,7 +143,7 @@ class HardwareProfile:
 def hardware_profile(device: Optional[torch.device] = None) -> HardwareProfile:
     """Paper settings on a GPU; fewer epochs, a subset and small batches on a CPU."""
     device = device or resolve_device()
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = cpu_isa.usable_cores()
     if device.type == "cuda":
         return HardwareProfile(
             device=str(device),

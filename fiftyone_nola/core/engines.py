@@ -394,7 +394,7 @@ def default_threads() -> int:
     env = os.environ.get("NOLA_ENGINE_THREADS")
     if env:
         return max(1, int(env))
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return isa.usable_cores()
 
 
 _LOADED: dict = {}

@@ -28,6 +28,7 @@ from typing import Optional
 
 import numpy as np
 
+from fiftyone_nola.core import cpu_isa
 from fiftyone_nola.core.arrays import l2_normalize
 from fiftyone_nola.core.errors import IndexMismatchError, InvalidInputError
 
@@ -71,7 +72,7 @@ def _scan_pool() -> Optional[ThreadPoolExecutor]:
     global _pool, _pool_size
     n = SCAN_THREADS
     if n is None:
-        n = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        n = min(8, cpu_isa.usable_cores())
     if n <= 1:
         return None
     with _pool_lock:

@@ -11,7 +11,6 @@ scan (no BLAS) ran several times slower on this kind of machine.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
@@ -19,6 +18,7 @@ from typing import Optional
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from fiftyone_nola.core import cpu_isa
 from fiftyone_nola.core.index import ivf_nlist, ivf_train_size, new_ivf_index, sample_rows, topk_inner_product
 from fiftyone_nola.core.progress import ProgressFn, null_progress
 
@@ -81,7 +81,7 @@ def knn_search(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarra
 
 
 def _workers() -> int:
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = cpu_isa.usable_cores()
     return max(1, min(MAX_WORKERS, n))
 
 

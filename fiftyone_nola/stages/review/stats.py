@@ -6,13 +6,13 @@ a few hundred groups, and the review's tag logic runs on those."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import fiftyone.core.aggregations as foa
 
+from fiftyone_nola.core import cpu_isa
 from fiftyone_nola.core.names import (
     ACCEPTED_TAG,
     CORRECTED_TAG,
@@ -140,7 +140,7 @@ SPLIT_FROM = 200_000  # samples: a dataset this large is counted in parallel par
 
 
 def _parts() -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = cpu_isa.usable_cores()
     return max(1, min(cpus, 4))
 
 
