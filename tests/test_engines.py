@@ -492,6 +492,21 @@ def test_int8_left_out_for_a_mid_size_job_is_measured_by_a_large_one(monkeypatch
     assert set(speed["s_per_image"]) == {"torch-fp32", "openvino-fp32", "openvino-bf16", "openvino-int8"}
 
 
+def test_new_weights_of_an_architecture_timed_without_int8_keep_int8_for_a_large_job(monkeypatch, tmp_path):
+    """A re-tuned model (same architecture, new weights) decided from the speed table on a
+    mid-size job records int8 as not measured, so a later large job on those weights measures it
+    (it recorded nothing, and int8 was never measured for them)."""
+    monkeypatch.setenv("NOLA_CPU_ISA", "amx")
+    auto = engines.EngineChoice("auto", "auto")
+    loaded = _simulate(monkeypatch)
+    engine_choice.select(_small_model(0), {"key": "m"}, (3, 8, 8), auto, _probe(forwards=3000), tmp_path)
+    _, retuned = engine_choice.select(_small_model(1), {"key": "m"}, (3, 8, 8), auto, _probe(forwards=3000), tmp_path)
+    assert "int8" not in loaded and retuned.tag == "openvino-bf16"
+    logs: list = []
+    _, large = engine_choice.select(_small_model(1), {"key": "m"}, (3, 8, 8), auto, _probe(), tmp_path, logs.append)
+    assert any("measuring again with int8" in line for line in logs) and large.tag == "openvino-int8"
+
+
 def test_a_reused_int8_choice_is_checked_again_on_each_large_job(monkeypatch, tmp_path):
     """int8 was calibrated and checked on an earlier job's images: a later large job checks it on
     its own images and runs the next candidate when they disagree; a small job is not delayed."""

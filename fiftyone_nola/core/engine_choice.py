@@ -238,6 +238,12 @@ def _timed(fns: dict, batches: list[torch.Tensor]) -> dict:
     return {n: (np.concatenate(outs[n]), min(per[n][1:])) for n in names}
 
 
+def _unmeasured(speed: Optional[dict], precisions: list) -> list:
+    """The candidates this architecture's speed table has never timed (nor seen fail)."""
+    seen = set((speed or {}).get("s_per_image", {})) | set((speed or {}).get("failed", []))
+    return [p for p in precisions if f"openvino-{p}" not in seen]
+
+
 def _plan(target: _Target, precisions: list, speed: Optional[dict], forwards: int):
     """``(precisions to try in order, why not)``: ``None`` means skip measuring for this job."""
     if speed is None:
@@ -248,7 +254,7 @@ def _plan(target: _Target, precisions: list, speed: Optional[dict], forwards: in
     faster = sorted(
         (p for p in precisions if s.get(f"openvino-{p}", ref) * MIN_SPEEDUP < ref), key=lambda p: s[f"openvino-{p}"]
     )
-    unmeasured = [p for p in precisions if f"openvino-{p}" not in s and f"openvino-{p}" not in speed.get("failed", [])]
+    unmeasured = _unmeasured(speed, precisions)
     if unmeasured:  # left out of the first measurement as not worth it then: worth it for this job?
         best = ref / min([ref] + [s[f"openvino-{p}"] for p in faster])
         if first_measurement(unmeasured, forwards, measured_speedup=best)[0]:
@@ -374,14 +380,8 @@ def _decide(target: _Target, precisions: list, probe: Probe, path: Path):
         seconds=round(time.perf_counter() - t0, 2),
         when=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
-    rec["not_measured"] = [p for p in precisions if p not in (order or [])] if speed is None else []
-    if rec["not_measured"] and order:
-        rec["note"] = (
-            f"{', '.join(rec['not_measured'])} not measured: not expected to repay its conversion on "
-            f"{probe.forwards} forward passes (a larger job measures it)"
-        )
+    table = speed or {"s_per_image": {}, "conversion_seconds": {}, "failed": []}
     if rec["images"]:  # what was measured joins this architecture's speed table
-        table = speed or {"s_per_image": {}, "conversion_seconds": {}, "failed": []}
         for t, f in rec["candidates"].items():
             if "ms_per_image" in f:
                 table["s_per_image"][t] = f["ms_per_image"] / 1e3
@@ -389,6 +389,13 @@ def _decide(target: _Target, precisions: list, probe: Probe, path: Path):
                 table["failed"].append(t)
         table["conversion_seconds"].update({k: v for k, v in rec.get("conversion_seconds", {}).items() if v})
         _write(spath, table)
+    # never timed on this architecture (left out as not worth it): a larger job measures them
+    rec["not_measured"] = _unmeasured(table, precisions)
+    if rec["not_measured"] and order:
+        rec["note"] = (
+            f"{', '.join(rec['not_measured'])} not measured: not expected to repay its conversion on "
+            f"{probe.forwards} forward passes (a larger job measures it)"
+        )
     _write(path, rec)
     target.log(f"[engine] auto chose {_describe(rec)}; decided in {rec['seconds']:.1f}s, cached in {path}")
     _ANNOUNCED.add(str(path))
