@@ -17,6 +17,7 @@ from fiftyone_nola.stages import review_stages as rs
 from . import _common
 from ._panel_common import (  # noqa: F401 - MODEL_EVALUATION_PANEL and model_evaluation_button are used by importers
     _ECHOES,
+    _MEMO,
     DEFAULT_FIELD,
     MODEL_EVALUATION_PANEL,
     PLUGIN,
@@ -72,25 +73,29 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
     def on_change_extended_selection(self, ctx):
         self.refresh(ctx)
 
-    def refresh(self, ctx, flagging=None):
-        """Read everything the panel shows from the dataset (``flagging``: a flagging's summary
-        just computed, reused instead of counting again); returns the counts shown (None before
-        there are predictions)."""
+    def refresh(self, ctx, flagging=None, fresh: bool = False):
+        """Show everything the panel shows as the dataset has it (``flagging``: a flagging's
+        summary just computed, reused instead of counting again); returns the counts shown (None
+        before there are predictions). Counts read since the dataset's last change are reused
+        (``_MEMO``) unless ``fresh``."""
         # The App server keeps one Dataset object per process: fields another process (a job, a
         # notebook) added since are unknown to it until its document is reloaded.
         rv.reload_dataset(ctx.dataset)
+        version = None if fresh else rv.data_version(ctx.dataset)
         _show_selection(ctx)
         field = field_of(ctx)
         ctx.panel.set_state("classes_list", rv.class_list(ctx.dataset, field))
         if not _has_predictions(ctx):
-            self._show_stages(ctx)
+            self._show_stages(ctx, version=version)
             ctx.panel.set_state("ready", False)
             return
         t = _threshold(ctx)
         known = ctx.panel.get_state("applied_threshold")  # what this panel last showed as applied
         present = [f for f in rs.STAGE_OUTPUT_FIELDS if ctx.dataset.has_sample_field(f)]
-        s = flagging or rv.summary(ctx.dataset, field, t, present=present)
-        self._show_stages(ctx, s.get("present"), s["samples"])
+        s = flagging or _MEMO.get(
+            (version, "summary", field, t, tuple(present)), lambda: rv.summary(ctx.dataset, field, t, present=present)
+        )
+        self._show_stages(ctx, s.get("present"), s["samples"], version)
         counts = {k: s[k] for k in ("samples", "flagged", "reviewed", "remaining", "queue", "would_flag")}
         counts["flagged_yet"] = bool(rv.settings(ctx.dataset))
         ctx.panel.set_state(
@@ -118,10 +123,12 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
             self._refresh_audit(ctx)
         return counts
 
-    def _show_stages(self, ctx, labelled=None, n=None) -> list:
+    def _show_stages(self, ctx, labelled=None, n=None, version=None) -> list:
         """Stage rows, with the progress of the plugin's delegated runs on this dataset."""
         jobs = rs.active_jobs(ctx.dataset, PLUGIN)
-        rows = rs.stage_status(ctx.dataset, labelled if labelled else None, n)
+        labelled = labelled if labelled else None
+        key = (None if jobs else version, "stages", repr(labelled), n)  # a running job writes files too
+        rows = _MEMO.get(key, lambda: rs.stage_status(ctx.dataset, labelled, n))
         ctx.panel.set_state({"jobs": jobs, "stages": rs.with_jobs(rows, jobs)})
         return jobs
 
@@ -130,7 +137,7 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
         before = {j["id"] for j in ctx.panel.get_state("jobs") or []}
         now = {j["id"] for j in self._show_stages(ctx)}
         if before - now:
-            self.refresh(ctx)  # a run ended: its labels / embeddings are in the dataset now
+            self.refresh(ctx, fresh=True)  # a run ended: its labels, embeddings and files are there now
 
     def _min_sim(self, ctx) -> float:
         v = ctx.panel.get_state("min_similarity")
@@ -286,7 +293,7 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
         ctx.ops.open_panel(MODEL_EVALUATION_PANEL, layout="horizontal")
 
     def on_refresh(self, ctx):
-        self.refresh(ctx)
+        self.refresh(ctx, fresh=True)  # the person asked: everything is read again
 
     # ------------------------------------------------------------------ layout
 

@@ -89,7 +89,13 @@ def test_grid_actions_ask_the_app_for_no_more_round_trips_than_they_need(review_
     t = 0.35 if rv.applied_threshold(ds) != 0.35 else 0.4  # a move (the fixture is shared)
     pc = PanelCtx(ds, state=pc.state, value=t, active_fields=active)
     panel.on_slider(pc.ctx)
-    assert [n for n in names(pc) if n != "patch_panel_data"] == ["reload_samples", "set_view"]
+    # from another view: the new view re-reads the grid and its counts, one round of the App's
+    # queries (a reload as well was a second round, most of a move's wait at 100,000 samples)
+    assert [n for n in names(pc) if n != "patch_panel_data"] == ["set_view"]
+    flagged = ds.match_tags(rv.FLAGGED_TAG).sort_by("nola.confidence")  # now shown: the same view again
+    pc = PanelCtx(ds, state=pc.state, value=t + 0.05, active_fields=active, view=flagged)
+    panel.on_slider(pc.ctx)
+    assert [n for n in names(pc) if n != "patch_panel_data"] == ["reload_samples"]
     pc = PanelCtx(ds, state=pc.state, row=2, active_fields=["tags"])  # the predictions hidden meanwhile
     panel.on_class_click(pc.ctx)
     assert names(pc) == ["set_view", "set_active_fields"]
@@ -154,6 +160,64 @@ def test_counts_follow_decisions_made_in_the_sample_view(review_ds):
     grid.on_change_current_sample(pc.ctx)
     assert pc.state["counts"]["reviewed"] == 3 and pc.state["counts"]["queue"] == 4
     assert sum(r["reviewed"] for r in pc.state["classes"]) == 3
+
+
+def test_events_that_change_nothing_reuse_the_counts_and_any_write_reads_them_again(review_ds, monkeypatch):
+    """The App sends the grid panel an event per selection change and view change; each read every
+    count again (0.2 s at 100,000 samples, holding the panel and the App server while the App's
+    own queries for the new view waited). Counts are now read again only when the dataset changed:
+    a decision, a deletion, a settings change, or the Refresh button."""
+    from fiftyone_nola.stages import review as rv
+    from operators.panels import NolaPanel
+
+    counted = []
+    summary = rv.summary
+    monkeypatch.setattr(rv, "summary", lambda *a, **k: counted.append(1) or summary(*a, **k))
+    ds, panel = review_ds, NolaPanel()
+    rv.flag_samples(ds, "nola", threshold=0.5)
+    pc = PanelCtx(ds)
+    panel.on_load(pc.ctx)
+    assert len(counted) == 1 and pc.state["counts"]["reviewed"] == 0
+    ids = rv.queue_ids(ds)
+    pc = PanelCtx(ds, state=pc.state, selected=ids[:2])
+    panel.on_change_selected(pc.ctx)
+    pc = PanelCtx(ds, state=pc.state)
+    panel.on_change_extended_selection(pc.ctx)
+    assert len(counted) == 1 and pc.state["counts"]["reviewed"] == 0  # nothing changed: nothing read
+    assert pc.state["selection"] == 0  # the selection itself is always the event's
+
+    rv.decide(ds, ids[:1], "accept", field="nola")  # another process, e.g. the sample view
+    pc = PanelCtx(ds, state=pc.state)
+    panel.on_change_extended_selection(pc.ctx)
+    assert len(counted) == 2 and pc.state["counts"]["reviewed"] == 1
+    ds.delete_samples(ids[1])
+    panel.on_change_selected(PanelCtx(ds, state=pc.state).ctx)
+    assert len(counted) == 3
+    rv.flag_samples(ds, "nola", threshold=0.4)
+    panel.on_change_selected(PanelCtx(ds, state=pc.state).ctx)
+    assert len(counted) == 4
+    panel.on_refresh(PanelCtx(ds, state=pc.state).ctx)
+    assert len(counted) == 5  # the person asked: read again
+
+
+def test_data_version_changes_with_every_kind_of_write(review_ds):
+    from fiftyone_nola.stages import review as rv
+
+    ds = review_ds
+    sample = ds.first()
+    seen = [rv.data_version(ds)]
+    assert rv.data_version(ds) == seen[-1]  # reading changes nothing
+    writes = [
+        lambda: (sample.set_field("nola.confidence", 0.01), sample.save()),  # a sample edited in FiftyOne
+        lambda: ds.select(ds.first().id).tag_samples("x"),  # tags, as the App's tagging writes them
+        lambda: ds.delete_samples(ds.last().id),  # stamps nothing: the count changes
+        lambda: (setattr(ds, "info", {**ds.info, "x": 1}), ds.save()),  # the dataset's document
+    ]
+    for write in writes:
+        write()
+        rv.reload_dataset(ds)
+        seen.append(rv.data_version(ds))
+        assert seen[-1] != seen[-2]
 
 
 def test_opening_the_panel_writes_nothing_and_shows_the_stored_threshold(review_ds):

@@ -23,7 +23,7 @@ from fiftyone_nola.core.names import (
     SUGGESTED_FIELD,
     SUGGESTED_TAG,
 )
-from fiftyone_nola.stages.review._db import ensure_review_schema, one_review_writer, reload_dataset
+from fiftyone_nola.stages.review._db import data_version, ensure_review_schema, one_review_writer, reload_dataset
 from fiftyone_nola.stages.review.card import neighbours, open_store, sample_card, suggestions
 from fiftyone_nola.stages.review.decisions import (
     accept_above,
@@ -80,6 +80,7 @@ __all__ = [
     "applied_threshold",
     "check_class",
     "class_list",
+    "data_version",
     "decide",
     "ensure_review_schema",
     "flag_samples",

@@ -28,6 +28,18 @@ def reload_dataset(samples) -> None:
         fo_io.reload_document(samples)
 
 
+def data_version(samples) -> tuple:
+    """A value that changes whenever what the review shows may have: the dataset document's
+    modification time (settings, runs, fields), the newest sample modification (every write,
+    FiftyOne's and ours, stamps ``last_modified_at``) and the sample count (a deletion stamps
+    nothing). One read of FiftyOne's ``last_modified_at`` index and the collection's metadata:
+    the same cost at any size. Call after :func:`reload_dataset`."""
+    ds = fo_io.root_dataset(samples)
+    coll = ds._sample_collection
+    newest = next(iter(coll.find({}, {"_id": 0, "last_modified_at": 1}).sort("last_modified_at", -1).limit(1)), {})
+    return (ds.name, ds.last_modified_at, newest.get("last_modified_at"), coll.estimated_document_count())
+
+
 def _reload_race(e: Exception) -> bool:
     """Whether ``e`` is what a concurrent reload of the shared Dataset object looks like."""
     return not isinstance(e, ValueError) or any(m in str(e) for m in ("has no field", "no saved view", "no run key"))
