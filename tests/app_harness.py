@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -61,9 +62,14 @@ def http(url: str, data: dict | None = None, timeout: float = 30):
         return r.status, r.read()
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """End the server and everything it started: it leads its own process group."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):  # SIGKILL: children that outlived the leader or ignored SIGTERM
+def _stop(proc: subprocess.Popen, first=()) -> None:
+    """End the server and everything it started: it leads its own process group (``first``:
+    signals to try before SIGTERM)."""
+    for sig in (
+        *first,
+        signal.SIGTERM,
+        signal.SIGKILL,
+    ):  # SIGKILL: children that outlived the leader or ignored SIGTERM
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -86,8 +92,10 @@ class AppServer:
             assert env.get(key), f"{key} should have been set (conftest, or the benchmark's isolation)"
         self.log_path = log_path
         self._log = open(log_path, "wb")
+        # A profiler to run the server under, e.g. "py-spy record -o server.txt --format raw --".
+        prefix = shlex.split(os.environ.get("NOLA_APP_SERVER_PREFIX", ""))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fiftyone.server.main", "--address", "127.0.0.1", "--port", str(self.port)],
+            [*prefix, sys.executable, "-m", "fiftyone.server.main", "--address", "127.0.0.1", "--port", str(self.port)],
             env=env,
             cwd=str(code),
             stdout=self._log,
@@ -114,7 +122,7 @@ class AppServer:
             time.sleep(0.25)
 
     def stop(self) -> None:
-        _stop(self.proc)
+        _stop(self.proc, (signal.SIGINT,) if os.environ.get("NOLA_APP_SERVER_PREFIX") else ())  # a profiler writes
         self._log.close()
 
 
