@@ -90,17 +90,16 @@ def _show(ctx, view, reload: Optional[str] = "dataset") -> None:
     """Point the grid at ``view`` and make the review fields visible there (``reload``: what the
     action wrote, as :func:`_common.show_review_fields` takes it).
 
-    One grid reload per action: a new view re-reads the grid and its counts by itself, so after a
-    write of values (``"samples"``) the App is told to reload only when the view stays the same
-    (a threshold move on the flagged grid). Each reload is a round of the App's queries, and at
-    100,000 samples two rounds per move were most of its wait. A reload of the dataset goes
-    before the view: the App answers it with the view its server holds, and one landing after
-    the new view (seen in Chromium under load: the audit's draw) brought the previous view and
-    panel state back."""
-    same = ctx.view is not None and _stages(ctx.view) == _stages(view)
-    if reload == "dataset" or same:
+    A new view is sent alone: the App loads the dataset's page for it (schema, grid, counts), so
+    new fields and values show without a reload. The App is told to reload only when the view
+    stays the same (a threshold move on the flagged grid). A reload beside a new view was one more
+    round of the App's queries (most of a threshold move's wait at 100,000 samples), and a dataset
+    reload restores the view and panel state the App server holds, which can be older than the
+    ones this event sends: after *Draw for audit* the full grid and the Draw form came back (seen
+    in Chromium under load, with the reload sent before or after the view)."""
+    if ctx.view is not None and _stages(ctx.view) == _stages(view):
         _common.reload_app(ctx, reload)
-    if not same:
+    else:
         ctx.ops.set_view(view)
     _common.show_review_fields(ctx, reload=None)
 
