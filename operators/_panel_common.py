@@ -156,14 +156,20 @@ class _Memo:
         self._size = size
 
     def get(self, key, compute):
-        if key is None or key[0] is None:
+        """The value under ``key``, computed once; a key without a version is never kept."""
+        if key[0] is None:
             return compute()
         if key in self._values:
             self._values.move_to_end(key)
             return self._values[key]
-        value = self._values[key] = compute()
-        while len(self._values) > self._size:
-            self._values.popitem(last=False)
+        return self.put(key, compute())
+
+    def put(self, key, value):
+        if key[0] is not None:
+            self._values[key] = value
+            self._values.move_to_end(key)
+            while len(self._values) > self._size:
+                self._values.popitem(last=False)
         return value
 
 

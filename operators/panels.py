@@ -92,9 +92,10 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
         t = _threshold(ctx)
         known = ctx.panel.get_state("applied_threshold")  # what this panel last showed as applied
         present = [f for f in rs.STAGE_OUTPUT_FIELDS if ctx.dataset.has_sample_field(f)]
-        s = flagging or _MEMO.get(
-            (version, "summary", field, t, tuple(present)), lambda: rv.summary(ctx.dataset, field, t, present=present)
-        )
+        key = (version, "summary", field, t, tuple(present))
+        if flagging is not None and flagging.get("threshold") == t:
+            _MEMO.put(key, flagging)  # counted just now: the App's events after a move reuse it
+        s = flagging or _MEMO.get(key, lambda: rv.summary(ctx.dataset, field, t, present=present))
         self._show_stages(ctx, s.get("present"), s["samples"], version)
         counts = {k: s[k] for k in ("samples", "flagged", "reviewed", "remaining", "queue", "would_flag")}
         counts["flagged_yet"] = bool(rv.settings(ctx.dataset))

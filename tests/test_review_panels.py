@@ -196,6 +196,11 @@ def test_events_that_change_nothing_reuse_the_counts_and_any_write_reads_them_ag
     rv.flag_samples(ds, "nola", threshold=0.4)
     panel.on_change_selected(PanelCtx(ds, state=pc.state).ctx)
     assert len(counted) == 4
+    # a move in the panel: the flagging's own counts serve the App's events that follow it
+    pc = PanelCtx(ds, state=pc.state, value=0.42)
+    panel.on_slider(pc.ctx)
+    panel.on_change_extended_selection(PanelCtx(ds, state=pc.state).ctx)
+    assert len(counted) == 4 and pc.state["applied_threshold"] == 0.42
     panel.on_refresh(PanelCtx(ds, state=pc.state).ctx)
     assert len(counted) == 5  # the person asked: read again
 
