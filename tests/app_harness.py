@@ -65,11 +65,8 @@ def http(url: str, data: dict | None = None, timeout: float = 30):
 def _stop(proc: subprocess.Popen, first=()) -> None:
     """End the server and everything it started: it leads its own process group (``first``:
     signals to try before SIGTERM)."""
-    for sig in (
-        *first,
-        signal.SIGTERM,
-        signal.SIGKILL,
-    ):  # SIGKILL: children that outlived the leader or ignored SIGTERM
+    # SIGKILL: children that outlived the leader or ignored SIGTERM
+    for sig in (*first, signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
