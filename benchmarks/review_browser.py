@@ -69,6 +69,16 @@ TARGETS = {  # issue 24's targets at 100,000 samples (seconds)
     "next": 0.3,
     "back_to_grid": 1.0,
 }
+# The panel callback each action's input sends (--trace splits the action's time at it).
+CALLBACKS = {
+    "panel_open": ("on_load",),
+    "threshold_move": ("on_number", "on_slider"),
+    "class_click": ("on_class_click",),
+    "open_queue": ("on_start_review",),
+    "decision": ("on_pick", "on_accept"),
+    "next": ("on_skip",),
+    "back_to_grid": ("on_close",),
+}
 # Actions whose result is the panel's own text: checked again this long after it showed.
 SETTLE, SETTLE_MS = ("panel_open", "threshold_move", "back_to_grid"), 1500
 THRESHOLDS = (0.45, 0.55, 0.40, 0.60, 0.35, 0.65)
@@ -278,6 +288,7 @@ class ReviewDriver:
         self.page, self.ds, self.truth = page, ds, Truth(ds)
         self.shots, self.timeout_ms, self.strict = shots, timeout_s * 1000, strict
         self.seconds: dict[str, list] = {a: [] for a in ACTIONS}  # from the click event to the frame
+        self.callback: dict[str, list] = {a: [] for a in ACTIONS}  # (start, seconds) of its panel callback
         self.wall: dict[str, list] = {a: [] for a in ACTIONS}  # from Playwright's call to the frame
         self.failures: dict[str, list] = {}
         self.facts: dict = {"threshold_values_sent": [], "decisions": [], "shown_after": [], "undone": []}
@@ -381,6 +392,7 @@ class ReviewDriver:
                 if t + ms >= click
             ]
             self.facts.setdefault("requests", []).append({"action": action, "s": dt, "requests": reqs})
+            self.callback[action].append(_callback(action, reqs))
             for start, secs, what in sorted(reqs):
                 if start <= dt and not what.startswith("GET /media"):
                     print(f"      +{start:6.3f} {secs:6.3f} s  {what}", flush=True)
@@ -537,6 +549,14 @@ class ReviewDriver:
         self.timed("back_to_grid", button.click, conds)
 
 
+def _callback(action: str, reqs: list) -> Optional[list]:
+    """``[start, seconds]`` of the first panel callback the action's input sent (None if none
+    was seen): what comes before it is the App sending the event, after it the App showing what
+    the callback returned."""
+    mine = [(start, secs) for start, secs, what in reqs if what.split()[-1] in CALLBACKS[action] and start >= 0]
+    return list(min(mine)) if mine else None
+
+
 def _alternate(i: int):
     """Round ``i``'s pick: the predicted class (an accept) or the next one (a correction)."""
 
@@ -648,6 +668,7 @@ def worker(args) -> None:
     out = {
         "seconds": d.seconds,
         "wall": d.wall,
+        "callback": d.callback,
         "failures": d.failures,
         "facts": d.facts,
         "loadavg": [load0, loadavg()],
@@ -679,6 +700,17 @@ def median(secs: list) -> Optional[float]:
     return statistics.median(done) if done and len(done) == len(secs) else None
 
 
+def split_at_callback(seconds: list, callbacks: list) -> dict:
+    """Medians of the three parts of an action (--trace): the App until it sends the panel's
+    callback (``app_before``), the callback on the server (``callback``), the App from its reply to
+    the frame (``app_after``). Empty without a trace."""
+    parts = [(cb[0], cb[1], s - cb[0] - cb[1]) for s, cb in zip(seconds, callbacks) if s is not None and cb is not None]
+    if not parts:
+        return {}
+    names = ("app_before", "callback", "app_after")
+    return {k: round(statistics.median(p[i] for p in parts), 3) for i, k in enumerate(names)}
+
+
 def run(args, results: dict, tables: list) -> None:
     sides = [("ours", "browser_review", REPO, args.sizes)]
     tmp = Path(tempfile.mkdtemp(prefix="nola-bench-review-browser-"))
@@ -694,10 +726,14 @@ def run(args, results: dict, tables: list) -> None:
             for a in ACTIONS:
                 m = results[f"{prefix}_{a}_s_{n}"] = median(r["seconds"][a])
                 results[f"{prefix}_{a}_wall_s_{n}"] = median(r["wall"][a])
+                cb = split_at_callback(r["seconds"][a], (r.get("callback") or {}).get(a) or [])
+                for part, v in cb.items():
+                    results[f"{prefix}_{a}_{part}_s_{n}"] = v
                 target = TARGETS.get(a) if n >= 100_000 else None
                 secs = ", ".join("-" if s is None else f"{s:.3f}" for s in r["seconds"][a])
                 ok = None if m is None or target is None else ("yes" if m <= target else "NO")
-                rows.append([a, m, secs, results[f"{prefix}_{a}_wall_s_{n}"], target, ok])
+                parts = [cb.get(k) for k in ("app_before", "callback", "app_after")]
+                rows.append([a, m, secs, results[f"{prefix}_{a}_wall_s_{n}"], *parts, target, ok])
             if r["failures"]:
                 results[f"{prefix}_failures_{n}"] = r["failures"]
             undone = r["facts"].get("undone") or []
@@ -705,7 +741,16 @@ def run(args, results: dict, tables: list) -> None:
             title = (
                 f"{label}, n = {n:,} (median of {args.repeats}; load {r['loadavg'][0]:.1f} -> {r['loadavg'][1]:.1f})"
             )
-            tables.append(table(["action", "median s", "each s", "Playwright call s", "target s", "met"], rows, title))
+            head = [
+                "action",
+                "median s",
+                "each s",
+                "Playwright call s",
+                "App before s",
+                "our callback s",
+                "App after s",
+            ]
+            tables.append(table([*head, "target s", "met"], rows, title))
             tables += [f"  {a}: {'; '.join(f)}" for a, f in r["failures"].items()]
             tables += [f"  {u['action']}: shown, then undone {u['at_ms']:.0f} ms later: {u['shown']}" for u in undone]
 
