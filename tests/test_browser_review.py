@@ -229,6 +229,10 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
             # the grid's panel shows the decisions at once: no Refresh
             expect(nola.get_by_text(f"review progress 5 / {flagged_t}")).to_be_visible()
             expect(nola.get_by_text(f"queue {queue_after}")).to_be_visible()
+            # the grid's tiles too, not only its count: a samples reload on closing left the 8 old
+            # tiles (decided ones included) under a count of 3
+            wait_grid(page, queue_after)
+            expect(page.locator('[data-cy="looker"]')).to_have_count(queue_after)
             shot(page, "back-to-the-grid-counts-follow")
 
             # 5. propagate the corrections to similar undecided samples with the same wrong label
