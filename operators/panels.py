@@ -81,7 +81,8 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
         # The App server keeps one Dataset object per process: fields another process (a job, a
         # notebook) added since are unknown to it until its document is reloaded.
         rv.reload_dataset(ctx.dataset)
-        version = None if fresh else rv.data_version(ctx.dataset)
+        now = rv.data_version(ctx.dataset)
+        version = None if fresh else now
         _show_selection(ctx)
         field = field_of(ctx)
         ctx.panel.set_state("classes_list", rv.class_list(ctx.dataset, field))
@@ -95,7 +96,8 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
         key = (version, "summary", field, t, tuple(present))
         if flagging is not None and flagging.get("threshold") == t:
             _MEMO.put(key, flagging)  # counted just now: the App's events after a move reuse it
-        s = flagging or _MEMO.get(key, lambda: rv.summary(ctx.dataset, field, t, present=present))
+        # kept under the version too: the next threshold move counts only the samples it moves
+        s = flagging or _MEMO.get(key, lambda: rv.summary(ctx.dataset, field, t, present=present, version=now))
         self._show_stages(ctx, s.get("present"), s["samples"], version)
         counts = {k: s[k] for k in ("samples", "flagged", "reviewed", "remaining", "queue", "would_flag")}
         counts["flagged_yet"] = bool(rv.settings(ctx.dataset))

@@ -212,6 +212,61 @@ def test_a_threshold_move_writes_only_the_samples_between_the_two_thresholds(syn
     assert flagged == {i for i, c in conf.items() if c < 0.7}
 
 
+def test_a_threshold_move_counts_only_the_samples_it_moves(synthetic, monkeypatch):
+    """A move's counts were a full count of the dataset (~1.2 s of a move at 10^6 samples). They
+    are now the counts kept before it, less the band between the two thresholds as it was, plus
+    the band as the move left it. Each must equal a full count, through decisions, suggestions,
+    a sample without a prediction, and writes from elsewhere between moves (which count afresh)."""
+    from fiftyone_nola.stages import review as rv
+    from fiftyone_nola.stages.review import stats
+
+    monkeypatch.setattr(stats, "KEPT_MAX", 2)
+    ds = synthetic(2000, seed=4)
+    full = []  # the thresholds of full counts
+    real = stats._grouped
+    monkeypatch.setattr(
+        stats, "_grouped", lambda samples, agg, *a: full.append(agg._threshold) or real(samples, agg, *a)
+    )
+    present = ["nola"]
+
+    def move(t):
+        rv.reload_dataset(ds)
+        got = rv.flag_samples(ds, "nola", threshold=t, present=present)
+        want = rv.summary(ds, "nola", t, present=present)
+        for k in set(want) - {"threshold"}:
+            assert got[k] == want[k], (t, k)
+        full.remove(t)  # the reference count just made
+        return got
+
+    move(0.5)
+    assert full == [0.5]  # the first flagging counts everything, and keeps it
+    for t in (0.45, 0.62, 0.3):
+        move(t)
+    assert full == [0.5], "a threshold move counted the whole dataset"
+    ids = rv.queue_ids(ds)
+    rv.decide(ds, ids[:5], "accept")
+    rv.decide(ds, ids[5:8], "correct", "cat")
+    rv.decide(ds, ids[8:10], "reject")
+    ds.select(ids[10:13]).tag_samples([rv.SUGGESTED_TAG])
+    move(0.55)  # decisions since: the version changed, counted afresh
+    assert full == [0.5, 0.55]
+    for t in (0.2, 0.58, 0.4):
+        move(t)
+    lost = ds.match({"nola.confidence": {"$gt": 0.9}}).first()
+    lost.nola = None  # a prediction gone (a sample re-predicted without one): flagged at any threshold
+    lost.save()
+    move(0.41)
+    assert full == [0.5, 0.55, 0.41]
+    move(0.35)
+    # after a decision, the panel counts at the applied threshold: the next move starts from that
+    rv.decide(ds, rv.queue_ids(ds)[:1], "accept")
+    rv.reload_dataset(ds)
+    rv.summary(ds, "nola", 0.35, present=present, version=rv.data_version(ds))
+    full.clear()
+    move(0.37)
+    assert full == [], "the move counted again what the panel had just counted"
+
+
 def test_new_predictions_are_flagged_afresh(synthetic):
     """A re-run of the predictions (a new run record) invalidates the band shortcut."""
     from fiftyone_nola.stages import review as rv

@@ -33,11 +33,15 @@ def data_version(samples) -> tuple:
     modification time (settings, runs, fields), the newest sample modification (every write,
     FiftyOne's and ours, stamps ``last_modified_at``) and the sample count (a deletion stamps
     nothing). One read of FiftyOne's ``last_modified_at`` index and the collection's metadata:
-    the same cost at any size. Call after :func:`reload_dataset`."""
+    the same cost at any size. Call after :func:`reload_dataset`, or after this process's own
+    writes (the document's time is read to the millisecond, as the database stores it)."""
     ds = fo_io.root_dataset(samples)
     coll = ds._sample_collection
     newest = next(iter(coll.find({}, {"_id": 0, "last_modified_at": 1}).sort("last_modified_at", -1).limit(1)), {})
-    return (ds.name, ds.last_modified_at, newest.get("last_modified_at"), coll.estimated_document_count())
+    doc_time = ds.last_modified_at
+    if doc_time is not None:
+        doc_time = doc_time.replace(microsecond=doc_time.microsecond // 1000 * 1000)
+    return (ds.name, doc_time, newest.get("last_modified_at"), coll.estimated_document_count())
 
 
 def _reload_race(e: Exception) -> bool:

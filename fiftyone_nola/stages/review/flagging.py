@@ -32,9 +32,9 @@ from fiftyone_nola.core.names import (
     SUGGESTED_TAG,
 )
 from fiftyone_nola.stages import fo_io, runs
-from fiftyone_nola.stages.review._db import ensure_review_schema, one_review_writer
+from fiftyone_nola.stages.review._db import data_version, ensure_review_schema, one_review_writer
 from fiftyone_nola.stages.review.card import store_vectors
-from fiftyone_nola.stages.review.stats import summary
+from fiftyone_nola.stages.review.stats import MoveCount, summary
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +89,10 @@ def _bottom_k_ids(ds, field: str, k: int) -> list:
     return out
 
 
-def _changes(field: str, threshold, bottom: list, prev: dict, version) -> tuple[Optional[dict], Optional[dict]]:
-    """``(to flag, to unflag)`` filters. When the stored flagging was made on the same predictions
-    by a threshold alone, only the samples between the two thresholds can change."""
-    conf = f"{field}.confidence"
-    same_basis = (
+def _threshold_move(field: str, threshold, bottom: list, prev: dict, version) -> bool:
+    """Whether the stored flagging was made on the same predictions by a threshold alone, as this
+    one is: then only the samples between the two thresholds can change."""
+    return (
         prev.get("field") == field
         and prev.get("version") == version
         and prev.get("threshold") is not None
@@ -101,7 +100,12 @@ def _changes(field: str, threshold, bottom: list, prev: dict, version) -> tuple[
         and not prev.get("bottom_k")
         and not bottom
     )
-    if same_basis:
+
+
+def _changes(field: str, threshold, bottom: list, prev: dict, version) -> tuple[Optional[dict], Optional[dict]]:
+    """``(to flag, to unflag)`` filters: on a threshold move, the band between the two."""
+    conf = f"{field}.confidence"
+    if _threshold_move(field, threshold, bottom, prev, version):
         t0, t1 = float(prev["threshold"]), float(threshold)
         band = {conf: {"$gte": min(t0, t1), "$lt": max(t0, t1)}}
         add = {"$or": _unsure(field) + ([band] if t1 > t0 else [])}
@@ -169,18 +173,23 @@ def flag_samples(
     bottom = _bottom_k_ids(ds, field, bottom_k) if bottom_k else []
     new = {"field": field, "threshold": threshold, "bottom_k": bottom_k, "version": version}
     add, remove = _changes(field, threshold, bottom, prev, version)
-    # Same settings on the same predictions: only samples added since without a prediction change.
-    changed = new != prev or ds.match({"$or": _unsure(field)}).match_tags(FLAGGED_TAG, bool=False).count() > 0
+    # Samples added since without a prediction: flagged now, whatever the settings.
+    stray = ds.match({"$or": _unsure(field)}).match_tags(FLAGGED_TAG, bool=False).count() > 0
+    move = None
+    if _threshold_move(field, threshold, bottom, prev, version) and not stray and samples is ds:
+        move = MoveCount(ds, field, float(prev["threshold"]), float(threshold), present, data_version(ds))
     _retag(ds, add, remove)
     if new != prev:
         info = dict(ds.info or {})
         info[SETTINGS_KEY] = new
         ds.info = info
         ds.save()
-    if changed:
+    if new != prev or stray:
         rank_queue(ds, field, clusters)
-    out = summary(samples, field, threshold, present=present)
-    out.update(field=field, threshold=threshold, bottom_k=bottom_k, views=save_views(ds, field))
+    views = save_views(ds, field)
+    after = data_version(ds) if samples is ds else None  # what the next reader will see
+    out = move.summary(after) if move else summary(samples, field, threshold, present=present, version=after)
+    out.update(field=field, threshold=threshold, bottom_k=bottom_k, views=views)
     return out
 
 
