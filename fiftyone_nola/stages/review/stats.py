@@ -6,6 +6,7 @@ a few hundred groups, and the review's tag logic runs on those."""
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -220,11 +221,21 @@ KEPT_MAX = 8
 _SUMMED = ("n", "conf_sum", "conf_n", "reviewed", "below_reviewed", *_COUNTED_TAGS)
 
 
+_KEPT_LOCK = threading.Lock()  # the App server counts in a thread per event
+
+
 def _keep(key: tuple, version, rows: list) -> None:
-    _KEPT[key] = (version, rows)
-    _KEPT.move_to_end(key)
-    while len(_KEPT) > KEPT_MAX:
-        _KEPT.popitem(last=False)
+    with _KEPT_LOCK:
+        _KEPT[key] = (version, rows)
+        _KEPT.move_to_end(key)
+        while len(_KEPT) > KEPT_MAX:
+            _KEPT.popitem(last=False)
+
+
+def _kept(key: tuple, version) -> Optional[list]:
+    with _KEPT_LOCK:
+        kept = _KEPT.get(key)
+    return kept[1] if kept is not None and kept[0] == version else None
 
 
 def _combined(plus: list, minus: list = ()) -> list:
@@ -251,8 +262,7 @@ class MoveCount:
 
     def __init__(self, ds, field: str, t0: float, t1: float, present: Sequence[str], version):
         self._ds, self._field, self._t1, self._present = ds, field, float(t1), tuple(present)
-        kept = _KEPT.get((ds.name, field, float(t0), BINS, self._present))
-        self._rows = kept[1] if kept is not None and kept[0] == version else None
+        self._rows = _kept((ds.name, field, float(t0), BINS, self._present), version)
         conf = f"{field}.confidence"
         self._band = ds.match({conf: {"$gte": min(t0, t1), "$lt": max(t0, t1)}})
         self._before = None if self._rows is None else self._band.aggregate(ReviewCounts(field, t0, BINS, present))
