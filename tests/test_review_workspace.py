@@ -181,11 +181,15 @@ def test_flagging_queue_views_and_decisions(review_ds):
     assert s["flagged"] == 9 and s["queue"] == 6 and rv.REVIEW_TAG not in ds[first].tags
 
 
-def test_a_threshold_move_writes_only_the_samples_between_the_two_thresholds(synthetic, monkeypatch):
+@pytest.mark.parametrize("parts", [1, 3])
+def test_a_threshold_move_writes_only_the_samples_between_the_two_thresholds(synthetic, monkeypatch, parts):
     """Flagging costs what it changes: a move from 0.4 to 0.45 writes the samples whose
-    confidence lies in between (and the queue head's priorities), none of the others."""
+    confidence lies in between (and the queue head's priorities), none of the others. On a large
+    dataset the band is written in parts at once (here 3, whatever the size)."""
     from fiftyone_nola.stages import review as rv
     from fiftyone_nola.stages.review import flagging
+
+    monkeypatch.setattr(flagging, "parts_for", lambda samples: parts)
 
     monkeypatch.setattr(flagging, "QUEUE_HEAD", 30)
     monkeypatch.setattr(flagging, "QUEUE_CANDIDATES", 120)
@@ -212,15 +216,17 @@ def test_a_threshold_move_writes_only_the_samples_between_the_two_thresholds(syn
     assert flagged == {i for i, c in conf.items() if c < 0.7}
 
 
-def test_a_threshold_move_counts_only_the_samples_it_moves(synthetic, monkeypatch):
+@pytest.mark.parametrize("parts", [1, 3])
+def test_a_threshold_move_counts_only_the_samples_it_moves(synthetic, monkeypatch, parts):
     """A move's counts were a full count of the dataset (~1.2 s of a move at 10^6 samples). They
     are now the counts kept before it, less the band between the two thresholds as it was, plus
     the band as the move left it. Each must equal a full count, through decisions, suggestions,
     a sample without a prediction, and writes from elsewhere between moves (which count afresh)."""
     from fiftyone_nola.stages import review as rv
-    from fiftyone_nola.stages.review import stats
+    from fiftyone_nola.stages.review import flagging, stats
 
     monkeypatch.setattr(stats, "KEPT_MAX", 2)
+    monkeypatch.setattr(flagging, "parts_for", lambda samples: parts)  # the band written and counted in parts
     ds = synthetic(2000, seed=4)
     full = []  # the thresholds of full counts
     real = stats._grouped

@@ -34,7 +34,7 @@ from fiftyone_nola.core.names import (
 from fiftyone_nola.stages import fo_io, runs
 from fiftyone_nola.stages.review._db import data_version, ensure_review_schema, one_review_writer
 from fiftyone_nola.stages.review.card import store_vectors
-from fiftyone_nola.stages.review.stats import MoveCount, summary
+from fiftyone_nola.stages.review.stats import MoveCount, at_once, band_parts, parts_for, summary
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +102,16 @@ def _threshold_move(field: str, threshold, bottom: list, prev: dict, version) ->
     )
 
 
-def _changes(field: str, threshold, bottom: list, prev: dict, version) -> tuple[Optional[dict], Optional[dict]]:
-    """``(to flag, to unflag)`` filters: on a threshold move, the band between the two."""
+def _changes(field: str, threshold, bottom: list, prev: dict, version, parts: int) -> tuple[list, list]:
+    """``(to flag, to unflag)``, each a list of filters to write at once: on a threshold move, the
+    band between the two thresholds, in ``parts``."""
     conf = f"{field}.confidence"
     if _threshold_move(field, threshold, bottom, prev, version):
         t0, t1 = float(prev["threshold"]), float(threshold)
-        band = {conf: {"$gte": min(t0, t1), "$lt": max(t0, t1)}}
-        add = {"$or": _unsure(field) + ([band] if t1 > t0 else [])}
-        return add, (band if t1 < t0 else None)
+        bands = band_parts(field, t0, t1, parts)
+        if t1 > t0:
+            return [{"$or": _unsure(field) + bands[:1]}, *bands[1:]], []
+        return [{"$or": _unsure(field)}], bands
     ors = _unsure(field) + ([{conf: {"$lt": float(threshold)}}] if threshold is not None else [])
     if bottom:
         ors.append({"_id": {"$in": bottom}})
@@ -117,34 +119,38 @@ def _changes(field: str, threshold, bottom: list, prev: dict, version) -> tuple[
     keep[f"{field}.label"] = {"$ne": None}
     if bottom:
         keep["_id"] = {"$nin": bottom}
-    return {"$or": ors}, keep
+    return [{"$or": ors}], [keep]
 
 
-def _retag(ds, add: Optional[dict], remove: Optional[dict]) -> None:
-    """Flag ``add`` (the undecided join the queue) and unflag ``remove`` (leaving the queue unless a
-    suggestion holds them there). Each update selects, by index, only the samples whose tags
-    change; the few decided (or suggested) ones go first, so the band between two thresholds is
-    read once, by the update that retags it."""
+def _retag(ds, add: list, remove: list) -> None:
+    """Flag the samples of the filters ``add`` (the undecided join the queue) and unflag those of
+    ``remove`` (leaving the queue unless a suggestion holds them there); each list's filters are
+    written at once (the database writes one statement on one core: a 250,000-sample band took
+    6.6 s at 10^6 samples, 4.6 s in two parts). Each update selects, by index, only the samples
+    whose tags change; the few decided (or suggested) ones go first, so the band between two
+    thresholds is read once, by the update that retags it."""
     # A tag cannot be added to a null. Matching `tags: None` would also read every empty list of
     # the tags index (0.7-0.9 s at 10^6 samples, for nothing): a null or missing list only.
     fo_io.update_where(ds, {"$or": [{"tags": {"$type": "null"}}, {"tags": {"$exists": False}}]}, {"$set": {"tags": []}})
-    if add is not None:
+    if add:
         decided = {"tags": {"$in": list(DECIDED_TAGS)}}
         fo_io.update_where(
-            ds, {"$and": [add, decided, {"tags": {"$ne": FLAGGED_TAG}}]}, {"$addToSet": {"tags": FLAGGED_TAG}}
+            ds, {"$and": [_union(add), decided, {"tags": {"$ne": FLAGGED_TAG}}]}, {"$addToSet": {"tags": FLAGGED_TAG}}
         )
+        flag = {"$addToSet": {"tags": {"$each": [FLAGGED_TAG, REVIEW_TAG]}}}
+        at_once(lambda f: fo_io.update_where(ds, {"$and": [f, {"tags": {"$ne": FLAGGED_TAG}}]}, flag), add)
+    if remove:
         fo_io.update_where(
             ds,
-            {"$and": [add, {"tags": {"$ne": FLAGGED_TAG}}]},
-            {"$addToSet": {"tags": {"$each": [FLAGGED_TAG, REVIEW_TAG]}}},
+            {"$and": [_union(remove), {"tags": SUGGESTED_TAG}, {"tags": FLAGGED_TAG}]},
+            {"$pull": {"tags": FLAGGED_TAG}},
         )
-    if remove is not None:
-        fo_io.update_where(
-            ds, {"$and": [remove, {"tags": SUGGESTED_TAG}, {"tags": FLAGGED_TAG}]}, {"$pull": {"tags": FLAGGED_TAG}}
-        )
-        fo_io.update_where(
-            ds, {"$and": [remove, {"tags": FLAGGED_TAG}]}, {"$pullAll": {"tags": [FLAGGED_TAG, REVIEW_TAG]}}
-        )
+        unflag = {"$pullAll": {"tags": [FLAGGED_TAG, REVIEW_TAG]}}
+        at_once(lambda f: fo_io.update_where(ds, {"$and": [f, {"tags": FLAGGED_TAG}]}, unflag), remove)
+
+
+def _union(filters: list) -> dict:
+    return filters[0] if len(filters) == 1 else {"$or": filters}
 
 
 @one_review_writer
@@ -172,12 +178,14 @@ def flag_samples(
     prev = settings(ds)
     bottom = _bottom_k_ids(ds, field, bottom_k) if bottom_k else []
     new = {"field": field, "threshold": threshold, "bottom_k": bottom_k, "version": version}
-    add, remove = _changes(field, threshold, bottom, prev, version)
+    parts = parts_for(ds)
+    add, remove = _changes(field, threshold, bottom, prev, version, parts)
     # Samples added since without a prediction: flagged now, whatever the settings.
     stray = ds.match({"$or": _unsure(field)}).match_tags(FLAGGED_TAG, bool=False).count() > 0
     move = None
     if _threshold_move(field, threshold, bottom, prev, version) and not stray and samples is ds:
-        move = MoveCount(ds, field, float(prev["threshold"]), float(threshold), present, data_version(ds))
+        t0, t1 = float(prev["threshold"]), float(threshold)
+        move = MoveCount(ds, field, t0, t1, present, data_version(ds), band_parts(field, t0, t1, parts))
     _retag(ds, add, remove)
     if new != prev:
         info = dict(ds.info or {})

@@ -146,14 +146,29 @@ def _parts() -> int:
     return max(1, min(cpus, 4))
 
 
+def parts_for(samples) -> int:
+    """In how many parts, one per core, the database is asked to count or write at once: the
+    database runs one statement on one core (2.0 s to count 10^6 samples); 1 below
+    :data:`SPLIT_FROM` samples."""
+    n = fo_io.root_dataset(samples)._sample_collection.estimated_document_count()
+    return _parts() if n >= SPLIT_FROM else 1
+
+
+def at_once(fn, items: Sequence) -> list:
+    """``fn`` over ``items``, in a thread each when there are several (each waits on the database)."""
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(len(items)) as pool:
+        return list(pool.map(fn, items))
+
+
 def _grouped(samples, agg: ReviewCounts, parts: Optional[int] = None) -> list[dict]:
     """The aggregation's groups. On a large dataset, ranges of ``_id`` are counted at once, one
-    per core (the database runs one aggregation on one core: 2.0 s at 10^6 samples); every
-    consumer sums the groups, so a key found in two ranges may appear twice."""
+    per core; every consumer sums the groups, so a key found in two ranges may appear twice."""
     ds = fo_io.root_dataset(samples)
     coll = ds._sample_collection
     n = coll.estimated_document_count()
-    parts = parts or (_parts() if n >= SPLIT_FROM else 1)
+    parts = parts or parts_for(ds)
     if parts <= 1 or n < parts:
         return samples.aggregate(agg)
     cuts = []
@@ -166,8 +181,7 @@ def _grouped(samples, agg: ReviewCounts, parts: Optional[int] = None) -> list[di
     for lo, hi in zip(bounds, bounds[1:]):
         rng = {k: v for k, v in (("$gte", lo), ("$lt", hi)) if v is not None}
         views.append(samples.match({"_id": rng}) if rng else samples)
-    with ThreadPoolExecutor(len(views)) as pool:
-        return [row for rows in pool.map(lambda v: v.aggregate(agg), views) for row in rows]
+    return [row for rows in at_once(lambda v: v.aggregate(agg), views) for row in rows]
 
 
 def summary(
@@ -253,19 +267,30 @@ def _combined(plus: list, minus: list = ()) -> list:
     return [c for c in out.values() if c["n"]]
 
 
+def band_parts(field: str, t0: float, t1: float, parts: int) -> list[dict]:
+    """Filters of the samples whose ``field`` confidence lies between ``t0`` and ``t1``, in
+    ``parts`` consecutive ranges of it (each read from the confidence index)."""
+    lo, hi = min(t0, t1), max(t0, t1)
+    edges = [lo, *(lo + (hi - lo) * i / parts for i in range(1, parts)), hi]
+    return [{f"{field}.confidence": {"$gte": a, "$lt": b}} for a, b in zip(edges, edges[1:])]
+
+
 class MoveCount:
     """The counts after a threshold move from ``t0`` to ``t1``, from those kept at ``t0``: only the
     samples whose confidence lies between the two are counted, before and after the move's
     writes (at 10^6 samples a full count is ~1.2 s, most of a narrow move). Used when the move
     writes nothing outside that band, on the dataset as it was counted (same data version);
-    otherwise everything is counted again."""
+    otherwise everything is counted again. ``bands``: the band's parts, counted at once."""
 
-    def __init__(self, ds, field: str, t0: float, t1: float, present: Sequence[str], version):
+    def __init__(self, ds, field: str, t0: float, t1: float, present: Sequence[str], version, bands: list):
         self._ds, self._field, self._t1, self._present = ds, field, float(t1), tuple(present)
         self._rows = _kept((ds.name, field, float(t0), BINS, self._present), version)
-        conf = f"{field}.confidence"
-        self._band = ds.match({conf: {"$gte": min(t0, t1), "$lt": max(t0, t1)}})
-        self._before = None if self._rows is None else self._band.aggregate(ReviewCounts(field, t0, BINS, present))
+        self._bands = [ds.match(b) for b in bands]
+        self._before = None if self._rows is None else self._count(t0)
+
+    def _count(self, t: float) -> list:
+        agg = ReviewCounts(self._field, t, BINS, self._present)
+        return [r for rows in at_once(lambda v: v.aggregate(agg), self._bands) for r in rows]
 
     @property
     def incremental(self) -> bool:
@@ -277,8 +302,7 @@ class MoveCount:
         ds, field, t1, present = self._ds, self._field, self._t1, self._present
         if self._rows is None:
             return summary(ds, field, t1, present=present, version=version)
-        after = self._band.aggregate(ReviewCounts(field, t1, BINS, present))
-        rows = _combined(self._rows + after, self._before)
+        rows = _combined(self._rows + self._count(t1), self._before)
         _keep((ds.name, field, t1, BINS, present), version, rows)
         return _summary_of(rows, ds, t1, None, BINS, present)
 
