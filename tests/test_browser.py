@@ -43,7 +43,12 @@ def browser_ready():
 
 @pytest.fixture
 def app_server(browser_ready):
-    """Started first and not waited for: it boots while the dataset is being made."""
+    """Started first and not waited for: it boots while the dataset is being made. This process
+    connects to the database before: with no database running, both started one on the same
+    directory, and this process's lost (DBPathInUse, then ServiceListenTimeout)."""
+    from fiftyone.core.odm.database import get_db_conn
+
+    get_db_conn()
     server = AppServer(ARTIFACTS / "server.log")
     try:
         yield server

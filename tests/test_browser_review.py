@@ -236,6 +236,18 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
             wait_grid(page, queue_after)  # its tiles too: the decided ones are gone
             shot(page, "back-to-the-grid-counts-follow")
 
+            # 4b. a decision in the grid: select a tile, Accept selected; the grid and counts follow
+            page.locator('[data-cy="looker"]').first.hover()
+            page.locator('[data-cy="looker-checkbox-"]').first.click()
+            expect(nola.get_by_text("Selected: 1 sample (")).to_be_visible()
+            nola.get_by_role("button", name="Accept selected").click()
+            expect(nola.get_by_text(f"review progress 6 / {flagged_t}")).to_be_visible()
+            expect(nola.get_by_text(f"queue {queue_after - 1}")).to_be_visible()
+            wait_grid(page, queue_after - 1)
+            assert len(ds.match_tags(decided_tags)) == 6
+            expect(page.get_by_text(f"1 sample accepted; {queue_after - 1} left in the review queue")).to_be_visible()
+            shot(page, "accepted-in-the-grid")
+
             # 5. propagate the corrections to similar undecided samples with the same wrong label
             nola.get_by_role("button", name="Show all samples").click()
             wait_grid(page, N_REVIEW)
@@ -264,7 +276,7 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
             prompt.get_by_text("samples will be exported").wait_for()
             shot(page, "export-form")
             prompt.get_by_role("button", name="Execute").click()
-            prompt.get_by_text("Exported 5 samples").wait_for(timeout=60_000)
+            prompt.get_by_text("Exported 6 samples").wait_for(timeout=60_000)
             corrected_at_export = ds.exists("nola_reviewed").values("id")
             shot(page, "export-done")
             prompt.get_by_role("button", name="Close").click()
@@ -393,16 +405,17 @@ def test_review_workspace_in_the_app(app_server, review_dataset, tmp_path):  # n
                 jobs.delete_operation(job.id)
             (REVIEW_SHOTS / "page-errors.txt").write_text("\n".join(page_errors))
 
-    # the exported files, checked from Python: 5 accepted, corrections win
+    # the exported files, checked from Python: 6 accepted (5 in the sample view, 1 in the grid),
+    # corrections win
     from fiftyone_nola.stages.review import class_list
 
     reports = list(Path(os.environ["NOLA_HOME"]).glob("exports/*/export_report.json"))
     assert len(reports) == 1, reports
     out = reports[0].parent
     rep = json.loads(reports[0].read_text())
-    assert rep["exported"] == 5 and rep["corrections_used"] == 2
+    assert rep["exported"] == 6 and rep["corrections_used"] == 2
     files = sorted(out.rglob("*.jpg"))
-    assert len(files) == 5 and {f.parent.name for f in files} <= set(class_list(ds))
+    assert len(files) == 6 and {f.parent.name for f in files} <= set(class_list(ds))
     for sid in corrected_at_export:
         name = Path(ds[sid].filepath).name
         assert any(f.name == name and f.parent.name == ds[sid].nola_reviewed.label for f in files)
