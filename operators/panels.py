@@ -67,13 +67,22 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
         if not ctx.current_sample:
             self.refresh(ctx)
 
+    def execute(self, ctx):
+        # Outside Audit mode a view change changes nothing here (on_change_view): answered at once,
+        # neither waiting for the panel's other events nor rendering, since the App sends up to
+        # four per page load and each, serialized and rendered, held a threshold move's own
+        # event back by 0.1-0.3 s at 100,000 samples.
+        if ctx.params.get("__method__") == "on_change_view" and ctx.panel.get_state("mode") != "audit":
+            return None
+        return super().execute(ctx)
+
     def on_change_view(self, ctx):
         """The grid's view changed: set from here, by the person, or put back by the App with the
         panel's older state (after *Draw for audit*, in 1 browser run of 7: the full grid and the
         Draw form came back). In Audit mode the audit is shown as the dataset has it, which undoes
-        the latter. Nothing else: the App sends up to four of these per page load (one per view,
-        view name, filters and extended stages), ahead of a threshold move's own event, and a
-        refresh each delayed the move by 0.2-0.5 s at 100,000 samples."""
+        the latter. Nothing else (see :meth:`execute`): the App sends up to four of these per
+        page load (one per view, view name, filters and extended stages), ahead of a threshold
+        move's own event, and a refresh each delayed the move by 0.2-0.5 s at 100,000 samples."""
         if ctx.panel.get_state("mode") == "audit":
             self._refresh_audit(ctx)
 

@@ -555,9 +555,13 @@ def test_audit_mode_draws_walks_the_audit_in_one_click_each_and_reports(syntheti
     # the App put back the grid and panel state from before the draw (1 browser run in 7): its
     # view change shows the audit as the dataset has it
     before_draw = {k: v for k, v in st.items() if k not in ("audit", "audit_progress")}
-    pc = PanelCtx(ds, state={**before_draw, "audit": {"drawn": 0}})
-    grid.on_change_view(pc.ctx)
+    pc = PanelCtx(ds, state={**before_draw, "audit": {"drawn": 0}}, __method__="on_change_view")
+    grid.execute(pc.ctx)
     assert pc.state["audit"]["drawn"] == drawn and "Audit progress" in pc.state["audit_progress"]
+    # in Review mode it changes nothing, and is answered without a render
+    pc = PanelCtx(ds, state={**pc.state, "mode": "review"}, __method__="on_change_view")
+    grid.execute(pc.ctx)
+    assert pc.op_names() == []
     pc = PanelCtx(ds, state=pc.state)
     grid.on_flag_uncertified(pc.ctx)
     tau = audit.audit_report(ds)["threshold"]
