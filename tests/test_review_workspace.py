@@ -250,11 +250,17 @@ def test_a_threshold_move_counts_only_the_samples_it_moves(synthetic, monkeypatc
         move(t)
     assert full == [0.5], "a threshold move counted the whole dataset"
     ids = rv.queue_ids(ds)
-    rv.decide(ds, ids[:5], "accept")
+    rv.decide(ds, ids[:5], "accept")  # decisions update the kept counts by their own samples
     rv.decide(ds, ids[5:8], "correct", "cat")
     rv.decide(ds, ids[8:10], "reject")
-    ds.select(ids[10:13]).tag_samples([rv.SUGGESTED_TAG])
-    move(0.55)  # decisions since: the version changed, counted afresh
+    rv.reload_dataset(ds)
+    shown = rv.summary(ds, "nola", 0.3, present=present, version=rv.data_version(ds))  # the panel's
+    assert full == [0.5] and shown == {**rv.summary(ds, "nola", 0.3, present=present), "threshold": 0.3}
+    full.remove(0.3)
+    move(0.6)
+    assert full == [0.5], "a decision made the next move count the whole dataset"
+    ds.select(ids[10:13]).tag_samples([rv.SUGGESTED_TAG])  # a write from elsewhere
+    move(0.55)  # counted afresh
     assert full == [0.5, 0.55]
     for t in (0.2, 0.58, 0.4):
         move(t)

@@ -24,9 +24,10 @@ from fiftyone_nola.core.names import (
 )
 from fiftyone_nola.core.progress import ProgressFn, null_progress
 from fiftyone_nola.stages import fo_io
-from fiftyone_nola.stages.review._db import one_review_writer
+from fiftyone_nola.stages.review._db import data_version, one_review_writer
 from fiftyone_nola.stages.review.card import suggestions
 from fiftyone_nola.stages.review.flagging import rank_queue, refill_head, save_views
+from fiftyone_nola.stages.review.stats import counts_follow
 
 _STATUS_TAGS = {"accepted": ACCEPTED_TAG, "corrected": CORRECTED_TAG, "rejected": REJECTED_TAG}
 
@@ -125,16 +126,19 @@ def decide(
         if not label:
             raise InvalidInputError("Choose the right class from the class list")
         check_class(ds, label, field)
-        preds = dict(zip(*ds.select(ids).values(["id", f"{field}.label"]))) if ds.has_sample_field(field) else {}
-        same = [i for i in ids if preds.get(i) == label]
-        other = [i for i in ids if preds.get(i) != label]
-        _set_corrections(ds, same, None, corrections_field)
-        _set_corrections(ds, other, label, corrections_field)
-        n = set_status(ds, "accepted", same) + set_status(ds, "corrected", other)
-    else:
-        _set_corrections(ds, ids, None, corrections_field)
-        n = set_status(ds, "accepted" if action == "accept" else "rejected", ids)
-    refill_head(ds, field)
+    # the panel's counts follow the decided samples: no count of the dataset after a decision
+    with counts_follow(ds, ids, data_version(ds), lambda: data_version(ds)):
+        if action == "correct" or (action == "accept" and label is not None):
+            preds = dict(zip(*ds.select(ids).values(["id", f"{field}.label"]))) if ds.has_sample_field(field) else {}
+            same = [i for i in ids if preds.get(i) == label]
+            other = [i for i in ids if preds.get(i) != label]
+            _set_corrections(ds, same, None, corrections_field)
+            _set_corrections(ds, other, label, corrections_field)
+            n = set_status(ds, "accepted", same) + set_status(ds, "corrected", other)
+        else:
+            _set_corrections(ds, ids, None, corrections_field)
+            n = set_status(ds, "accepted" if action == "accept" else "rejected", ids)
+        refill_head(ds, field)
     return {"action": action, "label": label, "samples": n, "left_queue": left}
 
 

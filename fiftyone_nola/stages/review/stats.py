@@ -6,6 +6,7 @@ a few hundred groups, and the review's tag logic runs on those."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -201,9 +202,13 @@ def summary(
     dataset's :func:`~fiftyone_nola.stages.review.data_version`, its groups are kept for the next
     threshold move (:class:`MoveCount`).
     """
-    rows = _grouped(samples, ReviewCounts(field, threshold, bins, present))
-    if version is not None and samples is fo_io.root_dataset(samples):
-        _keep((samples.name, field, threshold, int(bins), tuple(present)), version, rows)
+    kept = version is not None and samples is fo_io.root_dataset(samples)
+    key = (samples.name, field, threshold, int(bins), tuple(present)) if kept else None
+    rows = _kept(key, version) if kept else None
+    if rows is None:
+        rows = _grouped(samples, ReviewCounts(field, threshold, bins, present))
+        if kept:
+            _keep(key, version, rows)
     return _summary_of(rows, samples, threshold, classes, bins, present)
 
 
@@ -265,6 +270,23 @@ def _combined(plus: list, minus: list = ()) -> list:
             for f, v in r["present"].items():
                 c["present"][f] = c["present"].get(f, 0) + sign * v
     return [c for c in out.values() if c["n"]]
+
+
+@contextlib.contextmanager
+def counts_follow(ds, ids: Sequence[str], version, version_after):
+    """Around a write to the samples ``ids`` (and to nothing else that is counted): the counts
+    kept for ``ds`` at data ``version`` are updated by those samples' groups before and after it,
+    and kept under ``version_after()`` (a decision counts its samples, not the dataset: the
+    panel's count after one was 0.16-0.26 s at 100,000 samples)."""
+    with _KEPT_LOCK:
+        entries = [(k, v[1]) for k, v in _KEPT.items() if k[0] == ds.name and v[0] == version]
+    view = ds.select(list(ids))
+    before = [view.aggregate(ReviewCounts(k[1], k[2], k[3], k[4])) for k, _ in entries]
+    yield
+    if entries:
+        now = version_after()
+        for (k, rows), old in zip(entries, before):
+            _keep(k, now, _combined(rows + view.aggregate(ReviewCounts(k[1], k[2], k[3], k[4])), old))
 
 
 def band_parts(field: str, t0: float, t1: float, parts: int) -> list[dict]:
