@@ -233,14 +233,14 @@ def _summary_of(rows: list, samples, threshold, classes, bins: int, present: Seq
     }
 
 
-# ---------------------------------------------------------------------------- counts of a move
+# ---------------------------------------------------------------------------- kept counts
+# A count of the dataset is kept under its data version; a threshold move or a decision updates
+# it by the samples it writes, so the panel counts the dataset once, not after every action.
 
 _KEPT: OrderedDict = OrderedDict()  # (dataset, field, threshold, bins, present) -> (data version, groups)
 KEPT_MAX = 8
-_SUMMED = ("n", "conf_sum", "conf_n", "reviewed", "below_reviewed", *_COUNTED_TAGS)
-
-
 _KEPT_LOCK = threading.Lock()  # the App server counts in a thread per event
+_SUMMED = ("n", "conf_sum", "conf_n", "reviewed", "below_reviewed", *_COUNTED_TAGS)
 
 
 def _keep(key: tuple, version, rows: list) -> None:
@@ -313,10 +313,6 @@ class MoveCount:
     def _count(self, t: float) -> list:
         agg = ReviewCounts(self._field, t, BINS, self._present)
         return [r for rows in at_once(lambda v: v.aggregate(agg), self._bands) for r in rows]
-
-    @property
-    def incremental(self) -> bool:
-        return self._rows is not None
 
     def summary(self, version) -> dict:
         """The summary at ``t1`` once the move's writes are done (``version``: the data version
