@@ -80,11 +80,10 @@ class NolaPanel(Serialized, AuditSection, foo.Panel):
         """The grid's view changed: set from here, by the person, or put back by the App with the
         panel's older state (after *Draw for audit*, in 1 browser run of 7: the full grid and the
         Draw form came back). In Audit mode the audit is shown as the dataset has it, which undoes
-        the latter. Nothing else (see :meth:`execute`): the App sends up to four of these per
+        the latter. Outside Audit mode it is not called (see :meth:`execute`): the App sends up to four of these per
         page load (one per view, view name, filters and extended stages), ahead of a threshold
         move's own event, and a refresh each delayed the move by 0.2-0.5 s at 100,000 samples."""
-        if ctx.panel.get_state("mode") == "audit":
-            self._refresh_audit(ctx)
+        self._refresh_audit(ctx)
 
     def on_change_selected(self, ctx):
         self.refresh(ctx)  # the App renders this event's (maybe older) state: every count is read again
@@ -485,11 +484,11 @@ def _show_selection(ctx) -> None:
 
 
 def _selection_text(n: int) -> str:
-    return f"Selected: **{n}** sample{'' if n == 1 else 's'} (grid selection, or a lasso in the Embeddings map)"
+    return f"Selected: {_samples(n, '**')} (grid selection, or a lasso in the Embeddings map)"
 
 
-def _samples(n: int) -> str:
-    return f"{n} sample{'' if n == 1 else 's'}"
+def _samples(n: int, bold: str = "") -> str:
+    return f"{bold}{n}{bold} sample{'' if n == 1 else 's'}"
 
 
 def _propagation_text(prop: dict) -> str:

@@ -24,7 +24,7 @@ from fiftyone_nola.core.names import (
 )
 from fiftyone_nola.core.progress import ProgressFn, null_progress
 from fiftyone_nola.stages import fo_io
-from fiftyone_nola.stages.review._db import data_version, one_review_writer
+from fiftyone_nola.stages.review._db import one_review_writer
 from fiftyone_nola.stages.review.card import suggestions
 from fiftyone_nola.stages.review.flagging import rank_queue, refill_head, save_views
 from fiftyone_nola.stages.review.stats import counts_follow
@@ -127,7 +127,7 @@ def decide(
             raise InvalidInputError("Choose the right class from the class list")
         check_class(ds, label, field)
     # the panel's counts follow the decided samples: no count of the dataset after a decision
-    with counts_follow(ds, ids, data_version(ds), lambda: data_version(ds)):
+    with counts_follow(ds, ids):
         if action == "correct" or (action == "accept" and label is not None):
             preds = dict(zip(*ds.select(ids).values(["id", f"{field}.label"]))) if ds.has_sample_field(field) else {}
             same = [i for i in ids if preds.get(i) == label]

@@ -102,14 +102,12 @@ def _threshold_move(field: str, threshold, bottom: list, prev: dict, version) ->
     )
 
 
-def _changes(field: str, threshold, bottom: list, prev: dict, version, parts: int) -> tuple[list, list]:
-    """``(to flag, to unflag)``, each a list of filters to write at once: on a threshold move, the
-    band between the two thresholds, in ``parts``."""
+def _changes(field: str, threshold, bottom: list, bands: Optional[list], rose: bool) -> tuple[list, list]:
+    """``(to flag, to unflag)``, each a list of filters to write at once. ``bands``: on a threshold
+    move, the band between the two thresholds in parts, flagged if the threshold ``rose``."""
     conf = f"{field}.confidence"
-    if _threshold_move(field, threshold, bottom, prev, version):
-        t0, t1 = float(prev["threshold"]), float(threshold)
-        bands = band_parts(field, t0, t1, parts)
-        if t1 > t0:
+    if bands is not None:
+        if rose:
             return [{"$or": _unsure(field) + bands[:1]}, *bands[1:]], []
         return [{"$or": _unsure(field)}], bands
     ors = _unsure(field) + ([{conf: {"$lt": float(threshold)}}] if threshold is not None else [])
@@ -178,14 +176,15 @@ def flag_samples(
     prev = settings(ds)
     bottom = _bottom_k_ids(ds, field, bottom_k) if bottom_k else []
     new = {"field": field, "threshold": threshold, "bottom_k": bottom_k, "version": version}
-    parts = parts_for(ds)
-    add, remove = _changes(field, threshold, bottom, prev, version, parts)
+    bands, move = None, None
+    if _threshold_move(field, threshold, bottom, prev, version):
+        t0, t1 = float(prev["threshold"]), float(threshold)
+        bands = band_parts(field, t0, t1, parts_for(ds))
+    add, remove = _changes(field, threshold, bottom, bands, bands is not None and t1 > t0)
     # Samples added since without a prediction: flagged now, whatever the settings.
     stray = ds.match({"$or": _unsure(field)}).match_tags(FLAGGED_TAG, bool=False).count() > 0
-    move = None
-    if _threshold_move(field, threshold, bottom, prev, version) and not stray and samples is ds:
-        t0, t1 = float(prev["threshold"]), float(threshold)
-        move = MoveCount(ds, field, t0, t1, present, data_version(ds), band_parts(field, t0, t1, parts))
+    if bands is not None and not stray and samples is ds:
+        move = MoveCount(ds, field, t0, t1, present, bands)
     _retag(ds, add, remove)
     if new != prev:
         info = dict(ds.info or {})

@@ -27,6 +27,7 @@ from fiftyone_nola.core.names import (
     SUGGESTED_TAG,
 )
 from fiftyone_nola.stages import fo_io
+from fiftyone_nola.stages.review._db import data_version
 
 BINS = 20
 _COUNTED_TAGS = {
@@ -203,7 +204,7 @@ def summary(
     threshold move (:class:`MoveCount`).
     """
     kept = version is not None and samples is fo_io.root_dataset(samples)
-    key = (samples.name, field, threshold, int(bins), tuple(present)) if kept else None
+    key = _key(samples, field, threshold, bins, present) if kept else None
     rows = _kept(key, version) if kept else None
     if rows is None:
         rows = _grouped(samples, ReviewCounts(field, threshold, bins, present))
@@ -243,6 +244,15 @@ _KEPT_LOCK = threading.Lock()  # the App server counts in a thread per event
 _SUMMED = ("n", "conf_sum", "conf_n", "reviewed", "below_reviewed", *_COUNTED_TAGS)
 
 
+def _key(ds, field: str, threshold, bins: int, present: Sequence[str]) -> tuple:
+    return (ds.name, field, None if threshold is None else float(threshold), int(bins), tuple(present))
+
+
+def _agg(key: tuple) -> ReviewCounts:
+    """The aggregation whose groups are kept under ``key``."""
+    return ReviewCounts(*key[1:])
+
+
 def _keep(key: tuple, version, rows: list) -> None:
     with _KEPT_LOCK:
         _KEPT[key] = (version, rows)
@@ -273,20 +283,21 @@ def _combined(plus: list, minus: list = ()) -> list:
 
 
 @contextlib.contextmanager
-def counts_follow(ds, ids: Sequence[str], version, version_after):
-    """Around a write to the samples ``ids`` (and to nothing else that is counted): the counts
-    kept for ``ds`` at data ``version`` are updated by those samples' groups before and after it,
-    and kept under ``version_after()`` (a decision counts its samples, not the dataset: the
-    panel's count after one was 0.16-0.26 s at 100,000 samples)."""
+def counts_follow(ds, ids: Sequence[str]):
+    """Around a write to the samples ``ids`` of the dataset ``ds`` (and to nothing else that is
+    counted): the counts kept for its data version now are updated by those samples' groups
+    before and after it, and kept under the version it leaves (a decision counts its samples,
+    not the dataset: the panel's count after one was 0.16-0.26 s at 100,000 samples)."""
+    version = data_version(ds)
     with _KEPT_LOCK:
         entries = [(k, v[1]) for k, v in _KEPT.items() if k[0] == ds.name and v[0] == version]
     view = ds.select(list(ids))
-    before = [view.aggregate(ReviewCounts(k[1], k[2], k[3], k[4])) for k, _ in entries]
+    before = [view.aggregate(_agg(k)) for k, _ in entries]
     yield
     if entries:
-        now = version_after()
+        now = data_version(ds)
         for (k, rows), old in zip(entries, before):
-            _keep(k, now, _combined(rows + view.aggregate(ReviewCounts(k[1], k[2], k[3], k[4])), old))
+            _keep(k, now, _combined(rows + view.aggregate(_agg(k)), old))
 
 
 def band_parts(field: str, t0: float, t1: float, parts: int) -> list[dict]:
@@ -301,17 +312,17 @@ class MoveCount:
     """The counts after a threshold move from ``t0`` to ``t1``, from those kept at ``t0``: only the
     samples whose confidence lies between the two are counted, before and after the move's
     writes (at 10^6 samples a full count is ~1.2 s, most of a narrow move). Used when the move
-    writes nothing outside that band, on the dataset as it was counted (same data version);
+    writes nothing outside that band, on the dataset as it was counted (its data version now);
     otherwise everything is counted again. ``bands``: the band's parts, counted at once."""
 
-    def __init__(self, ds, field: str, t0: float, t1: float, present: Sequence[str], version, bands: list):
+    def __init__(self, ds, field: str, t0: float, t1: float, present: Sequence[str], bands: list):
         self._ds, self._field, self._t1, self._present = ds, field, float(t1), tuple(present)
-        self._rows = _kept((ds.name, field, float(t0), BINS, self._present), version)
+        self._rows = _kept(_key(ds, field, t0, BINS, present), data_version(ds))
         self._bands = [ds.match(b) for b in bands]
         self._before = None if self._rows is None else self._count(t0)
 
     def _count(self, t: float) -> list:
-        agg = ReviewCounts(self._field, t, BINS, self._present)
+        agg = _agg(_key(self._ds, self._field, t, BINS, self._present))
         return [r for rows in at_once(lambda v: v.aggregate(agg), self._bands) for r in rows]
 
     def summary(self, version) -> dict:
@@ -321,7 +332,7 @@ class MoveCount:
         if self._rows is None:
             return summary(ds, field, t1, present=present, version=version)
         rows = _combined(self._rows + self._count(t1), self._before)
-        _keep((ds.name, field, t1, BINS, present), version, rows)
+        _keep(_key(ds, field, t1, BINS, present), version, rows)
         return _summary_of(rows, ds, t1, None, BINS, present)
 
 
